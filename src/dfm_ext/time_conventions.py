@@ -1,0 +1,164 @@
+"""Converters between dfm_ext's flow time and the time conventions of other codebases.
+
+dfm_ext follows the paper: ``t = 0`` is pure noise, ``t = 1`` is data, and
+``x_t = t * x + (1 - t) * noise``. Other codebases count the other way:
+
+========================  ===============================  =========================
+convention                value at noise / at data         conversion from ``t``
+========================  ===============================  =========================
+``sigma`` (diffusers)     1 / 0                            ``sigma = 1 - t``
+continuous timestep       1000 / 0  (SD3, Flux, diffusers  ``timestep = 1000 * (1 - t)``
+                          ``FlowMatchEulerDiscreteScheduler``)
+integer timestep          999 / 0  (DiT/SiT-style          ``k = round(999 * (1 - t))``
+                          ``torch.long`` indices)
+========================  ===============================  =========================
+
+The integer convention is the *linear* flow-matching discretisation: ``k`` indexes ``N``
+equally spaced sigmas ``k / (N - 1)`` with ``N = num_train_timesteps``. It is not the DDPM/VP
+``alpha_bar`` table, which describes a different noising process.
+
+Every function accepts a Python float or a tensor and returns the same kind; out-of-range values
+raise ``ValueError`` rather than being clipped.
+
+Example:
+    >>> import torch
+    >>> t = torch.tensor([0.0, 0.25, 1.0])
+    >>> t_to_sigma(t)
+    tensor([1.0000, 0.7500, 0.0000])
+    >>> t_to_timestep(t)
+    tensor([1000.,  750.,    0.])
+    >>> t_to_discrete(t)
+    tensor([999, 749,   0])
+    >>> discrete_to_t(t_to_discrete(t))
+    tensor([0.0000, 0.2503, 1.0000])
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "t_to_sigma",
+    "sigma_to_t",
+    "t_to_timestep",
+    "timestep_to_t",
+    "t_to_discrete",
+    "discrete_to_t",
+]
+
+T = TypeVar("T", float, Tensor)
+
+
+def _check_range(value: float | Tensor, low: float, high: float, name: str) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() and (bool((value < low).any()) or bool((value > high).any()) or bool(value.isnan().any())):
+            raise ValueError(
+                f"{name} must lie in [{low}, {high}]; got values in "
+                f"[{float(value.min())}, {float(value.max())}]"
+            )
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not low <= float(value) <= high:  # NaN fails this too
+            raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def _check_num(num_train_timesteps: int) -> int:
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+    return num_train_timesteps
+
+
+def t_to_sigma(t: T) -> T:
+    """Flow time ``t`` (0 = noise) to diffusers' ``sigma = 1 - t`` (1 = noise).
+
+    Example:
+        >>> t_to_sigma(0.25)
+        0.75
+    """
+    _check_range(t, 0.0, 1.0, "t")
+    return 1 - t
+
+
+def sigma_to_t(sigma: T) -> T:
+    """Diffusers' ``sigma`` (1 = noise) to flow time ``t = 1 - sigma``.
+
+    Example:
+        >>> sigma_to_t(0.75)
+        0.25
+    """
+    _check_range(sigma, 0.0, 1.0, "sigma")
+    return 1 - sigma
+
+
+def t_to_timestep(t: T, num_train_timesteps: int = 1000) -> T:
+    """Flow time to the continuous ``timestep = num_train_timesteps * sigma`` of SD3/Flux.
+
+    This is what diffusers' ``FlowMatchEulerDiscreteScheduler`` passes to SD3 and Flux
+    transformers (Flux divides it by 1000 again inside the pipeline).
+
+    Example:
+        >>> t_to_timestep(0.1)
+        900.0
+    """
+    _check_num(num_train_timesteps)
+    return t_to_sigma(t) * num_train_timesteps
+
+
+def timestep_to_t(timestep: T, num_train_timesteps: int = 1000) -> T:
+    """Inverse of :func:`t_to_timestep`: ``t = 1 - timestep / num_train_timesteps``.
+
+    Example:
+        >>> timestep_to_t(750.0)
+        0.25
+    """
+    _check_num(num_train_timesteps)
+    _check_range(timestep, 0.0, float(num_train_timesteps), "timestep")
+    return 1 - timestep / num_train_timesteps
+
+
+def t_to_discrete(t: float | Tensor, num_train_timesteps: int = 1000) -> int | Tensor:
+    """Flow time to an integer timestep ``k = round((N - 1) * (1 - t))``; noise is ``N - 1``, data ``0``.
+
+    Returns an ``int`` for a float input and a ``torch.long`` tensor for a tensor input.
+    ``discrete_to_t(t_to_discrete(t))`` is within ``0.5 / (N - 1)`` of ``t``.
+
+    Example:
+        >>> t_to_discrete(0.0), t_to_discrete(1.0), t_to_discrete(0.5)
+        (999, 0, 500)
+    """
+    n = _check_num(num_train_timesteps)
+    sigma = t_to_sigma(t)
+    if isinstance(sigma, Tensor):
+        # float64 so that round-tripping discrete_to_t(k) gives back k exactly for every k < 2**24.
+        return torch.round(sigma.double() * (n - 1)).long()
+    # Python's round() and torch.round() both round half to even, so floats and tensors agree.
+    return int(round(sigma * (n - 1)))
+
+
+def discrete_to_t(k: int | Tensor, num_train_timesteps: int = 1000) -> float | Tensor:
+    """Integer timestep ``k`` in ``[0, N - 1]`` to flow time ``t = 1 - k / (N - 1)``.
+
+    A tensor input gives a float32 tensor (float64 if ``k`` is float64).
+
+    Example:
+        >>> discrete_to_t(999), discrete_to_t(0)
+        (0.0, 1.0)
+    """
+    n = _check_num(num_train_timesteps)
+    if isinstance(k, Tensor):
+        if torch.is_floating_point(k) and not bool((k == torch.round(k)).all()):
+            raise ValueError("discrete timesteps must be whole numbers")
+        _check_range(k, 0, n - 1, "k")
+        dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+        return (1 - k.double() / (n - 1)).to(dtype)
+    if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+        else:
+            raise TypeError(f"k must be an int or a tensor, got {k!r}")
+    _check_range(k, 0, n - 1, "k")
+    return 1 - k / (n - 1)

@@ -1,0 +1,226 @@
+"""The training distribution of per-stage flow times (paper section 3.3, Figure 2b).
+
+For every sample a *current* stage ``k`` is drawn with probabilities ``p``; then
+
+* ``t_k ~ logit-normal(current)`` (default ``loc 0, scale 1``): the stage being learned;
+* ``t_j ~ logit-normal(earlier)`` for ``j < k`` (default ``loc 1.5, scale 1``): stages that
+  sampling has already (mostly) generated, so they are less noisy on average;
+* ``t_j = 0`` for ``j > k`` and those stages are masked (``mask[b, j] = False``): they are not
+  generated yet, so their inputs are zeroed and their loss ignored.
+
+``logit-normal(loc, scale)`` is ``sigmoid(loc + scale * n)`` with ``n ~ N(0, 1)``; it lies in
+``(0, 1)``. Convention: ``t = 0`` is noise, ``t = 1`` is data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["StageTimesteps", "StageTimestepSampler", "default_stage_probabilities"]
+
+_MODES = ("dfm", "tied", "uniform")
+
+
+@dataclass(frozen=True)
+class StageTimesteps:
+    """Per-sample, per-stage flow times of one training batch.
+
+    Attributes:
+        t: float ``[B, S]`` in ``[0, 1]``; ``t[b, s]`` is stage ``s``'s time for sample ``b``.
+        stage: long ``[B]``; the stage being generated for sample ``b``.
+        mask: bool ``[B, S]``; ``True`` where stage ``s`` is active, i.e. ``s <= stage[b]``.
+
+    Raises:
+        TypeError: a field has the wrong dtype.
+        ValueError: the shapes disagree, or ``stage`` is outside ``[0, S)``.
+
+    Example:
+        >>> import torch
+        >>> ts = StageTimesteps(torch.tensor([[0.5, 0.0]]), torch.tensor([0]), torch.tensor([[True, False]]))
+        >>> ts.batch_size, ts.num_stages
+        (1, 2)
+    """
+
+    t: Tensor
+    stage: Tensor
+    mask: Tensor
+
+    def __post_init__(self) -> None:
+        t, stage, mask = self.t, self.stage, self.mask
+        for name, value in (("t", t), ("stage", stage), ("mask", mask)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"StageTimesteps.{name} must be a tensor, got {type(value).__name__}")
+        if not torch.is_floating_point(t):
+            raise TypeError(f"StageTimesteps.t must be floating point, got {t.dtype}")
+        if stage.dtype != torch.long:
+            raise TypeError(f"StageTimesteps.stage must be torch.long, got {stage.dtype}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"StageTimesteps.mask must be torch.bool, got {mask.dtype}")
+        if t.ndim != 2:
+            raise ValueError(f"StageTimesteps.t must have shape [B, S], got {tuple(t.shape)}")
+        if tuple(mask.shape) != tuple(t.shape):
+            raise ValueError(f"StageTimesteps.mask has shape {tuple(mask.shape)}, t has shape {tuple(t.shape)}")
+        if tuple(stage.shape) != (t.shape[0],):
+            raise ValueError(f"StageTimesteps.stage must have shape [B] = [{t.shape[0]}], got {tuple(stage.shape)}")
+        if stage.numel() and (int(stage.min()) < 0 or int(stage.max()) >= t.shape[1]):
+            raise ValueError(f"StageTimesteps.stage must lie in [0, {t.shape[1] - 1}], got {stage.tolist()}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.t.shape[0]
+
+    @property
+    def num_stages(self) -> int:
+        return self.t.shape[1]
+
+    def to(self, device: torch.device | str) -> StageTimesteps:
+        """The same times on ``device``."""
+        return StageTimesteps(self.t.to(device), self.stage.to(device), self.mask.to(device))
+
+
+def default_stage_probabilities(num_stages: int) -> tuple[float, ...]:
+    """Default stage probabilities: ``0.9`` for stage 0, the remaining ``0.1`` split evenly.
+
+    The paper uses ``(0.9, 0.1)`` for two stages (Table 1a, A.5): the probability sets how much
+    capacity goes to structure, and stage 0 carries the structure whatever the number of
+    stages, so it keeps its 0.9 and the detail stages share the rest.
+
+    Example:
+        >>> default_stage_probabilities(1), default_stage_probabilities(2)
+        ((1.0,), (0.9, 0.1))
+        >>> default_stage_probabilities(3)
+        (0.9, 0.05, 0.05)
+    """
+    _check_num_stages(num_stages)
+    if num_stages == 1:
+        return (1.0,)
+    rest = 0.1 / (num_stages - 1)
+    return (0.9, *([round(rest, 15)] * (num_stages - 1)))
+
+
+def _check_num_stages(num_stages: object) -> int:
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    return num_stages
+
+
+def _check_logit_normal(value: object, name: str) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"{name} must be a (loc, scale) pair, got {value!r}")
+    loc, scale = float(value[0]), float(value[1])
+    if not (math.isfinite(loc) and math.isfinite(scale)) or scale <= 0:
+        raise ValueError(f"{name} must be a finite loc and a positive scale, got {value!r}")
+    return loc, scale
+
+
+class StageTimestepSampler:
+    """Draws :class:`StageTimesteps` for DFM training.
+
+    Args:
+        num_stages: number of stages ``S``.
+        probabilities: ``S`` probabilities of each stage being the current one; default
+            :func:`default_stage_probabilities` (``(0.9, 0.1)`` for two stages). Must be
+            non-negative and sum to 1.
+        current: ``(loc, scale)`` of the logit-normal for the current stage.
+        earlier: ``(loc, scale)`` of the logit-normal for the stages before it.
+        mode: ``"dfm"`` (the paper's method); ``"tied"``: every active stage shares the current
+            stage's time (the ablation that fails, Table 1b); ``"uniform"``: the current stage's
+            time is ``U(0, 1)`` instead of logit-normal (``current`` is then unused; earlier
+            stages keep their logit-normal so only one factor changes).
+
+    Example:
+        >>> import torch
+        >>> sampler = StageTimestepSampler(2)
+        >>> ts = sampler.sample(4, generator=torch.Generator().manual_seed(0))
+        >>> ts.t.shape, ts.stage.shape, ts.mask.shape
+        (torch.Size([4, 2]), torch.Size([4]), torch.Size([4, 2]))
+        >>> bool((ts.t[~ts.mask] == 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        num_stages: int = 2,
+        probabilities: Sequence[float] | None = None,
+        current: tuple[float, float] = (0.0, 1.0),
+        earlier: tuple[float, float] = (1.5, 1.0),
+        mode: str = "dfm",
+    ) -> None:
+        self.num_stages = _check_num_stages(num_stages)
+        if probabilities is None:
+            probabilities = default_stage_probabilities(num_stages)
+        if isinstance(probabilities, Tensor):
+            probabilities = probabilities.tolist()
+        probabilities = tuple(float(p) for p in probabilities)
+        if len(probabilities) != num_stages:
+            raise ValueError(f"probabilities has {len(probabilities)} entries for {num_stages} stages: {probabilities}")
+        if any(not math.isfinite(p) or p < 0 for p in probabilities):
+            raise ValueError(f"probabilities must be finite and non-negative, got {probabilities}")
+        if abs(sum(probabilities) - 1.0) > 1e-6:
+            raise ValueError(f"probabilities must sum to 1, got {probabilities} (sum {sum(probabilities)})")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.probabilities = probabilities
+        self.current = _check_logit_normal(current, "current")
+        self.earlier = _check_logit_normal(earlier, "earlier")
+        self.mode = mode
+
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> StageTimesteps:
+        """Draw times for a batch.
+
+        Random numbers are drawn on the generator's device (CPU when there is none) and the
+        result is moved to ``device`` (default: that same device), so a CPU generator gives the
+        same batch whatever ``device`` is.
+
+        Args:
+            batch_size: ``B``.
+            generator: source of randomness; the result is a function of its state.
+            device: where the returned tensors live.
+
+        Returns:
+            ``StageTimesteps`` with ``t`` float32 ``[B, S]``, ``stage`` long ``[B]``, ``mask`` bool ``[B, S]``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        draw = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
+        out = torch.device(device) if device is not None else draw
+        b, s = batch_size, self.num_stages
+
+        probs = torch.tensor(self.probabilities, dtype=torch.float64, device=draw)
+        stage = torch.multinomial(probs, b, replacement=True, generator=generator)
+        # Both draws are made for every sample whatever its stage, so the random stream (and so
+        # the batch for a given seed) does not depend on which stages were drawn.
+        normal = torch.randn(b, s, generator=generator, device=draw, dtype=torch.float32)
+        uniform = torch.rand(b, generator=generator, device=draw, dtype=torch.float32)
+
+        cur_loc, cur_scale = self.current
+        t_current = uniform if self.mode == "uniform" else torch.sigmoid(cur_loc + cur_scale * normal[:, 0])
+        earlier_loc, earlier_scale = self.earlier
+        t_earlier = torch.sigmoid(earlier_loc + earlier_scale * normal)
+
+        index = torch.arange(s, device=draw)
+        mask = index[None, :] <= stage[:, None]
+        is_current = index[None, :] == stage[:, None]
+        if self.mode == "tied":
+            t = t_current[:, None].expand(b, s)
+        else:
+            t = torch.where(is_current, t_current[:, None], t_earlier)
+        t = torch.where(mask, t, torch.zeros((), device=draw))
+        return StageTimesteps(t.contiguous().to(out), stage.to(out), mask.to(out))
+
+    def __repr__(self) -> str:
+        return (
+            f"StageTimestepSampler(num_stages={self.num_stages}, probabilities={self.probabilities}, "
+            f"current={self.current}, earlier={self.earlier}, mode={self.mode!r})"
+        )
