@@ -43,9 +43,10 @@ def test_wheel_contains_subpackages_and_configs(wheel: Path) -> None:
     assert "dfm_ext/adapters/__init__.py" in names
     assert "dfm_ext/recipes/__init__.py" in names
     assert "dfm_ext/metrics/__init__.py" in names
-    configs = ROOT.glob("recipes/configs/*.yaml")
+    configs = [*ROOT.glob("recipes/configs/*.yaml"), *ROOT.glob("recipes/accelerate_configs/*.yaml")]
+    assert configs
     for cfg in configs:
-        assert f"dfm_ext/recipes/configs/{cfg.name}" in names
+        assert f"dfm_ext/recipes/{cfg.parent.name}/{cfg.name}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dfm-ext = dfm_ext.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

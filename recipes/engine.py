@@ -1,0 +1,507 @@
+"""The training engine every recipe shares: accelerate, AdamW + warmup, EMA, checkpoints, logs.
+
+A recipe supplies a :class:`TrainTask` (build the model, compute one micro-batch's loss, and
+optionally sample/evaluate) and a dataset; :class:`Trainer` does the rest:
+
+* devices, DDP or FSDP and mixed precision through ``accelerate`` (bf16 on GPU, fp32 on CPU
+  with ``mixed_precision="auto"``); gradient accumulation with ``no_sync`` on all but the last
+  micro-batch;
+* AdamW (the paper's Adam(0.9, 0.99), eps 1e-8, weight decay 0.01), linear warmup then a
+  constant learning rate, gradient clipping;
+* an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with
+  ``get_ema_multi_avg_fn``), registered with ``accelerator.register_for_checkpointing``;
+* atomic, pruned checkpoints (:mod:`.checkpointing`) and exact resume: the data order and every
+  random draw of a step are functions of ``(seed, step, micro-batch)`` (:class:`BatchPlan`,
+  :func:`step_generator`), so restarting at step ``k`` replays the same run;
+* trackers through accelerate (``log_with``), a ``metrics.jsonl`` log, a tqdm bar on the main
+  process, periodic ``task.evaluate`` (sample grids, metrics) on the EMA weights.
+
+One run is one folder: ``config.yaml`` (resolved config), ``checkpoints/``, ``logs/``
+(trackers), ``samples/``, ``metrics.jsonl``, ``final/`` (EMA weights), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpointing import find_latest, save_checkpoint
+from .config import ConfigError, config_to_dict, save_config
+from .data_images import BatchPlan, PlanBatchSampler, collate_items
+
+__all__ = [
+    "OptimConfig",
+    "StepLoss",
+    "TrainConfig",
+    "TrainResult",
+    "TrainTask",
+    "Trainer",
+    "build_optimizer",
+    "step_generator",
+    "warmup_lambda",
+]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup (paper A.2 defaults)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 10_000
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch, precision, cadence of checkpoints/logs/samples, output folder.
+
+    ``global_batch_size`` counts samples per optimiser step over all processes; every process
+    reads ``global_batch_size / (num_processes * grad_accumulation)`` per micro-batch.
+    ``output_dir`` may use ``{name}`` (the config name). ``resume``: ``"auto"`` (continue from
+    ``output_dir/checkpoints/latest`` when there is one), ``"never"`` (refuse a folder that has
+    checkpoints) or a checkpoint path.
+    """
+
+    steps: int = 1000
+    global_batch_size: int = 256
+    grad_accumulation: int = 1
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    ema_decay: float | None = 0.9999
+    output_dir: str = "runs/{name}"
+    resume: str = "auto"
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_every: int = 10_000
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    num_workers: int = 8
+    cpu: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_every < 0 or self.num_workers < 0:
+            raise ValueError("train.sample_every and train.num_workers must be >= 0")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+
+
+# Keys that may change between a run and its resumption (cadence, length, I/O), by prefix.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.resume",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.sample_every",
+    "train.trackers",
+    "train.num_workers",
+    "train.progress",
+    "eval.",
+    "sampling.",
+)
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """One micro-batch's differentiable ``loss`` and detached scalars to log (averaged per step)."""
+
+    loss: Tensor
+    logs: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class TrainTask(Protocol):
+    """What a recipe provides to :class:`Trainer`."""
+
+    def build_model(self) -> nn.Module:
+        """The trainable model (built identically on every process: same seed)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
+        """The loss of one micro-batch; all randomness from ``generator``."""
+        ...
+
+    def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
+        """Sample grids / metrics with the EMA weights on the main process; returns scalars to log."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :meth:`Trainer.fit` returns (on every process)."""
+
+    output_dir: Path
+    step: int
+    last_loss: float
+    skipped_images: int
+    unique_bad_images: int
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """``min(1, (step + 1) / warmup_steps)``: linear warmup, then constant.
+
+    Example:
+        >>> f = warmup_lambda(4)
+        >>> [f(s) for s in range(6)]
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    """
+    if warmup_steps <= 0:
+        return lambda step: 1.0
+    return lambda step: min(1.0, (step + 1) / warmup_steps)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms and embeddings tables of rank < 2."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def step_generator(seed: int, step: int, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by ``(seed, step, shard)`` only: the randomness of one micro-batch.
+
+    ``shard`` is the global micro-batch index (``rank * accumulation + micro``), so a run with
+    W processes and accumulation A draws what one process with accumulation W*A draws.
+
+    Example:
+        >>> a = torch.rand(2, generator=step_generator(0, 5, 1))
+        >>> torch.equal(a, torch.rand(2, generator=step_generator(0, 5, 1)))
+        True
+    """
+    state = np.random.SeedSequence([int(seed), int(step), int(shard)]).generate_state(2, np.uint32)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return g
+
+
+def _param_digest(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gather_objects(accelerator: Any, obj: Any) -> list[Any]:
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([obj]))
+
+
+class _RunState:
+    """Step counter and data-skip counters, checkpointed with ``register_for_checkpointing``."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.skipped = 0
+        self.bad: set[int] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped": self.skipped, "bad": sorted(self.bad)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+        self.bad = set(int(i) for i in state["bad"])
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def resolve_output_dir(train: TrainConfig, name: str) -> Path:
+    return Path(train.output_dir.format(name=name)).expanduser()
+
+
+class Trainer:
+    """Drives a :class:`TrainTask` over a dataset with accelerate.
+
+    Args:
+        task: the recipe's model/loss/evaluation.
+        dataset: map-style dataset keyed by ``(index, flip)`` (see ``BatchPlan``).
+        train: run settings.
+        optim: optimiser settings.
+        full_config: the recipe's whole config dataclass (saved as ``config.yaml``, logged).
+        name: the config name (fills ``{name}`` in ``train.output_dir``; tracker project name).
+        random_flip: whether the plan mirrors half the items.
+        collate: collate function for the data loader.
+    """
+
+    def __init__(
+        self,
+        task: TrainTask,
+        dataset: torch.utils.data.Dataset,
+        train: TrainConfig,
+        optim: OptimConfig,
+        *,
+        full_config: Any,
+        name: str,
+        random_flip: bool = False,
+        collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = collate_items,
+    ) -> None:
+        self.task, self.dataset, self.train, self.optim = task, dataset, train, optim
+        self.full_config, self.name, self.random_flip, self.collate = full_config, name, random_flip, collate
+        self.output_dir = resolve_output_dir(train, name)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        mp = self.train.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and not self.train.cpu else "no"
+        trackers = [t for t in self.train.trackers if t != "none"]
+        return Accelerator(
+            mixed_precision=mp,
+            cpu=self.train.cpu,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+
+    def _resume_path(self, accelerator: Any) -> Path | None:
+        ckpts = self.output_dir / "checkpoints"
+        mode = self.train.resume
+        if mode == "never":
+            if find_latest(ckpts) is not None:
+                raise ConfigError(
+                    f"{self.output_dir} already holds checkpoints and train.resume=never; "
+                    "choose another train.output_dir or set train.resume=auto"
+                )
+            return None
+        if mode == "auto":
+            return find_latest(ckpts)
+        path = Path(mode)
+        if not path.is_dir():
+            raise ConfigError(f"train.resume={mode!r}: not 'auto', 'never' or an existing checkpoint folder")
+        return path
+
+    def _check_config(self, resume: Path | None) -> None:
+        stored = self.output_dir / "config.yaml"
+        if resume is None or not stored.is_file():
+            return
+        import yaml
+
+        old = yaml.safe_load(stored.read_text()) or {}
+        diff = _config_diff(old, config_to_dict(self.full_config))
+        if diff:
+            raise ConfigError(
+                f"cannot resume {self.output_dir}: its config.yaml differs in {diff}; "
+                "use another train.output_dir to start a new run"
+            )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from tqdm.auto import tqdm
+
+        accelerator = self._accelerator()
+        resume = self._resume_path(accelerator)
+        self._check_config(resume)
+        world = accelerator.num_processes
+        plan = BatchPlan(
+            len(self.dataset),
+            self.train.global_batch_size,
+            world_size=world,
+            accumulation=self.train.grad_accumulation,
+            seed=self.train.seed,
+            random_flip=self.random_flip,
+            rank=accelerator.process_index,
+        )
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.full_config, self.output_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+
+        torch.manual_seed(self.train.seed)  # identical initial weights on every process
+        model = self.task.build_model()
+        ema = None
+        if self.train.ema_decay is not None:
+            if str(accelerator.distributed_type).endswith("FSDP"):
+                raise ConfigError("train.ema_decay with FSDP is not supported; set train.ema_decay=null for FSDP runs")
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.train.ema_decay), use_buffers=True)
+            ema.requires_grad_(False)
+        optimizer = build_optimizer(model, self.optim)
+        # Not prepared: accelerate would step a prepared scheduler once per process per step.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.optim.warmup_steps))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if ema is not None:
+            ema.to(accelerator.device)
+        state = _RunState()
+        accelerator.register_for_checkpointing(scheduler, state)
+        if ema is not None:
+            accelerator.register_for_checkpointing(ema)
+        if resume is not None:
+            accelerator.load_state(str(resume))
+            accelerator.print(f"resumed from {resume} at step {state.step}")
+
+        if accelerator.is_main_process and self.train.trackers:
+            accelerator.init_trackers(self.name.replace("/", "_"), config=_flatten(config_to_dict(self.full_config)))
+
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=PlanBatchSampler(plan, state.step, self.train.steps),
+            num_workers=self.train.num_workers,
+            collate_fn=self.collate,
+            pin_memory=accelerator.device.type == "cuda",
+            persistent_workers=False,
+        )
+        batches = iter(loader)
+        log_path = self.output_dir / "metrics.jsonl"
+        bar = tqdm(
+            total=self.train.steps,
+            initial=state.step,
+            disable=not (accelerator.is_main_process and self.train.progress),
+            desc=self.name,
+            dynamic_ncols=True,
+        )
+        acc = self.train.grad_accumulation
+        window: dict[str, Tensor] = {}
+        window_steps = 0
+        last_loss = float("nan")
+        t_window = time.perf_counter()
+        model.train()
+        while state.step < self.train.steps:
+            step = state.step
+            skipped_here = torch.zeros((), device=accelerator.device)
+            for micro in range(acc):
+                batch = next(batches)
+                skipped_here += len(batch.get("bad", []))
+                state.bad.update(int(i) for i in batch.get("bad", []))
+                gen = step_generator(self.train.seed, step, plan.shard_index(micro), accelerator.device)
+                sync = contextlib.nullcontext() if micro == acc - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    out = self.task.loss(model, batch, generator=gen, device=accelerator.device)
+                    if not torch.isfinite(out.loss):
+                        raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {step}")
+                    accelerator.backward(out.loss / acc)
+                for k, v in {"loss": out.loss.detach(), **out.logs}.items():
+                    # NaN marks "not present in this micro-batch" (e.g. a stage nobody drew).
+                    v = v.detach().float().to(accelerator.device).reshape(())
+                    present = torch.isfinite(v)
+                    pair = torch.stack([torch.where(present, v, torch.zeros_like(v)), present.float()])
+                    window[k] = window[k] + pair if k in window else pair
+            grad_norm = None
+            if self.optim.grad_clip is not None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+            state.skipped += int(accelerator.reduce(skipped_here, "sum").item()) if world > 1 else int(skipped_here.item())
+            state.step += 1
+            window_steps += 1
+            bar.update(1)
+
+            if state.step % self.train.log_every == 0 or state.step == self.train.steps:
+                logs = {}
+                for k, pair in sorted(window.items()):
+                    total, count = accelerator.reduce(pair, "sum").tolist() if world > 1 else pair.tolist()
+                    logs[k] = total / count if count else float("nan")
+                logs["lr"] = scheduler.get_last_lr()[0]
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                logs["skipped_images"] = state.skipped
+                logs["steps_per_s"] = window_steps / max(1e-9, time.perf_counter() - t_window)
+                last_loss = logs["loss"]
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": state.step, **logs}) + "\n")
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                accelerator.log(logs, step=state.step)
+                window, window_steps, t_window = {}, 0, time.perf_counter()
+
+            if state.step % self.train.checkpoint_every == 0 or state.step == self.train.steps:
+                save_checkpoint(accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints)
+
+            if self.train.sample_every and (state.step % self.train.sample_every == 0 or state.step == self.train.steps):
+                if accelerator.is_main_process:
+                    target = ema.module if ema is not None else accelerator.unwrap_model(model)
+                    was_training = target.training
+                    target.eval()
+                    scalars = self.task.evaluate(target, step=state.step, out_dir=self.output_dir, device=accelerator.device)
+                    target.train(was_training)
+                    if scalars:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps({"step": state.step, **scalars}) + "\n")
+                        accelerator.log(scalars, step=state.step)
+                accelerator.wait_for_everyone()
+        bar.close()
+
+        # Drain the loader so worker processes exit cleanly.
+        del batches, loader
+        digests = _gather_objects(accelerator, _param_digest(accelerator.unwrap_model(model)))
+        if accelerator.is_main_process:
+            final = ema.module if ema is not None else accelerator.unwrap_model(model)
+            self._save_final(final, accelerator)
+            summary = {
+                "step": state.step,
+                "last_loss": last_loss,
+                "skipped_images": state.skipped,
+                "unique_bad_images": len(state.bad),
+                "num_processes": world,
+                # Bitwise digest of the trained weights on each process: they must all agree.
+                "param_sha256_per_rank": digests,
+            }
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if state.skipped:
+                accelerator.print(f"skipped {state.skipped} unreadable image reads ({len(state.bad)} distinct files)")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(self.output_dir, state.step, last_loss, state.skipped, len(state.bad))
+
+    def _save_final(self, model: nn.Module, accelerator: Any) -> None:
+        out = self.output_dir / "final"
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(out))
+        else:
+            from safetensors.torch import save_file
+
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

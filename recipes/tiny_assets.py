@@ -1,0 +1,83 @@
+"""Offline assets for the ``tiny`` config: a small image folder of real photos and a tiny VAE.
+
+::
+
+    python -m dfm_ext.recipes.tiny_assets runs/tiny_assets
+    python -m dfm_ext.recipes.imagenet --config tiny \\
+        data.root=runs/tiny_assets/images vae.path=runs/tiny_assets/vae
+
+The images are crops of scikit-image's bundled photos (one class per photo, no download). The
+VAE is a randomly initialised diffusers ``AutoencoderKL`` (4x downsampling, 4 channels, with a
+FLUX-style ``shift_factor``) saved with ``save_pretrained`` so that it is loaded through the
+same ``from_pretrained`` path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PHOTOS", "make_image_folder", "make_tiny_vae"]
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def make_image_folder(root: str | Path, *, per_class: int = 6, size: int = 48, photos: Sequence[str] = PHOTOS, seed: int = 0) -> Path:
+    """Write ``per_class`` random square crops of each photo as ``root/<photo>/<i>.{png,jpg}``."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for name in photos:
+        img = getattr(skdata, name)()
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        img = img[..., :3]
+        h, w = img.shape[:2]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            side = int(rng.integers(min(h, w) // 3, min(h, w)))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.Resampling.BICUBIC)
+            crop.save(root / name / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def make_tiny_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
+    """A 4x-downsampling ``AutoencoderKL`` (channels 8-16) saved under ``path/vae``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
+    vae.save_pretrained(str(Path(path) / "vae"))
+    return Path(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.tiny_assets", description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="folder to create (images/ and vae/ inside)")
+    args = parser.parse_args(argv)
+    make_image_folder(Path(args.out) / "images")
+    make_tiny_vae(args.out)
+    print(f"data.root={Path(args.out) / 'images'} vae.path={args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The ImageNet recipe end to end on CPU: real photos, a tiny diffusers VAE, the tiny DiT.
+
+Runs go through the real command lines (``python -m`` and ``accelerate launch -m``) in
+subprocesses, so configs, YAML, data loading, VAE loading, checkpoints and resume are the
+code paths users run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dfm_ext.recipes.build_latent_cache import main as build_cache_main
+from dfm_ext.recipes.imagenet import main as imagenet_main
+from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+
+PY = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagenet_assets")
+    make_image_folder(root / "images", per_class=4, size=40)
+    # One truncated file and one non-image among the real photos: skipped and counted, not fatal.
+    victim = sorted((root / "images" / "coffee").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:80])
+    (root / "images" / "rocket" / "broken.png").write_text("not a png")
+    make_tiny_vae(root)
+    return root
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _args(assets: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "tiny",
+        f"data.root={assets / 'images'}",
+        f"vae.path={assets}",
+        f"train.output_dir={out}",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=2",
+        f"train.sample_every={STEPS}",
+        "train.progress=false",
+        "optim.lr=3e-3",  # so that 12 steps show a clear fall of the loss
+        "optim.warmup_steps=2",
+        *extra,
+    ]  # fmt: skip
+
+
+def _single(assets: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out, *extra)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """The last logged training loss of every step (a resumed run re-logs replayed steps)."""
+    losses: dict[int, float] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(assets: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    _single(assets, out)
+    return out
+
+
+def test_tiny_end_to_end(reference: Path) -> None:
+    losses = _losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < 0.8 * first, losses
+    sample = reference / "samples" / f"step-{STEPS:06d}.png"
+    with Image.open(sample) as im:  # 4 rows (images) x 2 columns (stage-0 preview, final)
+        assert im.width > 0 and im.height > im.width
+    ckpts = reference / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step-{STEPS:06d}"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-000008", "step-000012"]
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        assert (ckpts / f"step-{STEPS:06d}" / name).is_file()
+    assert (reference / "final" / "dfm_config.json").is_file()
+    assert list((reference / "logs").rglob("events.out.tfevents*")), "no tensorboard events"
+    cfg = (reference / "config.yaml").read_text()
+    assert f"steps: {STEPS}" in cfg and "preset: tiny" in cfg
+    summary = json.loads((reference / "summary.json").read_text())
+    # Two unreadable files among 17; each is hit about once per epoch (96 reads = 5.6 epochs).
+    assert summary["unique_bad_images"] == 2 and summary["skipped_images"] >= 2
+    json.dumps(summary)
+
+
+def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if latest.is_file() and latest.read_text().strip() == "step-000004":
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = latest.read_text().strip()
+    assert killed_at in ("step-000004", "step-000008")
+    assert (out / "checkpoints" / killed_at / "model.safetensors").is_file()
+    assert not (out / "final").exists()  # it really died before the end
+
+    _single(assets, out)  # train.resume=auto picks up checkpoints/latest
+    ref, res = _losses(reference), _losses(out)
+    assert sorted(res) == sorted(ref)
+    for step in ref:
+        assert res[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, res[step], ref[step])
+    _assert_close_weights(_weights(out), _weights(reference), atol=1e-6)
+
+
+def test_two_processes_equal_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
+    ddp, single = tmp_path / "ddp", tmp_path / "accum"
+    steps = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
+    cmd = [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "dfm_ext.recipes.imagenet", *_args(assets, ddp, *steps),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _single(assets, single, *steps, "train.grad_accumulation=2")
+
+    s_ddp = json.loads((ddp / "summary.json").read_text())
+    s_one = json.loads((single / "summary.json").read_text())
+    assert s_ddp["num_processes"] == 2 and s_one["num_processes"] == 1
+    digests = s_ddp["param_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # bitwise identical across ranks
+    l_ddp, l_one = _losses(ddp), _losses(single)
+    assert sorted(l_ddp) == [1, 2, 3, 4]
+    for step in l_one:
+        assert l_ddp[step] == pytest.approx(l_one[step], rel=1e-4, abs=1e-6)
+    _assert_close_weights(_weights(ddp), _weights(single), atol=1e-5)
+
+
+def test_latent_cache_build_and_train(assets: Path, tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    base = ["--config", "tiny", f"data.root={assets / 'images'}", f"vae.path={assets}"]
+    assert build_cache_main([*base, "--out", str(cache), "--dtype", "float32", "--batch-size", "8"]) == 0
+    index = json.loads((cache / "index.json").read_text())
+    assert index["num_items"] == 15 and index["latent_shape"] == [4, 8, 8] and len(index["skipped_images"]) == 2
+    assert (index["scaling_factor"], index["shift_factor"]) == (0.5, 0.1)
+    capsys.readouterr()
+    # A cache built for another resolution is refused before any compute.
+    assert imagenet_main(["--config", "tiny", f"data.latent_cache={cache}", f"vae.path={assets}", "data.resolution=64"]) == 2
+    assert "does not match the config" in capsys.readouterr().err
+    out = tmp_path / "from_cache"
+    _single(
+        assets, out, f"data.latent_cache={cache}", "train.steps=3", "train.sample_every=3", "train.checkpoint_every=3",
+        "sampling.metrics=[swd]", "sampling.metric_images=8",
+    )  # fmt: skip
+    assert sorted(_losses(out)) == [1, 2, 3] and (out / "samples" / "step-000003.png").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    swd = [r["swd"] for r in records if "swd" in r]
+    assert len(swd) == 1 and swd[0] > 0  # periodic metrics on EMA samples vs decoded cached reals
+
+
+def test_resume_with_changed_config_is_refused(assets: Path, reference: Path, capsys, tmp_path: Path) -> None:
+    res = _single(assets, reference, "optim.lr=0.5", check=False)
+    assert res.returncode != 0 and "cannot resume" in res.stderr
+
+
+def test_flow_matching_baseline_task(assets: Path, tmp_path: Path) -> None:
+    """decomposition.kind=identity turns the same recipe into plain Flow Matching (in process)."""
+    from dfm_ext.recipes.config import load_config
+    from dfm_ext.recipes.data_images import ImageFolder, collate_items
+    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+
+    cfg = load_config(
+        ImageNetConfig, "tiny",
+        [f"data.root={assets / 'images'}", f"vae.path={assets}", "decomposition.kind=identity",
+         "decomposition.factors=[1]", "sampling.steps=[4]", "sampling.thresholds=[]", "sampling.num_images=2"],
+    )  # fmt: skip
+    cfg.validate()
+    task = ImageNetTask(cfg)
+    assert task.decomposition.num_stages == 1
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = collate_items([ImageFolder(assets / "images", 32)[(i, False)] for i in range(4)])
+    out = task.loss(model, batch, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    out.loss.backward()
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss) and set(out.logs) == {"loss_stage0"}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    task.evaluate(model, step=1, out_dir=tmp_path, device=torch.device("cpu"))
+    assert (tmp_path / "samples" / "step-000001.png").is_file()
