@@ -47,8 +47,8 @@ _EXPORTS: dict[str, str] = {
     "DiTAdapter": "adapter",
     "register_adapter": "adapter",
     # specialisation
-    "specialize": "specialize",
-    "StageSpecialization": "specialize",
+    "specialize": "specialization",
+    "StageSpecialization": "specialization",
 }
 
 __all__ = sorted(_EXPORTS)
