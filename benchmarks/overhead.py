@@ -1,0 +1,180 @@
+"""Overhead of ``wrap_dit`` over the unwrapped reference DiT at the same token count.
+
+For each model size, one training step (forward, MSE loss, backward, AdamW) and one sampling
+step (forward under ``torch.no_grad``) of
+
+* A: the reference :class:`dfm_ext.DiT` on ``[B, C, H, W]`` (patch ``p``, grid ``H/p``), and
+* B: ``wrap_dit`` of the same DiT with a 2-stage Laplacian pyramid (stage 0 at ``H/2`` with
+  patch ``p/2``, stage 1 at ``H`` with patch ``p``: the same grid and token count),
+
+are timed interleaved (A, B, A, B, ...) after warm-up, and the per-repetition ratio B/A is
+reported as min/median/max. Decomposing the data is not timed (it belongs to the data pipeline).
+
+Usage::
+
+    python benchmarks/overhead.py                      # writes benchmarks/results/overhead.json
+    python benchmarks/overhead.py --reps 5 --sizes small
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dfm_ext import DiT, DiTConfig, LaplacianPyramid, wrap_dit
+
+SIZES = {
+    # name: (preset overrides, batch)
+    "small": (dict(input_size=16, patch_size=2, hidden_size=192, depth=6, num_heads=3), 8),
+    "S/2": (dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6), 4),
+}
+
+
+def _setup(name: str, seed: int = 0, device: str = "cpu"):
+    overrides, batch = SIZES[name]
+    torch.manual_seed(seed)
+    cfg = DiTConfig(in_channels=4, num_classes=1000, class_dropout_prob=0.0, **overrides)
+    base = DiT(cfg).to(device)
+    decomposition = LaplacianPyramid((2, 1))
+    wrapped = wrap_dit(copy.deepcopy(base), decomposition).to(device)
+    assert wrapped.packer.num_tokens == cfg.grid_size[0] * cfg.grid_size[1]
+    g = torch.Generator().manual_seed(seed)
+    h, w = cfg.image_size
+    x = torch.randn(batch, 4, h, w, generator=g).to(device)
+    target = torch.randn(batch, 4, h, w, generator=g).to(device)
+    t = torch.rand(batch, generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    stages = decomposition.decompose(x)
+    targets = decomposition.decompose(target)
+    t2 = torch.stack([torch.rand(batch, generator=g).to(device), t], 1)
+    stage = torch.ones(batch, dtype=torch.long, device=device)
+    mask = torch.ones(batch, 2, dtype=torch.bool, device=device)
+    opt_a = torch.optim.AdamW(base.parameters(), lr=1e-4)
+    opt_b = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
+
+    def train_a():
+        loss = F.mse_loss(base(x, t, y), target)
+        opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_a.step()
+
+    def train_b():
+        out = wrapped(stages, t2, stage, mask, y=y)
+        loss = sum(F.mse_loss(o, v) for o, v in zip(out, targets))
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
+
+    @torch.no_grad()
+    def sample_a():
+        base(x, t, y)
+
+    @torch.no_grad()
+    def sample_b():
+        wrapped(stages, t2, stage, mask, y=y)
+
+    info = dict(
+        config=cfg.to_dict(),
+        batch=batch,
+        tokens=wrapped.packer.num_tokens,
+        stage_shapes=[list(s) for s in wrapped.stage_shapes],
+        patch_sizes=[list(p) for p in wrapped.packer.patch_sizes],
+        params_base=sum(p.numel() for p in base.parameters()),
+        params_wrapped=sum(p.numel() for p in wrapped.parameters()),
+    )
+    return info, {"train": (train_a, train_b), "sample": (sample_a, sample_b)}
+
+
+def _time(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(sizes: list[str], reps: int, warmup: int, device: str) -> dict:
+    results = {}
+    for name in sizes:
+        info, fns = _setup(name, device=device)
+        entry = dict(info)
+        for kind, (fa, fb) in fns.items():
+            for _ in range(warmup):
+                fa()
+                fb()
+            ta, tb = [], []
+            for i in range(reps):
+                # alternate which goes first, so slow drifts of a shared machine hit both equally
+                if i % 2 == 0:
+                    ta.append(_time(fa, device))
+                    tb.append(_time(fb, device))
+                else:
+                    tb.append(_time(fb, device))
+                    ta.append(_time(fa, device))
+            ratios = [b / a for a, b in zip(ta, tb)]
+            entry[kind] = dict(
+                base_median_s=statistics.median(ta),
+                wrapped_median_s=statistics.median(tb),
+                ratio_min=min(ratios),
+                ratio_median=statistics.median(ratios),
+                ratio_max=max(ratios),
+                reps=reps,
+            )
+        results[name] = entry
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| model | tokens | batch | step | base (s) | wrapped (s) | ratio min / median / max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in results.items():
+        for kind in ("train", "sample"):
+            r = e[kind]
+            lines.append(
+                f"| {name} | {e['tokens']} | {e['batch']} | {kind} | {r['base_median_s']:.4f} | "
+                f"{r['wrapped_median_s']:.4f} | {r['ratio_min']:.3f} / {r['ratio_median']:.3f} / {r['ratio_max']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = run(args.sizes, args.reps, args.warmup, args.device)
+    meta = dict(
+        torch=torch.__version__,
+        device=args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+        threads=args.threads,
+        machine=platform.machine(),
+        command="python benchmarks/overhead.py " + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k != "out"
+        ),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    print(markdown(results))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The adapter protocol that lets :func:`dfm_ext.wrap_dit` plug DFM into a DiT family.
+
+An adapter knows one family of DiTs. ``wrap_dit`` asks it for the model's default sample shape
+and token grid, lets it swap three modules inside the model (:meth:`DiTAdapter.install`), and
+then calls :meth:`DiTAdapter.forward` with the stages packed onto the token grid:
+
+1. patch embedding -> :class:`~dfm_ext.embeddings.MultiScalePatchEmbed` over the packed channels;
+2. timestep embedder -> :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed` taking ``t [B, S]``
+   (and the stage index), converting paper time to the model's own convention;
+3. output projection -> :class:`~dfm_ext.embeddings.MultiScaleHead`, packed channel order.
+
+Why ``forward`` lives in the adapter rather than calling the model's own ``forward``: a base
+forward takes a ``[B]`` timestep and unpatchifies with its own patch size, so at least two of its
+lines change under DFM. Rewriting the (short) forward from the model's own submodules keeps the
+trunk, positions and conditioning untouched, needs no hidden state on the replaced modules (no
+context managers, thread- and ``torch.compile``-safe), and keeps each adapter readable. Adapters
+receive and return the paper's convention (``t = 0`` noise, ``t = 1`` data, velocity
+``x - noise``) and convert inside.
+
+Registration: :func:`register_adapter` adds an adapter (tried before the built-in ones);
+``wrap_dit(model, d, adapter="auto")`` takes the first whose :meth:`~DiTAdapter.matches` is
+true. Built-in adapters live in :mod:`dfm_ext.adapters` (one module per family, each exposing a
+module-level ``ADAPTER``) and are imported lazily, diffusers ones only for diffusers models.
+
+Example (a complete adapter for a toy model; see also the README section "wrap_dit"):
+    >>> import torch
+    >>> from torch import nn
+    >>> from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
+    >>> class ToyDiT(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.patch = nn.Conv2d(3, 16, 2, stride=2)
+    ...         self.temb = nn.Sequential(nn.Linear(1, 16), nn.SiLU(), nn.Linear(16, 16))
+    ...         self.body = nn.Linear(16, 16)
+    ...         self.out = nn.Linear(16, 2 * 2 * 3)
+    >>> class ToyAdapter:
+    ...     name = "toy"
+    ...     def matches(self, model): return isinstance(model, ToyDiT)
+    ...     def default_sample_shape(self, model): return (3, 16, 16)
+    ...     def token_grid(self, model, sample_shape): return (sample_shape[1] // 2, sample_shape[2] // 2)
+    ...     def install(self, model, packer, *, init, stage_embedding):
+    ...         model.patch = widen_patch_embed(model.patch, packer, init=init)
+    ...         model.temb = multiscale_time_embed(model.temb, 16, packer.num_stages, init=init,
+    ...             stage_embedding=stage_embedding, time_transform=lambda t: t[:, None])
+    ...         model.out = widen_head(model.out, packer, base_patch=2, order="pqc", init=init)
+    ...     def forward(self, model, packed, t, stage, **cond):
+    ...         h = model.patch(packed) + model.temb(t, stage)[:, None]
+    ...         return model.out.to_grid(model.out(model.body(h)), packed.shape[2:])
+    ...     def null_condition(self, model, **cond): return dict(cond)
+    >>> isinstance(ToyAdapter(), DiTAdapter)
+    True
+    >>> from dfm_ext import IdentityDecomposition, wrap_dit
+    >>> wrapped = wrap_dit(ToyDiT(), IdentityDecomposition(), adapter=ToyAdapter())
+    >>> out = wrapped([torch.randn(2, 3, 16, 16)], torch.rand(2, 1), torch.zeros(2, dtype=torch.long))
+    >>> out[0].shape
+    torch.Size([2, 3, 16, 16])
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from .embeddings import Init, MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+
+__all__ = [
+    "DiTAdapter",
+    "LazyAdapter",
+    "register_adapter",
+    "unregister_adapter",
+    "registered_adapters",
+    "resolve_adapter",
+    "widen_patch_embed",
+    "widen_head",
+    "multiscale_time_embed",
+    "time_transform",
+]
+
+
+@runtime_checkable
+class DiTAdapter(Protocol):
+    """What :func:`dfm_ext.wrap_dit` needs to know about one DiT family.
+
+    Every method receives the base model; adapters hold no per-model state, so one instance
+    serves any number of models. Times ``t`` are the paper's (``t = 0`` noise, ``t = 1`` data) and
+    ``forward`` returns velocities ``x - noise`` in that convention; conversions happen inside.
+
+    Optional extras ``wrap_dit`` uses when present: ``config() -> dict`` (JSON-serialisable
+    constructor kwargs, recorded by ``save_pretrained`` so ``load_wrapped`` rebuilds the adapter
+    as ``type(adapter)(**config)``).
+    """
+
+    name: str
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model`` (used by ``adapter="auto"``)."""
+        ...
+
+    def default_sample_shape(self, model: nn.Module) -> tuple[int, ...]:
+        """Per-sample full-resolution shape ``(C, H, W)`` or ``(C, T, H, W)`` the model was built for."""
+        ...
+
+    def token_grid(self, model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The token grid ``(Gh, Gw)`` (or ``(Gt, Gh, Gw)``) every stage is patchified onto."""
+        ...
+
+    def install(self, model: nn.Module, packer: Any, *, init: Init, stage_embedding: bool) -> None:
+        """Swap in the widened patch embedding, multi-scale timestep embedder and widened head, in place.
+
+        ``packer`` is the :class:`~dfm_ext.packing.ScalePacker` of the stages; raise ``ValueError``
+        if its grid or patch sizes cannot work with the model.
+        """
+        ...
+
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Packed stages ``[B, C', *grid]``, ``t [B, S]``, ``stage [B]`` -> packed velocity ``[B, C', *grid]``."""
+        ...
+
+    def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
+        """The unconditional counterpart of ``cond`` (for classifier-free guidance)."""
+        ...
+
+
+class LazyAdapter:
+    """An adapter imported from ``module`` (attribute ``attr``) the first time it is needed.
+
+    ``module_prefix`` lets :meth:`matches` answer ``False`` without importing anything when no
+    class in the model's MRO comes from a module with that prefix (e.g. ``"diffusers"``), so
+    ``import dfm_ext`` and wrapping a plain PyTorch DiT never import diffusers. A module that does
+    not exist (yet) simply matches nothing.
+    """
+
+    def __init__(self, name: str, module: str, attr: str = "ADAPTER", module_prefix: str | None = None):
+        self.name = name
+        self._module = module
+        self._attr = attr
+        self._prefix = module_prefix
+        self._loaded: DiTAdapter | None = None
+        self._missing = False
+
+    def load(self) -> DiTAdapter | None:
+        """The real adapter, or ``None`` if its module is not there."""
+        if self._loaded is None and not self._missing:
+            try:
+                mod = importlib.import_module(self._module)
+            except ModuleNotFoundError as err:
+                if err.name is not None and self._module.startswith(err.name):
+                    self._missing = True
+                    return None
+                raise
+            self._loaded = getattr(mod, self._attr)
+        return self._loaded
+
+    def matches(self, model: nn.Module) -> bool:
+        if self._prefix is not None and not any(
+            c.__module__.split(".")[0] == self._prefix for c in type(model).__mro__
+        ):
+            return False
+        adapter = self.load()
+        return adapter is not None and bool(adapter.matches(model))
+
+    def __getattr__(self, item: str) -> Any:
+        if item.startswith("_"):
+            raise AttributeError(item)
+        adapter = self.load()
+        if adapter is None:
+            raise AttributeError(f"adapter {self.name!r}: module {self._module} is not available")
+        return getattr(adapter, item)
+
+    def __repr__(self) -> str:
+        return f"LazyAdapter({self.name!r}, {self._module!r})"
+
+
+_REGISTERED: list[DiTAdapter] = []
+_PROTOCOL = ("name", "matches", "default_sample_shape", "token_grid", "install", "forward", "null_condition")
+
+
+def _check_adapter(adapter: Any) -> DiTAdapter:
+    if isinstance(adapter, type):
+        adapter = adapter()
+    if isinstance(adapter, LazyAdapter):
+        return adapter  # type: ignore[return-value]
+    missing = [m for m in _PROTOCOL if not hasattr(adapter, m)]
+    if missing:
+        raise TypeError(f"{type(adapter).__name__} is not a DiTAdapter: it lacks {', '.join(sorted(missing))}")
+    if not isinstance(adapter.name, str) or not adapter.name:
+        raise TypeError(f"adapter name must be a non-empty string, got {adapter.name!r}")
+    return adapter
+
+
+def register_adapter(adapter: Any) -> Any:
+    """Register an adapter class or instance; it is tried before earlier registrations and built-ins.
+
+    Registering a second adapter with the same ``name`` replaces the first. Returns its argument,
+    so it works as a class decorator.
+
+    Raises:
+        TypeError: ``adapter`` lacks a method of :class:`DiTAdapter`.
+    """
+    inst = _check_adapter(adapter)
+    _REGISTERED[:] = [a for a in _REGISTERED if a.name != inst.name]
+    _REGISTERED.insert(0, inst)
+    return adapter
+
+
+def unregister_adapter(name: str) -> None:
+    """Remove a registered adapter by name (built-ins cannot be removed)."""
+    _REGISTERED[:] = [a for a in _REGISTERED if a.name != name]
+
+
+def registered_adapters() -> list[DiTAdapter]:
+    """Adapters in the order ``adapter="auto"`` tries them: user-registered, then built-in."""
+    from dfm_ext.adapters import builtin_adapters  # noqa: PLC0415  (lazy: keeps `import dfm_ext` light)
+
+    return [*_REGISTERED, *builtin_adapters()]
+
+
+def resolve_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdapter:
+    """An adapter instance for ``model``: ``"auto"``, a registered name, or an adapter (class or instance).
+
+    Raises:
+        TypeError: no adapter recognises ``model`` (the message explains how to write one).
+        ValueError: no adapter has the given name.
+    """
+    if not isinstance(adapter, str):
+        inst = _check_adapter(adapter)
+        return inst.load() if isinstance(inst, LazyAdapter) else inst  # type: ignore[return-value]
+    candidates = registered_adapters()
+    if adapter == "auto":
+        for a in candidates:
+            if a.matches(model):
+                return a.load() if isinstance(a, LazyAdapter) else a  # type: ignore[return-value]
+        raise TypeError(
+            f"no DiT adapter recognises {type(model).__module__}.{type(model).__qualname__}. "
+            "Write a small adapter class with name, matches(model), default_sample_shape(model), "
+            "token_grid(model, sample_shape), install(model, packer, *, init, stage_embedding), "
+            "forward(model, packed, t, stage, **cond) and null_condition(model, **cond) "
+            "(see dfm_ext.adapter.DiTAdapter and the helpers widen_patch_embed, widen_head, "
+            "multiscale_time_embed), then register it with dfm_ext.register_adapter(MyAdapter) "
+            "or pass wrap_dit(model, decomposition, adapter=MyAdapter())."
+        )
+    for a in candidates:
+        if a.name == adapter:
+            inst = a.load() if isinstance(a, LazyAdapter) else a
+            if inst is None:
+                break
+            return inst  # type: ignore[return-value]
+    names = [a.name for a in candidates]
+    raise ValueError(f"no adapter named {adapter!r}; registered adapters: {names}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def widen_patch_embed(
+    layer: nn.Module, packer: Any, *, init: Init = "pretrained", in_order: str = "cpq"
+) -> MultiScalePatchEmbed:
+    """A :class:`MultiScalePatchEmbed` for ``packer``'s stages from a pretrained conv/linear patch embedding.
+
+    ``init="pretrained"``: stage 0 reuses ``layer``'s kernel (summed over sub-blocks when stage 0's
+    patch is smaller), other stages zero. ``in_order`` is the flattened patch order of a ``Linear``
+    patch embedding (``"cpq"`` or ``"pqc"``).
+    """
+    channels = [s[0] for s in packer.stage_shapes]
+    return MultiScalePatchEmbed.from_conv(layer, channels, packer.patch_sizes, init=init, in_order=in_order)
+
+
+def widen_head(
+    linear: nn.Linear,
+    packer: Any,
+    *,
+    base_patch: int | Sequence[int],
+    base_channels: int | None = None,
+    order: str = "pqc",
+    init: Init = "pretrained",
+) -> MultiScaleHead:
+    """A :class:`MultiScaleHead` for ``packer``'s stages from a pretrained output linear.
+
+    Args:
+        linear: the model's output projection ``D -> prod(base_patch) * base_channels``.
+        packer: the stages' :class:`~dfm_ext.packing.ScalePacker`.
+        base_patch: the model's own patch size.
+        base_channels: output channels of ``linear`` (``2 C`` for ``learn_sigma``); only the first
+            ``C_s`` are kept. Default: ``out_features / prod(base_patch)``.
+        order: ``"pqc"`` (channels fastest: DiT, SiT, PixArt, SD3) or ``"cpq"`` (Flux, CogVideoX).
+        init: ``"pretrained"`` or ``"scratch"`` (all zero).
+    """
+    channels = [s[0] for s in packer.stage_shapes]
+    return MultiScaleHead.from_linear(
+        linear, channels, packer.patch_sizes, base_patch=base_patch, base_channels=base_channels, order=order, init=init
+    )
+
+
+def multiscale_time_embed(
+    embedder: nn.Module,
+    hidden_size: int,
+    num_stages: int,
+    *,
+    init: Init = "pretrained",
+    stage_embedding: bool = True,
+    time_transform: Callable[[Tensor], Tensor] | str | None = None,
+) -> MultiScaleTimestepEmbed:
+    """A :class:`MultiScaleTimestepEmbed` from a pretrained embedder (stage 0 = it; later stages zero-output copies).
+
+    ``time_transform`` maps paper time to the embedder's input: a callable or a name accepted by
+    :func:`time_transform`.
+    """
+    tf = globals()["time_transform"](time_transform) if isinstance(time_transform, str) else time_transform
+    return MultiScaleTimestepEmbed.from_embedder(
+        embedder, hidden_size, num_stages, init=init, stage_embedding=stage_embedding, time_transform=tf
+    )
+
+
+def _scale(t: Tensor, a: float, b: float) -> Tensor:
+    return a + b * t
+
+
+_TIME = {
+    "unit": (0.0, 1.0),  # SiT-style: the embedder sees t itself
+    "x1000": (0.0, 1000.0),  # dfm_ext.DiT / LightningDiT-style: t * 1000, 1000 = data
+    "sigma": (1.0, -1.0),  # diffusers sigma = 1 - t
+    "timestep": (1000.0, -1000.0),  # SD3/Flux continuous timestep 1000 * (1 - t)
+    "discrete": (999.0, -999.0),  # DiT integer diffusion time (continuous, not rounded): 999 * (1 - t)
+}
+
+
+def time_transform(name: str) -> Callable[[Tensor], Tensor]:
+    """A named map from paper time ``t`` (0 = noise, 1 = data) to a model's time input.
+
+    ``"unit"``: ``t``; ``"x1000"``: ``1000 t``; ``"sigma"``: ``1 - t``; ``"timestep"``:
+    ``1000 (1 - t)``; ``"discrete"``: ``999 (1 - t)`` (DiT's integer time, left continuous so
+    it stays differentiable and exact at the grid points).
+
+    Example:
+        >>> import torch
+        >>> time_transform("discrete")(torch.tensor([0.0, 1.0]))
+        tensor([999.,   0.])
+    """
+    if name not in _TIME:
+        raise ValueError(f"unknown time convention {name!r}; choose one of {sorted(_TIME)}")
+    a, b = _TIME[name]
+    return functools.partial(_scale, a=a, b=b)

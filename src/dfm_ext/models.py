@@ -1,0 +1,428 @@
+"""A compact, class-conditional reference DiT (Peebles & Xie, 2023) predicting flow velocities.
+
+The structure and module names follow the original DiT so that code written against it (and
+:func:`dfm_ext.specialize`, which targets layers by name) works unchanged: ``x_embedder.proj``,
+``t_embedder.mlp``, ``y_embedder.embedding_table``, ``pos_embed``, ``blocks[i].{norm1, attn.qkv,
+attn.proj, norm2, mlp.fc1, mlp.fc2, adaLN_modulation}``, ``final_layer.{norm_final, linear,
+adaLN_modulation}``. Differences from the original: time is the paper's flow time ``t`` in
+``[0, 1]`` (``t = 1`` is data; the sinusoidal embedder sees ``1000 t``), the output is a velocity,
+attention is fused (``F.scaled_dot_product_attention``), the input may be non-square, and
+``rope=True`` replaces the fixed 2-D sin-cos positions by 2-D rotary embeddings (paper A.1).
+
+Label dropout for classifier-free guidance happens in ``y_embedder`` in training mode with
+probability ``class_dropout_prob`` (0 disables it); pass ``force_drop_ids`` or a ``generator``
+to ``forward`` for reproducible dropout. The null class is ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10),
+    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
+    "S/4": dict(hidden_size=384, depth=12, num_heads=6, patch_size=4),
+    "S/8": dict(hidden_size=384, depth=12, num_heads=6, patch_size=8),
+    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
+    "B/4": dict(hidden_size=768, depth=12, num_heads=12, patch_size=4),
+    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
+    "L/4": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=4),
+    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
+    "XL/4": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=4),
+}
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Configuration of :class:`DiT`.
+
+    Args:
+        input_size: latent size ``H`` (square) or ``(H, W)``.
+        patch_size: patch ``p``; the token grid is ``(H / p, W / p)``.
+        in_channels: latent channels ``C``.
+        hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
+        num_classes: number of classes; label ``num_classes`` is the null (unconditional) class.
+        class_dropout_prob: label dropout probability in training (0 disables it).
+        learn_sigma: output ``2 C`` channels (the first ``C`` are the velocity), as in DiT.
+        rope: 2-D rotary position embeddings instead of the fixed sin-cos table.
+        num_frames: reserved for video; must be ``None`` for now.
+
+    Example:
+        >>> cfg = DiTConfig.preset("S/2", in_channels=4)
+        >>> cfg.hidden_size, cfg.depth, cfg.grid_size
+        (384, 12, (16, 16))
+    """
+
+    input_size: int | tuple[int, int] = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    rope: bool = False
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        size = self.input_size
+        if isinstance(size, (list, tuple)):
+            size = tuple(int(s) for s in size)
+            if len(size) != 2:
+                raise ValueError(f"input_size must be an int or (H, W), got {self.input_size!r}")
+            object.__setattr__(self, "input_size", size)
+        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        h, w = self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"rope needs a head dim divisible by 4, got {self.hidden_size // self.num_heads}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.num_frames is not None:
+            raise NotImplementedError("video DiT (num_frames) is not implemented yet; leave num_frames=None")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.input_size
+        return (s, s) if isinstance(s, int) else tuple(s)  # type: ignore[return-value]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return (h // self.patch_size, w // self.patch_size)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DiTConfig:
+        """A named size: ``"tiny"``, ``"S/2"``, ``"S/4"``, ``"S/8"``, ``"B/2"``, ``"B/4"``, ``"L/2"``, ``"L/4"``, ``"XL/2"``, ``"XL/4"``."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return replace(cls(**_PRESETS[name]), **overrides) if overrides else cls(**_PRESETS[name])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields."""
+        d = asdict(self)
+        if isinstance(d["input_size"], tuple):
+            d["input_size"] = list(d["input_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double().reshape(-1)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
+    """Fixed 2-D sin-cos positions ``[Gh * Gw, dim]`` (half the channels encode the column, half the row).
+
+    Example:
+        >>> sincos_pos_embed_2d(8, (2, 3)).shape
+        torch.Size([6, 8])
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    gh, gw = grid
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    # The original DiT puts the column (w) coordinate first.
+    return torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1).float()
+
+
+def rope_2d(head_dim: int, grid: tuple[int, int], *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """Cosines and sines ``[N, head_dim]`` of axial 2-D RoPE: first half of each head rotates with the row, second with the column."""
+    quarter = head_dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    gh, gw = grid
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    ang_r = rows.reshape(-1, 1).double() * freqs
+    ang_c = cols.reshape(-1, 1).double() * freqs
+    ang = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=1)
+    return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, heads, N, hd]; rotate-half within each of the two (row, column) segments.
+    q = x.shape[-1] // 4
+    a, b, c, d = x.split(q, dim=-1)
+    rotated = torch.cat([-b, a, -d, c], dim=-1)
+    return x * cos + rotated * sin
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: ``Conv2d(kernel = stride = p)``, flattened to tokens ``[B, N, D]``."""
+
+    def __init__(self, image_size: tuple[int, int], patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (image_size[0] // patch_size, image_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal frequency embedding of a scalar time followed by an MLP: ``[B] -> [B, D]``."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """``[cos(t w_k), sin(t w_k)]`` with ``w_k = max_period^(-k / (dim/2))``: ``[B] -> [B, dim]``."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: Tensor) -> Tensor:
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels to ``[B, D]``, with label dropout to the null class ``num_classes`` for CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        # The null-class row always exists so that disabling dropout keeps the same state dict.
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(
+        self, labels: Tensor, force_drop_ids: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Replace dropped labels by the null class; ``force_drop_ids`` (0/1 or bool ``[B]``) decides if given."""
+        if force_drop_ids is None:
+            draw = generator.device if generator is not None else labels.device
+            drop = (torch.rand(labels.shape[0], device=draw, generator=generator) < self.dropout_prob).to(labels.device)
+        else:
+            if force_drop_ids.shape != labels.shape:
+                raise ValueError(f"force_drop_ids has shape {tuple(force_drop_ids.shape)}, labels {tuple(labels.shape)}")
+            drop = force_drop_ids.to(labels.device) == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(
+        self,
+        labels: Tensor,
+        train: bool,
+        force_drop_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids, generator)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection and optional RoPE."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: ``c`` modulates shift/scale/gate of attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + g_a.unsqueeze(1) * self.attn(_modulate(self.norm1(x), sh_a, sc_a), rope)
+        return x + g_m.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), sh_m, sc_m))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and the linear output projection to ``p * p * C_out`` per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT velocity predictor.
+
+    ``forward(x [B, C, H, W], t [B] in [0, 1] (t = 1 data), y [B] long) -> v [B, C_out, H, W]``.
+
+    Example:
+        >>> import torch
+        >>> model = DiT(DiTConfig.preset("tiny", input_size=(8, 16), num_classes=3))
+        >>> x, t, y = torch.randn(2, 4, 8, 16), torch.rand(2), torch.tensor([0, 2])
+        >>> model(x, t, y).shape
+        torch.Size([2, 4, 8, 16])
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        if not isinstance(config, DiTConfig):
+            raise TypeError(f"config must be a DiTConfig, got {type(config).__name__}")
+        self.config = config
+        d, p = config.hidden_size, config.patch_size
+        self.x_embedder = PatchEmbed(config.image_size, p, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        if config.rope:
+            self.pos_embed = None
+        else:
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size)[None], persistent=True)
+        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(d, p, config.out_channels)
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.initialize_weights()
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The original DiT initialisation: Xavier linears, adaLN-Zero, zero output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def rope_for_grid(self, grid: tuple[int, ...], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor] | None:
+        """RoPE cosines/sines for a token grid (cached), or ``None`` without RoPE."""
+        if not self.config.rope:
+            return None
+        key = (tuple(grid), str(device), dtype)
+        if key not in self._rope_cache:
+            head_dim = self.config.hidden_size // self.config.num_heads
+            self._rope_cache[key] = rope_2d(head_dim, tuple(grid), device=device, dtype=dtype)  # type: ignore[arg-type]
+        return self._rope_cache[key]
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Tokens ``[B, N, p * p * C]`` in ``(p, q, c)`` order -> ``[B, C, Gh * p, Gw * p]``."""
+        p, c = self.config.patch_size, self.config.out_channels
+        gh, gw = grid
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        *,
+        force_drop_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        if not cfg.rope and tuple(x.shape[2:]) != cfg.image_size:
+            raise ValueError(f"x has spatial size {tuple(x.shape[2:])}, the model was built for {cfg.image_size}")
+        if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
+            raise ValueError(f"x spatial size {tuple(x.shape[2:])} is not divisible by patch {cfg.patch_size}")
+        b = x.shape[0]
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
+        if y.shape != (b,) or y.dtype != torch.long:
+            raise ValueError(f"y must be a long tensor of shape [{b}], got {tuple(y.shape)} {y.dtype}")
+        grid = (x.shape[2] // cfg.patch_size, x.shape[3] // cfg.patch_size)
+        h = self.x_embedder(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
+        c = self.t_embedder(t * 1000) + self.y_embedder(y, self.training, force_drop_ids, generator)
+        rope = self.rope_for_grid(grid, x.device, h.dtype)
+        for block in self.blocks:
+            h = block(h, c, rope)
+        return self.unpatchify(self.final_layer(h, c), grid)

@@ -1,0 +1,352 @@
+"""``wrap_dit``: turn an existing DiT into a DFM model over the stages of a decomposition.
+
+``wrap_dit(model, decomposition)`` picks an adapter for the model's family
+(:mod:`dfm_ext.adapter`), chooses per-stage patch sizes so that every stage lands on the model's
+own token grid, lets the adapter swap in the widened patch embedding, the multi-scale timestep
+embedder and the widened head, and returns a :class:`DFMTransformer` that follows the model
+contract of the DFM process::
+
+    model(stages: list[Tensor], t [B, S], stage [B], mask [B, S] | None, **cond) -> list[Tensor]
+
+The base model is modified in place and kept as ``DFMTransformer.base``; its transformer trunk,
+positions and conditioning are untouched, so the token count (and cost) is the base model's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import DiTAdapter, resolve_adapter
+from .decomposition import check_stages
+from .packing import ScalePacker, patch_sizes_for_grid
+
+__all__ = ["DFMTransformer", "wrap_dit", "load_wrapped"]
+
+_FORMAT = "dfm_ext.wrapped/1"
+_WEIGHTS = "model.safetensors"
+_CONFIG = "dfm_config.json"
+
+
+def _check_decomposition(decomposition: Any) -> None:
+    for attr in ("num_stages", "decompose", "recompose", "stage_shapes"):
+        if not hasattr(decomposition, attr):
+            raise TypeError(f"decomposition must follow dfm_ext.Decomposition; {type(decomposition).__name__} lacks {attr}")
+
+
+@dataclass(frozen=True)
+class _WrapSpec:
+    sample_shape: tuple[int, ...]
+    init: str
+    stage_embedding: bool
+
+
+class DFMTransformer(nn.Module):
+    """A DiT wrapped for DFM: per-stage inputs, times and outputs, one shared trunk.
+
+    Build it with :func:`wrap_dit`. ``forward(stages, t, stage, mask=None, **cond)``:
+
+    * ``stages``: list of ``S`` tensors ``[B, C_s, H_s, W_s]`` (the decomposition's stage shapes);
+    * ``t``: ``[B, S]`` flow times (0 = noise, 1 = data);
+    * ``stage``: long ``[B]``, the stage being generated, ``0 <= stage < S``;
+    * ``mask``: bool ``[B, S]``, True where a stage is active; default ``s <= stage[b]``;
+    * ``cond``: the base model's conditioning (``y=`` labels for the DiT family).
+
+    Masked stages get zero inputs and ``t = 0`` (pure noise, as in the paper), so the model is
+    safe to call without the objective; their returned velocities are zero.
+
+    Attributes:
+        base: the (modified) base model. decomposition, packer, adapter, sample_shape.
+
+    Example:
+        >>> import torch
+        >>> from dfm_ext import DiT, DiTConfig, IdentityDecomposition, wrap_dit
+        >>> model = wrap_dit(DiT(DiTConfig.preset("tiny")), IdentityDecomposition())
+        >>> v = model([torch.randn(2, 4, 16, 16)], torch.rand(2, 1), torch.zeros(2, dtype=torch.long),
+        ...           y=torch.tensor([1, 2]))
+        >>> [tuple(x.shape) for x in v]
+        [(2, 4, 16, 16)]
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        decomposition: Any,
+        packer: ScalePacker,
+        adapter: DiTAdapter,
+        spec: _WrapSpec,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.decomposition = decomposition
+        self.packer = packer
+        self.adapter = adapter
+        self.sample_shape = spec.sample_shape
+        self._spec = spec
+
+    @property
+    def num_stages(self) -> int:
+        return self.packer.num_stages
+
+    @property
+    def stage_shapes(self) -> list[tuple[int, ...]]:
+        """Per-stage shapes without the batch dimension."""
+        return list(self.packer.stage_shapes)
+
+    def _check_times(self, t: Any, stage: Any, mask: Any, batch: int, device: torch.device) -> Tensor:
+        s = self.num_stages
+        if not isinstance(t, Tensor) or not torch.is_floating_point(t):
+            raise TypeError(f"t must be a floating-point tensor [B, S], got {type(t).__name__}")
+        if t.shape != (batch, s):
+            raise ValueError(f"t must have shape [B, S] = [{batch}, {s}], got {tuple(t.shape)}")
+        if not isinstance(stage, Tensor) or stage.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"stage must be an integer tensor [B], got {getattr(stage, 'dtype', type(stage).__name__)}")
+        if stage.shape != (batch,):
+            raise ValueError(f"stage must have shape [B] = [{batch}], got {tuple(stage.shape)}")
+        if stage.device.type == "cpu":
+            if stage.numel() and (int(stage.min()) < 0 or int(stage.max()) >= s):
+                raise ValueError(f"stage values must be in [0, {s - 1}], got {stage.tolist()}")
+        else:  # no host sync on accelerators: the check fails asynchronously instead
+            torch._assert_async(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]")
+        if mask is None:
+            return torch.arange(s, device=device)[None, :] <= stage.to(device)[:, None]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor [B, S], got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != (batch, s):
+            raise ValueError(f"mask must have shape [B, S] = [{batch}, {s}], got {tuple(mask.shape)}")
+        return mask
+
+    def forward(
+        self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, **cond: Any
+    ) -> list[Tensor]:
+        stages = check_stages(stages, self.packer.stage_shapes, self.num_stages)
+        x0 = stages[0]
+        mask = self._check_times(t, stage, mask, x0.shape[0], x0.device)
+        keep = mask.to(x0.dtype)
+        stages = [x * keep[:, s].view(-1, *([1] * (x.ndim - 1))) for s, x in enumerate(stages)]
+        # t stays in its own (float32) precision: 1000 t in bfloat16 would be off by up to 4.
+        t = t * mask.to(t.dtype)
+        out = self.adapter.forward(self.base, self.packer.pack(stages), t, stage.long(), **cond)
+        velocities = self.packer.unpack(out)
+        return [v * keep[:, s].view(-1, *([1] * (v.ndim - 1))) for s, v in enumerate(velocities)]
+
+    def null_condition(self, **cond: Any) -> dict[str, Any]:
+        """The unconditional counterpart of ``cond`` for classifier-free guidance."""
+        return self.adapter.null_condition(self.base, **cond)
+
+    # ----------------------------------------------------------------- save / load
+
+    def _record(self) -> dict[str, Any]:
+        base_cfg = getattr(self.base, "config", None)
+        if hasattr(base_cfg, "to_dict"):
+            base_cfg = base_cfg.to_dict()
+        try:
+            json.dumps(base_cfg)
+        except (TypeError, ValueError):
+            base_cfg = None
+        adapter_cfg = self.adapter.config() if callable(getattr(self.adapter, "config", None)) else None
+        return {
+            "format": _FORMAT,
+            "adapter": {"name": self.adapter.name, "config": adapter_cfg},
+            "sample_shape": list(self.sample_shape),
+            "stage_shapes": [list(s) for s in self.packer.stage_shapes],
+            "patch_sizes": [list(p) for p in self.packer.patch_sizes],
+            "stage_embedding": self._spec.stage_embedding,
+            "decomposition": _describe(self.decomposition),
+            "base": {"class": f"{type(self.base).__module__}:{type(self.base).__qualname__}", "config": base_cfg},
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` (all weights) and ``dfm_config.json`` into ``directory``.
+
+        The JSON records the decomposition (class, repr, constructor parameters), the patch
+        sizes, sample shape, adapter name and options, and the base model's class and config.
+        """
+        from safetensors.torch import save_model  # noqa: PLC0415
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(directory / _WEIGHTS))
+        (directory / _CONFIG).write_text(json.dumps(self._record(), indent=2))
+
+
+def _describe(decomposition: Any) -> dict[str, Any]:
+    cls = type(decomposition)
+    params: dict[str, Any] | None = {}
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        for name, p in list(sig.parameters.items())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            for attr in (name, "_" + name):
+                if hasattr(decomposition, attr):
+                    value = getattr(decomposition, attr)
+                    break
+            else:
+                if p.default is p.empty:
+                    params = None
+                    break
+                continue
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                params = None
+                break
+            params[name] = value  # type: ignore[index]
+    else:
+        params = None
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(decomposition), "params": params}
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def _rebuild_decomposition(record: dict[str, Any]) -> Any:
+    module, _, qualname = record["class"].partition(":")
+    if not module.startswith("dfm_ext.") or record.get("params") is None:
+        raise ValueError(
+            f"cannot rebuild the decomposition {record['repr']} from the saved config; "
+            "pass decomposition= to load_wrapped"
+        )
+    cls = getattr(importlib.import_module(module), qualname)
+    decomposition = cls(**{k: _tuplify(v) for k, v in record["params"].items()})
+    if " at 0x" not in record["repr"] and repr(decomposition) != record["repr"]:
+        raise ValueError(
+            f"rebuilt decomposition {decomposition!r} differs from the saved {record['repr']}; "
+            "pass decomposition= to load_wrapped"
+        )
+    return decomposition
+
+
+def wrap_dit(
+    model: nn.Module,
+    decomposition: Any,
+    *,
+    adapter: str | DiTAdapter | type = "auto",
+    sample_shape: Sequence[int] | None = None,
+    patch_sizes: Sequence[int | Sequence[int]] | None = None,
+    init: str = "pretrained",
+    stage_embedding: bool = True,
+) -> DFMTransformer:
+    """Wrap a DiT so that it generates the stages of ``decomposition`` (in place; returns the wrapper).
+
+    Args:
+        model: the base DiT; modified in place (patch embedding, timestep embedder and output
+            projection are replaced) and kept as ``.base``.
+        decomposition: a :class:`dfm_ext.Decomposition`.
+        adapter: ``"auto"`` (first registered adapter whose ``matches`` is true), an adapter name,
+            or an adapter class/instance (:class:`dfm_ext.adapter.DiTAdapter`).
+        sample_shape: per-sample full-resolution shape ``(C, H, W)`` or ``(C, T, H, W)``;
+            default: the shape the model was built for.
+        patch_sizes: per-stage patch sizes; default: chosen so that every stage maps onto the
+            model's token grid.
+        init: ``"pretrained"`` (stage 0 reuses the model's patch embedding, time embedder and
+            head; other stages start at zero, so the wrapped model's stage-0 prediction equals the
+            model's) or ``"scratch"`` (every stage's new parameters freshly initialised).
+        stage_embedding: add a learned (zero-initialised) embedding of the stage index.
+
+    Raises:
+        TypeError: no adapter recognises ``model``.
+        ValueError: a stage cannot be patchified onto the model's token grid, or the stages do
+            not fit the model.
+
+    Example:
+        >>> from dfm_ext import DiT, DiTConfig, IdentityDecomposition
+        >>> wrapped = wrap_dit(DiT(DiTConfig.preset("tiny")), IdentityDecomposition())
+        >>> wrapped.packer.patch_sizes, wrapped.packer.grid, wrapped.adapter.name
+        ([(2, 2)], (8, 8), 'dit')
+    """
+    _check_decomposition(decomposition)
+    if init not in ("pretrained", "scratch"):
+        raise ValueError(f"init must be 'pretrained' or 'scratch', got {init!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ad = resolve_adapter(adapter, model)
+    shape = tuple(int(s) for s in (sample_shape if sample_shape is not None else ad.default_sample_shape(model)))
+    if len(shape) not in (3, 4) or any(s < 1 for s in shape):
+        raise ValueError(f"sample_shape must be (C, H, W) or (C, T, H, W) of positive ints, got {shape}")
+    stage_shapes = [tuple(s[1:]) for s in decomposition.stage_shapes((1, *shape))]
+    if len(stage_shapes) != decomposition.num_stages:
+        raise ValueError(f"{decomposition!r} reports {decomposition.num_stages} stages but {len(stage_shapes)} shapes")
+    if patch_sizes is None:
+        grid = tuple(ad.token_grid(model, shape))
+        try:
+            patch_sizes = patch_sizes_for_grid(stage_shapes, grid)
+        except ValueError as err:
+            raise ValueError(
+                f"{decomposition!r} on samples of shape {shape} gives stages {stage_shapes}, which cannot "
+                f"all map onto {type(model).__name__}'s token grid {grid}: {err}. Choose stage "
+                "resolutions that are multiples of the grid, or pass sample_shape / patch_sizes."
+            ) from None
+    packer = ScalePacker(stage_shapes, patch_sizes)
+    ad.install(model, packer, init=init, stage_embedding=stage_embedding)
+    return DFMTransformer(model, decomposition, packer, ad, _WrapSpec(shape, init, stage_embedding))
+
+
+def load_wrapped(
+    directory: str | Path,
+    base_model: nn.Module | None = None,
+    *,
+    decomposition: Any = None,
+    device: str | torch.device = "cpu",
+) -> DFMTransformer:
+    """Rebuild a :class:`DFMTransformer` written by :meth:`DFMTransformer.save_pretrained`.
+
+    Args:
+        directory: the saved directory.
+        base_model: an unwrapped base model of the same architecture (its weights are replaced).
+            Not needed for :class:`dfm_ext.DiT`, which is rebuilt from the recorded config.
+        decomposition: overrides the recorded decomposition (needed when it cannot be rebuilt
+            from its recorded constructor parameters).
+        device: where to load the weights.
+
+    Weights are read with safetensors only (no pickle).
+    """
+    from safetensors.torch import load_model  # noqa: PLC0415
+
+    directory = Path(directory)
+    record = json.loads((directory / _CONFIG).read_text())
+    if record.get("format") != _FORMAT:
+        raise ValueError(f"{directory} is not a dfm_ext wrapped model (format {record.get('format')!r})")
+    if decomposition is None:
+        decomposition = _rebuild_decomposition(record["decomposition"])
+    base_class = record["base"]["class"]
+    if base_model is None:
+        if base_class != "dfm_ext.models:DiT":
+            raise ValueError(f"the saved base model is a {base_class}; pass base_model= (an unwrapped instance)")
+        from .models import DiT, DiTConfig  # noqa: PLC0415
+
+        base_model = DiT(DiTConfig.from_dict(record["base"]["config"]))
+    elif f"{type(base_model).__module__}:{type(base_model).__qualname__}" != base_class:
+        raise ValueError(f"base_model is a {type(base_model).__qualname__}, the saved base is {base_class}")
+    ad = resolve_adapter(record["adapter"]["name"], base_model)
+    if record["adapter"].get("config"):
+        ad = type(ad)(**record["adapter"]["config"])
+    wrapped = wrap_dit(
+        base_model,
+        decomposition,
+        adapter=ad,
+        sample_shape=record["sample_shape"],
+        patch_sizes=[tuple(p) for p in record["patch_sizes"]],
+        init="scratch",
+        stage_embedding=record["stage_embedding"],
+    )
+    if [list(s) for s in wrapped.packer.stage_shapes] != record["stage_shapes"]:
+        raise ValueError(
+            f"the decomposition gives stages {wrapped.packer.stage_shapes}, the saved model has {record['stage_shapes']}"
+        )
+    wrapped.to(device)
+    missing, unexpected = load_model(wrapped, str(directory / _WEIGHTS), strict=True, device=str(device))
+    return wrapped
