@@ -1,0 +1,130 @@
+"""Train-step cost of per-stage parameter specialisation on a wrapped reference DiT.
+
+Configurations (all on the same wrapped DiT, two Laplacian stages, mixed-stage batches drawn with
+the DFM default p_0 = 0.9): none, LoRA rank 16 and 64 on every group ("all"), full
+specialisation on "all" and on "mlp". One train step = forward + backward + AdamW. The
+configurations run interleaved (round-robin) in the same process so that machine noise hits all
+of them alike; we report median/min/max seconds and the median relative to "none".
+
+    .venv/bin/python benchmarks/specialize.py --out benchmarks/results/specialize.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dfm_ext import DiT, DiTConfig, LaplacianPyramid, wrap_dit
+from dfm_ext.specialization import specialize
+
+CONFIGS = {
+    "none": None,
+    "lora r16 all": dict(kind="lora", targets="all", rank=16),
+    "lora r64 all": dict(kind="lora", targets="all", rank=64),
+    "full all": dict(kind="full", targets="all"),
+    "full mlp": dict(kind="full", targets="mlp"),
+}
+
+
+def build(cfg: DiTConfig, spec: dict | None, device: torch.device):
+    torch.manual_seed(0)
+    model = wrap_dit(DiT(cfg), LaplacianPyramid(factors=(2, 1)), init="scratch").to(device)
+    n_stage = 0
+    if spec is not None:
+        handle = specialize(model, generator=torch.Generator().manual_seed(0), **spec)
+        n_stage = handle.num_parameters
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    return model, opt, n_stage
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--size", type=int, default=16, help="latent size; tokens = (size / 2) ** 2")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/specialize.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = DiTConfig(
+        input_size=args.size, patch_size=2, in_channels=4, hidden_size=args.hidden, depth=args.depth,
+        num_heads=args.heads, num_classes=10, class_dropout_prob=0.0,
+    )
+    runs = {name: build(cfg, spec, device) for name, spec in CONFIGS.items()}
+    base_params = sum(p.numel() for p in runs["none"][0].parameters())
+    shapes = runs["none"][0].stage_shapes
+
+    g = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for step in range(args.warmup + args.steps):
+        stages = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
+        target = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
+        t = torch.rand(args.batch, 2, generator=g).to(device)
+        stage = (torch.rand(args.batch, generator=g) > 0.9).long().to(device)  # p_0 = 0.9, mixed batches
+        y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+        for name, (model, opt, _) in runs.items():
+            sync()
+            start = time.perf_counter()
+            out = model(stages, t, stage, y=y)
+            loss = sum(((o - tt) ** 2).mean() for o, tt in zip(out, target))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    base_median = statistics.median(times["none"])
+    results = {
+        name: {
+            "median_s": statistics.median(ts),
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "relative_median": statistics.median(ts) / base_median,
+            "stage_parameters": runs[name][2],
+            "stage_parameters_relative": runs[name][2] / base_params,
+        }
+        for name, ts in times.items()
+    }
+    record = {
+        "command": "python benchmarks/specialize.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if k != "out"
+        ),
+        "model": {**cfg.to_dict(), "tokens": cfg.grid_size[0] * cfg.grid_size[1], "parameters": base_params},
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "note": "CPU shared with other processes: timings are noisy" if device.type == "cpu" else "",
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"{'config':<14} {'median s':>9} {'min s':>8} {'max s':>8} {'x none':>7} {'stage params':>13}")
+    for name, r in results.items():
+        print(
+            f"{name:<14} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} "
+            f"{r['relative_median']:7.2f} {r['stage_parameters']:13,d}"
+        )
+
+
+if __name__ == "__main__":
+    main()
