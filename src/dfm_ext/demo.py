@@ -1,0 +1,798 @@
+"""The demo: train a small class-conditional DiT with DFM on real offline images, sample, measure.
+
+:func:`run_demo` is what ``dfm-ext demo`` runs. The pieces are public so the benchmarks and
+users can reuse them:
+
+* :func:`make_decomposition` and :func:`build_model`: a reference DiT on a fixed token grid
+  (``image_size / 4`` per side, e.g. 8x8 = 64 tokens for 32x32 images), wrapped with
+  :func:`~dfm_ext.wrapper.wrap_dit` for any decomposition (per-stage patch sizes are chosen so
+  every stage lands on that grid: Laplacian 16x16 patch 2 + 32x32 patch 4).
+* :func:`train`: the paper's recipe scaled down: stage probabilities ``(0.9, 0.1)``, logit-normal
+  times ``(0, 1)`` / ``(1.5, 1)``, masking, 10% label dropout, Adam(0.9, 0.99, eps 1e-8) with
+  weight decay 0.01, linear warmup, gradient clipping 1.0 and an EMA of the weights.
+* :func:`generate`: :class:`~dfm_ext.sampler.DFMSampler` with Euler 30 + 10 steps, tau 0.9 and
+  classifier-free guidance.
+* :func:`compute_metrics`: multi-scale SWD (and FD-EffNet when its weights are installed) against
+  a held-out split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ImageDataset, load_dataset
+from .viz import _umask
+
+DECOMPOSITIONS = ("laplacian", "wavelet", "dct", "identity")
+CHECKPOINT_KIND = "dfm_ext.demo"
+
+# Model sizes on CPU. "demo" is sized so that the default demo trains in about 5 minutes on
+# 2 cores; "tiny" exists for smoke tests.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "demo": {"hidden_size": 128, "depth": 4, "num_heads": 4},
+    "tiny": {"hidden_size": 32, "depth": 1, "num_heads": 2},
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything the demo's training and sampling depend on (saved in the checkpoint).
+
+    Attributes:
+        steps: optimiser steps (at most).
+        max_train_seconds: stop training early when the optimisation loop has run this long
+            (``None``: never), so the demo fits its time budget on a slow machine; the steps
+            actually done are reported.
+        dataset: ``"fashion-mnist"``, ``"skimage"`` or ``"auto"``.
+        decomposition: ``"laplacian"`` (2 stages, 16x16 + 32x32), ``"wavelet"``, ``"dct"`` or
+            ``"identity"`` (plain flow matching).
+        size: model size, a key of ``MODEL_SIZES``.
+        tokens_per_side: token grid side (patch 4 on the full-resolution stage for 32x32).
+        p0: probability of training stage 0 (two-stage decompositions; the rest is spread
+            evenly over later stages).
+        timestep_mode: ``"dfm"``, ``"tied"`` or ``"uniform"`` (see ``StageTimestepSampler``).
+        masking: ``True``, ``False`` or ``"loss"`` (see ``DFMObjective``).
+        sample_steps / thresholds: the inference schedule (``StageScheduler``).
+        cfg_scale: classifier-free guidance scale for the demo's pictures (1 = no guidance).
+        num_eval: generated samples for the metrics (0 skips them); guidance ``eval_cfg_scale``.
+        num_reference: held-out test images the metrics compare against.
+        fd: compute FD-EffNet (needs the ``metrics`` extra) besides SWD.
+        train_subset: train on a random subset of this many images (``None``: all).
+    """
+
+    steps: int = 2000
+    max_train_seconds: float | None = 300.0
+    dataset: str = "auto"
+    decomposition: str = "laplacian"
+    size: str = "demo"
+    image_size: int = 32
+    tokens_per_side: int = 8
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "cpu"
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    label_dropout: float = 0.1
+    p0: float = 0.9
+    timestep_mode: str = "dfm"
+    masking: bool | str = True
+    sample_steps: tuple[int, ...] = (30, 10)
+    thresholds: tuple[float, ...] = (0.9,)
+    cfg_scale: float = 3.0
+    eval_cfg_scale: float = 1.0
+    num_eval: int = 1000
+    num_reference: int = 2000
+    fd: bool = True
+    train_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.decomposition not in DECOMPOSITIONS:
+            raise ValueError(f"unknown decomposition {self.decomposition!r}; choose one of {', '.join(DECOMPOSITIONS)}")
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {self.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.image_size % self.tokens_per_side != 0:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of tokens_per_side {self.tokens_per_side}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained model (last weights).
+        ema: the EMA of the weights (use this one to sample).
+        history: per-step logs: ``"loss"`` and ``"stage_<s>"`` (NaN where stage ``s`` was not active).
+        seconds: wall time of the optimisation loop.
+        steps: optimiser steps done.
+    """
+
+    model: nn.Module
+    ema: nn.Module
+    history: dict[str, list[float]] = field(repr=False)
+    seconds: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What :func:`run_demo` returns: the output folder, its files, and the metrics written."""
+
+    out: Path
+    files: dict[str, Path]
+    metrics: dict[str, Any]
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+
+def make_decomposition(name: str, **kwargs: Any):
+    """The decomposition called ``name`` (``laplacian``, ``wavelet``, ``dct``, ``identity``).
+
+    Laplacian defaults to the paper's 2 stages at half then full resolution (``factors=(2, 1)``).
+    ``kwargs`` go to the decomposition's constructor.
+    """
+    if name == "laplacian":
+        from .laplacian import LaplacianPyramid
+
+        return LaplacianPyramid(**({"factors": (2, 1)} | kwargs))
+    if name == "wavelet":
+        from .wavelet import WaveletDecomposition
+
+        return WaveletDecomposition(**kwargs)
+    if name == "dct":
+        from .dct import DCTDecomposition
+
+        return DCTDecomposition(**kwargs)
+    if name == "identity":
+        from .identity import IdentityDecomposition
+
+        return IdentityDecomposition(**kwargs)
+    raise ValueError(f"unknown decomposition {name!r}; choose one of {', '.join(DECOMPOSITIONS)}")
+
+
+def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
+    """The JSON description :func:`build_model` rebuilds a model from."""
+    from .packing import patch_sizes_for_grid
+
+    decomposition = make_decomposition(cfg.decomposition)
+    c, h, w = (int(v) for v in image_shape)
+    grid = (h * cfg.tokens_per_side // cfg.image_size, w * cfg.tokens_per_side // cfg.image_size)
+    patches = patch_sizes_for_grid([s[1:] for s in decomposition.stage_shapes((1, c, h, w))], grid)
+    return {
+        "decomposition": cfg.decomposition,
+        "image_shape": [c, h, w],
+        "num_classes": int(num_classes),
+        "patch_sizes": [list(p) for p in patches],
+        # Label dropout happens in the training loop (seeded), so the DiT's own is off.
+        "dit": {"input_size": h, "in_channels": c, "num_classes": int(num_classes), "class_dropout_prob": 0.0,
+                "patch_size": h // grid[0], **MODEL_SIZES[cfg.size]},
+    }  # fmt: skip
+
+
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+    """Build the wrapped DiT described by :func:`model_config` (weights freshly initialised)."""
+    from .models import DiT, DiTConfig
+    from .wrapper import wrap_dit
+
+    dit = DiT(DiTConfig(**config["dit"]))
+    decomposition = make_decomposition(config["decomposition"])
+    patches = [tuple(p) for p in config["patch_sizes"]]
+    return wrap_dit(dit, decomposition, init="scratch", patch_sizes=patches)
+
+
+def null_label(model: nn.Module, num_classes: int) -> int:
+    """The label index the model uses for "no class" (classifier-free guidance)."""
+    return int(num_classes)
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates so that early
+    weights (which are far from good ones) are forgotten quickly.
+
+    Example:
+        >>> m = nn.Linear(1, 1, bias=False)
+        >>> ema = EMA(m, decay=0.5)
+        >>> with torch.no_grad():
+        ...     _ = m.weight.fill_(1.0)
+        >>> ema.update(m)
+        >>> ema.num_updates
+        1
+    """
+
+    def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.num_updates += 1
+        ema_state = self.module.state_dict()
+        floats, sources = [], []
+        for k, v in module.state_dict().items():
+            e = ema_state[k]
+            if e.is_floating_point():
+                floats.append(e)
+                sources.append(v.detach())
+            else:
+                e.copy_(v)
+        if floats:
+            torch._foreach_lerp_(floats, sources, 1 - d)
+
+
+def _timestep_sampler(cfg: DemoConfig, num_stages: int):
+    from .timesteps import StageTimestepSampler
+
+    if num_stages == 1:
+        probs = (1.0,)
+    else:
+        rest = (1.0 - cfg.p0) / (num_stages - 1)
+        probs = (cfg.p0,) + (rest,) * (num_stages - 1)
+    return StageTimestepSampler(num_stages, probabilities=probs, mode=cfg.timestep_mode)
+
+
+def _batches(data: ImageDataset, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Shuffled epochs without replacement, forever."""
+    n = len(data)
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n} images)")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = perm[i : i + batch_size]
+            yield data.images[idx], data.labels[idx]
+
+
+class Trainer:
+    """One DFM training run, advanced a step at a time (so benchmarks can interleave runs).
+
+    Args:
+        cfg: the recipe.
+        data: training images ``[N, C, H, W]`` in ``[-1, 1]`` and labels.
+        model: a model from :func:`build_model` (built from ``cfg``, seeded by ``cfg.seed``, when omitted).
+
+    Attributes:
+        history: ``"loss"`` and ``"stage_<s>"`` per step (NaN where stage ``s`` was not active).
+        seconds: wall time spent inside :meth:`step`.
+        ema: the :class:`EMA` of the weights (sample from ``ema.module``).
+    """
+
+    def __init__(self, cfg: DemoConfig, data: ImageDataset, *, model: nn.Module | None = None) -> None:
+        from .objective import DFMObjective
+
+        self.cfg = cfg
+        self.data = data
+        self.device = torch.device(cfg.device)
+        if model is None:
+            torch.manual_seed(cfg.seed)  # parameter init; everything else draws from generators
+            model = build_model(model_config(cfg, data.image_shape, data.num_classes))
+        self.model = model.to(self.device).train()
+        self.decomposition = make_decomposition(cfg.decomposition)
+        self.num_stages = self.decomposition.num_stages
+        self.sampler = _timestep_sampler(cfg, self.num_stages)
+        self.objective = DFMObjective(self.num_stages, masking=cfg.masking).to(self.device)
+        # fused: one kernel per step instead of ~10 small ops per parameter, which dominate on CPU
+        # for a model this small.
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay,
+            fused=True,
+        )
+        warmup = max(1, min(cfg.warmup, cfg.steps // 5))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warmup))
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.null = null_label(self.model, data.num_classes)
+        self.history: dict[str, list[float]] = {"loss": [], **{f"stage_{s}": [] for s in range(self.num_stages)}}
+        self.seconds = 0.0
+        self.steps_done = 0
+        self._batches = _batches(data, cfg.batch_size, self.generator)
+
+    def step(self) -> float:
+        """One optimiser step; returns the loss. Raises ``FloatingPointError`` on a non-finite loss."""
+        start = time.perf_counter()
+        cfg, g = self.cfg, self.generator
+        x, y = next(self._batches)
+        drop = torch.rand(y.shape, generator=g) < cfg.label_dropout
+        y = torch.where(drop, torch.full_like(y, self.null), y)
+        x, y = x.to(self.device), y.to(self.device)
+        ts = self.sampler.sample(x.shape[0], generator=g, device=self.device)
+        out = self.objective(self.model, self.decomposition.decompose(x), ts, generator=g, y=y)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+        self.opt.step()
+        self.lr_schedule.step()
+        self.ema.update(self.model)
+        self.seconds += time.perf_counter() - start
+        self.steps_done += 1
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {self.steps_done}")
+        self.history["loss"].append(loss)
+        for s, v in enumerate(out.per_stage.tolist()):
+            self.history[f"stage_{s}"].append(v)
+        return loss
+
+    def result(self) -> TrainResult:
+        return TrainResult(model=self.model, ema=self.ema.module, history=self.history, seconds=self.seconds,
+                           steps=self.steps_done)  # fmt: skip
+
+
+def train(
+    cfg: DemoConfig,
+    data: ImageDataset,
+    *,
+    model: nn.Module | None = None,
+    progress: bool = True,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train a wrapped DiT with the DFM objective on ``data`` for ``cfg.steps`` steps (or ``cfg.max_train_seconds``).
+
+    Args:
+        cfg: the recipe.
+        data: training images ``[N, C, H, W]`` in ``[-1, 1]`` and labels.
+        model: a model from :func:`build_model` (built from ``cfg`` when omitted).
+        progress: show a tqdm bar with the running (smoothed) per-stage losses.
+        callback: called as ``callback(step, ema_module)`` after every step (``step`` counts from 1),
+            e.g. to evaluate during training; time spent in it is not counted in ``seconds``.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    from tqdm.auto import tqdm
+
+    trainer = Trainer(cfg, data, model=model)
+    running = [float("nan")] * trainer.num_stages
+    with tqdm(total=cfg.steps, disable=not progress, desc="train", dynamic_ncols=True) as bar:
+        for step in range(1, cfg.steps + 1):
+            if cfg.max_train_seconds is not None and trainer.seconds >= cfg.max_train_seconds:
+                bar.write(f"stopping after {step - 1} steps: the {cfg.max_train_seconds:g} s training budget is spent")
+                break
+            trainer.step()
+            for s in range(trainer.num_stages):
+                v = trainer.history[f"stage_{s}"][-1]
+                if math.isfinite(v):
+                    running[s] = v if not math.isfinite(running[s]) else 0.95 * running[s] + 0.05 * v
+            bar.update(1)
+            if step % 10 == 0 or step == cfg.steps:
+                bar.set_postfix({f"loss_s{s}": f"{r:.4f}" for s, r in enumerate(running)}, refresh=False)
+            if callback is not None:
+                callback(step, trainer.ema.module)
+    return trainer.result()
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def make_sampler(decomposition_name: str, steps: Sequence[int], thresholds: Sequence[float], cfg_scale: float):
+    """A :class:`~dfm_ext.sampler.DFMSampler` (Euler) for the named decomposition."""
+    from .sampler import DFMSampler
+    from .schedule import StageScheduler
+
+    decomposition = make_decomposition(decomposition_name)
+    s = decomposition.num_stages
+    steps, thresholds = tuple(int(v) for v in steps), tuple(float(v) for v in thresholds)
+    if s == 1:
+        # Flow matching has one stage: the same total step budget in one segment.
+        steps, thresholds = (sum(steps),), ()
+    if len(steps) != s or len(thresholds) != s - 1:
+        raise ValueError(
+            f"the {decomposition_name} decomposition has {s} stages: give {s} step counts and {s - 1} "
+            f"thresholds, got steps={steps} and thresholds={thresholds}"
+        )
+    return DFMSampler(decomposition, StageScheduler(steps=steps, thresholds=thresholds), guidance_scale=cfg_scale)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    labels: Tensor,
+    *,
+    steps: Sequence[int] = (30, 10),
+    thresholds: Sequence[float] = (0.9,),
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+):
+    """Sample one image per label with the model's DFM sampler.
+
+    Args:
+        model: a wrapped model (see :func:`build_model`).
+        config: its :func:`model_config`.
+        labels: ``[N]`` class indices.
+        steps, thresholds, cfg_scale: the inference schedule and guidance.
+        generator: noise source (drawn on CPU, so results do not depend on ``device``).
+        batch_size: images per sampler call.
+
+    Returns:
+        ``(images [N, C, H, W], previews)``, where ``previews[s]`` is ``[N, C, H_s, W_s]``, the
+        image rebuilt from stages ``0..s``.
+    """
+    sampler = make_sampler(config["decomposition"], steps, thresholds, cfg_scale)
+    model = model.eval().to(device)
+    c, h, w = config["image_shape"]
+    null = null_label(model, config["num_classes"])
+    images: list[Tensor] = []
+    previews: list[list[Tensor]] = []
+    for chunk in labels.split(batch_size):
+        y = chunk.to(device)
+        uncond = {"y": torch.full_like(y, null)} if cfg_scale != 1.0 else None
+        out = sampler.sample(model, (chunk.shape[0], c, h, w), generator=generator, device=device, uncond=uncond, y=y)
+        images.append(out.x.float().cpu())
+        previews.append([p.float().cpu() for p in out.previews])
+    x = torch.cat(images)
+    pv = [torch.cat([p[s] for p in previews]) for s in range(len(previews[0]))] if previews and previews[0] else []
+    return x, pv
+
+
+def balanced_labels(num: int, num_classes: int) -> Tensor:
+    """``[num]`` labels cycling through the classes (so every class gets ``num // num_classes``)."""
+    return torch.arange(num) % num_classes
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+
+FD_RESOLUTION = 64
+
+
+def compute_metrics(
+    fake: Tensor,
+    real: Tensor | None,
+    *,
+    seed: int = 0,
+    fd: bool = True,
+    fd_resolution: int = FD_RESOLUTION,
+    real_features: Any = None,
+    extractor: Any = None,
+) -> dict[str, Any]:
+    """SWD per pyramid level (x1e3) and FD-EffNet, fake vs real (lower is better for both).
+
+    Both sets are ``[N, C, H, W]`` in ``[-1, 1]``. FD-EffNet uses EfficientNet-Lite0 features of
+    the images resized to ``fd_resolution`` (64 by default: 224 costs about 10x more on CPU and
+    32 px images hold no more detail); it is ``None`` with a reason when the weights are not
+    installed. Generated images are clipped to ``[-1, 1]`` first, as when saved to PNG. ``real_features`` (a ``FeatureStatistics`` of the real set) and ``extractor``
+    avoid recomputing the reference features between calls.
+    """
+    from .metrics.swd import swd
+
+    # Scored as they would be saved: clipped to the image range.
+    fake = fake.clamp(-1.0, 1.0)
+    out: dict[str, Any] = {"num_fake": int(fake.shape[0]), "num_real": None if real is None else int(real.shape[0])}
+    if real is not None:
+        g = torch.Generator().manual_seed(seed)
+        # 32 px images: levels 32, 16 and 8 (the paper's 16 px floor would leave only two).
+        res = swd(real, fake, progress_bar=False, generator=g, min_resolution=8)
+        out["swd"] = {
+            "per_level": {f"{h}x{w}": round(v, 4) for (h, w), v in zip(res.resolutions, res.per_level)},
+            "mean": round(res.mean, 4),
+        }
+    out["fd_effnet"] = None
+    if fd:
+        try:
+            from .metrics.effnet import EfficientNetLite0Features, fd_effnet
+
+            if extractor is None:
+                extractor = EfficientNetLite0Features(fd_resolution)
+            value = fd_effnet(real_features if real_features is not None else real, fake,
+                              extractor=extractor, progress_bar=False)  # fmt: skip
+        except ImportError as e:
+            out["fd_effnet_error"] = str(e)
+        else:
+            out["fd_effnet"] = round(float(value), 4)
+            out["fd_effnet_resolution"] = int(extractor.resolution)
+    return out
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _config_dict(cfg: DemoConfig) -> dict[str, Any]:
+    return json.loads(dump_json(asdict(cfg)))
+
+
+def save_demo_checkpoint(directory: str | os.PathLike[str], model: nn.Module, mconfig: Mapping[str, Any],
+                         cfg: DemoConfig, data: ImageDataset) -> Path:  # fmt: skip
+    """Save the (EMA) model with everything ``dfm-ext sample`` needs to rebuild and sample it."""
+    return save_checkpoint(directory, model, {
+        "kind": CHECKPOINT_KIND,
+        "model": dict(mconfig),
+        "train": _config_dict(cfg),
+        "data": {"name": data.name, "class_names": list(data.class_names)},
+    })  # fmt: skip
+
+
+def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.device = "cpu"):
+    """Rebuild a model saved by :func:`save_demo_checkpoint`. Returns ``(model, config)``.
+
+    Raises:
+        CheckpointError: (``ValueError``) missing or corrupt folder, or weights that do not fit.
+    """
+    from .checkpoint import CheckpointError
+
+    ck = load_checkpoint(directory)
+    config = ck.config
+    if config.get("kind") != CHECKPOINT_KIND or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{directory} is a dfm_ext checkpoint but not a demo model (kind {config.get('kind')!r})")
+    try:
+        model = build_model(config["model"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory}: the model config is incomplete or invalid: {e!r}") from e
+    try:
+        model.load_state_dict(ck.state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: the weights do not fit the model in config.json: {e}") from e
+    return model.to(device).eval(), config
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temp folder beside ``out``; its files are moved into ``out`` only when the block succeeds."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        yield tmp
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_demo(cfg: DemoConfig, out: str | os.PathLike[str], *, progress: bool = True) -> DemoResult:
+    """Train, sample and measure; write the pictures, the checkpoint and ``metrics.json`` into ``out``."""
+    from .viz import save_image_grid, save_loss_curves, save_progressive
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    train_data = load_dataset(cfg.dataset, "train", size=cfg.image_size, seed=cfg.seed, num=cfg.train_subset)
+    cfg = replace(cfg, dataset=train_data.name)
+    mconfig = model_config(cfg, train_data.image_shape, train_data.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mconfig)
+    n_params = sum(p.numel() for p in model.parameters())
+    if progress:
+        print(f"dfm-ext demo: {train_data.name} ({len(train_data)} images {train_data.image_shape}), "
+              f"{cfg.decomposition} decomposition, DiT {cfg.size} ({n_params / 1e6:.2f} M parameters), "
+              f"{cfg.steps} steps of batch {cfg.batch_size} on {cfg.device}")  # fmt: skip
+    result = train(cfg, train_data, model=model, progress=progress)
+    ema = result.ema
+    nc = train_data.num_classes
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    say = print if progress else (lambda *a, **k: None)
+    t_sample = time.perf_counter()
+    per_class = 8
+    say(f"sampling {per_class * nc} images for samples.png (cfg {cfg.cfg_scale:g}) ...", flush=True)
+    grid_labels = torch.arange(nc).repeat_interleave(per_class)
+    grid, previews = generate(ema, mconfig, grid_labels, steps=cfg.sample_steps, thresholds=cfg.thresholds,
+                              cfg_scale=cfg.cfg_scale, generator=g, device=cfg.device)  # fmt: skip
+    sample_seconds = time.perf_counter() - t_sample
+
+    metrics: dict[str, Any] = {
+        "dataset": train_data.name,
+        "decomposition": cfg.decomposition,
+        "model": {"size": cfg.size, "parameters": n_params, **MODEL_SIZES[cfg.size]},
+        "steps": result.steps,
+        "steps_requested": cfg.steps,
+        "max_train_seconds": cfg.max_train_seconds,
+        "batch_size": cfg.batch_size,
+        "train_seconds": round(result.seconds, 2),
+        "seconds_per_step": round(result.seconds / max(result.steps, 1), 4),
+        "final_loss_ema100": _tail_mean(result.history["loss"], 100),
+        "final_stage_loss_ema100": {k: _tail_mean(v, 100) for k, v in result.history.items() if k.startswith("stage_")},
+        "sampling": {"steps": list(cfg.sample_steps), "thresholds": list(cfg.thresholds),
+                     "grid_cfg_scale": cfg.cfg_scale, "grid_seconds": round(sample_seconds, 2),
+                     "grid_images": int(grid.shape[0])},  # fmt: skip
+    }
+    if cfg.num_eval > 0:
+        t_eval = time.perf_counter()
+        say(f"sampling {cfg.num_eval} images and scoring them against the test split ...", flush=True)
+        test = load_dataset(train_data.name, "test", size=cfg.image_size, seed=cfg.seed)
+        labels = balanced_labels(cfg.num_eval, nc)
+        fake, _ = generate(ema, mconfig, labels, steps=cfg.sample_steps, thresholds=cfg.thresholds,
+                           cfg_scale=cfg.eval_cfg_scale, generator=torch.Generator().manual_seed(cfg.seed + 2),
+                           device=cfg.device)  # fmt: skip
+        real = test.subset(cfg.num_reference, generator=torch.Generator().manual_seed(cfg.seed)).images
+        metrics["eval"] = {"split": "test", "cfg_scale": cfg.eval_cfg_scale,
+                           **compute_metrics(fake, real, seed=cfg.seed, fd=cfg.fd)}  # fmt: skip
+        metrics["eval"]["seconds"] = round(time.perf_counter() - t_eval, 2)
+    else:
+        metrics["eval"] = None
+
+    with _staging(out) as tmp:
+        files = {
+            "samples": save_image_grid(grid, tmp / "samples.png", nrow=per_class, scale=3),
+            # previews[-1] is the final sample itself: show the coarser previews next to it.
+            "progressive": save_progressive([p[::per_class][:8] for p in previews[:-1]], grid[::per_class][:8],
+                                            tmp / "progressive.png", scale=4),  # fmt: skip
+            "loss": save_loss_curves(
+                {("total" if k == "loss" else k.replace("_", " ")): v for k, v in result.history.items()},
+                tmp / "loss.png", title=f"DFM training loss ({cfg.decomposition}, {train_data.name})",
+            ),
+            "checkpoint": save_demo_checkpoint(tmp / "checkpoint", ema, mconfig, cfg, train_data),
+        }
+        metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
+        files["metrics"] = write_text_atomic(tmp / "metrics.json", dump_json(metrics))
+        final: dict[str, Path] = {}
+        for name, path in files.items():
+            target = out / path.name
+            if target.is_dir():
+                import shutil
+
+                shutil.rmtree(target)
+            os.replace(path, target)
+            final[name] = target
+    return DemoResult(out=out, files=final, metrics=metrics)
+
+
+def _tail_mean(values: Sequence[float], n: int) -> float | None:
+    tail = [v for v in values[-n:] if math.isfinite(v)]
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+# ---- sample / eval commands ------------------------------------------------------------------
+
+
+def sample_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    cfg_scale: float | None = None,
+    steps: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
+    seed: int = 0,
+    num_per_class: int = 8,
+    device: str = "cpu",
+) -> Path:
+    """Sample ``num_per_class`` images per class from a demo checkpoint.
+
+    ``out`` ending in ``.png`` gets a grid (rows = classes); any other path is a folder that gets
+    one PNG per sample (``<index>_class<k>.png``, usable by ``dfm-ext eval``) plus ``grid.png``.
+    """
+    from .viz import save_array_png, save_image_grid, to_uint8
+
+    model, config = load_demo_checkpoint(checkpoint, device=device)
+    train_cfg = config.get("train", {})
+    steps = tuple(steps) if steps is not None else tuple(train_cfg.get("sample_steps", (30, 10)))
+    thresholds = tuple(thresholds) if thresholds is not None else tuple(train_cfg.get("thresholds", (0.9,)))
+    cfg_scale = float(cfg_scale) if cfg_scale is not None else float(train_cfg.get("cfg_scale", 1.0))
+    nc = int(config["model"]["num_classes"])
+    labels = torch.arange(nc).repeat_interleave(num_per_class)
+    images, _ = generate(model, config["model"], labels, steps=steps, thresholds=thresholds, cfg_scale=cfg_scale,
+                         generator=torch.Generator().manual_seed(seed), device=device)  # fmt: skip
+    out = Path(out)
+    if out.suffix.lower() == ".png":
+        return save_image_grid(images, out, nrow=num_per_class, scale=3)
+    with _staging(out) as tmp:
+        arrays = to_uint8(images)
+        names = []
+        for i, (arr, y) in enumerate(zip(arrays, labels.tolist())):
+            names.append(save_array_png(arr, tmp / f"{i:05d}_class{y}.png").name)
+        save_image_grid(images, tmp / "grid.png", nrow=num_per_class, scale=3)
+        for name in [*names, "grid.png"]:
+            os.replace(tmp / name, out / name)
+    return out
+
+
+def load_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> Tensor:
+    """PNG files of a folder (sorted by name; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``.
+
+    Raises:
+        ValueError: no PNGs, or images of different sizes/modes.
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    paths = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+    if limit is not None:
+        paths = paths[:limit]
+    if not paths:
+        raise ValueError(f"no PNG samples in {folder}")
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "I;16", "LA") else "RGB"))
+        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"samples in {folder} have different shapes: {sorted(shapes)}")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def evaluate_path(
+    path: str | os.PathLike[str],
+    *,
+    dataset: str = "auto",
+    split: str = "test",
+    num: int = 1000,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    num_reference: int = 2000,
+    fd: bool = True,
+) -> dict[str, Any]:
+    """Metrics of a folder of PNG samples, or of ``num`` fresh samples of a checkpoint, vs a split."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"--samples {str(path)!r} is not a folder (PNG samples or a checkpoint)")
+    if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
+        model, config = load_demo_checkpoint(path, device=device)
+        train_cfg = config.get("train", {})
+        scale = float(cfg_scale) if cfg_scale is not None else float(train_cfg.get("eval_cfg_scale", 1.0))
+        labels = balanced_labels(num, int(config["model"]["num_classes"]))
+        fake, _ = generate(model, config["model"], labels, steps=train_cfg.get("sample_steps", (30, 10)),
+                           thresholds=train_cfg.get("thresholds", (0.9,)), cfg_scale=scale,
+                           generator=torch.Generator().manual_seed(seed), device=device)  # fmt: skip
+        source = {"checkpoint": str(path), "cfg_scale": scale}
+    else:
+        fake = load_png_folder(path, limit=num)
+        source = {"folder": str(path)}
+    c, h, w = fake.shape[1:]
+    real_ds = load_dataset(dataset, split, size=int(h), seed=seed)
+    real = real_ds.subset(num_reference, generator=torch.Generator().manual_seed(seed)).images
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(
+            f"samples are {tuple(fake.shape[1:])} but {real_ds.name} {split} images are {tuple(real.shape[1:])}"
+        )
+    return {"source": source, "dataset": real_ds.name, "split": split, **compute_metrics(fake, real, seed=seed, fd=fd)}

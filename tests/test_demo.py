@@ -1,0 +1,150 @@
+"""The demo's pieces: model building per decomposition, training, EMA, sampling, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("dfm_ext.models")
+pytest.importorskip("dfm_ext.wrapper")
+
+from dfm_ext.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from dfm_ext.data import ImageDataset  # noqa: E402
+from dfm_ext.demo import (  # noqa: E402
+    EMA,
+    DemoConfig,
+    Trainer,
+    build_model,
+    generate,
+    load_demo_checkpoint,
+    make_sampler,
+    model_config,
+    save_demo_checkpoint,
+    train,
+)
+
+TINY = DemoConfig(size="tiny", steps=4, batch_size=8, warmup=1, max_train_seconds=None, num_eval=0)
+
+
+def _data(n: int = 32, classes: int = 3) -> ImageDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1
+    return ImageDataset(images, torch.arange(n) % classes, tuple(f"c{i}" for i in range(classes)), "toy", "train")
+
+
+@pytest.mark.parametrize(
+    ("name", "patches"),
+    [("laplacian", [[2, 2], [4, 4]]), ("identity", [[4, 4]]), ("wavelet", [[2, 2], [4, 4]]), ("dct", [[1, 1], [4, 4]])],
+)
+def test_every_decomposition_lands_on_the_same_64_token_grid(name, patches) -> None:
+    cfg = replace(TINY, decomposition=name)
+    mc = model_config(cfg, (1, 32, 32), 3)
+    assert mc["patch_sizes"] == patches and mc["dit"]["patch_size"] == 4
+    model = build_model(mc)
+    assert model.packer.grid == (8, 8)
+    stages = model.decomposition.decompose(torch.randn(2, 1, 32, 32))
+    out = model(stages, torch.rand(2, len(stages)), torch.full((2,), len(stages) - 1), y=torch.tensor([0, 3]))
+    assert [o.shape for o in out] == [s.shape for s in stages]
+
+
+def test_unknown_names_are_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown decomposition 'fourier'"):
+        DemoConfig(decomposition="fourier")
+    with pytest.raises(ValueError, match="unknown model size"):
+        DemoConfig(size="huge")
+    with pytest.raises(ValueError, match="has 2 stages"):
+        make_sampler("laplacian", (10, 10, 10), (0.9,), 1.0)
+    # Flow matching gets the same total step budget in its single stage.
+    assert make_sampler("identity", (30, 10), (0.9,), 1.0).scheduler.steps == (40,)
+
+
+def test_training_is_seeded_and_learns() -> None:
+    data = _data()
+    a = train(replace(TINY, steps=3), data, progress=False)
+    b = train(replace(TINY, steps=3), data, progress=False)
+    assert a.history["loss"] == b.history["loss"] and a.steps == 3
+    c = train(replace(TINY, steps=3, seed=1), data, progress=False)
+    assert a.history["loss"] != c.history["loss"]
+    # Per-stage logs: NaN exactly when no sample of the batch had the stage active.
+    assert len(a.history["stage_0"]) == 3 and all(math.isfinite(v) for v in a.history["stage_0"])
+    # A few dozen steps on 8 fixed images reduce the loss (the objective trains the model).
+    tiny = ImageDataset(data.images[:8], data.labels[:8], data.class_names, "toy", "train")
+    res = train(replace(TINY, steps=60, lr=3e-3, warmup=5), tiny, progress=False)
+    first, last = sum(res.history["loss"][:10]) / 10, sum(res.history["loss"][-10:]) / 10
+    assert last < 0.8 * first
+
+
+def test_time_budget_stops_training_early() -> None:
+    res = train(replace(TINY, steps=1000, max_train_seconds=1e-9), _data(), progress=False)
+    assert res.steps == 1
+
+
+def test_label_dropout_uses_the_null_class() -> None:
+    data = _data()
+    seen = []
+    cfg = replace(TINY, label_dropout=0.5)
+    trainer = Trainer(cfg, data)
+    original = trainer.objective.forward
+
+    def spy(model, stages, ts, **kw):
+        seen.append(kw["y"].clone())
+        return original(model, stages, ts, **kw)
+
+    trainer.objective.forward = spy
+    for _ in range(4):
+        trainer.step()
+    labels = torch.cat(seen)
+    assert set(labels.tolist()) <= {0, 1, 2, 3} and (labels == 3).any() and (labels < 3).any()
+
+
+def test_ema_tracks_with_warmup_and_skips_integers() -> None:
+    m = torch.nn.BatchNorm1d(2)
+    ema = EMA(m, decay=0.9)
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+    m.num_batches_tracked.fill_(7)
+    ema.update(m)  # first update: decay min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema.module.weight, torch.full((2,), 0.1 * 1 + 0.9 * 3.0))
+    assert int(ema.module.num_batches_tracked) == 7
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_generate_shapes_previews_and_determinism() -> None:
+    mc = model_config(TINY, (1, 32, 32), 3)
+    torch.manual_seed(0)
+    model = build_model(mc)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    kw = dict(steps=(3, 2), thresholds=(0.9,), cfg_scale=2.0, batch_size=2)
+    x, previews = generate(model, mc, labels, generator=torch.Generator().manual_seed(0), **kw)
+    assert x.shape == (5, 1, 32, 32)
+    assert [tuple(p.shape) for p in previews] == [(5, 1, 16, 16), (5, 1, 32, 32)]
+    assert torch.allclose(previews[-1], x, atol=1e-5)
+    y, _ = generate(model, mc, labels, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(x, y)
+
+
+def test_demo_checkpoint_round_trip(tmp_path) -> None:
+    data = _data()
+    mc = model_config(TINY, data.image_shape, data.num_classes)
+    torch.manual_seed(0)
+    model = build_model(mc)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # zero-initialised heads would hide a bad load
+    d = save_demo_checkpoint(tmp_path / "ck", model, mc, TINY, data)
+    loaded, config = load_demo_checkpoint(d)
+    assert config["model"] == mc and config["data"]["class_names"] == ["c0", "c1", "c2"]
+    stages = model.decomposition.decompose(torch.randn(2, 1, 32, 32))
+    args = (stages, torch.rand(2, 2), torch.ones(2, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(model.eval()(*args, y=torch.tensor([1, 2])),
+                                                 loaded(*args, y=torch.tensor([1, 2]))))  # fmt: skip
+    # A checkpoint of something else, or weights that do not fit, are refused by name.
+    save_checkpoint(tmp_path / "other", {"w": torch.ones(1)}, {"kind": "other"})
+    with pytest.raises(CheckpointError, match="not a demo model"):
+        load_demo_checkpoint(tmp_path / "other")
+    save_checkpoint(tmp_path / "bad", {"w": torch.ones(1)}, config)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_demo_checkpoint(tmp_path / "bad")
