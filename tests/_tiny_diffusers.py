@@ -1,0 +1,211 @@
+"""Tiny diffusers DiT-family models for tests, loaded the way real checkpoints are.
+
+Each factory builds a tiny config of the real model class, ``save_pretrained`` s it into a
+directory and loads it back with ``from_pretrained`` (so the code path is the one a real
+checkpoint takes), in float32 and eval mode. ``*_inputs`` build matching conditioning inputs.
+Weights are deterministic: the model is initialised under ``torch.manual_seed(seed)`` and then
+every parameter is perturbed with a fixed generator so that zero-initialised diffusers layers
+(adaLN-zero, output projections) do not make outputs trivially zero.
+
+Sizes (latent channels ``C = 4`` everywhere):
+
+============  ===================================  =========================================
+family        model                                native sample
+============  ===================================  =========================================
+dit           ``DiTTransformer2DModel``            ``[B, 4, 8, 8]``, 10 classes, learned sigma
+pixart        ``PixArtTransformer2DModel``         ``[B, 4, 8, 8]``, captions ``[B, 3, 12]``, learned sigma
+sd3           ``SD3Transformer2DModel``            ``[B, 4, 8, 8]``, text ``[B, 3, 12]``, pooled ``[B, 10]``
+flux          ``FluxTransformer2DModel``           latent ``[B, 4, 8, 8]`` packed 2x2 -> ``[B, 16, 16]``
+cogvideox     ``CogVideoXTransformer3DModel``      ``[B, F=2, 4, 8, 8]``, text ``[B, 4, 12]``
+============  ===================================  =========================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LATENT_CHANNELS = 4
+TEXT_DIM = 12
+POOLED_DIM = 10
+TEXT_LEN = 3
+
+
+def _perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
+    """Add small deterministic noise to every parameter (diffusers zero-inits several layers)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _roundtrip(cls: type, model: nn.Module, path: Path) -> nn.Module:
+    path = Path(path)
+    model.save_pretrained(path)
+    loaded = cls.from_pretrained(path, torch_dtype=torch.float32)
+    return loaded.eval()
+
+
+def tiny_dit(path: Path, seed: int = 0, learn_sigma: bool = True) -> nn.Module:
+    """``DiTTransformer2DModel``: 2 blocks, hidden 16, patch 2, 8x8 latents, 10 classes."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS if learn_sigma else LATENT_CHANNELS,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
+    return _roundtrip(DiTTransformer2DModel, _perturb(model, seed), path)
+
+
+def tiny_pixart(path: Path, seed: int = 0) -> nn.Module:
+    """``PixArtTransformer2DModel``: 2 blocks, hidden 16, cross-attention to 12-dim captions."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=TEXT_DIM,
+        use_additional_conditions=False,
+    )
+    return _roundtrip(PixArtTransformer2DModel, _perturb(model, seed), path)
+
+
+def tiny_sd3(path: Path, seed: int = 0) -> nn.Module:
+    """``SD3Transformer2DModel``: 2 joint blocks, hidden 16, cropped sincos positions (max 16)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=POOLED_DIM,
+        out_channels=LATENT_CHANNELS,
+        pos_embed_max_size=16,
+    )
+    return _roundtrip(SD3Transformer2DModel, _perturb(model, seed), path)
+
+
+def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Module:
+    """``FluxTransformer2DModel``: 1 double + 1 single block, hidden 16, 64 -> 16 packed channels."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _roundtrip(FluxTransformer2DModel, _perturb(model, seed), path)
+
+
+def tiny_cogvideox(path: Path, seed: int = 0) -> nn.Module:
+    """``CogVideoXTransformer3DModel`` (1.0 layout: sincos positions, temporal patch 1)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        time_embed_dim=16,
+        text_embed_dim=TEXT_DIM,
+        num_layers=1,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=5,
+        patch_size=2,
+        max_text_seq_length=4,
+        temporal_compression_ratio=4,
+    )
+    return _roundtrip(CogVideoXTransformer3DModel, _perturb(model, seed), path)
+
+
+def tiny_cogvideox15(path: Path, seed: int = 0) -> nn.Module:
+    """CogVideoX 1.5 layout: temporal patch 2 (``Linear`` patch embedding), rotary positions, head dim 16."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        time_embed_dim=16,
+        text_embed_dim=TEXT_DIM,
+        num_layers=1,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        patch_size_t=2,
+        max_text_seq_length=4,
+        use_rotary_positional_embeddings=True,
+        patch_bias=False,
+    )
+    return _roundtrip(CogVideoXTransformer3DModel, _perturb(model, seed), path)
+
+
+def cogvideox_rope(grid: tuple[int, int, int], head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image_rotary_emb`` for a CogVideoX token grid ``(T', H', W')`` (what its pipeline computes)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    return get_3d_rotary_pos_embed(
+        head_dim, crops_coords=((0, 0), grid[1:]), grid_size=grid[1:], temporal_size=grid[0], device="cpu"
+    )
+
+
+FACTORIES = {
+    "dit": tiny_dit,
+    "pixart": tiny_pixart,
+    "sd3": tiny_sd3,
+    "flux": tiny_flux,
+    "cogvideox": tiny_cogvideox,
+}
+
+
+def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Conditioning kwargs with the names the diffusers model's forward uses."""
+    g = generator
+    if family == "dit":
+        return {"class_labels": torch.randint(0, 10, (batch,), generator=g)}
+    if family == "pixart":
+        return {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g)}
+    if family in ("sd3", "flux"):
+        return {
+            "encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g),
+            "pooled_projections": torch.randn(batch, POOLED_DIM, generator=g),
+        }
+    if family == "cogvideox":
+        return {"encoder_hidden_states": torch.randn(batch, 4, TEXT_DIM, generator=g)}
+    raise ValueError(f"unknown family {family!r}")
