@@ -26,6 +26,9 @@ class TwoScale:
 
     num_stages = 2
 
+    def __repr__(self) -> str:  # stable test ids across pytest-xdist workers
+        return "TwoScale()"
+
     def decompose(self, x: Tensor) -> list[Tensor]:
         coarse = F.avg_pool2d(x, 2)
         return [coarse, x - F.interpolate(coarse, scale_factor=2, mode="nearest")]
