@@ -268,6 +268,8 @@ class Trainer:
         name: the config name (fills ``{name}`` in ``train.output_dir``; tracker project name).
         random_flip: whether the plan mirrors half the items.
         collate: collate function for the data loader.
+        plan_factory: builds the :class:`BatchPlan` (called with ``BatchPlan``'s arguments); a
+            recipe whose batches must share a shape (aspect-ratio buckets) passes a subclass.
     """
 
     def __init__(
@@ -281,8 +283,10 @@ class Trainer:
         name: str,
         random_flip: bool = False,
         collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = collate_items,
+        plan_factory: Callable[..., BatchPlan] = BatchPlan,
     ) -> None:
         self.task, self.dataset, self.train, self.optim = task, dataset, train, optim
+        self.plan_factory = plan_factory
         self.full_config, self.name, self.random_flip, self.collate = full_config, name, random_flip, collate
         self.output_dir = resolve_output_dir(train, name)
 
@@ -344,7 +348,7 @@ class Trainer:
         resume = self._resume_path(accelerator)
         self._check_config(resume)
         world = accelerator.num_processes
-        plan = BatchPlan(
+        plan = self.plan_factory(
             len(self.dataset),
             self.train.global_batch_size,
             world_size=world,

@@ -271,7 +271,7 @@ class _StageLayer:
         if self._stage_kind == "full":
             base_bias = getattr(self, "bias", None)
             bias = None if base_bias is None else 0.5 * (base_bias + p.bias)
-            return self._apply(x, 0.5 * (self.weight + p.weight), bias)  # type: ignore[attr-defined]
+            return self._apply_weights(x, 0.5 * (self.weight + p.weight), bias)  # type: ignore[attr-defined]
         return super().forward(x) + self._stage_scaling * self._lora(x, p.lora_A, p.lora_B)  # type: ignore[misc]
 
     def merged_parameters(self, s: int) -> tuple[Tensor, Tensor | None]:
@@ -286,7 +286,7 @@ class _StageLayer:
         return (weight + delta).detach(), None if bias is None else bias.detach().clone()
 
     # per layer type
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _lora(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -310,7 +310,7 @@ class _StageLayer:
 
 
 class _StageLinear(_StageLayer):
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def _lora_hidden(self, x: Tensor, a: Tensor) -> Tensor:
@@ -330,7 +330,7 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class _StageConv(_StageLayer):
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
     # A is a conv with the layer's kernel/stride/padding into r channels, B a 1x1 conv (peft's layout)
@@ -352,7 +352,7 @@ class _StageConv(_StageLayer):
 
 
 class _StageEmbedding(_StageLayer):
-    def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)  # type: ignore[attr-defined]
 
     def _lora_hidden(self, x: Tensor, a: Tensor) -> Tensor:
