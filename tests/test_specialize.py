@@ -109,6 +109,21 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max().detach()) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_specialised_model_moves_with_to(kind: str) -> None:
+    # Regression: per-stage layers once shadowed nn.Module._apply, so .to()/.double() raised.
+    model = _toy()
+    spec = specialize(model, kind=kind, targets="all", rank=4 if kind == "lora" else None)
+    _randomize_stage_params(spec)
+    stages, t, stage, y = _inputs(4, stage=[0, 1, 1, 0])
+    with torch.no_grad():
+        ref = model(stages, t, stage, y=y)
+        model.double()
+        out = model([s.double() for s in stages], t.double(), stage, y=y)
+    assert all(p.dtype == torch.float64 for p in spec.stage_parameters())
+    assert _max_diff([o.float() for o in out], ref) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # identity at attach time
 
