@@ -94,16 +94,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronisation, and on a loaded 2-core
-    # machine two spinning threads made the training test 100x slower (180 s vs 1.5 s).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> dict[str, torch.nn.Module]:
     root = tmp_path_factory.mktemp("tiny_diffusers")

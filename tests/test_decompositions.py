@@ -25,16 +25,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These inputs are tiny: a second intra-op thread only adds wake-up latency (on a loaded
-    # 2-core machine grouped conv2d took ~30 ms per call with 2 threads, ~15 us with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 

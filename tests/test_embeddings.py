@@ -13,15 +13,6 @@ from dfm_ext.models import TimestepEmbedder
 from dfm_ext.packing import ScalePacker
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to oversubscription on a shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _up(x: torch.Tensor, r: int) -> torch.Tensor:
     return x.repeat_interleave(r, -1).repeat_interleave(r, -2)
 

@@ -11,15 +11,6 @@ from torch import nn
 from dfm_ext.models import DiT, DiTConfig, _apply_rope, rope_2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to oversubscription on a shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(**kw) -> DiT:
     torch.manual_seed(0)
     return DiT(DiTConfig.preset("tiny", **kw))

@@ -14,15 +14,6 @@ from dfm_ext.packing import ScalePacker, patch_sizes_for_grid
 from dfm_ext.wavelet import WaveletDecomposition
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds wake-up latency on a loaded machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @st.composite
 def layouts(draw):
     """Stage shapes (without batch) and patch sizes that share one token grid."""

@@ -47,14 +47,6 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 STEPS = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flux_assets")

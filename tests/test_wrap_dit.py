@@ -32,15 +32,6 @@ from dfm_ext.embeddings import MultiScaleHead
 from dfm_ext.models import LabelEmbedder, PatchEmbed, TimestepEmbedder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and immune to oversubscription on a shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dit(seed: int = 0, **kw) -> DiT:
     """A tiny DiT with every weight (including the zero-initialised ones) perturbed: a stand-in for a trained model."""
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -67,9 +67,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .decomposition import Decomposition
-    from .identity import IdentityDecomposition
-    from .laplacian import LaplacianPyramid
-    from .packing import ScalePacker
