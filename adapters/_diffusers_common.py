@@ -18,23 +18,39 @@ SD3         ``1000 (1 - t)``        ``noise - x``                 ``-1 x`` raw
 Flux        ``1000 (1 - t)``        ``noise - x``                 ``-1 x`` raw
 CogVideoX   ``999 (1 - t)`` (DDPM)  v-prediction                  raw (re-parameterised)
 ==========  ======================  ===========================  =========================
+
+:class:`DiffusersAdapterBase` holds what every family adapter does the same way (constructor
+arguments ``time_convention`` and ``output_scale``, ``config``/``repr``, ``matches`` by diffusers
+class name, the install-time grid and stage-0 checks, the multi-scale time embedder, the scaled
+output); :class:`PatchEmbedAdapterBase` adds what the families built on diffusers' ``PatchEmbed``
+(``pos_embed``: DiT, PixArt, SD3) share. A family module keeps only its own layout, embedder
+wiring and forward.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import _TIME
+from dfm_ext.adapter import _TIME, multiscale_time_embed, widen_head
+from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
 
 __all__ = [
+    "DiffusersAdapterBase",
+    "PatchEmbedAdapterBase",
     "TimeMLP",
+    "call_block",
+    "check_installed",
+    "check_joint_text",
+    "check_no_extra_conditioning",
+    "check_stage0_channels",
     "check_time_convention",
     "check_tensor",
     "sincos_positions",
     "first_linear_dtype",
+    "zeroed_condition",
 ]
 
 
@@ -120,3 +136,209 @@ def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torc
         output_type="pt",
     )
     return pos.float().unsqueeze(0)
+
+
+def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
+    """``block(*args)``, through the model's gradient checkpointing when it is on and gradients are needed.
+
+    ``args`` are positional, in the block's ``forward`` order, as diffusers passes them to its
+    checkpointing function; one argument list serves both paths, so they cannot disagree.
+    """
+    if torch.is_grad_enabled() and model.gradient_checkpointing:
+        return model._gradient_checkpointing_func(block, *args)
+    return block(*args)
+
+
+def check_no_extra_conditioning(model: nn.Module, cond: dict[str, Any]) -> None:
+    """Refuse conditioning keywords the family's forward does not take.
+
+    Raises:
+        TypeError: ``cond`` is not empty.
+    """
+    if cond:
+        raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
+
+
+def check_installed(patch_embed: nn.Module) -> None:
+    """Refuse a forward through a model whose patch embedding ``install`` has not replaced.
+
+    Raises:
+        RuntimeError: ``patch_embed`` is not a :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`.
+    """
+    if not isinstance(patch_embed, MultiScalePatchEmbed):
+        raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+
+
+def check_joint_text(
+    model: nn.Module,
+    b: int,
+    encoder_hidden_states: Any,
+    pooled_projections: Any,
+    *,
+    text: str,
+    pooled: str,
+) -> tuple[Tensor, Tensor]:
+    """Check the two text inputs of an MMDiT (SD3, Flux): sequence and pooled embeddings.
+
+    ``text`` and ``pooled`` name the encoders in the error hints (e.g. ``"T5"``, ``"pooled CLIP"``).
+
+    Shapes:
+        ``encoder_hidden_states [B, L, joint_attention_dim]``,
+        ``pooled_projections [B, pooled_projection_dim]``; returned unchanged.
+    """
+    cfg = model.config
+    seq = check_tensor(
+        encoder_hidden_states,
+        "encoder_hidden_states",
+        (b, None, int(cfg.joint_attention_dim)),
+        hint=f" ({text} embeddings [B, L, {cfg.joint_attention_dim}])",
+    )
+    vec = check_tensor(
+        pooled_projections,
+        "pooled_projections",
+        (b, int(cfg.pooled_projection_dim)),
+        hint=f" ({pooled} embeddings [B, {cfg.pooled_projection_dim}])",
+    )
+    return seq, vec
+
+
+def check_stage0_channels(packer: Any, init: str, expected: int, what: str = "the model takes") -> None:
+    """With ``init="pretrained"``, stage 0 must have the channels the pretrained patch kernel reads.
+
+    Raises:
+        ValueError: ``"stage 0 has {c} channels but {what} {expected}"``.
+    """
+    c0 = packer.stage_shapes[0][0]
+    if init == "pretrained" and c0 != expected:
+        raise ValueError(f"stage 0 has {c0} channels but {what} {expected}")
+
+
+def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str = "its") -> dict[str, Any]:
+    """``cond`` with the tensors under ``keys`` replaced by zeros (a stand-in unconditional input).
+
+    ``pronoun`` only words the error (``"their"`` for a plural-sounding single key).
+
+    Raises:
+        TypeError: a key is missing or not a tensor (its shape is needed).
+    """
+    out = dict(cond)
+    for key in keys:
+        value = cond.get(key)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"null_condition needs the conditional {key} to know {pronoun} shape")
+        out[key] = torch.zeros_like(value)
+    return out
+
+
+class DiffusersAdapterBase:
+    """What the diffusers family adapters (:class:`dfm_ext.adapter.DiTAdapter`) share.
+
+    A subclass sets ``name`` (the adapter's registry name), ``model_class`` (the name of the
+    diffusers class it handles, looked up in ``diffusers`` only when :meth:`matches` runs, so
+    importing an adapter module does not import diffusers) and, for video families,
+    ``grid_ndim = 3``; it defines its own ``__init__`` (the public signature and defaults) that
+    passes ``time_convention`` and ``output_scale`` here, and extends :meth:`config` with any
+    further constructor arguments, in constructor order.
+
+    Args:
+        time_convention: how the timestep embedders read time; a name of
+            :func:`dfm_ext.adapter.time_transform`.
+        output_scale: multiplies the head output (``-1`` for a model trained on ``noise - x``).
+    """
+
+    name: ClassVar[str]
+    model_class: ClassVar[str]
+    grid_ndim: ClassVar[int] = 2
+
+    def __init__(self, time_convention: str, output_scale: float) -> None:
+        self.time_convention = check_time_convention(time_convention)
+        self.output_scale = float(output_scale)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments that rebuild this adapter (JSON-serialisable)."""
+        return {"time_convention": self.time_convention, "output_scale": self.output_scale}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+    def matches(self, model: nn.Module) -> bool:
+        import diffusers  # noqa: PLC0415
+
+        return isinstance(model, getattr(diffusers, self.model_class))
+
+    def _check_grid(self, model: nn.Module, grid: tuple[int, ...]) -> None:
+        """Install-time check of the packer's token grid (rank ``grid_ndim``); families add limits."""
+        if len(grid) != self.grid_ndim:
+            kind = "videos" if self.grid_ndim == 3 else "images"
+            raise ValueError(f"{type(model).__name__} takes {kind}; got a token grid {grid}")
+
+    def _time_embed(
+        self, proj: nn.Module, mlp: nn.Module, hidden: int, packer: Any, *, init: str, stage_embedding: bool
+    ) -> MultiScaleTimestepEmbed:
+        """The multi-scale embedder replacing the pretrained ``mlp(proj(timestep))``."""
+        return multiscale_time_embed(
+            TimeMLP(proj, mlp),
+            hidden,
+            packer.num_stages,
+            init=init,
+            stage_embedding=stage_embedding,
+            time_transform=self.time_convention,
+        )
+
+    def _velocity(self, head_out: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """Head tokens ``[B, N, C']`` -> packed output ``[B, C', *grid]`` times ``output_scale``."""
+        out = MultiScaleHead.to_grid(head_out, grid)
+        return out if self.output_scale == 1.0 else out * self.output_scale
+
+
+class PatchEmbedAdapterBase(DiffusersAdapterBase):
+    """Families whose ``pos_embed`` is a diffusers ``PatchEmbed`` (a ``Conv2d`` ``proj``, sincos positions).
+
+    Their config has ``in_channels``, ``sample_size`` and ``patch_size``, and their head
+    unpatchifies in ``(p, q, c)`` order (channels fastest).
+    """
+
+    def default_sample_shape(self, model: nn.Module) -> tuple[int, ...]:
+        cfg = model.config
+        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+    def token_grid(self, model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        p = int(model.config.patch_size)
+        if len(sample_shape) != 3:
+            raise ValueError(f"{type(model).__name__} takes images; sample_shape must be (C, H, W), got {sample_shape}")
+        if sample_shape[1] % p or sample_shape[2] % p:
+            raise ValueError(f"sample_shape {sample_shape} is not divisible by the model's patch size {p}")
+        return (sample_shape[1] // p, sample_shape[2] // p)
+
+    def _patch_proj(self, model: nn.Module, packer: Any, init: str) -> nn.Conv2d:
+        """The pretrained patch ``Conv2d``, after the install-time checks against ``packer``."""
+        proj = model.pos_embed.proj
+        if not isinstance(proj, nn.Conv2d):
+            raise TypeError(f"{type(model).__name__}.pos_embed.proj is not a Conv2d (already wrapped?)")
+        self._check_grid(model, packer.grid)
+        check_stage0_channels(packer, init, proj.in_channels)
+        return proj
+
+    @staticmethod
+    def _widen_head(head: nn.Linear, model: nn.Module, packer: Any, init: str) -> MultiScaleHead:
+        """The model's output projection widened to every stage (learned-sigma channels dropped)."""
+        return widen_head(
+            head,
+            packer,
+            base_patch=int(model.config.patch_size),
+            base_channels=int(model.out_channels),
+            order="pqc",
+            init=init,
+        )
+
+    @staticmethod
+    def _embed_patches(model: nn.Module, packed: Tensor, grid: tuple[int, int]) -> Tensor:
+        """``PatchEmbed.forward`` on packed stages: ``[B, C', Gh, Gw]`` -> tokens ``[B, Gh * Gw, D]`` with positions."""
+        pe = model.pos_embed
+        x = pe.proj(packed)
+        if pe.layer_norm:
+            x = pe.norm(x)
+        pos = sincos_positions(pe, grid, x.device)
+        if pos is not None:
+            x = (x + pos).to(x.dtype)
+        return x

@@ -37,15 +37,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import multiscale_time_embed, widen_head
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.adapter import widen_head
+from dfm_ext.embeddings import MultiScalePatchEmbed
 
-from ._diffusers_common import TimeMLP, check_tensor, check_time_convention, first_linear_dtype
+from ._diffusers_common import (
+    DiffusersAdapterBase,
+    call_block,
+    check_installed,
+    check_no_extra_conditioning,
+    check_stage0_channels,
+    check_tensor,
+    first_linear_dtype,
+    zeroed_condition,
+)
 
 __all__ = ["CogVideoXAdapter", "ADAPTER"]
 
 
-class CogVideoXAdapter:
+class CogVideoXAdapter(DiffusersAdapterBase):
     """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``CogVideoXTransformer3DModel``.
 
     Args:
@@ -55,21 +64,11 @@ class CogVideoXAdapter:
     """
 
     name = "cogvideox"
+    model_class = "CogVideoXTransformer3DModel"
+    grid_ndim = 3
 
     def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):
-        self.time_convention = check_time_convention(time_convention)
-        self.output_scale = float(output_scale)
-
-    def config(self) -> dict[str, Any]:
-        return {"time_convention": self.time_convention, "output_scale": self.output_scale}
-
-    def __repr__(self) -> str:
-        return f"CogVideoXAdapter(time_convention={self.time_convention!r}, output_scale={self.output_scale!r})"
-
-    def matches(self, model: nn.Module) -> bool:
-        from diffusers import CogVideoXTransformer3DModel  # noqa: PLC0415
-
-        return isinstance(model, CogVideoXTransformer3DModel)
+        super().__init__(time_convention, output_scale)
 
     @staticmethod
     def _patch(model: nn.Module) -> tuple[int, int, int]:
@@ -99,12 +98,10 @@ class CogVideoXAdapter:
         proj = pe.proj
         if isinstance(proj, MultiScalePatchEmbed):
             raise TypeError(f"{type(model).__name__}.patch_embed.proj is already multi-scale (already wrapped?)")
-        if len(packer.grid) != 3:
-            raise ValueError(f"{type(model).__name__} takes videos; got a token grid {packer.grid}")
+        self._check_grid(model, packer.grid)
         c = int(model.config.in_channels)
+        check_stage0_channels(packer, init, c)
         channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != c:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {c}")
         patch = self._patch(model)
         hidden = model.config.num_attention_heads * model.config.attention_head_dim
         # 1.0 patchifies each frame with a Conv2d [D, C, p, p]; 1.5 a Linear over (c, pt, p, q).
@@ -124,13 +121,13 @@ class CogVideoXAdapter:
                 with torch.no_grad():
                     embed.proj.bias.copy_(proj.bias)
         pe.proj = embed
-        model.time_embedding = multiscale_time_embed(
-            TimeMLP(model.time_proj, model.time_embedding),
+        model.time_embedding = self._time_embed(
+            model.time_proj,
+            model.time_embedding,
             int(model.config.time_embed_dim),
-            packer.num_stages,
+            packer,
             init=init,
             stage_embedding=stage_embedding,
-            time_transform=self.time_convention,
         )
         model.proj_out = widen_head(
             model.proj_out,
@@ -170,11 +167,9 @@ class CogVideoXAdapter:
         attention_kwargs: dict[str, Any] | None = None,
         **cond: Any,
     ) -> Tensor:
-        if cond:
-            raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
+        check_no_extra_conditioning(model, cond)
         pe = model.patch_embed
-        if not isinstance(pe.proj, MultiScalePatchEmbed):
-            raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+        check_installed(pe.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
         cfg = model.config
         uses_sincos = pe.use_positional_embeddings or pe.use_learned_positional_embeddings
@@ -207,28 +202,13 @@ class CogVideoXAdapter:
         n_text = text.shape[1]
         text, x = x[:, :n_text], x[:, n_text:]
         for block in model.transformer_blocks:
-            if torch.is_grad_enabled() and model.gradient_checkpointing:
-                x, text = model._gradient_checkpointing_func(block, x, text, emb, image_rotary_emb, attention_kwargs)
-            else:
-                x, text = block(
-                    hidden_states=x,
-                    encoder_hidden_states=text,
-                    temb=emb,
-                    image_rotary_emb=image_rotary_emb,
-                    attention_kwargs=attention_kwargs,
-                )
+            x, text = call_block(model, block, x, text, emb, image_rotary_emb, attention_kwargs)
         x = model.norm_out(model.norm_final(x), temb=emb)
-        out = MultiScaleHead.to_grid(model.proj_out(x), grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+        return self._velocity(model.proj_out(x), grid)
 
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         """``encoder_hidden_states`` zeroed (a stand-in; pass empty-prompt embeddings as ``uncond=``)."""
-        text = cond.get("encoder_hidden_states")
-        if not isinstance(text, Tensor):
-            raise TypeError("null_condition needs the conditional encoder_hidden_states to know their shape")
-        out = dict(cond)
-        out["encoder_hidden_states"] = torch.zeros_like(text)
-        return out
+        return zeroed_condition(cond, ("encoder_hidden_states",), pronoun="their")
 
 
 ADAPTER = CogVideoXAdapter()

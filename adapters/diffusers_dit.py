@@ -41,10 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+from dfm_ext.adapter import widen_patch_embed
+from dfm_ext.embeddings import MultiScaleTimestepEmbed
 
-from ._diffusers_common import TimeMLP, check_tensor, check_time_convention, sincos_positions
+from ._diffusers_common import (
+    PatchEmbedAdapterBase,
+    call_block,
+    check_installed,
+    check_no_extra_conditioning,
+    check_tensor,
+)
 
 __all__ = ["DiffusersDiTAdapter", "MultiScaleTimestepLabelEmbed", "StageTime", "ADAPTER"]
 
@@ -89,7 +95,7 @@ class MultiScaleTimestepLabelEmbed(nn.Module):
         return emb + self.class_embedder(class_labels)
 
 
-class DiffusersDiTAdapter:
+class DiffusersDiTAdapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``DiTTransformer2DModel``.
 
     Args:
@@ -115,13 +121,13 @@ class DiffusersDiTAdapter:
     """
 
     name = "diffusers_dit"
+    model_class = "DiTTransformer2DModel"
 
     def __init__(self, time_convention: str = "discrete", label_dropout: float = 0.1, output_scale: float = 1.0):
-        self.time_convention = check_time_convention(time_convention)
+        super().__init__(time_convention, output_scale)
         if not 0.0 <= float(label_dropout) < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout!r}")
         self.label_dropout = float(label_dropout)
-        self.output_scale = float(output_scale)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -130,37 +136,9 @@ class DiffusersDiTAdapter:
             "output_scale": self.output_scale,
         }
 
-    def __repr__(self) -> str:
-        return f"DiffusersDiTAdapter({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
-
-    def matches(self, model: nn.Module) -> bool:
-        from diffusers import DiTTransformer2DModel  # noqa: PLC0415
-
-        return isinstance(model, DiTTransformer2DModel)
-
-    def default_sample_shape(self, model: nn.Module) -> tuple[int, ...]:
-        cfg = model.config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-
-    def token_grid(self, model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
-        p = int(model.config.patch_size)
-        if len(sample_shape) != 3:
-            raise ValueError(f"{type(model).__name__} takes images; sample_shape must be (C, H, W), got {sample_shape}")
-        if sample_shape[1] % p or sample_shape[2] % p:
-            raise ValueError(f"sample_shape {sample_shape} is not divisible by the model's patch size {p}")
-        return (sample_shape[1] // p, sample_shape[2] // p)
-
     def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
-        proj = model.pos_embed.proj
-        if not isinstance(proj, nn.Conv2d):
-            raise TypeError(f"{type(model).__name__}.pos_embed.proj is not a Conv2d (already wrapped?)")
-        if len(packer.grid) != 2:
-            raise ValueError(f"{type(model).__name__} takes images; got a token grid {packer.grid}")
-        channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != proj.in_channels:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {proj.in_channels}")
+        proj = self._patch_proj(model, packer, init)
         hidden = proj.out_channels
-        p = int(model.config.patch_size)
         table_rows = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
         if self.label_dropout > 0 and table_rows <= int(model.config.num_embeds_ada_norm):
             raise ValueError(
@@ -171,18 +149,11 @@ class DiffusersDiTAdapter:
         for block in model.transformer_blocks:
             emb = block.norm1.emb
             emb.class_embedder.dropout_prob = 0.0  # dropout happens once, in forward
-            time = multiscale_time_embed(
-                TimeMLP(emb.time_proj, emb.timestep_embedder),
-                hidden,
-                packer.num_stages,
-                init=init,
-                stage_embedding=stage_embedding,
-                time_transform=self.time_convention,
+            time = self._time_embed(
+                emb.time_proj, emb.timestep_embedder, hidden, packer, init=init, stage_embedding=stage_embedding
             )
             block.norm1.emb = MultiScaleTimestepLabelEmbed(time, emb.class_embedder)
-        model.proj_out_2 = widen_head(
-            model.proj_out_2, packer, base_patch=p, base_channels=int(model.out_channels), order="pqc", init=init
-        )
+        model.proj_out_2 = self._widen_head(model.proj_out_2, model, packer, init)
 
     def _labels(
         self,
@@ -213,15 +184,13 @@ class DiffusersDiTAdapter:
         generator: torch.Generator | None = None,
         **cond: Any,
     ) -> Tensor:
-        if cond:
-            raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
+        check_no_extra_conditioning(model, cond)
         if class_labels is not None and y is not None:
             raise TypeError("pass class labels once, as class_labels= (or its alias y=), not both")
         labels = class_labels if class_labels is not None else y
         if labels is None:
             raise TypeError(f"{type(model).__name__} needs class labels: pass class_labels=LongTensor[B]")
-        if not isinstance(model.pos_embed.proj, MultiScalePatchEmbed):
-            raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+        check_installed(model.pos_embed.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
         check_tensor(labels, "class_labels", (b,), floating=False)
         num_classes = int(model.config.num_embeds_ada_norm)
@@ -229,24 +198,15 @@ class DiffusersDiTAdapter:
             raise ValueError(f"class_labels must be in [0, {num_classes}] ({num_classes} = null), got {labels.tolist()}")
         labels = self._labels(model, labels, force_drop_ids, generator)
 
-        pe = model.pos_embed
-        x = pe.proj(packed)
-        if pe.layer_norm:
-            x = pe.norm(x)
-        pos = sincos_positions(pe, grid, x.device)
-        if pos is not None:
-            x = (x + pos).to(x.dtype)
+        x = self._embed_patches(model, packed, grid)
         time = StageTime(t, stage)
         for block in model.transformer_blocks:
-            if torch.is_grad_enabled() and model.gradient_checkpointing:
-                x = model._gradient_checkpointing_func(block, x, None, None, None, time, None, labels)
-            else:
-                x = block(x, timestep=time, class_labels=labels)
+            # BasicTransformerBlock(hidden, mask, text, text_mask, timestep, cross_attention_kwargs, class_labels)
+            x = call_block(model, block, x, None, None, None, time, None, labels)
         c = model.transformer_blocks[0].norm1.emb(time, labels, hidden_dtype=x.dtype)
         shift, scale = model.proj_out_1(F.silu(c)).chunk(2, dim=1)
         x = model.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
-        out = MultiScaleHead.to_grid(model.proj_out_2(x), grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+        return self._velocity(model.proj_out_2(x), grid)
 
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         """``class_labels`` (or ``y``) replaced by the null class ``num_classes``."""

@@ -34,10 +34,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.adapter import widen_head, widen_patch_embed
+from dfm_ext.embeddings import MultiScalePatchEmbed
 
-from ._diffusers_common import TimeMLP, check_tensor, check_time_convention, first_linear_dtype
+from ._diffusers_common import (
+    DiffusersAdapterBase,
+    call_block,
+    check_installed,
+    check_joint_text,
+    check_no_extra_conditioning,
+    check_stage0_channels,
+    check_tensor,
+    first_linear_dtype,
+    zeroed_condition,
+)
 
 __all__ = ["FluxAdapter", "flux_image_ids", "ADAPTER"]
 
@@ -58,7 +68,7 @@ def flux_image_ids(grid: tuple[int, int], device: torch.device | None = None, dt
     return ids.reshape(gh * gw, 3)
 
 
-class FluxAdapter:
+class FluxAdapter(DiffusersAdapterBase):
     """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``FluxTransformer2DModel``.
 
     Args:
@@ -71,6 +81,7 @@ class FluxAdapter:
     """
 
     name = "flux"
+    model_class = "FluxTransformer2DModel"
 
     def __init__(
         self,
@@ -83,24 +94,10 @@ class FluxAdapter:
         if int(default_latent_size) < _PACK or int(default_latent_size) % _PACK:
             raise ValueError(f"default_latent_size must be a positive multiple of 2, got {default_latent_size!r}")
         self.default_latent_size = int(default_latent_size)
-        self.time_convention = check_time_convention(time_convention)
-        self.output_scale = float(output_scale)
+        super().__init__(time_convention, output_scale)
 
     def config(self) -> dict[str, Any]:
-        return {
-            "guidance": self.guidance,
-            "default_latent_size": self.default_latent_size,
-            "time_convention": self.time_convention,
-            "output_scale": self.output_scale,
-        }
-
-    def __repr__(self) -> str:
-        return f"FluxAdapter({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
-
-    def matches(self, model: nn.Module) -> bool:
-        from diffusers import FluxTransformer2DModel  # noqa: PLC0415
-
-        return isinstance(model, FluxTransformer2DModel)
+        return {"guidance": self.guidance, "default_latent_size": self.default_latent_size, **super().config()}
 
     @staticmethod
     def latent_channels(model: nn.Module) -> int:
@@ -130,22 +127,14 @@ class FluxAdapter:
     def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
         if not isinstance(model.x_embedder, nn.Linear) or isinstance(model.x_embedder, MultiScalePatchEmbed):
             raise TypeError(f"{type(model).__name__}.x_embedder is not a Linear (already wrapped?)")
-        if len(packer.grid) != 2:
-            raise ValueError(f"{type(model).__name__} takes images; got a token grid {packer.grid}")
+        self._check_grid(model, packer.grid)
         c = self.latent_channels(model)
-        channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != c:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model's latents have {c}")
+        check_stage0_channels(packer, init, c, "the model's latents have")
         hidden = model.x_embedder.out_features
         tte = model.time_text_embed
         model.x_embedder = widen_patch_embed(model.x_embedder, packer, init=init, in_order="cpq")
-        tte.timestep_embedder = multiscale_time_embed(
-            TimeMLP(tte.time_proj, tte.timestep_embedder),
-            hidden,
-            packer.num_stages,
-            init=init,
-            stage_embedding=stage_embedding,
-            time_transform=self.time_convention,
+        tte.timestep_embedder = self._time_embed(
+            tte.time_proj, tte.timestep_embedder, hidden, packer, init=init, stage_embedding=stage_embedding
         )
         model.proj_out = widen_head(
             model.proj_out, packer, base_patch=(_PACK, _PACK), base_channels=c, order="cpq", init=init
@@ -177,23 +166,11 @@ class FluxAdapter:
         joint_attention_kwargs: dict[str, Any] | None = None,
         **cond: Any,
     ) -> Tensor:
-        if cond:
-            raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
-        if not isinstance(model.x_embedder, MultiScalePatchEmbed):
-            raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+        check_no_extra_conditioning(model, cond)
+        check_installed(model.x_embedder)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
-        cfg = model.config
-        text = check_tensor(
-            encoder_hidden_states,
-            "encoder_hidden_states",
-            (b, None, int(cfg.joint_attention_dim)),
-            hint=f" (T5 embeddings [B, L, {cfg.joint_attention_dim}])",
-        )
-        pooled = check_tensor(
-            pooled_projections,
-            "pooled_projections",
-            (b, int(cfg.pooled_projection_dim)),
-            hint=f" (pooled CLIP embeddings [B, {cfg.pooled_projection_dim}])",
+        text, pooled = check_joint_text(
+            model, b, encoder_hidden_states, pooled_projections, text="T5", pooled="pooled CLIP"
         )
         n = grid[0] * grid[1]
         if img_ids is None:
@@ -215,29 +192,13 @@ class FluxAdapter:
         rope = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
         for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-            if torch.is_grad_enabled() and model.gradient_checkpointing:
-                text, x = model._gradient_checkpointing_func(block, x, text, temb, rope, joint_attention_kwargs)
-            else:
-                text, x = block(
-                    hidden_states=x,
-                    encoder_hidden_states=text,
-                    temb=temb,
-                    image_rotary_emb=rope,
-                    joint_attention_kwargs=joint_attention_kwargs,
-                )
+            text, x = call_block(model, block, x, text, temb, rope, joint_attention_kwargs)
         x = model.norm_out(x, temb)
-        out = MultiScaleHead.to_grid(model.proj_out(x), grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+        return self._velocity(model.proj_out(x), grid)
 
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         """Text and pooled embeddings zeroed (a stand-in; pass empty-prompt embeddings as ``uncond=``)."""
-        out = dict(cond)
-        for key in ("encoder_hidden_states", "pooled_projections"):
-            value = cond.get(key)
-            if not isinstance(value, Tensor):
-                raise TypeError(f"null_condition needs the conditional {key} to know its shape")
-            out[key] = torch.zeros_like(value)
-        return out
+        return zeroed_condition(cond, ("encoder_hidden_states", "pooled_projections"))
 
 
 ADAPTER = FluxAdapter()

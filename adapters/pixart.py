@@ -29,15 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.adapter import widen_patch_embed
 
-from ._diffusers_common import TimeMLP, check_tensor, check_time_convention, sincos_positions
+from ._diffusers_common import (
+    PatchEmbedAdapterBase,
+    call_block,
+    check_installed,
+    check_no_extra_conditioning,
+    check_tensor,
+    zeroed_condition,
+)
 
 __all__ = ["PixArtAdapter", "ADAPTER"]
 
 
-class PixArtAdapter:
+class PixArtAdapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``PixArtTransformer2DModel``.
 
     Args:
@@ -47,61 +53,19 @@ class PixArtAdapter:
     """
 
     name = "pixart"
+    model_class = "PixArtTransformer2DModel"
 
     def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):
-        self.time_convention = check_time_convention(time_convention)
-        self.output_scale = float(output_scale)
-
-    def config(self) -> dict[str, Any]:
-        return {"time_convention": self.time_convention, "output_scale": self.output_scale}
-
-    def __repr__(self) -> str:
-        return f"PixArtAdapter(time_convention={self.time_convention!r}, output_scale={self.output_scale!r})"
-
-    def matches(self, model: nn.Module) -> bool:
-        from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
-
-        return isinstance(model, PixArtTransformer2DModel)
-
-    def default_sample_shape(self, model: nn.Module) -> tuple[int, ...]:
-        cfg = model.config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-
-    def token_grid(self, model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
-        p = int(model.config.patch_size)
-        if len(sample_shape) != 3:
-            raise ValueError(f"{type(model).__name__} takes images; sample_shape must be (C, H, W), got {sample_shape}")
-        if sample_shape[1] % p or sample_shape[2] % p:
-            raise ValueError(f"sample_shape {sample_shape} is not divisible by the model's patch size {p}")
-        return (sample_shape[1] // p, sample_shape[2] // p)
+        super().__init__(time_convention, output_scale)
 
     def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
-        proj = model.pos_embed.proj
-        if not isinstance(proj, nn.Conv2d):
-            raise TypeError(f"{type(model).__name__}.pos_embed.proj is not a Conv2d (already wrapped?)")
-        if len(packer.grid) != 2:
-            raise ValueError(f"{type(model).__name__} takes images; got a token grid {packer.grid}")
-        channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != proj.in_channels:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {proj.in_channels}")
+        proj = self._patch_proj(model, packer, init)
         emb = model.adaln_single.emb
         model.pos_embed.proj = widen_patch_embed(proj, packer, init=init)
-        emb.timestep_embedder = multiscale_time_embed(
-            TimeMLP(emb.time_proj, emb.timestep_embedder),
-            proj.out_channels,
-            packer.num_stages,
-            init=init,
-            stage_embedding=stage_embedding,
-            time_transform=self.time_convention,
+        emb.timestep_embedder = self._time_embed(
+            emb.time_proj, emb.timestep_embedder, proj.out_channels, packer, init=init, stage_embedding=stage_embedding
         )
-        model.proj_out = widen_head(
-            model.proj_out,
-            packer,
-            base_patch=int(model.config.patch_size),
-            base_channels=int(model.out_channels),
-            order="pqc",
-            init=init,
-        )
+        model.proj_out = self._widen_head(model.proj_out, model, packer, init)
 
     def _text(self, model: nn.Module, b: int, encoder_hidden_states: Any) -> Tensor:
         width = (
@@ -129,10 +93,8 @@ class PixArtAdapter:
         cross_attention_kwargs: dict[str, Any] | None = None,
         **cond: Any,
     ) -> Tensor:
-        if cond:
-            raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
-        if not isinstance(model.pos_embed.proj, MultiScalePatchEmbed):
-            raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+        check_no_extra_conditioning(model, cond)
+        check_installed(model.pos_embed.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
         text = self._text(model, b, encoder_hidden_states)
         if encoder_attention_mask is not None:
@@ -141,13 +103,7 @@ class PixArtAdapter:
                 # diffusers' convention: 1 = keep -> additive bias 0, 0 = drop -> -10000.
                 encoder_attention_mask = ((1 - encoder_attention_mask.to(packed.dtype)) * -10000.0).unsqueeze(1)
 
-        pe = model.pos_embed
-        x = pe.proj(packed)
-        if pe.layer_norm:
-            x = pe.norm(x)
-        pos = sincos_positions(pe, grid, x.device)
-        if pos is not None:
-            x = (x + pos).to(x.dtype)
+        x = self._embed_patches(model, packed, grid)
 
         emb = model.adaln_single.emb
         embedded = emb.timestep_embedder(t, stage).to(x.dtype)
@@ -167,31 +123,15 @@ class PixArtAdapter:
         if model.caption_projection is not None:
             text = model.caption_projection(text).view(b, -1, x.shape[-1])
         for block in model.transformer_blocks:
-            if torch.is_grad_enabled() and model.gradient_checkpointing:
-                x = model._gradient_checkpointing_func(
-                    block, x, None, text, encoder_attention_mask, timestep, cross_attention_kwargs, None
-                )
-            else:
-                x = block(
-                    x,
-                    encoder_hidden_states=text,
-                    encoder_attention_mask=encoder_attention_mask,
-                    timestep=timestep,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                )
+            # BasicTransformerBlock(hidden, mask, text, text_mask, timestep, cross_attention_kwargs, class_labels)
+            x = call_block(model, block, x, None, text, encoder_attention_mask, timestep, cross_attention_kwargs, None)
         shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
         x = model.norm_out(x) * (1 + scale) + shift
-        out = MultiScaleHead.to_grid(model.proj_out(x), grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+        return self._velocity(model.proj_out(x), grid)
 
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         """``encoder_hidden_states`` zeroed (a stand-in; pass empty-prompt embeddings as ``uncond=`` for real models)."""
-        text = cond.get("encoder_hidden_states")
-        if not isinstance(text, Tensor):
-            raise TypeError("null_condition needs the conditional encoder_hidden_states to know their shape")
-        out = dict(cond)
-        out["encoder_hidden_states"] = torch.zeros_like(text)
-        return out
+        return zeroed_condition(cond, ("encoder_hidden_states",), pronoun="their")
 
 
 ADAPTER = PixArtAdapter()

@@ -25,18 +25,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.adapter import widen_patch_embed
 
-from ._diffusers_common import TimeMLP, check_tensor, check_time_convention, sincos_positions
+from ._diffusers_common import (
+    PatchEmbedAdapterBase,
+    call_block,
+    check_installed,
+    check_joint_text,
+    check_no_extra_conditioning,
+    zeroed_condition,
+)
 
 __all__ = ["SD3Adapter", "ADAPTER"]
 
 
-class SD3Adapter:
+class SD3Adapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``SD3Transformer2DModel``.
 
     Args:
@@ -46,67 +51,29 @@ class SD3Adapter:
     """
 
     name = "sd3"
+    model_class = "SD3Transformer2DModel"
 
     def __init__(self, time_convention: str = "timestep", output_scale: float = -1.0):
-        self.time_convention = check_time_convention(time_convention)
-        self.output_scale = float(output_scale)
+        super().__init__(time_convention, output_scale)
 
-    def config(self) -> dict[str, Any]:
-        return {"time_convention": self.time_convention, "output_scale": self.output_scale}
-
-    def __repr__(self) -> str:
-        return f"SD3Adapter(time_convention={self.time_convention!r}, output_scale={self.output_scale!r})"
-
-    def matches(self, model: nn.Module) -> bool:
-        from diffusers import SD3Transformer2DModel  # noqa: PLC0415
-
-        return isinstance(model, SD3Transformer2DModel)
-
-    def default_sample_shape(self, model: nn.Module) -> tuple[int, ...]:
-        cfg = model.config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-
-    def token_grid(self, model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
-        p = int(model.config.patch_size)
-        if len(sample_shape) != 3:
-            raise ValueError(f"{type(model).__name__} takes images; sample_shape must be (C, H, W), got {sample_shape}")
-        if sample_shape[1] % p or sample_shape[2] % p:
-            raise ValueError(f"sample_shape {sample_shape} is not divisible by the model's patch size {p}")
-        return (sample_shape[1] // p, sample_shape[2] // p)
-
-    def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
-        proj = model.pos_embed.proj
-        if not isinstance(proj, nn.Conv2d):
-            raise TypeError(f"{type(model).__name__}.pos_embed.proj is not a Conv2d (already wrapped?)")
-        if len(packer.grid) != 2:
-            raise ValueError(f"{type(model).__name__} takes images; got a token grid {packer.grid}")
+    def _check_grid(self, model: nn.Module, grid: tuple[int, ...]) -> None:
+        super()._check_grid(model, grid)
+        # SD3 crops its positions from a fixed table instead of recomputing them.
         limit = model.pos_embed.pos_embed_max_size
-        if limit and max(packer.grid) > limit:
+        if limit and max(grid) > limit:
             raise ValueError(
-                f"the token grid {packer.grid} is larger than {type(model).__name__}'s position table "
+                f"the token grid {grid} is larger than {type(model).__name__}'s position table "
                 f"(pos_embed_max_size={limit})"
             )
-        channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != proj.in_channels:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {proj.in_channels}")
+
+    def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
+        proj = self._patch_proj(model, packer, init)
         tte = model.time_text_embed
         model.pos_embed.proj = widen_patch_embed(proj, packer, init=init)
-        tte.timestep_embedder = multiscale_time_embed(
-            TimeMLP(tte.time_proj, tte.timestep_embedder),
-            proj.out_channels,
-            packer.num_stages,
-            init=init,
-            stage_embedding=stage_embedding,
-            time_transform=self.time_convention,
+        tte.timestep_embedder = self._time_embed(
+            tte.time_proj, tte.timestep_embedder, proj.out_channels, packer, init=init, stage_embedding=stage_embedding
         )
-        model.proj_out = widen_head(
-            model.proj_out,
-            packer,
-            base_patch=int(model.config.patch_size),
-            base_channels=int(model.out_channels),
-            order="pqc",
-            init=init,
-        )
+        model.proj_out = self._widen_head(model.proj_out, model, packer, init)
 
     def forward(
         self,
@@ -120,57 +87,26 @@ class SD3Adapter:
         joint_attention_kwargs: dict[str, Any] | None = None,
         **cond: Any,
     ) -> Tensor:
-        if cond:
-            raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
-        if not isinstance(model.pos_embed.proj, MultiScalePatchEmbed):
-            raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+        check_no_extra_conditioning(model, cond)
+        check_installed(model.pos_embed.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
-        cfg = model.config
-        text = check_tensor(
-            encoder_hidden_states,
-            "encoder_hidden_states",
-            (b, None, int(cfg.joint_attention_dim)),
-            hint=f" (text embeddings [B, L, {cfg.joint_attention_dim}])",
-        )
-        pooled = check_tensor(
-            pooled_projections,
-            "pooled_projections",
-            (b, int(cfg.pooled_projection_dim)),
-            hint=f" (pooled text embeddings [B, {cfg.pooled_projection_dim}])",
+        text, pooled = check_joint_text(
+            model, b, encoder_hidden_states, pooled_projections, text="text", pooled="pooled text"
         )
 
-        pe = model.pos_embed
-        x = pe.proj(packed)
-        if pe.layer_norm:
-            x = pe.norm(x)
-        pos = sincos_positions(pe, grid, x.device)
-        if pos is not None:
-            x = (x + pos).to(x.dtype)
-        x = x.contiguous()
+        x = self._embed_patches(model, packed, grid).contiguous()
 
         tte = model.time_text_embed
         temb = tte.timestep_embedder(t, stage).to(pooled.dtype) + tte.text_embedder(pooled)
         text = model.context_embedder(text)
         for block in model.transformer_blocks:
-            if torch.is_grad_enabled() and model.gradient_checkpointing:
-                text, x = model._gradient_checkpointing_func(block, x, text, temb, joint_attention_kwargs)
-            else:
-                text, x = block(
-                    hidden_states=x, encoder_hidden_states=text, temb=temb, joint_attention_kwargs=joint_attention_kwargs
-                )
+            text, x = call_block(model, block, x, text, temb, joint_attention_kwargs)
         x = model.norm_out(x, temb)
-        out = MultiScaleHead.to_grid(model.proj_out(x), grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+        return self._velocity(model.proj_out(x), grid)
 
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         """Text and pooled embeddings zeroed (a stand-in for SD3's empty-prompt embeddings)."""
-        out = dict(cond)
-        for key in ("encoder_hidden_states", "pooled_projections"):
-            value = cond.get(key)
-            if not isinstance(value, Tensor):
-                raise TypeError(f"null_condition needs the conditional {key} to know its shape")
-            out[key] = torch.zeros_like(value)
-        return out
+        return zeroed_condition(cond, ("encoder_hidden_states", "pooled_projections"))
 
 
 ADAPTER = SD3Adapter()

@@ -42,19 +42,22 @@ def _perturb(model: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
     return model
 
 
-def _roundtrip(cls: type, model: nn.Module, path: Path) -> nn.Module:
-    path = Path(path)
-    model.save_pretrained(path)
-    loaded = cls.from_pretrained(path, torch_dtype=torch.float32)
-    return loaded.eval()
+def _build(cls: type, path: Path, seed: int, **config) -> nn.Module:
+    """``cls(**config)`` initialised under ``seed``, perturbed, saved and loaded back (float32, eval)."""
+    torch.manual_seed(seed)
+    model = _perturb(cls(**config), seed)
+    model.save_pretrained(Path(path))
+    return cls.from_pretrained(Path(path), torch_dtype=torch.float32).eval()
 
 
 def tiny_dit(path: Path, seed: int = 0, learn_sigma: bool = True) -> nn.Module:
     """``DiTTransformer2DModel``: 2 blocks, hidden 16, patch 2, 8x8 latents, 10 classes."""
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
+    return _build(
+        DiTTransformer2DModel,
+        path,
+        seed,
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=LATENT_CHANNELS,
@@ -64,15 +67,16 @@ def tiny_dit(path: Path, seed: int = 0, learn_sigma: bool = True) -> nn.Module:
         patch_size=2,
         num_embeds_ada_norm=10,
     )
-    return _roundtrip(DiTTransformer2DModel, _perturb(model, seed), path)
 
 
 def tiny_pixart(path: Path, seed: int = 0) -> nn.Module:
     """``PixArtTransformer2DModel``: 2 blocks, hidden 16, cross-attention to 12-dim captions."""
     from diffusers import PixArtTransformer2DModel
 
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
+    return _build(
+        PixArtTransformer2DModel,
+        path,
+        seed,
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=LATENT_CHANNELS,
@@ -84,15 +88,16 @@ def tiny_pixart(path: Path, seed: int = 0) -> nn.Module:
         caption_channels=TEXT_DIM,
         use_additional_conditions=False,
     )
-    return _roundtrip(PixArtTransformer2DModel, _perturb(model, seed), path)
 
 
 def tiny_sd3(path: Path, seed: int = 0) -> nn.Module:
     """``SD3Transformer2DModel``: 2 joint blocks, hidden 16, cropped sincos positions (max 16)."""
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(seed)
-    model = SD3Transformer2DModel(
+    return _build(
+        SD3Transformer2DModel,
+        path,
+        seed,
         sample_size=8,
         patch_size=2,
         in_channels=LATENT_CHANNELS,
@@ -105,15 +110,16 @@ def tiny_sd3(path: Path, seed: int = 0) -> nn.Module:
         out_channels=LATENT_CHANNELS,
         pos_embed_max_size=16,
     )
-    return _roundtrip(SD3Transformer2DModel, _perturb(model, seed), path)
 
 
 def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Module:
     """``FluxTransformer2DModel``: 1 double + 1 single block, hidden 16, 64 -> 16 packed channels."""
     from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
+    return _build(
+        FluxTransformer2DModel,
+        path,
+        seed,
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,
         num_layers=1,
@@ -125,55 +131,53 @@ def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Mod
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(2, 2, 4),
     )
-    return _roundtrip(FluxTransformer2DModel, _perturb(model, seed), path)
+
+
+# What the CogVideoX 1.0 and 1.5 tiny models have in common.
+_COGVIDEOX = dict(
+    num_attention_heads=2,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    time_embed_dim=16,
+    text_embed_dim=TEXT_DIM,
+    num_layers=1,
+    sample_width=8,
+    sample_height=8,
+    patch_size=2,
+    max_text_seq_length=4,
+)
 
 
 def tiny_cogvideox(path: Path, seed: int = 0) -> nn.Module:
     """``CogVideoXTransformer3DModel`` (1.0 layout: sincos positions, temporal patch 1)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    torch.manual_seed(seed)
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
+    return _build(
+        CogVideoXTransformer3DModel,
+        path,
+        seed,
+        **_COGVIDEOX,
         attention_head_dim=8,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        time_embed_dim=16,
-        text_embed_dim=TEXT_DIM,
-        num_layers=1,
-        sample_width=8,
-        sample_height=8,
         sample_frames=5,
-        patch_size=2,
-        max_text_seq_length=4,
         temporal_compression_ratio=4,
     )
-    return _roundtrip(CogVideoXTransformer3DModel, _perturb(model, seed), path)
 
 
 def tiny_cogvideox15(path: Path, seed: int = 0) -> nn.Module:
     """CogVideoX 1.5 layout: temporal patch 2 (``Linear`` patch embedding), rotary positions, head dim 16."""
     from diffusers import CogVideoXTransformer3DModel
 
-    torch.manual_seed(seed)
-    model = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
+    return _build(
+        CogVideoXTransformer3DModel,
+        path,
+        seed,
+        **_COGVIDEOX,
         attention_head_dim=16,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        time_embed_dim=16,
-        text_embed_dim=TEXT_DIM,
-        num_layers=1,
-        sample_width=8,
-        sample_height=8,
         sample_frames=9,
-        patch_size=2,
         patch_size_t=2,
-        max_text_seq_length=4,
         use_rotary_positional_embeddings=True,
         patch_bias=False,
     )
-    return _roundtrip(CogVideoXTransformer3DModel, _perturb(model, seed), path)
 
 
 def cogvideox_rope(grid: tuple[int, int, int], head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
