@@ -9,12 +9,18 @@ import pkgutil
 import pytest
 
 import dfm_ext
+import dfm_ext.adapters
+import dfm_ext.recipes
 
-# Modules that need optional heavy dependencies are still collected; they skip if those are absent.
+# The library, the adapters and the recipes (the test environment installs every extra). The
+# three are walked separately: setuptools maps adapters/ and recipes/ from outside src/dfm_ext.
 _MODULES = sorted(
-    m.name
-    for m in pkgutil.walk_packages(dfm_ext.__path__, prefix="dfm_ext.")
-    if not m.name.startswith(("dfm_ext.adapters", "dfm_ext.recipes"))
+    {
+        m.name
+        for pkg in (dfm_ext, dfm_ext.adapters, dfm_ext.recipes)
+        for m in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg.__name__}.")
+    }
+    | {"dfm_ext.adapters", "dfm_ext.recipes"}
 )
 
 
