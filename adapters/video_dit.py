@@ -20,7 +20,7 @@ from dfm_ext.embeddings import MultiScaleHead
 
 from .dit import DiTFamilyAdapter
 
-__all__ = ["VideoDiTAdapter", "ADAPTER"]
+__all__ = ["ADAPTER", "VideoDiTAdapter"]
 
 
 class VideoDiTAdapter(DiTFamilyAdapter):

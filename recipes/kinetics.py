@@ -35,7 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, config_to_dict, load_config
-from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult, resolve_output_dir
+from .engine import (
+    OptimConfig,
+    StepLoss,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    resolve_output_dir,
+)
 from .imagenet import DFMConfig, _import_factory
 
 __all__ = [
@@ -371,7 +378,9 @@ class _CogVideoXRotary:
         key = (tuple(grid), str(device))
         if key not in self._cache:
             from diffusers.models.embeddings import get_3d_rotary_pos_embed
-            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
+                get_resize_crop_region_for_grid,
+            )
 
             c = self.config
             frames, gh, gw = grid

@@ -159,7 +159,7 @@ def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: 
     import av
 
     frames = to_uint8_frames(video)
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         h, w = h + h % 2, w + w % 2

@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     # models and wrapping
     "DiT": "models",
     "DiTConfig": "models",
+    "VideoDiT": "video_models",
+    "VideoDiTConfig": "video_models",
     "MultiScalePatchEmbed": "embeddings",
     "MultiScaleTimestepEmbed": "embeddings",
     "MultiScaleHead": "embeddings",
