@@ -2,7 +2,7 @@
 
 Layout under ``<run>/checkpoints``::
 
-    step-000200/     complete checkpoints (accelerate state + registered objects)
+    step-000200/     complete checkpoints (accelerate state + ``extra_state.pt``)
     step-000400/
     latest           text file naming the newest complete checkpoint, e.g. "step-000400"
 
@@ -12,6 +12,13 @@ a temporary file and ``os.replace``. A crash at any moment therefore leaves eith
 ``latest`` or the new one, never a name pointing at a half-written folder. Leftover ``tmp-*``
 folders are deleted at the next save. The output folder must be on a filesystem that every
 process (and node) sees.
+
+Objects beyond the model and optimiser (LR scheduler, EMA, step counters) are *not* handed to
+``accelerator.register_for_checkpointing``: accelerate reloads those with a full pickle
+(``torch.load(weights_only=False)``), which runs code from the file. They are written here into
+``extra_state.pt`` and read back with ``weights_only=True``, so resuming from a checkpoint
+someone else wrote cannot execute anything; accelerate itself loads the model from safetensors
+and the optimiser and RNG states with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -20,9 +27,19 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
-__all__ = ["find_latest", "list_checkpoints", "save_checkpoint", "step_dir_name"]
+__all__ = ["Stateful", "find_latest", "list_checkpoints", "load_checkpoint", "save_checkpoint", "step_dir_name"]
+
+EXTRA_STATE = "extra_state.pt"
+
+
+class Stateful(Protocol):
+    """Anything with ``state_dict`` / ``load_state_dict`` (schedulers, EMA models, counters)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -89,7 +106,14 @@ def find_latest(root: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, root: str | Path, step: int, *, keep: int | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Any,
+    root: str | Path,
+    step: int,
+    *,
+    keep: int | None = None,
+    extra: Mapping[str, Stateful] | None = None,
+) -> Path:
     """Save the accelerator's state atomically as ``root/step-<step>`` and point ``latest`` at it.
 
     Every process must call this (``save_state`` gathers and writes per-rank RNG states).
@@ -100,6 +124,8 @@ def save_checkpoint(accelerator: Any, root: str | Path, step: int, *, keep: int 
         root: the checkpoints folder.
         step: the optimiser step the state belongs to.
         keep: keep only the newest ``keep`` checkpoints (``None``: keep all).
+        extra: further objects to save into ``extra_state.pt`` (from the main process; their
+            state must be the same on every rank), restored by :func:`load_checkpoint`.
 
     Returns:
         The final checkpoint folder.
@@ -118,6 +144,10 @@ def save_checkpoint(accelerator: Any, root: str | Path, step: int, *, keep: int 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra:
+            import torch
+
+            torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
@@ -130,3 +160,34 @@ def save_checkpoint(accelerator: Any, root: str | Path, step: int, *, keep: int 
                     shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Any, path: str | Path, *, extra: Mapping[str, Stateful] | None = None) -> None:
+    """Restore a checkpoint written by :func:`save_checkpoint`; nothing is unpickled.
+
+    Args:
+        accelerator: the ``Accelerator`` whose prepared model and optimiser receive the state.
+        path: a ``step-*`` folder.
+        extra: the same names and objects that were passed to :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing, or lacks ``extra_state.pt`` while ``extra`` asks for it.
+        KeyError: ``extra_state.pt`` lacks one of the names in ``extra``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    accelerator.load_state(str(path))
+    if not extra:
+        return
+    import torch
+
+    file = path / EXTRA_STATE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; {path} was not written by save_checkpoint with extra state")
+    states = torch.load(file, map_location="cpu", weights_only=True)
+    missing = sorted(set(extra) - set(states))
+    if missing:
+        raise KeyError(f"{file} has no state for {missing}; it holds {sorted(states)}")
+    for name, obj in extra.items():
+        obj.load_state_dict(states[name])

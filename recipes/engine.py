@@ -9,7 +9,7 @@ optionally sample/evaluate) and a dataset; :class:`Trainer` does the rest:
 * AdamW (the paper's Adam(0.9, 0.99), eps 1e-8, weight decay 0.01), linear warmup then a
   constant learning rate, gradient clipping;
 * an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with
-  ``get_ema_multi_avg_fn``), registered with ``accelerator.register_for_checkpointing``;
+  ``get_ema_multi_avg_fn``), saved into each checkpoint's ``extra_state.pt``;
 * atomic, pruned checkpoints (:mod:`.checkpointing`) and exact resume: the data order and every
   random draw of a step are functions of ``(seed, step, micro-batch)`` (:class:`BatchPlan`,
   :func:`step_generator`), so restarting at step ``k`` replays the same run;
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpointing import find_latest, save_checkpoint
+from .checkpointing import find_latest, load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, save_config
 from .data_images import BatchPlan, PlanBatchSampler, collate_items
 
@@ -377,11 +377,12 @@ class Trainer:
         if ema is not None:
             ema.to(accelerator.device)
         state = _RunState()
-        accelerator.register_for_checkpointing(scheduler, state)
+        # Saved by save_checkpoint, not register_for_checkpointing (which reloads with a full pickle).
+        extra: dict[str, Any] = {"scheduler": scheduler, "run": state}
         if ema is not None:
-            accelerator.register_for_checkpointing(ema)
+            extra["ema"] = ema
         if resume is not None:
-            accelerator.load_state(str(resume))
+            load_checkpoint(accelerator, resume, extra=extra)
             accelerator.print(f"resumed from {resume} at step {state.step}")
 
         if accelerator.is_main_process and self.train.trackers:
@@ -462,7 +463,9 @@ class Trainer:
                 window, window_steps, t_window = {}, 0, time.perf_counter()
 
             if state.step % self.train.checkpoint_every == 0 or state.step == self.train.steps:
-                save_checkpoint(accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints)
+                save_checkpoint(
+                    accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints, extra=extra
+                )
 
             if self.train.sample_every and (state.step % self.train.sample_every == 0 or state.step == self.train.steps):
                 if accelerator.is_main_process:

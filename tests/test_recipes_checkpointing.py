@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfm_ext.recipes.checkpointing import find_latest, list_checkpoints, save_checkpoint, step_dir_name
+from dfm_ext.recipes.checkpointing import (
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
 from dfm_ext.recipes.engine import build_optimizer, warmup_lambda, OptimConfig
 
 
@@ -29,6 +35,9 @@ class FakeAccelerator:
             if self.crash_after is not None and i >= self.crash_after:
                 raise KeyboardInterrupt("simulated crash while writing")
             (out / name).write_text(name)
+
+    def load_state(self, input_dir: str) -> None:
+        assert _complete(Path(input_dir))
 
 
 def _complete(path: Path) -> bool:
@@ -74,6 +83,52 @@ def test_bad_latest_is_an_error(tmp_path: Path) -> None:
         find_latest(tmp_path)
     with pytest.raises(ValueError):
         save_checkpoint(FakeAccelerator(), tmp_path, 1, keep=0)
+
+
+def _ema_and_scheduler() -> tuple[torch.optim.swa_utils.AveragedModel, torch.optim.lr_scheduler.LambdaLR]:
+    model = torch.nn.Linear(3, 2)
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return ema, torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(10))
+
+
+def test_extra_state_round_trip_without_pickle(tmp_path: Path) -> None:
+    ema, sched = _ema_and_scheduler()
+    with torch.no_grad():
+        ema.module.weight.add_(1.0)
+    ema.n_averaged.fill_(7)
+    for _ in range(3):
+        sched.optimizer.step()
+        sched.step()
+    path = save_checkpoint(FakeAccelerator(), tmp_path, 3, extra={"ema": ema, "scheduler": sched})
+
+    ema2, sched2 = _ema_and_scheduler()
+    load_checkpoint(FakeAccelerator(), path, extra={"ema": ema2, "scheduler": sched2})
+    assert torch.equal(ema2.module.weight, ema.module.weight) and int(ema2.n_averaged) == 7
+    assert sched2.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()
+
+    with pytest.raises(KeyError, match="'run'"):
+        load_checkpoint(FakeAccelerator(), path, extra={"run": sched2})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(FakeAccelerator(), tmp_path / "step-000099", extra={"ema": ema2})
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this would call print; weights_only must refuse it
+        return (print, ("executed",))
+
+
+def test_extra_state_refuses_arbitrary_pickles(tmp_path: Path) -> None:
+    path = save_checkpoint(FakeAccelerator(), tmp_path, 1)
+    torch.save({"scheduler": _RunsCode()}, path / "extra_state.pt")
+    _, sched = _ema_and_scheduler()
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(FakeAccelerator(), path, extra={"scheduler": sched})
+    (path / "extra_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="extra_state.pt is missing"):
+        load_checkpoint(FakeAccelerator(), path, extra={"scheduler": sched})
 
 
 def test_optimizer_groups_and_warmup() -> None:
