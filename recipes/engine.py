@@ -365,8 +365,14 @@ class Trainer:
         torch.manual_seed(self.train.seed)  # identical initial weights on every process
         model = self.task.build_model()
         ema = None
+        fsdp = str(accelerator.distributed_type).endswith("FSDP")
+        if fsdp and self.train.sample_every:
+            raise ConfigError(
+                f"train.sample_every={self.train.sample_every} with FSDP is not supported: samples are drawn on the "
+                "main process, which holds only a shard; set train.sample_every=0 and sample from final/ afterwards"
+            )
         if self.train.ema_decay is not None:
-            if str(accelerator.distributed_type).endswith("FSDP"):
+            if fsdp:
                 raise ConfigError("train.ema_decay with FSDP is not supported; set train.ema_decay=null for FSDP runs")
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.train.ema_decay), use_buffers=True)
             ema.requires_grad_(False)
@@ -483,9 +489,17 @@ class Trainer:
 
         # Drain the loader so worker processes exit cleanly.
         del batches, loader
+        # Under FSDP every process holds a shard: gather the full weights (a collective) first.
+        full_state = accelerator.get_state_dict(model) if fsdp else None
         digests = _gather_objects(accelerator, _param_digest(accelerator.unwrap_model(model)))
         if accelerator.is_main_process:
-            final = ema.module if ema is not None else accelerator.unwrap_model(model)
+            if ema is not None:
+                final = ema.module
+            elif full_state is not None:
+                final = self.task.build_model()
+                final.load_state_dict(full_state)
+            else:
+                final = accelerator.unwrap_model(model)
             self._save_final(final, accelerator)
             summary = {
                 "step": state.step,
