@@ -327,23 +327,48 @@ class DiT(nn.Module):
         torch.Size([2, 4, 8, 16])
     """
 
+    config_class: type = DiTConfig
+
     def __init__(self, config: DiTConfig):
         super().__init__()
-        if not isinstance(config, DiTConfig):
-            raise TypeError(f"config must be a DiTConfig, got {type(config).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         d, p = config.hidden_size, config.patch_size
-        self.x_embedder = PatchEmbed(config.image_size, p, config.in_channels, d)
+        self.x_embedder = self._patch_embed(config)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        if config.rope:
+        pos = self._fixed_pos_embed(config)
+        if pos is None:
             self.pos_embed = None
         else:
-            self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size)[None], persistent=True)
+            self.register_buffer("pos_embed", pos, persistent=True)
         self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(d, p, config.out_channels)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.initialize_weights()
+
+    # The four hooks below (and unpatchify) are what a DiT variant changes; see video_models.VideoDiT.
+    def _patch_embed(self, config: Any) -> nn.Module:
+        return PatchEmbed(config.image_size, config.patch_size, config.in_channels, config.hidden_size)
+
+    def _fixed_pos_embed(self, config: Any) -> Tensor | None:
+        """``[1, N, D]`` sin-cos table, or ``None`` when positions come from RoPE."""
+        return None if config.rope else sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None]
+
+    def _rope(self, head_dim: int, grid: tuple[int, ...], device: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        return rope_2d(head_dim, grid, device=device, dtype=dtype) if self.config.rope else None  # type: ignore[arg-type]
+
+    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
+        """Check ``x`` against the config and return its token grid ``(Gh, Gw)``."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        if not cfg.rope and tuple(x.shape[2:]) != cfg.image_size:
+            raise ValueError(f"x has spatial size {tuple(x.shape[2:])}, the model was built for {cfg.image_size}")
+        if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
+            raise ValueError(f"x spatial size {tuple(x.shape[2:])} is not divisible by patch {cfg.patch_size}")
+        return (x.shape[2] // cfg.patch_size, x.shape[3] // cfg.patch_size)
 
     @property
     def in_channels(self) -> int:
@@ -381,12 +406,13 @@ class DiT(nn.Module):
 
     def rope_for_grid(self, grid: tuple[int, ...], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor] | None:
         """RoPE cosines/sines for a token grid (cached), or ``None`` without RoPE."""
-        if not self.config.rope:
-            return None
         key = (tuple(grid), str(device), dtype)
         if key not in self._rope_cache:
             head_dim = self.config.hidden_size // self.config.num_heads
-            self._rope_cache[key] = rope_2d(head_dim, tuple(grid), device=device, dtype=dtype)  # type: ignore[arg-type]
+            rope = self._rope(head_dim, tuple(grid), device, dtype)
+            if rope is None:
+                return None
+            self._rope_cache[key] = rope
         return self._rope_cache[key]
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -405,19 +431,12 @@ class DiT(nn.Module):
         force_drop_ids: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
-        if not cfg.rope and tuple(x.shape[2:]) != cfg.image_size:
-            raise ValueError(f"x has spatial size {tuple(x.shape[2:])}, the model was built for {cfg.image_size}")
-        if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
-            raise ValueError(f"x spatial size {tuple(x.shape[2:])} is not divisible by patch {cfg.patch_size}")
+        grid = self._token_grid(x)
         b = x.shape[0]
         if t.shape != (b,):
             raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
         if y.shape != (b,) or y.dtype != torch.long:
             raise ValueError(f"y must be a long tensor of shape [{b}], got {tuple(y.shape)} {y.dtype}")
-        grid = (x.shape[2] // cfg.patch_size, x.shape[3] // cfg.patch_size)
         h = self.x_embedder(x)
         if self.pos_embed is not None:
             h = h + self.pos_embed

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import _PRESETS, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder
+from .models import _PRESETS, DiT
 
 __all__ = ["VideoDiT", "VideoDiTConfig", "VideoPatchEmbed", "rope_3d"]
 
@@ -156,7 +156,7 @@ class VideoPatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(DiT):
     """Class-conditional video DiT velocity predictor.
 
     ``forward(x [B, C, T, H, W], t [B] in [0, 1] (t = 1 data), y [B] long) -> v [B, C_out, T, H, W]``.
@@ -169,50 +169,25 @@ class VideoDiT(nn.Module):
         torch.Size([2, 16, 3, 8, 8])
     """
 
-    def __init__(self, config: VideoDiTConfig):
-        super().__init__()
-        if not isinstance(config, VideoDiTConfig):
-            raise TypeError(f"config must be a VideoDiTConfig, got {type(config).__name__}")
-        self.config = config
-        d, p = config.hidden_size, config.patch_size
-        self.x_embedder = VideoPatchEmbed(config.input_size, p, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        self.pos_embed = None
-        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
-        self.final_layer = FinalLayer(d, p, config.out_channels)
-        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self.initialize_weights()
+    config_class = VideoDiTConfig
 
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """DiT's initialisation: Xavier linears and patch kernel, adaLN-Zero, zero output layer."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+    def _patch_embed(self, config: Any) -> nn.Module:
+        return VideoPatchEmbed(config.input_size, config.patch_size, config.in_channels, config.hidden_size)
 
-    def rope_for_grid(self, grid: tuple[int, ...], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        """3-D RoPE cosines/sines for a token grid ``(T, Gh, Gw)`` (cached)."""
-        key = (tuple(grid), str(device), dtype)
-        if key not in self._rope_cache:
-            head_dim = self.config.hidden_size // self.config.num_heads
-            self._rope_cache[key] = rope_3d(head_dim, tuple(grid), device=device, dtype=dtype)  # type: ignore[arg-type]
-        return self._rope_cache[key]
+    def _fixed_pos_embed(self, config: Any) -> Tensor | None:
+        return None  # 3-D RoPE only: any number of frames and any divisible size
+
+    def _rope(self, head_dim: int, grid: tuple[int, ...], device: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return rope_3d(head_dim, grid, device=device, dtype=dtype)  # type: ignore[arg-type]
+
+    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
+        """Check ``x`` against the config and return its token grid ``(T, Gh, Gw)``."""
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
+        if x.shape[3] % cfg.patch_size or x.shape[4] % cfg.patch_size:
+            raise ValueError(f"x spatial size {tuple(x.shape[3:])} is not divisible by patch {cfg.patch_size}")
+        return (x.shape[2], x.shape[3] // cfg.patch_size, x.shape[4] // cfg.patch_size)
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Tokens ``[B, N, p * p * C]`` in ``(p, q, c)`` order -> ``[B, C, T, Gh * p, Gw * p]``."""
@@ -220,30 +195,3 @@ class VideoDiT(nn.Module):
         t, gh, gw = grid
         x = x.reshape(x.shape[0], t, gh, gw, p, p, c)
         return torch.einsum("nthwpqc->ncthpwq", x).reshape(x.shape[0], c, t, gh * p, gw * p)
-
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor,
-        *,
-        force_drop_ids: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        cfg = self.config
-        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
-        if x.shape[3] % cfg.patch_size or x.shape[4] % cfg.patch_size:
-            raise ValueError(f"x spatial size {tuple(x.shape[3:])} is not divisible by patch {cfg.patch_size}")
-        b = x.shape[0]
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
-        if y.shape != (b,) or y.dtype != torch.long:
-            raise ValueError(f"y must be a long tensor of shape [{b}], got {tuple(y.shape)} {y.dtype}")
-        grid = (x.shape[2], x.shape[3] // cfg.patch_size, x.shape[4] // cfg.patch_size)
-        h = self.x_embedder(x)
-        c = self.t_embedder(t * 1000) + self.y_embedder(y, self.training, force_drop_ids, generator)
-        rope = self.rope_for_grid(grid, x.device, h.dtype)
-        for block in self.blocks:
-            h = block(h, c, rope)
-        return self.unpatchify(self.final_layer(h, c), grid)
