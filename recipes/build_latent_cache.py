@@ -16,19 +16,18 @@ refuses a cache that disagrees with its config. Unreadable images are left out a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ._common import USAGE_ERRORS, cache_builder_parser, usage_error
 from .config import load_config
-from .data_images import ImageFolder
+from .data_images import _DECODE_ERRORS, ImageFolder, load_image
 from .imagenet import ImageNetConfig, cache_metadata, load_codec
-from .latents import write_latent_cache
+from .latents import SkipUnreadable, encode_to_cache
 
 __all__ = ["build_cache", "main"]
 
@@ -49,78 +48,33 @@ def build_cache(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = ImageFolder(cfg.data.root, cfg.data.resolution, max_skips=cfg.data.max_skips)
     codec = load_codec(cfg, device)
-    # Unreadable files are left out of the cache (not replaced by a neighbour): the cache
-    # holds each readable image exactly once.
-    readable: list[int] = []
-    bad: list[int] = []
-    loader = torch.utils.data.DataLoader(
-        _Readable(dataset), batch_size=batch_size, num_workers=min(8, cfg.train.num_workers), collate_fn=list
-    )
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        for items in tqdm(loader, disable=not progress, desc="encoding"):
-            ok = [it for it in items if it is not None and not isinstance(it, int)]
-            bad.extend(it for it in items if isinstance(it, int))
-            if not ok:
-                continue
-            readable.extend(it["index"] for it in ok)
-            pixels = torch.stack([it["pixels"] for it in ok]).to(device)
-            labels = torch.tensor([it["label"] for it in ok])
-            z = codec.encode(pixels)
-            zf = codec.encode(pixels.flip(-1)) if cfg.data.random_flip else None
-            yield z, labels, zf
-
-    meta = {
-        **cache_metadata(cfg),
-        "flipped": cfg.data.random_flip,
-        "scaling_factor": codec.scaling,
-        "shift_factor": codec.shifting,
-        "classes": dataset.classes,
-        "source": str(cfg.data.root),
-    }
-    path = write_latent_cache(out, batches(), meta, shard_size=shard_size, dtype=dtype)
-    index = json.loads((path / "index.json").read_text())
-    index["skipped_images"] = [dataset.items[i][0] for i in bad]
-    (path / "index.json").write_text(json.dumps(index, indent=2))
-    return index
+    return encode_to_cache(
+        _Readable(dataset), codec, out, metadata=cache_metadata(cfg),
+        extra={"classes": dataset.classes, "source": str(cfg.data.root)}, flip=cfg.data.random_flip,
+        skipped_key="skipped_images", device=device, batch_size=batch_size, num_workers=min(8, cfg.train.num_workers),
+        shard_size=shard_size, dtype=dtype, progress=progress,
+    )  # fmt: skip
 
 
-class _Readable(torch.utils.data.Dataset):
+class _Readable(SkipUnreadable):
     """Items of an ``ImageFolder`` without the fall-back: an unreadable index yields the int."""
 
-    def __init__(self, ds: ImageFolder) -> None:
-        self.ds = ds
+    errors = _DECODE_ERRORS
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict | int:
-        from .data_images import _DECODE_ERRORS, load_image
-
-        path, label = self.ds.items[i]
-        try:
-            return {"pixels": load_image(path, self.ds.resolution), "label": label, "index": i}
-        except _DECODE_ERRORS:
-            return i
+    def pixels(self, i: int) -> torch.Tensor:
+        return load_image(self.ds.items[i][0], self.ds.resolution)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.build_latent_cache", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True, help="cache folder to write")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("overrides", nargs="*")
+    parser = cache_builder_parser("python -m dfm_ext.recipes.build_latent_cache", __doc__, batch_size=32)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(ImageNetConfig, args.config, args.overrides)
         if cfg.data.root is None or not Path(cfg.data.root).is_dir():
             raise FileNotFoundError(f"data.root={cfg.data.root!r} is not an image folder")
         index = build_cache(cfg, args.out, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as e:
+        return usage_error(e)
     print(json.dumps({"out": args.out, "num_items": index["num_items"], "skipped_images": len(index["skipped_images"])}))
     return 0
 

@@ -17,37 +17,29 @@ listed (``skipped_videos``). Runs as one process (on a GPU when there is one).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ._common import USAGE_ERRORS, cache_builder_parser, usage_error
 from .config import load_config
 from .kinetics import CONFIG_ALIASES, KineticsConfig, cache_metadata, load_codec
-from .latents import write_latent_cache
+from .latents import SkipUnreadable, encode_to_cache
 from .video_io import DECODE_ERRORS
 
 __all__ = ["build_cache", "main"]
 
 
-class _Readable(torch.utils.data.Dataset):
+class _Readable(SkipUnreadable):
     """Clips of a ``VideoClips`` without the fall-back: an unreadable index yields the int."""
 
-    def __init__(self, ds) -> None:
-        self.ds = ds
+    errors = DECODE_ERRORS
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict | int:
-        try:
-            return {"pixels": self.ds.read(i), "label": self.ds.items[i][1], "index": i}
-        except DECODE_ERRORS:
-            return i
+    def pixels(self, i: int) -> torch.Tensor:
+        return self.ds.read(i)
 
 
 def build_cache(
@@ -70,51 +62,22 @@ def build_cache(
     d = cfg.data
     dataset = VideoClips(items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution, position=d.position, classes=classes)
     codec = load_codec(cfg, device)
-    bad: list[int] = []
-    loader = torch.utils.data.DataLoader(_Readable(dataset), batch_size=batch_size, num_workers=min(8, cfg.train.num_workers), collate_fn=list)
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        for got in tqdm(loader, disable=not progress, desc="encoding"):
-            ok = [it for it in got if not isinstance(it, int)]
-            bad.extend(it for it in got if isinstance(it, int))
-            if not ok:
-                continue
-            pixels = torch.stack([it["pixels"] for it in ok]).to(device)
-            labels = torch.tensor([it["label"] for it in ok])
-            z = codec.encode(pixels)
-            zf = codec.encode(pixels.flip(-1)) if d.random_flip else None
-            yield z, labels, zf
-
-    meta = {
-        **cache_metadata(cfg),
-        "flipped": d.random_flip,
-        "scaling_factor": codec.scaling,
-        "shift_factor": codec.shifting,
-        "classes": classes,
-        "source": str(d.annotations or d.root),
-    }
-    path = write_latent_cache(out, batches(), meta, shard_size=shard_size, dtype=dtype)
-    index = json.loads((path / "index.json").read_text())
-    index["skipped_videos"] = [dataset.items[i][0] for i in bad]
-    (path / "index.json").write_text(json.dumps(index, indent=2))
-    return index
+    return encode_to_cache(
+        _Readable(dataset), codec, out, metadata=cache_metadata(cfg),
+        extra={"classes": classes, "source": str(d.annotations or d.root)}, flip=d.random_flip,
+        skipped_key="skipped_videos", device=device, batch_size=batch_size, num_workers=min(8, cfg.train.num_workers),
+        shard_size=shard_size, dtype=dtype, progress=progress,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.build_video_latent_cache", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True, help="cache folder to write")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("overrides", nargs="*")
+    parser = cache_builder_parser("python -m dfm_ext.recipes.build_video_latent_cache", __doc__, batch_size=8)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(KineticsConfig, CONFIG_ALIASES.get(args.config, args.config), args.overrides)
         index = build_cache(cfg, args.out, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype), progress=False)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as e:
+        return usage_error(e)
     print(json.dumps({"out": args.out, "num_items": index["num_items"], "skipped_videos": len(index["skipped_videos"])}))
     return 0
 

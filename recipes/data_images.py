@@ -15,7 +15,7 @@ process with accumulation ``A*W`` sees the same global batches as ``W`` processe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +41,30 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {str(root)!r} does not exist or is not a folder")
+    return scan_class_folders(root, IMAGE_EXTENSIONS)
+
+
+def scan_class_folders(
+    root: Path, extensions: Sequence[str], *, what: str = "data root", item: str = "image"
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(path, label)`` for every file under ``root/<class>/`` (recursively) with one of ``extensions``.
+
+    Classes are the sorted names of the non-hidden subfolders; ``what`` and ``item`` name the
+    folder and its files in the messages.
+
+    Raises:
+        ValueError: no class folders or no matching files.
+    """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(f"data root {str(root)!r} has no class subfolders (expected root/<class>/<image>)")
+        raise ValueError(f"{what} {str(root)!r} has no class subfolders (expected root/<class>/<{item}>)")
     items = []
     for label, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.is_file() and p.suffix.lower() in extensions:
                 items.append((str(p), label))
     if not items:
-        raise ValueError(f"data root {str(root)!r} has class folders but no images with extensions {IMAGE_EXTENSIONS}")
+        raise ValueError(f"{what} {str(root)!r} has class folders but no {item}s with extensions {extensions}")
     return items, classes
 
 
@@ -93,25 +107,45 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _read(self, index: int) -> Tensor:
+        return load_image(self.items[index][0], self.resolution)
+
     def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
-        index = int(index)
-        bad: list[int] = []
-        for _ in range(min(self.max_skips, len(self.items))):
-            path, label = self.items[index]
-            try:
-                pixels = load_image(path, self.resolution)
-            except _DECODE_ERRORS:
-                bad.append(index)
-                index = (index + 1) % len(self.items)
-                continue
-            if flip:
-                pixels = pixels.flip(-1)
-            return {"pixels": pixels, "label": label, "index": index, "bad": bad}
-        raise RuntimeError(
-            f"{len(bad)} consecutive unreadable images starting at {self.items[bad[0]][0]!r}; "
-            "is the data folder corrupt?"
-        )
+        return read_with_fallback(self.items, key, self._read, _DECODE_ERRORS, max_skips=self.max_skips, what="images")
+
+
+def read_with_fallback(
+    items: Sequence[tuple[str, int]],
+    key: int | tuple[int, bool],
+    read: Callable[[int], Tensor],
+    errors: tuple[type[BaseException], ...],
+    *,
+    max_skips: int,
+    what: str,
+) -> dict[str, Any]:
+    """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads.
+
+    An index whose read raises one of ``errors`` falls back to the next index (wrapping), up to
+    ``max_skips`` tries; the item lists the failed indices in ``bad`` so that the trainer can
+    count skips across data-loader workers.
+
+    Raises:
+        RuntimeError: ``max_skips`` consecutive unreadable ``what`` (e.g. ``"images"``).
+    """
+    index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
+    index = int(index)
+    bad: list[int] = []
+    for _ in range(min(max_skips, len(items))):
+        try:
+            pixels = read(index)
+        except errors:
+            bad.append(index)
+            index = (index + 1) % len(items)
+            continue
+        if flip:
+            pixels = pixels.flip(-1)
+        return {"pixels": pixels, "label": items[index][1], "index": index, "bad": bad}
+    raise RuntimeError(f"{len(bad)} consecutive unreadable {what} starting at {items[bad[0]][0]!r}; is the data folder corrupt?")
 
 
 def collate_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

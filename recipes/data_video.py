@@ -24,28 +24,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from .data_images import read_with_fallback, scan_class_folders
 from .video_io import DECODE_ERRORS, read_clip
 
 __all__ = ["VIDEO_EXTENSIONS", "VideoClips", "scan_videos"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
-
-
-def _from_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"video root {str(root)!r} has no class subfolders (expected root/<class>/<clip>)")
-    items = []
-    for label, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
-                items.append((str(p), label))
-    if not items:
-        raise ValueError(f"video root {str(root)!r} has class folders but no clips with extensions {VIDEO_EXTENSIONS}")
-    return items, classes
 
 
 def _label_index(raw: list[tuple[str, Any]], where: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -126,7 +112,7 @@ def scan_videos(root: str | Path | None = None, annotations: str | Path | None =
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"video root {str(root)!r} does not exist or is not a folder")
-    return _from_folder(root)
+    return scan_class_folders(root, VIDEO_EXTENSIONS, what="video root", item="clip")
 
 
 class VideoClips(torch.utils.data.Dataset):
@@ -176,19 +162,4 @@ class VideoClips(torch.utils.data.Dataset):
         return read_clip(self.items[index][0], self.num_frames, self.stride, self.resolution, position=self.position)
 
     def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
-        index = int(index)
-        bad: list[int] = []
-        for _ in range(min(self.max_skips, len(self.items))):
-            try:
-                pixels = self.read(index)
-            except DECODE_ERRORS:
-                bad.append(index)
-                index = (index + 1) % len(self.items)
-                continue
-            if flip:
-                pixels = pixels.flip(-1)
-            return {"pixels": pixels, "label": self.items[index][1], "index": index, "bad": bad}
-        raise RuntimeError(
-            f"{len(bad)} consecutive unreadable videos starting at {self.items[bad[0]][0]!r}; is the data folder corrupt?"
-        )
+        return read_with_fallback(self.items, key, self.read, DECODE_ERRORS, max_skips=self.max_skips, what="videos")

@@ -24,7 +24,6 @@ Size: with FLUX.1-dev's 512 T5 tokens x 4096 in bfloat16, an entry's text embedd
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -33,7 +32,8 @@ from typing import Any
 
 import torch
 
-from .latents import CacheMismatchError
+from ._common import USAGE_ERRORS, cache_builder_parser, usage_error
+from .latents import CacheMismatchError, write_index
 
 __all__ = ["FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata", "main"]
 
@@ -164,9 +164,7 @@ def build_flux_cache(
         "skipped_images": skipped,
         "entries": entries,
     }
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out / "index.json")
+    write_index(out, index, indent=1)
     return index
 
 
@@ -227,22 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import load_config
     from .flux_finetune import FluxFinetuneConfig
 
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.flux_finetune cache", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--out", required=True, help="cache folder to write")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("overrides", nargs="*")
+    parser = cache_builder_parser("python -m dfm_ext.recipes.flux_finetune cache", __doc__, batch_size=16)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(FluxFinetuneConfig, args.config, args.overrides)
         if cfg.data.source is None or cfg.model.path is None:
             raise FileNotFoundError("set data.source (captioned images) and model.path (the FLUX folder or hub id)")
         index = build_flux_cache(cfg, args.out, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USAGE_ERRORS as e:
+        return usage_error(e)
     print(json.dumps({"out": args.out, "entries": len(index["entries"]), "skipped_images": len(index["skipped_images"])}))
     return 0
 

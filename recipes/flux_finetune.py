@@ -29,7 +29,6 @@ LoRA the new DFM layers (patch embedding, timestep embedders, head) stay trainab
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import functools
@@ -44,7 +43,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, load_config
+from ._common import (
+    dropout_mask,
+    looks_local,
+    parse_config_args,
+    save_progressive_samples,
+    stage_sampler,
+    timestep_sampler,
+    train_main,
+)
+from .config import ConfigError
 from .data_captions import DEFAULT_RATIOS, AspectBuckets, BucketBatchPlan, CaptionedImages, collate_captioned
 from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
 from .imagenet import DecompositionConfig, build_decomposition
@@ -390,11 +398,11 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
     """``FluxTransformer2DModel.from_pretrained(model.path, subfolder="transformer")``."""
     from diffusers import FluxTransformer2DModel
 
-    from .text_encoding import _is_local, check_local_subfolders
+    from .text_encoding import check_local_subfolders
 
     path = cfg.model.path
     check_local_subfolders(path, ("transformer",))  # type: ignore[arg-type]
-    where = str(Path(path).expanduser()) if _is_local(path) else path  # type: ignore[arg-type]
+    where = str(Path(path).expanduser()) if looks_local(path) else path  # type: ignore[arg-type]
     model = FluxTransformer2DModel.from_pretrained(where, subfolder="transformer", torch_dtype=getattr(torch, cfg.model.dtype))
     return model.to(device)
 
@@ -477,9 +485,7 @@ class FluxTask:
         self.cfg = cfg
         self.decomposition = build_decomposition(cfg.decomposition)
         s = self.decomposition.num_stages
-        self.timesteps = dfm_ext.StageTimestepSampler(
-            s, probabilities=cfg.dfm.stage_probabilities, current=cfg.dfm.current, earlier=cfg.dfm.earlier, mode=cfg.dfm.timestep_mode
-        )
+        self.timesteps = timestep_sampler(cfg.dfm, s)
         self.objective = dfm_ext.DFMObjective(s, masking=cfg.dfm.masking)
         self._codec: Any = None
         self._text: Any = None
@@ -527,7 +533,7 @@ class FluxTask:
             z = self.codec(device).encode(batch["pixels"].to(device), generator=generator)
         b = z.shape[0]
         text = self.conditioning(batch, device)
-        drop = torch.rand(b, generator=generator, device=generator.device).to(device) < self.cfg.data.caption_dropout
+        drop = dropout_mask(b, self.cfg.data.caption_dropout, generator=generator, device=device)
         text = text.where(drop, self.empty(device))
         stages = self.decomposition.decompose(z)
         ts = self.timesteps.sample(b, generator=generator, device=device)
@@ -537,13 +543,8 @@ class FluxTask:
     @torch.no_grad()
     def sample(self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator) -> Any:
         """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`)."""
-        import dfm_ext
-
         cfg = self.cfg.sampling
-        sampler = dfm_ext.DFMSampler(
-            self.decomposition, dfm_ext.StageScheduler(steps=cfg.steps, thresholds=cfg.thresholds),
-            method=cfg.method, guidance_scale=cfg.guidance_scale,
-        )
+        sampler = stage_sampler(self.decomposition, cfg)
         text = self.text_encoder(device).encode(list(prompts)).to(device)
         empty = self.empty(device)
         n = len(prompts)
@@ -555,15 +556,9 @@ class FluxTask:
         return sampler.sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
 
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
-        from dfm_ext.viz import save_progressive
-
         g = torch.Generator(device=device).manual_seed(self.cfg.sampling.seed)
         out = self.sample(model, self.cfg.sampling.prompts, device=device, generator=g)
-        codec = self.codec(device)
-        with torch.no_grad():
-            previews = [codec.decode(p) for p in out.previews[:-1]]
-            final = codec.decode(out.x)
-        save_progressive(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}.png", scale=1 if final.shape[-1] >= 128 else 3)
+        final = save_progressive_samples(self.codec(device), out, out_dir, step)
         return {"sample_std": float(final.std())}
 
 
@@ -582,13 +577,7 @@ def build_dataset(cfg: FluxFinetuneConfig) -> torch.utils.data.Dataset:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig]:
     """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.flux_finetune", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="a name in dfm_ext/recipes/configs or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
-    cfg = load_config(FluxFinetuneConfig, args.config, args.overrides)
-    cfg.validate()
-    return Path(args.config).stem, cfg
+    return parse_config_args(FluxFinetuneConfig, argv, prog="python -m dfm_ext.recipes.flux_finetune", doc=__doc__)
 
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig, torch.utils.data.Dataset]:
@@ -621,20 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .flux_cache import main as cache_main
 
         return cache_main(argv[1:])
-    try:
-        name, cfg, dataset = prepare(argv)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError and CacheMismatchError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = run(name, cfg, dataset)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"output_dir": str(result.output_dir), "step": result.step, "last_loss": result.last_loss,
-                          "skipped_images": result.skipped_images}))
-    return 0
+    return train_main(prepare, run, argv, lambda result: {"skipped_images": result.skipped_images})
 
 
 if __name__ == "__main__":

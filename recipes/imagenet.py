@@ -16,10 +16,7 @@ trains the plain Flow Matching baseline with everything else unchanged.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +26,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, load_config
+from ._common import (
+    ClassConditionalTask,
+    check_vae_path,
+    cycled_labels,
+    parse_config_args,
+    save_progressive_samples,
+    stage_sampler,
+    timestep_sampler,
+    train_main,
+)
+from .config import ConfigError
 from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
 
 __all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "build_decomposition", "main", "parse_args", "prepare", "run"]
@@ -228,7 +235,7 @@ def load_codec(cfg: ImageNetConfig, device: torch.device | str) -> Any:
     return LatentCodec(vae, cfg.vae.scaling_factor, cfg.vae.shift_factor, sample=cfg.vae.sample_posterior)
 
 
-class ImageNetTask:
+class ImageNetTask(ClassConditionalTask):
     """Model, loss and sampling of the class-conditional DFM recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: ImageNetConfig) -> None:
@@ -237,63 +244,36 @@ class ImageNetTask:
         self.cfg = cfg
         self.decomposition = build_decomposition(cfg.decomposition)
         s = self.decomposition.num_stages
-        self.timesteps = dfm_ext.StageTimestepSampler(
-            s, probabilities=cfg.dfm.stage_probabilities, current=cfg.dfm.current, earlier=cfg.dfm.earlier, mode=cfg.dfm.timestep_mode
-        )
+        self.timesteps = timestep_sampler(cfg.dfm, s)
         self.objective = dfm_ext.DFMObjective(s, masking=cfg.dfm.masking, stage_weights=cfg.dfm.stage_weights)
         self.null_class = cfg.data.num_classes
         self.reference: torch.utils.data.Dataset | None = None  # real data for metrics
         self._codec: Any = None
 
-    def codec(self, device: torch.device) -> Any:
-        if self._codec is None:
-            self._codec = load_codec(self.cfg, device)
-        return self._codec
+    def _load_codec(self, device: torch.device) -> Any:
+        return load_codec(self.cfg, device)
 
     def build_model(self) -> nn.Module:
         from dfm_ext.wrapper import wrap_dit
 
         return wrap_dit(build_base_model(self.cfg), self.decomposition, init=self.cfg.model.init)
 
-    def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> torch.Tensor:
-        if "latents" in batch:
-            return batch["latents"].to(device, non_blocking=True)
-        return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
-
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
-        z = self.latents(batch, device, generator)
-        b = z.shape[0]
-        stages = self.decomposition.decompose(z)
-        ts = self.timesteps.sample(b, generator=generator, device=device)
-        labels = batch["label"].to(device)
-        drop = torch.rand(b, generator=generator, device=generator.device).to(device) < self.cfg.dfm.label_dropout
-        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = self.objective(model, stages, ts, generator=generator, y=labels)
         logs = {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)}
         return StepLoss(out.loss, logs)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
-        import dfm_ext
-        from dfm_ext.viz import save_progressive
-
         cfg = self.cfg.sampling
         n = cfg.num_images
-        classes = cfg.classes or tuple(range(min(n, self.cfg.data.num_classes)))
-        labels = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
-        sampler = dfm_ext.DFMSampler(
-            self.decomposition,
-            dfm_ext.StageScheduler(steps=cfg.steps, thresholds=cfg.thresholds),
-            method=cfg.method,
-            guidance_scale=cfg.guidance_scale,
-        )
+        labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
+        sampler = stage_sampler(self.decomposition, cfg)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         shape = (n, self.cfg.vae.latent_channels, self.cfg.latent_size, self.cfg.latent_size)
         out = sampler.sample(model, shape, generator=g, device=device, uncond={"y": torch.full_like(labels, self.null_class)}, y=labels)
-        codec = self.codec(device)
-        previews = [codec.decode(p) for p in out.previews[:-1]]
-        final = codec.decode(out.x)
-        save_progressive(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}.png", scale=1 if final.shape[-1] >= 128 else 3)
+        final = save_progressive_samples(self.codec(device), out, out_dir, step)
         scalars = {"sample_std": float(final.std())}
         if cfg.metrics:
             scalars.update(self._metrics(model, sampler, device))
@@ -338,13 +318,7 @@ class ImageNetTask:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, ImageNetConfig]:
     """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.imagenet", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="a name in dfm_ext/recipes/configs or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
-    cfg = load_config(ImageNetConfig, args.config, args.overrides)
-    cfg.validate()
-    return Path(args.config).stem, cfg
+    return parse_config_args(ImageNetConfig, argv, prog="python -m dfm_ext.recipes.imagenet", doc=__doc__)
 
 
 def check_inputs(cfg: ImageNetConfig) -> None:
@@ -355,13 +329,7 @@ def check_inputs(cfg: ImageNetConfig) -> None:
             raise FileNotFoundError(f"data.root={cfg.data.root!r} does not exist or is not a folder")
     elif not (Path(cfg.data.latent_cache) / "index.json").is_file():
         raise FileNotFoundError(f"data.latent_cache={cfg.data.latent_cache!r} has no index.json (build it first)")
-    if cfg.vae.path is None:
-        raise ConfigError("vae.path is not set (a diffusers AutoencoderKL folder or hub id)")
-    where = Path(cfg.vae.path).expanduser()
-    if cfg.vae.path.startswith(("/", ".", "~")) or where.exists():
-        config = where / (cfg.vae.subfolder or "") / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"vae.path={cfg.vae.path!r}: no AutoencoderKL config.json at {config}")
+    check_vae_path(cfg.vae.path, cfg.vae.subfolder, "AutoencoderKL")
 
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, ImageNetConfig, torch.utils.data.Dataset]:
@@ -379,20 +347,7 @@ def run(name: str, cfg: ImageNetConfig, dataset: torch.utils.data.Dataset) -> Tr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        name, cfg, dataset = prepare(argv)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError and CacheMismatchError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = run(name, cfg, dataset)
-    except ConfigError as e:  # raised while setting up (resume checks), before training
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-            print(json.dumps({"output_dir": str(result.output_dir), "step": result.step, "last_loss": result.last_loss,
-                          "skipped_images": result.skipped_images}))
-    return 0
+    return train_main(prepare, run, argv, lambda result: {"skipped_images": result.skipped_images})
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ strip of frames.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +32,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, config_to_dict, load_config
+from ._common import (
+    ClassConditionalTask,
+    check_vae_path,
+    cycled_labels,
+    parse_config_args,
+    stage_sampler,
+    timestep_sampler,
+    train_main,
+)
+from .config import ConfigError, config_to_dict
 from .engine import (
     OptimConfig,
     StepLoss,
@@ -230,13 +237,9 @@ def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.dev
     """
     from diffusers import AutoencoderKLCogVideoX
 
-    local = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not (local / (subfolder or "") / "config.json").is_file():
-        raise FileNotFoundError(f"no video VAE at {str(local / (subfolder or ''))!r} (expected a diffusers folder with config.json)")
-    vae = AutoencoderKLCogVideoX.from_pretrained(str(local) if looks_local else path, subfolder=subfolder or None, torch_dtype=dtype)
-    vae.requires_grad_(False)
-    return vae.eval().to(device)
+    from .latents import load_frozen_vae
+
+    return load_frozen_vae(AutoencoderKLCogVideoX, path, subfolder, device=device, dtype=dtype, what="video VAE")
 
 
 def load_codec(cfg: KineticsConfig, device: torch.device | str) -> Any:
@@ -434,27 +437,20 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     return CogVideoXTransformer3DModel(**kwargs)
 
 
-class KineticsTask:
+class KineticsTask(ClassConditionalTask):
     """Model, loss and video sampling of the class-conditional video recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
-        import dfm_ext
-
         self.cfg = cfg
         self.dataset = dataset
         self.name = name
         self.decomposition = build_decomposition(cfg.decomposition)
-        s = self.decomposition.num_stages
-        self.timesteps = dfm_ext.StageTimestepSampler(
-            s, probabilities=cfg.dfm.stage_probabilities, current=cfg.dfm.current, earlier=cfg.dfm.earlier, mode=cfg.dfm.timestep_mode
-        )
+        self.timesteps = timestep_sampler(cfg.dfm, self.decomposition.num_stages)
         self.null_class = cfg.data.num_classes
         self._codec: Any = None
 
-    def codec(self, device: torch.device) -> Any:
-        if self._codec is None:
-            self._codec = load_codec(self.cfg, device)
-        return self._codec
+    def _load_codec(self, device: torch.device) -> Any:
+        return load_codec(self.cfg, device)
 
     # -- standardisation -----------------------------------------------------------------------
 
@@ -540,21 +536,10 @@ class KineticsTask:
         scales = self.stage_scales()
         return VideoDFMModel(dfm, scales, self.cfg.data.num_classes, label_tokens=label_tokens, rotary=rotary)
 
-    def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
-        if "latents" in batch:
-            return batch["latents"].to(device, non_blocking=True)
-        return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
-
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         from dfm_ext.objective import dfm_loss
 
-        z = self.latents(batch, device, generator)
-        b = z.shape[0]
-        stages = self.decomposition.decompose(z)
-        ts = self.timesteps.sample(b, generator=generator, device=device)
-        labels = batch["label"].to(device)
-        drop = torch.rand(b, generator=generator, device=generator.device).to(device) < self.cfg.dfm.label_dropout
-        labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = dfm_loss(
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
             scales=_unwrap(model).stage_scales, generator=generator, y=labels,
@@ -564,20 +549,11 @@ class KineticsTask:
     @torch.no_grad()
     def sample(self, model: nn.Module, *, device: torch.device) -> tuple[list[Tensor], Tensor]:
         """Decoded previews (one per stage before the last) and final videos, ``[N, 3, T, H, W]`` in ``[-1, 1]``."""
-        import dfm_ext
-
         cfg = self.cfg.sampling
         net = _unwrap(model)
         n = cfg.num_videos
-        classes = cfg.classes or tuple(range(min(n, self.cfg.data.num_classes)))
-        labels = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
-        sampler = dfm_ext.DFMSampler(
-            self.decomposition,
-            dfm_ext.StageScheduler(steps=cfg.steps, thresholds=cfg.thresholds),
-            method=cfg.method,
-            guidance_scale=cfg.guidance_scale,
-            scales=net.stage_scales,
-        )
+        labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
+        sampler = stage_sampler(self.decomposition, cfg, scales=net.stage_scales)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         out = sampler.sample(net, (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
         codec = self.codec(device)
@@ -633,14 +609,10 @@ def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2)
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig]:
     """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.kinetics", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="kinetics_512, tiny (= kinetics_tiny), another name in dfm_ext/recipes/configs or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
-    name = CONFIG_ALIASES.get(args.config, args.config)
-    cfg = load_config(KineticsConfig, name, args.overrides)
-    cfg.validate()
-    return Path(name).stem, cfg
+    return parse_config_args(
+        KineticsConfig, argv, prog="python -m dfm_ext.recipes.kinetics", doc=__doc__, aliases=CONFIG_ALIASES,
+        config_help="kinetics_512, tiny (= kinetics_tiny), another name in dfm_ext/recipes/configs or a YAML path",
+    )  # fmt: skip
 
 
 def check_inputs(cfg: KineticsConfig) -> None:
@@ -654,13 +626,7 @@ def check_inputs(cfg: KineticsConfig) -> None:
             raise FileNotFoundError(f"data.annotations={d.annotations!r} does not exist")
     elif not Path(d.root).is_dir():  # type: ignore[arg-type]
         raise FileNotFoundError(f"data.root={d.root!r} does not exist or is not a folder")
-    if cfg.vae.path is None:
-        raise ConfigError("vae.path is not set (a diffusers AutoencoderKLCogVideoX folder or hub id)")
-    where = Path(cfg.vae.path).expanduser()
-    if cfg.vae.path.startswith(("/", ".", "~")) or where.exists():
-        config = where / (cfg.vae.subfolder or "") / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"vae.path={cfg.vae.path!r}: no AutoencoderKLCogVideoX config.json at {config}")
+    check_vae_path(cfg.vae.path, cfg.vae.subfolder, "AutoencoderKLCogVideoX")
 
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig, torch.utils.data.Dataset]:
@@ -676,21 +642,13 @@ def run(name: str, cfg: KineticsConfig, dataset: torch.utils.data.Dataset) -> Tr
     return trainer.fit()
 
 
+def _summary(result: TrainResult) -> dict[str, Any]:
+    # The engine counts "images"; for this recipe they are videos.
+    return {"skipped_videos": result.skipped_images, "unique_bad_videos": result.unique_bad_images}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        name, cfg, dataset = prepare(argv)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError and CacheMismatchError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = run(name, cfg, dataset)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"output_dir": str(result.output_dir), "step": result.step, "last_loss": result.last_loss,
-                          "skipped_videos": result.skipped_images, "unique_bad_videos": result.unique_bad_images}))  # fmt: skip
-    return 0
+    return train_main(prepare, run, argv, _summary)
 
 
 if __name__ == "__main__":

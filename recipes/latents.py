@@ -18,7 +18,7 @@ listing every disagreeing field.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +26,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import looks_local
+
 __all__ = [
     "CACHE_FORMAT",
     "CacheMismatchError",
     "LatentCache",
     "LatentCodec",
     "check_cache_metadata",
+    "encode_to_cache",
+    "load_frozen_vae",
     "load_vae",
     "write_latent_cache",
 ]
 
 CACHE_FORMAT = "dfm_ext.latent_cache/1"
+
+
+def load_frozen_vae(
+    cls: Any, path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    what: str = "VAE",
+) -> Any:  # fmt: skip
+    """``cls.from_pretrained(path, subfolder=...)`` (a diffusers autoencoder class), frozen, in eval mode.
+
+    Args:
+        what: how the messages name the model (e.g. ``"video VAE"``).
+
+    Raises:
+        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
+    """
+    local = looks_local(path)
+    root = Path(path).expanduser()
+    if local and not (root / (subfolder or "") / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {str(root / (subfolder or ''))!r} (expected a diffusers folder with config.json)")
+    vae = cls.from_pretrained(str(root) if local else path, subfolder=subfolder or None, torch_dtype=dtype)
+    vae.requires_grad_(False)
+    return vae.eval().to(device)
 
 
 def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
@@ -47,15 +72,7 @@ def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | 
     """
     from diffusers import AutoencoderKL
 
-    local = Path(path)
-    looks_local = path.startswith((".", "/", "~")) or local.exists()
-    if looks_local:
-        where = local.expanduser() / (subfolder or "")
-        if not (where / "config.json").is_file():
-            raise FileNotFoundError(f"no VAE at {str(where)!r} (expected a diffusers folder with config.json)")
-    vae = AutoencoderKL.from_pretrained(str(local.expanduser()) if looks_local else path, subfolder=subfolder or None, torch_dtype=dtype)
-    vae.requires_grad_(False)
-    return vae.eval().to(device)
+    return load_frozen_vae(AutoencoderKL, path, subfolder, device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -189,10 +206,92 @@ def write_latent_cache(
         "dtype": str(dtype).removeprefix("torch."),
         "shards": shards,
     }
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(out / "index.json")
+    write_index(out, index, indent=2)
     return out
+
+
+def write_index(out: Path, index: dict[str, Any], *, indent: int) -> None:
+    """Write ``out/index.json`` through a temporary file, so that it appears complete or not at all."""
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=indent))
+    tmp.replace(out / "index.json")
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Items ``{"pixels", "label", "index"}`` of a dataset of ``(path, label)`` items, without its fall-back.
+
+    An index whose file fails with one of :attr:`errors` yields the int instead of a neighbour,
+    so that a cache holds each readable item exactly once. Subclasses implement :meth:`pixels`.
+    """
+
+    errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def pixels(self, i: int) -> Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict | int:
+        try:
+            return {"pixels": self.pixels(i), "label": self.ds.items[i][1], "index": i}
+        except self.errors:
+            return i
+
+
+def encode_to_cache(
+    readable: SkipUnreadable,
+    codec: LatentCodec,
+    out: str | Path,
+    *,
+    metadata: dict[str, Any],
+    extra: dict[str, Any],
+    flip: bool,
+    skipped_key: str,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    shard_size: int,
+    dtype: torch.dtype,
+    progress: bool,
+) -> dict[str, Any]:
+    """Encode every readable item (and its mirror image with ``flip``) into a cache at ``out``.
+
+    Args:
+        metadata: what the cache must agree on with the config (``cache_metadata``).
+        extra: recorded after the normalisation (e.g. ``classes``, ``source``).
+        skipped_key: the ``index.json`` key listing the paths of unreadable items.
+
+    Returns:
+        The written ``index.json`` contents.
+    """
+    from tqdm.auto import tqdm
+
+    bad: list[int] = []
+    loader = torch.utils.data.DataLoader(readable, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        for got in tqdm(loader, disable=not progress, desc="encoding"):
+            ok = [it for it in got if not isinstance(it, int)]
+            bad.extend(it for it in got if isinstance(it, int))
+            if not ok:
+                continue
+            pixels = torch.stack([it["pixels"] for it in ok]).to(device)
+            labels = torch.tensor([it["label"] for it in ok])
+            z = codec.encode(pixels)
+            # Flipping a latent is not encoding the flipped image, so mirrors are encoded too.
+            zf = codec.encode(pixels.flip(-1)) if flip else None
+            yield z, labels, zf
+
+    meta = {**metadata, "flipped": flip, "scaling_factor": codec.scaling, "shift_factor": codec.shifting, **extra}
+    path = write_latent_cache(out, batches(), meta, shard_size=shard_size, dtype=dtype)
+    index = json.loads((path / "index.json").read_text())
+    index[skipped_key] = [readable.ds.items[i][0] for i in bad]
+    (path / "index.json").write_text(json.dumps(index, indent=2))
+    return index
 
 
 class LatentCache(torch.utils.data.Dataset):

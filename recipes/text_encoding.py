@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import looks_local
+
 __all__ = ["FluxTextEncoder", "TextEmbeddings", "check_local_subfolders"]
 
 SUBFOLDERS = {
@@ -34,17 +36,13 @@ SUBFOLDERS = {
 }
 
 
-def _is_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-
-
 def check_local_subfolders(path: str, names: Sequence[str]) -> None:
     """For a local FLUX-style folder, check that each subfolder in ``names`` exists (hub ids pass).
 
     Raises:
         FileNotFoundError: naming the missing subfolders and what they should hold.
     """
-    if not _is_local(path):
+    if not looks_local(path):
         return
     root = Path(path).expanduser()
     missing = [n for n in names if not (root / n).is_dir()]
@@ -113,7 +111,7 @@ class FluxTextEncoder:
         if max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
         check_local_subfolders(path, ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
-        where = str(Path(path).expanduser()) if _is_local(path) else path
+        where = str(Path(path).expanduser()) if looks_local(path) else path
         self.path, self.max_sequence_length, self.device = path, int(max_sequence_length), torch.device(device)
         self.clip_tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer")
         self.t5_tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2")

@@ -14,11 +14,12 @@ same ``from_pretrained`` path as a real checkpoint.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ._common import assets_main
 
 __all__ = ["PHOTOS", "make_image_folder", "make_tiny_vae"]
 
@@ -71,12 +72,10 @@ def make_tiny_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.tiny_assets", description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="folder to create (images/ and vae/ inside)")
-    args = parser.parse_args(argv)
-    make_image_folder(Path(args.out) / "images")
-    make_tiny_vae(args.out)
-    print(f"data.root={Path(args.out) / 'images'} vae.path={args.out}")
+    assets_main(
+        argv, prog="python -m dfm_ext.recipes.tiny_assets", doc=__doc__, data_dir="images",
+        make_data=make_image_folder, make_vae=make_tiny_vae,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

