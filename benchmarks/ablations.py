@@ -33,7 +33,6 @@ Run: ``python benchmarks/ablations.py`` (full) or ``python benchmarks/ablations.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -48,9 +47,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import RESULTS, Protocol, Reference, base_config  # noqa: E402
+from quality import Protocol, Reference, base_config, benchmark_args, train_and_test  # noqa: E402
 
-from dfm_ext.data import load_dataset  # noqa: E402
 from dfm_ext.demo import MODEL_SIZES, Trainer, balanced_labels, generate, model_config, write_text_atomic  # noqa: E402
 
 FULL = Protocol(steps=1500, eval_at=(1500,), seeds=(0,), num_eval=1000, num_swd_reference=1000)
@@ -108,20 +106,11 @@ def verdict(base: dict[str, Any], var: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke check; numbers mean nothing")
-    parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "skimage"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-fd", action="store_true", help="SWD only")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = benchmark_args(argv, __doc__, "tiny smoke check; numbers mean nothing")
     protocol = QUICK if args.quick else FULL
     stem = "ablations_quick" if args.quick else "ablations"
     t0 = time.perf_counter()
-    train_data = load_dataset(args.dataset, "train")
-    test = load_dataset(train_data.name, "test")
+    train_data, test = train_and_test(args.dataset)
     print(f"ablations ({'quick' if args.quick else 'full'}): {train_data.name}, model {protocol.size} "
           f"{MODEL_SIZES[protocol.size]}, {protocol.steps} steps, seed {protocol.seeds[0]}", flush=True)  # fmt: skip
     reference = Reference(test, protocol, fd=not args.no_fd)

@@ -268,9 +268,10 @@ def plot(summary: dict[str, Any], runs: dict[int, dict[str, Any]], path: Path, t
     tmp.replace(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke check (a minute or two); numbers mean nothing")
+def benchmark_args(argv: Sequence[str] | None, doc: str | None, quick_help: str) -> argparse.Namespace:
+    """The options every benchmark here shares; applies ``--threads`` before anything runs."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "skimage"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -278,11 +279,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def train_and_test(dataset: str) -> tuple[Any, Any]:
+    """The training split and the held-out test split of the same dataset."""
+    train = load_dataset(dataset, "train")
+    return train, load_dataset(train.name, "test")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = benchmark_args(argv, __doc__, "tiny smoke check (a minute or two); numbers mean nothing")
     protocol = QUICK if args.quick else FULL
     stem = "quality_quick" if args.quick else "quality"
     t0 = time.perf_counter()
-    train_data = load_dataset(args.dataset, "train")
-    test = load_dataset(train_data.name, "test")
+    train_data, test = train_and_test(args.dataset)
     print(f"quality benchmark ({'quick' if args.quick else 'full'}): {train_data.name}, {len(train_data)} train / "
           f"{len(test)} test, model {protocol.size} {MODEL_SIZES[protocol.size]}, {protocol.steps} steps, "
           f"seeds {protocol.seeds}", flush=True)  # fmt: skip
