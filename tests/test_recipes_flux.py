@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +41,9 @@ from dfm_ext.recipes.flux_finetune import (
 from dfm_ext.recipes.flux_finetune import main as flux_main
 from dfm_ext.recipes.tiny_flux_assets import make_captioned_images, make_tiny_flux
 
+from _launch import launch_two_cpu_processes
+
 PY = sys.executable
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 STEPS = 24
 
 
@@ -76,11 +76,6 @@ def _cfg(assets: Path, *extra: str) -> FluxFinetuneConfig:
 def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _text(assets: Path, n: int, cfg: FluxFinetuneConfig) -> dict[str, torch.Tensor]:
@@ -166,10 +161,8 @@ def test_tiny_config_end_to_end(reference: Path) -> None:
 def test_two_processes_agree_and_match_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
     ddp, single = tmp_path / "ddp", tmp_path / "accum"
     extra = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "dfm_ext.recipes.flux_finetune", "--config", "flux_tiny", *_overrides(assets, ddp, *extra)]
-    res = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    args = ["--config", "flux_tiny", *_overrides(assets, ddp, *extra)]
+    res = launch_two_cpu_processes("dfm_ext.recipes.flux_finetune", args, _env())
     assert res.returncode == 0, res.stderr[-3000:]
     cmd = [PY, "-m", "dfm_ext.recipes.flux_finetune", "--config", "flux_tiny", *_overrides(assets, single, *extra, "train.grad_accumulation=2")]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ from dfm_ext.recipes.build_latent_cache import main as build_cache_main
 from dfm_ext.recipes.imagenet import main as imagenet_main
 from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
 
+from _launch import launch_two_cpu_processes
+
 PY = sys.executable
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 STEPS = 12
 
 
@@ -73,11 +73,6 @@ def _single(assets: Path, out: Path, *extra: str, check: bool = True) -> subproc
         assert res.returncode == 0, res.stderr[-3000:]
     return res
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -162,12 +157,7 @@ def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, 
 def test_two_processes_equal_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
     ddp, single = tmp_path / "ddp", tmp_path / "accum"
     steps = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
-    cmd = [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "dfm_ext.recipes.imagenet", *_args(assets, ddp, *steps),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, ddp, *steps), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     _single(assets, single, *steps, "train.grad_accumulation=2")
 

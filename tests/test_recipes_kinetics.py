@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +30,9 @@ from dfm_ext.recipes.kinetics import main as kinetics_main
 from dfm_ext.recipes.tiny_video_assets import make_tiny_video_vae, make_video_folder
 from dfm_ext.recipes.video_io import ClipError, read_clip, write_mp4
 
+from _launch import launch_two_cpu_processes
+
 PY = sys.executable
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 STEPS = 30
 BAD = ("broken.mp4", "truncated.mp4", "short.mp4")
 
@@ -83,11 +83,6 @@ def _losses(out: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_clips_are_skipped_and_counted(assets: Path, tmp_path: Path) -> None:
@@ -164,13 +159,9 @@ def test_tiny_end_to_end(run: Path, assets: Path) -> None:
 
 def test_two_processes_agree(assets: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "dfm_ext.recipes.kinetics",
-        *_args(assets, out, "train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"),
-    ]  # fmt: skip
-    _run(cmd, ACCELERATE_USE_CPU="true")
+    args = _args(assets, out, "train.steps=4", "train.sample_every=0", "train.checkpoint_every=4")
+    res = launch_two_cpu_processes("dfm_ext.recipes.kinetics", args, _env())
+    assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2
     digests = summary["param_sha256_per_rank"]

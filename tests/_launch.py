@@ -1,0 +1,42 @@
+"""Two CPU processes under ``accelerate launch`` (gloo), as the recipe tests run them.
+
+``accelerate launch --multi_gpu`` with ``ACCELERATE_USE_CPU=true`` is the only way to get two
+real CPU ranks (see FACTS.md). The rendezvous port is picked free just before the launch, so
+another launch (pytest-xdist runs several) can still take it in between; only that failure is
+retried, once, with a new port.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE", "errno: 98")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_cpu_processes(module: str, args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch`` ``python -m module *args`` on two gloo CPU ranks; returns the finished process."""
+    for _ in range(2):
+        cmd = [
+            ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", module, *args,
+        ]  # fmt: skip
+        res = subprocess.run(
+            cmd, env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if res.returncode == 0 or not any(m in res.stderr for m in _PORT_TAKEN):
+            return res
+    return res
+
+
+__all__ = ["ACCELERATE", "free_port", "launch_two_cpu_processes"]
