@@ -134,7 +134,13 @@ class StepLoss:
 
 
 class TrainTask(Protocol):
-    """What a recipe provides to :class:`Trainer`."""
+    """What a recipe provides to :class:`Trainer`.
+
+    A task whose model has parameters that some micro-batches do not use (per-stage LoRA or full
+    specialisation: a batch may hold no sample of some stage) sets the attribute
+    ``find_unused_parameters = True``; the engine then builds DDP with it, which lets ranks
+    differ in what they used. Without it DDP's collectives fall out of step across ranks.
+    """
 
     def build_model(self) -> nn.Module:
         """The trainable model (built identically on every process: same seed)."""
@@ -300,9 +306,15 @@ class Trainer:
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and not self.train.cpu else "no"
         trackers = [t for t in self.train.trackers if t != "none"]
+        handlers = []
+        if getattr(self.task, "find_unused_parameters", False):
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
         return Accelerator(
             mixed_precision=mp,
             cpu=self.train.cpu,
+            kwargs_handlers=handlers or None,
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )

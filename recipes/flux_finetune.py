@@ -490,6 +490,8 @@ class FluxTask:
         self._codec: Any = None
         self._text: Any = None
         self.empty_text: Any = None  # set from a cache; else encoded on first use
+        # Per-stage LoRA: a micro-batch without stage s leaves stage s's LoRA unused (engine -> DDP).
+        self.find_unused_parameters = cfg.finetune.mode == "stage_lora"
 
     def codec(self, device: torch.device) -> Any:
         if self._codec is None:
