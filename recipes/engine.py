@@ -252,8 +252,10 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
+    # A key added to the config dataclass after the run started is absent from its config.yaml;
+    # it counts as its default, so such runs still resume when it is left at the default.
+    a, b = {**_flatten(defaults or {}), **_flatten(old)}, _flatten(new)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
@@ -343,7 +345,11 @@ class Trainer:
         import yaml
 
         old = yaml.safe_load(stored.read_text()) or {}
-        diff = _config_diff(old, config_to_dict(self.full_config))
+        try:
+            defaults = config_to_dict(type(self.full_config)())
+        except TypeError:  # a config class without defaults for every field
+            defaults = {}
+        diff = _config_diff(old, config_to_dict(self.full_config), defaults)
         if diff:
             raise ConfigError(
                 f"cannot resume {self.output_dir}: its config.yaml differs in {diff}; "

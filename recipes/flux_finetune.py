@@ -353,30 +353,17 @@ class BucketedDFM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """``DFMTransformer.save_pretrained`` of the wrapped model (peft LoRA merged in; per-stage
         LoRA written separately as ``stage_parameters.safetensors`` + ``stage_lora.json``)."""
+        from dfm_ext.specialization import _stage_parameters_detached, save_specialization
+
         directory = Path(directory)
         spec = self.stage_specialization
-        with _peft_merged(self.wrapped), _stage_params_detached(self, spec):
+        # The specialisation hangs on this module, not on ``wrapped``: its stage parameters are
+        # taken out here and written apart, with names relative to ``wrapped``.
+        detached = _stage_parameters_detached(self) if spec is not None else contextlib.nullcontext()
+        with _peft_merged(self.wrapped), detached:
             self.wrapped.save_pretrained(directory)
         if spec is not None:
-            spec.save(directory / "stage_parameters.safetensors")
-            record = {"kind": spec.kind, "rank": spec.rank, "alpha": spec.alpha, "stages": list(spec.stages),
-                      "layers": sorted(n.removeprefix("wrapped.") for n in spec.layers)}
-            (directory / "stage_lora.json").write_text(json.dumps(record, indent=2))
-
-
-@contextlib.contextmanager
-def _stage_params_detached(root: nn.Module, spec: Any) -> Iterator[None]:
-    """Stage parameters taken out of the module tree for a save of the shared weights (put back after)."""
-    if spec is None:
-        yield
-        return
-    modules = dict(root.named_modules())
-    taken = {name: modules[name]._modules.pop("stage_params") for name in spec.layers}
-    try:
-        yield
-    finally:
-        for name, params in taken.items():
-            modules[name]._modules["stage_params"] = params
+            save_specialization(spec, directory, strip_prefix="wrapped.")
 
 
 def _unfreeze_dfm_layers(transformer: nn.Module) -> None:
@@ -455,17 +442,10 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
-        model = BucketedDFM(load_wrapped(directory, base, device=device))
-        if (directory / "stage_lora.json").is_file():
-            from dfm_ext.specialization import specialize
+        from dfm_ext.specialization import load_specialization
 
-            spec = json.loads((directory / "stage_lora.json").read_text())
-            layers = {f"wrapped.{n}" for n in spec["layers"]}
-            model.stage_specialization = specialize(
-                model, kind=spec["kind"], targets=lambda name, _m: name in layers, rank=spec["rank"],
-                alpha=spec["alpha"], stages=spec["stages"], num_stages=model.num_stages,
-            )
-            model.stage_specialization.load(directory / "stage_parameters.safetensors")
+        model = BucketedDFM(load_wrapped(directory, base, device=device))
+        model.stage_specialization = load_specialization(model, directory, add_prefix="wrapped.")
         return model.to(device, dtype).eval()
     if (directory / "config.json").is_file():
         transformer = FluxTransformer2DModel.from_pretrained(str(directory), torch_dtype=dtype)

@@ -12,6 +12,13 @@ classifier-free guidance. Samples (with per-stage previews) are drawn with
 :class:`dfm_ext.DFMSampler` on the EMA weights every ``train.sample_every`` steps.
 ``decomposition.kind=identity`` (with ``sampling.steps=[40]`` and ``sampling.thresholds=[]``)
 trains the plain Flow Matching baseline with everything else unchanged.
+
+``specialize.kind=full|lora`` gives the layers of ``specialize.targets`` per-stage parameters
+(:func:`dfm_ext.specialize`). ``final/`` then also holds ``stage_parameters.safetensors`` and
+``stage_lora.json``; reload for sampling with::
+
+    model = dfm_ext.load_wrapped("runs/NAME/final")
+    dfm_ext.load_specialization(model, "runs/NAME/final")  # None (a no-op) for unspecialised runs
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from ._common import (
 from .config import ConfigError
 from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
 
-__all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "build_decomposition", "main", "parse_args", "prepare", "run"]
+__all__ = ["ImageNetConfig", "ImageNetTask", "SpecializeConfig", "build_dataset", "build_decomposition", "main", "parse_args", "prepare", "run"]
 
 
 @dataclass
@@ -116,6 +123,43 @@ class SamplingConfig:
 
 
 @dataclass
+class SpecializeConfig:
+    """Per-stage parameters (paper 4.2, Table 1d) from :func:`dfm_ext.specialize`.
+
+    ``kind``: ``none`` (one shared model), ``full`` (stage weights averaged with the shared
+    ones) or ``lora`` (a per-stage LoRA of ``rank``, scaled by ``alpha / rank``; ``alpha``
+    null: ``= rank``). ``targets``: layer groups (``mod``, ``proj``, ``cond``, ``attn``,
+    ``mlp``, ``all``).
+    """
+
+    kind: Literal["none", "full", "lora"] = "none"
+    targets: tuple[str, ...] = ("mlp",)
+    rank: int = 16
+    alpha: float | None = None
+
+    def validate(self, num_stages: int) -> None:
+        import math
+
+        from dfm_ext.specialization import GROUP_PATTERNS
+
+        if self.kind not in ("none", "full", "lora"):
+            raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
+        if self.kind == "none":
+            return
+        if num_stages < 2:
+            raise ConfigError(f"specialize.kind={self.kind} needs a decomposition with >= 2 stages, this one has {num_stages}")
+        known = ("all", *GROUP_PATTERNS)
+        unknown = [g for g in self.targets if g not in known]
+        if not self.targets or unknown:
+            raise ConfigError(f"specialize.targets {list(self.targets)}: unknown group(s) {unknown}; known: {list(known)}")
+        if self.kind == "lora":
+            if self.rank < 1:
+                raise ConfigError(f"specialize.rank must be >= 1, got {self.rank}")
+            if self.alpha is not None and not math.isfinite(self.alpha):
+                raise ConfigError(f"specialize.alpha must be a finite number or null, got {self.alpha}")
+
+
+@dataclass
 class ImageNetConfig:
     """The whole run: every field can be overridden as ``section.key=value``."""
 
@@ -127,6 +171,7 @@ class ImageNetConfig:
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     dfm: DFMConfig = field(default_factory=DFMConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    specialize: SpecializeConfig = field(default_factory=SpecializeConfig)
 
     @property
     def latent_size(self) -> int:
@@ -148,6 +193,7 @@ class ImageNetConfig:
                 f"sampling.steps {list(self.sampling.steps)} needs one entry per stage ({stages} for "
                 f"decomposition.kind={self.decomposition.kind})"
             )
+        self.specialize.validate(stages)
         if self.decomposition.kind == "laplacian":
             for f in self.decomposition.factors:
                 if self.latent_size % f:
@@ -249,14 +295,30 @@ class ImageNetTask(ClassConditionalTask):
         self.null_class = cfg.data.num_classes
         self.reference: torch.utils.data.Dataset | None = None  # real data for metrics
         self._codec: Any = None
+        # A micro-batch without a sample of stage s leaves stage s's parameters unused (engine -> DDP).
+        self.find_unused_parameters = cfg.specialize.kind != "none"
 
     def _load_codec(self, device: torch.device) -> Any:
         return load_codec(self.cfg, device)
 
     def build_model(self) -> nn.Module:
+        """The wrapped DiT; with ``specialize.kind`` set, its handle is ``model.stage_specialization``.
+
+        The handle rides along when the engine deep-copies the model for the EMA, and
+        ``save_pretrained`` (``final/``) writes the stage parameters beside the shared weights.
+        """
+        from dfm_ext.specialization import specialize
         from dfm_ext.wrapper import wrap_dit
 
-        return wrap_dit(build_base_model(self.cfg), self.decomposition, init=self.cfg.model.init)
+        model = wrap_dit(build_base_model(self.cfg), self.decomposition, init=self.cfg.model.init)
+        sp = self.cfg.specialize
+        if sp.kind != "none":
+            lora = sp.kind == "lora"
+            model.stage_specialization = specialize(
+                model, kind=sp.kind, targets=list(sp.targets), rank=sp.rank if lora else None,
+                alpha=sp.alpha if lora else None,
+            )  # fmt: skip
+        return model
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)

@@ -243,3 +243,102 @@ def test_fsdp_refuses_main_process_sampling_and_ema(
     assert imagenet_main([*argv, "train.progress=false", *overrides]) == 2
     assert message in capsys.readouterr().err
     assert not (out / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- per-stage specialisation
+
+
+def _trained_ema(out: Path, cfg_overrides: list[str], assets: Path) -> torch.nn.Module:
+    """The EMA model of the last checkpoint, rebuilt independently of final/."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from dfm_ext.recipes.config import load_config
+    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+
+    cfg = load_config(ImageNetConfig, "tiny", [f"data.root={assets / 'images'}", f"vae.path={assets}", *cfg_overrides])
+    model = ImageNetTask(cfg).build_model()
+    ema = AveragedModel(model, use_buffers=True)
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    ema.load_state_dict(torch.load(out / "checkpoints" / latest / "extra_state.pt", weights_only=True)["ema"])
+    return ema.module.eval()
+
+
+def test_full_specialisation_trains_exports_and_reloads(assets: Path, tmp_path: Path) -> None:
+    import dfm_ext
+
+    out = tmp_path / "full"
+    spec = ["specialize.kind=full", "specialize.targets=[mlp]"]
+    _single(assets, out, "train.steps=4", "train.sample_every=4", "train.checkpoint_every=4", *spec)
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert (out / "samples" / "step-000004.png").is_file()  # EMA sampling routed by stage
+    final = out / "final"
+    stage_params = load_file(str(final / "stage_parameters.safetensors"))
+    assert stage_params and all(".mlp." in k and ".stage_params." in k for k in stage_params)
+    assert not any("stage_params" in k for k in _weights(out))
+    record = json.loads((final / "stage_lora.json").read_text())
+    assert record["kind"] == "full" and record["stages"] == [0, 1]
+
+    reloaded = dfm_ext.load_wrapped(final).eval()
+    assert dfm_ext.load_specialization(reloaded, final) is not None
+    ema = _trained_ema(out, spec, assets)
+    # every stage's copies trained away from the shared weights they started equal to
+    shared = _weights(out)
+    for s in (0, 1):
+        diffs = [float((v - shared[k.replace(f".stage_params.{s}.", ".")]).abs().max())
+                 for k, v in stage_params.items() if f".stage_params.{s}." in k]  # fmt: skip
+        assert diffs and max(diffs) > 0, s
+    g = torch.Generator().manual_seed(0)
+    stages = [torch.randn(4, *s, generator=g) for s in ema.stage_shapes]
+    t, stage, y = torch.rand(4, 2, generator=g), torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        expected, got = ema(stages, t, stage, y=y), reloaded(stages, t, stage, y=y)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_two_processes_with_per_stage_lora_agree(assets: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora_ddp"
+    extra = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4", "specialize.kind=lora",
+             "specialize.targets=[mlp,attn]", "specialize.rank=2"]  # fmt: skip
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, out, *extra), _env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    digests = summary["param_sha256_per_rank"]
+    assert summary["num_processes"] == 2 and summary["step"] == 4 and len(digests) == 2 and digests[0] == digests[1]
+    stage_params = load_file(str(out / "final" / "stage_parameters.safetensors"))
+    assert any(k.endswith("lora_B") and bool(v.abs().max() > 0) for k, v in stage_params.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["specialize.kind=half"], "specialize.kind"),
+        (["specialize.kind=lora", "specialize.rank=0"], "specialize.rank must be >= 1, got 0"),
+        (["specialize.kind=full", "specialize.targets=[mlp,mpl]"], "unknown group(s) ['mpl']"),
+        (["specialize.kind=full", "decomposition.kind=identity", "decomposition.factors=[1]", "sampling.steps=[4]",
+          "sampling.thresholds=[]"], ">= 2 stages"),
+    ],
+)  # fmt: skip
+def test_bad_specialize_section_is_refused_before_compute(assets: Path, tmp_path: Path, capsys, overrides, message) -> None:
+    out = tmp_path / "bad"
+    argv = ["--config", "tiny", f"data.root={assets / 'images'}", f"vae.path={assets}", f"train.output_dir={out}"]
+    assert imagenet_main([*argv, *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_run_without_specialize_section_still_resumes(assets: Path, reference: Path, tmp_path: Path) -> None:
+    """A run started before the ``specialize`` section existed has none in its config.yaml."""
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "old"
+    shutil.copytree(reference, out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    del cfg["specialize"]
+    cfg["train"]["output_dir"] = str(out)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _single(assets, out, f"train.steps={STEPS + 1}", f"train.sample_every={STEPS + 1}")
+    assert max(_losses(out)) == STEPS + 1

@@ -533,3 +533,116 @@ def test_public_names() -> None:
     import dfm_ext
 
     assert dfm_ext.specialize is specialize and dfm_ext.StageSpecialization is StageSpecialization
+
+
+# ---------------------------------------------------------------------------------------------
+# save_specialization / load_specialization: the export next to a saved wrapped model
+
+
+@pytest.mark.parametrize(("kind", "targets", "rank", "alpha"), [("full", "mlp", None, None), ("lora", ["mlp", "attn"], 3, 5.0)])
+def test_specialization_export_round_trip(kind: str, targets, rank, alpha, tmp_path_factory, tmp_path: Path) -> None:
+    import copy
+
+    import dfm_ext
+    from dfm_ext import load_wrapped
+
+    model = _wrapped("reference", _BASES, tmp_path_factory)
+    model.stage_specialization = specialize(model, kind=kind, targets=targets, rank=rank, alpha=alpha)
+    _randomize_stage_params(model.stage_specialization, scale=0.05)
+    # the handle survives a deepcopy (the engine's EMA) and points at the copy
+    ema = copy.deepcopy(model)
+    assert ema.stage_specialization.model is ema and ema.stage_specialization.layers == model.stage_specialization.layers
+    g = torch.Generator().manual_seed(0)
+    stages = [torch.randn(4, *s, generator=g) for s in model.stage_shapes]
+    t, stage, cond = torch.rand(4, 2, generator=g), torch.tensor([1, 0, 1, 0]), _wrapped_cond("reference", 4)
+    with torch.no_grad():
+        expected = ema(stages, t, stage, **cond)
+
+    ema.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "stage_lora.json").read_text())
+    assert (record["kind"], record["rank"], record["alpha"], record["stages"]) == (kind, rank, alpha, [0, 1])
+    assert set(record["layers"]) == set(model.stage_specialization.layers)
+    # the shared weights alone: an unspecialised model loads them strictly
+    from safetensors.torch import load_file
+
+    assert not any("stage_params" in k for k in load_file(str(tmp_path / "model.safetensors")))
+
+    fresh = load_wrapped(tmp_path).eval()
+    spec = dfm_ext.load_specialization(fresh, tmp_path)
+    assert spec is not None and (spec.kind, spec.rank, spec.alpha) == (kind, rank, alpha)
+    with torch.no_grad():
+        got = fresh(stages, t, stage, **cond)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    # an unspecialised export: nothing to load
+    plain = _wrapped("reference", _BASES, tmp_path_factory)
+    plain.save_pretrained(tmp_path / "plain")
+    assert dfm_ext.load_specialization(load_wrapped(tmp_path / "plain"), tmp_path / "plain") is None
+
+
+def test_specialization_export_prefix_and_errors(tmp_path_factory, tmp_path: Path) -> None:
+    from dfm_ext.specialization import load_specialization, save_specialization
+
+    class Holder(nn.Module):
+        def __init__(self, wrapped: nn.Module) -> None:
+            super().__init__()
+            self.wrapped = wrapped
+            self.num_stages = wrapped.num_stages
+
+        def forward(self, stages, t, stage, mask=None, **cond):
+            return self.wrapped(stages, t, stage, mask, **cond)
+
+    holder = Holder(_wrapped("reference", _BASES, tmp_path_factory))
+    spec = specialize(holder, kind="lora", targets="mlp", rank=2)
+    _randomize_stage_params(spec)
+    with pytest.raises(ValueError, match="strip_prefix"):
+        save_specialization(spec, tmp_path / "bad", strip_prefix="other.")
+    save_specialization(spec, tmp_path, strip_prefix="wrapped.")
+    record = json.loads((tmp_path / "stage_lora.json").read_text())
+    assert all(not n.startswith("wrapped.") for n in record["layers"])
+    again = Holder(_wrapped("reference", _BASES, tmp_path_factory))
+    loaded = load_specialization(again, tmp_path, add_prefix="wrapped.")
+    assert loaded is not None
+    for a, b in zip(spec.stage_parameters(), loaded.stage_parameters()):
+        assert torch.equal(a, b)
+
+    def fresh() -> nn.Module:
+        return Holder(_wrapped("reference", _BASES, tmp_path_factory))
+
+    # a layer the model does not have (no prefix added: names are relative to ``wrapped``)
+    with pytest.raises(ValueError, match=r"stage_lora\.json names .* layer\(s\)"):
+        load_specialization(fresh(), tmp_path)
+    # corrupt and malformed records, each error names the file
+    record_path = tmp_path / "stage_lora.json"
+    good = record_path.read_text()
+    for text, message in [
+        ("{not json", "cannot read"),
+        (json.dumps([1, 2]), "not a JSON object"),
+        (json.dumps({**record, "kind": "half"}), "kind must be"),
+        (json.dumps({k: v for k, v in record.items() if k != "layers"}), "missing key"),
+        (json.dumps({**record, "rank": "2"}), "rank must be an int"),
+        (json.dumps({**record, "rank": 4}), "differs from the model's"),
+    ]:
+        record_path.write_text(text)
+        with pytest.raises(ValueError, match=message) as info:
+            load_specialization(fresh(), tmp_path, add_prefix="wrapped.")
+        assert "stage_lora.json" in str(info.value) or "stage_parameters.safetensors" in str(info.value)
+    record_path.write_text(good)
+    weights = tmp_path / "stage_parameters.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="stage_parameters.safetensors"):
+        load_specialization(fresh(), tmp_path, add_prefix="wrapped.")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="stage_parameters.safetensors"):
+        load_specialization(fresh(), tmp_path, add_prefix="wrapped.")
+    weights.write_bytes(blob)
+    record_path.unlink()
+    with pytest.raises(FileNotFoundError, match="stage_lora.json"):
+        load_specialization(fresh(), tmp_path, add_prefix="wrapped.")
+
+
+def test_specialization_export_names_are_public() -> None:
+    import dfm_ext
+    from dfm_ext.specialization import load_specialization, save_specialization
+
+    assert dfm_ext.save_specialization is save_specialization and dfm_ext.load_specialization is load_specialization

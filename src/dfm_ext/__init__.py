@@ -51,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     # specialisation
     "specialize": "specialization",
     "StageSpecialization": "specialization",
+    "save_specialization": "specialization",
+    "load_specialization": "specialization",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -68,6 +68,8 @@ __all__ = [
     "merge",
     "save_stage_parameters",
     "load_stage_parameters",
+    "save_specialization",
+    "load_specialization",
     "export_peft_lora",
 ]
 
@@ -123,6 +125,11 @@ _CONTEXT_ATTR = "_dfm_stage_context"
 _PARAMS_ATTR = "stage_params"
 _META_PREFIX = "dfm_ext."
 
+#: File names of :func:`save_specialization` (kept from the FLUX recipe's first exports, which
+#: used them for per-stage LoRA only; they hold ``kind="full"`` records too).
+STAGE_WEIGHTS_FILE = "stage_parameters.safetensors"
+STAGE_RECORD_FILE = "stage_lora.json"
+
 
 # --------------------------------------------------------------------------------------------
 # routing context
@@ -150,6 +157,9 @@ class _StageContext:
         self.consume = consume
         self.hook_ids: tuple[int, ...] = ()
         self.requires_grad: dict[str, bool] = {}
+        # kind/rank/alpha/stages as given to specialize(): alpha is not recoverable bit-exactly
+        # from a layer's alpha / rank scaling, and save_specialization needs it to rebuild.
+        self.settings: dict[str, Any] = {}
         self._calls: list[_Route | None] = []
         self._manual: list[_Route] = []
 
@@ -456,6 +466,26 @@ class StageSpecialization:
         """See :func:`export_peft_lora`."""
         return export_peft_lora(self.model, stage, directory, **kwargs)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> StageSpecialization:
+        # A handle kept on its model (``model.stage_specialization``) must survive the model's
+        # deepcopy (EMA, merge); the default fails on the read-only ``layers`` mapping.
+        model = copy.deepcopy(self.model, memo)
+        if id(self) in memo:  # reached again through ``model`` while it was being copied
+            return memo[id(self)]
+        out = StageSpecialization(
+            kind=self.kind,
+            rank=self.rank,
+            alpha=self.alpha,
+            num_stages=self.num_stages,
+            stages=self.stages,
+            train=self.train,
+            layers=MappingProxyType(dict(self.layers)),
+            parameters_per_group=dict(self.parameters_per_group),
+            model=model,
+        )
+        memo[id(self)] = out
+        return out
+
 
 # --------------------------------------------------------------------------------------------
 # attach
@@ -647,6 +677,7 @@ def specialize(
     layers = _select_layers(model, targets, patterns)
 
     ctx = _StageContext(num_stages, stage_arg, position, consume_stage)
+    ctx.settings = {"kind": kind, "rank": rank, "alpha": alpha, "num_stages": num_stages, "stages": list(stage_list)}
     ctx.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
     counts: dict[str, int] = {}
@@ -943,3 +974,172 @@ def export_peft_lora(
     save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(packed, sort_keys=True)})
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}, indent=2, sort_keys=True))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# export next to a saved model: the stage parameters and the record to re-specialise with
+
+
+def _is_specialized(model: nn.Module) -> bool:
+    return hasattr(model, _CONTEXT_ATTR)
+
+
+@contextlib.contextmanager
+def _stage_parameters_detached(model: nn.Module) -> Iterator[None]:
+    """Within the block, the stage parameters are out of ``model``'s module tree (put back after).
+
+    For saving the shared weights alone in a file that an unspecialised model of the same
+    architecture loads strictly.
+    """
+    taken = [(layer, layer._modules.pop(_PARAMS_ATTR)) for _, layer in _stage_layers(model)]
+    try:
+        yield
+    finally:
+        for layer, params in taken:
+            layer._modules[_PARAMS_ATTR] = params
+
+
+def save_specialization(
+    spec: StageSpecialization | nn.Module, directory: str | Path, *, strip_prefix: str = ""
+) -> tuple[Path, Path]:
+    """Write a specialisation next to a saved model, for :func:`load_specialization`.
+
+    Writes ``directory/stage_parameters.safetensors`` (:func:`save_stage_parameters`: the stage
+    parameters under their names in the specialised model, kind/rank/stages as metadata) and
+    ``directory/stage_lora.json``, the record to re-specialise a fresh model with: ``kind``,
+    ``rank``, ``alpha``, ``num_stages``, ``stages`` and the specialised ``layers``. The shared
+    weights are not written; save them with the model (``DFMTransformer.save_pretrained`` of a
+    specialised model leaves the stage parameters out of ``model.safetensors`` and calls this).
+
+    Args:
+        spec: the handle :func:`specialize` returned, or the specialised model itself.
+        directory: output folder (created).
+        strip_prefix: removed from the recorded layer names, for a model saved as a part of the
+            specialised one (``"wrapped."`` when ``specialize`` was applied to a module that holds
+            the saved ``DFMTransformer`` as ``.wrapped``); :func:`load_specialization` adds it back.
+
+    Returns:
+        The paths of the weights file and of the record.
+
+    Raises:
+        ValueError: the model is not specialised, or a layer name lacks ``strip_prefix``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from dfm_ext import DiT, DiTConfig, LaplacianPyramid, load_wrapped, wrap_dit
+        >>> model = wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(2, 1)))
+        >>> spec = specialize(model, kind="full", targets="mlp")
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     model.save_pretrained(d)  # shared weights + the specialisation
+        ...     fresh = load_wrapped(d)
+        ...     loaded = load_specialization(fresh, d)
+        ...     (loaded.kind, set(loaded.layers) == set(spec.layers))
+        ('full', True)
+    """
+    model = spec.model if isinstance(spec, StageSpecialization) else spec
+    ctx = _context(model)
+    layers = []
+    for name, _ in _stage_layers(model):
+        if not name.startswith(strip_prefix):
+            raise ValueError(f"specialised layer {name!r} does not start with strip_prefix={strip_prefix!r}")
+        layers.append(name[len(strip_prefix) :])
+    record = {**ctx.settings, "layers": sorted(layers)}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, record_path = directory / STAGE_WEIGHTS_FILE, directory / STAGE_RECORD_FILE
+    save_stage_parameters(model, weights)
+    record_path.write_text(json.dumps(record, indent=2))
+    return weights, record_path
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the stage specialisation record ({e})") from e
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what} (record: {record!r:.300})")
+
+    if not isinstance(record, dict):
+        raise bad("not a JSON object")
+    missing = [k for k in ("kind", "rank", "alpha", "stages", "layers") if k not in record]
+    if missing:
+        raise bad(f"missing key(s) {missing}")
+    if record["kind"] not in ("lora", "full"):
+        raise bad(f"kind must be 'lora' or 'full', got {record['kind']!r}")
+    layers, stages = record["layers"], record["stages"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
+        raise bad("layers must be a non-empty list of module names")
+    if not isinstance(stages, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
+        raise bad("stages must be a list of ints")
+    for key in ("rank", "num_stages"):
+        v = record.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise bad(f"{key} must be an int or null, got {v!r}")
+    alpha = record["alpha"]
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise bad(f"alpha must be a number or null, got {alpha!r}")
+    return record
+
+
+def load_specialization(model: nn.Module, directory: str | Path, *, add_prefix: str = "") -> StageSpecialization | None:
+    """Re-apply a specialisation written by :func:`save_specialization` and load its parameters.
+
+    Reads ``directory/stage_lora.json``, calls :func:`specialize` on ``model`` with the recorded
+    kind, rank, alpha, stages and exactly the recorded layers, then loads
+    ``directory/stage_parameters.safetensors`` (safetensors only; names, shapes, kind, rank and
+    stages checked). ``model`` must hold the shared weights already (``dfm_ext.load_wrapped``).
+
+    Args:
+        model: the unspecialised model, the same architecture as the one saved.
+        directory: the folder the specialisation was saved in.
+        add_prefix: prepended to the recorded layer names (the ``strip_prefix`` of the save).
+
+    Returns:
+        The handle (:class:`StageSpecialization`, trainable as ``train="all"``), or ``None`` when
+        ``directory`` holds no specialisation (neither file).
+
+    Raises:
+        FileNotFoundError: one of the two files is there without the other.
+        ValueError: the record is unreadable or malformed, names a layer ``model`` does not have,
+            or the weights file does not match it (each message names the file).
+    """
+    directory = Path(directory)
+    record_path, weights = directory / STAGE_RECORD_FILE, directory / STAGE_WEIGHTS_FILE
+    if not record_path.exists():
+        if weights.exists():
+            raise FileNotFoundError(f"{weights} exists but its record {record_path} is missing")
+        return None
+    if not weights.is_file():
+        raise FileNotFoundError(f"{record_path} exists but the stage parameters {weights} are missing")
+    record = _read_record(record_path)
+    names = {add_prefix + n for n in record["layers"]}
+    modules = dict(model.named_modules())
+    absent = sorted(n for n in names if n not in modules)
+    if absent:
+        raise ValueError(
+            f"{record_path} names {len(absent)} layer(s) that {type(model).__name__} does not have, e.g. {absent[:5]} "
+            f"(add_prefix={add_prefix!r}; is this the model the specialisation was saved from?)"
+        )
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+    try:
+        spec = specialize(
+            model,
+            kind=record["kind"],
+            targets=lambda name, _module: name in names,
+            rank=record["rank"],
+            alpha=record["alpha"],
+            stages=record["stages"],
+            num_stages=record.get("num_stages"),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{record_path}: cannot re-apply the recorded specialisation: {e}") from e
+    spec.load(weights)
+    return spec

@@ -169,12 +169,24 @@ class DFMTransformer(nn.Module):
 
         The JSON records the decomposition (class, repr, constructor parameters), the patch
         sizes, sample shape, adapter name and options, and the base model's class and config.
+        A model specialised with :func:`dfm_ext.specialize` writes its shared weights to
+        ``model.safetensors`` and its stage parameters and their record beside them
+        (:func:`dfm_ext.save_specialization`); reload with :func:`load_wrapped` followed by
+        :func:`dfm_ext.load_specialization`.
         """
         from safetensors.torch import save_model  # noqa: PLC0415
 
+        from .specialization import _is_specialized, _stage_parameters_detached, save_specialization  # noqa: PLC0415
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / _WEIGHTS))
+        if _is_specialized(self):
+            # Stage parameters apart, so load_wrapped's strict load of the shared weights works.
+            with _stage_parameters_detached(self):
+                save_model(self, str(directory / _WEIGHTS))
+            save_specialization(self, directory)
+        else:
+            save_model(self, str(directory / _WEIGHTS))
         (directory / _CONFIG).write_text(json.dumps(self._record(), indent=2))
 
 
