@@ -18,21 +18,28 @@ p0 = 0.7                      first-stage probability (Table 1a)     worse than 
 20 + 20 steps                 sampling split only (Fig. 3)           worse than 30 + 10
 wavelet                       Haar DWT stages instead of Laplacian   Laplacian preferred (3.2, F)
 DCT                           block-DCT bands instead of Laplacian   worse (App. F)
+full specialisation, mlp      per-stage MLP weights averaged with    better (Table 1d)
+                              the shared ones (``dfm_ext.specialize``)
+full specialisation, all      the same for every layer               better, the best (Table 1d)
 ============================  =====================================  ============================
 
-"Reproduces" is judged per metric: ``yes`` when the variant is worse than the baseline on both
-SWD and FD-EffNet, ``no`` when it is better on both, ``mixed`` otherwise. One seed at this scale
+"Reproduces" is judged per metric: ``yes`` when the variant moves the paper's way (worse, or
+better for specialisation) on both SWD and FD-EffNet, ``no`` when it moves the other way on
+both, ``mixed`` otherwise. One seed at this scale
 is a weak test: differences of a few percent are within seed noise (see the quality benchmark's
 seed spread). Outputs: ``benchmarks/results/ablations.json`` and ``ablations.md``
 (``ablations_quick.*`` with ``--quick``, a smoke check whose numbers mean nothing).
 
-Cost: about 45 minutes on 2 CPU cores (6 trained models, 7 evaluations).
+Cost: 52 minutes for the first seven variants with ``--threads 1`` here (6 trained models, 7
+evaluations); about 9 more per specialisation variant. ``--variants "a; b"`` runs a subset (plus
+the baseline), ``--stem`` names its output files.
 
 Run: ``python benchmarks/ablations.py`` (full) or ``python benchmarks/ablations.py --quick``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -64,6 +71,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "20 + 20 steps": ({}, {"sample_steps": (20, 20)}, "worse (Fig. 3)"),
     "wavelet": ({"decomposition": "wavelet"}, {}, "Laplacian preferred (Sec. 3.2, App. F)"),
     "DCT": ({"decomposition": "dct"}, {}, "worse (App. F)"),
+    "full specialisation, mlp": ({"specialize": "full", "specialize_targets": ("mlp",)}, {}, "better (Table 1d)"),
+    "full specialisation, all": ({"specialize": "full", "specialize_targets": ("all",)}, {}, "better, the best (Table 1d)"),
 }
 
 
@@ -94,6 +103,7 @@ def sample_tied(model: nn.Module, config: dict[str, Any], labels: Tensor, *, ste
 
 
 def verdict(base: dict[str, Any], var: dict[str, Any]) -> str:
+    """Does the paper's direction (``var["expected"]``: "worse ..." or "better ...") show on both metrics?"""
     worse = []
     for key in ("swd", "fd_effnet"):
         b = base["swd"]["mean"] if key == "swd" else base["fd_effnet"]
@@ -102,13 +112,27 @@ def verdict(base: dict[str, Any], var: dict[str, Any]) -> str:
             worse.append(v > b)
     if not worse:
         return "n/a"
+    if var["expected"].startswith("better"):
+        worse = [not w for w in worse]  # then "yes" means better on both
     return "yes" if all(worse) else ("no" if not any(worse) else "mixed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = benchmark_args(argv, __doc__, "tiny smoke check; numbers mean nothing")
+    def subset_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--variants", default=None,
+                            help=f"run only these (and the baseline), separated by ';': {'; '.join(VARIANTS)}")
+        parser.add_argument("--stem", default=None, help="output file name stem (default ablations / ablations_quick)")
+
+    args = benchmark_args(argv, __doc__, "tiny smoke check; numbers mean nothing", configure=subset_options)
     protocol = QUICK if args.quick else FULL
-    stem = "ablations_quick" if args.quick else "ablations"
+    stem = args.stem or ("ablations_quick" if args.quick else "ablations")
+    chosen = list(VARIANTS)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(";") if v.strip()]
+        unknown = [v for v in wanted if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        chosen = ["baseline", *[v for v in wanted if v != "baseline"]]
     t0 = time.perf_counter()
     train_data, test = train_and_test(args.dataset)
     print(f"ablations ({'quick' if args.quick else 'full'}): {train_data.name}, model {protocol.size} "
@@ -117,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = replace(base_config(protocol, protocol.seeds[0], train_data.name), decomposition="laplacian")
     trained: dict[tuple, Trainer] = {}
     rows: dict[str, Any] = {}
-    for name, (train_over, sample_over, expectation) in VARIANTS.items():
+    for name in chosen:
+        train_over, sample_over, expectation = VARIANTS[name]
         cfg = replace(base, **train_over)
         key = tuple(sorted((k, str(v)) for k, v in train_over.items()))
         if key not in trained:
@@ -157,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline_config": json.loads(json.dumps(asdict(base), default=list)), "dataset": train_data.name,
         "variants": rows, "total_seconds": round(time.perf_counter() - t0, 1),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "command": "python benchmarks/ablations.py" + (" --quick" if args.quick else ""),
+        "command": "python " + " ".join(["benchmarks/ablations.py", *(sys.argv[1:] if argv is None else argv)]),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2))

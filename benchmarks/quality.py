@@ -41,7 +41,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -268,14 +268,22 @@ def plot(summary: dict[str, Any], runs: dict[int, dict[str, Any]], path: Path, t
     tmp.replace(path)
 
 
-def benchmark_args(argv: Sequence[str] | None, doc: str | None, quick_help: str) -> argparse.Namespace:
-    """The options every benchmark here shares; applies ``--threads`` before anything runs."""
+def benchmark_args(
+    argv: Sequence[str] | None,
+    doc: str | None,
+    quick_help: str,
+    *,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark here shares (``configure`` adds more); applies ``--threads``."""
     parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "skimage"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-fd", action="store_true", help="SWD only")
+    if configure is not None:
+        configure(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -55,6 +55,8 @@ def test_unknown_names_are_rejected() -> None:
         DemoConfig(decomposition="fourier")
     with pytest.raises(ValueError, match="unknown model size"):
         DemoConfig(size="huge")
+    with pytest.raises(ValueError, match="specialize must be None, 'full' or 'lora', got 'moe'"):
+        DemoConfig(specialize="moe")
     with pytest.raises(ValueError, match="has 2 stages"):
         make_sampler("laplacian", (10, 10, 10), (0.9,), 1.0)
     # Flow matching gets the same total step budget in its single stage.
@@ -148,3 +150,24 @@ def test_demo_checkpoint_round_trip(tmp_path) -> None:
     save_checkpoint(tmp_path / "bad", {"w": torch.ones(1)}, config)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_demo_checkpoint(tmp_path / "bad")
+
+
+def test_specialised_demo_trains_and_checkpoints(tmp_path) -> None:
+    """``specialize="full"`` (the ablations' Table 1d arm): stage weights train and survive a checkpoint."""
+    data = _data()
+    cfg = replace(TINY, steps=6, specialize="full", specialize_targets=("mlp",))
+    res = train(cfg, data, progress=False)
+    stage_params = {n: p for n, p in res.model.named_parameters() if ".stage_params." in n}
+    assert stage_params and all(".mlp." in n for n in stage_params)
+    assert all(math.isfinite(v) for v in res.history["loss"])
+    mc = model_config(cfg, data.image_shape, data.num_classes)
+    assert mc["specialize"] == {"kind": "full", "targets": ["mlp"], "rank": None}
+    assert "specialize" not in model_config(TINY, data.image_shape, data.num_classes)  # old configs unchanged
+    with torch.no_grad():
+        for p in res.ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # zero-initialised heads would hide a bad load
+    loaded, _ = load_demo_checkpoint(save_demo_checkpoint(tmp_path / "ck", res.ema, mc, cfg, data))
+    stages = res.ema.decomposition.decompose(torch.randn(2, 1, 32, 32))
+    args = (stages, torch.rand(2, 2), torch.tensor([0, 1]))
+    assert all(torch.equal(a, b) for a, b in zip(res.ema.eval()(*args, y=torch.tensor([1, 2])),
+                                                 loaded(*args, y=torch.tensor([1, 2]))))  # fmt: skip

@@ -72,6 +72,9 @@ class DemoConfig:
         num_reference: held-out test images the metrics compare against.
         fd: compute FD-EffNet (needs the ``metrics`` extra) besides SWD.
         train_subset: train on a random subset of this many images (``None``: all).
+        specialize: ``None`` (one shared model), ``"full"`` or ``"lora"``: per-stage parameters
+            for the ``specialize_targets`` groups (:func:`dfm_ext.specialize`, paper Table 1d);
+            ``specialize_rank`` is the LoRA rank (``None``: 16).
     """
 
     steps: int = 2000
@@ -102,8 +105,13 @@ class DemoConfig:
     num_reference: int = 2000
     fd: bool = True
     train_subset: int | None = None
+    specialize: str | None = None
+    specialize_targets: tuple[str, ...] = ("mlp",)
+    specialize_rank: int | None = None
 
     def __post_init__(self) -> None:
+        if self.specialize not in (None, "full", "lora"):
+            raise ValueError(f"specialize must be None, 'full' or 'lora', got {self.specialize!r}")
         if self.decomposition not in DECOMPOSITIONS:
             raise ValueError(f"unknown decomposition {self.decomposition!r}; choose one of {', '.join(DECOMPOSITIONS)}")
         if self.size not in MODEL_SIZES:
@@ -180,7 +188,7 @@ def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) 
     c, h, w = (int(v) for v in image_shape)
     grid = (h * cfg.tokens_per_side // cfg.image_size, w * cfg.tokens_per_side // cfg.image_size)
     patches = patch_sizes_for_grid([s[1:] for s in decomposition.stage_shapes((1, c, h, w))], grid)
-    return {
+    config: dict[str, Any] = {
         "decomposition": cfg.decomposition,
         "image_shape": [c, h, w],
         "num_classes": int(num_classes),
@@ -189,6 +197,9 @@ def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) 
         "dit": {"input_size": h, "in_channels": c, "num_classes": int(num_classes), "class_dropout_prob": 0.0,
                 "patch_size": h // grid[0], **MODEL_SIZES[cfg.size]},
     }  # fmt: skip
+    if cfg.specialize is not None:  # absent otherwise, so older checkpoints' configs stay as they were
+        config["specialize"] = {"kind": cfg.specialize, "targets": list(cfg.specialize_targets), "rank": cfg.specialize_rank}
+    return config
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
@@ -199,7 +210,13 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     dit = DiT(DiTConfig(**config["dit"]))
     decomposition = make_decomposition(config["decomposition"])
     patches = [tuple(p) for p in config["patch_sizes"]]
-    return wrap_dit(dit, decomposition, init="scratch", patch_sizes=patches)
+    model = wrap_dit(dit, decomposition, init="scratch", patch_sizes=patches)
+    spec = config.get("specialize")
+    if spec:
+        from .specialization import specialize
+
+        specialize(model, kind=spec["kind"], targets=list(spec["targets"]), rank=spec.get("rank"))
+    return model
 
 
 def null_label(model: nn.Module, num_classes: int) -> int:
