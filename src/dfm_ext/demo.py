@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -838,31 +839,43 @@ def sample_checkpoint(
     return out
 
 
-def load_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> Tensor:
+def read_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> tuple[Tensor, list[Path]]:
     """PNG files of a folder (sorted by name; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``.
 
+    Unreadable files (truncated, not an image) are skipped and returned as the second value;
+    with ``limit``, reading goes on until ``limit`` readable images are found. 16-bit PNGs keep
+    their brightness (:func:`dfm_ext.data.read_image`).
+
     Raises:
-        ValueError: no PNGs, or images of different sizes/modes.
+        ValueError: no readable PNGs, or images of different sizes/modes.
     """
-    import numpy as np
-    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    from .data import read_image
 
     folder = Path(folder)
     paths = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
-    if limit is not None:
-        paths = paths[:limit]
-    if not paths:
-        raise ValueError(f"no PNG samples in {folder}")
-    arrays = []
+    arrays, skipped = [], []
     for p in paths:
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "I;16", "LA") else "RGB"))
-        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+        if limit is not None and len(arrays) >= limit:
+            break
+        try:
+            arrays.append(read_image(p))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            skipped.append(p)
+    if not arrays:
+        extra = f" ({len(skipped)} unreadable, e.g. {skipped[0].name})" if skipped else ""
+        raise ValueError(f"no readable PNG samples in {folder}{extra}")
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"samples in {folder} have different shapes: {sorted(shapes)}")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return x * 2.0 - 1.0, skipped
+
+
+def load_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> Tensor:
+    """:func:`read_png_folder` without the list of skipped files."""
+    return read_png_folder(folder, limit=limit)[0]
 
 
 def evaluate_path(
@@ -894,8 +907,13 @@ def evaluate_path(
                            generator=torch.Generator().manual_seed(seed), device=device)  # fmt: skip
         source = {"checkpoint": str(path), "cfg_scale": scale}
     else:
-        fake = load_png_folder(path, limit=num)
-        source = {"folder": str(path)}
+        fake, skipped = read_png_folder(path, limit=num)
+        # Unreadable files are counted, not fatal: one damaged PNG should not void an evaluation.
+        source = {"folder": str(path), "images": int(fake.shape[0]), "skipped_images": len(skipped)}
+        if skipped:
+            import sys
+
+            print(f"dfm-ext eval: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
     c, h, w = fake.shape[1:]
     real_ds = load_dataset(dataset, split, size=int(h), seed=seed)
     real = real_ds.subset(num_reference, generator=torch.Generator().manual_seed(seed)).images
