@@ -682,7 +682,7 @@ def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in ck.state_dict.items()}
         detail = describe_mismatch(expected, found, {"model": config["model"]})
-        raise CheckpointError(f"{Path(directory) / WEIGHTS_NAME} does not fit the model in config.json: {detail}") from e
+        raise CheckpointError(f"{Path(directory) / WEIGHTS_NAME}: the weights do not fit the model in config.json: {detail}") from e
     return model.to(device).eval(), config
 
 
