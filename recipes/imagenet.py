@@ -35,6 +35,9 @@ from torch import nn
 
 from ._common import (
     ClassConditionalTask,
+    check_batch,
+    check_dfm_section,
+    check_sampling_section,
     check_vae_path,
     cycled_labels,
     parse_config_args,
@@ -188,16 +191,33 @@ class ImageNetConfig:
         if not 0.0 <= self.dfm.label_dropout < 1.0:
             raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.dfm.label_dropout}")
         stages = 1 if self.decomposition.kind == "identity" else len(self.decomposition.factors)
-        if len(self.sampling.steps) != stages:
-            raise ConfigError(
-                f"sampling.steps {list(self.sampling.steps)} needs one entry per stage ({stages} for "
-                f"decomposition.kind={self.decomposition.kind})"
-            )
+        check_sampling_section(self.sampling, stages, num_classes=self.data.num_classes, kind=self.decomposition.kind)
+        check_dfm_section(self.dfm, stages)
+        check_batch(self.train)
+        self._check_model()
         self.specialize.validate(stages)
         if self.decomposition.kind == "laplacian":
             for f in self.decomposition.factors:
                 if self.latent_size % f:
                     raise ConfigError(f"latent size {self.latent_size} is not divisible by decomposition factor {f}")
+
+
+    def _check_model(self) -> None:
+        """The reference DiT's preset and overrides (a factory is the user's to check)."""
+        if self.model.factory is not None:
+            return
+        if self.data.num_classes < 1:
+            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        from dfm_ext.models import DiTConfig
+
+        try:
+            base = {"input_size": self.latent_size, "in_channels": self.vae.latent_channels, "num_classes": self.data.num_classes}
+            DiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
+        except TypeError as e:  # an override that is not a DiTConfig field
+            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
+        except ValueError as e:
+            key = "model.preset" if "preset" in str(e) else "model.overrides"
+            raise ConfigError(f"{key}: {e}") from e
 
 
 # -- building blocks -------------------------------------------------------------------------

@@ -34,6 +34,9 @@ from torch import Tensor, nn
 
 from ._common import (
     ClassConditionalTask,
+    check_batch,
+    check_dfm_section,
+    check_sampling_section,
     check_vae_path,
     cycled_labels,
     parse_config_args,
@@ -199,8 +202,14 @@ class KineticsConfig:
             raise ConfigError(f"dfm.scales {list(self.dfm.scales)} needs one entry per stage ({self.num_stages})")
         if self.dfm.scale_estimation_clips < 1:
             raise ConfigError(f"dfm.scale_estimation_clips must be >= 1, got {self.dfm.scale_estimation_clips}")
-        if len(self.sampling.steps) != self.num_stages:
-            raise ConfigError(f"sampling.steps {list(self.sampling.steps)} needs one entry per stage ({self.num_stages})")
+        check_sampling_section(self.sampling, self.num_stages, num_classes=d.num_classes, kind=self.decomposition.kind)
+        if not self.sampling.fps > 0:
+            raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
+        check_dfm_section(self.dfm, self.num_stages)
+        if self.dfm.scales is not None and not all(s > 0 for s in self.dfm.scales):
+            raise ConfigError(f"dfm.scales {list(self.dfm.scales)} must all be > 0")
+        check_batch(self.train)
+        self._check_model()
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
@@ -216,6 +225,25 @@ class KineticsConfig:
                 for f in tf:
                     if frames % f:
                         raise ConfigError(f"{frames} latent frames are not divisible by decomposition temporal factor {f}")
+
+
+    def _check_model(self) -> None:
+        """The reference VideoDiT's preset and overrides (CogVideoX and factories load later)."""
+        if self.model.factory is not None or self.model.kind != "video_dit":
+            return
+        if self.data.num_classes < 1:
+            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        from dfm_ext.video_models import VideoDiTConfig
+
+        c, frames, h, w = self.latent_shape
+        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": self.data.num_classes}
+        try:
+            VideoDiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
+        except TypeError as e:  # an override that is not a VideoDiTConfig field
+            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
+        except ValueError as e:
+            key = "model.preset" if "preset" in str(e) else "model.overrides"
+            raise ConfigError(f"{key}: {e}") from e
 
 
 # -- building blocks -------------------------------------------------------------------------
