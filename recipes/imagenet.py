@@ -133,8 +133,8 @@ class DecompositionConfig:
             value = getattr(self, name)
             if name == "kind" or name in own or value == default:
                 continue
-            if name == "factors" and kind == "identity" and value in ((1,), None):
-                continue  # identity is one stage at full resolution: [1] (older configs) or null
+            if name == "factors" and (kind, value) in (("identity", (1,)), ("identity", None), ("dct", None)):
+                continue  # identity: one stage at full resolution, [1] (older configs) or null; dct: null
             users = [k for k, names in DECOMPOSITION_FIELDS.items() if name in names] or ["wavelet"]
             raise ConfigError(
                 f"decomposition.{name}={_yaml_value(value)} applies to kind={'/'.join(users)}, not kind={kind}; "
