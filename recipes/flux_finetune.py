@@ -163,13 +163,12 @@ class FluxFinetuneConfig:
 
     @property
     def num_stages(self) -> int:
-        return 1 if self.decomposition.kind == "identity" else len(self.decomposition.factors)
+        return self.decomposition.count_stages()
 
     @property
     def pixel_multiple(self) -> int:
         """Bucket sides must divide by this: VAE x FLUX's 2x2 packing x the coarsest factor."""
-        coarsest = max(self.decomposition.factors) if self.decomposition.kind == "laplacian" else 2 ** (self.num_stages - 1)
-        return self.vae.downsample * 2 * coarsest
+        return self.vae.downsample * 2 * self.decomposition.sample_multiple
 
     def buckets(self) -> AspectBuckets:
         return AspectBuckets(self.data.resolutions, self.data.ratios, self.data.bucket_multiple)
@@ -187,7 +186,7 @@ class FluxFinetuneConfig:
         if self.data.bucket_multiple % self.pixel_multiple:
             raise ConfigError(
                 f"data.bucket_multiple={self.data.bucket_multiple} must be a multiple of {self.pixel_multiple} "
-                f"(vae.downsample {self.vae.downsample} x 2 (FLUX packing) x the coarsest decomposition factor)"
+                f"(vae.downsample {self.vae.downsample} x 2 (FLUX packing) x the decomposition's sample multiple)"
             )
         try:
             self.buckets()

@@ -53,7 +53,8 @@ from .engine import (
     TrainResult,
     resolve_output_dir,
 )
-from .imagenet import DFMConfig, _import_factory
+from .imagenet import DecompositionConfig, DFMConfig, _import_factory
+from .imagenet import build_decomposition as _build_decomposition
 
 __all__ = [
     "KineticsConfig",
@@ -125,12 +126,9 @@ class VideoModelConfig:
 
 
 @dataclass
-class VideoDecompositionConfig:
-    """Spatial Laplacian per latent frame by default; ``temporal_factors`` adds time (e.g. ``[2, 1]``)."""
-
-    kind: Literal["laplacian", "identity"] = "laplacian"
-    factors: tuple[int, ...] = (2, 1)
-    temporal_factors: tuple[int, ...] | None = None
+class VideoDecompositionConfig(DecompositionConfig):
+    """:class:`~.imagenet.DecompositionConfig` for videos: spatial Laplacian per latent frame by
+    default; ``temporal_factors`` adds time (e.g. ``[2, 1]``); wavelet and dct act per frame."""
 
 
 @dataclass
@@ -182,7 +180,7 @@ class KineticsConfig:
 
     @property
     def num_stages(self) -> int:
-        return 1 if self.decomposition.kind == "identity" else len(self.decomposition.factors)
+        return self.decomposition.count_stages()
 
     def validate(self) -> None:
         """Cross-field checks that need no files and no compute."""
@@ -213,18 +211,7 @@ class KineticsConfig:
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        _, frames, side, _ = self.latent_shape
-        if self.decomposition.kind == "laplacian":
-            for f in self.decomposition.factors:
-                if side % f:
-                    raise ConfigError(f"latent size {side} is not divisible by decomposition factor {f}")
-            tf = self.decomposition.temporal_factors
-            if tf is not None:
-                if len(tf) != len(self.decomposition.factors):
-                    raise ConfigError(f"decomposition.temporal_factors {list(tf)} needs one entry per stage")
-                for f in tf:
-                    if frames % f:
-                        raise ConfigError(f"{frames} latent frames are not divisible by decomposition temporal factor {f}")
+        self.decomposition.check_sample_shape(self.latent_shape)
 
 
     def _check_model(self) -> None:
@@ -250,11 +237,8 @@ class KineticsConfig:
 
 
 def build_decomposition(cfg: VideoDecompositionConfig) -> Any:
-    import dfm_ext
-
-    if cfg.kind == "identity":
-        return dfm_ext.IdentityDecomposition()
-    return dfm_ext.LaplacianPyramid(factors=cfg.factors, temporal_factors=cfg.temporal_factors)
+    """The configured decomposition, through the library's factory (see ``imagenet.build_decomposition``)."""
+    return _build_decomposition(cfg)
 
 
 def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:

@@ -172,41 +172,31 @@ class DemoResult:
 # ---- model -----------------------------------------------------------------------------------
 
 
-def make_decomposition(name: str, **kwargs: Any):
-    """The decomposition called ``name`` (``laplacian``, ``wavelet``, ``dct``, ``identity``).
-
-    Laplacian defaults to the paper's 2 stages at half then full resolution (``factors=(2, 1)``).
-    ``kwargs`` go to the decomposition's constructor.
+def make_decomposition(spec: str | Mapping[str, Any], **kwargs: Any):
+    """The decomposition ``spec`` names: a kind (``laplacian``, ``wavelet``, ``dct``, ``identity``;
+    defaults, e.g. Laplacian ``factors=(2, 1)``: 16x16 + 32x32) or a config dict of
+    :func:`dfm_ext.decomposition_from_config` (what checkpoints store). ``kwargs`` add fields.
     """
-    if name == "laplacian":
-        from .laplacian import LaplacianPyramid
+    from .decomposition_factory import decomposition_from_config
 
-        return LaplacianPyramid(**({"factors": (2, 1)} | kwargs))
-    if name == "wavelet":
-        from .wavelet import WaveletDecomposition
-
-        return WaveletDecomposition(**kwargs)
-    if name == "dct":
-        from .dct import DCTDecomposition
-
-        return DCTDecomposition(**kwargs)
-    if name == "identity":
-        from .identity import IdentityDecomposition
-
-        return IdentityDecomposition(**kwargs)
-    raise ValueError(f"unknown decomposition {name!r}; choose one of {', '.join(DECOMPOSITIONS)}")
+    config = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    return decomposition_from_config(config | kwargs)
 
 
 def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
     """The JSON description :func:`build_model` rebuilds a model from."""
     from .packing import patch_sizes_for_grid
 
+    from .decomposition_factory import decomposition_config
+
     decomposition = make_decomposition(cfg.decomposition)
     c, h, w = (int(v) for v in image_shape)
     grid = (h * cfg.tokens_per_side // cfg.image_size, w * cfg.tokens_per_side // cfg.image_size)
     patches = patch_sizes_for_grid([s[1:] for s in decomposition.stage_shapes((1, c, h, w))], grid)
     config: dict[str, Any] = {
-        "decomposition": cfg.decomposition,
+        # What was built, every field (checkpoints before this held just the kind's name, which
+        # make_decomposition still reads as that kind's defaults).
+        "decomposition": decomposition_config(decomposition),
         "image_shape": [c, h, w],
         "num_classes": int(num_classes),
         "patch_sizes": [list(p) for p in patches],
@@ -331,7 +321,10 @@ class Trainer:
             torch.manual_seed(cfg.seed)  # parameter init; everything else draws from generators
             model = build_model(model_config(cfg, data.image_shape, data.num_classes))
         self.model = model.to(self.device).train()
-        self.decomposition = make_decomposition(cfg.decomposition)
+        # The model's own decomposition (built from its config), so training splits the data
+        # exactly as the model's stages are laid out.
+        own = getattr(self.model, "decomposition", None)
+        self.decomposition = own if own is not None else make_decomposition(cfg.decomposition)
         self.num_stages = self.decomposition.num_stages
         self.sampler = _timestep_sampler(cfg, self.num_stages)
         self.objective = DFMObjective(self.num_stages, masking=cfg.masking).to(self.device)
@@ -429,7 +422,7 @@ def train(
 # ---- sampling --------------------------------------------------------------------------------
 
 
-def check_schedule(decomposition_name: str, steps: Sequence[int], thresholds: Sequence[float]) -> None:
+def check_schedule(decomposition_name: str | Mapping[str, Any], steps: Sequence[int], thresholds: Sequence[float]) -> None:
     """Fail on a sampling schedule that does not fit the decomposition (no model, no compute).
 
     ``steps`` needs one positive count per stage and ``thresholds`` one value in ``(0, 1)`` per
@@ -491,12 +484,15 @@ def parse_device(device: str | torch.device, *, check_available: bool = True) ->
     return dev
 
 
-def make_sampler(decomposition_name: str, steps: Sequence[int], thresholds: Sequence[float], cfg_scale: float):
-    """A :class:`~dfm_ext.sampler.DFMSampler` (Euler) for the named decomposition."""
+def make_sampler(
+    decomposition: str | Mapping[str, Any], steps: Sequence[int], thresholds: Sequence[float], cfg_scale: float
+):
+    """A :class:`~dfm_ext.sampler.DFMSampler` (Euler) for a decomposition (kind name or config dict)."""
     from .sampler import DFMSampler
     from .schedule import StageScheduler
 
-    decomposition = make_decomposition(decomposition_name)
+    decomposition_name = decomposition if isinstance(decomposition, str) else decomposition.get("kind")
+    decomposition = make_decomposition(decomposition)
     s = decomposition.num_stages
     steps, thresholds = tuple(int(v) for v in steps), tuple(float(v) for v in thresholds)
     if s == 1:

@@ -14,8 +14,6 @@ positions and conditioning are untouched, so the token count (and cost) is the b
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,50 +189,33 @@ class DFMTransformer(nn.Module):
 
 
 def _describe(decomposition: Any) -> dict[str, Any]:
+    """The decomposition record of ``dfm_config.json``: class, repr and the factory config.
+
+    ``config`` is :func:`dfm_ext.decomposition_factory.decomposition_config` (``None`` for a
+    custom decomposition, which then has to be passed to :func:`load_wrapped`).
+    """
+    from .decomposition_factory import decomposition_config  # noqa: PLC0415
+
     cls = type(decomposition)
-    params: dict[str, Any] | None = {}
     try:
-        sig = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None:
-        for name, p in list(sig.parameters.items())[1:]:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            for attr in (name, "_" + name):
-                if hasattr(decomposition, attr):
-                    value = getattr(decomposition, attr)
-                    break
-            else:
-                if p.default is p.empty:
-                    params = None
-                    break
-                continue
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                params = None
-                break
-            params[name] = value  # type: ignore[index]
-    else:
-        params = None
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(decomposition), "params": params}
-
-
-def _tuplify(v: Any) -> Any:
-    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+        config = decomposition_config(decomposition)
+    except TypeError:
+        config = None
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(decomposition), "config": config}
 
 
 def _rebuild_decomposition(record: dict[str, Any]) -> Any:
-    module, _, qualname = record["class"].partition(":")
-    if not module.startswith("dfm_ext.") or record.get("params") is None:
+    """Rebuild a recorded decomposition through the factory (new records and ones with ``params``)."""
+    from .decomposition_factory import config_from_record, decomposition_from_config  # noqa: PLC0415
+
+    config = config_from_record(record)
+    if config is None:
         raise ValueError(
             f"cannot rebuild the decomposition {record['repr']} from the saved config; "
             "pass decomposition= to load_wrapped"
         )
-    cls = getattr(importlib.import_module(module), qualname)
-    decomposition = cls(**{k: _tuplify(v) for k, v in record["params"].items()})
-    if " at 0x" not in record["repr"] and repr(decomposition) != record["repr"]:
+    decomposition = decomposition_from_config(config)
+    if repr(decomposition) != record["repr"]:
         raise ValueError(
             f"rebuilt decomposition {decomposition!r} differs from the saved {record['repr']}; "
             "pass decomposition= to load_wrapped"
