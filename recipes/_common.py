@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .checkpointing import CorruptCheckpointError, DiskFullError
 from .config import ConfigError, load_config
 
 T = TypeVar("T")
@@ -193,7 +194,8 @@ def train_main(
             ``step`` and ``last_loss``).
 
     Returns:
-        0, or 2 after printing ``error: ...`` for a usage error.
+        0; 2 after printing ``error: ...`` for a usage error; 1 after one ``error: ...`` line for a
+        full disk or a damaged checkpoint.
     """
     try:
         name, cfg, dataset = prepare(argv)
@@ -203,6 +205,9 @@ def train_main(
         result = run(name, cfg, dataset)
     except ConfigError as e:  # raised while setting up (resume checks), before training
         return usage_error(e)
+    except (DiskFullError, CorruptCheckpointError) as e:  # not a usage error, but one line says it all
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":
         line = {"output_dir": str(result.output_dir), "step": result.step, "last_loss": result.last_loss, **summary(result)}
         print(json.dumps(line))
