@@ -15,6 +15,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,14 +284,21 @@ def test_declared_convention_is_proof():
     assert _stage0_error(wrapped, inst, OWN[DiT][1], False) <= 1e-5
 
 
+def _reference_dit() -> nn.Module:
+    torch.manual_seed(0)
+    base = dfm_ext.DiT(dfm_ext.DiTConfig.preset("tiny", hidden_size=32, input_size=SIZE, in_channels=C)).eval()
+    with torch.no_grad():  # off the zero init (adaLN-Zero, zero head), like a trained model
+        for p in base.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return base
+
+
 def test_library_models_declare_their_convention():
-    ref = dfm_ext.DiT(dfm_ext.DiTConfig.preset("tiny", hidden_size=32)).eval()
+    ref = _reference_dit()
     assert type(ref).dfm_time_convention == "x1000"
     wrapped = wrap_dit(copy.deepcopy(ref), IdentityDecomposition()).eval()
     assert wrapped.adapter.time_convention == "x1000"
-    x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2, 1), _long(1, 2)
-    with torch.no_grad():
-        assert (wrapped([x], t, _long(0, 0), y=y)[0] - ref(x, t[:, 0], y)).abs().max() <= 1e-5
+    assert _stage0_error(wrapped, ref, lambda m, x, t, y: m(x, t, y), False) <= 1e-5
     video = dfm_ext.VideoDiT(dfm_ext.VideoDiTConfig.preset("tiny"))
     assert wrap_dit(video, IdentityDecomposition(), sample_shape=(16, 2, 8, 8)).adapter.time_convention == "x1000"
 
@@ -349,6 +357,34 @@ def test_reference_dit_records_its_declared_convention(tmp_path):
     record = json.loads((tmp_path / "ref" / "dfm_config.json").read_text())
     assert record["adapter"]["config"]["time_convention"] == "x1000"
     assert load_wrapped(tmp_path / "ref").adapter.time_convention == "x1000"
+
+
+# ------------------------------------------------------------------ the README's table
+
+
+def _readme_calls() -> dict[str, str]:
+    """First cell -> the call in the last cell, for each row of the README's conventions table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Conventions of the codebases you wrap\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in section.splitlines() if r.startswith("| ")]
+    return {r[0]: r[-1].strip("`") for r in rows if r[-1].startswith("`wrap_dit(")}
+
+
+@pytest.mark.parametrize("cls", STAND_INS, ids=lambda c: c.__name__)
+def test_readme_calls_give_the_models_own_prediction(cls):
+    row = {DiT: "facebookresearch DiT", SiT: "SiT (", LightningDiT: "LightningDiT ("}[cls]
+    (call,) = [c for k, c in _readme_calls().items() if k.startswith(row)]
+    base = cls().eval()
+    scope = {"wrap_dit": wrap_dit, "model": copy.deepcopy(base), "decomposition": LaplacianPyramid((2, 1))}
+    wrapped = eval(call, scope).eval()  # noqa: S307  (the README's own text, run as a reader would)
+    assert _stage0_error(wrapped, base, OWN[cls][1], True) <= 1e-5
+
+
+def test_readme_call_for_the_reference_dit():
+    (call,) = [c for k, c in _readme_calls().items() if k.startswith("`dfm_ext.DiT`")]
+    base = _reference_dit()
+    scope = {"wrap_dit": wrap_dit, "model": copy.deepcopy(base), "decomposition": LaplacianPyramid((2, 1))}
+    assert _stage0_error(eval(call, scope).eval(), base, lambda m, x, t, y: m(x, t, y), True) <= 1e-5  # noqa: S307
 
 
 # ------------------------------------------------------------------ imports
