@@ -16,11 +16,30 @@ name               family
 ``cogvideox``      diffusers ``CogVideoXTransformer3DModel``
 ``video_dit``      :class:`dfm_ext.video_models.VideoDiT` and DiT-named video models (per-frame ``Conv3d``)
 =================  ==========================================================================
+
+The adapter classes are importable from here (``from dfm_ext.adapters import DiTFamilyAdapter``),
+also lazily: each is imported from its module on first access.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from dfm_ext.adapter import LazyAdapter
+
+# class name -> module; resolved on first access (PEP 562) so this package stays light.
+_CLASSES = {
+    "DiTFamilyAdapter": "dit",
+    "VideoDiTAdapter": "video_dit",
+    "DiffusersDiTAdapter": "diffusers_dit",
+    "PixArtAdapter": "pixart",
+    "SD3Adapter": "sd3",
+    "FluxAdapter": "flux",
+    "CogVideoXAdapter": "cogvideox",
+}
+
+__all__ = ["builtin_adapters", *_CLASSES]
 
 _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("dit", "dfm_ext.adapters.dit"),
@@ -36,3 +55,16 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
 def builtin_adapters() -> list[LazyAdapter]:
     """The built-in adapters in the order ``adapter="auto"`` tries them (after user-registered ones)."""
     return list(_BUILTIN)
+
+
+def __getattr__(name: str) -> Any:
+    module = _CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dfm_ext.adapters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dfm_ext.adapters.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

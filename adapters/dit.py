@@ -12,10 +12,31 @@ kernel = stride), ``t_embedder``, ``y_embedder`` (with ``num_classes``), ``block
 order; with ``learn_sigma`` only the velocity half is kept). ``forward`` then runs the model's
 own positions, label embedder, blocks and final layer.
 
-Time conventions (``time_convention``): ``"x1000"`` (default; :class:`dfm_ext.DiT` and
-LightningDiT-style embedders that see ``1000 t`` with ``t = 1`` data), ``"unit"`` (SiT: ``t``
-itself), ``"discrete"`` (original DiT: ``999 (1 - t)``). ``output_scale=-1`` flips the sign for
-models trained to predict ``noise - x``.
+Time conventions (``time_convention``). DiT, SiT and LightningDiT share these module names
+but read time differently, so names alone prove nothing and the adapter never guesses:
+
+=====================  =============================================  =====================================
+codebase               what the model reads / predicts                ``time_convention``
+=====================  =============================================  =====================================
+facebookresearch DiT   integer step ``999 (1 - t)`` (999 = noise);     ``"discrete"``
+                       epsilon (+ sigma channels, dropped)
+SiT, LightningDiT      ``t`` in ``[0, 1]``, ``t = 1`` data (SiT's      ``"unit"``
+                       linear transport); velocity ``x - noise``
+:class:`dfm_ext.DiT`,  ``1000 t``; velocity ``x - noise``              ``"x1000"`` (declared by the class)
+``VideoDiT``
+=====================  =============================================  =====================================
+
+The convention comes from ``wrap_dit(..., time_convention=)`` (or
+``DiTFamilyAdapter(time_convention=)``), else from the model's own declaration
+``dfm_time_convention`` (a class or instance attribute, e.g. ``dfm_ext.DiT.dfm_time_convention
+== "x1000"``); with neither, :meth:`DiTFamilyAdapter.bind` raises a ``ValueError`` listing the
+choices, before the model is touched.
+
+What "converted" means: the adapter converts *time* only. The wrapped stage-0 output with
+``init="pretrained"`` is the base model's own output (first ``C`` channels) times
+``output_scale``: a velocity ``x - noise`` for SiT, LightningDiT and ``dfm_ext.DiT``, but
+still epsilon for the original DiT, which DFM finetuning then turns into a velocity.
+``output_scale=-1`` flips the sign for models trained to predict ``noise - x``.
 """
 
 from __future__ import annotations
@@ -26,34 +47,101 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import _TIME, multiscale_time_embed, widen_head, widen_patch_embed
+from dfm_ext.adapter import _TIME, check_time_convention, multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
 
 __all__ = ["DiTFamilyAdapter", "ADAPTER"]
+
+
+_CHOICES = (
+    ("facebookresearch DiT", "discrete", "integer step 999 (1 - t); output stays epsilon"),
+    ("SiT, LightningDiT", "unit", "t itself, t = 1 data; output velocity x - noise"),
+    ("1000 t (dfm_ext.DiT)", "x1000", "1000 t, 1000 = data"),
+)
+
+
+def _refusal(model: nn.Module) -> str:
+    cls = type(model)
+    lines = "\n".join(
+        f'  {who + ":":<22} wrap_dit(model, decomposition, time_convention="{name}")   # {what}'
+        for who, name, what in _CHOICES
+    )
+    return (
+        f"cannot tell how {cls.__qualname__} (module {cls.__module__}) reads time: it has DiT's module "
+        "names (x_embedder, t_embedder, y_embedder, blocks, final_layer), which facebookresearch DiT, "
+        "SiT and LightningDiT all share while reading time differently, and it declares no "
+        f"dfm_time_convention. Say which it is:\n{lines}\n"
+        f"Other choices: {sorted(_TIME)} ('sigma' = 1 - t, 'timestep' = 1000 (1 - t)). Or declare it once "
+        f'on the model class: {cls.__qualname__}.dfm_time_convention = "<name>". A model trained to predict '
+        "noise - x also needs adapter=DiTFamilyAdapter(time_convention=..., output_scale=-1) "
+        "(from dfm_ext.adapters)."
+    )
 
 
 class DiTFamilyAdapter:
     """:class:`dfm_ext.adapter.DiTAdapter` for models with DiT's module names.
 
     Args:
-        time_convention: how the model's timestep embedder reads time (see module docstring).
-        output_scale: multiplies the model output to give the paper's velocity ``x - noise``.
+        time_convention: how the model's timestep embedder reads time (see the module
+            docstring); ``None`` (default): the model must declare it as ``dfm_time_convention``.
+        output_scale: multiplies the model output (``-1`` for models predicting ``noise - x``).
 
     Conditioning: ``y`` (long ``[B]`` class labels, required); optional ``force_drop_ids``
     (``[B]``, 1 = drop the label) or ``generator`` for reproducible label dropout in training.
-    ``null_condition`` sets ``y`` to the null class ``num_classes``.
+    ``null_condition`` sets ``y`` to the null class ``num_classes``. Blocks get the model's RoPE
+    when it has one: ``rope_for_grid(grid, device, dtype)`` (:class:`dfm_ext.DiT`) or a
+    ``feat_rope`` module (LightningDiT, called as ``block(x, c, feat_rope)``).
+
+    Example:
+        >>> from dfm_ext.adapters import DiTFamilyAdapter
+        >>> DiTFamilyAdapter(time_convention="unit").config()
+        {'time_convention': 'unit', 'output_scale': 1.0}
     """
 
     name = "dit"
 
-    def __init__(self, time_convention: str = "x1000", output_scale: float = 1.0):
-        if time_convention not in _TIME:
-            raise ValueError(f"unknown time convention {time_convention!r}; choose one of {sorted(_TIME)}")
-        self.time_convention = time_convention
+    def __init__(self, time_convention: str | None = None, output_scale: float = 1.0):
+        self.time_convention = check_time_convention(time_convention, allow_none=True)
         self.output_scale = float(output_scale)
 
     def config(self) -> dict[str, Any]:
         return {"time_convention": self.time_convention, "output_scale": self.output_scale}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(time_convention={self.time_convention!r}, output_scale={self.output_scale})"
+
+    def bind(self, model: nn.Module, time_convention: str | None = None) -> DiTFamilyAdapter:
+        """This adapter with the time convention for ``model`` settled (a new instance if it changes).
+
+        The convention is ``time_convention``, else this adapter's, else the model's
+        ``dfm_time_convention``; those that are given must agree.
+
+        Raises:
+            ValueError: none is given (the message lists the choices and which codebase uses
+                which), one is unknown, or two disagree.
+        """
+        declared = getattr(model, "dfm_time_convention", None)
+        if declared is not None:
+            check_time_convention(declared)
+        check_time_convention(time_convention, allow_none=True)
+        given = {
+            "time_convention=": time_convention,
+            f"{type(self).__name__}(time_convention=)": self.time_convention,
+            f"{type(model).__qualname__}.dfm_time_convention": declared,
+        }
+        named = {k: v for k, v in given.items() if v is not None}
+        if len(set(named.values())) > 1:
+            raise ValueError(
+                f"conflicting time conventions for {type(model).__qualname__}: "
+                + ", ".join(f"{k} {v!r}" for k, v in named.items())
+                + "; give one (a model's dfm_time_convention declares how its forward reads time)"
+            )
+        if not named:
+            raise ValueError(_refusal(model))
+        convention = next(iter(named.values()))
+        if convention == self.time_convention:
+            return self
+        return type(self)(**{**self.config(), "time_convention": convention})
 
     def matches(self, model: nn.Module) -> bool:
         proj = getattr(getattr(model, "x_embedder", None), "proj", None)
@@ -105,6 +193,7 @@ class DiTFamilyAdapter:
         return grid
 
     def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
+        convention = self.bind(model).time_convention  # refuses before touching the model
         proj = self._proj(model)
         if len(packer.grid) != 2:
             raise ValueError(f"DiT-family models take images; got a token grid {packer.grid}")
@@ -127,7 +216,7 @@ class DiTFamilyAdapter:
             packer.num_stages,
             init=init,
             stage_embedding=stage_embedding,
-            time_transform=self.time_convention,
+            time_transform=convention,
         )
         model.final_layer.linear = widen_head(linear, packer, base_patch=base_patch, order="pqc", init=init)
 
@@ -162,7 +251,9 @@ class DiTFamilyAdapter:
             force_drop_ids = (draw < emb.dropout_prob).long().to(y.device)
         c = model.t_embedder(t, stage) + emb(y, model.training, force_drop_ids)
         rope_fn = getattr(model, "rope_for_grid", None)
-        rope = rope_fn(grid, x.device, x.dtype) if callable(rope_fn) else None
+        # LightningDiT keeps its RoPE (built for the model's own grid, which the stages map onto)
+        # as `feat_rope` and passes it to every block; dropping it would silently change the model.
+        rope = rope_fn(grid, x.device, x.dtype) if callable(rope_fn) else getattr(model, "feat_rope", None)
         for block in model.blocks:
             x = block(x, c) if rope is None else block(x, c, rope)
         out = MultiScaleHead.to_grid(model.final_layer(x, c), grid)

@@ -4,7 +4,8 @@ It covers :class:`dfm_ext.video_models.VideoDiT` and any model built like it:
 ``x_embedder.proj`` a ``Conv3d`` with kernel = stride = ``(1, p, p)`` (frames patchified
 independently), ``t_embedder``, ``y_embedder`` (with ``num_classes``), ``blocks``,
 ``final_layer.linear`` (``(p, q, c)`` output order) and a ``rope_for_grid(grid, device, dtype)``
-method for 3-D positions. Stages are packed onto the token grid ``(T, H / p, W / p)``
+method for 3-D positions. The time convention is settled as in the image adapter:
+``time_convention=`` or the model's ``dfm_time_convention`` (``VideoDiT`` declares ``"x1000"``). Stages are packed onto the token grid ``(T, H / p, W / p)``
 frame-major, the model's own token order, so everything after the patch embedding is the
 image adapter's (:class:`~dfm_ext.adapters.dit.DiTFamilyAdapter`) code path.
 """
@@ -73,6 +74,7 @@ class VideoDiTAdapter(DiTFamilyAdapter):
         channels = [s[0] for s in packer.stage_shapes]
         if init == "pretrained" and channels[0] != proj.in_channels:
             raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {proj.in_channels}")
+        convention = self.bind(model).time_convention  # refuses before touching the model
         linear = model.final_layer.linear
         model.x_embedder = widen_patch_embed(proj, packer, init=init)
         model.t_embedder = multiscale_time_embed(
@@ -81,7 +83,7 @@ class VideoDiTAdapter(DiTFamilyAdapter):
             packer.num_stages,
             init=init,
             stage_embedding=stage_embedding,
-            time_transform=self.time_convention,
+            time_transform=convention,
         )
         model.final_layer.linear = widen_head(linear, packer, base_patch=tuple(proj.kernel_size), order="pqc", init=init)
 

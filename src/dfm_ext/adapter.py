@@ -78,6 +78,7 @@ __all__ = [
     "widen_head",
     "multiscale_time_embed",
     "time_transform",
+    "check_time_convention",
 ]
 
 
@@ -91,7 +92,10 @@ class DiTAdapter(Protocol):
 
     Optional extras ``wrap_dit`` uses when present: ``config() -> dict`` (JSON-serialisable
     constructor kwargs, recorded by ``save_pretrained`` so ``load_wrapped`` rebuilds the adapter
-    as ``type(adapter)(**config)``).
+    as ``type(adapter)(**config)``; an adapter whose config has a ``time_convention`` key accepts
+    ``wrap_dit(..., time_convention=)``), and ``bind(model, time_convention) -> adapter`` (the
+    adapter to use for this model, with its time convention settled; it raises ``ValueError``
+    when the convention cannot be proven, see :class:`dfm_ext.adapters.DiTFamilyAdapter`).
     """
 
     name: str
@@ -219,13 +223,42 @@ def registered_adapters() -> list[DiTAdapter]:
     return [*_REGISTERED, *builtin_adapters()]
 
 
-def resolve_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdapter:
+def resolve_adapter(
+    adapter: str | DiTAdapter | type, model: nn.Module, *, time_convention: str | None = None
+) -> DiTAdapter:
     """An adapter instance for ``model``: ``"auto"``, a registered name, or an adapter (class or instance).
 
+    ``time_convention`` (a name of :func:`time_transform`) overrides the adapter's: the adapter is
+    rebuilt from its ``config()`` with it. An adapter with a ``bind(model, time_convention)``
+    method settles the convention itself (the DiT family: from ``time_convention``, else from the
+    model's ``dfm_time_convention`` declaration, else a ``ValueError`` listing the choices).
+
     Raises:
-        TypeError: no adapter recognises ``model`` (the message explains how to write one).
-        ValueError: no adapter has the given name.
+        TypeError: no adapter recognises ``model`` (the message explains how to write one), or
+            ``time_convention`` is given for an adapter that takes none.
+        ValueError: no adapter has the given name; ``time_convention`` is unknown, contradicts the
+            adapter instance passed or the model's declaration, or cannot be proven.
     """
+    check_time_convention(time_convention, allow_none=True)
+    explicit = not isinstance(adapter, (str, type))
+    inst = _find_adapter(adapter, model)
+    bind = getattr(inst, "bind", None)
+    if callable(bind):
+        return bind(model, time_convention)  # type: ignore[no-any-return]
+    if time_convention is None:
+        return inst
+    config = inst.config() if callable(getattr(inst, "config", None)) else None
+    if not isinstance(config, dict) or "time_convention" not in config:
+        raise TypeError(f"adapter {inst.name!r} takes no time_convention; pass its own options instead")
+    if explicit and config["time_convention"] != time_convention:
+        raise ValueError(
+            f"adapter {inst.name!r} was built with time_convention={config['time_convention']!r} but "
+            f"wrap_dit got time_convention={time_convention!r}; give it once"
+        )
+    return type(inst)(**{**config, "time_convention": time_convention})  # type: ignore[no-any-return]
+
+
+def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdapter:
     if not isinstance(adapter, str):
         inst = _check_adapter(adapter)
         return inst.load() if isinstance(inst, LazyAdapter) else inst  # type: ignore[return-value]
@@ -320,12 +353,25 @@ def _scale(t: Tensor, a: float, b: float) -> Tensor:
 
 
 _TIME = {
-    "unit": (0.0, 1.0),  # SiT-style: the embedder sees t itself
-    "x1000": (0.0, 1000.0),  # dfm_ext.DiT / LightningDiT-style: t * 1000, 1000 = data
+    "unit": (0.0, 1.0),  # SiT and LightningDiT (SiT's transport): the embedder sees t itself, 1 = data
+    "x1000": (0.0, 1000.0),  # dfm_ext.DiT / VideoDiT (declared): t * 1000, 1000 = data
     "sigma": (1.0, -1.0),  # diffusers sigma = 1 - t
     "timestep": (1000.0, -1000.0),  # SD3/Flux continuous timestep 1000 * (1 - t)
     "discrete": (999.0, -999.0),  # DiT integer diffusion time (continuous, not rounded): 999 * (1 - t)
 }
+
+
+def check_time_convention(name: Any, *, allow_none: bool = False) -> str | None:
+    """``name`` if it is a known time convention (or ``None`` where allowed); else ``ValueError`` listing them."""
+    if name is None and allow_none:
+        return None
+    if not isinstance(name, str) or name not in _TIME:
+        raise ValueError(
+            f"unknown time_convention {name!r}; choose one of {sorted(_TIME)} "
+            '("discrete": facebookresearch DiT, "unit": SiT / LightningDiT, "x1000": dfm_ext.DiT, '
+            '"timestep": SD3 / Flux, "sigma": 1 - t)'
+        )
+    return name
 
 
 def time_transform(name: str) -> Callable[[Tensor], Tensor]:
@@ -340,7 +386,6 @@ def time_transform(name: str) -> Callable[[Tensor], Tensor]:
         >>> time_transform("discrete")(torch.tensor([0.0, 1.0]))
         tensor([999.,   0.])
     """
-    if name not in _TIME:
-        raise ValueError(f"unknown time convention {name!r}; choose one of {sorted(_TIME)}")
+    check_time_convention(name)
     a, b = _TIME[name]
     return functools.partial(_scale, a=a, b=b)

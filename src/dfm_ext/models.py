@@ -328,6 +328,11 @@ class DiT(nn.Module):
     """
 
     config_class: type = DiTConfig
+    #: How ``forward`` reads time, declared for :func:`dfm_ext.wrap_dit` (a name of
+    #: :func:`dfm_ext.adapter.time_transform`): the embedder sees ``1000 t`` with ``t = 1`` data,
+    #: and the output is the velocity ``x - noise``. Models that only share DiT's module names
+    #: declare nothing, and ``wrap_dit`` then asks for ``time_convention=``.
+    dfm_time_convention: str = "x1000"
 
     def __init__(self, config: DiTConfig):
         super().__init__()

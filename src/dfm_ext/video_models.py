@@ -170,6 +170,7 @@ class VideoDiT(DiT):
     """
 
     config_class = VideoDiTConfig
+    dfm_time_convention = "x1000"  # as DiT: the embedder sees 1000 t (t = 1 data); read by wrap_dit
 
     def _patch_embed(self, config: Any) -> nn.Module:
         return VideoPatchEmbed(config.input_size, config.patch_size, config.in_channels, config.hidden_size)

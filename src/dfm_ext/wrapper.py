@@ -228,6 +228,7 @@ def wrap_dit(
     decomposition: Any,
     *,
     adapter: str | DiTAdapter | type = "auto",
+    time_convention: str | None = None,
     sample_shape: Sequence[int] | None = None,
     patch_sizes: Sequence[int | Sequence[int]] | None = None,
     init: str = "pretrained",
@@ -241,6 +242,13 @@ def wrap_dit(
         decomposition: a :class:`dfm_ext.Decomposition`.
         adapter: ``"auto"`` (first registered adapter whose ``matches`` is true), an adapter name,
             or an adapter class/instance (:class:`dfm_ext.adapter.DiTAdapter`).
+        time_convention: how the base model reads time, a name of
+            :func:`dfm_ext.adapter.time_transform`: ``"discrete"`` (facebookresearch DiT,
+            ``999 (1 - t)``), ``"unit"`` (SiT, LightningDiT: ``t``), ``"x1000"`` (``1000 t``),
+            ``"timestep"`` (``1000 (1 - t)``), ``"sigma"`` (``1 - t``). Required for models with
+            DiT's module names that do not declare ``dfm_time_convention`` (:class:`dfm_ext.DiT`
+            does); default for the diffusers families: their own. Saved by ``save_pretrained``.
+            Only time is converted: the output is the base model's own (epsilon stays epsilon).
         sample_shape: per-sample full-resolution shape ``(C, H, W)`` or ``(C, T, H, W)``;
             default: the shape the model was built for.
         patch_sizes: per-stage patch sizes; default: chosen so that every stage maps onto the
@@ -252,7 +260,8 @@ def wrap_dit(
 
     Raises:
         TypeError: no adapter recognises ``model``.
-        ValueError: a stage cannot be patchified onto the model's token grid, or the stages do
+        ValueError: the time convention is unknown, contradicts the model's declaration, or cannot
+            be proven (the message lists the choices); a stage cannot be patchified onto the model's token grid, or the stages do
             not fit the model.
 
     Example:
@@ -266,7 +275,7 @@ def wrap_dit(
         raise ValueError(f"init must be 'pretrained' or 'scratch', got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ad = resolve_adapter(adapter, model)
+    ad = resolve_adapter(adapter, model, time_convention=time_convention)
     shape = tuple(int(s) for s in (sample_shape if sample_shape is not None else ad.default_sample_shape(model)))
     if len(shape) not in (3, 4) or any(s < 1 for s in shape):
         raise ValueError(f"sample_shape must be (C, H, W) or (C, T, H, W) of positive ints, got {shape}")
@@ -348,9 +357,11 @@ def load_wrapped(
             raise ValueError(f"{config_path}: base.config cannot build a DiT: {e}") from None
     elif f"{type(base_model).__module__}:{type(base_model).__qualname__}" != base_class:
         raise ValueError(f"base_model is a {type(base_model).__qualname__}, the saved base is {base_class}")
-    ad = resolve_adapter(record["adapter"]["name"], base_model)
-    if record["adapter"].get("config"):
-        ad = type(ad)(**record["adapter"]["config"])
+    adapter_cfg = record["adapter"].get("config") or {}
+    # The saved time convention settles it (wrap_dit below still refuses one the model contradicts).
+    ad = resolve_adapter(record["adapter"]["name"], base_model, time_convention=adapter_cfg.get("time_convention"))
+    if adapter_cfg:
+        ad = type(ad)(**adapter_cfg)
     wrapped = wrap_dit(
         base_model,
         decomposition,
