@@ -84,11 +84,16 @@ class ModelConfig:
 
     ``factory``: ``"package.module:function"``; called as ``function(config)`` with the whole
     :class:`ImageNetConfig`, it returns the unwrapped DiT (replacing ``preset``).
+    ``time_convention``: how that model reads time (``"discrete"`` for facebookresearch DiT,
+    ``"unit"`` for SiT / LightningDiT, ...; see ``wrap_dit``); ``None`` = the model declares it
+    (``dfm_time_convention``), as :class:`dfm_ext.DiT` does. A factory model that declares
+    nothing is refused with the list of choices rather than guessed.
     """
 
     preset: str = "XL/2"
     overrides: dict[str, Any] = field(default_factory=dict)
     factory: str | None = None
+    time_convention: str | None = None
     init: Literal["scratch", "pretrained"] = "scratch"
 
 
@@ -317,6 +322,12 @@ class ImageNetConfig:
 
     def _check_model(self) -> None:
         """The reference DiT's preset and overrides (a factory is the user's to check)."""
+        from dfm_ext.adapter import check_time_convention
+
+        try:
+            check_time_convention(self.model.time_convention, allow_none=True)
+        except ValueError as e:
+            raise ConfigError(f"model.time_convention: {e}") from None
         if self.model.factory is not None:
             return
         if self.data.num_classes < 1:
@@ -442,7 +453,11 @@ class ImageNetTask(ClassConditionalTask):
         from dfm_ext.specialization import specialize
         from dfm_ext.wrapper import wrap_dit
 
-        model = wrap_dit(build_base_model(self.cfg), self.decomposition, init=self.cfg.model.init)
+        base = build_base_model(self.cfg)
+        try:
+            model = wrap_dit(base, self.decomposition, init=self.cfg.model.init, time_convention=self.cfg.model.time_convention)
+        except ValueError as e:  # before any step: a usage error (exit 2), e.g. an undeclared time convention
+            raise ConfigError(f"model (set model.time_convention or fix model.factory): {e}") from e
         sp = self.cfg.specialize
         if sp.kind != "none":
             lora = sp.kind == "lora"
