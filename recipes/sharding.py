@@ -92,6 +92,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def _called_outside_block(blocks: list[nn.Module]) -> list[nn.Module]:
+    # diffusers DiTTransformer2DModel (and the DFM adapter, which follows it) calls
+    # transformer_blocks[0].norm1.emb once more after the loop for the final modulation: outside
+    # the block's forward, where FSDP would not have gathered its weights. Its own FSDP unit
+    # gathers them whenever it runs.
+    norm1 = getattr(blocks[0], "norm1", None) if blocks else None
+    emb = getattr(norm1, "emb", None)
+    return [emb] if isinstance(emb, nn.Module) and any(True for _ in emb.parameters()) else []
+
+
 def shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every transformer block, then the root; returns ``model`` (sharded in place).
 
@@ -105,7 +115,10 @@ def shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = Tr
     """
     from torch.distributed.fsdp import fully_shard
 
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    for unit in _called_outside_block(blocks):  # inner units first, then the blocks holding them
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
