@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .checkpointing import CorruptCheckpointError, DiskFullError
 from .config import ConfigError, load_config
 
 T = TypeVar("T")
@@ -73,6 +74,79 @@ def parse_config_args(
     return Path(name).stem, cfg
 
 
+def check_batch(train: Any, *, num_processes: int | None = None) -> None:
+    """``train.global_batch_size`` must split evenly into processes x ``train.grad_accumulation``.
+
+    ``num_processes`` defaults to ``$WORLD_SIZE`` (set by ``accelerate launch`` / ``torchrun`` before
+    the recipe starts), so a launch with the wrong process count fails at start-up, not in ``fit``.
+    """
+    world = num_processes if num_processes is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    per = world * train.grad_accumulation
+    if train.global_batch_size % per:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by {world} process(es) x "
+            f"train.grad_accumulation={train.grad_accumulation} (= {per})"
+        )
+
+
+def check_dfm_section(dfm: Any, num_stages: int) -> None:
+    """The ``dfm`` section against the number of stages: probabilities, logit-normal times, weights.
+
+    Builds the library objects the run will build (cheap, no tensors of data) and re-raises their
+    ``ValueError`` as a :class:`ConfigError` naming the config key.
+    """
+    import dfm_ext
+
+    try:
+        timestep_sampler(dfm, num_stages)
+    except ValueError as e:
+        first = str(e).split()[0]
+        key = {"probabilities": "dfm.stage_probabilities", "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")
+        raise ConfigError(f"{key}: {e}") from e
+    weights = getattr(dfm, "stage_weights", None)
+    if weights is not None:
+        if len(weights) != num_stages:
+            raise ConfigError(f"dfm.stage_weights {list(weights)} needs one entry per stage ({num_stages})")
+        try:
+            dfm_ext.DFMObjective(num_stages, stage_weights=weights)
+        except ValueError as e:
+            raise ConfigError(f"dfm.stage_weights: {e}") from e
+
+
+def check_sampling_section(sampling: Any, num_stages: int, *, num_classes: int | None = None, kind: str = "") -> None:
+    """The ``sampling`` section: steps and thresholds per stage, finite guidance, classes in range."""
+    import math
+
+    import dfm_ext
+
+    where = f" for decomposition.kind={kind}" if kind else ""
+    steps, thresholds = tuple(sampling.steps), tuple(sampling.thresholds)
+    if len(steps) != num_stages:
+        raise ConfigError(f"sampling.steps {list(steps)} needs one entry per stage ({num_stages}{where})")
+    if len(thresholds) != num_stages - 1:
+        raise ConfigError(
+            f"sampling.thresholds {list(thresholds)} needs one entry per stage boundary ({num_stages - 1}{where})"
+        )
+    try:
+        dfm_ext.StageScheduler(steps=steps, thresholds=thresholds)
+    except ValueError as e:
+        key = "sampling.thresholds" if "threshold" in str(e) else "sampling.steps"
+        raise ConfigError(f"{key}: {e}") from e
+    if not math.isfinite(sampling.guidance_scale):
+        raise ConfigError(f"sampling.guidance_scale must be a finite number, got {sampling.guidance_scale}")
+    classes = getattr(sampling, "classes", None)
+    if classes is not None and num_classes is not None:
+        if not classes:
+            raise ConfigError("sampling.classes is empty; give class indices or null")
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise ConfigError(f"sampling.classes {bad} out of range [0, {num_classes - 1}] (data.num_classes={num_classes})")
+    for name in ("num_images", "num_videos"):
+        n = getattr(sampling, name, None)
+        if n is not None and n < 1:
+            raise ConfigError(f"sampling.{name} must be >= 1, got {n}")
+
+
 def cache_builder_parser(prog: str, doc: str | None, *, batch_size: int) -> argparse.ArgumentParser:
     """The flags every cache builder takes: ``--config --out --batch-size --dtype --device [overrides]``."""
     parser = argparse.ArgumentParser(prog=prog, description=_summary_line(doc))
@@ -120,7 +194,8 @@ def train_main(
             ``step`` and ``last_loss``).
 
     Returns:
-        0, or 2 after printing ``error: ...`` for a usage error.
+        0; 2 after printing ``error: ...`` for a usage error; 1 after one ``error: ...`` line for a
+        full disk or a damaged checkpoint.
     """
     try:
         name, cfg, dataset = prepare(argv)
@@ -130,6 +205,9 @@ def train_main(
         result = run(name, cfg, dataset)
     except ConfigError as e:  # raised while setting up (resume checks), before training
         return usage_error(e)
+    except (DiskFullError, CorruptCheckpointError) as e:  # not a usage error, but one line says it all
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":
         line = {"output_dir": str(result.output_dir), "step": result.step, "last_loss": result.last_loss, **summary(result)}
         print(json.dumps(line))

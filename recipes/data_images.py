@@ -68,10 +68,15 @@ def scan_class_folders(
     return items, classes
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(path: str, resolution: int) -> Tensor:
     """Decode, resize the short side to ``resolution``, centre crop: ``[3, R, R]`` in ``[-1, 1]``."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
+        if im.mode in _SIXTEEN_BIT:  # convert("RGB") would clip 16-bit values at 255 (white)
+            im = Image.fromarray(np.round(np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
         im = im.convert("RGB")
         w, h = im.size
         scale = resolution / min(w, h)

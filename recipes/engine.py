@@ -13,9 +13,12 @@ optionally sample/evaluate) and a dataset; :class:`Trainer` does the rest:
   constant learning rate, gradient clipping;
 * an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with
   ``get_ema_multi_avg_fn``), saved into each checkpoint's ``extra_state.pt``;
-* atomic, pruned checkpoints (:mod:`.checkpointing`) and exact resume: the data order and every
-  random draw of a step are functions of ``(seed, step, micro-batch)`` (:class:`BatchPlan`,
-  :func:`step_generator`), so restarting at step ``k`` replays the same run;
+* atomic, verified, pruned checkpoints (:mod:`.checkpointing`) and exact resume: the data order
+  and every random draw of a step are functions of ``(seed, step, micro-batch)``
+  (:class:`BatchPlan`, :func:`step_generator`), so restarting at step ``k`` replays the same run.
+  ``resume=auto`` takes the newest checkpoint that verifies (not what ``latest`` says), warns
+  about and moves aside newer damaged ones, and never writes over an existing step folder;
+  the output folder is checked for writability before anything is built;
 * trackers through accelerate (``log_with``), a ``metrics.jsonl`` log, a tqdm bar on the main
   process, periodic ``task.evaluate`` (sample grids, metrics) on the EMA weights.
 
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +42,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpointing import find_latest, load_checkpoint, save_checkpoint
+from .checkpointing import (
+    CorruptCheckpointError,
+    _write_atomic,
+    check_checkpoint,
+    clean_partial,
+    find_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    quarantine,
+    save_checkpoint,
+)
 from .config import ConfigError, config_to_dict, save_config
 from .data_images import BatchPlan, PlanBatchSampler, collate_items
 
@@ -49,6 +64,7 @@ __all__ = [
     "TrainTask",
     "Trainer",
     "build_optimizer",
+    "check_output_writable",
     "step_generator",
     "warmup_lambda",
 ]
@@ -80,10 +96,11 @@ class TrainConfig:
 
     ``global_batch_size`` counts samples per optimiser step over all processes; every process
     reads ``global_batch_size / (num_processes * grad_accumulation)`` per micro-batch.
-    ``output_dir`` may use ``{name}`` (the config name). ``resume``: ``"auto"`` (continue from
-    ``output_dir/checkpoints/latest`` when there is one), ``"never"`` (refuse a folder that has
-    checkpoints) or a checkpoint path. ``sharding``: ``"none"`` (DDP), ``"fsdp2"`` (FSDP2,
-    :mod:`.sharding`) or ``"auto"`` (fsdp2 under an accelerate FSDP launch config).
+    ``output_dir`` may use ``{name}`` (the config name); it is not part of the run's identity,
+    so a run folder that was moved or copied resumes from its new place. ``resume``: ``"auto"``
+    (continue from the newest checkpoint in ``output_dir/checkpoints`` that verifies, whatever
+    ``latest`` says), ``"never"`` (refuse a folder that has checkpoints) or a checkpoint path. ``sharding``: ``"none"`` (DDP),
+    ``"fsdp2"`` (FSDP2, :mod:`.sharding`) or ``"auto"`` (fsdp2 under an accelerate FSDP launch config).
     """
 
     steps: int = 1000
@@ -118,6 +135,7 @@ class TrainConfig:
 
 # Keys that may change between a run and its resumption (cadence, length, I/O), by prefix.
 RESUMABLE_CHANGES = (
+    "train.output_dir",  # a moved or copied run folder is the same run
     "train.steps",
     "train.resume",
     "train.checkpoint_every",
@@ -258,6 +276,11 @@ class _RunState:
         self.bad = set(int(i) for i in state["bad"])
 
 
+def _warn(message: str) -> None:
+    """One line on stderr (``warnings.warn`` would add a second line with the source)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -279,6 +302,37 @@ def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mappi
 
 def resolve_output_dir(train: TrainConfig, name: str) -> Path:
     return Path(train.output_dir.format(name=name)).expanduser()
+
+
+def check_output_writable(path: str | Path) -> None:
+    """Fail fast when the run folder ``path`` cannot be written (creating it if missing).
+
+    Probes by creating and removing a file, which also catches read-only mounts and ACLs that
+    ``os.access`` misses; called on every process before any model or data loader is built.
+
+    Raises:
+        ConfigError: naming the folder and the reason (one line).
+    """
+    import errno
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+        ckpts = path / "checkpoints"
+        if ckpts.is_dir():
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=ckpts)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ConfigError(
+            f"train.output_dir={str(path)!r} is not writable ({why}: {e.filename or path}); "
+            "make it writable or choose another train.output_dir"
+        ) from None
 
 
 class Trainer:
@@ -339,21 +393,84 @@ class Trainer:
         )
 
     def _resume_path(self, accelerator: Any) -> Path | None:
+        """The checkpoint to resume from (decided on the main process, shared with the others).
+
+        ``auto``: the newest step folder that verifies; newer damaged ones are named in a
+        one-line warning each and moved aside (``corrupt-step-*``), so the run can write those
+        steps again without writing over anything. Checkpoints left by a version without
+        ``complete.json`` are validated by loading and resumed with a warning.
+        """
         ckpts = self.output_dir / "checkpoints"
         mode = self.train.resume
+        decision: list[Any] = [None]
+        if accelerator.is_main_process:
+            try:
+                decision[0] = ("ok", self._choose_resume(ckpts, mode))
+            except ConfigError as e:
+                decision[0] = ("error", str(e))
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            decision = broadcast_object_list(decision)
+        kind, value = decision[0]
+        if kind == "error":
+            raise ConfigError(value)
+        return value
+
+    def _choose_resume(self, ckpts: Path, mode: str) -> Path | None:
+        existing = list_checkpoints(ckpts)
         if mode == "never":
-            if find_latest(ckpts) is not None:
+            if existing:
                 raise ConfigError(
-                    f"{self.output_dir} already holds checkpoints and train.resume=never; "
+                    f"{self.output_dir} already holds checkpoints ({existing[-1][1].name}) and train.resume=never; "
                     "choose another train.output_dir or set train.resume=auto"
                 )
             return None
         if mode == "auto":
-            return find_latest(ckpts)
+            found = find_resumable(ckpts)
+            for path, reason in found.rejected:
+                _warn(f"checkpoint {path} is damaged, resuming from an older one: {reason}")
+            if found.path is None and found.rejected:
+                raise ConfigError(
+                    f"no usable checkpoint in {ckpts}: every step folder is damaged (see the warnings above); "
+                    "move them away to start the run again"
+                )
+            if found.legacy:
+                _warn(f"checkpoint {found.path} has no completeness record (written by an older version); validated by loading it")
+            return found.path
         path = Path(mode)
         if not path.is_dir():
             raise ConfigError(f"train.resume={mode!r}: not 'auto', 'never' or an existing checkpoint folder")
+        try:
+            legacy = not check_checkpoint(path)
+        except CorruptCheckpointError as e:
+            raise ConfigError(f"train.resume={mode!r} cannot be resumed from: {e}") from None
+        if legacy:
+            _warn(f"checkpoint {path} has no completeness record (written by an older version); validated by loading it")
+        m = path.name.removeprefix("step-")
+        step = int(m) if m.isdigit() else -1
+        newer = [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]
+        if newer:
+            raise ConfigError(
+                f"train.resume={mode!r} is older than checkpoints already in {ckpts} ({', '.join(newer)}), which "
+                "the run would write over; move them away or choose another train.output_dir"
+            )
         return path
+
+    def _tidy_checkpoints(self, resume: Path | None) -> None:
+        """Main process, after the config check: drop ``tmp-*`` leftovers, move damaged newer folders aside."""
+        ckpts = self.output_dir / "checkpoints"
+        for p in clean_partial(ckpts):
+            print(f"removed the partial checkpoint {p} left by an interrupted save", file=sys.stderr)
+        if self.train.resume != "auto":
+            return
+        step = -1 if resume is None or resume.parent != ckpts else int(resume.name.removeprefix("step-"))
+        for s, p in list_checkpoints(ckpts):
+            if s > step:  # only damaged ones are newer than the folder find_resumable chose
+                moved = quarantine(p)
+                print(f"moved {p} aside to {moved.name}", file=sys.stderr)
+        if resume is not None and resume.parent == ckpts:
+            _write_atomic(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
 
     def _check_config(self, resume: Path | None) -> None:
         stored = self.output_dir / "config.yaml"
@@ -379,9 +496,13 @@ class Trainer:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         from tqdm.auto import tqdm
 
+        check_output_writable(self.output_dir)
         accelerator = self._accelerator()
         resume = self._resume_path(accelerator)
         self._check_config(resume)
+        if accelerator.is_main_process:
+            self._tidy_checkpoints(resume)
+        accelerator.wait_for_everyone()
         world = accelerator.num_processes
         plan = self.plan_factory(
             len(self.dataset),

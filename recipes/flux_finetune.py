@@ -33,6 +33,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from ._common import (
+    check_batch,
+    check_dfm_section,
+    check_sampling_section,
     dropout_mask,
     looks_local,
     parse_config_args,
@@ -159,13 +163,12 @@ class FluxFinetuneConfig:
 
     @property
     def num_stages(self) -> int:
-        return 1 if self.decomposition.kind == "identity" else len(self.decomposition.factors)
+        return self.decomposition.count_stages()
 
     @property
     def pixel_multiple(self) -> int:
         """Bucket sides must divide by this: VAE x FLUX's 2x2 packing x the coarsest factor."""
-        coarsest = max(self.decomposition.factors) if self.decomposition.kind == "laplacian" else 2 ** (self.num_stages - 1)
-        return self.vae.downsample * 2 * coarsest
+        return self.vae.downsample * 2 * self.decomposition.sample_multiple
 
     def buckets(self) -> AspectBuckets:
         return AspectBuckets(self.data.resolutions, self.data.ratios, self.data.bucket_multiple)
@@ -183,17 +186,19 @@ class FluxFinetuneConfig:
         if self.data.bucket_multiple % self.pixel_multiple:
             raise ConfigError(
                 f"data.bucket_multiple={self.data.bucket_multiple} must be a multiple of {self.pixel_multiple} "
-                f"(vae.downsample {self.vae.downsample} x 2 (FLUX packing) x the coarsest decomposition factor)"
+                f"(vae.downsample {self.vae.downsample} x 2 (FLUX packing) x the decomposition's sample multiple)"
             )
         try:
             self.buckets()
         except ValueError as e:
             raise ConfigError(f"data buckets: {e}") from e
-        if len(self.sampling.steps) != self.num_stages:
-            raise ConfigError(
-                f"sampling.steps {list(self.sampling.steps)} needs one entry per stage ({self.num_stages} for "
-                f"decomposition.kind={self.decomposition.kind})"
-            )
+        check_sampling_section(self.sampling, self.num_stages, kind=self.decomposition.kind)
+        if not self.sampling.prompts:
+            raise ConfigError("sampling.prompts is empty; give at least one prompt")
+        if not math.isfinite(self.model.guidance):
+            raise ConfigError(f"model.guidance must be a finite number, got {self.model.guidance}")
+        check_dfm_section(self.dfm, self.num_stages)
+        check_batch(self.train)
         for side in (self.sampling.height, self.sampling.width):
             if side % self.pixel_multiple:
                 raise ConfigError(f"sampling.height/width {side} must be a multiple of {self.pixel_multiple}")

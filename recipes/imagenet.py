@@ -35,6 +35,9 @@ from torch import nn
 
 from ._common import (
     ClassConditionalTask,
+    check_batch,
+    check_dfm_section,
+    check_sampling_section,
     check_vae_path,
     cycled_labels,
     parse_config_args,
@@ -91,8 +94,124 @@ class ModelConfig:
 
 @dataclass
 class DecompositionConfig:
+    """The decomposition, every field of every kind (:mod:`dfm_ext.decomposition_factory`).
+
+    ``kind`` picks the class; only that kind's fields are read, and a field of another kind
+    must stay at its default (otherwise a :class:`ConfigError` names it):
+
+    * ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``, ``temporal_factors``
+      (videos);
+    * ``wavelet``: ``wave`` (``haar``, ``db2``, ...), ``factors`` (powers of two, e.g.
+      ``[4, 1]``) or ``levels`` / ``num_stages`` instead, ``mode``;
+    * ``dct``: ``block_size``, ``bands`` (e.g. ``block_size: 8, bands: [1, 4]``);
+    * ``identity``: nothing (plain Flow Matching).
+
+    The values are checked and resolved when the config loads, so ``config.yaml`` says what
+    is built: ``factors`` is ``[1]`` for identity and ``null`` for dct, and a wavelet given
+    by ``levels`` is written with its ``factors`` (``levels: null``).
+    """
+
     kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
-    factors: tuple[int, ...] = (2, 1)
+    factors: tuple[int, ...] | None = (2, 1)
+    down: Literal["area", "bilinear", "bicubic"] = "area"
+    up: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    temporal_factors: tuple[int, ...] | None = None
+    wave: str = "haar"
+    levels: int | None = None
+    num_stages: int | None = None
+    mode: str = "periodization"
+    block_size: int = 4
+    bands: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        import dataclasses
+        import math
+
+        from dfm_ext.decomposition_factory import DECOMPOSITION_FIELDS, decomposition_config
+
+        kind = self.kind
+        defaults = {f.name: f.default for f in dataclasses.fields(DecompositionConfig)}
+        own = set(DECOMPOSITION_FIELDS.get(kind, ())) | ({"levels", "num_stages"} if kind == "wavelet" else set())
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if name == "kind" or name in own or value == default:
+                continue
+            if name == "factors" and (kind, value) in (("identity", (1,)), ("identity", None), ("dct", None)):
+                continue  # identity: one stage at full resolution, [1] (older configs) or null; dct: null
+            users = [k for k, names in DECOMPOSITION_FIELDS.items() if name in names] or ["wavelet"]
+            raise ConfigError(
+                f"decomposition.{name}={_yaml_value(value)} applies to kind={'/'.join(users)}, not kind={kind}; "
+                f"leave it at its default {_yaml_value(default)}"
+                + (" (factors: null for dct)" if name == "factors" else "")
+            )
+        if kind == "wavelet" and (self.levels is not None or self.num_stages is not None):
+            if self.factors not in (None, defaults["factors"]):
+                raise ConfigError(
+                    f"decomposition: give either factors ({_yaml_value(self.factors)}) or levels/num_stages "
+                    f"({self.levels}/{self.num_stages}) for a wavelet, not both; set the other to null"
+                )
+            self.factors = None
+        try:
+            built = self.build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"kind={kind}: {e}") from e
+        resolved = decomposition_config(built)
+        # Write back what is built (the defaults of the other kinds stay as they are).
+        for name in DECOMPOSITION_FIELDS[kind]:
+            value = resolved[name]
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
+        self.levels = self.num_stages = None
+        self.factors = {"identity": (1,), "dct": None}.get(kind, self.factors)
+        self._num_stages = built.num_stages
+        self._multiple = {
+            "laplacian": math.lcm(*(self.factors or (1,))),
+            "wavelet": (self.factors or (1,))[0],
+            "dct": self.block_size,
+            "identity": 1,
+        }[kind]
+
+    def factory_config(self) -> dict[str, Any]:
+        """The :func:`dfm_ext.decomposition_from_config` dict of this kind's fields."""
+        from dfm_ext.decomposition_factory import DECOMPOSITION_FIELDS
+
+        names = DECOMPOSITION_FIELDS[self.kind] + (("levels", "num_stages") if self.kind == "wavelet" else ())
+        out: dict[str, Any] = {"kind": self.kind}
+        for name in names:
+            value = getattr(self, name)
+            if name in ("levels", "num_stages", "factors") and self.kind == "wavelet" and value is None:
+                continue
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def build(self) -> Any:
+        """The decomposition, through the library's factory."""
+        from dfm_ext.decomposition_factory import decomposition_from_config
+
+        return decomposition_from_config(self.factory_config())
+
+    def count_stages(self) -> int:
+        """Number of stages of the configured decomposition."""
+        return self._num_stages
+
+    @property
+    def sample_multiple(self) -> int:
+        """Latent sides must be multiples of this (the coarsest stage's downsampling, or the DCT block)."""
+        return self._multiple
+
+    def check_sample_shape(self, shape: Sequence[int], what: str = "latent") -> None:
+        """Raise :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
+        try:
+            self.build().stage_shapes((1, *shape))
+        except ValueError as e:
+            raise ConfigError(f"decomposition (kind={self.kind}) cannot split the {what} shape {tuple(shape)}: {e}") from e
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value)
 
 
 @dataclass
@@ -187,32 +306,45 @@ class ImageNetConfig:
             raise ConfigError(f"sampling.metric_images must be >= 2 when sampling.metrics is set, got {self.sampling.metric_images}")
         if not 0.0 <= self.dfm.label_dropout < 1.0:
             raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.dfm.label_dropout}")
-        stages = 1 if self.decomposition.kind == "identity" else len(self.decomposition.factors)
-        if len(self.sampling.steps) != stages:
-            raise ConfigError(
-                f"sampling.steps {list(self.sampling.steps)} needs one entry per stage ({stages} for "
-                f"decomposition.kind={self.decomposition.kind})"
-            )
+        stages = self.decomposition.count_stages()
+        check_sampling_section(self.sampling, stages, num_classes=self.data.num_classes, kind=self.decomposition.kind)
+        check_dfm_section(self.dfm, stages)
+        check_batch(self.train)
+        self._check_model()
         self.specialize.validate(stages)
-        if self.decomposition.kind == "laplacian":
-            for f in self.decomposition.factors:
-                if self.latent_size % f:
-                    raise ConfigError(f"latent size {self.latent_size} is not divisible by decomposition factor {f}")
+        self.decomposition.check_sample_shape((self.vae.latent_channels, self.latent_size, self.latent_size))
+
+
+    def _check_model(self) -> None:
+        """The reference DiT's preset and overrides (a factory is the user's to check)."""
+        if self.model.factory is not None:
+            return
+        if self.data.num_classes < 1:
+            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        from dfm_ext.models import DiTConfig
+
+        try:
+            base = {"input_size": self.latent_size, "in_channels": self.vae.latent_channels, "num_classes": self.data.num_classes}
+            DiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
+        except TypeError as e:  # an override that is not a DiTConfig field
+            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
+        except ValueError as e:
+            key = "model.preset" if "preset" in str(e) else "model.overrides"
+            raise ConfigError(f"{key}: {e}") from e
 
 
 # -- building blocks -------------------------------------------------------------------------
 
 
 def build_decomposition(cfg: DecompositionConfig) -> Any:
-    import dfm_ext
+    """The configured decomposition (:func:`dfm_ext.decomposition_from_config`); checks it is what ``cfg`` says."""
+    from dfm_ext.decomposition_factory import decomposition_config
 
-    if cfg.kind == "identity":
-        return dfm_ext.IdentityDecomposition()
-    if cfg.kind == "laplacian":
-        return dfm_ext.LaplacianPyramid(factors=cfg.factors)
-    if cfg.kind == "wavelet":
-        return dfm_ext.WaveletDecomposition(levels=len(cfg.factors) - 1)
-    return dfm_ext.DCTDecomposition(num_stages=len(cfg.factors))
+    decomposition = cfg.build()
+    built = decomposition_config(decomposition)
+    if {k: v for k, v in built.items()} != {k: v for k, v in cfg.factory_config().items() if k in built}:
+        raise RuntimeError(f"built {decomposition!r}, which differs from the config {cfg.factory_config()}")  # pragma: no cover
+    return decomposition
 
 
 def _import_factory(spec: str) -> Any:

@@ -34,6 +34,9 @@ from torch import Tensor, nn
 
 from ._common import (
     ClassConditionalTask,
+    check_batch,
+    check_dfm_section,
+    check_sampling_section,
     check_vae_path,
     cycled_labels,
     parse_config_args,
@@ -50,7 +53,8 @@ from .engine import (
     TrainResult,
     resolve_output_dir,
 )
-from .imagenet import DFMConfig, _import_factory
+from .imagenet import DecompositionConfig, DFMConfig, _import_factory
+from .imagenet import build_decomposition as _build_decomposition
 
 __all__ = [
     "KineticsConfig",
@@ -122,12 +126,9 @@ class VideoModelConfig:
 
 
 @dataclass
-class VideoDecompositionConfig:
-    """Spatial Laplacian per latent frame by default; ``temporal_factors`` adds time (e.g. ``[2, 1]``)."""
-
-    kind: Literal["laplacian", "identity"] = "laplacian"
-    factors: tuple[int, ...] = (2, 1)
-    temporal_factors: tuple[int, ...] | None = None
+class VideoDecompositionConfig(DecompositionConfig):
+    """:class:`~.imagenet.DecompositionConfig` for videos: spatial Laplacian per latent frame by
+    default; ``temporal_factors`` adds time (e.g. ``[2, 1]``); wavelet and dct act per frame."""
 
 
 @dataclass
@@ -179,7 +180,7 @@ class KineticsConfig:
 
     @property
     def num_stages(self) -> int:
-        return 1 if self.decomposition.kind == "identity" else len(self.decomposition.factors)
+        return self.decomposition.count_stages()
 
     def validate(self) -> None:
         """Cross-field checks that need no files and no compute."""
@@ -199,34 +200,45 @@ class KineticsConfig:
             raise ConfigError(f"dfm.scales {list(self.dfm.scales)} needs one entry per stage ({self.num_stages})")
         if self.dfm.scale_estimation_clips < 1:
             raise ConfigError(f"dfm.scale_estimation_clips must be >= 1, got {self.dfm.scale_estimation_clips}")
-        if len(self.sampling.steps) != self.num_stages:
-            raise ConfigError(f"sampling.steps {list(self.sampling.steps)} needs one entry per stage ({self.num_stages})")
+        check_sampling_section(self.sampling, self.num_stages, num_classes=d.num_classes, kind=self.decomposition.kind)
+        if not self.sampling.fps > 0:
+            raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
+        check_dfm_section(self.dfm, self.num_stages)
+        if self.dfm.scales is not None and not all(s > 0 for s in self.dfm.scales):
+            raise ConfigError(f"dfm.scales {list(self.dfm.scales)} must all be > 0")
+        check_batch(self.train)
+        self._check_model()
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        _, frames, side, _ = self.latent_shape
-        if self.decomposition.kind == "laplacian":
-            for f in self.decomposition.factors:
-                if side % f:
-                    raise ConfigError(f"latent size {side} is not divisible by decomposition factor {f}")
-            tf = self.decomposition.temporal_factors
-            if tf is not None:
-                if len(tf) != len(self.decomposition.factors):
-                    raise ConfigError(f"decomposition.temporal_factors {list(tf)} needs one entry per stage")
-                for f in tf:
-                    if frames % f:
-                        raise ConfigError(f"{frames} latent frames are not divisible by decomposition temporal factor {f}")
+        self.decomposition.check_sample_shape(self.latent_shape)
+
+
+    def _check_model(self) -> None:
+        """The reference VideoDiT's preset and overrides (CogVideoX and factories load later)."""
+        if self.model.factory is not None or self.model.kind != "video_dit":
+            return
+        if self.data.num_classes < 1:
+            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        from dfm_ext.video_models import VideoDiTConfig
+
+        c, frames, h, w = self.latent_shape
+        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": self.data.num_classes}
+        try:
+            VideoDiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
+        except TypeError as e:  # an override that is not a VideoDiTConfig field
+            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
+        except ValueError as e:
+            key = "model.preset" if "preset" in str(e) else "model.overrides"
+            raise ConfigError(f"{key}: {e}") from e
 
 
 # -- building blocks -------------------------------------------------------------------------
 
 
 def build_decomposition(cfg: VideoDecompositionConfig) -> Any:
-    import dfm_ext
-
-    if cfg.kind == "identity":
-        return dfm_ext.IdentityDecomposition()
-    return dfm_ext.LaplacianPyramid(factors=cfg.factors, temporal_factors=cfg.temporal_factors)
+    """The configured decomposition, through the library's factory (see ``imagenet.build_decomposition``)."""
+    return _build_decomposition(cfg)
 
 
 def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:

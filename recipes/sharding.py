@@ -17,8 +17,10 @@ is the same code on every device.
   :meth:`ShardedEMA.applied` swaps the EMA into the sharded model (for sampling and ``final/``).
 * :func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint`: model, optimiser and EMA
   through ``torch.distributed.checkpoint`` (each rank writes its own shards) into ``tmp-<step>``,
-  renamed atomically to ``step-<step>`` with ``latest`` updated as for the unsharded checkpoints
-  (:mod:`.checkpointing`); the scheduler and step counters go to ``extra_state.pt``.
+  then ``extra_state.pt`` (scheduler, step counters, EMA counter), :data:`SHARDED_MARKER` and, last,
+  the completeness record ``complete.json`` (sizes and SHA-256 of every file), then an atomic
+  rename to ``step-<step>`` and ``latest``: the same rules as the unsharded checkpoints
+  (:mod:`.checkpointing`), so ``resume=auto`` verifies and picks them the same way.
 * :func:`load_full_state`: read a sharded checkpoint into full tensors in one process (no
   process group), e.g. to export or inspect it.
 """
@@ -36,7 +38,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpointing import EXTRA_STATE, Stateful, _fsync_dir, _write_atomic, list_checkpoints, step_dir_name
+from .checkpointing import (
+    _DISK_FULL,
+    EXTRA_STATE,
+    Stateful,
+    _disk_full,
+    _fsync_dir,
+    _write_atomic,
+    clean_partial,
+    list_checkpoints,
+    step_dir_name,
+    write_manifest,
+)
 
 __all__ = [
     "BLOCK_LIST_NAMES",
@@ -225,9 +238,14 @@ def save_sharded_checkpoint(
     """Write ``root/step-<step>`` with ``torch.distributed.checkpoint`` (every rank calls this).
 
     Each rank writes its shards into ``tmp-step-<step>``; the main rank then writes
-    ``extra_state.pt`` (``extra``'s state dicts, the same on every rank) and
-    :data:`SHARDED_MARKER` last, renames the folder (``os.replace``) and points ``latest`` at
-    it. A crash at any moment leaves the previous ``latest``.
+    ``extra_state.pt`` (``extra``'s state dicts, the same on every rank), :data:`SHARDED_MARKER`
+    and the completeness record (:func:`~.checkpointing.write_manifest`) last, renames the folder
+    (``os.replace``) and points ``latest`` at it. A crash at any moment leaves no folder that
+    counts as complete.
+
+    Raises:
+        FileExistsError: ``root/step-<step>`` exists (checked on every rank first): never written over.
+        DiskFullError: the disk filled up; ``tmp-<step>`` is removed at the next start.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -238,23 +256,33 @@ def save_sharded_checkpoint(
     name = step_dir_name(step)
     tmp, final = root / f"tmp-{name}", root / name
     main = dist.get_rank() == 0
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)")
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_partial(root)
     dist.barrier()
-    dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp))  # collective; metadata by rank 0
+    try:
+        dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp))  # collective; metadata by rank 0
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full(e, tmp, "checkpoint") from e
+        raise
     dist.barrier()
     if main:
-        torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
-        marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
-        _write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", name + "\n")
+        try:
+            torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
+            marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
+            _write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
+            write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _write_atomic(root / "latest", name + "\n")
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
+            raise
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:
                 if old != final:

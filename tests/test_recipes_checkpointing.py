@@ -69,11 +69,13 @@ def test_crash_mid_write_keeps_previous_latest(tmp_path: Path, crash_after: int)
     assert not list(tmp_path.glob("tmp-*")) and _complete(tmp_path / step_dir_name(20))
 
 
-def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
+def test_resaving_a_step_is_refused(tmp_path: Path) -> None:
     acc = FakeAccelerator()
-    save_checkpoint(acc, tmp_path, 10)
-    save_checkpoint(acc, tmp_path, 10)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [10]
+    path = save_checkpoint(acc, tmp_path, 10)
+    before = (path / "model.safetensors").stat().st_ino
+    with pytest.raises(FileExistsError, match="step-000010 already exists; refusing to write over it"):
+        save_checkpoint(acc, tmp_path, 10)
+    assert (path / "model.safetensors").stat().st_ino == before and not list(tmp_path.glob("tmp-*"))
 
 
 def test_bad_latest_is_an_error(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -145,3 +146,17 @@ def test_latent_cache_round_trip_and_mismatch(tmp_path: Path) -> None:
     (path / "index.json").unlink()
     with pytest.raises(FileNotFoundError, match="index.json missing"):
         LatentCache(path)
+
+
+def test_sixteen_bit_png_keeps_its_brightness(tmp_path):
+    """A 16-bit grey PNG decodes like its 8-bit version (convert("RGB") alone clips it to white)."""
+    from PIL import Image
+
+    from dfm_ext.recipes.data_images import load_image
+
+    ramp8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    Image.fromarray(ramp8).save(tmp_path / "a8.png")
+    Image.fromarray(ramp8.astype(np.uint16) * 257).save(tmp_path / "a16.png")
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    a8, a16 = load_image(str(tmp_path / "a8.png"), 64), load_image(str(tmp_path / "a16.png"), 64)
+    assert torch.allclose(a8, a16, atol=2 / 255), (a16.mean(), a8.mean())

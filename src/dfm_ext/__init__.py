@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "LaplacianPyramid": "laplacian",
     "WaveletDecomposition": "wavelet",
     "DCTDecomposition": "dct",
+    "decomposition_from_config": "decomposition_factory",
+    "decomposition_config": "decomposition_factory",
     "ScalePacker": "packing",
     # the DFM process
     "StageTimestepSampler": "timesteps",

@@ -8,12 +8,17 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .decomposition import check_sample, check_stages, check_upto
 
 DOWN_MODES = ("area", "bilinear", "bicubic")
+# Half-precision samples are decomposed in float32 and the stages cast back: bfloat16 has an
+# 8-bit mantissa, so pooling sums, resampling kernels and DCT/DWT matrices applied in it would
+# lose the exact inverse (recompose(decompose(x)) off by ~1e-2 relative).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 UP_MODES = ("nearest", "bilinear", "bicubic")
 
 
@@ -156,3 +161,11 @@ def same_float(x: Tensor, ref: Tensor) -> None:
         raise ValueError(
             f"all stages must share dtype and device; got {x.dtype} on {x.device} and {ref.dtype} on {ref.device}"
         )
+
+
+def upcast(stages: list[Tensor]) -> tuple[list[Tensor], torch.dtype | None]:
+    """float16/bfloat16 stages -> float32 copies and the dtype to cast results back to (else ``None``)."""
+    dtype = stages[0].dtype
+    if dtype in HALF_DTYPES:
+        return [s.float() for s in stages], dtype
+    return stages, None

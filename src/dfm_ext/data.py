@@ -103,6 +103,33 @@ class ImageDataset:
         return ImageDataset(self.images[idx], self.labels[idx], self.class_names, self.name, self.split)
 
 
+# Modes Pillow gives 16-bit PNGs (grey); their values run to 65535, not 255.
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_GREY = ("L", "1", "LA", *_SIXTEEN_BIT)
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """One image file as ``[H, W, C]`` float32 in ``[0, 1]`` (``C`` = 1 for grey, 3 otherwise).
+
+    16-bit PNGs (Pillow modes ``I;16`` / ``I``) are scaled by ``1/65535``, so they decode to the
+    same brightness as their 8-bit versions (converting them to ``L`` would clip at 255: white).
+    Alpha is dropped; palette images become RGB.
+
+    Raises:
+        OSError / ValueError / SyntaxError (from Pillow): an unreadable or truncated file.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, inside the caller's try
+        if im.mode in _SIXTEEN_BIT:
+            arr = np.asarray(im, dtype=np.float64) / 65535.0
+            return np.clip(arr, 0.0, 1.0).astype(np.float32)[..., None]
+        rgb = im.convert("L" if im.mode in _GREY else "RGB")
+        arr = np.asarray(rgb, dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (the MNIST container format), gzipped or not.
 

@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._resample import check_divisible, check_recompose_input, check_shape, fold_frames, unfold_frames
+from ._resample import (
+    HALF_DTYPES,
+    check_divisible,
+    check_recompose_input,
+    check_shape,
+    fold_frames,
+    unfold_frames,
+    upcast,
+)
 from .decomposition import check_sample
 
 
@@ -168,6 +176,8 @@ class DCTDecomposition:
     def decompose(self, x: Tensor) -> list[Tensor]:
         """Split ``x`` into ``S`` frequency bands, each an image at its stage's resolution."""
         x = check_sample(x)
+        if x.dtype in HALF_DTYPES:
+            return [s.to(x.dtype) for s in self.decompose(x.float())]
         self.stage_shapes(x.shape)
         frames = fold_frames(x)
         # Band s = corner k_s minus corner k_{s-1}, i.e. d_s - up(d_{s-1}) with d_s the
@@ -178,6 +188,12 @@ class DCTDecomposition:
         return [unfold_frames(st, x.shape) for st in stages]
 
     def _accumulate(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
+        # Half precision: accumulate in float32, return the stages' dtype (see HALF_DTYPES).
+        stages, back = upcast(stages)
+        out = self._accumulate_exact(stages, like)
+        return out if back is None else out.to(back)
+
+    def _accumulate_exact(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
         k = self._sizes
         xbar = fold_frames(stages[0])
         for s in range(1, len(stages)):

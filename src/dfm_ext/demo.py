@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -122,6 +123,22 @@ class DemoConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of tokens_per_side {self.tokens_per_side}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.max_train_seconds is not None and not self.max_train_seconds > 0:
+            raise ValueError(f"max_train_seconds must be > 0 or None, got {self.max_train_seconds}")
+        if self.num_eval < 0 or self.num_reference < 1:
+            raise ValueError(f"num_eval must be >= 0 and num_reference >= 1, got {self.num_eval} and {self.num_reference}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"train_subset must be >= 1 or None, got {self.train_subset}")
+        for name in ("lr", "ema_decay", "cfg_scale", "eval_cfg_scale", "p0", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not self.lr > 0 or not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.p0 <= 1.0:
+            raise ValueError(f"need lr > 0, ema_decay in [0, 1), p0 in (0, 1]; got lr={self.lr}, "
+                             f"ema_decay={self.ema_decay}, p0={self.p0}")  # fmt: skip
+        # The sampling schedule is checked here, before any training: a wrong --sample-steps
+        # would otherwise fail only after the whole training budget is spent.
+        check_schedule(self.decomposition, self.sample_steps, self.thresholds)
+        parse_device(self.device, check_available=False)
 
 
 @dataclass(frozen=True)
@@ -155,41 +172,31 @@ class DemoResult:
 # ---- model -----------------------------------------------------------------------------------
 
 
-def make_decomposition(name: str, **kwargs: Any):
-    """The decomposition called ``name`` (``laplacian``, ``wavelet``, ``dct``, ``identity``).
-
-    Laplacian defaults to the paper's 2 stages at half then full resolution (``factors=(2, 1)``).
-    ``kwargs`` go to the decomposition's constructor.
+def make_decomposition(spec: str | Mapping[str, Any], **kwargs: Any):
+    """The decomposition ``spec`` names: a kind (``laplacian``, ``wavelet``, ``dct``, ``identity``;
+    defaults, e.g. Laplacian ``factors=(2, 1)``: 16x16 + 32x32) or a config dict of
+    :func:`dfm_ext.decomposition_from_config` (what checkpoints store). ``kwargs`` add fields.
     """
-    if name == "laplacian":
-        from .laplacian import LaplacianPyramid
+    from .decomposition_factory import decomposition_from_config
 
-        return LaplacianPyramid(**({"factors": (2, 1)} | kwargs))
-    if name == "wavelet":
-        from .wavelet import WaveletDecomposition
-
-        return WaveletDecomposition(**kwargs)
-    if name == "dct":
-        from .dct import DCTDecomposition
-
-        return DCTDecomposition(**kwargs)
-    if name == "identity":
-        from .identity import IdentityDecomposition
-
-        return IdentityDecomposition(**kwargs)
-    raise ValueError(f"unknown decomposition {name!r}; choose one of {', '.join(DECOMPOSITIONS)}")
+    config = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    return decomposition_from_config(config | kwargs)
 
 
 def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
     """The JSON description :func:`build_model` rebuilds a model from."""
     from .packing import patch_sizes_for_grid
 
+    from .decomposition_factory import decomposition_config
+
     decomposition = make_decomposition(cfg.decomposition)
     c, h, w = (int(v) for v in image_shape)
     grid = (h * cfg.tokens_per_side // cfg.image_size, w * cfg.tokens_per_side // cfg.image_size)
     patches = patch_sizes_for_grid([s[1:] for s in decomposition.stage_shapes((1, c, h, w))], grid)
     config: dict[str, Any] = {
-        "decomposition": cfg.decomposition,
+        # What was built, every field (checkpoints before this held just the kind's name, which
+        # make_decomposition still reads as that kind's defaults).
+        "decomposition": decomposition_config(decomposition),
         "image_shape": [c, h, w],
         "num_classes": int(num_classes),
         "patch_sizes": [list(p) for p in patches],
@@ -314,7 +321,10 @@ class Trainer:
             torch.manual_seed(cfg.seed)  # parameter init; everything else draws from generators
             model = build_model(model_config(cfg, data.image_shape, data.num_classes))
         self.model = model.to(self.device).train()
-        self.decomposition = make_decomposition(cfg.decomposition)
+        # The model's own decomposition (built from its config), so training splits the data
+        # exactly as the model's stages are laid out.
+        own = getattr(self.model, "decomposition", None)
+        self.decomposition = own if own is not None else make_decomposition(cfg.decomposition)
         self.num_stages = self.decomposition.num_stages
         self.sampler = _timestep_sampler(cfg, self.num_stages)
         self.objective = DFMObjective(self.num_stages, masking=cfg.masking).to(self.device)
@@ -412,12 +422,77 @@ def train(
 # ---- sampling --------------------------------------------------------------------------------
 
 
-def make_sampler(decomposition_name: str, steps: Sequence[int], thresholds: Sequence[float], cfg_scale: float):
-    """A :class:`~dfm_ext.sampler.DFMSampler` (Euler) for the named decomposition."""
+def check_schedule(decomposition_name: str | Mapping[str, Any], steps: Sequence[int], thresholds: Sequence[float]) -> None:
+    """Fail on a sampling schedule that does not fit the decomposition (no model, no compute).
+
+    ``steps`` needs one positive count per stage and ``thresholds`` one value in ``(0, 1)`` per
+    stage boundary; the one-stage ``identity`` decomposition takes any step list (their sum).
+
+    Raises:
+        ValueError: naming the steps or thresholds and the number of stages.
+    """
+    from .schedule import StageScheduler
+
+    steps, thresholds = tuple(steps), tuple(thresholds)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps) or not steps:
+        raise ValueError(f"sample steps must be positive integers, got {steps}")
+    if any(not math.isfinite(float(v)) for v in thresholds):
+        raise ValueError(f"thresholds must be finite numbers in (0, 1), got {thresholds}")
+    s = make_decomposition(decomposition_name).num_stages
+    if s == 1:
+        return
+    if len(steps) != s or len(thresholds) != s - 1:
+        raise ValueError(
+            f"the {decomposition_name} decomposition has {s} stages: give {s} step counts and {s - 1} "
+            f"thresholds, got steps={steps} and thresholds={thresholds}"
+        )
+    try:
+        StageScheduler(steps=steps, thresholds=thresholds)
+    except ValueError as e:
+        raise ValueError(f"sampling schedule steps={steps}, thresholds={thresholds}: {e}") from None
+
+
+def parse_device(device: str | torch.device, *, check_available: bool = True) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked to exist in this torch build (one-line errors).
+
+    Raises:
+        ValueError: an unknown device string, or (``check_available``) a device this machine or
+            torch build does not have (``cuda`` on a CPU-only build, ``cuda:3`` with 2 GPUs, ...).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"unknown device {str(device)!r}: {first}") from None
+    if not check_available or dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise ValueError(f"device {str(device)!r} is not available: {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s)")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+        return dev
+    module = getattr(torch, dev.type, None)
+    available = getattr(module, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    return dev
+
+
+def make_sampler(
+    decomposition: str | Mapping[str, Any], steps: Sequence[int], thresholds: Sequence[float], cfg_scale: float
+):
+    """A :class:`~dfm_ext.sampler.DFMSampler` (Euler) for a decomposition (kind name or config dict)."""
     from .sampler import DFMSampler
     from .schedule import StageScheduler
 
-    decomposition = make_decomposition(decomposition_name)
+    decomposition_name = decomposition if isinstance(decomposition, str) else decomposition.get("kind")
+    decomposition = make_decomposition(decomposition)
     s = decomposition.num_stages
     steps, thresholds = tuple(int(v) for v in steps), tuple(float(v) for v in thresholds)
     if s == 1:
@@ -593,12 +668,17 @@ def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.
         raise CheckpointError(f"{directory} is a dfm_ext checkpoint but not a demo model (kind {config.get('kind')!r})")
     try:
         model = build_model(config["model"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory}: the model config is incomplete or invalid: {e!r}") from e
     try:
         model.load_state_dict(ck.state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{directory}: the weights do not fit the model in config.json: {e}") from e
+        from .checkpoint import WEIGHTS_NAME, describe_mismatch
+
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in ck.state_dict.items()}
+        detail = describe_mismatch(expected, found, {"model": config["model"]})
+        raise CheckpointError(f"{Path(directory) / WEIGHTS_NAME}: the weights do not fit the model in config.json: {detail}") from e
     return model.to(device).eval(), config
 
 
@@ -620,6 +700,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike[str], *, progress: bool = T
     from .viz import save_image_grid, save_loss_curves, save_progressive
 
     out = Path(out)
+    parse_device(cfg.device)  # before any data is read or any step trained
     t_start = time.perf_counter()
     train_data = load_dataset(cfg.dataset, "train", size=cfg.image_size, seed=cfg.seed, num=cfg.train_subset)
     cfg = replace(cfg, dataset=train_data.name)
@@ -727,11 +808,15 @@ def sample_checkpoint(
     """
     from .viz import save_array_png, save_image_grid, to_uint8
 
+    parse_device(device)
     model, config = load_demo_checkpoint(checkpoint, device=device)
     train_cfg = config.get("train", {})
     steps = tuple(steps) if steps is not None else tuple(train_cfg.get("sample_steps", (30, 10)))
     thresholds = tuple(thresholds) if thresholds is not None else tuple(train_cfg.get("thresholds", (0.9,)))
     cfg_scale = float(cfg_scale) if cfg_scale is not None else float(train_cfg.get("cfg_scale", 1.0))
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+    check_schedule(config["model"]["decomposition"], steps, thresholds)
     nc = int(config["model"]["num_classes"])
     labels = torch.arange(nc).repeat_interleave(num_per_class)
     images, _ = generate(model, config["model"], labels, steps=steps, thresholds=thresholds, cfg_scale=cfg_scale,
@@ -750,31 +835,43 @@ def sample_checkpoint(
     return out
 
 
-def load_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> Tensor:
+def read_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> tuple[Tensor, list[Path]]:
     """PNG files of a folder (sorted by name; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``.
 
+    Unreadable files (truncated, not an image) are skipped and returned as the second value;
+    with ``limit``, reading goes on until ``limit`` readable images are found. 16-bit PNGs keep
+    their brightness (:func:`dfm_ext.data.read_image`).
+
     Raises:
-        ValueError: no PNGs, or images of different sizes/modes.
+        ValueError: no readable PNGs, or images of different sizes/modes.
     """
-    import numpy as np
-    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    from .data import read_image
 
     folder = Path(folder)
     paths = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
-    if limit is not None:
-        paths = paths[:limit]
-    if not paths:
-        raise ValueError(f"no PNG samples in {folder}")
-    arrays = []
+    arrays, skipped = [], []
     for p in paths:
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "I;16", "LA") else "RGB"))
-        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+        if limit is not None and len(arrays) >= limit:
+            break
+        try:
+            arrays.append(read_image(p))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            skipped.append(p)
+    if not arrays:
+        extra = f" ({len(skipped)} unreadable, e.g. {skipped[0].name})" if skipped else ""
+        raise ValueError(f"no readable PNG samples in {folder}{extra}")
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"samples in {folder} have different shapes: {sorted(shapes)}")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return x * 2.0 - 1.0, skipped
+
+
+def load_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None) -> Tensor:
+    """:func:`read_png_folder` without the list of skipped files."""
+    return read_png_folder(folder, limit=limit)[0]
 
 
 def evaluate_path(
@@ -791,6 +888,9 @@ def evaluate_path(
 ) -> dict[str, Any]:
     """Metrics of a folder of PNG samples, or of ``num`` fresh samples of a checkpoint, vs a split."""
     path = Path(path)
+    parse_device(device)
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if not path.is_dir():
         raise ValueError(f"--samples {str(path)!r} is not a folder (PNG samples or a checkpoint)")
     if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
@@ -803,8 +903,13 @@ def evaluate_path(
                            generator=torch.Generator().manual_seed(seed), device=device)  # fmt: skip
         source = {"checkpoint": str(path), "cfg_scale": scale}
     else:
-        fake = load_png_folder(path, limit=num)
-        source = {"folder": str(path)}
+        fake, skipped = read_png_folder(path, limit=num)
+        # Unreadable files are counted, not fatal: one damaged PNG should not void an evaluation.
+        source = {"folder": str(path), "images": int(fake.shape[0]), "skipped_images": len(skipped)}
+        if skipped:
+            import sys
+
+            print(f"dfm-ext eval: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", file=sys.stderr)
     c, h, w = fake.shape[1:]
     real_ds = load_dataset(dataset, split, size=int(h), seed=seed)
     real = real_ds.subset(num_reference, generator=torch.Generator().manual_seed(seed)).images

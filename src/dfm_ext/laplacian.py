@@ -19,6 +19,8 @@ from torch import Tensor
 
 from ._resample import (
     DOWN_MODES,
+    HALF_DTYPES,
+    upcast,
     UP_MODES,
     check_divisible,
     check_recompose_input,
@@ -165,11 +167,19 @@ class LaplacianPyramid:
     def decompose(self, x: Tensor) -> list[Tensor]:
         """Split ``x`` into ``S`` stages, coarse to fine (see the module docstring)."""
         x = check_sample(x)
+        if x.dtype in HALF_DTYPES:
+            return [s.to(x.dtype) for s in self.decompose(x.float())]
         shapes = self.stage_shapes(x.shape)
         d = [self._resample(x, shp, down=True) for shp in shapes]
         return [d[0]] + [d[s] - self._resample(d[s - 1], shapes[s], down=False) for s in range(1, len(d))]
 
     def _accumulate(self, stages: list[Tensor], shapes: list[tuple[int, ...]]) -> Tensor:
+        # Half precision: accumulate in float32, return the stages' dtype (see HALF_DTYPES).
+        stages, back = upcast(stages)
+        out = self._accumulate_exact(stages, shapes)
+        return out if back is None else out.to(back)
+
+    def _accumulate_exact(self, stages: list[Tensor], shapes: list[tuple[int, ...]]) -> Tensor:
         xbar = stages[0]
         for s in range(1, len(stages)):
             xbar = self._resample(xbar, shapes[s], down=False) + stages[s]

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._resample import check_divisible, check_recompose_input, check_shape, fold_frames, unfold_frames
+from ._resample import (
+    HALF_DTYPES,
+    check_divisible,
+    check_recompose_input,
+    check_shape,
+    fold_frames,
+    unfold_frames,
+    upcast,
+)
 from .decomposition import check_sample
 
 _MODES = ("periodization", "zero", "symmetric", "reflect", "periodic")
@@ -265,6 +273,8 @@ class WaveletDecomposition:
     def decompose(self, x: Tensor) -> list[Tensor]:
         """Split ``x`` into ``S`` stages in the spatial domain, coarse to fine (see the module docstring)."""
         x = check_sample(x)
+        if x.dtype in HALF_DTYPES:
+            return [s.to(x.dtype) for s in self.decompose(x.float())]
         self.stage_shapes(x.shape)
         r = self._levels_of_stages
         if self.closed_form:
@@ -282,6 +292,12 @@ class WaveletDecomposition:
         return [unfold_frames(st, x.shape) for st in stages]
 
     def _accumulate(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
+        # Half precision: accumulate in float32, return the stages' dtype (see HALF_DTYPES).
+        stages, back = upcast(stages)
+        out = self._accumulate_exact(stages, like)
+        return out if back is None else out.to(back)
+
+    def _accumulate_exact(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
         r = self._levels_of_stages
         xbar = fold_frames(stages[0])
         if self.closed_form:

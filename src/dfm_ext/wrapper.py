@@ -14,8 +14,6 @@ positions and conditioning are untouched, so the token count (and cost) is the b
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,50 +189,33 @@ class DFMTransformer(nn.Module):
 
 
 def _describe(decomposition: Any) -> dict[str, Any]:
+    """The decomposition record of ``dfm_config.json``: class, repr and the factory config.
+
+    ``config`` is :func:`dfm_ext.decomposition_factory.decomposition_config` (``None`` for a
+    custom decomposition, which then has to be passed to :func:`load_wrapped`).
+    """
+    from .decomposition_factory import decomposition_config  # noqa: PLC0415
+
     cls = type(decomposition)
-    params: dict[str, Any] | None = {}
     try:
-        sig = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None:
-        for name, p in list(sig.parameters.items())[1:]:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            for attr in (name, "_" + name):
-                if hasattr(decomposition, attr):
-                    value = getattr(decomposition, attr)
-                    break
-            else:
-                if p.default is p.empty:
-                    params = None
-                    break
-                continue
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                params = None
-                break
-            params[name] = value  # type: ignore[index]
-    else:
-        params = None
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(decomposition), "params": params}
-
-
-def _tuplify(v: Any) -> Any:
-    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+        config = decomposition_config(decomposition)
+    except TypeError:
+        config = None
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(decomposition), "config": config}
 
 
 def _rebuild_decomposition(record: dict[str, Any]) -> Any:
-    module, _, qualname = record["class"].partition(":")
-    if not module.startswith("dfm_ext.") or record.get("params") is None:
+    """Rebuild a recorded decomposition through the factory (new records and ones with ``params``)."""
+    from .decomposition_factory import config_from_record, decomposition_from_config  # noqa: PLC0415
+
+    config = config_from_record(record)
+    if config is None:
         raise ValueError(
             f"cannot rebuild the decomposition {record['repr']} from the saved config; "
             "pass decomposition= to load_wrapped"
         )
-    cls = getattr(importlib.import_module(module), qualname)
-    decomposition = cls(**{k: _tuplify(v) for k, v in record["params"].items()})
-    if " at 0x" not in record["repr"] and repr(decomposition) != record["repr"]:
+    decomposition = decomposition_from_config(config)
+    if repr(decomposition) != record["repr"]:
         raise ValueError(
             f"rebuilt decomposition {decomposition!r} differs from the saved {record['repr']}; "
             "pass decomposition= to load_wrapped"
@@ -326,12 +307,33 @@ def load_wrapped(
 
     Weights are read with safetensors only (no pickle).
     """
-    from safetensors.torch import load_model  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
 
     directory = Path(directory)
-    record = json.loads((directory / _CONFIG).read_text())
-    if record.get("format") != _FORMAT:
-        raise ValueError(f"{directory} is not a dfm_ext wrapped model (format {record.get('format')!r})")
+    config_path, weights_path = directory / _CONFIG, directory / _WEIGHTS
+    if not directory.is_dir():
+        raise FileNotFoundError(f"wrapped model folder {str(directory)!r} does not exist or is not a folder")
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing (save_pretrained writes {_CONFIG} and {_WEIGHTS})")
+    try:
+        record = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        fmt = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{config_path}: {directory} is not a dfm_ext wrapped model (format {fmt!r}, expected {_FORMAT!r})")
+    needed = ("decomposition", "base", "adapter", "sample_shape", "patch_sizes", "stage_embedding", "stage_shapes")
+    absent = [k for k in needed if k not in record] + [f"base.{k}" for k in ("class", "config") if k not in record.get("base", {})]
+    if absent:
+        raise ValueError(f"{config_path} is missing the key(s) {absent}")
+    # The weights file is opened (header only) before any model is built: a truncated or
+    # non-safetensors file fails here, naming the file.
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
     if decomposition is None:
         decomposition = _rebuild_decomposition(record["decomposition"])
     base_class = record["base"]["class"]
@@ -340,7 +342,10 @@ def load_wrapped(
             raise ValueError(f"the saved base model is a {base_class}; pass base_model= (an unwrapped instance)")
         from .models import DiT, DiTConfig  # noqa: PLC0415
 
-        base_model = DiT(DiTConfig.from_dict(record["base"]["config"]))
+        try:
+            base_model = DiT(DiTConfig.from_dict(record["base"]["config"]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: base.config cannot build a DiT: {e}") from None
     elif f"{type(base_model).__module__}:{type(base_model).__qualname__}" != base_class:
         raise ValueError(f"base_model is a {type(base_model).__qualname__}, the saved base is {base_class}")
     ad = resolve_adapter(record["adapter"]["name"], base_model)
@@ -359,6 +364,21 @@ def load_wrapped(
         raise ValueError(
             f"the decomposition gives stages {wrapped.packer.stage_shapes}, the saved model has {record['stage_shapes']}"
         )
+    from safetensors.torch import load_model  # noqa: PLC0415
+
+    from .checkpoint import describe_mismatch  # noqa: PLC0415
+
+    expected = {k: tuple(v.shape) for k, v in wrapped.state_dict().items()}
+    # Names absent from the file may be tied weights save_model stored once; load_model knows.
+    if any(k in found and found[k] != shape for k, shape in expected.items()):
+        detail = describe_mismatch(expected, {k: v for k, v in found.items() if k in expected}, record)
+        raise ValueError(f"{weights_path} does not fit the model {config_path} describes: {detail}")
     wrapped.to(device)
-    missing, unexpected = load_model(wrapped, str(directory / _WEIGHTS), strict=True, device=str(device))
+    try:
+        load_model(wrapped, str(weights_path), strict=True, device=str(device))
+    except RuntimeError as e:  # names missing from / unexpected in the file
+        detail = describe_mismatch(expected, found, record)
+        raise ValueError(f"{weights_path} does not fit the model {config_path} describes: {detail}") from e
+    except Exception as e:  # a header that parses but data that does not (truncated file)
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
     return wrapped

@@ -1,0 +1,260 @@
+"""Resume never loses or overwrites work: fault injection on the ImageNet recipe, in process.
+
+Each test damages a run the way real runs get damaged (marker deleted, newest checkpoint
+truncated in each of its files, disk full while saving, run folder moved, read-only output
+folder), then runs the same command again and checks that the final weights equal those of an
+uninterrupted run *bitwise*, that no existing step folder was written over, and what was said.
+Runs go through ``dfm_ext.recipes.imagenet.main`` in this process (the real command path, with
+its config parsing and exit statuses), so faults can be injected with ``monkeypatch``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfm_ext.recipes.checkpointing import (
+    MANIFEST,
+    CorruptCheckpointError,
+    find_resumable,
+    verify_manifest,
+    write_manifest,
+)
+from dfm_ext.recipes.imagenet import main as imagenet_main
+from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+
+STEPS = 12  # checkpoints at 4, 8, 12
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fault_assets")
+    make_image_folder(root / "images", per_class=4, size=40)
+    make_tiny_vae(root)
+    return root
+
+
+def _run(assets: Path, out: Path, steps: int = STEPS, *extra: str) -> int:
+    return imagenet_main([
+        "--config", "tiny",
+        f"data.root={assets / 'images'}",
+        f"vae.path={assets}",
+        f"train.output_dir={out}",
+        f"train.steps={steps}",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=10",
+        "train.log_every=1",
+        "train.sample_every=0",
+        "train.trackers=[]",
+        "train.progress=false",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        *extra,
+    ])  # fmt: skip
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _assert_same_weights(out: Path, reference: Path) -> None:
+    a, b = _weights(out), _weights(reference)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fingerprint(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of every file: a folder written over (or re-created) changes it."""
+    return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(assets: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fault_runs") / "reference"
+    assert _run(assets, out) == 0
+    return out
+
+
+def test_checkpoints_carry_a_completeness_record(reference: Path) -> None:
+    step = reference / "checkpoints" / "step-000012"
+    record = verify_manifest(step)
+    assert record["step"] == 12
+    assert set(record["files"]) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "extra_state.pt"}
+    for name, entry in record["files"].items():
+        assert entry["size"] == (step / name).stat().st_size and len(entry["sha256"]) == 64
+
+
+def test_deleted_marker_resumes_from_newest_and_overwrites_nothing(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _run(assets, out, steps=8) == 0
+    ckpts = out / "checkpoints"
+    (ckpts / "latest").unlink()
+    before = {name: _fingerprint(ckpts / name) for name in ("step-000004", "step-000008")}
+    capsys.readouterr()
+    assert _run(assets, out) == 0
+    assert f"resumed from {ckpts / 'step-000008'} at step 8" in capsys.readouterr().out
+    # Old behaviour: restarted at step 0 and replaced step-4 and step-8 (new inodes), logging 1..8 twice.
+    assert {name: _fingerprint(ckpts / name) for name in before} == before
+    assert _logged_steps(out) == list(range(1, STEPS + 1))
+    assert (ckpts / "latest").read_text().strip() == "step-000012"
+    _assert_same_weights(out, reference)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "extra_state.pt"])
+def test_truncated_newest_checkpoint_falls_back_with_one_warning(
+    assets: Path, reference: Path, tmp_path: Path, capsys, victim: str
+) -> None:
+    out = tmp_path / "run"
+    assert _run(assets, out, steps=8) == 0
+    ckpts = out / "checkpoints"
+    file = ckpts / "step-000008" / victim
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert _run(assets, out) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, captured.err
+    assert str(ckpts / "step-000008") in warnings[0] and victim in warnings[0] and "truncated" in warnings[0]
+    assert f"resumed from {ckpts / 'step-000004'} at step 4" in captured.out
+    # The damaged folder is kept aside, untouched; the run wrote step 8 anew beside it.
+    assert (ckpts / "corrupt-step-000008" / victim).stat().st_size == len(data) // 2
+    verify_manifest(ckpts / "step-000008")
+    _assert_same_weights(out, reference)
+
+
+def test_damaged_byte_is_caught_by_the_hash(tmp_path: Path) -> None:
+    folder = tmp_path / "step-000003"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "shard.distcp").write_bytes(b"y" * 10)
+    record = write_manifest(folder, step=3)
+    assert set(record["files"]) == {"model.safetensors", "sub/shard.distcp"}
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(500)
+        f.write(b"z")  # same size, one byte changed
+    verify_manifest(folder, hashes=False)  # sizes alone cannot see it
+    with pytest.raises(CorruptCheckpointError, match=r"step-000003: model.safetensors does not match its sha256"):
+        verify_manifest(folder)
+    (folder / "sub" / "shard.distcp").unlink()
+    with pytest.raises(CorruptCheckpointError, match=r"sub/shard.distcp is missing"):
+        verify_manifest(folder, hashes=False)
+    (folder / MANIFEST).write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="complete.json is unreadable"):
+        verify_manifest(folder)
+
+
+def test_legacy_checkpoints_without_record_resume_with_a_warning(
+    assets: Path, reference: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    assert _run(assets, out, steps=8) == 0
+    ckpts = out / "checkpoints"
+    for step in ("step-000004", "step-000008"):
+        (ckpts / step / MANIFEST).unlink()  # as written before the record existed
+    file = ckpts / "step-000008" / "optimizer.bin"
+    file.write_bytes(file.read_bytes()[:1000])
+    found = find_resumable(ckpts)
+    assert found.step == 4 and found.legacy and [p.name for p, _ in found.rejected] == ["step-000008"]
+    assert "optimizer.bin does not load" in found.rejected[0][1]
+    capsys.readouterr()
+    assert _run(assets, out) == 0
+    err = capsys.readouterr().err
+    assert "step-000008 is damaged" in err and f"checkpoint {ckpts / 'step-000004'} has no completeness record" in err
+    _assert_same_weights(out, reference)
+
+
+def test_disk_full_names_the_path_and_the_partial_folder_goes_at_next_start(
+    assets: Path, reference: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import accelerate.checkpointing
+
+    real_save = accelerate.checkpointing.save
+
+    def save_until_full(obj, f, *args, **kwargs):
+        if "tmp-step-000008" in str(f) and str(f).endswith("optimizer.bin"):
+            Path(f).write_bytes(b"\0" * 100)  # what got written before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save_until_full)
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    capsys.readouterr()
+    assert _run(assets, out) == 1  # one line, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "the disk is full" in err[0], err
+    assert str(ckpts / "tmp-step-000008") in err[0]
+    assert (ckpts / "tmp-step-000008").is_dir() and not (ckpts / "step-000008").exists()
+    monkeypatch.setattr(accelerate.checkpointing, "save", real_save)
+
+    capsys.readouterr()
+    assert _run(assets, out, steps=4) == 0  # a start that trains nothing and saves nothing
+    assert not (ckpts / "tmp-step-000008").exists()
+    assert "removed the partial checkpoint" in capsys.readouterr().err
+    assert _run(assets, out) == 0
+    _assert_same_weights(out, reference)
+
+
+def test_moved_run_folder_resumes(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "moved"
+    assert _run(assets, first, steps=8) == 0
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    capsys.readouterr()
+    assert _run(assets, moved) == 0  # old behaviour: "cannot resume ... differs in ['train.output_dir']"
+    assert f"resumed from {moved / 'checkpoints' / 'step-000008'} at step 8" in capsys.readouterr().out
+    _assert_same_weights(moved, reference)
+
+
+def test_explicit_older_resume_would_overwrite_and_is_refused(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    capsys.readouterr()
+    assert _run(assets, out, STEPS, f"train.resume={out / 'checkpoints' / 'step-000008'}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "step-000012" in err and "write over" in err
+
+
+def test_read_only_output_folder_is_one_line_before_compute(
+    assets: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from dfm_ext.recipes.engine import Trainer
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through permissions: refuse writes there as a read-only mount would
+        real_open = os.open
+
+        def read_only_open(path, flags, *args, **kwargs):
+            if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only_open)
+
+    def no_compute(self):
+        raise AssertionError("the accelerator was built before the output folder was checked")
+
+    monkeypatch.setattr(Trainer, "_accelerator", no_compute)
+    try:
+        assert _run(assets, out) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: train.output_dir={str(out)!r} is not writable")
