@@ -33,9 +33,14 @@ def test_bf16_autocast_training_step_is_finite_and_within_2_percent_of_float32()
         assert out.loss.dtype == torch.float32  # the objective reduces in float32
         out.loss.backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
-        return float(out.loss), float(grad)
+        return float(out.loss.detach()), float(grad)
 
     fp32_loss, fp32_grad = step(torch.autocast("cpu", enabled=False))
+    from accelerate.state import AcceleratorState
+
+    # accelerate's state is a process-wide singleton: an engine run earlier in this process
+    # (mixed_precision "no") would otherwise silently turn this bf16 request into float32.
+    AcceleratorState._reset_state(reset_partial_state=True)
     bf16 = Accelerator(cpu=True, mixed_precision="bf16")
     with bf16.autocast():  # really bf16: the blocks' matmuls run in bfloat16
         probe = model.base.blocks[0].attn.qkv(torch.randn(2, 3, model.base.blocks[0].attn.qkv.in_features))
@@ -45,3 +50,4 @@ def test_bf16_autocast_training_step_is_finite_and_within_2_percent_of_float32()
     assert bf16_loss != fp32_loss  # not silently float32
     assert bf16_loss == pytest.approx(fp32_loss, rel=0.02), (bf16_loss, fp32_loss)
     assert bf16_grad == pytest.approx(fp32_grad, rel=0.05), (bf16_grad, fp32_grad)
+    AcceleratorState._reset_state(reset_partial_state=True)
