@@ -3,9 +3,12 @@
 A recipe supplies a :class:`TrainTask` (build the model, compute one micro-batch's loss, and
 optionally sample/evaluate) and a dataset; :class:`Trainer` does the rest:
 
-* devices, DDP or FSDP and mixed precision through ``accelerate`` (bf16 on GPU, fp32 on CPU
+* devices, DDP and mixed precision through ``accelerate`` (bf16 on GPU, fp32 on CPU
   with ``mixed_precision="auto"``); gradient accumulation with ``no_sync`` on all but the last
   micro-batch;
+* or, with ``train.sharding=fsdp2`` (or an accelerate FSDP launch config), FSDP2 sharding through
+  torch directly (:mod:`.sharding`): ``fully_shard`` per transformer block then the root, a
+  sharded EMA, ``torch.distributed.checkpoint`` checkpoints, sampling on every rank;
 * AdamW (the paper's Adam(0.9, 0.99), eps 1e-8, weight decay 0.01), linear warmup then a
   constant learning rate, gradient clipping;
 * an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with
@@ -96,7 +99,8 @@ class TrainConfig:
     ``output_dir`` may use ``{name}`` (the config name); it is not part of the run's identity,
     so a run folder that was moved or copied resumes from its new place. ``resume``: ``"auto"``
     (continue from the newest checkpoint in ``output_dir/checkpoints`` that verifies, whatever
-    ``latest`` says), ``"never"`` (refuse a folder that has checkpoints) or a checkpoint path.
+    ``latest`` says), ``"never"`` (refuse a folder that has checkpoints) or a checkpoint path. ``sharding``: ``"none"`` (DDP),
+    ``"fsdp2"`` (FSDP2, :mod:`.sharding`) or ``"auto"`` (fsdp2 under an accelerate FSDP launch config).
     """
 
     steps: int = 1000
@@ -115,6 +119,9 @@ class TrainConfig:
     num_workers: int = 8
     cpu: bool = False
     progress: bool = True
+    # "fsdp2": shard with torch's fully_shard (recipes/sharding.py); "auto": fsdp2 when accelerate
+    # was launched with an FSDP config, else none (DDP over the processes).
+    sharding: Literal["auto", "none", "fsdp2"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -229,6 +236,16 @@ def _param_digest(model: nn.Module) -> str:
 
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _state_digest(state: Mapping[str, Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -503,31 +520,37 @@ class Trainer:
 
         torch.manual_seed(self.train.seed)  # identical initial weights on every process
         model = self.task.build_model()
-        ema = None
-        fsdp = str(accelerator.distributed_type).endswith("FSDP")
-        if fsdp and self.train.sample_every:
-            raise ConfigError(
-                f"train.sample_every={self.train.sample_every} with FSDP is not supported: samples are drawn on the "
-                "main process, which holds only a shard; set train.sample_every=0 and sample from final/ afterwards"
-            )
-        if self.train.ema_decay is not None:
-            if fsdp:
-                raise ConfigError("train.ema_decay with FSDP is not supported; set train.ema_decay=null for FSDP runs")
+        ema: Any = None
+        fsdp = self._sharded(accelerator)
+        if fsdp:
+            from . import sharding
+
+            # Not accelerator.prepare: torch's fully_shard per block (accelerate's plugin is DDP on CPU).
+            model = sharding.shard_model(model.to(accelerator.device), self._device_mesh(accelerator))
+            if self.train.ema_decay is not None:
+                ema = sharding.ShardedEMA(model, self.train.ema_decay)
+        elif self.train.ema_decay is not None:
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.train.ema_decay), use_buffers=True)
             ema.requires_grad_(False)
         optimizer = build_optimizer(model, self.optim)
         # Not prepared: accelerate would step a prepared scheduler once per process per step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.optim.warmup_steps))
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if ema is not None:
-            ema.to(accelerator.device)
+        if not fsdp:
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if ema is not None:
+                ema.to(accelerator.device)
         state = _RunState()
         # Saved by save_checkpoint, not register_for_checkpointing (which reloads with a full pickle).
         extra: dict[str, Any] = {"scheduler": scheduler, "run": state}
         if ema is not None:
             extra["ema"] = ema
         if resume is not None:
-            load_checkpoint(accelerator, resume, extra=extra)
+            if fsdp:
+                sharding.load_sharded_checkpoint(resume, model, optimizer, ema=ema, extra=extra)
+            else:
+                if (resume / "sharded.json").is_file():
+                    raise ConfigError(f"{resume} is a sharded (FSDP2) checkpoint; resume it with train.sharding=fsdp2")
+                load_checkpoint(accelerator, resume, extra=extra)
             accelerator.print(f"resumed from {resume} at step {state.step}")
 
         if accelerator.is_main_process and self.train.trackers:
@@ -564,7 +587,11 @@ class Trainer:
                 skipped_here += len(batch.get("bad", []))
                 state.bad.update(int(i) for i in batch.get("bad", []))
                 gen = step_generator(self.train.seed, step, plan.shard_index(micro), accelerator.device)
-                sync = contextlib.nullcontext() if micro == acc - 1 else accelerator.no_sync(model)
+                if fsdp:  # reduce-scatter the gradients on the last micro-batch only
+                    model.set_requires_gradient_sync(micro == acc - 1)
+                    sync = contextlib.nullcontext()
+                else:
+                    sync = contextlib.nullcontext() if micro == acc - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     out = self.task.loss(model, batch, generator=gen, device=accelerator.device)
                     if not torch.isfinite(out.loss):
@@ -578,11 +605,17 @@ class Trainer:
                     window[k] = window[k] + pair if k in window else pair
             grad_norm = None
             if self.optim.grad_clip is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+                if fsdp:  # DTensor gradients: the norm is reduced over the shards
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
+                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
+            if fsdp and ema is not None:
+                ema.update(model)
+            elif ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(model))
             state.skipped += int(accelerator.reduce(skipped_here, "sum").item()) if world > 1 else int(skipped_here.item())
             state.step += 1
@@ -608,12 +641,20 @@ class Trainer:
                 window, window_steps, t_window = {}, 0, time.perf_counter()
 
             if state.step % self.train.checkpoint_every == 0 or state.step == self.train.steps:
-                save_checkpoint(
-                    accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints, extra=extra
-                )
+                if fsdp:
+                    sharding.save_sharded_checkpoint(
+                        self.output_dir / "checkpoints", state.step, model, optimizer, ema=ema, extra=extra,
+                        keep=self.train.keep_checkpoints,
+                    )  # fmt: skip
+                else:
+                    save_checkpoint(
+                        accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints, extra=extra
+                    )
 
             if self.train.sample_every and (state.step % self.train.sample_every == 0 or state.step == self.train.steps):
-                if accelerator.is_main_process:
+                if fsdp:
+                    self._evaluate_sharded(model, ema, accelerator, state.step, log_path)
+                elif accelerator.is_main_process:
                     target = ema.module if ema is not None else accelerator.unwrap_model(model)
                     was_training = target.training
                     target.eval()
@@ -628,15 +669,23 @@ class Trainer:
 
         # Drain the loader so worker processes exit cleanly.
         del batches, loader
-        # Under FSDP every process holds a shard: gather the full weights (a collective) first.
-        full_state = accelerator.get_state_dict(model) if fsdp else None
-        digests = _gather_objects(accelerator, _param_digest(accelerator.unwrap_model(model)))
-        if accelerator.is_main_process:
+        # Under FSDP every process holds a shard: gather the full weights (collectives) first.
+        full_state = ema_state = None
+        if fsdp:
+            full_state = sharding.gather_full_state(model)
             if ema is not None:
+                with ema.applied(model):
+                    ema_state = sharding.gather_full_state(model)
+            digests = [_state_digest(full_state)] if accelerator.is_main_process else []
+        else:
+            digests = _gather_objects(accelerator, _param_digest(accelerator.unwrap_model(model)))
+        if accelerator.is_main_process:
+            if ema is not None and not fsdp:
                 final = ema.module
             elif full_state is not None:
+                # The one model format: a freshly built (unsharded) model holding the full weights.
                 final = self.task.build_model()
-                final.load_state_dict(full_state)
+                final.load_state_dict(ema_state if ema_state is not None else full_state)
             else:
                 final = accelerator.unwrap_model(model)
             self._save_final(final, accelerator)
@@ -646,7 +695,9 @@ class Trainer:
                 "skipped_images": state.skipped,
                 "unique_bad_images": len(state.bad),
                 "num_processes": world,
+                "sharding": "fsdp2" if fsdp else "none",
                 # Bitwise digest of the trained weights on each process: they must all agree.
+                # (FSDP2: one digest, of the gathered full weights.)
                 "param_sha256_per_rank": digests,
             }
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -655,6 +706,47 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainResult(self.output_dir, state.step, last_loss, state.skipped, len(state.bad))
+
+    def _sharded(self, accelerator: Any) -> bool:
+        mode = self.train.sharding
+        accelerate_fsdp = str(accelerator.distributed_type).endswith("FSDP")
+        if mode == "none" and accelerate_fsdp:
+            raise ConfigError("train.sharding=none but accelerate was launched with an FSDP config; use train.sharding=fsdp2 or auto")
+        fsdp = mode == "fsdp2" or (mode == "auto" and accelerate_fsdp)
+        if fsdp and accelerator.mixed_precision == "fp16":
+            raise ConfigError("train.sharding=fsdp2 with mixed_precision=fp16 is not supported (no sharded grad scaler); use bf16")
+        return fsdp
+
+    def _device_mesh(self, accelerator: Any) -> Any:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():  # one process: a world of one, so the same code path runs
+            backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return init_device_mesh(accelerator.device.type, (dist.get_world_size(),))
+
+    def _evaluate_sharded(self, model: nn.Module, ema: Any, accelerator: Any, step: int, log_path: Path) -> None:
+        """``task.evaluate`` on every rank (FSDP gathers each block's weights with collectives).
+
+        Every rank samples with the same seeds, so all draw the same images; only the main
+        process writes into the run folder, the others into a temporary one that is deleted.
+        """
+        import tempfile
+
+        was_training = model.training
+        model.eval()
+        with contextlib.ExitStack() as stack:
+            if ema is not None:
+                stack.enter_context(ema.applied(model))
+            out_dir = self.output_dir if accelerator.is_main_process else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            scalars = self.task.evaluate(model, step=step, out_dir=out_dir, device=accelerator.device)
+        model.train(was_training)
+        if scalars and accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            accelerator.log(scalars, step=step)
+        accelerator.wait_for_everyone()
 
     def _save_final(self, model: nn.Module, accelerator: Any) -> None:
         out = self.output_dir / "final"
