@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import float_sequence
 from .decomposition import Decomposition
 from .timesteps import StageTimesteps
 
@@ -83,6 +84,10 @@ def check_model_output(output: object, expected: Sequence[Tensor]) -> list[Tenso
 def _per_stage_vector(value: Sequence[float] | Tensor | None, num_stages: int, name: str, positive: bool) -> Tensor:
     if value is None:
         return torch.ones(num_stages)
+    if not isinstance(value, Tensor):
+        value = float_sequence(value, name, finite=False)
+    elif value.ndim != 1:
+        raise ValueError(f"{name} must have one entry per stage ({num_stages}), got shape {tuple(value.shape)}")
     v = torch.as_tensor(value, dtype=torch.float32).detach().clone().cpu()
     if v.shape != (num_stages,):
         raise ValueError(f"{name} must have one entry per stage ({num_stages}), got shape {tuple(v.shape)}")

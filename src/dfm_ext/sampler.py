@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import float_sequence
 from .decomposition import Decomposition
 from .objective import _per_stage_vector, check_model_output
 from .schedule import StageScheduler
@@ -99,7 +100,7 @@ class DFMSampler:
         if isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool):
             guidance = (float(guidance_scale),) * s
         else:
-            guidance = tuple(float(w) for w in guidance_scale)
+            guidance = float_sequence(guidance_scale, "guidance_scale", finite=False)
             if len(guidance) != s:
                 raise ValueError(f"guidance_scale has {len(guidance)} entries for {s} stages: {guidance}")
         if not all(math.isfinite(w) for w in guidance):

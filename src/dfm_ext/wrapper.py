@@ -317,6 +317,8 @@ def wrap_dit(
     ad = resolve_adapter(adapter, model)
     if sample_shape is not None and (isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, Sequence)):
         raise TypeError(f"sample_shape must be a sequence (C, H, W) or (C, T, H, W), got {sample_shape!r}")
+    if patch_sizes is not None and (isinstance(patch_sizes, (str, bytes)) or not isinstance(patch_sizes, Sequence)):
+        raise TypeError(f"patch_sizes must be a sequence with one patch size per stage, got {patch_sizes!r}")
     shape = tuple(int(s) for s in (sample_shape if sample_shape is not None else ad.default_sample_shape(model)))
     if len(shape) not in (3, 4) or any(s < 1 for s in shape):
         raise ValueError(f"sample_shape must be (C, H, W) or (C, T, H, W) of positive ints, got {shape}")
