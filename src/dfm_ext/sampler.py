@@ -183,7 +183,7 @@ class DFMSampler:
                     ]
                     previews.append(self.decomposition.preview(clean, k))
                 if callback is not None:
-                    callback(i, times[i + 1].to(dtype=dtype), list(state))
+                    callback(i, table[i + 1].to(dtype=dtype), list(state))  # on the CPU, as the schedule
             stages = [z * scales[j] for j, z in enumerate(state)]
             x = self.decomposition.recompose(stages)
         return SampleOutput(x=x, stages=stages, previews=previews)
