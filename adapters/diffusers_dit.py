@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfm_ext._checks import check_value
 from dfm_ext.adapter import widen_patch_embed
 from dfm_ext.embeddings import MultiScaleTimestepEmbed
 
@@ -194,8 +195,12 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
         b, grid = packed.shape[0], tuple(packed.shape[2:])
         check_tensor(labels, "class_labels", (b,), floating=False)
         num_classes = int(model.config.num_embeds_ada_norm)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > num_classes):
-            raise ValueError(f"class_labels must be in [0, {num_classes}] ({num_classes} = null), got {labels.tolist()}")
+        if labels.numel():  # host check on CPU, device-side assert otherwise (no sync, no graph break)
+            check_value(
+                ((labels >= 0) & (labels <= num_classes)).all(),
+                f"class_labels must be in [0, {num_classes}] ({num_classes} = null)",
+                labels.tolist,
+            )
         labels = self._labels(model, labels, force_drop_ids, generator)
 
         x = self._embed_patches(model, packed, grid)

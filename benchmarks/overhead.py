@@ -10,10 +10,16 @@ step (forward under ``torch.no_grad``) of
 are timed interleaved (A, B, A, B, ...) after warm-up, and the per-repetition ratio B/A is
 reported as min/median/max. Decomposing the data is not timed (it belongs to the data pipeline).
 
+The same steps are also run under ``torch.compile(..., fullgraph=True)`` (inductor; the training
+step compiles forward and loss, its backward is compiled by AOTAutograd, the optimizer step stays
+eager), and compiled wrapped / compiled base is reported beside the eager ratio from the same run
+(goal: <= 1.02). ``fullgraph=True`` fails loudly if the wrapper ever breaks the graph. The
+warm-up calls include the compilation, which is not timed. ``--no-compile`` skips this part.
+
 Usage::
 
     python benchmarks/overhead.py                      # writes benchmarks/results/overhead.json
-    python benchmarks/overhead.py --reps 5 --sizes small
+    python benchmarks/overhead.py --reps 5 --sizes small --threads 1
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ SIZES = {
 }
 
 
-def _setup(name: str, seed: int = 0, device: str = "cpu"):
+def _setup(name: str, seed: int = 0, device: str = "cpu", compile_too: bool = True):
     overrides, batch = SIZES[name]
     torch.manual_seed(seed)
     cfg = DiTConfig(in_channels=4, num_classes=1000, class_dropout_prob=0.0, **overrides)
@@ -60,26 +66,46 @@ def _setup(name: str, seed: int = 0, device: str = "cpu"):
     opt_a = torch.optim.AdamW(base.parameters(), lr=1e-4)
     opt_b = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
 
-    def train_a():
-        loss = F.mse_loss(base(x, t, y), target)
-        opt_a.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_a.step()
+    def loss_a():
+        return F.mse_loss(base(x, t, y), target)
 
-    def train_b():
+    def loss_b():
         out = wrapped(stages, t2, stage, mask, y=y)
-        loss = sum(F.mse_loss(o, v) for o, v in zip(out, targets))
-        opt_b.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_b.step()
+        loss = F.mse_loss(out[0], targets[0])
+        for o, v in zip(out[1:], targets[1:]):
+            loss = loss + F.mse_loss(o, v)
+        return loss
 
-    @torch.no_grad()
-    def sample_a():
-        base(x, t, y)
+    def forward_a():
+        return base(x, t, y)
 
-    @torch.no_grad()
-    def sample_b():
-        wrapped(stages, t2, stage, mask, y=y)
+    def forward_b():
+        return wrapped(stages, t2, stage, mask, y=y)
+
+    def train(loss_fn, opt):
+        def step():
+            loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def sample(forward_fn):
+        @torch.no_grad()
+        def step():
+            forward_fn()
+
+        return step
+
+    fns = {
+        "train": (train(loss_a, opt_a), train(loss_b, opt_b)),
+        "sample": (sample(forward_a), sample(forward_b)),
+    }
+    if compile_too:
+        compiled = {f: torch.compile(f, fullgraph=True) for f in (loss_a, loss_b, forward_a, forward_b)}
+        fns["train_compiled"] = (train(compiled[loss_a], opt_a), train(compiled[loss_b], opt_b))
+        fns["sample_compiled"] = (sample(compiled[forward_a]), sample(compiled[forward_b]))
 
     info = dict(
         config=cfg.to_dict(),
@@ -90,7 +116,7 @@ def _setup(name: str, seed: int = 0, device: str = "cpu"):
         params_base=sum(p.numel() for p in base.parameters()),
         params_wrapped=sum(p.numel() for p in wrapped.parameters()),
     )
-    return info, {"train": (train_a, train_b), "sample": (sample_a, sample_b)}
+    return info, fns
 
 
 def _time(fn, device: str) -> float:
@@ -103,13 +129,14 @@ def _time(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run(sizes: list[str], reps: int, warmup: int, device: str) -> dict:
+def run(sizes: list[str], reps: int, warmup: int, device: str, compile_too: bool = True) -> dict:
     results = {}
     for name in sizes:
-        info, fns = _setup(name, device=device)
+        info, fns = _setup(name, device=device, compile_too=compile_too)
         entry = dict(info)
         for kind, (fa, fb) in fns.items():
-            for _ in range(warmup):
+            # Compiled steps: the first call compiles the forward, the first backward the backward.
+            for _ in range(max(warmup, 2) if kind.endswith("_compiled") else warmup):
                 fa()
                 fb()
             ta, tb = [], []
@@ -136,16 +163,19 @@ def run(sizes: list[str], reps: int, warmup: int, device: str) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model | tokens | batch | step | base (s) | wrapped (s) | ratio min / median / max |",
-        "|---|---|---|---|---|---|---|",
+        "| model | tokens | batch | step | mode | base (s) | wrapped (s) | wrapped / base min / median / max |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results.items():
         for kind in ("train", "sample"):
-            r = e[kind]
-            lines.append(
-                f"| {name} | {e['tokens']} | {e['batch']} | {kind} | {r['base_median_s']:.4f} | "
-                f"{r['wrapped_median_s']:.4f} | {r['ratio_min']:.3f} / {r['ratio_median']:.3f} / {r['ratio_max']:.3f} |"
-            )
+            for mode, key in (("eager", kind), ("compiled", f"{kind}_compiled")):
+                if key not in e:
+                    continue
+                r = e[key]
+                lines.append(
+                    f"| {name} | {e['tokens']} | {e['batch']} | {kind} | {mode} | {r['base_median_s']:.4f} | "
+                    f"{r['wrapped_median_s']:.4f} | {r['ratio_min']:.3f} / {r['ratio_median']:.3f} / {r['ratio_max']:.3f} |"
+                )
     return "\n".join(lines)
 
 
@@ -156,18 +186,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = run(args.sizes, args.reps, args.warmup, args.device)
+    results = run(args.sizes, args.reps, args.warmup, args.device, compile_too=not args.no_compile)
     meta = dict(
         torch=torch.__version__,
         device=args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         threads=args.threads,
         machine=platform.machine(),
         command="python benchmarks/overhead.py " + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "out"
+            f"--{k.replace('_', '-')}" if isinstance(v, bool)
+            else f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k != "out" and v is not False
         ),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,14 @@ __all__ = ["MultiScalePatchEmbed", "MultiScaleTimestepEmbed", "MultiScaleHead"]
 
 
 def _norm_patches(patch_sizes: Sequence[PatchLike], num_stages: int) -> list[tuple[int, ...]]:
-    if isinstance(patch_sizes, (int, Tensor)) or len(patch_sizes) != num_stages:
+    if isinstance(patch_sizes, (str, bytes)) or not isinstance(patch_sizes, Sequence):
+        raise TypeError(f"patch_sizes must be a sequence of {num_stages} patch sizes (one per stage), got {patch_sizes!r}")
+    if len(patch_sizes) != num_stages:
         raise ValueError(f"expected {num_stages} patch sizes (one per stage), got {patch_sizes!r}")
     out = []
     for p in patch_sizes:
-        if isinstance(p, bool):
-            raise TypeError(f"patch size must be an int or a tuple of ints, got {p!r}")
+        if isinstance(p, (bool, str, bytes)) or not isinstance(p, (int, Sequence)):
+            raise TypeError(f"patch size must be an int or a tuple of ints, got {p!r} in patch_sizes={patch_sizes!r}")
         q = (int(p), int(p)) if isinstance(p, int) else tuple(int(v) for v in p)
         if not q or any(v < 1 for v in q):
             raise ValueError(f"patch size {p!r} must be positive")

@@ -11,7 +11,10 @@ attention is fused (``F.scaled_dot_product_attention``), the input may be non-sq
 
 Label dropout for classifier-free guidance happens in ``y_embedder`` in training mode with
 probability ``class_dropout_prob`` (0 disables it); pass ``force_drop_ids`` or a ``generator``
-to ``forward`` for reproducible dropout. The null class is ``num_classes``.
+to ``forward`` for reproducible dropout. The null class is ``num_classes``. Labels outside
+``[0, num_classes]`` raise a ``ValueError`` when they are on the CPU (eager); on an accelerator
+or under ``torch.compile`` the check is a device-side assert that does not sync
+(:mod:`dfm_ext._checks`), so ``forward`` compiles with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._checks import check_value
 
 __all__ = ["DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
 
@@ -81,6 +86,8 @@ class DiTConfig:
             if len(size) != 2:
                 raise ValueError(f"input_size must be an int or (H, W), got {self.input_size!r}")
             object.__setattr__(self, "input_size", size)
+        elif isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"input_size must be an int or (H, W), got {self.input_size!r} ({type(size).__name__})")
         for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -245,6 +252,17 @@ class LabelEmbedder(nn.Module):
         force_drop_ids: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
+        if labels.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"class labels must be an integer tensor, got {labels.dtype}")
+        # Read on the host only for CPU labels in eager mode; a device-side assert otherwise
+        # (no sync, no graph break): dfm_ext._checks.
+        n = self.num_classes
+        if labels.numel():
+            check_value(
+                ((labels >= 0) & (labels <= n)).all(),
+                f"class labels must lie in [0, {n - 1}] (or {n}, the null class)",
+                labels.tolist,
+            )
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids, generator)
         return self.embedding_table(labels)

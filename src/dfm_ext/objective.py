@@ -16,6 +16,11 @@ Each stage's error is a *mean* over its own elements, so a stage with 4x the pix
 4x the weight, and losses stay on the familiar per-element MSE scale; the paper's eq. 4 sums squared
 norms, which differs from this by a per-stage constant (the element count) that ``stage_weights``
 can restore. Masked (not yet generated) stages get zero input and no loss.
+
+Masking is *selection* (``torch.where``), not multiplication by ``m``: the data, input and error
+of a masked stage are replaced, so inf/NaN in a masked stage (say, a not-yet-decoded detail
+band) cannot reach the loss or its gradient, which are exactly those with zeros there. The
+objective adds no device-to-host sync: value checks happen when :class:`StageTimesteps` is built.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import float_sequence
 from .decomposition import Decomposition
 from .timesteps import StageTimesteps
 
@@ -78,6 +84,10 @@ def check_model_output(output: object, expected: Sequence[Tensor]) -> list[Tenso
 def _per_stage_vector(value: Sequence[float] | Tensor | None, num_stages: int, name: str, positive: bool) -> Tensor:
     if value is None:
         return torch.ones(num_stages)
+    if not isinstance(value, Tensor):
+        value = float_sequence(value, name, finite=False)
+    elif value.ndim != 1:
+        raise ValueError(f"{name} must have one entry per stage ({num_stages}), got shape {tuple(value.shape)}")
     v = torch.as_tensor(value, dtype=torch.float32).detach().clone().cpu()
     if v.shape != (num_stages,):
         raise ValueError(f"{name} must have one entry per stage ({num_stages}), got shape {tuple(v.shape)}")
@@ -182,34 +192,46 @@ class DFMObjective(nn.Module):
         stage = timesteps.stage.to(device)
         noise = self._noise(stages, noise, generator)
 
-        scales = self.scales.to(device)
-        clean = [x / scales[i].to(x.dtype) for i, x in enumerate(stages)]
-        noisy, target = [], []
-        for i, (z, n) in enumerate(zip(clean, noise)):
-            ti = _broadcast(t[:, i], z)
-            zt = ti * z + (1 - ti) * n
-            if self.masking is True:
-                zt = zt * _broadcast(mask[:, i], z)
-            noisy.append(zt)
-            target.append(z - n)
-
         # Only full masking tells the model which stages are off: with masking="loss" a model that
         # zeroes masked inputs itself would otherwise undo the ablation.
         everything = torch.ones_like(mask)
         model_mask = mask if self.masking is True else everything
         loss_mask = mask if self.masking is not False else everything
+
+        # Masking selects (torch.where), never multiplies: 0 * NaN is NaN, so a not-yet-generated
+        # stage holding inf/NaN data would otherwise poison the loss and every gradient.
+        scales = self.scales.to(device)
+        clean = [x / scales[i].to(x.dtype) for i, x in enumerate(stages)]
+        noisy, target = [], []
+        for i, (z, n) in enumerate(zip(clean, noise)):
+            # The data of a stage without loss never reaches the model: it is replaced by zeros
+            # (with masking="loss" the input is then the pure noise (1 - t) n, = n at t = 0).
+            # The returned target keeps it; the loss selects it out below.
+            seen = torch.where(_broadcast(loss_mask[:, i], z).bool(), z, 0.0)
+            ti = _broadcast(t[:, i], z)
+            zt = ti * seen + (1 - ti) * n
+            if self.masking is True:
+                zt = torch.where(_broadcast(mask[:, i], z).bool(), zt, 0.0)
+            noisy.append(zt)
+            target.append(z - n)
+
         prediction = check_model_output(model(noisy, t, stage, model_mask, **cond), noisy)
 
-        # [B, S] per-sample, per-stage mean squared error, computed in float32 at least.
+        # [B, S] per-sample, per-stage mean squared error, computed in float32 at least. Masked
+        # entries are selected out before squaring, so their gradient is exactly zero.
         err = torch.stack(
-            [(p.float() - v.float()).pow(2).flatten(1).mean(1) for p, v in zip(prediction, target)], dim=1
+            [
+                torch.where(_broadcast(loss_mask[:, s], p).bool(), p.float() - v.float(), 0.0).pow(2).flatten(1).mean(1)
+                for s, (p, v) in enumerate(zip(prediction, target))
+            ],
+            dim=1,
         )
         m = loss_mask.to(err.dtype)
         weights = self.stage_weights.to(device=device, dtype=err.dtype)
-        loss = (err * m * weights).sum(1).mean()
+        loss = (err * weights).sum(1).mean()
         with torch.no_grad():
             count = m.sum(0)
-            per_stage = torch.where(count > 0, (err * m).sum(0) / count.clamp_min(1), torch.full_like(count, float("nan")))
+            per_stage = torch.where(count > 0, err.sum(0) / count.clamp_min(1), torch.full_like(count, float("nan")))
         return DFMLossOutput(loss=loss, per_stage=per_stage.detach(), noisy=noisy, target=target, prediction=prediction)
 
     def _check_stages(self, stages: Sequence[Tensor]) -> list[Tensor]:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import float_sequence
 from .decomposition import Decomposition
 from .objective import _per_stage_vector, check_model_output
 from .schedule import StageScheduler
@@ -99,7 +100,7 @@ class DFMSampler:
         if isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool):
             guidance = (float(guidance_scale),) * s
         else:
-            guidance = tuple(float(w) for w in guidance_scale)
+            guidance = float_sequence(guidance_scale, "guidance_scale", finite=False)
             if len(guidance) != s:
                 raise ValueError(f"guidance_scale has {len(guidance)} entries for {s} stages: {guidance}")
         if not all(math.isfinite(w) for w in guidance):
@@ -159,56 +160,106 @@ class DFMSampler:
         s = self.num_stages
         cond_in = self._guidance_inputs(model, cond, uncond, b)
 
-        times = self.scheduler.timesteps(dtype=torch.float64)
+        # The whole schedule moves to the device once, so no step reads a value back from it.
+        # Time differences are taken in float64 before the cast, as in the schedule itself.
+        table = self.scheduler.timesteps(dtype=torch.float64)
+        exact = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+        times = table.to(device=dev, dtype=exact)
+        remaining = (1 - table).to(device=dev, dtype=exact)
         active = self.scheduler.active_stage().tolist()
         ends = {e - 1: k for k, e in enumerate(self.scheduler.boundaries)}  # step index -> finished stage
-        guidance = torch.tensor(self.guidance_scale, dtype=dtype, device=dev)
         scales = self.scales.to(device=dev, dtype=dtype)
-
-        def velocity(state: list[Tensor], t_row: Tensor, k: int) -> list[Tensor]:
-            mask_row = torch.arange(s, device=dev) <= k
-            inputs = [z if bool(mask_row[i]) else torch.zeros_like(z) for i, z in enumerate(state)]
-            t = t_row.to(device=dev, dtype=dtype).expand(b, s)
-            stage = torch.full((b,), k, dtype=torch.long, device=dev)
-            mask = mask_row.expand(b, s)
-            if cond_in is None:
-                return check_model_output(model(inputs, t, stage, mask, **cond), inputs)
-            doubled = [torch.cat([z, z]) for z in inputs]
-            out = check_model_output(
-                model(doubled, torch.cat([t, t]), torch.cat([stage, stage]), torch.cat([mask, mask]), **cond_in),
-                doubled,
-            )
-            guided = []
-            for i, v in enumerate(out):
-                c, u = v[:b], v[b:]
-                guided.append(u + guidance[i].to(v.dtype) * (c - u))
-            return guided
 
         state = list(noise)
         previews: list[Tensor] = []
         with torch.no_grad():
             for i, k in enumerate(active):
-                t0, t1 = times[i], times[i + 1]
-                dt = (t1 - t0).tolist()
-                v = velocity(state, t0, k)
-                if self.method == "heun":
-                    guess = [z + dt[j] * v[j] for j, z in enumerate(state)]
-                    v2 = velocity(guess, t1, k)
-                    v = [(a + c) / 2 for a, c in zip(v, v2)]
-                state = [z + dt[j] * v[j] if j <= k else z for j, z in enumerate(state)]
+                state, v = self.step(model, state, times[i], times[i + 1], k, cond=cond, guided_cond=cond_in)
                 if i in ends:
                     # z_{i+1} + (1 - t_{i+1}) v equals the clean estimate z_i + (1 - t_i) v.
-                    remaining = (1 - t1).tolist()
                     clean = [
-                        (state[j] + remaining[j] * v[j]) * scales[j] if j <= k else torch.zeros_like(state[j])
+                        (state[j] + remaining[i + 1, j] * v[j]) * scales[j] if j <= k else torch.zeros_like(state[j])
                         for j in range(s)
                     ]
                     previews.append(self.decomposition.preview(clean, k))
                 if callback is not None:
-                    callback(i, t1.to(dtype=dtype), list(state))
+                    callback(i, table[i + 1].to(dtype=dtype), list(state))  # on the CPU, as the schedule
             stages = [z * scales[j] for j, z in enumerate(state)]
             x = self.decomposition.recompose(stages)
         return SampleOutput(x=x, stages=stages, previews=previews)
+
+    def step(
+        self,
+        model: Callable[..., Sequence[Tensor]],
+        state: Sequence[Tensor],
+        t: Tensor,
+        t_next: Tensor,
+        stage: int,
+        *,
+        cond: Mapping[str, Any] | None = None,
+        guided_cond: Mapping[str, Any] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """One sampling step (Euler, or Heun with ``method="heun"``) from ``t`` to ``t_next``.
+
+        The per-step function of :meth:`sample`, and the unit to ``torch.compile``: it makes no
+        device-to-host sync and has no data-dependent Python branch (``stage`` is a Python int;
+        a compiled step specialises on it, so there is one graph per stage).
+
+        Args:
+            model: the DFM model.
+            state: ``S`` per-stage tensors ``[B, C_s, ...]`` in standardised units.
+            t, t_next: ``[S]`` times before and after the step (a row of
+                ``scheduler.timesteps()``, on the state's device); the state moves by
+                ``t_next - t``, computed in their dtype (float64 keeps the schedule exact).
+            stage: ``k``, the stage being generated; stages ``> k`` are fed as zeros with mask
+                False and do not move.
+            cond: conditioning for the model (e.g. ``{"y": labels}``); used without guidance.
+            guided_cond: the batched ``cond ++ uncond`` for classifier-free guidance (then the
+                model runs once on the doubled batch); ``None`` without guidance.
+
+        Returns:
+            ``(new_state, velocity)``: the stepped state and the velocity used for it (the
+            average of both slopes for Heun), ``S`` tensors each.
+        """
+        s = self.num_stages
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < s:
+            raise ValueError(f"stage must be an int in [0, {s - 1}], got {stage!r}")
+        if len(state) != s:
+            raise ValueError(f"state must hold {s} stage tensors, got {len(state)}")
+        dt = t_next - t
+        v = self._velocity(model, state, t, stage, cond or {}, guided_cond)
+        if self.method == "heun":
+            guess = [z + dt[j] * v[j] for j, z in enumerate(state)]
+            v2 = self._velocity(model, guess, t_next, stage, cond or {}, guided_cond)
+            v = [(a + c) / 2 for a, c in zip(v, v2)]
+        new_state = [z + dt[j] * v[j] if j <= stage else z for j, z in enumerate(state)]
+        return new_state, v
+
+    def _velocity(
+        self,
+        model: Callable[..., Sequence[Tensor]],
+        state: Sequence[Tensor],
+        t_row: Tensor,
+        k: int,
+        cond: Mapping[str, Any],
+        guided_cond: Mapping[str, Any] | None,
+    ) -> list[Tensor]:
+        """The model's (guided) velocity with stages ``> k`` zeroed and masked; no host sync."""
+        s = self.num_stages
+        b, dev, dtype = state[0].shape[0], state[0].device, state[0].dtype
+        inputs = [z if i <= k else torch.zeros_like(z) for i, z in enumerate(state)]
+        t = t_row.to(device=dev, dtype=dtype).expand(b, s)
+        stage = torch.full((b,), k, dtype=torch.long, device=dev)
+        mask = (torch.arange(s, device=dev) <= k).expand(b, s)
+        if guided_cond is None:
+            return check_model_output(model(inputs, t, stage, mask, **cond), inputs)
+        doubled = [torch.cat([z, z]) for z in inputs]
+        out = check_model_output(
+            model(doubled, torch.cat([t, t]), torch.cat([stage, stage]), torch.cat([mask, mask]), **guided_cond),
+            doubled,
+        )
+        # Python floats: the guidance scales are host values, so they cost nothing per step.
+        return [v[b:] + self.guidance_scale[i] * (v[:b] - v[b:]) for i, v in enumerate(out)]
 
     def _initial_noise(
         self,

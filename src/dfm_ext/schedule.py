@@ -30,10 +30,13 @@ Time shift (optional, SD3-style, ``shift > 0``): applied to each segment's progr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from ._checks import float_sequence
 
 __all__ = ["StageScheduler", "shift_time"]
 
@@ -85,13 +88,15 @@ class StageScheduler:
     ) -> None:
         if isinstance(steps, int) and not isinstance(steps, bool):
             steps = (steps,)
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise TypeError(f"steps must be an int or a sequence of ints, got {steps!r} ({type(steps).__name__})")
         steps = tuple(steps)
         if not steps:
             raise ValueError("steps must name at least one segment")
         for k, n in enumerate(steps):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"steps[{k}] must be an int >= 1, got {n!r} (steps={steps})")
-        thresholds = tuple(float(x) for x in thresholds)
+        thresholds = float_sequence(thresholds, "thresholds", finite=False)
         if len(thresholds) != len(steps) - 1:
             raise ValueError(
                 f"{len(steps)} stages need {len(steps) - 1} thresholds, got {len(thresholds)}: {thresholds}"
@@ -100,6 +105,8 @@ class StageScheduler:
             if not 0.0 < tau < 1.0:
                 raise ValueError(f"thresholds[{k}] must lie strictly between 0 and 1, got {tau}")
         if shift is not None:
+            if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
+                raise TypeError(f"shift must be a number or None, got {shift!r} ({type(shift).__name__})")
             shift = float(shift)
             if not (math.isfinite(shift) and shift > 0):
                 raise ValueError(f"shift must be a positive finite number or None, got {shift!r}")

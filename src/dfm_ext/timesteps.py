@@ -10,6 +10,12 @@ For every sample a *current* stage ``k`` is drawn with probabilities ``p``; then
 
 ``logit-normal(loc, scale)`` is ``sigmoid(loc + scale * n)`` with ``n ~ N(0, 1)``; it lies in
 ``(0, 1)``. Convention: ``t = 0`` is noise, ``t = 1`` is data.
+
+Checks: :class:`StageTimesteps` checks shapes and dtypes always, and its values (``t`` finite and
+in ``[0, 1]``, ``stage`` in range, ``mask`` equal to ``s <= stage[b]``) where they are already on
+the host: CPU tensors in eager mode, which is how the sampler draws them by default. On an
+accelerator or under ``torch.compile`` the value checks are ``torch._assert_async`` device-side
+asserts, which neither sync nor break graphs (the rule of :mod:`dfm_ext._checks`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ._checks import check_value, float_sequence
 
 __all__ = ["StageTimesteps", "StageTimestepSampler", "default_stage_probabilities"]
 
@@ -37,7 +45,11 @@ class StageTimesteps:
 
     Raises:
         TypeError: a field has the wrong dtype.
-        ValueError: the shapes disagree, or ``stage`` is outside ``[0, S)``.
+        ValueError: the shapes disagree, ``stage`` is outside ``[0, S)``, ``t`` is not finite or
+            outside ``[0, 1]``, or ``mask`` is not ``s <= stage[b]``. Value checks read the
+            tensors only when they are on the CPU (eager); on an accelerator or under
+            ``torch.compile`` they are device-side asserts that never sync (see
+            :mod:`dfm_ext._checks`).
 
     Example:
         >>> import torch
@@ -67,8 +79,7 @@ class StageTimesteps:
             raise ValueError(f"StageTimesteps.mask has shape {tuple(mask.shape)}, t has shape {tuple(t.shape)}")
         if tuple(stage.shape) != (t.shape[0],):
             raise ValueError(f"StageTimesteps.stage must have shape [B] = [{t.shape[0]}], got {tuple(stage.shape)}")
-        if stage.numel() and (int(stage.min()) < 0 or int(stage.max()) >= t.shape[1]):
-            raise ValueError(f"StageTimesteps.stage must lie in [0, {t.shape[1] - 1}], got {stage.tolist()}")
+        _check_timestep_values(t, stage, mask)
 
     @property
     def batch_size(self) -> int:
@@ -81,6 +92,31 @@ class StageTimesteps:
     def to(self, device: torch.device | str) -> StageTimesteps:
         """The same times on ``device``."""
         return StageTimesteps(self.t.to(device), self.stage.to(device), self.mask.to(device))
+
+
+def _check_timestep_values(t: Tensor, stage: Tensor, mask: Tensor) -> None:
+    """Value checks of :class:`StageTimesteps` (rule: :mod:`dfm_ext._checks`).
+
+    On CPU tensors in eager mode (how :class:`StageTimestepSampler` and data loading build them)
+    they raise ``ValueError`` at once; on accelerator tensors or under ``torch.compile`` they are
+    device-side asserts that do not sync.
+    """
+    s = t.shape[1]
+    if not stage.numel():
+        return
+    check_value(
+        ((stage >= 0) & (stage < s)).all(),
+        f"StageTimesteps.stage must lie in [0, {s - 1}]",
+        lambda: stage.tolist(),
+    )
+    check_value(torch.isfinite(t).all(), "StageTimesteps.t must be finite", lambda: t.tolist())
+    check_value(((t >= 0) & (t <= 1)).all(), "StageTimesteps.t must lie in [0, 1]", lambda: t.tolist())
+    expected = torch.arange(s, device=stage.device)[None, :] <= stage[:, None]
+    check_value(
+        (mask == expected.to(mask.device)).all(),
+        "StageTimesteps.mask must be True exactly for stages s <= stage[b]",
+        lambda: f"mask {mask.tolist()} for stage {stage.tolist()}",
+    )
 
 
 def default_stage_probabilities(num_stages: int) -> tuple[float, ...]:
@@ -112,7 +148,7 @@ def _check_num_stages(num_stages: object) -> int:
 def _check_logit_normal(value: object, name: str) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise ValueError(f"{name} must be a (loc, scale) pair, got {value!r}")
-    loc, scale = float(value[0]), float(value[1])
+    loc, scale = float_sequence(value, name, finite=False)
     if not (math.isfinite(loc) and math.isfinite(scale)) or scale <= 0:
         raise ValueError(f"{name} must be a finite loc and a positive scale, got {value!r}")
     return loc, scale
@@ -154,9 +190,7 @@ class StageTimestepSampler:
         self.num_stages = _check_num_stages(num_stages)
         if probabilities is None:
             probabilities = default_stage_probabilities(num_stages)
-        if isinstance(probabilities, Tensor):
-            probabilities = probabilities.tolist()
-        probabilities = tuple(float(p) for p in probabilities)
+        probabilities = float_sequence(probabilities, "probabilities", finite=False)
         if len(probabilities) != num_stages:
             raise ValueError(f"probabilities has {len(probabilities)} entries for {num_stages} stages: {probabilities}")
         if any(not math.isfinite(p) or p < 0 for p in probabilities):

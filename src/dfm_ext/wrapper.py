@@ -10,6 +10,12 @@ contract of the DFM process::
 
 The base model is modified in place and kept as ``DFMTransformer.base``; its transformer trunk,
 positions and conditioning are untouched, so the token count (and cost) is the base model's.
+
+Checks in ``forward``: types, dtypes and shapes always; values (``stage`` in range, ``t`` finite
+and in ``[0, 1]``) are read on the host only for CPU tensors in eager mode. On an accelerator or
+under ``torch.compile`` they become ``torch._assert_async`` device-side asserts: no
+device-to-host sync and no graph break, so ``torch.compile(model, fullgraph=True)`` works
+(:mod:`dfm_ext._checks`, ``tests/test_compile.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_value
 from .adapter import DiTAdapter, resolve_adapter
 from .decomposition import check_stages
 from .packing import ScalePacker, patch_sizes_for_grid
@@ -109,17 +116,19 @@ class DFMTransformer(nn.Module):
             raise TypeError(f"stage must be an integer tensor [B], got {getattr(stage, 'dtype', type(stage).__name__)}")
         if stage.shape != (batch,):
             raise ValueError(f"stage must have shape [B] = [{batch}], got {tuple(stage.shape)}")
-        if stage.device.type == "cpu":
-            if stage.numel() and (int(stage.min()) < 0 or int(stage.max()) >= s):
-                raise ValueError(f"stage values must be in [0, {s - 1}], got {stage.tolist()}")
-        else:  # no host sync on accelerators: the check fails asynchronously instead
-            torch._assert_async(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]")
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor [B, S], got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if mask.shape != (batch, s):
+                raise ValueError(f"mask must have shape [B, S] = [{batch}, {s}], got {tuple(mask.shape)}")
+        # Values: read on the host only for CPU tensors in eager mode; otherwise device-side
+        # asserts, so the step neither syncs nor breaks a torch.compile graph (dfm_ext._checks).
+        if batch:
+            check_value(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]", stage.tolist)
+            check_value(torch.isfinite(t).all(), "t must be finite", t.tolist)
+            check_value(((t >= 0) & (t <= 1)).all(), "t must lie in [0, 1] (0 = noise, 1 = data)", t.tolist)
         if mask is None:
             return torch.arange(s, device=device)[None, :] <= stage.to(device)[:, None]
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor [B, S], got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.shape != (batch, s):
-            raise ValueError(f"mask must have shape [B, S] = [{batch}, {s}], got {tuple(mask.shape)}")
         return mask
 
     def forward(
@@ -128,13 +137,14 @@ class DFMTransformer(nn.Module):
         stages = check_stages(stages, self.packer.stage_shapes, self.num_stages)
         x0 = stages[0]
         mask = self._check_times(t, stage, mask, x0.shape[0], x0.device)
-        keep = mask.to(x0.dtype)
-        stages = [x * keep[:, s].view(-1, *([1] * (x.ndim - 1))) for s, x in enumerate(stages)]
+        # Selection, not multiplication by the mask: inf/NaN in a masked stage must not leak
+        # (0 * NaN is NaN) into the packed input, which every token of the trunk sees.
+        stages = [torch.where(mask[:, s].view(-1, *([1] * (x.ndim - 1))), x, 0.0) for s, x in enumerate(stages)]
         # t stays in its own (float32) precision: 1000 t in bfloat16 would be off by up to 4.
-        t = t * mask.to(t.dtype)
+        t = torch.where(mask.to(t.device), t, 0.0)
         out = self.adapter.forward(self.base, self.packer.pack(stages), t, stage.long(), **cond)
         velocities = self.packer.unpack(out)
-        return [v * keep[:, s].view(-1, *([1] * (v.ndim - 1))) for s, v in enumerate(velocities)]
+        return [torch.where(mask[:, s].view(-1, *([1] * (v.ndim - 1))), v, 0.0) for s, v in enumerate(velocities)]
 
     def null_condition(self, **cond: Any) -> dict[str, Any]:
         """The unconditional counterpart of ``cond`` for classifier-free guidance."""
@@ -223,6 +233,23 @@ def _rebuild_decomposition(record: dict[str, Any]) -> Any:
     return decomposition
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model that ``wrap_dit`` already modified: wrapping twice would widen the widened layers."""
+    from .embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed  # noqa: PLC0415
+
+    if isinstance(model, DFMTransformer):
+        raise TypeError(
+            f"model is already wrapped (a DFMTransformer over {model.num_stages} stages of "
+            f"{model.decomposition!r}); pass an unwrapped base model, or use it as it is"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, (MultiScalePatchEmbed, MultiScaleTimestepEmbed, MultiScaleHead)):
+            raise TypeError(
+                f"{type(model).__name__} was already modified by wrap_dit ({name} is a {type(module).__name__}); "
+                "it is the .base of a DFMTransformer: use that wrapper, or wrap a fresh base model"
+            )
+
+
 def wrap_dit(
     model: nn.Module,
     decomposition: Any,
@@ -259,7 +286,8 @@ def wrap_dit(
         stage_embedding: add a learned (zero-initialised) embedding of the stage index.
 
     Raises:
-        TypeError: no adapter recognises ``model``.
+        TypeError: no adapter recognises ``model``, or ``model`` is already wrapped (a
+            :class:`DFMTransformer`, or a base model that ``wrap_dit`` already modified).
         ValueError: the time convention is unknown, contradicts the model's declaration, or cannot
             be proven (the message lists the choices); a stage cannot be patchified onto the model's token grid, or the stages do
             not fit the model.
@@ -275,7 +303,12 @@ def wrap_dit(
         raise ValueError(f"init must be 'pretrained' or 'scratch', got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_not_wrapped(model)
     ad = resolve_adapter(adapter, model, time_convention=time_convention)
+    if sample_shape is not None and (isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, Sequence)):
+        raise TypeError(f"sample_shape must be a sequence (C, H, W) or (C, T, H, W), got {sample_shape!r}")
+    if patch_sizes is not None and (isinstance(patch_sizes, (str, bytes)) or not isinstance(patch_sizes, Sequence)):
+        raise TypeError(f"patch_sizes must be a sequence with one patch size per stage, got {patch_sizes!r}")
     shape = tuple(int(s) for s in (sample_shape if sample_shape is not None else ad.default_sample_shape(model)))
     if len(shape) not in (3, 4) or any(s < 1 for s in shape):
         raise ValueError(f"sample_shape must be (C, H, W) or (C, T, H, W) of positive ints, got {shape}")
