@@ -135,16 +135,44 @@ STAGE_RECORD_FILE = "stage_lora.json"
 # routing context
 
 
-@dataclass(frozen=True)
 class _Route:
-    """How one forward's batch splits by stage; computed once per forward, read by every layer."""
+    """How one forward's batch splits by stage; computed once per forward, read by every layer.
 
-    batch: int
-    uniform: int | None  # the single stage of the batch, or None when stages are mixed
-    perm: Tensor | None  # [B] sample order grouped by stage
-    inverse: Tensor | None  # [B] inverse of ``perm``
-    counts: tuple[int, ...]  # samples per stage
-    onehot: Tensor | None = None  # [B, S] bool, stage[b] == s
+    Built without a device-to-host sync: a tensor ``stage`` keeps its values on its device
+    (``index`` ``[B]``, ``onehot`` ``[B, S]``) and the LoRA layers route by gathering per-sample
+    matrices. Only ``kind="full"`` layers need the per-stage counts on the host (:meth:`split`,
+    computed once per forward and shared by all such layers).
+    """
+
+    def __init__(self, batch: int, uniform: int | None, index: Tensor | None = None, num_stages: int = 0) -> None:
+        self.batch = batch
+        self.uniform = uniform  # the stage of every sample when known on the host (an int stage)
+        self.index = index  # [B] long, stage[b]
+        self.num_stages = num_stages
+        self._onehot: Tensor | None = None
+        self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+
+    @property
+    def onehot(self) -> Tensor:
+        """``[B, S]`` bool, ``stage[b] == s``."""
+        if self._onehot is None:
+            idx = self.index
+            self._onehot = idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]  # type: ignore[index]
+        return self._onehot
+
+    def split(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """``(perm, inverse, counts)``: sample order grouped by stage, its inverse, samples per stage.
+
+        ``counts`` is read on the host (one sync for a device ``stage``, once per forward).
+        """
+        if self._split is None:
+            idx = self.index
+            counts = tuple(int(c) for c in torch.bincount(idx, minlength=self.num_stages).tolist())  # type: ignore[arg-type]
+            perm = torch.argsort(idx, stable=True)  # type: ignore[arg-type]
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(self.batch, device=perm.device)
+            self._split = (perm, inverse, counts)
+        return self._split
 
 
 class _StageContext:
@@ -170,24 +198,23 @@ class _StageContext:
         if isinstance(stage, int):
             if not 0 <= stage < s:
                 raise ValueError(f"stage must be in [0, {s - 1}], got {stage}")
-            return _Route(batch=-1, uniform=stage, perm=None, inverse=None, counts=())
+            return _Route(batch=-1, uniform=stage)
         if stage.dtype.is_floating_point or stage.dtype.is_complex or stage.dtype == torch.bool:
             raise TypeError(f"stage must be an integer tensor, got dtype {stage.dtype}")
         if stage.ndim != 1 or stage.shape[0] == 0:
             raise ValueError(f"stage must have shape [B] with B >= 1, got {tuple(stage.shape)}")
-        lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
-        if lo < 0 or hi >= s:
-            raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
+        # Values are read where they already are on the host (a CPU tensor, outside
+        # torch.compile): checked, and a single-stage batch takes the plain path. A device tensor
+        # is not read back (no sync per training step): every batch takes the mixed path, whose
+        # stage gather fails on an out-of-range value.
         batch = stage.shape[0]
-        if lo == hi:
-            return _Route(batch=batch, uniform=lo, perm=None, inverse=None, counts=())
-        stage = stage.long()
-        counts = tuple(int(c) for c in torch.bincount(stage, minlength=s).tolist())
-        perm = torch.argsort(stage, stable=True)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(batch, device=perm.device)
-        onehot = stage[:, None] == torch.arange(s, device=stage.device)[None, :]
-        return _Route(batch=batch, uniform=None, perm=perm, inverse=inverse, counts=counts, onehot=onehot)
+        if stage.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
+            if lo < 0 or hi >= s:
+                raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
+            if lo == hi:
+                return _Route(batch=batch, uniform=lo)
+        return _Route(batch=batch, uniform=None, index=stage.long(), num_stages=s)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.consume:
@@ -254,25 +281,37 @@ class _StageLayer:
                 "one stage per batch)"
             )
         if self._stage_kind == "lora":
-            return self._lora_mixed(x, route)
-        chunks = x.index_select(0, route.perm).split(list(route.counts))
+            return super().forward(x) + self._stage_scaling * self._lora_mixed(x, route)  # type: ignore[misc]
+        perm, inverse, counts = route.split()
+        chunks = x.index_select(0, perm).split(list(counts))
         outs = [self._stage_forward(c, s) for s, c in enumerate(chunks) if c.shape[0] > 0]
-        return torch.cat(outs).index_select(0, route.inverse)
+        return torch.cat(outs).index_select(0, inverse)
+
+    def _lora_stack(self) -> tuple[Tensor, Tensor]:
+        """``A`` ``[S, *A_s.shape]`` and ``B`` ``[S, *B_s.shape]``; zeros for a stage without LoRA."""
+        a, b = [], []
+        for s in range(self._stage_ctx.num_stages):
+            p = self.stage_params[str(s)] if str(s) in self.stage_params else None
+            if p is None:  # a stage left out of ``stages=`` runs the base weights: a zero LoRA
+                ref = next(iter(self.stage_params.values()))
+                a.append(torch.zeros_like(ref.lora_A))
+                b.append(torch.zeros_like(ref.lora_B))
+            else:
+                a.append(p.lora_A)
+                b.append(p.lora_B)
+        return torch.stack(a), torch.stack(b)
 
     def _lora_mixed(self, x: Tensor, route: _Route) -> Tensor:
-        # The LoRAs of the stages present run as one LoRA of rank k * r whose hidden units are
-        # masked per sample to its own stage's block: two matmuls, no gather, and the stages
-        # absent from the batch stay out of the graph (their gradients stay None).
-        present = [s for s in self.stage_params if route.counts[int(s)] > 0]
-        out = super().forward(x)  # type: ignore[misc]
-        if not present:
-            return out
-        a = torch.cat([self.stage_params[s].lora_A for s in present])
-        b = torch.cat([self.stage_params[s].lora_B for s in present], dim=1)
-        h = self._lora_hidden(x, a)
-        rank = a.shape[0] // len(present)
-        mask = route.onehot[:, [int(s) for s in present]].repeat_interleave(rank, dim=1).to(h.dtype)  # type: ignore[index]
-        return out + self._stage_scaling * self._lora_out(h * self._mask_view(mask, h), b)
+        # Every sample runs the rank-r LoRA of its own stage, without a host sync or a
+        # data-dependent branch (torch.compile traces one graph): the stage LoRAs are masked per
+        # sample, as one LoRA of rank S r whose hidden units outside the sample's stage block are
+        # zeroed. Linear layers override this with a per-sample gather (rank r compute). Every
+        # stage's parameters are in the graph; a stage absent from the batch gets zero gradients.
+        a, b = self._lora_stack()
+        s, r = a.shape[0], a.shape[1]
+        h = self._lora_hidden(x, a.flatten(0, 1))
+        mask = route.onehot.repeat_interleave(r, dim=1).to(h.dtype)
+        return self._lora_out(h * self._mask_view(mask, h), b.transpose(0, 1).flatten(1, 2))
 
     def _stage_forward(self, x: Tensor, s: int) -> Tensor:
         p = self.stage_params[str(s)] if str(s) in self.stage_params else None
@@ -320,6 +359,16 @@ class _StageLayer:
 
 
 class _StageLinear(_StageLayer):
+    def _lora_mixed(self, x: Tensor, route: _Route) -> Tensor:
+        # Gather each sample's own A_s, B_s by stage index and run two batched matmuls: rank-r
+        # compute per sample (the masked form computes rank S r), no sync, no branch on values.
+        a, b = self._lora_stack()  # [S, r, in], [S, out, r]
+        idx = route.index
+        xb = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in] (N = 1 for a [B, in] input)
+        h = torch.bmm(xb, a.index_select(0, idx).transpose(1, 2))  # type: ignore[arg-type]
+        out = torch.bmm(h, b.index_select(0, idx).transpose(1, 2))  # type: ignore[arg-type]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
