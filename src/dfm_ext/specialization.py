@@ -58,6 +58,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "save_specialization",
     "load_specialization",
     "export_peft_lora",
+    "checkpoint",
 ]
 
 Kind = Literal["lora", "full"]
@@ -190,6 +192,7 @@ class _StageContext:
         self.settings: dict[str, Any] = {}
         self._calls: list[_Route | None] = []
         self._manual: list[_Route] = []
+        self._replay: list[_Route] = []  # routes re-installed by an activation-checkpoint recompute
 
     def make_route(self, stage: object) -> _Route:
         s = self.num_stages
@@ -225,30 +228,82 @@ class _StageContext:
             stage = args[self.position]
         else:
             stage = None
-        self._calls.append(None if stage is None else self.make_route(stage))
+        route = None if stage is None else self.make_route(stage)
+        self._calls.append(route)
+        _ACTIVE.append((self, route))
         return (args, kwargs) if self.consume else None
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._calls:
             self._calls.pop()
+            _ACTIVE.pop()
 
     @contextlib.contextmanager
     def manual(self, stage: int | Tensor) -> Iterator[None]:
-        self._manual.append(self.make_route(stage))
+        route = self.make_route(stage)
+        self._manual.append(route)
+        _ACTIVE.append((self, route))
         try:
             yield
         finally:
             self._manual.pop()
+            _ACTIVE.pop()
 
-    def route(self, layer: str) -> _Route:
+    def current(self) -> _Route | None:
+        """The route of the forward in progress (None when the model runs no routed forward)."""
+        if self._replay:
+            return self._replay[-1]
         if self._calls and self._calls[-1] is not None:
             return self._calls[-1]
-        if self._manual:
-            return self._manual[-1]
+        return self._manual[-1] if self._manual else None
+
+    def route(self, layer: str) -> _Route:
+        route = self.current()
+        if route is not None:
+            return route
         raise RuntimeError(
             f"layer {layer!r} is specialised per stage but ran without a stage: call the specialised "
             f"model with {self.stage_arg}=<LongTensor [B]>, or wrap the call in `handle.route(stage)`"
         )
+
+
+#: (context, route) of every routed forward (or ``route()`` block) in progress, innermost last.
+_ACTIVE: list[tuple[_StageContext, _Route | None]] = []
+
+
+@contextlib.contextmanager
+def _replaying(routes: dict[_StageContext, _Route]) -> Iterator[None]:
+    for ctx, route in routes.items():
+        ctx._replay.append(route)
+    try:
+        yield
+    finally:
+        for ctx in routes:
+            ctx._replay.pop()
+
+
+def _stage_context_fn() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    # Called when the checkpointed segment first runs: remember each specialised model's route
+    # then, and re-install it while the segment is recomputed in backward, when the model's
+    # forward (and its stage pre-hook) is long over.
+    routes: dict[_StageContext, _Route] = {}
+    for ctx, route in _ACTIVE:
+        if route is not None:
+            routes[ctx] = route
+    return contextlib.nullcontext(), _replaying(routes)
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant).
+
+    The activations inside ``fn`` are freed after the forward and recomputed in backward; the
+    gradients are those of the plain call. Inside a specialised model's forward (:func:`specialize`)
+    the stage routing of the forward is re-installed for the recompute, which plain
+    ``torch.utils.checkpoint`` cannot know of; outside one this is the plain call.
+    """
+    if _ACTIVE:
+        kwargs = {"context_fn": _stage_context_fn, **kwargs}
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
