@@ -50,7 +50,7 @@ from .engine import (
     TrainResult,
     resolve_output_dir,
 )
-from .imagenet import DFMConfig, _import_factory
+from .imagenet import DFMConfig, _import_factory, enable_gradient_checkpointing
 
 __all__ = [
     "KineticsConfig",
@@ -119,6 +119,7 @@ class VideoModelConfig:
     pretrained: str | None = None
     subfolder: str | None = "transformer"
     init: Literal["scratch", "pretrained"] = "scratch"
+    gradient_checkpointing: bool = False  # activation checkpointing of the blocks (memory for compute)
 
 
 @dataclass
@@ -521,6 +522,8 @@ class KineticsTask(ClassConditionalTask):
         from dfm_ext.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)
+        if self.cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         label_tokens = rotary = None
         adapter = "auto"
         if not self.cfg.model.factory and self.cfg.model.kind == "cogvideox":

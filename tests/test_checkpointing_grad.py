@@ -152,3 +152,18 @@ def test_diffusers_family_checkpointing_same_gradients(pristine, calls: list[int
     ckpt = _loss_and_grads(model, run)
     assert len(calls) == _blocks(model.base) > 0
     _assert_same(plain, ckpt)
+
+
+def test_imagenet_recipe_model_gradient_checkpointing(calls: list[int]) -> None:
+    """The recipe key ``model.gradient_checkpointing`` reaches the DiT the engine trains."""
+    from dfm_ext.recipes.config import load_config
+    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+
+    assert ImageNetConfig().model.gradient_checkpointing is False
+    cfg = load_config(ImageNetConfig, "tiny", ["model.gradient_checkpointing=true"])
+    model = ImageNetTask(cfg).build_model()
+    assert model.base.gradient_checkpointing is True
+    stages = [torch.randn(2, *s) for s in model.stage_shapes]
+    out = model(stages, torch.rand(2, model.num_stages), torch.tensor([0, 1]), y=torch.tensor([0, 1]))
+    sum(o.square().mean() for o in out).backward()
+    assert len(calls) == len(model.base.blocks)
