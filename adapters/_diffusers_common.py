@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from dfm_ext.adapter import _TIME, multiscale_time_embed, widen_head
 from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+from dfm_ext.specialization import _ACTIVE, checkpoint
 
 __all__ = [
     "DiffusersAdapterBase",
@@ -138,13 +139,23 @@ def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torc
     return pos.float().unsqueeze(0)
 
 
+def _stage_routing_active() -> bool:
+    return any(route is not None for _, route in _ACTIVE)
+
+
 def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
     """``block(*args)``, through the model's gradient checkpointing when it is on and gradients are needed.
 
     ``args`` are positional, in the block's ``forward`` order, as diffusers passes them to its
     checkpointing function; one argument list serves both paths, so they cannot disagree.
+    The model's own checkpoint function is used, except inside a forward of a per-stage
+    specialised model, which goes through :func:`dfm_ext.specialization.checkpoint`.
     """
     if torch.is_grad_enabled() and model.gradient_checkpointing:
+        if _stage_routing_active() or model._gradient_checkpointing_func is None:
+            # A per-stage specialised model (dfm_ext.specialization) must get its stage routing
+            # back for the recompute in backward, which diffusers' checkpoint function cannot do.
+            return checkpoint(block, *args)
         return model._gradient_checkpointing_func(block, *args)
     return block(*args)
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from dfm_ext.adapter import _TIME, check_time_convention, multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.specialization import checkpoint
 
 __all__ = ["DiTFamilyAdapter", "ADAPTER"]
 
@@ -254,8 +255,10 @@ class DiTFamilyAdapter:
         # LightningDiT keeps its RoPE (built for the model's own grid, which the stages map onto)
         # as `feat_rope` and passes it to every block; dropping it would silently change the model.
         rope = rope_fn(grid, x.device, x.dtype) if callable(rope_fn) else getattr(model, "feat_rope", None)
+        ckpt = getattr(model, "gradient_checkpointing", False) is True and torch.is_grad_enabled()
         for block in model.blocks:
-            x = block(x, c) if rope is None else block(x, c, rope)
+            args = (x, c) if rope is None else (x, c, rope)
+            x = checkpoint(block, *args) if ckpt else block(*args)
         out = MultiScaleHead.to_grid(model.final_layer(x, c), grid)
         return out if self.output_scale == 1.0 else out * self.output_scale
 

@@ -95,6 +95,7 @@ class ModelConfig:
     factory: str | None = None
     time_convention: str | None = None
     init: Literal["scratch", "pretrained"] = "scratch"
+    gradient_checkpointing: bool = False  # activation checkpointing of the blocks (memory for compute)
 
 
 @dataclass
@@ -368,6 +369,17 @@ def _import_factory(spec: str) -> Any:
         raise ConfigError(f"model.factory {spec!r} cannot be imported: {e}") from e
 
 
+def enable_gradient_checkpointing(base: nn.Module) -> None:
+    """``model.gradient_checkpointing: true``: turn it on in the unwrapped model (DiT or diffusers)."""
+    enable = getattr(base, "enable_gradient_checkpointing", None)
+    if not callable(enable):
+        raise ConfigError(
+            f"model.gradient_checkpointing is true but {type(base).__name__} has no enable_gradient_checkpointing(); "
+            "set it to false or build a model that supports it"
+        )
+    enable()
+
+
 def build_base_model(cfg: ImageNetConfig) -> nn.Module:
     """The unwrapped DiT: the reference ``DiT`` preset or the user's factory."""
     if cfg.model.factory:
@@ -454,6 +466,8 @@ class ImageNetTask(ClassConditionalTask):
         from dfm_ext.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)
+        if self.cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         try:
             model = wrap_dit(base, self.decomposition, init=self.cfg.model.init, time_convention=self.cfg.model.time_convention)
         except ValueError as e:  # before any step: a usage error (exit 2), e.g. an undeclared time convention

@@ -53,7 +53,7 @@ from .engine import (
     TrainResult,
     resolve_output_dir,
 )
-from .imagenet import DecompositionConfig, DFMConfig, _import_factory
+from .imagenet import DecompositionConfig, DFMConfig, _import_factory, enable_gradient_checkpointing
 from .imagenet import build_decomposition as _build_decomposition
 
 __all__ = [
@@ -123,6 +123,7 @@ class VideoModelConfig:
     pretrained: str | None = None
     subfolder: str | None = "transformer"
     init: Literal["scratch", "pretrained"] = "scratch"
+    gradient_checkpointing: bool = False  # activation checkpointing of the blocks (memory for compute)
 
 
 @dataclass
@@ -533,6 +534,8 @@ class KineticsTask(ClassConditionalTask):
         from dfm_ext.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)
+        if self.cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         label_tokens = rotary = None
         adapter = "auto"
         if not self.cfg.model.factory and self.cfg.model.kind == "cogvideox":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_value
+from dfm_ext.specialization import checkpoint
 
 __all__ = ["DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
 
@@ -337,6 +338,11 @@ class DiT(nn.Module):
 
     ``forward(x [B, C, H, W], t [B] in [0, 1] (t = 1 data), y [B] long) -> v [B, C_out, H, W]``.
 
+    Activation checkpointing (``model.enable_gradient_checkpointing()``, as in diffusers; the
+    ``gradient_checkpointing`` attribute, off by default, is not part of the config): in training
+    each block's activations are freed after the forward and recomputed in backward, which saves
+    memory for about one extra forward of compute; gradients are unchanged.
+
     Example:
         >>> import torch
         >>> model = DiT(DiTConfig.preset("tiny", input_size=(8, 16), num_classes=3))
@@ -369,7 +375,16 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(d, p, config.out_channels)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.gradient_checkpointing = False
         self.initialize_weights()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Run the blocks under activation checkpointing when gradients are needed (diffusers' name)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Run the blocks plainly (the default)."""
+        self.gradient_checkpointing = False
 
     # The four hooks below (and unpatchify) are what a DiT variant changes; see video_models.VideoDiT.
     def _patch_embed(self, config: Any) -> nn.Module:
@@ -466,5 +481,5 @@ class DiT(nn.Module):
         c = self.t_embedder(t * 1000) + self.y_embedder(y, self.training, force_drop_ids, generator)
         rope = self.rope_for_grid(grid, x.device, h.dtype)
         for block in self.blocks:
-            h = block(h, c, rope)
+            h = checkpoint(block, h, c, rope) if self.gradient_checkpointing and torch.is_grad_enabled() else block(h, c, rope)
         return self.unpatchify(self.final_layer(h, c), grid)
