@@ -1,7 +1,7 @@
 """Built-in DiT adapters for :func:`dfm_ext.wrap_dit`, one module per family.
 
 Each module exposes a module-level ``ADAPTER`` (an instance following
-:class:`dfm_ext.adapter.DiTAdapter`). They are listed here lazily: a module is imported only
+:class:`dfm_ext.wrapping.adapter.DiTAdapter`). They are listed here lazily: a module is imported only
 when ``adapter="auto"`` (or its name) needs it, and the diffusers ones only for models whose
 class comes from diffusers, so ``import dfm_ext`` never imports diffusers.
 
@@ -14,7 +14,7 @@ name               family
 ``sd3``            diffusers ``SD3Transformer2DModel``
 ``flux``           diffusers ``FluxTransformer2DModel``
 ``cogvideox``      diffusers ``CogVideoXTransformer3DModel``
-``video_dit``      :class:`dfm_ext.video_models.VideoDiT` and DiT-named video models (per-frame ``Conv3d``)
+``video_dit``      :class:`dfm_ext.models.video_dit.VideoDiT` and DiT-named video models (per-frame ``Conv3d``)
 =================  ==========================================================================
 
 The adapter classes are importable from here (``from dfm_ext.adapters import DiTFamilyAdapter``),
@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dfm_ext.adapter import LazyAdapter
+from dfm_ext.wrapping.adapter import LazyAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {

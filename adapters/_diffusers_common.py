@@ -3,7 +3,7 @@
 Every diffusers DiT family keeps its timestep embedder as ``time_proj`` (a parameter-free
 sinusoid, :class:`diffusers.models.embeddings.Timesteps`) followed by an MLP
 (:class:`~diffusers.models.embeddings.TimestepEmbedding`). :class:`TimeMLP` bundles the two so
-that :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed` can copy it per stage; the copies'
+that :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed` can copy it per stage; the copies'
 last linear layer (``linear_2``) is zeroed, so at a pretrained initialisation only stage 0
 contributes.
 
@@ -34,9 +34,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import _TIME, multiscale_time_embed, widen_head
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
-from dfm_ext.specialization import _ACTIVE, checkpoint
+from dfm_ext.process.conventions import TIME_CONVENTIONS
+from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head
+from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+from dfm_ext.specialize.core import checkpoint, routing_active
 
 __all__ = [
     "DiffusersAdapterBase",
@@ -81,8 +82,8 @@ def first_linear_dtype(module: nn.Module) -> torch.dtype:
 
 
 def check_time_convention(name: str) -> str:
-    if name not in _TIME:
-        raise ValueError(f"unknown time convention {name!r}; choose one of {sorted(_TIME)}")
+    if name not in TIME_CONVENTIONS:
+        raise ValueError(f"unknown time convention {name!r}; choose one of {sorted(TIME_CONVENTIONS)}")
     return name
 
 
@@ -140,7 +141,7 @@ def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torc
 
 
 def _stage_routing_active() -> bool:
-    return any(route is not None for _, route in _ACTIVE)
+    return routing_active()
 
 
 def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
@@ -149,11 +150,11 @@ def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
     ``args`` are positional, in the block's ``forward`` order, as diffusers passes them to its
     checkpointing function; one argument list serves both paths, so they cannot disagree.
     The model's own checkpoint function is used, except inside a forward of a per-stage
-    specialised model, which goes through :func:`dfm_ext.specialization.checkpoint`.
+    specialised model, which goes through :func:`dfm_ext.specialize.core.checkpoint`.
     """
     if torch.is_grad_enabled() and model.gradient_checkpointing:
         if _stage_routing_active() or model._gradient_checkpointing_func is None:
-            # A per-stage specialised model (dfm_ext.specialization) must get its stage routing
+            # A per-stage specialised model (dfm_ext.specialize.core) must get its stage routing
             # back for the recompute in backward, which diffusers' checkpoint function cannot do.
             return checkpoint(block, *args)
         return model._gradient_checkpointing_func(block, *args)
@@ -174,7 +175,7 @@ def check_installed(patch_embed: nn.Module) -> None:
     """Refuse a forward through a model whose patch embedding ``install`` has not replaced.
 
     Raises:
-        RuntimeError: ``patch_embed`` is not a :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`.
+        RuntimeError: ``patch_embed`` is not a :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`.
     """
     if not isinstance(patch_embed, MultiScalePatchEmbed):
         raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
@@ -242,7 +243,7 @@ def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str =
 
 
 class DiffusersAdapterBase:
-    """What the diffusers family adapters (:class:`dfm_ext.adapter.DiTAdapter`) share.
+    """What the diffusers family adapters (:class:`dfm_ext.wrapping.adapter.DiTAdapter`) share.
 
     A subclass sets ``name`` (the adapter's registry name), ``model_class`` (the name of the
     diffusers class it handles, looked up in ``diffusers`` only when :meth:`matches` runs, so
@@ -253,7 +254,7 @@ class DiffusersAdapterBase:
 
     Args:
         time_convention: how the timestep embedders read time; a name of
-            :func:`dfm_ext.adapter.time_transform`.
+            :func:`dfm_ext.process.conventions.time_transform`.
         output_scale: multiplies the head output (``-1`` for a model trained on ``noise - x``).
     """
 

@@ -9,12 +9,12 @@ layout conversion is needed inside the model: only the user's tensors are ``[B, 
 What ``install`` changes (blocks, text projection, positions untouched):
 
 * ``patch_embed.proj`` (``Conv2d`` in 1.0, ``Linear`` over ``(c, pt, p, q)`` in 1.5) ->
-  :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`; the text tokens are still projected by
+  :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`; the text tokens are still projected by
   ``patch_embed.text_proj`` and concatenated in front, and the 3-D sincos positions (1.0) are
   still added for the token grid;
-* ``time_embedding`` -> :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed` around
+* ``time_embedding`` -> :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed` around
   ``time_proj`` + the pretrained ``time_embedding``;
-* ``proj_out`` -> widened :class:`~dfm_ext.embeddings.MultiScaleHead` (channel-major
+* ``proj_out`` -> widened :class:`~dfm_ext.wrapping.embeddings.MultiScaleHead` (channel-major
   ``(c, [pt,] p, q)`` order, as CogVideoX unpatchifies).
 
 Time and output: CogVideoX checkpoints are DDPM v-prediction models (999 = noise). The embedder
@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import widen_head
-from dfm_ext.embeddings import MultiScalePatchEmbed
+from dfm_ext.wrapping.adapter import widen_head
+from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
 from ._diffusers_common import (
     DiffusersAdapterBase,
@@ -55,7 +55,7 @@ __all__ = ["CogVideoXAdapter", "ADAPTER"]
 
 
 class CogVideoXAdapter(DiffusersAdapterBase):
-    """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``CogVideoXTransformer3DModel``.
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``CogVideoXTransformer3DModel``.
 
     Args:
         time_convention: how the timestep embedder reads time (default ``"discrete"``,

@@ -2,14 +2,14 @@
 
 What ``install`` changes (the trunk, attention and positions stay as they are):
 
-* ``pos_embed.proj`` (the patch ``Conv2d``) -> :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`;
+* ``pos_embed.proj`` (the patch ``Conv2d``) -> :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`;
   the sincos positions of ``pos_embed`` are still added for the token grid;
 * every block's ``norm1.emb`` (a ``CombinedTimestepLabelEmbeddings``: each block of the diffusers
   DiT owns its own timestep and label embedder) -> :class:`MultiScaleTimestepLabelEmbed`, whose
-  timestep part is a :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed` (per-stage embedders
+  timestep part is a :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed` (per-stage embedders
   summed, plus a stage embedding) and whose label part is the block's own label table. The final
   layer keeps reading ``transformer_blocks[0].norm1.emb``, as in diffusers;
-* ``proj_out_2`` -> a widened :class:`~dfm_ext.embeddings.MultiScaleHead` (diffusers unpatchifies
+* ``proj_out_2`` -> a widened :class:`~dfm_ext.wrapping.embeddings.MultiScaleHead` (diffusers unpatchifies
   as ``(p, q, c)``, channels fastest; learned-sigma checkpoints keep only the first ``C``
   channels).
 
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm_ext._checks import check_value
-from dfm_ext.adapter import widen_patch_embed
-from dfm_ext.embeddings import MultiScaleTimestepEmbed
+from dfm_ext.validation import check_value
+from dfm_ext.wrapping.adapter import widen_patch_embed
+from dfm_ext.wrapping.embeddings import MultiScaleTimestepEmbed
 
 from ._diffusers_common import (
     PatchEmbedAdapterBase,
@@ -97,11 +97,11 @@ class MultiScaleTimestepLabelEmbed(nn.Module):
 
 
 class DiffusersDiTAdapter(PatchEmbedAdapterBase):
-    """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``DiTTransformer2DModel``.
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``DiTTransformer2DModel``.
 
     Args:
         time_convention: how the timestep embedders read time; ``"discrete"`` (``999 (1 - t)``,
-            DiT's DDPM timesteps) by default. Any name of :func:`dfm_ext.adapter.time_transform`.
+            DiT's DDPM timesteps) by default. Any name of :func:`dfm_ext.process.conventions.time_transform`.
         label_dropout: probability of replacing a label by the null class in training (once per
             sample, for classifier-free guidance).
         output_scale: multiplies the head output (``-1`` for a model trained on ``noise - x``).

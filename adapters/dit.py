@@ -4,11 +4,11 @@ It matches any model with the original attribute names: ``x_embedder.proj`` (a `
 kernel = stride), ``t_embedder``, ``y_embedder`` (with ``num_classes``), ``blocks`` and
 ``final_layer.linear``, with an optional fixed ``pos_embed`` ``[1, N, D]``.
 
-``install`` swaps ``x_embedder`` for a :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`
+``install`` swaps ``x_embedder`` for a :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`
 (its ``.proj`` is the widened ``nn.Linear``), ``t_embedder`` for a
-:class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed` (stage 0's embedder is the original,
+:class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed` (stage 0's embedder is the original,
 ``t_embedder.embedders[0]``) and ``final_layer.linear`` for a widened
-:class:`~dfm_ext.embeddings.MultiScaleHead` (rows reordered from DiT's ``(p, q, c)`` unpatchify
+:class:`~dfm_ext.wrapping.embeddings.MultiScaleHead` (rows reordered from DiT's ``(p, q, c)`` unpatchify
 order; with ``learn_sigma`` only the velocity half is kept). ``forward`` then runs the model's
 own positions, label embedder, blocks and final layer.
 
@@ -47,9 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import _TIME, check_time_convention, multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed
-from dfm_ext.specialization import checkpoint
+from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
+from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
+from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.specialize.core import checkpoint
 
 __all__ = ["DiTFamilyAdapter", "ADAPTER"]
 
@@ -72,7 +73,7 @@ def _refusal(model: nn.Module) -> str:
         "names (x_embedder, t_embedder, y_embedder, blocks, final_layer), which facebookresearch DiT, "
         "SiT and LightningDiT all share while reading time differently, and it declares no "
         f"dfm_time_convention. Say which it is:\n{lines}\n"
-        f"Other choices: {sorted(_TIME)} ('sigma' = 1 - t, 'timestep' = 1000 (1 - t)). Or declare it once "
+        f"Other choices: {sorted(TIME_CONVENTIONS)} ('sigma' = 1 - t, 'timestep' = 1000 (1 - t)). Or declare it once "
         f'on the model class: {cls.__qualname__}.dfm_time_convention = "<name>". A model trained to predict '
         "noise - x also needs adapter=DiTFamilyAdapter(time_convention=..., output_scale=-1) "
         "(from dfm_ext.adapters)."
@@ -80,7 +81,7 @@ def _refusal(model: nn.Module) -> str:
 
 
 class DiTFamilyAdapter:
-    """:class:`dfm_ext.adapter.DiTAdapter` for models with DiT's module names.
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for models with DiT's module names.
 
     Args:
         time_convention: how the model's timestep embedder reads time (see the module

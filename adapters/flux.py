@@ -3,17 +3,17 @@
 Flux works on pre-packed tokens: its pipeline folds every 2x2 block of the latent
 ``[B, C, H, W]`` into one token of ``4 C`` channels in ``(c, p, q)`` order (channel-major) and
 passes RoPE ids per token. Here the stages are plain latents ``[B, C, H_s, W_s]``; the
-:class:`~dfm_ext.packing.ScalePacker` does that folding (its ``(c, i, j)`` space-to-depth *is*
+:class:`~dfm_ext.wrapping.packing.ScalePacker` does that folding (its ``(c, i, j)`` space-to-depth *is*
 Flux's packing for a 2x2 patch), and the adapter builds ``img_ids`` for the token grid
 ``(H / 2, W / 2)`` and zero ``txt_ids``, as ``FluxPipeline`` does.
 
 What ``install`` changes (double/single blocks, RoPE, context and guidance embedders untouched):
 
-* ``x_embedder`` (``Linear(4 C -> D)``) -> :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`
+* ``x_embedder`` (``Linear(4 C -> D)``) -> :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`
   over the packed stages; stage 0 keeps Flux's kernel (summed over 2x2 sub-blocks when stage 0
   uses a 1x1 patch, i.e. stage 0 nearest-upsampled by 2, paper section E);
-* ``time_text_embed.timestep_embedder`` -> :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed`;
-* ``proj_out`` -> widened :class:`~dfm_ext.embeddings.MultiScaleHead` (channel-major
+* ``time_text_embed.timestep_embedder`` -> :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed`;
+* ``proj_out`` -> widened :class:`~dfm_ext.wrapping.embeddings.MultiScaleHead` (channel-major
   ``(c, p, q)`` order, as Flux's unpacking).
 
 Time and sign: Flux multiplies ``sigma = 1 - t`` by 1000 inside its forward; the adapter feeds
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScalePatchEmbed
+from dfm_ext.wrapping.adapter import widen_head, widen_patch_embed
+from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
 from ._diffusers_common import (
     DiffusersAdapterBase,
@@ -69,7 +69,7 @@ def flux_image_ids(grid: tuple[int, int], device: torch.device | None = None, dt
 
 
 class FluxAdapter(DiffusersAdapterBase):
-    """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``FluxTransformer2DModel``.
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``FluxTransformer2DModel``.
 
     Args:
         guidance: distilled-guidance value fed to ``guidance_embeds`` models when the caller

@@ -2,13 +2,13 @@
 
 What ``install`` changes (trunk, cross-attention, caption projection and positions untouched):
 
-* ``pos_embed.proj`` (patch ``Conv2d``) -> :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`;
+* ``pos_embed.proj`` (patch ``Conv2d``) -> :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`;
   the ``PatchEmbed`` sincos positions (with the model's ``interpolation_scale``) are still added;
-* ``adaln_single.emb.timestep_embedder`` -> :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed`
+* ``adaln_single.emb.timestep_embedder`` -> :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed`
   (per-stage embedders of the sinusoidal time, summed, plus a stage embedding); the shared
   adaLN-single projection, the resolution/aspect-ratio embedders (PixArt-alpha 1024) and the
   final ``scale_shift_table`` are reused as they are;
-* ``proj_out`` -> widened :class:`~dfm_ext.embeddings.MultiScaleHead` (``(p, q, c)`` order; the
+* ``proj_out`` -> widened :class:`~dfm_ext.wrapping.embeddings.MultiScaleHead` (``(p, q, c)`` order; the
   learned-sigma half of the output is dropped).
 
 Time and output: PixArt checkpoints are DDPM models (999 = noise, epsilon prediction with
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.adapter import widen_patch_embed
+from dfm_ext.wrapping.adapter import widen_patch_embed
 
 from ._diffusers_common import (
     PatchEmbedAdapterBase,
@@ -44,7 +44,7 @@ __all__ = ["PixArtAdapter", "ADAPTER"]
 
 
 class PixArtAdapter(PatchEmbedAdapterBase):
-    """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``PixArtTransformer2DModel``.
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``PixArtTransformer2DModel``.
 
     Args:
         time_convention: how the timestep embedder reads time (default ``"discrete"``,

@@ -3,12 +3,12 @@
 What ``install`` changes (joint blocks, context embedder, pooled-text embedder and positions
 untouched):
 
-* ``pos_embed.proj`` (patch ``Conv2d``) -> :class:`~dfm_ext.embeddings.MultiScalePatchEmbed`;
+* ``pos_embed.proj`` (patch ``Conv2d``) -> :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`;
   the positions are still the centre crop of SD3's ``pos_embed_max_size`` sincos table for the
   token grid;
-* ``time_text_embed.timestep_embedder`` -> :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed`
+* ``time_text_embed.timestep_embedder`` -> :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed`
   (the pooled-text projection is still added);
-* ``proj_out`` -> widened :class:`~dfm_ext.embeddings.MultiScaleHead` (``(p, q, c)`` order).
+* ``proj_out`` -> widened :class:`~dfm_ext.wrapping.embeddings.MultiScaleHead` (``(p, q, c)`` order).
 
 Time and sign: SD3 is a flow-matching model in diffusers' convention, ``sigma = 1 - t``,
 ``timestep = 1000 sigma``, and it predicts ``noise - x``. The adapter feeds
@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dfm_ext.adapter import widen_patch_embed
+from dfm_ext.wrapping.adapter import widen_patch_embed
 
 from ._diffusers_common import (
     PatchEmbedAdapterBase,
@@ -42,7 +42,7 @@ __all__ = ["SD3Adapter", "ADAPTER"]
 
 
 class SD3Adapter(PatchEmbedAdapterBase):
-    """:class:`dfm_ext.adapter.DiTAdapter` for diffusers ``SD3Transformer2DModel``.
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``SD3Transformer2DModel``.
 
     Args:
         time_convention: how the timestep embedder reads time (default ``"timestep"``,

@@ -1,6 +1,6 @@
 """Adapter for video DiTs with DiT's module names and a per-frame ``Conv3d`` patch embedding.
 
-It covers :class:`dfm_ext.video_models.VideoDiT` and any model built like it:
+It covers :class:`dfm_ext.models.video_dit.VideoDiT` and any model built like it:
 ``x_embedder.proj`` a ``Conv3d`` with kernel = stride = ``(1, p, p)`` (frames patchified
 independently), ``t_embedder``, ``y_embedder`` (with ``num_classes``), ``blocks``,
 ``final_layer.linear`` (``(p, q, c)`` output order) and a ``rope_for_grid(grid, device, dtype)``
@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.embeddings import MultiScaleHead
+from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
+from dfm_ext.wrapping.embeddings import MultiScaleHead
 
 from .dit import DiTFamilyAdapter
 
@@ -25,7 +25,7 @@ __all__ = ["ADAPTER", "VideoDiTAdapter"]
 
 
 class VideoDiTAdapter(DiTFamilyAdapter):
-    """:class:`dfm_ext.adapter.DiTAdapter` for DiT-named video models (see the module docstring)."""
+    """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for DiT-named video models (see the module docstring)."""
 
     name = "video_dit"
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from dfm_ext.dct import DCTDecomposition
-from dfm_ext.identity import IdentityDecomposition
-from dfm_ext.laplacian import LaplacianPyramid
-from dfm_ext.wavelet import WaveletDecomposition
+from dfm_ext.decompositions.dct import DCTDecomposition
+from dfm_ext.decompositions.identity import IdentityDecomposition
+from dfm_ext.decompositions.laplacian import LaplacianPyramid
+from dfm_ext.decompositions.wavelet import WaveletDecomposition
 
 SHAPES = [(64, 16, 64, 64), (8, 16, 128, 128)]
 DEFAULT_OUT = Path(__file__).parent / "results" / "decompositions.json"

@@ -5,7 +5,7 @@ Protocol (fixed before any full run; ``--quick`` only shrinks the sizes marked *
 * Data: Fashion-MNIST train split (60k, 28x28 zero-padded to 32x32, [-1, 1]); the metrics compare
   against the held-out test split (10k). Falls back to scikit-image photo crops when
   Fashion-MNIST is not installed (the JSON records which was used).
-* Trunk: the reference DiT of ``dfm_ext.models`` (hidden 128*, depth 4*, 4 heads*), class
+* Trunk: the reference DiT of ``dfm_ext.models.dit`` (hidden 128*, depth 4*, 4 heads*), class
   conditional, on the same 8x8 = 64-token grid in both arms:
 
   - FM: ``IdentityDecomposition``, one stage 32x32, patch 4.
@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from dfm_ext.data import ImageDataset, load_dataset
-from dfm_ext.demo import (
+from dfm_ext.recipes.demo_data import ImageDataset, load_dataset
+from dfm_ext.recipes.demo import (
     FD_RESOLUTION,
     MODEL_SIZES,
     DemoConfig,
@@ -131,7 +131,7 @@ class Reference:
 
 def evaluate(trainer: Trainer, reference: Reference, protocol: Protocol, num_classes: int, seed: int) -> dict[str, Any]:
     """Sample ``protocol.num_eval`` images from the EMA weights and score them."""
-    from dfm_ext.demo import model_config
+    from dfm_ext.recipes.demo import model_config
 
     cfg = trainer.cfg
     mc = model_config(cfg, trainer.data.image_shape, num_classes)

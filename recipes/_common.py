@@ -292,7 +292,7 @@ def save_progressive_samples(codec: Any, out: Any, out_dir: str | Path, step: in
     Returns:
         The decoded final images ``[N, 3, H, W]`` in ``[-1, 1]``.
     """
-    from dfm_ext.viz import save_progressive
+    from dfm_ext.recipes.viz import save_progressive
 
     previews = [codec.decode(p) for p in out.previews[:-1]]
     final = codec.decode(out.x)

@@ -25,7 +25,7 @@ import torch
 
 from ._common import USAGE_ERRORS, cache_builder_parser, usage_error
 from .config import load_config
-from .data_images import _DECODE_ERRORS, ImageFolder, load_image
+from .data_images import DECODE_ERRORS, ImageFolder, load_image
 from .imagenet import ImageNetConfig, cache_metadata, load_codec
 from .latents import SkipUnreadable, encode_to_cache
 
@@ -59,7 +59,7 @@ def build_cache(
 class _Readable(SkipUnreadable):
     """Items of an ``ImageFolder`` without the fall-back: an unreadable index yields the int."""
 
-    errors = _DECODE_ERRORS
+    errors = DECODE_ERRORS
 
     def pixels(self, i: int) -> torch.Tensor:
         return load_image(self.ds.items[i][0], self.ds.resolution)

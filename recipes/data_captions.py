@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .data_images import _DECODE_ERRORS, IMAGE_EXTENSIONS, BatchPlan
+from .data_images import DECODE_ERRORS, IMAGE_EXTENSIONS, BatchPlan
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -143,7 +143,7 @@ def scan_captions(source: str | Path, *, on_missing: Literal["error", "skip"] = 
             continue
         try:
             size = image_size(path)
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             unreadable.append(str(path))
             continue
         items.append(CaptionedItem(str(path), caption))
@@ -306,7 +306,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             item = self.items[item_index]
             try:
                 pixels = load_bucket_image(item.path, self.buckets.shapes[bucket])
-            except _DECODE_ERRORS:
+            except DECODE_ERRORS:
                 bad.append(index)
                 index = self._next[index]
                 continue

@@ -28,7 +28,7 @@ from torch import Tensor
 __all__ = ["BatchPlan", "ImageFolder", "collate_items", "scan_image_folder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -116,7 +116,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return load_image(self.items[index][0], self.resolution)
 
     def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        return read_with_fallback(self.items, key, self._read, _DECODE_ERRORS, max_skips=self.max_skips, what="images")
+        return read_with_fallback(self.items, key, self._read, DECODE_ERRORS, max_skips=self.max_skips, what="images")
 
 
 def read_with_fallback(

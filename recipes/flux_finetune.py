@@ -309,7 +309,7 @@ class BucketedDFM(nn.Module):
     ``wrap_dit`` fixes the stage shapes of one resolution; FLUX itself has no fixed size (RoPE
     positions, no position table) and the per-stage patch sizes are the same at every even
     resolution, so each new sample shape gets a view of the one wrapped model (shared modules,
-    its own :class:`~dfm_ext.packing.ScalePacker`). The views are made inside ``forward``, so
+    its own :class:`~dfm_ext.wrapping.packing.ScalePacker`). The views are made inside ``forward``, so
     DDP/FSDP see one model.
     """
 
@@ -329,7 +329,7 @@ class BucketedDFM(nn.Module):
 
     def at(self, sample_shape: Sequence[int]) -> nn.Module:
         """The wrapped model for samples of ``sample_shape = (C, H, W)``."""
-        from dfm_ext.packing import ScalePacker
+        from dfm_ext.wrapping.packing import ScalePacker
 
         shape = tuple(int(s) for s in sample_shape)
         if shape == tuple(self.wrapped.sample_shape):
@@ -358,13 +358,13 @@ class BucketedDFM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """``DFMTransformer.save_pretrained`` of the wrapped model (peft LoRA merged in; per-stage
         LoRA written separately as ``stage_parameters.safetensors`` + ``stage_lora.json``)."""
-        from dfm_ext.specialization import _stage_parameters_detached, save_specialization
+        from dfm_ext.specialize.core import stage_parameters_detached, save_specialization
 
         directory = Path(directory)
         spec = self.stage_specialization
         # The specialisation hangs on this module, not on ``wrapped``: its stage parameters are
         # taken out here and written apart, with names relative to ``wrapped``.
-        detached = _stage_parameters_detached(self) if spec is not None else contextlib.nullcontext()
+        detached = stage_parameters_detached(self) if spec is not None else contextlib.nullcontext()
         with _peft_merged(self.wrapped), detached:
             self.wrapped.save_pretrained(directory)
         if spec is not None:
@@ -402,7 +402,7 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
 def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
     """The trained model: ``BucketedDFM`` over ``wrap_dit(transformer)`` or the plain ``FluxFlowModel``."""
     from dfm_ext.adapters.flux import FluxAdapter
-    from dfm_ext.wrapper import wrap_dit
+    from dfm_ext.wrapping.wrapper import wrap_dit
 
     ft = cfg.finetune
     if cfg.model.gradient_checkpointing:
@@ -422,7 +422,7 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     if ft.mode == "lora":
         _add_peft_lora(transformer, ft)
     elif ft.mode == "stage_lora":
-        from dfm_ext.specialization import specialize
+        from dfm_ext.specialize.core import specialize
 
         model.stage_specialization = specialize(
             model, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
@@ -443,11 +443,11 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 
     directory = Path(directory)
     if (directory / "dfm_config.json").is_file():
-        from dfm_ext.wrapper import load_wrapped
+        from dfm_ext.wrapping.wrapper import load_wrapped
 
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
-        from dfm_ext.specialization import load_specialization
+        from dfm_ext.specialize.core import load_specialization
 
         model = BucketedDFM(load_wrapped(directory, base, device=device))
         model.stage_specialization = load_specialization(model, directory, add_prefix="wrapped.")

@@ -100,7 +100,7 @@ class ModelConfig:
 
 @dataclass
 class DecompositionConfig:
-    """The decomposition, every field of every kind (:mod:`dfm_ext.decomposition_factory`).
+    """The decomposition, every field of every kind (:mod:`dfm_ext.decompositions.factory`).
 
     ``kind`` picks the class; only that kind's fields are read, and a field of another kind
     must stay at its default (otherwise a :class:`ConfigError` names it):
@@ -133,7 +133,7 @@ class DecompositionConfig:
         import dataclasses
         import math
 
-        from dfm_ext.decomposition_factory import DECOMPOSITION_FIELDS, decomposition_config
+        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS, decomposition_config
 
         kind = self.kind
         defaults = {f.name: f.default for f in dataclasses.fields(DecompositionConfig)}
@@ -178,7 +178,7 @@ class DecompositionConfig:
 
     def factory_config(self) -> dict[str, Any]:
         """The :func:`dfm_ext.decomposition_from_config` dict of this kind's fields."""
-        from dfm_ext.decomposition_factory import DECOMPOSITION_FIELDS
+        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS
 
         names = DECOMPOSITION_FIELDS[self.kind] + (("levels", "num_stages") if self.kind == "wavelet" else ())
         out: dict[str, Any] = {"kind": self.kind}
@@ -191,7 +191,7 @@ class DecompositionConfig:
 
     def build(self) -> Any:
         """The decomposition, through the library's factory."""
-        from dfm_ext.decomposition_factory import decomposition_from_config
+        from dfm_ext.decompositions.factory import decomposition_from_config
 
         return decomposition_from_config(self.factory_config())
 
@@ -265,7 +265,7 @@ class SpecializeConfig:
     def validate(self, num_stages: int) -> None:
         import math
 
-        from dfm_ext.specialization import GROUP_PATTERNS
+        from dfm_ext.specialize.core import GROUP_PATTERNS
 
         if self.kind not in ("none", "full", "lora"):
             raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
@@ -323,7 +323,7 @@ class ImageNetConfig:
 
     def _check_model(self) -> None:
         """The reference DiT's preset and overrides (a factory is the user's to check)."""
-        from dfm_ext.adapter import check_time_convention
+        from dfm_ext.process.conventions import check_time_convention
 
         try:
             check_time_convention(self.model.time_convention, allow_none=True)
@@ -333,7 +333,7 @@ class ImageNetConfig:
             return
         if self.data.num_classes < 1:
             raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
-        from dfm_ext.models import DiTConfig
+        from dfm_ext.models.dit import DiTConfig
 
         try:
             base = {"input_size": self.latent_size, "in_channels": self.vae.latent_channels, "num_classes": self.data.num_classes}
@@ -350,7 +350,7 @@ class ImageNetConfig:
 
 def build_decomposition(cfg: DecompositionConfig) -> Any:
     """The configured decomposition (:func:`dfm_ext.decomposition_from_config`); checks it is what ``cfg`` says."""
-    from dfm_ext.decomposition_factory import decomposition_config
+    from dfm_ext.decompositions.factory import decomposition_config
 
     decomposition = cfg.build()
     built = decomposition_config(decomposition)
@@ -359,7 +359,7 @@ def build_decomposition(cfg: DecompositionConfig) -> Any:
     return decomposition
 
 
-def _import_factory(spec: str) -> Any:
+def import_factory(spec: str) -> Any:
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ConfigError(f"model.factory must look like 'package.module:function', got {spec!r}")
@@ -383,8 +383,8 @@ def enable_gradient_checkpointing(base: nn.Module) -> None:
 def build_base_model(cfg: ImageNetConfig) -> nn.Module:
     """The unwrapped DiT: the reference ``DiT`` preset or the user's factory."""
     if cfg.model.factory:
-        return _import_factory(cfg.model.factory)(cfg)
-    from dfm_ext.models import DiT, DiTConfig
+        return import_factory(cfg.model.factory)(cfg)
+    from dfm_ext.models.dit import DiT, DiTConfig
 
     overrides = {
         "input_size": cfg.latent_size,
@@ -462,8 +462,8 @@ class ImageNetTask(ClassConditionalTask):
         The handle rides along when the engine deep-copies the model for the EMA, and
         ``save_pretrained`` (``final/``) writes the stage parameters beside the shared weights.
         """
-        from dfm_ext.specialization import specialize
-        from dfm_ext.wrapper import wrap_dit
+        from dfm_ext.specialize.core import specialize
+        from dfm_ext.wrapping.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)
         if self.cfg.model.gradient_checkpointing:

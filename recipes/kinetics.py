@@ -12,7 +12,7 @@ Laplacian stages of every latent frame (spatio-temporal with ``decomposition.tem
 -> per-stage standardisation (on by default, as the paper does for CogVideoX latents; the scales
 are estimated from the data at the start of the run, stored in the checkpoints and in
 ``final/``) -> :class:`dfm_ext.DFMObjective` on the wrapped video DiT: the reference
-:class:`dfm_ext.video_models.VideoDiT` (per-frame patches, 3-D RoPE) or diffusers'
+:class:`dfm_ext.models.video_dit.VideoDiT` (per-frame patches, 3-D RoPE) or diffusers'
 ``CogVideoXTransformer3DModel`` (``model.kind=cogvideox``; class labels become learned text
 tokens). Samples are written as MP4 and GIF with the stage previews side by side, and as a PNG
 strip of frames.
@@ -53,7 +53,7 @@ from .engine import (
     TrainResult,
     resolve_output_dir,
 )
-from .imagenet import DecompositionConfig, DFMConfig, _import_factory, enable_gradient_checkpointing
+from .imagenet import DecompositionConfig, DFMConfig, import_factory, enable_gradient_checkpointing
 from .imagenet import build_decomposition as _build_decomposition
 
 __all__ = [
@@ -109,7 +109,7 @@ class VideoVAEConfig:
 
 @dataclass
 class VideoModelConfig:
-    """``kind=video_dit``: :class:`~dfm_ext.video_models.VideoDiT` from ``preset`` + ``overrides``.
+    """``kind=video_dit``: :class:`~dfm_ext.models.video_dit.VideoDiT` from ``preset`` + ``overrides``.
     ``kind=cogvideox``: ``CogVideoXTransformer3DModel`` from ``pretrained`` (a diffusers folder or
     hub id, ``subfolder``) or built from ``overrides`` (its config keys). ``factory``:
     ``"package.module:function"`` called with the whole config, returning any model ``wrap_dit``
@@ -221,7 +221,7 @@ class KineticsConfig:
             return
         if self.data.num_classes < 1:
             raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
-        from dfm_ext.video_models import VideoDiTConfig
+        from dfm_ext.models.video_dit import VideoDiTConfig
 
         c, frames, h, w = self.latent_shape
         base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": self.data.num_classes}
@@ -422,9 +422,9 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     """The unwrapped video DiT (reference VideoDiT, CogVideoX transformer, or the user's factory)."""
     c, frames, h, w = cfg.latent_shape
     if cfg.model.factory:
-        return _import_factory(cfg.model.factory)(cfg)
+        return import_factory(cfg.model.factory)(cfg)
     if cfg.model.kind == "video_dit":
-        from dfm_ext.video_models import VideoDiT, VideoDiTConfig
+        from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
 
         overrides = {
             "input_size": (frames, h, w),
@@ -474,7 +474,7 @@ class KineticsTask(ClassConditionalTask):
 
     def estimate_scales(self, device: torch.device | str = "cpu", *, batch_size: int = 8) -> Tensor:
         """Per-stage std of the latents of ``dfm.scale_estimation_clips`` clips spread evenly over the data."""
-        from dfm_ext.objective import estimate_stage_scales
+        from dfm_ext.process.objective import estimate_stage_scales
 
         if self.dataset is None:
             raise ValueError("estimating stage scales needs the dataset; pass dataset= or set dfm.scales")
@@ -531,7 +531,7 @@ class KineticsTask(ClassConditionalTask):
     # -- TrainTask -----------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:
-        from dfm_ext.wrapper import wrap_dit
+        from dfm_ext.wrapping.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)
         if self.cfg.model.gradient_checkpointing:
@@ -552,7 +552,7 @@ class KineticsTask(ClassConditionalTask):
         return VideoDFMModel(dfm, scales, self.cfg.data.num_classes, label_tokens=label_tokens, rotary=rotary)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
-        from dfm_ext.objective import dfm_loss
+        from dfm_ext.process.objective import dfm_loss
 
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = dfm_loss(
@@ -609,7 +609,7 @@ def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2)
         >>> side_by_side([torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)], padding=1).shape
         (4, 19, 19, 3)
     """
-    from dfm_ext.viz import make_grid
+    from dfm_ext.recipes.viz import make_grid
 
     shape = columns[0].shape
     for i, c in enumerate(columns):

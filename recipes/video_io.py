@@ -199,7 +199,7 @@ def write_gif(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: 
 
 def save_frame_strip(videos: Sequence[Tensor] | Tensor, path: str | os.PathLike[str], *, scale: int = 1) -> Path:
     """One PNG: row ``i`` holds the frames of ``videos[i]`` (each ``[3, T, H, W]`` in ``[-1, 1]``) left to right."""
-    from dfm_ext.viz import save_image_grid
+    from dfm_ext.recipes.viz import save_image_grid
 
     videos = list(videos)
     if not videos:

@@ -22,7 +22,7 @@ pytest.importorskip("diffusers")
 import _tiny_diffusers as tiny  # noqa: E402
 
 from dfm_ext import IdentityDecomposition, LaplacianPyramid, wrap_dit  # noqa: E402
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed  # noqa: E402
+from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed  # noqa: E402
 
 FAMILIES = ("dit", "pixart", "sd3", "flux", "cogvideox")
 ADAPTER_NAMES = {"dit": "diffusers_dit", "pixart": "pixart", "sd3": "sd3", "flux": "flux", "cogvideox": "cogvideox"}

@@ -1,6 +1,6 @@
 """Never silently wrong: bad values at the API give clear errors; masked stages cannot poison the loss.
 
-Every check here runs on CPU tensors, where the library reads values on the host (dfm_ext._checks);
+Every check here runs on CPU tensors, where the library reads values on the host (dfm_ext.validation);
 tests/test_compile.py checks that the same checks add no graph break (and so no device sync) to
 the training and sampling steps.
 """
@@ -23,7 +23,7 @@ from dfm_ext import (
     StageTimestepSampler,
     wrap_dit,
 )
-from dfm_ext._checks import check_value, float_sequence
+from dfm_ext.validation import check_value, float_sequence
 
 
 def _tiny_wrapped(seed: int = 0):

@@ -23,10 +23,10 @@ from PIL import Image
 
 import dfm_ext
 from dfm_ext import cli
-from dfm_ext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dfm_ext.data import ImageDataset, read_image
-from dfm_ext.models import DiTConfig
-from dfm_ext.demo import (
+from dfm_ext.recipes.demo_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dfm_ext.recipes.demo_data import ImageDataset, read_image
+from dfm_ext.models.dit import DiTConfig
+from dfm_ext.recipes.demo import (
     DemoConfig,
     build_model,
     check_schedule,
@@ -313,7 +313,7 @@ def test_recipe_bad_yaml_file(text, needle, tmp_path: Path, capsys) -> None:
     ("argv", "needle"),
     [
         (["-m", "dfm_ext.recipes.imagenet", *IMAGENET, "sampling.steps=[4,2,1]"], "sampling.steps [4, 2, 1]"),
-        (["-m", "dfm_ext.cli", "demo", "--sample-steps", "4,2,1"], "(4, 2, 1)"),
+        (["-m", "dfm_ext.recipes.cli", "demo", "--sample-steps", "4,2,1"], "(4, 2, 1)"),
     ],
     ids=["subprocess-recipe", "subprocess-cli"],
 )
@@ -329,7 +329,7 @@ def test_subprocess_exit_status_2(argv, needle) -> None:
 
 @pytest.fixture(scope="module")
 def wrapped_dir(tmp_path_factory) -> Path:
-    from dfm_ext.models import DiT, DiTConfig
+    from dfm_ext.models.dit import DiT, DiTConfig
 
     d = tmp_path_factory.mktemp("wrapped") / "w"
     torch.manual_seed(0)
@@ -392,7 +392,7 @@ def test_load_wrapped_bad_file(change, exc, needle, wrapped_dir: Path, tmp_path:
 
 @pytest.fixture(scope="module")
 def specialised_dir(tmp_path_factory) -> Path:
-    from dfm_ext.models import DiT, DiTConfig
+    from dfm_ext.models.dit import DiT, DiTConfig
 
     d = tmp_path_factory.mktemp("spec") / "s"
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dfm_ext.cli import main
+from dfm_ext.recipes.cli import main
 
-pytest.importorskip("dfm_ext.models")
-pytest.importorskip("dfm_ext.wrapper")
+pytest.importorskip("dfm_ext.models.dit")
+pytest.importorskip("dfm_ext.wrapping.wrapper")
 
 TINY = ["--steps", "3", "--size", "tiny", "--dataset", "skimage", "--batch-size", "8",
         "--num-eval", "20", "--num-reference", "40", "--no-fd", "--no-progress", "--sample-steps", "4,2"]  # fmt: skip

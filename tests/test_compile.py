@@ -1,6 +1,6 @@
 """torch.compile: the training and sampling steps of a wrapped model trace as one graph.
 
-Value checks must not add device-to-host syncs to the step (dfm_ext._checks): any ``.item()``,
+Value checks must not add device-to-host syncs to the step (dfm_ext.validation): any ``.item()``,
 ``int(t)``, ``bool(t)`` or data-dependent branch would show as a graph break here. The explain and
 equality tests use the smallest DiT and the ``eager`` / ``aot_eager`` backends (tracing and
 autograd, no code generation); one test compiles with inductor and compares the loss with eager.

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from dfm_ext import DiT, DiTConfig, decomposition_config, decomposition_from_config, load_wrapped, wrap_dit
-from dfm_ext.decomposition_factory import config_from_record
+from dfm_ext.decompositions.factory import config_from_record
 
 # (id, factory config): Laplacian 2 and 3 stages, wavelets with factors, DCT, identity.
 CASES = [
@@ -74,12 +74,12 @@ def test_factory_refuses_fields_of_other_kinds_and_bad_values() -> None:
 def test_old_wrapped_records_still_rebuild() -> None:
     """``dfm_config.json`` written before the factory held ``params`` (a wavelet: factors *and* levels)."""
     old = {
-        "class": "dfm_ext.wavelet:WaveletDecomposition",
+        "class": "dfm_ext.decompositions.wavelet:WaveletDecomposition",
         "repr": "WaveletDecomposition(wave='db2', levels=2, num_stages=2, mode='periodization', factors=(4, 1))",
         "params": {"wave": "db2", "levels": 2, "num_stages": 2, "mode": "periodization", "factors": [4, 1]},
     }
     assert repr(decomposition_from_config(config_from_record(old))) == old["repr"]
-    lap = {"class": "dfm_ext.laplacian:LaplacianPyramid", "repr": "", "params": {"factors": [2, 1], "down": "area", "up": "bilinear", "temporal_factors": None}}
+    lap = {"class": "dfm_ext.decompositions.laplacian:LaplacianPyramid", "repr": "", "params": {"factors": [2, 1], "down": "area", "up": "bilinear", "temporal_factors": None}}
     assert decomposition_config(decomposition_from_config(config_from_record(lap)))["factors"] == [2, 1]
 
 
@@ -215,12 +215,12 @@ DEMO = ["--size", "tiny", "--steps", "2", "--num-eval", "0", "--no-fd", "--max-t
 
 @pytest.mark.parametrize("kind", ["laplacian", "wavelet", "dct", "identity"])
 def test_demo_checkpoint_holds_and_reloads_the_decomposition(kind: str, tmp_path: Path) -> None:
-    from dfm_ext.cli import main
-    from dfm_ext.demo import generate, load_demo_checkpoint
+    from dfm_ext.recipes.cli import main
+    from dfm_ext.recipes.demo import generate, load_demo_checkpoint
 
     out = tmp_path / "demo"
     if kind == "dct":  # the real console script once
-        res = subprocess.run([sys.executable, "-m", "dfm_ext.cli", "demo", "--out", str(out), "--decomposition", kind, *DEMO],
+        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.cli", "demo", "--out", str(out), "--decomposition", kind, *DEMO],
                              env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
     else:
@@ -237,7 +237,7 @@ def test_demo_checkpoint_holds_and_reloads_the_decomposition(kind: str, tmp_path
                          cfg_scale=float(config["train"]["cfg_scale"]), generator=torch.Generator().manual_seed(0))  # fmt: skip
     from PIL import Image
 
-    from dfm_ext.viz import to_uint8
+    from dfm_ext.recipes.viz import to_uint8
 
     expected_pixels = to_uint8(images)
     for i, arr in enumerate(expected_pixels):

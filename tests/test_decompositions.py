@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dfm_ext import Decomposition
-from dfm_ext.dct import DCTDecomposition
-from dfm_ext.identity import IdentityDecomposition
-from dfm_ext.laplacian import LaplacianPyramid
-from dfm_ext.wavelet import WaveletDecomposition
+from dfm_ext.decompositions.dct import DCTDecomposition
+from dfm_ext.decompositions.identity import IdentityDecomposition
+from dfm_ext.decompositions.laplacian import LaplacianPyramid
+from dfm_ext.decompositions.wavelet import WaveletDecomposition
 
 DTYPES = [torch.float32, torch.float64]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -313,7 +313,7 @@ def test_wavelet_stand_in_for_pkg_resources_works_without_setuptools():
         """
         import sys, torch
         sys.modules["pkg_resources"] = None  # `import pkg_resources` now raises ImportError
-        from dfm_ext.wavelet import WaveletDecomposition
+        from dfm_ext.decompositions.wavelet import WaveletDecomposition
         d = WaveletDecomposition("db2")
         x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
         assert (d.recompose(d.decompose(x)) - x).abs().max() < 1e-12

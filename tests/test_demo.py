@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-pytest.importorskip("dfm_ext.models")
-pytest.importorskip("dfm_ext.wrapper")
+pytest.importorskip("dfm_ext.models.dit")
+pytest.importorskip("dfm_ext.wrapping.wrapper")
 
-from dfm_ext.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from dfm_ext.data import ImageDataset  # noqa: E402
-from dfm_ext.demo import (  # noqa: E402
+from dfm_ext.recipes.demo_checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from dfm_ext.recipes.demo_data import ImageDataset  # noqa: E402
+from dfm_ext.recipes.demo import (  # noqa: E402
     EMA,
     DemoConfig,
     Trainer,

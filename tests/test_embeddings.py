@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
-from dfm_ext.models import TimestepEmbedder
-from dfm_ext.packing import ScalePacker
+from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+from dfm_ext.models.dit import TimestepEmbedder
+from dfm_ext.wrapping.packing import ScalePacker
 
 
 def _up(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from dfm_ext.models import DiT, DiTConfig, _apply_rope, rope_2d
+from dfm_ext.models.dit import DiT, DiTConfig, _apply_rope, rope_2d
 
 
 def _tiny(**kw) -> DiT:

@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from dfm_ext.identity import IdentityDecomposition
-from dfm_ext.objective import DFMLossOutput, DFMObjective, dfm_loss, estimate_stage_scales
-from dfm_ext.timesteps import StageTimesteps, StageTimestepSampler
+from dfm_ext.decompositions.identity import IdentityDecomposition
+from dfm_ext.process.objective import DFMLossOutput, DFMObjective, dfm_loss, estimate_stage_scales
+from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -221,7 +221,7 @@ def test_estimate_stage_scales() -> None:
 
 
 def test_estimate_stage_scales_laplacian() -> None:
-    laplacian = pytest.importorskip("dfm_ext.laplacian")
+    laplacian = pytest.importorskip("dfm_ext.decompositions.laplacian")
     pyr = laplacian.LaplacianPyramid(factors=(2, 1))
     x = torch.randn(16, 3, 16, 16, generator=_gen(0))
     scales = estimate_stage_scales(pyr, x)

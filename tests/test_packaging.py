@@ -48,7 +48,7 @@ def test_wheel_contains_subpackages_and_configs(wheel: Path) -> None:
     for cfg in configs:
         assert f"dfm_ext/recipes/{cfg.parent.name}/{cfg.name}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "dfm-ext = dfm_ext.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "dfm-ext = dfm_ext.recipes.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_wheel_imports_outside_the_source_tree(wheel: Path, tmp_path: Path) -> None:

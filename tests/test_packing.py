@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.dct import DCTDecomposition
-from dfm_ext.laplacian import LaplacianPyramid
-from dfm_ext.packing import ScalePacker, patch_sizes_for_grid
-from dfm_ext.wavelet import WaveletDecomposition
+from dfm_ext.decompositions.dct import DCTDecomposition
+from dfm_ext.decompositions.laplacian import LaplacianPyramid
+from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
+from dfm_ext.decompositions.wavelet import WaveletDecomposition
 
 
 @st.composite

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfm_ext.adapter import registered_adapters, unregister_adapter
+from dfm_ext.wrapping.adapter import registered_adapters, unregister_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -15,7 +15,7 @@ from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
 # user's SiT-style models.py would (DiT's attribute names, nothing that says how it reads t).
 FACTORY = textwrap.dedent(
     """
-    from dfm_ext.models import DiT, DiTConfig
+    from dfm_ext.models.dit import DiT, DiTConfig
 
     class SiT(DiT):
         dfm_time_convention = None

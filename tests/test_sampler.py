@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from dfm_ext.identity import IdentityDecomposition
-from dfm_ext.sampler import DFMSampler, SampleOutput
-from dfm_ext.schedule import StageScheduler
+from dfm_ext.decompositions.identity import IdentityDecomposition
+from dfm_ext.process.sampler import DFMSampler, SampleOutput
+from dfm_ext.process.schedule import StageScheduler
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -47,7 +47,7 @@ class TwoScale:
 def _decompositions() -> list:
     out = [(IdentityDecomposition(), (1,)), (TwoScale(), (2, 1))]
     try:
-        from dfm_ext.laplacian import LaplacianPyramid
+        from dfm_ext.decompositions.laplacian import LaplacianPyramid
 
         out += [(LaplacianPyramid(factors=(2, 1)), (2, 1)), (LaplacianPyramid(factors=(4, 2, 1)), (4, 2, 1))]
     except ImportError:  # pragma: no cover - while the decompositions are being built
@@ -57,7 +57,7 @@ def _decompositions() -> list:
 
 def _other_decompositions() -> list:
     out = []
-    for module, name in (("dfm_ext.wavelet", "WaveletDecomposition"), ("dfm_ext.dct", "DCTDecomposition")):
+    for module, name in (("dfm_ext.decompositions.wavelet", "WaveletDecomposition"), ("dfm_ext.decompositions.dct", "DCTDecomposition")):
         try:
             out.append(getattr(importlib.import_module(module), name)())
         except ImportError:  # pragma: no cover - optional dependency missing

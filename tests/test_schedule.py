@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.schedule import StageScheduler, shift_time
+from dfm_ext.process.schedule import StageScheduler, shift_time
 
 
 @st.composite

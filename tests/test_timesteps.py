@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.timesteps import StageTimesteps, StageTimestepSampler, default_stage_probabilities
+from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler, default_stage_probabilities
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dfm_ext import LaplacianPyramid, load_wrapped, wrap_dit
-from dfm_ext.models import _apply_rope
-from dfm_ext.video_models import VideoDiT, VideoDiTConfig, rope_3d
+from dfm_ext.models.dit import _apply_rope
+from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig, rope_3d
 
 
 @pytest.fixture(autouse=True)

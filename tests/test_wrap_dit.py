@@ -26,10 +26,10 @@ from dfm_ext import (
     register_adapter,
     wrap_dit,
 )
-from dfm_ext.adapter import multiscale_time_embed, unregister_adapter, widen_head, widen_patch_embed
+from dfm_ext.wrapping.adapter import multiscale_time_embed, unregister_adapter, widen_head, widen_patch_embed
 from dfm_ext.adapters.dit import DiTFamilyAdapter
-from dfm_ext.embeddings import MultiScaleHead
-from dfm_ext.models import LabelEmbedder, PatchEmbed, TimestepEmbedder
+from dfm_ext.wrapping.embeddings import MultiScaleHead
+from dfm_ext.models.dit import LabelEmbedder, PatchEmbed, TimestepEmbedder
 
 
 def _dit(seed: int = 0, **kw) -> DiT:

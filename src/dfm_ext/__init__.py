@@ -1,7 +1,10 @@
 """dfm_ext: Decomposable Flow Matching for existing DiT codebases.
 
-Public names are imported lazily so that ``import dfm_ext`` stays cheap and optional
-dependencies (diffusers, PyAV, ...) are only imported by the pieces that need them.
+The library is layered; each subpackage imports only the ones listed before it:
+:mod:`~dfm_ext.validation` -> :mod:`~dfm_ext.decompositions` -> :mod:`~dfm_ext.process`
+-> :mod:`~dfm_ext.specialize` -> :mod:`~dfm_ext.models` -> :mod:`~dfm_ext.wrapping`;
+:mod:`~dfm_ext.metrics` stands apart. Adapters (:mod:`dfm_ext.adapters`) and the accelerate
+recipes and demo (:mod:`dfm_ext.recipes`) sit on top and are not imported here.
 
 Example:
     >>> import dfm_ext
@@ -11,65 +14,85 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+# decompositions
+from dfm_ext.decompositions import (
+    DCTDecomposition,
+    Decomposition,
+    IdentityDecomposition,
+    LaplacianPyramid,
+    WaveletDecomposition,
+    decomposition_config,
+    decomposition_from_config,
+)
+
+# models
+from dfm_ext.models import DiT, DiTConfig, VideoDiT, VideoDiTConfig
+
+# the DFM process
+from dfm_ext.process import (
+    DFMLossOutput,
+    DFMObjective,
+    DFMSampler,
+    SampleOutput,
+    StageScheduler,
+    StageTimesteps,
+    StageTimestepSampler,
+    conventions,
+    dfm_loss,
+    estimate_stage_scales,
+)
+
+# specialisation
+from dfm_ext.specialize import StageSpecialization, load_specialization, save_specialization, specialize
+
+# wrapping
+from dfm_ext.wrapping import (
+    DFMTransformer,
+    DiTAdapter,
+    MultiScaleHead,
+    MultiScalePatchEmbed,
+    MultiScaleTimestepEmbed,
+    ScalePacker,
+    load_wrapped,
+    register_adapter,
+    wrap_dit,
+)
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str] = {
-    # decompositions
-    "Decomposition": "decomposition",
-    "IdentityDecomposition": "identity",
-    "LaplacianPyramid": "laplacian",
-    "WaveletDecomposition": "wavelet",
-    "DCTDecomposition": "dct",
-    "decomposition_from_config": "decomposition_factory",
-    "decomposition_config": "decomposition_factory",
-    "ScalePacker": "packing",
-    # the DFM process
-    "StageTimestepSampler": "timesteps",
-    "StageTimesteps": "timesteps",
-    "DFMObjective": "objective",
-    "DFMLossOutput": "objective",
-    "dfm_loss": "objective",
-    "estimate_stage_scales": "objective",
-    "StageScheduler": "schedule",
-    "DFMSampler": "sampler",
-    "SampleOutput": "sampler",
-    "time_conventions": "time_conventions",
-    # models and wrapping
-    "DiT": "models",
-    "DiTConfig": "models",
-    "VideoDiT": "video_models",
-    "VideoDiTConfig": "video_models",
-    "MultiScalePatchEmbed": "embeddings",
-    "MultiScaleTimestepEmbed": "embeddings",
-    "MultiScaleHead": "embeddings",
-    "DFMTransformer": "wrapper",
-    "wrap_dit": "wrapper",
-    "load_wrapped": "wrapper",
-    "DiTAdapter": "adapter",
-    "register_adapter": "adapter",
-    # specialisation
-    "specialize": "specialization",
-    "StageSpecialization": "specialization",
-    "save_specialization": "specialization",
-    "load_specialization": "specialization",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'dfm_ext' has no attribute {name!r}")
-    module = importlib.import_module(f"dfm_ext.{module_name}")
-    value = module if name == module_name else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
+__all__ = [
+    "DCTDecomposition",
+    "DFMLossOutput",
+    "DFMObjective",
+    "DFMSampler",
+    "DFMTransformer",
+    "DiT",
+    "DiTAdapter",
+    "DiTConfig",
+    "Decomposition",
+    "IdentityDecomposition",
+    "LaplacianPyramid",
+    "MultiScaleHead",
+    "MultiScalePatchEmbed",
+    "MultiScaleTimestepEmbed",
+    "SampleOutput",
+    "ScalePacker",
+    "StageScheduler",
+    "StageSpecialization",
+    "StageTimestepSampler",
+    "StageTimesteps",
+    "VideoDiT",
+    "VideoDiTConfig",
+    "WaveletDecomposition",
+    "conventions",
+    "decomposition_config",
+    "decomposition_from_config",
+    "dfm_loss",
+    "estimate_stage_scales",
+    "load_specialization",
+    "load_wrapped",
+    "register_adapter",
+    "save_specialization",
+    "specialize",
+    "wrap_dit",
+]

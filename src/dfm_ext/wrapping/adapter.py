@@ -4,10 +4,10 @@ An adapter knows one family of DiTs. ``wrap_dit`` asks it for the model's defaul
 and token grid, lets it swap three modules inside the model (:meth:`DiTAdapter.install`), and
 then calls :meth:`DiTAdapter.forward` with the stages packed onto the token grid:
 
-1. patch embedding -> :class:`~dfm_ext.embeddings.MultiScalePatchEmbed` over the packed channels;
-2. timestep embedder -> :class:`~dfm_ext.embeddings.MultiScaleTimestepEmbed` taking ``t [B, S]``
+1. patch embedding -> :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed` over the packed channels;
+2. timestep embedder -> :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed` taking ``t [B, S]``
    (and the stage index), converting paper time to the model's own convention;
-3. output projection -> :class:`~dfm_ext.embeddings.MultiScaleHead`, packed channel order.
+3. output projection -> :class:`~dfm_ext.wrapping.embeddings.MultiScaleHead`, packed channel order.
 
 Why ``forward`` lives in the adapter rather than calling the model's own ``forward``: a base
 forward takes a ``[B]`` timestep and unpatchifies with its own patch size, so at least two of its
@@ -25,7 +25,7 @@ module-level ``ADAPTER``) and are imported lazily, diffusers ones only for diffu
 Example (a complete adapter for a toy model; see also the README section "wrap_dit"):
     >>> import torch
     >>> from torch import nn
-    >>> from dfm_ext.adapter import multiscale_time_embed, widen_head, widen_patch_embed
+    >>> from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
     >>> class ToyDiT(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -58,14 +58,14 @@ Example (a complete adapter for a toy model; see also the README section "wrap_d
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from .embeddings import Init, MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+from dfm_ext.process.conventions import check_time_convention, time_transform
+from dfm_ext.wrapping.embeddings import Init, MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
 
 __all__ = [
     "DiTAdapter",
@@ -77,8 +77,6 @@ __all__ = [
     "widen_patch_embed",
     "widen_head",
     "multiscale_time_embed",
-    "time_transform",
-    "check_time_convention",
 ]
 
 
@@ -115,7 +113,7 @@ class DiTAdapter(Protocol):
     def install(self, model: nn.Module, packer: Any, *, init: Init, stage_embedding: bool) -> None:
         """Swap in the widened patch embedding, multi-scale timestep embedder and widened head, in place.
 
-        ``packer`` is the :class:`~dfm_ext.packing.ScalePacker` of the stages; raise ``ValueError``
+        ``packer`` is the :class:`~dfm_ext.wrapping.packing.ScalePacker` of the stages; raise ``ValueError``
         if its grid or patch sizes cannot work with the model.
         """
         ...
@@ -272,7 +270,7 @@ def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdap
             "Write a small adapter class with name, matches(model), default_sample_shape(model), "
             "token_grid(model, sample_shape), install(model, packer, *, init, stage_embedding), "
             "forward(model, packed, t, stage, **cond) and null_condition(model, **cond) "
-            "(see dfm_ext.adapter.DiTAdapter and the helpers widen_patch_embed, widen_head, "
+            "(see dfm_ext.wrapping.adapter.DiTAdapter and the helpers widen_patch_embed, widen_head, "
             "multiscale_time_embed), then register it with dfm_ext.register_adapter(MyAdapter) "
             "or pass wrap_dit(model, decomposition, adapter=MyAdapter())."
         )
@@ -315,7 +313,7 @@ def widen_head(
 
     Args:
         linear: the model's output projection ``D -> prod(base_patch) * base_channels``.
-        packer: the stages' :class:`~dfm_ext.packing.ScalePacker`.
+        packer: the stages' :class:`~dfm_ext.wrapping.packing.ScalePacker`.
         base_patch: the model's own patch size.
         base_channels: output channels of ``linear`` (``2 C`` for ``learn_sigma``); only the first
             ``C_s`` are kept. Default: ``out_features / prod(base_patch)``.
@@ -346,46 +344,3 @@ def multiscale_time_embed(
     return MultiScaleTimestepEmbed.from_embedder(
         embedder, hidden_size, num_stages, init=init, stage_embedding=stage_embedding, time_transform=tf
     )
-
-
-def _scale(t: Tensor, a: float, b: float) -> Tensor:
-    return a + b * t
-
-
-_TIME = {
-    "unit": (0.0, 1.0),  # SiT and LightningDiT (SiT's transport): the embedder sees t itself, 1 = data
-    "x1000": (0.0, 1000.0),  # dfm_ext.DiT / VideoDiT (declared): t * 1000, 1000 = data
-    "sigma": (1.0, -1.0),  # diffusers sigma = 1 - t
-    "timestep": (1000.0, -1000.0),  # SD3/Flux continuous timestep 1000 * (1 - t)
-    "discrete": (999.0, -999.0),  # DiT integer diffusion time (continuous, not rounded): 999 * (1 - t)
-}
-
-
-def check_time_convention(name: Any, *, allow_none: bool = False) -> str | None:
-    """``name`` if it is a known time convention (or ``None`` where allowed); else ``ValueError`` listing them."""
-    if name is None and allow_none:
-        return None
-    if not isinstance(name, str) or name not in _TIME:
-        raise ValueError(
-            f"unknown time_convention {name!r}; choose one of {sorted(_TIME)} "
-            '("discrete": facebookresearch DiT, "unit": SiT / LightningDiT, "x1000": dfm_ext.DiT, '
-            '"timestep": SD3 / Flux, "sigma": 1 - t)'
-        )
-    return name
-
-
-def time_transform(name: str) -> Callable[[Tensor], Tensor]:
-    """A named map from paper time ``t`` (0 = noise, 1 = data) to a model's time input.
-
-    ``"unit"``: ``t``; ``"x1000"``: ``1000 t``; ``"sigma"``: ``1 - t``; ``"timestep"``:
-    ``1000 (1 - t)``; ``"discrete"``: ``999 (1 - t)`` (DiT's integer time, left continuous so
-    it stays differentiable and exact at the grid points).
-
-    Example:
-        >>> import torch
-        >>> time_transform("discrete")(torch.tensor([0.0, 1.0]))
-        tensor([999.,   0.])
-    """
-    check_time_convention(name)
-    a, b = _TIME[name]
-    return functools.partial(_scale, a=a, b=b)

@@ -73,6 +73,9 @@ __all__ = [
     "load_specialization",
     "export_peft_lora",
     "checkpoint",
+    "is_specialized",
+    "routing_active",
+    "stage_parameters_detached",
 ]
 
 Kind = Literal["lora", "full"]
@@ -270,6 +273,11 @@ class _StageContext:
 
 #: (context, route) of every routed forward (or ``route()`` block) in progress, innermost last.
 _ACTIVE: list[tuple[_StageContext, _Route | None]] = []
+
+
+def routing_active() -> bool:
+    """Whether a specialised model's forward is running now (its per-sample stage routing is set)."""
+    return any(route is not None for _, route in _ACTIVE)
 
 
 @contextlib.contextmanager
@@ -1076,12 +1084,12 @@ def export_peft_lora(
 # export next to a saved model: the stage parameters and the record to re-specialise with
 
 
-def _is_specialized(model: nn.Module) -> bool:
+def is_specialized(model: nn.Module) -> bool:
     return hasattr(model, _CONTEXT_ATTR)
 
 
 @contextlib.contextmanager
-def _stage_parameters_detached(model: nn.Module) -> Iterator[None]:
+def stage_parameters_detached(model: nn.Module) -> Iterator[None]:
     """Within the block, the stage parameters are out of ``model``'s module tree (put back after).
 
     For saving the shared weights alone in a file that an unspecialised model of the same

@@ -14,7 +14,7 @@ probability ``class_dropout_prob`` (0 disables it); pass ``force_drop_ids`` or a
 to ``forward`` for reproducible dropout. The null class is ``num_classes``. Labels outside
 ``[0, num_classes]`` raise a ``ValueError`` when they are on the CPU (eager); on an accelerator
 or under ``torch.compile`` the check is a device-side assert that does not sync
-(:mod:`dfm_ext._checks`), so ``forward`` compiles with ``fullgraph=True``.
+(:mod:`dfm_ext.validation`), so ``forward`` compiles with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_value
-from dfm_ext.specialization import checkpoint
+from dfm_ext.validation import check_value
+from dfm_ext.specialize.core import checkpoint
 
 __all__ = ["DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
 
-_PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10),
     "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
     "S/4": dict(hidden_size=384, depth=12, num_heads=6, patch_size=4),
@@ -122,9 +122,9 @@ class DiTConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DiTConfig:
         """A named size: ``"tiny"``, ``"S/2"``, ``"S/4"``, ``"S/8"``, ``"B/2"``, ``"B/4"``, ``"L/2"``, ``"L/4"``, ``"XL/2"``, ``"XL/4"``."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(_PRESETS)}")
-        return replace(cls(**_PRESETS[name]), **overrides) if overrides else cls(**_PRESETS[name])
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(cls(**PRESETS[name]), **overrides) if overrides else cls(**PRESETS[name])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields."""
@@ -256,7 +256,7 @@ class LabelEmbedder(nn.Module):
         if labels.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"class labels must be an integer tensor, got {labels.dtype}")
         # Read on the host only for CPU labels in eager mode; a device-side assert otherwise
-        # (no sync, no graph break): dfm_ext._checks.
+        # (no sync, no graph break): dfm_ext.validation.
         n = self.num_classes
         if labels.numel():
             check_value(
@@ -353,7 +353,7 @@ class DiT(nn.Module):
 
     config_class: type = DiTConfig
     #: How ``forward`` reads time, declared for :func:`dfm_ext.wrap_dit` (a name of
-    #: :func:`dfm_ext.adapter.time_transform`): the embedder sees ``1000 t`` with ``t = 1`` data,
+    #: :func:`dfm_ext.process.conventions.time_transform`): the embedder sees ``1000 t`` with ``t = 1`` data,
     #: and the output is the velocity ``x - noise``. Models that only share DiT's module names
     #: declare nothing, and ``wrap_dit`` then asks for ``time_convention=``.
     dfm_time_convention: str = "x1000"

@@ -1,4 +1,4 @@
-r"""Sampling from a DFM model: Euler or Heun over a :class:`~dfm_ext.schedule.StageScheduler`.
+r"""Sampling from a DFM model: Euler or Heun over a :class:`~dfm_ext.process.schedule.StageScheduler`.
 
 At step ``i`` the schedule gives times ``t_i [S]`` and ``t_{i+1} [S]`` and the stage ``k`` being
 generated. Stages ``0..k`` are active: they are fed at their current state with ``mask`` True;
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import float_sequence
-from .decomposition import Decomposition
-from .objective import _per_stage_vector, check_model_output
-from .schedule import StageScheduler
+from dfm_ext.validation import float_sequence
+from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.process.objective import per_stage_vector, check_model_output
+from dfm_ext.process.schedule import StageScheduler
 
 __all__ = ["DFMSampler", "SampleOutput"]
 
@@ -71,7 +71,7 @@ class DFMSampler:
 
     Example:
         >>> import torch
-        >>> from dfm_ext.identity import IdentityDecomposition
+        >>> from dfm_ext.decompositions.identity import IdentityDecomposition
         >>> sampler = DFMSampler(IdentityDecomposition(), StageScheduler(steps=(4,), thresholds=()))
         >>> model = lambda stages, t, stage, mask: [-z for z in stages]  # pulls towards 0
         >>> out = sampler.sample(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
@@ -109,7 +109,7 @@ class DFMSampler:
         self.scheduler = scheduler
         self.method = method
         self.guidance_scale: tuple[float, ...] = guidance
-        self.scales = _per_stage_vector(scales, s, "scales", positive=True)
+        self.scales = per_stage_vector(scales, s, "scales", positive=True)
 
     @property
     def num_stages(self) -> int:

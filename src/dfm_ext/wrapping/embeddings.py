@@ -2,11 +2,11 @@
 
 DFM gives every stage its own patch embedding, timestep embedder and output head (paper
 section 3.4). The patch embeddings are summed, which is the same as one linear layer over the
-stages packed side by side on the common token grid (see :class:`~dfm_ext.packing.ScalePacker`):
+stages packed side by side on the common token grid (see :class:`~dfm_ext.wrapping.packing.ScalePacker`):
 stage ``s``'s slice of the widened weight is its ``Conv(kernel=stride=p_s)`` kernel flattened in
 ``(c, i, j)`` order. The output heads are likewise one widened linear layer whose output unpacks
 per stage. All three modules are plain ``nn.Module``\\ s that work on their own; the adapters in
-:mod:`dfm_ext.adapter` put them inside an existing DiT.
+:mod:`dfm_ext.wrapping.adapter` put them inside an existing DiT.
 
 Pretrained initialisation (paper section E) keeps the base model's behaviour on stage 0:
 
@@ -132,7 +132,7 @@ class MultiScalePatchEmbed(nn.Module):
 
     Example:
         >>> import torch
-        >>> from dfm_ext.packing import ScalePacker
+        >>> from dfm_ext.wrapping.packing import ScalePacker
         >>> packer = ScalePacker([(4, 8, 8), (4, 16, 16)], [1, 2])
         >>> embed = MultiScalePatchEmbed.from_packer(packer, hidden_size=32)
         >>> stages = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 16, 16)]
@@ -165,7 +165,7 @@ class MultiScalePatchEmbed(nn.Module):
 
     @classmethod
     def from_packer(cls, packer, hidden_size: int, *, bias: bool = True) -> MultiScalePatchEmbed:
-        """Build for the stages of a :class:`~dfm_ext.packing.ScalePacker`."""
+        """Build for the stages of a :class:`~dfm_ext.wrapping.packing.ScalePacker`."""
         return cls([s[0] for s in packer.stage_shapes], packer.patch_sizes, hidden_size, bias=bias)
 
     @property
@@ -426,7 +426,7 @@ class MultiScaleHead(nn.Linear):
     """Per-stage output heads as one widened ``nn.Linear`` whose output unpacks per stage.
 
     Output features are ordered stage by stage, each ``(c, *patch)`` channel-major, which is the
-    packed layout of :class:`~dfm_ext.packing.ScalePacker`; :meth:`to_grid` turns ``[B, N, C']``
+    packed layout of :class:`~dfm_ext.wrapping.packing.ScalePacker`; :meth:`to_grid` turns ``[B, N, C']``
     tokens into the packed ``[B, C', *grid]`` tensor that ``ScalePacker.unpack`` splits into stages.
     It subclasses ``nn.Linear`` so that code which finds linear layers by type or name (LoRA,
     :func:`dfm_ext.specialize`) treats it like the layer it replaced.
@@ -465,7 +465,7 @@ class MultiScaleHead(nn.Linear):
 
     @classmethod
     def from_packer(cls, hidden_size: int, packer, *, bias: bool = True) -> MultiScaleHead:
-        """Build for the stages of a :class:`~dfm_ext.packing.ScalePacker`."""
+        """Build for the stages of a :class:`~dfm_ext.wrapping.packing.ScalePacker`."""
         return cls(hidden_size, [s[0] for s in packer.stage_shapes], packer.patch_sizes, bias=bias)
 
     @property

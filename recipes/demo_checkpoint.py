@@ -22,7 +22,7 @@ from torch import Tensor
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT = "dfm_ext.checkpoint"
+FORMAT = "dfm_ext.recipes.demo_checkpoint"
 FORMAT_VERSION = 1
 
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decomposition import check_sample, check_stages, check_upto
+from dfm_ext.decompositions.base import check_sample, check_stages, check_upto
+
+__all__ = ["DOWN_MODES", "UP_MODES", "HALF_DTYPES", "check_shape", "check_divisible", "fold_frames", "unfold_frames", "resize_spatial", "resize_temporal", "full_shape_from_stage", "check_recompose_input", "same_float", "upcast"]
 
 DOWN_MODES = ("area", "bilinear", "bicubic")
 # Half-precision samples are decomposed in float32 and the stages cast back: bfloat16 has an

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._resample import (
+from dfm_ext.decompositions.resample import (
     HALF_DTYPES,
     check_divisible,
     check_recompose_input,
@@ -36,7 +36,9 @@ from ._resample import (
     unfold_frames,
     upcast,
 )
-from .decomposition import check_sample
+from dfm_ext.decompositions.base import check_sample
+
+__all__ = ["DCTDecomposition", "dct_matrix"]
 
 
 def dct_matrix(n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import DATASETS
+from dfm_ext.recipes.demo_data import DATASETS
 
 DECOMPOSITIONS = ("laplacian", "wavelet", "dct", "identity")
 
@@ -56,7 +56,7 @@ def _nonneg_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and for ``--help`` docs)."""
-    from .demo import DemoConfig
+    from dfm_ext.recipes.demo import DemoConfig
 
     d = DemoConfig()
     parser = argparse.ArgumentParser(
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dfm-ext`` console script. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import demo
+    from dfm_ext.recipes import demo
 
     if args.threads is not None:
         import torch

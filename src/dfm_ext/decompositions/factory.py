@@ -48,10 +48,10 @@ _SEQUENCE_FIELDS = ("factors", "temporal_factors", "bands")
 
 
 def _classes() -> dict[str, type]:
-    from .dct import DCTDecomposition
-    from .identity import IdentityDecomposition
-    from .laplacian import LaplacianPyramid
-    from .wavelet import WaveletDecomposition
+    from dfm_ext.decompositions.dct import DCTDecomposition
+    from dfm_ext.decompositions.identity import IdentityDecomposition
+    from dfm_ext.decompositions.laplacian import LaplacianPyramid
+    from dfm_ext.decompositions.wavelet import WaveletDecomposition
 
     return {
         "laplacian": LaplacianPyramid,
@@ -131,9 +131,14 @@ def decomposition_config(decomposition: Any) -> dict[str, Any]:
 
 
 def _kind_of_class(qualified: str) -> str | None:
-    """``"dfm_ext.laplacian:LaplacianPyramid"`` -> ``"laplacian"`` (records written by ``save_pretrained``)."""
+    """``"dfm_ext.decompositions.laplacian:LaplacianPyramid"`` -> ``"laplacian"`` (records written by ``save_pretrained``).
+
+    Only the class name is compared: records from before the subpackages name the flat modules
+    (``dfm_ext.laplacian:LaplacianPyramid``), and the built-in class names are unique.
+    """
+    module, _, name = qualified.partition(":")
     for kind, cls in _classes().items():
-        if qualified == f"{cls.__module__}:{cls.__qualname__}":
+        if name == cls.__qualname__ and module.startswith("dfm_ext."):
             return kind
     return None
 

@@ -35,12 +35,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import TypeVar
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "TIME_CONVENTIONS",
+    "affine_time",
+    "check_time_convention",
+    "time_transform",
     "t_to_sigma",
     "sigma_to_t",
     "t_to_timestep",
@@ -162,3 +168,50 @@ def discrete_to_t(k: int | Tensor, num_train_timesteps: int = 1000) -> float | T
             raise TypeError(f"k must be an int or a tensor, got {k!r}")
     _check_range(k, 0, n - 1, "k")
     return 1 - k / (n - 1)
+
+
+def affine_time(t: Tensor, a: float, b: float) -> Tensor:
+    """``a + b t``: the model-input time of a named convention (picklable through ``functools.partial``)."""
+    return a + b * t
+
+
+#: Named maps from flow time ``t`` to a model's time input, as ``(a, b)`` in ``a + b t``.
+#: ``"discrete"`` stays continuous here (differentiable, equal to :func:`t_to_discrete` at the grid
+#: points before rounding); :func:`t_to_discrete` rounds for code that indexes a table.
+TIME_CONVENTIONS: dict[str, tuple[float, float]] = {
+    "unit": (0.0, 1.0),  # SiT and LightningDiT (SiT's transport): the embedder sees t itself, 1 = data
+    "x1000": (0.0, 1000.0),  # dfm_ext.DiT / VideoDiT (declared): t * 1000, 1000 = data
+    "sigma": (1.0, -1.0),  # diffusers sigma = 1 - t
+    "timestep": (1000.0, -1000.0),  # SD3/Flux continuous timestep 1000 * (1 - t)
+    "discrete": (999.0, -999.0),  # DiT integer diffusion time (continuous, not rounded): 999 * (1 - t)
+}
+
+
+def check_time_convention(name: Any, *, allow_none: bool = False) -> str | None:
+    """``name`` if it is a known time convention (or ``None`` where allowed); else ``ValueError`` listing them."""
+    if name is None and allow_none:
+        return None
+    if not isinstance(name, str) or name not in TIME_CONVENTIONS:
+        raise ValueError(
+            f"unknown time_convention {name!r}; choose one of {sorted(TIME_CONVENTIONS)} "
+            '("discrete": facebookresearch DiT, "unit": SiT / LightningDiT, "x1000": dfm_ext.DiT, '
+            '"timestep": SD3 / Flux, "sigma": 1 - t)'
+        )
+    return name
+
+
+def time_transform(name: str) -> Callable[[Tensor], Tensor]:
+    """A named map from paper time ``t`` (0 = noise, 1 = data) to a model's time input.
+
+    ``"unit"``: ``t``; ``"x1000"``: ``1000 t``; ``"sigma"``: ``1 - t``; ``"timestep"``:
+    ``1000 (1 - t)``; ``"discrete"``: ``999 (1 - t)`` (DiT's integer time, left continuous so
+    it stays differentiable and exact at the grid points).
+
+    Example:
+        >>> import torch
+        >>> time_transform("discrete")(torch.tensor([0.0, 1.0]))
+        tensor([999.,   0.])
+    """
+    check_time_convention(name)
+    a, b = TIME_CONVENTIONS[name]
+    return functools.partial(affine_time, a=a, b=b)

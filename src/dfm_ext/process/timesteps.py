@@ -15,7 +15,7 @@ Checks: :class:`StageTimesteps` checks shapes and dtypes always, and its values 
 in ``[0, 1]``, ``stage`` in range, ``mask`` equal to ``s <= stage[b]``) where they are already on
 the host: CPU tensors in eager mode, which is how the sampler draws them by default. On an
 accelerator or under ``torch.compile`` the value checks are ``torch._assert_async`` device-side
-asserts, which neither sync nor break graphs (the rule of :mod:`dfm_ext._checks`).
+asserts, which neither sync nor break graphs (the rule of :mod:`dfm_ext.validation`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_value, float_sequence
+from dfm_ext.validation import check_value, float_sequence
 
 __all__ = ["StageTimesteps", "StageTimestepSampler", "default_stage_probabilities"]
 
@@ -49,7 +49,7 @@ class StageTimesteps:
             outside ``[0, 1]``, or ``mask`` is not ``s <= stage[b]``. Value checks read the
             tensors only when they are on the CPU (eager); on an accelerator or under
             ``torch.compile`` they are device-side asserts that never sync (see
-            :mod:`dfm_ext._checks`).
+            :mod:`dfm_ext.validation`).
 
     Example:
         >>> import torch
@@ -95,7 +95,7 @@ class StageTimesteps:
 
 
 def _check_timestep_values(t: Tensor, stage: Tensor, mask: Tensor) -> None:
-    """Value checks of :class:`StageTimesteps` (rule: :mod:`dfm_ext._checks`).
+    """Value checks of :class:`StageTimesteps` (rule: :mod:`dfm_ext.validation`).
 
     On CPU tensors in eager mode (how :class:`StageTimestepSampler` and data loading build them)
     they raise ``ValueError`` at once; on accelerator tensors or under ``torch.compile`` they are

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import _PRESETS, DiT
+from dfm_ext.models.dit import PRESETS, DiT
 
 __all__ = ["VideoDiT", "VideoDiTConfig", "VideoPatchEmbed", "rope_3d"]
 
@@ -87,9 +87,9 @@ class VideoDiTConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> VideoDiTConfig:
         """The sizes of :meth:`dfm_ext.DiTConfig.preset` (``"tiny"``, ``"B/2"``, ``"XL/2"``, ...)."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(_PRESETS)}")
-        base = {k: v for k, v in _PRESETS[name].items() if k != "input_size"}
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+        base = {k: v for k, v in PRESETS[name].items() if k != "input_size"}
         if name == "tiny":
             base["input_size"] = (3, 8, 8)
         return replace(cls(**base), **overrides) if overrides else cls(**base)
@@ -111,7 +111,7 @@ class VideoDiTConfig:
 def rope_3d(head_dim: int, grid: tuple[int, int, int], *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """Cosines and sines ``[T * Gh * Gw, head_dim]`` of axial 3-D RoPE, frame-major token order.
 
-    The head has ``head_dim / 2`` rotation pairs laid out as :func:`dfm_ext.models.rope_2d`'s
+    The head has ``head_dim / 2`` rotation pairs laid out as :func:`dfm_ext.models.dit.rope_2d`'s
     (channel ``i`` pairs with ``i + head_dim / 4`` in each half). ``n = head_dim // 6`` pairs
     rotate with the row, ``n`` with the column and the rest with the frame index; each axis has
     its own frequencies ``10000^(-k / n_axis)``. The result plugs into the reference DiT's

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._resample import (
+from dfm_ext.decompositions.resample import (
     DOWN_MODES,
     HALF_DTYPES,
     upcast,
@@ -30,7 +30,9 @@ from ._resample import (
     resize_temporal,
     unfold_frames,
 )
-from .decomposition import check_sample
+from dfm_ext.decompositions.base import check_sample
+
+__all__ = ["LaplacianPyramid"]
 
 
 def _check_factors(value: object, name: str, *, strict: bool) -> tuple[int, ...]:

@@ -65,7 +65,7 @@ def make_grid(images: Tensor, nrow: int, *, padding: int = 2, scale: int = 1) ->
     return grid
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -77,7 +77,7 @@ def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); the result should get the usual permissions.
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     return path, Path(tmp)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+__all__ = ["ScalePacker", "patch_sizes_for_grid"]
+
 PatchSize = int | tuple[int, int] | tuple[int, int, int]
 
 

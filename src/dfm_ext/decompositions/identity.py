@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .decomposition import check_sample, check_stages, check_upto
+from dfm_ext.decompositions.base import check_sample, check_stages, check_upto
+
+__all__ = ["IdentityDecomposition"]
 
 
 class IdentityDecomposition:

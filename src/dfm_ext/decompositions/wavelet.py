@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._resample import (
+from dfm_ext.decompositions.resample import (
     HALF_DTYPES,
     check_divisible,
     check_recompose_input,
@@ -45,7 +45,9 @@ from ._resample import (
     unfold_frames,
     upcast,
 )
-from .decomposition import check_sample
+from dfm_ext.decompositions.base import check_sample
+
+__all__ = ["WaveletDecomposition"]
 
 _MODES = ("periodization", "zero", "symmetric", "reflect", "periodic")
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import float_sequence
+from dfm_ext.validation import float_sequence
 
 __all__ = ["StageScheduler", "shift_time"]
 

@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+__all__ = ["Decomposition", "check_sample", "check_stages", "check_upto"]
+
 
 @runtime_checkable
 class Decomposition(Protocol):

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import float_sequence
-from .decomposition import Decomposition
-from .timesteps import StageTimesteps
+from dfm_ext.validation import float_sequence
+from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.process.timesteps import StageTimesteps
 
 __all__ = ["DFMObjective", "DFMLossOutput", "dfm_loss", "estimate_stage_scales", "check_model_output"]
 
@@ -81,7 +81,7 @@ def check_model_output(output: object, expected: Sequence[Tensor]) -> list[Tenso
     return list(output)
 
 
-def _per_stage_vector(value: Sequence[float] | Tensor | None, num_stages: int, name: str, positive: bool) -> Tensor:
+def per_stage_vector(value: Sequence[float] | Tensor | None, num_stages: int, name: str, positive: bool) -> Tensor:
     if value is None:
         return torch.ones(num_stages)
     if not isinstance(value, Tensor):
@@ -122,7 +122,7 @@ class DFMObjective(nn.Module):
 
     Example:
         >>> import torch
-        >>> from dfm_ext.timesteps import StageTimestepSampler
+        >>> from dfm_ext.process.timesteps import StageTimestepSampler
         >>> model = lambda stages, t, stage, mask: [torch.zeros_like(x) for x in stages]
         >>> stages = [torch.randn(4, 3, 4, 4), torch.randn(4, 3, 8, 8)]
         >>> g = torch.Generator().manual_seed(0)
@@ -150,8 +150,8 @@ class DFMObjective(nn.Module):
             raise ValueError(f"masking must be True, False or 'loss', got {masking!r}")
         self.num_stages = num_stages
         self.masking = masking
-        self.register_buffer("scales", _per_stage_vector(scales, num_stages, "scales", positive=True))
-        self.register_buffer("stage_weights", _per_stage_vector(stage_weights, num_stages, "stage_weights", False))
+        self.register_buffer("scales", per_stage_vector(scales, num_stages, "scales", positive=True))
+        self.register_buffer("stage_weights", per_stage_vector(stage_weights, num_stages, "stage_weights", False))
 
     def extra_repr(self) -> str:
         return f"num_stages={self.num_stages}, masking={self.masking!r}"
@@ -171,7 +171,7 @@ class DFMObjective(nn.Module):
         Args:
             model: ``model(stages, t [B, S], stage [B], mask [B, S], **cond) -> list[Tensor]``.
             stages: ``S`` clean stage tensors ``[B, C_s, ...]`` (from ``decomposition.decompose``).
-            timesteps: from :class:`~dfm_ext.timesteps.StageTimestepSampler`.
+            timesteps: from :class:`~dfm_ext.process.timesteps.StageTimestepSampler`.
             noise: optional per-stage noise, shaped like ``stages``; drawn from ``generator``
                 (on its device, then moved) when omitted.
             generator: randomness for the noise.
@@ -278,7 +278,7 @@ def dfm_loss(
 
     Example:
         >>> import torch
-        >>> from dfm_ext.timesteps import StageTimesteps
+        >>> from dfm_ext.process.timesteps import StageTimesteps
         >>> model = lambda stages, t, stage, mask: [torch.zeros_like(x) for x in stages]
         >>> ts = StageTimesteps(torch.tensor([[1.0]]), torch.tensor([0]), torch.tensor([[True]]))
         >>> x = torch.full((1, 1, 2, 2), 2.0)
@@ -314,7 +314,7 @@ def estimate_stage_scales(
 
     Example:
         >>> import torch
-        >>> from dfm_ext.identity import IdentityDecomposition
+        >>> from dfm_ext.decompositions.identity import IdentityDecomposition
         >>> x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
         >>> estimate_stage_scales(IdentityDecomposition(), x).round(decimals=1)
         tensor([3.])

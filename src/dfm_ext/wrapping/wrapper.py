@@ -1,7 +1,7 @@
 """``wrap_dit``: turn an existing DiT into a DFM model over the stages of a decomposition.
 
 ``wrap_dit(model, decomposition)`` picks an adapter for the model's family
-(:mod:`dfm_ext.adapter`), chooses per-stage patch sizes so that every stage lands on the model's
+(:mod:`dfm_ext.wrapping.adapter`), chooses per-stage patch sizes so that every stage lands on the model's
 own token grid, lets the adapter swap in the widened patch embedding, the multi-scale timestep
 embedder and the widened head, and returns a :class:`DFMTransformer` that follows the model
 contract of the DFM process::
@@ -15,7 +15,7 @@ Checks in ``forward``: types, dtypes and shapes always; values (``stage`` in ran
 and in ``[0, 1]``) are read on the host only for CPU tensors in eager mode. On an accelerator or
 under ``torch.compile`` they become ``torch._assert_async`` device-side asserts: no
 device-to-host sync and no graph break, so ``torch.compile(model, fullgraph=True)`` works
-(:mod:`dfm_ext._checks`, ``tests/test_compile.py``).
+(:mod:`dfm_ext.validation`, ``tests/test_compile.py``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_value
-from .adapter import DiTAdapter, resolve_adapter
-from .decomposition import check_stages
-from .packing import ScalePacker, patch_sizes_for_grid
+from dfm_ext.validation import check_value
+from dfm_ext.wrapping.adapter import DiTAdapter, resolve_adapter
+from dfm_ext.decompositions.base import check_stages
+from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
 
 __all__ = ["DFMTransformer", "wrap_dit", "load_wrapped"]
 
@@ -122,7 +122,7 @@ class DFMTransformer(nn.Module):
             if mask.shape != (batch, s):
                 raise ValueError(f"mask must have shape [B, S] = [{batch}, {s}], got {tuple(mask.shape)}")
         # Values: read on the host only for CPU tensors in eager mode; otherwise device-side
-        # asserts, so the step neither syncs nor breaks a torch.compile graph (dfm_ext._checks).
+        # asserts, so the step neither syncs nor breaks a torch.compile graph (dfm_ext.validation).
         if batch:
             check_value(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]", stage.tolist)
             check_value(torch.isfinite(t).all(), "t must be finite", t.tolist)
@@ -184,13 +184,13 @@ class DFMTransformer(nn.Module):
         """
         from safetensors.torch import save_model  # noqa: PLC0415
 
-        from .specialization import _is_specialized, _stage_parameters_detached, save_specialization  # noqa: PLC0415
+        from dfm_ext.specialize.core import is_specialized, stage_parameters_detached, save_specialization  # noqa: PLC0415
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if _is_specialized(self):
+        if is_specialized(self):
             # Stage parameters apart, so load_wrapped's strict load of the shared weights works.
-            with _stage_parameters_detached(self):
+            with stage_parameters_detached(self):
                 save_model(self, str(directory / _WEIGHTS))
             save_specialization(self, directory)
         else:
@@ -198,13 +198,23 @@ class DFMTransformer(nn.Module):
         (directory / _CONFIG).write_text(json.dumps(self._record(), indent=2))
 
 
+#: Where classes named in records written before the library's subpackages lived then.
+_MOVED_MODULES = {"dfm_ext.models": "dfm_ext.models.dit", "dfm_ext.video_models": "dfm_ext.models.video_dit"}
+
+
+def _current_class_path(path: str) -> str:
+    """``"module:Class"`` from a saved record, with modules renamed since then mapped to today's."""
+    module, _, name = str(path).partition(":")
+    return f"{_MOVED_MODULES.get(module, module)}:{name}"
+
+
 def _describe(decomposition: Any) -> dict[str, Any]:
     """The decomposition record of ``dfm_config.json``: class, repr and the factory config.
 
-    ``config`` is :func:`dfm_ext.decomposition_factory.decomposition_config` (``None`` for a
+    ``config`` is :func:`dfm_ext.decompositions.factory.decomposition_config` (``None`` for a
     custom decomposition, which then has to be passed to :func:`load_wrapped`).
     """
-    from .decomposition_factory import decomposition_config  # noqa: PLC0415
+    from dfm_ext.decompositions.factory import decomposition_config  # noqa: PLC0415
 
     cls = type(decomposition)
     try:
@@ -216,7 +226,7 @@ def _describe(decomposition: Any) -> dict[str, Any]:
 
 def _rebuild_decomposition(record: dict[str, Any]) -> Any:
     """Rebuild a recorded decomposition through the factory (new records and ones with ``params``)."""
-    from .decomposition_factory import config_from_record, decomposition_from_config  # noqa: PLC0415
+    from dfm_ext.decompositions.factory import config_from_record, decomposition_from_config  # noqa: PLC0415
 
     config = config_from_record(record)
     if config is None:
@@ -235,7 +245,7 @@ def _rebuild_decomposition(record: dict[str, Any]) -> Any:
 
 def _check_not_wrapped(model: nn.Module) -> None:
     """Refuse a model that ``wrap_dit`` already modified: wrapping twice would widen the widened layers."""
-    from .embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed  # noqa: PLC0415
+    from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed  # noqa: PLC0415
 
     if isinstance(model, DFMTransformer):
         raise TypeError(
@@ -268,9 +278,9 @@ def wrap_dit(
             projection are replaced) and kept as ``.base``.
         decomposition: a :class:`dfm_ext.Decomposition`.
         adapter: ``"auto"`` (first registered adapter whose ``matches`` is true), an adapter name,
-            or an adapter class/instance (:class:`dfm_ext.adapter.DiTAdapter`).
+            or an adapter class/instance (:class:`dfm_ext.wrapping.adapter.DiTAdapter`).
         time_convention: how the base model reads time, a name of
-            :func:`dfm_ext.adapter.time_transform`: ``"discrete"`` (facebookresearch DiT,
+            :func:`dfm_ext.process.conventions.time_transform`: ``"discrete"`` (facebookresearch DiT,
             ``999 (1 - t)``), ``"unit"`` (SiT, LightningDiT: ``t``), ``"x1000"`` (``1000 t``),
             ``"timestep"`` (``1000 (1 - t)``), ``"sigma"`` (``1 - t``). Required for models with
             DiT's module names that do not declare ``dfm_time_convention`` (:class:`dfm_ext.DiT`
@@ -378,11 +388,11 @@ def load_wrapped(
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
     if decomposition is None:
         decomposition = _rebuild_decomposition(record["decomposition"])
-    base_class = record["base"]["class"]
+    base_class = _current_class_path(record["base"]["class"])
     if base_model is None:
-        if base_class != "dfm_ext.models:DiT":
+        if base_class != "dfm_ext.models.dit:DiT":
             raise ValueError(f"the saved base model is a {base_class}; pass base_model= (an unwrapped instance)")
-        from .models import DiT, DiTConfig  # noqa: PLC0415
+        from dfm_ext.models.dit import DiT, DiTConfig  # noqa: PLC0415
 
         try:
             base_model = DiT(DiTConfig.from_dict(record["base"]["config"]))
@@ -410,7 +420,7 @@ def load_wrapped(
         )
     from safetensors.torch import load_model  # noqa: PLC0415
 
-    from .checkpoint import describe_mismatch  # noqa: PLC0415
+    from dfm_ext.recipes.demo_checkpoint import describe_mismatch  # noqa: PLC0415
 
     expected = {k: tuple(v.shape) for k, v in wrapped.state_dict().items()}
     # Names absent from the file may be tied weights save_model stored once; load_model knows.

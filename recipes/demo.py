@@ -5,12 +5,12 @@ users can reuse them:
 
 * :func:`make_decomposition` and :func:`build_model`: a reference DiT on a fixed token grid
   (``image_size / 4`` per side, e.g. 8x8 = 64 tokens for 32x32 images), wrapped with
-  :func:`~dfm_ext.wrapper.wrap_dit` for any decomposition (per-stage patch sizes are chosen so
+  :func:`~dfm_ext.wrapping.wrapper.wrap_dit` for any decomposition (per-stage patch sizes are chosen so
   every stage lands on that grid: Laplacian 16x16 patch 2 + 32x32 patch 4).
 * :func:`train`: the paper's recipe scaled down: stage probabilities ``(0.9, 0.1)``, logit-normal
   times ``(0, 1)`` / ``(1.5, 1)``, masking, 10% label dropout, Adam(0.9, 0.99, eps 1e-8) with
   weight decay 0.01, linear warmup, gradient clipping 1.0 and an EMA of the weights.
-* :func:`generate`: :class:`~dfm_ext.sampler.DFMSampler` with Euler 30 + 10 steps, tau 0.9 and
+* :func:`generate`: :class:`~dfm_ext.process.sampler.DFMSampler` with Euler 30 + 10 steps, tau 0.9 and
   classifier-free guidance.
 * :func:`compute_metrics`: multi-scale SWD (and FD-EffNet when its weights are installed) against
   a held-out split.
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ImageDataset, load_dataset
-from .viz import _umask
+from dfm_ext.recipes.demo_checkpoint import load_checkpoint, save_checkpoint
+from dfm_ext.recipes.demo_data import ImageDataset, load_dataset
+from dfm_ext.recipes.viz import umask
 
 DECOMPOSITIONS = ("laplacian", "wavelet", "dct", "identity")
-CHECKPOINT_KIND = "dfm_ext.demo"
+CHECKPOINT_KIND = "dfm_ext.recipes.demo"
 
 # Model sizes on CPU. "demo" is sized so that the default demo trains in about 5 minutes on
 # 2 cores; "tiny" exists for smoke tests.
@@ -177,7 +177,7 @@ def make_decomposition(spec: str | Mapping[str, Any], **kwargs: Any):
     defaults, e.g. Laplacian ``factors=(2, 1)``: 16x16 + 32x32) or a config dict of
     :func:`dfm_ext.decomposition_from_config` (what checkpoints store). ``kwargs`` add fields.
     """
-    from .decomposition_factory import decomposition_from_config
+    from dfm_ext.decompositions.factory import decomposition_from_config
 
     config = {"kind": spec} if isinstance(spec, str) else dict(spec)
     return decomposition_from_config(config | kwargs)
@@ -185,9 +185,9 @@ def make_decomposition(spec: str | Mapping[str, Any], **kwargs: Any):
 
 def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
     """The JSON description :func:`build_model` rebuilds a model from."""
-    from .packing import patch_sizes_for_grid
+    from dfm_ext.wrapping.packing import patch_sizes_for_grid
 
-    from .decomposition_factory import decomposition_config
+    from dfm_ext.decompositions.factory import decomposition_config
 
     decomposition = make_decomposition(cfg.decomposition)
     c, h, w = (int(v) for v in image_shape)
@@ -211,8 +211,8 @@ def model_config(cfg: DemoConfig, image_shape: Sequence[int], num_classes: int) 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
     """Build the wrapped DiT described by :func:`model_config` (weights freshly initialised)."""
-    from .models import DiT, DiTConfig
-    from .wrapper import wrap_dit
+    from dfm_ext.models.dit import DiT, DiTConfig
+    from dfm_ext.wrapping.wrapper import wrap_dit
 
     dit = DiT(DiTConfig(**config["dit"]))
     decomposition = make_decomposition(config["decomposition"])
@@ -220,7 +220,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     model = wrap_dit(dit, decomposition, init="scratch", patch_sizes=patches)
     spec = config.get("specialize")
     if spec:
-        from .specialization import specialize
+        from dfm_ext.specialize.core import specialize
 
         specialize(model, kind=spec["kind"], targets=list(spec["targets"]), rank=spec.get("rank"))
     return model
@@ -275,7 +275,7 @@ class EMA:
 
 
 def _timestep_sampler(cfg: DemoConfig, num_stages: int):
-    from .timesteps import StageTimestepSampler
+    from dfm_ext.process.timesteps import StageTimestepSampler
 
     if num_stages == 1:
         probs = (1.0,)
@@ -312,7 +312,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: DemoConfig, data: ImageDataset, *, model: nn.Module | None = None) -> None:
-        from .objective import DFMObjective
+        from dfm_ext.process.objective import DFMObjective
 
         self.cfg = cfg
         self.data = data
@@ -431,7 +431,7 @@ def check_schedule(decomposition_name: str | Mapping[str, Any], steps: Sequence[
     Raises:
         ValueError: naming the steps or thresholds and the number of stages.
     """
-    from .schedule import StageScheduler
+    from dfm_ext.process.schedule import StageScheduler
 
     steps, thresholds = tuple(steps), tuple(thresholds)
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps) or not steps:
@@ -487,9 +487,9 @@ def parse_device(device: str | torch.device, *, check_available: bool = True) ->
 def make_sampler(
     decomposition: str | Mapping[str, Any], steps: Sequence[int], thresholds: Sequence[float], cfg_scale: float
 ):
-    """A :class:`~dfm_ext.sampler.DFMSampler` (Euler) for a decomposition (kind name or config dict)."""
-    from .sampler import DFMSampler
-    from .schedule import StageScheduler
+    """A :class:`~dfm_ext.process.sampler.DFMSampler` (Euler) for a decomposition (kind name or config dict)."""
+    from dfm_ext.process.sampler import DFMSampler
+    from dfm_ext.process.schedule import StageScheduler
 
     decomposition_name = decomposition if isinstance(decomposition, str) else decomposition.get("kind")
     decomposition = make_decomposition(decomposition)
@@ -579,7 +579,7 @@ def compute_metrics(
     installed. Generated images are clipped to ``[-1, 1]`` first, as when saved to PNG. ``real_features`` (a ``FeatureStatistics`` of the real set) and ``extractor``
     avoid recomputing the reference features between calls.
     """
-    from .metrics.swd import swd
+    from dfm_ext.metrics.swd import swd
 
     # Scored as they would be saved: clipped to the image range.
     fake = fake.clamp(-1.0, 1.0)
@@ -595,7 +595,7 @@ def compute_metrics(
     out["fd_effnet"] = None
     if fd:
         try:
-            from .metrics.effnet import EfficientNetLite0Features, fd_effnet
+            from dfm_ext.metrics.effnet import EfficientNetLite0Features, fd_effnet
 
             if extractor is None:
                 extractor = EfficientNetLite0Features(fd_resolution)
@@ -629,7 +629,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text if text.endswith("\n") else text + "\n")
@@ -660,7 +660,7 @@ def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.
     Raises:
         CheckpointError: (``ValueError``) missing or corrupt folder, or weights that do not fit.
     """
-    from .checkpoint import CheckpointError
+    from dfm_ext.recipes.demo_checkpoint import CheckpointError
 
     ck = load_checkpoint(directory)
     config = ck.config
@@ -673,7 +673,7 @@ def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.
     try:
         model.load_state_dict(ck.state_dict, strict=True)
     except RuntimeError as e:
-        from .checkpoint import WEIGHTS_NAME, describe_mismatch
+        from dfm_ext.recipes.demo_checkpoint import WEIGHTS_NAME, describe_mismatch
 
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in ck.state_dict.items()}
@@ -697,7 +697,7 @@ def _staging(out: Path) -> Iterator[Path]:
 
 def run_demo(cfg: DemoConfig, out: str | os.PathLike[str], *, progress: bool = True) -> DemoResult:
     """Train, sample and measure; write the pictures, the checkpoint and ``metrics.json`` into ``out``."""
-    from .viz import save_image_grid, save_loss_curves, save_progressive
+    from dfm_ext.recipes.viz import save_image_grid, save_loss_curves, save_progressive
 
     out = Path(out)
     parse_device(cfg.device)  # before any data is read or any step trained
@@ -806,7 +806,7 @@ def sample_checkpoint(
     ``out`` ending in ``.png`` gets a grid (rows = classes); any other path is a folder that gets
     one PNG per sample (``<index>_class<k>.png``, usable by ``dfm-ext eval``) plus ``grid.png``.
     """
-    from .viz import save_array_png, save_image_grid, to_uint8
+    from dfm_ext.recipes.viz import save_array_png, save_image_grid, to_uint8
 
     parse_device(device)
     model, config = load_demo_checkpoint(checkpoint, device=device)
@@ -840,14 +840,14 @@ def read_png_folder(folder: str | os.PathLike[str], *, limit: int | None = None)
 
     Unreadable files (truncated, not an image) are skipped and returned as the second value;
     with ``limit``, reading goes on until ``limit`` readable images are found. 16-bit PNGs keep
-    their brightness (:func:`dfm_ext.data.read_image`).
+    their brightness (:func:`dfm_ext.recipes.demo_data.read_image`).
 
     Raises:
         ValueError: no readable PNGs, or images of different sizes/modes.
     """
     from PIL import UnidentifiedImageError
 
-    from .data import read_image
+    from dfm_ext.recipes.demo_data import read_image
 
     folder = Path(folder)
     paths = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
