@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import dfm_ext
-from dfm_ext import cli
+from dfm_ext.recipes import cli
 from dfm_ext.recipes.demo_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dfm_ext.recipes.demo_data import ImageDataset, read_image
 from dfm_ext.models.dit import DiTConfig
