@@ -101,6 +101,9 @@ class TrainConfig:
     (continue from the newest checkpoint in ``output_dir/checkpoints`` that verifies, whatever
     ``latest`` says), ``"never"`` (refuse a folder that has checkpoints) or a checkpoint path. ``sharding``: ``"none"`` (DDP),
     ``"fsdp2"`` (FSDP2, :mod:`.sharding`) or ``"auto"`` (fsdp2 under an accelerate FSDP launch config).
+    ``compile``: ``torch.compile`` the model's forward with ``compile_backend`` (``"inductor"``;
+    ``"aot_eager"`` traces without code generation); checkpoints stay interchangeable with
+    uncompiled runs, so a run may be resumed with or without it.
     """
 
     steps: int = 1000
@@ -122,6 +125,10 @@ class TrainConfig:
     # "fsdp2": shard with torch's fully_shard (recipes/sharding.py); "auto": fsdp2 when accelerate
     # was launched with an FSDP config, else none (DDP over the processes).
     sharding: Literal["auto", "none", "fsdp2"] = "auto"
+    # torch.compile the model's forward in place (nn.Module.compile: state-dict keys unchanged, so
+    # checkpoints load into uncompiled runs); the loss's backward runs AOTAutograd's compiled backward.
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -131,6 +138,12 @@ class TrainConfig:
             raise ValueError("train.sample_every and train.num_workers must be >= 0")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+        if self.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise ValueError(f"train.compile_backend={self.compile_backend!r} is not a torch.compile backend; choose one of {backends}")
 
 
 # Keys that may change between a run and its resumption (cadence, length, I/O), by prefix.
@@ -145,6 +158,7 @@ RESUMABLE_CHANGES = (
     "train.trackers",
     "train.num_workers",
     "train.progress",
+    "train.compile",  # and train.compile_backend: compiling changes speed, not the maths
     "eval.",
     "sampling.",
 )
@@ -535,6 +549,11 @@ class Trainer:
         optimizer = build_optimizer(model, self.optim)
         # Not prepared: accelerate would step a prepared scheduler once per process per step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.optim.warmup_steps))
+        if self.train.compile:
+            # After the EMA copied the model (its copy stays eager, for sampling and final/) and
+            # after fully_shard (FSDP2's hooks run outside the graphs: dynamo skips them). In place,
+            # so DDP wraps the compiled module and state-dict keys gain no "_orig_mod." prefix.
+            model.compile(backend=self.train.compile_backend)
         if not fsdp:
             model, optimizer = accelerator.prepare(model, optimizer)
             if ema is not None:
