@@ -30,7 +30,7 @@ import re
 import sys
 import types
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +73,10 @@ def _pytorch_wavelets() -> Any:
     stand_in = types.ModuleType("pkg_resources")
     stand_in.__doc__ = "dfm_ext stand-in: only resource_stream, for pytorch_wavelets' DTCWT loader."
 
-    def resource_stream(package: str, resource: str):  # the one name the loader uses
+    def resource_stream(package: str, resource: str) -> IO[bytes]:  # the one name the loader uses
         return importlib.resources.files(package).joinpath(resource).open("rb")
 
-    stand_in.resource_stream = resource_stream  # type: ignore[attr-defined]
+    stand_in.resource_stream = resource_stream  # type: ignore[attr-defined]  # a module built at run time
     sys.modules["pkg_resources"] = stand_in
     try:
         import pytorch_wavelets

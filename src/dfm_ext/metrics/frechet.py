@@ -345,7 +345,8 @@ def frechet_distance_from_images(
     """
     reference = real if isinstance(real, FeatureStatistics) else None
     metric = FrechetDistance(extractor, value_range=value_range, reference=reference)
-    sets = [(False, fake, "fake")] if reference is not None else [(True, real, "real"), (False, fake, "fake")]
+    sets: list[tuple[bool, ImageSource, str]] = [] if isinstance(real, FeatureStatistics) else [(True, real, "real")]
+    sets.append((False, fake, "fake"))
     for flag, source, name in sets:
         batches = iter_batches(source, batch_size, name=name)
         for batch in progress(batches, enabled=progress_bar, desc=f"FD {name}", total=num_batches(source, batch_size)):

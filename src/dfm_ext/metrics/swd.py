@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ def _blur(x: Tensor, gain: float = 1.0) -> Tensor:
     return F.conv2d(x, k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
 
 
-def _upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
+def _upsample(x: Tensor, size: tuple[int, ...]) -> Tensor:
     # Zero insertion then a 4x-gain blur: the exact transpose of blur-and-subsample, as in the paper.
     b, c, h, w = x.shape
     up = x.new_zeros(b, c, 2 * h, 2 * w)
@@ -383,7 +384,7 @@ def swd(
     batch_size: int = 64,
     progress_bar: bool = True,
     generator: torch.Generator | None = None,
-    **options,
+    **options: Any,
 ) -> SWDResult:
     """Multi-scale sliced Wasserstein distance between two image sets (``x 1e3``, lower is better).
 

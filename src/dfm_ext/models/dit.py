@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +84,10 @@ class DiTConfig:
     def __post_init__(self) -> None:
         size = self.input_size
         if isinstance(size, (list, tuple)):
-            size = tuple(int(s) for s in size)
-            if len(size) != 2:
+            hw = tuple(int(s) for s in size)
+            if len(hw) != 2:
                 raise ValueError(f"input_size must be an int or (H, W), got {self.input_size!r}")
-            object.__setattr__(self, "input_size", size)
+            object.__setattr__(self, "input_size", hw)
         elif isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"input_size must be an int or (H, W), got {self.input_size!r} ({type(size).__name__})")
         for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
@@ -163,7 +164,9 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
     return torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1).float()
 
 
-def rope_2d(head_dim: int, grid: tuple[int, int], *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+def rope_2d(
+    head_dim: int, grid: tuple[int, ...], *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Cosines and sines ``[N, head_dim]`` of axial 2-D RoPE: first half of each head rotates with the row, second with the column."""
     quarter = head_dim // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -220,7 +223,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(freq.to(_linear(self.mlp[0]).weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -296,6 +299,11 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def _linear(m: nn.Module) -> nn.Linear:
+    """``m`` as the ``nn.Linear`` it is by construction (``nn.Sequential`` indexing is typed as any Module)."""
+    return cast(nn.Linear, m)
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -395,7 +403,7 @@ class DiT(nn.Module):
         return None if config.rope else sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None]
 
     def _rope(self, head_dim: int, grid: tuple[int, ...], device: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        return rope_2d(head_dim, grid, device=device, dtype=dtype) if self.config.rope else None  # type: ignore[arg-type]
+        return rope_2d(head_dim, grid, device=device, dtype=dtype) if self.config.rope else None
 
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         """Check ``x`` against the config and return its token grid ``(Gh, Gw)``."""
@@ -428,21 +436,24 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        # The patch projection is a Conv2d here and a Conv3d in VideoDiT (see _patch_embed).
+        proj = cast("nn.Conv2d | nn.Conv3d", self.x_embedder.get_submodule("proj"))
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.normal_(_linear(self.t_embedder.mlp[0]).weight, std=0.02)
+        nn.init.normal_(_linear(self.t_embedder.mlp[2]).weight, std=0.02)
+        modulated: list[DiTBlock | FinalLayer] = [*cast("Iterable[DiTBlock]", self.blocks), self.final_layer]
+        for layer in modulated:
+            nn.init.zeros_(_linear(layer.adaLN_modulation[-1]).weight)
+            nn.init.zeros_(_linear(layer.adaLN_modulation[-1]).bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def rope_for_grid(self, grid: tuple[int, ...], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor] | None:
+    def rope_for_grid(
+        self, grid: tuple[int, ...], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor] | None:
         """RoPE cosines/sines for a token grid (cached), or ``None`` without RoPE."""
         key = (tuple(grid), str(device), dtype)
         if key not in self._rope_cache:
@@ -453,7 +464,7 @@ class DiT(nn.Module):
             self._rope_cache[key] = rope
         return self._rope_cache[key]
 
-    def unpatchify(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    def unpatchify(self, x: Tensor, grid: tuple[int, ...]) -> Tensor:
         """Tokens ``[B, N, p * p * C]`` in ``(p, q, c)`` order -> ``[B, C, Gh * p, Gw * p]``."""
         p, c = self.config.patch_size, self.config.out_channels
         gh, gw = grid

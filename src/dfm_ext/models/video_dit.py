@@ -59,8 +59,7 @@ class VideoDiTConfig:
         size = self.input_size
         if isinstance(size, (int, str)) or len(size) != 3:
             raise ValueError(f"input_size must be (T, H, W), got {size!r}")
-        size = tuple(int(s) for s in size)
-        object.__setattr__(self, "input_size", size)
+        object.__setattr__(self, "input_size", tuple(int(s) for s in size))
         for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -108,7 +107,13 @@ class VideoDiTConfig:
         return cls(**{**d, "input_size": tuple(d.get("input_size", cls.input_size))})
 
 
-def rope_3d(head_dim: int, grid: tuple[int, int, int], *, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+def rope_3d(
+    head_dim: int,
+    grid: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
     """Cosines and sines ``[T * Gh * Gw, head_dim]`` of axial 3-D RoPE, frame-major token order.
 
     The head has ``head_dim / 2`` rotation pairs laid out as :func:`dfm_ext.models.dit.rope_2d`'s
@@ -179,7 +184,7 @@ class VideoDiT(DiT):
         return None  # 3-D RoPE only: any number of frames and any divisible size
 
     def _rope(self, head_dim: int, grid: tuple[int, ...], device: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return rope_3d(head_dim, grid, device=device, dtype=dtype)  # type: ignore[arg-type]
+        return rope_3d(head_dim, grid, device=device, dtype=dtype)
 
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         """Check ``x`` against the config and return its token grid ``(T, Gh, Gw)``."""
@@ -190,7 +195,7 @@ class VideoDiT(DiT):
             raise ValueError(f"x spatial size {tuple(x.shape[3:])} is not divisible by patch {cfg.patch_size}")
         return (x.shape[2], x.shape[3] // cfg.patch_size, x.shape[4] // cfg.patch_size)
 
-    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    def unpatchify(self, x: Tensor, grid: tuple[int, ...]) -> Tensor:
         """Tokens ``[B, N, p * p * C]`` in ``(p, q, c)`` order -> ``[B, C, T, Gh * p, Gw * p]``."""
         p, c = self.config.patch_size, self.config.out_channels
         t, gh, gw = grid

@@ -137,15 +137,14 @@ def t_to_discrete(t: float | Tensor, num_train_timesteps: int = 1000) -> int | T
         (999, 0, 500)
     """
     n = _check_num(num_train_timesteps)
-    sigma = t_to_sigma(t)
-    if isinstance(sigma, Tensor):
+    if isinstance(t, Tensor):
         # float64 so that round-tripping discrete_to_t(k) gives back k exactly for every k < 2**24.
-        return torch.round(sigma.double() * (n - 1)).long()
+        return torch.round(t_to_sigma(t).double() * (n - 1)).long()
     # Python's round() and torch.round() both round half to even, so floats and tensors agree.
-    return int(round(sigma * (n - 1)))
+    return int(round(t_to_sigma(t) * (n - 1)))
 
 
-def discrete_to_t(k: int | Tensor, num_train_timesteps: int = 1000) -> float | Tensor:
+def discrete_to_t(k: int | float | Tensor, num_train_timesteps: int = 1000) -> float | Tensor:
     """Integer timestep ``k`` in ``[0, N - 1]`` to flow time ``t = 1 - k / (N - 1)``.
 
     A tensor input gives a float32 tensor (float64 if ``k`` is float64).
@@ -161,11 +160,10 @@ def discrete_to_t(k: int | Tensor, num_train_timesteps: int = 1000) -> float | T
         _check_range(k, 0, n - 1, "k")
         dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
         return (1 - k.double() / (n - 1)).to(dtype)
+    if isinstance(k, float) and k.is_integer():  # a whole float such as 999.0 is accepted
+        k = int(k)
     if isinstance(k, bool) or not isinstance(k, int):
-        if isinstance(k, float) and k.is_integer():
-            k = int(k)
-        else:
-            raise TypeError(f"k must be an int or a tensor, got {k!r}")
+        raise TypeError(f"k must be an int or a tensor, got {k!r}")
     _check_range(k, 0, n - 1, "k")
     return 1 - k / (n - 1)
 

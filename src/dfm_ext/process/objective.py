@@ -322,7 +322,7 @@ def estimate_stage_scales(
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
     batches: Iterable[Any] = [samples] if isinstance(samples, Tensor) else samples
-    total = sq = count = None
+    acc: tuple[Tensor, Tensor, Tensor] | None = None  # per-stage (sum, sum of squares, count)
     seen = 0
     with torch.no_grad():
         for item in batches:
@@ -333,10 +333,11 @@ def estimate_stage_scales(
             s_sum = torch.stack([st.double().sum().cpu() for st in stages])
             s_sq = torch.stack([st.double().pow(2).sum().cpu() for st in stages])
             s_n = torch.tensor([st.numel() for st in stages], dtype=torch.float64)
-            total, sq, count = (s_sum, s_sq, s_n) if total is None else (total + s_sum, sq + s_sq, count + s_n)
+            acc = (s_sum, s_sq, s_n) if acc is None else (acc[0] + s_sum, acc[1] + s_sq, acc[2] + s_n)
             seen += 1
-    if total is None:
+    if acc is None:
         raise ValueError("estimate_stage_scales got no data")
+    total, sq, count = acc
     mean = total / count
     var = (sq / count - mean**2).clamp_min(0)
     std = var.sqrt()

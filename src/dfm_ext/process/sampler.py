@@ -273,19 +273,21 @@ class DFMSampler:
             raise TypeError(
                 "shape_or_noise must be a shape tuple or a list of per-stage noise tensors, got one tensor"
             )
-        items = list(shape_or_noise)
-        if items and all(isinstance(n, Tensor) for n in items):
-            if len(items) != s:
-                raise ValueError(f"got {len(items)} noise tensors for {s} stages")
-            batch = items[0].shape[0]
-            for j, n in enumerate(items):
+        items: list[int | Tensor] = list(shape_or_noise)
+        noise = [n for n in items if isinstance(n, Tensor)]
+        if items and len(noise) == len(items):
+            if len(noise) != s:
+                raise ValueError(f"got {len(noise)} noise tensors for {s} stages")
+            batch = noise[0].shape[0]
+            for j, n in enumerate(noise):
                 if n.ndim < 2 or n.shape[0] != batch:
                     raise ValueError(f"noise[{j}] has shape {tuple(n.shape)}; all stages need batch {batch}")
-            dev = torch.device(device) if device is not None else items[0].device
-            return [n.to(device=dev, dtype=dtype) for n in items]
-        if not items or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in items):
+            dev = torch.device(device) if device is not None else noise[0].device
+            return [n.to(device=dev, dtype=dtype) for n in noise]
+        dims = [d for d in items if isinstance(d, int) and not isinstance(d, bool) and d >= 1]
+        if not items or len(dims) != len(items):
             raise ValueError(f"shape_or_noise must be a shape of positive ints or a list of tensors, got {shape_or_noise!r}")
-        shapes = self.decomposition.stage_shapes(tuple(items))
+        shapes = self.decomposition.stage_shapes(tuple(dims))
         draw = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
         dev = torch.device(device) if device is not None else draw
         return [torch.randn(sh, generator=generator, device=draw, dtype=dtype).to(dev) for sh in shapes]

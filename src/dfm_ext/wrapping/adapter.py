@@ -185,7 +185,7 @@ def _check_adapter(adapter: Any) -> DiTAdapter:
     if isinstance(adapter, type):
         adapter = adapter()
     if isinstance(adapter, LazyAdapter):
-        return adapter  # type: ignore[return-value]
+        return adapter
     missing = [m for m in _PROTOCOL if not hasattr(adapter, m)]
     if missing:
         raise TypeError(f"{type(adapter).__name__} is not a DiTAdapter: it lacks {', '.join(sorted(missing))}")
@@ -242,10 +242,11 @@ def resolve_adapter(
     inst = _find_adapter(adapter, model)
     bind = getattr(inst, "bind", None)
     if callable(bind):
-        return bind(model, time_convention)  # type: ignore[no-any-return]
+        return bind(model, time_convention)
     if time_convention is None:
         return inst
-    config = inst.config() if callable(getattr(inst, "config", None)) else None
+    config_fn = getattr(inst, "config", None)  # optional extra of the protocol
+    config = config_fn() if callable(config_fn) else None
     if not isinstance(config, dict) or "time_convention" not in config:
         raise TypeError(f"adapter {inst.name!r} takes no time_convention; pass its own options instead")
     if explicit and config["time_convention"] != time_convention:
@@ -253,18 +254,23 @@ def resolve_adapter(
             f"adapter {inst.name!r} was built with time_convention={config['time_convention']!r} but "
             f"wrap_dit got time_convention={time_convention!r}; give it once"
         )
-    return type(inst)(**{**config, "time_convention": time_convention})  # type: ignore[no-any-return]
+    return type(inst)(**{**config, "time_convention": time_convention})
 
 
 def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdapter:
     if not isinstance(adapter, str):
         inst = _check_adapter(adapter)
-        return inst.load() if isinstance(inst, LazyAdapter) else inst  # type: ignore[return-value]
+        found = inst.load() if isinstance(inst, LazyAdapter) else inst
+        if found is None:
+            raise ValueError(f"adapter {inst.name!r}: its module is not available")
+        return found
     candidates = registered_adapters()
     if adapter == "auto":
         for a in candidates:
-            if a.matches(model):
-                return a.load() if isinstance(a, LazyAdapter) else a  # type: ignore[return-value]
+            if a.matches(model):  # before load(): a LazyAdapter imports its module only when it may match
+                found = a.load() if isinstance(a, LazyAdapter) else a
+                if found is not None:
+                    return found
         raise TypeError(
             f"no DiT adapter recognises {type(model).__module__}.{type(model).__qualname__}. "
             "Write a small adapter class with name, matches(model), default_sample_shape(model), "
@@ -276,10 +282,10 @@ def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdap
         )
     for a in candidates:
         if a.name == adapter:
-            inst = a.load() if isinstance(a, LazyAdapter) else a
-            if inst is None:
+            found = a.load() if isinstance(a, LazyAdapter) else a
+            if found is None:
                 break
-            return inst  # type: ignore[return-value]
+            return found
     names = [a.name for a in candidates]
     raise ValueError(f"no adapter named {adapter!r}; registered adapters: {names}")
 

@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.wrapping.packing import ScalePacker
+
 Init = Literal["pretrained", "scratch"]
 PatchLike = int | Sequence[int]
 
@@ -164,7 +166,7 @@ class MultiScalePatchEmbed(nn.Module):
         self.proj = nn.Linear(self._offsets[-1], self.hidden_size, bias=bias)
 
     @classmethod
-    def from_packer(cls, packer, hidden_size: int, *, bias: bool = True) -> MultiScalePatchEmbed:
+    def from_packer(cls, packer: ScalePacker, hidden_size: int, *, bias: bool = True) -> MultiScalePatchEmbed:
         """Build for the stages of a :class:`~dfm_ext.wrapping.packing.ScalePacker`."""
         return cls([s[0] for s in packer.stage_shapes], packer.patch_sizes, hidden_size, bias=bias)
 
@@ -274,7 +276,7 @@ class MultiScalePatchEmbed(nn.Module):
         embed.reset_parameters_(init)
         if init == "pretrained":
             embed.load_stage_kernel_(0, kernel.detach())
-            if embed_bias:
+            if conv.bias is not None and embed.proj.bias is not None:  # both or neither: bias=embed_bias
                 with torch.no_grad():
                     embed.proj.bias.copy_(conv.bias)
         return embed
@@ -408,11 +410,13 @@ class MultiScaleTimestepEmbed(nn.Module):
     def forward(self, t: Tensor, stage: Tensor | None = None) -> Tensor:
         if t.ndim != 2 or t.shape[1] != self.num_stages:
             raise ValueError(f"t must have shape [B, {self.num_stages}], got {tuple(t.shape)}")
-        out = None
+        parts = []
         for s, emb in enumerate(self.embedders):
             ts = t[:, s]
-            e = emb(self.time_transform(ts) if self.time_transform is not None else ts)
-            out = e if out is None else out + e
+            parts.append(emb(self.time_transform(ts) if self.time_transform is not None else ts))
+        out = parts[0]
+        for e in parts[1:]:
+            out = out + e
         if self.stage_embed is not None:
             if stage is None:
                 raise ValueError("stage [B] is required when the stage embedding is enabled")
@@ -464,7 +468,7 @@ class MultiScaleHead(nn.Linear):
         self._offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
 
     @classmethod
-    def from_packer(cls, hidden_size: int, packer, *, bias: bool = True) -> MultiScaleHead:
+    def from_packer(cls, hidden_size: int, packer: ScalePacker, *, bias: bool = True) -> MultiScaleHead:
         """Build for the stages of a :class:`~dfm_ext.wrapping.packing.ScalePacker`."""
         return cls(hidden_size, [s[0] for s in packer.stage_shapes], packer.patch_sizes, bias=bias)
 
@@ -521,12 +525,13 @@ class MultiScaleHead(nn.Linear):
             raise ValueError(f"pretrained head weight has shape {tuple(weight.shape)}, expected [*, {self.in_features}]")
         w = _to_channel_major(weight, base_channels, bp, order, axis=0)[:c]
         self.stage_weight(s).copy_(_fold_subblocks(w, self.patch_sizes[s], bp, "mean"))
-        if self.bias is not None:
+        stage_bias = self.stage_bias(s)
+        if stage_bias is not None:
             if bias is None:
-                self.stage_bias(s).zero_()
+                stage_bias.zero_()
             else:
                 b = _to_channel_major(bias, base_channels, bp, order, axis=0)[:c]
-                self.stage_bias(s).copy_(_fold_subblocks(b, self.patch_sizes[s], bp, "mean"))
+                stage_bias.copy_(_fold_subblocks(b, self.patch_sizes[s], bp, "mean"))
 
     @classmethod
     def from_linear(

@@ -21,13 +21,14 @@ from torch import Tensor
 
 __all__ = ["ScalePacker", "patch_sizes_for_grid"]
 
-PatchSize = int | tuple[int, int] | tuple[int, int, int]
+PatchSize = int | Sequence[int]  # p, (ph, pw) or (pt, ph, pw)
 
 
 def _norm_patch(patch: PatchSize, spatial_rank: int) -> tuple[int, ...]:
     """Normalise a patch size to one entry per non-channel dim ((ph, pw) or (pt, ph, pw))."""
     if isinstance(patch, bool):
         raise TypeError(f"patch size must be an int or a tuple of ints, got {patch!r}")
+    out: tuple[int, ...]
     if isinstance(patch, int):
         out = (patch, patch) if spatial_rank == 2 else (1, patch, patch)
     else:
@@ -108,18 +109,18 @@ class ScalePacker:
     """
 
     def __init__(self, stage_shapes: Sequence[Sequence[int]], patch_sizes: Sequence[PatchSize]):
-        stage_shapes = [tuple(int(d) for d in s) for s in stage_shapes]
-        if not stage_shapes:
+        shapes = [tuple(int(d) for d in s) for s in stage_shapes]
+        if not shapes:
             raise ValueError("stage_shapes must name at least one stage")
-        if len(patch_sizes) != len(stage_shapes):
-            raise ValueError(f"got {len(patch_sizes)} patch sizes for {len(stage_shapes)} stages")
-        rank = len(stage_shapes[0])
-        if rank not in (3, 4) or any(len(s) != rank for s in stage_shapes):
-            raise ValueError(f"stage shapes must all be (C, H, W) or all (C, T, H, W), got {stage_shapes}")
+        if len(patch_sizes) != len(shapes):
+            raise ValueError(f"got {len(patch_sizes)} patch sizes for {len(shapes)} stages")
+        rank = len(shapes[0])
+        if rank not in (3, 4) or any(len(s) != rank for s in shapes):
+            raise ValueError(f"stage shapes must all be (C, H, W) or all (C, T, H, W), got {shapes}")
         spatial = rank - 1
-        grid = None
+        grid: tuple[int, ...] | None = None
         layouts = []
-        for s, (shape, patch) in enumerate(zip(stage_shapes, patch_sizes)):
+        for s, (shape, patch) in enumerate(zip(shapes, patch_sizes)):
             p = _norm_patch(patch, spatial)
             dims = shape[1:]
             if any(d % q for d, q in zip(dims, p)):
@@ -133,9 +134,10 @@ class ScalePacker:
                     f"but stage 0 gives {grid}; choose patch sizes that give one grid"
                 )
             layouts.append(_StageLayout(shape[0], p))
-        self.stage_shapes: list[tuple[int, ...]] = stage_shapes
+        assert grid is not None  # shapes is non-empty, so the loop set it
+        self.stage_shapes: list[tuple[int, ...]] = shapes
         self.patch_sizes: list[tuple[int, ...]] = [lay.patch for lay in layouts]
-        self.grid: tuple[int, ...] = grid  # type: ignore[assignment]
+        self.grid: tuple[int, ...] = grid
         self._layouts = layouts
 
     @property
