@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 __all__ = [
+    "DISK_FULL_ERRNOS",
     "MANIFEST",
     "CorruptCheckpointError",
     "DiskFullError",
@@ -54,8 +55,10 @@ __all__ = [
     "Stateful",
     "check_checkpoint",
     "clean_partial",
+    "disk_full_error",
     "find_latest",
     "find_resumable",
+    "fsync_dir",
     "list_checkpoints",
     "load_checkpoint",
     "quarantine",
@@ -63,6 +66,7 @@ __all__ = [
     "step_dir_name",
     "validate_legacy",
     "verify_manifest",
+    "write_atomic",
     "write_manifest",
 ]
 
@@ -89,7 +93,7 @@ class DiskFullError(OSError):
 
 
 _STEP = re.compile(r"^step-(\d+)$")
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def step_dir_name(step: int) -> str:
@@ -99,7 +103,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new or renamed files) to disk; a no-op where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems do not allow opening folders
@@ -112,7 +117,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing: a synced temporary file renamed over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as f:
@@ -123,7 +129,7 @@ def _write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -193,7 +199,7 @@ def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, An
             os.fsync(fh.fileno())
         files[f.relative_to(path).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     record = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-    _write_atomic(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_atomic(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
 
@@ -335,7 +341,7 @@ def quarantine(path: str | Path) -> Path:
         n += 1
         target = path.with_name(f"corrupt-{path.name}-{n}")
     os.replace(path, target)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return target
 
 
@@ -353,7 +359,8 @@ def clean_partial(root: str | Path) -> list[Path]:
     return stale
 
 
-def _disk_full(e: OSError, path: Path, what: str) -> DiskFullError:
+def disk_full_error(e: OSError, path: Path, what: str) -> DiskFullError:
+    """A :class:`DiskFullError` for ``e`` (an errno in :data:`DISK_FULL_ERRNOS`) naming ``what`` and ``path``."""
     return DiskFullError(
         e.errno,
         f"the disk is full (no space left) while writing {what} {path}: {e}; free space on that disk or point "
@@ -408,8 +415,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))
     except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise _disk_full(e, tmp, "checkpoint") from e
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(e, tmp, "checkpoint") from e
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -419,13 +426,13 @@ def save_checkpoint(
 
                 torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_atomic(root / "latest", name + "\n")
+            fsync_dir(root)
+            write_atomic(root / "latest", name + "\n")
         except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
+            if e.errno in DISK_FULL_ERRNOS:
+                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
             raise
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:
