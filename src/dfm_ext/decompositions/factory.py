@@ -41,6 +41,7 @@ DECOMPOSITION_FIELDS: dict[str, tuple[str, ...]] = {
     "dct": ("block_size", "bands"),
     "identity": (),
 }
+#: The kinds a config can name (``"kind"``), in the order above.
 DECOMPOSITION_KINDS: tuple[str, ...] = tuple(DECOMPOSITION_FIELDS)
 # Accepted on input only (the canonical wavelet config spells its stages as factors).
 _INPUT_ONLY = {"wavelet": ("levels", "num_stages")}

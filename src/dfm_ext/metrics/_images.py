@@ -8,6 +8,21 @@ from typing import Union
 import torch
 from torch import Tensor
 
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageSource",
+    "SetShapes",
+    "check_images",
+    "default_generator",
+    "iter_batches",
+    "load_state_dict_file",
+    "num_batches",
+    "progress",
+    "to_network_input",
+    "to_unit_range",
+]
+
 #: What the functional metrics accept for a set of images: one tensor ``[N, C, H, W]`` (split
 #: into batches), or an iterable of batches ``[B, C, H, W]`` (a batch may also be a tuple or list
 #: whose first element is the image tensor, as a ``DataLoader`` over a ``TensorDataset`` yields).
