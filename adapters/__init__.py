@@ -24,9 +24,18 @@ also lazily: each is imported from its module on first access.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dfm_ext.wrapping.adapter import LazyAdapter
+
+if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run time __getattr__ imports them
+    from dfm_ext.adapters.cogvideox import CogVideoXAdapter
+    from dfm_ext.adapters.diffusers_dit import DiffusersDiTAdapter
+    from dfm_ext.adapters.dit import DiTFamilyAdapter
+    from dfm_ext.adapters.flux import FluxAdapter
+    from dfm_ext.adapters.pixart import PixArtAdapter
+    from dfm_ext.adapters.sd3 import SD3Adapter
+    from dfm_ext.adapters.video_dit import VideoDiTAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
