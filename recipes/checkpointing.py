@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 __all__ = [
-    "DISK_FULL_ERRNOS",
     "MANIFEST",
     "CorruptCheckpointError",
     "DiskFullError",
@@ -55,10 +54,8 @@ __all__ = [
     "Stateful",
     "check_checkpoint",
     "clean_partial",
-    "disk_full_error",
     "find_latest",
     "find_resumable",
-    "fsync_dir",
     "list_checkpoints",
     "load_checkpoint",
     "quarantine",
@@ -66,7 +63,6 @@ __all__ = [
     "step_dir_name",
     "validate_legacy",
     "verify_manifest",
-    "write_atomic",
     "write_manifest",
 ]
 
@@ -93,7 +89,7 @@ class DiskFullError(OSError):
 
 
 _STEP = re.compile(r"^step-(\d+)$")
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def step_dir_name(step: int) -> str:
@@ -103,8 +99,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (new or renamed files) to disk; a no-op where folders cannot be opened."""
+def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems do not allow opening folders
@@ -117,8 +112,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` all or nothing: a synced temporary file renamed over it."""
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w") as f:
@@ -129,7 +123,7 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -199,7 +193,7 @@ def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, An
             os.fsync(fh.fileno())
         files[f.relative_to(path).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
     record = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-    write_atomic(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    _write_atomic(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
 
@@ -341,7 +335,7 @@ def quarantine(path: str | Path) -> Path:
         n += 1
         target = path.with_name(f"corrupt-{path.name}-{n}")
     os.replace(path, target)
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
     return target
 
 
@@ -359,8 +353,7 @@ def clean_partial(root: str | Path) -> list[Path]:
     return stale
 
 
-def disk_full_error(e: OSError, path: Path, what: str) -> DiskFullError:
-    """A :class:`DiskFullError` for ``e`` (an errno in :data:`DISK_FULL_ERRNOS`) naming ``what`` and ``path``."""
+def _disk_full(e: OSError, path: Path, what: str) -> DiskFullError:
     return DiskFullError(
         e.errno,
         f"the disk is full (no space left) while writing {what} {path}: {e}; free space on that disk or point "
@@ -415,8 +408,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))
     except OSError as e:
-        if e.errno in DISK_FULL_ERRNOS:
-            raise disk_full_error(e, tmp, "checkpoint") from e
+        if e.errno in _DISK_FULL:
+            raise _disk_full(e, tmp, "checkpoint") from e
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -426,13 +419,13 @@ def save_checkpoint(
 
                 torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            fsync_dir(tmp)
+            _fsync_dir(tmp)
             os.replace(tmp, final)
-            fsync_dir(root)
-            write_atomic(root / "latest", name + "\n")
+            _fsync_dir(root)
+            _write_atomic(root / "latest", name + "\n")
         except OSError as e:
-            if e.errno in DISK_FULL_ERRNOS:
-                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
+            if e.errno in _DISK_FULL:
+                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
             raise
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .checkpointing import (
     CorruptCheckpointError,
+    _write_atomic,
     check_checkpoint,
     clean_partial,
     find_resumable,
@@ -51,7 +52,6 @@ from .checkpointing import (
     load_checkpoint,
     quarantine,
     save_checkpoint,
-    write_atomic,
 )
 from .config import ConfigError, config_to_dict, save_config
 from .data_images import BatchPlan, PlanBatchSampler, collate_items
@@ -484,7 +484,7 @@ class Trainer:
                 moved = quarantine(p)
                 print(f"moved {p} aside to {moved.name}", file=sys.stderr)
         if resume is not None and resume.parent == ckpts:
-            write_atomic(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
+            _write_atomic(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
 
     def _check_config(self, resume: Path | None) -> None:
         stored = self.output_dir / "config.yaml"

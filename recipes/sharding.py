@@ -39,15 +39,15 @@ import torch
 from torch import Tensor, nn
 
 from .checkpointing import (
-    DISK_FULL_ERRNOS,
+    _DISK_FULL,
     EXTRA_STATE,
     Stateful,
+    _disk_full,
+    _fsync_dir,
+    _write_atomic,
     clean_partial,
-    disk_full_error,
-    fsync_dir,
     list_checkpoints,
     step_dir_name,
-    write_atomic,
     write_manifest,
 )
 
@@ -265,23 +265,23 @@ def save_sharded_checkpoint(
     try:
         dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp))  # collective; metadata by rank 0
     except OSError as e:
-        if e.errno in DISK_FULL_ERRNOS:
-            raise disk_full_error(e, tmp, "checkpoint") from e
+        if e.errno in _DISK_FULL:
+            raise _disk_full(e, tmp, "checkpoint") from e
         raise
     dist.barrier()
     if main:
         try:
             torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
             marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
-            write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
+            _write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            fsync_dir(tmp)
+            _fsync_dir(tmp)
             os.replace(tmp, final)
-            fsync_dir(root)
-            write_atomic(root / "latest", name + "\n")
+            _fsync_dir(root)
+            _write_atomic(root / "latest", name + "\n")
         except OSError as e:
-            if e.errno in DISK_FULL_ERRNOS:
-                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
+            if e.errno in _DISK_FULL:
+                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
             raise
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:
