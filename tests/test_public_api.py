@@ -17,7 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "dfm_ext"
-SUBPACKAGES = ["validation", "decompositions", "process", "specialize", "models", "wrapping", "metrics"]
+#: The library's subpackages and public top-level modules (validation, fileio, ...).
+SUBPACKAGES = sorted(
+    [p.parent.name for p in SRC.glob("*/__init__.py")] + [p.stem for p in SRC.glob("*.py") if not p.stem.startswith("_")]
+)
 PUBLIC = ["dfm_ext", *(f"dfm_ext.{p}" for p in SUBPACKAGES), "dfm_ext.adapters"]
 
 
@@ -73,6 +76,10 @@ def test_every_public_name_is_documented(package: str) -> None:
     for name in names:
         assert hasattr(module, name), f"{package}.__all__ names {name}, which it does not define"
     assert not _undocumented(package), "\n".join(_undocumented(package))
+
+
+def test_public_modules_found() -> None:
+    assert {"validation", "decompositions", "process", "specialize", "models", "wrapping", "metrics"} <= set(SUBPACKAGES)
 
 
 def test_documentation_check_finds_gaps(tmp_path: Path) -> None:
