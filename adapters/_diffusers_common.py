@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from dfm_ext.process.conventions import TIME_CONVENTIONS
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
-from dfm_ext.specialize.core import checkpoint, routing_active
+from dfm_ext.specialize import checkpoint, routing_active
 
 __all__ = [
     "DiffusersAdapterBase",
@@ -150,11 +150,11 @@ def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
     ``args`` are positional, in the block's ``forward`` order, as diffusers passes them to its
     checkpointing function; one argument list serves both paths, so they cannot disagree.
     The model's own checkpoint function is used, except inside a forward of a per-stage
-    specialised model, which goes through :func:`dfm_ext.specialize.core.checkpoint`.
+    specialised model, which goes through :func:`dfm_ext.specialize.checkpoint`.
     """
     if torch.is_grad_enabled() and model.gradient_checkpointing:
         if _stage_routing_active() or model._gradient_checkpointing_func is None:
-            # A per-stage specialised model (dfm_ext.specialize.core) must get its stage routing
+            # A per-stage specialised model (dfm_ext.specialize) must get its stage routing
             # back for the recompute in backward, which diffusers' checkpoint function cannot do.
             return checkpoint(block, *args)
         return model._gradient_checkpointing_func(block, *args)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
-from dfm_ext.specialize.core import checkpoint
+from dfm_ext.specialize import checkpoint
 
 __all__ = ["DiTFamilyAdapter", "ADAPTER"]
 
