@@ -29,6 +29,8 @@ wiring and forward.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +42,7 @@ from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, Mu
 from dfm_ext.specialize import checkpoint, routing_active
 
 __all__ = [
+    "DIFFUSERS_LAYER_GROUPS",
     "DiffusersAdapterBase",
     "PatchEmbedAdapterBase",
     "TimeMLP",
@@ -241,6 +244,19 @@ def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str =
         out[key] = torch.zeros_like(value)
     return out
 
+#: ``dfm_ext.specialize`` layer groups on the names of diffusers' shared blocks (``attn1.to_q``,
+#: ``ff.net``, ``ff_context``, ``norm1.linear``, ``timestep_embedder``, ``pos_embed.proj``,
+#: ``proj_out``); each family adapter extends them with its own (``combine_layer_groups``).
+DIFFUSERS_LAYER_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "cond": (r"(^|\.)timestep_embedder\.",),
+        "mod": (r"(^|\.)norm[^.]*\.linear$",),
+        "attn": (r"(^|\.)attn\d*\.",),
+        "mlp": (r"(^|\.)ff(_context)?\.",),
+        "proj": (r"(^|\.)(pos_embed|patch_embed)\.proj(\.proj)?$", r"(^|\.)proj_out$"),
+    }
+)
+
 
 class DiffusersAdapterBase:
     """What the diffusers family adapters (:class:`dfm_ext.wrapping.adapter.DiTAdapter`) share.
@@ -261,6 +277,8 @@ class DiffusersAdapterBase:
     name: ClassVar[str]
     model_class: ClassVar[str]
     grid_ndim: ClassVar[int] = 2
+    #: the family's ``dfm_ext.specialize`` layer groups (a subclass adds its own names)
+    layer_groups: ClassVar[Mapping[str, tuple[str, ...]]] = DIFFUSERS_LAYER_GROUPS
 
     def __init__(self, time_convention: str, output_scale: float) -> None:
         self.time_convention = check_time_convention(time_convention)
