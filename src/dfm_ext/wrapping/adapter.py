@@ -99,9 +99,8 @@ class DiTAdapter(Protocol):
     (``cond``, ``mod``, ``attn``, ``mlp``, ``proj``, or the family's own) to regular expressions
     searched in module names, the layer groups of this family. ``specialize`` reads it from the
     wrapped model's ``adapter`` (without it: ``dfm_ext.specialize.DEFAULT_LAYER_GROUPS``); the
-    built-in adapters declare theirs, the diffusers ones extending
-    ``dfm_ext.adapters._diffusers_common.DIFFUSERS_LAYER_GROUPS`` with
-    :func:`dfm_ext.specialize.combine_layer_groups`.
+    built-in adapters declare theirs (the diffusers ones extend a shared table with
+    :func:`dfm_ext.specialize.combine_layer_groups`).
     """
 
     name: str
