@@ -177,3 +177,20 @@ def test_combine_layer_groups() -> None:
     assert dict(combined) == {"mlp": ("a", "c"), "attn": ("b",), "text": ("d",)}
     assert isinstance(combined, MappingProxyType)
     assert set(DEFAULT_LAYER_GROUPS) == set(GROUPS)
+
+
+def test_specialize_sits_below_wrapping_and_adapters() -> None:
+    """``dfm_ext.specialize`` imports no layer above it (it reads adapters duck-typed)."""
+    import ast
+    from pathlib import Path
+
+    import dfm_ext
+
+    below = ("dfm_ext.specialize", "dfm_ext.validation", "dfm_ext.decompositions", "dfm_ext.process")
+    for path in sorted((Path(dfm_ext.__file__).parent / "specialize").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dfm_ext"):
+                assert node.module.startswith(below), (path.name, node.module)
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("dfm_ext") or alias.name.startswith(below), (path.name, alias.name)
