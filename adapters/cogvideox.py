@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialize import combine_layer_groups
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_head
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
@@ -67,7 +67,7 @@ class CogVideoXAdapter(DiffusersAdapterBase):
 
     name = "cogvideox"
     model_class = "CogVideoXTransformer3DModel"
-    #: ``dfm_ext.specialize`` layer groups: diffusers' shared names and ``time_embedding``,
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_embedding``,
     #: ``patch_embed.text_proj``
     layer_groups = combine_layer_groups(
         DIFFUSERS_LAYER_GROUPS,

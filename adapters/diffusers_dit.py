@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_ext.validation import check_value
-from dfm_ext.specialize import combine_layer_groups
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleTimestepEmbed
 
@@ -125,7 +125,7 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
 
     name = "diffusers_dit"
     model_class = "DiTTransformer2DModel"
-    #: ``dfm_ext.specialize`` layer groups: diffusers' shared names and ``norm1.emb.class_embedder``,
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``norm1.emb.class_embedder``,
     #: ``proj_out_1`` (modulation), ``proj_out_2`` (output)
     layer_groups = combine_layer_groups(
         DIFFUSERS_LAYER_GROUPS,

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
-from dfm_ext.specialize import checkpoint
+from dfm_ext.specialization import checkpoint
 
 __all__ = ["DiTFamilyAdapter", "ADAPTER"]
 
@@ -103,7 +103,7 @@ class DiTFamilyAdapter:
     """
 
     name = "dit"
-    #: ``dfm_ext.specialize`` layer groups, on DiT's module names (``x_embedder``, ``t_embedder``,
+    #: ``dfm_ext.specialization`` layer groups, on DiT's module names (``x_embedder``, ``t_embedder``,
     #: ``y_embedder``, ``blocks.i.attn``, ``blocks.i.mlp``, ``adaLN_modulation``, ``final_layer``).
     layer_groups: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         {

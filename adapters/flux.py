@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialize import combine_layer_groups
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
@@ -84,7 +84,7 @@ class FluxAdapter(DiffusersAdapterBase):
 
     name = "flux"
     model_class = "FluxTransformer2DModel"
-    #: ``dfm_ext.specialize`` layer groups: diffusers' shared names and ``time_text_embed``,
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_text_embed``,
     #: ``context_embedder``, ``x_embedder``; a single block's ``proj_out`` fuses the attention
     #: output with the MLP and counts as ``mlp`` together with ``proj_mlp``
     layer_groups = combine_layer_groups(

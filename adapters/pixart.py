@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialize import combine_layer_groups
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
 from ._diffusers_common import (
@@ -56,7 +56,7 @@ class PixArtAdapter(PatchEmbedAdapterBase):
 
     name = "pixart"
     model_class = "PixArtTransformer2DModel"
-    #: ``dfm_ext.specialize`` layer groups: diffusers' shared names and ``adaln_single`` (its ``emb`` is
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``adaln_single`` (its ``emb`` is
     #: conditioning, its ``linear`` modulation), ``caption_projection``
     layer_groups = combine_layer_groups(
         DIFFUSERS_LAYER_GROUPS,

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dfm_ext.specialize import combine_layer_groups
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
 from ._diffusers_common import (
@@ -54,7 +54,7 @@ class SD3Adapter(PatchEmbedAdapterBase):
 
     name = "sd3"
     model_class = "SD3Transformer2DModel"
-    #: ``dfm_ext.specialize`` layer groups: diffusers' shared names and ``time_text_embed``,
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_text_embed``,
     #: ``context_embedder``
     layer_groups = combine_layer_groups(
         DIFFUSERS_LAYER_GROUPS,

@@ -19,7 +19,7 @@ p0 = 0.7                      first-stage probability (Table 1a)     worse than 
 wavelet                       Haar DWT stages instead of Laplacian   Laplacian preferred (3.2, F)
 DCT                           block-DCT bands instead of Laplacian   worse (App. F)
 full specialisation, mlp      per-stage MLP weights averaged with    better (Table 1d)
-                              the shared ones (``dfm_ext.specialize``)
+                              the shared ones (``dfm_ext.specialization``)
 full specialisation, all      the same for every layer               better, the best (Table 1d)
 ============================  =====================================  ============================
 

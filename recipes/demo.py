@@ -220,7 +220,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     model = wrap_dit(dit, decomposition, init="scratch", patch_sizes=patches)
     spec = config.get("specialize")
     if spec:
-        from dfm_ext.specialize import specialize
+        from dfm_ext.specialization import specialize
 
         specialize(model, kind=spec["kind"], targets=list(spec["targets"]), rank=spec.get("rank"))
     return model

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from dfm_ext import DiT, DiTConfig, LaplacianPyramid, wrap_dit
-from dfm_ext.specialize import DEFAULT_LAYER_GROUPS, GROUPS, combine_layer_groups, specialize
-from dfm_ext.specialize.groups import select_layers
+from dfm_ext.specialization import DEFAULT_LAYER_GROUPS, GROUPS, combine_layer_groups, specialize
+from dfm_ext.specialization.groups import select_layers
 
 # A copy of ``GROUP_PATTERNS`` as it was in dfm_ext.specialization (one table for every family),
 # the reference the adapters' own tables must reproduce.
@@ -180,14 +180,14 @@ def test_combine_layer_groups() -> None:
 
 
 def test_specialize_sits_below_wrapping_and_adapters() -> None:
-    """``dfm_ext.specialize`` imports no layer above it (it reads adapters duck-typed)."""
+    """``dfm_ext.specialization`` imports no layer above it (it reads adapters duck-typed)."""
     import ast
     from pathlib import Path
 
     import dfm_ext
 
-    below = ("dfm_ext.specialize", "dfm_ext.validation", "dfm_ext.decompositions", "dfm_ext.process")
-    for path in sorted((Path(dfm_ext.__file__).parent / "specialize").glob("*.py")):
+    below = ("dfm_ext.specialization", "dfm_ext.validation", "dfm_ext.decompositions", "dfm_ext.process")
+    for path in sorted((Path(dfm_ext.__file__).parent / "specialization").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dfm_ext"):
                 assert node.module.startswith(below), (path.name, node.module)

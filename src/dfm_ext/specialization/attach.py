@@ -1,9 +1,9 @@
 """Attach and remove per-stage parameters: :func:`specialize`, :func:`merge`, :class:`StageSpecialization`.
 
 ``specialize`` swaps each targeted layer's class for its per-stage subclass
-(:mod:`dfm_ext.specialize.layers`), gives it ``stage_params``, and hooks the model so that every
-forward routes its samples by ``stage`` (:mod:`dfm_ext.specialize.routing`). ``merge`` folds one
-stage back into plain layers. Layers are chosen by group (:mod:`dfm_ext.specialize.groups`).
+(:mod:`dfm_ext.specialization.layers`), gives it ``stage_params``, and hooks the model so that every
+forward routes its samples by ``stage`` (:mod:`dfm_ext.specialization.routing`). ``merge`` folds one
+stage back into plain layers. Layers are chosen by group (:mod:`dfm_ext.specialization.groups`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialize.groups import GROUPS, LayerGroups, Predicate, select_layers
-from dfm_ext.specialize.layers import StageParams, layer_base, stage_class
-from dfm_ext.specialize.params_io import load_stage_parameters, save_stage_parameters
-from dfm_ext.specialize.peft import export_peft_lora
-from dfm_ext.specialize.routing import StageContext
-from dfm_ext.specialize.state import (
+from dfm_ext.specialization.groups import GROUPS, LayerGroups, Predicate, select_layers
+from dfm_ext.specialization.layers import StageParams, layer_base, stage_class
+from dfm_ext.specialization.params_io import load_stage_parameters, save_stage_parameters
+from dfm_ext.specialization.peft import export_peft_lora
+from dfm_ext.specialization.routing import StageContext
+from dfm_ext.specialization.state import (
     CONTEXT_ATTR,
     PARAMS_ATTR,
     check_stage,
@@ -198,7 +198,7 @@ def specialize(
         groups: the whole layer-group table, for a model whose adapter declares none (e.g. a
             bare diffusers transformer: ``groups=FluxAdapter.layer_groups``). Default: the
             ``layer_groups`` of the wrapped model's adapter, else :data:`DEFAULT_LAYER_GROUPS`
-            (:mod:`dfm_ext.specialize.groups`).
+            (:mod:`dfm_ext.specialization.groups`).
         stage_arg: name of the forward argument carrying ``stage`` ``[B]`` (or an int).
         consume_stage: for a model whose forward has no such argument (a plain diffusers
             transformer): accept ``stage=`` as an extra keyword and remove it before forward.

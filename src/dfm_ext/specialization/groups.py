@@ -1,4 +1,4 @@
-"""Layer groups: which layers of a model :func:`~dfm_ext.specialize.specialize` targets by name.
+"""Layer groups: which layers of a model :func:`~dfm_ext.specialization.specialize` targets by name.
 
 A *layer-group table* maps a group name to regular expressions searched (``re.search``) in the
 full module names of the model. The paper's groups are ``cond`` (timestep, class and text
@@ -27,7 +27,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from dfm_ext.specialize.layers import StageLayer, layer_base
+from dfm_ext.specialization.layers import StageLayer, layer_base
 
 __all__ = [
     "GROUPS",

@@ -1,10 +1,10 @@
 """Per-stage layers: ``nn.Linear``/``nn.ConvNd``/``nn.Embedding`` subclasses that route by stage.
 
-:func:`dfm_ext.specialize.specialize` swaps a targeted layer's class for ``Stage<Class>``
+:func:`dfm_ext.specialization.specialize` swaps a targeted layer's class for ``Stage<Class>``
 (:func:`stage_class`: the :class:`StageLayer` mixin over the original class, so subclasses keep
 their helpers) and gives it ``stage_params``, one :class:`StageParams` per stage that owns
 parameters. The forward reads the stage route of the forward in progress
-(:class:`~dfm_ext.specialize.routing.Route`):
+(:class:`~dfm_ext.specialization.routing.Route`):
 
 * a single stage ``s``: one call with stage ``s``'s parameters (:meth:`StageLayer._stage_forward`);
 * ``kind="lora"``, mixed stages: ``y = W x + (alpha / r) * B_{stage[b]} A_{stage[b]} x`` for every
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm_ext.specialize.routing import Route, StageContext
+from dfm_ext.specialization.routing import Route, StageContext
 
 __all__ = [
     "StageParams",

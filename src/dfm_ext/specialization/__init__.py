@@ -21,11 +21,11 @@ Routing: a forward pre-hook on the top model reads ``stage`` and the specialised
 their input by stage (one matmul per stage present, no loop over samples), so a batch that mixes
 stages, the normal case in DFM training, runs every sample with its own stage's parameters.
 
-Modules, by job: :mod:`~dfm_ext.specialize.routing` (stage routing, :func:`checkpoint`),
-:mod:`~dfm_ext.specialize.layers` (per-stage Linear/Conv/Embedding), :mod:`~dfm_ext.specialize.groups`
-(layer-group tables and selection), :mod:`~dfm_ext.specialize.state` (accessors),
-:mod:`~dfm_ext.specialize.attach` (:func:`specialize`, :func:`merge`), :mod:`~dfm_ext.specialize.params_io`
-(the stage-parameter file), :mod:`~dfm_ext.specialize.peft` (peft export), :mod:`~dfm_ext.specialize.io`
+Modules, by job: :mod:`~dfm_ext.specialization.routing` (stage routing, :func:`checkpoint`),
+:mod:`~dfm_ext.specialization.layers` (per-stage Linear/Conv/Embedding), :mod:`~dfm_ext.specialization.groups`
+(layer-group tables and selection), :mod:`~dfm_ext.specialization.state` (accessors),
+:mod:`~dfm_ext.specialization.attach` (:func:`specialize`, :func:`merge`), :mod:`~dfm_ext.specialization.params_io`
+(the stage-parameter file), :mod:`~dfm_ext.specialization.peft` (peft export), :mod:`~dfm_ext.specialization.io`
 (a specialisation saved next to a model).
 
 Example:
@@ -50,13 +50,13 @@ Example:
     'Linear'
 """
 
-from dfm_ext.specialize.attach import StageSpecialization, merge, specialize
-from dfm_ext.specialize.groups import DEFAULT_LAYER_GROUPS, GROUP_PATTERNS, GROUPS, combine_layer_groups
-from dfm_ext.specialize.io import load_specialization, save_specialization
-from dfm_ext.specialize.params_io import load_stage_parameters, save_stage_parameters
-from dfm_ext.specialize.peft import export_peft_lora
-from dfm_ext.specialize.routing import checkpoint, routing_active
-from dfm_ext.specialize.state import is_specialized, stage_parameters_detached
+from dfm_ext.specialization.attach import StageSpecialization, merge, specialize
+from dfm_ext.specialization.groups import DEFAULT_LAYER_GROUPS, GROUP_PATTERNS, GROUPS, combine_layer_groups
+from dfm_ext.specialization.io import load_specialization, save_specialization
+from dfm_ext.specialization.params_io import load_stage_parameters, save_stage_parameters
+from dfm_ext.specialization.peft import export_peft_lora
+from dfm_ext.specialization.routing import checkpoint, routing_active
+from dfm_ext.specialization.state import is_specialized, stage_parameters_detached
 
 __all__ = [
     "DEFAULT_LAYER_GROUPS",

@@ -2,7 +2,7 @@
 
 A specialised model carries one :class:`StageContext`. Its forward pre-hook reads ``stage`` (an
 int or ``[B]`` integer tensor) from the call and pushes a :class:`Route`; every specialised layer
-(:mod:`dfm_ext.specialize.layers`) reads the innermost route. :func:`checkpoint` re-installs the
+(:mod:`dfm_ext.specialization.layers`) reads the innermost route. :func:`checkpoint` re-installs the
 route when activation checkpointing recomputes a segment in backward, after the forward is over.
 """
 

@@ -1,8 +1,8 @@
 """A specialisation saved next to a model: its stage parameters and the record to re-apply it.
 
 :func:`save_specialization` writes ``stage_parameters.safetensors`` (the stage-parameter file,
-:mod:`dfm_ext.specialize.params_io`) and ``stage_lora.json`` (kind, rank, alpha, stages, layers);
-:func:`load_specialization` re-applies :func:`~dfm_ext.specialize.specialize` to a fresh model
+:mod:`dfm_ext.specialization.params_io`) and ``stage_lora.json`` (kind, rank, alpha, stages, layers);
+:func:`load_specialization` re-applies :func:`~dfm_ext.specialization.specialize` to a fresh model
 with exactly the recorded layers and loads the parameters.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
-from dfm_ext.specialize.attach import StageSpecialization, specialize
-from dfm_ext.specialize.params_io import save_stage_parameters
-from dfm_ext.specialize.state import stage_context as _context
-from dfm_ext.specialize.state import stage_layers as _stage_layers
+from dfm_ext.specialization.attach import StageSpecialization, specialize
+from dfm_ext.specialization.params_io import save_stage_parameters
+from dfm_ext.specialization.state import stage_context as _context
+from dfm_ext.specialization.state import stage_layers as _stage_layers
 
 __all__ = ["STAGE_WEIGHTS_FILE", "STAGE_RECORD_FILE", "save_specialization", "load_specialization"]
 

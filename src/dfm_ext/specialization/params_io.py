@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialize.state import PARAMS_ATTR as _PARAMS_ATTR
-from dfm_ext.specialize.state import stage_context as _context
-from dfm_ext.specialize.state import stage_layers as _stage_layers
+from dfm_ext.specialization.state import PARAMS_ATTR as _PARAMS_ATTR
+from dfm_ext.specialization.state import stage_context as _context
+from dfm_ext.specialization.state import stage_layers as _stage_layers
 
 __all__ = ["save_stage_parameters", "load_stage_parameters"]
 

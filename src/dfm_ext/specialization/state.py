@@ -1,7 +1,7 @@
 """Where a specialised model keeps its stage state, and the accessors the other modules share.
 
-:func:`~dfm_ext.specialize.specialize` stores the model's
-:class:`~dfm_ext.specialize.routing.StageContext` as the plain attribute ``CONTEXT_ATTR`` (not a
+:func:`~dfm_ext.specialization.specialize` stores the model's
+:class:`~dfm_ext.specialization.routing.StageContext` as the plain attribute ``CONTEXT_ATTR`` (not a
 submodule) and each specialised layer's stage parameters as its submodule ``PARAMS_ATTR``
 (``<layer>.stage_params.<s>.lora_A``).
 """
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from dfm_ext.specialize.layers import StageLayer
-from dfm_ext.specialize.routing import StageContext
+from dfm_ext.specialization.layers import StageLayer
+from dfm_ext.specialization.routing import StageContext
 
 __all__ = [
     "CONTEXT_ATTR",
@@ -32,7 +32,7 @@ PARAMS_ATTR = "stage_params"
 
 
 def is_specialized(model: nn.Module) -> bool:
-    """Whether :func:`~dfm_ext.specialize.specialize` was applied to ``model`` (and not merged in place)."""
+    """Whether :func:`~dfm_ext.specialization.specialize` was applied to ``model`` (and not merged in place)."""
     return hasattr(model, CONTEXT_ATTR)
 
 
@@ -40,7 +40,7 @@ def stage_context(model: nn.Module) -> StageContext:
     """The stage context of a specialised ``model``; ``ValueError`` if it is not specialised."""
     ctx = getattr(model, CONTEXT_ATTR, None)
     if ctx is None:
-        raise ValueError(f"{type(model).__name__} is not specialised (call dfm_ext.specialize first)")
+        raise ValueError(f"{type(model).__name__} is not specialised (call dfm_ext.specialization first)")
     return ctx
 
 
