@@ -23,13 +23,16 @@ from torch import Tensor
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "dfm_ext.recipes.demo_checkpoint"
+# Released versions wrote "dfm_ext.checkpoint" with kind "dfm_ext.demo" (before the library's
+# subpackages); the step that moved the demo into recipes wrote the names above.
+FORMATS = ("dfm_ext.checkpoint", FORMAT)
 FORMAT_VERSION = 1
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Checkpoint", "CheckpointError", "describe_mismatch", "load_checkpoint",
            "load_legacy_demo_checkpoint"]
 
-LEGACY_KIND = "dfm_ext.recipes.demo"
+LEGACY_KINDS = ("dfm_ext.demo", "dfm_ext.recipes.demo")
 
 
 class CheckpointError(ValueError):
@@ -125,8 +128,8 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("config"), dict):
-        raise CheckpointError(f"{cfg_path} is not a dfm_ext checkpoint config (expected format {FORMAT!r})")
+    if not isinstance(raw, dict) or raw.get("format") not in FORMATS or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{cfg_path} is not a dfm_ext checkpoint config (expected format {FORMATS[0]!r})")
     if raw.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path} has format version {raw.get('version')!r}; this dfm_ext reads {FORMAT_VERSION}")
     try:
@@ -149,7 +152,7 @@ def load_legacy_demo_checkpoint(directory: str | os.PathLike[str], build_model: 
     """
     ck = load_checkpoint(directory)
     config = ck.config
-    if config.get("kind") != LEGACY_KIND or not isinstance(config.get("model"), dict):
+    if config.get("kind") not in LEGACY_KINDS or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{directory} is a dfm_ext checkpoint but not a demo model (kind {config.get('kind')!r})")
     try:
         model = build_model(config["model"])
