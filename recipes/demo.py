@@ -408,6 +408,9 @@ def train(cfg: DemoConfig, data: ImageDataset, *, run_dir: str | os.PathLike[str
             object.__setattr__(p, "stream", stream)  # BatchPlan is a frozen dataclass
             return p
 
+        device = parse_device(cfg.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # one process: accelerate trains on the current CUDA device
         if cfg.batch_size > len(data):
             raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(data)} images)")
         result = Trainer(DemoTask(cfg, mconfig, stream), _Items(data), train_cfg, optim, full_config=cfg,
