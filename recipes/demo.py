@@ -683,7 +683,7 @@ def _replace_dir(src: Path, target: Path) -> None:
 
 def load_wrapped_demo(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
     """The model of a ``save_pretrained`` folder: :func:`load_wrapped`, then its stage parameters if specialised."""
-    from dfm_ext.specialize.core import load_specialization
+    from dfm_ext.specialization import load_specialization
     from dfm_ext.wrapping.wrapper import load_wrapped
 
     model = load_wrapped(directory, device=device)
