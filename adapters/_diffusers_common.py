@@ -29,6 +29,8 @@ wiring and forward.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -37,9 +39,10 @@ from torch import Tensor, nn
 from dfm_ext.process.conventions import TIME_CONVENTIONS
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
-from dfm_ext.specialize.core import checkpoint, routing_active
+from dfm_ext.specialization import checkpoint, routing_active
 
 __all__ = [
+    "DIFFUSERS_LAYER_GROUPS",
     "DiffusersAdapterBase",
     "PatchEmbedAdapterBase",
     "TimeMLP",
@@ -150,11 +153,11 @@ def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
     ``args`` are positional, in the block's ``forward`` order, as diffusers passes them to its
     checkpointing function; one argument list serves both paths, so they cannot disagree.
     The model's own checkpoint function is used, except inside a forward of a per-stage
-    specialised model, which goes through :func:`dfm_ext.specialize.core.checkpoint`.
+    specialised model, which goes through :func:`dfm_ext.specialization.checkpoint`.
     """
     if torch.is_grad_enabled() and model.gradient_checkpointing:
         if _stage_routing_active() or model._gradient_checkpointing_func is None:
-            # A per-stage specialised model (dfm_ext.specialize.core) must get its stage routing
+            # A per-stage specialised model (dfm_ext.specialization) must get its stage routing
             # back for the recompute in backward, which diffusers' checkpoint function cannot do.
             return checkpoint(block, *args)
         return model._gradient_checkpointing_func(block, *args)
@@ -241,6 +244,19 @@ def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str =
         out[key] = torch.zeros_like(value)
     return out
 
+#: ``dfm_ext.specialization`` layer groups on the names of diffusers' shared blocks (``attn1.to_q``,
+#: ``ff.net``, ``ff_context``, ``norm1.linear``, ``timestep_embedder``, ``pos_embed.proj``,
+#: ``proj_out``); each family adapter extends them with its own (``combine_layer_groups``).
+DIFFUSERS_LAYER_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "cond": (r"(^|\.)timestep_embedder\.",),
+        "mod": (r"(^|\.)norm[^.]*\.linear$",),
+        "attn": (r"(^|\.)attn\d*\.",),
+        "mlp": (r"(^|\.)ff(_context)?\.",),
+        "proj": (r"(^|\.)(pos_embed|patch_embed)\.proj(\.proj)?$", r"(^|\.)proj_out$"),
+    }
+)
+
 
 class DiffusersAdapterBase:
     """What the diffusers family adapters (:class:`dfm_ext.wrapping.adapter.DiTAdapter`) share.
@@ -261,6 +277,8 @@ class DiffusersAdapterBase:
     name: ClassVar[str]
     model_class: ClassVar[str]
     grid_ndim: ClassVar[int] = 2
+    #: the family's ``dfm_ext.specialization`` layer groups (a subclass adds its own names)
+    layer_groups: ClassVar[Mapping[str, tuple[str, ...]]] = DIFFUSERS_LAYER_GROUPS
 
     def __init__(self, time_convention: str, output_scale: float) -> None:
         self.time_convention = check_time_convention(time_convention)

@@ -37,10 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_head
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
 from ._diffusers_common import (
+    DIFFUSERS_LAYER_GROUPS,
     DiffusersAdapterBase,
     call_block,
     check_installed,
@@ -65,6 +67,12 @@ class CogVideoXAdapter(DiffusersAdapterBase):
 
     name = "cogvideox"
     model_class = "CogVideoXTransformer3DModel"
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_embedding``,
+    #: ``patch_embed.text_proj``
+    layer_groups = combine_layer_groups(
+        DIFFUSERS_LAYER_GROUPS,
+        {"cond": (r"(^|\.)time_embedding\.", r"(^|\.)patch_embed\.text_proj$")},
+    )
     grid_ndim = 3
 
     def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):

@@ -42,10 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_ext.validation import check_value
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleTimestepEmbed
 
 from ._diffusers_common import (
+    DIFFUSERS_LAYER_GROUPS,
     PatchEmbedAdapterBase,
     call_block,
     check_installed,
@@ -123,6 +125,12 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
 
     name = "diffusers_dit"
     model_class = "DiTTransformer2DModel"
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``norm1.emb.class_embedder``,
+    #: ``proj_out_1`` (modulation), ``proj_out_2`` (output)
+    layer_groups = combine_layer_groups(
+        DIFFUSERS_LAYER_GROUPS,
+        {"cond": (r"(^|\.)class_embedder\.",), "mod": (r"(^|\.)proj_out_1$",), "proj": (r"(^|\.)proj_out_2$",)},
+    )
 
     def __init__(self, time_convention: str = "discrete", label_dropout: float = 0.1, output_scale: float = 1.0):
         super().__init__(time_convention, output_scale)

@@ -42,7 +42,9 @@ still epsilon for the original DiT, which DFM finetuning then turns into a veloc
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +52,7 @@ from torch import Tensor, nn
 from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
-from dfm_ext.specialize.core import checkpoint
+from dfm_ext.specialization import checkpoint
 
 __all__ = ["DiTFamilyAdapter", "ADAPTER"]
 
@@ -101,6 +103,17 @@ class DiTFamilyAdapter:
     """
 
     name = "dit"
+    #: ``dfm_ext.specialization`` layer groups, on DiT's module names (``x_embedder``, ``t_embedder``,
+    #: ``y_embedder``, ``blocks.i.attn``, ``blocks.i.mlp``, ``adaLN_modulation``, ``final_layer``).
+    layer_groups: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+        {
+            "cond": (r"(^|\.)t_embedder(\.|$)", r"(^|\.)y_embedder(\.|$)"),
+            "mod": (r"(^|\.)adaLN_modulation\.",),
+            "attn": (r"(^|\.)attn\d*\.",),
+            "mlp": (r"(^|\.)mlp\.",),
+            "proj": (r"(^|\.)x_embedder(\.|$)", r"(^|\.)final_layer\.linear$"),
+        }
+    )
 
     def __init__(self, time_convention: str | None = None, output_scale: float = 1.0):
         self.time_convention = check_time_convention(time_convention, allow_none=True)

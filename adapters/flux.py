@@ -34,10 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
 from ._diffusers_common import (
+    DIFFUSERS_LAYER_GROUPS,
     DiffusersAdapterBase,
     call_block,
     check_installed,
@@ -82,6 +84,17 @@ class FluxAdapter(DiffusersAdapterBase):
 
     name = "flux"
     model_class = "FluxTransformer2DModel"
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_text_embed``,
+    #: ``context_embedder``, ``x_embedder``; a single block's ``proj_out`` fuses the attention
+    #: output with the MLP and counts as ``mlp`` together with ``proj_mlp``
+    layer_groups = combine_layer_groups(
+        DIFFUSERS_LAYER_GROUPS,
+        {
+            "cond": (r"(^|\.)time_text_embed\.", r"(^|\.)context_embedder$"),
+            "mlp": (r"(^|\.)single_transformer_blocks\.\d+\.proj_(mlp|out)$",),
+            "proj": (r"(^|\.)x_embedder(\.|$)",),
+        },
+    )
 
     def __init__(
         self,

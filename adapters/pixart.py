@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
 from ._diffusers_common import (
+    DIFFUSERS_LAYER_GROUPS,
     PatchEmbedAdapterBase,
     call_block,
     check_installed,
@@ -54,6 +56,15 @@ class PixArtAdapter(PatchEmbedAdapterBase):
 
     name = "pixart"
     model_class = "PixArtTransformer2DModel"
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``adaln_single`` (its ``emb`` is
+    #: conditioning, its ``linear`` modulation), ``caption_projection``
+    layer_groups = combine_layer_groups(
+        DIFFUSERS_LAYER_GROUPS,
+        {
+            "cond": (r"(^|\.)adaln_single\.emb\.", r"(^|\.)caption_projection\."),
+            "mod": (r"(^|\.)adaln_single\.linear$",),
+        },
+    )
 
     def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):
         super().__init__(time_convention, output_scale)

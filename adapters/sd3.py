@@ -27,9 +27,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
 from ._diffusers_common import (
+    DIFFUSERS_LAYER_GROUPS,
     PatchEmbedAdapterBase,
     call_block,
     check_installed,
@@ -52,6 +54,12 @@ class SD3Adapter(PatchEmbedAdapterBase):
 
     name = "sd3"
     model_class = "SD3Transformer2DModel"
+    #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_text_embed``,
+    #: ``context_embedder``
+    layer_groups = combine_layer_groups(
+        DIFFUSERS_LAYER_GROUPS,
+        {"cond": (r"(^|\.)time_text_embed\.", r"(^|\.)context_embedder$")},
+    )
 
     def __init__(self, time_convention: str = "timestep", output_scale: float = -1.0):
         super().__init__(time_convention, output_scale)

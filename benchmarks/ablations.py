@@ -19,7 +19,7 @@ p0 = 0.7                      first-stage probability (Table 1a)     worse than 
 wavelet                       Haar DWT stages instead of Laplacian   Laplacian preferred (3.2, F)
 DCT                           block-DCT bands instead of Laplacian   worse (App. F)
 full specialisation, mlp      per-stage MLP weights averaged with    better (Table 1d)
-                              the shared ones (``dfm_ext.specialize``)
+                              the shared ones (``dfm_ext.specialization``)
 full specialisation, all      the same for every layer               better, the best (Table 1d)
 ============================  =====================================  ============================
 
@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import Protocol, Reference, base_config, benchmark_args, train_and_test  # noqa: E402
 
-from dfm_ext.recipes.demo import MODEL_SIZES, Trainer, balanced_labels, generate, model_config, write_text_atomic  # noqa: E402
+from harness import Trainer  # noqa: E402
+from dfm_ext.recipes.demo import MODEL_SIZES, balanced_labels, generate, model_config, write_text_atomic  # noqa: E402
 
 FULL = Protocol(steps=1500, eval_at=(1500,), seeds=(0,), num_eval=1000, num_swd_reference=1000)
 QUICK = Protocol(steps=20, eval_at=(20,), seeds=(0,), num_eval=64, num_swd_reference=64, num_fd_reference=256,

@@ -48,12 +48,12 @@ from typing import Any
 
 import torch
 
+from harness import Trainer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from dfm_ext.recipes.demo_data import ImageDataset, load_dataset
 from dfm_ext.recipes.demo import (
     FD_RESOLUTION,
     MODEL_SIZES,
     DemoConfig,
-    Trainer,
     balanced_labels,
     compute_metrics,
     generate,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dfm_ext import DiT, DiTConfig, LaplacianPyramid, wrap_dit
-from dfm_ext.specialize.core import specialize
+from dfm_ext.specialization import specialize
 
 CONFIGS = {
     "none": None,

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", choices=("tiny", "demo"), default=d.size,
                       help="model size: demo (default) or tiny (for smoke tests)")  # fmt: skip
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--compile", action="store_true",
+                      help="torch.compile the model for training (the engine's train.compile; same maths, faster on GPU)")
+    demo.add_argument("--compile-backend", default=d.compile_backend,
+                      help=f"torch.compile backend with --compile (default {d.compile_backend}; aot_eager: no code generation)")
 
     sample = sub.add_parser("sample", help="sample a grid from a demo checkpoint")
     sample.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (e.g. outputs/demo/checkpoint)")
@@ -134,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size, device=args.device, num_eval=args.num_eval,
                 cfg_scale=args.cfg_scale, size=args.size, num_reference=args.num_reference, fd=not args.no_fd,
                 max_train_seconds=args.max_train_seconds or None, sample_steps=args.sample_steps,
+                compile=args.compile, compile_backend=args.compile_backend,
             )  # fmt: skip
             result = demo.run_demo(cfg, args.out, progress=not args.no_progress)
             print(f"wrote {result.out}:")

@@ -7,9 +7,11 @@ users can reuse them:
   (``image_size / 4`` per side, e.g. 8x8 = 64 tokens for 32x32 images), wrapped with
   :func:`~dfm_ext.wrapping.wrapper.wrap_dit` for any decomposition (per-stage patch sizes are chosen so
   every stage lands on that grid: Laplacian 16x16 patch 2 + 32x32 patch 4).
-* :func:`train`: the paper's recipe scaled down: stage probabilities ``(0.9, 0.1)``, logit-normal
-  times ``(0, 1)`` / ``(1.5, 1)``, masking, 10% label dropout, Adam(0.9, 0.99, eps 1e-8) with
-  weight decay 0.01, linear warmup, gradient clipping 1.0 and an EMA of the weights.
+* :func:`train`: the paper's recipe scaled down, run by the recipes' training engine
+  (:class:`dfm_ext.recipes.engine.Trainer`, one process, :class:`DemoTask`): stage probabilities
+  ``(0.9, 0.1)``, logit-normal times ``(0, 1)`` / ``(1.5, 1)``, masking, 10% label dropout,
+  Adam(0.9, 0.99, eps 1e-8) with weight decay 0.01, linear warmup, gradient clipping 1.0, an EMA
+  of the weights with warmup, a time budget and optionally ``torch.compile``.
 * :func:`generate`: :class:`~dfm_ext.process.sampler.DFMSampler` with Euler 30 + 10 steps, tau 0.9 and
   classifier-free guidance.
 * :func:`compute_metrics`: multi-scale SWD (and FD-EffNet when its weights are installed) against
@@ -19,13 +21,12 @@ users can reuse them:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.recipes.demo_checkpoint import load_checkpoint, save_checkpoint
+from dfm_ext.recipes.data_images import BatchPlan
 from dfm_ext.recipes.demo_data import ImageDataset, load_dataset
 from dfm_ext.recipes.viz import umask
 
 DECOMPOSITIONS = ("laplacian", "wavelet", "dct", "identity")
 CHECKPOINT_KIND = "dfm_ext.recipes.demo"
+CHECKPOINT_VERSION = 2  # 1: config.json + model.safetensors (demo_checkpoint); 2: save_pretrained + demo.json
+DEMO_RECORD = "demo.json"
+
+__all__ = [
+    "CHECKPOINT_KIND", "DECOMPOSITIONS", "MODEL_SIZES", "DemoConfig", "DemoResult", "DemoTask", "TrainResult",
+    "balanced_labels", "build_model", "check_schedule", "compute_metrics", "dump_json", "engine_configs",
+    "evaluate_path", "generate", "load_demo_checkpoint", "load_png_folder", "load_wrapped_demo", "make_decomposition",
+    "make_sampler", "model_config", "null_label", "parse_device", "read_png_folder", "run_demo", "sample_checkpoint",
+    "save_demo_checkpoint", "train", "write_text_atomic",
+]  # fmt: skip
 
 # Model sizes on CPU. "demo" is sized so that the default demo trains in about 5 minutes on
 # 2 cores; "tiny" exists for smoke tests.
@@ -76,6 +87,8 @@ class DemoConfig:
         specialize: ``None`` (one shared model), ``"full"`` or ``"lora"``: per-stage parameters
             for the ``specialize_targets`` groups (:func:`dfm_ext.specialize`, paper Table 1d);
             ``specialize_rank`` is the LoRA rank (``None``: 16).
+        compile / compile_backend: ``torch.compile`` the model for training (the engine's
+            ``train.compile``; ``"aot_eager"`` traces without generating code).
     """
 
     steps: int = 2000
@@ -109,6 +122,8 @@ class DemoConfig:
     specialize: str | None = None
     specialize_targets: tuple[str, ...] = ("mlp",)
     specialize_rank: int | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.specialize not in (None, "full", "lora"):
@@ -139,6 +154,10 @@ class DemoConfig:
         # would otherwise fail only after the whole training budget is spent.
         check_schedule(self.decomposition, self.sample_steps, self.thresholds)
         parse_device(self.device, check_available=False)
+        if self.compile:  # the engine checks it too, but only once the data is loaded
+            from dfm_ext.recipes.engine import TrainConfig
+
+            TrainConfig(compile=True, compile_backend=self.compile_backend)
 
 
 @dataclass(frozen=True)
@@ -146,18 +165,18 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        model: the trained model (last weights).
-        ema: the EMA of the weights (use this one to sample).
+        ema: the EMA of the weights, read back from the run's ``final/`` (use this one to sample).
         history: per-step logs: ``"loss"`` and ``"stage_<s>"`` (NaN where stage ``s`` was not active).
-        seconds: wall time of the optimisation loop.
+        seconds: time inside the training steps (the engine's ``train_seconds``).
         steps: optimiser steps done.
+        run_dir: the engine's run folder (deleted when :func:`train` made it temporary).
     """
 
-    model: nn.Module
     ema: nn.Module
     history: dict[str, list[float]] = field(repr=False)
     seconds: float
     steps: int
+    run_dir: Path
 
 
 @dataclass(frozen=True)
@@ -220,7 +239,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     model = wrap_dit(dit, decomposition, init="scratch", patch_sizes=patches)
     spec = config.get("specialize")
     if spec:
-        from dfm_ext.specialize.core import specialize
+        from dfm_ext.specialization import specialize
 
         specialize(model, kind=spec["kind"], targets=list(spec["targets"]), rank=spec.get("rank"))
     return model
@@ -234,44 +253,101 @@ def null_label(model: nn.Module, num_classes: int) -> int:
 # ---- training --------------------------------------------------------------------------------
 
 
-class EMA:
-    """Exponential moving average of a module's floating-point parameters and buffers.
+class _Items(torch.utils.data.Dataset):
+    """The engine's map-style view of in-memory images: key ``(index, flip)`` -> image and label."""
 
-    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates so that early
-    weights (which are far from good ones) are forgotten quickly.
+    def __init__(self, data: ImageDataset) -> None:
+        self.data = data
 
-    Example:
-        >>> m = nn.Linear(1, 1, bias=False)
-        >>> ema = EMA(m, decay=0.5)
-        >>> with torch.no_grad():
-        ...     _ = m.weight.fill_(1.0)
-        >>> ema.update(m)
-        >>> ema.num_updates
-        1
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict[str, Tensor]:
+        i = int(key[0])
+        return {"image": self.data.images[i], "label": self.data.labels[i]}
+
+
+class _DemoStream:
+    """The demo's one random stream (``torch.Generator`` seeded by ``cfg.seed``), shared by the data
+    order and every draw of a step, in the order the demo has always drawn them: a permutation per
+    epoch, then per step label dropout, stage times, noise. Keeping it makes a fixed seed give the
+    same run, bit for bit, as the demo before it moved onto the engine.
+
+    The engine's own per-step generators (``step_generator(seed, step, shard)``) exist for exact
+    resumption; a demo run is never resumed (its run folder is a temp folder), so it does not need them.
     """
 
-    def __init__(self, module: nn.Module, decay: float = 0.999) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.num_updates = 0
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
 
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        self.num_updates += 1
-        ema_state = self.module.state_dict()
-        floats, sources = [], []
-        for k, v in module.state_dict().items():
-            e = ema_state[k]
-            if e.is_floating_point():
-                floats.append(e)
-                sources.append(v.detach())
-            else:
-                e.copy_(v)
-        if floats:
-            torch._foreach_lerp_(floats, sources, 1 - d)
+
+class _DemoPlan(BatchPlan):
+    """Shuffled epochs without replacement drawn lazily from the demo's stream (last partial batch dropped).
+
+    One process, no accumulation: the DataLoader (``num_workers=0``) asks for each step's batch
+    just before that step's loss, so the draws interleave as in the demo's own loop.
+    """
+
+    stream: _DemoStream | None = None
+
+    def sampler(self, start_step: int, end_step: int) -> Iterator[list[tuple[int, bool]]]:
+        if self.world_size != 1 or self.accumulation != 1 or start_step != 0:
+            raise ValueError("the demo trains in one process, without accumulation or resumption")
+        n, b = self.num_items, self.global_batch_size
+        step = 0
+        while step < end_step:
+            perm = torch.randperm(n, generator=self.stream.generator).tolist()
+            for i in range(0, n - b + 1, b):
+                if step >= end_step:
+                    return
+                yield [(j, False) for j in perm[i : i + b]]
+                step += 1
+
+
+class DemoTask:
+    """The demo as a :class:`~dfm_ext.recipes.engine.TrainTask`: the paper's DFM loss on class labels.
+
+    Label dropout (``cfg.label_dropout``, to the null class), stage times from
+    :class:`~dfm_ext.process.timesteps.StageTimestepSampler` and noise all come from the demo's
+    stream (:class:`_DemoStream`), not the engine's per-step generator.
+    """
+
+    def __init__(self, cfg: DemoConfig, mconfig: Mapping[str, Any], stream: _DemoStream) -> None:
+        from dfm_ext.process.objective import DFMObjective
+
+        self.cfg, self.mconfig, self.stream = cfg, dict(mconfig), stream
+        self.decomposition = make_decomposition(mconfig["decomposition"])
+        self.num_stages = self.decomposition.num_stages
+        self.sampler = _timestep_sampler(cfg, self.num_stages)
+        self.objective = DFMObjective(self.num_stages, masking=cfg.masking)
+        self.null = null_label(None, int(mconfig["num_classes"]))
+        # Per-stage parameters (specialisation) are unused by batches without that stage.
+        self.find_unused_parameters = cfg.specialize is not None
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.mconfig)
+
+    def build_optimizer(self, model: nn.Module, optim: Any) -> torch.optim.Optimizer:
+        # The demo's optimiser: weight decay on every parameter, and fused (one kernel per step
+        # instead of ~10 small ops per parameter, which dominate on CPU for a model this small).
+        return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                 weight_decay=optim.weight_decay, fused=True)  # fmt: skip
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> Any:
+        from dfm_ext.recipes.engine import StepLoss
+
+        g = self.stream.generator  # see _DemoStream for why not ``generator``
+        x, y = batch["image"], batch["label"]
+        drop = torch.rand(y.shape, generator=g) < self.cfg.label_dropout
+        y = torch.where(drop, torch.full_like(y, self.null), y)
+        x, y = x.to(device), y.to(device)
+        ts = self.sampler.sample(x.shape[0], generator=g, device=device)
+        self.objective.to(device)
+        out = self.objective(model, self.decomposition.decompose(x), ts, generator=g, y=y)
+        return StepLoss(out.loss, {f"stage_{s}": out.per_stage[s] for s in range(self.num_stages)})
+
+    def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
+        return {}  # the demo samples and scores once, after training (run_demo)
 
 
 def _timestep_sampler(cfg: DemoConfig, num_stages: int):
@@ -285,138 +361,67 @@ def _timestep_sampler(cfg: DemoConfig, num_stages: int):
     return StageTimestepSampler(num_stages, probabilities=probs, mode=cfg.timestep_mode)
 
 
-def _batches(data: ImageDataset, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """Shuffled epochs without replacement, forever."""
-    n = len(data)
-    if batch_size > n:
-        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n} images)")
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            yield data.images[idx], data.labels[idx]
+def engine_configs(cfg: DemoConfig, run_dir: Path, *, progress: bool) -> tuple[Any, Any]:
+    """The engine's ``(TrainConfig, OptimConfig)`` for the demo: one process, no trackers, a log line
+    per step (the loss curves), one checkpoint at the end, EMA with warmup, the time budget."""
+    from dfm_ext.recipes.engine import OptimConfig, TrainConfig
+
+    train = TrainConfig(
+        steps=cfg.steps, global_batch_size=cfg.batch_size, mixed_precision="no", seed=cfg.seed,
+        ema_decay=cfg.ema_decay, ema_warmup=True, output_dir=str(run_dir).replace("{", "{{").replace("}", "}}"),
+        resume="never", checkpoint_every=cfg.steps, keep_checkpoints=1, log_every=1, sample_every=0, trackers=[],
+        num_workers=0, cpu=parse_device(cfg.device).type == "cpu", progress=progress, sharding="none",
+        compile=cfg.compile, compile_backend=cfg.compile_backend, max_train_seconds=cfg.max_train_seconds,
+    )  # fmt: skip
+    optim = OptimConfig(lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
+                        warmup_steps=max(1, min(cfg.warmup, cfg.steps // 5)),
+                        grad_clip=cfg.grad_clip if cfg.grad_clip > 0 else None)  # fmt: skip
+    return train, optim
 
 
-class Trainer:
-    """One DFM training run, advanced a step at a time (so benchmarks can interleave runs).
-
-    Args:
-        cfg: the recipe.
-        data: training images ``[N, C, H, W]`` in ``[-1, 1]`` and labels.
-        model: a model from :func:`build_model` (built from ``cfg``, seeded by ``cfg.seed``, when omitted).
-
-    Attributes:
-        history: ``"loss"`` and ``"stage_<s>"`` per step (NaN where stage ``s`` was not active).
-        seconds: wall time spent inside :meth:`step`.
-        ema: the :class:`EMA` of the weights (sample from ``ema.module``).
-    """
-
-    def __init__(self, cfg: DemoConfig, data: ImageDataset, *, model: nn.Module | None = None) -> None:
-        from dfm_ext.process.objective import DFMObjective
-
-        self.cfg = cfg
-        self.data = data
-        self.device = torch.device(cfg.device)
-        if model is None:
-            torch.manual_seed(cfg.seed)  # parameter init; everything else draws from generators
-            model = build_model(model_config(cfg, data.image_shape, data.num_classes))
-        self.model = model.to(self.device).train()
-        # The model's own decomposition (built from its config), so training splits the data
-        # exactly as the model's stages are laid out.
-        own = getattr(self.model, "decomposition", None)
-        self.decomposition = own if own is not None else make_decomposition(cfg.decomposition)
-        self.num_stages = self.decomposition.num_stages
-        self.sampler = _timestep_sampler(cfg, self.num_stages)
-        self.objective = DFMObjective(self.num_stages, masking=cfg.masking).to(self.device)
-        # fused: one kernel per step instead of ~10 small ops per parameter, which dominate on CPU
-        # for a model this small.
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay,
-            fused=True,
-        )
-        warmup = max(1, min(cfg.warmup, cfg.steps // 5))
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: min(1.0, (i + 1) / warmup))
-        self.ema = EMA(self.model, cfg.ema_decay)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.null = null_label(self.model, data.num_classes)
-        self.history: dict[str, list[float]] = {"loss": [], **{f"stage_{s}": [] for s in range(self.num_stages)}}
-        self.seconds = 0.0
-        self.steps_done = 0
-        self._batches = _batches(data, cfg.batch_size, self.generator)
-
-    def step(self) -> float:
-        """One optimiser step; returns the loss. Raises ``FloatingPointError`` on a non-finite loss."""
-        start = time.perf_counter()
-        cfg, g = self.cfg, self.generator
-        x, y = next(self._batches)
-        drop = torch.rand(y.shape, generator=g) < cfg.label_dropout
-        y = torch.where(drop, torch.full_like(y, self.null), y)
-        x, y = x.to(self.device), y.to(self.device)
-        ts = self.sampler.sample(x.shape[0], generator=g, device=self.device)
-        out = self.objective(self.model, self.decomposition.decompose(x), ts, generator=g, y=y)
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
-        self.opt.step()
-        self.lr_schedule.step()
-        self.ema.update(self.model)
-        self.seconds += time.perf_counter() - start
-        self.steps_done += 1
-        loss = float(out.loss.detach())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss} at step {self.steps_done}")
-        self.history["loss"].append(loss)
-        for s, v in enumerate(out.per_stage.tolist()):
-            self.history[f"stage_{s}"].append(v)
-        return loss
-
-    def result(self) -> TrainResult:
-        return TrainResult(model=self.model, ema=self.ema.module, history=self.history, seconds=self.seconds,
-                           steps=self.steps_done)  # fmt: skip
-
-
-def train(
-    cfg: DemoConfig,
-    data: ImageDataset,
-    *,
-    model: nn.Module | None = None,
-    progress: bool = True,
-    callback: Callable[[int, nn.Module], None] | None = None,
-) -> TrainResult:
-    """Train a wrapped DiT with the DFM objective on ``data`` for ``cfg.steps`` steps (or ``cfg.max_train_seconds``).
+def train(cfg: DemoConfig, data: ImageDataset, *, run_dir: str | os.PathLike[str] | None = None,
+          progress: bool = True) -> TrainResult:  # fmt: skip
+    """Train a wrapped DiT with the DFM objective on ``data`` with the engine (:class:`DemoTask`).
 
     Args:
-        cfg: the recipe.
+        cfg: the recipe (``cfg.steps`` steps at most, ``cfg.max_train_seconds`` of training time).
         data: training images ``[N, C, H, W]`` in ``[-1, 1]`` and labels.
-        model: a model from :func:`build_model` (built from ``cfg`` when omitted).
-        progress: show a tqdm bar with the running (smoothed) per-stage losses.
-        callback: called as ``callback(step, ema_module)`` after every step (``step`` counts from 1),
-            e.g. to evaluate during training; time spent in it is not counted in ``seconds``.
+        run_dir: the engine's run folder (``config.yaml``, ``checkpoints/``, ``metrics.jsonl``,
+            ``final/``); a temporary folder, deleted afterwards, when omitted.
+        progress: the engine's tqdm bar.
 
     Returns:
-        :class:`TrainResult`.
+        :class:`TrainResult` with the EMA model read back from the run's ``final/``.
     """
-    from tqdm.auto import tqdm
+    from dfm_ext.recipes.engine import Trainer
 
-    trainer = Trainer(cfg, data, model=model)
-    running = [float("nan")] * trainer.num_stages
-    with tqdm(total=cfg.steps, disable=not progress, desc="train", dynamic_ncols=True) as bar:
-        for step in range(1, cfg.steps + 1):
-            if cfg.max_train_seconds is not None and trainer.seconds >= cfg.max_train_seconds:
-                bar.write(f"stopping after {step - 1} steps: the {cfg.max_train_seconds:g} s training budget is spent")
-                break
-            trainer.step()
-            for s in range(trainer.num_stages):
-                v = trainer.history[f"stage_{s}"][-1]
-                if math.isfinite(v):
-                    running[s] = v if not math.isfinite(running[s]) else 0.95 * running[s] + 0.05 * v
-            bar.update(1)
-            if step % 10 == 0 or step == cfg.steps:
-                bar.set_postfix({f"loss_s{s}": f"{r:.4f}" for s, r in enumerate(running)}, refresh=False)
-            if callback is not None:
-                callback(step, trainer.ema.module)
-    return trainer.result()
+    with contextlib.ExitStack() as stack:
+        if run_dir is None:
+            run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm-demo-run-"))
+        run_dir = Path(run_dir)
+        mconfig = model_config(cfg, data.image_shape, data.num_classes)
+        stream = _DemoStream(cfg.seed)
+        train_cfg, optim = engine_configs(cfg, run_dir, progress=progress)
+
+        def plan(*args: Any, **kwargs: Any) -> _DemoPlan:
+            p = _DemoPlan(*args, **kwargs)
+            object.__setattr__(p, "stream", stream)  # BatchPlan is a frozen dataclass
+            return p
+
+        device = parse_device(cfg.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # one process: accelerate trains on the current CUDA device
+        if cfg.batch_size > len(data):
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({len(data)} images)")
+        result = Trainer(DemoTask(cfg, mconfig, stream), _Items(data), train_cfg, optim, full_config=cfg,
+                         name="train", plan_factory=plan).fit()  # fmt: skip
+        history: dict[str, list[float]] = {"loss": [], **{f"stage_{s}": [] for s in range(len(mconfig["patch_sizes"]))}}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            for k in history:
+                history[k].append(float(row[k]))
+        ema = load_wrapped_demo(run_dir / "final")
+    return TrainResult(ema=ema, history=history, seconds=result.train_seconds, steps=result.step, run_dir=run_dir)
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -625,17 +630,12 @@ def _json_default(o: Any) -> Any:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
+    """Write ``text`` (plus a final newline) to ``path`` through :func:`_staging` (temp file, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~umask())
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with _staging(path.parent) as tmp:
+        (tmp / path.name).write_text(text if text.endswith("\n") else text + "\n")
+        os.chmod(tmp / path.name, 0o666 & ~umask())
+        os.replace(tmp / path.name, path)
     return path
 
 
@@ -643,60 +643,98 @@ def _config_dict(cfg: DemoConfig) -> dict[str, Any]:
     return json.loads(dump_json(asdict(cfg)))
 
 
+def _demo_record(mconfig: Mapping[str, Any], cfg: DemoConfig, data: ImageDataset) -> dict[str, Any]:
+    """``demo.json``: what ``dfm-ext sample``/``eval`` need beside the model (guidance, steps, data)."""
+    return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": dict(mconfig), "train": _config_dict(cfg),
+            "data": {"name": data.name, "class_names": list(data.class_names)}}  # fmt: skip
+
+
 def save_demo_checkpoint(directory: str | os.PathLike[str], model: nn.Module, mconfig: Mapping[str, Any],
                          cfg: DemoConfig, data: ImageDataset) -> Path:  # fmt: skip
-    """Save the (EMA) model with everything ``dfm-ext sample`` needs to rebuild and sample it."""
-    return save_checkpoint(directory, model, {
-        "kind": CHECKPOINT_KIND,
-        "model": dict(mconfig),
-        "train": _config_dict(cfg),
-        "data": {"name": data.name, "class_names": list(data.class_names)},
-    })  # fmt: skip
+    """Save the (EMA) model as ``DFMTransformer.save_pretrained`` does (``dfm_config.json`` +
+    ``model.safetensors``; :func:`~dfm_ext.wrapping.wrapper.load_wrapped` alone rebuilds it) plus
+    ``demo.json``; atomically (built in a temp folder beside ``directory``, then renamed)."""
+    directory = Path(directory)
+    with _staging(directory.parent) as tmp:
+        model.save_pretrained(tmp / "checkpoint")
+        _write_record(tmp / "checkpoint", mconfig, cfg, data)
+        _replace_dir(tmp / "checkpoint", directory)
+    return directory
+
+
+def _write_record(directory: Path, mconfig: Mapping[str, Any], cfg: DemoConfig, data: ImageDataset) -> None:
+    (directory / DEMO_RECORD).write_text(dump_json(_demo_record(mconfig, cfg, data)) + "\n")
+    for f in directory.iterdir():  # safetensors writes 0600: give the files the usual umask modes
+        os.chmod(f, 0o666 & ~umask())
+
+
+def _replace_dir(src: Path, target: Path) -> None:
+    """Move the folder ``src`` to ``target``, replacing a folder there (the old one is removed after)."""
+    import shutil
+
+    if target.is_dir():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)
+
+
+def load_wrapped_demo(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a ``save_pretrained`` folder: :func:`load_wrapped`, then its stage parameters if specialised."""
+    from dfm_ext.specialization import load_specialization
+    from dfm_ext.wrapping.wrapper import load_wrapped
+
+    model = load_wrapped(directory, device=device)
+    load_specialization(model, directory)
+    return model
 
 
 def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.device = "cpu"):
-    """Rebuild a model saved by :func:`save_demo_checkpoint`. Returns ``(model, config)``.
+    """Rebuild a demo checkpoint's model. Returns ``(model, config)`` (``config``: ``demo.json``).
+
+    Reads both layouts: ``demo.json`` + a ``save_pretrained`` folder (this version), and the
+    pre-engine ``config.json`` + ``model.safetensors``
+    (:func:`~dfm_ext.recipes.demo_checkpoint.load_legacy_demo_checkpoint`).
 
     Raises:
-        CheckpointError: (``ValueError``) missing or corrupt folder, or weights that do not fit.
+        CheckpointError: (``ValueError``) missing or damaged folder, or weights that do not fit.
     """
-    from dfm_ext.recipes.demo_checkpoint import CheckpointError
+    from dfm_ext.recipes.demo_checkpoint import CheckpointError, load_legacy_demo_checkpoint
 
-    ck = load_checkpoint(directory)
-    config = ck.config
-    if config.get("kind") != CHECKPOINT_KIND or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{directory} is a dfm_ext checkpoint but not a demo model (kind {config.get('kind')!r})")
+    path = Path(directory)
+    if not (path / DEMO_RECORD).is_file():
+        return load_legacy_demo_checkpoint(path, build_model, device=device)
     try:
-        model = build_model(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory}: the model config is incomplete or invalid: {e!r}") from e
+        config = json.loads((path / DEMO_RECORD).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / DEMO_RECORD} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("kind") != CHECKPOINT_KIND or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path / DEMO_RECORD} is not a demo record (kind {config.get('kind') if isinstance(config, dict) else None!r})")
     try:
-        model.load_state_dict(ck.state_dict, strict=True)
-    except RuntimeError as e:
-        from dfm_ext.recipes.demo_checkpoint import WEIGHTS_NAME, describe_mismatch
-
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in ck.state_dict.items()}
-        detail = describe_mismatch(expected, found, {"model": config["model"]})
-        raise CheckpointError(f"{Path(directory) / WEIGHTS_NAME}: the weights do not fit the model in config.json: {detail}") from e
-    return model.to(device).eval(), config
+        model = load_wrapped_demo(path, device=device)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return model.eval(), config
 
 
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A temp folder beside ``out``; its files are moved into ``out`` only when the block succeeds."""
+    """A temp folder inside ``out``; what the block moves out of it is kept, the rest deleted."""
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         yield tmp
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_demo(cfg: DemoConfig, out: str | os.PathLike[str], *, progress: bool = True) -> DemoResult:
-    """Train, sample and measure; write the pictures, the checkpoint and ``metrics.json`` into ``out``."""
+    """Train (the engine, :func:`train`), sample and measure; write the pictures, the checkpoint
+    and ``metrics.json`` into ``out`` (built in a temp folder inside it, then moved into place)."""
     from dfm_ext.recipes.viz import save_image_grid, save_loss_curves, save_progressive
 
     out = Path(out)
@@ -705,58 +743,59 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike[str], *, progress: bool = T
     train_data = load_dataset(cfg.dataset, "train", size=cfg.image_size, seed=cfg.seed, num=cfg.train_subset)
     cfg = replace(cfg, dataset=train_data.name)
     mconfig = model_config(cfg, train_data.image_shape, train_data.num_classes)
-    torch.manual_seed(cfg.seed)
-    model = build_model(mconfig)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in build_model(mconfig).parameters())
     if progress:
         print(f"dfm-ext demo: {train_data.name} ({len(train_data)} images {train_data.image_shape}), "
               f"{cfg.decomposition} decomposition, DiT {cfg.size} ({n_params / 1e6:.2f} M parameters), "
               f"{cfg.steps} steps of batch {cfg.batch_size} on {cfg.device}")  # fmt: skip
-    result = train(cfg, train_data, model=model, progress=progress)
-    ema = result.ema
-    nc = train_data.num_classes
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    say = print if progress else (lambda *a, **k: None)
-    t_sample = time.perf_counter()
-    per_class = 8
-    say(f"sampling {per_class * nc} images for samples.png (cfg {cfg.cfg_scale:g}) ...", flush=True)
-    grid_labels = torch.arange(nc).repeat_interleave(per_class)
-    grid, previews = generate(ema, mconfig, grid_labels, steps=cfg.sample_steps, thresholds=cfg.thresholds,
-                              cfg_scale=cfg.cfg_scale, generator=g, device=cfg.device)  # fmt: skip
-    sample_seconds = time.perf_counter() - t_sample
-
-    metrics: dict[str, Any] = {
-        "dataset": train_data.name,
-        "decomposition": cfg.decomposition,
-        "model": {"size": cfg.size, "parameters": n_params, **MODEL_SIZES[cfg.size]},
-        "steps": result.steps,
-        "steps_requested": cfg.steps,
-        "max_train_seconds": cfg.max_train_seconds,
-        "batch_size": cfg.batch_size,
-        "train_seconds": round(result.seconds, 2),
-        "seconds_per_step": round(result.seconds / max(result.steps, 1), 4),
-        "final_loss_ema100": _tail_mean(result.history["loss"], 100),
-        "final_stage_loss_ema100": {k: _tail_mean(v, 100) for k, v in result.history.items() if k.startswith("stage_")},
-        "sampling": {"steps": list(cfg.sample_steps), "thresholds": list(cfg.thresholds),
-                     "grid_cfg_scale": cfg.cfg_scale, "grid_seconds": round(sample_seconds, 2),
-                     "grid_images": int(grid.shape[0])},  # fmt: skip
-    }
-    if cfg.num_eval > 0:
-        t_eval = time.perf_counter()
-        say(f"sampling {cfg.num_eval} images and scoring them against the test split ...", flush=True)
-        test = load_dataset(train_data.name, "test", size=cfg.image_size, seed=cfg.seed)
-        labels = balanced_labels(cfg.num_eval, nc)
-        fake, _ = generate(ema, mconfig, labels, steps=cfg.sample_steps, thresholds=cfg.thresholds,
-                           cfg_scale=cfg.eval_cfg_scale, generator=torch.Generator().manual_seed(cfg.seed + 2),
-                           device=cfg.device)  # fmt: skip
-        real = test.subset(cfg.num_reference, generator=torch.Generator().manual_seed(cfg.seed)).images
-        metrics["eval"] = {"split": "test", "cfg_scale": cfg.eval_cfg_scale,
-                           **compute_metrics(fake, real, seed=cfg.seed, fd=cfg.fd)}  # fmt: skip
-        metrics["eval"]["seconds"] = round(time.perf_counter() - t_eval, 2)
-    else:
-        metrics["eval"] = None
-
     with _staging(out) as tmp:
+        result = train(cfg, train_data, run_dir=tmp / "run", progress=progress)
+        ema = result.ema
+        nc = train_data.num_classes
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        say = print if progress else (lambda *a, **k: None)
+        t_sample = time.perf_counter()
+        per_class = 8
+        say(f"sampling {per_class * nc} images for samples.png (cfg {cfg.cfg_scale:g}) ...", flush=True)
+        grid_labels = torch.arange(nc).repeat_interleave(per_class)
+        grid, previews = generate(ema, mconfig, grid_labels, steps=cfg.sample_steps, thresholds=cfg.thresholds,
+                                  cfg_scale=cfg.cfg_scale, generator=g, device=cfg.device)  # fmt: skip
+        sample_seconds = time.perf_counter() - t_sample
+        metrics: dict[str, Any] = {
+            "dataset": train_data.name,
+            "decomposition": cfg.decomposition,
+            "model": {"size": cfg.size, "parameters": n_params, **MODEL_SIZES[cfg.size]},
+            "steps": result.steps,
+            "steps_requested": cfg.steps,
+            "max_train_seconds": cfg.max_train_seconds,
+            "batch_size": cfg.batch_size,
+            "compile": cfg.compile,
+            "train_seconds": round(result.seconds, 2),
+            "seconds_per_step": round(result.seconds / max(result.steps, 1), 4),
+            "final_loss_ema100": _tail_mean(result.history["loss"], 100),
+            "final_stage_loss_ema100": {k: _tail_mean(v, 100) for k, v in result.history.items() if k.startswith("stage_")},
+            "sampling": {"steps": list(cfg.sample_steps), "thresholds": list(cfg.thresholds),
+                         "grid_cfg_scale": cfg.cfg_scale, "grid_seconds": round(sample_seconds, 2),
+                         "grid_images": int(grid.shape[0])},  # fmt: skip
+        }
+        if cfg.num_eval > 0:
+            t_eval = time.perf_counter()
+            say(f"sampling {cfg.num_eval} images and scoring them against the test split ...", flush=True)
+            test = load_dataset(train_data.name, "test", size=cfg.image_size, seed=cfg.seed)
+            labels = balanced_labels(cfg.num_eval, nc)
+            fake, _ = generate(ema, mconfig, labels, steps=cfg.sample_steps, thresholds=cfg.thresholds,
+                               cfg_scale=cfg.eval_cfg_scale, generator=torch.Generator().manual_seed(cfg.seed + 2),
+                               device=cfg.device)  # fmt: skip
+            real = test.subset(cfg.num_reference, generator=torch.Generator().manual_seed(cfg.seed)).images
+            metrics["eval"] = {"split": "test", "cfg_scale": cfg.eval_cfg_scale,
+                               **compute_metrics(fake, real, seed=cfg.seed, fd=cfg.fd)}  # fmt: skip
+            metrics["eval"]["seconds"] = round(time.perf_counter() - t_eval, 2)
+        else:
+            metrics["eval"] = None
+
+        # The engine's final/ (EMA weights, save_pretrained) is the checkpoint, with demo.json beside.
+        os.replace(tmp / "run" / "final", tmp / "checkpoint")
+        _write_record(tmp / "checkpoint", mconfig, cfg, train_data)
         files = {
             "samples": save_image_grid(grid, tmp / "samples.png", nrow=per_class, scale=3),
             # previews[-1] is the final sample itself: show the coarser previews next to it.
@@ -766,19 +805,16 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike[str], *, progress: bool = T
                 {("total" if k == "loss" else k.replace("_", " ")): v for k, v in result.history.items()},
                 tmp / "loss.png", title=f"DFM training loss ({cfg.decomposition}, {train_data.name})",
             ),
-            "checkpoint": save_demo_checkpoint(tmp / "checkpoint", ema, mconfig, cfg, train_data),
+            "checkpoint": tmp / "checkpoint",
         }
         metrics["total_seconds"] = round(time.perf_counter() - t_start, 2)
-        files["metrics"] = write_text_atomic(tmp / "metrics.json", dump_json(metrics))
+        (tmp / "metrics.json").write_text(dump_json(metrics) + "\n")
+        os.chmod(tmp / "metrics.json", 0o666 & ~umask())
+        files["metrics"] = tmp / "metrics.json"
         final: dict[str, Path] = {}
         for name, path in files.items():
-            target = out / path.name
-            if target.is_dir():
-                import shutil
-
-                shutil.rmtree(target)
-            os.replace(path, target)
-            final[name] = target
+            _replace_dir(path, out / path.name) if path.is_dir() else os.replace(path, out / path.name)
+            final[name] = out / path.name
     return DemoResult(out=out, files=final, metrics=metrics)
 
 
@@ -893,7 +929,7 @@ def evaluate_path(
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if not path.is_dir():
         raise ValueError(f"--samples {str(path)!r} is not a folder (PNG samples or a checkpoint)")
-    if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
+    if any((path / n).is_file() for n in (DEMO_RECORD, "config.json", "model.safetensors")):
         model, config = load_demo_checkpoint(path, device=device)
         train_cfg = config.get("train", {})
         scale = float(cfg_scale) if cfg_scale is not None else float(train_cfg.get("eval_cfg_scale", 1.0))

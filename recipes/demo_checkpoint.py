@@ -1,21 +1,21 @@
-"""A checkpoint folder: ``model.safetensors`` (weights) + ``config.json`` (how to rebuild the model).
+"""The reader of checkpoints written by the demo before it ran on the recipes' engine.
 
-Writing is atomic: the folder is built under a temporary name beside the target and renamed
-into place, so a crash leaves either the old checkpoint or the new one, never half of one.
-Loading never unpickles anything (safetensors + JSON), and says exactly what is wrong with a
-missing or damaged folder.
+That layout (format ``dfm_ext.recipes.demo_checkpoint`` version 1): ``model.safetensors``
+(weights) + ``config.json`` (``{"format", "version", "config": {"kind": "dfm_ext.recipes.demo",
+"model", "train", "data"}}``). The demo now writes ``DFMTransformer.save_pretrained`` folders
+with a ``demo.json`` (:func:`dfm_ext.recipes.demo.save_demo_checkpoint`); this module only reads
+the old ones. Loading never unpickles anything (safetensors + JSON), and says exactly what is
+wrong with a missing or damaged folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -23,7 +23,16 @@ from torch import Tensor
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "dfm_ext.recipes.demo_checkpoint"
+# Released versions wrote "dfm_ext.checkpoint" with kind "dfm_ext.demo" (before the library's
+# subpackages); the step that moved the demo into recipes wrote the names above.
+FORMATS = ("dfm_ext.checkpoint", FORMAT)
 FORMAT_VERSION = 1
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Checkpoint", "CheckpointError", "describe_mismatch", "load_checkpoint",
+           "load_legacy_demo_checkpoint"]
+
+LEGACY_KINDS = ("dfm_ext.demo", "dfm_ext.recipes.demo")
 
 
 class CheckpointError(ValueError):
@@ -98,70 +107,8 @@ class Checkpoint:
     path: Path
 
 
-def save_checkpoint(
-    directory: str | os.PathLike[str],
-    weights: torch.nn.Module | Mapping[str, Tensor],
-    config: Mapping[str, Any],
-) -> Path:
-    """Write ``weights`` and ``config`` into ``directory`` atomically (replacing what was there).
-
-    Args:
-        directory: the checkpoint folder.
-        weights: a module (its ``state_dict()``) or a name -> tensor mapping.
-        config: JSON-serialisable description of the model (and anything else worth keeping).
-
-    Returns:
-        The folder.
-
-    Raises:
-        TypeError: ``config`` is not JSON-serialisable or a weight is not a tensor.
-
-    Example:
-        >>> import tempfile
-        >>> d = Path(tempfile.mkdtemp()) / "ckpt"
-        >>> _ = save_checkpoint(d, torch.nn.Linear(2, 3), {"in": 2, "out": 3})
-        >>> ck = load_checkpoint(d)
-        >>> ck.config, sorted(ck.state_dict)
-        ({'in': 2, 'out': 3}, ['bias', 'weight'])
-    """
-    from safetensors.torch import save_file
-
-    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
-    for k, v in state.items():
-        if not isinstance(v, Tensor):
-            raise TypeError(f"weight {k!r} is a {type(v).__name__}, not a tensor")
-    # safetensors refuses shared storage and non-contiguous views: store independent copies.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    try:
-        payload = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": dict(config)}, indent=2)
-    except TypeError as e:
-        raise TypeError(f"config is not JSON-serialisable: {e}") from e
-
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes the folder private (0700)
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        (tmp / CONFIG_NAME).write_text(payload + "\n")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a folder written by :func:`save_checkpoint`.
+    """Read a folder in the old layout (``config.json`` + ``model.safetensors``).
 
     Raises:
         CheckpointError: (a ``ValueError``) the folder or a file is missing, the config is not
@@ -181,8 +128,8 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("config"), dict):
-        raise CheckpointError(f"{cfg_path} is not a dfm_ext checkpoint config (expected format {FORMAT!r})")
+    if not isinstance(raw, dict) or raw.get("format") not in FORMATS or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{cfg_path} is not a dfm_ext checkpoint config (expected format {FORMATS[0]!r})")
     if raw.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path} has format version {raw.get('version')!r}; this dfm_ext reads {FORMAT_VERSION}")
     try:
@@ -190,3 +137,32 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{w_path} is not a readable safetensors file: {e}") from e
     return Checkpoint(config=raw["config"], state_dict=state, path=path)
+
+
+def load_legacy_demo_checkpoint(directory: str | os.PathLike[str], build_model: Callable[[dict[str, Any]], torch.nn.Module],
+                                *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+    """Rebuild the model of an old demo checkpoint with ``build_model(config["model"])``.
+
+    Returns:
+        ``(model in eval mode on device, config)`` where ``config`` has ``kind``, ``model``,
+        ``train`` and ``data``, as ``demo.json`` does.
+
+    Raises:
+        CheckpointError: missing or damaged folder, not a demo model, or weights that do not fit.
+    """
+    ck = load_checkpoint(directory)
+    config = ck.config
+    if config.get("kind") not in LEGACY_KINDS or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{directory} is a dfm_ext checkpoint but not a demo model (kind {config.get('kind')!r})")
+    try:
+        model = build_model(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}: the model config is incomplete or invalid: {e!r}") from e
+    try:
+        model.load_state_dict(ck.state_dict, strict=True)
+    except RuntimeError as e:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in ck.state_dict.items()}
+        detail = describe_mismatch(expected, found, {"model": config["model"]})
+        raise CheckpointError(f"{Path(directory) / WEIGHTS_NAME}: the weights do not fit the model in config.json: {detail}") from e
+    return model.to(device).eval(), config

@@ -129,6 +129,12 @@ class TrainConfig:
     # checkpoints load into uncompiled runs); the loss's backward runs AOTAutograd's compiled backward.
     compile: bool = False
     compile_backend: str = "inductor"
+    # EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates, the initial weights being the
+    # first average (so a short run's EMA is not stuck near the random init); off: constant decay.
+    ema_warmup: bool = False
+    # Stop after the step during which the training steps' own time (no checkpoint/eval) reaches
+    # this many seconds; the stopped step is the final one (logged, checkpointed, sampled).
+    max_train_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -138,6 +144,8 @@ class TrainConfig:
             raise ValueError("train.sample_every and train.num_workers must be >= 0")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
+        if self.max_train_seconds is not None and not self.max_train_seconds > 0:
+            raise ValueError(f"train.max_train_seconds must be > 0 or null, got {self.max_train_seconds}")
         if self.compile:
             import torch._dynamo
 
@@ -159,6 +167,7 @@ RESUMABLE_CHANGES = (
     "train.num_workers",
     "train.progress",
     "train.compile",  # and train.compile_backend: compiling changes speed, not the maths
+    "train.max_train_seconds",
     "eval.",
     "sampling.",
 )
@@ -193,6 +202,9 @@ class TrainTask(Protocol):
         """Sample grids / metrics with the EMA weights on the main process; returns scalars to log."""
         ...
 
+    # Optional: ``build_optimizer(model, optim) -> torch.optim.Optimizer`` replaces the engine's
+    # :func:`build_optimizer` (the warmup schedule, clipping and EMA stay the engine's).
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -203,6 +215,7 @@ class TrainResult:
     last_loss: float
     skipped_images: int
     unique_bad_images: int
+    train_seconds: float = 0.0  # time inside the training steps (no checkpoints, logs or evaluation)
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -243,6 +256,27 @@ def step_generator(seed: int, step: int, shard: int, device: torch.device | str 
     g = torch.Generator(device=device)
     g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
     return g
+
+
+class _WarmupEMA:
+    """``multi_avg_fn`` of ``AveragedModel``: lerp by ``1 - min(decay, (1 + n) / (10 + n))``.
+
+    ``n`` (updates done) is set from the host-side step counter before each update, so the decay
+    costs no device-to-host sync.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def __call__(self, ema: list[Tensor], current: list[Tensor], _num_averaged: Tensor) -> None:
+        n = self.updates
+        d = min(self.decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
+            torch._foreach_lerp_(ema, current, 1 - d)
+        else:  # integer buffers follow the model
+            for e, c in zip(ema, current, strict=True):
+                e.copy_(c)
 
 
 def _param_digest(model: nn.Module) -> str:
@@ -544,9 +578,15 @@ class Trainer:
             if self.train.ema_decay is not None:
                 ema = sharding.ShardedEMA(model, self.train.ema_decay)
         elif self.train.ema_decay is not None:
-            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.train.ema_decay), use_buffers=True)
+            warmup = _WarmupEMA(self.train.ema_decay) if self.train.ema_warmup else None
+            ema = AveragedModel(model, multi_avg_fn=warmup or get_ema_multi_avg_fn(self.train.ema_decay), use_buffers=True)
             ema.requires_grad_(False)
-        optimizer = build_optimizer(model, self.optim)
+            if warmup is not None:
+                ema.n_averaged.fill_(1)  # the initial weights count as the first average (no copy on update 1)
+        if fsdp and self.train.ema_warmup:
+            raise ConfigError("train.ema_warmup is not supported with train.sharding=fsdp2")
+        custom = getattr(self.task, "build_optimizer", None)
+        optimizer = custom(model, self.optim) if custom is not None else build_optimizer(model, self.optim)
         # Not prepared: accelerate would step a prepared scheduler once per process per step.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.optim.warmup_steps))
         if self.train.compile:
@@ -597,9 +637,12 @@ class Trainer:
         window_steps = 0
         last_loss = float("nan")
         t_window = time.perf_counter()
+        train_seconds = 0.0
+        budget = self.train.max_train_seconds
         model.train()
         while state.step < self.train.steps:
             step = state.step
+            t_step = time.perf_counter()
             skipped_here = torch.zeros((), device=accelerator.device)
             for micro in range(acc):
                 batch = next(batches)
@@ -635,13 +678,23 @@ class Trainer:
             if fsdp and ema is not None:
                 ema.update(model)
             elif ema is not None:
+                if isinstance(ema.multi_avg_fn, _WarmupEMA):
+                    ema.multi_avg_fn.updates = step
                 ema.update_parameters(accelerator.unwrap_model(model))
             state.skipped += int(accelerator.reduce(skipped_here, "sum").item()) if world > 1 else int(skipped_here.item())
             state.step += 1
             window_steps += 1
             bar.update(1)
+            train_seconds += time.perf_counter() - t_step
+            out_of_time = budget is not None and train_seconds >= budget
+            if budget is not None and world > 1:  # every process stops at the same step
+                flag = torch.tensor(float(out_of_time), device=accelerator.device)
+                out_of_time = bool(accelerator.reduce(flag, "max").item())
+            if out_of_time and state.step < self.train.steps:
+                bar.write(f"stopping after {state.step} steps: the {budget:g} s training budget is spent")
+            last = state.step == self.train.steps or out_of_time
 
-            if state.step % self.train.log_every == 0 or state.step == self.train.steps:
+            if state.step % self.train.log_every == 0 or last:
                 logs = {}
                 for k, pair in sorted(window.items()):
                     total, count = accelerator.reduce(pair, "sum").tolist() if world > 1 else pair.tolist()
@@ -659,7 +712,7 @@ class Trainer:
                 accelerator.log(logs, step=state.step)
                 window, window_steps, t_window = {}, 0, time.perf_counter()
 
-            if state.step % self.train.checkpoint_every == 0 or state.step == self.train.steps:
+            if state.step % self.train.checkpoint_every == 0 or last:
                 if fsdp:
                     sharding.save_sharded_checkpoint(
                         self.output_dir / "checkpoints", state.step, model, optimizer, ema=ema, extra=extra,
@@ -670,7 +723,7 @@ class Trainer:
                         accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints, extra=extra
                     )
 
-            if self.train.sample_every and (state.step % self.train.sample_every == 0 or state.step == self.train.steps):
+            if self.train.sample_every and (state.step % self.train.sample_every == 0 or last):
                 if fsdp:
                     self._evaluate_sharded(model, ema, accelerator, state.step, log_path)
                 elif accelerator.is_main_process:
@@ -684,6 +737,8 @@ class Trainer:
                             f.write(json.dumps({"step": state.step, **scalars}) + "\n")
                         accelerator.log(scalars, step=state.step)
                 accelerator.wait_for_everyone()
+            if out_of_time:
+                break
         bar.close()
 
         # Drain the loader so worker processes exit cleanly.
@@ -724,7 +779,7 @@ class Trainer:
                 accelerator.print(f"skipped {state.skipped} unreadable image reads ({len(state.bad)} distinct files)")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return TrainResult(self.output_dir, state.step, last_loss, state.skipped, len(state.bad))
+        return TrainResult(self.output_dir, state.step, last_loss, state.skipped, len(state.bad), train_seconds)
 
     def _sharded(self, accelerator: Any) -> bool:
         mode = self.train.sharding

@@ -116,13 +116,13 @@ class FluxVAEConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Which parameters train: everything, peft LoRA, or per-stage LoRA (``dfm_ext.specialize``)."""
+    """Which parameters train: everything, peft LoRA, or per-stage LoRA (``dfm_ext.specialization``)."""
 
     mode: Literal["full", "lora", "stage_lora"] = "full"
     lora_rank: int = 64
     lora_alpha: float | None = None  # None: = rank
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    stage_targets: tuple[str, ...] = ("attn", "mlp")  # dfm_ext.specialize groups
+    stage_targets: tuple[str, ...] = ("attn", "mlp")  # dfm_ext.specialization groups
     train_dfm_layers: bool = True
 
 
@@ -358,7 +358,7 @@ class BucketedDFM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """``DFMTransformer.save_pretrained`` of the wrapped model (peft LoRA merged in; per-stage
         LoRA written separately as ``stage_parameters.safetensors`` + ``stage_lora.json``)."""
-        from dfm_ext.specialize.core import stage_parameters_detached, save_specialization
+        from dfm_ext.specialization import stage_parameters_detached, save_specialization
 
         directory = Path(directory)
         spec = self.stage_specialization
@@ -422,7 +422,7 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     if ft.mode == "lora":
         _add_peft_lora(transformer, ft)
     elif ft.mode == "stage_lora":
-        from dfm_ext.specialize.core import specialize
+        from dfm_ext.specialization import specialize
 
         model.stage_specialization = specialize(
             model, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
@@ -447,7 +447,7 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
-        from dfm_ext.specialize.core import load_specialization
+        from dfm_ext.specialization import load_specialization
 
         model = BucketedDFM(load_wrapped(directory, base, device=device))
         model.stage_specialization = load_specialization(model, directory, add_prefix="wrapped.")

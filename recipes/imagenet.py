@@ -265,7 +265,7 @@ class SpecializeConfig:
     def validate(self, num_stages: int) -> None:
         import math
 
-        from dfm_ext.specialize.core import GROUP_PATTERNS
+        from dfm_ext.specialization import GROUP_PATTERNS
 
         if self.kind not in ("none", "full", "lora"):
             raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
@@ -462,7 +462,7 @@ class ImageNetTask(ClassConditionalTask):
         The handle rides along when the engine deep-copies the model for the EMA, and
         ``save_pretrained`` (``final/``) writes the stage parameters beside the shared weights.
         """
-        from dfm_ext.specialize.core import specialize
+        from dfm_ext.specialization import specialize
         from dfm_ext.wrapping.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)

@@ -23,7 +23,8 @@ from PIL import Image
 
 import dfm_ext
 from dfm_ext.recipes import cli
-from dfm_ext.recipes.demo_checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from _old_demo_checkpoint import write_old_demo_checkpoint
+from dfm_ext.recipes.demo_checkpoint import CheckpointError
 from dfm_ext.recipes.demo_data import ImageDataset, read_image
 from dfm_ext.models.dit import DiTConfig
 from dfm_ext.recipes.demo import (
@@ -105,7 +106,22 @@ def _toy_data(n: int = 16, classes: int = 3) -> ImageDataset:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A demo checkpoint of an untrained tiny model (no training: the cases fail before sampling)."""
+    """A demo checkpoint in the released layout (config.json + model.safetensors, written by hand)
+    of an untrained tiny model (no training: the cases fail before sampling)."""
+    import dataclasses
+
+    cfg = DemoConfig(size="tiny", steps=1, batch_size=4, num_eval=0, max_train_seconds=None)
+    data = _toy_data()
+    mc = model_config(cfg, data.image_shape, data.num_classes)
+    torch.manual_seed(0)
+    train = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return write_old_demo_checkpoint(tmp_path_factory.mktemp("ck") / "checkpoint", build_model(mc), mc, train,
+                                     list(data.class_names))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def new_checkpoint(tmp_path_factory) -> Path:
+    """The same model in the current layout (save_pretrained + demo.json)."""
     cfg = DemoConfig(size="tiny", steps=1, batch_size=4, num_eval=0, max_train_seconds=None)
     data = _toy_data()
     mc = model_config(cfg, data.image_shape, data.num_classes)
@@ -475,3 +491,25 @@ def test_eval_skips_and_counts_unreadable_images(tmp_path: Path) -> None:
     assert sorted(p.name for p in skipped) == ["00003.png", "00004.png"]
     # with a limit, reading goes on past the unreadable files
     assert read_png_folder(tmp_path, limit=2)[0].shape[0] == 2
+
+
+NEW_CHECKPOINT_CASES = [
+    ("bad-json", lambda d: (d / "demo.json").write_text("{not json"), "demo.json is not valid JSON"),
+    ("not-demo", lambda d: (d / "demo.json").write_text('{"kind": "other"}'), "kind 'other'"),
+    ("no-model-record", lambda d: (d / "dfm_config.json").unlink(), "dfm_config.json is missing"),
+    ("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+     "model.safetensors is not a readable safetensors file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "needle"), [c[1:] for c in NEW_CHECKPOINT_CASES], ids=[c[0] for c in NEW_CHECKPOINT_CASES])
+def test_new_demo_checkpoint_bad_file(change, needle, new_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    d = Path(shutil.copytree(new_checkpoint, tmp_path / "ck"))
+    change(d)
+    with pytest.raises(CheckpointError) as e:
+        load_demo_checkpoint(d)
+    assert needle in str(e.value) and str(d) in str(e.value), str(e.value)
+    assert _status(["sample", "--checkpoint", str(d), "--out", str(tmp_path / "g.png")]) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "g.png").exists()

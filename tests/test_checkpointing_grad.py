@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 
 from dfm_ext import DiT, DiTConfig, LaplacianPyramid, wrap_dit
-from dfm_ext.specialize.core import specialize
+from dfm_ext.specialization import specialize
 from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
 
 

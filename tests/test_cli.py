@@ -34,7 +34,9 @@ def test_demo_writes_every_file(demo_dir: Path, capsys) -> None:
     assert metrics["steps"] == 3 and metrics["dataset"] == "skimage" and metrics["decomposition"] == "laplacian"
     assert metrics["train_seconds"] > 0 and metrics["eval"]["num_fake"] == 20
     assert set(metrics["eval"]["swd"]["per_level"]) == {"32x32", "16x16", "8x8"}
-    assert sorted(p.name for p in (demo_dir / "checkpoint").iterdir()) == ["config.json", "model.safetensors"]
+    # The engine's final/ (save_pretrained: load_wrapped alone rebuilds it) plus the demo's options.
+    assert sorted(p.name for p in (demo_dir / "checkpoint").iterdir()) == ["demo.json", "dfm_config.json", "model.safetensors"]
+    assert not [p for p in demo_dir.iterdir() if p.name.startswith(".")]  # the staging folder is gone
     with Image.open(demo_dir / "samples.png") as im:
         # 10 classes x 8 samples of 32 px, scaled 3x with a 2 px border: rows = classes.
         assert im.size == (8 * 34 * 3 + 6, 10 * 34 * 3 + 6)
@@ -82,7 +84,8 @@ def test_missing_or_corrupt_checkpoint(tmp_path: Path, demo_dir: Path, capsys) -
     assert "does not exist" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.json").write_text((demo_dir / "checkpoint" / "config.json").read_text())
+    for name in ("demo.json", "dfm_config.json"):
+        (broken / name).write_text((demo_dir / "checkpoint" / name).read_text())
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     assert main(["sample", "--checkpoint", str(broken), "--out", str(tmp_path / "g.png")]) == 2
     assert "not a readable safetensors" in capsys.readouterr().err
@@ -93,3 +96,19 @@ def test_wrong_step_count_for_the_decomposition(demo_dir: Path, tmp_path: Path, 
     argv = ["sample", "--checkpoint", str(demo_dir / "checkpoint"), "--steps", "5,5,5", "--out", str(tmp_path / "g.png")]
     assert main(argv) == 2
     assert "has 2 stages" in capsys.readouterr().err
+
+
+def test_demo_compile_matches_eager(demo_dir: Path, tmp_path: Path) -> None:
+    """``--compile`` (issue 15; the engine's train.compile) trains the same maths: same losses to 1e-4."""
+    out = tmp_path / "compiled"
+    assert main(["demo", "--out", str(out), *TINY, "--compile", "--compile-backend", "aot_eager"]) == 0
+    eager = json.loads((demo_dir / "metrics.json").read_text())
+    compiled = json.loads((out / "metrics.json").read_text())
+    assert compiled["compile"] is True and eager["compile"] is False
+    assert compiled["final_loss_ema100"] == pytest.approx(eager["final_loss_ema100"], rel=1e-4)
+    assert compiled["eval"]["swd"]["mean"] == pytest.approx(eager["eval"]["swd"]["mean"], rel=1e-3)
+
+
+def test_demo_compile_backend_is_checked_before_training(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "x"), *TINY, "--compile", "--compile-backend", "nope"]) == 2
+    assert "compile_backend='nope'" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -227,7 +227,7 @@ def test_demo_checkpoint_holds_and_reloads_the_decomposition(kind: str, tmp_path
         assert main(["demo", "--out", str(out), "--decomposition", kind, *DEMO]) == 0
     ckpt = out / "checkpoint"
     expected = _expected({"kind": kind})
-    assert json.loads((ckpt / "config.json").read_text())["config"]["model"]["decomposition"] == expected
+    assert json.loads((ckpt / "demo.json").read_text())["model"]["decomposition"] == expected
     model, config = load_demo_checkpoint(ckpt)
     assert decomposition_config(model.decomposition) == expected
     # dfm-ext sample from the checkpoint equals sampling the reloaded model directly.

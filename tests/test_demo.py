@@ -11,12 +11,13 @@ import torch
 pytest.importorskip("dfm_ext.models.dit")
 pytest.importorskip("dfm_ext.wrapping.wrapper")
 
-from dfm_ext.recipes.demo_checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from _old_demo_checkpoint import write_old_demo_checkpoint, write_raw_old_checkpoint  # noqa: E402
+
+from dfm_ext.recipes.demo_checkpoint import CheckpointError  # noqa: E402
 from dfm_ext.recipes.demo_data import ImageDataset  # noqa: E402
 from dfm_ext.recipes.demo import (  # noqa: E402
-    EMA,
     DemoConfig,
-    Trainer,
+    DemoTask,
     build_model,
     generate,
     load_demo_checkpoint,
@@ -66,6 +67,7 @@ def test_unknown_names_are_rejected() -> None:
 def test_training_is_seeded_and_learns() -> None:
     data = _data()
     a = train(replace(TINY, steps=3), data, progress=False)
+    assert math.isfinite(a.seconds) and a.seconds > 0
     b = train(replace(TINY, steps=3), data, progress=False)
     assert a.history["loss"] == b.history["loss"] and a.steps == 3
     c = train(replace(TINY, steps=3, seed=1), data, progress=False)
@@ -79,39 +81,55 @@ def test_training_is_seeded_and_learns() -> None:
     assert last < 0.8 * first
 
 
-def test_time_budget_stops_training_early() -> None:
-    res = train(replace(TINY, steps=1000, max_train_seconds=1e-9), _data(), progress=False)
-    assert res.steps == 1
+def test_time_budget_stops_training_early(tmp_path) -> None:
+    res = train(replace(TINY, steps=1000, max_train_seconds=1e-9), _data(), run_dir=tmp_path / "run", progress=False)
+    assert res.steps == 1 and len(res.history["loss"]) == 1
+    # The stopped step is the run's last: checkpointed and saved like a full run's.
+    assert (tmp_path / "run" / "checkpoints" / "step-000001").is_dir() and (tmp_path / "run" / "final").is_dir()
 
 
-def test_label_dropout_uses_the_null_class() -> None:
-    data = _data()
+def test_label_dropout_uses_the_null_class(monkeypatch) -> None:
     seen = []
-    cfg = replace(TINY, label_dropout=0.5)
-    trainer = Trainer(cfg, data)
-    original = trainer.objective.forward
+    original = DemoTask.loss
 
-    def spy(model, stages, ts, **kw):
-        seen.append(kw["y"].clone())
-        return original(model, stages, ts, **kw)
+    def spy(self, model, batch, **kw):
+        forward = self.objective.forward
 
-    trainer.objective.forward = spy
-    for _ in range(4):
-        trainer.step()
+        def record(m, stages, ts, **okw):
+            seen.append(okw["y"].clone())
+            return forward(m, stages, ts, **okw)
+
+        self.objective.forward = record
+        return original(self, model, batch, **kw)
+
+    monkeypatch.setattr(DemoTask, "loss", spy)
+    train(replace(TINY, label_dropout=0.5), _data(), progress=False)
     labels = torch.cat(seen)
     assert set(labels.tolist()) <= {0, 1, 2, 3} and (labels == 3).any() and (labels < 3).any()
 
 
-def test_ema_tracks_with_warmup_and_skips_integers() -> None:
-    m = torch.nn.BatchNorm1d(2)
-    ema = EMA(m, decay=0.9)
-    with torch.no_grad():
-        m.weight.fill_(3.0)
-    m.num_batches_tracked.fill_(7)
-    ema.update(m)  # first update: decay min(0.9, 1/10) = 0.1
-    assert torch.allclose(ema.module.weight, torch.full((2,), 0.1 * 1 + 0.9 * 3.0))
-    assert int(ema.module.num_batches_tracked) == 7
-    assert not any(p.requires_grad for p in ema.module.parameters())
+def test_engine_ema_warms_up_like_the_old_demo_ema(tmp_path) -> None:
+    """The engine's ``train.ema_warmup``: after 2 steps the EMA is ``lerp(lerp(w0, w1, 0.9), w2, 1 - 2/11)``
+    (decay ``min(d, (1 + n) / (10 + n))``, the initial weights counting as the first average),
+    computed here from the run's own step checkpoints (weights w1, w2) and the seeded init w0."""
+    from safetensors.torch import load_file
+
+    from dfm_ext.wrapping.wrapper import load_wrapped
+
+    data = _data()
+    cfg = replace(TINY, steps=2, ema_decay=0.999)
+    run = tmp_path / "run"
+    mc = model_config(cfg, data.image_shape, data.num_classes)
+    torch.manual_seed(cfg.seed)
+    w0 = build_model(mc).state_dict()
+    train(replace(cfg, steps=1), data, run_dir=tmp_path / "one", progress=False)
+    w1 = load_file(str(tmp_path / "one" / "checkpoints" / "step-000001" / "model.safetensors"))
+    train(cfg, data, run_dir=run, progress=False)
+    w2 = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
+    ema = load_wrapped(run / "final").state_dict()
+    name = next(k for k in w0 if k.endswith("weight") and not torch.equal(w1[k], w2[k]))
+    expected = torch.lerp(torch.lerp(w0[name], w1[name], 0.9), w2[name], 1 - 2 / 11)
+    torch.testing.assert_close(ema[name], expected, rtol=0, atol=1e-7)
 
 
 def test_generate_shapes_previews_and_determinism() -> None:
@@ -143,11 +161,42 @@ def test_demo_checkpoint_round_trip(tmp_path) -> None:
     args = (stages, torch.rand(2, 2), torch.ones(2, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(model.eval()(*args, y=torch.tensor([1, 2])),
                                                  loaded(*args, y=torch.tensor([1, 2]))))  # fmt: skip
+    # The new layout: load_wrapped alone rebuilds the model; demo.json holds the sampling options.
+    assert sorted(p.name for p in d.iterdir()) == ["demo.json", "dfm_config.json", "model.safetensors"]
+    from dfm_ext.wrapping.wrapper import load_wrapped
+
+    alone = load_wrapped(d).eval()
+    assert all(torch.equal(a, b) for a, b in zip(alone(*args, y=torch.tensor([1, 2])), loaded(*args, y=torch.tensor([1, 2]))))
+    assert config["train"]["cfg_scale"] == TINY.cfg_scale and config["train"]["sample_steps"] == [30, 10]
+
+
+def test_old_demo_checkpoint_still_loads(tmp_path) -> None:
+    """A checkpoint in the released layout (config.json + model.safetensors, format
+    ``dfm_ext.checkpoint``, kind ``dfm_ext.demo``), written by hand, loads and samples."""
+    from dfm_ext.recipes.cli import main
+
+    data = _data()
+    mc = model_config(TINY, data.image_shape, data.num_classes)
+    mc["decomposition"] = "laplacian"  # checkpoints before the full decomposition record held the kind only
+    torch.manual_seed(0)
+    model = build_model(mc)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    train_cfg = {"cfg_scale": 2.0, "eval_cfg_scale": 1.0, "sample_steps": [3, 2], "thresholds": [0.9]}
+    d = write_old_demo_checkpoint(tmp_path / "old", model, mc, train_cfg, ["c0", "c1", "c2"])
+    loaded, config = load_demo_checkpoint(d)
+    assert config["kind"] == "dfm_ext.demo" and config["train"]["sample_steps"] == [3, 2]
+    stages = model.decomposition.decompose(torch.randn(2, 1, 32, 32))
+    args = (stages, torch.rand(2, 2), torch.ones(2, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(model.eval()(*args, y=torch.tensor([1, 2])), loaded(*args, y=torch.tensor([1, 2]))))
+    assert main(["sample", "--checkpoint", str(d), "--num", "1", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
     # A checkpoint of something else, or weights that do not fit, are refused by name.
-    save_checkpoint(tmp_path / "other", {"w": torch.ones(1)}, {"kind": "other"})
+    write_raw_old_checkpoint(tmp_path / "other", {"w": torch.ones(1)}, {"kind": "other"})
     with pytest.raises(CheckpointError, match="not a demo model"):
         load_demo_checkpoint(tmp_path / "other")
-    save_checkpoint(tmp_path / "bad", {"w": torch.ones(1)}, config)
+    write_raw_old_checkpoint(tmp_path / "bad", {"w": torch.ones(1)}, config)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_demo_checkpoint(tmp_path / "bad")
 
@@ -157,7 +206,7 @@ def test_specialised_demo_trains_and_checkpoints(tmp_path) -> None:
     data = _data()
     cfg = replace(TINY, steps=6, specialize="full", specialize_targets=("mlp",))
     res = train(cfg, data, progress=False)
-    stage_params = {n: p for n, p in res.model.named_parameters() if ".stage_params." in n}
+    stage_params = {n: p for n, p in res.ema.named_parameters() if ".stage_params." in n}
     assert stage_params and all(".mlp." in n for n in stage_params)
     assert all(math.isfinite(v) for v in res.history["loss"])
     mc = model_config(cfg, data.image_shape, data.num_classes)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dfm_ext.specialize.core import (
+from dfm_ext.specialization import (
     GROUPS,
     StageSpecialization,
     export_peft_lora,
@@ -582,7 +582,7 @@ def test_specialization_export_round_trip(kind: str, targets, rank, alpha, tmp_p
 
 
 def test_specialization_export_prefix_and_errors(tmp_path_factory, tmp_path: Path) -> None:
-    from dfm_ext.specialize.core import load_specialization, save_specialization
+    from dfm_ext.specialization import load_specialization, save_specialization
 
     class Holder(nn.Module):
         def __init__(self, wrapped: nn.Module) -> None:
@@ -645,6 +645,6 @@ def test_specialization_export_prefix_and_errors(tmp_path_factory, tmp_path: Pat
 
 def test_specialization_export_names_are_public() -> None:
     import dfm_ext
-    from dfm_ext.specialize.core import load_specialization, save_specialization
+    from dfm_ext.specialization import load_specialization, save_specialization
 
     assert dfm_ext.save_specialization is save_specialization and dfm_ext.load_specialization is load_specialization

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfm_ext.specialize.core import specialize
+from dfm_ext.specialization import specialize
 
 
 class _Net(nn.Module):
@@ -97,7 +97,7 @@ def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned) -> None:
 def test_mixed_batch_lora_reads_no_stage_value_on_the_host(monkeypatch) -> None:
     """Off the host-checked path (a device tensor, or under torch.compile), routing never reads
     ``stage`` back: ``Tensor.tolist``/``item`` are made to fail and the result is still exact."""
-    import dfm_ext.specialize.core as S
+    from dfm_ext.specialization import routing as S
 
     torch.manual_seed(0)
     model = _Net(nn.Linear(6, 5))

@@ -1,4 +1,4 @@
-"""time_conventions: converters between t (0 = noise) and other codebases' conventions."""
+"""dfm_ext.conventions: converters between t (0 = noise) and other codebases' conventions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext import time_conventions as tc
+from dfm_ext import conventions as tc
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
 

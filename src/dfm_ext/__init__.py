@@ -2,7 +2,7 @@
 
 The library is layered; each subpackage imports only the ones listed before it:
 :mod:`~dfm_ext.validation` -> :mod:`~dfm_ext.decompositions` -> :mod:`~dfm_ext.process`
--> :mod:`~dfm_ext.specialize` -> :mod:`~dfm_ext.models` -> :mod:`~dfm_ext.wrapping`;
+-> :mod:`~dfm_ext.specialization` -> :mod:`~dfm_ext.models` -> :mod:`~dfm_ext.wrapping`;
 :mod:`~dfm_ext.metrics` stands apart. Adapters (:mod:`dfm_ext.adapters`) and the accelerate
 recipes and demo (:mod:`dfm_ext.recipes`) sit on top and are not imported here.
 
@@ -43,7 +43,7 @@ from dfm_ext.process import (
 )
 
 # specialisation
-from dfm_ext.specialize import StageSpecialization, load_specialization, save_specialization, specialize
+from dfm_ext.specialization import StageSpecialization, load_specialization, save_specialization, specialize
 
 # wrapping
 from dfm_ext.wrapping import (

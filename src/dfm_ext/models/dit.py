@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_ext.validation import check_value
-from dfm_ext.specialize.core import checkpoint
+from dfm_ext.specialization import checkpoint
 
 __all__ = ["DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
 

@@ -94,6 +94,13 @@ class DiTAdapter(Protocol):
     ``wrap_dit(..., time_convention=)``), and ``bind(model, time_convention) -> adapter`` (the
     adapter to use for this model, with its time convention settled; it raises ``ValueError``
     when the convention cannot be proven, see :class:`dfm_ext.adapters.DiTFamilyAdapter`).
+
+    Optional for :func:`dfm_ext.specialize`: ``layer_groups``, a mapping from group name
+    (``cond``, ``mod``, ``attn``, ``mlp``, ``proj``, or the family's own) to regular expressions
+    searched in module names, the layer groups of this family. ``specialize`` reads it from the
+    wrapped model's ``adapter`` (without it: ``dfm_ext.specialization.DEFAULT_LAYER_GROUPS``); the
+    built-in adapters declare theirs (the diffusers ones extend a shared table with
+    :func:`dfm_ext.specialization.combine_layer_groups`).
     """
 
     name: str

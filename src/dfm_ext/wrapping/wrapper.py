@@ -184,7 +184,7 @@ class DFMTransformer(nn.Module):
         """
         from safetensors.torch import save_model  # noqa: PLC0415
 
-        from dfm_ext.specialize.core import is_specialized, stage_parameters_detached, save_specialization  # noqa: PLC0415
+        from dfm_ext.specialization import is_specialized, stage_parameters_detached, save_specialization  # noqa: PLC0415
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,195 @@
+"""Stage routing: which stage each sample of the forward in progress runs, and checkpointing under it.
+
+A specialised model carries one :class:`StageContext`. Its forward pre-hook reads ``stage`` (an
+int or ``[B]`` integer tensor) from the call and pushes a :class:`Route`; every specialised layer
+(:mod:`dfm_ext.specialization.layers`) reads the innermost route. :func:`checkpoint` re-installs the
+route when activation checkpointing recomputes a segment in backward, after the forward is over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+__all__ = ["Route", "StageContext", "routing_active", "checkpoint"]
+
+
+class Route:
+    """How one forward's batch splits by stage; computed once per forward, read by every layer.
+
+    Built without a device-to-host sync: a tensor ``stage`` keeps its values on its device
+    (``index`` ``[B]``, ``onehot`` ``[B, S]``) and the LoRA layers route by masking per sample. Only ``kind="full"`` layers need the per-stage counts on the host (:meth:`split`,
+    computed once per forward and shared by all such layers).
+    """
+
+    def __init__(self, batch: int, uniform: int | None, index: Tensor | None = None, num_stages: int = 0) -> None:
+        self.batch = batch
+        self.uniform = uniform  # the stage of every sample when known on the host (an int stage)
+        self.index = index  # [B] long, stage[b]
+        self.num_stages = num_stages
+        self._onehot: Tensor | None = None
+        self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+
+    @property
+    def onehot(self) -> Tensor:
+        """``[B, S]`` bool, ``stage[b] == s``."""
+        if self._onehot is None:
+            idx = self.index
+            self._onehot = idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]  # type: ignore[index]
+        return self._onehot
+
+    def split(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """``(perm, inverse, counts)``: sample order grouped by stage, its inverse, samples per stage.
+
+        ``counts`` is read on the host (one sync for a device ``stage``, once per forward).
+        """
+        if self._split is None:
+            idx = self.index
+            counts = tuple(int(c) for c in torch.bincount(idx, minlength=self.num_stages).tolist())  # type: ignore[arg-type]
+            perm = torch.argsort(idx, stable=True)  # type: ignore[arg-type]
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(self.batch, device=perm.device)
+            self._split = (perm, inverse, counts)
+        return self._split
+
+
+class StageContext:
+    """Per-model holder of the ``stage`` of the forward in progress."""
+
+    def __init__(self, num_stages: int, stage_arg: str, position: int | None, consume: bool) -> None:
+        self.num_stages = num_stages
+        self.stage_arg = stage_arg
+        self.position = position
+        self.consume = consume
+        self.hook_ids: tuple[int, ...] = ()
+        self.requires_grad: dict[str, bool] = {}
+        # kind/rank/alpha/stages as given to specialize(): alpha is not recoverable bit-exactly
+        # from a layer's alpha / rank scaling, and save_specialization needs it to rebuild.
+        self.settings: dict[str, Any] = {}
+        self._calls: list[Route | None] = []
+        self._manual: list[Route] = []
+        self._replay: list[Route] = []  # routes re-installed by an activation-checkpoint recompute
+
+    def make_route(self, stage: object) -> Route:
+        s = self.num_stages
+        if isinstance(stage, bool) or not isinstance(stage, (int, Tensor)):
+            raise TypeError(f"stage must be an int or an integer tensor [B], got {type(stage).__name__}")
+        if isinstance(stage, int):
+            if not 0 <= stage < s:
+                raise ValueError(f"stage must be in [0, {s - 1}], got {stage}")
+            return Route(batch=-1, uniform=stage)
+        if stage.dtype.is_floating_point or stage.dtype.is_complex or stage.dtype == torch.bool:
+            raise TypeError(f"stage must be an integer tensor, got dtype {stage.dtype}")
+        if stage.ndim != 1 or stage.shape[0] == 0:
+            raise ValueError(f"stage must have shape [B] with B >= 1, got {tuple(stage.shape)}")
+        # Values are read where they already are on the host (a CPU tensor, outside
+        # torch.compile): checked, and a single-stage batch takes the plain path. A device tensor
+        # is not read back (no sync per training step): every batch takes the mixed path, and
+        # the range is asserted on the device (asynchronously; it fails at the next sync).
+        batch = stage.shape[0]
+        if stage.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
+            if lo < 0 or hi >= s:
+                raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
+            if lo == hi:
+                return Route(batch=batch, uniform=lo)
+        elif not torch.compiler.is_compiling():
+            torch._assert_async(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]")
+        return Route(batch=batch, uniform=None, index=stage.long(), num_stages=s)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.consume:
+            stage = kwargs.pop(self.stage_arg, None)
+        elif self.stage_arg in kwargs:
+            stage = kwargs[self.stage_arg]
+        elif self.position is not None and len(args) > self.position:
+            stage = args[self.position]
+        else:
+            stage = None
+        route = None if stage is None else self.make_route(stage)
+        self._calls.append(route)
+        _ACTIVE.append((self, route))
+        return (args, kwargs) if self.consume else None
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._calls:
+            self._calls.pop()
+            _ACTIVE.pop()
+
+    @contextlib.contextmanager
+    def manual(self, stage: int | Tensor) -> Iterator[None]:
+        route = self.make_route(stage)
+        self._manual.append(route)
+        _ACTIVE.append((self, route))
+        try:
+            yield
+        finally:
+            self._manual.pop()
+            _ACTIVE.pop()
+
+    def current(self) -> Route | None:
+        """The route of the forward in progress (None when the model runs no routed forward)."""
+        if self._replay:
+            return self._replay[-1]
+        if self._calls and self._calls[-1] is not None:
+            return self._calls[-1]
+        return self._manual[-1] if self._manual else None
+
+    def route(self, layer: str) -> Route:
+        route = self.current()
+        if route is not None:
+            return route
+        raise RuntimeError(
+            f"layer {layer!r} is specialised per stage but ran without a stage: call the specialised "
+            f"model with {self.stage_arg}=<LongTensor [B]>, or wrap the call in `handle.route(stage)`"
+        )
+
+
+#: (context, route) of every routed forward (or ``route()`` block) in progress, innermost last.
+_ACTIVE: list[tuple[StageContext, Route | None]] = []
+
+
+def routing_active() -> bool:
+    """Whether a specialised model's forward is running now (its per-sample stage routing is set)."""
+    return any(route is not None for _, route in _ACTIVE)
+
+
+@contextlib.contextmanager
+def _replaying(routes: dict[StageContext, Route]) -> Iterator[None]:
+    for ctx, route in routes.items():
+        ctx._replay.append(route)
+    try:
+        yield
+    finally:
+        for ctx in routes:
+            ctx._replay.pop()
+
+
+def _stage_context_fn() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    # Called when the checkpointed segment first runs: remember each specialised model's route
+    # then, and re-install it while the segment is recomputed in backward, when the model's
+    # forward (and its stage pre-hook) is long over.
+    routes: dict[StageContext, Route] = {}
+    for ctx, route in _ACTIVE:
+        if route is not None:
+            routes[ctx] = route
+    return contextlib.nullcontext(), _replaying(routes)
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant).
+
+    The activations inside ``fn`` are freed after the forward and recomputed in backward; the
+    gradients are those of the plain call. Inside a specialised model's forward (:func:`specialize`)
+    the stage routing of the forward is re-installed for the recompute, which plain
+    ``torch.utils.checkpoint`` cannot know of; outside one this is the plain call.
+    """
+    if _ACTIVE:
+        kwargs = {"context_fn": _stage_context_fn, **kwargs}
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
