@@ -1,7 +1,7 @@
 """The import layering of the package, checked on the source (ast), not by importing it.
 
 Library (src/dfm_ext) layers, each importing only itself and the layers before it:
-validation, fileio -> decompositions -> process -> specialize -> models -> wrapping; ``metrics``
+validation, fileio -> decompositions -> process -> specialization -> models -> wrapping; ``metrics``
 stands apart (it may use the first tier only, and no other layer imports it); the top-level
 ``dfm_ext/__init__`` may use every layer but ``metrics``. The library never imports
 ``accelerate``, ``dfm_ext.recipes`` or ``dfm_ext.adapters``, except the one lazy lookup of the
@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"dfm_ext": ROOT / "src" / "dfm_ext", "dfm_ext.adapters": ROOT / "adapters", "dfm_ext.recipes": ROOT / "recipes"}
 #: Tiers of the library, lowest first; a unit may import its own tier and the ones before it.
-LAYERS = [("validation", "fileio"), ("decompositions",), ("process",), ("specialize",), ("models",), ("wrapping",)]
+LAYERS = [("validation", "fileio"), ("decompositions",), ("process",), ("specialization",), ("models",), ("wrapping",)]
 BASE = LAYERS[0]
 
 
@@ -256,7 +256,7 @@ def test_layer_rule_accepts() -> None:
         "dfm_ext.wrapping.wrapper": "from dfm_ext.process.conventions import time_transform",
         "dfm_ext.process.sampler": "from .objective import x",
         "dfm_ext.metrics.swd": "from dfm_ext.validation import check_value",
-        "dfm_ext.specialize.io": "from dfm_ext.fileio import atomic_write_text",
+        "dfm_ext.specialization.io": "from dfm_ext.fileio import atomic_write_text",
         "dfm_ext.wrapping.adapter": "def f():\n    from dfm_ext.adapters import builtin_adapters",
         "dfm_ext": "from dfm_ext.wrapping import wrap_dit",
     }

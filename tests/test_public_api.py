@@ -79,7 +79,7 @@ def test_every_public_name_is_documented(package: str) -> None:
 
 
 def test_public_modules_found() -> None:
-    assert {"validation", "decompositions", "process", "specialize", "models", "wrapping", "metrics"} <= set(SUBPACKAGES)
+    assert {"validation", "decompositions", "process", "specialization", "models", "wrapping", "metrics"} <= set(SUBPACKAGES)
 
 
 def test_documentation_check_finds_gaps(tmp_path: Path) -> None:

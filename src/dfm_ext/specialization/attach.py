@@ -253,10 +253,11 @@ def specialize(
     counts: dict[str, int] = {}
     for name, group in layers.items():
         module = modules[name]
-        mixin, _ = layer_base(module)  # type: ignore[misc]
+        base = layer_base(module)
+        assert base is not None  # select_layers picks Linear/ConvNd/Embedding layers only
         original = type(module)
-        module.__class__ = stage_class(original, mixin)
-        module._stage_base_cls = original  # type: ignore[assignment]
+        module.__class__ = stage_class(original, base[0])
+        module._stage_base_cls = original
         _attach(module, name, kind, rank, alpha, stage_list, ctx, generator)
         n = sum(p.numel() for p in module.stage_params.parameters())
         counts[group] = counts.get(group, 0) + n

@@ -166,6 +166,7 @@ def select_layers(
     for name, module in model.named_modules():
         if not name:
             continue
+        group: str | None
         if callable(targets):
             if not targets(name, module):
                 continue

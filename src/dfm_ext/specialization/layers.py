@@ -17,6 +17,7 @@ parameters. The forward reads the stage route of the forward in progress
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,13 @@ __all__ = [
 class StageParams(nn.Module):
     """The parameters of one stage of one layer (``lora_A``/``lora_B`` or ``weight``/``bias``)."""
 
+    # Declared for type checkers (nn.Module attribute access is typed as Tensor | Module);
+    # a stage holds either the LoRA pair or the full copies.
+    lora_A: Tensor
+    lora_B: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
 
 class StageLayer:
     """Mixin over ``nn.Linear``/``nn.ConvNd``/``nn.Embedding``: per-stage forward and merge."""
@@ -48,8 +56,13 @@ class StageLayer:
     _stage_kind: str
     _stage_scaling: float
     _stage_base_cls: type
+    _modules: dict[str, nn.Module | None]  # nn.Module's, in the classes this mixes into
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def stage_params_of(self, s: int | str) -> StageParams | None:
+        """Stage ``s``'s parameters, or ``None`` for a stage left out of ``stages=``."""
+        return cast("StageParams | None", self.stage_params[str(s)] if str(s) in self.stage_params else None)
+
+    def forward(self, x: Tensor) -> Tensor:
         route = self._stage_ctx.route(self._stage_name)
         if route.uniform is not None:
             return self._stage_forward(x, route.uniform)
@@ -71,9 +84,9 @@ class StageLayer:
         """``A`` ``[S, *A_s.shape]`` and ``B`` ``[S, *B_s.shape]``; zeros for a stage without LoRA."""
         a, b = [], []
         for s in range(self._stage_ctx.num_stages):
-            p = self.stage_params[str(s)] if str(s) in self.stage_params else None
+            p = self.stage_params_of(s)
             if p is None:  # a stage left out of ``stages=`` runs the base weights: a zero LoRA
-                ref = next(iter(self.stage_params.values()))
+                ref = cast(StageParams, next(iter(self.stage_params.values())))
                 a.append(torch.zeros_like(ref.lora_A))
                 b.append(torch.zeros_like(ref.lora_B))
             else:
@@ -95,7 +108,7 @@ class StageLayer:
         return self._lora_out(h * self._mask_view(mask, h), b.transpose(0, 1).flatten(1, 2))
 
     def _stage_forward(self, x: Tensor, s: int) -> Tensor:
-        p = self.stage_params[str(s)] if str(s) in self.stage_params else None
+        p = self.stage_params_of(s)
         if p is None:
             return super().forward(x)  # type: ignore[misc]
         if self._stage_kind == "full":
@@ -107,9 +120,9 @@ class StageLayer:
     def merged_parameters(self, s: int) -> tuple[Tensor, Tensor | None]:
         """The plain layer's ``(weight, bias)`` for stage ``s``."""
         weight, bias = self.weight, getattr(self, "bias", None)  # type: ignore[attr-defined]
-        if str(s) not in self.stage_params:
+        p = self.stage_params_of(s)
+        if p is None:
             return weight.detach().clone(), None if bias is None else bias.detach().clone()
-        p = self.stage_params[str(s)]
         if self._stage_kind == "full":
             return 0.5 * (weight + p.weight).detach(), None if bias is None else 0.5 * (bias + p.bias).detach()
         delta = self._stage_scaling * self._lora_weight(p.lora_A, p.lora_B)
@@ -198,12 +211,16 @@ class StageEmbedding(StageLayer):
         return (rank, self.num_embeddings), (self.embedding_dim, rank)  # type: ignore[attr-defined]
 
 
+def _plain_conv(m: nn.Module, cls: type[nn.Module]) -> bool:
+    return type(m).forward is cls.forward and getattr(m, "groups", None) == 1
+
+
 _MIXINS: tuple[tuple[type[nn.Module], type[StageLayer], Callable[[nn.Module], bool]], ...] = (
     (nn.Linear, StageLinear, lambda m: type(m).forward is nn.Linear.forward),
-    (nn.Conv1d, StageConv, lambda m: type(m).forward is nn.Conv1d.forward and m.groups == 1),
-    (nn.Conv2d, StageConv, lambda m: type(m).forward is nn.Conv2d.forward and m.groups == 1),
-    (nn.Conv3d, StageConv, lambda m: type(m).forward is nn.Conv3d.forward and m.groups == 1),
-    (nn.Embedding, StageEmbedding, lambda m: type(m).forward is nn.Embedding.forward and m.max_norm is None),
+    (nn.Conv1d, StageConv, lambda m: _plain_conv(m, nn.Conv1d)),
+    (nn.Conv2d, StageConv, lambda m: _plain_conv(m, nn.Conv2d)),
+    (nn.Conv3d, StageConv, lambda m: _plain_conv(m, nn.Conv3d)),
+    (nn.Embedding, StageEmbedding, lambda m: type(m).forward is nn.Embedding.forward and getattr(m, "max_norm", None) is None),
 )
 _SWAPPED: dict[type, type] = {}
 

@@ -8,10 +8,12 @@ is checked on load, so a file never loads into a differently specialised model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.specialization.layers import StageParams
 from dfm_ext.specialization.state import PARAMS_ATTR as _PARAMS_ATTR
 from dfm_ext.specialization.state import stage_context as _context
 from dfm_ext.specialization.state import stage_layers as _stage_layers
@@ -31,7 +33,7 @@ def _metadata(model: nn.Module) -> dict[str, str]:
         "stages": ",".join(first.stage_params.keys()),
     }
     if first._stage_kind == "lora":
-        p = next(iter(first.stage_params.values()))
+        p = cast(StageParams, next(iter(first.stage_params.values())))
         meta["rank"] = str(p.lora_A.shape[0])
         meta["scaling"] = repr(first._stage_scaling)
     return {_META_PREFIX + k: v for k, v in meta.items()}

@@ -59,7 +59,8 @@ def export_peft_lora(
             if not name.startswith(strip):
                 raise ValueError(f"module {name!r} does not start with strip={strip!r}")
             name = name[len(strip) :]
-        p = layer.stage_params[str(stage)]
+        p = layer.stage_params_of(stage)
+        assert p is not None  # checked above
         rank = p.lora_A.shape[0]
         alpha = layer._stage_scaling * rank
         key = f"{prefix}.{name}" if prefix else name

@@ -40,7 +40,8 @@ class Route:
         """``[B, S]`` bool, ``stage[b] == s``."""
         if self._onehot is None:
             idx = self.index
-            self._onehot = idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]  # type: ignore[index]
+            assert idx is not None, "onehot is read only for a batch of mixed stages (uniform is None)"
+            self._onehot = idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]
         return self._onehot
 
     def split(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:

@@ -65,7 +65,7 @@ def stage_parameters(model: nn.Module, stage: int | None) -> list[nn.Parameter]:
     ctx = stage_context(model)
     if stage is not None:
         check_stage(stage, ctx.num_stages)
-    out = []
+    out: list[nn.Parameter] = []
     for _, layer in stage_layers(model):
         for s, p in layer.stage_params.items():
             if stage is None or s == str(stage):
