@@ -29,7 +29,6 @@ from dfm_ext.recipes.data_captions import (
     scan_captions,
 )
 from dfm_ext.recipes.flux_finetune import (
-    BucketedDFM,
     FluxFinetuneConfig,
     FluxFlowModel,
     FluxTask,
@@ -41,6 +40,7 @@ from dfm_ext.recipes.flux_finetune import (
 )
 from dfm_ext.recipes.flux_finetune import main as flux_main
 from dfm_ext.recipes.tiny_flux_assets import make_captioned_images, make_tiny_flux
+from dfm_ext.wrapping.wrapper import DFMTransformer
 
 from _launch import launch_two_cpu_processes
 
@@ -106,7 +106,7 @@ def test_step0_first_stage_reproduces_flux(assets: Path, latent: tuple[int, int]
     cfg = _cfg(assets)
     model = FluxTask(cfg).build_model().eval()
     ref = load_transformer(cfg).eval()  # a second, independent from_pretrained
-    assert isinstance(model, BucketedDFM) and model.num_stages == 2
+    assert isinstance(model, DFMTransformer) and model.num_stages == 2 and model.any_sample_shape
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, *latent, generator=g)
     stages = model.decomposition.decompose(z)
@@ -156,7 +156,7 @@ def test_tiny_config_end_to_end(reference: Path) -> None:
         assert im.height > 0 and im.width > im.height
     assert (reference / "final" / "dfm_config.json").is_file()
     model = load_finetuned(reference / "final")
-    assert isinstance(model, BucketedDFM) and model.num_stages == 2
+    assert isinstance(model, DFMTransformer) and model.num_stages == 2 and model.any_sample_shape
 
 
 def test_two_processes_agree_and_match_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
@@ -234,7 +234,7 @@ def test_modes_train_the_right_parameters_and_export_round_trips(assets: Path, t
     loaded = load_finetuned(tmp_path / "export")
     g = torch.Generator().manual_seed(2)
     z = torch.randn(2, 4, 8, 12, generator=g)
-    stages = model.decomposition.decompose(z) if isinstance(model, BucketedDFM) else [z]
+    stages = model.decomposition.decompose(z) if isinstance(model, DFMTransformer) else [z]
     t, k = torch.rand(2, len(stages), generator=g), torch.tensor([0, len(stages) - 1])
     cond = _text(assets, 2, cfg)
     with torch.no_grad():

@@ -26,8 +26,9 @@ Weights are read with safetensors only (no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from dfm_ext.fileio import atomic_directory, atomic_write_bytes
 
-__all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "load_wrapped", "describe_mismatch"]
+__all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "load_wrapped", "describe_mismatch", "peft_merged"]
 
 FORMAT = "dfm_ext.wrapped/2"
 _FORMAT_V1 = "dfm_ext.wrapped/1"
@@ -116,6 +117,35 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def peft_merged(root: nn.Module) -> Iterator[None]:
+    """Within the block, peft LoRA layers are merged into and replaced by their base layers (restored after).
+
+    ``save_pretrained`` saves under it, so a model with peft LoRA injected (``inject_adapter_in_model``)
+    is written with plain weight names a fresh wrapper loads strictly. A no-op without peft.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+    except ImportError:  # peft is optional: without it no model holds its layers
+        yield
+        return
+    swaps = []
+    modules = dict(root.named_modules())
+    for name, m in modules.items():
+        if isinstance(m, LoraLayer):
+            parent_name, _, attr = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else root
+            m.merge()
+            setattr(parent, attr, m.get_base_layer())
+            swaps.append((parent, attr, m))
+    try:
+        yield
+    finally:
+        for parent, attr, m in reversed(swaps):
+            setattr(parent, attr, m)
+            m.unmerge()
+
+
 def _check_replaceable(directory: Path) -> None:
     """Refuse to replace a folder holding files ``save_pretrained`` did not write (it is replaced whole)."""
     if not directory.is_dir():
@@ -139,7 +169,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, extra_files: Map
     """Write ``model`` (a ``DFMTransformer``) into ``directory`` atomically; returns the folder.
 
     Args:
-        model: the wrapped model (specialised or not; its ``stage_scales`` are kept).
+        model: the wrapped model (specialised or not; its ``stage_scales`` are kept; peft LoRA
+            layers are merged into the saved weights, :func:`peft_merged`).
         directory: the folder; an existing one written by ``save_pretrained`` is replaced whole.
         extra_files: file name -> bytes written into the same folder (and listed in the config),
             for what a recipe keeps beside the model.
@@ -164,7 +195,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, extra_files: Map
     _check_replaceable(directory)
     record = model_record(model)
     record["extra_files"] = sorted(extra_files)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory) as tmp, peft_merged(model):
         if is_specialized(model):
             # Stage parameters apart, so that the shared weights load strictly into a fresh wrapper.
             with stage_parameters_detached(model):
