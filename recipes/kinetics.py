@@ -372,12 +372,12 @@ class LabelTokenDFM(nn.Module):
     def null_condition(self, *, y: Tensor) -> dict[str, Tensor]:
         return {"y": torch.full_like(y, self.num_classes)}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path) -> None:
         """The wrapper's ``save_pretrained`` plus ``label_tokens.safetensors`` in the same folder."""
         from safetensors.torch import save
 
         tokens = {k: v.detach().cpu().contiguous() for k, v in self.label_tokens.state_dict().items()}
-        return self.dfm.save_pretrained(directory, extra_files={LABEL_TOKENS_FILE: save(tokens)})
+        self.dfm.save_pretrained(directory, extra_files={LABEL_TOKENS_FILE: save(tokens)})
 
 
 class _CogVideoXRotary:

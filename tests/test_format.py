@@ -59,7 +59,8 @@ def test_one_config_round_trip(kind: str | None, tmp_path: Path) -> None:
     model = _model(stage_scales=[0.5, 2.0])
     if kind:
         _specialise(model, kind)
-    out = model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "m"
+    model.save_pretrained(out)
     record = json.loads((out / "dfm_config.json").read_text())
     assert record["format"] == "dfm_ext.wrapped/2" and record["stage_scales"] == [0.5, 2.0]
     assert record["adapter"]["config"]["time_convention"] == "x1000"
@@ -79,7 +80,8 @@ def test_one_config_round_trip(kind: str | None, tmp_path: Path) -> None:
 
 def test_save_is_atomic_and_refuses_foreign_files(tmp_path: Path, monkeypatch) -> None:
     first, second = _model(0), _model(1)
-    target = first.save_pretrained(tmp_path / "m")
+    target = tmp_path / "m"
+    first.save_pretrained(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     import safetensors.torch
 
@@ -112,7 +114,8 @@ def test_fileio_atomic_helpers(tmp_path: Path) -> None:
 
 def test_extra_files_travel_with_the_model(tmp_path: Path) -> None:
     model = _model()
-    out = model.save_pretrained(tmp_path / "m", extra_files={"notes.bin": b"\x00\x01"})
+    out = tmp_path / "m"
+    model.save_pretrained(out, extra_files={"notes.bin": b"\x00\x01"})
     assert (out / "notes.bin").read_bytes() == b"\x00\x01"
     assert json.loads((out / "dfm_config.json").read_text())["extra_files"] == ["notes.bin"]
     model.save_pretrained(out)  # its own extra file does not block a replacement

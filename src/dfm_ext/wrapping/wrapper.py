@@ -199,7 +199,7 @@ class DFMTransformer(nn.Module):
 
     # ----------------------------------------------------------------- save / load
 
-    def save_pretrained(self, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> None:
         """Write the model into ``directory`` atomically (:func:`dfm_ext.wrapping.io.save_pretrained`).
 
         One folder: ``dfm_config.json`` (format, decomposition, adapter with its time convention,
@@ -210,7 +210,7 @@ class DFMTransformer(nn.Module):
         """
         from dfm_ext.wrapping.io import save_pretrained  # noqa: PLC0415
 
-        return save_pretrained(self, directory, extra_files=extra_files)
+        save_pretrained(self, directory, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(
