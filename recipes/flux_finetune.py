@@ -29,14 +29,12 @@ LoRA the new DFM layers (patch embedding, timestep embedders, head) stay trainab
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +60,6 @@ from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
 from .imagenet import DecompositionConfig, build_decomposition
 
 __all__ = [
-    "BucketedDFM",
     "FluxFinetuneConfig",
     "FluxFlowModel",
     "FluxTask",
@@ -222,31 +219,6 @@ def _unpack(y: Tensor, h: int, w: int) -> Tensor:
     return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
-@contextlib.contextmanager
-def _peft_merged(root: nn.Module) -> Iterator[None]:
-    """Within the block, peft LoRA layers are merged into and replaced by their base layers (restored after)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency of the recipe's LoRA mode only
-        yield
-        return
-    swaps = []
-    modules = dict(root.named_modules())
-    for name, m in modules.items():
-        if isinstance(m, LoraLayer):
-            parent_name, _, attr = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else root
-            m.merge()
-            setattr(parent, attr, m.get_base_layer())
-            swaps.append((parent, attr, m))
-    try:
-        yield
-    finally:
-        for parent, attr, m in reversed(swaps):
-            setattr(parent, attr, m)
-            m.unmerge()
-
-
 class FluxFlowModel(nn.Module):
     """The unmodified FLUX transformer behind the DFM model contract, with one stage (the FT baseline).
 
@@ -299,76 +271,10 @@ class FluxFlowModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A plain diffusers ``FluxTransformer2DModel`` folder (LoRA merged in)."""
-        with _peft_merged(self.transformer):
+        from dfm_ext.wrapping.io import peft_merged
+
+        with peft_merged(self.transformer):
             self.transformer.save_pretrained(str(directory))
-
-
-class BucketedDFM(nn.Module):
-    """A wrapped FLUX (:class:`dfm_ext.DFMTransformer`) that accepts every bucket's resolution.
-
-    ``wrap_dit`` fixes the stage shapes of one resolution; FLUX itself has no fixed size (RoPE
-    positions, no position table) and the per-stage patch sizes are the same at every even
-    resolution, so each new sample shape gets a view of the one wrapped model (shared modules,
-    its own :class:`~dfm_ext.wrapping.packing.ScalePacker`). The views are made inside ``forward``, so
-    DDP/FSDP see one model.
-    """
-
-    def __init__(self, wrapped: nn.Module) -> None:
-        super().__init__()
-        self.wrapped = wrapped
-        self._views: dict[tuple[int, ...], nn.Module] = {}
-        self.stage_specialization: Any = None
-
-    @property
-    def num_stages(self) -> int:
-        return self.wrapped.num_stages
-
-    @property
-    def decomposition(self) -> Any:
-        return self.wrapped.decomposition
-
-    def at(self, sample_shape: Sequence[int]) -> nn.Module:
-        """The wrapped model for samples of ``sample_shape = (C, H, W)``."""
-        from dfm_ext.wrapping.packing import ScalePacker
-
-        shape = tuple(int(s) for s in sample_shape)
-        if shape == tuple(self.wrapped.sample_shape):
-            return self.wrapped
-        if shape not in self._views:
-            stage_shapes = [tuple(s[1:]) for s in self.decomposition.stage_shapes((1, *shape))]
-            view = copy.copy(self.wrapped)  # shares modules, hooks and parameters
-            view.packer = ScalePacker(stage_shapes, self.wrapped.packer.patch_sizes)
-            view.sample_shape = shape
-            self._views[shape] = view
-        return self._views[shape]
-
-    def forward(self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, **cond: Any) -> list[Tensor]:
-        shape = tuple(stages[-1].shape[1:])  # the finest stage has the sample's resolution
-        expected = [tuple(s[1:]) for s in self.decomposition.stage_shapes((1, *shape))]
-        if [tuple(s.shape[1:]) for s in stages] != expected:
-            raise ValueError(f"stage shapes {[tuple(s.shape) for s in stages]} are not the decomposition's for a sample {shape}")
-        return self.at(shape)(stages, t, stage, mask, **cond)
-
-    def null_condition(self, **cond: Any) -> dict[str, Any]:
-        return self.wrapped.null_condition(**cond)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_views": {}}
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``DFMTransformer.save_pretrained`` of the wrapped model (peft LoRA merged in; per-stage
-        LoRA written separately as ``stage_parameters.safetensors`` + ``stage_lora.json``)."""
-        from dfm_ext.specialization import stage_parameters_detached, save_specialization
-
-        directory = Path(directory)
-        spec = self.stage_specialization
-        # The specialisation hangs on this module, not on ``wrapped``: its stage parameters are
-        # taken out here and written apart, with names relative to ``wrapped``.
-        detached = stage_parameters_detached(self) if spec is not None else contextlib.nullcontext()
-        with _peft_merged(self.wrapped), detached:
-            self.wrapped.save_pretrained(directory)
-        if spec is not None:
-            save_specialization(spec, directory, strip_prefix="wrapped.")
 
 
 def _unfreeze_dfm_layers(transformer: nn.Module) -> None:
@@ -400,7 +306,12 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
 
 
 def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
-    """The trained model: ``BucketedDFM`` over ``wrap_dit(transformer)`` or the plain ``FluxFlowModel``."""
+    """The trained model: ``wrap_dit(transformer, any_sample_shape=True)`` or the plain ``FluxFlowModel``.
+
+    Why the baseline keeps its own small module: paper Table 3's baseline trains the unmodified
+    transformer through its own ``forward`` and exports a plain diffusers folder;
+    ``wrap_dit`` with ``IdentityDecomposition`` would swap in the multi-scale embedders.
+    """
     from dfm_ext.adapters.flux import FluxAdapter
     from dfm_ext.wrapping.wrapper import wrap_dit
 
@@ -414,43 +325,44 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     c = transformer.config.in_channels // 4
     h, w = cfg.buckets().shapes[0]
     f = cfg.vae.downsample
+    # FLUX has no position table (RoPE ids follow the grid): one wrapper serves every bucket.
     wrapped = wrap_dit(
         transformer, build_decomposition(cfg.decomposition), adapter=FluxAdapter(guidance=cfg.model.guidance),
-        sample_shape=(c, h // f, w // f), init="pretrained",
+        sample_shape=(c, h // f, w // f), init="pretrained", any_sample_shape=True,
     )
-    model = BucketedDFM(wrapped)
     if ft.mode == "lora":
         _add_peft_lora(transformer, ft)
     elif ft.mode == "stage_lora":
         from dfm_ext.specialization import specialize
 
-        model.stage_specialization = specialize(
-            model, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
+        wrapped.specialization = specialize(
+            wrapped, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
             num_stages=cfg.num_stages, train="stage",
         )
     if ft.mode != "full" and ft.train_dfm_layers:
         _unfreeze_dfm_layers(transformer)
-    return model
+    return wrapped
 
 
 def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model exported to ``final/`` (DFM or baseline) for sampling with :class:`dfm_ext.DFMSampler`.
 
-    Returns a :class:`BucketedDFM` (DFM runs) or a :class:`FluxFlowModel` (baseline); both follow
-    the DFM model contract. Weights are read with safetensors only.
+    Returns the :class:`dfm_ext.DFMTransformer` (DFM runs, any bucket's shape; a per-stage LoRA
+    re-applied, in this layout or the older one with ``stage_lora.json``) or a
+    :class:`FluxFlowModel` (baseline); both follow the DFM model contract. Safetensors only.
     """
     from diffusers import FluxTransformer2DModel
 
     directory = Path(directory)
     if (directory / "dfm_config.json").is_file():
-        from dfm_ext.wrapping.wrapper import load_wrapped
+        from dfm_ext.wrapping.io import load_wrapped
 
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
-        from dfm_ext.specialization import load_specialization
-
-        model = BucketedDFM(load_wrapped(directory, base, device=device))
-        model.stage_specialization = load_specialization(model, directory, add_prefix="wrapped.")
+        model = load_wrapped(directory, base, device=device)
+        # Exports written before any_sample_shape existed came from the bucketed wrapper, which
+        # accepted every bucket's shape: so does the reloaded model.
+        model.any_sample_shape = True
         return model.to(device, dtype).eval()
     if (directory / "config.json").is_file():
         transformer = FluxTransformer2DModel.from_pretrained(str(directory), torch_dtype=dtype)
@@ -537,7 +449,8 @@ class FluxTask:
         n = len(prompts)
         uncond = {"encoder_hidden_states": empty.encoder_hidden_states.expand(n, -1, -1),
                   "pooled_projections": empty.pooled_projections.expand(n, -1)}
-        c = model.wrapped.stage_shapes[-1][0] if isinstance(model, BucketedDFM) else model.transformer.config.in_channels // 4
+        net = getattr(model, "module", model)
+        c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
         f = self.cfg.vae.downsample
         shape = (n, c, cfg.height // f, cfg.width // f)
         return sampler.sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())

@@ -14,11 +14,10 @@ classifier-free guidance. Samples (with per-stage previews) are drawn with
 trains the plain Flow Matching baseline with everything else unchanged.
 
 ``specialize.kind=full|lora`` gives the layers of ``specialize.targets`` per-stage parameters
-(:func:`dfm_ext.specialize`). ``final/`` then also holds ``stage_parameters.safetensors`` and
-``stage_lora.json``; reload for sampling with::
+(:func:`dfm_ext.specialize`). ``final/`` then also holds ``stage_parameters.safetensors`` (its
+record in ``dfm_config.json``); reload for sampling with::
 
-    model = dfm_ext.load_wrapped("runs/NAME/final")
-    dfm_ext.load_specialization(model, "runs/NAME/final")  # None (a no-op) for unspecialised runs
+    model = dfm_ext.load_wrapped("runs/NAME/final")  # the specialisation re-applied (model.specialization)
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ from .imagenet import build_decomposition as _build_decomposition
 __all__ = [
     "KineticsConfig",
     "KineticsTask",
+    "LabelTokenDFM",
     "LabelTokens",
-    "VideoDFMModel",
     "build_dataset",
     "build_decomposition",
     "cache_metadata",
@@ -74,6 +74,7 @@ __all__ = [
 
 CONFIG_ALIASES = {"tiny": "kinetics_tiny"}
 SCALES_FILE = "stage_scales.json"
+LABEL_TOKENS_FILE = "label_tokens.safetensors"
 
 
 @dataclass
@@ -335,33 +336,34 @@ class LabelTokens(nn.Module):
         return self.positions[None] + self.table(y)[:, None]
 
 
-class VideoDFMModel(nn.Module):
-    """The wrapped video DiT, its label conditioning and the per-stage scales it was trained with.
+class LabelTokenDFM(nn.Module):
+    """A wrapped text-conditioned video DiT (CogVideoX) fed class labels as learned text tokens.
 
     ``forward(stages, t [B, S], stage [B], mask [B, S] | None, *, y [B]) -> list[Tensor]`` (the
-    DFM model contract, class labels ``y``; ``num_classes`` is the null class). The
-    ``stage_scales`` buffer ``[S]`` travels with the weights (EMA, checkpoints, ``final/``).
+    DFM model contract; ``num_classes`` is the null class). Only the label tokens and the
+    rotary positions are the recipe's: the stage scales are the wrapper's own ``stage_scales``
+    (:func:`dfm_ext.wrap_dit`), so ``DFMObjective``/``DFMSampler`` find them, and
+    :meth:`save_pretrained` is the wrapper's, with ``label_tokens.safetensors`` as an extra
+    file of the same atomic folder. The reference ``VideoDiT`` needs no such module: its
+    wrapper is the model.
 
     Attributes:
-        dfm: the :class:`dfm_ext.DFMTransformer`.
-        label_tokens: :class:`LabelTokens` for text-conditioned models, else ``None`` (labels go
-            to the model as ``y``).
+        dfm: the :class:`dfm_ext.DFMTransformer`. label_tokens: :class:`LabelTokens`.
         rotary: CogVideoX rotary positions ``(cos, sin)`` builder, else ``None``.
     """
 
-    stage_scales: Tensor
-
-    def __init__(self, dfm: nn.Module, scales: Tensor, num_classes: int, *, label_tokens: LabelTokens | None = None, rotary: Any = None) -> None:
+    def __init__(self, dfm: nn.Module, label_tokens: LabelTokens, num_classes: int, *, rotary: Any = None) -> None:
         super().__init__()
         self.dfm = dfm
         self.label_tokens = label_tokens
         self.num_classes = num_classes
         self.rotary = rotary
-        self.register_buffer("stage_scales", torch.as_tensor(scales, dtype=torch.float32).clone())
+
+    @property
+    def stage_scales(self) -> Tensor | None:
+        return self.dfm.stage_scales
 
     def forward(self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, *, y: Tensor) -> list[Tensor]:
-        if self.label_tokens is None:
-            return self.dfm(stages, t, stage, mask, y=y)
         cond: dict[str, Any] = {"encoder_hidden_states": self.label_tokens(y)}
         if self.rotary is not None:
             cond["image_rotary_emb"] = self.rotary(self.dfm.packer.grid, stages[0].device)
@@ -371,16 +373,11 @@ class VideoDFMModel(nn.Module):
         return {"y": torch.full_like(y, self.num_classes)}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """``dfm.save_pretrained`` + ``video_dfm.safetensors`` (scales, label tokens) + ``stage_scales.json``."""
-        from safetensors.torch import save_file
+        """The wrapper's ``save_pretrained`` plus ``label_tokens.safetensors`` in the same folder."""
+        from safetensors.torch import save
 
-        directory = Path(directory)
-        self.dfm.save_pretrained(directory)
-        extras = {"stage_scales": self.stage_scales.detach().cpu().contiguous()}
-        if self.label_tokens is not None:
-            extras.update({f"label_tokens.{k}": v.detach().cpu().contiguous() for k, v in self.label_tokens.state_dict().items()})
-        save_file(extras, str(directory / "video_dfm.safetensors"))
-        (directory / SCALES_FILE).write_text(json.dumps({"scales": self.stage_scales.tolist()}, indent=2))
+        tokens = {k: v.detach().cpu().contiguous() for k, v in self.label_tokens.state_dict().items()}
+        self.dfm.save_pretrained(directory, extra_files={LABEL_TOKENS_FILE: save(tokens)})
 
 
 class _CogVideoXRotary:
@@ -524,8 +521,10 @@ class KineticsTask(ClassConditionalTask):
 
             scales = broadcast(scales.to(state.device), from_process=0).cpu()
         if fresh:
+            from dfm_ext.fileio import atomic_write_text
+
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, "scales": scales.tolist()}, indent=2))
+            atomic_write_text(path, json.dumps({"key": key, "scales": scales.tolist()}, indent=2))
         return scales
 
     # -- TrainTask -----------------------------------------------------------------------------
@@ -547,9 +546,13 @@ class KineticsTask(ClassConditionalTask):
             label_tokens = LabelTokens(self.cfg.data.num_classes, tokens, int(c.text_embed_dim))
             rotary = _CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
             adapter = "cogvideox"
-        dfm = wrap_dit(base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init)
-        scales = self.stage_scales()
-        return VideoDFMModel(dfm, scales, self.cfg.data.num_classes, label_tokens=label_tokens, rotary=rotary)
+        dfm = wrap_dit(
+            base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init,
+            stage_scales=self.stage_scales(),
+        )
+        if label_tokens is None:
+            return dfm
+        return LabelTokenDFM(dfm, label_tokens, self.cfg.data.num_classes, rotary=rotary)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         from dfm_ext.process.objective import dfm_loss
@@ -557,7 +560,7 @@ class KineticsTask(ClassConditionalTask):
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = dfm_loss(
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
-            scales=_unwrap(model).stage_scales, generator=generator, y=labels,
+            generator=generator, y=labels,  # scales: the model's stage_scales
         )  # fmt: skip
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
@@ -568,7 +571,7 @@ class KineticsTask(ClassConditionalTask):
         net = _unwrap(model)
         n = cfg.num_videos
         labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
-        sampler = stage_sampler(self.decomposition, cfg, scales=net.stage_scales)
+        sampler = stage_sampler(self.decomposition, cfg)  # scales: the model's stage_scales
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         out = sampler.sample(net, (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
         codec = self.codec(device)
