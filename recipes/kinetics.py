@@ -20,6 +20,7 @@ strip of frames.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -32,29 +33,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    ClassConditionalTask,
-    check_batch,
-    check_dfm_section,
-    check_sampling_section,
-    check_vae_path,
-    cycled_labels,
-    parse_config_args,
-    stage_sampler,
-    timestep_sampler,
-    train_main,
-)
+from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, train_main
 from .config import ConfigError, config_to_dict
-from .engine import (
-    OptimConfig,
-    StepLoss,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    resolve_output_dir,
+from .decomposition_section import DecompositionConfig, build_decomposition
+from .engine import OptimConfig, StepLoss, TrainConfig, Trainer, TrainResult, resolve_output_dir
+from .sections import (
+    ClassSamplingConfig,
+    DFMConfig,
+    ModelConfig,
+    check_count,
+    default_of,
+    enable_gradient_checkpointing,
+    import_factory,
 )
-from .imagenet import DecompositionConfig, DFMConfig, import_factory, enable_gradient_checkpointing
-from .imagenet import build_decomposition as _build_decomposition
 
 __all__ = [
     "KineticsConfig",
@@ -108,52 +99,24 @@ class VideoVAEConfig:
 
 
 @dataclass
-class VideoModelConfig:
-    """``kind=video_dit``: :class:`~dfm_ext.models.video_dit.VideoDiT` from ``preset`` + ``overrides``.
-    ``kind=cogvideox``: ``CogVideoXTransformer3DModel`` from ``pretrained`` (a diffusers folder or
-    hub id, ``subfolder``) or built from ``overrides`` (its config keys). ``factory``:
-    ``"package.module:function"`` called with the whole config, returning any model ``wrap_dit``
-    accepts that takes class labels ``y`` (replaces ``kind``).
+class VideoModelConfig(ModelConfig):
+    """:class:`~.sections.ModelConfig` plus ``kind``: ``video_dit``, the reference
+    :class:`~dfm_ext.models.video_dit.VideoDiT` from ``preset`` + ``overrides``; ``cogvideox``,
+    ``CogVideoXTransformer3DModel`` from ``pretrained`` (a diffusers folder or hub id,
+    ``subfolder``) or built from ``overrides`` (its config keys). A ``factory`` model must take
+    class labels ``y`` (it replaces ``kind``).
     """
 
     kind: Literal["video_dit", "cogvideox"] = "video_dit"
-    preset: str = "XL/2"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    factory: str | None = None
     pretrained: str | None = None
     subfolder: str | None = "transformer"
-    init: Literal["scratch", "pretrained"] = "scratch"
-    gradient_checkpointing: bool = False  # activation checkpointing of the blocks (memory for compute)
 
 
 @dataclass
-class VideoDecompositionConfig(DecompositionConfig):
-    """:class:`~.imagenet.DecompositionConfig` for videos: spatial Laplacian per latent frame by
-    default; ``temporal_factors`` adds time (e.g. ``[2, 1]``); wavelet and dct act per frame."""
+class VideoSamplingConfig(ClassSamplingConfig):
+    """:class:`~.sections.ClassSamplingConfig` plus ``num_videos`` per evaluation, written at ``fps`` as ``formats``."""
 
-
-@dataclass
-class VideoDFMConfig(DFMConfig):
-    """:class:`~.imagenet.DFMConfig` plus per-stage standardisation (paper A.5: on for CogVideoX latents).
-
-    ``scales``: fixed per-stage scales; ``None`` estimates them from ``scale_estimation_clips``
-    clips spread over the dataset at the start of the run.
-    """
-
-    standardize: bool = True
-    scales: tuple[float, ...] | None = None
-    scale_estimation_clips: int = 64
-
-
-@dataclass
-class VideoSamplingConfig:
-    steps: tuple[int, ...] = (30, 10)
-    thresholds: tuple[float, ...] = (0.9,)
-    method: Literal["euler", "heun"] = "euler"
-    guidance_scale: float = 1.5
     num_videos: int = 8
-    classes: tuple[int, ...] | None = None
-    seed: int = 0
     fps: float = 8.0
     formats: tuple[str, ...] = ("mp4", "gif", "png")
 
@@ -167,8 +130,9 @@ class KineticsConfig:
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
     model: VideoModelConfig = field(default_factory=VideoModelConfig)
-    decomposition: VideoDecompositionConfig = field(default_factory=VideoDecompositionConfig)
-    dfm: VideoDFMConfig = field(default_factory=VideoDFMConfig)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    # Per-stage standardisation on by default: the paper does it for CogVideoX latents (A.5).
+    dfm: DFMConfig = field(default_factory=functools.partial(DFMConfig, standardize=True))
     sampling: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
 
     @property
@@ -195,51 +159,26 @@ class KineticsConfig:
             )
         if d.root is None and d.annotations is None and d.latent_cache is None:
             raise ConfigError("set data.root (class folders of clips), data.annotations (CSV/JSON) or data.latent_cache")
-        if not 0.0 <= self.dfm.label_dropout < 1.0:
-            raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.dfm.label_dropout}")
-        if self.dfm.scales is not None and len(self.dfm.scales) != self.num_stages:
-            raise ConfigError(f"dfm.scales {list(self.dfm.scales)} needs one entry per stage ({self.num_stages})")
-        if self.dfm.scale_estimation_clips < 1:
-            raise ConfigError(f"dfm.scale_estimation_clips must be >= 1, got {self.dfm.scale_estimation_clips}")
-        check_sampling_section(self.sampling, self.num_stages, num_classes=d.num_classes, kind=self.decomposition.kind)
+        check_count(self.sampling, "num_videos")
+        self.sampling.check(self.num_stages, kind=self.decomposition.kind)
+        self.sampling.check_classes(d.num_classes)
         if not self.sampling.fps > 0:
             raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
-        check_dfm_section(self.dfm, self.num_stages)
-        if self.dfm.scales is not None and not all(s > 0 for s in self.dfm.scales):
-            raise ConfigError(f"dfm.scales {list(self.dfm.scales)} must all be > 0")
-        check_batch(self.train)
-        self._check_model()
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        self.decomposition.check_sample_shape(self.latent_shape)
-
-
-    def _check_model(self) -> None:
-        """The reference VideoDiT's preset and overrides (CogVideoX and factories load later)."""
-        if self.model.factory is not None or self.model.kind != "video_dit":
-            return
-        if self.data.num_classes < 1:
-            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        reads = ("label_dropout", "standardize", "scales", "scale_estimation_clips")
+        self.dfm.check(self.num_stages, reads=reads, default=default_of(self, "dfm"), recipe="kinetics")
+        check_batch(self.train)
         from dfm_ext.models.video_dit import VideoDiTConfig
 
         c, frames, h, w = self.latent_shape
-        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": self.data.num_classes}
-        try:
-            VideoDiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
-        except TypeError as e:  # an override that is not a VideoDiTConfig field
-            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
-        except ValueError as e:
-            key = "model.preset" if "preset" in str(e) else "model.overrides"
-            raise ConfigError(f"{key}: {e}") from e
+        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": d.num_classes}
+        self.model.check(VideoDiTConfig if self.model.kind == "video_dit" else None, **base)
+        self.decomposition.check_sample_shape(self.latent_shape)
 
 
 # -- building blocks -------------------------------------------------------------------------
-
-
-def build_decomposition(cfg: VideoDecompositionConfig) -> Any:
-    """The configured decomposition, through the library's factory (see ``imagenet.build_decomposition``)."""
-    return _build_decomposition(cfg)
 
 
 def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
@@ -458,7 +397,7 @@ class KineticsTask(ClassConditionalTask):
         self.dataset = dataset
         self.name = name
         self.decomposition = build_decomposition(cfg.decomposition)
-        self.timesteps = timestep_sampler(cfg.dfm, self.decomposition.num_stages)
+        self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
         self.null_class = cfg.data.num_classes
         self._codec: Any = None
 
@@ -547,7 +486,8 @@ class KineticsTask(ClassConditionalTask):
             label_tokens = LabelTokens(self.cfg.data.num_classes, tokens, int(c.text_embed_dim))
             rotary = _CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
             adapter = "cogvideox"
-        dfm = wrap_dit(base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init)
+        dfm = wrap_dit(base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init,
+                      time_convention=self.cfg.model.time_convention)
         scales = self.stage_scales()
         return VideoDFMModel(dfm, scales, self.cfg.data.num_classes, label_tokens=label_tokens, rotary=rotary)
 
@@ -568,7 +508,7 @@ class KineticsTask(ClassConditionalTask):
         net = _unwrap(model)
         n = cfg.num_videos
         labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
-        sampler = stage_sampler(self.decomposition, cfg, scales=net.stage_scales)
+        sampler = cfg.sampler(self.decomposition, scales=net.stage_scales)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         out = sampler.sample(net, (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
         codec = self.codec(device)
