@@ -21,7 +21,6 @@ strip of frames.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -29,14 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, train_main
-from .config import ConfigError, config_to_dict
+from .config import ConfigError
 from .decomposition_section import DecompositionConfig, build_decomposition
-from .engine import OptimConfig, StepLoss, TrainConfig, Trainer, TrainResult, resolve_output_dir
+from .engine import OptimConfig, StepLoss, TrainConfig, Trainer, TrainResult
 from .sections import (
     ClassSamplingConfig,
     DFMConfig,
@@ -46,6 +44,8 @@ from .sections import (
     enable_gradient_checkpointing,
     import_factory,
 )
+from .stage_scales import SCALES_FILE, StageScalesMixin
+from .video_conditioning import CogVideoXRotary, LabelTokens, save_video_samples
 
 __all__ = [
     "KineticsConfig",
@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 CONFIG_ALIASES = {"tiny": "kinetics_tiny"}
-SCALES_FILE = "stage_scales.json"
 
 
 @dataclass
@@ -252,28 +251,6 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     )  # fmt: skip
 
 
-class LabelTokens(nn.Module):
-    """Class labels as ``L`` text tokens ``[B, L, D]`` for text-conditioned DiTs (CogVideoX).
-
-    ``tokens[b] = positions + table[y_b]``: one learned vector per class (null class included),
-    broadcast over ``L`` learned positions, so the size does not grow with ``L * D`` per class.
-
-    Example:
-        >>> LabelTokens(10, 4, 8)(torch.tensor([0, 10])).shape
-        torch.Size([2, 4, 8])
-    """
-
-    def __init__(self, num_classes: int, num_tokens: int, dim: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.table = nn.Embedding(num_classes + 1, dim)
-        self.positions = nn.Parameter(torch.zeros(num_tokens, dim))
-        nn.init.normal_(self.table.weight, std=0.02)
-
-    def forward(self, y: Tensor) -> Tensor:
-        return self.positions[None] + self.table(y)[:, None]
-
-
 class VideoDFMModel(nn.Module):
     """The wrapped video DiT, its label conditioning and the per-stage scales it was trained with.
 
@@ -322,35 +299,6 @@ class VideoDFMModel(nn.Module):
         (directory / SCALES_FILE).write_text(json.dumps({"scales": self.stage_scales.tolist()}, indent=2))
 
 
-class _CogVideoXRotary:
-    """``(cos, sin)`` for a CogVideoX token grid, as ``CogVideoXPipeline`` computes them."""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def __call__(self, grid: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (tuple(grid), str(device))
-        if key not in self._cache:
-            from diffusers.models.embeddings import get_3d_rotary_pos_embed
-            from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
-                get_resize_crop_region_for_grid,
-            )
-
-            c = self.config
-            frames, gh, gw = grid
-            base_w, base_h = c.sample_width // c.patch_size, c.sample_height // c.patch_size
-            if c.patch_size_t is None:
-                crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
-                out = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), frames, device=device)
-            else:
-                out = get_3d_rotary_pos_embed(
-                    c.attention_head_dim, None, (gh, gw), frames, grid_type="slice", max_size=(base_h, base_w), device=device
-                )
-            self._cache[key] = out
-        return self._cache[key]
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
@@ -389,7 +337,7 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     return CogVideoXTransformer3DModel(**kwargs)
 
 
-class KineticsTask(ClassConditionalTask):
+class KineticsTask(StageScalesMixin, ClassConditionalTask):
     """Model, loss and video sampling of the class-conditional video recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
@@ -403,69 +351,6 @@ class KineticsTask(ClassConditionalTask):
 
     def _load_codec(self, device: torch.device) -> Any:
         return load_codec(self.cfg, device)
-
-    # -- standardisation -----------------------------------------------------------------------
-
-    def _scales_key(self) -> str:
-        relevant = {k: config_to_dict(self.cfg)[k] for k in ("data", "vae", "decomposition")}
-        relevant["clips"] = self.cfg.dfm.scale_estimation_clips
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-    def estimate_scales(self, device: torch.device | str = "cpu", *, batch_size: int = 8) -> Tensor:
-        """Per-stage std of the latents of ``dfm.scale_estimation_clips`` clips spread evenly over the data."""
-        from dfm_ext.process.objective import estimate_stage_scales
-
-        if self.dataset is None:
-            raise ValueError("estimating stage scales needs the dataset; pass dataset= or set dfm.scales")
-        n = len(self.dataset)
-        k = min(n, self.cfg.dfm.scale_estimation_clips)
-        picks = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
-        device = torch.device(device)
-        g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
-
-        def batches():
-            for start in range(0, len(picks), batch_size):
-                items = [self.dataset[(i, False)] for i in picks[start : start + batch_size]]
-                if "latents" in items[0]:
-                    yield torch.stack([it["latents"] for it in items]).to(device)
-                else:
-                    pixels = torch.stack([it["pixels"] for it in items]).to(device)
-                    yield self.codec(device).encode(pixels, generator=g)
-
-        return estimate_stage_scales(self.decomposition, batches())
-
-    def stage_scales(self) -> Tensor:
-        """The scales of this run: ones, ``dfm.scales``, the run folder's saved estimate, or a new estimate.
-
-        A new estimate is computed on the main process and broadcast, so every rank trains with
-        bitwise the same scales; the main process writes it to ``<run>/stage_scales.json``.
-        """
-        s = self.decomposition.num_stages
-        if not self.cfg.dfm.standardize:
-            return torch.ones(s)
-        if self.cfg.dfm.scales is not None:
-            return torch.tensor(self.cfg.dfm.scales, dtype=torch.float32)
-        from accelerate import PartialState
-
-        state = PartialState()
-        path = resolve_output_dir(self.cfg.train, self.name) / SCALES_FILE
-        key = self._scales_key()
-        scales, fresh = torch.zeros(s, dtype=torch.float32), False
-        if state.is_main_process:
-            saved = json.loads(path.read_text()) if path.is_file() else {}
-            if saved.get("key") == key and len(saved.get("scales", [])) == s:
-                scales = torch.tensor(saved["scales"], dtype=torch.float32)
-            else:
-                scales, fresh = self.estimate_scales(state.device), True
-        if state.num_processes > 1:
-            # Every rank takes the main process's scales (only it reads the file or the data).
-            from accelerate.utils import broadcast
-
-            scales = broadcast(scales.to(state.device), from_process=0).cpu()
-        if fresh:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, "scales": scales.tolist()}, indent=2))
-        return scales
 
     # -- TrainTask -----------------------------------------------------------------------------
 
@@ -484,7 +369,7 @@ class KineticsTask(ClassConditionalTask):
             else:
                 tokens = 16
             label_tokens = LabelTokens(self.cfg.data.num_classes, tokens, int(c.text_embed_dim))
-            rotary = _CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
+            rotary = CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
             adapter = "cogvideox"
         dfm = wrap_dit(base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init,
                       time_convention=self.cfg.model.time_convention)
@@ -521,42 +406,10 @@ class KineticsTask(ClassConditionalTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
-        from .video_io import save_frame_strip, write_gif, write_mp4
-
         previews, final = self.sample(model, device=device)
-        video = side_by_side([*previews, final], scale=2 if final.shape[-1] < 128 else 1)
-        stem = Path(out_dir) / "samples" / f"step-{step:06d}"
-        fps = self.cfg.sampling.fps
-        if "mp4" in self.cfg.sampling.formats:
-            write_mp4(video, stem.with_suffix(".mp4"), fps=fps)
-        if "gif" in self.cfg.sampling.formats:
-            write_gif(video, stem.with_suffix(".gif"), fps=fps)
-        if "png" in self.cfg.sampling.formats:
-            save_frame_strip(list(final), stem.with_name(stem.name + "-frames.png"), scale=2 if final.shape[-1] < 128 else 1)
+        save_video_samples(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}", fps=self.cfg.sampling.fps,
+                           formats=self.cfg.sampling.formats)
         return {"sample_std": float(final.std())}
-
-
-def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2) -> np.ndarray:
-    """Tile videos into one: row ``i`` holds ``columns[c][i]`` for every column ``c``.
-
-    Args:
-        columns: ``K`` tensors ``[N, 3, T, H, W]`` in ``[-1, 1]`` (e.g. stage previews, then the final).
-
-    Returns:
-        ``[T, H_grid, W_grid, 3]`` uint8 frames.
-
-    Example:
-        >>> side_by_side([torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)], padding=1).shape
-        (4, 19, 19, 3)
-    """
-    from dfm_ext.recipes.viz import make_grid
-
-    shape = columns[0].shape
-    for i, c in enumerate(columns):
-        if c.shape != shape or c.ndim != 5:
-            raise ValueError(f"columns[{i}] has shape {tuple(c.shape)}, expected {tuple(shape)} [N, 3, T, H, W]")
-    tiles = torch.stack(list(columns), dim=1).flatten(0, 1)  # [N * K, 3, T, H, W], row-major by example
-    return np.stack([make_grid(tiles[:, :, t], len(columns), padding=padding, scale=scale) for t in range(shape[2])])
 
 
 # -- entry point -----------------------------------------------------------------------------
