@@ -14,9 +14,7 @@ from typing import Literal
 from ._common import check_batch
 from .config import ConfigError
 from .data_captions import DEFAULT_RATIOS, AspectBuckets
-from .decomposition_section import DecompositionConfig
-from .engine import OptimConfig, TrainConfig
-from .sections import DFMConfig, SamplingConfig, default_of
+from .sections import RecipeConfig, SamplingConfig, VAESection, default_of
 
 __all__ = ["FinetuneConfig", "FluxDataConfig", "FluxFinetuneConfig", "FluxModelConfig", "FluxVAEConfig", "PromptSamplingConfig"]
 
@@ -50,11 +48,9 @@ class FluxDataConfig:
 
 
 @dataclass
-class FluxVAEConfig:
-    subfolder: str = "vae"
-    scaling_factor: float | None = None  # None: from the VAE config
-    shift_factor: float | None = None
-    sample_posterior: bool = False
+class FluxVAEConfig(VAESection):
+    """The VAE in the FLUX folder (:class:`~.sections.VAESection`), downsampling by ``downsample``."""
+
     downsample: int = 8
 
 
@@ -82,22 +78,14 @@ class PromptSamplingConfig(SamplingConfig):
 
 
 @dataclass
-class FluxFinetuneConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
+class FluxFinetuneConfig(RecipeConfig):
+    """The whole run (:class:`~.sections.RecipeConfig` sections and these)."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     model: FluxModelConfig = field(default_factory=FluxModelConfig)
     data: FluxDataConfig = field(default_factory=FluxDataConfig)
     vae: FluxVAEConfig = field(default_factory=FluxVAEConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
-    dfm: DFMConfig = field(default_factory=DFMConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)
-
-    @property
-    def num_stages(self) -> int:
-        return self.decomposition.count_stages()
 
     @property
     def pixel_multiple(self) -> int:

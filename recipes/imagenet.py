@@ -34,13 +34,14 @@ from torch import nn
 
 from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, save_progressive_samples, train_main
 from .config import ConfigError
-from .decomposition_section import DecompositionConfig, build_decomposition
+from .decomposition_section import build_decomposition
 from .eval_metrics import sample_metrics
-from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
+from .engine import StepLoss, Trainer, TrainResult
 from .sections import (
     ClassSamplingConfig,
-    DFMConfig,
+    LatentVAEConfig,
     ModelConfig,
+    RecipeConfig,
     SpecializeConfig,
     check_count,
     default_of,
@@ -64,17 +65,10 @@ class DataConfig:
 
 
 @dataclass
-class VAEConfig:
-    """A diffusers ``AutoencoderKL`` folder or hub id (loaded offline from the local cache)."""
+class VAEConfig(LatentVAEConfig):
+    """A diffusers ``AutoencoderKL`` (:class:`~.sections.LatentVAEConfig`) that downsamples by ``downsample``."""
 
-    path: str | None = None
-    subfolder: str | None = "vae"
-    scaling_factor: float | None = None  # None: vae.config.scaling_factor
-    shift_factor: float | None = None  # None: vae.config.shift_factor (FLUX) or 0
-    sample_posterior: bool = False
     downsample: int = 8
-    latent_channels: int = 16
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
@@ -88,16 +82,12 @@ class ImageSamplingConfig(ClassSamplingConfig):
 
 
 @dataclass
-class ImageNetConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
+class ImageNetConfig(RecipeConfig):
+    """The whole run (:class:`~.sections.RecipeConfig` sections and these)."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
-    dfm: DFMConfig = field(default_factory=DFMConfig)
     sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
     specialize: SpecializeConfig = field(default_factory=SpecializeConfig)
 
@@ -113,7 +103,7 @@ class ImageNetConfig:
             raise ConfigError("set data.root (an image folder) or data.latent_cache (a built latent cache)")
         if self.sampling.metrics and self.sampling.metric_images < 2:
             raise ConfigError(f"sampling.metric_images must be >= 2 when sampling.metrics is set, got {self.sampling.metric_images}")
-        stages = self.decomposition.count_stages()
+        stages = self.num_stages
         self.sampling.check(stages, kind=self.decomposition.kind)
         self.sampling.check_classes(self.data.num_classes)
         check_count(self.sampling, "num_images")

@@ -33,12 +33,14 @@ from torch import Tensor, nn
 
 from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, train_main
 from .config import ConfigError
-from .decomposition_section import DecompositionConfig, build_decomposition
-from .engine import OptimConfig, StepLoss, TrainConfig, Trainer, TrainResult
+from .decomposition_section import build_decomposition
+from .engine import StepLoss, Trainer, TrainResult
 from .sections import (
     ClassSamplingConfig,
     DFMConfig,
+    LatentVAEConfig,
     ModelConfig,
+    RecipeConfig,
     check_count,
     default_of,
     enable_gradient_checkpointing,
@@ -83,18 +85,11 @@ class VideoDataConfig:
 
 
 @dataclass
-class VideoVAEConfig:
-    """A diffusers ``AutoencoderKLCogVideoX`` folder or hub id (read offline from the local cache)."""
+class VideoVAEConfig(LatentVAEConfig):
+    """A diffusers ``AutoencoderKLCogVideoX`` (:class:`~.sections.LatentVAEConfig`) and its space and time downsampling."""
 
-    path: str | None = None
-    subfolder: str | None = "vae"
-    scaling_factor: float | None = None  # None: vae.config.scaling_factor
-    shift_factor: float | None = None  # None: vae.config.shift_factor or 0
-    sample_posterior: bool = False
     spatial_downsample: int = 8
     temporal_downsample: int = 4
-    latent_channels: int = 16
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
@@ -121,15 +116,12 @@ class VideoSamplingConfig(ClassSamplingConfig):
 
 
 @dataclass
-class KineticsConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
+class KineticsConfig(RecipeConfig):
+    """The whole run (:class:`~.sections.RecipeConfig` sections and these)."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
     model: VideoModelConfig = field(default_factory=VideoModelConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     # Per-stage standardisation on by default: the paper does it for CogVideoX latents (A.5).
     dfm: DFMConfig = field(default_factory=functools.partial(DFMConfig, standardize=True))
     sampling: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
@@ -141,10 +133,6 @@ class KineticsConfig:
         frames = (d.num_frames - 1) // v.temporal_downsample + 1
         side = d.resolution // v.spatial_downsample
         return (v.latent_channels, frames, side, side)
-
-    @property
-    def num_stages(self) -> int:
-        return self.decomposition.count_stages()
 
     def validate(self) -> None:
         """Cross-field checks that need no files and no compute."""

@@ -20,9 +20,14 @@ from typing import Any, Literal
 from torch import nn
 
 from .config import ConfigError, yaml_value
+from .decomposition_section import DecompositionConfig
+from .engine import OptimConfig, TrainConfig
 
 __all__ = [
     "ClassSamplingConfig",
+    "LatentVAEConfig",
+    "RecipeConfig",
+    "VAESection",
     "DFMConfig",
     "ModelConfig",
     "SamplingConfig",
@@ -293,3 +298,41 @@ def default_of(config: Any, section: str) -> Any:
     """The recipe's default ``section`` of the config class of ``config`` (its default factory's value)."""
     f = next(f for f in dataclasses.fields(config) if f.name == section)
     return f.default_factory()  # type: ignore[misc]
+
+
+@dataclass
+class VAESection:
+    """What every recipe's ``vae`` section says about the latents: the VAE's ``subfolder`` and the
+    normalisation ``z = (z - shift) * scale`` (``None``: the VAE config's factors, shift 0 if it has none)."""
+
+    subfolder: str | None = "vae"
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    sample_posterior: bool = False
+
+
+@dataclass
+class LatentVAEConfig(VAESection):
+    """:class:`VAESection` of a recipe that trains from scratch: a diffusers VAE folder or hub id
+    (``path``, read offline from the local cache), its latent channels and dtype."""
+
+    path: str | None = None
+    latent_channels: int = 16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class RecipeConfig:
+    """The sections every recipe's run config has; a recipe adds ``data``, ``vae``, ``model``, ``sampling``.
+
+    Every field can be overridden as ``section.key=value``.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    dfm: DFMConfig = field(default_factory=DFMConfig)
+
+    @property
+    def num_stages(self) -> int:
+        return self.decomposition.count_stages()
