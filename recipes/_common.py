@@ -21,6 +21,23 @@ from torch import Tensor
 from .checkpointing import CorruptCheckpointError, DiskFullError
 from .config import ConfigError, load_config
 
+__all__ = [
+    "ClassConditionalTask",
+    "USAGE_ERRORS",
+    "assets_main",
+    "cache_builder_parser",
+    "check_batch",
+    "check_vae_path",
+    "cycled_labels",
+    "drop_labels",
+    "dropout_mask",
+    "looks_local",
+    "parse_config_args",
+    "save_progressive_samples",
+    "train_main",
+    "usage_error",
+]
+
 T = TypeVar("T")
 
 # What a command reports as a usage error (exit status 2) instead of a traceback; ConfigError and
