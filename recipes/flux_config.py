@@ -79,7 +79,7 @@ class PromptSamplingConfig(SamplingConfig):
 
 @dataclass
 class FluxFinetuneConfig(RecipeConfig):
-    """The whole run (:class:`~.sections.RecipeConfig` sections and these)."""
+    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned buckets, LoRA modes, prompts."""
 
     model: FluxModelConfig = field(default_factory=FluxModelConfig)
     data: FluxDataConfig = field(default_factory=FluxDataConfig)

@@ -83,7 +83,7 @@ class ImageSamplingConfig(ClassSamplingConfig):
 
 @dataclass
 class ImageNetConfig(RecipeConfig):
-    """The whole run (:class:`~.sections.RecipeConfig` sections and these)."""
+    """An ImageNet run: the shared sections, image data, its VAE, the DiT, samples and metrics, per-stage parameters."""
 
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)

@@ -117,7 +117,7 @@ class VideoSamplingConfig(ClassSamplingConfig):
 
 @dataclass
 class KineticsConfig(RecipeConfig):
-    """The whole run (:class:`~.sections.RecipeConfig` sections and these)."""
+    """A Kinetics run: the shared sections (standardisation on in ``dfm``), clips, the video VAE and DiT, sample videos."""
 
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
