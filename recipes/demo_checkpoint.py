@@ -23,16 +23,16 @@ from torch import Tensor
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "dfm_ext.recipes.demo_checkpoint"
-# Released versions wrote "dfm_ext.checkpoint" with kind "dfm_ext.demo" (before the library's
+# Released versions wrote "dfm_ext.recipes.demo_checkpoint" with kind "dfm_ext.recipes.demo" (before the library's
 # subpackages); the step that moved the demo into recipes wrote the names above.
-FORMATS = ("dfm_ext.checkpoint", FORMAT)
+FORMATS = ("dfm_ext.recipes.demo_checkpoint", FORMAT)
 FORMAT_VERSION = 1
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Checkpoint", "CheckpointError", "describe_mismatch", "load_checkpoint",
            "load_legacy_demo_checkpoint"]
 
-LEGACY_KINDS = ("dfm_ext.demo", "dfm_ext.recipes.demo")
+LEGACY_KINDS = ("dfm_ext.recipes.demo", "dfm_ext.recipes.demo")
 
 
 class CheckpointError(ValueError):

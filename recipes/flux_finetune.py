@@ -31,33 +31,21 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    check_batch,
-    check_dfm_section,
-    check_sampling_section,
-    dropout_mask,
-    looks_local,
-    parse_config_args,
-    save_progressive_samples,
-    stage_sampler,
-    timestep_sampler,
-    train_main,
-)
-from .config import ConfigError
-from .data_captions import DEFAULT_RATIOS, AspectBuckets, BucketBatchPlan, CaptionedImages, collate_captioned
-from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
-from .imagenet import DecompositionConfig, build_decomposition
+from ._common import dropout_mask, looks_local, parse_config_args, save_progressive_samples, train_main
+from .data_captions import BucketBatchPlan, CaptionedImages, collate_captioned
+from .decomposition_section import build_decomposition
+from .engine import StepLoss, Trainer, TrainResult
+from .flux_config import FinetuneConfig, FluxFinetuneConfig
+from .flux_encoders import FluxEncoders
 
 __all__ = [
     "FluxFinetuneConfig",
@@ -69,140 +57,6 @@ __all__ = [
     "parse_args",
     "run",
 ]
-
-
-# -- config ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FluxModelConfig:
-    """A FLUX folder (FLUX.1-dev layout) or hub id; dtypes of the trained and the frozen parts."""
-
-    path: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights (autocast does bf16 compute)
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # VAE and text encoders
-    gradient_checkpointing: bool = True
-    guidance: float = 1.0  # FLUX-dev's distilled-guidance input, fixed during training (paper E.1)
-
-
-@dataclass
-class FluxDataConfig:
-    """Captioned images (``source``: folder or JSONL) or a cache from ``flux_finetune cache``."""
-
-    source: str | None = None
-    cache: str | None = None
-    resolutions: tuple[int, ...] = (512, 1024)
-    ratios: tuple[float, ...] = DEFAULT_RATIOS
-    bucket_multiple: int = 64
-    min_area_fraction: float = 1.0
-    on_missing: Literal["error", "skip"] = "error"
-    caption_dropout: float = 0.1
-    max_sequence_length: int = 512
-    random_flip: bool = False  # off: captions say "left" and "right"
-    max_skips: int = 64
-
-
-@dataclass
-class FluxVAEConfig:
-    subfolder: str = "vae"
-    scaling_factor: float | None = None  # None: from the VAE config
-    shift_factor: float | None = None
-    sample_posterior: bool = False
-    downsample: int = 8
-
-
-@dataclass
-class FinetuneConfig:
-    """Which parameters train: everything, peft LoRA, or per-stage LoRA (``dfm_ext.specialization``)."""
-
-    mode: Literal["full", "lora", "stage_lora"] = "full"
-    lora_rank: int = 64
-    lora_alpha: float | None = None  # None: = rank
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    stage_targets: tuple[str, ...] = ("attn", "mlp")  # dfm_ext.specialization groups
-    train_dfm_layers: bool = True
-
-
-@dataclass
-class FluxDFMConfig:
-    stage_probabilities: tuple[float, ...] | None = None
-    current: tuple[float, float] = (0.0, 1.0)
-    earlier: tuple[float, float] = (1.5, 1.0)
-    timestep_mode: Literal["dfm", "tied", "uniform"] = "dfm"
-    masking: bool = True
-
-
-@dataclass
-class FluxSamplingConfig:
-    prompts: tuple[str, ...] = ("a photo of a cat",)
-    height: int = 1024
-    width: int = 1024
-    steps: tuple[int, ...] = (30, 10)
-    thresholds: tuple[float, ...] = (0.95,)  # the paper's tau at 1024 px
-    method: Literal["euler", "heun"] = "euler"
-    guidance_scale: float = 3.0  # true CFG against the empty prompt (paper E.1)
-    seed: int = 0
-
-
-@dataclass
-class FluxFinetuneConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    model: FluxModelConfig = field(default_factory=FluxModelConfig)
-    data: FluxDataConfig = field(default_factory=FluxDataConfig)
-    vae: FluxVAEConfig = field(default_factory=FluxVAEConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
-    dfm: FluxDFMConfig = field(default_factory=FluxDFMConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    sampling: FluxSamplingConfig = field(default_factory=FluxSamplingConfig)
-
-    @property
-    def num_stages(self) -> int:
-        return self.decomposition.count_stages()
-
-    @property
-    def pixel_multiple(self) -> int:
-        """Bucket sides must divide by this: VAE x FLUX's 2x2 packing x the coarsest factor."""
-        return self.vae.downsample * 2 * self.decomposition.sample_multiple
-
-    def buckets(self) -> AspectBuckets:
-        return AspectBuckets(self.data.resolutions, self.data.ratios, self.data.bucket_multiple)
-
-    def validate(self) -> None:
-        """Cross-field checks that need no files and no compute."""
-        if self.model.path is None:
-            raise ConfigError("model.path is not set (a FLUX folder with transformer/, vae/, text_encoder*/, tokenizer*/, or a hub id)")
-        if (self.data.source is None) == (self.data.cache is None):
-            raise ConfigError("set exactly one of data.source (images + captions) and data.cache (a built cache)")
-        if self.data.cache is not None and self.data.random_flip:
-            raise ConfigError("data.random_flip is not supported with data.cache (latents are cached unflipped)")
-        if not 0.0 <= self.data.caption_dropout < 1.0:
-            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
-        if self.data.bucket_multiple % self.pixel_multiple:
-            raise ConfigError(
-                f"data.bucket_multiple={self.data.bucket_multiple} must be a multiple of {self.pixel_multiple} "
-                f"(vae.downsample {self.vae.downsample} x 2 (FLUX packing) x the decomposition's sample multiple)"
-            )
-        try:
-            self.buckets()
-        except ValueError as e:
-            raise ConfigError(f"data buckets: {e}") from e
-        check_sampling_section(self.sampling, self.num_stages, kind=self.decomposition.kind)
-        if not self.sampling.prompts:
-            raise ConfigError("sampling.prompts is empty; give at least one prompt")
-        if not math.isfinite(self.model.guidance):
-            raise ConfigError(f"model.guidance must be a finite number, got {self.model.guidance}")
-        check_dfm_section(self.dfm, self.num_stages)
-        check_batch(self.train)
-        for side in (self.sampling.height, self.sampling.width):
-            if side % self.pixel_multiple:
-                raise ConfigError(f"sampling.height/width {side} must be a multiple of {self.pixel_multiple}")
-        if self.finetune.mode == "stage_lora" and self.num_stages < 2:
-            raise ConfigError("finetune.mode=stage_lora needs a decomposition with >= 2 stages; use finetune.mode=lora")
-        if self.finetune.lora_rank < 1:
-            raise ConfigError(f"finetune.lora_rank must be >= 1, got {self.finetune.lora_rank}")
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -373,47 +227,17 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 # -- the task --------------------------------------------------------------------------------
 
 
-class FluxTask:
+class FluxTask(FluxEncoders):
     """Model, loss and sampling of the FLUX finetuning recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: FluxFinetuneConfig) -> None:
-        import dfm_ext
-
-        self.cfg = cfg
+        super().__init__(cfg)
         self.decomposition = build_decomposition(cfg.decomposition)
         s = self.decomposition.num_stages
-        self.timesteps = timestep_sampler(cfg.dfm, s)
-        self.objective = dfm_ext.DFMObjective(s, masking=cfg.dfm.masking)
-        self._codec: Any = None
-        self._text: Any = None
-        self.empty_text: Any = None  # set from a cache; else encoded on first use
+        self.timesteps = cfg.dfm.timestep_sampler(s)
+        self.objective = cfg.dfm.objective(s)
         # Per-stage LoRA: a micro-batch without stage s leaves stage s's LoRA unused (engine -> DDP).
         self.find_unused_parameters = cfg.finetune.mode == "stage_lora"
-
-    def codec(self, device: torch.device) -> Any:
-        if self._codec is None:
-            from .latents import LatentCodec, load_vae
-
-            vae = load_vae(self.cfg.model.path, self.cfg.vae.subfolder, device=device, dtype=self._frozen_dtype(device))  # type: ignore[arg-type]
-            self._codec = LatentCodec(vae, self.cfg.vae.scaling_factor, self.cfg.vae.shift_factor, sample=self.cfg.vae.sample_posterior)
-        return self._codec
-
-    def text_encoder(self, device: torch.device) -> Any:
-        if self._text is None:
-            from .text_encoding import FluxTextEncoder
-
-            self._text = FluxTextEncoder(self.cfg.model.path, max_sequence_length=self.cfg.data.max_sequence_length,  # type: ignore[arg-type]
-                                         device=device, dtype=self._frozen_dtype(device))
-        return self._text
-
-    def _frozen_dtype(self, device: torch.device) -> torch.dtype:
-        # bf16 matmuls are ~100x slower than fp32 on CPUs.
-        return getattr(torch, self.cfg.model.frozen_dtype) if torch.device(device).type == "cuda" else torch.float32
-
-    def empty(self, device: torch.device) -> Any:
-        if self.empty_text is None:
-            self.empty_text = self.text_encoder(device).empty()
-        return self.empty_text.to(device)
 
     def build_model(self) -> nn.Module:
         return build_flux_model(self.cfg, load_transformer(self.cfg))
@@ -443,7 +267,7 @@ class FluxTask:
     def sample(self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator) -> Any:
         """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`)."""
         cfg = self.cfg.sampling
-        sampler = stage_sampler(self.decomposition, cfg)
+        sampler = cfg.sampler(self.decomposition)
         text = self.text_encoder(device).encode(list(prompts)).to(device)
         empty = self.empty(device)
         n = len(prompts)

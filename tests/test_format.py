@@ -187,8 +187,8 @@ def test_kinetics_final_of_the_old_layout_loads_with_its_scales(tmp_path: Path) 
 
 
 def test_demo_checkpoint_gets_a_pointer(tmp_path: Path) -> None:
-    from dfm_ext.recipes.demo_checkpoint import save_checkpoint
+    from _old_demo_checkpoint import write_raw_old_checkpoint
 
-    save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"model": {"kind": "dit"}})
-    with pytest.raises(ValueError, match="demo_checkpoint.load_checkpoint"):
+    write_raw_old_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"model": {"kind": "dit"}})
+    with pytest.raises(ValueError, match="demo.load_demo_checkpoint"):
         load_wrapped(tmp_path / "ckpt")

@@ -19,7 +19,7 @@ Older layouts written by released versions still load through :func:`load_wrappe
   kinds ``lora`` and ``full``) and, for Kinetics ``final/`` folders, ``video_dfm.safetensors``
   holding the ``stage_scales`` (its ``stage_scales.json`` repeats them).
 * the demo's ``config.json`` checkpoints are not wrapped models: the error points to
-  :func:`dfm_ext.recipes.demo_checkpoint.load_checkpoint`.
+  :func:`dfm_ext.recipes.demo.load_demo_checkpoint`.
 
 Weights are read with safetensors only (no pickle).
 """
@@ -267,8 +267,8 @@ def _read_record(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"wrapped model folder {str(directory)!r} does not exist or is not a folder")
     if not config_path.is_file() and (directory / "config.json").is_file():
         raise ValueError(
-            f"{directory} holds a config.json, not {CONFIG_FILE}: a demo checkpoint (dfm-ext train) or a diffusers "
-            "folder, not a wrapped model; load a demo checkpoint with dfm_ext.recipes.demo_checkpoint.load_checkpoint"
+            f"{directory} holds a config.json, not {CONFIG_FILE}: a demo checkpoint from before the one format or a "
+            "diffusers folder, not a wrapped model; load an old demo checkpoint with dfm_ext.recipes.demo.load_demo_checkpoint"
         )
     for p in (config_path, weights_path):
         if not p.is_file():
