@@ -160,10 +160,17 @@ def assets_main(
 def timestep_sampler(dfm: Any, num_stages: int) -> Any:
     """The :class:`dfm_ext.StageTimestepSampler` of a recipe's ``dfm`` config section."""
     import dfm_ext
+    from dfm_ext.allocation import make_allocation
+    from dfm_ext.timesteps import default_stage_probabilities
 
+    prior = dfm.stage_probabilities or default_stage_probabilities(num_stages)
+    # dfm.allocation (ImageNet and Kinetics recipes): the task feeds it each step's per-stage
+    # losses (``timesteps.update``) and the engine checkpoints its state.
+    allocation = make_allocation(getattr(dfm, "allocation", "fixed"), num_stages, prior=prior) if num_stages > 1 else None
     return dfm_ext.StageTimestepSampler(
-        num_stages, probabilities=dfm.stage_probabilities, current=dfm.current, earlier=dfm.earlier, mode=dfm.timestep_mode
-    )
+        num_stages, probabilities=dfm.stage_probabilities, current=dfm.current, earlier=dfm.earlier,
+        mode=dfm.timestep_mode, allocation=allocation,
+    )  # fmt: skip
 
 
 def stage_sampler(decomposition: Any, sampling: Any, **kwargs: Any) -> Any:

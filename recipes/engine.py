@@ -405,6 +405,8 @@ class Trainer:
         extra: dict[str, Any] = {"scheduler": scheduler, "run": state}
         if ema is not None:
             extra["ema"] = ema
+        if getattr(getattr(self.task, "timesteps", None), "allocation", None) is not None:
+            extra["timesteps"] = self.task.timesteps  # the stage allocation's state (dfm.allocation)
         if resume is not None:
             load_checkpoint(accelerator, resume, extra=extra)
             accelerator.print(f"resumed from {resume} at step {state.step}")

@@ -106,6 +106,9 @@ class DFMConfig:
     masking: bool = True
     stage_weights: tuple[float, ...] | None = None
     label_dropout: float = 0.1
+    # "progress": stage probabilities follow each stage's learning progress
+    # (dfm_ext.allocation.ProgressAllocation, prior = stage_probabilities); "fixed": as given.
+    allocation: Literal["fixed", "progress"] = "fixed"
 
 
 @dataclass
@@ -323,6 +326,7 @@ class ImageNetTask(ClassConditionalTask):
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = self.objective(model, stages, ts, generator=generator, y=labels)
+        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         logs = {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)}
         return StepLoss(out.loss, logs)
 

@@ -544,6 +544,7 @@ class KineticsTask(ClassConditionalTask):
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
             scales=_unwrap(model).stage_scales, generator=generator, y=labels,
         )  # fmt: skip
+        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()

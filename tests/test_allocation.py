@@ -204,3 +204,32 @@ def test_study_quick_runs_and_resumes(study, tmp_path: Path, monkeypatch) -> Non
     assert study.main(["--quick", "--no-fd", "--out", str(tmp_path)]) == 0  # everything is done: nothing reruns
     after = json.loads((tmp_path / "study_quick.json").read_text())
     assert after["runs"] == json.loads(before)["runs"]
+
+
+# ---- the recipes' config key ---------------------------------------------------------------------
+
+
+def test_recipe_config_key_builds_and_feeds_the_allocation(tmp_path: Path) -> None:
+    from dfm_ext.recipes.config import ConfigError, load_config
+    from dfm_ext.recipes.data_images import ImageFolder, collate_items
+    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+
+    make_image_folder(tmp_path / "images", per_class=1, size=40)
+    make_tiny_vae(tmp_path)
+    base = [f"data.root={tmp_path / 'images'}", f"vae.path={tmp_path}"]
+    cfg = load_config(ImageNetConfig, "tiny", [*base, "dfm.allocation=progress", "dfm.stage_probabilities=[0.7, 0.3]"])
+    cfg.validate()
+    task = ImageNetTask(cfg)
+    alloc = task.timesteps.allocation
+    assert isinstance(alloc, ProgressAllocation) and alloc.prior_values == (0.7, 0.3)
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = collate_items([ImageFolder(tmp_path / "images", 32)[(i, False)] for i in range(4)])
+    for i in range(2):
+        task.loss(model, batch, generator=torch.Generator().manual_seed(i), device=torch.device("cpu"))
+    assert float(alloc.state_dict()["count"].sum()) >= 2  # the task fed it every step
+    assert load_config(ImageNetConfig, "tiny", base).dfm.allocation == "fixed"
+    assert ImageNetTask(load_config(ImageNetConfig, "tiny", base)).timesteps.allocation is None
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(ImageNetConfig, "tiny", [*base, "dfm.allocation=bogus"])
