@@ -194,16 +194,44 @@ def test_study_quick_runs_and_resumes(study, tmp_path: Path, monkeypatch) -> Non
                                                 chunk=2, batch_size=8, sample_steps=(3, 2)))  # fmt: skip
     monkeypatch.setattr(study, "load_split", lambda name, split, quick: __import__("dfm_ext.data").data.load_skimage_crops(
         split, channels=3, num=64 if split == "train" else 32))  # fmt: skip
-    assert study.main(["--quick", "--no-fd", "--out", str(tmp_path)]) == 0
+    assert study.main(["--quick", "--no-fd", "--part", "budgets", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "study_quick.json").read_text())
     assert set(res["runs"]) == {"skimage-rgb|FM|0", "skimage-rgb|DFM shift|0"}
     assert res["runs"]["skimage-rgb|FM|0"]["evals"]["4"]["swd"]["mean"] > 0
     assert (tmp_path / "study_quick.md").read_text().count("DFM shift") >= 2
     assert (tmp_path / "study_grid_skimage-rgb_4.png").exists()
     before = (tmp_path / "study_quick.json").read_text()
-    assert study.main(["--quick", "--no-fd", "--out", str(tmp_path)]) == 0  # everything is done: nothing reruns
+    assert study.main(["--quick", "--no-fd", "--part", "budgets", "--out", str(tmp_path)]) == 0  # everything is done: nothing reruns
     after = json.loads((tmp_path / "study_quick.json").read_text())
     assert after["runs"] == json.loads(before)["runs"]
+
+
+def test_study_finetune_quick_starts_exactly_from_the_pretrained_model(study, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, num_eval=8, num_swd_reference=16, chunk=2, batch_size=8,
+                                                sample_steps=(2, 1)))  # fmt: skip
+    assert study.main(["--quick", "--no-fd", "--part", "finetune", "--out", str(tmp_path)]) == 0
+    ft = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]
+    assert ft["dfm_step0_max_abs_deviation"] < 1e-5  # wrap_dit(init="pretrained"): stage 0 is the 32 px model
+    assert set(ft["runs"]) == {"FM", "DFM"} and set(ft["runs"]["DFM"]["evals"]) == {"0", "2", "4"}
+    assert set(ft["runs"]["FM"]["evals"]["4"]["swd"]["per_level"]) == {"64x64", "32x32", "16x16", "8x8"}
+
+
+def test_resized_fm_head_and_embedding_are_the_32px_model_on_averaged_images(study) -> None:
+    from dfm_ext.data import load_skimage_crops
+
+    data64 = load_skimage_crops("train", channels=3, size=64, num=8)
+    torch.manual_seed(0)
+    pre = study._dit(32, 4, study._downsample(data64), "tiny")
+    fm = study.resized_fm(pre, data64, "tiny")
+    x = data64.images[:2]
+    emb64 = fm.x_embedder(x)
+    emb32 = pre.x_embedder(torch.nn.functional.avg_pool2d(x, 2))
+    assert torch.allclose(emb64, emb32, atol=1e-5)
+    h = torch.randn(2, 64, fm.config.hidden_size)
+    c = torch.randn(2, fm.config.hidden_size)
+    out64 = fm.unpatchify(fm.final_layer(h, c), (8, 8))
+    out32 = pre.unpatchify(pre.final_layer(h, c), (8, 8))
+    assert torch.allclose(out64, out32.repeat_interleave(2, 2).repeat_interleave(2, 3), atol=1e-6)
 
 
 # ---- the recipes' config key ---------------------------------------------------------------------
