@@ -3,8 +3,8 @@ r"""Automatic stage allocation: stage probabilities set during training, without
 The paper trains stage ``k`` as the current stage with fixed probabilities (``(0.9, 0.1)`` for
 two stages) and says in its limitations that this split must be tuned; at small budgets a lower
 ``p0`` wins, at large ones a higher one. :class:`ProgressAllocation` moves the probabilities
-towards the stages that are still learning, measured from the per-stage losses the training step
-already computes (no extra forward pass):
+towards the stages where one more training sample buys the most loss decrease, measured from the
+per-stage losses the training step already computes (no extra forward pass):
 
 .. math::
 
@@ -12,12 +12,16 @@ already computes (no extra forward pass):
     g_s \leftarrow \beta_g g_s + (1 - \beta_g) \ell_s \qquad (\text{only when stage } s \text{ was active}),
 
     r_s = \max(0, (g_s - f_s) / g_s), \qquad
-    p_s = \phi + (1 - S \phi) \, \frac{\pi_s (r_s + \epsilon)}{\sum_j \pi_j (r_j + \epsilon)},
+    q_s = \phi + (1 - S \phi) \, \frac{\pi_s (r_s + \epsilon) / p_s}{\sum_j \pi_j (r_j + \epsilon) / p_j},
+    \qquad p_s \leftarrow (1 - \lambda) p_s + \lambda q_s,
 
-where ``l_s`` is stage ``s``'s mean loss on the batch, ``f`` / ``g`` are a fast and a slow moving
+where ``l_s`` is stage ``s``'s mean loss on the batch, ``f`` / ``g`` a fast and a slow moving
 average (``r_s`` is the recent relative loss decrease, "learning progress"), ``pi`` the prior
-(the paper's default probabilities), ``phi`` a floor so no stage is ever starved. Until every
-stage has been seen ``warmup`` times the prior is used as it is.
+(the paper's default probabilities), ``phi`` a floor so no stage is ever starved, ``lambda`` a
+small rate. Dividing by the current ``p_s`` makes it progress *per sample given to the stage*:
+without it a stage that gets more batches would progress faster and take even more (a
+rich-get-richer loop). Without the floor the fixed point is ``p_s ~ sqrt(pi_s (r_s + eps))``.
+Until every stage has been seen ``warmup`` times ``p`` stays at the prior.
 
 Everything is a tensor on the training device, updated with tensor operations only: no
 ``.item()`` or host sync is added to the step. The state is a few ``[S]`` tensors
@@ -76,6 +80,7 @@ class ProgressAllocation:
         floor: minimum probability ``phi`` of each stage (``S * floor < 1``).
         warmup: updates with the stage active before the prior is left.
         eps: added to every progress value (so a plateau of all stages falls back to the prior).
+        rate: ``lambda``, how far ``p`` moves towards the target per update.
 
     Example:
         >>> import torch
@@ -100,6 +105,7 @@ class ProgressAllocation:
         floor: float = 0.05,
         warmup: int = 200,
         eps: float = 1e-3,
+        rate: float = 0.01,
     ) -> None:
         if prior is None:
             from .timesteps import default_stage_probabilities
@@ -121,6 +127,9 @@ class ProgressAllocation:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be finite and positive, got {eps}")
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"rate must be in (0, 1], got {rate}")
+        self.rate = float(rate)
         self.num_stages = s
         self.prior_values = prior
         self.fast, self.slow, self.floor, self.warmup, self.eps = float(fast), float(slow), float(floor), warmup, float(eps)
@@ -128,11 +137,12 @@ class ProgressAllocation:
         self._slow = torch.zeros(s, dtype=torch.float64)
         self._count = torch.zeros(s, dtype=torch.float64)
         self._prior = torch.tensor(prior, dtype=torch.float64)
+        self._p = self._prior.clone()
 
     def _to(self, device: torch.device) -> None:
         if self._fast.device != device:
             self._fast, self._slow = self._fast.to(device), self._slow.to(device)
-            self._count, self._prior = self._count.to(device), self._prior.to(device)
+            self._count, self._prior, self._p = self._count.to(device), self._prior.to(device), self._p.to(device)
 
     @torch.no_grad()
     def update(self, per_stage_loss: Tensor) -> None:
@@ -148,6 +158,10 @@ class ProgressAllocation:
         self._fast = torch.where(seen, fast, self._fast)
         self._slow = torch.where(seen, slow, self._slow)
         self._count = self._count + seen.to(torch.float64)
+        weight = self._prior * (self.progress() + self.eps) / self._p
+        target = self.floor + (1 - self.num_stages * self.floor) * weight / weight.sum()
+        ready = (self._count >= self.warmup).all()
+        self._p = torch.where(ready, (1 - self.rate) * self._p + self.rate * target, self._p)
 
     def progress(self) -> Tensor:
         """``[S]`` recent relative loss decrease ``r_s`` (float64)."""
@@ -157,17 +171,14 @@ class ProgressAllocation:
         """``[S]`` float64 stage probabilities for the next batch (on ``device``)."""
         if device is not None:
             self._to(torch.device(device))
-        weight = self._prior * (self.progress() + self.eps)
-        learned = self.floor + (1 - self.num_stages * self.floor) * weight / weight.sum()
-        ready = (self._count >= self.warmup).all()
-        return torch.where(ready, learned, self._prior)
+        return self._p.clone()
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and settings; ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it."""
         return {"kind": self.kind, "fast_avg": self._fast.cpu().clone(), "slow_avg": self._slow.cpu().clone(),
-                "count": self._count.cpu().clone(), "prior": list(self.prior_values),
+                "count": self._count.cpu().clone(), "p": self._p.cpu().clone(), "prior": list(self.prior_values),
                 "settings": {"fast": self.fast, "slow": self.slow, "floor": self.floor, "warmup": self.warmup,
-                             "eps": self.eps}}  # fmt: skip
+                             "eps": self.eps, "rate": self.rate}}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the settings must agree)."""
@@ -181,10 +192,11 @@ class ProgressAllocation:
         self._fast = state["fast_avg"].to(device, torch.float64).clone()
         self._slow = state["slow_avg"].to(device, torch.float64).clone()
         self._count = state["count"].to(device, torch.float64).clone()
+        self._p = state["p"].to(device, torch.float64).clone()
 
     def __repr__(self) -> str:
         return (f"ProgressAllocation(prior={self.prior_values}, fast={self.fast}, slow={self.slow}, "
-                f"floor={self.floor}, warmup={self.warmup})")  # fmt: skip
+                f"floor={self.floor}, warmup={self.warmup}, rate={self.rate})")  # fmt: skip
 
 
 def make_allocation(spec: str | Mapping[str, Any] | None, num_stages: int, prior: Sequence[float] | None = None):
