@@ -279,3 +279,33 @@ def test_recipe_config_key_builds_and_feeds_the_allocation(tmp_path: Path) -> No
     assert ImageNetTask(load_config(ImageNetConfig, "tiny", base)).timesteps.allocation is None
     with pytest.raises(ConfigError, match="bogus"):
         load_config(ImageNetConfig, "tiny", [*base, "dfm.allocation=bogus"])
+
+
+def test_recipe_checkpoints_the_allocation_and_resume_continues_it(tmp_path: Path) -> None:
+    """Through the recipe's CLI: the allocation's state rides in extra_state.pt, and a run stopped
+    at step 4 and resumed to 8 continues it (stage 0 is active in every step, so its update count
+    doubles; a lost state would restart it from 0)."""
+    import os
+    import subprocess
+
+    from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+
+    make_image_folder(tmp_path / "images", per_class=2, size=40)
+    make_tiny_vae(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = tmp_path / "run"
+
+    def run(steps: int) -> None:
+        cmd = [sys.executable, "-m", "dfm_ext.recipes.imagenet", "--config", "tiny", f"data.root={tmp_path / 'images'}",
+               f"vae.path={tmp_path}", f"train.output_dir={out}", f"train.steps={steps}", "train.log_every=1",
+               "train.checkpoint_every=4", "train.sample_every=0", "train.progress=false", "train.trackers=[]",
+               "dfm.allocation=progress"]  # fmt: skip
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run(4)
+    run(8)
+    at4 = torch.load(out / "checkpoints" / "step-000004" / "extra_state.pt", weights_only=True)["timesteps"]["allocation"]
+    at8 = torch.load(out / "checkpoints" / "step-000008" / "extra_state.pt", weights_only=True)["timesteps"]["allocation"]
+    assert at4["count"][0] > 0
+    assert at8["count"][0] == 2 * at4["count"][0]
