@@ -355,7 +355,7 @@ def convergence_ratio(fm: dict[int, dict[str, Any]], other: dict[int, dict[str, 
     """Steps ``other`` needs to reach FM's value at FM's last budget, over that budget (linear
     interpolation on the logged curve; None when it never gets there within its logged steps)."""
     steps = sorted(s for s in fm if fm[s][key] is not None)
-    if not steps:
+    if len(steps) < 2:  # one budget: nothing to compare a speed against
         return None
     last = steps[-1]
     target = fm[last][key]
