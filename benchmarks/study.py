@@ -500,7 +500,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"{ds}: {label} (lower is better)")
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)
-            if cv:
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
