@@ -106,7 +106,7 @@ class ImageNetConfig(RecipeConfig):
         self.sampling.check(stages, kind=self.decomposition.kind)
         self.sampling.check_classes(self.data.num_classes)
         check_count(self.sampling, "num_images")
-        self.dfm.check(stages, reads=("label_dropout",), default=default_of(self, "dfm"), recipe="imagenet")
+        self.dfm.check(stages, reads=("label_dropout", "allocation"), default=default_of(self, "dfm"), recipe="imagenet")
         check_batch(self.train)
         from dfm_ext.models.dit import DiTConfig
 
@@ -215,6 +215,7 @@ class ImageNetTask(ClassConditionalTask):
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = self.objective(model, stages, ts, generator=generator, y=labels)
+        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         logs = {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)}
         return StepLoss(out.loss, logs)
 

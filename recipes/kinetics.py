@@ -155,7 +155,7 @@ class KineticsConfig(RecipeConfig):
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        reads = ("label_dropout", "standardize", "scales", "scale_estimation_clips")
+        reads = ("label_dropout", "standardize", "scales", "scale_estimation_clips", "allocation")
         self.dfm.check(self.num_stages, reads=reads, default=default_of(self, "dfm"), recipe="kinetics")
         check_batch(self.train)
         from dfm_ext.models.video_dit import VideoDiTConfig
@@ -372,6 +372,7 @@ class KineticsTask(StageScalesMixin, ClassConditionalTask):
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
             generator=generator, y=labels,  # scales: the model's stage_scales
         )  # fmt: skip
+        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()

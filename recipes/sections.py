@@ -42,6 +42,7 @@ RECIPE_DFM_FIELDS = {
     "standardize": "the video recipe",
     "scales": "the video recipe",
     "scale_estimation_clips": "the video recipe",
+    "allocation": "the ImageNet and video recipes (their tasks feed it the per-stage losses)",
 }
 
 
@@ -68,14 +69,25 @@ class DFMConfig:
     standardize: bool = False
     scales: tuple[float, ...] | None = None
     scale_estimation_clips: int = 64
+    # "progress": stage probabilities follow each stage's learning progress
+    # (dfm_ext.process.allocation.ProgressAllocation, prior = stage_probabilities); "fixed": as given.
+    allocation: Literal["fixed", "progress"] = "fixed"
 
     def timestep_sampler(self, num_stages: int) -> Any:
-        """The :class:`dfm_ext.StageTimestepSampler` of this section."""
-        from dfm_ext.process.timesteps import StageTimestepSampler
+        """The :class:`dfm_ext.StageTimestepSampler` of this section.
 
+        With ``allocation: progress`` the task feeds it each step's per-stage losses
+        (``timesteps.update``) and the engine checkpoints its state.
+        """
+        from dfm_ext.process.allocation import make_allocation
+        from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
+
+        prior = self.stage_probabilities or default_stage_probabilities(num_stages)
+        allocation = make_allocation(self.allocation, num_stages, prior=prior) if num_stages > 1 else None
         return StageTimestepSampler(
-            num_stages, probabilities=self.stage_probabilities, current=self.current, earlier=self.earlier, mode=self.timestep_mode
-        )
+            num_stages, probabilities=self.stage_probabilities, current=self.current, earlier=self.earlier,
+            mode=self.timestep_mode, allocation=allocation,
+        )  # fmt: skip
 
     def objective(self, num_stages: int) -> Any:
         """The :class:`dfm_ext.DFMObjective` of this section."""
