@@ -21,6 +21,23 @@ from torch import Tensor
 from .checkpointing import CorruptCheckpointError, DiskFullError
 from .config import ConfigError, load_config
 
+__all__ = [
+    "ClassConditionalTask",
+    "USAGE_ERRORS",
+    "assets_main",
+    "cache_builder_parser",
+    "check_batch",
+    "check_vae_path",
+    "cycled_labels",
+    "drop_labels",
+    "dropout_mask",
+    "looks_local",
+    "parse_config_args",
+    "save_progressive_samples",
+    "train_main",
+    "usage_error",
+]
+
 T = TypeVar("T")
 
 # What a command reports as a usage error (exit status 2) instead of a traceback; ConfigError and
@@ -87,64 +104,6 @@ def check_batch(train: Any, *, num_processes: int | None = None) -> None:
             f"train.global_batch_size={train.global_batch_size} is not divisible by {world} process(es) x "
             f"train.grad_accumulation={train.grad_accumulation} (= {per})"
         )
-
-
-def check_dfm_section(dfm: Any, num_stages: int) -> None:
-    """The ``dfm`` section against the number of stages: probabilities, logit-normal times, weights.
-
-    Builds the library objects the run will build (cheap, no tensors of data) and re-raises their
-    ``ValueError`` as a :class:`ConfigError` naming the config key.
-    """
-    import dfm_ext
-
-    try:
-        timestep_sampler(dfm, num_stages)
-    except ValueError as e:
-        first = str(e).split()[0]
-        key = {"probabilities": "dfm.stage_probabilities", "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")
-        raise ConfigError(f"{key}: {e}") from e
-    weights = getattr(dfm, "stage_weights", None)
-    if weights is not None:
-        if len(weights) != num_stages:
-            raise ConfigError(f"dfm.stage_weights {list(weights)} needs one entry per stage ({num_stages})")
-        try:
-            dfm_ext.DFMObjective(num_stages, stage_weights=weights)
-        except ValueError as e:
-            raise ConfigError(f"dfm.stage_weights: {e}") from e
-
-
-def check_sampling_section(sampling: Any, num_stages: int, *, num_classes: int | None = None, kind: str = "") -> None:
-    """The ``sampling`` section: steps and thresholds per stage, finite guidance, classes in range."""
-    import math
-
-    import dfm_ext
-
-    where = f" for decomposition.kind={kind}" if kind else ""
-    steps, thresholds = tuple(sampling.steps), tuple(sampling.thresholds)
-    if len(steps) != num_stages:
-        raise ConfigError(f"sampling.steps {list(steps)} needs one entry per stage ({num_stages}{where})")
-    if len(thresholds) != num_stages - 1:
-        raise ConfigError(
-            f"sampling.thresholds {list(thresholds)} needs one entry per stage boundary ({num_stages - 1}{where})"
-        )
-    try:
-        dfm_ext.StageScheduler(steps=steps, thresholds=thresholds)
-    except ValueError as e:
-        key = "sampling.thresholds" if "threshold" in str(e) else "sampling.steps"
-        raise ConfigError(f"{key}: {e}") from e
-    if not math.isfinite(sampling.guidance_scale):
-        raise ConfigError(f"sampling.guidance_scale must be a finite number, got {sampling.guidance_scale}")
-    classes = getattr(sampling, "classes", None)
-    if classes is not None and num_classes is not None:
-        if not classes:
-            raise ConfigError("sampling.classes is empty; give class indices or null")
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad:
-            raise ConfigError(f"sampling.classes {bad} out of range [0, {num_classes - 1}] (data.num_classes={num_classes})")
-    for name in ("num_images", "num_videos"):
-        n = getattr(sampling, name, None)
-        if n is not None and n < 1:
-            raise ConfigError(f"sampling.{name} must be >= 1, got {n}")
 
 
 def cache_builder_parser(prog: str, doc: str | None, *, batch_size: int) -> argparse.ArgumentParser:
@@ -233,28 +192,6 @@ def assets_main(
 
 
 # -- tasks -----------------------------------------------------------------------------------
-
-
-def timestep_sampler(dfm: Any, num_stages: int) -> Any:
-    """The :class:`dfm_ext.StageTimestepSampler` of a recipe's ``dfm`` config section."""
-    import dfm_ext
-
-    return dfm_ext.StageTimestepSampler(
-        num_stages, probabilities=dfm.stage_probabilities, current=dfm.current, earlier=dfm.earlier, mode=dfm.timestep_mode
-    )
-
-
-def stage_sampler(decomposition: Any, sampling: Any, **kwargs: Any) -> Any:
-    """The :class:`dfm_ext.DFMSampler` of a recipe's ``sampling`` config section (``kwargs`` passed on)."""
-    import dfm_ext
-
-    return dfm_ext.DFMSampler(
-        decomposition,
-        dfm_ext.StageScheduler(steps=sampling.steps, thresholds=sampling.thresholds),
-        method=sampling.method,
-        guidance_scale=sampling.guidance_scale,
-        **kwargs,
-    )
 
 
 def dropout_mask(n: int, p: float, *, generator: torch.Generator, device: torch.device) -> Tensor:

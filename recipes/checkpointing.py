@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
+from dfm_ext.fileio import atomic_write_text, fsync_directory
+
 __all__ = [
     "MANIFEST",
     "CorruptCheckpointError",
@@ -100,30 +102,12 @@ def step_dir_name(step: int) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_directory(path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Atomic text write (the library's one helper, :func:`dfm_ext.fileio.atomic_write_text`)."""
+    atomic_write_text(path, text)
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "config_to_dict", "from_dict", "load_config", "resolve_config_path", "save_config"]
+__all__ = ["ConfigError", "apply_overrides", "config_to_dict", "from_dict", "load_config", "resolve_config_path", "save_config", "yaml_value"]
 
 T = TypeVar("T")
 
@@ -145,6 +145,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             raise _unknown(str(key), prefix, list(fields))
+        factory = fields[key].default_factory
+        if isinstance(value, Mapping) and callable(factory) and not isinstance(factory, type):
+            # A section whose recipe sets other defaults (``functools.partial(DFMConfig, standardize=True)``):
+            # the keys the file leaves out take the recipe's defaults, not the section class's.
+            value = _merge(config_to_dict(factory()), value)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
     try:
         obj = cls(**kwargs)
@@ -275,3 +280,19 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as a config file spells it, for messages: ``null``, ``[2, 1]``, ``0.1``.
+
+    Example:
+        >>> yaml_value(None), yaml_value((2, 1)), yaml_value(True)
+        ('null', '[2, 1]', 'true')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value)

@@ -23,73 +23,24 @@ from torch import Tensor
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "dfm_ext.recipes.demo_checkpoint"
-# Released versions wrote "dfm_ext.checkpoint" with kind "dfm_ext.demo" (before the library's
+# Released versions wrote "dfm_ext.recipes.demo_checkpoint" with kind "dfm_ext.recipes.demo" (before the library's
 # subpackages); the step that moved the demo into recipes wrote the names above.
-FORMATS = ("dfm_ext.checkpoint", FORMAT)
+FORMATS = ("dfm_ext.recipes.demo_checkpoint", FORMAT)
 FORMAT_VERSION = 1
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Checkpoint", "CheckpointError", "describe_mismatch", "load_checkpoint",
            "load_legacy_demo_checkpoint"]
 
-LEGACY_KINDS = ("dfm_ext.demo", "dfm_ext.recipes.demo")
+LEGACY_KINDS = ("dfm_ext.recipes.demo", "dfm_ext.recipes.demo")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or corrupt."""
 
 
-def _int_fields(config: Any, prefix: str = "") -> list[tuple[str, int]]:
-    """``(dotted key, value)`` of every integer in a nested JSON config (lists of ints included)."""
-    out: list[tuple[str, int]] = []
-    if isinstance(config, Mapping):
-        for k, v in config.items():
-            out += _int_fields(v, f"{prefix}{k}.")
-    elif isinstance(config, (list, tuple)):
-        for i, v in enumerate(config):
-            out += _int_fields(v, f"{prefix[:-1]}[{i}].")
-    elif isinstance(config, int) and not isinstance(config, bool):
-        out.append((prefix[:-1], config))
-    return out
-
-
-def describe_mismatch(
-    expected: Mapping[str, Any], found: Mapping[str, Any], config: Mapping[str, Any], *, limit: int = 3
-) -> str:
-    """Which tensors of a weights file disagree with the model a config builds, and which config
-    fields the disagreeing sizes come from.
-
-    Args:
-        expected: name -> shape of the model built from ``config`` (``state_dict`` shapes).
-        found: name -> shape in the file.
-        config: the config the model was built from (searched for the sizes that differ).
-
-    Returns:
-        One line, e.g. ``tensor 'x.weight' is [64, 3] in the file but [32, 3] from the config
-        (dit.hidden_size=32; the file fits 64)``, plus the missing/unexpected names, if any.
-    """
-    fields = _int_fields(config)
-    parts: list[str] = []
-    shaped = [n for n in expected if n in found and tuple(expected[n]) != tuple(found[n])]
-    for name in shaped[:limit]:
-        e, f = list(expected[name]), list(found[name])
-        culprits = []
-        if len(e) == len(f):
-            for a, b in zip(e, f):
-                if a != b:
-                    culprits += [f"{k}={v}" for k, v in fields if v == a and f"{k}={v}" not in culprits]
-                    culprits.append(f"the file fits {b}")
-        why = f" ({'; '.join(culprits)})" if culprits else ""
-        parts.append(f"tensor {name!r} is {f} in the file but {e} from the config{why}")
-    if len(shaped) > limit:
-        parts.append(f"{len(shaped) - limit} more tensors differ in shape")
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        parts.append(f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected tensor(s) in the file, e.g. {unexpected[:3]}")
-    return "; ".join(parts) or "the tensors match"
+# One definition for the whole tree: the library's (it names the config fields a bad size comes from).
+from dfm_ext.wrapping.io import describe_mismatch  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -603,6 +603,8 @@ class Trainer:
         extra: dict[str, Any] = {"scheduler": scheduler, "run": state}
         if ema is not None:
             extra["ema"] = ema
+        if getattr(getattr(self.task, "timesteps", None), "allocation", None) is not None:
+            extra["timesteps"] = self.task.timesteps  # the stage allocation's state (dfm.allocation)
         if resume is not None:
             if fsdp:
                 sharding.load_sharded_checkpoint(resume, model, optimizer, ema=ema, extra=extra)

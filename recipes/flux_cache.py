@@ -33,6 +33,9 @@ from typing import Any
 import torch
 
 from ._common import USAGE_ERRORS, cache_builder_parser, usage_error
+from .config import load_config
+from .flux_config import FluxFinetuneConfig
+from .flux_encoders import FluxEncoders
 from .latents import CacheMismatchError, write_index
 
 __all__ = ["FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata", "main"]
@@ -40,8 +43,8 @@ __all__ = ["FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata
 FLUX_CACHE_FORMAT = "dfm_ext.flux_cache/1"
 
 
-def cache_metadata(cfg: Any) -> dict[str, Any]:
-    """What a cache must agree on with a :class:`~dfm_ext.recipes.flux_finetune.FluxFinetuneConfig`."""
+def cache_metadata(cfg: FluxFinetuneConfig) -> dict[str, Any]:
+    """What a cache must agree on with a :class:`~dfm_ext.recipes.flux_config.FluxFinetuneConfig`."""
     return {
         "model_path": cfg.model.path,
         "vae_subfolder": cfg.vae.subfolder,
@@ -94,15 +97,14 @@ def build_flux_cache(
     from safetensors.torch import save_file
 
     from .data_captions import CaptionedImages, load_bucket_image
-    from .flux_finetune import FluxTask
 
     if cfg.data.source is None:
         raise ValueError("data.source must name the captioned images to encode")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = CaptionedImages(cfg.data.source, cfg.buckets(), on_missing=cfg.data.on_missing,
                               min_area_fraction=cfg.data.min_area_fraction, max_skips=1)
-    task = FluxTask(cfg)
-    codec, text = task.codec(device), task.text_encoder(device)
+    encoders = FluxEncoders(cfg)
+    codec, text = encoders.codec(device), encoders.text_encoder(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
@@ -222,9 +224,6 @@ class FluxCache(torch.utils.data.Dataset):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import load_config
-    from .flux_finetune import FluxFinetuneConfig
-
     parser = cache_builder_parser("python -m dfm_ext.recipes.flux_finetune cache", __doc__, batch_size=16)
     args = parser.parse_args(argv)
     try:

@@ -29,40 +29,25 @@ LoRA the new DFM layers (patch embedding, timestep embedders, head) stay trainab
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import json
-import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    check_batch,
-    check_dfm_section,
-    check_sampling_section,
-    dropout_mask,
-    looks_local,
-    parse_config_args,
-    save_progressive_samples,
-    stage_sampler,
-    timestep_sampler,
-    train_main,
-)
-from .config import ConfigError
-from .data_captions import DEFAULT_RATIOS, AspectBuckets, BucketBatchPlan, CaptionedImages, collate_captioned
-from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
-from .imagenet import DecompositionConfig, build_decomposition
+from ._common import dropout_mask, looks_local, parse_config_args, save_progressive_samples, train_main
+from .data_captions import BucketBatchPlan, CaptionedImages, collate_captioned
+from .decomposition_section import build_decomposition
+from .engine import StepLoss, Trainer, TrainResult
+from .flux_config import FinetuneConfig, FluxFinetuneConfig
+from .flux_encoders import FluxEncoders
 
 __all__ = [
-    "BucketedDFM",
     "FluxFinetuneConfig",
     "FluxFlowModel",
     "FluxTask",
@@ -72,140 +57,6 @@ __all__ = [
     "parse_args",
     "run",
 ]
-
-
-# -- config ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FluxModelConfig:
-    """A FLUX folder (FLUX.1-dev layout) or hub id; dtypes of the trained and the frozen parts."""
-
-    path: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"  # trained weights (autocast does bf16 compute)
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # VAE and text encoders
-    gradient_checkpointing: bool = True
-    guidance: float = 1.0  # FLUX-dev's distilled-guidance input, fixed during training (paper E.1)
-
-
-@dataclass
-class FluxDataConfig:
-    """Captioned images (``source``: folder or JSONL) or a cache from ``flux_finetune cache``."""
-
-    source: str | None = None
-    cache: str | None = None
-    resolutions: tuple[int, ...] = (512, 1024)
-    ratios: tuple[float, ...] = DEFAULT_RATIOS
-    bucket_multiple: int = 64
-    min_area_fraction: float = 1.0
-    on_missing: Literal["error", "skip"] = "error"
-    caption_dropout: float = 0.1
-    max_sequence_length: int = 512
-    random_flip: bool = False  # off: captions say "left" and "right"
-    max_skips: int = 64
-
-
-@dataclass
-class FluxVAEConfig:
-    subfolder: str = "vae"
-    scaling_factor: float | None = None  # None: from the VAE config
-    shift_factor: float | None = None
-    sample_posterior: bool = False
-    downsample: int = 8
-
-
-@dataclass
-class FinetuneConfig:
-    """Which parameters train: everything, peft LoRA, or per-stage LoRA (``dfm_ext.specialization``)."""
-
-    mode: Literal["full", "lora", "stage_lora"] = "full"
-    lora_rank: int = 64
-    lora_alpha: float | None = None  # None: = rank
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    stage_targets: tuple[str, ...] = ("attn", "mlp")  # dfm_ext.specialization groups
-    train_dfm_layers: bool = True
-
-
-@dataclass
-class FluxDFMConfig:
-    stage_probabilities: tuple[float, ...] | None = None
-    current: tuple[float, float] = (0.0, 1.0)
-    earlier: tuple[float, float] = (1.5, 1.0)
-    timestep_mode: Literal["dfm", "tied", "uniform"] = "dfm"
-    masking: bool = True
-
-
-@dataclass
-class FluxSamplingConfig:
-    prompts: tuple[str, ...] = ("a photo of a cat",)
-    height: int = 1024
-    width: int = 1024
-    steps: tuple[int, ...] = (30, 10)
-    thresholds: tuple[float, ...] = (0.95,)  # the paper's tau at 1024 px
-    method: Literal["euler", "heun"] = "euler"
-    guidance_scale: float = 3.0  # true CFG against the empty prompt (paper E.1)
-    seed: int = 0
-
-
-@dataclass
-class FluxFinetuneConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    model: FluxModelConfig = field(default_factory=FluxModelConfig)
-    data: FluxDataConfig = field(default_factory=FluxDataConfig)
-    vae: FluxVAEConfig = field(default_factory=FluxVAEConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
-    dfm: FluxDFMConfig = field(default_factory=FluxDFMConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    sampling: FluxSamplingConfig = field(default_factory=FluxSamplingConfig)
-
-    @property
-    def num_stages(self) -> int:
-        return self.decomposition.count_stages()
-
-    @property
-    def pixel_multiple(self) -> int:
-        """Bucket sides must divide by this: VAE x FLUX's 2x2 packing x the coarsest factor."""
-        return self.vae.downsample * 2 * self.decomposition.sample_multiple
-
-    def buckets(self) -> AspectBuckets:
-        return AspectBuckets(self.data.resolutions, self.data.ratios, self.data.bucket_multiple)
-
-    def validate(self) -> None:
-        """Cross-field checks that need no files and no compute."""
-        if self.model.path is None:
-            raise ConfigError("model.path is not set (a FLUX folder with transformer/, vae/, text_encoder*/, tokenizer*/, or a hub id)")
-        if (self.data.source is None) == (self.data.cache is None):
-            raise ConfigError("set exactly one of data.source (images + captions) and data.cache (a built cache)")
-        if self.data.cache is not None and self.data.random_flip:
-            raise ConfigError("data.random_flip is not supported with data.cache (latents are cached unflipped)")
-        if not 0.0 <= self.data.caption_dropout < 1.0:
-            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
-        if self.data.bucket_multiple % self.pixel_multiple:
-            raise ConfigError(
-                f"data.bucket_multiple={self.data.bucket_multiple} must be a multiple of {self.pixel_multiple} "
-                f"(vae.downsample {self.vae.downsample} x 2 (FLUX packing) x the decomposition's sample multiple)"
-            )
-        try:
-            self.buckets()
-        except ValueError as e:
-            raise ConfigError(f"data buckets: {e}") from e
-        check_sampling_section(self.sampling, self.num_stages, kind=self.decomposition.kind)
-        if not self.sampling.prompts:
-            raise ConfigError("sampling.prompts is empty; give at least one prompt")
-        if not math.isfinite(self.model.guidance):
-            raise ConfigError(f"model.guidance must be a finite number, got {self.model.guidance}")
-        check_dfm_section(self.dfm, self.num_stages)
-        check_batch(self.train)
-        for side in (self.sampling.height, self.sampling.width):
-            if side % self.pixel_multiple:
-                raise ConfigError(f"sampling.height/width {side} must be a multiple of {self.pixel_multiple}")
-        if self.finetune.mode == "stage_lora" and self.num_stages < 2:
-            raise ConfigError("finetune.mode=stage_lora needs a decomposition with >= 2 stages; use finetune.mode=lora")
-        if self.finetune.lora_rank < 1:
-            raise ConfigError(f"finetune.lora_rank must be >= 1, got {self.finetune.lora_rank}")
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -220,31 +71,6 @@ def _pack(x: Tensor) -> Tensor:
 def _unpack(y: Tensor, h: int, w: int) -> Tensor:
     b, _, c4 = y.shape
     return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
-
-
-@contextlib.contextmanager
-def _peft_merged(root: nn.Module) -> Iterator[None]:
-    """Within the block, peft LoRA layers are merged into and replaced by their base layers (restored after)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency of the recipe's LoRA mode only
-        yield
-        return
-    swaps = []
-    modules = dict(root.named_modules())
-    for name, m in modules.items():
-        if isinstance(m, LoraLayer):
-            parent_name, _, attr = name.rpartition(".")
-            parent = modules[parent_name] if parent_name else root
-            m.merge()
-            setattr(parent, attr, m.get_base_layer())
-            swaps.append((parent, attr, m))
-    try:
-        yield
-    finally:
-        for parent, attr, m in reversed(swaps):
-            setattr(parent, attr, m)
-            m.unmerge()
 
 
 class FluxFlowModel(nn.Module):
@@ -299,76 +125,10 @@ class FluxFlowModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A plain diffusers ``FluxTransformer2DModel`` folder (LoRA merged in)."""
-        with _peft_merged(self.transformer):
+        from dfm_ext.wrapping.io import peft_merged
+
+        with peft_merged(self.transformer):
             self.transformer.save_pretrained(str(directory))
-
-
-class BucketedDFM(nn.Module):
-    """A wrapped FLUX (:class:`dfm_ext.DFMTransformer`) that accepts every bucket's resolution.
-
-    ``wrap_dit`` fixes the stage shapes of one resolution; FLUX itself has no fixed size (RoPE
-    positions, no position table) and the per-stage patch sizes are the same at every even
-    resolution, so each new sample shape gets a view of the one wrapped model (shared modules,
-    its own :class:`~dfm_ext.wrapping.packing.ScalePacker`). The views are made inside ``forward``, so
-    DDP/FSDP see one model.
-    """
-
-    def __init__(self, wrapped: nn.Module) -> None:
-        super().__init__()
-        self.wrapped = wrapped
-        self._views: dict[tuple[int, ...], nn.Module] = {}
-        self.stage_specialization: Any = None
-
-    @property
-    def num_stages(self) -> int:
-        return self.wrapped.num_stages
-
-    @property
-    def decomposition(self) -> Any:
-        return self.wrapped.decomposition
-
-    def at(self, sample_shape: Sequence[int]) -> nn.Module:
-        """The wrapped model for samples of ``sample_shape = (C, H, W)``."""
-        from dfm_ext.wrapping.packing import ScalePacker
-
-        shape = tuple(int(s) for s in sample_shape)
-        if shape == tuple(self.wrapped.sample_shape):
-            return self.wrapped
-        if shape not in self._views:
-            stage_shapes = [tuple(s[1:]) for s in self.decomposition.stage_shapes((1, *shape))]
-            view = copy.copy(self.wrapped)  # shares modules, hooks and parameters
-            view.packer = ScalePacker(stage_shapes, self.wrapped.packer.patch_sizes)
-            view.sample_shape = shape
-            self._views[shape] = view
-        return self._views[shape]
-
-    def forward(self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, **cond: Any) -> list[Tensor]:
-        shape = tuple(stages[-1].shape[1:])  # the finest stage has the sample's resolution
-        expected = [tuple(s[1:]) for s in self.decomposition.stage_shapes((1, *shape))]
-        if [tuple(s.shape[1:]) for s in stages] != expected:
-            raise ValueError(f"stage shapes {[tuple(s.shape) for s in stages]} are not the decomposition's for a sample {shape}")
-        return self.at(shape)(stages, t, stage, mask, **cond)
-
-    def null_condition(self, **cond: Any) -> dict[str, Any]:
-        return self.wrapped.null_condition(**cond)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_views": {}}
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """``DFMTransformer.save_pretrained`` of the wrapped model (peft LoRA merged in; per-stage
-        LoRA written separately as ``stage_parameters.safetensors`` + ``stage_lora.json``)."""
-        from dfm_ext.specialization import stage_parameters_detached, save_specialization
-
-        directory = Path(directory)
-        spec = self.stage_specialization
-        # The specialisation hangs on this module, not on ``wrapped``: its stage parameters are
-        # taken out here and written apart, with names relative to ``wrapped``.
-        detached = stage_parameters_detached(self) if spec is not None else contextlib.nullcontext()
-        with _peft_merged(self.wrapped), detached:
-            self.wrapped.save_pretrained(directory)
-        if spec is not None:
-            save_specialization(spec, directory, strip_prefix="wrapped.")
 
 
 def _unfreeze_dfm_layers(transformer: nn.Module) -> None:
@@ -400,7 +160,12 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
 
 
 def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
-    """The trained model: ``BucketedDFM`` over ``wrap_dit(transformer)`` or the plain ``FluxFlowModel``."""
+    """The trained model: ``wrap_dit(transformer, any_sample_shape=True)`` or the plain ``FluxFlowModel``.
+
+    Why the baseline keeps its own small module: paper Table 3's baseline trains the unmodified
+    transformer through its own ``forward`` and exports a plain diffusers folder;
+    ``wrap_dit`` with ``IdentityDecomposition`` would swap in the multi-scale embedders.
+    """
     from dfm_ext.adapters.flux import FluxAdapter
     from dfm_ext.wrapping.wrapper import wrap_dit
 
@@ -414,43 +179,44 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     c = transformer.config.in_channels // 4
     h, w = cfg.buckets().shapes[0]
     f = cfg.vae.downsample
+    # FLUX has no position table (RoPE ids follow the grid): one wrapper serves every bucket.
     wrapped = wrap_dit(
         transformer, build_decomposition(cfg.decomposition), adapter=FluxAdapter(guidance=cfg.model.guidance),
-        sample_shape=(c, h // f, w // f), init="pretrained",
+        sample_shape=(c, h // f, w // f), init="pretrained", any_sample_shape=True,
     )
-    model = BucketedDFM(wrapped)
     if ft.mode == "lora":
         _add_peft_lora(transformer, ft)
     elif ft.mode == "stage_lora":
         from dfm_ext.specialization import specialize
 
-        model.stage_specialization = specialize(
-            model, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
+        wrapped.specialization = specialize(
+            wrapped, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
             num_stages=cfg.num_stages, train="stage",
         )
     if ft.mode != "full" and ft.train_dfm_layers:
         _unfreeze_dfm_layers(transformer)
-    return model
+    return wrapped
 
 
 def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model exported to ``final/`` (DFM or baseline) for sampling with :class:`dfm_ext.DFMSampler`.
 
-    Returns a :class:`BucketedDFM` (DFM runs) or a :class:`FluxFlowModel` (baseline); both follow
-    the DFM model contract. Weights are read with safetensors only.
+    Returns the :class:`dfm_ext.DFMTransformer` (DFM runs, any bucket's shape; a per-stage LoRA
+    re-applied, in this layout or the older one with ``stage_lora.json``) or a
+    :class:`FluxFlowModel` (baseline); both follow the DFM model contract. Safetensors only.
     """
     from diffusers import FluxTransformer2DModel
 
     directory = Path(directory)
     if (directory / "dfm_config.json").is_file():
-        from dfm_ext.wrapping.wrapper import load_wrapped
+        from dfm_ext.wrapping.io import load_wrapped
 
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
-        from dfm_ext.specialization import load_specialization
-
-        model = BucketedDFM(load_wrapped(directory, base, device=device))
-        model.stage_specialization = load_specialization(model, directory, add_prefix="wrapped.")
+        model = load_wrapped(directory, base, device=device)
+        # Exports written before any_sample_shape existed came from the bucketed wrapper, which
+        # accepted every bucket's shape: so does the reloaded model.
+        model.any_sample_shape = True
         return model.to(device, dtype).eval()
     if (directory / "config.json").is_file():
         transformer = FluxTransformer2DModel.from_pretrained(str(directory), torch_dtype=dtype)
@@ -461,47 +227,17 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 # -- the task --------------------------------------------------------------------------------
 
 
-class FluxTask:
+class FluxTask(FluxEncoders):
     """Model, loss and sampling of the FLUX finetuning recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: FluxFinetuneConfig) -> None:
-        import dfm_ext
-
-        self.cfg = cfg
+        super().__init__(cfg)
         self.decomposition = build_decomposition(cfg.decomposition)
         s = self.decomposition.num_stages
-        self.timesteps = timestep_sampler(cfg.dfm, s)
-        self.objective = dfm_ext.DFMObjective(s, masking=cfg.dfm.masking)
-        self._codec: Any = None
-        self._text: Any = None
-        self.empty_text: Any = None  # set from a cache; else encoded on first use
+        self.timesteps = cfg.dfm.timestep_sampler(s)
+        self.objective = cfg.dfm.objective(s)
         # Per-stage LoRA: a micro-batch without stage s leaves stage s's LoRA unused (engine -> DDP).
         self.find_unused_parameters = cfg.finetune.mode == "stage_lora"
-
-    def codec(self, device: torch.device) -> Any:
-        if self._codec is None:
-            from .latents import LatentCodec, load_vae
-
-            vae = load_vae(self.cfg.model.path, self.cfg.vae.subfolder, device=device, dtype=self._frozen_dtype(device))  # type: ignore[arg-type]
-            self._codec = LatentCodec(vae, self.cfg.vae.scaling_factor, self.cfg.vae.shift_factor, sample=self.cfg.vae.sample_posterior)
-        return self._codec
-
-    def text_encoder(self, device: torch.device) -> Any:
-        if self._text is None:
-            from .text_encoding import FluxTextEncoder
-
-            self._text = FluxTextEncoder(self.cfg.model.path, max_sequence_length=self.cfg.data.max_sequence_length,  # type: ignore[arg-type]
-                                         device=device, dtype=self._frozen_dtype(device))
-        return self._text
-
-    def _frozen_dtype(self, device: torch.device) -> torch.dtype:
-        # bf16 matmuls are ~100x slower than fp32 on CPUs.
-        return getattr(torch, self.cfg.model.frozen_dtype) if torch.device(device).type == "cuda" else torch.float32
-
-    def empty(self, device: torch.device) -> Any:
-        if self.empty_text is None:
-            self.empty_text = self.text_encoder(device).empty()
-        return self.empty_text.to(device)
 
     def build_model(self) -> nn.Module:
         return build_flux_model(self.cfg, load_transformer(self.cfg))
@@ -531,13 +267,14 @@ class FluxTask:
     def sample(self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator) -> Any:
         """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`)."""
         cfg = self.cfg.sampling
-        sampler = stage_sampler(self.decomposition, cfg)
+        sampler = cfg.sampler(self.decomposition)
         text = self.text_encoder(device).encode(list(prompts)).to(device)
         empty = self.empty(device)
         n = len(prompts)
         uncond = {"encoder_hidden_states": empty.encoder_hidden_states.expand(n, -1, -1),
                   "pooled_projections": empty.pooled_projections.expand(n, -1)}
-        c = model.wrapped.stage_shapes[-1][0] if isinstance(model, BucketedDFM) else model.transformer.config.in_channels // 4
+        net = getattr(model, "module", model)
+        c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
         f = self.cfg.vae.downsample
         shape = (n, c, cfg.height // f, cfg.width // f)
         return sampler.sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())

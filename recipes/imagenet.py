@@ -14,16 +14,14 @@ classifier-free guidance. Samples (with per-stage previews) are drawn with
 trains the plain Flow Matching baseline with everything else unchanged.
 
 ``specialize.kind=full|lora`` gives the layers of ``specialize.targets`` per-stage parameters
-(:func:`dfm_ext.specialize`). ``final/`` then also holds ``stage_parameters.safetensors`` and
-``stage_lora.json``; reload for sampling with::
+(:func:`dfm_ext.specialize`). ``final/`` then also holds ``stage_parameters.safetensors`` (its
+record in ``dfm_config.json``); reload for sampling with::
 
-    model = dfm_ext.load_wrapped("runs/NAME/final")
-    dfm_ext.load_specialization(model, "runs/NAME/final")  # None (a no-op) for unspecialised runs
+    model = dfm_ext.load_wrapped("runs/NAME/final")  # the specialisation re-applied (model.specialization)
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,21 +31,22 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._common import (
-    ClassConditionalTask,
-    check_batch,
-    check_dfm_section,
-    check_sampling_section,
-    check_vae_path,
-    cycled_labels,
-    parse_config_args,
-    save_progressive_samples,
-    stage_sampler,
-    timestep_sampler,
-    train_main,
-)
+from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, save_progressive_samples, train_main
 from .config import ConfigError
-from .engine import OptimConfig, StepLoss, Trainer, TrainConfig, TrainResult
+from .decomposition_section import build_decomposition
+from .eval_metrics import sample_metrics
+from .engine import StepLoss, Trainer, TrainResult
+from .sections import (
+    ClassSamplingConfig,
+    LatentVAEConfig,
+    ModelConfig,
+    RecipeConfig,
+    SpecializeConfig,
+    check_count,
+    default_of,
+    enable_gradient_checkpointing,
+    import_factory,
+)
 
 __all__ = ["ImageNetConfig", "ImageNetTask", "SpecializeConfig", "build_dataset", "build_decomposition", "main", "parse_args", "prepare", "run"]
 
@@ -65,237 +64,30 @@ class DataConfig:
 
 
 @dataclass
-class VAEConfig:
-    """A diffusers ``AutoencoderKL`` folder or hub id (loaded offline from the local cache)."""
+class VAEConfig(LatentVAEConfig):
+    """A diffusers ``AutoencoderKL`` (:class:`~.sections.LatentVAEConfig`) that downsamples by ``downsample``."""
 
-    path: str | None = None
-    subfolder: str | None = "vae"
-    scaling_factor: float | None = None  # None: vae.config.scaling_factor
-    shift_factor: float | None = None  # None: vae.config.shift_factor (FLUX) or 0
-    sample_posterior: bool = False
     downsample: int = 8
-    latent_channels: int = 16
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
-class ModelConfig:
-    """The reference DiT (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts.
+class ImageSamplingConfig(ClassSamplingConfig):
+    """:class:`~.sections.ClassSamplingConfig` plus ``num_images`` per evaluation and periodic metrics
+    (:mod:`dfm_ext.metrics`) between ``metric_images`` samples and as many training images."""
 
-    ``factory``: ``"package.module:function"``; called as ``function(config)`` with the whole
-    :class:`ImageNetConfig`, it returns the unwrapped DiT (replacing ``preset``).
-    ``time_convention``: how that model reads time (``"discrete"`` for facebookresearch DiT,
-    ``"unit"`` for SiT / LightningDiT, ...; see ``wrap_dit``); ``None`` = the model declares it
-    (``dfm_time_convention``), as :class:`dfm_ext.DiT` does. A factory model that declares
-    nothing is refused with the list of choices rather than guessed.
-    """
-
-    preset: str = "XL/2"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    factory: str | None = None
-    time_convention: str | None = None
-    init: Literal["scratch", "pretrained"] = "scratch"
-    gradient_checkpointing: bool = False  # activation checkpointing of the blocks (memory for compute)
-
-
-@dataclass
-class DecompositionConfig:
-    """The decomposition, every field of every kind (:mod:`dfm_ext.decompositions.factory`).
-
-    ``kind`` picks the class; only that kind's fields are read, and a field of another kind
-    must stay at its default (otherwise a :class:`ConfigError` names it):
-
-    * ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``, ``temporal_factors``
-      (videos);
-    * ``wavelet``: ``wave`` (``haar``, ``db2``, ...), ``factors`` (powers of two, e.g.
-      ``[4, 1]``) or ``levels`` / ``num_stages`` instead, ``mode``;
-    * ``dct``: ``block_size``, ``bands`` (e.g. ``block_size: 8, bands: [1, 4]``);
-    * ``identity``: nothing (plain Flow Matching).
-
-    The values are checked and resolved when the config loads, so ``config.yaml`` says what
-    is built: ``factors`` is ``[1]`` for identity and ``null`` for dct, and a wavelet given
-    by ``levels`` is written with its ``factors`` (``levels: null``).
-    """
-
-    kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
-    factors: tuple[int, ...] | None = (2, 1)
-    down: Literal["area", "bilinear", "bicubic"] = "area"
-    up: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
-    temporal_factors: tuple[int, ...] | None = None
-    wave: str = "haar"
-    levels: int | None = None
-    num_stages: int | None = None
-    mode: str = "periodization"
-    block_size: int = 4
-    bands: tuple[int, ...] = (1,)
-
-    def __post_init__(self) -> None:
-        import dataclasses
-        import math
-
-        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS, decomposition_config
-
-        kind = self.kind
-        defaults = {f.name: f.default for f in dataclasses.fields(DecompositionConfig)}
-        own = set(DECOMPOSITION_FIELDS.get(kind, ())) | ({"levels", "num_stages"} if kind == "wavelet" else set())
-        for name, default in defaults.items():
-            value = getattr(self, name)
-            if name == "kind" or name in own or value == default:
-                continue
-            if name == "factors" and (kind, value) in (("identity", (1,)), ("identity", None), ("dct", None)):
-                continue  # identity: one stage at full resolution, [1] (older configs) or null; dct: null
-            users = [k for k, names in DECOMPOSITION_FIELDS.items() if name in names] or ["wavelet"]
-            raise ConfigError(
-                f"decomposition.{name}={_yaml_value(value)} applies to kind={'/'.join(users)}, not kind={kind}; "
-                f"leave it at its default {_yaml_value(default)}"
-                + (" (factors: null for dct)" if name == "factors" else "")
-            )
-        if kind == "wavelet" and (self.levels is not None or self.num_stages is not None):
-            if self.factors not in (None, defaults["factors"]):
-                raise ConfigError(
-                    f"decomposition: give either factors ({_yaml_value(self.factors)}) or levels/num_stages "
-                    f"({self.levels}/{self.num_stages}) for a wavelet, not both; set the other to null"
-                )
-            self.factors = None
-        try:
-            built = self.build()
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"kind={kind}: {e}") from e
-        resolved = decomposition_config(built)
-        # Write back what is built (the defaults of the other kinds stay as they are).
-        for name in DECOMPOSITION_FIELDS[kind]:
-            value = resolved[name]
-            setattr(self, name, tuple(value) if isinstance(value, list) else value)
-        self.levels = self.num_stages = None
-        self.factors = {"identity": (1,), "dct": None}.get(kind, self.factors)
-        self._num_stages = built.num_stages
-        self._multiple = {
-            "laplacian": math.lcm(*(self.factors or (1,))),
-            "wavelet": (self.factors or (1,))[0],
-            "dct": self.block_size,
-            "identity": 1,
-        }[kind]
-
-    def factory_config(self) -> dict[str, Any]:
-        """The :func:`dfm_ext.decomposition_from_config` dict of this kind's fields."""
-        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS
-
-        names = DECOMPOSITION_FIELDS[self.kind] + (("levels", "num_stages") if self.kind == "wavelet" else ())
-        out: dict[str, Any] = {"kind": self.kind}
-        for name in names:
-            value = getattr(self, name)
-            if name in ("levels", "num_stages", "factors") and self.kind == "wavelet" and value is None:
-                continue
-            out[name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def build(self) -> Any:
-        """The decomposition, through the library's factory."""
-        from dfm_ext.decompositions.factory import decomposition_from_config
-
-        return decomposition_from_config(self.factory_config())
-
-    def count_stages(self) -> int:
-        """Number of stages of the configured decomposition."""
-        return self._num_stages
-
-    @property
-    def sample_multiple(self) -> int:
-        """Latent sides must be multiples of this (the coarsest stage's downsampling, or the DCT block)."""
-        return self._multiple
-
-    def check_sample_shape(self, shape: Sequence[int], what: str = "latent") -> None:
-        """Raise :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
-        try:
-            self.build().stage_shapes((1, *shape))
-        except ValueError as e:
-            raise ConfigError(f"decomposition (kind={self.kind}) cannot split the {what} shape {tuple(shape)}: {e}") from e
-
-
-def _yaml_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, tuple):
-        return str(list(value))
-    return str(value)
-
-
-@dataclass
-class DFMConfig:
-    """Training distribution of stage times and the loss (paper section 3.3, A.5)."""
-
-    stage_probabilities: tuple[float, ...] | None = None  # None: p_0 = 0.9 for two stages
-    current: tuple[float, float] = (0.0, 1.0)
-    earlier: tuple[float, float] = (1.5, 1.0)
-    timestep_mode: Literal["dfm", "tied", "uniform"] = "dfm"
-    masking: bool = True
-    stage_weights: tuple[float, ...] | None = None
-    label_dropout: float = 0.1
-
-
-@dataclass
-class SamplingConfig:
-    steps: tuple[int, ...] = (30, 10)
-    thresholds: tuple[float, ...] = (0.9,)
-    method: Literal["euler", "heun"] = "euler"
-    guidance_scale: float = 1.5
     num_images: int = 16
-    classes: tuple[int, ...] | None = None
-    seed: int = 0
-    # Periodic metrics (dfm_ext.metrics) between metric_images samples and as many training images.
     metrics: tuple[Literal["swd", "fd_effnet"], ...] = ()
     metric_images: int = 256
 
 
 @dataclass
-class SpecializeConfig:
-    """Per-stage parameters (paper 4.2, Table 1d) from :func:`dfm_ext.specialize`.
+class ImageNetConfig(RecipeConfig):
+    """An ImageNet run: the shared sections, image data, its VAE, the DiT, samples and metrics, per-stage parameters."""
 
-    ``kind``: ``none`` (one shared model), ``full`` (stage weights averaged with the shared
-    ones) or ``lora`` (a per-stage LoRA of ``rank``, scaled by ``alpha / rank``; ``alpha``
-    null: ``= rank``). ``targets``: layer groups (``mod``, ``proj``, ``cond``, ``attn``,
-    ``mlp``, ``all``).
-    """
-
-    kind: Literal["none", "full", "lora"] = "none"
-    targets: tuple[str, ...] = ("mlp",)
-    rank: int = 16
-    alpha: float | None = None
-
-    def validate(self, num_stages: int) -> None:
-        import math
-
-        from dfm_ext.specialization import GROUP_PATTERNS
-
-        if self.kind not in ("none", "full", "lora"):
-            raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
-        if self.kind == "none":
-            return
-        if num_stages < 2:
-            raise ConfigError(f"specialize.kind={self.kind} needs a decomposition with >= 2 stages, this one has {num_stages}")
-        known = ("all", *GROUP_PATTERNS)
-        unknown = [g for g in self.targets if g not in known]
-        if not self.targets or unknown:
-            raise ConfigError(f"specialize.targets {list(self.targets)}: unknown group(s) {unknown}; known: {list(known)}")
-        if self.kind == "lora":
-            if self.rank < 1:
-                raise ConfigError(f"specialize.rank must be >= 1, got {self.rank}")
-            if self.alpha is not None and not math.isfinite(self.alpha):
-                raise ConfigError(f"specialize.alpha must be a finite number or null, got {self.alpha}")
-
-
-@dataclass
-class ImageNetConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
-    dfm: DFMConfig = field(default_factory=DFMConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
     specialize: SpecializeConfig = field(default_factory=SpecializeConfig)
 
     @property
@@ -310,74 +102,21 @@ class ImageNetConfig:
             raise ConfigError("set data.root (an image folder) or data.latent_cache (a built latent cache)")
         if self.sampling.metrics and self.sampling.metric_images < 2:
             raise ConfigError(f"sampling.metric_images must be >= 2 when sampling.metrics is set, got {self.sampling.metric_images}")
-        if not 0.0 <= self.dfm.label_dropout < 1.0:
-            raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.dfm.label_dropout}")
-        stages = self.decomposition.count_stages()
-        check_sampling_section(self.sampling, stages, num_classes=self.data.num_classes, kind=self.decomposition.kind)
-        check_dfm_section(self.dfm, stages)
+        stages = self.num_stages
+        self.sampling.check(stages, kind=self.decomposition.kind)
+        self.sampling.check_classes(self.data.num_classes)
+        check_count(self.sampling, "num_images")
+        self.dfm.check(stages, reads=("label_dropout", "allocation"), default=default_of(self, "dfm"), recipe="imagenet")
         check_batch(self.train)
-        self._check_model()
+        from dfm_ext.models.dit import DiTConfig
+
+        base = {"input_size": self.latent_size, "in_channels": self.vae.latent_channels, "num_classes": self.data.num_classes}
+        self.model.check(DiTConfig, **base)
         self.specialize.validate(stages)
         self.decomposition.check_sample_shape((self.vae.latent_channels, self.latent_size, self.latent_size))
 
 
-    def _check_model(self) -> None:
-        """The reference DiT's preset and overrides (a factory is the user's to check)."""
-        from dfm_ext.process.conventions import check_time_convention
-
-        try:
-            check_time_convention(self.model.time_convention, allow_none=True)
-        except ValueError as e:
-            raise ConfigError(f"model.time_convention: {e}") from None
-        if self.model.factory is not None:
-            return
-        if self.data.num_classes < 1:
-            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
-        from dfm_ext.models.dit import DiTConfig
-
-        try:
-            base = {"input_size": self.latent_size, "in_channels": self.vae.latent_channels, "num_classes": self.data.num_classes}
-            DiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
-        except TypeError as e:  # an override that is not a DiTConfig field
-            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
-        except ValueError as e:
-            key = "model.preset" if "preset" in str(e) else "model.overrides"
-            raise ConfigError(f"{key}: {e}") from e
-
-
 # -- building blocks -------------------------------------------------------------------------
-
-
-def build_decomposition(cfg: DecompositionConfig) -> Any:
-    """The configured decomposition (:func:`dfm_ext.decomposition_from_config`); checks it is what ``cfg`` says."""
-    from dfm_ext.decompositions.factory import decomposition_config
-
-    decomposition = cfg.build()
-    built = decomposition_config(decomposition)
-    if {k: v for k, v in built.items()} != {k: v for k, v in cfg.factory_config().items() if k in built}:
-        raise RuntimeError(f"built {decomposition!r}, which differs from the config {cfg.factory_config()}")  # pragma: no cover
-    return decomposition
-
-
-def import_factory(spec: str) -> Any:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"model.factory must look like 'package.module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"model.factory {spec!r} cannot be imported: {e}") from e
-
-
-def enable_gradient_checkpointing(base: nn.Module) -> None:
-    """``model.gradient_checkpointing: true``: turn it on in the unwrapped model (DiT or diffusers)."""
-    enable = getattr(base, "enable_gradient_checkpointing", None)
-    if not callable(enable):
-        raise ConfigError(
-            f"model.gradient_checkpointing is true but {type(base).__name__} has no enable_gradient_checkpointing(); "
-            "set it to false or build a model that supports it"
-        )
-    enable()
 
 
 def build_base_model(cfg: ImageNetConfig) -> nn.Module:
@@ -440,13 +179,11 @@ class ImageNetTask(ClassConditionalTask):
     """Model, loss and sampling of the class-conditional DFM recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: ImageNetConfig) -> None:
-        import dfm_ext
-
         self.cfg = cfg
         self.decomposition = build_decomposition(cfg.decomposition)
         s = self.decomposition.num_stages
-        self.timesteps = timestep_sampler(cfg.dfm, s)
-        self.objective = dfm_ext.DFMObjective(s, masking=cfg.dfm.masking, stage_weights=cfg.dfm.stage_weights)
+        self.timesteps = cfg.dfm.timestep_sampler(s)
+        self.objective = cfg.dfm.objective(s)
         self.null_class = cfg.data.num_classes
         self.reference: torch.utils.data.Dataset | None = None  # real data for metrics
         self._codec: Any = None
@@ -462,7 +199,6 @@ class ImageNetTask(ClassConditionalTask):
         The handle rides along when the engine deep-copies the model for the EMA, and
         ``save_pretrained`` (``final/``) writes the stage parameters beside the shared weights.
         """
-        from dfm_ext.specialization import specialize
         from dfm_ext.wrapping.wrapper import wrap_dit
 
         base = build_base_model(self.cfg)
@@ -472,18 +208,14 @@ class ImageNetTask(ClassConditionalTask):
             model = wrap_dit(base, self.decomposition, init=self.cfg.model.init, time_convention=self.cfg.model.time_convention)
         except ValueError as e:  # before any step: a usage error (exit 2), e.g. an undeclared time convention
             raise ConfigError(f"model (set model.time_convention or fix model.factory): {e}") from e
-        sp = self.cfg.specialize
-        if sp.kind != "none":
-            lora = sp.kind == "lora"
-            model.stage_specialization = specialize(
-                model, kind=sp.kind, targets=list(sp.targets), rank=sp.rank if lora else None,
-                alpha=sp.alpha if lora else None,
-            )  # fmt: skip
+        if self.cfg.specialize.kind != "none":
+            model.stage_specialization = self.cfg.specialize.apply(model)
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = self.objective(model, stages, ts, generator=generator, y=labels)
+        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         logs = {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)}
         return StepLoss(out.loss, logs)
 
@@ -492,48 +224,15 @@ class ImageNetTask(ClassConditionalTask):
         cfg = self.cfg.sampling
         n = cfg.num_images
         labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
-        sampler = stage_sampler(self.decomposition, cfg)
+        sampler = cfg.sampler(self.decomposition)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         shape = (n, self.cfg.vae.latent_channels, self.cfg.latent_size, self.cfg.latent_size)
         out = sampler.sample(model, shape, generator=g, device=device, uncond={"y": torch.full_like(labels, self.null_class)}, y=labels)
         final = save_progressive_samples(self.codec(device), out, out_dir, step)
         scalars = {"sample_std": float(final.std())}
         if cfg.metrics:
-            scalars.update(self._metrics(model, sampler, device))
+            scalars.update(sample_metrics(self, model, sampler, device))
         return scalars
-
-    def _real_images(self, n: int, device: torch.device) -> torch.Tensor:
-        """``n`` training images spread evenly over the dataset, in ``[-1, 1]`` (decoded when cached)."""
-        if self.reference is None:
-            raise RuntimeError("sampling.metrics needs ImageNetTask.reference (the training dataset)")
-        size = len(self.reference)
-        items = [self.reference[(i * size) // n] for i in range(n)]
-        if "pixels" in items[0]:
-            return torch.stack([it["pixels"] for it in items])
-        latents = torch.stack([it["latents"] for it in items]).to(device)
-        return torch.cat([self.codec(device).decode(z) for z in latents.split(self.cfg.sampling.num_images)]).cpu()
-
-    def _metrics(self, model: nn.Module, sampler: Any, device: torch.device) -> dict[str, float]:
-        from dfm_ext import metrics
-
-        cfg = self.cfg.sampling
-        n, b = cfg.metric_images, cfg.num_images
-        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        fakes = []
-        for start in range(0, n, b):
-            m = min(b, n - start)
-            labels = torch.randint(0, self.cfg.data.num_classes, (m,), generator=g, device=g.device).to(device)
-            shape = (m, self.cfg.vae.latent_channels, self.cfg.latent_size, self.cfg.latent_size)
-            z = sampler.sample(model, shape, generator=g, device=device, uncond={"y": torch.full_like(labels, self.null_class)}, y=labels).x
-            fakes.append(self.codec(device).decode(z).cpu())
-        fake = torch.cat(fakes)
-        real = self._real_images(n, device)
-        out: dict[str, float] = {}
-        if "swd" in cfg.metrics:
-            out["swd"] = metrics.swd(real, fake, progress_bar=False).mean
-        if "fd_effnet" in cfg.metrics:
-            out["fd_effnet"] = metrics.fd_effnet(real, fake, progress_bar=False, device=device)
-        return out
 
 
 # -- entry point -----------------------------------------------------------------------------

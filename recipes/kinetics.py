@@ -20,7 +20,7 @@ strip of frames.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -28,39 +28,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    ClassConditionalTask,
-    check_batch,
-    check_dfm_section,
-    check_sampling_section,
-    check_vae_path,
-    cycled_labels,
-    parse_config_args,
-    stage_sampler,
-    timestep_sampler,
-    train_main,
+from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, train_main
+from .config import ConfigError
+from .decomposition_section import build_decomposition
+from .engine import StepLoss, Trainer, TrainResult
+from .sections import (
+    ClassSamplingConfig,
+    DFMConfig,
+    LatentVAEConfig,
+    ModelConfig,
+    RecipeConfig,
+    check_count,
+    default_of,
+    enable_gradient_checkpointing,
+    import_factory,
 )
-from .config import ConfigError, config_to_dict
-from .engine import (
-    OptimConfig,
-    StepLoss,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    resolve_output_dir,
-)
-from .imagenet import DecompositionConfig, DFMConfig, import_factory, enable_gradient_checkpointing
-from .imagenet import build_decomposition as _build_decomposition
+from .stage_scales import SCALES_FILE, StageScalesMixin
+from .video_conditioning import CogVideoXRotary, LabelTokens, save_video_samples
 
 __all__ = [
     "KineticsConfig",
     "KineticsTask",
+    "LabelTokenDFM",
     "LabelTokens",
-    "VideoDFMModel",
     "build_dataset",
     "build_decomposition",
     "cache_metadata",
@@ -73,7 +66,7 @@ __all__ = [
 ]
 
 CONFIG_ALIASES = {"tiny": "kinetics_tiny"}
-SCALES_FILE = "stage_scales.json"
+LABEL_TOKENS_FILE = "label_tokens.safetensors"
 
 
 @dataclass
@@ -93,82 +86,45 @@ class VideoDataConfig:
 
 
 @dataclass
-class VideoVAEConfig:
-    """A diffusers ``AutoencoderKLCogVideoX`` folder or hub id (read offline from the local cache)."""
+class VideoVAEConfig(LatentVAEConfig):
+    """A diffusers ``AutoencoderKLCogVideoX`` (:class:`~.sections.LatentVAEConfig`) and its space and time downsampling."""
 
-    path: str | None = None
-    subfolder: str | None = "vae"
-    scaling_factor: float | None = None  # None: vae.config.scaling_factor
-    shift_factor: float | None = None  # None: vae.config.shift_factor or 0
-    sample_posterior: bool = False
     spatial_downsample: int = 8
     temporal_downsample: int = 4
-    latent_channels: int = 16
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
-class VideoModelConfig:
-    """``kind=video_dit``: :class:`~dfm_ext.models.video_dit.VideoDiT` from ``preset`` + ``overrides``.
-    ``kind=cogvideox``: ``CogVideoXTransformer3DModel`` from ``pretrained`` (a diffusers folder or
-    hub id, ``subfolder``) or built from ``overrides`` (its config keys). ``factory``:
-    ``"package.module:function"`` called with the whole config, returning any model ``wrap_dit``
-    accepts that takes class labels ``y`` (replaces ``kind``).
+class VideoModelConfig(ModelConfig):
+    """:class:`~.sections.ModelConfig` plus ``kind``: ``video_dit``, the reference
+    :class:`~dfm_ext.models.video_dit.VideoDiT` from ``preset`` + ``overrides``; ``cogvideox``,
+    ``CogVideoXTransformer3DModel`` from ``pretrained`` (a diffusers folder or hub id,
+    ``subfolder``) or built from ``overrides`` (its config keys). A ``factory`` model must take
+    class labels ``y`` (it replaces ``kind``).
     """
 
     kind: Literal["video_dit", "cogvideox"] = "video_dit"
-    preset: str = "XL/2"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    factory: str | None = None
     pretrained: str | None = None
     subfolder: str | None = "transformer"
-    init: Literal["scratch", "pretrained"] = "scratch"
-    gradient_checkpointing: bool = False  # activation checkpointing of the blocks (memory for compute)
 
 
 @dataclass
-class VideoDecompositionConfig(DecompositionConfig):
-    """:class:`~.imagenet.DecompositionConfig` for videos: spatial Laplacian per latent frame by
-    default; ``temporal_factors`` adds time (e.g. ``[2, 1]``); wavelet and dct act per frame."""
+class VideoSamplingConfig(ClassSamplingConfig):
+    """:class:`~.sections.ClassSamplingConfig` plus ``num_videos`` per evaluation, written at ``fps`` as ``formats``."""
 
-
-@dataclass
-class VideoDFMConfig(DFMConfig):
-    """:class:`~.imagenet.DFMConfig` plus per-stage standardisation (paper A.5: on for CogVideoX latents).
-
-    ``scales``: fixed per-stage scales; ``None`` estimates them from ``scale_estimation_clips``
-    clips spread over the dataset at the start of the run.
-    """
-
-    standardize: bool = True
-    scales: tuple[float, ...] | None = None
-    scale_estimation_clips: int = 64
-
-
-@dataclass
-class VideoSamplingConfig:
-    steps: tuple[int, ...] = (30, 10)
-    thresholds: tuple[float, ...] = (0.9,)
-    method: Literal["euler", "heun"] = "euler"
-    guidance_scale: float = 1.5
     num_videos: int = 8
-    classes: tuple[int, ...] | None = None
-    seed: int = 0
     fps: float = 8.0
     formats: tuple[str, ...] = ("mp4", "gif", "png")
 
 
 @dataclass
-class KineticsConfig:
-    """The whole run: every field can be overridden as ``section.key=value``."""
+class KineticsConfig(RecipeConfig):
+    """A Kinetics run: the shared sections (standardisation on in ``dfm``), clips, the video VAE and DiT, sample videos."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
     vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
     model: VideoModelConfig = field(default_factory=VideoModelConfig)
-    decomposition: VideoDecompositionConfig = field(default_factory=VideoDecompositionConfig)
-    dfm: VideoDFMConfig = field(default_factory=VideoDFMConfig)
+    # Per-stage standardisation on by default: the paper does it for CogVideoX latents (A.5).
+    dfm: DFMConfig = field(default_factory=functools.partial(DFMConfig, standardize=True))
     sampling: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
 
     @property
@@ -178,10 +134,6 @@ class KineticsConfig:
         frames = (d.num_frames - 1) // v.temporal_downsample + 1
         side = d.resolution // v.spatial_downsample
         return (v.latent_channels, frames, side, side)
-
-    @property
-    def num_stages(self) -> int:
-        return self.decomposition.count_stages()
 
     def validate(self) -> None:
         """Cross-field checks that need no files and no compute."""
@@ -195,51 +147,26 @@ class KineticsConfig:
             )
         if d.root is None and d.annotations is None and d.latent_cache is None:
             raise ConfigError("set data.root (class folders of clips), data.annotations (CSV/JSON) or data.latent_cache")
-        if not 0.0 <= self.dfm.label_dropout < 1.0:
-            raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.dfm.label_dropout}")
-        if self.dfm.scales is not None and len(self.dfm.scales) != self.num_stages:
-            raise ConfigError(f"dfm.scales {list(self.dfm.scales)} needs one entry per stage ({self.num_stages})")
-        if self.dfm.scale_estimation_clips < 1:
-            raise ConfigError(f"dfm.scale_estimation_clips must be >= 1, got {self.dfm.scale_estimation_clips}")
-        check_sampling_section(self.sampling, self.num_stages, num_classes=d.num_classes, kind=self.decomposition.kind)
+        check_count(self.sampling, "num_videos")
+        self.sampling.check(self.num_stages, kind=self.decomposition.kind)
+        self.sampling.check_classes(d.num_classes)
         if not self.sampling.fps > 0:
             raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
-        check_dfm_section(self.dfm, self.num_stages)
-        if self.dfm.scales is not None and not all(s > 0 for s in self.dfm.scales):
-            raise ConfigError(f"dfm.scales {list(self.dfm.scales)} must all be > 0")
-        check_batch(self.train)
-        self._check_model()
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        self.decomposition.check_sample_shape(self.latent_shape)
-
-
-    def _check_model(self) -> None:
-        """The reference VideoDiT's preset and overrides (CogVideoX and factories load later)."""
-        if self.model.factory is not None or self.model.kind != "video_dit":
-            return
-        if self.data.num_classes < 1:
-            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        reads = ("label_dropout", "standardize", "scales", "scale_estimation_clips", "allocation")
+        self.dfm.check(self.num_stages, reads=reads, default=default_of(self, "dfm"), recipe="kinetics")
+        check_batch(self.train)
         from dfm_ext.models.video_dit import VideoDiTConfig
 
         c, frames, h, w = self.latent_shape
-        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": self.data.num_classes}
-        try:
-            VideoDiTConfig.preset(self.model.preset, **{**base, **self.model.overrides})
-        except TypeError as e:  # an override that is not a VideoDiTConfig field
-            raise ConfigError(f"model.overrides {dict(self.model.overrides)}: {e}") from e
-        except ValueError as e:
-            key = "model.preset" if "preset" in str(e) else "model.overrides"
-            raise ConfigError(f"{key}: {e}") from e
+        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": d.num_classes}
+        self.model.check(VideoDiTConfig if self.model.kind == "video_dit" else None, **base)
+        self.decomposition.check_sample_shape(self.latent_shape)
 
 
 # -- building blocks -------------------------------------------------------------------------
-
-
-def build_decomposition(cfg: VideoDecompositionConfig) -> Any:
-    """The configured decomposition, through the library's factory (see ``imagenet.build_decomposition``)."""
-    return _build_decomposition(cfg)
 
 
 def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
@@ -313,55 +240,34 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     )  # fmt: skip
 
 
-class LabelTokens(nn.Module):
-    """Class labels as ``L`` text tokens ``[B, L, D]`` for text-conditioned DiTs (CogVideoX).
-
-    ``tokens[b] = positions + table[y_b]``: one learned vector per class (null class included),
-    broadcast over ``L`` learned positions, so the size does not grow with ``L * D`` per class.
-
-    Example:
-        >>> LabelTokens(10, 4, 8)(torch.tensor([0, 10])).shape
-        torch.Size([2, 4, 8])
-    """
-
-    def __init__(self, num_classes: int, num_tokens: int, dim: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.table = nn.Embedding(num_classes + 1, dim)
-        self.positions = nn.Parameter(torch.zeros(num_tokens, dim))
-        nn.init.normal_(self.table.weight, std=0.02)
-
-    def forward(self, y: Tensor) -> Tensor:
-        return self.positions[None] + self.table(y)[:, None]
-
-
-class VideoDFMModel(nn.Module):
-    """The wrapped video DiT, its label conditioning and the per-stage scales it was trained with.
+class LabelTokenDFM(nn.Module):
+    """A wrapped text-conditioned video DiT (CogVideoX) fed class labels as learned text tokens.
 
     ``forward(stages, t [B, S], stage [B], mask [B, S] | None, *, y [B]) -> list[Tensor]`` (the
-    DFM model contract, class labels ``y``; ``num_classes`` is the null class). The
-    ``stage_scales`` buffer ``[S]`` travels with the weights (EMA, checkpoints, ``final/``).
+    DFM model contract; ``num_classes`` is the null class). Only the label tokens and the
+    rotary positions are the recipe's: the stage scales are the wrapper's own ``stage_scales``
+    (:func:`dfm_ext.wrap_dit`), so ``DFMObjective``/``DFMSampler`` find them, and
+    :meth:`save_pretrained` is the wrapper's, with ``label_tokens.safetensors`` as an extra
+    file of the same atomic folder. The reference ``VideoDiT`` needs no such module: its
+    wrapper is the model.
 
     Attributes:
-        dfm: the :class:`dfm_ext.DFMTransformer`.
-        label_tokens: :class:`LabelTokens` for text-conditioned models, else ``None`` (labels go
-            to the model as ``y``).
+        dfm: the :class:`dfm_ext.DFMTransformer`. label_tokens: :class:`LabelTokens`.
         rotary: CogVideoX rotary positions ``(cos, sin)`` builder, else ``None``.
     """
 
-    stage_scales: Tensor
-
-    def __init__(self, dfm: nn.Module, scales: Tensor, num_classes: int, *, label_tokens: LabelTokens | None = None, rotary: Any = None) -> None:
+    def __init__(self, dfm: nn.Module, label_tokens: LabelTokens, num_classes: int, *, rotary: Any = None) -> None:
         super().__init__()
         self.dfm = dfm
         self.label_tokens = label_tokens
         self.num_classes = num_classes
         self.rotary = rotary
-        self.register_buffer("stage_scales", torch.as_tensor(scales, dtype=torch.float32).clone())
+
+    @property
+    def stage_scales(self) -> Tensor | None:
+        return self.dfm.stage_scales
 
     def forward(self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, *, y: Tensor) -> list[Tensor]:
-        if self.label_tokens is None:
-            return self.dfm(stages, t, stage, mask, y=y)
         cond: dict[str, Any] = {"encoder_hidden_states": self.label_tokens(y)}
         if self.rotary is not None:
             cond["image_rotary_emb"] = self.rotary(self.dfm.packer.grid, stages[0].device)
@@ -371,45 +277,11 @@ class VideoDFMModel(nn.Module):
         return {"y": torch.full_like(y, self.num_classes)}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """``dfm.save_pretrained`` + ``video_dfm.safetensors`` (scales, label tokens) + ``stage_scales.json``."""
-        from safetensors.torch import save_file
+        """The wrapper's ``save_pretrained`` plus ``label_tokens.safetensors`` in the same folder."""
+        from safetensors.torch import save
 
-        directory = Path(directory)
-        self.dfm.save_pretrained(directory)
-        extras = {"stage_scales": self.stage_scales.detach().cpu().contiguous()}
-        if self.label_tokens is not None:
-            extras.update({f"label_tokens.{k}": v.detach().cpu().contiguous() for k, v in self.label_tokens.state_dict().items()})
-        save_file(extras, str(directory / "video_dfm.safetensors"))
-        (directory / SCALES_FILE).write_text(json.dumps({"scales": self.stage_scales.tolist()}, indent=2))
-
-
-class _CogVideoXRotary:
-    """``(cos, sin)`` for a CogVideoX token grid, as ``CogVideoXPipeline`` computes them."""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def __call__(self, grid: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (tuple(grid), str(device))
-        if key not in self._cache:
-            from diffusers.models.embeddings import get_3d_rotary_pos_embed
-            from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
-                get_resize_crop_region_for_grid,
-            )
-
-            c = self.config
-            frames, gh, gw = grid
-            base_w, base_h = c.sample_width // c.patch_size, c.sample_height // c.patch_size
-            if c.patch_size_t is None:
-                crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
-                out = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), frames, device=device)
-            else:
-                out = get_3d_rotary_pos_embed(
-                    c.attention_head_dim, None, (gh, gw), frames, grid_type="slice", max_size=(base_h, base_w), device=device
-                )
-            self._cache[key] = out
-        return self._cache[key]
+        tokens = {k: v.detach().cpu().contiguous() for k, v in self.label_tokens.state_dict().items()}
+        self.dfm.save_pretrained(directory, extra_files={LABEL_TOKENS_FILE: save(tokens)})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -450,7 +322,7 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     return CogVideoXTransformer3DModel(**kwargs)
 
 
-class KineticsTask(ClassConditionalTask):
+class KineticsTask(StageScalesMixin, ClassConditionalTask):
     """Model, loss and video sampling of the class-conditional video recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
@@ -458,75 +330,12 @@ class KineticsTask(ClassConditionalTask):
         self.dataset = dataset
         self.name = name
         self.decomposition = build_decomposition(cfg.decomposition)
-        self.timesteps = timestep_sampler(cfg.dfm, self.decomposition.num_stages)
+        self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
         self.null_class = cfg.data.num_classes
         self._codec: Any = None
 
     def _load_codec(self, device: torch.device) -> Any:
         return load_codec(self.cfg, device)
-
-    # -- standardisation -----------------------------------------------------------------------
-
-    def _scales_key(self) -> str:
-        relevant = {k: config_to_dict(self.cfg)[k] for k in ("data", "vae", "decomposition")}
-        relevant["clips"] = self.cfg.dfm.scale_estimation_clips
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-    def estimate_scales(self, device: torch.device | str = "cpu", *, batch_size: int = 8) -> Tensor:
-        """Per-stage std of the latents of ``dfm.scale_estimation_clips`` clips spread evenly over the data."""
-        from dfm_ext.process.objective import estimate_stage_scales
-
-        if self.dataset is None:
-            raise ValueError("estimating stage scales needs the dataset; pass dataset= or set dfm.scales")
-        n = len(self.dataset)
-        k = min(n, self.cfg.dfm.scale_estimation_clips)
-        picks = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
-        device = torch.device(device)
-        g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
-
-        def batches():
-            for start in range(0, len(picks), batch_size):
-                items = [self.dataset[(i, False)] for i in picks[start : start + batch_size]]
-                if "latents" in items[0]:
-                    yield torch.stack([it["latents"] for it in items]).to(device)
-                else:
-                    pixels = torch.stack([it["pixels"] for it in items]).to(device)
-                    yield self.codec(device).encode(pixels, generator=g)
-
-        return estimate_stage_scales(self.decomposition, batches())
-
-    def stage_scales(self) -> Tensor:
-        """The scales of this run: ones, ``dfm.scales``, the run folder's saved estimate, or a new estimate.
-
-        A new estimate is computed on the main process and broadcast, so every rank trains with
-        bitwise the same scales; the main process writes it to ``<run>/stage_scales.json``.
-        """
-        s = self.decomposition.num_stages
-        if not self.cfg.dfm.standardize:
-            return torch.ones(s)
-        if self.cfg.dfm.scales is not None:
-            return torch.tensor(self.cfg.dfm.scales, dtype=torch.float32)
-        from accelerate import PartialState
-
-        state = PartialState()
-        path = resolve_output_dir(self.cfg.train, self.name) / SCALES_FILE
-        key = self._scales_key()
-        scales, fresh = torch.zeros(s, dtype=torch.float32), False
-        if state.is_main_process:
-            saved = json.loads(path.read_text()) if path.is_file() else {}
-            if saved.get("key") == key and len(saved.get("scales", [])) == s:
-                scales = torch.tensor(saved["scales"], dtype=torch.float32)
-            else:
-                scales, fresh = self.estimate_scales(state.device), True
-        if state.num_processes > 1:
-            # Every rank takes the main process's scales (only it reads the file or the data).
-            from accelerate.utils import broadcast
-
-            scales = broadcast(scales.to(state.device), from_process=0).cpu()
-        if fresh:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"key": key, "scales": scales.tolist()}, indent=2))
-        return scales
 
     # -- TrainTask -----------------------------------------------------------------------------
 
@@ -545,11 +354,15 @@ class KineticsTask(ClassConditionalTask):
             else:
                 tokens = 16
             label_tokens = LabelTokens(self.cfg.data.num_classes, tokens, int(c.text_embed_dim))
-            rotary = _CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
+            rotary = CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
             adapter = "cogvideox"
-        dfm = wrap_dit(base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init)
-        scales = self.stage_scales()
-        return VideoDFMModel(dfm, scales, self.cfg.data.num_classes, label_tokens=label_tokens, rotary=rotary)
+        dfm = wrap_dit(
+            base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init,
+            time_convention=self.cfg.model.time_convention, stage_scales=self.stage_scales(),
+        )
+        if label_tokens is None:
+            return dfm
+        return LabelTokenDFM(dfm, label_tokens, self.cfg.data.num_classes, rotary=rotary)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         from dfm_ext.process.objective import dfm_loss
@@ -557,8 +370,9 @@ class KineticsTask(ClassConditionalTask):
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = dfm_loss(
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
-            scales=_unwrap(model).stage_scales, generator=generator, y=labels,
+            generator=generator, y=labels,  # scales: the model's stage_scales
         )  # fmt: skip
+        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()
@@ -568,7 +382,7 @@ class KineticsTask(ClassConditionalTask):
         net = _unwrap(model)
         n = cfg.num_videos
         labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
-        sampler = stage_sampler(self.decomposition, cfg, scales=net.stage_scales)
+        sampler = cfg.sampler(self.decomposition)  # scales: the model's stage_scales
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         out = sampler.sample(net, (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
         codec = self.codec(device)
@@ -581,42 +395,10 @@ class KineticsTask(ClassConditionalTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
-        from .video_io import save_frame_strip, write_gif, write_mp4
-
         previews, final = self.sample(model, device=device)
-        video = side_by_side([*previews, final], scale=2 if final.shape[-1] < 128 else 1)
-        stem = Path(out_dir) / "samples" / f"step-{step:06d}"
-        fps = self.cfg.sampling.fps
-        if "mp4" in self.cfg.sampling.formats:
-            write_mp4(video, stem.with_suffix(".mp4"), fps=fps)
-        if "gif" in self.cfg.sampling.formats:
-            write_gif(video, stem.with_suffix(".gif"), fps=fps)
-        if "png" in self.cfg.sampling.formats:
-            save_frame_strip(list(final), stem.with_name(stem.name + "-frames.png"), scale=2 if final.shape[-1] < 128 else 1)
+        save_video_samples(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}", fps=self.cfg.sampling.fps,
+                           formats=self.cfg.sampling.formats)
         return {"sample_std": float(final.std())}
-
-
-def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2) -> np.ndarray:
-    """Tile videos into one: row ``i`` holds ``columns[c][i]`` for every column ``c``.
-
-    Args:
-        columns: ``K`` tensors ``[N, 3, T, H, W]`` in ``[-1, 1]`` (e.g. stage previews, then the final).
-
-    Returns:
-        ``[T, H_grid, W_grid, 3]`` uint8 frames.
-
-    Example:
-        >>> side_by_side([torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)], padding=1).shape
-        (4, 19, 19, 3)
-    """
-    from dfm_ext.recipes.viz import make_grid
-
-    shape = columns[0].shape
-    for i, c in enumerate(columns):
-        if c.shape != shape or c.ndim != 5:
-            raise ValueError(f"columns[{i}] has shape {tuple(c.shape)}, expected {tuple(shape)} [N, 3, T, H, W]")
-    tiles = torch.stack(list(columns), dim=1).flatten(0, 1)  # [N * K, 3, T, H, W], row-major by example
-    return np.stack([make_grid(tiles[:, :, t], len(columns), padding=padding, scale=scale) for t in range(shape[2])])
 
 
 # -- entry point -----------------------------------------------------------------------------

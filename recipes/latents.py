@@ -212,9 +212,9 @@ def write_latent_cache(
 
 def write_index(out: Path, index: dict[str, Any], *, indent: int) -> None:
     """Write ``out/index.json`` through a temporary file, so that it appears complete or not at all."""
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=indent))
-    tmp.replace(out / "index.json")
+    from dfm_ext.fileio import atomic_write_text
+
+    atomic_write_text(out / "index.json", json.dumps(index, indent=indent))
 
 
 class SkipUnreadable(torch.utils.data.Dataset):

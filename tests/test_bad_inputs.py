@@ -419,6 +419,33 @@ def specialised_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def specialised_v1_dir(specialised_dir: Path, tmp_path_factory) -> Path:
+    """The same model in the v1 layout (stage_lora.json beside the weights)."""
+    from _legacy_formats import to_v1
+
+    d = _copy(specialised_dir, tmp_path_factory.mktemp("spec1") / "s")
+    to_v1(d)
+    return d
+
+
+V2_SPEC_CASES = [
+    ("no-weights", lambda d: (d / "stage_parameters.safetensors").unlink(), FileNotFoundError, "stage_parameters.safetensors, which is missing"),
+    ("truncated", lambda d: _truncate(d / "stage_parameters.safetensors"), ValueError, "stage_parameters.safetensors"),
+    ("no-kind", lambda d: _edit_json(d / "dfm_config.json", lambda r: r["specialization"].pop("kind")), ValueError, "['kind']"),
+    ("unknown-layer", lambda d: _edit_json(d / "dfm_config.json", lambda r: r["specialization"].update(layers=["base.nope.fc1"])), ValueError, "base.nope.fc1"),
+]
+
+
+@pytest.mark.parametrize(("change", "exc", "needle"), [c[1:] for c in V2_SPEC_CASES], ids=[c[0] for c in V2_SPEC_CASES])
+def test_load_wrapped_bad_specialization(change, exc, needle, specialised_dir: Path, tmp_path: Path) -> None:
+    d = _copy(specialised_dir, tmp_path / "s")
+    change(d)
+    with pytest.raises(exc) as e:
+        dfm_ext.load_wrapped(d)
+    assert needle in str(e.value), str(e.value)
+
+
 SPEC_CASES = [
     ("no-weights", lambda d: (d / "stage_parameters.safetensors").unlink(), FileNotFoundError, "stage_parameters.safetensors are missing"),
     ("no-record", lambda d: (d / "stage_lora.json").unlink(), FileNotFoundError, "stage_lora.json is missing"),
@@ -429,8 +456,8 @@ SPEC_CASES = [
 
 
 @pytest.mark.parametrize(("change", "exc", "needle"), [c[1:] for c in SPEC_CASES], ids=[c[0] for c in SPEC_CASES])
-def test_load_specialization_bad_file(change, exc, needle, specialised_dir: Path, tmp_path: Path) -> None:
-    d = _copy(specialised_dir, tmp_path / "s")
+def test_load_specialization_bad_file(change, exc, needle, specialised_v1_dir: Path, tmp_path: Path) -> None:
+    d = _copy(specialised_v1_dir, tmp_path / "s")
     change(d)
     with pytest.raises(exc) as e:
         model = dfm_ext.load_wrapped(d)

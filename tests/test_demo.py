@@ -172,7 +172,7 @@ def test_demo_checkpoint_round_trip(tmp_path) -> None:
 
 def test_old_demo_checkpoint_still_loads(tmp_path) -> None:
     """A checkpoint in the released layout (config.json + model.safetensors, format
-    ``dfm_ext.checkpoint``, kind ``dfm_ext.demo``), written by hand, loads and samples."""
+    ``dfm_ext.recipes.demo_checkpoint``, kind ``dfm_ext.recipes.demo``), written by hand, loads and samples."""
     from dfm_ext.recipes.cli import main
 
     data = _data()
@@ -186,7 +186,7 @@ def test_old_demo_checkpoint_still_loads(tmp_path) -> None:
     train_cfg = {"cfg_scale": 2.0, "eval_cfg_scale": 1.0, "sample_steps": [3, 2], "thresholds": [0.9]}
     d = write_old_demo_checkpoint(tmp_path / "old", model, mc, train_cfg, ["c0", "c1", "c2"])
     loaded, config = load_demo_checkpoint(d)
-    assert config["kind"] == "dfm_ext.demo" and config["train"]["sample_steps"] == [3, 2]
+    assert config["kind"] == "dfm_ext.recipes.demo" and config["train"]["sample_steps"] == [3, 2]
     stages = model.decomposition.decompose(torch.randn(2, 1, 32, 32))
     args = (stages, torch.rand(2, 2), torch.ones(2, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(model.eval()(*args, y=torch.tensor([1, 2])), loaded(*args, y=torch.tensor([1, 2]))))

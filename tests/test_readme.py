@@ -22,6 +22,7 @@ RUNNABLE = [
     "Wrapping a DiT: `wrap_dit`",
     "Wrapping diffusers DiTs: DiT, PixArt, SD3, Flux, CogVideoX",
     "Per-stage parameter specialisation",
+    "Where DFM wins: budgets, levers and automatic allocation",
 ]
 
 

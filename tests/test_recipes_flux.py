@@ -29,7 +29,6 @@ from dfm_ext.recipes.data_captions import (
     scan_captions,
 )
 from dfm_ext.recipes.flux_finetune import (
-    BucketedDFM,
     FluxFinetuneConfig,
     FluxFlowModel,
     FluxTask,
@@ -41,6 +40,7 @@ from dfm_ext.recipes.flux_finetune import (
 )
 from dfm_ext.recipes.flux_finetune import main as flux_main
 from dfm_ext.recipes.tiny_flux_assets import make_captioned_images, make_tiny_flux
+from dfm_ext.wrapping.wrapper import DFMTransformer
 
 from _launch import launch_two_cpu_processes
 
@@ -106,7 +106,7 @@ def test_step0_first_stage_reproduces_flux(assets: Path, latent: tuple[int, int]
     cfg = _cfg(assets)
     model = FluxTask(cfg).build_model().eval()
     ref = load_transformer(cfg).eval()  # a second, independent from_pretrained
-    assert isinstance(model, BucketedDFM) and model.num_stages == 2
+    assert isinstance(model, DFMTransformer) and model.num_stages == 2 and model.any_sample_shape
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, *latent, generator=g)
     stages = model.decomposition.decompose(z)
@@ -156,7 +156,7 @@ def test_tiny_config_end_to_end(reference: Path) -> None:
         assert im.height > 0 and im.width > im.height
     assert (reference / "final" / "dfm_config.json").is_file()
     model = load_finetuned(reference / "final")
-    assert isinstance(model, BucketedDFM) and model.num_stages == 2
+    assert isinstance(model, DFMTransformer) and model.num_stages == 2 and model.any_sample_shape
 
 
 def test_two_processes_agree_and_match_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
@@ -234,7 +234,7 @@ def test_modes_train_the_right_parameters_and_export_round_trips(assets: Path, t
     loaded = load_finetuned(tmp_path / "export")
     g = torch.Generator().manual_seed(2)
     z = torch.randn(2, 4, 8, 12, generator=g)
-    stages = model.decomposition.decompose(z) if isinstance(model, BucketedDFM) else [z]
+    stages = model.decomposition.decompose(z) if isinstance(model, DFMTransformer) else [z]
     t, k = torch.rand(2, len(stages), generator=g), torch.tensor([0, len(stages) - 1])
     cond = _text(assets, 2, cfg)
     with torch.no_grad():
@@ -349,3 +349,30 @@ def test_cache_pairs_latents_with_captions_and_refuses_a_mismatch(assets: Path, 
     assert "resolutions: cache has [32, 48]" in capsys.readouterr().err
     (cache / "index.json").unlink()
     assert flux_main(args) == 2 and "index.json missing" in capsys.readouterr().err
+
+
+def test_export_of_the_old_layout_loads(assets: Path, tmp_path: Path) -> None:
+    """A FLUX ``final/`` written before issue 14 (BucketedDFM: dfm_config.json v1, stage_parameters.safetensors
+    + stage_lora.json): load_finetuned re-applies the per-stage LoRA and accepts every bucket's shape."""
+    from _legacy_formats import to_v1
+
+    cfg = _cfg(assets, "finetune.mode=stage_lora", "finetune.lora_rank=2")
+    torch.manual_seed(0)
+    model = build_flux_model(cfg, load_transformer(cfg)).eval()
+    with torch.no_grad():
+        for p in model.specialization.stage_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "final")
+    to_v1(tmp_path / "final")
+    assert (tmp_path / "final" / "stage_lora.json").is_file()
+    loaded = load_finetuned(tmp_path / "final")
+    assert loaded.any_sample_shape and loaded.specialization is not None
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 12, 8, generator=g)  # not the wrapped sample shape
+    stages = model.decomposition.decompose(z)
+    t, k, cond = torch.rand(2, 2, generator=g), torch.tensor([0, 1]), _text(assets, 2, cfg)
+    with torch.no_grad():
+        for a, b in zip(model(stages, t, k, **cond), loaded(stages, t, k, **cond)):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="not what"):
+        loaded([stages[0], stages[1][..., :4]], t, k, **cond)

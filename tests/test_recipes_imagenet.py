@@ -257,11 +257,11 @@ def test_full_specialisation_trains_exports_and_reloads(assets: Path, tmp_path: 
     stage_params = load_file(str(final / "stage_parameters.safetensors"))
     assert stage_params and all(".mlp." in k and ".stage_params." in k for k in stage_params)
     assert not any("stage_params" in k for k in _weights(out))
-    record = json.loads((final / "stage_lora.json").read_text())
+    record = json.loads((final / "dfm_config.json").read_text())["specialization"]
     assert record["kind"] == "full" and record["stages"] == [0, 1]
 
     reloaded = dfm_ext.load_wrapped(final).eval()
-    assert dfm_ext.load_specialization(reloaded, final) is not None
+    assert reloaded.specialization is not None and dfm_ext.load_specialization(reloaded, final) is reloaded.specialization
     ema = _trained_ema(out, spec, assets)
     # every stage's copies trained away from the shared weights they started equal to
     shared = _weights(out)

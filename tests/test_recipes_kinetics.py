@@ -150,8 +150,8 @@ def test_tiny_end_to_end(run: Path, assets: Path) -> None:
     dataset = VideoClips(*scan_videos(assets / "videos")[:1], num_frames=9, stride=2, resolution=32)
     expected = KineticsTask(cfg, dataset).estimate_scales("cpu")
     torch.testing.assert_close(torch.tensor(scales), expected, rtol=1e-5, atol=0)
-    assert json.loads((run / "final" / "stage_scales.json").read_text())["scales"] == scales
-    assert torch.equal(load_file(str(run / "final" / "video_dfm.safetensors"))["stage_scales"], torch.tensor(scales))
+    assert json.loads((run / "final" / "dfm_config.json").read_text())["stage_scales"] == scales
+    assert torch.equal(load_file(str(run / "final" / "model.safetensors"))["stage_scales"], torch.tensor(scales))
     ckpt = load_file(str(run / "checkpoints" / f"step-{STEPS:06d}" / "model.safetensors"))
     assert torch.equal(ckpt["stage_scales"], torch.tensor(scales))
     assert (run / "final" / "dfm_config.json").is_file()

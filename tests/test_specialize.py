@@ -561,7 +561,8 @@ def test_specialization_export_round_trip(kind: str, targets, rank, alpha, tmp_p
         expected = ema(stages, t, stage, **cond)
 
     ema.save_pretrained(tmp_path)
-    record = json.loads((tmp_path / "stage_lora.json").read_text())
+    record = json.loads((tmp_path / "dfm_config.json").read_text())["specialization"]
+    assert record["weights"] == "stage_parameters.safetensors" and not (tmp_path / "stage_lora.json").exists()
     assert (record["kind"], record["rank"], record["alpha"], record["stages"]) == (kind, rank, alpha, [0, 1])
     assert set(record["layers"]) == set(model.stage_specialization.layers)
     # the shared weights alone: an unspecialised model loads them strictly
@@ -569,8 +570,9 @@ def test_specialization_export_round_trip(kind: str, targets, rank, alpha, tmp_p
 
     assert not any("stage_params" in k for k in load_file(str(tmp_path / "model.safetensors")))
 
-    fresh = load_wrapped(tmp_path).eval()
-    spec = dfm_ext.load_specialization(fresh, tmp_path)
+    fresh = load_wrapped(tmp_path).eval()  # re-applies the specialisation
+    spec = dfm_ext.load_specialization(fresh, tmp_path)  # the handle load_wrapped made
+    assert spec is fresh.specialization
     assert spec is not None and (spec.kind, spec.rank, spec.alpha) == (kind, rank, alpha)
     with torch.no_grad():
         got = fresh(stages, t, stage, **cond)

@@ -186,7 +186,7 @@ def test_specialize_sits_below_wrapping_and_adapters() -> None:
 
     import dfm_ext
 
-    below = ("dfm_ext.specialization", "dfm_ext.validation", "dfm_ext.decompositions", "dfm_ext.process")
+    below = ("dfm_ext.specialization", "dfm_ext.validation", "dfm_ext.fileio", "dfm_ext.decompositions", "dfm_ext.process")
     for path in sorted((Path(dfm_ext.__file__).parent / "specialization").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dfm_ext"):

@@ -7,6 +7,7 @@ depends on how the model is built. :mod:`~dfm_ext.process.conventions` converts 
 """
 
 from dfm_ext.process import conventions
+from dfm_ext.process.allocation import ProgressAllocation, make_allocation, signal_level_locations
 from dfm_ext.process.objective import DFMLossOutput, DFMObjective, dfm_loss, estimate_stage_scales
 from dfm_ext.process.sampler import DFMSampler, SampleOutput
 from dfm_ext.process.schedule import StageScheduler
@@ -16,6 +17,7 @@ __all__ = [
     "DFMLossOutput",
     "DFMObjective",
     "DFMSampler",
+    "ProgressAllocation",
     "SampleOutput",
     "StageScheduler",
     "StageTimestepSampler",
@@ -24,4 +26,6 @@ __all__ = [
     "default_stage_probabilities",
     "dfm_loss",
     "estimate_stage_scales",
+    "make_allocation",
+    "signal_level_locations",
 ]

@@ -36,7 +36,7 @@ from dfm_ext.validation import float_sequence
 from dfm_ext.decompositions.base import Decomposition
 from dfm_ext.process.timesteps import StageTimesteps
 
-__all__ = ["DFMObjective", "DFMLossOutput", "dfm_loss", "estimate_stage_scales", "check_model_output"]
+__all__ = ["DFMObjective", "DFMLossOutput", "dfm_loss", "estimate_stage_scales", "check_model_output", "model_stage_scales"]
 
 _MASKING = (True, False, "loss")
 
@@ -97,6 +97,24 @@ def per_stage_vector(value: Sequence[float] | Tensor | None, num_stages: int, na
     return v
 
 
+def model_stage_scales(model: Any) -> Tensor | None:
+    """The ``stage_scales`` ``[S]`` a model carries (``DFMTransformer.stage_scales``), else ``None``.
+
+    Duck-typed (this layer does not know the wrapper): looks through ``.module`` (DDP) and
+    ``._orig_mod`` (``torch.compile``) for a tensor attribute ``stage_scales``.
+    """
+    for _ in range(8):
+        scales = getattr(model, "stage_scales", None)
+        if isinstance(scales, Tensor):
+            return scales
+        inner = getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None) if inner is None else inner
+        if inner is None or inner is model:
+            return None
+        model = inner
+    return None
+
+
 def _broadcast(v: Tensor, like: Tensor) -> Tensor:
     """``[B]`` -> ``[B, 1, ..., 1]`` matching ``like``'s rank."""
     return v.reshape(v.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
@@ -118,7 +136,9 @@ class DFMObjective(nn.Module):
         stage_weights: ``[S]`` non-negative loss weights ``w_s`` (default ones).
         scales: ``[S]`` positive per-stage scales ``c_s``; stages are divided by them before
             noising (standardisation, paper A.1/A.5; see :func:`estimate_stage_scales`).
-            Default ones (no standardisation). Pass the same scales to ``DFMSampler``.
+            Default: the model's own ``stage_scales`` when it carries them
+            (:func:`dfm_ext.wrap_dit` ``stage_scales=``, :func:`model_stage_scales`), else ones
+            (no standardisation). Pass the same scales to ``DFMSampler``.
 
     Example:
         >>> import torch
@@ -151,6 +171,8 @@ class DFMObjective(nn.Module):
         self.num_stages = num_stages
         self.masking = masking
         self.register_buffer("scales", per_stage_vector(scales, num_stages, "scales", positive=True))
+        #: Whether ``scales`` were given; if not, the model's ``stage_scales`` win (when it has them).
+        self.scales_given = scales is not None
         self.register_buffer("stage_weights", per_stage_vector(stage_weights, num_stages, "stage_weights", False))
 
     def extra_repr(self) -> str:
@@ -200,7 +222,10 @@ class DFMObjective(nn.Module):
 
         # Masking selects (torch.where), never multiplies: 0 * NaN is NaN, so a not-yet-generated
         # stage holding inf/NaN data would otherwise poison the loss and every gradient.
-        scales = self.scales.to(device)
+        scales = self.scales if self.scales_given else model_stage_scales(model)
+        scales = (self.scales if scales is None else scales).to(device)
+        if scales.shape != (s,):
+            raise ValueError(f"the model's stage_scales have shape {tuple(scales.shape)}, expected [S] = [{s}]")
         clean = [x / scales[i].to(x.dtype) for i, x in enumerate(stages)]
         noisy, target = [], []
         for i, (z, n) in enumerate(zip(clean, noise)):

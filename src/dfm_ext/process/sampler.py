@@ -30,7 +30,7 @@ from torch import Tensor
 
 from dfm_ext.validation import float_sequence
 from dfm_ext.decompositions.base import Decomposition
-from dfm_ext.process.objective import per_stage_vector, check_model_output
+from dfm_ext.process.objective import check_model_output, model_stage_scales, per_stage_vector
 from dfm_ext.process.schedule import StageScheduler
 
 __all__ = ["DFMSampler", "SampleOutput"]
@@ -67,7 +67,8 @@ class DFMSampler:
         guidance_scale: classifier-free guidance scale, one float or one per stage. 1 everywhere
             means no guidance and no unconditional pass.
         scales: the per-stage scales used in training (``DFMObjective(scales=...)``); the model
-            works in standardised units and the result is multiplied back.
+            works in standardised units and the result is multiplied back. Default: the
+            model's own ``stage_scales`` when it carries them (``DFMTransformer``), else ones.
 
     Example:
         >>> import torch
@@ -110,6 +111,7 @@ class DFMSampler:
         self.method = method
         self.guidance_scale: tuple[float, ...] = guidance
         self.scales = per_stage_vector(scales, s, "scales", positive=True)
+        self.scales_given = scales is not None
 
     @property
     def num_stages(self) -> int:
@@ -168,7 +170,10 @@ class DFMSampler:
         remaining = (1 - table).to(device=dev, dtype=exact)
         active = self.scheduler.active_stage().tolist()
         ends = {e - 1: k for k, e in enumerate(self.scheduler.boundaries)}  # step index -> finished stage
-        scales = self.scales.to(device=dev, dtype=dtype)
+        own = None if self.scales_given else model_stage_scales(model)
+        scales = (self.scales if own is None else own).to(device=dev, dtype=dtype)
+        if scales.shape != (s,):
+            raise ValueError(f"the model's stage_scales have shape {tuple(scales.shape)}, expected [S] = [{s}]")
 
         state = list(noise)
         previews: list[Tensor] = []

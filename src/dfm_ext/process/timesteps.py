@@ -162,12 +162,18 @@ class StageTimestepSampler:
         probabilities: ``S`` probabilities of each stage being the current one; default
             :func:`default_stage_probabilities` (``(0.9, 0.1)`` for two stages). Must be
             non-negative and sum to 1.
-        current: ``(loc, scale)`` of the logit-normal for the current stage.
+        current: ``(loc, scale)`` of the logit-normal for the current stage, or ``S`` such pairs:
+            stage ``k``'s own when it is the current stage (a per-stage time shift, e.g.
+            :func:`~dfm_ext.process.allocation.signal_level_locations`).
         earlier: ``(loc, scale)`` of the logit-normal for the stages before it.
         mode: ``"dfm"`` (the paper's method); ``"tied"``: every active stage shares the current
             stage's time (the ablation that fails, Table 1b); ``"uniform"``: the current stage's
             time is ``U(0, 1)`` instead of logit-normal (``current`` is then unused; earlier
             stages keep their logit-normal so only one factor changes).
+        allocation: an object with ``probabilities(device) -> [S]`` and ``update(per_stage_loss)``
+            (e.g. :class:`~dfm_ext.process.allocation.ProgressAllocation`) that sets the stage
+            probabilities during training instead of ``probabilities`` (then its prior); feed it
+            with :meth:`update`, save it with :meth:`state_dict`.
 
     Example:
         >>> import torch
@@ -183,9 +189,10 @@ class StageTimestepSampler:
         self,
         num_stages: int = 2,
         probabilities: Sequence[float] | None = None,
-        current: tuple[float, float] = (0.0, 1.0),
+        current: tuple[float, float] | Sequence[tuple[float, float]] = (0.0, 1.0),
         earlier: tuple[float, float] = (1.5, 1.0),
         mode: str = "dfm",
+        allocation: object | None = None,
     ) -> None:
         self.num_stages = _check_num_stages(num_stages)
         if probabilities is None:
@@ -200,7 +207,18 @@ class StageTimestepSampler:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.probabilities = probabilities
-        self.current = _check_logit_normal(current, "current")
+        if isinstance(current, Sequence) and len(current) == num_stages and all(
+            isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in current
+        ):
+            self.current = tuple(_check_logit_normal(c, f"current[{i}]") for i, c in enumerate(current))
+        else:
+            self.current = _check_logit_normal(current, "current")
+        if allocation is not None:
+            if not (callable(getattr(allocation, "probabilities", None)) and callable(getattr(allocation, "update", None))):
+                raise TypeError(f"allocation must have probabilities() and update(), got {type(allocation).__name__}")
+            if getattr(allocation, "num_stages", num_stages) != num_stages:
+                raise ValueError(f"allocation has {allocation.num_stages} stages, the sampler {num_stages}")
+        self.allocation = allocation
         self.earlier = _check_logit_normal(earlier, "earlier")
         self.mode = mode
 
@@ -231,14 +249,21 @@ class StageTimestepSampler:
         out = torch.device(device) if device is not None else draw
         b, s = batch_size, self.num_stages
 
-        probs = torch.tensor(self.probabilities, dtype=torch.float64, device=draw)
+        if self.allocation is not None:
+            probs = self.allocation.probabilities(draw).to(torch.float64)
+        else:
+            probs = torch.tensor(self.probabilities, dtype=torch.float64, device=draw)
         stage = torch.multinomial(probs, b, replacement=True, generator=generator)
         # Both draws are made for every sample whatever its stage, so the random stream (and so
         # the batch for a given seed) does not depend on which stages were drawn.
         normal = torch.randn(b, s, generator=generator, device=draw, dtype=torch.float32)
         uniform = torch.rand(b, generator=generator, device=draw, dtype=torch.float32)
 
-        cur_loc, cur_scale = self.current
+        if isinstance(self.current[0], tuple):  # per-stage: stage k's own logit-normal when it is current
+            loc_scale = torch.tensor(self.current, dtype=torch.float32, device=draw)[stage]
+            cur_loc, cur_scale = loc_scale[:, 0], loc_scale[:, 1]
+        else:
+            cur_loc, cur_scale = self.current
         t_current = uniform if self.mode == "uniform" else torch.sigmoid(cur_loc + cur_scale * normal[:, 0])
         earlier_loc, earlier_scale = self.earlier
         t_earlier = torch.sigmoid(earlier_loc + earlier_scale * normal)
@@ -253,8 +278,30 @@ class StageTimestepSampler:
         t = torch.where(mask, t, torch.zeros((), device=draw))
         return StageTimesteps(t.contiguous().to(out), stage.to(out), mask.to(out))
 
+    def update(self, per_stage_loss: Tensor) -> None:
+        """Feed one step's ``[S]`` per-stage losses (``DFMLossOutput.per_stage``) to the allocation, if any.
+
+        Tensor operations only (no host sync); a no-op for fixed probabilities.
+        """
+        if self.allocation is not None:
+            self.allocation.update(per_stage_loss)
+
+    def state_dict(self) -> dict:
+        """The allocation's state (empty for fixed probabilities), for checkpoints."""
+        return {} if self.allocation is None else {"allocation": self.allocation.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        if self.allocation is None:
+            if state:
+                raise ValueError("this sampler has fixed probabilities but the state holds an allocation")
+            return
+        if "allocation" not in state:
+            raise ValueError("this sampler has an allocation but the state holds none")
+        self.allocation.load_state_dict(state["allocation"])
+
     def __repr__(self) -> str:
         return (
             f"StageTimestepSampler(num_stages={self.num_stages}, probabilities={self.probabilities}, "
-            f"current={self.current}, earlier={self.earlier}, mode={self.mode!r})"
+            f"current={self.current}, earlier={self.earlier}, mode={self.mode!r}, allocation={self.allocation!r})"
         )

@@ -52,7 +52,7 @@ Example:
 
 from dfm_ext.specialization.attach import StageSpecialization, merge, specialize
 from dfm_ext.specialization.groups import DEFAULT_LAYER_GROUPS, GROUP_PATTERNS, GROUPS, combine_layer_groups
-from dfm_ext.specialization.io import load_specialization, save_specialization
+from dfm_ext.specialization.io import load_specialization, restore_specialization, save_specialization, specialization_record
 from dfm_ext.specialization.params_io import load_stage_parameters, save_stage_parameters
 from dfm_ext.specialization.peft import export_peft_lora
 from dfm_ext.specialization.routing import checkpoint, routing_active
@@ -70,9 +70,11 @@ __all__ = [
     "load_specialization",
     "load_stage_parameters",
     "merge",
+    "restore_specialization",
     "routing_active",
     "save_specialization",
     "save_stage_parameters",
+    "specialization_record",
     "specialize",
     "stage_parameters_detached",
 ]

@@ -16,10 +16,14 @@ from torch import nn
 
 from dfm_ext.specialization.attach import StageSpecialization, specialize
 from dfm_ext.specialization.params_io import save_stage_parameters
+from dfm_ext.specialization.state import is_specialized
 from dfm_ext.specialization.state import stage_context as _context
 from dfm_ext.specialization.state import stage_layers as _stage_layers
 
-__all__ = ["STAGE_WEIGHTS_FILE", "STAGE_RECORD_FILE", "save_specialization", "load_specialization"]
+__all__ = [
+    "STAGE_WEIGHTS_FILE", "STAGE_RECORD_FILE", "save_specialization", "load_specialization", "restore_specialization",
+    "specialization_record",
+]
 
 #: File names of :func:`save_specialization` (kept from the FLUX recipe's first exports, which
 #: used them for per-stage LoRA only; they hold ``kind="full"`` records too).
@@ -64,20 +68,31 @@ def save_specialization(
         ...     (loaded.kind, set(loaded.layers) == set(spec.layers))
         ('full', True)
     """
+    from dfm_ext.fileio import atomic_write_text
+
     model = spec.model if isinstance(spec, StageSpecialization) else spec
+    record = specialization_record(model, strip_prefix=strip_prefix)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, record_path = directory / STAGE_WEIGHTS_FILE, directory / STAGE_RECORD_FILE
+    save_stage_parameters(model, weights)
+    atomic_write_text(record_path, json.dumps(record, indent=2))
+    return weights, record_path
+
+
+def specialization_record(model: nn.Module, *, strip_prefix: str = "") -> dict[str, Any]:
+    """The JSON record of a specialisation: kind, rank, alpha, num_stages, stages and layer names.
+
+    What :func:`save_specialization` writes as ``stage_lora.json`` and ``save_pretrained`` keeps
+    under ``"specialization"`` in its config; :func:`restore_specialization` re-applies it.
+    """
     ctx = _context(model)
     layers = []
     for name, _ in _stage_layers(model):
         if not name.startswith(strip_prefix):
             raise ValueError(f"specialised layer {name!r} does not start with strip_prefix={strip_prefix!r}")
         layers.append(name[len(strip_prefix) :])
-    record = {**ctx.settings, "layers": sorted(layers)}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights, record_path = directory / STAGE_WEIGHTS_FILE, directory / STAGE_RECORD_FILE
-    save_stage_parameters(model, weights)
-    record_path.write_text(json.dumps(record, indent=2))
-    return weights, record_path
+    return {**ctx.settings, "layers": sorted(layers)}
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -133,6 +148,9 @@ def load_specialization(model: nn.Module, directory: str | Path, *, add_prefix: 
         ValueError: the record is unreadable or malformed, names a layer ``model`` does not have,
             or the weights file does not match it (each message names the file).
     """
+    restored = getattr(model, "specialization", None)
+    if isinstance(restored, StageSpecialization) and is_specialized(model):
+        return restored  # dfm_ext.load_wrapped re-applied it already (and set model.specialization)
     directory = Path(directory)
     record_path, weights = directory / STAGE_RECORD_FILE, directory / STAGE_WEIGHTS_FILE
     if not record_path.exists():
@@ -141,7 +159,18 @@ def load_specialization(model: nn.Module, directory: str | Path, *, add_prefix: 
         return None
     if not weights.is_file():
         raise FileNotFoundError(f"{record_path} exists but the stage parameters {weights} are missing")
-    record = _read_record(record_path)
+    return restore_specialization(model, _read_record(record_path), weights, record_path=record_path, add_prefix=add_prefix)
+
+
+def restore_specialization(
+    model: nn.Module, record: dict[str, Any], weights: str | Path, *, record_path: str | Path, add_prefix: str = ""
+) -> StageSpecialization:
+    """Re-apply a :func:`specialization_record` to ``model`` and load ``weights`` (a safetensors file).
+
+    ``record_path`` names where the record came from, for the messages. Raises ``ValueError``
+    as :func:`load_specialization`.
+    """
+    weights = Path(weights)
     names = {add_prefix + n for n in record["layers"]}
     modules = dict(model.named_modules())
     absent = sorted(n for n in names if n not in modules)

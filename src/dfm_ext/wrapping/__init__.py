@@ -3,6 +3,7 @@
 from dfm_ext.wrapping.adapter import DiTAdapter, LazyAdapter, register_adapter, registered_adapters, resolve_adapter, unregister_adapter
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
 from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
+from dfm_ext.wrapping.io import describe_mismatch, save_pretrained
 from dfm_ext.wrapping.wrapper import DFMTransformer, load_wrapped, wrap_dit
 
 __all__ = [
@@ -13,11 +14,13 @@ __all__ = [
     "MultiScalePatchEmbed",
     "MultiScaleTimestepEmbed",
     "ScalePacker",
+    "describe_mismatch",
     "load_wrapped",
     "patch_sizes_for_grid",
     "register_adapter",
     "registered_adapters",
     "resolve_adapter",
+    "save_pretrained",
     "unregister_adapter",
     "wrap_dit",
 ]

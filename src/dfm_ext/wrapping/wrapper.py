@@ -20,8 +20,7 @@ device-to-host sync and no graph break, so ``torch.compile(model, fullgraph=True
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,6 @@ from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
 
 __all__ = ["DFMTransformer", "wrap_dit", "load_wrapped"]
 
-_FORMAT = "dfm_ext.wrapped/1"
-_WEIGHTS = "model.safetensors"
-_CONFIG = "dfm_config.json"
 
 
 def _check_decomposition(decomposition: Any) -> None:
@@ -52,6 +48,7 @@ class _WrapSpec:
     sample_shape: tuple[int, ...]
     init: str
     stage_embedding: bool
+    any_sample_shape: bool = False
 
 
 class DFMTransformer(nn.Module):
@@ -68,8 +65,14 @@ class DFMTransformer(nn.Module):
     Masked stages get zero inputs and ``t = 0`` (pure noise, as in the paper), so the model is
     safe to call without the objective; their returned velocities are zero.
 
+    With ``any_sample_shape`` (``wrap_dit(..., any_sample_shape=True)``, for RoPE models such as
+    FLUX) ``stages`` may have the shapes of any sample shape the decomposition and the patch
+    sizes allow: the token grid follows the sample (one packer per shape, shared parameters).
+
     Attributes:
         base: the (modified) base model. decomposition, packer, adapter, sample_shape.
+        stage_scales: ``[S]`` standardisation scales (buffer) or ``None`` (off).
+        specialization: the handle of a specialisation re-applied by :func:`load_wrapped`.
 
     Example:
         >>> import torch
@@ -95,7 +98,50 @@ class DFMTransformer(nn.Module):
         self.packer = packer
         self.adapter = adapter
         self.sample_shape = spec.sample_shape
+        self.any_sample_shape = spec.any_sample_shape
         self._spec = spec
+        self._packers: dict[tuple[tuple[int, ...], ...], ScalePacker] = {}
+        #: The specialisation handle when :func:`load_wrapped` re-applied one, else ``None``.
+        self.specialization: Any = None
+        self.register_buffer("stage_scales", None)
+
+    def set_stage_scales(self, scales: Sequence[float] | Tensor | None) -> None:
+        """Set (or, with ``None``, drop) the per-stage standardisation scales ``c_s`` ``[S]``.
+
+        ``DFMObjective`` and ``DFMSampler`` built without ``scales=`` use them; they are a buffer
+        (``.to()``, ``state_dict``, EMA, checkpoints) and ``save_pretrained`` records them.
+        """
+        if scales is None:
+            self.stage_scales = None
+            return
+        from dfm_ext.process.objective import per_stage_vector  # noqa: PLC0415
+
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        self.stage_scales = per_stage_vector(scales, self.num_stages, "stage_scales", positive=True).to(device)
+
+    def _packer_for(self, stages: Sequence[Tensor]) -> ScalePacker:
+        """The packer of the wrapped shapes, or (``any_sample_shape``) one for the stages' sample shape."""
+        if not self.any_sample_shape or not isinstance(stages, (list, tuple)) or not stages:
+            return self.packer
+        shapes = tuple(tuple(x.shape[1:]) if isinstance(x, Tensor) else () for x in stages)
+        if list(shapes) == self.packer.stage_shapes or len(shapes) != self.num_stages:
+            return self.packer  # check_stages reports a wrong count
+        if shapes not in self._packers:
+            sample = shapes[-1]  # the finest stage has the sample's resolution
+            expected = tuple(tuple(s[1:]) for s in self.decomposition.stage_shapes((1, *sample)))
+            if expected != shapes:
+                raise ValueError(
+                    f"stage shapes {[list(s) for s in shapes]} are not what {self.decomposition!r} gives for a sample "
+                    f"of shape {list(sample)}: {[list(s) for s in expected]}"
+                )
+            try:
+                packer = ScalePacker(shapes, self.packer.patch_sizes)
+            except ValueError as err:
+                raise ValueError(
+                    f"samples of shape {list(sample)} do not tile with the patch sizes {self.packer.patch_sizes}: {err}"
+                ) from None
+            self._packers[shapes] = packer
+        return self._packers[shapes]
 
     @property
     def num_stages(self) -> int:
@@ -134,7 +180,8 @@ class DFMTransformer(nn.Module):
     def forward(
         self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, **cond: Any
     ) -> list[Tensor]:
-        stages = check_stages(stages, self.packer.stage_shapes, self.num_stages)
+        packer = self._packer_for(stages)
+        stages = check_stages(stages, packer.stage_shapes, self.num_stages)
         x0 = stages[0]
         mask = self._check_times(t, stage, mask, x0.shape[0], x0.device)
         # Selection, not multiplication by the mask: inf/NaN in a masked stage must not leak
@@ -142,8 +189,8 @@ class DFMTransformer(nn.Module):
         stages = [torch.where(mask[:, s].view(-1, *([1] * (x.ndim - 1))), x, 0.0) for s, x in enumerate(stages)]
         # t stays in its own (float32) precision: 1000 t in bfloat16 would be off by up to 4.
         t = torch.where(mask.to(t.device), t, 0.0)
-        out = self.adapter.forward(self.base, self.packer.pack(stages), t, stage.long(), **cond)
-        velocities = self.packer.unpack(out)
+        out = self.adapter.forward(self.base, packer.pack(stages), t, stage.long(), **cond)
+        velocities = packer.unpack(out)
         return [torch.where(mask[:, s].view(-1, *([1] * (v.ndim - 1))), v, 0.0) for s, v in enumerate(velocities)]
 
     def null_condition(self, **cond: Any) -> dict[str, Any]:
@@ -152,95 +199,28 @@ class DFMTransformer(nn.Module):
 
     # ----------------------------------------------------------------- save / load
 
-    def _record(self) -> dict[str, Any]:
-        base_cfg = getattr(self.base, "config", None)
-        if hasattr(base_cfg, "to_dict"):
-            base_cfg = base_cfg.to_dict()
-        try:
-            json.dumps(base_cfg)
-        except (TypeError, ValueError):
-            base_cfg = None
-        adapter_cfg = self.adapter.config() if callable(getattr(self.adapter, "config", None)) else None
-        return {
-            "format": _FORMAT,
-            "adapter": {"name": self.adapter.name, "config": adapter_cfg},
-            "sample_shape": list(self.sample_shape),
-            "stage_shapes": [list(s) for s in self.packer.stage_shapes],
-            "patch_sizes": [list(p) for p in self.packer.patch_sizes],
-            "stage_embedding": self._spec.stage_embedding,
-            "decomposition": _describe(self.decomposition),
-            "base": {"class": f"{type(self.base).__module__}:{type(self.base).__qualname__}", "config": base_cfg},
-        }
+    def save_pretrained(self, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> None:
+        """Write the model into ``directory`` atomically (:func:`dfm_ext.wrapping.io.save_pretrained`).
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``model.safetensors`` (all weights) and ``dfm_config.json`` into ``directory``.
-
-        The JSON records the decomposition (class, repr, constructor parameters), the patch
-        sizes, sample shape, adapter name and options, and the base model's class and config.
-        A model specialised with :func:`dfm_ext.specialize` writes its shared weights to
-        ``model.safetensors`` and its stage parameters and their record beside them
-        (:func:`dfm_ext.save_specialization`); reload with :func:`load_wrapped` followed by
-        :func:`dfm_ext.load_specialization`.
+        One folder: ``dfm_config.json`` (format, decomposition, adapter with its time convention,
+        base model class and config, stage scales, specialisation record), ``model.safetensors``
+        (shared weights) and, when specialised, ``stage_parameters.safetensors``. Reload with
+        :meth:`from_pretrained` (alias :func:`dfm_ext.load_wrapped`), which re-applies the
+        specialisation and the scales.
         """
-        from safetensors.torch import save_model  # noqa: PLC0415
+        from dfm_ext.wrapping.io import save_pretrained  # noqa: PLC0415
 
-        from dfm_ext.specialization import is_specialized, stage_parameters_detached, save_specialization  # noqa: PLC0415
+        save_pretrained(self, directory, extra_files=extra_files)
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if is_specialized(self):
-            # Stage parameters apart, so load_wrapped's strict load of the shared weights works.
-            with stage_parameters_detached(self):
-                save_model(self, str(directory / _WEIGHTS))
-            save_specialization(self, directory)
-        else:
-            save_model(self, str(directory / _WEIGHTS))
-        (directory / _CONFIG).write_text(json.dumps(self._record(), indent=2))
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, base_model: nn.Module | None = None, *, decomposition: Any = None,
+        device: str | torch.device = "cpu",
+    ) -> DFMTransformer:
+        """Rebuild a saved model (this layout or an older one): :func:`dfm_ext.wrapping.io.load_wrapped`."""
+        from dfm_ext.wrapping.io import load_wrapped  # noqa: PLC0415
 
-
-#: Where classes named in records written before the library's subpackages lived then.
-_MOVED_MODULES = {"dfm_ext.models": "dfm_ext.models.dit", "dfm_ext.video_models": "dfm_ext.models.video_dit"}
-
-
-def _current_class_path(path: str) -> str:
-    """``"module:Class"`` from a saved record, with modules renamed since then mapped to today's."""
-    module, _, name = str(path).partition(":")
-    return f"{_MOVED_MODULES.get(module, module)}:{name}"
-
-
-def _describe(decomposition: Any) -> dict[str, Any]:
-    """The decomposition record of ``dfm_config.json``: class, repr and the factory config.
-
-    ``config`` is :func:`dfm_ext.decompositions.factory.decomposition_config` (``None`` for a
-    custom decomposition, which then has to be passed to :func:`load_wrapped`).
-    """
-    from dfm_ext.decompositions.factory import decomposition_config  # noqa: PLC0415
-
-    cls = type(decomposition)
-    try:
-        config = decomposition_config(decomposition)
-    except TypeError:
-        config = None
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(decomposition), "config": config}
-
-
-def _rebuild_decomposition(record: dict[str, Any]) -> Any:
-    """Rebuild a recorded decomposition through the factory (new records and ones with ``params``)."""
-    from dfm_ext.decompositions.factory import config_from_record, decomposition_from_config  # noqa: PLC0415
-
-    config = config_from_record(record)
-    if config is None:
-        raise ValueError(
-            f"cannot rebuild the decomposition {record['repr']} from the saved config; "
-            "pass decomposition= to load_wrapped"
-        )
-    decomposition = decomposition_from_config(config)
-    if repr(decomposition) != record["repr"]:
-        raise ValueError(
-            f"rebuilt decomposition {decomposition!r} differs from the saved {record['repr']}; "
-            "pass decomposition= to load_wrapped"
-        )
-    return decomposition
+        return load_wrapped(directory, base_model, decomposition=decomposition, device=device)
 
 
 def _check_not_wrapped(model: nn.Module) -> None:
@@ -270,6 +250,8 @@ def wrap_dit(
     patch_sizes: Sequence[int | Sequence[int]] | None = None,
     init: str = "pretrained",
     stage_embedding: bool = True,
+    any_sample_shape: bool = False,
+    stage_scales: Sequence[float] | Tensor | None = None,
 ) -> DFMTransformer:
     """Wrap a DiT so that it generates the stages of ``decomposition`` (in place; returns the wrapper).
 
@@ -294,6 +276,13 @@ def wrap_dit(
             head; other stages start at zero, so the wrapped model's stage-0 prediction equals the
             model's) or ``"scratch"`` (every stage's new parameters freshly initialised).
         stage_embedding: add a learned (zero-initialised) embedding of the stage index.
+        any_sample_shape: ``forward`` also accepts stages of other sample shapes (the token grid
+            follows the sample; same patch sizes, same parameters). Only for models without a
+            fixed position table (FLUX and other RoPE models); ``sample_shape`` is then the
+            shape the patch sizes were chosen for. Saved by ``save_pretrained``.
+        stage_scales: ``[S]`` per-stage standardisation scales ``c_s`` kept as the
+            ``stage_scales`` buffer (default ``None``: off); ``DFMObjective`` and ``DFMSampler``
+            built without ``scales=`` use them. See :meth:`DFMTransformer.set_stage_scales`.
 
     Raises:
         TypeError: no adapter recognises ``model``, or ``model`` is already wrapped (a
@@ -337,7 +326,9 @@ def wrap_dit(
             ) from None
     packer = ScalePacker(stage_shapes, patch_sizes)
     ad.install(model, packer, init=init, stage_embedding=stage_embedding)
-    return DFMTransformer(model, decomposition, packer, ad, _WrapSpec(shape, init, stage_embedding))
+    wrapped = DFMTransformer(model, decomposition, packer, ad, _WrapSpec(shape, init, stage_embedding, bool(any_sample_shape)))
+    wrapped.set_stage_scales(stage_scales)
+    return wrapped
 
 
 def load_wrapped(
@@ -347,92 +338,7 @@ def load_wrapped(
     decomposition: Any = None,
     device: str | torch.device = "cpu",
 ) -> DFMTransformer:
-    """Rebuild a :class:`DFMTransformer` written by :meth:`DFMTransformer.save_pretrained`.
+    """Alias of :meth:`DFMTransformer.from_pretrained` (:func:`dfm_ext.wrapping.io.load_wrapped`)."""
+    from dfm_ext.wrapping.io import load_wrapped as _load  # noqa: PLC0415
 
-    Args:
-        directory: the saved directory.
-        base_model: an unwrapped base model of the same architecture (its weights are replaced).
-            Not needed for :class:`dfm_ext.DiT`, which is rebuilt from the recorded config.
-        decomposition: overrides the recorded decomposition (needed when it cannot be rebuilt
-            from its recorded constructor parameters).
-        device: where to load the weights.
-
-    Weights are read with safetensors only (no pickle).
-    """
-    from safetensors import safe_open  # noqa: PLC0415
-
-    directory = Path(directory)
-    config_path, weights_path = directory / _CONFIG, directory / _WEIGHTS
-    if not directory.is_dir():
-        raise FileNotFoundError(f"wrapped model folder {str(directory)!r} does not exist or is not a folder")
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing (save_pretrained writes {_CONFIG} and {_WEIGHTS})")
-    try:
-        record = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
-        fmt = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{config_path}: {directory} is not a dfm_ext wrapped model (format {fmt!r}, expected {_FORMAT!r})")
-    needed = ("decomposition", "base", "adapter", "sample_shape", "patch_sizes", "stage_embedding", "stage_shapes")
-    absent = [k for k in needed if k not in record] + [f"base.{k}" for k in ("class", "config") if k not in record.get("base", {})]
-    if absent:
-        raise ValueError(f"{config_path} is missing the key(s) {absent}")
-    # The weights file is opened (header only) before any model is built: a truncated or
-    # non-safetensors file fails here, naming the file.
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for a damaged header
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    if decomposition is None:
-        decomposition = _rebuild_decomposition(record["decomposition"])
-    base_class = _current_class_path(record["base"]["class"])
-    if base_model is None:
-        if base_class != "dfm_ext.models.dit:DiT":
-            raise ValueError(f"the saved base model is a {base_class}; pass base_model= (an unwrapped instance)")
-        from dfm_ext.models.dit import DiT, DiTConfig  # noqa: PLC0415
-
-        try:
-            base_model = DiT(DiTConfig.from_dict(record["base"]["config"]))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{config_path}: base.config cannot build a DiT: {e}") from None
-    elif f"{type(base_model).__module__}:{type(base_model).__qualname__}" != base_class:
-        raise ValueError(f"base_model is a {type(base_model).__qualname__}, the saved base is {base_class}")
-    adapter_cfg = record["adapter"].get("config") or {}
-    # The saved time convention settles it (wrap_dit below still refuses one the model contradicts).
-    ad = resolve_adapter(record["adapter"]["name"], base_model, time_convention=adapter_cfg.get("time_convention"))
-    if adapter_cfg:
-        ad = type(ad)(**adapter_cfg)
-    wrapped = wrap_dit(
-        base_model,
-        decomposition,
-        adapter=ad,
-        sample_shape=record["sample_shape"],
-        patch_sizes=[tuple(p) for p in record["patch_sizes"]],
-        init="scratch",
-        stage_embedding=record["stage_embedding"],
-    )
-    if [list(s) for s in wrapped.packer.stage_shapes] != record["stage_shapes"]:
-        raise ValueError(
-            f"the decomposition gives stages {wrapped.packer.stage_shapes}, the saved model has {record['stage_shapes']}"
-        )
-    from safetensors.torch import load_model  # noqa: PLC0415
-
-    from dfm_ext.recipes.demo_checkpoint import describe_mismatch  # noqa: PLC0415
-
-    expected = {k: tuple(v.shape) for k, v in wrapped.state_dict().items()}
-    # Names absent from the file may be tied weights save_model stored once; load_model knows.
-    if any(k in found and found[k] != shape for k, shape in expected.items()):
-        detail = describe_mismatch(expected, {k: v for k, v in found.items() if k in expected}, record)
-        raise ValueError(f"{weights_path} does not fit the model {config_path} describes: {detail}")
-    wrapped.to(device)
-    try:
-        load_model(wrapped, str(weights_path), strict=True, device=str(device))
-    except RuntimeError as e:  # names missing from / unexpected in the file
-        detail = describe_mismatch(expected, found, record)
-        raise ValueError(f"{weights_path} does not fit the model {config_path} describes: {detail}") from e
-    except Exception as e:  # a header that parses but data that does not (truncated file)
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    return wrapped
+    return _load(directory, base_model, decomposition=decomposition, device=device)

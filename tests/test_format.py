@@ -1,0 +1,194 @@
+"""The saved-model format: one atomic folder, one config, every older layout still loads.
+
+Old layouts are written by hand (tests/_legacy_formats.py, after the code of release 3c0d0fd),
+never through the new writer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dfm_ext
+from dfm_ext import DiT, DiTConfig, DFMObjective, DFMSampler, LaplacianPyramid, StageScheduler, load_wrapped, wrap_dit
+from dfm_ext.fileio import atomic_directory, atomic_write_text
+from dfm_ext.wrapping.wrapper import DFMTransformer
+
+from _legacy_formats import to_v1
+
+
+def _model(seed: int = 0, **kw) -> DFMTransformer:
+    torch.manual_seed(seed)
+    base = DiT(DiTConfig.preset("tiny", input_size=8, in_channels=3, num_classes=4))
+    model = wrap_dit(base, LaplacianPyramid(factors=(2, 1)), sample_shape=(3, 8, 8), **kw)
+    with torch.no_grad():  # the zero-initialised stage-1 layers random, so that every weight matters
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def _inputs(model: DFMTransformer):
+    g = torch.Generator().manual_seed(1)
+    stages = [torch.randn(3, *s, generator=g) for s in model.stage_shapes]
+    return stages, torch.rand(3, 2, generator=g), torch.tensor([0, 1, 1]), {"y": torch.tensor([0, 1, 3])}
+
+
+def _same(a: DFMTransformer, b: DFMTransformer) -> None:
+    stages, t, k, cond = _inputs(a)
+    with torch.no_grad():
+        for x, y in zip(a(stages, t, k, **cond), b(stages, t, k, **cond)):
+            assert torch.equal(x, y)
+
+
+def _specialise(model: DFMTransformer, kind: str) -> None:
+    spec = dfm_ext.specialize(model, kind=kind, targets="mlp", rank=2 if kind == "lora" else None)
+    with torch.no_grad():
+        for p in spec.stage_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+# --------------------------------------------------------------------------- the current format
+
+
+@pytest.mark.parametrize("kind", [None, "lora", "full"])
+def test_one_config_round_trip(kind: str | None, tmp_path: Path) -> None:
+    model = _model(stage_scales=[0.5, 2.0])
+    if kind:
+        _specialise(model, kind)
+    out = tmp_path / "m"
+    model.save_pretrained(out)
+    record = json.loads((out / "dfm_config.json").read_text())
+    assert record["format"] == "dfm_ext.wrapped/2" and record["stage_scales"] == [0.5, 2.0]
+    assert record["adapter"]["config"]["time_convention"] == "x1000"
+    assert record["decomposition"]["config"]["kind"] == "laplacian"
+    assert record["base"]["class"] == "dfm_ext.models.dit:DiT"
+    files = {p.name for p in out.iterdir()}
+    if kind is None:
+        assert record["specialization"] is None and files == {"dfm_config.json", "model.safetensors"}
+    else:
+        assert record["specialization"]["kind"] == kind and record["specialization"]["weights"] == "stage_parameters.safetensors"
+        assert files == {"dfm_config.json", "model.safetensors", "stage_parameters.safetensors"}
+    loaded = DFMTransformer.from_pretrained(out).eval()
+    assert torch.equal(loaded.stage_scales, torch.tensor([0.5, 2.0]))
+    assert (loaded.specialization is None) == (kind is None)
+    _same(model, loaded)
+
+
+def test_save_is_atomic_and_refuses_foreign_files(tmp_path: Path, monkeypatch) -> None:
+    first, second = _model(0), _model(1)
+    target = tmp_path / "m"
+    first.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(target)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old folder, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left
+    second.save_pretrained(target)  # replacing a saved folder works
+    _same(second, load_wrapped(target).eval())
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        second.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_fileio_atomic_helpers(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "a.txt", "one")
+    atomic_write_text(tmp_path / "a.txt", "two")
+    assert (tmp_path / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "d") as d:
+        (d / "half").write_text("x")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_extra_files_travel_with_the_model(tmp_path: Path) -> None:
+    model = _model()
+    out = tmp_path / "m"
+    model.save_pretrained(out, extra_files={"notes.bin": b"\x00\x01"})
+    assert (out / "notes.bin").read_bytes() == b"\x00\x01"
+    assert json.loads((out / "dfm_config.json").read_text())["extra_files"] == ["notes.bin"]
+    model.save_pretrained(out)  # its own extra file does not block a replacement
+    with pytest.raises(ValueError, match="model.safetensors"):
+        model.save_pretrained(tmp_path / "n", extra_files={"model.safetensors": b""})
+
+
+# --------------------------------------------------------------------------- stage scales default
+
+
+def test_objective_and_sampler_default_to_the_models_scales() -> None:
+    scaled = _model(stage_scales=[0.5, 2.0])
+    plain = _model()
+    assert plain.stage_scales is None and "stage_scales" not in plain.state_dict()
+    stages, _, _, cond = _inputs(scaled)
+    ts = dfm_ext.StageTimestepSampler(2).sample(3, generator=torch.Generator().manual_seed(0))
+
+    def loss(objective, model):
+        return objective(model, stages, ts, generator=torch.Generator().manual_seed(0), **cond).loss
+
+    explicit = loss(DFMObjective(2, scales=[0.5, 2.0]), plain)
+    assert torch.equal(loss(DFMObjective(2), scaled), explicit)
+    assert not torch.equal(loss(DFMObjective(2), plain), explicit)
+    assert torch.equal(loss(DFMObjective(2, scales=[1.0, 1.0]), scaled), loss(DFMObjective(2), plain))  # given wins
+
+    sampler = lambda **kw: DFMSampler(LaplacianPyramid(factors=(2, 1)), StageScheduler(steps=(2, 2), thresholds=(0.5,)), **kw)
+    run = lambda s, m: s.sample(m, (3, 3, 8, 8), generator=torch.Generator().manual_seed(0), **cond).x
+    assert torch.equal(run(sampler(), scaled), run(sampler(scales=[0.5, 2.0]), plain))
+    ddp_like = torch.nn.Module()
+    ddp_like.module = scaled  # DDP keeps the model as .module
+    assert dfm_ext.process.objective.model_stage_scales(ddp_like) is scaled.stage_scales
+    with pytest.raises(ValueError, match="stage_scales"):
+        wrap_dit(DiT(DiTConfig.preset("tiny", input_size=8, in_channels=3)), LaplacianPyramid(factors=(2, 1)),
+                 sample_shape=(3, 8, 8), stage_scales=[1.0, -1.0])
+
+
+# --------------------------------------------------------------------------- older layouts
+
+
+@pytest.mark.parametrize("kind", [None, "lora", "full"])
+def test_v1_layout_loads(kind: str | None, tmp_path: Path) -> None:
+    """dfm_config.json v1 (main before issue 14), with stage_parameters + stage_lora.json beside it."""
+    model = _model()
+    if kind:
+        _specialise(model, kind)
+    model.save_pretrained(tmp_path / "m")
+    old = to_v1(tmp_path / "m")
+    assert set(old) == {"format", "adapter", "sample_shape", "stage_shapes", "patch_sizes", "stage_embedding", "decomposition", "base"}
+    assert (tmp_path / "m" / "stage_lora.json").is_file() == bool(kind)
+    loaded = load_wrapped(tmp_path / "m").eval()
+    assert loaded.stage_scales is None and (loaded.specialization is None) == (kind is None)
+    if kind:
+        assert loaded.specialization.kind == kind
+        assert dfm_ext.load_specialization(loaded, tmp_path / "m") is loaded.specialization
+    _same(model, loaded)
+
+
+def test_kinetics_final_of_the_old_layout_loads_with_its_scales(tmp_path: Path) -> None:
+    """A Kinetics final/: v1 + video_dfm.safetensors (stage_scales, label tokens) + stage_scales.json."""
+    model = _model(stage_scales=[0.25, 4.0])
+    model.save_pretrained(tmp_path / "final")
+    to_v1(tmp_path / "final", label_tokens={"table.weight": torch.randn(5, 8)})
+    assert "stage_scales" not in load_file(str(tmp_path / "final" / "model.safetensors"))
+    loaded = load_wrapped(tmp_path / "final").eval()
+    assert torch.equal(loaded.stage_scales, torch.tensor([0.25, 4.0]))
+    _same(model, loaded)
+    loaded.save_pretrained(tmp_path / "final")  # rewriting an old folder in the new layout
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["dfm_config.json", "model.safetensors"]
+
+
+def test_demo_checkpoint_gets_a_pointer(tmp_path: Path) -> None:
+    from _old_demo_checkpoint import write_raw_old_checkpoint
+
+    write_raw_old_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"model": {"kind": "dit"}})
+    with pytest.raises(ValueError, match="demo.load_demo_checkpoint"):
+        load_wrapped(tmp_path / "ckpt")
