@@ -49,6 +49,7 @@ from typing import Any, Mapping, Protocol
 from dfm_ext.fileio import atomic_write_text, fsync_directory
 
 __all__ = [
+    "DISK_FULL_ERRNOS",
     "MANIFEST",
     "CorruptCheckpointError",
     "DiskFullError",
@@ -56,6 +57,7 @@ __all__ = [
     "Stateful",
     "check_checkpoint",
     "clean_partial",
+    "disk_full_error",
     "find_latest",
     "find_resumable",
     "list_checkpoints",
@@ -91,7 +93,8 @@ class DiskFullError(OSError):
 
 
 _STEP = re.compile(r"^step-(\d+)$")
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: The ``errno`` values of a full disk (or an exceeded quota).
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def step_dir_name(step: int) -> str:
@@ -337,7 +340,8 @@ def clean_partial(root: str | Path) -> list[Path]:
     return stale
 
 
-def _disk_full(e: OSError, path: Path, what: str) -> DiskFullError:
+def disk_full_error(e: OSError, path: Path, what: str) -> DiskFullError:
+    """A :class:`DiskFullError` for ``e`` (an errno in :data:`DISK_FULL_ERRNOS`) naming ``what`` and ``path``."""
     return DiskFullError(
         e.errno,
         f"the disk is full (no space left) while writing {what} {path}: {e}; free space on that disk or point "
@@ -392,8 +396,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))
     except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise _disk_full(e, tmp, "checkpoint") from e
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(e, tmp, "checkpoint") from e
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -408,8 +412,8 @@ def save_checkpoint(
             _fsync_dir(root)
             _write_atomic(root / "latest", name + "\n")
         except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
+            if e.errno in DISK_FULL_ERRNOS:
+                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
             raise
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:

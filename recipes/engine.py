@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.fileio import atomic_write_text
+
 from .checkpointing import (
     CorruptCheckpointError,
-    _write_atomic,
     check_checkpoint,
     clean_partial,
     find_resumable,
@@ -518,7 +519,7 @@ class Trainer:
                 moved = quarantine(p)
                 print(f"moved {p} aside to {moved.name}", file=sys.stderr)
         if resume is not None and resume.parent == ckpts:
-            _write_atomic(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
+            atomic_write_text(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
 
     def _check_config(self, resume: Path | None) -> None:
         stored = self.output_dir / "config.yaml"

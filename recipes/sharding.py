@@ -38,14 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.fileio import atomic_write_text, fsync_directory
+
 from .checkpointing import (
-    _DISK_FULL,
+    DISK_FULL_ERRNOS,
     EXTRA_STATE,
     Stateful,
-    _disk_full,
-    _fsync_dir,
-    _write_atomic,
     clean_partial,
+    disk_full_error,
     list_checkpoints,
     step_dir_name,
     write_manifest,
@@ -265,23 +265,23 @@ def save_sharded_checkpoint(
     try:
         dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp))  # collective; metadata by rank 0
     except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise _disk_full(e, tmp, "checkpoint") from e
+        if e.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(e, tmp, "checkpoint") from e
         raise
     dist.barrier()
     if main:
         try:
             torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
             marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
-            _write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
+            atomic_write_text(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            _fsync_dir(tmp)
+            fsync_directory(tmp)
             os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_atomic(root / "latest", name + "\n")
+            fsync_directory(root)
+            atomic_write_text(root / "latest", name + "\n")
         except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
+            if e.errno in DISK_FULL_ERRNOS:
+                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
             raise
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:

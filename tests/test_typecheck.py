@@ -31,7 +31,7 @@ def _mypy(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_library_type_checks_clean() -> None:
+def test_library_type_checks_clean(tmp_path: Path) -> None:
     run = _mypy()
     assert run.returncode == 0, f"mypy found errors in src/dfm_ext:\n{run.stdout}{run.stderr}"
     # The check must have covered every module of the library, not an empty selection.
@@ -42,5 +42,7 @@ def test_library_type_checks_clean() -> None:
 
     # The same settings do report a real error (a tensor where an int is declared), so a clean
     # result above is not an artefact of ignored imports: torch's types are in force.
-    bad = _mypy("-c", "import torch\nn: int = torch.zeros(1)\n")
+    snippet = tmp_path / "bad.py"
+    snippet.write_text("import torch\n\nn: int = torch.zeros(1)\n")
+    bad = _mypy(str(snippet))
     assert bad.returncode == 1 and "[assignment]" in bad.stdout, bad.stdout + bad.stderr

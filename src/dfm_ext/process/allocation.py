@@ -199,7 +199,9 @@ class ProgressAllocation:
                 f"floor={self.floor}, warmup={self.warmup}, rate={self.rate})")  # fmt: skip
 
 
-def make_allocation(spec: str | Mapping[str, Any] | None, num_stages: int, prior: Sequence[float] | None = None):
+def make_allocation(
+    spec: str | Mapping[str, Any] | None, num_stages: int, prior: Sequence[float] | None = None
+) -> ProgressAllocation | None:
     """Build an allocation from a config value: ``None``/``"fixed"`` (none), ``"progress"``, or
     ``{"kind": "progress", ...options}``.
 

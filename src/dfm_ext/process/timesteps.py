@@ -21,15 +21,16 @@ asserts, which neither sync nor break graphs (the rule of :mod:`dfm_ext.validati
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from dfm_ext.validation import check_value, float_sequence
 
-__all__ = ["StageTimesteps", "StageTimestepSampler", "default_stage_probabilities"]
+__all__ = ["StageAllocation", "StageTimesteps", "StageTimestepSampler", "default_stage_probabilities"]
 
 _MODES = ("dfm", "tied", "uniform")
 
@@ -154,6 +155,28 @@ def _check_logit_normal(value: object, name: str) -> tuple[float, float]:
     return loc, scale
 
 
+class StageAllocation(Protocol):
+    """What :class:`StageTimestepSampler` needs of a stage allocation (e.g.
+    :class:`~dfm_ext.process.allocation.ProgressAllocation`); a ``num_stages`` attribute, when
+    present, is checked against the sampler's."""
+
+    def probabilities(self, device: torch.device | str | None = None) -> Tensor:
+        """The stage probabilities ``[S]`` to draw the current stage from."""
+        ...
+
+    def update(self, per_stage_loss: Tensor) -> None:
+        """Take one step's ``[S]`` per-stage losses."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        ...
+
+
 class StageTimestepSampler:
     """Draws :class:`StageTimesteps` for DFM training.
 
@@ -192,7 +215,7 @@ class StageTimestepSampler:
         current: tuple[float, float] | Sequence[tuple[float, float]] = (0.0, 1.0),
         earlier: tuple[float, float] = (1.5, 1.0),
         mode: str = "dfm",
-        allocation: object | None = None,
+        allocation: StageAllocation | None = None,
     ) -> None:
         self.num_stages = _check_num_stages(num_stages)
         if probabilities is None:
@@ -207,6 +230,7 @@ class StageTimestepSampler:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.probabilities = probabilities
+        self.current: tuple[float, float] | tuple[tuple[float, float], ...]
         if isinstance(current, Sequence) and len(current) == num_stages and all(
             isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in current
         ):
@@ -216,8 +240,9 @@ class StageTimestepSampler:
         if allocation is not None:
             if not (callable(getattr(allocation, "probabilities", None)) and callable(getattr(allocation, "update", None))):
                 raise TypeError(f"allocation must have probabilities() and update(), got {type(allocation).__name__}")
-            if getattr(allocation, "num_stages", num_stages) != num_stages:
-                raise ValueError(f"allocation has {allocation.num_stages} stages, the sampler {num_stages}")
+            allocation_stages = getattr(allocation, "num_stages", num_stages)
+            if allocation_stages != num_stages:
+                raise ValueError(f"allocation has {allocation_stages} stages, the sampler {num_stages}")
         self.allocation = allocation
         self.earlier = _check_logit_normal(earlier, "earlier")
         self.mode = mode
@@ -259,6 +284,8 @@ class StageTimestepSampler:
         normal = torch.randn(b, s, generator=generator, device=draw, dtype=torch.float32)
         uniform = torch.rand(b, generator=generator, device=draw, dtype=torch.float32)
 
+        cur_loc: Tensor | float
+        cur_scale: Tensor | float
         if isinstance(self.current[0], tuple):  # per-stage: stage k's own logit-normal when it is current
             loc_scale = torch.tensor(self.current, dtype=torch.float32, device=draw)[stage]
             cur_loc, cur_scale = loc_scale[:, 0], loc_scale[:, 1]

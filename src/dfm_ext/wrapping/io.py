@@ -30,12 +30,15 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dfm_ext.fileio import atomic_directory, atomic_write_bytes
+
+if TYPE_CHECKING:  # wrapper imports this module lazily; the class is needed for annotations only
+    from dfm_ext.wrapping.wrapper import DFMTransformer
 
 __all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "load_wrapped", "describe_mismatch", "peft_merged"]
 
@@ -89,9 +92,9 @@ def _rebuild_decomposition(record: dict[str, Any]) -> Any:
     return decomposition
 
 
-def model_record(model: nn.Module) -> dict[str, Any]:
+def model_record(model: DFMTransformer) -> dict[str, Any]:
     """The ``dfm_config.json`` record of a wrapped model (without specialisation and extra files)."""
-    base_cfg = getattr(model.base, "config", None)
+    base_cfg: Any = getattr(model.base, "config", None)
     if hasattr(base_cfg, "to_dict"):
         base_cfg = base_cfg.to_dict()
     try:
@@ -99,7 +102,8 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         base_cfg = None
     adapter = model.adapter
-    adapter_cfg = adapter.config() if callable(getattr(adapter, "config", None)) else None
+    config_fn = getattr(adapter, "config", None)  # optional extra of the adapter protocol
+    adapter_cfg = config_fn() if callable(config_fn) else None
     scales = model.stage_scales
     return {
         "format": FORMAT,
@@ -165,7 +169,7 @@ def _check_replaceable(directory: Path) -> None:
         )
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
+def save_pretrained(model: DFMTransformer, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``model`` (a ``DFMTransformer``) into ``directory`` atomically; returns the folder.
 
     Args:
@@ -311,7 +315,7 @@ def load_wrapped(
     *,
     decomposition: Any = None,
     device: str | torch.device = "cpu",
-) -> nn.Module:
+) -> DFMTransformer:
     """Rebuild a ``DFMTransformer`` written by ``save_pretrained`` (this or an older layout).
 
     Args:
@@ -398,7 +402,7 @@ def load_wrapped(
     return wrapped
 
 
-def _restore_specialization(wrapped: nn.Module, record: dict[str, Any], directory: Path) -> None:
+def _restore_specialization(wrapped: DFMTransformer, record: dict[str, Any], directory: Path) -> None:
     from dfm_ext.specialization import load_specialization, restore_specialization  # noqa: PLC0415
 
     spec_record = record.get("specialization")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from dfm_ext.validation import check_value
 from dfm_ext.wrapping.adapter import DiTAdapter, resolve_adapter
+from dfm_ext.wrapping.embeddings import Init
 from dfm_ext.decompositions.base import check_stages
 from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
 
@@ -46,7 +47,7 @@ def _check_decomposition(decomposition: Any) -> None:
 @dataclass(frozen=True)
 class _WrapSpec:
     sample_shape: tuple[int, ...]
-    init: str
+    init: Init
     stage_embedding: bool
     any_sample_shape: bool = False
 
@@ -199,7 +200,7 @@ class DFMTransformer(nn.Module):
 
     # ----------------------------------------------------------------- save / load
 
-    def save_pretrained(self, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> None:
+    def save_pretrained(self, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
         """Write the model into ``directory`` atomically (:func:`dfm_ext.wrapping.io.save_pretrained`).
 
         One folder: ``dfm_config.json`` (format, decomposition, adapter with its time convention,
@@ -210,7 +211,7 @@ class DFMTransformer(nn.Module):
         """
         from dfm_ext.wrapping.io import save_pretrained  # noqa: PLC0415
 
-        save_pretrained(self, directory, extra_files=extra_files)
+        return save_pretrained(self, directory, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(
@@ -248,7 +249,7 @@ def wrap_dit(
     time_convention: str | None = None,
     sample_shape: Sequence[int] | None = None,
     patch_sizes: Sequence[int | Sequence[int]] | None = None,
-    init: str = "pretrained",
+    init: Init = "pretrained",
     stage_embedding: bool = True,
     any_sample_shape: bool = False,
     stage_scales: Sequence[float] | Tensor | None = None,
