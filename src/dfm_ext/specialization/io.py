@@ -62,7 +62,7 @@ def save_specialization(
         >>> model = wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(2, 1)))
         >>> spec = specialize(model, kind="full", targets="mlp")
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     model.save_pretrained(d)  # shared weights + the specialisation
+        ...     _ = model.save_pretrained(d)  # shared weights + the specialisation (returns the folder)
         ...     fresh = load_wrapped(d)
         ...     loaded = load_specialization(fresh, d)
         ...     (loaded.kind, set(loaded.layers) == set(spec.layers))
