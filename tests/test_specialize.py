@@ -194,7 +194,8 @@ def test_mixed_batch_equals_separate_runs(stage: list[int], kind: str, targets) 
     assert _max_diff(out, sep_out) <= 1e-5
     for p, a, b in zip(params, grads, sep_grads):
         a = torch.zeros_like(p) if a is None else a
-        assert torch.allclose(a, b, atol=1e-5), "gradient differs"
+        # Sums over the batch in another order: float32 rounding grows with the gradient's size.
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * (1.0 + float(b.abs().max()))), "gradient differs"
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
