@@ -643,13 +643,16 @@ class Trainer:
         train_seconds = 0.0
         budget = self.train.max_train_seconds
         model.train()
+        # Per-step values the host does not need every step stay on the device (or on the host,
+        # where they come from) and are read once per log/checkpoint step: no device sync per step.
+        nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        pending_skipped, checked_step = 0, state.step
         while state.step < self.train.steps:
             step = state.step
             t_step = time.perf_counter()
-            skipped_here = torch.zeros((), device=accelerator.device)
             for micro in range(acc):
                 batch = next(batches)
-                skipped_here += len(batch.get("bad", []))
+                pending_skipped += len(batch.get("bad", []))
                 state.bad.update(int(i) for i in batch.get("bad", []))
                 gen = step_generator(self.train.seed, step, plan.shard_index(micro), accelerator.device)
                 if fsdp:  # reduce-scatter the gradients on the last micro-batch only
@@ -659,8 +662,7 @@ class Trainer:
                     sync = contextlib.nullcontext() if micro == acc - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     out = self.task.loss(model, batch, generator=gen, device=accelerator.device)
-                    if not torch.isfinite(out.loss):
-                        raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {step}")
+                    nonfinite = nonfinite | ~torch.isfinite(out.loss.detach())
                     accelerator.backward(out.loss / acc)
                 for k, v in {"loss": out.loss.detach(), **out.logs}.items():
                     # NaN marks "not present in this micro-batch" (e.g. a stage nobody drew).
@@ -684,7 +686,6 @@ class Trainer:
                 if isinstance(ema.multi_avg_fn, _WarmupEMA):
                     ema.multi_avg_fn.updates = step
                 ema.update_parameters(accelerator.unwrap_model(model))
-            state.skipped += int(accelerator.reduce(skipped_here, "sum").item()) if world > 1 else int(skipped_here.item())
             state.step += 1
             window_steps += 1
             bar.update(1)
@@ -696,6 +697,19 @@ class Trainer:
             if out_of_time and state.step < self.train.steps:
                 bar.write(f"stopping after {state.step} steps: the {budget:g} s training budget is spent")
             last = state.step == self.train.steps or out_of_time
+            if state.step % self.train.log_every == 0 or state.step % self.train.checkpoint_every == 0 or last:
+                # One host read (and one reduction across processes) for the bad-loss flag and the
+                # skipped-image count, before anything is logged or saved.
+                flags = torch.stack([nonfinite.float(), torch.tensor(float(pending_skipped), device=accelerator.device)])
+                bad_loss, skipped = (accelerator.reduce(flags, "sum") if world > 1 else flags).tolist()
+                if bad_loss:
+                    raise FloatingPointError(
+                        f"non-finite loss at a step in {checked_step + 1}..{state.step}; nothing after step "
+                        f"{checked_step} was saved"
+                    )
+                state.skipped += int(skipped)
+                nonfinite.zero_()
+                pending_skipped, checked_step = 0, state.step
 
             if state.step % self.train.log_every == 0 or last:
                 logs = {}

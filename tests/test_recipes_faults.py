@@ -258,3 +258,14 @@ def test_read_only_output_folder_is_one_line_before_compute(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: train.output_dir={str(out)!r} is not writable")
+
+
+def test_non_finite_loss_stops_before_anything_non_finite_is_saved(assets: Path, tmp_path: Path) -> None:
+    """The loss is checked once per log/checkpoint step (no device sync per step); a diverged run
+    raises there, before the checkpoint of that step is written."""
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="non-finite loss at a step in"):
+        _run(assets, out, 12, "optim.lr=1e12", "optim.warmup_steps=0", "train.log_every=4")
+    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        weights = load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in weights.values()), ckpt.name
