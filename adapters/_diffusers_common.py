@@ -24,7 +24,8 @@ arguments ``time_convention`` and ``output_scale``, ``config``/``repr``, ``match
 class name, the install-time grid and stage-0 checks, the multi-scale time embedder, the scaled
 output); :class:`PatchEmbedAdapterBase` adds what the families built on diffusers' ``PatchEmbed``
 (``pos_embed``: DiT, PixArt, SD3) share. A family module keeps only its own layout, embedder
-wiring and forward.
+wiring and forward. Helpers that are not diffusers-specific (conditioning and tensor checks,
+``call_block``, ``scaled_output``) live in the public :mod:`dfm_ext.adapters.common`.
 """
 
 from __future__ import annotations
