@@ -106,7 +106,7 @@ def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torc
 
 
 def check_joint_text(model: nn.Module, b: int, cond: Any, *, text: str, pooled: str) -> tuple[Tensor, Tensor]:
-    """Check the two text inputs of an MMDiT (SD3, Flux): ``cond.encoder_hidden_states`` and ``cond.pooled_projections``.
+    """Check an MMDiT's (SD3, Flux) ``cond.encoder_hidden_states`` and ``cond.pooled_projections``.
 
     ``cond`` is the family's parsed conditioning; ``text`` and ``pooled`` name the encoders in
     the error hints (e.g. ``"T5"``, ``"pooled CLIP"``).

@@ -3,12 +3,12 @@
 An adapter's ``forward(model, packed, t, stage, **cond)`` usually does the same few things
 around its family's own code: read the conditioning keywords it declares as a
 :class:`typing.NamedTuple` and refuse any other (:func:`parse_conditioning`), refuse a model
-``install`` has not converted (:func:`check_installed`), check conditioning tensors (:func:`check_tensor`), run the blocks
-through the model's gradient checkpointing (:func:`call_block`) and turn the head's tokens into
-the packed output (:func:`scaled_output`). ``install`` checks stage 0 against the pretrained
-patch kernel (:func:`check_stage0_channels`); ``null_condition`` often zeroes tensors
-(:func:`zeroed_condition`). The built-in adapters (``dit``, ``video_dit`` and the diffusers
-families) are written with them.
+``install`` has not converted (:func:`check_installed`), check conditioning tensors
+(:func:`check_tensor`), run the blocks through the model's gradient checkpointing
+(:func:`call_block`) and turn the head's tokens into the packed output (:func:`scaled_output`).
+``install`` checks stage 0 against the pretrained patch kernel (:func:`check_stage0_channels`);
+``null_condition`` often zeroes tensors (:func:`zeroed_condition`). The built-in adapters
+(``dit``, ``video_dit`` and the diffusers families) are written with them.
 """
 
 from __future__ import annotations

@@ -48,10 +48,10 @@ from dfm_ext.wrapping.embeddings import MultiScaleTimestepEmbed
 from ._diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
 from .common import call_block, check_installed, check_tensor, parse_conditioning
 
-__all__ = ["DiTConditioning", "DiffusersDiTAdapter", "MultiScaleTimestepLabelEmbed", "StageTime", "ADAPTER"]
+__all__ = ["DiffusersDiTConditioning", "DiffusersDiTAdapter", "MultiScaleTimestepLabelEmbed", "StageTime", "ADAPTER"]
 
 
-class DiTConditioning(NamedTuple):
+class DiffusersDiTConditioning(NamedTuple):
     """The conditioning keywords :meth:`DiffusersDiTAdapter.forward` takes.
 
     ``class_labels`` (long ``[B]``; ``y`` is its alias, pass one of them); ``force_drop_ids``
@@ -186,8 +186,8 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
         return labels
 
     def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
-        """Conditioning: the keywords of :class:`DiTConditioning`."""
-        c = parse_conditioning(model, DiTConditioning, cond)
+        """Conditioning: the keywords of :class:`DiffusersDiTConditioning`."""
+        c = parse_conditioning(model, DiffusersDiTConditioning, cond)
         if c.class_labels is not None and c.y is not None:
             raise TypeError("pass class labels once, as class_labels= (or its alias y=), not both")
         labels = c.class_labels if c.class_labels is not None else c.y

@@ -258,7 +258,8 @@ class DiTFamilyAdapter:
             stage_embedding=stage_embedding,
             time_transform=convention,
         )
-        model.final_layer.linear = widen_head(linear, packer, base_patch=tuple(proj.kernel_size), order="pqc", init=init)
+        base_patch = tuple(proj.kernel_size)
+        model.final_layer.linear = widen_head(linear, packer, base_patch=base_patch, order="pqc", init=init)
 
     def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
         """Conditioning: the keywords of :class:`LabelConditioning`."""

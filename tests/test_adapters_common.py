@@ -63,8 +63,8 @@ def test_dit_family_forward_refuses_unknown_conditioning_and_declares_its_keywor
     assert LabelConditioning._fields == ("y", "force_drop_ids", "generator")
     model = wrap_dit(DiT(DiTConfig.preset("tiny", hidden_size=32)), LaplacianPyramid(factors=(2, 1)))
     stages = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 16, 16)]
-    with pytest.raises(TypeError, match=r"unexpected conditioning for DiT: \['prompt'\]"):
-        model(stages, torch.rand(1, 2), torch.zeros(1, dtype=torch.long), y=torch.zeros(1, dtype=torch.long), prompt="x")
+    with pytest.raises(TypeError, match=r"unexpected conditioning for DiT: \['p'\]"):
+        model(stages, torch.rand(1, 2), torch.zeros(1, dtype=torch.long), y=torch.zeros(1, dtype=torch.long), p="x")
 
 
 def test_image_and_video_dit_adapters_match_only_their_patch_embedding() -> None:
