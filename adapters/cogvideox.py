@@ -64,8 +64,11 @@ class CogVideoXConditioning(NamedTuple):
 class CogVideoXAdapter(DiffusersAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``CogVideoXTransformer3DModel``.
 
-    The arguments are :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`'s, with this
-    family's defaults: ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=1``.
+    CogVideoX checkpoints are DDPM v-prediction models, hence the defaults
+    ``time_convention="discrete"`` (``999 (1 - t)``) and ``output_scale=1`` (the raw output,
+    re-parameterised to the velocity by finetuning); both are explained on
+    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`.
+    Conditioning: :class:`CogVideoXConditioning`.
     """
 
     name = "cogvideox"

@@ -55,8 +55,9 @@ class PixArtConditioning(NamedTuple):
 class PixArtAdapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``PixArtTransformer2DModel``.
 
-    The arguments are :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`'s, with this
-    family's defaults: ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=1``.
+    Conditioning: :class:`PixArtConditioning`. Defaults for PixArt's DDPM epsilon checkpoints:
+    ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=1`` (see
+    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`).
     """
 
     name = "pixart"

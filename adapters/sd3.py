@@ -50,8 +50,10 @@ class SD3Conditioning(NamedTuple):
 class SD3Adapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``SD3Transformer2DModel``.
 
-    The arguments are :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`'s, with this
-    family's defaults: ``time_convention="timestep"`` (``1000 (1 - t)``), ``output_scale=-1``.
+    SD3 reads ``1000 sigma`` and predicts ``noise - x``, hence the defaults
+    ``time_convention="timestep"`` (``1000 (1 - t)``) and ``output_scale=-1`` (both explained on
+    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`).
+    Conditioning: :class:`SD3Conditioning`.
     """
 
     name = "sd3"
