@@ -24,7 +24,8 @@ arguments ``time_convention`` and ``output_scale``, ``config``/``repr``, ``match
 class name, the install-time grid and stage-0 checks, the multi-scale time embedder, the scaled
 output); :class:`PatchEmbedAdapterBase` adds what the families built on diffusers' ``PatchEmbed``
 (``pos_embed``: DiT, PixArt, SD3) share. A family module keeps only its own layout, embedder
-wiring and forward.
+wiring and forward. Helpers that are not diffusers-specific (conditioning and tensor checks,
+``call_block``, ``scaled_output``) live in the public :mod:`dfm_ext.adapters.common`.
 """
 
 from __future__ import annotations
@@ -36,26 +37,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.process.conventions import TIME_CONVENTIONS
+from dfm_ext.process.conventions import check_time_convention
+from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head
-from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
-from dfm_ext.specialization import checkpoint, routing_active
+from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScaleTimestepEmbed
+
+from .common import check_stage0_channels, check_tensor, first_linear_dtype, scaled_output
 
 __all__ = [
     "DIFFUSERS_LAYER_GROUPS",
     "DiffusersAdapterBase",
     "PatchEmbedAdapterBase",
     "TimeMLP",
-    "call_block",
-    "check_installed",
     "check_joint_text",
-    "check_no_extra_conditioning",
-    "check_stage0_channels",
-    "check_time_convention",
-    "check_tensor",
+    "diffusers_layer_groups",
     "sincos_positions",
-    "first_linear_dtype",
-    "zeroed_condition",
 ]
 
 
@@ -76,40 +72,6 @@ class TimeMLP(nn.Module):
 
     def forward(self, timestep: Tensor) -> Tensor:
         return self.mlp(self.proj(timestep).to(first_linear_dtype(self.mlp)))
-
-
-def first_linear_dtype(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return torch.float32
-
-
-def check_time_convention(name: str) -> str:
-    if name not in TIME_CONVENTIONS:
-        raise ValueError(f"unknown time convention {name!r}; choose one of {sorted(TIME_CONVENTIONS)}")
-    return name
-
-
-def check_tensor(
-    value: Any, name: str, shape: tuple[int | None, ...], *, floating: bool = True, hint: str = ""
-) -> Tensor:
-    """Check a conditioning tensor's type, rank and sizes (``None`` = any size).
-
-    Raises:
-        TypeError: not a tensor, or not floating point when ``floating``.
-        ValueError: the shape does not match.
-    """
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a tensor {_fmt(shape)}, got {type(value).__name__}{hint}")
-    if floating and not torch.is_floating_point(value):
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if value.ndim != len(shape) or any(s is not None and v != s for v, s in zip(value.shape, shape)):
-        raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(value.shape)}{hint}")
-    return value
-
-
-def _fmt(shape: tuple[int | None, ...]) -> str:
-    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
 
 
 def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torch.device) -> Tensor | None:
@@ -143,59 +105,11 @@ def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torc
     return pos.float().unsqueeze(0)
 
 
-def _stage_routing_active() -> bool:
-    return routing_active()
+def check_joint_text(model: nn.Module, b: int, cond: Any, *, text: str, pooled: str) -> tuple[Tensor, Tensor]:
+    """Check an MMDiT's (SD3, Flux) ``cond.encoder_hidden_states`` and ``cond.pooled_projections``.
 
-
-def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
-    """``block(*args)``, through the model's gradient checkpointing when it is on and gradients are needed.
-
-    ``args`` are positional, in the block's ``forward`` order, as diffusers passes them to its
-    checkpointing function; one argument list serves both paths, so they cannot disagree.
-    The model's own checkpoint function is used, except inside a forward of a per-stage
-    specialised model, which goes through :func:`dfm_ext.specialization.checkpoint`.
-    """
-    if torch.is_grad_enabled() and model.gradient_checkpointing:
-        if _stage_routing_active() or model._gradient_checkpointing_func is None:
-            # A per-stage specialised model (dfm_ext.specialization) must get its stage routing
-            # back for the recompute in backward, which diffusers' checkpoint function cannot do.
-            return checkpoint(block, *args)
-        return model._gradient_checkpointing_func(block, *args)
-    return block(*args)
-
-
-def check_no_extra_conditioning(model: nn.Module, cond: dict[str, Any]) -> None:
-    """Refuse conditioning keywords the family's forward does not take.
-
-    Raises:
-        TypeError: ``cond`` is not empty.
-    """
-    if cond:
-        raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
-
-
-def check_installed(patch_embed: nn.Module) -> None:
-    """Refuse a forward through a model whose patch embedding ``install`` has not replaced.
-
-    Raises:
-        RuntimeError: ``patch_embed`` is not a :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`.
-    """
-    if not isinstance(patch_embed, MultiScalePatchEmbed):
-        raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
-
-
-def check_joint_text(
-    model: nn.Module,
-    b: int,
-    encoder_hidden_states: Any,
-    pooled_projections: Any,
-    *,
-    text: str,
-    pooled: str,
-) -> tuple[Tensor, Tensor]:
-    """Check the two text inputs of an MMDiT (SD3, Flux): sequence and pooled embeddings.
-
-    ``text`` and ``pooled`` name the encoders in the error hints (e.g. ``"T5"``, ``"pooled CLIP"``).
+    ``cond`` is the family's parsed conditioning; ``text`` and ``pooled`` name the encoders in
+    the error hints (e.g. ``"T5"``, ``"pooled CLIP"``).
 
     Shapes:
         ``encoder_hidden_states [B, L, joint_attention_dim]``,
@@ -203,46 +117,19 @@ def check_joint_text(
     """
     cfg = model.config
     seq = check_tensor(
-        encoder_hidden_states,
+        cond.encoder_hidden_states,
         "encoder_hidden_states",
         (b, None, int(cfg.joint_attention_dim)),
         hint=f" ({text} embeddings [B, L, {cfg.joint_attention_dim}])",
     )
     vec = check_tensor(
-        pooled_projections,
+        cond.pooled_projections,
         "pooled_projections",
         (b, int(cfg.pooled_projection_dim)),
         hint=f" ({pooled} embeddings [B, {cfg.pooled_projection_dim}])",
     )
     return seq, vec
 
-
-def check_stage0_channels(packer: Any, init: str, expected: int, what: str = "the model takes") -> None:
-    """With ``init="pretrained"``, stage 0 must have the channels the pretrained patch kernel reads.
-
-    Raises:
-        ValueError: ``"stage 0 has {c} channels but {what} {expected}"``.
-    """
-    c0 = packer.stage_shapes[0][0]
-    if init == "pretrained" and c0 != expected:
-        raise ValueError(f"stage 0 has {c0} channels but {what} {expected}")
-
-
-def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str = "its") -> dict[str, Any]:
-    """``cond`` with the tensors under ``keys`` replaced by zeros (a stand-in unconditional input).
-
-    ``pronoun`` only words the error (``"their"`` for a plural-sounding single key).
-
-    Raises:
-        TypeError: a key is missing or not a tensor (its shape is needed).
-    """
-    out = dict(cond)
-    for key in keys:
-        value = cond.get(key)
-        if not isinstance(value, Tensor):
-            raise TypeError(f"null_condition needs the conditional {key} to know {pronoun} shape")
-        out[key] = torch.zeros_like(value)
-    return out
 
 #: ``dfm_ext.specialization`` layer groups on the names of diffusers' shared blocks (``attn1.to_q``,
 #: ``ff.net``, ``ff_context``, ``norm1.linear``, ``timestep_embedder``, ``pos_embed.proj``,
@@ -256,6 +143,11 @@ DIFFUSERS_LAYER_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "proj": (r"(^|\.)(pos_embed|patch_embed)\.proj(\.proj)?$", r"(^|\.)proj_out$"),
     }
 )
+
+
+def diffusers_layer_groups(family: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:
+    """:data:`DIFFUSERS_LAYER_GROUPS` extended with a family's own module-name patterns (``combine_layer_groups``)."""
+    return combine_layer_groups(DIFFUSERS_LAYER_GROUPS, family)
 
 
 class DiffusersAdapterBase:
@@ -317,8 +209,7 @@ class DiffusersAdapterBase:
 
     def _velocity(self, head_out: Tensor, grid: tuple[int, ...]) -> Tensor:
         """Head tokens ``[B, N, C']`` -> packed output ``[B, C', *grid]`` times ``output_scale``."""
-        out = MultiScaleHead.to_grid(head_out, grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+        return scaled_output(head_out, grid, self.output_scale)
 
 
 class PatchEmbedAdapterBase(DiffusersAdapterBase):

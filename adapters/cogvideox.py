@@ -32,47 +32,50 @@ for real checkpoints).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_head
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
-from ._diffusers_common import (
-    DIFFUSERS_LAYER_GROUPS,
-    DiffusersAdapterBase,
-    call_block,
-    check_installed,
-    check_no_extra_conditioning,
-    check_stage0_channels,
-    check_tensor,
-    first_linear_dtype,
-    zeroed_condition,
-)
+from ._diffusers_common import DiffusersAdapterBase, diffusers_layer_groups
+from .common import call_block, check_installed, check_stage0_channels, check_tensor, first_linear_dtype
+from .common import parse_conditioning, zeroed_condition
 
-__all__ = ["CogVideoXAdapter", "ADAPTER"]
+__all__ = ["CogVideoXAdapter", "CogVideoXConditioning", "ADAPTER"]
+
+
+class CogVideoXConditioning(NamedTuple):
+    """The conditioning keywords :meth:`CogVideoXAdapter.forward` takes (diffusers names).
+
+    ``encoder_hidden_states [B, L, text_embed_dim]`` (T5) is required; ``image_rotary_emb`` (the
+    ``(cos, sin)`` pair for the token grid) by RoPE models, ``ofs`` by models with an ofs
+    embedding; ``attention_kwargs`` goes to every block.
+    """
+
+    encoder_hidden_states: Tensor | None = None
+    image_rotary_emb: tuple[Tensor, Tensor] | None = None
+    ofs: float | Tensor | None = None
+    attention_kwargs: dict[str, Any] | None = None
 
 
 class CogVideoXAdapter(DiffusersAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``CogVideoXTransformer3DModel``.
 
-    Args:
-        time_convention: how the timestep embedder reads time (default ``"discrete"``,
-            ``999 (1 - t)``).
-        output_scale: multiplies the head output.
+    CogVideoX checkpoints are DDPM v-prediction models, hence the defaults
+    ``time_convention="discrete"`` (``999 (1 - t)``) and ``output_scale=1`` (the raw output,
+    re-parameterised to the velocity by finetuning); both are explained on
+    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`.
+    Conditioning: :class:`CogVideoXConditioning`.
     """
 
     name = "cogvideox"
     model_class = "CogVideoXTransformer3DModel"
     #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_embedding``,
     #: ``patch_embed.text_proj``
-    layer_groups = combine_layer_groups(
-        DIFFUSERS_LAYER_GROUPS,
-        {"cond": (r"(^|\.)time_embedding\.", r"(^|\.)patch_embed\.text_proj$")},
-    )
+    layer_groups = diffusers_layer_groups({"cond": (r"(^|\.)time_embedding\.", r"(^|\.)patch_embed\.text_proj$")})
     grid_ndim = 3
 
     def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):
@@ -162,20 +165,9 @@ class CogVideoXAdapter(DiffusersAdapterBase):
             return pe.pos_embedding
         return pe._get_positional_embeddings(height, width, pre, device=device)
 
-    def forward(
-        self,
-        model: nn.Module,
-        packed: Tensor,
-        t: Tensor,
-        stage: Tensor,
-        *,
-        encoder_hidden_states: Tensor | None = None,
-        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-        ofs: float | Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-        **cond: Any,
-    ) -> Tensor:
-        check_no_extra_conditioning(model, cond)
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Conditioning: the keywords of :class:`CogVideoXConditioning`."""
+        c = parse_conditioning(model, CogVideoXConditioning, cond)
         pe = model.patch_embed
         check_installed(pe.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
@@ -183,12 +175,12 @@ class CogVideoXAdapter(DiffusersAdapterBase):
         uses_sincos = pe.use_positional_embeddings or pe.use_learned_positional_embeddings
         text_len = int(cfg.max_text_seq_length) if uses_sincos else None
         text = check_tensor(
-            encoder_hidden_states,
+            c.encoder_hidden_states,
             "encoder_hidden_states",
             (b, text_len, int(cfg.text_embed_dim)),
             hint=f" (T5 embeddings [B, {text_len or 'L'}, {cfg.text_embed_dim}])",
         )
-        if cfg.use_rotary_positional_embeddings and image_rotary_emb is None:
+        if cfg.use_rotary_positional_embeddings and c.image_rotary_emb is None:
             raise TypeError(
                 f"this {type(model).__name__} uses rotary positions: pass image_rotary_emb=(cos, sin) for the "
                 f"token grid {grid} (as CogVideoXPipeline._prepare_rotary_positional_embeddings computes it)"
@@ -197,9 +189,9 @@ class CogVideoXAdapter(DiffusersAdapterBase):
         dtype = first_linear_dtype(model.time_embedding)
         emb = model.time_embedding(t, stage).to(dtype)
         if model.ofs_embedding is not None:
-            if ofs is None:
+            if c.ofs is None:
                 raise TypeError(f"this {type(model).__name__} has an ofs embedding: pass ofs=")
-            ofs_t = torch.as_tensor(ofs, device=packed.device, dtype=dtype).expand(b)
+            ofs_t = torch.as_tensor(c.ofs, device=packed.device, dtype=dtype).expand(b)
             emb = emb + model.ofs_embedding(model.ofs_proj(ofs_t).to(dtype))
 
         x = torch.cat([pe.text_proj(text), pe.proj(packed)], dim=1).contiguous()
@@ -210,7 +202,7 @@ class CogVideoXAdapter(DiffusersAdapterBase):
         n_text = text.shape[1]
         text, x = x[:, :n_text], x[:, n_text:]
         for block in model.transformer_blocks:
-            x, text = call_block(model, block, x, text, emb, image_rotary_emb, attention_kwargs)
+            x, text = call_block(model, block, x, text, emb, c.image_rotary_emb, c.attention_kwargs)
         x = model.norm_out(model.norm_final(x), temb=emb)
         return self._velocity(model.proj_out(x), grid)
 

@@ -35,27 +35,33 @@ token grids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_ext.validation import check_value
-from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleTimestepEmbed
 
-from ._diffusers_common import (
-    DIFFUSERS_LAYER_GROUPS,
-    PatchEmbedAdapterBase,
-    call_block,
-    check_installed,
-    check_no_extra_conditioning,
-    check_tensor,
-)
+from ._diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
+from .common import call_block, check_installed, check_tensor, parse_conditioning
 
-__all__ = ["DiffusersDiTAdapter", "MultiScaleTimestepLabelEmbed", "StageTime", "ADAPTER"]
+__all__ = ["DiffusersDiTConditioning", "DiffusersDiTAdapter", "MultiScaleTimestepLabelEmbed", "StageTime", "ADAPTER"]
+
+
+class DiffusersDiTConditioning(NamedTuple):
+    """The conditioning keywords :meth:`DiffusersDiTAdapter.forward` takes.
+
+    ``class_labels`` (long ``[B]``; ``y`` is its alias, pass one of them); ``force_drop_ids``
+    (``[B]``, 1 = drop to the null class) or a ``generator`` make label dropout reproducible.
+    """
+
+    class_labels: Tensor | None = None
+    y: Tensor | None = None
+    force_drop_ids: Tensor | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,8 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
     model_class = "DiTTransformer2DModel"
     #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``norm1.emb.class_embedder``,
     #: ``proj_out_1`` (modulation), ``proj_out_2`` (output)
-    layer_groups = combine_layer_groups(
-        DIFFUSERS_LAYER_GROUPS,
-        {"cond": (r"(^|\.)class_embedder\.",), "mod": (r"(^|\.)proj_out_1$",), "proj": (r"(^|\.)proj_out_2$",)},
+    layer_groups = diffusers_layer_groups(
+        {"cond": (r"(^|\.)class_embedder\.",), "mod": (r"(^|\.)proj_out_1$",), "proj": (r"(^|\.)proj_out_2$",)}
     )
 
     def __init__(self, time_convention: str = "discrete", label_dropout: float = 0.1, output_scale: float = 1.0):
@@ -180,23 +185,12 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
             return torch.where(u.to(labels.device) < self.label_dropout, null, labels)
         return labels
 
-    def forward(
-        self,
-        model: nn.Module,
-        packed: Tensor,
-        t: Tensor,
-        stage: Tensor,
-        *,
-        class_labels: Tensor | None = None,
-        y: Tensor | None = None,
-        force_drop_ids: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **cond: Any,
-    ) -> Tensor:
-        check_no_extra_conditioning(model, cond)
-        if class_labels is not None and y is not None:
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Conditioning: the keywords of :class:`DiffusersDiTConditioning`."""
+        c = parse_conditioning(model, DiffusersDiTConditioning, cond)
+        if c.class_labels is not None and c.y is not None:
             raise TypeError("pass class labels once, as class_labels= (or its alias y=), not both")
-        labels = class_labels if class_labels is not None else y
+        labels = c.class_labels if c.class_labels is not None else c.y
         if labels is None:
             raise TypeError(f"{type(model).__name__} needs class labels: pass class_labels=LongTensor[B]")
         check_installed(model.pos_embed.proj)
@@ -209,7 +203,7 @@ class DiffusersDiTAdapter(PatchEmbedAdapterBase):
                 f"class_labels must be in [0, {num_classes}] ({num_classes} = null)",
                 labels.tolist,
             )
-        labels = self._labels(model, labels, force_drop_ids, generator)
+        labels = self._labels(model, labels, c.force_drop_ids, c.generator)
 
         x = self._embed_patches(model, packed, grid)
         time = StageTime(t, stage)

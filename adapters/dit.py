@@ -44,17 +44,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
-from dfm_ext.specialization import checkpoint
+from dfm_ext.wrapping.embeddings import MultiScaleHead
 
-__all__ = ["DiTFamilyAdapter", "ADAPTER"]
+from .common import call_block, check_installed, check_stage0_channels, parse_conditioning, scaled_output
+
+__all__ = ["DiTFamilyAdapter", "LabelConditioning", "ADAPTER"]
 
 
 _CHOICES = (
@@ -80,6 +81,18 @@ def _refusal(model: nn.Module) -> str:
         "noise - x also needs adapter=DiTFamilyAdapter(time_convention=..., output_scale=-1) "
         "(from dfm_ext.adapters)."
     )
+
+
+class LabelConditioning(NamedTuple):
+    """The conditioning keywords :meth:`DiTFamilyAdapter.forward` takes.
+
+    ``y`` (long ``[B]`` class labels) is required; ``force_drop_ids`` (``[B]``, 1 = drop the
+    label) or a ``generator`` make label dropout in training reproducible.
+    """
+
+    y: Tensor | None = None
+    force_drop_ids: Tensor | None = None
+    generator: torch.Generator | None = None
 
 
 class DiTFamilyAdapter:
@@ -158,11 +171,16 @@ class DiTFamilyAdapter:
             return self
         return type(self)(**{**self.config(), "time_convention": convention})
 
+    @staticmethod
+    def _matches_proj(proj: Any) -> bool:
+        """Whether ``x_embedder.proj`` is this adapter's patch embedding (a ``Conv2d``)."""
+        return isinstance(proj, nn.Conv2d)
+
     def matches(self, model: nn.Module) -> bool:
         proj = getattr(getattr(model, "x_embedder", None), "proj", None)
         final = getattr(getattr(model, "final_layer", None), "linear", None)
         return (
-            isinstance(proj, nn.Conv2d)
+            self._matches_proj(proj)
             and isinstance(getattr(model, "t_embedder", None), nn.Module)
             and hasattr(getattr(model, "y_embedder", None), "num_classes")
             and isinstance(getattr(model, "blocks", None), nn.ModuleList)
@@ -218,41 +236,37 @@ class DiTFamilyAdapter:
                 f"the stages map onto a token grid {packer.grid} ({packer.num_tokens} tokens) but "
                 f"{type(model).__name__} has fixed positions for {pos.shape[-2]} tokens"
             )
-        channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != proj.in_channels:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {proj.in_channels}")
-        hidden = proj.out_channels
+        check_stage0_channels(packer, init, proj.in_channels)
+        self._install_modules(model, proj, packer, convention, init=init, stage_embedding=stage_embedding)
+
+    @staticmethod
+    def _install_modules(
+        model: nn.Module, proj: nn.Module, packer: Any, convention: str, *, init: str, stage_embedding: bool
+    ) -> None:
+        """Swap ``x_embedder``, ``t_embedder`` and ``final_layer.linear`` (after the family's checks).
+
+        The patch kernel ``proj`` (``Conv2d``, or per-frame ``Conv3d`` for video) sets the hidden
+        width and the head's base patch; the head unpatchifies in DiT's ``(p, q, c)`` order.
+        """
         linear = model.final_layer.linear
-        base_patch = tuple(proj.kernel_size)
         model.x_embedder = widen_patch_embed(proj, packer, init=init)
         model.t_embedder = multiscale_time_embed(
             model.t_embedder,
-            hidden,
+            proj.out_channels,
             packer.num_stages,
             init=init,
             stage_embedding=stage_embedding,
             time_transform=convention,
         )
+        base_patch = tuple(proj.kernel_size)
         model.final_layer.linear = widen_head(linear, packer, base_patch=base_patch, order="pqc", init=init)
 
-    def forward(
-        self,
-        model: nn.Module,
-        packed: Tensor,
-        t: Tensor,
-        stage: Tensor,
-        *,
-        y: Tensor | None = None,
-        force_drop_ids: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **cond: Any,
-    ) -> Tensor:
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Conditioning: the keywords of :class:`LabelConditioning`."""
+        y, force_drop_ids, generator = parse_conditioning(model, LabelConditioning, cond)
         if y is None:
             raise TypeError(f"{type(model).__name__} needs class labels: pass y=LongTensor[B]")
-        if cond:
-            raise TypeError(f"unexpected conditioning for a DiT-family model: {sorted(cond)}")
-        if not isinstance(model.x_embedder, MultiScalePatchEmbed):
-            raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+        check_installed(model.x_embedder)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
         if y.shape != (b,):
             raise ValueError(f"y must have shape [{b}], got {tuple(y.shape)}")
@@ -269,12 +283,10 @@ class DiTFamilyAdapter:
         # LightningDiT keeps its RoPE (built for the model's own grid, which the stages map onto)
         # as `feat_rope` and passes it to every block; dropping it would silently change the model.
         rope = rope_fn(grid, x.device, x.dtype) if callable(rope_fn) else getattr(model, "feat_rope", None)
-        ckpt = getattr(model, "gradient_checkpointing", False) is True and torch.is_grad_enabled()
         for block in model.blocks:
             args = (x, c) if rope is None else (x, c, rope)
-            x = checkpoint(block, *args) if ckpt else block(*args)
-        out = MultiScaleHead.to_grid(model.final_layer(x, c), grid)
-        return out if self.output_scale == 1.0 else out * self.output_scale
+            x = call_block(model, block, *args)
+        return scaled_output(model.final_layer(x, c), grid, self.output_scale)
 
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         y = cond.get("y")

@@ -29,29 +29,19 @@ guidance-distilled; pass empty-prompt embeddings as ``uncond=`` for true CFG).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
-from ._diffusers_common import (
-    DIFFUSERS_LAYER_GROUPS,
-    DiffusersAdapterBase,
-    call_block,
-    check_installed,
-    check_joint_text,
-    check_no_extra_conditioning,
-    check_stage0_channels,
-    check_tensor,
-    first_linear_dtype,
-    zeroed_condition,
-)
+from ._diffusers_common import DiffusersAdapterBase, check_joint_text, diffusers_layer_groups
+from .common import call_block, check_installed, check_stage0_channels, check_tensor, first_linear_dtype
+from .common import parse_conditioning, zeroed_condition
 
-__all__ = ["FluxAdapter", "flux_image_ids", "ADAPTER"]
+__all__ = ["FluxAdapter", "FluxConditioning", "flux_image_ids", "ADAPTER"]
 
 _PACK = 2  # FluxPipeline folds 2x2 latent pixels into one token
 
@@ -68,6 +58,23 @@ def flux_image_ids(grid: tuple[int, int], device: torch.device | None = None, dt
     ids[..., 1] = torch.arange(gh, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(gw, device=device, dtype=dtype)[None, :]
     return ids.reshape(gh * gw, 3)
+
+
+class FluxConditioning(NamedTuple):
+    """The conditioning keywords :meth:`FluxAdapter.forward` takes (diffusers names).
+
+    ``encoder_hidden_states [B, L, joint_attention_dim]`` (T5) and ``pooled_projections
+    [B, pooled_projection_dim]`` (CLIP) are required. ``guidance`` (float or ``[B]``, only for
+    ``guidance_embeds`` models) defaults to the adapter's; ``txt_ids [L, 3]`` and
+    ``img_ids [N, 3]`` default to ``FluxPipeline``'s; ``joint_attention_kwargs`` goes to every block.
+    """
+
+    encoder_hidden_states: Tensor | None = None
+    pooled_projections: Tensor | None = None
+    guidance: float | Tensor | None = None
+    txt_ids: Tensor | None = None
+    img_ids: Tensor | None = None
+    joint_attention_kwargs: dict[str, Any] | None = None
 
 
 class FluxAdapter(DiffusersAdapterBase):
@@ -87,13 +94,12 @@ class FluxAdapter(DiffusersAdapterBase):
     #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_text_embed``,
     #: ``context_embedder``, ``x_embedder``; a single block's ``proj_out`` fuses the attention
     #: output with the MLP and counts as ``mlp`` together with ``proj_mlp``
-    layer_groups = combine_layer_groups(
-        DIFFUSERS_LAYER_GROUPS,
+    layer_groups = diffusers_layer_groups(
         {
             "cond": (r"(^|\.)time_text_embed\.", r"(^|\.)context_embedder$"),
             "mlp": (r"(^|\.)single_transformer_blocks\.\d+\.proj_(mlp|out)$",),
             "proj": (r"(^|\.)x_embedder(\.|$)",),
-        },
+        }
     )
 
     def __init__(
@@ -164,31 +170,18 @@ class FluxAdapter(DiffusersAdapterBase):
             return torch.full((b,), float(guidance), device=like.device, dtype=like.dtype)
         return check_tensor(guidance, "guidance", (b,)).to(like.dtype)
 
-    def forward(
-        self,
-        model: nn.Module,
-        packed: Tensor,
-        t: Tensor,
-        stage: Tensor,
-        *,
-        encoder_hidden_states: Tensor | None = None,
-        pooled_projections: Tensor | None = None,
-        guidance: float | Tensor | None = None,
-        txt_ids: Tensor | None = None,
-        img_ids: Tensor | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        **cond: Any,
-    ) -> Tensor:
-        check_no_extra_conditioning(model, cond)
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Conditioning: the keywords of :class:`FluxConditioning`."""
+        c = parse_conditioning(model, FluxConditioning, cond)
         check_installed(model.x_embedder)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
-        text, pooled = check_joint_text(
-            model, b, encoder_hidden_states, pooled_projections, text="T5", pooled="pooled CLIP"
-        )
+        text, pooled = check_joint_text(model, b, c, text="T5", pooled="pooled CLIP")
         n = grid[0] * grid[1]
+        img_ids = c.img_ids
         if img_ids is None:
             img_ids = flux_image_ids(grid, device=packed.device, dtype=packed.dtype)
         check_tensor(img_ids, "img_ids", (n, 3))
+        txt_ids = c.txt_ids
         if txt_ids is None:
             txt_ids = torch.zeros(text.shape[1], 3, device=packed.device, dtype=packed.dtype)
         check_tensor(txt_ids, "txt_ids", (text.shape[1], 3))
@@ -197,7 +190,7 @@ class FluxAdapter(DiffusersAdapterBase):
         dtype = first_linear_dtype(model.time_text_embed)
         tte = model.time_text_embed
         temb = tte.timestep_embedder(t, stage).to(dtype)
-        g = self._guidance(model, guidance, b, x)
+        g = self._guidance(model, c.guidance, b, x)
         if g is not None:
             temb = temb + tte.guidance_embedder(tte.time_proj(g * 1000).to(dtype))
         temb = temb + tte.text_embedder(pooled)
@@ -205,7 +198,7 @@ class FluxAdapter(DiffusersAdapterBase):
         rope = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
         for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-            text, x = call_block(model, block, x, text, temb, rope, joint_attention_kwargs)
+            text, x = call_block(model, block, x, text, temb, rope, c.joint_attention_kwargs)
         x = model.norm_out(x, temb)
         return self._velocity(model.proj_out(x), grid)
 

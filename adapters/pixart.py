@@ -24,46 +24,51 @@ pass the empty-prompt T5 embeddings as ``uncond=`` to the sampler instead.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
-from ._diffusers_common import (
-    DIFFUSERS_LAYER_GROUPS,
-    PatchEmbedAdapterBase,
-    call_block,
-    check_installed,
-    check_no_extra_conditioning,
-    check_tensor,
-    zeroed_condition,
-)
+from ._diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
+from .common import call_block, check_installed, check_tensor, parse_conditioning, zeroed_condition
 
-__all__ = ["PixArtAdapter", "ADAPTER"]
+__all__ = ["PixArtAdapter", "PixArtConditioning", "ADAPTER"]
+
+
+class PixArtConditioning(NamedTuple):
+    """The conditioning keywords :meth:`PixArtAdapter.forward` takes (diffusers names).
+
+    ``encoder_hidden_states [B, L, caption_channels]`` (T5) is required; ``encoder_attention_mask
+    [B, L]`` (1 = keep) is optional; ``added_cond_kwargs={"resolution": [B, 2], "aspect_ratio":
+    [B, 1]}`` is needed by models built with additional conditions; ``cross_attention_kwargs`` goes
+    to every block.
+    """
+
+    encoder_hidden_states: Tensor | None = None
+    encoder_attention_mask: Tensor | None = None
+    added_cond_kwargs: dict[str, Tensor] | None = None
+    cross_attention_kwargs: dict[str, Any] | None = None
 
 
 class PixArtAdapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``PixArtTransformer2DModel``.
 
-    Args:
-        time_convention: how the timestep embedder reads time (default ``"discrete"``,
-            ``999 (1 - t)``).
-        output_scale: multiplies the head output.
+    Conditioning: :class:`PixArtConditioning`. Defaults for PixArt's DDPM epsilon checkpoints:
+    ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=1`` (see
+    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`).
     """
 
     name = "pixart"
     model_class = "PixArtTransformer2DModel"
     #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``adaln_single`` (its ``emb`` is
     #: conditioning, its ``linear`` modulation), ``caption_projection``
-    layer_groups = combine_layer_groups(
-        DIFFUSERS_LAYER_GROUPS,
+    layer_groups = diffusers_layer_groups(
         {
             "cond": (r"(^|\.)adaln_single\.emb\.", r"(^|\.)caption_projection\."),
             "mod": (r"(^|\.)adaln_single\.linear$",),
-        },
+        }
     )
 
     def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):
@@ -91,23 +96,13 @@ class PixArtAdapter(PatchEmbedAdapterBase):
             hint=f" (text embeddings [B, L, {width}] for {type(model).__name__})",
         )
 
-    def forward(
-        self,
-        model: nn.Module,
-        packed: Tensor,
-        t: Tensor,
-        stage: Tensor,
-        *,
-        encoder_hidden_states: Tensor | None = None,
-        encoder_attention_mask: Tensor | None = None,
-        added_cond_kwargs: dict[str, Tensor] | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        **cond: Any,
-    ) -> Tensor:
-        check_no_extra_conditioning(model, cond)
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Conditioning: the keywords of :class:`PixArtConditioning`."""
+        c = parse_conditioning(model, PixArtConditioning, cond)
         check_installed(model.pos_embed.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
-        text = self._text(model, b, encoder_hidden_states)
+        text = self._text(model, b, c.encoder_hidden_states)
+        encoder_attention_mask = c.encoder_attention_mask
         if encoder_attention_mask is not None:
             if encoder_attention_mask.ndim == 2:
                 check_tensor(encoder_attention_mask, "encoder_attention_mask", (b, text.shape[1]), floating=False)
@@ -118,6 +113,7 @@ class PixArtAdapter(PatchEmbedAdapterBase):
 
         emb = model.adaln_single.emb
         embedded = emb.timestep_embedder(t, stage).to(x.dtype)
+        added_cond_kwargs = c.added_cond_kwargs
         if emb.use_additional_conditions:
             if added_cond_kwargs is None or "resolution" not in added_cond_kwargs or "aspect_ratio" not in added_cond_kwargs:
                 raise TypeError(
@@ -135,7 +131,7 @@ class PixArtAdapter(PatchEmbedAdapterBase):
             text = model.caption_projection(text).view(b, -1, x.shape[-1])
         for block in model.transformer_blocks:
             # BasicTransformerBlock(hidden, mask, text, text_mask, timestep, cross_attention_kwargs, class_labels)
-            x = call_block(model, block, x, None, text, encoder_attention_mask, timestep, cross_attention_kwargs, None)
+            x = call_block(model, block, x, None, text, encoder_attention_mask, timestep, c.cross_attention_kwargs, None)
         shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
         x = model.norm_out(x) * (1 + scale) + shift
         return self._velocity(model.proj_out(x), grid)

@@ -23,43 +23,44 @@ Conditioning (diffusers names): ``encoder_hidden_states`` ``[B, L, joint_attenti
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
-from ._diffusers_common import (
-    DIFFUSERS_LAYER_GROUPS,
-    PatchEmbedAdapterBase,
-    call_block,
-    check_installed,
-    check_joint_text,
-    check_no_extra_conditioning,
-    zeroed_condition,
-)
+from ._diffusers_common import PatchEmbedAdapterBase, check_joint_text, diffusers_layer_groups
+from .common import call_block, check_installed, parse_conditioning, zeroed_condition
 
-__all__ = ["SD3Adapter", "ADAPTER"]
+__all__ = ["SD3Adapter", "SD3Conditioning", "ADAPTER"]
+
+
+class SD3Conditioning(NamedTuple):
+    """The conditioning keywords :meth:`SD3Adapter.forward` takes (diffusers names).
+
+    ``encoder_hidden_states [B, L, joint_attention_dim]`` and ``pooled_projections
+    [B, pooled_projection_dim]`` are required; ``joint_attention_kwargs`` goes to every block.
+    """
+
+    encoder_hidden_states: Tensor | None = None
+    pooled_projections: Tensor | None = None
+    joint_attention_kwargs: dict[str, Any] | None = None
 
 
 class SD3Adapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``SD3Transformer2DModel``.
 
-    Args:
-        time_convention: how the timestep embedder reads time (default ``"timestep"``,
-            ``1000 (1 - t)``).
-        output_scale: multiplies the head output to give ``x - noise`` (default ``-1``).
+    SD3 reads ``1000 sigma`` and predicts ``noise - x``, hence the defaults
+    ``time_convention="timestep"`` (``1000 (1 - t)``) and ``output_scale=-1`` (both explained on
+    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`).
+    Conditioning: :class:`SD3Conditioning`.
     """
 
     name = "sd3"
     model_class = "SD3Transformer2DModel"
     #: ``dfm_ext.specialization`` layer groups: diffusers' shared names and ``time_text_embed``,
     #: ``context_embedder``
-    layer_groups = combine_layer_groups(
-        DIFFUSERS_LAYER_GROUPS,
-        {"cond": (r"(^|\.)time_text_embed\.", r"(^|\.)context_embedder$")},
-    )
+    layer_groups = diffusers_layer_groups({"cond": (r"(^|\.)time_text_embed\.", r"(^|\.)context_embedder$")})
 
     def __init__(self, time_convention: str = "timestep", output_scale: float = -1.0):
         super().__init__(time_convention, output_scale)
@@ -83,24 +84,12 @@ class SD3Adapter(PatchEmbedAdapterBase):
         )
         model.proj_out = self._widen_head(model.proj_out, model, packer, init)
 
-    def forward(
-        self,
-        model: nn.Module,
-        packed: Tensor,
-        t: Tensor,
-        stage: Tensor,
-        *,
-        encoder_hidden_states: Tensor | None = None,
-        pooled_projections: Tensor | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        **cond: Any,
-    ) -> Tensor:
-        check_no_extra_conditioning(model, cond)
+    def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
+        """Conditioning: the keywords of :class:`SD3Conditioning`."""
+        c = parse_conditioning(model, SD3Conditioning, cond)
         check_installed(model.pos_embed.proj)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
-        text, pooled = check_joint_text(
-            model, b, encoder_hidden_states, pooled_projections, text="text", pooled="pooled text"
-        )
+        text, pooled = check_joint_text(model, b, c, text="text", pooled="pooled text")
 
         x = self._embed_patches(model, packed, grid).contiguous()
 
@@ -108,7 +97,7 @@ class SD3Adapter(PatchEmbedAdapterBase):
         temb = tte.timestep_embedder(t, stage).to(pooled.dtype) + tte.text_embedder(pooled)
         text = model.context_embedder(text)
         for block in model.transformer_blocks:
-            text, x = call_block(model, block, x, text, temb, joint_attention_kwargs)
+            text, x = call_block(model, block, x, text, temb, c.joint_attention_kwargs)
         x = model.norm_out(x, temb)
         return self._velocity(model.proj_out(x), grid)
 

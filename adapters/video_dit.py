@@ -16,9 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.wrapping.embeddings import MultiScaleHead
-
+from .common import check_stage0_channels
 from .dit import DiTFamilyAdapter
 
 __all__ = ["ADAPTER", "VideoDiTAdapter"]
@@ -29,18 +27,10 @@ class VideoDiTAdapter(DiTFamilyAdapter):
 
     name = "video_dit"
 
-    def matches(self, model: nn.Module) -> bool:
-        proj = getattr(getattr(model, "x_embedder", None), "proj", None)
-        final = getattr(getattr(model, "final_layer", None), "linear", None)
-        return (
-            isinstance(proj, nn.Conv3d)
-            and proj.kernel_size[0] == 1
-            and isinstance(getattr(model, "t_embedder", None), nn.Module)
-            and hasattr(getattr(model, "y_embedder", None), "num_classes")
-            and isinstance(getattr(model, "blocks", None), nn.ModuleList)
-            and isinstance(final, nn.Linear)
-            and not isinstance(final, MultiScaleHead)
-        )
+    @staticmethod
+    def _matches_proj(proj: Any) -> bool:
+        """Whether ``x_embedder.proj`` is a per-frame ``Conv3d`` (temporal kernel 1)."""
+        return isinstance(proj, nn.Conv3d) and proj.kernel_size[0] == 1
 
     @staticmethod
     def _proj(model: nn.Module) -> nn.Conv3d:  # type: ignore[override]
@@ -71,21 +61,9 @@ class VideoDiTAdapter(DiTFamilyAdapter):
         proj = self._proj(model)
         if len(packer.grid) != 3:
             raise ValueError(f"{type(model).__name__} takes videos; got a token grid {packer.grid}")
-        channels = [s[0] for s in packer.stage_shapes]
-        if init == "pretrained" and channels[0] != proj.in_channels:
-            raise ValueError(f"stage 0 has {channels[0]} channels but the model takes {proj.in_channels}")
+        check_stage0_channels(packer, init, proj.in_channels)
         convention = self.bind(model).time_convention  # refuses before touching the model
-        linear = model.final_layer.linear
-        model.x_embedder = widen_patch_embed(proj, packer, init=init)
-        model.t_embedder = multiscale_time_embed(
-            model.t_embedder,
-            proj.out_channels,
-            packer.num_stages,
-            init=init,
-            stage_embedding=stage_embedding,
-            time_transform=convention,
-        )
-        model.final_layer.linear = widen_head(linear, packer, base_patch=tuple(proj.kernel_size), order="pqc", init=init)
+        self._install_modules(model, proj, packer, convention, init=init, stage_embedding=stage_embedding)
 
 
 ADAPTER = VideoDiTAdapter()

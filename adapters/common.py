@@ -1,0 +1,168 @@
+"""Public helpers for writing a :class:`dfm_ext.wrapping.adapter.DiTAdapter`, shared by the built-in adapters.
+
+An adapter's ``forward(model, packed, t, stage, **cond)`` usually does the same few things
+around its family's own code: read the conditioning keywords it declares as a
+:class:`typing.NamedTuple` and refuse any other (:func:`parse_conditioning`), refuse a model
+``install`` has not converted (:func:`check_installed`), check conditioning tensors
+(:func:`check_tensor`), run the blocks through the model's gradient checkpointing
+(:func:`call_block`) and turn the head's tokens into the packed output (:func:`scaled_output`).
+``install`` checks stage 0 against the pretrained patch kernel (:func:`check_stage0_channels`);
+``null_condition`` often zeroes tensors (:func:`zeroed_condition`). The built-in adapters
+(``dit``, ``video_dit`` and the diffusers families) are written with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from dfm_ext.specialization import checkpoint, routing_active
+from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
+
+__all__ = [
+    "call_block",
+    "check_installed",
+    "check_no_extra_conditioning",
+    "check_stage0_channels",
+    "check_tensor",
+    "first_linear_dtype",
+    "parse_conditioning",
+    "scaled_output",
+    "zeroed_condition",
+]
+
+
+def first_linear_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first parameter (``float32`` for a module without any)."""
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def check_tensor(
+    value: Any, name: str, shape: tuple[int | None, ...], *, floating: bool = True, hint: str = ""
+) -> Tensor:
+    """Check a conditioning tensor's type, rank and sizes (``None`` = any size); returns ``value``.
+
+    Raises:
+        TypeError: not a tensor, or not floating point when ``floating``.
+        ValueError: the shape does not match.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor {_fmt(shape)}, got {type(value).__name__}{hint}")
+    if floating and not torch.is_floating_point(value):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.ndim != len(shape) or any(s is not None and v != s for v, s in zip(value.shape, shape)):
+        raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(value.shape)}{hint}")
+    return value
+
+
+def _fmt(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def _stage_routing_active() -> bool:
+    return routing_active()
+
+
+def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
+    """``block(*args)``, checkpointed when ``model.gradient_checkpointing is True`` and gradients are needed.
+
+    ``args`` are positional, in the block's ``forward`` order; one argument list serves both
+    paths, so they cannot disagree. A diffusers model's own checkpoint function
+    (``model._gradient_checkpointing_func``) is used where it has one, except inside a forward of
+    a per-stage specialised model; otherwise (and for models without one, e.g. the original DiT
+    family) :func:`dfm_ext.specialization.checkpoint`.
+    """
+    if torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False) is True:
+        func = getattr(model, "_gradient_checkpointing_func", None)
+        if _stage_routing_active() or func is None:
+            # A per-stage specialised model (dfm_ext.specialization) must get its stage routing
+            # back for the recompute in backward, which diffusers' checkpoint function cannot do.
+            return checkpoint(block, *args)
+        return func(block, *args)
+    return block(*args)
+
+
+def check_no_extra_conditioning(model: nn.Module, cond: dict[str, Any]) -> None:
+    """Refuse conditioning keywords the family's forward does not take.
+
+    Raises:
+        TypeError: ``cond`` is not empty.
+    """
+    if cond:
+        raise TypeError(f"unexpected conditioning for {type(model).__name__}: {sorted(cond)}")
+
+
+C = TypeVar("C", bound=tuple)
+
+
+def parse_conditioning(model: nn.Module, kind: type[C], cond: Mapping[str, Any]) -> C:
+    """``kind(**cond)``: the conditioning keywords of a forward, as the family's declared :class:`typing.NamedTuple`.
+
+    ``kind`` lists every keyword the family's forward takes, each with its default (keywords
+    left out get it). Declaring them once as a type keeps the adapter's ``forward`` the
+    protocol's ``forward(model, packed, t, stage, **cond)`` and documents the conditioning in
+    one place (``kind._fields``).
+
+    Raises:
+        TypeError: ``"unexpected conditioning for {model class}: [names]"`` for a keyword
+            ``kind`` does not declare.
+    """
+    check_no_extra_conditioning(model, {k: v for k, v in cond.items() if k not in kind._fields})
+    return kind(**cond)
+
+
+def check_installed(patch_embed: nn.Module) -> None:
+    """Refuse a forward through a model whose patch embedding ``install`` has not replaced.
+
+    Raises:
+        RuntimeError: ``patch_embed`` is not a :class:`~dfm_ext.wrapping.embeddings.MultiScalePatchEmbed`.
+    """
+    if not isinstance(patch_embed, MultiScalePatchEmbed):
+        raise RuntimeError("the model has not been installed by this adapter; use dfm_ext.wrap_dit")
+
+
+def check_stage0_channels(packer: Any, init: str, expected: int, what: str = "the model takes") -> None:
+    """With ``init="pretrained"``, stage 0 must have the channels the pretrained patch kernel reads.
+
+    Raises:
+        ValueError: ``"stage 0 has {c} channels but {what} {expected}"``.
+    """
+    c0 = packer.stage_shapes[0][0]
+    if init == "pretrained" and c0 != expected:
+        raise ValueError(f"stage 0 has {c0} channels but {what} {expected}")
+
+
+def scaled_output(head_out: Tensor, grid: tuple[int, ...], output_scale: float) -> Tensor:
+    """Head tokens ``[B, N, C']`` -> packed output ``[B, C', *grid]`` times ``output_scale``.
+
+    ``output_scale`` is ``-1`` for a model trained on ``noise - x`` (1 multiplies nothing).
+
+    Example:
+        >>> import torch
+        >>> scaled_output(torch.ones(1, 6, 3), (2, 3), -1.0).shape
+        torch.Size([1, 3, 2, 3])
+    """
+    out = MultiScaleHead.to_grid(head_out, grid)
+    return out if output_scale == 1.0 else out * output_scale
+
+
+def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str = "its") -> dict[str, Any]:
+    """``cond`` with the tensors under ``keys`` replaced by zeros (a stand-in unconditional input).
+
+    ``pronoun`` only words the error (``"their"`` for a plural-sounding single key).
+
+    Raises:
+        TypeError: a key is missing or not a tensor (its shape is needed).
+    """
+    out = dict(cond)
+    for key in keys:
+        value = cond.get(key)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"null_condition needs the conditional {key} to know {pronoun} shape")
+        out[key] = torch.zeros_like(value)
+    return out
