@@ -44,7 +44,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from dfm_ext.fileio import atomic_write_text, fsync_directory
 
@@ -65,6 +65,7 @@ __all__ = [
     "step_dir_name",
     "validate_legacy",
     "verify_manifest",
+    "write_checkpoint_atomically",
     "write_manifest",
 ]
 
@@ -375,6 +376,41 @@ def save_checkpoint(
         DiskFullError: the disk filled up while writing; ``tmp-<step>`` stays until
             :func:`clean_partial` (the next start) or the next save removes it.
     """
+
+    def write_extra(tmp: Path) -> None:
+        if extra:
+            import torch
+
+            torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
+
+    return write_checkpoint_atomically(
+        root, step, keep=keep, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+        write_all=lambda tmp: accelerator.save_state(str(tmp)), write_main=write_extra,
+    )  # fmt: skip
+
+
+def write_checkpoint_atomically(
+    root: str | Path,
+    step: int,
+    *,
+    keep: int | None,
+    is_main: bool,
+    barrier: Callable[[], None],
+    write_all: Callable[[Path], None],
+    write_main: Callable[[Path], None],
+) -> Path:
+    """The atomic write of ``root/step-<step>`` that every checkpoint format shares.
+
+    Every process calls this: ``write_all(tmp)`` runs on every process (the collective part),
+    then the main process runs ``write_main(tmp)``, writes the completeness record last, renames
+    ``tmp-step-<step>`` to ``step-<step>`` (``os.replace``), points ``latest`` at it and keeps
+    the newest ``keep``. A crash at any moment leaves no folder that counts as complete.
+
+    Raises:
+        ValueError: ``keep`` < 1.
+        FileExistsError: ``root/step-<step>`` exists (checked on every process first).
+        DiskFullError: the disk filled up while writing.
+    """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = Path(root)
@@ -385,23 +421,20 @@ def save_checkpoint(
         raise FileExistsError(
             f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)"
         )
-    if accelerator.is_main_process:
+    if is_main:
         root.mkdir(parents=True, exist_ok=True)
         clean_partial(root)
-    accelerator.wait_for_everyone()
+    barrier()
     try:
-        accelerator.save_state(str(tmp))
+        write_all(tmp)
     except OSError as e:
         if e.errno in _DISK_FULL:
             raise _disk_full(e, tmp, "checkpoint") from e
         raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    barrier()
+    if is_main:
         try:
-            if extra:
-                import torch
-
-                torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
+            write_main(tmp)
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
             _fsync_dir(tmp)
             os.replace(tmp, final)
@@ -415,7 +448,7 @@ def save_checkpoint(
             for _, old in list_checkpoints(root)[:-keep]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    barrier()
     return final
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,16 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpointing import (
-    _DISK_FULL,
     EXTRA_STATE,
     Stateful,
-    _disk_full,
-    _fsync_dir,
     _write_atomic,
-    clean_partial,
-    list_checkpoints,
-    step_dir_name,
-    write_manifest,
+    write_checkpoint_atomically,
 )
 
 __all__ = [
@@ -250,45 +242,17 @@ def save_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
 
     dist = _dist()
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    root = Path(root)
-    name = step_dir_name(step)
-    tmp, final = root / f"tmp-{name}", root / name
-    main = dist.get_rank() == 0
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)")
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        clean_partial(root)
-    dist.barrier()
-    try:
-        dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp))  # collective; metadata by rank 0
-    except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise _disk_full(e, tmp, "checkpoint") from e
-        raise
-    dist.barrier()
-    if main:
-        try:
-            torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
-            marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
-            _write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
-            write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_atomic(root / "latest", name + "\n")
-        except OSError as e:
-            if e.errno in _DISK_FULL:
-                raise _disk_full(e, tmp if tmp.exists() else final, "checkpoint") from e
-            raise
-        if keep is not None:
-            for _, old in list_checkpoints(root)[:-keep]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+
+    def write_main(tmp: Path) -> None:
+        torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
+        marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
+        _write_atomic(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
+
+    return write_checkpoint_atomically(
+        root, step, keep=keep, is_main=dist.get_rank() == 0, barrier=dist.barrier,
+        write_all=lambda tmp: dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp)),  # metadata by rank 0
+        write_main=write_main,
+    )  # fmt: skip
 
 
 def load_sharded_checkpoint(
