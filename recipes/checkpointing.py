@@ -60,6 +60,7 @@ __all__ = [
     "find_resumable",
     "list_checkpoints",
     "load_checkpoint",
+    "load_extra_state",
     "quarantine",
     "save_checkpoint",
     "step_dir_name",
@@ -471,13 +472,23 @@ def load_checkpoint(accelerator: Any, path: str | Path, *, extra: Mapping[str, S
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     accelerator.load_state(str(path))
+    load_extra_state(path, extra, writer="save_checkpoint")
+
+
+def load_extra_state(path: Path, extra: Mapping[str, Stateful] | None, *, writer: str) -> None:
+    """Restore ``extra``'s objects from ``path/extra_state.pt`` (``weights_only``); nothing if ``extra`` is empty.
+
+    Raises:
+        FileNotFoundError: the file is missing (``writer``: the function that should have written it).
+        KeyError: the file lacks one of the names in ``extra``.
+    """
     if not extra:
         return
     import torch
 
     file = path / EXTRA_STATE
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; {path} was not written by save_checkpoint with extra state")
+        raise FileNotFoundError(f"{file} is missing; {path} was not written by {writer} with extra state")
     states = torch.load(file, map_location="cpu", weights_only=True)
     missing = sorted(set(extra) - set(states))
     if missing:

@@ -40,6 +40,7 @@ from .checkpointing import (
     EXTRA_STATE,
     Stateful,
     _write_atomic,
+    load_extra_state,
     write_checkpoint_atomically,
 )
 
@@ -283,17 +284,7 @@ def load_sharded_checkpoint(
         raise KeyError(f"{path} holds no EMA weights but the run has train.ema_decay set")
     dcp.load(state, checkpoint_id=str(path))  # in place, into the local shards
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if not extra:
-        return
-    file = path / EXTRA_STATE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing")
-    states = torch.load(file, map_location="cpu", weights_only=True)
-    missing = sorted(set(extra) - set(states))
-    if missing:
-        raise KeyError(f"{file} has no state for {missing}; it holds {sorted(states)}")
-    for key, obj in extra.items():
-        obj.load_state_dict(states[key])
+    load_extra_state(path, extra, writer="save_sharded_checkpoint")
 
 
 def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: str = "model") -> dict[str, Tensor]:
