@@ -116,21 +116,12 @@ def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Mod
     """``FluxTransformer2DModel``: 1 double + 1 single block, hidden 16, 64 -> 16 packed channels."""
     from diffusers import FluxTransformer2DModel
 
-    return _build(
-        FluxTransformer2DModel,
-        path,
-        seed,
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
+    from dfm_ext.recipes.tiny_flux_assets import tiny_flux_transformer_config
+
+    config = tiny_flux_transformer_config(
+        text_dim=TEXT_DIM, pooled_dim=POOLED_DIM, guidance_embeds=guidance_embeds, latent_channels=LATENT_CHANNELS
     )
+    return _build(FluxTransformer2DModel, path, seed, **config)
 
 
 # What the CogVideoX 1.0 and 1.5 tiny models have in common.
