@@ -37,7 +37,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -254,6 +254,20 @@ def save_results(results: dict[str, Any], path: Path) -> None:
     write_text_atomic(path, json.dumps(results, indent=1))
 
 
+def train_interleaved(trainers: dict[str, StudyTrainer], order: list[str], budget: int, chunk: int, *,
+                      after_round: Callable[[], None] | None = None) -> None:
+    """Step every trainer to ``budget``, ``chunk`` steps at a time, reversing ``order`` each round
+    so that no arm always runs first (they share the machine's wall clock)."""
+    while any(tr.steps_done < budget for tr in trainers.values()):
+        for arm in order:
+            tr = trainers[arm]
+            for _ in range(min(chunk, budget - tr.steps_done)):
+                tr.step()
+        order.reverse()
+        if after_round is not None:
+            after_round()
+
+
 def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol: Protocol, results: dict[str, Any],
               res_path: Path, out: Path, data: ImageDataset, reference: Reference, levels: dict[str, Any],
               log: Any) -> None:  # fmt: skip
@@ -272,17 +286,14 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
         if tr.steps_done > budget:
             raise RuntimeError(f"{sp} is at step {tr.steps_done}, past {budget} which has no evaluation")
         trainers[arm] = tr
-    order = list(todo)
-    while any(tr.steps_done < budget for tr in trainers.values()):
-        for arm in order:
-            tr = trainers[arm]
-            for _ in range(min(protocol.chunk, budget - tr.steps_done)):
-                tr.step()
-        order.reverse()
+
+    def progress() -> None:
         done = min(tr.steps_done for tr in trainers.values())
         if done % 250 == 0:
             log(f"  [{time.strftime('%H:%M:%S')}] step {done}: " + ", ".join(
                 f"{a} {tr.seconds / tr.steps_done:.3f} s/step" for a, tr in trainers.items()))
+
+    train_interleaved(trainers, list(todo), budget, protocol.chunk, after_round=progress)
     for arm, tr in trainers.items():
         start = time.perf_counter()
         fake = generate(tr, protocol, seed)
@@ -670,13 +681,7 @@ def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, ou
     for budget in at:
         if all(str(budget) in done["runs"].get(a, {}).get("evals", {}) for a in trainers):
             continue
-        order = list(trainers)
-        while any(tr.steps_done < budget for tr in trainers.values()):
-            for arm in order:
-                tr = trainers[arm]
-                for _ in range(min(protocol.chunk, budget - tr.steps_done)):
-                    tr.step()
-            order.reverse()
+        train_interleaved(trainers, list(trainers), budget, protocol.chunk)
         for arm, tr in trainers.items():
             fake = generate(tr, protocol, 0)
             scores = reference.score(fake, seed=0)

@@ -27,12 +27,14 @@ __all__ = [
     "assets_main",
     "cache_builder_parser",
     "check_batch",
+    "check_latent_cache",
     "check_vae_path",
     "cycled_labels",
     "drop_labels",
     "dropout_mask",
     "looks_local",
     "parse_config_args",
+    "prepare_run",
     "save_progressive_samples",
     "train_main",
     "usage_error",
@@ -122,6 +124,24 @@ def usage_error(e: BaseException) -> int:
     """Print ``error: <e>`` on stderr; returns the exit status of a usage error (2)."""
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def check_latent_cache(path: str) -> None:
+    """Fail fast on a ``data.latent_cache`` folder without ``index.json``."""
+    if not (Path(path) / "index.json").is_file():
+        raise FileNotFoundError(f"data.latent_cache={path!r} has no index.json (build it first)")
+
+
+def prepare_run(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], tuple[str, T]],
+    check_inputs: Callable[[T], None],
+    build_dataset: Callable[[T], Any],
+) -> tuple[str, T, Any]:
+    """``(name, config, dataset)``: parse, check the inputs, open the data (all before compute)."""
+    name, cfg = parse_args(argv)
+    check_inputs(cfg)
+    return name, cfg, build_dataset(cfg)
 
 
 def check_vae_path(path: str | None, subfolder: str | None, vae_class: str) -> None:

@@ -44,7 +44,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from dfm_ext.fileio import atomic_write_text, fsync_directory
 
@@ -62,11 +62,13 @@ __all__ = [
     "find_resumable",
     "list_checkpoints",
     "load_checkpoint",
+    "load_extra_state",
     "quarantine",
     "save_checkpoint",
     "step_dir_name",
     "validate_legacy",
     "verify_manifest",
+    "write_checkpoint_atomically",
     "write_manifest",
 ]
 
@@ -379,6 +381,41 @@ def save_checkpoint(
         DiskFullError: the disk filled up while writing; ``tmp-<step>`` stays until
             :func:`clean_partial` (the next start) or the next save removes it.
     """
+
+    def write_extra(tmp: Path) -> None:
+        if extra:
+            import torch
+
+            torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
+
+    return write_checkpoint_atomically(
+        root, step, keep=keep, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+        write_all=lambda tmp: accelerator.save_state(str(tmp)), write_main=write_extra,
+    )  # fmt: skip
+
+
+def write_checkpoint_atomically(
+    root: str | Path,
+    step: int,
+    *,
+    keep: int | None,
+    is_main: bool,
+    barrier: Callable[[], None],
+    write_all: Callable[[Path], None],
+    write_main: Callable[[Path], None],
+) -> Path:
+    """The atomic write of ``root/step-<step>`` that every checkpoint format shares.
+
+    Every process calls this: ``write_all(tmp)`` runs on every process (the collective part),
+    then the main process runs ``write_main(tmp)``, writes the completeness record last, renames
+    ``tmp-step-<step>`` to ``step-<step>`` (``os.replace``), points ``latest`` at it and keeps
+    the newest ``keep``. A crash at any moment leaves no folder that counts as complete.
+
+    Raises:
+        ValueError: ``keep`` < 1.
+        FileExistsError: ``root/step-<step>`` exists (checked on every process first).
+        DiskFullError: the disk filled up while writing.
+    """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = Path(root)
@@ -389,23 +426,20 @@ def save_checkpoint(
         raise FileExistsError(
             f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)"
         )
-    if accelerator.is_main_process:
+    if is_main:
         root.mkdir(parents=True, exist_ok=True)
         clean_partial(root)
-    accelerator.wait_for_everyone()
+    barrier()
     try:
-        accelerator.save_state(str(tmp))
+        write_all(tmp)
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
             raise disk_full_error(e, tmp, "checkpoint") from e
         raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    barrier()
+    if is_main:
         try:
-            if extra:
-                import torch
-
-                torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
+            write_main(tmp)
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
             _fsync_dir(tmp)
             os.replace(tmp, final)
@@ -419,7 +453,7 @@ def save_checkpoint(
             for _, old in list_checkpoints(root)[:-keep]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    barrier()
     return final
 
 
@@ -442,13 +476,23 @@ def load_checkpoint(accelerator: Any, path: str | Path, *, extra: Mapping[str, S
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     accelerator.load_state(str(path))
+    load_extra_state(path, extra, writer="save_checkpoint")
+
+
+def load_extra_state(path: Path, extra: Mapping[str, Stateful] | None, *, writer: str) -> None:
+    """Restore ``extra``'s objects from ``path/extra_state.pt`` (``weights_only``); nothing if ``extra`` is empty.
+
+    Raises:
+        FileNotFoundError: the file is missing (``writer``: the function that should have written it).
+        KeyError: the file lacks one of the names in ``extra``.
+    """
     if not extra:
         return
     import torch
 
     file = path / EXTRA_STATE
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; {path} was not written by save_checkpoint with extra state")
+        raise FileNotFoundError(f"{file} is missing; {path} was not written by {writer} with extra state")
     states = torch.load(file, map_location="cpu", weights_only=True)
     missing = sorted(set(extra) - set(states))
     if missing:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, save_progressive_samples, train_main
+from ._common import ClassConditionalTask, check_batch, check_latent_cache, check_vae_path, cycled_labels, parse_config_args, prepare_run, save_progressive_samples, train_main
 from .config import ConfigError
 from .decomposition_section import build_decomposition
 from .eval_metrics import sample_metrics
@@ -249,16 +249,14 @@ def check_inputs(cfg: ImageNetConfig) -> None:
         root = Path(cfg.data.root)  # type: ignore[arg-type]
         if not root.is_dir():
             raise FileNotFoundError(f"data.root={cfg.data.root!r} does not exist or is not a folder")
-    elif not (Path(cfg.data.latent_cache) / "index.json").is_file():
-        raise FileNotFoundError(f"data.latent_cache={cfg.data.latent_cache!r} has no index.json (build it first)")
+    else:
+        check_latent_cache(cfg.data.latent_cache)
     check_vae_path(cfg.vae.path, cfg.vae.subfolder, "AutoencoderKL")
 
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, ImageNetConfig, torch.utils.data.Dataset]:
     """Parse, validate and open the data; everything that can fail before compute is spent."""
-    name, cfg = parse_args(argv)
-    check_inputs(cfg)
-    return name, cfg, build_dataset(cfg)
+    return prepare_run(argv, parse_args, check_inputs, build_dataset)
 
 
 def run(name: str, cfg: ImageNetConfig, dataset: torch.utils.data.Dataset) -> TrainResult:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._common import ClassConditionalTask, check_batch, check_vae_path, cycled_labels, parse_config_args, train_main
+from ._common import ClassConditionalTask, check_batch, check_latent_cache, check_vae_path, cycled_labels, parse_config_args, prepare_run, train_main
 from .config import ConfigError
 from .decomposition_section import build_decomposition
 from .engine import StepLoss, Trainer, TrainResult
@@ -416,8 +416,7 @@ def check_inputs(cfg: KineticsConfig) -> None:
     """Fail fast on missing data/VAE paths before any model is built."""
     d = cfg.data
     if d.latent_cache is not None:
-        if not (Path(d.latent_cache) / "index.json").is_file():
-            raise FileNotFoundError(f"data.latent_cache={d.latent_cache!r} has no index.json (build it first)")
+        check_latent_cache(d.latent_cache)
     elif d.annotations is not None:
         if not Path(d.annotations).is_file():
             raise FileNotFoundError(f"data.annotations={d.annotations!r} does not exist")
@@ -428,9 +427,7 @@ def check_inputs(cfg: KineticsConfig) -> None:
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig, torch.utils.data.Dataset]:
     """Parse, validate and open the data; everything that can fail before compute is spent."""
-    name, cfg = parse_args(argv)
-    check_inputs(cfg)
-    return name, cfg, build_dataset(cfg)
+    return prepare_run(argv, parse_args, check_inputs, build_dataset)
 
 
 def run(name: str, cfg: KineticsConfig, dataset: torch.utils.data.Dataset) -> TrainResult:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,17 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.fileio import atomic_write_text, fsync_directory
+from dfm_ext.fileio import atomic_write_text
 
 from .checkpointing import (
-    DISK_FULL_ERRNOS,
     EXTRA_STATE,
     Stateful,
-    clean_partial,
-    disk_full_error,
-    list_checkpoints,
-    step_dir_name,
-    write_manifest,
+    load_extra_state,
+    write_checkpoint_atomically,
 )
 
 __all__ = [
@@ -250,45 +244,17 @@ def save_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
 
     dist = _dist()
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    root = Path(root)
-    name = step_dir_name(step)
-    tmp, final = root / f"tmp-{name}", root / name
-    main = dist.get_rank() == 0
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)")
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        clean_partial(root)
-    dist.barrier()
-    try:
-        dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp))  # collective; metadata by rank 0
-    except OSError as e:
-        if e.errno in DISK_FULL_ERRNOS:
-            raise disk_full_error(e, tmp, "checkpoint") from e
-        raise
-    dist.barrier()
-    if main:
-        try:
-            torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
-            marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
-            atomic_write_text(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
-            write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            fsync_directory(tmp)
-            os.replace(tmp, final)
-            fsync_directory(root)
-            atomic_write_text(root / "latest", name + "\n")
-        except OSError as e:
-            if e.errno in DISK_FULL_ERRNOS:
-                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
-            raise
-        if keep is not None:
-            for _, old in list_checkpoints(root)[:-keep]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+
+    def write_main(tmp: Path) -> None:
+        torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
+        marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
+        atomic_write_text(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
+
+    return write_checkpoint_atomically(
+        root, step, keep=keep, is_main=dist.get_rank() == 0, barrier=dist.barrier,
+        write_all=lambda tmp: dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp)),  # metadata by rank 0
+        write_main=write_main,
+    )  # fmt: skip
 
 
 def load_sharded_checkpoint(
@@ -319,17 +285,7 @@ def load_sharded_checkpoint(
         raise KeyError(f"{path} holds no EMA weights but the run has train.ema_decay set")
     dcp.load(state, checkpoint_id=str(path))  # in place, into the local shards
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if not extra:
-        return
-    file = path / EXTRA_STATE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing")
-    states = torch.load(file, map_location="cpu", weights_only=True)
-    missing = sorted(set(extra) - set(states))
-    if missing:
-        raise KeyError(f"{file} has no state for {missing}; it holds {sorted(states)}")
-    for key, obj in extra.items():
-        obj.load_state_dict(states[key])
+    load_extra_state(path, extra, writer="save_sharded_checkpoint")
 
 
 def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: str = "model") -> dict[str, Tensor]:

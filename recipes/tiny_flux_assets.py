@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CAPTIONS", "make_captioned_images", "make_tiny_flux", "make_tiny_text_encoders"]
+__all__ = ["CAPTIONS", "make_captioned_images", "make_tiny_flux", "make_tiny_text_encoders", "tiny_flux_transformer_config"]
 
 #: Photo -> caption words (the tiny tokenizers' vocabulary comes from these).
 CAPTIONS = {
@@ -125,6 +125,24 @@ def make_tiny_text_encoders(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
+def tiny_flux_transformer_config(
+    *, text_dim: int = T5_DIM, pooled_dim: int = POOLED_DIM, guidance_embeds: bool = True, latent_channels: int = LATENT_CHANNELS
+) -> dict:
+    """``FluxTransformer2DModel`` kwargs: 1 double + 1 single block, hidden 16, ``4 C`` packed channels."""
+    return dict(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
 def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A complete FLUX-layout folder: tiny transformer, VAE and both text encoders with tokenizers."""
     import torch
@@ -136,18 +154,7 @@ def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = T
     make_tiny_vae(path, seed=seed, latent_channels=LATENT_CHANNELS)
     make_tiny_text_encoders(path, seed=seed)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=T5_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
-    )
+    transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(guidance_embeds=guidance_embeds))
     # diffusers zero-initialises nothing in Flux, but make the random init far from trivial anyway.
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -50,23 +50,23 @@ def _build(cls: type, path: Path, seed: int, **config) -> nn.Module:
     return cls.from_pretrained(Path(path), torch_dtype=torch.float32).eval()
 
 
+# What the DiT, PixArt and SD3 tiny models have in common: 2 blocks, hidden 16, patch 2, 8x8 latents.
+_IMAGE_2D = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=LATENT_CHANNELS,
+    num_layers=2,
+    sample_size=8,
+    patch_size=2,
+)
+
+
 def tiny_dit(path: Path, seed: int = 0, learn_sigma: bool = True) -> nn.Module:
     """``DiTTransformer2DModel``: 2 blocks, hidden 16, patch 2, 8x8 latents, 10 classes."""
     from diffusers import DiTTransformer2DModel
 
-    return _build(
-        DiTTransformer2DModel,
-        path,
-        seed,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=LATENT_CHANNELS,
-        out_channels=2 * LATENT_CHANNELS if learn_sigma else LATENT_CHANNELS,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-    )
+    out_channels = 2 * LATENT_CHANNELS if learn_sigma else LATENT_CHANNELS
+    return _build(DiTTransformer2DModel, path, seed, **_IMAGE_2D, out_channels=out_channels, num_embeds_ada_norm=10)
 
 
 def tiny_pixart(path: Path, seed: int = 0) -> nn.Module:
@@ -77,14 +77,9 @@ def tiny_pixart(path: Path, seed: int = 0) -> nn.Module:
         PixArtTransformer2DModel,
         path,
         seed,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=LATENT_CHANNELS,
+        **_IMAGE_2D,
         out_channels=2 * LATENT_CHANNELS,
-        num_layers=2,
         cross_attention_dim=16,
-        sample_size=8,
-        patch_size=2,
         caption_channels=TEXT_DIM,
         use_additional_conditions=False,
     )
@@ -98,12 +93,7 @@ def tiny_sd3(path: Path, seed: int = 0) -> nn.Module:
         SD3Transformer2DModel,
         path,
         seed,
-        sample_size=8,
-        patch_size=2,
-        in_channels=LATENT_CHANNELS,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
+        **_IMAGE_2D,
         joint_attention_dim=TEXT_DIM,
         caption_projection_dim=16,
         pooled_projection_dim=POOLED_DIM,
@@ -116,21 +106,12 @@ def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Mod
     """``FluxTransformer2DModel``: 1 double + 1 single block, hidden 16, 64 -> 16 packed channels."""
     from diffusers import FluxTransformer2DModel
 
-    return _build(
-        FluxTransformer2DModel,
-        path,
-        seed,
-        patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
+    from dfm_ext.recipes.tiny_flux_assets import tiny_flux_transformer_config
+
+    config = tiny_flux_transformer_config(
+        text_dim=TEXT_DIM, pooled_dim=POOLED_DIM, guidance_embeds=guidance_embeds, latent_channels=LATENT_CHANNELS
     )
+    return _build(FluxTransformer2DModel, path, seed, **config)
 
 
 # What the CogVideoX 1.0 and 1.5 tiny models have in common.

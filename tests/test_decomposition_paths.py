@@ -129,12 +129,9 @@ def _recipe_overrides(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+    from _recipe_fixtures import tiny_image_assets
 
-    root = tmp_path_factory.mktemp("paths_assets")
-    make_image_folder(root / "images", per_class=2, size=40)
-    make_tiny_vae(root)
-    return root
+    return tiny_image_assets(tmp_path_factory.mktemp("paths_assets"), per_class=2)
 
 
 def _check_recipe_run(out: Path, name: str) -> None:

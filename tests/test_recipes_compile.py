@@ -19,26 +19,20 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from dfm_ext.recipes.imagenet import main as imagenet_main
-from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+
+from _recipe_fixtures import logged_losses, tiny_argv, tiny_image_assets
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("compile_assets")
-    make_image_folder(root / "images", per_class=3, size=40)
-    make_tiny_vae(root)
-    return root
+    return tiny_image_assets(tmp_path_factory.mktemp("compile_assets"), per_class=3)
 
 
 def _run(assets: Path, out: Path, steps: int, *extra: str) -> dict[int, float]:
     torch._dynamo.reset()
     counters.clear()
-    argv = [
-        "--config", "tiny",
-        f"data.root={assets / 'images'}",
-        f"vae.path={assets}",
-        f"train.output_dir={out}",
-        f"train.steps={steps}",
+    argv = tiny_argv(
+        assets / "images", assets, out, steps,
         "train.global_batch_size=4",
         "train.log_every=1",
         "train.checkpoint_every=3",
@@ -48,14 +42,9 @@ def _run(assets: Path, out: Path, steps: int, *extra: str) -> dict[int, float]:
         "optim.lr=3e-3",
         "optim.warmup_steps=1",
         *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
     assert imagenet_main(argv) == 0
-    losses: dict[int, float] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            losses[rec["step"]] = rec["loss"]
-    return losses
+    return logged_losses(out)
 
 
 def test_compiled_training_equals_eager_and_resumes_uncompiled(assets: Path, tmp_path: Path) -> None:

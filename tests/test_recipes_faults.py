@@ -28,26 +28,20 @@ from dfm_ext.recipes.checkpointing import (
     write_manifest,
 )
 from dfm_ext.recipes.imagenet import main as imagenet_main
-from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+
+from _recipe_fixtures import tiny_argv, tiny_image_assets
 
 STEPS = 12  # checkpoints at 4, 8, 12
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fault_assets")
-    make_image_folder(root / "images", per_class=4, size=40)
-    make_tiny_vae(root)
-    return root
+    return tiny_image_assets(tmp_path_factory.mktemp("fault_assets"))
 
 
 def _run(assets: Path, out: Path, steps: int = STEPS, *extra: str) -> int:
-    return imagenet_main([
-        "--config", "tiny",
-        f"data.root={assets / 'images'}",
-        f"vae.path={assets}",
-        f"train.output_dir={out}",
-        f"train.steps={steps}",
+    return imagenet_main(tiny_argv(
+        assets / "images", assets, out, steps,
         "train.checkpoint_every=4",
         "train.keep_checkpoints=10",
         "train.log_every=1",
@@ -57,7 +51,7 @@ def _run(assets: Path, out: Path, steps: int = STEPS, *extra: str) -> int:
         "optim.lr=3e-3",
         "optim.warmup_steps=2",
         *extra,
-    ])  # fmt: skip
+    ))  # fmt: skip
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
-
 from _launch import ACCELERATE, free_port, launch_two_cpu_processes
+from _recipe_fixtures import logged_losses as _losses
+from _recipe_fixtures import recipe_env as _env
+from _recipe_fixtures import tiny_argv, tiny_image_assets, wait_for_checkpoint
 
 STEPS = 10
 LORA = ["specialize.kind=lora", "specialize.targets=[mlp,attn]", "specialize.rank=2",
@@ -41,25 +41,15 @@ LORA = ["specialize.kind=lora", "specialize.targets=[mlp,attn]", "specialize.ran
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fsdp_assets")
-    make_image_folder(root / "images", per_class=4, size=40)
-    make_tiny_vae(root)
-    return root
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
+    return tiny_image_assets(tmp_path_factory.mktemp("fsdp_assets"))
 
 
 def _args(assets: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", "tiny", f"data.root={assets / 'images'}", f"vae.path={assets}", f"train.output_dir={out}",
-        f"train.steps={STEPS}", "train.log_every=1", "train.checkpoint_every=4", "train.keep_checkpoints=2",
+    return tiny_argv(
+        assets / "images", assets, out, STEPS, "train.log_every=1", "train.checkpoint_every=4", "train.keep_checkpoints=2",
         f"train.sample_every={STEPS}", "train.progress=false", "train.trackers=[]", "optim.lr=3e-3",
         "optim.warmup_steps=2", *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _run(assets: Path, out: Path, *extra: str) -> Path:
@@ -114,15 +104,6 @@ def _outputs(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[tor
     t, stage, y = torch.rand(4, 2, generator=g), torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         return model(stages, t, stage, y=y)
-
-
-def _losses(out: Path) -> dict[int, float]:
-    losses: dict[int, float] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            losses[rec["step"]] = rec["loss"]
-    return losses
 
 
 def _pixels(out: Path) -> np.ndarray:
@@ -196,13 +177,8 @@ def test_sigkill_and_resume_from_sharded_checkpoint(assets: Path, lora_runs, tmp
     env = {**_env(), "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if latest.is_file() and latest.read_text().strip() == "step-000004":
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        wait_for_checkpoint(proc, out)
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once
     finally:
         proc.wait(timeout=60)

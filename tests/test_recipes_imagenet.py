@@ -8,11 +8,9 @@ code paths users run.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,10 @@ from safetensors.torch import load_file
 
 from dfm_ext.recipes.build_latent_cache import main as build_cache_main
 from dfm_ext.recipes.imagenet import main as imagenet_main
-from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
-
 from _launch import launch_two_cpu_processes
+from _recipe_fixtures import logged_losses as _losses
+from _recipe_fixtures import recipe_env as _env
+from _recipe_fixtures import tiny_argv, tiny_image_assets, wait_for_checkpoint
 
 PY = sys.executable
 STEPS = 12
@@ -32,29 +31,17 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imagenet_assets")
-    make_image_folder(root / "images", per_class=4, size=40)
+    root = tiny_image_assets(tmp_path_factory.mktemp("imagenet_assets"))
     # One truncated file and one non-image among the real photos: skipped and counted, not fatal.
     victim = sorted((root / "images" / "coffee").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:80])
     (root / "images" / "rocket" / "broken.png").write_text("not a png")
-    make_tiny_vae(root)
     return root
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _args(assets: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", "tiny",
-        f"data.root={assets / 'images'}",
-        f"vae.path={assets}",
-        f"train.output_dir={out}",
-        f"train.steps={STEPS}",
+    return tiny_argv(
+        assets / "images", assets, out, STEPS,
         "train.log_every=1",
         "train.checkpoint_every=4",
         "train.keep_checkpoints=2",
@@ -63,7 +50,7 @@ def _args(assets: Path, out: Path, *extra: str) -> list[str]:
         "optim.lr=3e-3",  # so that 12 steps show a clear fall of the loss
         "optim.warmup_steps=2",
         *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def _single(assets: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -73,16 +60,6 @@ def _single(assets: Path, out: Path, *extra: str, check: bool = True) -> subproc
         assert res.returncode == 0, res.stderr[-3000:]
     return res
 
-
-
-def _losses(out: Path) -> dict[int, float]:
-    """The last logged training loss of every step (a resumed run re-logs replayed steps)."""
-    losses: dict[int, float] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            losses[rec["step"]] = rec["loss"]
-    return losses
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -130,13 +107,8 @@ def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, 
     cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if latest.is_file() and latest.read_text().strip() == "step-000004":
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        wait_for_checkpoint(proc, out)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)

@@ -28,7 +28,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_value", "float_sequence", "on_host"]
+__all__ = ["check_index", "check_value", "float_sequence", "on_host"]
+
+
+def check_index(value: object, size: int, name: str) -> int:
+    """A host int ``value`` in ``[0, size - 1]`` (a stage index, ``preview``'s ``upto``).
+
+    Raises:
+        TypeError: ``value`` is not an int (``bool`` is refused).
+        ValueError: ``value`` is out of range; the message names ``name``, the range and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < size:
+        raise ValueError(f"{name} must be in [0, {size - 1}], got {value}")
+    return value
 
 
 def on_host(*tensors: Tensor) -> bool:

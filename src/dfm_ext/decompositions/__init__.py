@@ -10,6 +10,7 @@ from dfm_ext.decompositions.dct import DCTDecomposition
 from dfm_ext.decompositions.factory import DECOMPOSITION_KINDS, decomposition_config, decomposition_from_config
 from dfm_ext.decompositions.identity import IdentityDecomposition
 from dfm_ext.decompositions.laplacian import LaplacianPyramid
+from dfm_ext.decompositions.pyramid import ResidualPyramid
 from dfm_ext.decompositions.wavelet import WaveletDecomposition
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Decomposition",
     "IdentityDecomposition",
     "LaplacianPyramid",
+    "ResidualPyramid",
     "WaveletDecomposition",
     "decomposition_config",
     "decomposition_from_config",

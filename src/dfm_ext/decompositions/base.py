@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from dfm_ext.validation import check_index
+
 __all__ = ["Decomposition", "check_sample", "check_stages", "check_upto"]
 
 
@@ -88,8 +90,4 @@ def check_stages(stages: object, expected: Sequence[Sequence[int]] | None, num_s
 
 def check_upto(upto: object, num_stages: int) -> int:
     """Validate a stage index for ``preview``."""
-    if isinstance(upto, bool) or not isinstance(upto, int):
-        raise TypeError(f"upto must be an int, got {type(upto).__name__}")
-    if not 0 <= upto < num_stages:
-        raise ValueError(f"upto must be in [0, {num_stages - 1}], got {upto}")
-    return upto
+    return check_index(upto, num_stages, "upto")

@@ -30,13 +30,12 @@ from torch import Tensor
 from dfm_ext.decompositions.resample import (
     HALF_DTYPES,
     check_divisible,
-    check_recompose_input,
     check_shape,
     fold_frames,
     unfold_frames,
-    upcast,
 )
 from dfm_ext.decompositions.base import check_sample
+from dfm_ext.decompositions.pyramid import ResidualPyramid
 
 __all__ = ["DCTDecomposition", "dct_matrix"]
 
@@ -57,7 +56,7 @@ def dct_matrix(n: int, *, dtype: torch.dtype = torch.float64, device: torch.devi
     return d.to(dtype=dtype, device=device)
 
 
-class DCTDecomposition:
+class DCTDecomposition(ResidualPyramid):
     """Block-DCT frequency bands of images ``[B, C, H, W]`` or videos ``[B, C, T, H, W]`` (per frame).
 
     Args:
@@ -189,28 +188,8 @@ class DCTDecomposition:
         stages = [d[0]] + [d[s] - self._up(d[s - 1], k[s - 1], k[s]) for s in range(1, len(d))]
         return [unfold_frames(st, x.shape) for st in stages]
 
-    def _accumulate(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
-        # Half precision: accumulate in float32, return the stages' dtype (see HALF_DTYPES).
-        stages, back = upcast(stages)
-        out = self._accumulate_exact(stages, like)
-        return out if back is None else out.to(back)
-
-    def _accumulate_exact(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
-        k = self._sizes
-        xbar = fold_frames(stages[0])
-        for s in range(1, len(stages)):
-            xbar = self._up(xbar, k[s - 1], k[s]) + fold_frames(stages[s])
-        return unfold_frames(xbar, like)
-
-    def recompose(self, stages: Sequence[Tensor]) -> Tensor:
-        """Exact inverse of :meth:`decompose`: sum every stage's coefficients, inverse block DCT."""
-        stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio)
-        return self._accumulate(stages, full)
-
-    def preview(self, stages: Sequence[Tensor], upto: int) -> Tensor:
-        """Bands ``0..upto`` at stage ``upto``'s resolution (``k_upto / b``); stages may be a prefix."""
-        stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio, upto=upto)
-        return self._accumulate(stages[: upto + 1], full)
+    def _upsample(self, xbar: Tensor, s: int, full: tuple[int, ...]) -> Tensor:
+        return self._up(xbar, self._sizes[s - 1], self._sizes[s])
 
     def __repr__(self) -> str:
         return f"DCTDecomposition(block_size={self.block_size}, bands={self.bands})"

@@ -20,10 +20,8 @@ from torch import Tensor
 from dfm_ext.decompositions.resample import (
     DOWN_MODES,
     HALF_DTYPES,
-    upcast,
     UP_MODES,
     check_divisible,
-    check_recompose_input,
     check_shape,
     fold_frames,
     resize_spatial,
@@ -31,6 +29,7 @@ from dfm_ext.decompositions.resample import (
     unfold_frames,
 )
 from dfm_ext.decompositions.base import check_sample
+from dfm_ext.decompositions.pyramid import ResidualPyramid
 
 __all__ = ["LaplacianPyramid"]
 
@@ -55,7 +54,7 @@ def _check_factors(value: object, name: str, *, strict: bool) -> tuple[int, ...]
     return out
 
 
-class LaplacianPyramid:
+class LaplacianPyramid(ResidualPyramid):
     """Laplacian pyramid over images ``[B, C, H, W]`` or videos ``[B, C, T, H, W]``.
 
     Args:
@@ -175,30 +174,16 @@ class LaplacianPyramid:
         d = [self._resample(x, shp, down=True) for shp in shapes]
         return [d[0]] + [d[s] - self._resample(d[s - 1], shapes[s], down=False) for s in range(1, len(d))]
 
-    def _accumulate(self, stages: list[Tensor], shapes: list[tuple[int, ...]]) -> Tensor:
-        # Half precision: accumulate in float32, return the stages' dtype (see HALF_DTYPES).
-        stages, back = upcast(stages)
-        out = self._accumulate_exact(stages, shapes)
-        return out if back is None else out.to(back)
+    @staticmethod
+    def _fold(x: Tensor) -> Tensor:
+        return x  # resampling handles [B, C, T, H, W] itself
 
-    def _accumulate_exact(self, stages: list[Tensor], shapes: list[tuple[int, ...]]) -> Tensor:
-        xbar = stages[0]
-        for s in range(1, len(stages)):
-            xbar = self._resample(xbar, shapes[s], down=False) + stages[s]
-        return xbar
+    @staticmethod
+    def _unfold(y: Tensor, like: tuple[int, ...]) -> Tensor:
+        return y
 
-    def recompose(self, stages: Sequence[Tensor]) -> Tensor:
-        """Exact inverse of :meth:`decompose`: ``xbar_s = up(xbar_{s-1}) + x_s``; returns ``xbar_{S-1}``."""
-        stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio)
-        return self._accumulate(stages, self.stage_shapes(full))
-
-    def preview(self, stages: Sequence[Tensor], upto: int) -> Tensor:
-        """``xbar_upto``: the sample from stages ``0..upto``, at stage ``upto``'s resolution.
-
-        ``stages`` may be the full list or just its first ``upto + 1`` entries.
-        """
-        stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio, upto=upto)
-        return self._accumulate(stages[: upto + 1], self.stage_shapes(full))
+    def _upsample(self, xbar: Tensor, s: int, full: tuple[int, ...]) -> Tensor:
+        return self._resample(xbar, self.stage_shapes(full)[s], down=False)
 
     def __repr__(self) -> str:
         extra = "" if self.temporal_factors is None else f", temporal_factors={self.temporal_factors}"

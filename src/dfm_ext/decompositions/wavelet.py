@@ -39,13 +39,12 @@ from torch import Tensor
 from dfm_ext.decompositions.resample import (
     HALF_DTYPES,
     check_divisible,
-    check_recompose_input,
     check_shape,
     fold_frames,
     unfold_frames,
-    upcast,
 )
 from dfm_ext.decompositions.base import check_sample
+from dfm_ext.decompositions.pyramid import ResidualPyramid
 
 __all__ = ["WaveletDecomposition"]
 
@@ -102,7 +101,7 @@ def _check_wave(wave: object) -> str:
     return wave
 
 
-class WaveletDecomposition:
+class WaveletDecomposition(ResidualPyramid):
     """Wavelet decomposition of images ``[B, C, H, W]`` or videos ``[B, C, T, H, W]`` (per frame).
 
     Args:
@@ -293,33 +292,12 @@ class WaveletDecomposition:
             stages.append(self._synthesize(synth, zero, list(band)) * 2.0 ** -r[s])
         return [unfold_frames(st, x.shape) for st in stages]
 
-    def _accumulate(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
-        # Half precision: accumulate in float32, return the stages' dtype (see HALF_DTYPES).
-        stages, back = upcast(stages)
-        out = self._accumulate_exact(stages, like)
-        return out if back is None else out.to(back)
-
-    def _accumulate_exact(self, stages: list[Tensor], like: tuple[int, ...]) -> Tensor:
-        r = self._levels_of_stages
-        xbar = fold_frames(stages[0])
+    def _upsample(self, xbar: Tensor, s: int, full: tuple[int, ...]) -> Tensor:
+        levels = self._levels_of_stages[s - 1] - self._levels_of_stages[s]
         if self.closed_form:
-            for s in range(1, len(stages)):
-                xbar = _repeat(xbar, 2 ** (r[s - 1] - r[s])) + fold_frames(stages[s])
-            return unfold_frames(xbar, like)
-        _, synth = self._transforms(stages[0].dtype, stages[0].device)
-        for s in range(1, len(stages)):
-            xbar = self._up(synth, xbar, r[s - 1] - r[s]) + fold_frames(stages[s])
-        return unfold_frames(xbar, like)
-
-    def recompose(self, stages: Sequence[Tensor]) -> Tensor:
-        """Exact inverse of :meth:`decompose`: ``xbar_s = up(xbar_{s-1}) + x_s``; returns ``xbar_{S-1}``."""
-        stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio)
-        return self._accumulate(stages, full)
-
-    def preview(self, stages: Sequence[Tensor], upto: int) -> Tensor:
-        """``xbar_upto`` at stage ``upto``'s resolution (``A_{r_upto}``); stages may be a prefix."""
-        stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio, upto=upto)
-        return self._accumulate(stages[: upto + 1], full)
+            return _repeat(xbar, 2**levels)
+        _, synth = self._transforms(xbar.dtype, xbar.device)
+        return self._up(synth, xbar, levels)
 
     def __repr__(self) -> str:
         return (

@@ -99,6 +99,10 @@ class SetShapes:
         self.shapes: dict[bool, tuple[int, ...]] = {}
 
     def check(self, images: Tensor, real: bool) -> None:
+        """Validate a batch (:func:`check_images`) and the ``real`` flag, then its shape against the sets'."""
+        check_images(images)
+        if not isinstance(real, bool):
+            raise TypeError(f"real must be a bool, got {type(real).__name__}")
         which = "real" if real else "fake"
         shape = tuple(images.shape[1:])
         other = self.shapes.get(not real)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._images import ImageSource, SetShapes, check_images, iter_batches, num_batches, progress, to_unit_range
+from ._images import ImageSource, SetShapes, iter_batches, num_batches, progress, to_unit_range
 
 __all__ = [
     "FeatureExtractor",
@@ -280,9 +280,6 @@ class FrechetDistance:
     @torch.no_grad()
     def update(self, images: Tensor, real: bool) -> None:
         """Extract features of a batch ``[B, C, H, W]`` and add them to the real or the fake set."""
-        check_images(images)
-        if not isinstance(real, bool):
-            raise TypeError(f"real must be a bool, got {type(real).__name__}")
         self._shapes.check(images, real)
         features = self.extractor(to_unit_range(images, self.value_range))
         if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:

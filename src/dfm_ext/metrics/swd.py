@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._images import ImageSource, SetShapes, check_images, default_generator, iter_batches, num_batches, progress
+from ._images import ImageSource, SetShapes, default_generator, iter_batches, num_batches, progress
 
 __all__ = ["SWDResult", "SlicedWassersteinDistance", "laplacian_pyramid", "pyramid_sizes", "sliced_wasserstein", "swd"]
 
@@ -307,9 +307,6 @@ class SlicedWassersteinDistance:
     @torch.no_grad()
     def update(self, images: Tensor, real: bool) -> None:
         """Add a batch ``[B, C, H, W]`` to the real (``real=True``) or the fake set."""
-        check_images(images)
-        if not isinstance(real, bool):
-            raise TypeError(f"real must be a bool, got {type(real).__name__}")
         self._shapes.check(images, real)
         if self._sizes is None:
             self._sizes = pyramid_sizes(

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from dfm_ext.validation import check_value
 from dfm_ext.specialization import checkpoint
 
-__all__ = ["DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
+__all__ = ["DiTConfigBase", "DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10),
@@ -47,8 +47,50 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class DiTConfigBase:
+    """What :class:`DiTConfig` and :class:`~dfm_ext.models.video_dit.VideoDiTConfig` share: the
+    transformer fields' checks, ``out_channels``, the preset table and ``from_dict``'s field check."""
+
+    patch_size: int
+    in_channels: int
+    hidden_size: int
+    num_heads: int
+    class_dropout_prob: float
+    learn_sigma: bool
+
+    def _check_positive_ints(self) -> None:
+        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    def _check_heads(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    def _check_dropout(self) -> None:
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @staticmethod
+    def _preset_fields(name: str) -> dict[str, Any]:
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[name])
+
+    @classmethod
+    def _check_known_fields(cls, d: dict[str, Any]) -> None:
+        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+
+
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(DiTConfigBase):
     """Configuration of :class:`DiT`.
 
     Args:
@@ -90,19 +132,14 @@ class DiTConfig:
             object.__setattr__(self, "input_size", hw)
         elif isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"input_size must be an int or (H, W), got {self.input_size!r} ({type(size).__name__})")
-        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self._check_positive_ints()
         h, w = self.image_size
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self._check_heads()
         if self.rope and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"rope needs a head dim divisible by 4, got {self.hidden_size // self.num_heads}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        self._check_dropout()
         if self.num_frames is not None:
             raise NotImplementedError("video DiT (num_frames) is not implemented yet; leave num_frames=None")
 
@@ -116,16 +153,11 @@ class DiTConfig:
         h, w = self.image_size
         return (h // self.patch_size, w // self.patch_size)
 
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DiTConfig:
         """A named size: ``"tiny"``, ``"S/2"``, ``"S/4"``, ``"S/8"``, ``"B/2"``, ``"B/4"``, ``"L/2"``, ``"L/4"``, ``"XL/2"``, ``"XL/4"``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
-        return replace(cls(**PRESETS[name]), **overrides) if overrides else cls(**PRESETS[name])
+        base = cls._preset_fields(name)
+        return replace(cls(**base), **overrides) if overrides else cls(**base)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields."""
@@ -136,10 +168,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
+        cls._check_known_fields(d)
         return cls(**d)
 
 

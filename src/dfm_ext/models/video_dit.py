@@ -13,19 +13,19 @@ the ``video_dit`` adapter.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.models.dit import PRESETS, DiT
+from dfm_ext.models.dit import DiT, DiTConfigBase
 
 __all__ = ["VideoDiT", "VideoDiTConfig", "VideoPatchEmbed", "rope_3d"]
 
 
 @dataclass(frozen=True)
-class VideoDiTConfig:
+class VideoDiTConfig(DiTConfigBase):
     """Configuration of :class:`VideoDiT`.
 
     Args:
@@ -59,36 +59,26 @@ class VideoDiTConfig:
         size = self.input_size
         if isinstance(size, (int, str)) or len(size) != 3:
             raise ValueError(f"input_size must be (T, H, W), got {size!r}")
-        object.__setattr__(self, "input_size", tuple(int(s) for s in size))
-        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        size = tuple(int(s) for s in size)
+        object.__setattr__(self, "input_size", size)
+        self._check_positive_ints()
         if min(size) < 1 or size[1] % self.patch_size or size[2] % self.patch_size:
             raise ValueError(f"input_size {size} must be positive with H, W divisible by patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self._check_heads()
         head_dim = self.hidden_size // self.num_heads
         if head_dim % 4 or head_dim < 12:
             raise ValueError(f"3-D RoPE needs a head dim divisible by 4 and >= 12, got {head_dim}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        self._check_dropout()
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
         t, h, w = self.input_size
         return (t, h // self.patch_size, w // self.patch_size)
 
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> VideoDiTConfig:
         """The sizes of :meth:`dfm_ext.DiTConfig.preset` (``"tiny"``, ``"B/2"``, ``"XL/2"``, ...)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
-        base = {k: v for k, v in PRESETS[name].items() if k != "input_size"}
+        base = {k: v for k, v in cls._preset_fields(name).items() if k != "input_size"}
         if name == "tiny":
             base["input_size"] = (3, 8, 8)
         return replace(cls(**base), **overrides) if overrides else cls(**base)
@@ -101,9 +91,7 @@ class VideoDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VideoDiTConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown VideoDiTConfig fields: {sorted(unknown)}")
+        cls._check_known_fields(d)
         return cls(**{**d, "input_size": tuple(d.get("input_size", cls.input_size))})
 
 

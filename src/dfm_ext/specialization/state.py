@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from dfm_ext.validation import check_index
+
 from dfm_ext.specialization.layers import StageLayer
 from dfm_ext.specialization.routing import StageContext
 
@@ -53,11 +55,7 @@ def stage_layers(model: nn.Module) -> Iterator[tuple[str, StageLayer]]:
 
 def check_stage(stage: object, num_stages: int) -> int:
     """``stage`` as an int in ``[0, num_stages - 1]``; ``TypeError``/``ValueError`` naming it otherwise."""
-    if isinstance(stage, bool) or not isinstance(stage, int):
-        raise TypeError(f"stage must be an int, got {type(stage).__name__}")
-    if not 0 <= stage < num_stages:
-        raise ValueError(f"stage must be in [0, {num_stages - 1}], got {stage}")
-    return stage
+    return check_index(stage, num_stages, "stage")
 
 
 def stage_parameters(model: nn.Module, stage: int | None) -> list[nn.Parameter]:
