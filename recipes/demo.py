@@ -652,7 +652,7 @@ def _demo_record(mconfig: Mapping[str, Any], cfg: DemoConfig, data: ImageDataset
 def save_demo_checkpoint(directory: str | os.PathLike[str], model: nn.Module, mconfig: Mapping[str, Any],
                          cfg: DemoConfig, data: ImageDataset) -> Path:  # fmt: skip
     """Save the (EMA) model as ``DFMTransformer.save_pretrained`` does (``dfm_config.json`` +
-    ``model.safetensors``; :func:`~dfm_ext.wrapping.wrapper.load_wrapped` alone rebuilds it) plus
+    ``model.safetensors``; :func:`~dfm_ext.wrapping.io.load_wrapped` alone rebuilds it) plus
     ``demo.json``; atomically (built in a temp folder beside ``directory``, then renamed)."""
     directory = Path(directory)
     with _staging(directory.parent) as tmp:
@@ -684,7 +684,7 @@ def _replace_dir(src: Path, target: Path) -> None:
 def load_wrapped_demo(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
     """The model of a ``save_pretrained`` folder: :func:`load_wrapped`, then its stage parameters if specialised."""
     from dfm_ext.specialization import load_specialization
-    from dfm_ext.wrapping.wrapper import load_wrapped
+    from dfm_ext.wrapping.io import load_wrapped
 
     model = load_wrapped(directory, device=device)
     load_specialization(model, directory)

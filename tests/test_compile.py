@@ -15,16 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfm_ext import (
-    DFMObjective,
-    DFMSampler,
-    DiT,
-    DiTConfig,
-    LaplacianPyramid,
-    StageScheduler,
-    StageTimestepSampler,
-    wrap_dit,
-)
+from dfm_ext import DFMObjective, DFMSampler, DiT, DiTConfig, LaplacianPyramid, StageScheduler, StageTimestepSampler, wrap_dit
 
 B = 2
 

@@ -114,7 +114,7 @@ def test_engine_ema_warms_up_like_the_old_demo_ema(tmp_path) -> None:
     computed here from the run's own step checkpoints (weights w1, w2) and the seeded init w0."""
     from safetensors.torch import load_file
 
-    from dfm_ext.wrapping.wrapper import load_wrapped
+    from dfm_ext.wrapping.io import load_wrapped
 
     data = _data()
     cfg = replace(TINY, steps=2, ema_decay=0.999)
@@ -163,7 +163,7 @@ def test_demo_checkpoint_round_trip(tmp_path) -> None:
                                                  loaded(*args, y=torch.tensor([1, 2]))))  # fmt: skip
     # The new layout: load_wrapped alone rebuilds the model; demo.json holds the sampling options.
     assert sorted(p.name for p in d.iterdir()) == ["demo.json", "dfm_config.json", "model.safetensors"]
-    from dfm_ext.wrapping.wrapper import load_wrapped
+    from dfm_ext.wrapping.io import load_wrapped
 
     alone = load_wrapped(d).eval()
     assert all(torch.equal(a, b) for a, b in zip(alone(*args, y=torch.tensor([1, 2])), loaded(*args, y=torch.tensor([1, 2]))))

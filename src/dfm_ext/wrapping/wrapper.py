@@ -34,7 +34,7 @@ from dfm_ext.wrapping.embeddings import Init
 from dfm_ext.decompositions.base import check_stages
 from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
 
-__all__ = ["DFMTransformer", "wrap_dit", "load_wrapped"]
+__all__ = ["DFMTransformer", "wrap_dit"]
 
 
 
@@ -330,16 +330,3 @@ def wrap_dit(
     wrapped = DFMTransformer(model, decomposition, packer, ad, _WrapSpec(shape, init, stage_embedding, bool(any_sample_shape)))
     wrapped.set_stage_scales(stage_scales)
     return wrapped
-
-
-def load_wrapped(
-    directory: str | Path,
-    base_model: nn.Module | None = None,
-    *,
-    decomposition: Any = None,
-    device: str | torch.device = "cpu",
-) -> DFMTransformer:
-    """Alias of :meth:`DFMTransformer.from_pretrained` (:func:`dfm_ext.wrapping.io.load_wrapped`)."""
-    from dfm_ext.wrapping.io import load_wrapped as _load  # noqa: PLC0415
-
-    return _load(directory, base_model, decomposition=decomposition, device=device)
