@@ -25,7 +25,9 @@ __all__ = ["ResidualPyramid"]
 class ResidualPyramid:
     """Base of the residual decompositions: ``recompose`` and ``preview`` from one ``_upsample``."""
 
-    num_stages: int
+    @property
+    def num_stages(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def stage_shapes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -59,7 +59,8 @@ class VideoDiTConfig(DiTConfigBase):
         size = self.input_size
         if isinstance(size, (int, str)) or len(size) != 3:
             raise ValueError(f"input_size must be (T, H, W), got {size!r}")
-        size = tuple(int(s) for s in size)
+        t, h, w = (int(s) for s in size)
+        size = (t, h, w)
         object.__setattr__(self, "input_size", size)
         self._check_positive_ints()
         if min(size) < 1 or size[1] % self.patch_size or size[2] % self.patch_size:
