@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from dfm_ext.recipes.data_images import BatchPlan
 from dfm_ext.recipes.demo_data import ImageDataset, load_dataset
 from dfm_ext.recipes.viz import umask
+from dfm_ext.validation import parse_device
 
 DECOMPOSITIONS = ("laplacian", "wavelet", "dct", "identity")
 CHECKPOINT_KIND = "dfm_ext.recipes.demo"
@@ -455,38 +456,6 @@ def check_schedule(decomposition_name: str | Mapping[str, Any], steps: Sequence[
         StageScheduler(steps=steps, thresholds=thresholds)
     except ValueError as e:
         raise ValueError(f"sampling schedule steps={steps}, thresholds={thresholds}: {e}") from None
-
-
-def parse_device(device: str | torch.device, *, check_available: bool = True) -> torch.device:
-    """``device`` as a :class:`torch.device`, checked to exist in this torch build (one-line errors).
-
-    Raises:
-        ValueError: an unknown device string, or (``check_available``) a device this machine or
-            torch build does not have (``cuda`` on a CPU-only build, ``cuda:3`` with 2 GPUs, ...).
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"unknown device {str(device)!r}: {first}") from None
-    if not check_available or dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
-            raise ValueError(f"device {str(device)!r} is not available: {build}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s)")
-        return dev
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu")
-        return dev
-    module = getattr(torch, dev.type, None)
-    available = getattr(module, "is_available", None)
-    if available is None or not available():
-        raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu")
-    return dev
 
 
 def make_sampler(

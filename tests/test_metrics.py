@@ -400,3 +400,18 @@ def test_fid_loads_torchscript_and_state_dicts(tmp_path) -> None:
         InceptionV3Features(weights)
     with pytest.raises(ValueError, match="needs weights_path"):
         fid(images, images, progress_bar=False)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu9"])
+def test_metric_devices_are_checked_before_any_weights(device: str, tmp_path) -> None:
+    """An unknown or absent device is one ValueError naming it, before a weights file is opened."""
+    from dfm_ext.metrics import DINOv2Features, EfficientNetLite0Features, InceptionV3Features
+
+    missing = str(tmp_path / "no-such-weights.pt")
+    for build in (
+        lambda: EfficientNetLite0Features(weights_path=missing, device=device),
+        lambda: InceptionV3Features(missing, device=device),
+        lambda: DINOv2Features(torch.nn.Identity(), device=device),
+    ):
+        with pytest.raises(ValueError, match=repr(device).replace("'", "")):
+            build()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_index", "check_value", "float_sequence", "on_host"]
+__all__ = ["parse_device", "check_index", "check_value", "float_sequence", "on_host"]
 
 
 def check_index(value: object, size: int, name: str) -> int:
@@ -111,3 +111,35 @@ def float_sequence(
     if length is not None and len(out) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(out)}: {tuple(out)}")
     return tuple(out)
+
+
+def parse_device(device: str | torch.device, *, check_available: bool = True) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked to exist in this torch build (one-line errors).
+
+    Raises:
+        ValueError: an unknown device string, or (``check_available``) a device this machine or
+            torch build does not have (``cuda`` on a CPU-only build, ``cuda:3`` with 2 GPUs, ...).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"unknown device {str(device)!r}: {first}") from None
+    if not check_available or dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise ValueError(f"device {str(device)!r} is not available: {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s)")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+        return dev
+    module = getattr(torch, dev.type, None)
+    available = getattr(module, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    return dev

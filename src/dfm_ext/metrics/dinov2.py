@@ -20,6 +20,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.validation import parse_device
 from ._images import IMAGENET_MEAN, IMAGENET_STD, ImageSource, to_network_input
 from .frechet import FeatureStatistics, frechet_distance_from_images
 
@@ -54,6 +55,7 @@ class DINOv2Features(nn.Module):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
+        checked = parse_device(device if device is not None else "cpu")  # before any weights are read
         if isinstance(model, (str, os.PathLike)):
             folder = os.fspath(model)
             if not os.path.isdir(folder):
@@ -76,7 +78,7 @@ class DINOv2Features(nn.Module):
         if not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution must be a positive int, got {resolution!r}")
         self.resolution = resolution
-        self.device = torch.device(device if device is not None else "cpu")
+        self.device = checked
         self.network.to(self.device).eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> DINOv2Features:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.validation import parse_device
 from ._images import IMAGENET_MEAN, IMAGENET_STD, ImageSource, load_state_dict_file, to_network_input
 from .frechet import FeatureStatistics, frechet_distance_from_images
 
@@ -60,6 +61,7 @@ class EfficientNetLite0Features(nn.Module):
         self, resolution: int = 224, *, weights_path: str | None = None, device: str | torch.device | None = None
     ) -> None:
         super().__init__()
+        device = parse_device(device if device is not None else "cpu")  # before any weights are read
         if not isinstance(resolution, int) or resolution < 32:
             raise ValueError(f"resolution must be an int >= 32 (the network downsamples 32x), got {resolution!r}")
         weights_path = effnet_weights_path() if weights_path is None else weights_path
@@ -71,7 +73,7 @@ class EfficientNetLite0Features(nn.Module):
         self.network.eval().requires_grad_(False)
         self.resolution = resolution
         self.name = f"effnet-lite0-{resolution}"
-        self.to(device if device is not None else "cpu")
+        self.to(device)
 
     def train(self, mode: bool = True) -> EfficientNetLite0Features:
         # A feature extractor stays in eval mode: batch norm must use its ImageNet statistics.

@@ -20,6 +20,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.validation import parse_device
 from ._images import ImageSource, load_state_dict_file, to_network_input
 from .frechet import FeatureStatistics, frechet_distance_from_images
 
@@ -59,12 +60,12 @@ class InceptionV3Features(nn.Module):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
+        device = parse_device(device if device is not None else "cpu")
         path = os.fspath(weights_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"no InceptionV3 weights at {path!r}; FID needs a local file (nothing is downloaded)"
             )
-        device = torch.device(device if device is not None else "cpu")
         self.torchscript = architecture is None
         if self.torchscript:
             try:
