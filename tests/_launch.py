@@ -2,8 +2,9 @@
 
 ``accelerate launch --multi_gpu`` with ``ACCELERATE_USE_CPU=true`` is the only way to get two
 real CPU ranks (see FACTS.md). The rendezvous port is picked free just before the launch, so
-another launch (pytest-xdist runs several) can still take it in between; only that failure is
-retried, once, with a new port.
+another launch (pytest-xdist runs several) can still take it in between; that failure, and a rank
+aborting in C++ with "terminate called without an active exception" (seen once under heavy load,
+cause open), are retried once, with a new port.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 _PORT_TAKEN = ("Address already in use", "EADDRINUSE", "errno: 98")
+# A rank aborting in C++ ("terminate called without an active exception", exit -6) was seen once
+# in a fresh CI-like run under heavy CPU load (per-stage LoRA under DDP, gloo), and not in 4 reruns.
+# Cause not found yet (see the session-3 closing note); it is retried once, never a wrong result.
+_ABORTED = ("terminate called without an active exception",)
 
 
 def free_port() -> int:
@@ -34,8 +39,9 @@ def launch_two_cpu_processes(module: str, args: list[str], env: dict[str, str], 
         res = subprocess.run(
             cmd, env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=timeout, check=False
         )
-        if res.returncode == 0 or not any(m in res.stderr for m in _PORT_TAKEN):
+        if res.returncode == 0 or not any(m in res.stderr for m in _PORT_TAKEN + _ABORTED):
             return res
+        print(f"retrying the two-rank launch once: {[m for m in _PORT_TAKEN + _ABORTED if m in res.stderr]}")
     return res
 
 
