@@ -244,6 +244,13 @@ def state_path(out: Path, ds: str, arm: str, seed: int) -> Path:
     return out / "study_state" / f"{ds}__{arm.replace(' ', '_').replace('=', '')}__seed{seed}.pt"
 
 
+def save_state(tr: StudyTrainer, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(tr.state(), tmp)
+    tmp.replace(path)
+
+
 def load_results(path: Path) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
@@ -251,7 +258,20 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
-    write_text_atomic(path, json.dumps(results, indent=1))
+    """Write ``results`` merged into what is on disk, under a lock: several study processes (one per
+    group of arms, ``--arms``) share one JSON, and each must keep the evaluations the others wrote."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load_results(path)
+        for key, run in disk["runs"].items():
+            mine = results["runs"].setdefault(key, run)
+            if mine is not run:
+                mine["evals"] = run.get("evals", {}) | mine.get("evals", {})
+        for ds, levels in disk.get("signal_levels", {}).items():
+            results["signal_levels"].setdefault(ds, levels)
+        write_text_atomic(path, json.dumps(results, indent=1))
 
 
 def train_interleaved(trainers: dict[str, StudyTrainer], order: list[str], budget: int, chunk: int, *,
@@ -290,6 +310,8 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
     def progress() -> None:
         done = min(tr.steps_done for tr in trainers.values())
         if done % 250 == 0:
+            for arm_, tr_ in trainers.items():  # a session can end mid-group: keep the steps done so far
+                save_state(tr_, state_path(out, ds, arm_, seed))
             log(f"  [{time.strftime('%H:%M:%S')}] step {done}: " + ", ".join(
                 f"{a} {tr.seconds / tr.steps_done:.3f} s/step" for a, tr in trainers.items()))
 
@@ -311,11 +333,7 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
             "loss_last100": round(sum(loss_tail) / max(1, len(loss_tail)), 5),
         }  # fmt: skip
         save_grid(fake[:64], out / "study_samples" / f"{ds}__{arm.replace(' ', '_').replace('=', '')}__seed{seed}__{budget}.png")
-        sp = state_path(out, ds, arm, seed)
-        sp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = sp.with_suffix(".tmp")
-        torch.save(tr.state(), tmp)
-        tmp.replace(sp)
+        save_state(tr, state_path(out, ds, arm, seed))
         save_results(results, res_path)
         e = entry["evals"][str(budget)]
         log(f"  {arm:>11s} step {budget:5d}: SWD {e['swd']['mean']:.2f} {e['swd']['per_level']}  FD-EffNet "
@@ -722,11 +740,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-fd", action="store_true", help="SWD only")
     parser.add_argument("--report", action="store_true", help="only rebuild the tables, plot and grids from the JSON")
     parser.add_argument("--max-tasks", type=int, default=None, help="stop after this many groups")
+    parser.add_argument("--arms", type=lambda v: [a.strip() for a in v.split(",")], default=None,
+                        help="comma-separated arm names: run only these (e.g. one process per group of arms)")
     parser.add_argument("--part", default="all", choices=("all", "budgets", "finetune"),
                         help="budgets: the FM/DFM arms over training budgets; finetune: the 32 -> 64 px experiment")
     parser.add_argument("--readme", type=Path, default=None,
                         help="with --report: put the generated tables between the study markers of this README")
     args = parser.parse_args(argv)
+    unknown = [a for a in args.arms or [] if a not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     protocol = QUICK if args.quick else FULL
@@ -751,6 +774,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, (ds, seed, arms, budget) in enumerate(queue(protocol)):
             if args.max_tasks is not None and i >= args.max_tasks:
                 break
+            if args.arms is not None:  # this process runs only these arms (others may run the rest)
+                arms = tuple(a for a in arms if a in args.arms)
+                if not arms:
+                    continue
             if all(str(budget) in results["runs"].get(run_key(ds, a, seed), {}).get("evals", {}) for a in arms):
                 continue
             if ds not in loaded:

@@ -309,3 +309,25 @@ def test_recipe_checkpoints_the_allocation_and_resume_continues_it(tmp_path: Pat
     at8 = torch.load(out / "checkpoints" / "step-000008" / "extra_state.pt", weights_only=True)["timesteps"]["allocation"]
     assert at4["count"][0] > 0
     assert at8["count"][0] == 2 * at4["count"][0]
+
+
+def test_study_processes_sharing_one_json_keep_each_others_evaluations(study, tmp_path: Path) -> None:
+    """Two study processes (``--arms``) save into one JSON: neither may drop the other's runs or evals."""
+    path = tmp_path / "study.json"
+    a = study.load_results(path)
+    b = study.load_results(path)
+    a["runs"]["d|FM|0"] = {"evals": {"500": {"swd": 1}}}
+    study.save_results(a, path)
+    b["runs"]["d|DFM signal|0"] = {"evals": {"500": {"swd": 2}}}
+    b["runs"]["d|FM|0"] = {"evals": {"1000": {"swd": 3}}}  # b knew an older copy of FM's run
+    study.save_results(b, path)
+    disk = study.load_results(path)
+    assert disk["runs"]["d|DFM signal|0"]["evals"] == {"500": {"swd": 2}}
+    assert disk["runs"]["d|FM|0"]["evals"] == {"500": {"swd": 1}, "1000": {"swd": 3}}
+
+
+def test_study_rejects_an_unknown_arm_before_any_work(study, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--quick", "--arms", "FM,DFM sigal"])
+    assert exc.value.code == 2
+    assert "'DFM sigal'" in capsys.readouterr().err
