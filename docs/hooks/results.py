@@ -1,7 +1,7 @@
 """mkdocs hook: the results pages are generated from ``benchmarks/results/*.json`` as the site builds.
 
 No measured number is typed into a results page by hand. A page under ``docs/results/`` (and the
-home page) writes ``{{ expression }}``; the hook evaluates it with the functions and JSON records
+home page and the "choosing" guide) writes ``{{ expression }}``; the hook evaluates it with the functions and JSON records
 below and puts the text in its place, so a page always shows what the JSON files hold now (the
 background study keeps rewriting ``study.json``). An expression that fails stops the build,
 naming the page and the expression. The benchmark plots are copied into the site under
@@ -317,7 +317,7 @@ def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     uri = page.file.src_uri
-    if uri.startswith("results/") or uri == "index.md":
+    if uri.startswith("results/") or uri in ("index.md", "guides/choosing.md"):
         return render(markdown, uri)
     return markdown
 
