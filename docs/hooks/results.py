@@ -263,6 +263,28 @@ def study_budgets() -> list[int]:
     return sorted({int(s) for r in record("study")["runs"].values() for s in r["evals"]})
 
 
+# ---- the API index ------------------------------------------------------------------------------
+
+
+def api_summary() -> str:
+    """Every name of ``dfm_ext.__all__``: the first line of its docstring and the page documenting it."""
+    import importlib  # noqa: PLC0415
+
+    import dfm_ext  # noqa: PLC0415
+
+    where: dict[str, str] = {}
+    for sub in ("decompositions", "process", "specialization", "models", "wrapping"):
+        for name in importlib.import_module(f"dfm_ext.{sub}").__all__:
+            where.setdefault(name, sub)
+    lines = ["| name | what | documented in |", "|---|---|---|"]
+    for name in dfm_ext.__all__:
+        sub = where[name]
+        doc = ((getattr(dfm_ext, name).__doc__ or "").strip().split("\n")[0]).rstrip(".").replace("``", "`")
+        doc = doc.replace("|", "\\|")  # inside a table cell
+        lines.append(f"| [`{name}`][dfm_ext.{sub}.{name}] | {doc} | [`dfm_ext.{sub}`]({sub}.md) |")
+    return "\n".join(lines)
+
+
 # ---- the README's headline ----------------------------------------------------------------------
 
 
@@ -317,7 +339,7 @@ def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     uri = page.file.src_uri
-    if uri.startswith("results/") or uri in ("index.md", "guides/choosing.md"):
+    if uri.startswith("results/") or uri in ("index.md", "guides/choosing.md", "api/index.md"):
         return render(markdown, uri)
     return markdown
 

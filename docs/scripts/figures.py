@@ -58,7 +58,7 @@ class Oracle(torch.nn.Module):
 
 def _image(ax, x: torch.Tensor, title: str) -> None:
     ax.imshow(((x[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy(), interpolation="nearest")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=12)
     ax.axis("off")
 
 
@@ -105,7 +105,7 @@ def draw(out: Path) -> list[Path]:
     scheduler = StageScheduler(steps=(30, 10), thresholds=(0.9,))
     sampler = DFMSampler(pyramid, scheduler)
     table = scheduler.timesteps()
-    show = [0, 10, 20, 29, 33, 39]
+    show = [0, 20, 29, 33, 39]
     states: dict[int, torch.Tensor] = {}
 
     def keep(step: int, t: torch.Tensor, current: list[torch.Tensor]) -> None:
@@ -115,17 +115,16 @@ def draw(out: Path) -> list[Path]:
             states[step] = pyramid.preview(current[:1], 0) if t[1] == 0 else pyramid.recompose(current)
 
     result = sampler.sample(Oracle(stages), x.shape, generator=torch.Generator().manual_seed(0), callback=keep)
-    fig, axes = plt.subplots(2, len(show), figsize=(2.3 * len(show), 4.8), dpi=110)
+    fig, axes = plt.subplots(2, len(show), figsize=(2.2 * len(show), 5.6), dpi=110, layout="constrained")
     for ax, step in zip(axes[0], show):
         t = table[step + 1]
         what = "stage 0" if t[1] == 0 else "stages 0 + 1"
-        _image(ax, states[step], f"step {step + 1}, t = ({t[0]:.2f}, {t[1]:.2f}): {what}")
+        _image(ax, states[step], f"step {step + 1}: {what}\nt = ({t[0]:.2f}, {t[1]:.2f})")
     for ax in axes[1]:
         ax.axis("off")
-    _image(axes[1][show.index(29)], result.previews[0], "result.previews[0]: 32x32")
-    _image(axes[1][-1], result.previews[1], "result.previews[1] = result.x")
-    fig.suptitle("DFMSampler, Euler 30 + 10 steps, tau 0.9 (oracle velocity towards one photo)", fontsize=10)
-    fig.tight_layout()
+    _image(axes[1][show.index(29)], result.previews[0], "previews[0]\n32x32, stage 0 done")
+    _image(axes[1][-1], result.previews[1], "previews[1]\n= the sample x")
+    fig.suptitle("DFMSampler: Euler 30 + 10 steps, tau 0.9", fontsize=13)
     written.append(out / "progressive.png")
     fig.savefig(written[-1])
     plt.close(fig)
