@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -63,13 +62,13 @@ def python_blocks(path: Path) -> list[Block]:
     return blocks
 
 
-def block_summary() -> str:
-    """One line for the terminal summary: how many blocks run, how many are skipped and why."""
-    blocks = [b for p in pages() for b in python_blocks(p)]
+def block_summary(passed_pages: set[str] | None = None) -> str:
+    """For the terminal summary: how many blocks ran (in the pages whose test passed), which were skipped and why."""
+    blocks = [b for p in pages() for b in python_blocks(p) if passed_pages is None or b.page in passed_pages]
     run = [b for b in blocks if b.skip is None]
     skipped = [b for b in blocks if b.skip is not None]
-    lines = [f"docs: {len(run)} python code blocks run from {len({b.page for b in run})} pages "
-             f"(README.md and docs/), {len(skipped)} skipped:"]  # fmt: skip
+    lines = [f"docs: ran {len(run)} python code blocks of {len({b.page for b in blocks})} pages "
+             f"(README.md and docs/); {len(skipped)} skipped:"]  # fmt: skip
     lines += [f"  {b.page}:{b.line}: {b.skip}" for b in skipped]
     return "\n".join(lines)
 
@@ -162,13 +161,12 @@ def test_figures_script_draws_from_the_library(tmp_path: Path) -> None:
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
-    if mkdocs is None:
+    if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]'): the strict site build cannot run")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     site = tmp_path / "site"
@@ -180,3 +178,18 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert "wrap_dit" in (site / "api" / "wrapping.html").read_text() and "dfm_ext" in api
     assert ":func:" not in (site / "api" / "wrapping.html").read_text()  # reST roles were rewritten
     print(f"mkdocs build --strict: {seconds:.1f} s")
+
+
+def test_results_hook_renders_expressions_and_names_the_page_of_a_bad_one() -> None:
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
+    from mkdocs.exceptions import PluginError
+
+    spec = importlib.util.spec_from_file_location("_docs_results_hook2", DOCS / "hooks" / "results.py")
+    hook = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = hook
+    spec.loader.exec_module(hook)
+    steps = hook.q_steps()
+    assert hook.render("at {{ q_steps()[0] }}: {{ pct(0.82) }}", "p.md") == f"at {steps[0]}: -18 %"
+    assert hook.render("{{ num(ab('baseline')) }}", "p.md") == f"{hook.record('ablations')['variants']['baseline']['swd']['mean']:.2f}"
+    with pytest.raises(PluginError, match=r"results/x\.md: \{\{ ab\('no such variant'\) \}\} failed: KeyError"):
+        hook.render("{{ ab('no such variant') }}", "results/x.md")
