@@ -7,7 +7,7 @@ EXTRAS ?= all
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup test demo data bench clean
+.PHONY: setup test demo data bench clean docs docs-serve docs-figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,17 @@ test: setup
 demo: setup data
 	$(BIN)/dfm-ext demo $(DEMO_ARGS)
 
+# The documentation site (mkdocs-material + mkdocstrings; the `docs` extra): strict, so a broken link,
+# a missing reference or a docstring that does not render fails the build. Output: site/index.html.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# Redraw the Concepts figures (docs/assets/*.png) from the library.
+docs-figures: setup
+	$(BIN)/python docs/scripts/figures.py
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .hypothesis

@@ -250,7 +250,7 @@ def test_explicit_convention_equals_the_models_own_prediction(cls, two_stages):
     wrapped = wrap_dit(copy.deepcopy(base), d, time_convention=convention).eval()
     assert wrapped.adapter.time_convention == convention
     assert _stage0_error(wrapped, base, own, two_stages) <= 1e-5
-    # the same through an adapter instance, imported from where the README says
+    # the same through an adapter instance, imported from where the docs say
     wrapped = wrap_dit(copy.deepcopy(base), d, adapter=DiTFamilyAdapter(time_convention=convention)).eval()
     assert _stage0_error(wrapped, base, own, two_stages) <= 1e-5
     # what the old default guess ("x1000") gave: far off, so the equality above has teeth
@@ -359,12 +359,12 @@ def test_reference_dit_records_its_declared_convention(tmp_path):
     assert load_wrapped(tmp_path / "ref").adapter.time_convention == "x1000"
 
 
-# ------------------------------------------------------------------ the README's table
+# ------------------------------------------------------------------ the documentation's table
 
 
 def _readme_calls() -> dict[str, str]:
-    """First cell -> the call in the last cell, for each row of the README's conventions table."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """First cell -> the call in the last cell, for each row of the conventions table (docs/guides/wrap-dit.md)."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "wrap-dit.md").read_text()
     section = readme.split("## Conventions of the codebases you wrap\n", 1)[1].split("\n## ", 1)[0]
     rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in section.splitlines() if r.startswith("| ")]
     return {r[0]: r[-1].strip("`") for r in rows if r[-1].startswith("`wrap_dit(")}
@@ -376,7 +376,7 @@ def test_readme_calls_give_the_models_own_prediction(cls):
     (call,) = [c for k, c in _readme_calls().items() if k.startswith(row)]
     base = cls().eval()
     scope = {"wrap_dit": wrap_dit, "model": copy.deepcopy(base), "decomposition": LaplacianPyramid((2, 1))}
-    wrapped = eval(call, scope).eval()  # noqa: S307  (the README's own text, run as a reader would)
+    wrapped = eval(call, scope).eval()  # noqa: S307  (the documentation's own text, run as a reader would)
     assert _stage0_error(wrapped, base, OWN[cls][1], True) <= 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Every docstring example in the library runs (so README-style examples cannot rot)."""
+"""Every docstring example in the library runs (so the examples the API reference shows cannot rot)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ Registration: :func:`register_adapter` adds an adapter (tried before the built-i
 true. Built-in adapters live in :mod:`dfm_ext.adapters` (one module per family, each exposing a
 module-level ``ADAPTER``) and are imported lazily, diffusers ones only for diffusers models.
 
-Example (a complete adapter for a toy model; see also the README section "wrap_dit"):
+Example (a complete adapter for a toy model; see also the guide docs/guides/wrap-dit.md):
     >>> import torch
     >>> from torch import nn
     >>> from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed

@@ -1,0 +1,351 @@
+"""mkdocs hook: the results pages are generated from ``benchmarks/results/*.json`` as the site builds.
+
+No measured number is typed into a results page by hand. A page under ``docs/results/`` (and the
+home page and the "choosing" guide) writes ``{{ expression }}``; the hook evaluates it with the functions and JSON records
+below and puts the text in its place, so a page always shows what the JSON files hold now (the
+background study keeps rewriting ``study.json``). An expression that fails stops the build,
+naming the page and the expression. The benchmark plots are copied into the site under
+``results/img/``.
+
+The hook also mirrors the installed package layout for mkdocstrings (see :func:`mirror_package`).
+
+``python docs/hooks/results.py --headline`` prints the README's "Measured so far" lines from the
+same functions; ``tests/test_docs.py`` checks that README.md holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ("quality.png", "study.png", "study_grid_*.png")
+
+
+# ---- mkdocstrings sees dfm_ext as setuptools installs it ----------------------------------------
+
+
+def mirror_package() -> Path:
+    """``build/docs_api_src/dfm_ext``: links to ``src/dfm_ext/*`` plus ``adapters`` and ``recipes``.
+
+    setuptools maps ``adapters/`` and ``recipes/`` into the package (``package-dir``); griffe reads
+    source folders, so it gets a folder that has the installed shape. Built when the hook is
+    imported, i.e. before mkdocstrings looks for its search paths.
+    """
+    mirror = ROOT / "build" / "docs_api_src" / "dfm_ext"
+    mirror.mkdir(parents=True, exist_ok=True)
+    wanted = {p.name: p for p in (ROOT / "src" / "dfm_ext").iterdir() if p.name != "__pycache__"}
+    wanted |= {"adapters": ROOT / "adapters", "recipes": ROOT / "recipes"}
+    for link in mirror.iterdir():
+        if link.name not in wanted or not link.is_symlink() or link.resolve() != wanted[link.name].resolve():
+            link.unlink()
+    for name, target in wanted.items():
+        if not (mirror / name).is_symlink():
+            try:
+                (mirror / name).symlink_to(target)
+            except FileExistsError:  # a parallel build made it meanwhile
+                pass
+    return mirror.parent
+
+
+if "mkdocs" in sys.modules:  # loaded as the hook (not by tests or --headline)
+    mirror_package()
+
+
+# ---- records ------------------------------------------------------------------------------------
+
+
+@cache
+def record(name: str) -> dict[str, Any]:
+    """``benchmarks/results/<name>.json``."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def command(name: str) -> str:
+    """The command that wrote ``<name>.json``, as the JSON records it."""
+    r = record(name)
+    return r.get("command") or r.get("meta", {}).get("command") or f"python benchmarks/{name}.py"
+
+
+def num(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def pct(ratio: float) -> str:
+    """``0.82`` -> ``-18 %``."""
+    return f"{(ratio - 1) * 100:+.0f} %"
+
+
+def _pm(m: float | None, s: float | None, digits: int) -> str:
+    return "n/a" if m is None else (f"{m:.{digits}f} ± {s:.{digits}f}" if s else f"{m:.{digits}f}")
+
+
+# ---- quality.json: FM vs DFM ---------------------------------------------------------------------
+
+
+def q(arm: str, step: int, key: str = "swd") -> float:
+    """Mean over seeds at ``step``: ``key`` in ``swd``, ``fd``, ``swd_std``, ``fd_std``."""
+    row = next(r for r in record("quality")["summary"][arm]["curve"] if r["step"] == step)
+    return row[{"swd": "swd_mean", "fd": "fd_effnet", "swd_std": "swd_std", "fd_std": "fd_effnet_std"}[key]]
+
+
+def q_ratio(step: int, key: str = "swd") -> float:
+    return q("DFM", step, key) / q("FM", step, key)
+
+
+def q_level(arm: str, level: str, step: int | None = None) -> float:
+    curve = record("quality")["summary"][arm]["curve"]
+    row = curve[-1] if step is None else next(r for r in curve if r["step"] == step)
+    return row["swd_per_level"][level]
+
+
+def q_steps() -> list[int]:
+    return [r["step"] for r in record("quality")["summary"]["FM"]["curve"]]
+
+
+def q_seconds_per_step(arm: str) -> float:
+    return record("quality")["summary"][arm]["seconds_per_step"]
+
+
+def quality_table() -> str:
+    lines = ["| step | FM SWD x1e3 | DFM SWD x1e3 | DFM/FM | FM FD-EffNet | DFM FD-EffNet | DFM/FM |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for step in q_steps():
+        cells = [str(step)]
+        for key, digits in (("swd", 2), ("fd", 0)):
+            fm, dfm = q("FM", step, key), q("DFM", step, key)
+            a, b = _pm(fm, q("FM", step, key + "_std"), digits), _pm(dfm, q("DFM", step, key + "_std"), digits)
+            cells += [f"**{a}**" if fm < dfm else a, f"**{b}**" if dfm < fm else b, f"{dfm / fm:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quality_levels() -> str:
+    last = q_steps()[-1]
+    levels = list(record("quality")["summary"]["FM"]["curve"][-1]["swd_per_level"])
+    lines = [f"| arm | s / training step | " + " | ".join(f"SWD {lv} @{last}" for lv in levels) + " |",
+             "|---" * (2 + len(levels)) + "|"]  # fmt: skip
+    for arm in record("quality")["summary"]:
+        lines.append(f"| {arm} | {q_seconds_per_step(arm):.3f} | "
+                     + " | ".join(num(q_level(arm, lv)) for lv in levels) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---- ablations.json ----------------------------------------------------------------------------
+
+
+def ab(variant: str, key: str = "swd") -> float:
+    """``key`` in ``swd`` (mean), ``fd``, or a level name such as ``32x32``."""
+    v = record("ablations")["variants"][variant]
+    if key == "swd":
+        return v["swd"]["mean"]
+    if key == "fd":
+        return v["fd_effnet"]
+    return v["swd"]["per_level"][key]
+
+
+def ab_ratio(variant: str, key: str = "swd") -> float:
+    return ab(variant, key) / ab("baseline", key)
+
+
+def ablation_table() -> str:
+    lines = ["| variant | SWD x1e3 | SWD per level | FD-EffNet | paper | reproduces here |", "|---|---|---|---|---|---|"]
+    for name, v in record("ablations")["variants"].items():
+        levels = " / ".join(f"{x:.1f}" for x in v["swd"]["per_level"].values())
+        fd = "n/a" if v["fd_effnet"] is None else f"{v['fd_effnet']:.1f}"
+        lines.append(f"| {name} | {v['swd']['mean']:.2f} | {levels} | {fd} | {v['expected']} | {v['reproduces']} |")
+    return "\n".join(lines)
+
+
+# ---- overhead*.json ----------------------------------------------------------------------------
+
+
+def ov(size: str, kind: str, field: str = "ratio_median", name: str = "overhead") -> float:
+    """``kind`` in ``train``, ``sample``, ``train_compiled``, ``sample_compiled``."""
+    return record(name)["results"][size][kind][field]
+
+
+def overhead_table(name: str = "overhead") -> str:
+    lines = ["| model | tokens | batch | step | mode | base (s) | wrapped (s) | wrapped / base min / median / max |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for size, e in record(name)["results"].items():
+        for kind in ("train", "sample"):
+            for mode, key in (("eager", kind), ("compiled", f"{kind}_compiled")):
+                if key in e:
+                    r = e[key]
+                    lines.append(f"| {size} | {e['tokens']} | {e['batch']} | {kind} | {mode} | {r['base_median_s']:.4f} | "
+                                 f"{r['wrapped_median_s']:.4f} | {r['ratio_min']:.3f} / {r['ratio_median']:.3f} / "
+                                 f"{r['ratio_max']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def overhead_meta(name: str = "overhead") -> str:
+    m = record(name)["meta"]
+    return f"torch {m['torch']}, {m['device']}, {m['threads']} thread(s), {m['machine']}"
+
+
+# ---- decompositions.json -----------------------------------------------------------------------
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def decompositions_table() -> str:
+    lines = ["| input `[B, C, H, W]` float32 | decomposition | decompose + recompose / `x.clone()` (median [min, max]) "
+             "| median ms | clone ms |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in record("decompositions")["rows"]:
+        lines.append(f"| {r['shape']} | `{r['decomposition']}` | {_g(r['ratio_median'])}x [{_g(r['ratio_min'])}, "
+                     f"{_g(r['ratio_max'])}] | {_g(r['ms_median'])} | {_g(r['clone_ms_median'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---- specialize.json ---------------------------------------------------------------------------
+
+
+def sp(config: str, field: str = "cpu_relative_median") -> float:
+    return record("specialize")["results"][config][field]
+
+
+def specialize_table() -> str:
+    lines = ["| configuration | median s | CPU s | wall / none | CPU / none | stage parameters |", "|---|---|---|---|---|---|"]
+    for name, r in record("specialize")["results"].items():
+        params = "0" if not r["stage_parameters"] else f"{r['stage_parameters'] / 1e6:.2f} M ({r['stage_parameters_relative']:.2f}x model)"
+        lines.append(f"| {name} | {r['median_s']:.3f} | {r['cpu_median_s']:.3f} | {r['relative_median']:.2f} | "
+                     f"{r['cpu_relative_median']:.2f} | {params} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def specialize_model() -> str:
+    r = record("specialize")
+    m = r["model"]
+    return (f"hidden {m['hidden_size']}, depth {m['depth']}, {m['num_heads']} heads, {m['input_size']}x{m['input_size']} "
+            f"latents with patch {m['patch_size']}; batch {r['batch']}, {r['steps']} timed steps")  # fmt: skip
+
+
+# ---- study.json --------------------------------------------------------------------------------
+
+
+def st(ds: str, arm: str, step: int, key: str = "swd", seed: int = 0) -> float:
+    """One run's evaluation: ``key`` in ``swd``, ``fd`` or a level such as ``32x32``."""
+    e = record("study")["runs"][f"{ds}|{arm}|{seed}"]["evals"][str(step)]
+    return e["swd"]["mean"] if key == "swd" else e["fd_effnet"] if key == "fd" else e["swd"]["per_level"][key]
+
+
+def signal(ds: str, field: str, stage: int) -> float:
+    return record("study")["signal_levels"][ds][field][stage]
+
+
+def study_tables() -> str:
+    """The study's own report (``benchmarks/study.py``), headings moved under this page's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import study  # noqa: PLC0415  (imports torch: only when the page asks for it)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    text, _ = study.report_markdown(record("study"))
+    lines = text.splitlines()[2:]  # its title; this page has its own
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines)
+
+
+def study_grids() -> str:
+    """One image per ``study_grid_<dataset>_<step>.png`` the study has written."""
+    return "\n\n".join(f"![{p.stem}](img/{p.name})" for p in sorted(RESULTS.glob("study_grid_*.png")))
+
+
+def study_budgets() -> list[int]:
+    return sorted({int(s) for r in record("study")["runs"].values() for s in r["evals"]})
+
+
+# ---- the API index ------------------------------------------------------------------------------
+
+
+def api_summary() -> str:
+    """Every name of ``dfm_ext.__all__``: the first line of its docstring and the page documenting it."""
+    import importlib  # noqa: PLC0415
+
+    import dfm_ext  # noqa: PLC0415
+
+    where: dict[str, str] = {}
+    for sub in ("decompositions", "process", "specialization", "models", "wrapping"):
+        for name in importlib.import_module(f"dfm_ext.{sub}").__all__:
+            where.setdefault(name, sub)
+    lines = ["| name | what | documented in |", "|---|---|---|"]
+    for name in dfm_ext.__all__:
+        sub = where[name]
+        doc = ((getattr(dfm_ext, name).__doc__ or "").strip().split("\n")[0]).rstrip(".").replace("``", "`")
+        doc = doc.replace("|", "\\|")  # inside a table cell
+        lines.append(f"| [`{name}`][dfm_ext.{sub}.{name}] | {doc} | [`dfm_ext.{sub}`]({sub}.md) |")
+    return "\n".join(lines)
+
+
+# ---- the README's headline ----------------------------------------------------------------------
+
+
+def headline() -> str:
+    """The measured headline the README shows (a test keeps README.md equal to it)."""
+    first, last = q_steps()[0], q_steps()[-1]
+    return (
+        f"`wrap_dit` costs nothing measurable (train step {ov('S/2', 'train'):.2f}x, sampling step "
+        f"{ov('S/2', 'sample'):.2f}x the unwrapped DiT-S/2 on CPU);\n"
+        f"on 32x32 Fashion-MNIST with a 1.3 M-parameter DiT, DFM is ahead of Flow Matching early in training\n"
+        f"(step {first}: SWD {pct(q_ratio(first))}, FD-EffNet {pct(q_ratio(first, 'fd'))}) but behind on FD-EffNet "
+        f"by step {last} ({pct(q_ratio(last, 'fd'))}),\n"
+        f"because p0 = 0.9 leaves the fine stage undertrained in so short a run (p0 = 0.7: SWD "
+        f"{pct(ab_ratio('p0 = 0.7'))}, FD-EffNet {pct(ab_ratio('p0 = 0.7', 'fd'))});\n"
+        f"input masking and independent per-stage times help, as in the paper (without masking: FD-EffNet "
+        f"{pct(ab_ratio('no input masking', 'fd'))}; tied times: {pct(ab_ratio('tied timesteps', 'fd'))})."
+    )
+
+
+# ---- mkdocs events ------------------------------------------------------------------------------
+
+_EXPR = re.compile(r"\{\{\s*(.+?)\s*\}\}")
+NAMESPACE = {k: v for k, v in globals().items() if callable(v) and not k.startswith("_")} | {"statistics": statistics}
+
+
+def render(markdown: str, where: str) -> str:
+    """Replace every ``{{ expression }}`` of ``markdown`` by its value."""
+
+    def one(m: re.Match[str]) -> str:
+        try:
+            return str(eval(m.group(1), dict(NAMESPACE)))  # noqa: S307  (our own pages)
+        except Exception as exc:  # the build must stop and say where
+            from mkdocs.exceptions import PluginError
+
+            raise PluginError(f"{where}: {{{{ {m.group(1)} }}}} failed: {type(exc).__name__}: {exc}") from exc
+
+    return _EXPR.sub(one, markdown)
+
+
+def on_pre_build(config: Any, **kwargs: Any) -> None:
+    record.cache_clear()  # `mkdocs serve` rebuilds: read the JSON again
+
+
+def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    for pattern in IMAGES:
+        for path in sorted(RESULTS.glob(pattern)):
+            files.append(File.generated(config, f"results/img/{path.name}", abs_src_path=str(path)))
+    return files
+
+
+def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
+    uri = page.file.src_uri
+    if uri.startswith("results/") or uri in ("index.md", "guides/choosing.md", "api/index.md"):
+        return render(markdown, uri)
+    return markdown
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--headline"]:
+        print(headline())
+    else:
+        raise SystemExit("usage: python docs/hooks/results.py --headline")
