@@ -40,8 +40,6 @@ LAZY_UPWARD = {("dfm_ext.wrapping.adapter", "dfm_ext.adapters"): "the registry o
 #: Private modules shared by the modules of their own package (and only there).
 SHARED_PRIVATE_MODULES = {
     "dfm_ext.metrics._images": "image-set plumbing (batching, progress, checks) of the metrics",
-    # Issue 17 is to make these helpers public (dfm_ext.adapters.diffusers_common).
-    "dfm_ext.adapters._diffusers_common": "helpers shared by the diffusers adapters",
     "dfm_ext.recipes._common": "argument parsing, error reporting and task helpers the recipe commands share",
 }
 

@@ -1,0 +1,100 @@
+"""Tiny random diffusers models of the families added by issue 17, loaded the way real checkpoints are.
+
+Each factory builds a tiny config of the real class, ``save_pretrained`` s it and loads it back
+with ``from_pretrained`` (float32, eval); every parameter is then perturbed with a fixed generator
+so that zero-initialised layers (adaLN-zero, output projections) do not make outputs trivially zero.
+``base_call`` runs the *unwrapped* model on a full sample in dfm_ext layout and converts its output
+to the paper's convention (velocity ``x - noise``, ``t = 1`` data), from each family's pipeline:
+
+===========  ===================================  =======================  ===============  ==============
+family       class                                native sample            model's time     prediction
+===========  ===================================  =======================  ===============  ==============
+sana         ``SanaTransformer2DModel``           ``[B, 4, 8, 8]``, p 2    1000 sigma * ts  noise - x
+auraflow     ``AuraFlowTransformer2DModel``       ``[B, 4, 8, 8]``, p 2    sigma            noise - x
+wan          ``WanTransformer3DModel``            ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
+===========  ===================================  =======================  ===============  ==============
+
+Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+C = 4  # latent channels
+TEXT_DIM = 12
+TEXT_LEN = 3
+SANA_TIMESTEP_SCALE = 0.5  # not 1, so the test sees that the adapter reads config.timestep_scale
+
+
+def _build(cls: type, path: Path, seed: int, **config) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls(**config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model.save_pretrained(Path(path))
+    return cls.from_pretrained(Path(path), torch_dtype=torch.float32).eval()
+
+
+def tiny_sana(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import SanaTransformer2DModel
+
+    return _build(
+        SanaTransformer2DModel, path, seed,
+        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=TEXT_DIM, sample_size=8, patch_size=2, mlp_ratio=2.0,
+        timestep_scale=SANA_TIMESTEP_SCALE,
+    )
+
+
+def tiny_auraflow(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import AuraFlowTransformer2DModel
+
+    return _build(
+        AuraFlowTransformer2DModel, path, seed,
+        sample_size=8, patch_size=2, in_channels=C, out_channels=C, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+        pos_embed_max_size=64,  # an 8x8 position table: the native 4x4 grid and room for 2x
+    )
+
+
+def tiny_wan(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return _build(
+        WanTransformer3DModel, path, seed,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    )
+
+
+def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    a = 1000.0 * SANA_TIMESTEP_SCALE
+    return -m(x, timestep=a - a * t, **cond).sample
+
+
+def _auraflow_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1.0 - t, **cond).sample
+
+
+def _wan_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
+
+
+#: family -> (factory, base_call, native sample shape, adapter name)
+FAMILIES = {
+    "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
+    "auraflow": (tiny_auraflow, _auraflow_call, (C, 8, 8), "auraflow"),
+    "wan": (tiny_wan, _wan_call, (C, 2, 8, 8), "wan"),
+}
+
+
+def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]``."""
+    return {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
