@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
+from dfm_ext.specialization import combine_layer_groups
+
 from .common import call_block, check_tensor, parse_conditioning, sincos_positions
-from .diffusers_common import diffusers_layer_groups
+from .diffusers_common import DIFFUSERS_LAYER_GROUPS
 from .spec import AdapterSpec, SpecAdapter
 
 __all__ = ["SanaAdapter", "SanaConditioning", "ADAPTER"]
@@ -63,11 +65,13 @@ class SanaAdapter(SpecAdapter):
         positions="sincos",
         conditioning=SanaConditioning,
         null_keys=("encoder_hidden_states",),
-        layer_groups=diffusers_layer_groups(
+        # The GLUMBConv MLP's depthwise conv_depth (grouped) cannot be specialised: mlp = its 1x1 convs.
+        layer_groups=combine_layer_groups(
+            {**DIFFUSERS_LAYER_GROUPS, "mlp": (r"(^|\.)ff\.conv_(inverted|point)$",)},
             {
                 "cond": (r"(^|\.)time_embed\.emb\.", r"(^|\.)caption_projection\."),
                 "mod": (r"(^|\.)time_embed\.linear$",),
-            }
+            },
         ),
     )
 
