@@ -18,6 +18,7 @@ name               family
 ``sana``           diffusers ``SanaTransformer2DModel`` (declarative, :mod:`dfm_ext.adapters.spec`)
 ``auraflow``       diffusers ``AuraFlowTransformer2DModel`` (declarative)
 ``wan``            diffusers ``WanTransformer3DModel`` (declarative)
+``lumina2``        diffusers ``Lumina2Transformer2DModel`` (declarative)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.sana import SanaAdapter
     from dfm_ext.adapters.auraflow import AuraFlowAdapter
     from dfm_ext.adapters.wan import WanAdapter
+    from dfm_ext.adapters.lumina2 import Lumina2Adapter
     from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
@@ -60,6 +62,7 @@ _CLASSES = {
     "SanaAdapter": "sana",
     "AuraFlowAdapter": "auraflow",
     "WanAdapter": "wan",
+    "Lumina2Adapter": "lumina2",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -77,6 +80,7 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("sana", "dfm_ext.adapters.sana", module_prefix="diffusers"),
     LazyAdapter("auraflow", "dfm_ext.adapters.auraflow", module_prefix="diffusers"),
     LazyAdapter("wan", "dfm_ext.adapters.wan", module_prefix="diffusers"),
+    LazyAdapter("lumina2", "dfm_ext.adapters.lumina2", module_prefix="diffusers"),
 )
 
 

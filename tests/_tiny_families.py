@@ -12,6 +12,7 @@ family       class                                native sample            model
 sana         ``SanaTransformer2DModel``           ``[B, 4, 8, 8]``, p 2    1000 sigma * ts  noise - x
 auraflow     ``AuraFlowTransformer2DModel``       ``[B, 4, 8, 8]``, p 2    sigma            noise - x
 wan          ``WanTransformer3DModel``            ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
+lumina2      ``Lumina2Transformer2DModel``        ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
@@ -74,6 +75,17 @@ def tiny_wan(path: Path, seed: int = 0) -> nn.Module:
     )
 
 
+def tiny_lumina2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import Lumina2Transformer2DModel
+
+    return _build(
+        Lumina2Transformer2DModel, path, seed,
+        sample_size=8, patch_size=2, in_channels=C, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(16, 16, 16),
+        cap_feat_dim=TEXT_DIM,
+    )
+
+
 def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     a = 1000.0 * SANA_TIMESTEP_SCALE
     return -m(x, timestep=a - a * t, **cond).sample
@@ -87,11 +99,18 @@ def _wan_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> tor
     return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
 
 
+def _lumina2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Lumina2Pipeline: timestep 1 - sigma (= t, 1 = data), output negated before the scheduler: x - noise.
+    mask = torch.ones(x.shape[0], cond["encoder_hidden_states"].shape[1], dtype=torch.long)
+    return m(x, timestep=t, encoder_attention_mask=mask, **cond).sample
+
+
 #: family -> (factory, base_call, native sample shape, adapter name)
 FAMILIES = {
     "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
     "auraflow": (tiny_auraflow, _auraflow_call, (C, 8, 8), "auraflow"),
     "wan": (tiny_wan, _wan_call, (C, 2, 8, 8), "wan"),
+    "lumina2": (tiny_lumina2, _lumina2_call, (C, 8, 8), "lumina2"),
 }
 
 
