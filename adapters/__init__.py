@@ -19,6 +19,7 @@ name               family
 ``auraflow``       diffusers ``AuraFlowTransformer2DModel`` (declarative)
 ``wan``            diffusers ``WanTransformer3DModel`` (declarative)
 ``lumina2``        diffusers ``Lumina2Transformer2DModel`` (declarative)
+``qwenimage``      diffusers ``QwenImageTransformer2DModel`` (declarative)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.auraflow import AuraFlowAdapter
     from dfm_ext.adapters.wan import WanAdapter
     from dfm_ext.adapters.lumina2 import Lumina2Adapter
+    from dfm_ext.adapters.qwenimage import QwenImageAdapter
     from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
@@ -63,6 +65,7 @@ _CLASSES = {
     "AuraFlowAdapter": "auraflow",
     "WanAdapter": "wan",
     "Lumina2Adapter": "lumina2",
+    "QwenImageAdapter": "qwenimage",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -81,6 +84,7 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("auraflow", "dfm_ext.adapters.auraflow", module_prefix="diffusers"),
     LazyAdapter("wan", "dfm_ext.adapters.wan", module_prefix="diffusers"),
     LazyAdapter("lumina2", "dfm_ext.adapters.lumina2", module_prefix="diffusers"),
+    LazyAdapter("qwenimage", "dfm_ext.adapters.qwenimage", module_prefix="diffusers"),
 )
 
 

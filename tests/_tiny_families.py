@@ -13,6 +13,7 @@ sana         ``SanaTransformer2DModel``           ``[B, 4, 8, 8]``, p 2    1000 
 auraflow     ``AuraFlowTransformer2DModel``       ``[B, 4, 8, 8]``, p 2    sigma            noise - x
 wan          ``WanTransformer3DModel``            ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 lumina2      ``Lumina2Transformer2DModel``        ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
+qwenimage    ``QwenImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
@@ -86,6 +87,26 @@ def tiny_lumina2(path: Path, seed: int = 0) -> nn.Module:
     )
 
 
+def tiny_qwenimage(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    return _build(
+        QwenImageTransformer2DModel, path, seed,
+        patch_size=2, in_channels=4 * C, out_channels=C, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _pack(x: torch.Tensor) -> torch.Tensor:  # QwenImagePipeline._pack_latents (= FluxPipeline's)
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(y: torch.Tensor, h: int, w: int) -> torch.Tensor:  # QwenImagePipeline._unpack_latents, one frame
+    b, _, c4 = y.shape
+    return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
 def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     a = 1000.0 * SANA_TIMESTEP_SCALE
     return -m(x, timestep=a - a * t, **cond).sample
@@ -105,12 +126,20 @@ def _lumina2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) ->
     return m(x, timestep=t, encoder_attention_mask=mask, **cond).sample
 
 
+def _qwenimage_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # QwenImagePipeline: timestep / 1000 = sigma, the model scales it by 1000; predicts noise - x.
+    h, w = x.shape[-2:]
+    out = m(_pack(x), timestep=1.0 - t, img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0], **cond).sample
+    return -_unpack(out, h, w)
+
+
 #: family -> (factory, base_call, native sample shape, adapter name)
 FAMILIES = {
     "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
     "auraflow": (tiny_auraflow, _auraflow_call, (C, 8, 8), "auraflow"),
     "wan": (tiny_wan, _wan_call, (C, 2, 8, 8), "wan"),
     "lumina2": (tiny_lumina2, _lumina2_call, (C, 8, 8), "lumina2"),
+    "qwenimage": (tiny_qwenimage, _qwenimage_call, (C, 8, 8), "qwenimage"),
 }
 
 

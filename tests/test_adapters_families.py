@@ -30,6 +30,7 @@ CHECKPOINTED = {
     "auraflow": ("joint_transformer_blocks", "single_transformer_blocks"),
     "wan": ("blocks",),
     "lumina2": ("layers",),  # its refiners run plainly, in Lumina2's forward too
+    "qwenimage": ("transformer_blocks",),
 }
 
 
