@@ -20,6 +20,7 @@ name               family
 ``wan``            diffusers ``WanTransformer3DModel`` (declarative)
 ``lumina2``        diffusers ``Lumina2Transformer2DModel`` (declarative)
 ``qwenimage``      diffusers ``QwenImageTransformer2DModel`` (declarative)
+``flux2``          diffusers ``Flux2Transformer2DModel`` (declarative)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.wan import WanAdapter
     from dfm_ext.adapters.lumina2 import Lumina2Adapter
     from dfm_ext.adapters.qwenimage import QwenImageAdapter
+    from dfm_ext.adapters.flux2 import Flux2Adapter
     from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
@@ -66,6 +68,7 @@ _CLASSES = {
     "WanAdapter": "wan",
     "Lumina2Adapter": "lumina2",
     "QwenImageAdapter": "qwenimage",
+    "Flux2Adapter": "flux2",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -85,6 +88,7 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("wan", "dfm_ext.adapters.wan", module_prefix="diffusers"),
     LazyAdapter("lumina2", "dfm_ext.adapters.lumina2", module_prefix="diffusers"),
     LazyAdapter("qwenimage", "dfm_ext.adapters.qwenimage", module_prefix="diffusers"),
+    LazyAdapter("flux2", "dfm_ext.adapters.flux2", module_prefix="diffusers"),
 )
 
 

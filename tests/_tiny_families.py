@@ -14,6 +14,7 @@ auraflow     ``AuraFlowTransformer2DModel``       ``[B, 4, 8, 8]``, p 2    sigma
 wan          ``WanTransformer3DModel``            ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 lumina2      ``Lumina2Transformer2DModel``        ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
 qwenimage    ``QwenImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
+flux2        ``Flux2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
@@ -107,6 +108,17 @@ def _unpack(y: torch.Tensor, h: int, w: int) -> torch.Tensor:  # QwenImagePipeli
     return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
+def tiny_flux2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return _build(
+        Flux2Transformer2DModel, path, seed,
+        patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )
+
+
 def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     a = 1000.0 * SANA_TIMESTEP_SCALE
     return -m(x, timestep=a - a * t, **cond).sample
@@ -133,6 +145,21 @@ def _qwenimage_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) 
     return -_unpack(out, h, w)
 
 
+def _flux2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Flux2Pipeline: _patchify_latents (2x2, channel-major) then _pack_latents (flatten the grid);
+    # ids (t, h, w, l); the model multiplies sigma and guidance by 1000; predicts noise - x.
+    b, c, h, w = x.shape
+    folded = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    tokens = folded.reshape(b, c * 4, -1).permute(0, 2, 1)
+    one = torch.arange(1)
+    img_ids = torch.cartesian_prod(one, torch.arange(h // 2), torch.arange(w // 2), one)
+    txt_ids = torch.cartesian_prod(one, one, one, torch.arange(cond["encoder_hidden_states"].shape[1]))
+    out = m(tokens, timestep=1.0 - t, guidance=torch.ones(b), img_ids=img_ids, txt_ids=txt_ids, **cond).sample
+    out = out.permute(0, 2, 1).reshape(b, c * 4, h // 2, w // 2)  # _unpack_latents_with_ids on a full grid
+    out = out.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)  # _unpatchify_latents
+    return -out
+
+
 #: family -> (factory, base_call, native sample shape, adapter name)
 FAMILIES = {
     "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
@@ -140,6 +167,7 @@ FAMILIES = {
     "wan": (tiny_wan, _wan_call, (C, 2, 8, 8), "wan"),
     "lumina2": (tiny_lumina2, _lumina2_call, (C, 8, 8), "lumina2"),
     "qwenimage": (tiny_qwenimage, _qwenimage_call, (C, 8, 8), "qwenimage"),
+    "flux2": (tiny_flux2, _flux2_call, (C, 8, 8), "flux2"),
 }
 
 

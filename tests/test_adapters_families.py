@@ -31,6 +31,7 @@ CHECKPOINTED = {
     "wan": ("blocks",),
     "lumina2": ("layers",),  # its refiners run plainly, in Lumina2's forward too
     "qwenimage": ("transformer_blocks",),
+    "flux2": ("transformer_blocks", "single_transformer_blocks"),
 }
 
 
