@@ -21,6 +21,7 @@ name               family
 ``lumina2``        diffusers ``Lumina2Transformer2DModel`` (declarative)
 ``qwenimage``      diffusers ``QwenImageTransformer2DModel`` (declarative)
 ``flux2``          diffusers ``Flux2Transformer2DModel`` (declarative)
+``ltx_video``      diffusers ``LTXVideoTransformer3DModel`` (declarative)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.lumina2 import Lumina2Adapter
     from dfm_ext.adapters.qwenimage import QwenImageAdapter
     from dfm_ext.adapters.flux2 import Flux2Adapter
+    from dfm_ext.adapters.ltx import LTXVideoAdapter
     from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
@@ -69,6 +71,7 @@ _CLASSES = {
     "Lumina2Adapter": "lumina2",
     "QwenImageAdapter": "qwenimage",
     "Flux2Adapter": "flux2",
+    "LTXVideoAdapter": "ltx",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -89,6 +92,7 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("lumina2", "dfm_ext.adapters.lumina2", module_prefix="diffusers"),
     LazyAdapter("qwenimage", "dfm_ext.adapters.qwenimage", module_prefix="diffusers"),
     LazyAdapter("flux2", "dfm_ext.adapters.flux2", module_prefix="diffusers"),
+    LazyAdapter("ltx_video", "dfm_ext.adapters.ltx", module_prefix="diffusers"),
 )
 
 

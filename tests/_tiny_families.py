@@ -15,6 +15,7 @@ wan          ``WanTransformer3DModel``            ``[B, 4, 2, 8, 8]``      1000 
 lumina2      ``Lumina2Transformer2DModel``        ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
 qwenimage    ``QwenImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
 flux2        ``Flux2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
+ltx_video    ``LTXVideoTransformer3DModel``       ``[B, 4, 2, 4, 4]``, p 1 1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
@@ -119,6 +120,16 @@ def tiny_flux2(path: Path, seed: int = 0) -> nn.Module:
     )
 
 
+def tiny_ltx_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import LTXVideoTransformer3DModel
+
+    return _build(
+        LTXVideoTransformer3DModel, path, seed,
+        in_channels=C, out_channels=C, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
+        cross_attention_dim=24, num_layers=1, caption_channels=TEXT_DIM,
+    )
+
+
 def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     a = 1000.0 * SANA_TIMESTEP_SCALE
     return -m(x, timestep=a - a * t, **cond).sample
@@ -160,6 +171,21 @@ def _flux2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> t
     return -out
 
 
+#: what LTXPipeline derives from LTX-Video's VAE at 25 fps
+LTX_ROPE_SCALE = (8 / 25, 32.0, 32.0)
+
+
+def _ltx_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # LTXPipeline: patch 1 packing [B, C, F, H, W] -> [B, F*H*W, C]; timestep = 1000 sigma; predicts noise - x.
+    b, c, f, h, w = x.shape
+    cond = dict(cond)
+    scale = cond.pop("rope_interpolation_scale")
+    tokens = x.flatten(2).transpose(1, 2)
+    out = m(tokens, timestep=1000.0 - 1000.0 * t, encoder_attention_mask=None, num_frames=f, height=h, width=w,
+            rope_interpolation_scale=scale, **cond).sample  # fmt: skip
+    return -out.transpose(1, 2).reshape(b, c, f, h, w)
+
+
 #: family -> (factory, base_call, native sample shape, adapter name)
 FAMILIES = {
     "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
@@ -168,9 +194,13 @@ FAMILIES = {
     "lumina2": (tiny_lumina2, _lumina2_call, (C, 8, 8), "lumina2"),
     "qwenimage": (tiny_qwenimage, _qwenimage_call, (C, 8, 8), "qwenimage"),
     "flux2": (tiny_flux2, _flux2_call, (C, 8, 8), "flux2"),
+    "ltx_video": (tiny_ltx_video, _ltx_video_call, (C, 2, 4, 4), "ltx_video"),
 }
 
 
 def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]``."""
-    return {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
+    """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]`` (and LTX's RoPE scale)."""
+    out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
+    if family == "ltx_video":
+        out["rope_interpolation_scale"] = LTX_ROPE_SCALE
+    return out

@@ -32,6 +32,7 @@ CHECKPOINTED = {
     "lumina2": ("layers",),  # its refiners run plainly, in Lumina2's forward too
     "qwenimage": ("transformer_blocks",),
     "flux2": ("transformer_blocks", "single_transformer_blocks"),
+    "ltx_video": ("transformer_blocks",),
 }
 
 
@@ -56,7 +57,8 @@ def _setup(fam: str, num_stages: int) -> tuple[tuple[int, ...], LaplacianPyramid
     f0 = factors[0]
     video = len(native) == 4
     sample = (native[0], native[1], native[2] * f0, native[3] * f0) if video else (native[0], native[1] * f0, native[2] * f0)
-    patches = [(1, 2 * f0 // f, 2 * f0 // f) if video else 2 * f0 // f for f in factors]
+    p = 1 if fam == "ltx_video" else 2  # the model's own spatial patch (Flux-style 2x2 folding counts as 2)
+    patches = [(1, p * f0 // f, p * f0 // f) if video else p * f0 // f for f in factors]
     decomposition = LaplacianPyramid(factors=factors)  # spatial only, also for videos
     return sample, decomposition, patches
 
