@@ -22,6 +22,7 @@ name               family
 ``qwenimage``      diffusers ``QwenImageTransformer2DModel`` (declarative)
 ``flux2``          diffusers ``Flux2Transformer2DModel`` (declarative)
 ``ltx_video``      diffusers ``LTXVideoTransformer3DModel`` (declarative)
+``hunyuandit``     diffusers ``HunyuanDiT2DModel`` (declarative)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.qwenimage import QwenImageAdapter
     from dfm_ext.adapters.flux2 import Flux2Adapter
     from dfm_ext.adapters.ltx import LTXVideoAdapter
+    from dfm_ext.adapters.hunyuandit import HunyuanDiTAdapter
     from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
@@ -72,6 +74,7 @@ _CLASSES = {
     "QwenImageAdapter": "qwenimage",
     "Flux2Adapter": "flux2",
     "LTXVideoAdapter": "ltx",
+    "HunyuanDiTAdapter": "hunyuandit",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -93,6 +96,7 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("qwenimage", "dfm_ext.adapters.qwenimage", module_prefix="diffusers"),
     LazyAdapter("flux2", "dfm_ext.adapters.flux2", module_prefix="diffusers"),
     LazyAdapter("ltx_video", "dfm_ext.adapters.ltx", module_prefix="diffusers"),
+    LazyAdapter("hunyuandit", "dfm_ext.adapters.hunyuandit", module_prefix="diffusers"),
 )
 
 

@@ -16,6 +16,7 @@ lumina2      ``Lumina2Transformer2DModel``        ``[B, 4, 8, 8]``, p 2    t (1 
 qwenimage    ``QwenImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
 flux2        ``Flux2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
 ltx_video    ``LTXVideoTransformer3DModel``       ``[B, 4, 2, 4, 4]``, p 1 1000 sigma       noise - x
+hunyuandit   ``HunyuanDiT2DModel``                ``[B, 4, 8, 8]``, p 2    999 sigma (DDPM)  raw (re-param.)
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
@@ -130,6 +131,20 @@ def tiny_ltx_video(path: Path, seed: int = 0) -> nn.Module:
     )
 
 
+HUNYUAN_T5_LEN = 4
+
+
+def tiny_hunyuandit(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HunyuanDiT2DModel
+
+    return _build(
+        HunyuanDiT2DModel, path, seed,
+        num_attention_heads=2, attention_head_dim=8, in_channels=C, patch_size=2, sample_size=8, hidden_size=16,
+        num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=TEXT_DIM, cross_attention_dim_t5=8,
+        pooled_projection_dim=8, text_len=TEXT_LEN, text_len_t5=HUNYUAN_T5_LEN, use_style_cond_and_image_meta_size=True,
+    )
+
+
 def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     a = 1000.0 * SANA_TIMESTEP_SCALE
     return -m(x, timestep=a - a * t, **cond).sample
@@ -186,6 +201,14 @@ def _ltx_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) 
     return -out.transpose(1, 2).reshape(b, c, f, h, w)
 
 
+def _hunyuandit_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HunyuanDiTPipeline: DDPM integer timesteps (999 = noise), learned sigma: keep the first C channels.
+    from dfm_ext.adapters.hunyuandit import hunyuan_rope
+
+    rope = hunyuan_rope(m, (x.shape[-2] // 2, x.shape[-1] // 2))
+    return m(x, timestep=999.0 - 999.0 * t, image_rotary_emb=rope, **cond).sample[:, :C]
+
+
 #: family -> (factory, base_call, native sample shape, adapter name)
 FAMILIES = {
     "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
@@ -195,6 +218,7 @@ FAMILIES = {
     "qwenimage": (tiny_qwenimage, _qwenimage_call, (C, 8, 8), "qwenimage"),
     "flux2": (tiny_flux2, _flux2_call, (C, 8, 8), "flux2"),
     "ltx_video": (tiny_ltx_video, _ltx_video_call, (C, 2, 4, 4), "ltx_video"),
+    "hunyuandit": (tiny_hunyuandit, _hunyuandit_call, (C, 8, 8), "hunyuandit"),
 }
 
 
@@ -203,4 +227,10 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
+    if family == "hunyuandit":
+        out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
+        out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["text_embedding_mask_t5"] = torch.ones(batch, HUNYUAN_T5_LEN, dtype=torch.long)
+        out["image_meta_size"] = torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]] * batch)
+        out["style"] = torch.zeros(batch, dtype=torch.long)
     return out
