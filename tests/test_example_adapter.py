@@ -29,3 +29,8 @@ def test_the_example_runs_and_its_adapter_is_exact_and_auto_registered(capsys) -
         assert [tuple(x.shape[1:]) for x in v] == [tuple(s) for s in model.stage_shapes]
     finally:
         unregister_adapter("mydit")
+
+
+def test_the_adapters_guide_shows_this_very_file() -> None:
+    page = (EXAMPLE.parents[1] / "docs" / "guides" / "adapters.md").read_text()
+    assert f"```python\n{EXAMPLE.read_text()}```" in page
