@@ -12,8 +12,8 @@ feeds ``timestep_scale * 1000 (1 - t)`` and returns ``-output``.
 Positions: none when ``interpolation_scale`` is ``None`` (the released checkpoints), else the
 ``PatchEmbed`` sin-cos table, recomputed for any grid: any sample shape works.
 
-Refused: ``guidance_embeds=True`` (SANA-Sprint) reads a trigonometric consistency time, not one of
-the linear conventions; pass ``time_convention=`` only if you retrained it as a flow model.
+Refused: ``guidance_embeds=True`` (SANA-Sprint) reads a trigonometric consistency time
+(``sin s / (sin s + cos s)``), none of the linear conventions, and embeds guidance in another module.
 
 Conditioning (diffusers names): ``encoder_hidden_states [B, L, caption_channels]`` (Gemma
 embeddings), optional ``encoder_attention_mask [B, L]`` (1 = keep).
@@ -79,8 +79,8 @@ class SanaAdapter(SpecAdapter):
         if model.config.guidance_embeds:
             raise ValueError(
                 f"{type(model).__name__} with guidance_embeds=True (SANA-Sprint) reads a trigonometric "
-                "consistency time, which is none of the linear time conventions (choose among 'timestep', "
-                "'sigma', 'unit', 'x1000', 'discrete' only for a model trained that way); not supported"
+                "consistency time, which is none of the linear time conventions ('timestep', 'sigma', 'unit', "
+                "'x1000', 'discrete'); it is not supported"
             )
 
     def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:

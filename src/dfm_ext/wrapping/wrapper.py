@@ -266,9 +266,9 @@ def _native_grid_hint(ad: DiTAdapter, model: nn.Module, decomposition: Any, shap
     if not hints:
         return ""
     return (
-        f" Stage 0 must cover the token grid: on {type(model).__name__}'s native grid {grid} "
-        f"(fixed positions keep it) use {' or '.join(hints)}; to generate above the native size, see "
-        "docs/guides/adapters.md ('Fixed positions')."
+        f" Stage 0 must cover the token grid: on {type(model).__name__}'s native grid {grid} (which a model "
+        f"with fixed positions must keep) use {' or '.join(hints)}; this generates above the native size, "
+        "see docs/guides/adapters.md ('Fixed positions')."
     )
 
 
