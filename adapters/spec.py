@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dfm_ext.process.conventions import check_time_convention, time_transform
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
-from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
+from dfm_ext.wrapping.embeddings import Init, MultiScalePatchEmbed
 
 from .common import TimeMLP, check_installed, check_stage0_channels, get_submodule_path, scaled_output
 from .common import set_submodule_path, zeroed_condition
@@ -147,7 +147,9 @@ class SpecAdapter:
         self, time_convention: str | None = None, output_scale: float | None = None, time_scale: float | None = None
     ) -> None:
         spec = self.spec
-        self.time_convention = check_time_convention(time_convention or spec.time_convention)
+        name = time_convention or spec.time_convention
+        check_time_convention(name)
+        self.time_convention: str = name
         self.output_scale = float(spec.output_scale if output_scale is None else output_scale)
         if time_scale is not None and (isinstance(time_scale, bool) or not isinstance(time_scale, (int, float))):
             raise TypeError(f"time_scale must be a number, got {time_scale!r}")
@@ -234,7 +236,7 @@ class SpecAdapter:
                 scale = getattr(model.config, scale)
         return time_transform(self.time_convention, scale=float(scale))
 
-    def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:
+    def install(self, model: nn.Module, packer: Any, *, init: Init, stage_embedding: bool) -> None:
         spec = self.spec
         self.check_model(model)
         proj = get_submodule_path(model, spec.patch_embed)
