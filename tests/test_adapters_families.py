@@ -178,14 +178,14 @@ def test_per_stage_lora_is_exact_at_attach_and_covers_every_group(pristine, fam:
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_save_pretrained_and_load_back(pristine, fam: str, tmp_path) -> None:
-    from dfm_ext import load_wrapped
+    from dfm_ext import DFMTransformer
 
     model = _wrap(pristine, fam)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)  # away from the init, so that loading matters
     model.save_pretrained(tmp_path / "w")
-    loaded = load_wrapped(tmp_path / "w", base_model=_fresh(pristine, fam))
+    loaded = DFMTransformer.from_pretrained(tmp_path / "w", base_model=_fresh(pristine, fam))
     stages, t, g = _inputs(model, 2, seed=7)
     cond = tiny.text_inputs(fam, 2, g)
     with torch.no_grad():
@@ -258,6 +258,16 @@ def test_three_stages_on_a_fixed_position_model_at_its_native_size_name_the_samp
     assert model.packer.grid == (4, 4)
 
 
+def test_the_reference_dit_gets_the_same_rule() -> None:
+    """dfm_ext.DiT (a sin-cos table fixed at its 8x8 grid): the hint's sample shape wraps, on the native grid."""
+    from dfm_ext import DiT, DiTConfig
+
+    with pytest.raises(ValueError, match=r"native grid \(8, 8\).*sample_shape=\(4, 32, 32\) with patch_sizes=\[1, 2, 4\]"):
+        wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)))
+    model = wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)), sample_shape=(4, 32, 32), patch_sizes=[1, 2, 4])
+    assert model.packer.grid == (8, 8)
+
+
 def test_a_grid_past_the_position_table_names_the_largest_sample(pristine) -> None:
     with pytest.raises(ValueError, match=r"fixed position table \(grid \(8, 8\)\).*at most \(16, 16\)"):
         wrap_dit(_fresh(pristine, "auraflow"), LaplacianPyramid(factors=(2, 1)), sample_shape=(4, 64, 64))
@@ -284,3 +294,36 @@ def test_bad_conditioning_is_refused(pristine, fam: str) -> None:
         model(stages, t, k, prompt="a cat", **tiny.text_inputs(fam, 2))
     with pytest.raises(ValueError, match=r"encoder_hidden_states must have shape \[2, (\*|3), 12\], got \(2, 3, 5\)"):
         model(stages, t, k, encoder_hidden_states=torch.randn(2, 3, 5))
+
+
+# ----------------------------------------------------------------------------- the declarative spec
+
+
+def test_spec_values_are_checked_when_declared() -> None:
+    from dfm_ext.adapters.spec import AdapterSpec
+
+    base = dict(name="x", model_class="Nothing", patch_embed="p", time_embedder="t", head="h")
+    with pytest.raises(ValueError, match="patch orders must be 'pqc' or 'cpq', got 'qpc'"):
+        AdapterSpec(**base, patch_order="qpc")
+    with pytest.raises(ValueError, match="unknown time_convention 'seconds'"):
+        AdapterSpec(**base, time_convention="seconds")
+    with pytest.raises(ValueError, match="positions must be one of .* got 'learned'"):
+        AdapterSpec(**base, positions="learned")
+
+
+def test_spec_model_class_by_module_path_and_adapter_overrides(pristine) -> None:
+    from dfm_ext import DiT, DiTConfig
+    from dfm_ext.adapters.sana import SanaAdapter
+    from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
+
+    class ByPath(SpecAdapter):
+        spec = AdapterSpec(name="bypath", model_class="dfm_ext.models.dit:DiT", patch_embed="x_embedder.proj",
+                           time_embedder="t_embedder", head="final_layer.linear")  # fmt: skip
+
+    assert ByPath.name == "bypath" and ByPath().matches(DiT(DiTConfig.preset("tiny")))
+    assert not ByPath().matches(pristine["sana"])
+    adapter = SanaAdapter(time_scale=2.0)  # overrides config.timestep_scale
+    assert adapter.config() == {"time_convention": "timestep", "output_scale": -1.0, "time_scale": 2.0}
+    assert torch.equal(adapter.time_function(pristine["sana"])(torch.tensor([0.5])), torch.tensor([1000.0]))
+    with pytest.raises(TypeError, match="time_scale must be a number, got 'big'"):
+        SanaAdapter(time_scale="big")
