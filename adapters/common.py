@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from dfm_ext.specialization import checkpoint, routing_active
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.wrapping.packing import patch_sizes_for_grid
 
 __all__ = [
     "TimeMLP",
@@ -38,6 +39,7 @@ __all__ = [
     "check_stage0_channels",
     "check_tensor",
     "first_linear_dtype",
+    "fixed_grid_hint",
     "get_submodule_path",
     "parse_conditioning",
     "scaled_output",
@@ -272,3 +274,30 @@ def set_submodule_path(model: nn.Module, path: str, module: nn.Module) -> None:
     """Replace ``model.<path>`` (dotted) by ``module``."""
     parent, _, leaf = path.rpartition(".")
     setattr(get_submodule_path(model, parent) if parent else model, leaf, module)
+
+
+def fixed_grid_hint(packer: Any, native: tuple[int, ...]) -> str:
+    """What fits a model whose positions are fixed at the token grid ``native``, for an error message.
+
+    Every stage shares the packer's token grid; a fixed position table needs it to be ``native``.
+    Either the same stages with other patch sizes (stage 0 must still cover the grid), or the same
+    patch sizes with a sample scaled by ``native / grid``.
+
+    Example:
+        >>> from dfm_ext.wrapping.packing import ScalePacker
+        >>> packer = ScalePacker([(4, 8, 8), (4, 16, 16), (4, 32, 32)], [2, 4, 8])  # grid (4, 4)
+        >>> fixed_grid_hint(packer, (8, 8))
+        'keep these stages with patch_sizes=[1, 2, 4], or keep the patch sizes with a sample_shape 2 times as large'
+    """
+    grid = tuple(int(g) for g in packer.grid)
+    options = []
+    try:
+        sizes = patch_sizes_for_grid(packer.stage_shapes, native)
+        options.append(f"keep these stages with patch_sizes={[p[0] if len(set(p)) == 1 else list(p) for p in sizes]}")
+    except ValueError:
+        pass
+    ratios = {n / g for n, g in zip(native, grid)}
+    if len(ratios) == 1:
+        r = ratios.pop()
+        options.append(f"keep the patch sizes with a sample_shape {int(r) if r.is_integer() else r} times as large")
+    return ", or ".join(options) or f"choose stages and patch sizes whose token grid is {native}"

@@ -266,6 +266,9 @@ def test_the_reference_dit_gets_the_same_rule() -> None:
         wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)))
     model = wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)), sample_shape=(4, 32, 32), patch_sizes=[1, 2, 4])
     assert model.packer.grid == (8, 8)
+    # Patch sizes that put the stages on another grid fail at the positions, saying what fits instead.
+    with pytest.raises(ValueError, match=r"fixed positions for 64 tokens: keep these stages with patch_sizes=\[1, 2, 4\], or keep the patch sizes with a sample_shape 2 times as large"):
+        wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)), sample_shape=(4, 32, 32), patch_sizes=[2, 4, 8])
 
 
 def test_a_grid_past_the_position_table_names_the_largest_sample(pristine) -> None:
