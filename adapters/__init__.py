@@ -15,7 +15,19 @@ name               family
 ``flux``           diffusers ``FluxTransformer2DModel``
 ``cogvideox``      diffusers ``CogVideoXTransformer3DModel``
 ``video_dit``      :class:`dfm_ext.models.video_dit.VideoDiT` and DiT-named video models (per-frame ``Conv3d``)
+``sana``           diffusers ``SanaTransformer2DModel`` (declarative, :mod:`dfm_ext.adapters.spec`)
+``auraflow``       diffusers ``AuraFlowTransformer2DModel`` (declarative)
+``wan``            diffusers ``WanTransformer3DModel`` (declarative)
+``lumina2``        diffusers ``Lumina2Transformer2DModel`` (declarative)
+``qwenimage``      diffusers ``QwenImageTransformer2DModel`` (declarative)
+``flux2``          diffusers ``Flux2Transformer2DModel`` (declarative)
+``ltx_video``      diffusers ``LTXVideoTransformer3DModel`` (declarative)
+``hunyuandit``     diffusers ``HunyuanDiT2DModel`` (declarative)
 =================  ==========================================================================
+
+Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
+and :mod:`dfm_ext.adapters.diffusers_common`, and the declarative :class:`~dfm_ext.adapters.spec.AdapterSpec`
+(see ``docs/guides/adapters.md``).
 
 The adapter classes are importable from here (``from dfm_ext.adapters import DiTFamilyAdapter``),
 also lazily: each is imported from its module on first access.
@@ -36,6 +48,15 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.pixart import PixArtAdapter
     from dfm_ext.adapters.sd3 import SD3Adapter
     from dfm_ext.adapters.video_dit import VideoDiTAdapter
+    from dfm_ext.adapters.sana import SanaAdapter
+    from dfm_ext.adapters.auraflow import AuraFlowAdapter
+    from dfm_ext.adapters.wan import WanAdapter
+    from dfm_ext.adapters.lumina2 import Lumina2Adapter
+    from dfm_ext.adapters.qwenimage import QwenImageAdapter
+    from dfm_ext.adapters.flux2 import Flux2Adapter
+    from dfm_ext.adapters.ltx import LTXVideoAdapter
+    from dfm_ext.adapters.hunyuandit import HunyuanDiTAdapter
+    from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -46,6 +67,16 @@ _CLASSES = {
     "SD3Adapter": "sd3",
     "FluxAdapter": "flux",
     "CogVideoXAdapter": "cogvideox",
+    "SanaAdapter": "sana",
+    "AuraFlowAdapter": "auraflow",
+    "WanAdapter": "wan",
+    "Lumina2Adapter": "lumina2",
+    "QwenImageAdapter": "qwenimage",
+    "Flux2Adapter": "flux2",
+    "LTXVideoAdapter": "ltx",
+    "HunyuanDiTAdapter": "hunyuandit",
+    "AdapterSpec": "spec",
+    "SpecAdapter": "spec",
 }
 
 __all__ = ["builtin_adapters", *_CLASSES]
@@ -58,6 +89,14 @@ _BUILTIN: tuple[LazyAdapter, ...] = (
     LazyAdapter("sd3", "dfm_ext.adapters.sd3", module_prefix="diffusers"),
     LazyAdapter("flux", "dfm_ext.adapters.flux", module_prefix="diffusers"),
     LazyAdapter("cogvideox", "dfm_ext.adapters.cogvideox", module_prefix="diffusers"),
+    LazyAdapter("sana", "dfm_ext.adapters.sana", module_prefix="diffusers"),
+    LazyAdapter("auraflow", "dfm_ext.adapters.auraflow", module_prefix="diffusers"),
+    LazyAdapter("wan", "dfm_ext.adapters.wan", module_prefix="diffusers"),
+    LazyAdapter("lumina2", "dfm_ext.adapters.lumina2", module_prefix="diffusers"),
+    LazyAdapter("qwenimage", "dfm_ext.adapters.qwenimage", module_prefix="diffusers"),
+    LazyAdapter("flux2", "dfm_ext.adapters.flux2", module_prefix="diffusers"),
+    LazyAdapter("ltx_video", "dfm_ext.adapters.ltx", module_prefix="diffusers"),
+    LazyAdapter("hunyuandit", "dfm_ext.adapters.hunyuandit", module_prefix="diffusers"),
 )
 
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from dfm_ext.wrapping.adapter import widen_head
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
-from ._diffusers_common import DiffusersAdapterBase, diffusers_layer_groups
+from .diffusers_common import DiffusersAdapterBase, diffusers_layer_groups
 from .common import call_block, check_installed, check_stage0_channels, check_tensor, first_linear_dtype
 from .common import parse_conditioning, zeroed_condition
 
@@ -67,7 +67,7 @@ class CogVideoXAdapter(DiffusersAdapterBase):
     CogVideoX checkpoints are DDPM v-prediction models, hence the defaults
     ``time_convention="discrete"`` (``999 (1 - t)``) and ``output_scale=1`` (the raw output,
     re-parameterised to the velocity by finetuning); both are explained on
-    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`.
+    :class:`~dfm_ext.adapters.diffusers_common.DiffusersAdapterBase`.
     Conditioning: :class:`CogVideoXConditioning`.
     """
 

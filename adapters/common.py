@@ -9,6 +9,14 @@ around its family's own code: read the conditioning keywords it declares as a
 ``install`` checks stage 0 against the pretrained patch kernel (:func:`check_stage0_channels`);
 ``null_condition`` often zeroes tensors (:func:`zeroed_condition`). The built-in adapters
 (``dit``, ``video_dit`` and the diffusers families) are written with them.
+
+For the modules an adapter swaps or reads: :class:`TimeMLP` bundles a parameter-free sinusoid
+with its MLP into the one embedder :func:`dfm_ext.wrapping.adapter.multiscale_time_embed` copies
+per stage; :func:`sincos_positions` gives the positions a diffusers ``PatchEmbed`` adds for any
+token grid; :func:`shape_probe` stands in for the unpatchified input where a RoPE module only
+reads its shape; :func:`get_submodule_path` / :func:`set_submodule_path` read and replace a
+module by dotted name (what :class:`dfm_ext.adapters.spec.SpecAdapter` does with its spec).
+A guide with a complete example: ``docs/guides/adapters.md``.
 """
 
 from __future__ import annotations
@@ -21,16 +29,23 @@ from torch import Tensor, nn
 
 from dfm_ext.specialization import checkpoint, routing_active
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed
+from dfm_ext.wrapping.packing import patch_sizes_for_grid
 
 __all__ = [
+    "TimeMLP",
     "call_block",
     "check_installed",
     "check_no_extra_conditioning",
     "check_stage0_channels",
     "check_tensor",
     "first_linear_dtype",
+    "fixed_grid_hint",
+    "get_submodule_path",
     "parse_conditioning",
     "scaled_output",
+    "set_submodule_path",
+    "shape_probe",
+    "sincos_positions",
     "zeroed_condition",
 ]
 
@@ -166,3 +181,123 @@ def zeroed_condition(cond: dict[str, Any], keys: tuple[str, ...], pronoun: str =
             raise TypeError(f"null_condition needs the conditional {key} to know {pronoun} shape")
         out[key] = torch.zeros_like(value)
     return out
+
+
+class TimeMLP(nn.Module):
+    """``mlp(proj(timestep))``: a sinusoidal projection (e.g. diffusers ``Timesteps``) and its MLP.
+
+    ``proj`` has no parameters; the MLP's input is cast to the MLP's dtype, as the diffusers
+    models cast it to the hidden dtype. Bundling the two gives
+    :func:`dfm_ext.wrapping.adapter.multiscale_time_embed` one embedder to copy per stage (the
+    copies' last layer is zeroed, so at a pretrained initialisation only stage 0 contributes).
+
+    Shapes:
+        ``[B]`` timesteps (the model's convention) -> ``[B, D]``.
+
+    Example:
+        >>> import torch
+        >>> from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        >>> proj, mlp = Timesteps(32, True, 0), TimestepEmbedding(32, 16)
+        >>> t = torch.tensor([0.0, 500.0])
+        >>> torch.equal(TimeMLP(proj, mlp)(t), mlp(proj(t)))
+        True
+    """
+
+    def __init__(self, proj: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+        self.mlp = mlp
+
+    def forward(self, timestep: Tensor) -> Tensor:
+        return self.mlp(self.proj(timestep).to(first_linear_dtype(self.mlp)))
+
+
+def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torch.device) -> Tensor | None:
+    """The positional embedding a diffusers ``PatchEmbed`` adds for a token grid ``(Gh, Gw)``.
+
+    Same rules as ``PatchEmbed.forward``: SD3-style models crop a ``pos_embed_max_size``
+    table around its centre; others use the stored table when the grid is the one they were
+    built for and recompute the 2-D sincos table (with their ``base_size`` and
+    ``interpolation_scale``) otherwise. Returns ``[1, Gh * Gw, D]`` or ``None`` (no positions).
+    """
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: PLC0415
+
+    table = getattr(patch_embed, "pos_embed", None)
+    if table is None:
+        return None
+    gh, gw = grid
+    if patch_embed.pos_embed_max_size:
+        p = patch_embed.patch_size
+        # cropped_pos_embed takes pixel sizes and raises a clear error past the table.
+        return patch_embed.cropped_pos_embed(gh * p, gw * p)
+    if (patch_embed.height, patch_embed.width) == (gh, gw):
+        return table
+    pos = get_2d_sincos_pos_embed(
+        embed_dim=table.shape[-1],
+        grid_size=(gh, gw),
+        base_size=patch_embed.base_size,
+        interpolation_scale=patch_embed.interpolation_scale,
+        device=device,
+        output_type="pt",
+    )
+    return pos.float().unsqueeze(0)
+
+
+def shape_probe(batch: int, channels: int, grid: tuple[int, ...], patch: tuple[int, ...]) -> Tensor:
+    """A ``meta`` tensor ``[B, C, *(grid * patch)]``: the unpatchified input's shape, without memory.
+
+    For RoPE modules that take the model's input only to read its size (Wan's ``rope``, ...):
+    the adapter's input is the packed grid, so it hands them this stand-in instead.
+
+    Example:
+        >>> shape_probe(2, 16, (3, 4, 4), (1, 2, 2)).shape
+        torch.Size([2, 16, 3, 8, 8])
+    """
+    return torch.empty((batch, channels, *(g * p for g, p in zip(grid, patch))), device="meta")
+
+
+def get_submodule_path(model: nn.Module, path: str) -> nn.Module:
+    """``model.a.b.c`` for ``path="a.b.c"``, with an error naming the model class and the path.
+
+    Raises:
+        AttributeError: a part of ``path`` is missing.
+    """
+    obj: Any = model
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{type(model).__name__} has no submodule {path!r} (missing {part!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_submodule_path(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace ``model.<path>`` (dotted) by ``module``."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_submodule_path(model, parent) if parent else model, leaf, module)
+
+
+def fixed_grid_hint(packer: Any, native: tuple[int, ...]) -> str:
+    """What fits a model whose positions are fixed at the token grid ``native``, for an error message.
+
+    Every stage shares the packer's token grid; a fixed position table needs it to be ``native``.
+    Either the same stages with other patch sizes (stage 0 must still cover the grid), or the same
+    patch sizes with a sample scaled by ``native / grid``.
+
+    Example:
+        >>> from dfm_ext.wrapping.packing import ScalePacker
+        >>> packer = ScalePacker([(4, 8, 8), (4, 16, 16), (4, 32, 32)], [2, 4, 8])  # grid (4, 4)
+        >>> fixed_grid_hint(packer, (8, 8))
+        'keep these stages with patch_sizes=[1, 2, 4], or keep the patch sizes with a sample_shape 2 times as large'
+    """
+    grid = tuple(int(g) for g in packer.grid)
+    options = []
+    try:
+        sizes = patch_sizes_for_grid(packer.stage_shapes, native)
+        options.append(f"keep these stages with patch_sizes={[p[0] if len(set(p)) == 1 else list(p) for p in sizes]}")
+    except ValueError:
+        pass
+    ratios = {n / g for n, g in zip(native, grid)}
+    if len(ratios) == 1:
+        r = ratios.pop()
+        options.append(f"keep the patch sizes with a sample_shape {int(r) if r.is_integer() else r} times as large")
+    return ", or ".join(options) or f"choose stages and patch sizes whose token grid is {native}"

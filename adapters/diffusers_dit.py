@@ -45,7 +45,7 @@ from dfm_ext.validation import check_value
 from dfm_ext.wrapping.adapter import widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleTimestepEmbed
 
-from ._diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
+from .diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
 from .common import call_block, check_installed, check_tensor, parse_conditioning
 
 __all__ = ["DiffusersDiTConditioning", "DiffusersDiTAdapter", "MultiScaleTimestepLabelEmbed", "StageTime", "ADAPTER"]

@@ -53,7 +53,7 @@ from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleHead
 
-from .common import call_block, check_installed, check_stage0_channels, parse_conditioning, scaled_output
+from .common import call_block, check_installed, check_stage0_channels, fixed_grid_hint, parse_conditioning, scaled_output
 
 __all__ = ["DiTFamilyAdapter", "LabelConditioning", "ADAPTER"]
 
@@ -232,9 +232,11 @@ class DiTFamilyAdapter:
             raise ValueError(f"DiT-family models take images; got a token grid {packer.grid}")
         pos = getattr(model, "pos_embed", None)
         if isinstance(pos, Tensor) and pos.shape[-2] != packer.num_tokens:
+            native = self._grid(model)
+            hint = f": {fixed_grid_hint(packer, native)} (docs/guides/adapters.md, 'Fixed positions')" if native else ""
             raise ValueError(
                 f"the stages map onto a token grid {packer.grid} ({packer.num_tokens} tokens) but "
-                f"{type(model).__name__} has fixed positions for {pos.shape[-2]} tokens"
+                f"{type(model).__name__} has fixed positions for {pos.shape[-2]} tokens{hint}"
             )
         check_stage0_channels(packer, init, proj.in_channels)
         self._install_modules(model, proj, packer, convention, init=init, stage_embedding=stage_embedding)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from dfm_ext.wrapping.adapter import widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScalePatchEmbed
 
-from ._diffusers_common import DiffusersAdapterBase, check_joint_text, diffusers_layer_groups
+from .diffusers_common import DiffusersAdapterBase, check_joint_text, diffusers_layer_groups
 from .common import call_block, check_installed, check_stage0_channels, check_tensor, first_linear_dtype
 from .common import parse_conditioning, zeroed_condition
 

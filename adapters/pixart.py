@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
-from ._diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
+from .diffusers_common import PatchEmbedAdapterBase, diffusers_layer_groups
 from .common import call_block, check_installed, check_tensor, parse_conditioning, zeroed_condition
 
 __all__ = ["PixArtAdapter", "PixArtConditioning", "ADAPTER"]
@@ -57,7 +57,7 @@ class PixArtAdapter(PatchEmbedAdapterBase):
 
     Conditioning: :class:`PixArtConditioning`. Defaults for PixArt's DDPM epsilon checkpoints:
     ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=1`` (see
-    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`).
+    :class:`~dfm_ext.adapters.diffusers_common.DiffusersAdapterBase`).
     """
 
     name = "pixart"

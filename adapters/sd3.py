@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from dfm_ext.wrapping.adapter import widen_patch_embed
 
-from ._diffusers_common import PatchEmbedAdapterBase, check_joint_text, diffusers_layer_groups
+from .diffusers_common import PatchEmbedAdapterBase, check_joint_text, diffusers_layer_groups
 from .common import call_block, check_installed, parse_conditioning, zeroed_condition
 
 __all__ = ["SD3Adapter", "SD3Conditioning", "ADAPTER"]
@@ -52,7 +52,7 @@ class SD3Adapter(PatchEmbedAdapterBase):
 
     SD3 reads ``1000 sigma`` and predicts ``noise - x``, hence the defaults
     ``time_convention="timestep"`` (``1000 (1 - t)``) and ``output_scale=-1`` (both explained on
-    :class:`~dfm_ext.adapters._diffusers_common.DiffusersAdapterBase`).
+    :class:`~dfm_ext.adapters.diffusers_common.DiffusersAdapterBase`).
     Conditioning: :class:`SD3Conditioning`.
     """
 

@@ -16,10 +16,16 @@ eager), and compiled wrapped / compiled base is reported beside the eager ratio 
 (goal: <= 1.02). ``fullgraph=True`` fails loudly if the wrapper ever breaks the graph. The
 warm-up calls include the compilation, which is not timed. ``--no-compile`` skips this part.
 
+``--families sana wan`` measures the diffusers adapters instead (:data:`FAMILIES`): A is the
+unwrapped diffusers model's own forward on stage 0 at its native size (its own time convention),
+B the ``wrap_dit`` model on both stages (stage 0 with the model's patch, stage 1 at twice the size
+with twice the patch: the same token count); eager only; written to ``overhead_families.json``.
+
 Usage::
 
     python benchmarks/overhead.py                      # writes benchmarks/results/overhead.json
     python benchmarks/overhead.py --reps 5 --sizes small --threads 1
+    python benchmarks/overhead.py --families sana wan --reps 15 --threads 1   # overhead_families.json
 """
 
 from __future__ import annotations
@@ -42,6 +48,91 @@ SIZES = {
     "small": (dict(input_size=16, patch_size=2, hidden_size=192, depth=6, num_heads=3), 8),
     "S/2": (dict(input_size=32, patch_size=2, hidden_size=384, depth=12, num_heads=6), 4),
 }
+
+
+def _sana(text: torch.Tensor):
+    from diffusers import SanaTransformer2DModel
+
+    model = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=48, num_layers=4,
+        num_cross_attention_heads=4, cross_attention_head_dim=48, cross_attention_dim=192, caption_channels=64,
+        sample_size=16, patch_size=2,
+    )  # fmt: skip
+
+    def call(m, x, t):  # SanaPipeline: timestep = 1000 sigma * timestep_scale (1 here)
+        return m(x, encoder_hidden_states=text, timestep=1000 - 1000 * t).sample
+
+    return model, (4, 16, 16), call
+
+
+def _wan(text: torch.Tensor):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=48, in_channels=4, out_channels=4,
+        text_dim=64, freq_dim=64, ffn_dim=768, num_layers=4,
+    )  # fmt: skip
+
+    def call(m, x, t):  # WanPipeline: timestep = 1000 sigma
+        return m(x, timestep=1000 - 1000 * t, encoder_hidden_states=text).sample
+
+    return model, (4, 2, 16, 16), call
+
+
+#: diffusers families for ``--families``: builder(text) -> (model, native sample shape, base call)
+FAMILIES = {"sana": _sana, "wan": _wan}
+FAMILY_BATCH = 4
+
+
+def _setup_family(name: str, seed: int = 0, device: str = "cpu"):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    b = FAMILY_BATCH
+    text = torch.randn(b, 8, 64, generator=g).to(device)
+    base, native, call = FAMILIES[name](text)
+    base = base.to(device)
+    video = len(native) == 4
+    sample = (*native[:-2], 2 * native[-2], 2 * native[-1])
+    patches = [(1, 2, 2), (1, 4, 4)] if video else [2, 4]
+    wrapped = wrap_dit(copy.deepcopy(base), LaplacianPyramid((2, 1)), sample_shape=sample, patch_sizes=patches).to(device)
+    stages = [torch.randn(b, *s, generator=g).to(device) for s in wrapped.stage_shapes]
+    targets = [torch.randn(b, *s, generator=g).to(device) for s in wrapped.stage_shapes]
+    t = torch.rand(b, generator=g).to(device)
+    t2 = torch.stack([torch.rand(b, generator=g).to(device), t], 1)
+    stage = torch.ones(b, dtype=torch.long, device=device)
+    opt_a = torch.optim.AdamW(base.parameters(), lr=1e-4)
+    opt_b = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
+
+    def loss_a():
+        return F.mse_loss(call(base, stages[0], t), targets[0])
+
+    def loss_b():
+        out = wrapped(stages, t2, stage, encoder_hidden_states=text)
+        return sum((F.mse_loss(o, v) for o, v in zip(out, targets)), torch.zeros((), device=device))
+
+    def train(loss_fn, opt):
+        def step():
+            loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    fns = {
+        "train": (train(loss_a, opt_a), train(loss_b, opt_b)),
+        "sample": (torch.no_grad()(lambda: call(base, stages[0], t)), torch.no_grad()(lambda: wrapped(stages, t2, stage, encoder_hidden_states=text))),
+    }
+    info = dict(
+        config=dict(base.config),
+        batch=b,
+        tokens=wrapped.packer.num_tokens,
+        stage_shapes=[list(s) for s in wrapped.stage_shapes],
+        patch_sizes=[list(p) for p in wrapped.packer.patch_sizes],
+        params_base=sum(p.numel() for p in base.parameters()),
+        params_wrapped=sum(p.numel() for p in wrapped.parameters()),
+    )
+    return info, fns
 
 
 def _setup(name: str, seed: int = 0, device: str = "cpu", compile_too: bool = True):
@@ -129,10 +220,10 @@ def _time(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run(sizes: list[str], reps: int, warmup: int, device: str, compile_too: bool = True) -> dict:
+def run(sizes: list[str], reps: int, warmup: int, device: str, compile_too: bool = True, families: bool = False) -> dict:
     results = {}
     for name in sizes:
-        info, fns = _setup(name, device=device, compile_too=compile_too)
+        info, fns = _setup_family(name, device=device) if families else _setup(name, device=device, compile_too=compile_too)
         entry = dict(info)
         for kind, (fa, fb) in fns.items():
             # Compiled steps: the first call compiles the forward, the first backward the backward.
@@ -182,15 +273,21 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), help="measure these diffusers adapters instead")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/overhead.json (overhead_families.json)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / ("overhead_families.json" if args.families else "overhead.json")
     torch.set_num_threads(args.threads)
-    results = run(args.sizes, args.reps, args.warmup, args.device, compile_too=not args.no_compile)
+    if args.families:
+        results = run(args.families, args.reps, args.warmup, args.device, compile_too=False, families=True)
+    else:
+        results = run(args.sizes, args.reps, args.warmup, args.device, compile_too=not args.no_compile)
     meta = dict(
         torch=torch.__version__,
         device=args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
@@ -199,7 +296,8 @@ def main() -> None:
         command="python benchmarks/overhead.py " + " ".join(
             f"--{k.replace('_', '-')}" if isinstance(v, bool)
             else f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "out" and v is not False
+            for k, v in vars(args).items()
+            if k != "out" and v is not False and v is not None and not (k == "sizes" and args.families)
         ),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,6 @@ LAZY_UPWARD = {("dfm_ext.wrapping.adapter", "dfm_ext.adapters"): "the registry o
 #: Private modules shared by the modules of their own package (and only there).
 SHARED_PRIVATE_MODULES = {
     "dfm_ext.metrics._images": "image-set plumbing (batching, progress, checks) of the metrics",
-    # Issue 17 is to make these helpers public (dfm_ext.adapters.diffusers_common).
-    "dfm_ext.adapters._diffusers_common": "helpers shared by the diffusers adapters",
     "dfm_ext.recipes._common": "argument parsing, error reporting and task helpers the recipe commands share",
 }
 
@@ -271,8 +269,8 @@ def test_privacy_rule(modules: dict[str, Path]) -> None:
 
     assert "private name _write" in check("dfm_ext.recipes.engine", "from .checkpointing import _write, save")[0]
     assert "private to dfm_ext.metrics" in check("dfm_ext.recipes.demo", "from dfm_ext.metrics._images import x")[0]
-    assert "private to dfm_ext.adapters" in check("dfm_ext.recipes.demo", "from dfm_ext.adapters import _diffusers_common")[0]
-    assert check("dfm_ext.adapters.sd3", "from dfm_ext.adapters._diffusers_common import helper") == []
+    assert "private to dfm_ext.recipes" in check("dfm_ext.adapters.sd3", "from dfm_ext.recipes import _common")[0]
+    assert check("dfm_ext.recipes.demo", "from dfm_ext.recipes._common import helper") == []
     assert check("dfm_ext.metrics.swd", "from ._images import iter_batches") == []
     assert check("dfm_ext.wrapping.wrapper", "from dfm_ext.validation import __all__") == []
 

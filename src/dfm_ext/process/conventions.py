@@ -198,18 +198,32 @@ def check_time_convention(name: Any, *, allow_none: bool = False) -> str | None:
     return name
 
 
-def time_transform(name: str) -> Callable[[Tensor], Tensor]:
-    """A named map from paper time ``t`` (0 = noise, 1 = data) to a model's time input.
+def time_transform(name: str, scale: float = 1.0) -> Callable[[Tensor], Tensor]:
+    """A named map from paper time ``t`` (0 = noise, 1 = data) to a model's time input, times ``scale``.
 
     ``"unit"``: ``t``; ``"x1000"``: ``1000 t``; ``"sigma"``: ``1 - t``; ``"timestep"``:
     ``1000 (1 - t)``; ``"discrete"``: ``999 (1 - t)`` (DiT's integer time, left continuous so
-    it stays differentiable and exact at the grid points).
+    it stays differentiable and exact at the grid points). ``scale`` multiplies the result (e.g.
+    Sana's ``timestep_scale``: ``"timestep"`` with ``scale=0.5`` is ``500 (1 - t)``).
+
+    The result is a :func:`functools.partial` of the module-level :func:`affine_time`, so a
+    model holding it pickles (``torch.save(model)``), unlike a lambda.
+
+    Raises:
+        ValueError: ``name`` is unknown (the message lists the conventions), or ``scale`` is not
+            a finite positive number.
 
     Example:
         >>> import torch
         >>> time_transform("discrete")(torch.tensor([0.0, 1.0]))
         tensor([999.,   0.])
+        >>> time_transform("sigma", scale=1000.0)(torch.tensor([0.25]))
+        tensor([750.])
     """
     check_time_convention(name)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
+        raise ValueError(f"time scale must be a finite positive number, got {scale!r}")
     a, b = TIME_CONVENTIONS[name]
-    return functools.partial(affine_time, a=a, b=b)
+    if scale == 1:
+        return functools.partial(affine_time, a=a, b=b)
+    return functools.partial(affine_time, a=a * float(scale), b=b * float(scale))

@@ -241,6 +241,37 @@ def _check_not_wrapped(model: nn.Module) -> None:
             )
 
 
+def _native_grid_hint(ad: DiTAdapter, model: nn.Module, decomposition: Any, shape: tuple[int, ...]) -> str:
+    """Where stage 0 cannot cover the token grid: the sample shapes (with patch sizes) that put it on the native grid.
+
+    Stage 0 must cover the token grid every stage shares (a model with fixed positions keeps its
+    native grid); so the full sample is the native grid times stage 0's downsampling factor, times
+    stage 0's patch (1: stage 0 nearest-upsampled onto the grid, paper section E; or the model's own).
+    """
+    try:
+        native = tuple(ad.default_sample_shape(model))
+        grid = tuple(int(g) for g in ad.token_grid(model, native))
+        factors = [d // s for d, s in zip(shape[1:], decomposition.stage_shapes((1, *shape))[0][2:])]
+    except (ValueError, TypeError, AttributeError):
+        return ""
+    hints = []
+    for patch in sorted({1, *(n // g for n, g in zip(native[1:], grid))}):
+        cand = (shape[0], *(g * patch * f for g, f in zip(grid, factors)))
+        try:
+            stages = [tuple(s[1:]) for s in decomposition.stage_shapes((1, *cand))]
+            sizes = patch_sizes_for_grid(stages, grid)
+        except ValueError:
+            continue
+        hints.append(f"sample_shape={cand} with patch_sizes={[p[0] if len(set(p)) == 1 else list(p) for p in sizes]}")
+    if not hints:
+        return ""
+    return (
+        f" Stage 0 must cover the token grid: on {type(model).__name__}'s native grid {grid} (which a model "
+        f"with fixed positions must keep) use {' or '.join(hints)}; this generates above the native size, "
+        "see docs/guides/adapters.md ('Fixed positions')."
+    )
+
+
 def wrap_dit(
     model: nn.Module,
     decomposition: Any,
@@ -324,6 +355,7 @@ def wrap_dit(
                 f"{decomposition!r} on samples of shape {shape} gives stages {stage_shapes}, which cannot "
                 f"all map onto {type(model).__name__}'s token grid {grid}: {err}. Choose stage "
                 "resolutions that are multiples of the grid, or pass sample_shape / patch_sizes."
+                + _native_grid_hint(ad, model, decomposition, shape)
             ) from None
     packer = ScalePacker(stage_shapes, patch_sizes)
     ad.install(model, packer, init=init, stage_embedding=stage_embedding)

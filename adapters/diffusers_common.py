@@ -1,8 +1,9 @@
-"""Pieces shared by the diffusers adapters (DiT, PixArt, SD3, Flux, CogVideoX).
+"""Public pieces shared by the diffusers adapters (DiT, PixArt, SD3, Flux, CogVideoX and the spec families).
 
 Every diffusers DiT family keeps its timestep embedder as ``time_proj`` (a parameter-free
 sinusoid, :class:`diffusers.models.embeddings.Timesteps`) followed by an MLP
-(:class:`~diffusers.models.embeddings.TimestepEmbedding`). :class:`TimeMLP` bundles the two so
+(:class:`~diffusers.models.embeddings.TimestepEmbedding`). :class:`~dfm_ext.adapters.common.TimeMLP`
+(re-exported here) bundles the two so
 that :class:`~dfm_ext.wrapping.embeddings.MultiScaleTimestepEmbed` can copy it per stage; the copies'
 last linear layer (``linear_2``) is zeroed, so at a pretrained initialisation only stage 0
 contributes.
@@ -42,7 +43,7 @@ from dfm_ext.specialization import combine_layer_groups
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScaleTimestepEmbed
 
-from .common import check_stage0_channels, check_tensor, first_linear_dtype, scaled_output
+from .common import TimeMLP, check_stage0_channels, check_tensor, scaled_output, sincos_positions
 
 __all__ = [
     "DIFFUSERS_LAYER_GROUPS",
@@ -53,56 +54,6 @@ __all__ = [
     "diffusers_layer_groups",
     "sincos_positions",
 ]
-
-
-class TimeMLP(nn.Module):
-    """``mlp(proj(timestep))``: a diffusers sinusoidal projection and its ``TimestepEmbedding``.
-
-    ``proj`` has no parameters; the MLP's input is cast to the MLP's dtype, as the diffusers
-    models cast it to the hidden dtype.
-
-    Shapes:
-        ``[B]`` timesteps (the model's convention) -> ``[B, D]``.
-    """
-
-    def __init__(self, proj: nn.Module, mlp: nn.Module) -> None:
-        super().__init__()
-        self.proj = proj
-        self.mlp = mlp
-
-    def forward(self, timestep: Tensor) -> Tensor:
-        return self.mlp(self.proj(timestep).to(first_linear_dtype(self.mlp)))
-
-
-def sincos_positions(patch_embed: nn.Module, grid: tuple[int, int], device: torch.device) -> Tensor | None:
-    """The positional embedding a diffusers ``PatchEmbed`` adds for a token grid ``(Gh, Gw)``.
-
-    Same rules as ``PatchEmbed.forward``: SD3-style models crop a ``pos_embed_max_size``
-    table around its centre; others use the stored table when the grid is the one they were
-    built for and recompute the 2-D sincos table (with their ``base_size`` and
-    ``interpolation_scale``) otherwise. Returns ``[1, Gh * Gw, D]`` or ``None`` (no positions).
-    """
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: PLC0415
-
-    table = getattr(patch_embed, "pos_embed", None)
-    if table is None:
-        return None
-    gh, gw = grid
-    if patch_embed.pos_embed_max_size:
-        p = patch_embed.patch_size
-        # cropped_pos_embed takes pixel sizes and raises a clear error past the table.
-        return patch_embed.cropped_pos_embed(gh * p, gw * p)
-    if (patch_embed.height, patch_embed.width) == (gh, gw):
-        return table
-    pos = get_2d_sincos_pos_embed(
-        embed_dim=table.shape[-1],
-        grid_size=(gh, gw),
-        base_size=patch_embed.base_size,
-        interpolation_scale=patch_embed.interpolation_scale,
-        device=device,
-        output_type="pt",
-    )
-    return pos.float().unsqueeze(0)
 
 
 def check_joint_text(model: nn.Module, b: int, cond: Any, *, text: str, pooled: str) -> tuple[Tensor, Tensor]:

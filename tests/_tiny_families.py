@@ -1,0 +1,236 @@
+"""Tiny random diffusers models of the families added by issue 17, loaded the way real checkpoints are.
+
+Each factory builds a tiny config of the real class, ``save_pretrained`` s it and loads it back
+with ``from_pretrained`` (float32, eval); every parameter is then perturbed with a fixed generator
+so that zero-initialised layers (adaLN-zero, output projections) do not make outputs trivially zero.
+``base_call`` runs the *unwrapped* model on a full sample in dfm_ext layout and converts its output
+to the paper's convention (velocity ``x - noise``, ``t = 1`` data), from each family's pipeline:
+
+===========  ===================================  =======================  ===============  ==============
+family       class                                native sample            model's time     prediction
+===========  ===================================  =======================  ===============  ==============
+sana         ``SanaTransformer2DModel``           ``[B, 4, 8, 8]``, p 2    1000 sigma * ts  noise - x
+auraflow     ``AuraFlowTransformer2DModel``       ``[B, 4, 8, 8]``, p 2    sigma            noise - x
+wan          ``WanTransformer3DModel``            ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
+lumina2      ``Lumina2Transformer2DModel``        ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
+qwenimage    ``QwenImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
+flux2        ``Flux2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
+ltx_video    ``LTXVideoTransformer3DModel``       ``[B, 4, 2, 4, 4]``, p 1 1000 sigma       noise - x
+hunyuandit   ``HunyuanDiT2DModel``                ``[B, 4, 8, 8]``, p 2    999 sigma (DDPM)  raw (re-param.)
+===========  ===================================  =======================  ===============  ==============
+
+Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+C = 4  # latent channels
+TEXT_DIM = 12
+TEXT_LEN = 3
+SANA_TIMESTEP_SCALE = 0.5  # not 1, so the test sees that the adapter reads config.timestep_scale
+
+
+def _build(cls: type, path: Path, seed: int, **config) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls(**config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model.save_pretrained(Path(path))
+    return cls.from_pretrained(Path(path), torch_dtype=torch.float32).eval()
+
+
+def tiny_sana(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import SanaTransformer2DModel
+
+    return _build(
+        SanaTransformer2DModel, path, seed,
+        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=TEXT_DIM, sample_size=8, patch_size=2, mlp_ratio=2.0,
+        timestep_scale=SANA_TIMESTEP_SCALE,
+    )
+
+
+def tiny_auraflow(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import AuraFlowTransformer2DModel
+
+    return _build(
+        AuraFlowTransformer2DModel, path, seed,
+        sample_size=8, patch_size=2, in_channels=C, out_channels=C, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+        pos_embed_max_size=64,  # an 8x8 position table: the native 4x4 grid and room for 2x
+    )
+
+
+def tiny_wan(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return _build(
+        WanTransformer3DModel, path, seed,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    )
+
+
+def tiny_lumina2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import Lumina2Transformer2DModel
+
+    return _build(
+        Lumina2Transformer2DModel, path, seed,
+        sample_size=8, patch_size=2, in_channels=C, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(16, 16, 16),
+        cap_feat_dim=TEXT_DIM,
+    )
+
+
+def tiny_qwenimage(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    return _build(
+        QwenImageTransformer2DModel, path, seed,
+        patch_size=2, in_channels=4 * C, out_channels=C, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _pack(x: torch.Tensor) -> torch.Tensor:  # QwenImagePipeline._pack_latents (= FluxPipeline's)
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(y: torch.Tensor, h: int, w: int) -> torch.Tensor:  # QwenImagePipeline._unpack_latents, one frame
+    b, _, c4 = y.shape
+    return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def tiny_flux2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return _build(
+        Flux2Transformer2DModel, path, seed,
+        patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )
+
+
+def tiny_ltx_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import LTXVideoTransformer3DModel
+
+    return _build(
+        LTXVideoTransformer3DModel, path, seed,
+        in_channels=C, out_channels=C, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=12,
+        cross_attention_dim=24, num_layers=1, caption_channels=TEXT_DIM,
+    )
+
+
+HUNYUAN_T5_LEN = 4
+
+
+def tiny_hunyuandit(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HunyuanDiT2DModel
+
+    return _build(
+        HunyuanDiT2DModel, path, seed,
+        num_attention_heads=2, attention_head_dim=8, in_channels=C, patch_size=2, sample_size=8, hidden_size=16,
+        num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=TEXT_DIM, cross_attention_dim_t5=8,
+        pooled_projection_dim=8, text_len=TEXT_LEN, text_len_t5=HUNYUAN_T5_LEN, use_style_cond_and_image_meta_size=True,
+    )
+
+
+def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    a = 1000.0 * SANA_TIMESTEP_SCALE
+    return -m(x, timestep=a - a * t, **cond).sample
+
+
+def _auraflow_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1.0 - t, **cond).sample
+
+
+def _wan_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
+
+
+def _lumina2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Lumina2Pipeline: timestep 1 - sigma (= t, 1 = data), output negated before the scheduler: x - noise.
+    mask = torch.ones(x.shape[0], cond["encoder_hidden_states"].shape[1], dtype=torch.long)
+    return m(x, timestep=t, encoder_attention_mask=mask, **cond).sample
+
+
+def _qwenimage_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # QwenImagePipeline: timestep / 1000 = sigma, the model scales it by 1000; predicts noise - x.
+    h, w = x.shape[-2:]
+    out = m(_pack(x), timestep=1.0 - t, img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0], **cond).sample
+    return -_unpack(out, h, w)
+
+
+def _flux2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Flux2Pipeline: _patchify_latents (2x2, channel-major) then _pack_latents (flatten the grid);
+    # ids (t, h, w, l); the model multiplies sigma and guidance by 1000; predicts noise - x.
+    b, c, h, w = x.shape
+    folded = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    tokens = folded.reshape(b, c * 4, -1).permute(0, 2, 1)
+    one = torch.arange(1)
+    img_ids = torch.cartesian_prod(one, torch.arange(h // 2), torch.arange(w // 2), one)
+    txt_ids = torch.cartesian_prod(one, one, one, torch.arange(cond["encoder_hidden_states"].shape[1]))
+    out = m(tokens, timestep=1.0 - t, guidance=torch.ones(b), img_ids=img_ids, txt_ids=txt_ids, **cond).sample
+    out = out.permute(0, 2, 1).reshape(b, c * 4, h // 2, w // 2)  # _unpack_latents_with_ids on a full grid
+    out = out.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)  # _unpatchify_latents
+    return -out
+
+
+#: what LTXPipeline derives from LTX-Video's VAE at 25 fps
+LTX_ROPE_SCALE = (8 / 25, 32.0, 32.0)
+
+
+def _ltx_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # LTXPipeline: patch 1 packing [B, C, F, H, W] -> [B, F*H*W, C]; timestep = 1000 sigma; predicts noise - x.
+    b, c, f, h, w = x.shape
+    cond = dict(cond)
+    scale = cond.pop("rope_interpolation_scale")
+    tokens = x.flatten(2).transpose(1, 2)
+    out = m(tokens, timestep=1000.0 - 1000.0 * t, encoder_attention_mask=None, num_frames=f, height=h, width=w,
+            rope_interpolation_scale=scale, **cond).sample  # fmt: skip
+    return -out.transpose(1, 2).reshape(b, c, f, h, w)
+
+
+def _hunyuandit_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HunyuanDiTPipeline: DDPM integer timesteps (999 = noise), learned sigma: keep the first C channels.
+    from dfm_ext.adapters.hunyuandit import hunyuan_rope
+
+    rope = hunyuan_rope(m, (x.shape[-2] // 2, x.shape[-1] // 2))
+    return m(x, timestep=999.0 - 999.0 * t, image_rotary_emb=rope, **cond).sample[:, :C]
+
+
+#: family -> (factory, base_call, native sample shape, adapter name)
+FAMILIES = {
+    "sana": (tiny_sana, _sana_call, (C, 8, 8), "sana"),
+    "auraflow": (tiny_auraflow, _auraflow_call, (C, 8, 8), "auraflow"),
+    "wan": (tiny_wan, _wan_call, (C, 2, 8, 8), "wan"),
+    "lumina2": (tiny_lumina2, _lumina2_call, (C, 8, 8), "lumina2"),
+    "qwenimage": (tiny_qwenimage, _qwenimage_call, (C, 8, 8), "qwenimage"),
+    "flux2": (tiny_flux2, _flux2_call, (C, 8, 8), "flux2"),
+    "ltx_video": (tiny_ltx_video, _ltx_video_call, (C, 2, 4, 4), "ltx_video"),
+    "hunyuandit": (tiny_hunyuandit, _hunyuandit_call, (C, 8, 8), "hunyuandit"),
+}
+
+
+def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]`` (and LTX's RoPE scale)."""
+    out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
+    if family == "ltx_video":
+        out["rope_interpolation_scale"] = LTX_ROPE_SCALE
+    if family == "hunyuandit":
+        out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
+        out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["text_embedding_mask_t5"] = torch.ones(batch, HUNYUAN_T5_LEN, dtype=torch.long)
+        out["image_meta_size"] = torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]] * batch)
+        out["style"] = torch.zeros(batch, dtype=torch.long)
+    return out

@@ -1,0 +1,332 @@
+"""wrap_dit on the families of issue 17 (Sana, AuraFlow, Wan), their declarative spec and the public helpers.
+
+Tiny models come from tests/_tiny_families.py: built from a config, saved with ``save_pretrained``
+and loaded back with ``from_pretrained`` (the real-checkpoint path), once per module; each test
+deep-copies them. Every comparison is against the base model's own forward, converted to the
+paper's convention from the family's pipeline (``base_call``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import _tiny_families as tiny  # noqa: E402
+
+from dfm_ext import DFMObjective, DFMSampler, LaplacianPyramid, StageScheduler, StageTimestepSampler  # noqa: E402
+from dfm_ext import specialize, wrap_dit  # noqa: E402
+from dfm_ext.adapters import common  # noqa: E402
+from dfm_ext.process.conventions import time_transform  # noqa: E402
+from dfm_ext.specialization import checkpoint  # noqa: E402
+
+FAMILIES = tuple(tiny.FAMILIES)
+#: the block lists each family's own forward runs through gradient checkpointing
+CHECKPOINTED = {
+    "sana": ("transformer_blocks",),
+    "auraflow": ("joint_transformer_blocks", "single_transformer_blocks"),
+    "wan": ("blocks",),
+    "lumina2": ("layers",),  # its refiners run plainly, in Lumina2's forward too
+    "qwenimage": ("transformer_blocks",),
+    "flux2": ("transformer_blocks", "single_transformer_blocks"),
+    "ltx_video": ("transformer_blocks",),
+    "hunyuandit": ("blocks",),  # its own forward never checkpoints; the wrapped one honours the flag
+}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> dict[str, torch.nn.Module]:
+    root = tmp_path_factory.mktemp("tiny_families")
+    return {name: spec[0](root / name) for name, spec in tiny.FAMILIES.items()}
+
+
+def _fresh(pristine, fam: str) -> torch.nn.Module:
+    return copy.deepcopy(pristine[fam])
+
+
+def _native(fam: str) -> tuple[int, ...]:
+    return tiny.FAMILIES[fam][2]
+
+
+def _setup(fam: str, num_stages: int) -> tuple[tuple[int, ...], LaplacianPyramid, list]:
+    """Full sample, decomposition and patch sizes with stage 0 at the native size and the model's own patch."""
+    native = _native(fam)
+    factors = {2: (2, 1), 3: (4, 2, 1)}[num_stages]
+    f0 = factors[0]
+    video = len(native) == 4
+    sample = (native[0], native[1], native[2] * f0, native[3] * f0) if video else (native[0], native[1] * f0, native[2] * f0)
+    p = 1 if fam == "ltx_video" else 2  # the model's own spatial patch (Flux-style 2x2 folding counts as 2)
+    patches = [(1, p * f0 // f, p * f0 // f) if video else p * f0 // f for f in factors]
+    decomposition = LaplacianPyramid(factors=factors)  # spatial only, also for videos
+    return sample, decomposition, patches
+
+
+def _wrap(pristine, fam: str, num_stages: int = 2, **kw):
+    sample, decomposition, patches = _setup(fam, num_stages)
+    return wrap_dit(_fresh(pristine, fam), decomposition, sample_shape=sample, patch_sizes=patches, **kw)
+
+
+def _inputs(model, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    stages = [torch.randn(batch, *s, generator=g) for s in model.stage_shapes]
+    t = torch.rand(batch, model.num_stages, generator=g)
+    return stages, t, g
+
+
+# ----------------------------------------------------------------------------- stage 0 == pretrained
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_stage0_reproduces_the_pretrained_model(pristine, fam: str, num_stages: int) -> None:
+    """adapter="auto" picks the family; stage 0 equals the base model's velocity to 1e-5, with every stage active."""
+    model = _wrap(pristine, fam, num_stages)
+    assert model.adapter.name == tiny.FAMILIES[fam][3]
+    assert tuple(model.stage_shapes[0]) == _native(fam)
+    stages, t, g = _inputs(model, 2, seed=1)
+    cond = tiny.text_inputs(fam, 2, g)
+    last = torch.full((2,), num_stages - 1, dtype=torch.long)
+    with torch.no_grad():
+        v = model(stages, t, last, **cond)
+        expected = tiny.FAMILIES[fam][1](pristine[fam], stages[0], t[:, 0], cond)
+    assert expected.abs().mean() > 0.05  # a real signal, not zeros
+    assert (v[0] - expected).abs().max() <= 1e-5
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in v[1:])  # later heads start at zero
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_a_wrong_time_convention_is_visible(pristine, fam: str) -> None:
+    """The equality above can fail: the same model read with another convention is far off."""
+    wrong = "sigma" if fam == "lumina2" else "unit"  # Lumina 2 reads t itself ("unit")
+    model = _wrap(pristine, fam, time_convention=wrong)
+    stages, t, g = _inputs(model, 2, seed=1)
+    cond = tiny.text_inputs(fam, 2, g)
+    with torch.no_grad():
+        v = model(stages, t, torch.zeros(2, dtype=torch.long), **cond)
+        expected = tiny.FAMILIES[fam][1](pristine[fam], stages[0], t[:, 0], cond)
+    assert (v[0] - expected).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- training and sampling
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_thirty_adam_steps_reduce_the_loss(pristine, fam: str) -> None:
+    model = _wrap(pristine, fam)
+    g = torch.Generator().manual_seed(3)
+    b = 2
+    data = [torch.randn(b, *s, generator=g) for s in model.stage_shapes]
+    noise = [torch.randn(b, *s, generator=g) for s in model.stage_shapes]
+    times = StageTimestepSampler(2, probabilities=[0.5, 0.5]).sample(b, generator=g)
+    cond = tiny.text_inputs(fam, b, g)
+    objective = DFMObjective(2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = objective(model, data, times, noise=noise, **cond).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert min(losses[-5:]) < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_sampler_with_text_conditioning_and_cfg(pristine, fam: str) -> None:
+    model = _wrap(pristine, fam).eval()
+    g = torch.Generator().manual_seed(4)
+    cond = tiny.text_inputs(fam, 2, g)
+    sample = _setup(fam, 2)[0]
+    sampler = DFMSampler(model.decomposition, StageScheduler(steps=(2, 2), thresholds=(0.9,)), guidance_scale=3.0)
+    with torch.no_grad():
+        guided = sampler.sample(model, (2, *sample), generator=torch.Generator().manual_seed(5), **cond)
+        plain = DFMSampler(model.decomposition, StageScheduler(steps=(2, 2), thresholds=(0.9,))).sample(
+            model, (2, *sample), generator=torch.Generator().manual_seed(5), **cond
+        )
+    assert guided.x.shape == (2, *sample) and torch.isfinite(guided.x).all()
+    assert not torch.allclose(guided.x, plain.x)  # CFG changed the result (the null condition is used)
+    assert set(model.null_condition(**cond)) == set(cond)
+
+
+# ----------------------------------------------------------------------------- specialisation
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_per_stage_lora_is_exact_at_attach_and_covers_every_group(pristine, fam: str) -> None:
+    model = _wrap(pristine, fam)
+    stages, t, g = _inputs(model, 2, seed=6)
+    cond = tiny.text_inputs(fam, 2, g)
+    k = torch.tensor([0, 1])
+    with torch.no_grad():
+        before = model(stages, t, k, **cond)
+    handle = specialize(model, kind="lora", targets="all", rank=2)
+    with torch.no_grad():
+        after = model(stages, t, k, **cond)
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(before, after))
+    # The family's layer groups reach its layers: every group selects something.
+    assert {"attn", "mlp", "mod", "cond", "proj"} <= set(handle.layers.values()), sorted(set(handle.layers.values()))
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_save_pretrained_and_load_back(pristine, fam: str, tmp_path) -> None:
+    from dfm_ext import DFMTransformer
+
+    model = _wrap(pristine, fam)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # away from the init, so that loading matters
+    model.save_pretrained(tmp_path / "w")
+    loaded = DFMTransformer.from_pretrained(tmp_path / "w", base_model=_fresh(pristine, fam))
+    stages, t, g = _inputs(model, 2, seed=7)
+    cond = tiny.text_inputs(fam, 2, g)
+    with torch.no_grad():
+        a, b = model(stages, t, torch.tensor([0, 1]), **cond), loaded(stages, t, torch.tensor([0, 1]), **cond)
+    assert loaded.adapter.name == model.adapter.name and loaded.adapter.config() == model.adapter.config()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_torch_save_of_a_model_with_a_scaled_time_convention(pristine) -> None:
+    """Sana reads ``timestep_scale * 1000 (1 - t)``: the scaled convention pickles (no lambda)."""
+    model = _wrap(pristine, "sana")
+    transform = model.base.time_embed.emb.timestep_embedder.time_transform
+    assert torch.allclose(transform(torch.tensor([0.25])), torch.tensor([750.0 * tiny.SANA_TIMESTEP_SCALE]))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    stages, t, g = _inputs(model, 2, seed=8)
+    cond = tiny.text_inputs("sana", 2, g)
+    with torch.no_grad():
+        assert torch.equal(model(stages, t, torch.tensor([0, 1]), **cond)[0], loaded(stages, t, torch.tensor([0, 1]), **cond)[0])
+
+
+def test_scaled_time_transform_pickles_and_checks_its_scale() -> None:
+    f = pickle.loads(pickle.dumps(time_transform("timestep", scale=0.5)))
+    assert torch.equal(f(torch.tensor([0.0, 1.0])), torch.tensor([500.0, 0.0]))
+    with pytest.raises(ValueError, match="time scale must be a finite positive number, got -1"):
+        time_transform("timestep", scale=-1)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_gradient_checkpointing_is_honoured(pristine, fam: str, monkeypatch) -> None:
+    """With the model's flag on, every block runs through its checkpoint function; gradients are unchanged."""
+    model = _wrap(pristine, fam)
+    stages, t, g = _inputs(model, 2, seed=9)
+    cond = tiny.text_inputs(fam, 2, g)
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        sum(v.square().mean() for v in model(stages, t, torch.tensor([0, 1]), **cond)).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    calls = []
+    if model.base._supports_gradient_checkpointing:
+        model.base.enable_gradient_checkpointing()
+        inner = model.base._gradient_checkpointing_func
+        model.base._gradient_checkpointing_func = lambda block, *a: calls.append(block) or inner(block, *a)
+    else:  # HunyuanDiT: diffusers refuses the switch; the flag still routes blocks through dfm_ext's checkpoint
+        model.base.gradient_checkpointing = True
+        monkeypatch.setattr(common, "checkpoint", lambda block, *a: calls.append(block) or checkpoint(block, *a))
+    checkpointed = grads()
+    blocks = [b for name in CHECKPOINTED[fam] for b in getattr(model.base, name)]
+    assert calls == blocks and blocks
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+# ----------------------------------------------------------------------------- fixed positions and refusals
+
+
+def test_three_stages_on_a_fixed_position_model_at_its_native_size_name_the_sample_shape_that_works(pristine) -> None:
+    """AuraFlow's learned positions fix its token grid; at the native size stage 0 (2x2) cannot cover it (4x4)."""
+    with pytest.raises(ValueError, match=r"sample_shape=\(4, 16, 16\) with patch_sizes=\[1, 2, 4\]"):
+        wrap_dit(_fresh(pristine, "auraflow"), LaplacianPyramid(factors=(4, 2, 1)))
+    # The suggestion works, and stage 0 is then the pretrained model on stage 0 upsampled by 2 (paper E).
+    model = wrap_dit(_fresh(pristine, "auraflow"), LaplacianPyramid(factors=(4, 2, 1)), sample_shape=(4, 16, 16), patch_sizes=[1, 2, 4])
+    assert model.packer.grid == (4, 4)
+
+
+def test_the_reference_dit_gets_the_same_rule() -> None:
+    """dfm_ext.DiT (a sin-cos table fixed at its 8x8 grid): the hint's sample shape wraps, on the native grid."""
+    from dfm_ext import DiT, DiTConfig
+
+    with pytest.raises(ValueError, match=r"native grid \(8, 8\).*sample_shape=\(4, 32, 32\) with patch_sizes=\[1, 2, 4\]"):
+        wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)))
+    model = wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)), sample_shape=(4, 32, 32), patch_sizes=[1, 2, 4])
+    assert model.packer.grid == (8, 8)
+    # Patch sizes that put the stages on another grid fail at the positions, saying what fits instead.
+    with pytest.raises(ValueError, match=r"fixed positions for 64 tokens: keep these stages with patch_sizes=\[1, 2, 4\], or keep the patch sizes with a sample_shape 2 times as large"):
+        wrap_dit(DiT(DiTConfig.preset("tiny")), LaplacianPyramid(factors=(4, 2, 1)), sample_shape=(4, 32, 32), patch_sizes=[2, 4, 8])
+
+
+def test_a_grid_past_the_position_table_names_the_largest_sample(pristine) -> None:
+    with pytest.raises(ValueError, match=r"fixed position table \(grid \(8, 8\)\).*at most \(16, 16\)"):
+        wrap_dit(_fresh(pristine, "auraflow"), LaplacianPyramid(factors=(2, 1)), sample_shape=(4, 64, 64))
+
+
+def test_sana_sprint_time_is_refused(tmp_path) -> None:
+    from diffusers import SanaTransformer2DModel
+
+    sprint = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+        sample_size=8, patch_size=2, guidance_embeds=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="trigonometric consistency time"):
+        wrap_dit(sprint, LaplacianPyramid(factors=(2, 1)), sample_shape=(4, 16, 16))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_bad_conditioning_is_refused(pristine, fam: str) -> None:
+    model = _wrap(pristine, fam)
+    stages, t, _ = _inputs(model, 2, seed=10)
+    k = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(TypeError, match="unexpected conditioning"):
+        model(stages, t, k, prompt="a cat", **tiny.text_inputs(fam, 2))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must have shape \[2, (\*|3), 12\], got \(2, 3, 5\)"):
+        model(stages, t, k, encoder_hidden_states=torch.randn(2, 3, 5))
+
+
+# ----------------------------------------------------------------------------- the declarative spec
+
+
+def test_spec_values_are_checked_when_declared() -> None:
+    from dfm_ext.adapters.spec import AdapterSpec
+
+    base = dict(name="x", model_class="Nothing", patch_embed="p", time_embedder="t", head="h")
+    with pytest.raises(ValueError, match="patch orders must be 'pqc' or 'cpq', got 'qpc'"):
+        AdapterSpec(**base, patch_order="qpc")
+    with pytest.raises(ValueError, match="unknown time_convention 'seconds'"):
+        AdapterSpec(**base, time_convention="seconds")
+    with pytest.raises(ValueError, match="positions must be one of .* got 'learned'"):
+        AdapterSpec(**base, positions="learned")
+
+
+def test_spec_model_class_by_module_path_and_adapter_overrides(pristine) -> None:
+    from dfm_ext import DiT, DiTConfig
+    from dfm_ext.adapters.sana import SanaAdapter
+    from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
+
+    class ByPath(SpecAdapter):
+        spec = AdapterSpec(name="bypath", model_class="dfm_ext.models.dit:DiT", patch_embed="x_embedder.proj",
+                           time_embedder="t_embedder", head="final_layer.linear")  # fmt: skip
+
+    assert ByPath.name == "bypath" and ByPath().matches(DiT(DiTConfig.preset("tiny")))
+    assert not ByPath().matches(pristine["sana"])
+    adapter = SanaAdapter(time_scale=2.0)  # overrides config.timestep_scale
+    assert adapter.config() == {"time_convention": "timestep", "output_scale": -1.0, "time_scale": 2.0}
+    assert torch.equal(adapter.time_function(pristine["sana"])(torch.tensor([0.5])), torch.tensor([1000.0]))
+    with pytest.raises(TypeError, match="time_scale must be a number, got 'big'"):
+        SanaAdapter(time_scale="big")
