@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ConfigError, yaml_value
 from .decomposition_section import DecompositionConfig
-from .engine import OptimConfig, TrainConfig
+from .train_config import OptimConfig, TrainConfig
 
 __all__ = [
     "ClassSamplingConfig",
