@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,70 +47,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class DiTConfigBase:
-    """What :class:`DiTConfig` and :class:`~dfm_ext.models.video_dit.VideoDiTConfig` share: the
-    transformer fields' checks, ``out_channels``, the preset table and ``from_dict``'s field check."""
-
-    patch_size: int
-    in_channels: int
-    hidden_size: int
-    num_heads: int
-    class_dropout_prob: float
-    learn_sigma: bool
-
-    def _check_positive_ints(self) -> None:
-        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-
-    def _check_heads(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-
-    def _check_dropout(self) -> None:
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @staticmethod
-    def _preset_fields(name: str) -> dict[str, Any]:
-        if name not in PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dict(PRESETS[name])
-
-    @classmethod
-    def _check_known_fields(cls, d: dict[str, Any]) -> None:
-        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+_Config = TypeVar("_Config", bound="DiTConfigBase")
 
 
 @dataclass(frozen=True)
-class DiTConfig(DiTConfigBase):
-    """Configuration of :class:`DiT`.
+class DiTConfigBase:
+    """The fields and checks :class:`DiTConfig` and :class:`~dfm_ext.models.video_dit.VideoDiTConfig` share.
 
     Args:
-        input_size: latent size ``H`` (square) or ``(H, W)``.
-        patch_size: patch ``p``; the token grid is ``(H / p, W / p)``.
+        input_size: the latent size (each subclass says its form; ``__post_init__`` normalises it).
+        patch_size: spatial patch ``p``.
         in_channels: latent channels ``C``.
         hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
         num_classes: number of classes; label ``num_classes`` is the null (unconditional) class.
         class_dropout_prob: label dropout probability in training (0 disables it).
         learn_sigma: output ``2 C`` channels (the first ``C`` are the velocity), as in DiT.
-        rope: 2-D rotary position embeddings instead of the fixed sin-cos table.
-        num_frames: reserved for video; must be ``None`` for now.
 
-    Example:
-        >>> cfg = DiTConfig.preset("S/2", in_channels=4)
-        >>> cfg.hidden_size, cfg.depth, cfg.grid_size
-        (384, 12, (16, 16))
+    A subclass supplies the three hooks on the input size (``_normalised_input_size``,
+    ``_check_divisible``, ``_check_head_dim``); the checks run in ``__post_init__``.
     """
 
-    input_size: int | tuple[int, int] = 32
+    input_size: Any = 32
     patch_size: int = 2
     in_channels: int = 4
     hidden_size: int = 1152
@@ -120,41 +77,41 @@ class DiTConfig(DiTConfigBase):
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
-    rope: bool = False
-    num_frames: int | None = None
 
     def __post_init__(self) -> None:
-        size = self.input_size
-        if isinstance(size, (list, tuple)):
-            hw = tuple(int(s) for s in size)
-            if len(hw) != 2:
-                raise ValueError(f"input_size must be an int or (H, W), got {self.input_size!r}")
-            object.__setattr__(self, "input_size", hw)
-        elif isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"input_size must be an int or (H, W), got {self.input_size!r} ({type(size).__name__})")
-        self._check_positive_ints()
-        h, w = self.image_size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        self._check_heads()
-        if self.rope and (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"rope needs a head dim divisible by 4, got {self.hidden_size // self.num_heads}")
-        self._check_dropout()
-        if self.num_frames is not None:
-            raise NotImplementedError("video DiT (num_frames) is not implemented yet; leave num_frames=None")
+        object.__setattr__(self, "input_size", self._normalised_input_size(self.input_size))
+        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self._check_divisible()
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self._check_head_dim(self.hidden_size // self.num_heads)
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    def _normalised_input_size(self, size: Any) -> Any:
+        raise NotImplementedError
+
+    def _check_divisible(self) -> None:
+        raise NotImplementedError
+
+    def _check_head_dim(self, head_dim: int) -> None:
+        raise NotImplementedError
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        s = self.input_size
-        return (s, s) if isinstance(s, int) else tuple(s)  # type: ignore[return-value]
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        h, w = self.image_size
-        return (h // self.patch_size, w // self.patch_size)
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> DiTConfig:
+    def _preset_fields(cls, name: str) -> dict[str, Any]:
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[name])
+
+    @classmethod
+    def preset(cls: type[_Config], name: str, **overrides: Any) -> _Config:
         """A named size: ``"tiny"``, ``"S/2"``, ``"S/4"``, ``"S/8"``, ``"B/2"``, ``"B/4"``, ``"L/2"``, ``"L/4"``, ``"XL/2"``, ``"XL/4"``."""
         base = cls._preset_fields(name)
         return replace(cls(**base), **overrides) if overrides else cls(**base)
@@ -167,9 +124,66 @@ class DiTConfig(DiTConfigBase):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
-        cls._check_known_fields(d)
+    def from_dict(cls: type[_Config], d: dict[str, Any]) -> _Config:
+        """The config :meth:`to_dict` wrote; unknown keys are refused."""
+        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class DiTConfig(DiTConfigBase):
+    """Configuration of :class:`DiT`: the transformer fields of :class:`DiTConfigBase` and
+
+    Args:
+        input_size: latent size ``H`` (square) or ``(H, W)``; the token grid is ``(H / p, W / p)``.
+        rope: 2-D rotary position embeddings instead of the fixed sin-cos table.
+        num_frames: reserved for video; must be ``None`` for now.
+
+    Example:
+        >>> cfg = DiTConfig.preset("S/2", in_channels=4)
+        >>> cfg.hidden_size, cfg.depth, cfg.grid_size
+        (384, 12, (16, 16))
+    """
+
+    input_size: int | tuple[int, int] = 32
+    rope: bool = False
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_frames is not None:
+            raise NotImplementedError("video DiT (num_frames) is not implemented yet; leave num_frames=None")
+
+    def _normalised_input_size(self, size: Any) -> int | tuple[int, int]:
+        if isinstance(size, (list, tuple)):
+            hw = tuple(int(s) for s in size)
+            if len(hw) != 2:
+                raise ValueError(f"input_size must be an int or (H, W), got {size!r}")
+            return hw  # type: ignore[return-value]
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"input_size must be an int or (H, W), got {size!r} ({type(size).__name__})")
+        return size
+
+    def _check_divisible(self) -> None:
+        h, w = self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+
+    def _check_head_dim(self, head_dim: int) -> None:
+        if self.rope and head_dim % 4:
+            raise ValueError(f"rope needs a head dim divisible by 4, got {head_dim}")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.input_size
+        return (s, s) if isinstance(s, int) else tuple(s)  # type: ignore[return-value]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return (h // self.patch_size, w // self.patch_size)
 
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
