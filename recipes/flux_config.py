@@ -78,14 +78,10 @@ class PromptSamplingConfig(SamplingConfig):
 
 
 @dataclass
-class FluxFinetuneConfig(RecipeConfig):
+class FluxFinetuneConfig(RecipeConfig[FluxDataConfig, FluxVAEConfig, FluxModelConfig, PromptSamplingConfig]):
     """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned buckets, LoRA modes, prompts."""
 
-    model: FluxModelConfig = field(default_factory=FluxModelConfig)
-    data: FluxDataConfig = field(default_factory=FluxDataConfig)
-    vae: FluxVAEConfig = field(default_factory=FluxVAEConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)
 
     @property
     def pixel_multiple(self) -> int:
