@@ -118,14 +118,12 @@ def load_demo_checkpoint(directory: str | os.PathLike[str], device: str | torch.
         CheckpointError: (``ValueError``) missing or damaged folder, or weights that do not fit.
     """
     from dfm_ext.recipes.demo_checkpoint import CheckpointError, load_legacy_demo_checkpoint
+    from dfm_ext.wrapping.io import read_json_file
 
     path = Path(directory)
     if not (path / DEMO_RECORD).is_file():
         return load_legacy_demo_checkpoint(path, build_model, device=device)
-    try:
-        config = json.loads((path / DEMO_RECORD).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / DEMO_RECORD} is not valid JSON: {e}") from None
+    config = read_json_file(path / DEMO_RECORD, CheckpointError)
     if not isinstance(config, dict) or config.get("kind") != CHECKPOINT_KIND or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{path / DEMO_RECORD} is not a demo record (kind {config.get('kind') if isinstance(config, dict) else None!r})")
     try:
