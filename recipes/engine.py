@@ -67,6 +67,7 @@ __all__ = [
     "Trainer",
     "build_optimizer",
     "check_output_writable",
+    "is_check_step",
     "resolve_output_dir",
     "step_generator",
     "warmup_lambda",
@@ -123,6 +124,25 @@ class _RunState:
         self.step = int(state["step"])
         self.skipped = int(state["skipped"])
         self.bad = set(int(i) for i in state["bad"])
+
+
+def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: int) -> bool:
+    """Whether the loop reads its per-step flags on the host after ``step`` (steps done): at log and
+    checkpoint steps, at the last step, and, in one process, as soon as the time budget is spent.
+
+    Several processes decide on the budget (``train.max_train_seconds``) only at log and
+    checkpoint steps, where they reduce their flags anyway: no collective and no device-to-host
+    read per step. They may run past the budget by up to ``min(log_every, checkpoint_every) - 1`` steps.
+
+    Example:
+        >>> train = TrainConfig(steps=10, log_every=4, checkpoint_every=6)
+        >>> [s for s in range(1, 11) if is_check_step(s, train, over_budget=s >= 5, world=2)]
+        [4, 6, 8, 10]
+        >>> [s for s in range(1, 11) if is_check_step(s, train, over_budget=s >= 5, world=1)][:3]
+        [4, 5, 6]
+    """
+    cadence = step % train.log_every == 0 or step % train.checkpoint_every == 0 or step == train.steps
+    return cadence or (over_budget and world == 1)
 
 
 class Trainer:
@@ -352,18 +372,15 @@ class Trainer:
             window_steps += 1
             bar.update(1)
             train_seconds += time.perf_counter() - t_step
-            out_of_time = budget is not None and train_seconds >= budget
-            if budget is not None and world > 1:  # every process stops at the same step
-                flag = torch.tensor(float(out_of_time), device=accelerator.device)
-                out_of_time = bool(accelerator.reduce(flag, "max").item())
-            if out_of_time and state.step < self.train.steps:
-                bar.write(f"stopping after {state.step} steps: the {budget:g} s training budget is spent")
-            last = state.step == self.train.steps or out_of_time
-            if state.step % self.train.log_every == 0 or state.step % self.train.checkpoint_every == 0 or last:
-                # One host read (and one reduction across processes) for the bad-loss flag and the
-                # skipped-image count, before anything is logged or saved.
-                flags = torch.stack([nonfinite.float(), torch.tensor(float(pending_skipped), device=accelerator.device)])
-                bad_loss, skipped = (accelerator.reduce(flags, "sum") if world > 1 else flags).tolist()
+            over_budget = budget is not None and train_seconds >= budget
+            out_of_time = False
+            if is_check_step(state.step, self.train, over_budget=over_budget, world=world):
+                # One host read (and one reduction across processes) for the bad-loss flag, the
+                # skipped-image count and the time budget, before anything is logged or saved.
+                # Several processes agree on the budget only here, so all stop at the same step.
+                flags = torch.tensor([float(pending_skipped), float(over_budget)], device=accelerator.device)
+                flags = torch.cat([nonfinite.float().reshape(1), flags])
+                bad_loss, skipped, n_over = (accelerator.reduce(flags, "sum") if world > 1 else flags).tolist()
                 if bad_loss:
                     raise FloatingPointError(
                         f"non-finite loss at a step in {checked_step + 1}..{state.step}; nothing after step "
@@ -372,6 +389,10 @@ class Trainer:
                 state.skipped += int(skipped)
                 nonfinite.zero_()
                 pending_skipped, checked_step = 0, state.step
+                out_of_time = n_over > 0
+            if out_of_time and state.step < self.train.steps:
+                bar.write(f"stopping after {state.step} steps: the {budget:g} s training budget is spent")
+            last = state.step == self.train.steps or out_of_time
 
             if state.step % self.train.log_every == 0 or last:
                 logs = {}

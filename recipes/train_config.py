@@ -83,7 +83,8 @@ class TrainConfig:
     # first average (so a short run's EMA is not stuck near the random init); off: constant decay.
     ema_warmup: bool = False
     # Stop after the step during which the training steps' own time (no checkpoint/eval) reaches
-    # this many seconds; the stopped step is the final one (logged, checkpointed, sampled).
+    # this many seconds; the stopped step is the final one (logged, checkpointed, sampled). Several
+    # processes agree on it at the next log/checkpoint step (no per-step sync: engine.is_check_step).
     max_train_seconds: float | None = None
 
     def __post_init__(self) -> None:
