@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import sharding
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, save_config
 from .data_images import BatchPlan, PlanBatchSampler, collate_items
@@ -53,6 +54,8 @@ from .run_folder import (
     choose_resume,
     flatten_config,
     resolve_output_dir,
+    save_final_model,
+    state_digest,
     tidy_checkpoints,
 )
 # The engine's contract lives in train_config; re-exported here, where recipes and users import it.
@@ -91,22 +94,20 @@ def step_generator(seed: int, step: int, shard: int, device: torch.device | str 
     return g
 
 
-def _state_digest(state: Mapping[str, Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(state.items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _gather_objects(accelerator: Any, obj: Any) -> list[Any]:
     if accelerator.num_processes == 1:
         return [obj]
     from accelerate.utils import gather_object
 
     return list(gather_object([obj]))
+
+
+def _log_scalars(accelerator: Any, log_path: Path, step: int, scalars: Mapping[str, float]) -> None:
+    """Append ``scalars`` (if any) to ``metrics.jsonl`` and the trackers (main process)."""
+    if scalars:
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        accelerator.log(scalars, step=step)
 
 
 class _RunState:
@@ -256,12 +257,10 @@ class Trainer:
         torch.manual_seed(self.train.seed)  # identical initial weights on every process
         model = self.task.build_model()
         ema: Any = None
-        fsdp = self._sharded(accelerator)
+        fsdp = sharding.uses_fsdp2(self.train.sharding, accelerator)
         if fsdp:
-            from . import sharding
-
             # Not accelerator.prepare: torch's fully_shard per block (accelerate's plugin is DDP on CPU).
-            model = sharding.shard_model(model.to(accelerator.device), self._device_mesh(accelerator))
+            model = sharding.shard_model(model.to(accelerator.device), sharding.device_mesh(accelerator))
             if self.train.ema_decay is not None:
                 ema = sharding.ShardedEMA(model, self.train.ema_decay)
         elif self.train.ema_decay is not None:
@@ -432,10 +431,7 @@ class Trainer:
                     target.eval()
                     scalars = self.task.evaluate(target, step=state.step, out_dir=self.output_dir, device=accelerator.device)
                     target.train(was_training)
-                    if scalars:
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps({"step": state.step, **scalars}) + "\n")
-                        accelerator.log(scalars, step=state.step)
+                    _log_scalars(accelerator, log_path, state.step, scalars)
                 accelerator.wait_for_everyone()
             if out_of_time:
                 break
@@ -450,9 +446,9 @@ class Trainer:
             if ema is not None:
                 with ema.applied(model):
                     ema_state = sharding.gather_full_state(model)
-            digests = [_state_digest(full_state)] if accelerator.is_main_process else []
+            digests = [state_digest(full_state)] if accelerator.is_main_process else []
         else:
-            digests = _gather_objects(accelerator, _state_digest(accelerator.unwrap_model(model).state_dict()))
+            digests = _gather_objects(accelerator, state_digest(accelerator.unwrap_model(model).state_dict()))
         if accelerator.is_main_process:
             if ema is not None and not fsdp:
                 final = ema.module
@@ -462,7 +458,7 @@ class Trainer:
                 final.load_state_dict(ema_state if ema_state is not None else full_state)
             else:
                 final = accelerator.unwrap_model(model)
-            self._save_final(final, accelerator)
+            save_final_model(self.output_dir, final)
             summary = {
                 "step": state.step,
                 "last_loss": last_loss,
@@ -481,25 +477,6 @@ class Trainer:
         accelerator.end_training()
         return TrainResult(self.output_dir, state.step, last_loss, state.skipped, len(state.bad), train_seconds)
 
-    def _sharded(self, accelerator: Any) -> bool:
-        mode = self.train.sharding
-        accelerate_fsdp = str(accelerator.distributed_type).endswith("FSDP")
-        if mode == "none" and accelerate_fsdp:
-            raise ConfigError("train.sharding=none but accelerate was launched with an FSDP config; use train.sharding=fsdp2 or auto")
-        fsdp = mode == "fsdp2" or (mode == "auto" and accelerate_fsdp)
-        if fsdp and accelerator.mixed_precision == "fp16":
-            raise ConfigError("train.sharding=fsdp2 with mixed_precision=fp16 is not supported (no sharded grad scaler); use bf16")
-        return fsdp
-
-    def _device_mesh(self, accelerator: Any) -> Any:
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
-        if not dist.is_initialized():  # one process: a world of one, so the same code path runs
-            backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        return init_device_mesh(accelerator.device.type, (dist.get_world_size(),))
-
     def _evaluate_sharded(self, model: nn.Module, ema: Any, accelerator: Any, step: int, log_path: Path) -> None:
         """``task.evaluate`` on every rank (FSDP gathers each block's weights with collectives).
 
@@ -516,18 +493,6 @@ class Trainer:
             out_dir = self.output_dir if accelerator.is_main_process else Path(stack.enter_context(tempfile.TemporaryDirectory()))
             scalars = self.task.evaluate(model, step=step, out_dir=out_dir, device=accelerator.device)
         model.train(was_training)
-        if scalars and accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
-            accelerator.log(scalars, step=step)
+        if accelerator.is_main_process:
+            _log_scalars(accelerator, log_path, step, scalars)
         accelerator.wait_for_everyone()
-
-    def _save_final(self, model: nn.Module, accelerator: Any) -> None:
-        out = self.output_dir / "final"
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(str(out))
-        else:
-            from safetensors.torch import save_file
-
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

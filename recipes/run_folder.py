@@ -1,6 +1,7 @@
 """The run folder: where a run writes, whether and from where it resumes.
 
 * :func:`resolve_output_dir`, :func:`check_output_writable`: the folder, probed before anything is built.
+* :func:`save_final_model` (``final/``) and :func:`state_digest` (the weights' fingerprint in ``summary.json``).
 * :func:`choose_resume` (``train.resume``: ``auto``, ``never`` or a checkpoint folder),
   :func:`tidy_checkpoints` (partial and damaged folders out of the way) and
   :func:`check_resume_config` (a resumed run keeps its config, but for :data:`RESUMABLE_CHANGES`).
@@ -14,6 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
 from dfm_ext.fileio import atomic_write_text
 
 from .checkpointing import CorruptCheckpointError, check_checkpoint, clean_partial, find_resumable, list_checkpoints, quarantine
@@ -22,7 +26,7 @@ from .train_config import RESUMABLE_CHANGES, TrainConfig
 
 __all__ = [
     "check_output_writable", "check_resume_config", "choose_resume", "config_diff", "flatten_config",
-    "resolve_output_dir", "tidy_checkpoints", "warn",
+    "resolve_output_dir", "save_final_model", "state_digest", "tidy_checkpoints", "warn",
 ]  # fmt: skip
 
 
@@ -174,3 +178,26 @@ def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None)
             f"cannot resume {output_dir}: its config.yaml differs in {diff}; "
             "use another train.output_dir to start a new run"
         )
+
+
+def save_final_model(output_dir: Path, model: nn.Module) -> None:
+    """The trained model as ``output_dir/final``: its ``save_pretrained`` when it has one, else ``model.safetensors``."""
+    out = output_dir / "final"
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(out))
+    else:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+
+
+def state_digest(state: Mapping[str, Tensor]) -> str:
+    """SHA-256 of a state dict's names and raw bytes (sorted): equal digests mean bitwise-equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(state.items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
