@@ -137,7 +137,7 @@ class DiTConfigBase:
     @classmethod
     def from_dict(cls: type[_Config], d: dict[str, Any]) -> _Config:
         """The config :meth:`to_dict` wrote; unknown keys are refused."""
-        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
         return cls(**d)
@@ -172,7 +172,7 @@ class DiTConfig(DiTConfigBase):
             hw = tuple(int(s) for s in size)
             if len(hw) != 2:
                 raise ValueError(f"input_size must be an int or (H, W), got {size!r}")
-            return hw  # type: ignore[return-value]
+            return hw
         if isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"input_size must be an int or (H, W), got {size!r} ({type(size).__name__})")
         return size
