@@ -79,7 +79,9 @@ class PromptSamplingConfig(SamplingConfig):
 
 @dataclass
 class FluxFinetuneConfig(RecipeConfig[FluxDataConfig, FluxVAEConfig, FluxModelConfig, PromptSamplingConfig]):
-    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned buckets, LoRA modes, prompts."""
+    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned aspect-ratio
+    buckets (``data``), the VAE's latent normalisation (``vae``), what is trained (``finetune``: all
+    weights, LoRA or per-stage LoRA) and the prompts sampled (``sampling``)."""
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
