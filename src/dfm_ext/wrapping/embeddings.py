@@ -129,8 +129,6 @@ class MultiScalePatchEmbed(nn.Module):
     Example:
         >>> import torch
         >>> from dfm_ext.wrapping.packing import ScalePacker
-# The timestep embedders (and the init choice every embedding takes) live in timestep_embed; re-exported.
-from dfm_ext.wrapping.timestep_embed import Init, MultiScaleTimestepEmbed, check_init
         >>> packer = ScalePacker([(4, 8, 8), (4, 16, 16)], [1, 2])
         >>> embed = MultiScalePatchEmbed.from_packer(packer, hidden_size=32)
         >>> stages = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 16, 16)]
