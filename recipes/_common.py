@@ -25,6 +25,7 @@ __all__ = [
     "ClassConditionalTask",
     "USAGE_ERRORS",
     "assets_main",
+    "cache_builder_main",
     "cache_builder_parser",
     "check_batch",
     "check_latent_cache",
@@ -118,6 +119,32 @@ def cache_builder_parser(prog: str, doc: str | None, *, batch_size: int) -> argp
     parser.add_argument("--device", default=None)
     parser.add_argument("overrides", nargs="*")
     return parser
+
+
+def cache_builder_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    doc: str | None,
+    defaults: Any,
+    load: Callable[[argparse.Namespace], Any],
+    build: Callable[[Any, str, Any], dict[str, Any]],
+    skipped_key: str,
+) -> int:
+    """A cache builder's command: the flags of :func:`cache_builder_parser`, ``cfg = load(args)``,
+    ``build(cfg, out, options)`` with ``defaults`` (a ``latents.CacheOptions``) updated from the
+    flags, then a one-line JSON summary. Returns the exit status (2 for a usage error)."""
+    import dataclasses
+
+    args = cache_builder_parser(prog, doc, batch_size=defaults.batch_size).parse_args(argv)
+    try:
+        cfg = load(args)
+        options = dataclasses.replace(defaults, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype))
+        index = build(cfg, args.out, options)
+    except USAGE_ERRORS as e:
+        return usage_error(e)
+    print(json.dumps({"out": args.out, "num_items": index["num_items"], skipped_key: len(index[skipped_key])}))
+    return 0
 
 
 def usage_error(e: BaseException) -> int:

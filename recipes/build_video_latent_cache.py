@@ -17,20 +17,20 @@ listed (``skipped_videos``). Runs as one process (on a GPU when there is one).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ._common import USAGE_ERRORS, cache_builder_parser, usage_error
+from ._common import cache_builder_main
 from .config import load_config
 from .kinetics import CONFIG_ALIASES, KineticsConfig, cache_metadata, load_codec
-from .latents import SkipUnreadable, encode_to_cache
+from .latents import CacheOptions, SkipUnreadable, encode_class_cache
 from .video_io import DECODE_ERRORS
 
-__all__ = ["build_cache", "main"]
+__all__ = ["VIDEO_CACHE", "build_cache", "main"]
 
 
 class _Readable(SkipUnreadable):
@@ -42,44 +42,32 @@ class _Readable(SkipUnreadable):
         return self.ds.read(i)
 
 
-def build_cache(
-    cfg: KineticsConfig,
-    out: str | Path,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    shard_size: int = 1024,
-    dtype: torch.dtype = torch.bfloat16,
-    progress: bool = True,
-) -> dict:
+#: The video cache's defaults (``--batch-size`` overrides the batch); the command shows no progress bar.
+VIDEO_CACHE = CacheOptions(batch_size=8, shard_size=1024)
+
+
+def build_cache(cfg: KineticsConfig, out: str | Path, options: CacheOptions = VIDEO_CACHE) -> dict:
     """Encode the clips of ``cfg.data`` into ``out``; returns the written ``index.json`` contents."""
     from .data_video import VideoClips, scan_videos
 
-    if cfg.data.root is None and cfg.data.annotations is None:
-        raise ValueError("data.root or data.annotations must name the clips to encode")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    items, classes = scan_videos(cfg.data.root, cfg.data.annotations)
     d = cfg.data
+    if d.root is None and d.annotations is None:
+        raise ValueError("data.root or data.annotations must name the clips to encode")
+    items, classes = scan_videos(d.root, d.annotations)
     dataset = VideoClips(items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution, position=d.position, classes=classes)
-    codec = load_codec(cfg, device)
-    return encode_to_cache(
-        _Readable(dataset), codec, out, metadata=cache_metadata(cfg),
-        extra={"classes": classes, "source": str(d.annotations or d.root)}, flip=d.random_flip,
-        skipped_key="skipped_videos", device=device, batch_size=batch_size, num_workers=min(8, cfg.train.num_workers),
-        shard_size=shard_size, dtype=dtype, progress=progress,
+    return encode_class_cache(
+        cfg, _Readable(dataset), out, options, load_codec=load_codec, metadata=cache_metadata(cfg),
+        extra={"classes": classes, "source": str(d.annotations or d.root)}, skipped_key="skipped_videos",
     )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cache_builder_parser("python -m dfm_ext.recipes.build_video_latent_cache", __doc__, batch_size=8)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(KineticsConfig, CONFIG_ALIASES.get(args.config, args.config), args.overrides)
-        index = build_cache(cfg, args.out, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype), progress=False)
-    except USAGE_ERRORS as e:
-        return usage_error(e)
-    print(json.dumps({"out": args.out, "num_items": index["num_items"], "skipped_videos": len(index["skipped_videos"])}))
-    return 0
+    return cache_builder_main(
+        argv, prog="python -m dfm_ext.recipes.build_video_latent_cache", doc=__doc__,
+        defaults=dataclasses.replace(VIDEO_CACHE, progress=False),
+        load=lambda args: load_config(KineticsConfig, CONFIG_ALIASES.get(args.config, args.config), args.overrides),
+        build=build_cache, skipped_key="skipped_videos",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ wrong with a missing or damaged folder.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +38,7 @@ class CheckpointError(ValueError):
 
 
 # One definition for the whole tree: the library's (it names the config fields a bad size comes from).
-from dfm_ext.wrapping.io import describe_mismatch  # noqa: E402
+from dfm_ext.wrapping.io import describe_mismatch, read_json_file  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -75,10 +73,7 @@ def load_checkpoint(directory: str | os.PathLike[str], *, device: str | torch.de
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {p.name} is missing")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    raw = read_json_file(cfg_path, CheckpointError)
     if not isinstance(raw, dict) or raw.get("format") not in FORMATS or not isinstance(raw.get("config"), dict):
         raise CheckpointError(f"{cfg_path} is not a dfm_ext checkpoint config (expected format {FORMATS[0]!r})")
     if raw.get("version") != FORMAT_VERSION:

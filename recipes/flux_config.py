@@ -78,14 +78,12 @@ class PromptSamplingConfig(SamplingConfig):
 
 
 @dataclass
-class FluxFinetuneConfig(RecipeConfig):
-    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned buckets, LoRA modes, prompts."""
+class FluxFinetuneConfig(RecipeConfig[FluxDataConfig, FluxVAEConfig, FluxModelConfig, PromptSamplingConfig]):
+    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned aspect-ratio
+    buckets (``data``), the VAE's latent normalisation (``vae``), what is trained (``finetune``: all
+    weights, LoRA or per-stage LoRA) and the prompts sampled (``sampling``)."""
 
-    model: FluxModelConfig = field(default_factory=FluxModelConfig)
-    data: FluxDataConfig = field(default_factory=FluxDataConfig)
-    vae: FluxVAEConfig = field(default_factory=FluxVAEConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)
 
     @property
     def pixel_multiple(self) -> int:

@@ -37,6 +37,7 @@ from .decomposition_section import build_decomposition
 from .eval_metrics import sample_metrics
 from .engine import StepLoss, Trainer, TrainResult
 from .sections import (
+    ClassDataSection,
     ClassSamplingConfig,
     LatentVAEConfig,
     ModelConfig,
@@ -52,15 +53,8 @@ __all__ = ["ImageNetConfig", "ImageNetTask", "SpecializeConfig", "build_dataset"
 
 
 @dataclass
-class DataConfig:
-    """Images (``root``) or a latent cache (``latent_cache``); exactly one is used."""
-
-    root: str | None = None
-    latent_cache: str | None = None
-    resolution: int = 512
-    random_flip: bool = True
-    num_classes: int = 1000
-    max_skips: int = 64
+class DataConfig(ClassDataSection):
+    """Images (``root``, one class per folder) or a latent cache (``latent_cache``); exactly one is used."""
 
 
 @dataclass
@@ -81,13 +75,9 @@ class ImageSamplingConfig(ClassSamplingConfig):
 
 
 @dataclass
-class ImageNetConfig(RecipeConfig):
+class ImageNetConfig(RecipeConfig[DataConfig, VAEConfig, ModelConfig, ImageSamplingConfig]):
     """An ImageNet run: the shared sections, image data, its VAE, the DiT, samples and metrics, per-stage parameters."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: ImageSamplingConfig = field(default_factory=ImageSamplingConfig)
     specialize: SpecializeConfig = field(default_factory=SpecializeConfig)
 
     @property

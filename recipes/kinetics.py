@@ -21,7 +21,6 @@ strip of frames.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from .config import ConfigError
 from .decomposition_section import build_decomposition
 from .engine import StepLoss, Trainer, TrainResult
 from .sections import (
+    ClassDataSection,
     ClassSamplingConfig,
     DFMConfig,
     LatentVAEConfig,
@@ -70,19 +70,15 @@ LABEL_TOKENS_FILE = "label_tokens.safetensors"
 
 
 @dataclass
-class VideoDataConfig:
-    """Clips from ``root`` (class folders) or ``annotations`` (CSV/JSON), or a ``latent_cache``."""
+class VideoDataConfig(ClassDataSection):
+    """Clips from ``root`` (class folders) or ``annotations`` (CSV/JSON), or a ``latent_cache``;
+    ``num_frames`` per clip, every ``frame_stride``-th frame, from the clip's ``position``."""
 
-    root: str | None = None
     annotations: str | None = None
-    latent_cache: str | None = None
-    resolution: int = 512
     num_frames: int = 17
     frame_stride: int = 2
     position: Literal["center", "start"] = "center"
-    random_flip: bool = True
     num_classes: int = 700
-    max_skips: int = 64
 
 
 @dataclass
@@ -117,15 +113,11 @@ class VideoSamplingConfig(ClassSamplingConfig):
 
 
 @dataclass
-class KineticsConfig(RecipeConfig):
+class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelConfig, VideoSamplingConfig]):
     """A Kinetics run: the shared sections (standardisation on in ``dfm``), clips, the video VAE and DiT, sample videos."""
 
-    data: VideoDataConfig = field(default_factory=VideoDataConfig)
-    vae: VideoVAEConfig = field(default_factory=VideoVAEConfig)
-    model: VideoModelConfig = field(default_factory=VideoModelConfig)
     # Per-stage standardisation on by default: the paper does it for CogVideoX latents (A.5).
     dfm: DFMConfig = field(default_factory=functools.partial(DFMConfig, standardize=True))
-    sampling: VideoSamplingConfig = field(default_factory=VideoSamplingConfig)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -34,6 +34,8 @@ __all__ = [
     "LatentCache",
     "LatentCodec",
     "check_cache_metadata",
+    "CacheOptions",
+    "encode_class_cache",
     "encode_to_cache",
     "load_frozen_vae",
     "load_vae",
@@ -346,3 +348,36 @@ class LatentCache(torch.utils.data.Dataset):
         latents = f.get_slice(name)[local : local + 1][0].float()
         label = int(f.get_slice("labels")[local : local + 1][0])
         return {"latents": latents, "label": label, "index": index, "bad": []}
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a cache builder encodes: ``batch_size`` items per VAE call on ``device`` (``None``: CUDA
+    when available), ``shard_size`` items per file, latents stored as ``dtype``, a progress bar."""
+
+    batch_size: int = 32
+    shard_size: int = 4096
+    device: str | torch.device | None = None
+    dtype: torch.dtype = torch.bfloat16
+    progress: bool = True
+
+
+def encode_class_cache(
+    cfg: Any,
+    readable: SkipUnreadable,
+    out: str | Path,
+    options: CacheOptions,
+    *,
+    load_codec: Any,
+    metadata: dict[str, Any],
+    extra: dict[str, Any],
+    skipped_key: str,
+) -> dict[str, Any]:
+    """:func:`encode_to_cache` for a class-conditional recipe's config ``cfg`` (its ``data.random_flip``,
+    ``train.num_workers`` and ``load_codec(cfg, device)``); returns the written ``index.json`` contents."""
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return encode_to_cache(
+        readable, load_codec(cfg, device), out, metadata=metadata, extra=extra, flip=cfg.data.random_flip,
+        skipped_key=skipped_key, device=device, batch_size=options.batch_size, num_workers=min(8, cfg.train.num_workers),
+        shard_size=options.shard_size, dtype=options.dtype, progress=options.progress,
+    )  # fmt: skip

@@ -15,16 +15,19 @@ import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+import typing
+from typing import Any, Generic, Literal, TypeVar
 
 from torch import nn
 
 from .config import ConfigError, yaml_value
 from .decomposition_section import DecompositionConfig
-from .engine import OptimConfig, TrainConfig
+from .train_config import OptimConfig, TrainConfig
 
 __all__ = [
+    "ClassDataSection",
     "ClassSamplingConfig",
+    "RECIPE_SECTIONS",
     "LatentVAEConfig",
     "RecipeConfig",
     "VAESection",
@@ -334,8 +337,38 @@ class LatentVAEConfig(VAESection):
 
 
 @dataclass
-class RecipeConfig:
-    """The sections every recipe's run config has; a recipe adds ``data``, ``vae``, ``model``, ``sampling``.
+class ClassDataSection:
+    """What the class-conditional recipes' ``data`` sections share: items under ``root`` (one class
+    per folder) or a built ``latent_cache``, the side ``resolution``, mirroring, the class count and
+    how many unreadable items a run may skip (``max_skips``)."""
+
+    root: str | None = None
+    latent_cache: str | None = None
+    resolution: int = 512
+    random_flip: bool = True
+    num_classes: int = 1000
+    max_skips: int = 64
+
+
+DataT = TypeVar("DataT")
+VAET = TypeVar("VAET")
+ModelT = TypeVar("ModelT")
+SamplingT = TypeVar("SamplingT")
+
+#: The sections a recipe names as ``RecipeConfig[Data, VAE, Model, Sampling]``, in that order.
+RECIPE_SECTIONS = ("data", "vae", "model", "sampling")
+
+
+def _named_by_the_recipe() -> Any:
+    raise TypeError("RecipeConfig is abstract: a recipe's config subclasses RecipeConfig[Data, VAE, Model, Sampling]")
+
+
+@dataclass
+class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
+    """The sections every recipe's run config has: ``train``, ``optim``, ``decomposition``, ``dfm``,
+    and the four a recipe names by type, ``RecipeConfig[Data, VAE, Model, Sampling]``, which become
+    its ``data``, ``vae``, ``model`` and ``sampling`` sections (each defaulting to its type's
+    defaults). A recipe declares only sections beyond these (or a different default for one).
 
     Every field can be overridden as ``section.key=value``.
     """
@@ -344,6 +377,25 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     dfm: DFMConfig = field(default_factory=DFMConfig)
+    data: DataT = field(default_factory=_named_by_the_recipe)
+    vae: VAET = field(default_factory=_named_by_the_recipe)
+    model: ModelT = field(default_factory=_named_by_the_recipe)
+    sampling: SamplingT = field(default_factory=_named_by_the_recipe)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Runs before @dataclass processes the subclass: each section type named in the base
+        # becomes the subclass's own annotation and default factory (a field declared in the
+        # subclass's body wins), so dataclasses and the config loader see plain typed sections.
+        super().__init_subclass__(**kwargs)
+        named = [typing.get_args(b) for b in cls.__dict__.get("__orig_bases__", ()) if typing.get_origin(b) is RecipeConfig]
+        if not named:
+            return
+        if "__annotations__" not in cls.__dict__:
+            cls.__annotations__ = {}
+        for name, section in zip(RECIPE_SECTIONS, named[0]):
+            if name not in cls.__dict__["__annotations__"]:
+                cls.__dict__["__annotations__"][name] = section
+                setattr(cls, name, field(default_factory=section))
 
     @property
     def num_stages(self) -> int:

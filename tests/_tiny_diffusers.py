@@ -52,13 +52,9 @@ def _build(cls: type, path: Path, seed: int, **config) -> nn.Module:
 
 # What the DiT, PixArt and SD3 tiny models have in common: 2 blocks, hidden 16, patch 2, 8x8 latents.
 _IMAGE_2D = dict(
-    num_attention_heads=2,
-    attention_head_dim=8,
-    in_channels=LATENT_CHANNELS,
-    num_layers=2,
-    sample_size=8,
-    patch_size=2,
-)
+    num_layers=2, num_attention_heads=2, attention_head_dim=8,
+    in_channels=LATENT_CHANNELS, sample_size=8, patch_size=2,
+)  # fmt: skip
 
 
 def tiny_dit(path: Path, seed: int = 0, learn_sigma: bool = True) -> nn.Module:
@@ -114,51 +110,34 @@ def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Mod
     return _build(FluxTransformer2DModel, path, seed, **config)
 
 
-# What the CogVideoX 1.0 and 1.5 tiny models have in common.
+# What the CogVideoX 1.0 and 1.5 tiny models have in common, then what each version changes.
 _COGVIDEOX = dict(
-    num_attention_heads=2,
-    in_channels=LATENT_CHANNELS,
-    out_channels=LATENT_CHANNELS,
-    time_embed_dim=16,
-    text_embed_dim=TEXT_DIM,
-    num_layers=1,
-    sample_width=8,
-    sample_height=8,
-    patch_size=2,
-    max_text_seq_length=4,
-)
+    num_attention_heads=2, num_layers=1, time_embed_dim=16, patch_size=2,
+    in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, sample_width=8, sample_height=8,
+    text_embed_dim=TEXT_DIM, max_text_seq_length=4,
+)  # fmt: skip
+_COGVIDEOX_VERSIONS = {
+    # sincos positions, temporal patch 1
+    "1.0": dict(attention_head_dim=8, sample_frames=5, temporal_compression_ratio=4),
+    # temporal patch 2 (a Linear patch embedding), rotary positions, head dim 16
+    "1.5": dict(attention_head_dim=16, sample_frames=9, patch_size_t=2, use_rotary_positional_embeddings=True, patch_bias=False),
+}
+
+
+def _tiny_cogvideox(path: Path, seed: int, version: str) -> nn.Module:
+    from diffusers import CogVideoXTransformer3DModel
+
+    return _build(CogVideoXTransformer3DModel, path, seed, **_COGVIDEOX, **_COGVIDEOX_VERSIONS[version])
 
 
 def tiny_cogvideox(path: Path, seed: int = 0) -> nn.Module:
     """``CogVideoXTransformer3DModel`` (1.0 layout: sincos positions, temporal patch 1)."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    return _build(
-        CogVideoXTransformer3DModel,
-        path,
-        seed,
-        **_COGVIDEOX,
-        attention_head_dim=8,
-        sample_frames=5,
-        temporal_compression_ratio=4,
-    )
+    return _tiny_cogvideox(path, seed, "1.0")
 
 
 def tiny_cogvideox15(path: Path, seed: int = 0) -> nn.Module:
     """CogVideoX 1.5 layout: temporal patch 2 (``Linear`` patch embedding), rotary positions, head dim 16."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    return _build(
-        CogVideoXTransformer3DModel,
-        path,
-        seed,
-        **_COGVIDEOX,
-        attention_head_dim=16,
-        sample_frames=9,
-        patch_size_t=2,
-        use_rotary_positional_embeddings=True,
-        patch_bias=False,
-    )
+    return _tiny_cogvideox(path, seed, "1.5")
 
 
 def cogvideox_rope(grid: tuple[int, int, int], head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,7 +191,7 @@ def test_recipe_refuses_a_field_of_another_kind_before_compute() -> None:
 def test_old_run_configs_still_resume() -> None:
     """A config.yaml from before (only ``kind`` and ``factors``) matches the same run now."""
     from dfm_ext.recipes.config import config_to_dict, load_config
-    from dfm_ext.recipes.engine import _config_diff
+    from dfm_ext.recipes.run_folder import config_diff
     from dfm_ext.recipes.imagenet import ImageNetConfig
 
     defaults = config_to_dict(ImageNetConfig())
@@ -201,7 +201,7 @@ def test_old_run_configs_still_resume() -> None:
     ]:
         new = config_to_dict(load_config(ImageNetConfig, "tiny", overrides))
         stored = {**new, "decomposition": old}
-        assert _config_diff(stored, new, defaults) == []
+        assert config_diff(stored, new, defaults) == []
 
 
 # ------------------------------------------------------------------------------------ the demo

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from dfm_ext.models.dit import DiT, DiTConfig, _apply_rope, rope_2d
+from dfm_ext.models.dit import DiT, DiTConfig, rope_2d
+from dfm_ext.models.dit_layers import apply_rope
 
 
 def _tiny(**kw) -> DiT:
@@ -100,7 +101,7 @@ def test_rope_scores_depend_on_relative_position_only(shift, seed):
 
     def score(pq, pk):
         iq, ik = pq[0] * grid[1] + pq[1], pk[0] * grid[1] + pk[1]
-        return (_apply_rope(q, cos[iq], sin[iq]) * _apply_rope(k, cos[ik], sin[ik])).sum()
+        return (apply_rope(q, cos[iq], sin[iq]) * apply_rope(k, cos[ik], sin[ik])).sum()
 
     a, b = (3, 4), (2, 5)
     sa, sb = (a[0] + shift[0], a[1] + shift[1]), (b[0] + shift[0], b[1] + shift[1])

@@ -13,6 +13,7 @@ from dfm_ext.recipes import checkpointing as checkpointing_mod
 from dfm_ext.recipes import config as config_mod
 from dfm_ext.recipes import data_images as data_mod
 from dfm_ext.recipes import engine as engine_mod
+from dfm_ext.recipes import optimizer as optimizer_mod
 from dfm_ext.recipes.config import ConfigError, apply_overrides, config_to_dict, from_dict, load_config, resolve_config_path
 from dfm_ext.recipes.imagenet import ImageNetConfig, main, parse_args
 
@@ -35,7 +36,7 @@ class Outer:
 
 
 def test_module_doctests() -> None:
-    for mod in (config_mod, engine_mod, data_mod):
+    for mod in (config_mod, engine_mod, optimizer_mod, data_mod):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, mod.__name__
     assert doctest.testmod(checkpointing_mod).failed == 0

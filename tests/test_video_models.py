@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dfm_ext import LaplacianPyramid, load_wrapped, wrap_dit
-from dfm_ext.models.dit import _apply_rope
+from dfm_ext.models.dit_layers import apply_rope
 from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig, rope_3d
 
 
@@ -52,8 +52,8 @@ def test_rope_3d_logits_depend_only_on_offsets() -> None:
     cos, sin = rope_3d(head_dim, grid, dtype=torch.float64)
     q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
     n = cos.shape[0]
-    rq = _apply_rope(q.expand(1, 1, n, head_dim), cos, sin)[0, 0]
-    rk = _apply_rope(k.expand(1, 1, n, head_dim), cos, sin)[0, 0]
+    rq = apply_rope(q.expand(1, 1, n, head_dim), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, n, head_dim), cos, sin)[0, 0]
     idx = torch.arange(n).view(grid)
     # The same offset (1, 1, 2) from two different tokens gives the same logit ...
     a = rq[idx[0, 0, 0]] @ rk[idx[1, 1, 2]]

@@ -19,19 +19,30 @@ or under ``torch.compile`` the check is a device-side assert that does not sync
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfm_ext.validation import check_value
+from dfm_ext.models.dit_layers import (
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    as_linear,
+    rope_2d,
+    sincos_pos_embed_2d,
+)
 from dfm_ext.specialization import checkpoint
 
-__all__ = ["DiTConfigBase", "DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer"]
+# The layers live in dit_layers; the ones users build DiT variants from are re-exported here.
+__all__ = [
+    "DiTConfigBase", "DiTConfig", "DiT", "DiTBlock", "TimestepEmbedder", "LabelEmbedder", "PatchEmbed", "FinalLayer",
+    "rope_2d", "sincos_pos_embed_2d",
+]  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10),
@@ -47,70 +58,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class DiTConfigBase:
-    """What :class:`DiTConfig` and :class:`~dfm_ext.models.video_dit.VideoDiTConfig` share: the
-    transformer fields' checks, ``out_channels``, the preset table and ``from_dict``'s field check."""
-
-    patch_size: int
-    in_channels: int
-    hidden_size: int
-    num_heads: int
-    class_dropout_prob: float
-    learn_sigma: bool
-
-    def _check_positive_ints(self) -> None:
-        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-
-    def _check_heads(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-
-    def _check_dropout(self) -> None:
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @staticmethod
-    def _preset_fields(name: str) -> dict[str, Any]:
-        if name not in PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dict(PRESETS[name])
-
-    @classmethod
-    def _check_known_fields(cls, d: dict[str, Any]) -> None:
-        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+_Config = TypeVar("_Config", bound="DiTConfigBase")
 
 
 @dataclass(frozen=True)
-class DiTConfig(DiTConfigBase):
-    """Configuration of :class:`DiT`.
+class DiTConfigBase:
+    """The fields and checks :class:`DiTConfig` and :class:`~dfm_ext.models.video_dit.VideoDiTConfig` share.
 
     Args:
-        input_size: latent size ``H`` (square) or ``(H, W)``.
-        patch_size: patch ``p``; the token grid is ``(H / p, W / p)``.
+        input_size: the latent size (each subclass says its form; ``__post_init__`` normalises it).
+        patch_size: spatial patch ``p``.
         in_channels: latent channels ``C``.
         hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
         num_classes: number of classes; label ``num_classes`` is the null (unconditional) class.
         class_dropout_prob: label dropout probability in training (0 disables it).
         learn_sigma: output ``2 C`` channels (the first ``C`` are the velocity), as in DiT.
-        rope: 2-D rotary position embeddings instead of the fixed sin-cos table.
-        num_frames: reserved for video; must be ``None`` for now.
 
-    Example:
-        >>> cfg = DiTConfig.preset("S/2", in_channels=4)
-        >>> cfg.hidden_size, cfg.depth, cfg.grid_size
-        (384, 12, (16, 16))
+    A subclass supplies the three hooks on the input size (``_normalised_input_size``,
+    ``_check_divisible``, ``_check_head_dim``); the checks run in ``__post_init__``.
     """
 
-    input_size: int | tuple[int, int] = 32
+    input_size: Any = 32
     patch_size: int = 2
     in_channels: int = 4
     hidden_size: int = 1152
@@ -120,41 +88,41 @@ class DiTConfig(DiTConfigBase):
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
-    rope: bool = False
-    num_frames: int | None = None
 
     def __post_init__(self) -> None:
-        size = self.input_size
-        if isinstance(size, (list, tuple)):
-            hw = tuple(int(s) for s in size)
-            if len(hw) != 2:
-                raise ValueError(f"input_size must be an int or (H, W), got {self.input_size!r}")
-            object.__setattr__(self, "input_size", hw)
-        elif isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"input_size must be an int or (H, W), got {self.input_size!r} ({type(size).__name__})")
-        self._check_positive_ints()
-        h, w = self.image_size
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        self._check_heads()
-        if self.rope and (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"rope needs a head dim divisible by 4, got {self.hidden_size // self.num_heads}")
-        self._check_dropout()
-        if self.num_frames is not None:
-            raise NotImplementedError("video DiT (num_frames) is not implemented yet; leave num_frames=None")
+        object.__setattr__(self, "input_size", self._normalised_input_size(self.input_size))
+        for name in ("patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self._check_divisible()
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self._check_head_dim(self.hidden_size // self.num_heads)
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    def _normalised_input_size(self, size: Any) -> Any:
+        raise NotImplementedError
+
+    def _check_divisible(self) -> None:
+        raise NotImplementedError
+
+    def _check_head_dim(self, head_dim: int) -> None:
+        raise NotImplementedError
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        s = self.input_size
-        return (s, s) if isinstance(s, int) else tuple(s)  # type: ignore[return-value]
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        h, w = self.image_size
-        return (h // self.patch_size, w // self.patch_size)
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> DiTConfig:
+    def _preset_fields(cls, name: str) -> dict[str, Any]:
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dict(PRESETS[name])
+
+    @classmethod
+    def preset(cls: type[_Config], name: str, **overrides: Any) -> _Config:
         """A named size: ``"tiny"``, ``"S/2"``, ``"S/4"``, ``"S/8"``, ``"B/2"``, ``"B/4"``, ``"L/2"``, ``"L/4"``, ``"XL/2"``, ``"XL/4"``."""
         base = cls._preset_fields(name)
         return replace(cls(**base), **overrides) if overrides else cls(**base)
@@ -167,207 +135,66 @@ class DiTConfig(DiTConfigBase):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
-        cls._check_known_fields(d)
+    def from_dict(cls: type[_Config], d: dict[str, Any]) -> _Config:
+        """The config :meth:`to_dict` wrote; unknown keys are refused."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
         return cls(**d)
 
 
-def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    out = pos.double().reshape(-1)[:, None] * omega[None]
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+@dataclass(frozen=True)
+class DiTConfig(DiTConfigBase):
+    """Configuration of :class:`DiT`: the transformer fields of :class:`DiTConfigBase` and
 
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sin-cos positions ``[Gh * Gw, dim]`` (half the channels encode the column, half the row).
+    Args:
+        input_size: latent size ``H`` (square) or ``(H, W)``; the token grid is ``(H / p, W / p)``.
+        rope: 2-D rotary position embeddings instead of the fixed sin-cos table.
+        num_frames: reserved for video; must be ``None`` for now.
 
     Example:
-        >>> sincos_pos_embed_2d(8, (2, 3)).shape
-        torch.Size([6, 8])
+        >>> cfg = DiTConfig.preset("S/2", in_channels=4)
+        >>> cfg.hidden_size, cfg.depth, cfg.grid_size
+        (384, 12, (16, 16))
     """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
-    gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    # The original DiT puts the column (w) coordinate first.
-    return torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1).float()
 
+    input_size: int | tuple[int, int] = 32
+    rope: bool = False
+    num_frames: int | None = None
 
-def rope_2d(
-    head_dim: int, grid: tuple[int, ...], *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """Cosines and sines ``[N, head_dim]`` of axial 2-D RoPE: first half of each head rotates with the row, second with the column."""
-    quarter = head_dim // 4
-    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    ang_r = rows.reshape(-1, 1).double() * freqs
-    ang_c = cols.reshape(-1, 1).double() * freqs
-    ang = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=1)
-    return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_frames is not None:
+            raise NotImplementedError("video DiT (num_frames) is not implemented yet; leave num_frames=None")
 
+    def _normalised_input_size(self, size: Any) -> int | tuple[int, int]:
+        if isinstance(size, (list, tuple)):
+            hw = tuple(int(s) for s in size)
+            if len(hw) != 2:
+                raise ValueError(f"input_size must be an int or (H, W), got {size!r}")
+            return hw
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"input_size must be an int or (H, W), got {size!r} ({type(size).__name__})")
+        return size
 
-def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, heads, N, hd]; rotate-half within each of the two (row, column) segments.
-    q = x.shape[-1] // 4
-    a, b, c, d = x.split(q, dim=-1)
-    rotated = torch.cat([-b, a, -d, c], dim=-1)
-    return x * cos + rotated * sin
+    def _check_divisible(self) -> None:
+        h, w = self.image_size
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
 
+    def _check_head_dim(self, head_dim: int) -> None:
+        if self.rope and head_dim % 4:
+            raise ValueError(f"rope needs a head dim divisible by 4, got {head_dim}")
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches: ``Conv2d(kernel = stride = p)``, flattened to tokens ``[B, N, D]``."""
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.input_size
+        return (s, s) if isinstance(s, int) else tuple(s)  # type: ignore[return-value]
 
-    def __init__(self, image_size: tuple[int, int], patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (image_size[0] // patch_size, image_size[1] // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal frequency embedding of a scalar time followed by an MLP: ``[B] -> [B, D]``."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """``[cos(t w_k), sin(t w_k)]`` with ``w_k = max_period^(-k / (dim/2))``: ``[B] -> [B, dim]``."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
-    def forward(self, t: Tensor) -> Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.to(_linear(self.mlp[0]).weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class labels to ``[B, D]``, with label dropout to the null class ``num_classes`` for CFG."""
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
-        super().__init__()
-        # The null-class row always exists so that disabling dropout keeps the same state dict.
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(
-        self, labels: Tensor, force_drop_ids: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Replace dropped labels by the null class; ``force_drop_ids`` (0/1 or bool ``[B]``) decides if given."""
-        if force_drop_ids is None:
-            draw = generator.device if generator is not None else labels.device
-            drop = (torch.rand(labels.shape[0], device=draw, generator=generator) < self.dropout_prob).to(labels.device)
-        else:
-            if force_drop_ids.shape != labels.shape:
-                raise ValueError(f"force_drop_ids has shape {tuple(force_drop_ids.shape)}, labels {tuple(labels.shape)}")
-            drop = force_drop_ids.to(labels.device) == 1
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-
-    def forward(
-        self,
-        labels: Tensor,
-        train: bool,
-        force_drop_ids: Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        if labels.dtype not in (torch.long, torch.int32, torch.int64):
-            raise TypeError(f"class labels must be an integer tensor, got {labels.dtype}")
-        # Read on the host only for CPU labels in eager mode; a device-side assert otherwise
-        # (no sync, no graph break): dfm_ext.validation.
-        n = self.num_classes
-        if labels.numel():
-            check_value(
-                ((labels >= 0) & (labels <= n)).all(),
-                f"class labels must lie in [0, {n - 1}] (or {n}, the null class)",
-                labels.tolist,
-            )
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids, generator)
-        return self.embedding_table(labels)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection and optional RoPE."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def _linear(m: nn.Module) -> nn.Linear:
-    """``m`` as the ``nn.Linear`` it is by construction (``nn.Sequential`` indexing is typed as any Module)."""
-    return cast(nn.Linear, m)
-
-
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block: ``c`` modulates shift/scale/gate of attention and MLP."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + g_a.unsqueeze(1) * self.attn(_modulate(self.norm1(x), sh_a, sc_a), rope)
-        return x + g_m.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), sh_m, sc_m))
-
-
-class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and the linear output projection to ``p * p * C_out`` per token."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return (h // self.patch_size, w // self.patch_size)
 
 
 class DiT(nn.Module):
@@ -471,12 +298,12 @@ class DiT(nn.Module):
         if proj.bias is not None:
             nn.init.zeros_(proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(_linear(self.t_embedder.mlp[0]).weight, std=0.02)
-        nn.init.normal_(_linear(self.t_embedder.mlp[2]).weight, std=0.02)
+        nn.init.normal_(as_linear(self.t_embedder.mlp[0]).weight, std=0.02)
+        nn.init.normal_(as_linear(self.t_embedder.mlp[2]).weight, std=0.02)
         modulated: list[DiTBlock | FinalLayer] = [*cast("Iterable[DiTBlock]", self.blocks), self.final_layer]
         for layer in modulated:
-            nn.init.zeros_(_linear(layer.adaLN_modulation[-1]).weight)
-            nn.init.zeros_(_linear(layer.adaLN_modulation[-1]).bias)
+            nn.init.zeros_(as_linear(layer.adaLN_modulation[-1]).weight)
+            nn.init.zeros_(as_linear(layer.adaLN_modulation[-1]).bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 

@@ -13,7 +13,7 @@ the ``video_dit`` adapter.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,17 +26,12 @@ __all__ = ["VideoDiT", "VideoDiTConfig", "VideoPatchEmbed", "rope_3d"]
 
 @dataclass(frozen=True)
 class VideoDiTConfig(DiTConfigBase):
-    """Configuration of :class:`VideoDiT`.
+    """Configuration of :class:`VideoDiT`: the transformer fields of :class:`~dfm_ext.models.dit.DiTConfigBase`
+    (``patch_size`` is spatial: frames are never merged, temporal patch 1) and
 
     Args:
         input_size: latent video size ``(T, H, W)``; the model accepts other sizes too (RoPE has
             no fixed grid), this one is the default ``sample_shape`` for :func:`dfm_ext.wrap_dit`.
-        patch_size: spatial patch ``p``; frames are never merged (temporal patch 1).
-        in_channels: latent channels ``C``.
-        hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP ratio.
-        num_classes: number of classes; label ``num_classes`` is the null class.
-        class_dropout_prob: label dropout probability in training (0 disables it).
-        learn_sigma: output ``2 C`` channels (the first ``C`` are the velocity).
 
     Example:
         >>> cfg = VideoDiTConfig.preset("B/2", input_size=(5, 64, 64), in_channels=16)
@@ -45,31 +40,23 @@ class VideoDiTConfig(DiTConfigBase):
     """
 
     input_size: tuple[int, int, int] = (5, 32, 32)
-    patch_size: int = 2
     in_channels: int = 16
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
     num_classes: int = 700
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = False
 
-    def __post_init__(self) -> None:
-        size = self.input_size
+    def _normalised_input_size(self, size: Any) -> tuple[int, int, int]:
         if isinstance(size, (int, str)) or len(size) != 3:
             raise ValueError(f"input_size must be (T, H, W), got {size!r}")
         t, h, w = (int(s) for s in size)
-        size = (t, h, w)
-        object.__setattr__(self, "input_size", size)
-        self._check_positive_ints()
+        return (t, h, w)
+
+    def _check_divisible(self) -> None:
+        size = self.input_size
         if min(size) < 1 or size[1] % self.patch_size or size[2] % self.patch_size:
             raise ValueError(f"input_size {size} must be positive with H, W divisible by patch_size {self.patch_size}")
-        self._check_heads()
-        head_dim = self.hidden_size // self.num_heads
+
+    def _check_head_dim(self, head_dim: int) -> None:
         if head_dim % 4 or head_dim < 12:
             raise ValueError(f"3-D RoPE needs a head dim divisible by 4 and >= 12, got {head_dim}")
-        self._check_dropout()
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
@@ -77,23 +64,12 @@ class VideoDiTConfig(DiTConfigBase):
         return (t, h // self.patch_size, w // self.patch_size)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> VideoDiTConfig:
-        """The sizes of :meth:`dfm_ext.DiTConfig.preset` (``"tiny"``, ``"B/2"``, ``"XL/2"``, ...)."""
-        base = {k: v for k, v in cls._preset_fields(name).items() if k != "input_size"}
+    def _preset_fields(cls, name: str) -> dict[str, Any]:
+        """The sizes of :meth:`dfm_ext.DiTConfig.preset`; ``"tiny"`` is ``(3, 8, 8)`` frames."""
+        base = {k: v for k, v in super()._preset_fields(name).items() if k != "input_size"}
         if name == "tiny":
             base["input_size"] = (3, 8, 8)
-        return replace(cls(**base), **overrides) if overrides else cls(**base)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields."""
-        d = asdict(self)
-        d["input_size"] = list(d["input_size"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VideoDiTConfig:
-        cls._check_known_fields(d)
-        return cls(**{**d, "input_size": tuple(d.get("input_size", cls.input_size))})
+        return base
 
 
 def rope_3d(

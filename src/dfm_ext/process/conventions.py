@@ -78,26 +78,24 @@ def _check_num(num_train_timesteps: int) -> int:
     return num_train_timesteps
 
 
+def _one_minus(value: T, name: str) -> T:
+    _check_range(value, 0.0, 1.0, name)
+    return 1 - value
+
+
 def t_to_sigma(t: T) -> T:
-    """Flow time ``t`` (0 = noise) to diffusers' ``sigma = 1 - t`` (1 = noise).
+    """Flow time ``t`` (0 = noise) to diffusers' ``sigma = 1 - t`` (1 = noise); :func:`sigma_to_t` inverts it.
 
     Example:
-        >>> t_to_sigma(0.25)
-        0.75
+        >>> t_to_sigma(0.25), sigma_to_t(t_to_sigma(0.25))
+        (0.75, 0.25)
     """
-    _check_range(t, 0.0, 1.0, "t")
-    return 1 - t
+    return _one_minus(t, "t")
 
 
 def sigma_to_t(sigma: T) -> T:
-    """Diffusers' ``sigma`` (1 = noise) to flow time ``t = 1 - sigma``.
-
-    Example:
-        >>> sigma_to_t(0.75)
-        0.25
-    """
-    _check_range(sigma, 0.0, 1.0, "sigma")
-    return 1 - sigma
+    """Diffusers' ``sigma`` (1 = noise) to flow time ``t = 1 - sigma`` (the inverse of :func:`t_to_sigma`)."""
+    return _one_minus(sigma, "sigma")
 
 
 def t_to_timestep(t: T, num_train_timesteps: int = 1000) -> T:

@@ -40,7 +40,10 @@ from dfm_ext.fileio import atomic_directory, atomic_write_bytes
 if TYPE_CHECKING:  # wrapper imports this module lazily; the class is needed for annotations only
     from dfm_ext.wrapping.wrapper import DFMTransformer
 
-__all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "load_wrapped", "describe_mismatch", "peft_merged"]
+__all__ = [
+    "FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_pretrained", "load_wrapped", "describe_mismatch", "peft_merged",
+    "read_json_file",
+]  # fmt: skip
 
 FORMAT = "dfm_ext.wrapped/2"
 _FORMAT_V1 = "dfm_ext.wrapped/1"
@@ -265,6 +268,15 @@ def describe_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], con
     return "; ".join(parts) or "the tensors match"
 
 
+def read_json_file(path: Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in the file ``path``; ``error`` (``ValueError`` by default) naming the file and
+    the parse error when it is not valid UTF-8 JSON. One definition for every record the tree reads."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+
+
 def _read_record(directory: Path) -> dict[str, Any]:
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not directory.is_dir():
@@ -277,10 +289,7 @@ def _read_record(directory: Path) -> dict[str, Any]:
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing (save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        record = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    record = read_json_file(config_path)
     fmt = record.get("format") if isinstance(record, dict) else type(record).__name__
     if fmt not in (FORMAT, _FORMAT_V1):
         raise ValueError(f"{config_path}: {directory} is not a dfm_ext wrapped model (format {fmt!r}, expected {FORMAT!r})")
