@@ -81,22 +81,17 @@ _CLASSES = {
 
 __all__ = ["builtin_adapters", *_CLASSES]
 
+# Registry name -> module, in the order ``adapter="auto"`` tries them; the diffusers ones import
+# only once a model from the ``diffusers`` package is offered.
+_OWN = {"dit": "dit", "video_dit": "video_dit"}
+_DIFFUSERS = {
+    "diffusers_dit": "diffusers_dit", "pixart": "pixart", "sd3": "sd3", "flux": "flux", "cogvideox": "cogvideox",
+    "sana": "sana", "auraflow": "auraflow", "wan": "wan", "lumina2": "lumina2", "qwenimage": "qwenimage",
+    "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit",
+}  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
-    LazyAdapter("dit", "dfm_ext.adapters.dit"),
-    LazyAdapter("video_dit", "dfm_ext.adapters.video_dit"),
-    LazyAdapter("diffusers_dit", "dfm_ext.adapters.diffusers_dit", module_prefix="diffusers"),
-    LazyAdapter("pixart", "dfm_ext.adapters.pixart", module_prefix="diffusers"),
-    LazyAdapter("sd3", "dfm_ext.adapters.sd3", module_prefix="diffusers"),
-    LazyAdapter("flux", "dfm_ext.adapters.flux", module_prefix="diffusers"),
-    LazyAdapter("cogvideox", "dfm_ext.adapters.cogvideox", module_prefix="diffusers"),
-    LazyAdapter("sana", "dfm_ext.adapters.sana", module_prefix="diffusers"),
-    LazyAdapter("auraflow", "dfm_ext.adapters.auraflow", module_prefix="diffusers"),
-    LazyAdapter("wan", "dfm_ext.adapters.wan", module_prefix="diffusers"),
-    LazyAdapter("lumina2", "dfm_ext.adapters.lumina2", module_prefix="diffusers"),
-    LazyAdapter("qwenimage", "dfm_ext.adapters.qwenimage", module_prefix="diffusers"),
-    LazyAdapter("flux2", "dfm_ext.adapters.flux2", module_prefix="diffusers"),
-    LazyAdapter("ltx_video", "dfm_ext.adapters.ltx", module_prefix="diffusers"),
-    LazyAdapter("hunyuandit", "dfm_ext.adapters.hunyuandit", module_prefix="diffusers"),
+    *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),
+    *(LazyAdapter(name, f"dfm_ext.adapters.{module}", module_prefix="diffusers") for name, module in _DIFFUSERS.items()),
 )
 
 

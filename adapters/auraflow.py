@@ -42,19 +42,10 @@ class AuraFlowAdapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``AuraFlowTransformer2DModel`` (conditioning: :class:`AuraFlowConditioning`)."""
 
     spec = AdapterSpec(
-        name="auraflow",
-        model_class="AuraFlowTransformer2DModel",
-        patch_embed="pos_embed.proj",
-        time_proj="time_step_embed",
-        time_embedder="time_step_proj",
-        head="proj_out",
-        patch_order="pqc",
-        patch_in_order="cpq",
-        time_convention="sigma",
-        output_scale=-1.0,
-        positions="fixed",
-        conditioning=AuraFlowConditioning,
-        null_keys=("encoder_hidden_states",),
+        name="auraflow", model_class="AuraFlowTransformer2DModel", patch_embed="pos_embed.proj",
+        time_proj="time_step_embed", time_embedder="time_step_proj", head="proj_out", patch_order="pqc",
+        patch_in_order="cpq", time_convention="sigma", output_scale=-1.0, positions="fixed",
+        conditioning=AuraFlowConditioning, null_keys=("encoder_hidden_states",),
         layer_groups=diffusers_layer_groups(
             {"cond": (r"(^|\.)time_step_proj\.", r"(^|\.)context_embedder$"), "mod": (r"(^|\.)norm_out\.linear$",)}
         ),

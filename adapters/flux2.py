@@ -66,21 +66,12 @@ class Flux2Adapter(SpecAdapter):
     """
 
     spec = AdapterSpec(
-        name="flux2",
-        model_class="Flux2Transformer2DModel",
-        patch_embed="x_embedder",
-        time_proj="time_guidance_embed.time_proj",
-        time_embedder="time_guidance_embed.timestep_embedder",
-        head="proj_out",
-        patch_order="cpq",
-        patch_in_order="cpq",
-        time_convention="timestep",
-        output_scale=-1.0,
+        name="flux2", model_class="Flux2Transformer2DModel", patch_embed="x_embedder",
+        time_proj="time_guidance_embed.time_proj", time_embedder="time_guidance_embed.timestep_embedder",
+        head="proj_out", patch_order="cpq", patch_in_order="cpq", time_convention="timestep", output_scale=-1.0,
         positions="rope",
         # 1024 x 1024 px with FLUX.2's 8x autoencoder.
-        default_sample=(128, 128),
-        conditioning=Flux2Conditioning,
-        null_keys=("encoder_hidden_states",),
+        default_sample=(128, 128), conditioning=Flux2Conditioning, null_keys=("encoder_hidden_states",),
         # A single block's fused qkv+MLP projection (attn.to_qkv_mlp_proj, attn.to_out) counts as attn.
         layer_groups=diffusers_layer_groups(
             {

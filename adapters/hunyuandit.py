@@ -59,18 +59,10 @@ class HunyuanDiTAdapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``HunyuanDiT2DModel`` (conditioning: :class:`HunyuanDiTConditioning`)."""
 
     spec = AdapterSpec(
-        name="hunyuandit",
-        model_class="HunyuanDiT2DModel",
-        patch_embed="pos_embed.proj",
-        time_proj="time_extra_emb.time_proj",
-        time_embedder="time_extra_emb.timestep_embedder",
-        head="proj_out",
-        patch_order="pqc",
-        time_convention="discrete",
-        output_scale=1.0,
-        positions="rope",
-        conditioning=HunyuanDiTConditioning,
-        null_keys=("encoder_hidden_states", "encoder_hidden_states_t5"),
+        name="hunyuandit", model_class="HunyuanDiT2DModel", patch_embed="pos_embed.proj",
+        time_proj="time_extra_emb.time_proj", time_embedder="time_extra_emb.timestep_embedder", head="proj_out",
+        patch_order="pqc", time_convention="discrete", output_scale=1.0, positions="rope",
+        conditioning=HunyuanDiTConditioning, null_keys=("encoder_hidden_states", "encoder_hidden_states_t5"),
         # The T5 text_embedder and the attention pooler see reshaped batches (tokens as rows), so
         # they cannot be routed per sample: cond holds only the per-sample time/size/style embedders.
         layer_groups=diffusers_layer_groups(

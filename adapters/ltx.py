@@ -46,22 +46,12 @@ class LTXVideoAdapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``LTXVideoTransformer3DModel`` (conditioning: :class:`LTXVideoConditioning`)."""
 
     spec = AdapterSpec(
-        name="ltx_video",
-        model_class="LTXVideoTransformer3DModel",
-        patch_embed="proj_in",
-        time_proj="time_embed.emb.time_proj",
-        time_embedder="time_embed.emb.timestep_embedder",
-        head="proj_out",
-        patch_order="cpq",
-        patch_in_order="cpq",
-        time_convention="timestep",
-        output_scale=-1.0,
-        positions="rope",
-        grid_ndim=3,
+        name="ltx_video", model_class="LTXVideoTransformer3DModel", patch_embed="proj_in",
+        time_proj="time_embed.emb.time_proj", time_embedder="time_embed.emb.timestep_embedder", head="proj_out",
+        patch_order="cpq", patch_in_order="cpq", time_convention="timestep", output_scale=-1.0,
+        positions="rope", grid_ndim=3,
         # 121 frames at 512 x 768 with LTX-Video's VAE (8x temporal, 32x spatial): 16 x 16 x 24 latents.
-        default_sample=(16, 16, 24),
-        conditioning=LTXVideoConditioning,
-        null_keys=("encoder_hidden_states",),
+        default_sample=(16, 16, 24), conditioning=LTXVideoConditioning, null_keys=("encoder_hidden_states",),
         layer_groups=diffusers_layer_groups(
             {
                 "cond": (r"(^|\.)time_embed\.emb\.", r"(^|\.)caption_projection\."),

@@ -40,18 +40,10 @@ class Lumina2Adapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``Lumina2Transformer2DModel`` (conditioning: :class:`Lumina2Conditioning`)."""
 
     spec = AdapterSpec(
-        name="lumina2",
-        model_class="Lumina2Transformer2DModel",
-        patch_embed="x_embedder",
-        time_proj="time_caption_embed.time_proj",
-        time_embedder="time_caption_embed.timestep_embedder",
-        head="norm_out.linear_2",
-        patch_order="pqc",
-        patch_in_order="pqc",
-        time_convention="unit",
-        output_scale=1.0,
-        positions="rope",
-        conditioning=Lumina2Conditioning,
+        name="lumina2", model_class="Lumina2Transformer2DModel", patch_embed="x_embedder",
+        time_proj="time_caption_embed.time_proj", time_embedder="time_caption_embed.timestep_embedder",
+        head="norm_out.linear_2", patch_order="pqc", patch_in_order="pqc", time_convention="unit",
+        output_scale=1.0, positions="rope", conditioning=Lumina2Conditioning,
         null_keys=("encoder_hidden_states",),
         layer_groups=diffusers_layer_groups(
             {

@@ -45,21 +45,12 @@ class QwenImageAdapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``QwenImageTransformer2DModel`` (conditioning: :class:`QwenImageConditioning`)."""
 
     spec = AdapterSpec(
-        name="qwenimage",
-        model_class="QwenImageTransformer2DModel",
-        patch_embed="img_in",
-        time_proj="time_text_embed.time_proj",
-        time_embedder="time_text_embed.timestep_embedder",
-        head="proj_out",
-        patch_order="cpq",
-        patch_in_order="cpq",
-        time_convention="sigma",
-        output_scale=-1.0,
+        name="qwenimage", model_class="QwenImageTransformer2DModel", patch_embed="img_in",
+        time_proj="time_text_embed.time_proj", time_embedder="time_text_embed.timestep_embedder",
+        head="proj_out", patch_order="cpq", patch_in_order="cpq", time_convention="sigma", output_scale=-1.0,
         positions="rope",
         # 1328 x 1328 px (Qwen-Image's square bucket) with its 8x VAE: 166 x 166 latents.
-        default_sample=(166, 166),
-        conditioning=QwenImageConditioning,
-        null_keys=("encoder_hidden_states",),
+        default_sample=(166, 166), conditioning=QwenImageConditioning, null_keys=("encoder_hidden_states",),
         layer_groups=diffusers_layer_groups(
             {
                 "cond": (r"(^|\.)time_text_embed\.", r"(^|\.)txt_in$"),

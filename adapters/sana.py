@@ -52,19 +52,10 @@ class SanaAdapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``SanaTransformer2DModel`` (conditioning: :class:`SanaConditioning`)."""
 
     spec = AdapterSpec(
-        name="sana",
-        model_class="SanaTransformer2DModel",
-        patch_embed="patch_embed.proj",
-        time_proj="time_embed.emb.time_proj",
-        time_embedder="time_embed.emb.timestep_embedder",
-        head="proj_out",
-        patch_order="pqc",
-        time_convention="timestep",
-        time_scale="timestep_scale",
-        output_scale=-1.0,
-        positions="sincos",
-        conditioning=SanaConditioning,
-        null_keys=("encoder_hidden_states",),
+        name="sana", model_class="SanaTransformer2DModel", patch_embed="patch_embed.proj",
+        time_proj="time_embed.emb.time_proj", time_embedder="time_embed.emb.timestep_embedder", head="proj_out",
+        patch_order="pqc", time_convention="timestep", time_scale="timestep_scale", output_scale=-1.0,
+        positions="sincos", conditioning=SanaConditioning, null_keys=("encoder_hidden_states",),
         # The GLUMBConv MLP's depthwise conv_depth (grouped) cannot be specialised: mlp = its 1x1 convs.
         layer_groups=combine_layer_groups(
             {**DIFFUSERS_LAYER_GROUPS, "mlp": (r"(^|\.)ff\.conv_(inverted|point)$",)},

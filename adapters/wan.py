@@ -45,21 +45,12 @@ class WanAdapter(SpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``WanTransformer3DModel`` (conditioning: :class:`WanConditioning`)."""
 
     spec = AdapterSpec(
-        name="wan",
-        model_class="WanTransformer3DModel",
-        patch_embed="patch_embedding",
-        time_proj="condition_embedder.timesteps_proj",
-        time_embedder="condition_embedder.time_embedder",
-        head="proj_out",
-        patch_order="pqc",
-        time_convention="timestep",
-        output_scale=-1.0,
-        positions="rope",
+        name="wan", model_class="WanTransformer3DModel", patch_embed="patch_embedding",
+        time_proj="condition_embedder.timesteps_proj", time_embedder="condition_embedder.time_embedder",
+        head="proj_out", patch_order="pqc", time_convention="timestep", output_scale=-1.0, positions="rope",
         grid_ndim=3,
         # Wan 2.1 at 480x832, 81 frames: latents 21 x 60 x 104 (4x temporal, 8x spatial VAE).
-        default_sample=(21, 60, 104),
-        conditioning=WanConditioning,
-        null_keys=("encoder_hidden_states",),
+        default_sample=(21, 60, 104), conditioning=WanConditioning, null_keys=("encoder_hidden_states",),
         layer_groups=diffusers_layer_groups(
             {
                 "cond": (r"(^|\.)condition_embedder\.(time_embedder|text_embedder|image_embedder)\.",),

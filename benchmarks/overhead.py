@@ -50,6 +50,18 @@ SIZES = {
 }
 
 
+def train_step(loss_fn, opt):
+    """One optimiser step on ``loss_fn()``, as a zero-argument callable for the timer."""
+
+    def step():
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def _sana(text: torch.Tensor):
     from diffusers import SanaTransformer2DModel
 
@@ -110,17 +122,8 @@ def _setup_family(name: str, seed: int = 0, device: str = "cpu"):
         out = wrapped(stages, t2, stage, encoder_hidden_states=text)
         return sum((F.mse_loss(o, v) for o, v in zip(out, targets)), torch.zeros((), device=device))
 
-    def train(loss_fn, opt):
-        def step():
-            loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return step
-
     fns = {
-        "train": (train(loss_a, opt_a), train(loss_b, opt_b)),
+        "train": (train_step(loss_a, opt_a), train_step(loss_b, opt_b)),
         "sample": (torch.no_grad()(lambda: call(base, stages[0], t)), torch.no_grad()(lambda: wrapped(stages, t2, stage, encoder_hidden_states=text))),
     }
     info = dict(
@@ -173,15 +176,6 @@ def _setup(name: str, seed: int = 0, device: str = "cpu", compile_too: bool = Tr
     def forward_b():
         return wrapped(stages, t2, stage, mask, y=y)
 
-    def train(loss_fn, opt):
-        def step():
-            loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return step
-
     def sample(forward_fn):
         @torch.no_grad()
         def step():
@@ -190,12 +184,12 @@ def _setup(name: str, seed: int = 0, device: str = "cpu", compile_too: bool = Tr
         return step
 
     fns = {
-        "train": (train(loss_a, opt_a), train(loss_b, opt_b)),
+        "train": (train_step(loss_a, opt_a), train_step(loss_b, opt_b)),
         "sample": (sample(forward_a), sample(forward_b)),
     }
     if compile_too:
         compiled = {f: torch.compile(f, fullgraph=True) for f in (loss_a, loss_b, forward_a, forward_b)}
-        fns["train_compiled"] = (train(compiled[loss_a], opt_a), train(compiled[loss_b], opt_b))
+        fns["train_compiled"] = (train_step(compiled[loss_a], opt_a), train_step(compiled[loss_b], opt_b))
         fns["sample_compiled"] = (sample(compiled[forward_a]), sample(compiled[forward_b]))
 
     info = dict(
