@@ -6,16 +6,29 @@ their helpers) and gives it ``stage_params``, one :class:`StageParams` per stage
 parameters. The forward reads the stage route of the forward in progress
 (:class:`~dfm_ext.specialization.routing.Route`):
 
-* a single stage ``s``: one call with stage ``s``'s parameters (:meth:`StageLayer._stage_forward`);
-* ``kind="lora"``, mixed stages: ``y = W x + (alpha / r) * B_{stage[b]} A_{stage[b]} x`` for every
-  sample ``b`` at once, as one rank ``S r`` LoRA whose hidden units outside the sample's stage
-  are masked (no host sync, one graph under ``torch.compile``);
-* ``kind="full"``, mixed stages: the batch is sorted by stage, each chunk runs
-  ``((W + W_s) / 2) x + (b + b_s) / 2``, and the outputs are put back in order.
+* an int ``stage`` ``s``: one call with stage ``s``'s parameters (:meth:`StageLayer._stage_forward`);
+* a ``[B]`` ``stage`` whose counts were read on the host (a CPU tensor outside ``torch.compile``):
+  every sample first runs the stage with the most samples, ``k``, then the samples of each other
+  stage ``j`` are corrected on those rows only: ``kind="lora"`` adds
+  ``(alpha / r) (B_j A_j - B_k A_k) x`` (rank ``2 r``, on ``count_j`` samples),
+  ``kind="full"`` overwrites them with ``((W + W_j) / 2) x + (b + b_j) / 2``;
+* ``kind="lora"``, a ``[B]`` ``stage`` on a device (or under ``torch.compile``, no host read):
+  ``y = W x + (alpha / r) * B_{stage[b]} A_{stage[b]} x`` for every sample ``b`` at once, as one
+  rank ``S r`` LoRA whose hidden units outside the sample's stage are masked (no host sync, one
+  graph under ``torch.compile``);
+* ``kind="full"``, a ``[B]`` device ``stage``: the batch is sorted by stage (one host read of the
+  counts), each chunk runs ``((W + W_s) / 2) x + (b + b_s) / 2``, and the outputs are put back.
+
+Where it pays (many rows per weight, a trainable base weight), a LoRA stage runs as the merged
+weight ``W + (alpha / r) B_s A_s`` in one matmul instead of the base matmul plus two thin
+rank-``r`` ones: equal to float32 rounding, and exactly the base layer while ``B_s = 0``.
+With a ``[B]`` ``stage`` every stage's parameters take part in every forward (zero gradients for
+a stage absent from the batch), so the parameters a step uses do not depend on the stage values.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import cast
 
@@ -66,19 +79,52 @@ class StageLayer:
         route = self._stage_ctx.route(self._stage_name)
         if route.uniform is not None:
             return self._stage_forward(x, route.uniform)
-        if x.ndim == 0 or x.shape[0] != route.batch:
+        single = route.counts is not None and max(route.counts) == route.batch  # any layout: no row to pick
+        if not single and (x.ndim == 0 or x.shape[0] != route.batch):
             raise ValueError(
                 f"specialised layer {self._stage_name!r} got input of shape {tuple(x.shape)} but the batch "
                 f"mixes stages over B={route.batch} samples: the layer input's leading dimension must be B "
                 "(this model reshapes the batch before the layer; do not specialise this layer, or run "
                 "one stage per batch)"
             )
+        if route.counts is not None:
+            return self._grouped(x, route)
         if self._stage_kind == "lora":
             return super().forward(x) + self._stage_scaling * self._lora_mixed(x, route)  # type: ignore[misc]
         perm, inverse, counts = route.split()
         chunks = x.index_select(0, perm).split(list(counts))
-        outs = [self._stage_forward(c, s) for s, c in enumerate(chunks) if c.shape[0] > 0]
+        # empty chunks too: every stage's parameters take part (zero gradients when absent)
+        outs = [self._stage_forward(c, s) for s, c in enumerate(chunks)]
         return torch.cat(outs).index_select(0, inverse)
+
+    def _grouped(self, x: Tensor, route: Route) -> Tensor:
+        """Stage counts known on the host: the majority stage on all rows, the others on their rows.
+
+        Rows of another stage ``j`` get ``(alpha / r) (B_j A_j - B_k A_k) x`` added (LoRA: two
+        rank-``2 r`` matmuls on ``count_j`` samples; the majority stage's merged weight made the
+        rest one full matmul) or are overwritten with stage ``j``'s output (full). A stage with no
+        sample still runs on zero rows: its parameters join the graph with zero gradients.
+        """
+        k = route.major
+        y = self._stage_forward(x, k)
+        for j in range(route.num_stages):
+            if j == k:
+                continue
+            rows = route.rows(j, x.device)
+            xs = x.index_select(0, rows)
+            if self._stage_kind == "full":
+                y = y.index_copy_(0, rows, self._stage_forward(xs, j))
+                continue
+            pj, pk = self.stage_params_of(j), self.stage_params_of(k)
+            # B_j A_j - B_k A_k as one rank-2r pair [A_j; A_k], [B_j, -B_k] (a stage without LoRA: no term)
+            pairs = [(p.lora_A, sign * p.lora_B) for p, sign in ((pj, 1.0), (pk, -1.0)) if p is not None]
+            if not pairs:  # both stages run the base weights
+                continue
+            a = torch.cat([pa for pa, _ in pairs])
+            b = torch.cat([pb for _, pb in pairs], dim=1)
+            # in place: y is this layer's own fresh output, and no backward formula reads it
+            y = y.index_add_(0, rows, self._lora(xs, a, b), alpha=self._stage_scaling)
+        return y
 
     def _lora_stack(self) -> tuple[Tensor, Tensor]:
         """``A`` ``[S, *A_s.shape]`` and ``B`` ``[S, *B_s.shape]``; zeros for a stage without LoRA."""
@@ -102,9 +148,9 @@ class StageLayer:
         # compute) measured slower on CPU (rank 16: 1.34x vs 1.32x of none; rank 64: 1.97x vs
         # ~1.45x). Every stage's parameters are in the graph; an absent stage gets zero gradients.
         a, b = self._lora_stack()
-        s, r = a.shape[0], a.shape[1]
+        r = a.shape[1]
         h = self._lora_hidden(x, a.flatten(0, 1))
-        mask = route.onehot.repeat_interleave(r, dim=1).to(h.dtype)
+        mask = route.rank_mask(r, h.dtype)
         return self._lora_out(h * self._mask_view(mask, h), b.transpose(0, 1).flatten(1, 2))
 
     def _stage_forward(self, x: Tensor, s: int) -> Tensor:
@@ -115,7 +161,26 @@ class StageLayer:
             base_bias = getattr(self, "bias", None)
             bias = None if base_bias is None else 0.5 * (base_bias + p.bias)
             return self._apply_weights(x, 0.5 * (self.weight + p.weight), bias)  # type: ignore[attr-defined]
+        if self._merge_pays(x, p.lora_A):
+            return self._apply_weights(x, self._merged_weight(p.lora_A, p.lora_B), getattr(self, "bias", None))
         return super().forward(x) + self._stage_scaling * self._lora(x, p.lora_A, p.lora_B)  # type: ignore[misc]
+
+    def _merge_pays(self, x: Tensor, a: Tensor) -> bool:
+        """Whether ``x`` runs cheaper through the merged weight than through the base + LoRA pair.
+
+        Merging costs ``r`` multiply-adds per weight entry, the LoRA pair ``r`` per input and output
+        feature of every row: merge when rows x (fan-in + fan-out) > fan-in x fan-out. Not when
+        only the LoRA trains: the merged weight's gradient would be a full-size matmul the frozen
+        base layer never computes. Decided on shapes and flags only (no tensor values).
+        """
+        if torch.is_grad_enabled() and a.requires_grad and not self.weight.requires_grad:  # type: ignore[attr-defined]
+            return False
+        rows, fan_in, fan_out = self._lora_fans(x)
+        return rows * (fan_in + fan_out) > fan_in * fan_out
+
+    def _merged_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        """``W + (alpha / r) B A`` in the layer's weight layout (``W`` itself, bit for bit, while ``B = 0``)."""
+        return self.weight + self._stage_scaling * self._lora_weight(a, b)  # type: ignore[attr-defined]
 
     def merged_parameters(self, s: int) -> tuple[Tensor, Tensor | None]:
         """The plain layer's ``(weight, bias)`` for stage ``s``."""
@@ -151,6 +216,10 @@ class StageLayer:
     def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
+    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
+        """``(rows, fan_in, fan_out)`` of the matmul this layer runs on ``x`` (rows approximate for convs)."""
+        raise NotImplementedError
+
 
 class StageLinear(StageLayer):
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -165,8 +234,15 @@ class StageLinear(StageLayer):
     def _lora_weight(self, a: Tensor, b: Tensor) -> Tensor:
         return b @ a
 
+    def _merged_weight(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.addmm(self.weight, b, a, alpha=self._stage_scaling)  # type: ignore[attr-defined]
+
     def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.in_features), (self.out_features, rank)  # type: ignore[attr-defined]
+
+    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
+        n_in, n_out = self.in_features, self.out_features  # type: ignore[attr-defined]
+        return x.numel() // max(n_in, 1), n_in, n_out
 
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -193,6 +269,12 @@ class StageConv(StageLayer):
         k = tuple(self.kernel_size)  # type: ignore[attr-defined]
         return (rank, self.in_channels, *k), (self.out_channels, rank, *(1,) * len(k))  # type: ignore[attr-defined]
 
+    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
+        taps = math.prod(self.kernel_size)  # type: ignore[attr-defined]
+        # output positions ~ input positions / stride (padding and dilation aside)
+        rows = x.numel() // max(self.in_channels * math.prod(self.stride), 1)  # type: ignore[attr-defined]
+        return rows, self.in_channels * taps, self.out_channels  # type: ignore[attr-defined]
+
 
 class StageEmbedding(StageLayer):
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -209,6 +291,10 @@ class StageEmbedding(StageLayer):
 
     def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.num_embeddings), (self.embedding_dim, rank)  # type: ignore[attr-defined]
+
+    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
+        # a lookup: the LoRA pair costs ~r per output feature and row, the merge r per table entry
+        return x.numel(), self.num_embeddings, self.embedding_dim  # type: ignore[attr-defined]
 
 
 def _plain_conv(m: nn.Module, cls: type[nn.Module]) -> bool:
