@@ -106,24 +106,45 @@ class StageLayer:
         sample still runs on zero rows: its parameters join the graph with zero gradients.
         """
         k = route.major
+        shape = x.shape
+        x = self._grouped_rows(x)  # a Linear's input as [B * N, in]: rows of the matmul
         y = self._stage_forward(x, k)
+        per = x.shape[0] // route.batch
         for j in range(route.num_stages):
             if j == k:
                 continue
-            rows = route.rows(j, x.device)
-            xs = x.index_select(0, rows)
+            rows = route.token_rows(j, per, x.device)
+            # A stage without samples runs on zero rows cut from x detached: its parameters join
+            # the graph (zero gradients) at no cost to x's gradient (no full-size zeros to add).
+            xs = x.index_select(0, rows) if rows.numel() else x.detach()[:0]
             if self._stage_kind == "full":
                 y = y.index_copy_(0, rows, self._stage_forward(xs, j))
                 continue
-            pj, pk = self.stage_params_of(j), self.stage_params_of(k)
-            # B_j A_j - B_k A_k as one rank-2r pair [A_j; A_k], [B_j, -B_k] (a stage without LoRA: no term)
-            pairs = [(p.lora_A, sign * p.lora_B) for p, sign in ((pj, 1.0), (pk, -1.0)) if p is not None]
-            if not pairs:  # both stages run the base weights
+            pair = self._correction(j, k)
+            if pair is None:  # both stages run the base weights
                 continue
-            a = torch.cat([pa for pa, _ in pairs])
-            b = torch.cat([pb for _, pb in pairs], dim=1)
-            # in place: y is this layer's own fresh output, and no backward formula reads it
+            a, b = pair
+            # in place: y is this layer's own fresh output (not a view: no copy in backward), and
+            # no backward formula reads it
             y = y.index_add_(0, rows, self._lora(xs, a, b), alpha=self._stage_scaling)
+        return self._grouped_out(y, shape)
+
+    def _correction(self, j: int, k: int) -> tuple[Tensor, Tensor] | None:
+        """``B_j A_j - B_k A_k`` as one rank-``2 r`` pair ``[A_j; A_k]``, ``[B_j, -B_k]`` (``None``: both plain)."""
+        pj, pk = self.stage_params_of(j), self.stage_params_of(k)
+        pairs = [(p.lora_A, sign * p.lora_B) for p, sign in ((pj, 1.0), (pk, -1.0)) if p is not None]
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([pa for pa, _ in pairs]), torch.cat([pb for _, pb in pairs], dim=1)
+
+    def _grouped_rows(self, x: Tensor) -> Tensor:
+        """``x`` as the rows the layer's matmul runs on, sample-major (identity but for a Linear)."""
+        return x
+
+    def _grouped_out(self, y: Tensor, shape: torch.Size) -> Tensor:
+        """The output of :meth:`_grouped_rows`' rows in the layer's output layout (input ``shape``)."""
         return y
 
     def _lora_stack(self) -> tuple[Tensor, Tensor]:
@@ -221,7 +242,78 @@ class StageLayer:
         raise NotImplementedError
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """``y = x W^T + b``, then for each row set ``R_j``: ``y[R_j] += s (x[R_j] a_j^T) b_j^T``.
+
+    ``x`` ``[M, in]``, ``W`` ``[out, in]``, ``a_j`` ``[k, in]``, ``b_j`` ``[out, k]``. The same maths
+    as the autograd graph of those ops, with one saving: in backward the row terms' input gradient
+    is added into ``dx`` in place, where autograd would build a full-size zero gradient per
+    ``index_select`` and add it to the matmul's (two passes over ``[M, in]`` per layer and stage).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scaling: float, rows: tuple[Tensor, ...], *pairs: Tensor) -> Tensor:  # type: ignore[override]
+        y = F.linear(x, weight, bias)  # 2-D: a fresh tensor, updated in place below
+        saved = []
+        for i, r in enumerate(rows):
+            a, b = pairs[2 * i], pairs[2 * i + 1]
+            xs = x.index_select(0, r)
+            h = xs.mm(a.t())
+            y.index_add_(0, r, h.mm(b.t()), alpha=scaling)
+            saved += [xs, h]
+        ctx.save_for_backward(x, weight, *pairs, *saved)
+        ctx.scaling, ctx.rows, ctx.has_bias = scaling, rows, bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, *rest = ctx.saved_tensors
+        n, need, s = len(ctx.rows), ctx.needs_input_grad, ctx.scaling
+        pairs, saved = rest[: 2 * n], rest[2 * n :]
+        dy = dy.contiguous()
+        dx = dy.mm(weight) if need[0] else None
+        dw = dy.t().mm(x) if need[1] else None
+        db = dy.sum(0) if ctx.has_bias and need[2] else None
+        grads: list[Tensor | None] = []
+        for i, r in enumerate(ctx.rows):
+            a, b = pairs[2 * i], pairs[2 * i + 1]
+            xs, h = saved[2 * i], saved[2 * i + 1]
+            dys = dy.index_select(0, r)
+            dh = dys.mm(b).mul_(s)
+            if dx is not None:
+                dx.index_add_(0, r, dh.mm(a))
+            grads += [dh.t().mm(xs) if need[5 + 2 * i] else None, dys.t().mm(h).mul_(s) if need[6 + 2 * i] else None]
+        return (dx, dw, db, None, None, *grads)
+
+
 class StageLinear(StageLayer):
+    def _grouped(self, x: Tensor, route: Route) -> Tensor:
+        # LoRA with the majority stage merged: one fused op (see _GroupedLinear); otherwise the
+        # generic path (same maths in plain autograd ops).
+        k = route.major
+        pk = self.stage_params_of(k)
+        x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+        if (
+            self._stage_kind != "lora"
+            or pk is None
+            or not self._merge_pays(x2, pk.lora_A)
+            or torch.is_autocast_enabled(x.device.type)
+            or not (x.dtype == self.weight.dtype == pk.lora_A.dtype)  # type: ignore[attr-defined]
+        ):
+            return super()._grouped(x, route)
+        per = x2.shape[0] // route.batch
+        rows: list[Tensor] = []
+        pairs: list[Tensor] = []
+        for j in range(route.num_stages):
+            pair = None if j == k else self._correction(j, k)
+            if pair is not None:
+                rows.append(route.token_rows(j, per, x.device))
+                pairs += pair
+        weight = self._merged_weight(pk.lora_A, pk.lora_B)
+        y = _GroupedLinear.apply(x2, weight, getattr(self, "bias", None), self._stage_scaling, tuple(rows), *pairs)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
@@ -233,6 +325,14 @@ class StageLinear(StageLayer):
 
     def _lora_weight(self, a: Tensor, b: Tensor) -> Tensor:
         return b @ a
+
+    def _grouped_rows(self, x: Tensor) -> Tensor:
+        # 2-D, so that the matmul's output is not a view (an in-place update of a view costs a
+        # full copy of the gradient in backward)
+        return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+
+    def _grouped_out(self, y: Tensor, shape: torch.Size) -> Tensor:
+        return y.view(*shape[:-1], y.shape[-1])
 
     def _merged_weight(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.addmm(self.weight, b, a, alpha=self._stage_scaling)  # type: ignore[attr-defined]

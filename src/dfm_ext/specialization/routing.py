@@ -52,7 +52,7 @@ class Route:
         self.counts = counts  # samples per stage, when read on the host
         self._onehot: Tensor | None = None
         self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
-        self._rows: dict[tuple[int, torch.device], Tensor] = {}
+        self._rows: dict[tuple[int, torch.device] | tuple[int, torch.device, int], Tensor] = {}
         self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
 
     @property
@@ -88,6 +88,16 @@ class Route:
             idx = self.index
             assert idx is not None and self.counts is not None, "rows are read only when counts are on the host"
             self._rows[key] = (idx == s).nonzero().squeeze(1).to(device, non_blocking=True)
+        return self._rows[key]
+
+    def token_rows(self, s: int, per_sample: int, device: torch.device) -> Tensor:
+        """``[counts[s] * per_sample]``: rows of stage ``s`` in the input flattened to ``[B * per_sample, F]``."""
+        key = (s, device, per_sample)
+        if key not in self._rows:
+            rows = self.rows(s, device)
+            if per_sample != 1:
+                rows = (rows[:, None] * per_sample + torch.arange(per_sample, device=device)[None, :]).flatten()
+            self._rows[key] = rows
         return self._rows[key]
 
     def split(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:
