@@ -689,8 +689,9 @@ def test_ddp_without_find_unused_parameters_trains_any_stage_mix(kind: str) -> N
         ddp = DDP(model, process_group=group, find_unused_parameters=False)
         for stage in ([0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]):
             stages, t, st, y = _inputs(4, stage=stage)
+            # on the old routing, the forward after a single-stage batch raised "Expected to have
+            # finished reduction in the prior iteration ..." (stage parameters left unused)
             sum(o.square().mean() for o in ddp(stages, t, st, y=y)).backward()
-            assert all(p.grad is not None for p in model.parameters())
             model.zero_grad(set_to_none=True)
     finally:
         if own:
