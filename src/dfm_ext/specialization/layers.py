@@ -267,8 +267,12 @@ class _StageLoRALinear(torch.autograd.Function):
         y = F.linear(x, w, bias)  # x is 2-D: a fresh tensor (not a view), updated in place below
         saved: list[Tensor] = []
         for rows, terms in groups:
-            a = torch.cat([ab[2 * i] for i, _ in terms])
-            b = torch.cat([ab[2 * i + 1] if sign > 0 else -ab[2 * i + 1] for i, sign in terms], dim=1)
+            if len(terms) == 1:
+                a, b = ab[2 * terms[0][0]], ab[2 * terms[0][0] + 1]
+                b = b if terms[0][1] > 0 else -b
+            else:
+                a = torch.cat([ab[2 * i] for i, _ in terms])
+                b = torch.cat([ab[2 * i + 1] if sign > 0 else -ab[2 * i + 1] for i, sign in terms], dim=1)
             xs = x if rows is None else x.index_select(0, rows)
             h = xs.mm(a.t())
             if rows is None:
@@ -317,7 +321,8 @@ class _StageLoRALinear(torch.autograd.Function):
                 for j, part in zip((2 * i, 2 * i + 1), parts):
                     dab[j] = part if dab[j] is None else dab[j] + part
                 off += r
-        grads = [d if n else None for d, n in zip(dab, need_ab)]
+        # a stage with no row in the batch: exact zeros (its parameters still take part)
+        grads = [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need_ab)]
         return (dx, dw if need[1] else None, db, None, *grads)
 
 
@@ -337,7 +342,9 @@ class StageLinear(StageLayer):
             return super()._grouped(x, route)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
         per = x2.shape[0] // route.batch
-        k = route.major
+        k, counts = route.major, cast("tuple[int, ...]", route.counts)
+        # Every stage's A, B are inputs of the op, also a stage with no sample in the batch (no
+        # group: nothing computed, zero gradients), so every step uses the same parameters.
         groups: list[tuple[Tensor | None, tuple[tuple[int, float], ...]]] = []
         merged = index[k] if k in index and self._merge_pays(x2, ab[2 * index[k]]) else None
         for j in range(route.num_stages):
@@ -345,11 +352,10 @@ class StageLinear(StageLayer):
                 # the majority stage is merged into every row: stage j's rows get + its own LoRA
                 # - the majority stage's
                 terms = tuple((index[i], sign) for i, sign in ((j, 1.0), (k, -1.0)) if i in index)
-                if j != k and terms:
+                if j != k and terms and counts[j]:
                     groups.append((route.token_rows(j, per, x.device), terms))
-            elif j in index:  # each stage's LoRA on its own rows (all rows: no gather)
-                assert route.counts is not None
-                rows = None if route.counts[j] == route.batch else route.token_rows(j, per, x.device)
+            elif j in index and counts[j]:  # each stage's LoRA on its own rows (all rows: no gather)
+                rows = None if counts[j] == route.batch else route.token_rows(j, per, x.device)
                 groups.append((rows, ((index[j], 1.0),)))
         plan = (self._stage_scaling, merged, tuple(groups))
         y = _StageLoRALinear.apply(x2, self.weight, getattr(self, "bias", None), plan, *ab)  # type: ignore[attr-defined]

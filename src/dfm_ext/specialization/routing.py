@@ -131,6 +131,9 @@ class StageContext:
         # kind/rank/alpha/stages as given to specialize(): alpha is not recoverable bit-exactly
         # from a layer's alpha / rank scaling, and save_specialization needs it to rebuild.
         self.settings: dict[str, Any] = {}
+        # Read a CPU ``stage``'s counts on the host (the grouped route). False: always the masked
+        # route a device ``stage`` takes (benchmarks compare the two on one machine).
+        self.read_counts = True
         self._calls: list[Route | None] = []
         self._manual: list[Route] = []
         self._replay: list[Route] = []  # routes re-installed by an activation-checkpoint recompute
@@ -153,7 +156,7 @@ class StageContext:
         # (asynchronously; it fails at the next sync) and the layers route by masking.
         batch = stage.shape[0]
         index = stage.long()
-        if stage.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self.read_counts and stage.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
             if lo < 0 or hi >= s:
                 raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
