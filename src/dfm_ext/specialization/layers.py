@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -261,7 +261,7 @@ class _StageLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: tuple, *ab: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: tuple, *ab: Tensor) -> Tensor:
         s, merged, groups = plan
         w = weight if merged is None else torch.addmm(weight, ab[2 * merged + 1], ab[2 * merged], alpha=s)
         y = F.linear(x, w, bias)  # x is 2-D: a fresh tensor (not a view), updated in place below
@@ -286,7 +286,7 @@ class _StageLoRALinear(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         s, merged, groups = ctx.plan
         x, w, *rest = ctx.saved_tensors
         ab, saved = rest[: ctx.n_ab], rest[ctx.n_ab :]
