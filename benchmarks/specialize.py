@@ -2,7 +2,11 @@
 
 Configurations (all on the same wrapped DiT, two Laplacian stages, mixed-stage batches drawn with
 the DFM default p_0 = 0.9): none, LoRA rank 16 and 64 on every group ("all"), full
-specialisation on "all" and on "mlp". One train step = forward + backward + AdamW. The
+specialisation on "all" and on "mlp". A CPU ``stage`` takes the grouped route (stage counts read
+on the host: the majority stage merged into the weight, the other stages' rows corrected); the
+"masked" LoRA rows force the route a device ``stage`` (or ``torch.compile``) takes, which reads
+nothing back: every stage's LoRA on every sample, masked (before the grouped route existed, this
+was also the CPU route for mixed batches). One train step = forward + backward + AdamW. The
 configurations run interleaved (round-robin) in the same process so that machine noise hits all
 of them alike; we report median/min/max seconds and the median relative to "none", on two clocks:
 wall time, and process CPU time (``time.process_time``), which on a CPU shared with other work
@@ -25,11 +29,14 @@ import torch
 
 from dfm_ext import DiT, DiTConfig, LaplacianPyramid, wrap_dit
 from dfm_ext.specialization import specialize
+from dfm_ext.specialization.state import stage_context
 
 CONFIGS = {
     "none": None,
     "lora r16 all": dict(kind="lora", targets="all", rank=16),
+    "lora r16 all masked": dict(kind="lora", targets="all", rank=16, masked=True),
     "lora r64 all": dict(kind="lora", targets="all", rank=64),
+    "lora r64 all masked": dict(kind="lora", targets="all", rank=64, masked=True),
     "full all": dict(kind="full", targets="all"),
     "full mlp": dict(kind="full", targets="mlp"),
 }
@@ -40,8 +47,12 @@ def build(cfg: DiTConfig, spec: dict | None, device: torch.device):
     model = wrap_dit(DiT(cfg), LaplacianPyramid(factors=(2, 1)), init="scratch").to(device)
     n_stage = 0
     if spec is not None:
+        spec = dict(spec)
+        masked = spec.pop("masked", False)
         handle = specialize(model, generator=torch.Generator().manual_seed(0), **spec)
         n_stage = handle.num_parameters
+        if masked:
+            stage_context(model).read_counts = False
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     return model, opt, n_stage
 
@@ -77,13 +88,16 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    order = list(CONFIGS)
     for step in range(args.warmup + args.steps):
         stages = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
         target = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
         t = torch.rand(args.batch, 2, generator=g).to(device)
         stage = (torch.rand(args.batch, generator=g) > 0.9).long().to(device)  # p_0 = 0.9, mixed batches
         y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-        for name, (model, opt, _) in runs.items():
+        # alternate the order every step, so that no configuration always runs first or last
+        for name in order if step % 2 == 0 else order[::-1]:
+            model, opt, _ = runs[name]
             sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             out = model(stages, t, stage, y=y)
@@ -127,12 +141,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     print(
-        f"{'config':<14} {'median s':>9} {'min s':>8} {'max s':>8} {'x none':>7} "
+        f"{'config':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'x none':>7} "
         f"{'cpu s':>7} {'cpu x none':>10} {'stage params':>13}"
     )
     for name, r in results.items():
         print(
-            f"{name:<14} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} {r['relative_median']:7.2f} "
+            f"{name:<20} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} {r['relative_median']:7.2f} "
             f"{r['cpu_median_s']:7.3f} {r['cpu_relative_median']:10.3f} {r['stage_parameters']:13,d}"
         )
 

@@ -4,7 +4,7 @@
 real CPU ranks (see FACTS.md). The rendezvous port is picked free just before the launch, so
 another launch (pytest-xdist runs several) can still take it in between; that failure, and a rank
 aborting in C++ with "terminate called without an active exception" (seen once under heavy load,
-cause open), are retried once, with a new port.
+not reproduced since; see below), are retried once, with a new port.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from pathlib import Path
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 _PORT_TAKEN = ("Address already in use", "EADDRINUSE", "errno: 98")
 # A rank aborting in C++ ("terminate called without an active exception", exit -6) was seen once
-# in a fresh CI-like run under heavy CPU load (per-stage LoRA under DDP, gloo), and not in 4 reruns.
-# Cause not found yet (see the session-3 closing note); it is retried once, never a wrong result.
+# in a fresh CI-like run under heavy CPU load (per-stage LoRA under DDP, gloo), and not in 4 reruns,
+# nor in 8 more (two launches at a time on 2 cores, the per-stage LoRA test's settings). Suspected:
+# ranks using different parameter sets per step (a single-stage batch ran only its stage's
+# parameters); that is gone at the root (every stage's parameters take part in every step,
+# tests/test_specialize.py::test_ddp_without_find_unused_parameters_trains_any_stage_mix), but
+# as the abort was never reproduced its cause is not proven, so it is still retried once, never
+# a wrong result. (TORCH_DISTRIBUTED_DEBUG=DETAIL cannot help here: with torch 2.13 on gloo CPU
+# both ranks segfault in DDP's constructor, in logger.set_construction_data_and_log.)
 _ABORTED = ("terminate called without an active exception",)
 
 

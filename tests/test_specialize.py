@@ -214,10 +214,8 @@ def test_gradients_reach_only_present_stages_and_not_frozen_shared(kind: str) ->
         assert ps
         if present:
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
-        elif kind == "lora":  # sync-free masked routing: in the graph, with zero gradients
+        else:  # absent from the batch: still in the graph, with exact zero gradients (both kinds)
             assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in ps)
-        else:
-            assert all(p.grad is None for p in ps)
 
 
 def test_train_all_keeps_shared_trainable() -> None:
@@ -651,3 +649,50 @@ def test_specialization_export_names_are_public() -> None:
     from dfm_ext.specialization import load_specialization, save_specialization
 
     assert dfm_ext.save_specialization is save_specialization and dfm_ext.load_specialization is load_specialization
+
+
+# ---------------------------------------------------------------------------------------------
+# the parameters a step uses never depend on the batch's stage values (data-parallel ranks agree)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("stage", [[0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], ids=["all0", "all1", "mixed"])
+def test_every_stage_parameter_takes_part_whatever_the_batch(kind: str, stage: list[int]) -> None:
+    """A single-stage batch once ran only that stage's parameters, a mixed one all of them: two
+    data-parallel ranks drawing such batches used different parameter sets in the same step."""
+    model = _toy()
+    spec = specialize(model, kind=kind, targets="all", rank=2 if kind == "lora" else None)
+    _randomize_stage_params(spec)
+    stages, t, st, y = _inputs(4, stage=stage)
+    sum(o.square().sum() for o in model(stages, t, st, y=y)).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    for s in range(2):
+        if s not in stage:  # absent from the batch: exact zero gradients
+            assert all(float(p.grad.abs().max()) == 0 for p in spec.stage_parameters(s))
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_ddp_without_find_unused_parameters_trains_any_stage_mix(kind: str) -> None:
+    """DDP with ``find_unused_parameters=False`` (it raises when a step leaves a parameter unused)
+    over single-stage and mixed batches, on a gloo world of one."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0]) if own else dist.new_group([dist.get_rank()])
+        model = _toy().train()
+        specialize(model, kind=kind, targets="all", rank=2 if kind == "lora" else None)
+        ddp = DDP(model, process_group=group, find_unused_parameters=False)
+        for stage in ([0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]):
+            stages, t, st, y = _inputs(4, stage=stage)
+            # on the old routing, the forward after a single-stage batch raised "Expected to have
+            # finished reduction in the prior iteration ..." (stage parameters left unused)
+            sum(o.square().mean() for o in ddp(stages, t, st, y=y)).backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        if own:
+            dist.destroy_process_group()

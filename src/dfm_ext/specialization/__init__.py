@@ -17,9 +17,14 @@ declares its groups' module-name patterns on its adapter (``adapter.layer_groups
 model uses its adapter's, other models :data:`DEFAULT_LAYER_GROUPS` (conventional DiT and
 diffusers names) or pass ``groups``, ``patterns`` or a predicate.
 
-Routing: a forward pre-hook on the top model reads ``stage`` and the specialised layers split
-their input by stage (one matmul per stage present, no loop over samples), so a batch that mixes
-stages, the normal case in DFM training, runs every sample with its own stage's parameters.
+Routing: a forward pre-hook on the top model reads ``stage`` and the specialised layers route
+their input by stage (no loop over samples), so a batch that mixes stages, the normal case in DFM
+training, runs every sample with its own stage's parameters. With a CPU ``stage`` the per-stage
+counts are read on the host: the stage with most samples runs on every row (LoRA merged into the
+weight where that is cheaper) and the other stages' rows alone are corrected. A device ``stage``
+(or ``torch.compile``) is never read back: LoRA runs every stage on every sample, masked. Either
+way every stage's parameters take part in every forward (zero gradients for a stage absent from
+the batch), so data-parallel ranks always use the same parameters.
 
 Modules, by job: :mod:`~dfm_ext.specialization.routing` (stage routing, :func:`checkpoint`),
 :mod:`~dfm_ext.specialization.layers` (per-stage Linear/Conv/Embedding), :mod:`~dfm_ext.specialization.groups`

@@ -22,18 +22,38 @@ __all__ = ["Route", "StageContext", "routing_active", "checkpoint"]
 class Route:
     """How one forward's batch splits by stage; computed once per forward, read by every layer.
 
-    Built without a device-to-host sync: a tensor ``stage`` keeps its values on its device
-    (``index`` ``[B]``, ``onehot`` ``[B, S]``) and the LoRA layers route by masking per sample. Only ``kind="full"`` layers need the per-stage counts on the host (:meth:`split`,
-    computed once per forward and shared by all such layers).
+    Three kinds, chosen by :meth:`StageContext.make_route`:
+
+    * ``uniform``: an int ``stage``, every sample runs that stage (only its parameters are used);
+    * ``counts`` known: a ``[B]`` tensor whose values were already on the host (a CPU tensor, outside
+      ``torch.compile``): the per-stage sample counts and row indices are host values, so layers
+      compute each stage's update on that stage's samples only;
+    * neither: a device tensor (or under ``torch.compile``): nothing is read back (no device-to-host
+      sync per step); ``index`` ``[B]`` and ``onehot`` ``[B, S]`` stay on the device and LoRA layers
+      route by masking per sample.
+
+    With a ``[B]`` tensor ``stage``, every stage's parameters take part in the forward (a stage
+    with no sample in the batch gets exact zero gradients), whichever kind: the set of parameters a
+    step uses never depends on the batch's stage values, so data-parallel ranks always agree on it.
     """
 
-    def __init__(self, batch: int, uniform: int | None, index: Tensor | None = None, num_stages: int = 0) -> None:
+    def __init__(
+        self,
+        batch: int,
+        uniform: int | None,
+        index: Tensor | None = None,
+        num_stages: int = 0,
+        counts: tuple[int, ...] | None = None,
+    ) -> None:
         self.batch = batch
-        self.uniform = uniform  # the stage of every sample when known on the host (an int stage)
+        self.uniform = uniform  # the stage of every sample, for an int stage
         self.index = index  # [B] long, stage[b]
         self.num_stages = num_stages
+        self.counts = counts  # samples per stage, when read on the host
         self._onehot: Tensor | None = None
         self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+        self._rows: dict[tuple[int, torch.device] | tuple[int, torch.device, int], Tensor] = {}
+        self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
 
     @property
     def onehot(self) -> Tensor:
@@ -44,6 +64,42 @@ class Route:
             self._onehot = idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]
         return self._onehot
 
+    def rank_mask(self, rank: int, dtype: torch.dtype) -> Tensor:
+        """``[B, S r]``: ``onehot`` with every stage column repeated ``rank`` times, as ``dtype``.
+
+        Shared by all LoRA layers of the forward (same rank and dtype): built once, not per layer.
+        """
+        key = (rank, dtype)
+        if key not in self._masks:
+            self._masks[key] = self.onehot.repeat_interleave(rank, dim=1).to(dtype)
+        return self._masks[key]
+
+    @property
+    def major(self) -> int:
+        """The stage with the most samples (the lowest such stage on a tie); needs ``counts``."""
+        counts = self.counts
+        assert counts is not None, "major is read only for a route whose counts are on the host"
+        return max(range(len(counts)), key=lambda s: (counts[s], -s))
+
+    def rows(self, s: int, device: torch.device) -> Tensor:
+        """``[counts[s]]`` long: the samples of stage ``s``, in order, on ``device`` (needs ``counts``)."""
+        key = (s, device)
+        if key not in self._rows:
+            idx = self.index
+            assert idx is not None and self.counts is not None, "rows are read only when counts are on the host"
+            self._rows[key] = (idx == s).nonzero().squeeze(1).to(device, non_blocking=True)
+        return self._rows[key]
+
+    def token_rows(self, s: int, per_sample: int, device: torch.device) -> Tensor:
+        """``[counts[s] * per_sample]``: rows of stage ``s`` in the input flattened to ``[B * per_sample, F]``."""
+        key = (s, device, per_sample)
+        if key not in self._rows:
+            rows = self.rows(s, device)
+            if per_sample != 1:
+                rows = (rows[:, None] * per_sample + torch.arange(per_sample, device=device)[None, :]).flatten()
+            self._rows[key] = rows
+        return self._rows[key]
+
     def split(self) -> tuple[Tensor, Tensor, tuple[int, ...]]:
         """``(perm, inverse, counts)``: sample order grouped by stage, its inverse, samples per stage.
 
@@ -51,8 +107,11 @@ class Route:
         """
         if self._split is None:
             idx = self.index
-            counts = tuple(int(c) for c in torch.bincount(idx, minlength=self.num_stages).tolist())  # type: ignore[arg-type]
-            perm = torch.argsort(idx, stable=True)  # type: ignore[arg-type]
+            assert idx is not None, "split is read only for a [B] stage tensor"
+            counts = self.counts
+            if counts is None:
+                counts = tuple(int(c) for c in torch.bincount(idx, minlength=self.num_stages).tolist())
+            perm = torch.argsort(idx, stable=True)
             inverse = torch.empty_like(perm)
             inverse[perm] = torch.arange(self.batch, device=perm.device)
             self._split = (perm, inverse, counts)
@@ -72,6 +131,9 @@ class StageContext:
         # kind/rank/alpha/stages as given to specialize(): alpha is not recoverable bit-exactly
         # from a layer's alpha / rank scaling, and save_specialization needs it to rebuild.
         self.settings: dict[str, Any] = {}
+        # Read a CPU ``stage``'s counts on the host (the grouped route). False: always the masked
+        # route a device ``stage`` takes (benchmarks compare the two on one machine).
+        self.read_counts = True
         self._calls: list[Route | None] = []
         self._manual: list[Route] = []
         self._replay: list[Route] = []  # routes re-installed by an activation-checkpoint recompute
@@ -89,19 +151,20 @@ class StageContext:
         if stage.ndim != 1 or stage.shape[0] == 0:
             raise ValueError(f"stage must have shape [B] with B >= 1, got {tuple(stage.shape)}")
         # Values are read where they already are on the host (a CPU tensor, outside
-        # torch.compile): checked, and a single-stage batch takes the plain path. A device tensor
-        # is not read back (no sync per training step): every batch takes the mixed path, and
-        # the range is asserted on the device (asynchronously; it fails at the next sync).
+        # torch.compile): checked, and the per-stage counts kept for the layers. A device tensor
+        # is not read back (no sync per training step): its range is asserted on the device
+        # (asynchronously; it fails at the next sync) and the layers route by masking.
         batch = stage.shape[0]
-        if stage.device.type == "cpu" and not torch.compiler.is_compiling():
+        index = stage.long()
+        if self.read_counts and stage.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
             if lo < 0 or hi >= s:
                 raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
-            if lo == hi:
-                return Route(batch=batch, uniform=lo)
-        elif not torch.compiler.is_compiling():
+            counts = tuple(int(c) for c in torch.bincount(index, minlength=s).tolist())
+            return Route(batch=batch, uniform=None, index=index, num_stages=s, counts=counts)
+        if not torch.compiler.is_compiling():
             torch._assert_async(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]")
-        return Route(batch=batch, uniform=None, index=stage.long(), num_stages=s)
+        return Route(batch=batch, uniform=None, index=index, num_stages=s)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.consume:
