@@ -116,8 +116,8 @@ class DemoTask:
         self.sampler = _timestep_sampler(cfg, self.num_stages)
         self.objective = DFMObjective(self.num_stages, masking=cfg.masking)
         self.null = null_label(None, int(mconfig["num_classes"]))
-        # Per-stage parameters (specialisation) are unused by batches without that stage.
-        self.find_unused_parameters = cfg.specialize is not None
+        # Per-stage parameters take part in every forward (zero gradients when a stage is absent).
+        self.find_unused_parameters = False
 
     def build_model(self) -> nn.Module:
         return build_model(self.mconfig)

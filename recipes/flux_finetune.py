@@ -236,8 +236,8 @@ class FluxTask(FluxEncoders):
         s = self.decomposition.num_stages
         self.timesteps = cfg.dfm.timestep_sampler(s)
         self.objective = cfg.dfm.objective(s)
-        # Per-stage LoRA: a micro-batch without stage s leaves stage s's LoRA unused (engine -> DDP).
-        self.find_unused_parameters = cfg.finetune.mode == "stage_lora"
+        # Per-stage LoRA takes part in every forward (zero gradients when a stage is absent).
+        self.find_unused_parameters = False
 
     def build_model(self) -> nn.Module:
         return build_flux_model(self.cfg, load_transformer(self.cfg))

@@ -177,8 +177,9 @@ class ImageNetTask(ClassConditionalTask):
         self.null_class = cfg.data.num_classes
         self.reference: torch.utils.data.Dataset | None = None  # real data for metrics
         self._codec: Any = None
-        # A micro-batch without a sample of stage s leaves stage s's parameters unused (engine -> DDP).
-        self.find_unused_parameters = cfg.specialize.kind != "none"
+        # Every stage's specialised parameters take part in every forward (zero gradients for a
+        # stage absent from the micro-batch), so DDP needs no search for unused parameters.
+        self.find_unused_parameters = False
 
     def _load_codec(self, device: torch.device) -> Any:
         return load_codec(self.cfg, device)

@@ -135,10 +135,12 @@ class StepLoss:
 class TrainTask(Protocol):
     """What a recipe provides to :class:`~dfm_ext.recipes.engine.Trainer`.
 
-    A task whose model has parameters that some micro-batches do not use (per-stage LoRA or full
-    specialisation: a batch may hold no sample of some stage) sets the attribute
+    A task whose model has parameters that some micro-batches do not use sets the attribute
     ``find_unused_parameters = True``; the engine then builds DDP with it, which lets ranks
     differ in what they used. Without it DDP's collectives fall out of step across ranks.
+    :func:`dfm_ext.specialize`'s per-stage parameters do not need it: every stage's parameters
+    take part in every forward with a ``[B]`` stage (a stage absent from the micro-batch gets
+    zero gradients), so the recipes leave it off and DDP skips a graph traversal per step.
     """
 
     def build_model(self) -> nn.Module:

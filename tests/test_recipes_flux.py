@@ -178,8 +178,8 @@ def test_two_processes_agree_and_match_one_with_accumulation(assets: Path, tmp_p
 
 
 def test_two_processes_with_per_stage_lora(assets: Path, tmp_path: Path) -> None:
-    """Per-stage LoRA under DDP: a rank whose micro-batch lacks a stage leaves that stage's LoRA
-    unused; without ``find_unused_parameters`` gloo aborts on mismatched collectives (seen here)."""
+    """Per-stage LoRA under DDP without ``find_unused_parameters``: a rank whose micro-batch lacks a
+    stage still runs that stage's LoRA (zero gradients), so the ranks' collectives stay in step."""
     out = tmp_path / "stage_lora"
     extra = ["train.steps=8", "train.sample_every=0", "train.checkpoint_every=8", "finetune.mode=stage_lora",
              "finetune.lora_rank=2"]  # fmt: skip
