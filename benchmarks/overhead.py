@@ -62,6 +62,19 @@ def train_step(loss_fn, opt):
     return step
 
 
+
+def describe(base, wrapped, config: dict, batch: int) -> dict:
+    """What one measured pair is: config, batch, token count, stage shapes, patch sizes, parameters."""
+    return dict(
+        config=config,
+        batch=batch,
+        tokens=wrapped.packer.num_tokens,
+        stage_shapes=[list(s) for s in wrapped.stage_shapes],
+        patch_sizes=[list(p) for p in wrapped.packer.patch_sizes],
+        params_base=sum(p.numel() for p in base.parameters()),
+        params_wrapped=sum(p.numel() for p in wrapped.parameters()),
+    )
+
 def _sana(text: torch.Tensor):
     from diffusers import SanaTransformer2DModel
 
@@ -126,15 +139,7 @@ def _setup_family(name: str, seed: int = 0, device: str = "cpu"):
         "train": (train_step(loss_a, opt_a), train_step(loss_b, opt_b)),
         "sample": (torch.no_grad()(lambda: call(base, stages[0], t)), torch.no_grad()(lambda: wrapped(stages, t2, stage, encoder_hidden_states=text))),
     }
-    info = dict(
-        config=dict(base.config),
-        batch=b,
-        tokens=wrapped.packer.num_tokens,
-        stage_shapes=[list(s) for s in wrapped.stage_shapes],
-        patch_sizes=[list(p) for p in wrapped.packer.patch_sizes],
-        params_base=sum(p.numel() for p in base.parameters()),
-        params_wrapped=sum(p.numel() for p in wrapped.parameters()),
-    )
+    info = describe(base, wrapped, dict(base.config), b)
     return info, fns
 
 
@@ -192,15 +197,7 @@ def _setup(name: str, seed: int = 0, device: str = "cpu", compile_too: bool = Tr
         fns["train_compiled"] = (train_step(compiled[loss_a], opt_a), train_step(compiled[loss_b], opt_b))
         fns["sample_compiled"] = (sample(compiled[forward_a]), sample(compiled[forward_b]))
 
-    info = dict(
-        config=cfg.to_dict(),
-        batch=batch,
-        tokens=wrapped.packer.num_tokens,
-        stage_shapes=[list(s) for s in wrapped.stage_shapes],
-        patch_sizes=[list(p) for p in wrapped.packer.patch_sizes],
-        params_base=sum(p.numel() for p in base.parameters()),
-        params_wrapped=sum(p.numel() for p in wrapped.parameters()),
-    )
+    info = describe(base, wrapped, cfg.to_dict(), batch)
     return info, fns
 
 
