@@ -242,6 +242,17 @@ class StageLayer:
         raise NotImplementedError
 
 
+def _signed_(h: Tensor, terms: tuple[tuple[int, float], ...], ab: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    """``h`` ``[n, sum r]`` with the columns of each negative term negated, in place."""
+    off = 0
+    for i, sign in terms:
+        r = ab[2 * i].shape[0]
+        if sign < 0:
+            h[:, off : off + r].neg_()
+        off += r
+    return h
+
+
 class _StageLoRALinear(torch.autograd.Function):
     """A per-stage LoRA ``nn.Linear`` over a batch whose stage counts are on the host, as one op.
 
@@ -269,12 +280,15 @@ class _StageLoRALinear(torch.autograd.Function):
         for rows, terms in groups:
             if len(terms) == 1:
                 a, b = ab[2 * terms[0][0]], ab[2 * terms[0][0] + 1]
-                b = b if terms[0][1] > 0 else -b
             else:
                 a = torch.cat([ab[2 * i] for i, _ in terms])
-                b = torch.cat([ab[2 * i + 1] if sign > 0 else -ab[2 * i + 1] for i, sign in terms], dim=1)
+                b = torch.cat([ab[2 * i + 1] for i, _ in terms], dim=1)
             xs = x if rows is None else x.index_select(0, rows)
             h = xs.mm(a.t())
+            # a term's sign goes on its hidden units ([n, r], few rows) rather than on B ([out, r]):
+            # negation is exact, so the output is the same bit for bit, and backward reads the
+            # signed B gradient straight off dys^T h
+            _signed_(h, terms, ab)
             if rows is None:
                 y.addmm_(h, b.t(), alpha=s)
             else:
@@ -306,18 +320,18 @@ class _StageLoRALinear(torch.autograd.Function):
         for g, (rows, terms) in enumerate(groups):
             xs, h, a, b = saved[4 * g : 4 * g + 4]
             dys = dy if rows is None else dy.index_select(0, rows)
-            dh = dys.mm(b).mul_(s)  # [n, sum r]
+            dh = _signed_(dys.mm(b).mul_(s), terms, ab)  # [n, sum r]: the unsigned hidden units' gradient
             if dx is not None:
                 if rows is None:
                     dx.addmm_(dh, a)
                 else:
                     dx.index_add_(0, rows, dh.mm(a))
             da = dh.t().mm(xs)  # [sum r, in]: the stacked A's gradient
-            dbs = dys.t().mm(h).mul_(s)  # [out, sum r]: the stacked (signed) B's gradient
+            dbs = dys.t().mm(h).mul_(s)  # [out, sum r]: the stacked B's gradient (h is signed)
             off = 0
-            for i, sign in terms:
+            for i, _ in terms:
                 r = ab[2 * i].shape[0]
-                parts = (da[off : off + r], dbs[:, off : off + r] if sign > 0 else -dbs[:, off : off + r])
+                parts = (da[off : off + r], dbs[:, off : off + r])
                 for j, part in zip((2 * i, 2 * i + 1), parts):
                     dab[j] = part if dab[j] is None else dab[j] + part
                 off += r
