@@ -317,10 +317,6 @@ class _StageLoRALinear(torch.autograd.Function):
         dw = None
         if need[1] or (merged is not None and (need_ab[2 * merged] or need_ab[2 * merged + 1])):
             dw = dy.t().mm(x)
-            if merged is not None:  # W_m = W + s B A: dA = s B^T dW_m, dB = s dW_m A^T
-                a, b = ab[2 * merged], ab[2 * merged + 1]
-                dab[2 * merged] = _scaled_(b.t().mm(dw), s)
-                dab[2 * merged + 1] = _scaled_(dw.mm(a.t()), s)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         for g, (rows, terms) in enumerate(groups):
             xs, h, a, b = saved[4 * g : 4 * g + 4]
@@ -340,6 +336,13 @@ class _StageLoRALinear(torch.autograd.Function):
                 for j, part in zip((2 * i, 2 * i + 1), parts):
                     dab[j] = part if dab[j] is None else dab[j] + part
                 off += r
+        if merged is not None and dw is not None:
+            # W_m = W + s B A: dA = s B^T dW_m, dB = s dW_m A^T, added (one addmm) to the merged
+            # stage's correction gradient when its rows also ran a correction (contiguous results)
+            a, b = ab[2 * merged], ab[2 * merged + 1]
+            for j, left, right in ((2 * merged, b.t(), dw), (2 * merged + 1, dw, a.t())):
+                prev = dab[j]
+                dab[j] = _scaled_(left.mm(right), s) if prev is None else torch.addmm(prev, left, right, alpha=s)
         # a stage with no row in the batch: exact zeros (its parameters still take part)
         grads = [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need_ab)]
         return (dx, dw if need[1] else None, db, None, *grads)
