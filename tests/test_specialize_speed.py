@@ -65,14 +65,17 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("route", ["host", "device"])
+@pytest.mark.parametrize(
+    ("route", "alpha"), [("host", 4.5), ("device", 4.5), ("host", 3.0)], ids=["host", "device", "host_scale1"]
+)
 @pytest.mark.parametrize("train", ["all", "stage"])
 @pytest.mark.parametrize("owned", [None, (0, 2)], ids=["all_stages", "stage1_plain"])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned, train: str, route: str, monkeypatch) -> None:
+def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned, train: str, route: str, alpha: float, monkeypatch) -> None:
     """Both routes: stage counts read on the host (a CPU ``stage``: majority stage merged, the
     other stages' rows corrected) and the sync-free masked route (as for a device ``stage`` or
-    under torch.compile); with the base trainable (merged weight) and frozen (LoRA pair)."""
+    under torch.compile); with the base trainable (merged weight) and frozen (LoRA pair).
+    ``alpha = rank`` (scale 1, the default) skips the scaling multiplies in backward."""
     if route == "device":
         from dfm_ext.specialization import routing as S
 
@@ -80,7 +83,7 @@ def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned, train: s
     torch.manual_seed(0)
     make_layer, make_x = LAYERS[name]
     model = _Net(make_layer())
-    spec = specialize(model, kind="lora", targets=lambda n, m: n == "layer", rank=3, alpha=4.5, num_stages=3, stages=owned, train=train)
+    spec = specialize(model, kind="lora", targets=lambda n, m: n == "layer", rank=3, alpha=alpha, num_stages=3, stages=owned, train=train)
     layer = model.layer
     for p in spec.stage_parameters():
         p.data.normal_(0, 0.3)
@@ -93,7 +96,7 @@ def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned, train: s
     params = [p for p in model.parameters() if p.requires_grad]
 
     out = model(x1, stage)
-    ref = _reference(layer, x2, stage, 4.5 / 3)
+    ref = _reference(layer, x2, stage, alpha / 3)
     assert out.shape == ref.shape
     _close(out, ref)
     w = torch.randn(out.shape, generator=g)

@@ -242,6 +242,22 @@ class StageLayer:
         raise NotImplementedError
 
 
+def _scaled_(t: Tensor, s: float) -> Tensor:
+    """``t * s`` in place; no op for the default LoRA scale ``s = alpha / r = 1`` (exact either way)."""
+    return t if s == 1.0 else t.mul_(s)
+
+
+def _signed_(h: Tensor, terms: tuple[tuple[int, float], ...], ab: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    """``h`` ``[n, sum r]`` with the columns of each negative term negated, in place."""
+    off = 0
+    for i, sign in terms:
+        r = ab[2 * i].shape[0]
+        if sign < 0:
+            h[:, off : off + r].neg_()
+        off += r
+    return h
+
+
 class _StageLoRALinear(torch.autograd.Function):
     """A per-stage LoRA ``nn.Linear`` over a batch whose stage counts are on the host, as one op.
 
@@ -269,12 +285,15 @@ class _StageLoRALinear(torch.autograd.Function):
         for rows, terms in groups:
             if len(terms) == 1:
                 a, b = ab[2 * terms[0][0]], ab[2 * terms[0][0] + 1]
-                b = b if terms[0][1] > 0 else -b
             else:
                 a = torch.cat([ab[2 * i] for i, _ in terms])
-                b = torch.cat([ab[2 * i + 1] if sign > 0 else -ab[2 * i + 1] for i, sign in terms], dim=1)
+                b = torch.cat([ab[2 * i + 1] for i, _ in terms], dim=1)
             xs = x if rows is None else x.index_select(0, rows)
             h = xs.mm(a.t())
+            # a term's sign goes on its hidden units ([n, r], few rows) rather than on B ([out, r]):
+            # negation is exact, so the output is the same bit for bit, and backward reads the
+            # signed B gradient straight off dys^T h
+            _signed_(h, terms, ab)
             if rows is None:
                 y.addmm_(h, b.t(), alpha=s)
             else:
@@ -298,29 +317,32 @@ class _StageLoRALinear(torch.autograd.Function):
         dw = None
         if need[1] or (merged is not None and (need_ab[2 * merged] or need_ab[2 * merged + 1])):
             dw = dy.t().mm(x)
-            if merged is not None:  # W_m = W + s B A: dA = s B^T dW_m, dB = s dW_m A^T
-                a, b = ab[2 * merged], ab[2 * merged + 1]
-                dab[2 * merged] = b.t().mm(dw).mul_(s)
-                dab[2 * merged + 1] = dw.mm(a.t()).mul_(s)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
         for g, (rows, terms) in enumerate(groups):
             xs, h, a, b = saved[4 * g : 4 * g + 4]
             dys = dy if rows is None else dy.index_select(0, rows)
-            dh = dys.mm(b).mul_(s)  # [n, sum r]
+            dh = _signed_(_scaled_(dys.mm(b), s), terms, ab)  # [n, sum r]: the unsigned hidden units' gradient
             if dx is not None:
                 if rows is None:
                     dx.addmm_(dh, a)
                 else:
                     dx.index_add_(0, rows, dh.mm(a))
             da = dh.t().mm(xs)  # [sum r, in]: the stacked A's gradient
-            dbs = dys.t().mm(h).mul_(s)  # [out, sum r]: the stacked (signed) B's gradient
+            dbs = _scaled_(dys.t().mm(h), s)  # [out, sum r]: the stacked B's gradient (h is signed)
             off = 0
-            for i, sign in terms:
+            for i, _ in terms:
                 r = ab[2 * i].shape[0]
-                parts = (da[off : off + r], dbs[:, off : off + r] if sign > 0 else -dbs[:, off : off + r])
+                parts = (da[off : off + r], dbs[:, off : off + r])
                 for j, part in zip((2 * i, 2 * i + 1), parts):
                     dab[j] = part if dab[j] is None else dab[j] + part
                 off += r
+        if merged is not None and dw is not None:
+            # W_m = W + s B A: dA = s B^T dW_m, dB = s dW_m A^T, added (one addmm) to the merged
+            # stage's correction gradient when its rows also ran a correction (contiguous results)
+            a, b = ab[2 * merged], ab[2 * merged + 1]
+            for j, left, right in ((2 * merged, b.t(), dw), (2 * merged + 1, dw, a.t())):
+                prev = dab[j]
+                dab[j] = _scaled_(left.mm(right), s) if prev is None else torch.addmm(prev, left, right, alpha=s)
         # a stage with no row in the batch: exact zeros (its parameters still take part)
         grads = [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need_ab)]
         return (dx, dw if need[1] else None, db, None, *grads)
@@ -332,13 +354,18 @@ class StageLinear(StageLayer):
         # (the same maths in plain autograd ops).
         if self._stage_kind != "lora" or torch.is_autocast_enabled(x.device.type):
             return super()._grouped(x, route)
-        owned = [j for j in range(route.num_stages) if self.stage_params_of(j) is not None]
-        index = {j: n for n, j in enumerate(owned)}
+        # one pass over the stage modules (this runs for every layer of every step)
+        stage_mods = self.stage_params._modules
+        index: dict[int, int] = {}
         ab: list[Tensor] = []
-        for j in owned:
-            p = cast(StageParams, self.stage_params_of(j))
-            ab += [p.lora_A, p.lora_B]
-        if any(t.dtype != x.dtype for t in (self.weight, *ab)):  # type: ignore[attr-defined]
+        for j in range(route.num_stages):
+            p = stage_mods.get(str(j))
+            if p is not None:
+                index[j] = len(index)
+                ab += [p.lora_A, p.lora_B]  # type: ignore[list-item]
+        weight = self.weight  # type: ignore[attr-defined]
+        dtype = x.dtype
+        if weight.dtype != dtype or any(t.dtype != dtype for t in ab):
             return super()._grouped(x, route)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
         per = x2.shape[0] // route.batch
@@ -358,7 +385,7 @@ class StageLinear(StageLayer):
                 rows = None if counts[j] == route.batch else route.token_rows(j, per, x.device)
                 groups.append((rows, ((index[j], 1.0),)))
         plan = (self._stage_scaling, merged, tuple(groups))
-        y = _StageLoRALinear.apply(x2, self.weight, getattr(self, "bias", None), plan, *ab)  # type: ignore[attr-defined]
+        y = _StageLoRALinear.apply(x2, weight, self.bias, plan, *ab)  # type: ignore[attr-defined]
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

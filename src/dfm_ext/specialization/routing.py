@@ -51,6 +51,7 @@ class Route:
         self.num_stages = num_stages
         self.counts = counts  # samples per stage, when read on the host
         self._onehot: Tensor | None = None
+        self._major: int | None = None
         self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
         self._rows: dict[tuple[int, torch.device] | tuple[int, torch.device, int], Tensor] = {}
         self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
@@ -77,9 +78,11 @@ class Route:
     @property
     def major(self) -> int:
         """The stage with the most samples (the lowest such stage on a tie); needs ``counts``."""
-        counts = self.counts
-        assert counts is not None, "major is read only for a route whose counts are on the host"
-        return max(range(len(counts)), key=lambda s: (counts[s], -s))
+        if self._major is None:
+            counts = self.counts
+            assert counts is not None, "major is read only for a route whose counts are on the host"
+            self._major = max(range(len(counts)), key=lambda s: (counts[s], -s))
+        return self._major
 
     def rows(self, s: int, device: torch.device) -> Tensor:
         """``[counts[s]]`` long: the samples of stage ``s``, in order, on ``device`` (needs ``counts``)."""
