@@ -272,6 +272,15 @@ def save_results(results: dict[str, Any], path: Path) -> None:
                 mine["evals"] = run.get("evals", {}) | mine.get("evals", {})
         for ds, levels in disk.get("signal_levels", {}).items():
             results["signal_levels"].setdefault(ds, levels)
+        if "finetune" in disk:  # written by the --part finetune process
+            mine_ft = results.setdefault("finetune", disk["finetune"])
+            if mine_ft is not disk["finetune"]:
+                for key, value in disk["finetune"].items():
+                    mine_ft.setdefault(key, value)
+                for arm, run in disk["finetune"].get("runs", {}).items():
+                    entry = mine_ft["runs"].setdefault(arm, run)
+                    if entry is not run:
+                        entry["evals"] = run.get("evals", {}) | entry.get("evals", {})
         write_text_atomic(path, json.dumps(results, indent=1))
 
 

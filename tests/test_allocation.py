@@ -326,6 +326,27 @@ def test_study_processes_sharing_one_json_keep_each_others_evaluations(study, tm
     assert disk["runs"]["d|FM|0"]["evals"] == {"500": {"swd": 1}, "1000": {"swd": 3}}
 
 
+def test_study_finetune_and_budget_processes_keep_each_others_results(study, tmp_path: Path) -> None:
+    """The ``--part finetune`` process and a ``--part budgets`` process share one JSON: the budgets
+    process, which never had a ``finetune`` section, must not drop it when it saves."""
+    path = tmp_path / "study.json"
+    budgets = study.load_results(path)
+    finetune = study.load_results(path)
+    finetune["finetune"] = {"runs": {"FM": {"evals": {"0": {"swd": 1}}}}, "fm_resize": "nearest"}
+    study.save_results(finetune, path)
+    budgets["runs"]["d|FM|1"] = {"evals": {"500": {"swd": 2}}}
+    study.save_results(budgets, path)
+    finetune["finetune"]["runs"]["DFM"] = {"evals": {"0": {"swd": 3}}}
+    study.save_results(finetune, path)
+    budgets["finetune"] = {"runs": {"FM": {"evals": {"250": {"swd": 4}}}}}  # an older, partial copy
+    study.save_results(budgets, path)
+    disk = study.load_results(path)
+    assert disk["runs"]["d|FM|1"]["evals"] == {"500": {"swd": 2}}
+    assert disk["finetune"]["fm_resize"] == "nearest"
+    assert disk["finetune"]["runs"]["FM"]["evals"] == {"0": {"swd": 1}, "250": {"swd": 4}}
+    assert disk["finetune"]["runs"]["DFM"]["evals"] == {"0": {"swd": 3}}
+
+
 def test_study_rejects_an_unknown_arm_before_any_work(study, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         study.main(["--quick", "--arms", "FM,DFM sigal"])
