@@ -3,7 +3,10 @@
 Configurations (all on the same wrapped DiT, two Laplacian stages, mixed-stage batches drawn with
 the DFM default p_0 = 0.9): none, LoRA rank 16 and 64 on every group ("all"), full
 specialisation on "all" and on "mlp". A CPU ``stage`` takes the grouped route (stage counts read
-on the host: the majority stage merged into the weight, the other stages' rows corrected); the
+on the host, the batch reordered so that each stage's samples are one block of rows: the majority
+stage runs as the merged weight, every other stage as the base weight plus its own rank-r LoRA on
+its block); "caller order" keeps the batch as drawn (the other stages' scattered rows get a
+rank-2r correction of the merged weight: the route of a model that cannot reorder its inputs); the
 "masked" LoRA rows force the route a device ``stage`` (or ``torch.compile``) takes, which reads
 nothing back: every stage's LoRA on every sample, masked (before the grouped route existed, this
 was also the CPU route for mixed batches). One train step = forward + backward + AdamW (fused
@@ -35,6 +38,7 @@ from dfm_ext.specialization.state import stage_context
 CONFIGS = {
     "none": None,
     "lora r16 all": dict(kind="lora", targets="all", rank=16),
+    "lora r16 all caller order": dict(kind="lora", targets="all", rank=16, caller_order=True),
     "lora r16 all masked": dict(kind="lora", targets="all", rank=16, masked=True),
     "lora r64 all": dict(kind="lora", targets="all", rank=64),
     "lora r64 all masked": dict(kind="lora", targets="all", rank=64, masked=True),
@@ -50,10 +54,13 @@ def build(cfg: DiTConfig, spec: dict | None, device: torch.device, adamw: str = 
     if spec is not None:
         spec = dict(spec)
         masked = spec.pop("masked", False)
+        caller_order = spec.pop("caller_order", False)
         handle = specialize(model, generator=torch.Generator().manual_seed(0), **spec)
         n_stage = handle.num_parameters
         if masked:
             stage_context(model).read_counts = False
+        if caller_order:
+            stage_context(model).group_batch = False
     # torch's AdamW defaults to its per-tensor Python loop on CPU (foreach only on CUDA): a cost
     # per parameter tensor that specialisation multiplies (56 -> 172 tensors at LoRA "all"); a
     # CPU trainer should use the fused kernel (one call for all tensors; CUDA has it too).

@@ -66,7 +66,9 @@ LAYERS = {
 
 
 @pytest.mark.parametrize(
-    ("route", "alpha"), [("host", 4.5), ("device", 4.5), ("host", 3.0)], ids=["host", "device", "host_scale1"]
+    ("route", "alpha"),
+    [("host", 4.5), ("device", 4.5), ("host", 3.0), ("ordered", 4.5)],
+    ids=["host", "device", "host_scale1", "host_ordered"],
 )
 @pytest.mark.parametrize("train", ["all", "stage"])
 @pytest.mark.parametrize("owned", [None, (0, 2)], ids=["all_stages", "stage1_plain"])
@@ -75,7 +77,8 @@ def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned, train: s
     """Both routes: stage counts read on the host (a CPU ``stage``: majority stage merged, the
     other stages' rows corrected) and the sync-free masked route (as for a device ``stage`` or
     under torch.compile); with the base trainable (merged weight) and frozen (LoRA pair).
-    ``alpha = rank`` (scale 1, the default) skips the scaling multiplies in backward."""
+    ``alpha = rank`` (scale 1, the default) skips the scaling multiplies in backward.
+    ``host_ordered``: a batch already grouped by stage, where each stage's rows are one block."""
     if route == "device":
         from dfm_ext.specialization import routing as S
 
@@ -89,7 +92,7 @@ def test_mixed_batch_lora_equals_per_sample_reference(name: str, owned, train: s
         p.data.normal_(0, 0.3)
     g = torch.Generator().manual_seed(1)
     x = make_x(g)
-    stage = torch.tensor([2, 0, 1, 2, 0])
+    stage = torch.tensor([0, 0, 1, 2, 2] if route == "ordered" else [2, 0, 1, 2, 0])
     floating = x.is_floating_point()
     x1 = x.clone().requires_grad_(floating)
     x2 = x.clone().requires_grad_(floating)
@@ -164,9 +167,21 @@ def _wrapped_inputs(model, stage: list[int]):
 @pytest.mark.parametrize("stage", [[0, 0, 1, 0, 0, 0], [1, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]], ids=["major0", "major1", "single"])
 def test_wrapped_dit_host_route_equals_masked_route(stage: list[int], monkeypatch) -> None:
     """The same model, batch and LoRA weights: outputs and every gradient agree to 1e-5 (relative to
-    the largest magnitude) between the host-counted route and the masked route."""
+    the largest magnitude) between the host-counted route with the batch grouped by stage (the
+    default for a DFMTransformer: inputs reordered, output put back), the host-counted route in
+    the caller's order, and the masked route."""
+    from dfm_ext.specialization import layers as L
     from dfm_ext.specialization import routing as S
+    from dfm_ext.specialization.state import stage_context
 
+    calls = {"blocks": 0}
+    blocks_apply = L._StageLoRABlocks.apply
+
+    def counting_apply(*args):
+        calls["blocks"] += 1
+        return blocks_apply(*args)
+
+    monkeypatch.setattr(L._StageLoRABlocks, "apply", counting_apply)
     model = _wrapped_tiny()
     spec = specialize(model, kind="lora", targets="all", rank=4, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
@@ -176,20 +191,43 @@ def test_wrapped_dit_host_route_equals_masked_route(stage: list[int], monkeypatc
     stages, t, st, y = _wrapped_inputs(model, stage)
     params = list(model.parameters())
     results = []
-    for masked in (False, True):
+    for route in ("grouped", "caller_order", "masked"):
+        stage_context(model).group_batch = route == "grouped"
+        before = calls["blocks"]
         with monkeypatch.context() as m:
-            if masked:
+            if route == "masked":
                 m.setattr(S.torch.compiler, "is_compiling", lambda: True)
             out = model(stages, t, st, y=y)
             loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+        # stage blocks run wherever the batch is grouped by stage: reordered by the routing, or
+        # already in stage order as the caller gave it
+        expected = route == "grouped" or (route == "caller_order" and stage == sorted(stage))
+        assert (calls["blocks"] > before) == expected, route
         results.append((out, grads))
-    (out_h, g_h), (out_m, g_m) = results
-    for a, b in zip(out_h, out_m):
-        _close(a, b, tol=1e-5)
-    for p, a, b in zip(params, g_h, g_m):
-        assert a is not None and b is not None  # every parameter takes part on both routes
-        _close(a, b, tol=1e-5)
+    (out_h, g_h), *others = results
+    for out_o, g_o in others:
+        for a, b in zip(out_h, out_o):
+            _close(a, b, tol=1e-5)
+        for p, a, b in zip(params, g_h, g_o):
+            assert a is not None and b is not None  # every parameter takes part on every route
+            _close(a, b, tol=1e-5)
+
+
+def test_wrapped_dit_keeps_the_callers_order_when_a_condition_is_not_per_sample() -> None:
+    """``permute_batch`` reorders only inputs whose per-sample layout it knows: a tensor with the
+    batch first. A container in ``cond`` leaves the batch in the caller's order (no guess)."""
+    model = _wrapped_tiny()
+    specialize(model, kind="lora", targets="all", rank=4)
+    stages, t, st, y = _wrapped_inputs(model, [1, 0, 1, 0])
+    perm = torch.tensor([1, 3, 0, 2])
+    args, kwargs = model.permute_batch((stages, t, st), {"y": y, "mask": None}, perm)
+    assert args == () and kwargs["mask"] is None
+    assert torch.equal(kwargs["y"], y[perm]) and torch.equal(kwargs["stage"], st[perm]) and torch.equal(kwargs["t"], t[perm])
+    assert all(torch.equal(a, b[perm]) for a, b in zip(kwargs["stages"], stages))
+    assert model.permute_batch((stages, t, st), {"y": y, "extra": {"a": y}}, perm) is None
+    assert model.permute_batch((stages, t, st), {"y": y[:3]}, perm) is None  # not batch-first
+    assert model.permute_batch((stages[0], t, st), {"y": y}, perm) is None  # stages not a list
 
 
 def test_wrapped_dit_lora_is_bit_exact_at_attach() -> None:

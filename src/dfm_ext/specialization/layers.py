@@ -7,8 +7,13 @@ parameters. The forward reads the stage route of the forward in progress
 (:class:`~dfm_ext.specialization.routing.Route`):
 
 * an int ``stage`` ``s``: one call with stage ``s``'s parameters (:meth:`StageLayer._stage_forward`);
-* a ``[B]`` ``stage`` whose counts were read on the host (a CPU tensor outside ``torch.compile``):
-  every sample first runs the stage with the most samples, ``k``, then the samples of each other
+* a ``[B]`` ``stage`` whose counts were read on the host, the batch in stage order (a CPU
+  tensor outside ``torch.compile``; ``DFMTransformer`` inputs are reordered by the routing):
+  ``kind="lora"`` Linear layers run each stage's block of rows on its own
+  (:class:`_StageLoRABlocks`): the stage with the most samples, ``k``, as the merged weight, every
+  other stage as ``W x + (alpha / r) B_j A_j x`` (rank ``r``, on its rows only);
+* a ``[B]`` ``stage`` whose counts were read on the host, the batch in the caller's order (and
+  every other layer type): every sample first runs the majority stage ``k``, then the samples of each other
   stage ``j`` are corrected on those rows only: ``kind="lora"`` adds
   ``(alpha / r) (B_j A_j - B_k A_k) x`` (rank ``2 r``, on ``count_j`` samples),
   ``kind="full"`` overwrites them with ``((W + W_j) / 2) x + (b + b_j) / 2``;
@@ -348,7 +353,97 @@ class _StageLoRALinear(torch.autograd.Function):
         return (dx, dw if need[1] else None, db, None, *grads)
 
 
+class _StageLoRABlocks(torch.autograd.Function):
+    """A per-stage LoRA ``nn.Linear`` over rows grouped by stage in contiguous blocks, as one op.
+
+    ``x`` ``[M, in]``, ``W`` ``[out, in]``, ``ab = (A_0, B_0, A_1, B_1, ...)`` over the stages that
+    own LoRA, ``s = alpha / r``. ``plan = (s, blocks)``, ``blocks`` ``(start, stop, i, merged)``
+    covering the rows in order: rows ``start:stop`` run LoRA pair ``i`` (``None``: the base
+    weights only), either as the merged weight ``W + s B_i A_i`` (``merged``, one matmul; at most
+    one block) or as ``W x + s B_i (A_i x)`` (rank ``r`` on these rows only). Against
+    :class:`_StageLoRALinear` (rows scattered over the batch) nothing is gathered or scattered, and
+    a minority stage's rows run their own rank-``r`` update instead of a rank-``2 r`` correction
+    of the merged weight. The merged pair's gradient comes from its block's weight gradient,
+    ``dA = s B^T dW_blk``, ``dB = s dW_blk A^T``; ``dW`` is the sum over the blocks.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: tuple, *ab: Tensor) -> Tensor:
+        s, blocks = plan
+        y = x.new_empty(x.shape[0], weight.shape[0])
+        w_m = None
+        hidden: list[Tensor | None] = []
+        for start, stop, i, merged in blocks:
+            xs, ys = x[start:stop], y[start:stop]
+            w = weight
+            if merged:
+                w = w_m = torch.addmm(weight, ab[2 * i + 1], ab[2 * i], alpha=s)
+            if bias is None:
+                torch.mm(xs, w.t(), out=ys)
+            else:
+                torch.addmm(bias, xs, w.t(), out=ys)
+            h = None
+            if i is not None and not merged:
+                h = xs.mm(ab[2 * i].t())
+                ys.addmm_(h, ab[2 * i + 1].t(), alpha=s)
+            hidden.append(h)
+        ctx.save_for_backward(x, weight, w_m, *ab, *[h for h in hidden if h is not None])
+        ctx.plan, ctx.n_ab, ctx.has_bias = plan, len(ab), bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        s, blocks = ctx.plan
+        x, weight, w_m, *rest = ctx.saved_tensors
+        ab, hidden = rest[: ctx.n_ab], iter(rest[ctx.n_ab :])
+        need = ctx.needs_input_grad
+        need_ab = need[4:]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x) if need[0] else None
+        dab: list[Tensor | None] = [None] * len(ab)
+        dw = None
+        # the merged block first: its weight gradient gives its pair's gradient, then takes the
+        # other blocks' weight gradients in place
+        for start, stop, i, merged in sorted(blocks, key=lambda blk: not blk[3]):
+            xs, dys = x[start:stop], dy[start:stop]
+            if dx is not None:
+                torch.mm(dys, w_m if merged else weight, out=dx[start:stop])
+            if merged and (need[1] or need_ab[2 * i] or need_ab[2 * i + 1]):
+                dw_blk = dys.t().mm(xs)
+                if need_ab[2 * i]:
+                    dab[2 * i] = _scaled_(ab[2 * i + 1].t().mm(dw_blk), s)
+                if need_ab[2 * i + 1]:
+                    dab[2 * i + 1] = _scaled_(dw_blk.mm(ab[2 * i].t()), s)
+                dw = dw_blk if dw is None else dw.add_(dw_blk)
+            elif need[1]:
+                dw = dys.t().mm(xs) if dw is None else dw.addmm_(dys.t(), xs)
+            if i is not None and not merged:
+                h = next(hidden)
+                dh = _scaled_(dys.mm(ab[2 * i + 1]), s)  # [n, r]
+                if dx is not None:
+                    dx[start:stop].addmm_(dh, ab[2 * i])
+                dab[2 * i] = dh.t().mm(xs)
+                dab[2 * i + 1] = _scaled_(dys.t().mm(h), s)
+        db = dy.sum(0) if ctx.has_bias and need[2] else None
+        # a stage with no row in the batch: exact zeros (its parameters still take part)
+        grads = [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need_ab)]
+        return (dx, dw if need[1] else None, db, None, *grads)
+
+
 class StageLinear(StageLayer):
+    def _blocks(self, x2: Tensor, route: Route, index: dict[int, int], ab: list[Tensor]) -> tuple:
+        """``_StageLoRABlocks``' plan for a batch grouped by stage (``route.ordered``)."""
+        per = x2.shape[0] // route.batch
+        k = route.major
+        merge = k in index and self._merge_pays(x2, ab[2 * index[k]])
+        blocks = []
+        for j in range(route.num_stages):
+            start, stop = route.block(j, per)
+            if stop > start:
+                blocks.append((start, stop, index.get(j), merge and j == k))
+        return (self._stage_scaling, tuple(blocks))
+
     def _grouped(self, x: Tensor, route: Route) -> Tensor:
         # LoRA: one fused op (_StageLoRALinear); full, autocast or mixed dtypes: the generic path
         # (the same maths in plain autograd ops).
@@ -368,6 +463,9 @@ class StageLinear(StageLayer):
         if weight.dtype != dtype or any(t.dtype != dtype for t in ab):
             return super()._grouped(x, route)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+        if route.ordered:
+            y = _StageLoRABlocks.apply(x2, weight, self.bias, self._blocks(x2, route, index, ab), *ab)  # type: ignore[attr-defined]
+            return y.view(*x.shape[:-1], y.shape[-1])
         per = x2.shape[0] // route.batch
         k, counts = route.major, cast("tuple[int, ...]", route.counts)
         # Every stage's A, B are inputs of the op, also a stage with no sample in the batch (no

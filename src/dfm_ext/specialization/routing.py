@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.utils.checkpoint
@@ -27,7 +27,10 @@ class Route:
     * ``uniform``: an int ``stage``, every sample runs that stage (only its parameters are used);
     * ``counts`` known: a ``[B]`` tensor whose values were already on the host (a CPU tensor, outside
       ``torch.compile``): the per-stage sample counts and row indices are host values, so layers
-      compute each stage's update on that stage's samples only;
+      compute each stage's update on that stage's samples only. When the batch is in stage order
+      (``ordered``; a model with ``permute_batch``/``permute_output``, as ``DFMTransformer``, has
+      its inputs reordered by the pre-hook and its output put back by the post-hook) each stage's
+      rows are one block, which layers slice instead of gathering and scattering;
     * neither: a device tensor (or under ``torch.compile``): nothing is read back (no device-to-host
       sync per step); ``index`` ``[B]`` and ``onehot`` ``[B, S]`` stay on the device and LoRA layers
       route by masking per sample.
@@ -44,12 +47,20 @@ class Route:
         index: Tensor | None = None,
         num_stages: int = 0,
         counts: tuple[int, ...] | None = None,
+        ordered: bool = False,
+        restore: Tensor | None = None,
     ) -> None:
         self.batch = batch
         self.uniform = uniform  # the stage of every sample, for an int stage
         self.index = index  # [B] long, stage[b]
         self.num_stages = num_stages
         self.counts = counts  # samples per stage, when read on the host
+        # The samples are grouped by stage in ascending order (needs ``counts``): each stage's rows
+        # are one contiguous block, so layers slice instead of gathering and scattering rows.
+        self.ordered = ordered
+        # [B] long: where each sample of the caller's batch went when the routing sorted the batch
+        # itself (:meth:`StageContext.pre_hook`); the output is put back in the caller's order.
+        self.restore = restore
         self._onehot: Tensor | None = None
         self._major: int | None = None
         self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
@@ -92,6 +103,14 @@ class Route:
             assert idx is not None and self.counts is not None, "rows are read only when counts are on the host"
             self._rows[key] = (idx == s).nonzero().squeeze(1).to(device, non_blocking=True)
         return self._rows[key]
+
+    def block(self, s: int, per_sample: int) -> tuple[int, int]:
+        """``(start, stop)``: stage ``s``'s rows in the input flattened to ``[B * per_sample, F]``
+        (needs ``ordered``: samples grouped by stage in ascending order)."""
+        counts = self.counts
+        assert counts is not None and self.ordered, "block is read only for a batch grouped by stage"
+        start = sum(counts[:s])
+        return start * per_sample, (start + counts[s]) * per_sample
 
     def token_rows(self, s: int, per_sample: int, device: torch.device) -> Tensor:
         """``[counts[s] * per_sample]``: rows of stage ``s`` in the input flattened to ``[B * per_sample, F]``."""
@@ -137,6 +156,10 @@ class StageContext:
         # Read a CPU ``stage``'s counts on the host (the grouped route). False: always the masked
         # route a device ``stage`` takes (benchmarks compare the two on one machine).
         self.read_counts = True
+        # With counts on the host, let a model that can reorder its per-sample inputs
+        # (``permute_batch``/``permute_output``, as DFMTransformer does) run the batch grouped by
+        # stage: the layers then slice contiguous rows. False: keep the caller's order.
+        self.group_batch = True
         self._calls: list[Route | None] = []
         self._manual: list[Route] = []
         self._replay: list[Route] = []  # routes re-installed by an activation-checkpoint recompute
@@ -164,7 +187,8 @@ class StageContext:
             if lo < 0 or hi >= s:
                 raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
             counts = tuple(int(c) for c in torch.bincount(index, minlength=s).tolist())
-            return Route(batch=batch, uniform=None, index=index, num_stages=s, counts=counts)
+            ordered = bool((index[1:] >= index[:-1]).all()) if batch > 1 else True
+            return Route(batch=batch, uniform=None, index=index, num_stages=s, counts=counts, ordered=ordered)
         if not torch.compiler.is_compiling():
             torch._assert_async(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]")
         return Route(batch=batch, uniform=None, index=index, num_stages=s)
@@ -179,14 +203,45 @@ class StageContext:
         else:
             stage = None
         route = None if stage is None else self.make_route(stage)
+        changed = self.consume
+        if route is not None and route.counts is not None and not route.ordered and self.group_batch:
+            grouped = self._group(module, route, args, kwargs)
+            if grouped is not None:
+                route, args, kwargs = grouped
+                changed = True
         self._calls.append(route)
         _ACTIVE.append((self, route))
-        return (args, kwargs) if self.consume else None
+        return (args, kwargs) if changed else None
 
-    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    @staticmethod
+    def _group(module: nn.Module, route: Route, args: tuple, kwargs: dict) -> tuple[Route, tuple, dict] | None:
+        """The call's inputs reordered so that samples are grouped by stage, and its new route.
+
+        Only for a model that says how to reorder its per-sample inputs (``permute_batch``, which
+        may decline: ``None``); the order is undone on the output in :meth:`post_hook`. Every
+        per-sample computation is unchanged, only its row in the batch moves.
+        """
+        permute = getattr(module, "permute_batch", None)
+        if permute is None or not hasattr(module, "permute_output"):
+            return None
+        index = cast(Tensor, route.index)
+        perm = torch.argsort(index, stable=True)
+        moved = permute(args, kwargs, perm)
+        if moved is None:
+            return None
+        restore = torch.empty_like(perm)
+        restore[perm] = torch.arange(perm.shape[0], device=perm.device)
+        grouped = Route(batch=route.batch, uniform=None, index=index[perm], num_stages=route.num_stages,
+                        counts=route.counts, ordered=True, restore=restore)  # fmt: skip
+        return grouped, moved[0], moved[1]
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._calls:
-            self._calls.pop()
+            route = self._calls.pop()
             _ACTIVE.pop()
+            if route is not None and route.restore is not None and output is not None:
+                return module.permute_output(output, route.restore)  # type: ignore[operator]
+        return None
 
     @contextlib.contextmanager
     def manual(self, stage: int | Tensor) -> Iterator[None]:

@@ -194,6 +194,42 @@ class DFMTransformer(nn.Module):
         velocities = packer.unpack(out)
         return [torch.where(mask[:, s].view(-1, *([1] * (v.ndim - 1))), v, 0.0) for s, v in enumerate(velocities)]
 
+    def permute_batch(self, args: tuple, kwargs: dict[str, Any], index: Tensor) -> tuple[tuple, dict[str, Any]] | None:
+        """A call's inputs with the samples in the order ``index`` ``[B]``, or ``None`` when unknown.
+
+        ``forward``'s own inputs are per sample (``stages``, ``t``, ``stage``, ``mask``), and so is
+        every tensor of ``cond`` (batch first, the rule :class:`~dfm_ext.process.sampler.DFMSampler`
+        already applies to batch guidance). ``None`` (leave the order) for a ``cond`` value whose
+        per-sample layout is not known: a tensor without the batch first, or a container.
+        Used by stage routing (:mod:`dfm_ext.specialization.routing`) to group samples by stage.
+        """
+        if len(args) > 4:
+            return None
+        named: dict[str, Any] = dict(zip(("stages", "t", "stage", "mask"), args)) | kwargs
+        b = index.shape[0]
+
+        def take(v: Tensor) -> Tensor:
+            return v.index_select(0, index.to(v.device, non_blocking=True))
+
+        out: dict[str, Any] = {}
+        for name, v in named.items():
+            if name == "stages":
+                if not isinstance(v, (list, tuple)) or not all(isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == b for x in v):
+                    return None
+                out[name] = [take(x) for x in v]
+            elif isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == b:
+                out[name] = take(v)
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                out[name] = v
+            else:
+                return None
+        return (), out
+
+    @staticmethod
+    def permute_output(output: list[Tensor], index: Tensor) -> list[Tensor]:
+        """``forward``'s output (per-stage ``[B, ...]``) with its samples in the order ``index``."""
+        return [v.index_select(0, index.to(v.device, non_blocking=True)) for v in output]
+
     def null_condition(self, **cond: Any) -> dict[str, Any]:
         """The unconditional counterpart of ``cond`` for classifier-free guidance."""
         return self.adapter.null_condition(self.base, **cond)
