@@ -12,7 +12,8 @@ nothing back: every stage's LoRA on every sample, masked (before the grouped rou
 was also the CPU route for mixed batches). One train step = forward + backward + AdamW (fused
 kernel by default, ``--adamw``). The
 configurations run interleaved (round-robin) in the same process so that machine noise hits all
-of them alike; we report median/min/max seconds and the median relative to "none", on two clocks:
+of them alike; we report median/min/max seconds and the median relative to "none", on two clocks
+(and, for CPU time, the median over steps of the ratio to "none" on the same step's batch):
 wall time, and process CPU time (``time.process_time``), which on a CPU shared with other work
 (and with ``--threads 1``) is far less noisy than wall time: it does not count time the process
 waits for a core.
@@ -135,6 +136,9 @@ def main() -> None:
             "relative_median": statistics.median(ts) / base_median,
             "cpu_median_s": statistics.median(cpu_times[name]),
             "cpu_relative_median": statistics.median(cpu_times[name]) / base_cpu,
+            # the same step's batch, run back to back: the median of per-step ratios cancels slow
+            # drifts of a shared machine that a ratio of two medians keeps
+            "cpu_paired_ratio_median": statistics.median(c / n for c, n in zip(cpu_times[name], cpu_times["none"])),
             "stage_parameters": runs[name][2],
             "stage_parameters_relative": runs[name][2] / base_params,
         }
@@ -157,12 +161,13 @@ def main() -> None:
     args.out.write_text(json.dumps(record, indent=2))
     print(
         f"{'config':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'x none':>7} "
-        f"{'cpu s':>7} {'cpu x none':>10} {'stage params':>13}"
+        f"{'cpu s':>7} {'cpu x none':>10} {'paired':>7} {'stage params':>13}"
     )
     for name, r in results.items():
         print(
             f"{name:<20} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} {r['relative_median']:7.2f} "
-            f"{r['cpu_median_s']:7.3f} {r['cpu_relative_median']:10.3f} {r['stage_parameters']:13,d}"
+            f"{r['cpu_median_s']:7.3f} {r['cpu_relative_median']:10.3f} {r['cpu_paired_ratio_median']:7.3f} "
+            f"{r['stage_parameters']:13,d}"
         )
 
 

@@ -214,11 +214,13 @@ def sp(config: str, field: str = "cpu_relative_median") -> float:
 
 
 def specialize_table() -> str:
-    lines = ["| configuration | median s | CPU s | wall / none | CPU / none | stage parameters |", "|---|---|---|---|---|---|"]
+    lines = ["| configuration | median s | CPU s | wall / none | CPU / none | CPU / none, paired | stage parameters |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in record("specialize")["results"].items():
         params = "0" if not r["stage_parameters"] else f"{r['stage_parameters'] / 1e6:.2f} M ({r['stage_parameters_relative']:.2f}x model)"
+        paired = r.get("cpu_paired_ratio_median")
         lines.append(f"| {name} | {r['median_s']:.3f} | {r['cpu_median_s']:.3f} | {r['relative_median']:.2f} | "
-                     f"{r['cpu_relative_median']:.2f} | {params} |")  # fmt: skip
+                     f"{r['cpu_relative_median']:.2f} | {'-' if paired is None else f'{paired:.2f}'} | {params} |")  # fmt: skip
     return "\n".join(lines)
 
 
