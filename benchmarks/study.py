@@ -493,12 +493,35 @@ def report_markdown(results: dict[str, Any], stem: str = "study", title_note: st
                     cells.append("-")
             lines.append("| " + a + " | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += p0_table(cv, steps)
         auto = cv.get("DFM auto")
         if auto:
             lines += ["`DFM auto` stage probabilities at each evaluation: "
                       + ", ".join(f"@{s}: {auto[s]['p']}" for s in auto), ""]  # fmt: skip
     lines += finetune_table(results)
     return "\n".join(lines) + "\n", summary
+
+
+P0_ARMS = {0.5: "DFM p0=0.5", 0.7: "DFM p0=0.7", 0.9: "DFM"}
+
+
+def p0_table(cv: dict[str, dict[int, dict[str, Any]]], steps: list[int]) -> list[str]:
+    """The p0 x budget curve (``DFM`` is p0 = 0.9), SWD / FD-EffNet, and the best p0 per budget."""
+    have = {p0: cv[arm] for p0, arm in P0_ARMS.items() if arm in cv}
+    if len(have) < 2:
+        return []
+    lines = ["p0 x budget (SWD / FD-EffNet; mean over the seeds each arm has):", "",
+             "| p0 | " + " | ".join(f"@{s}" for s in steps) + " |", "|---" * (1 + len(steps)) + "|"]  # fmt: skip
+    for p0, cells in sorted(have.items()):
+        lines.append(f"| {p0} | " + " | ".join(
+            f"{cells[s]['swd']:.1f} / {cells[s]['fd']:.0f}" if s in cells and cells[s]["fd"] else
+            (f"{cells[s]['swd']:.1f}" if s in cells else "-") for s in steps) + " |")  # fmt: skip
+    best = []
+    for s in steps:
+        scored = [(cells[s]["swd"], p0) for p0, cells in have.items() if s in cells]
+        best.append(f"{min(scored)[1]}" if len(scored) == len(have) else "-")
+    lines += ["| best p0 (SWD) | " + " | ".join(best) + " |", ""]
+    return lines
 
 
 def finetune_table(results: dict[str, Any]) -> list[str]:
@@ -536,7 +559,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), dpi=90)
+    ft = results.get("finetune", {}).get("runs", {})
+    fig, axes = plt.subplots(3 if ft else 2, 2, figsize=(11, 12 if ft else 8), dpi=90)
+    for j, (key, label) in enumerate((("swd", "SWD x1e3"), ("fd_effnet", "FD-EffNet"))) if ft else ():
+        ax = axes[2][j]
+        for k, (arm, run) in enumerate(ft.items()):
+            pts = sorted((int(st), v["swd"]["mean"] if key == "swd" else v[key]) for st, v in run["evals"].items())
+            pts = [(st, v) for st, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=arm, color=f"C{k}")
+        ax.set_title(f"32 -> 64 px finetuning: {label} (lower is better)")
+        ax.set_xlabel("finetuning step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for i, ds in enumerate(DATASETS):
         cv = curves(results, ds)
         for j, (key, label) in enumerate((("swd", "SWD x1e3"), ("fd", "FD-EffNet"))):
@@ -565,25 +601,31 @@ def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = MAIN) -> Non
 
     from dfm_ext.recipes.viz import save_array_png
 
+    from PIL import ImageDraw
+
+    def side_by_side(pictures: list[tuple[Path, str]], path: Path) -> None:
+        tiles = []
+        for p, label in pictures:
+            if p.exists():
+                img = Image.open(p).convert("RGB")
+                labelled = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
+                labelled.paste(img, (0, 16))
+                ImageDraw.Draw(labelled).text((4, 2), label, fill=(0, 0, 0))
+                tiles.append(np.asarray(labelled))
+        if len(tiles) < 2:
+            return
+        gap = np.full((tiles[0].shape[0], 12, 3), 255, dtype=np.uint8)
+        save_array_png(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1), path)
+
     folder = out / "study_samples"
     for ds in DATASETS:
         for step in sorted({int(s) for r in results["runs"].values() if r["dataset"] == ds for s in r["evals"]}):
-            from PIL import ImageDraw
-
-            tiles = []
-            for arm in arms:
-                p = folder / f"{ds}__{arm.replace(' ', '_').replace('=', '')}__seed0__{step}.png"
-                if p.exists():
-                    img = Image.open(p).convert("RGB")
-                    labelled = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
-                    labelled.paste(img, (0, 16))
-                    ImageDraw.Draw(labelled).text((4, 2), f"{arm}, step {step}", fill=(0, 0, 0))
-                    tiles.append(np.asarray(labelled))
-            if len(tiles) < 2:
-                continue
-            gap = np.full((tiles[0].shape[0], 12, 3), 255, dtype=np.uint8)
-            row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
-            save_array_png(row, out / f"study_grid_{ds}_{step}.png")
+            side_by_side([(folder / f"{ds}__{arm.replace(' ', '_').replace('=', '')}__seed0__{step}.png", f"{arm}, step {step}")
+                          for arm in arms], out / f"study_grid_{ds}_{step}.png")  # fmt: skip
+    ft = results.get("finetune", {}).get("runs", {})
+    for step in sorted({int(s) for r in ft.values() for s in r["evals"]}):
+        side_by_side([(folder / f"finetune__{arm}__{step}.png", f"{arm}, finetuning step {step}") for arm in ft],
+                     out / f"study_grid_finetune_{step}.png")  # fmt: skip
 
 
 # ---- resolution-upgrade finetuning (the paper's FLUX experiment, in miniature) -------------------
