@@ -240,6 +240,17 @@ def st(ds: str, arm: str, step: int, key: str = "swd", seed: int = 0) -> float:
     return e["swd"]["mean"] if key == "swd" else e["fd_effnet"] if key == "fd" else e["swd"]["per_level"][key]
 
 
+def st_ratio(ds: str, arm: str, step: int, key: str = "swd", seed: int = 0) -> str:
+    """``arm``/FM at ``step`` (same seed), two decimals."""
+    return f"{st(ds, arm, step, key, seed) / st(ds, 'FM', step, key, seed):.2f}"
+
+
+def ft(arm: str, step: int, key: str = "swd") -> float:
+    """The finetuning experiment: ``key`` in ``swd``, ``fd`` or a level such as ``64x64``."""
+    e = record("study")["finetune"]["runs"][arm]["evals"][str(step)]
+    return e["swd"]["mean"] if key == "swd" else e["fd_effnet"] if key == "fd" else e["swd"]["per_level"][key]
+
+
 def signal(ds: str, field: str, stage: int) -> float:
     return record("study")["signal_levels"][ds][field][stage]
 
