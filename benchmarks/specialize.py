@@ -1,7 +1,7 @@
 """Train-step cost of per-stage parameter specialisation on a wrapped reference DiT.
 
 Configurations (all on the same wrapped DiT, two Laplacian stages, mixed-stage batches drawn with
-the DFM default p_0 = 0.9): none, LoRA rank 16 and 64 on every group ("all"), full
+the DFM default p_0 = 0.9, ``--p0``): none, LoRA rank 16 and 64 on every group ("all"), full
 specialisation on "all" and on "mlp". A CPU ``stage`` takes the grouped route (stage counts read
 on the host, the batch reordered so that each stage's samples are one block of rows: the majority
 stage runs as the merged weight, every other stage as the base weight plus its own rank-r LoRA on
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--p0", type=float, default=0.9, help="probability of stage 0 per sample (the DFM default 0.9)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--adamw", choices=("fused", "foreach", "loop"), default="fused",
@@ -109,7 +110,7 @@ def main() -> None:
         stages = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
         target = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
         t = torch.rand(args.batch, 2, generator=g).to(device)
-        stage = (torch.rand(args.batch, generator=g) > 0.9).long().to(device)  # p_0 = 0.9, mixed batches
+        stage = (torch.rand(args.batch, generator=g) > args.p0).long().to(device)  # mixed batches
         y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
         # alternate the order every step, so that no configuration always runs first or last
         for name in order if step % 2 == 0 else order[::-1]:

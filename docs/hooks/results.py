@@ -209,8 +209,8 @@ def decompositions_table() -> str:
 # ---- specialize.json ---------------------------------------------------------------------------
 
 
-def sp(config: str, field: str = "cpu_relative_median") -> float:
-    return record("specialize")["results"][config][field]
+def sp(config: str, field: str = "cpu_relative_median", name: str = "specialize") -> float:
+    return record(name)["results"][config][field]
 
 
 def specialize_table() -> str:
