@@ -624,7 +624,7 @@ def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = MAIN) -> Non
                           for arm in arms], out / f"study_grid_{ds}_{step}.png")  # fmt: skip
     ft = results.get("finetune", {}).get("runs", {})
     for step in sorted({int(s) for r in ft.values() for s in r["evals"]}):
-        side_by_side([(folder / f"finetune__{arm}__{step}.png", f"{arm}, finetuning step {step}") for arm in ft],
+        side_by_side([(folder / f"finetune__{_slug(arm)}__{step}.png", f"{arm}, finetuning step {step}") for arm in ft],
                      out / f"study_grid_finetune_{step}.png")  # fmt: skip
 
 
@@ -708,9 +708,11 @@ def resized_fm(pre: Any, data64: ImageDataset, model_size: str) -> Any:
     return dit
 
 
-def finetune_models(pre: Any, data64: ImageDataset, model_size: str) -> tuple[dict[str, Any], float]:
-    """``{"FM": ..., "DFM": ...}`` wrapped models at 64 px, and DFM's step-0 deviation from the
-    pretrained model on stage 0 (max |difference| of the velocity; 0 means exact)."""
+def finetune_models(pre: Any, data64: ImageDataset, model_size: str, arms: Sequence[str] = ("FM", "DFM")
+                    ) -> tuple[dict[str, Any], float]:  # fmt: skip
+    """The wrapped models at 64 px of ``arms`` (``FM`` the resized model; every other arm, a DFM
+    arm of :data:`ARMS`, its own copy of ``wrap_dit(pretrained)``), and DFM's step-0 deviation from
+    the pretrained model on stage 0 (max |difference| of the velocity; 0 means exact)."""
     import copy
 
     from dfm_ext.decompositions.identity import IdentityDecomposition
@@ -729,21 +731,27 @@ def finetune_models(pre: Any, data64: ImageDataset, model_size: str) -> tuple[di
         ref = pre.eval()(x32, t, y)
         out = dfm.eval()([x32, torch.zeros(4, *shape)], torch.stack([t, torch.zeros(4)], 1), torch.zeros(4, dtype=torch.long),
                          torch.tensor([[True, False]] * 4), y=y)[0]  # fmt: skip
-    return {"FM": fm, "DFM": dfm}, float((out - ref).abs().max())
+    models = {arm: fm if arm == "FM" else dfm if arm == "DFM" else copy.deepcopy(dfm) for arm in arms}
+    return models, float((out - ref).abs().max())
+
+
+def _slug(arm: str) -> str:
+    """An arm's name in file names (``DFM p0=0.5`` -> ``DFM_p00.5``; ``FM``, ``DFM`` unchanged)."""
+    return arm.replace(" ", "_").replace("=", "")
 
 
 def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, out: Path, quick: bool, no_fd: bool,
-                 log: Any) -> None:  # fmt: skip
+                 log: Any, arms: Sequence[str] = ("FM", "DFM")) -> None:  # fmt: skip
     at = (0, 2, 4) if quick else FINETUNE_AT
     done = results.setdefault("finetune", {"runs": {}})
-    if all(str(s) in done["runs"].get(a, {}).get("evals", {}) for a in ("FM", "DFM") for s in at):
+    if all(str(s) in done["runs"].get(a, {}).get("evals", {}) for a in arms for s in at):
         return
     train64 = load_skimage_crops("train", channels=3, size=64, num=256 if quick else None)
     test64 = load_skimage_crops("test", channels=3, size=64, num=64 if quick else None)
     log(f"[{time.strftime('%H:%M:%S')}] finetune: pretraining FM at 32 px ({4 if quick else PRETRAIN_STEPS} steps)")
     pre = pretrain_reference(_downsample(train64), 4 if quick else PRETRAIN_STEPS, protocol,
                              out / "study_state" / f"finetune_pretrained{'_quick' if quick else ''}.pt", log)  # fmt: skip
-    models, deviation = finetune_models(pre, train64, protocol.size)
+    models, deviation = finetune_models(pre, train64, protocol.size, arms)
     done["dfm_step0_max_abs_deviation"] = deviation
     done["fm_resize"] = "nearest: patch-embedding kernel repeated 2x2 and /4 (embeds the 2x2-averaged image), head rows repeated 2x2"
     done["protocol"] = {"pretrain_steps": PRETRAIN_STEPS, "lr": FINETUNE_LR, "evaluate_at": list(at), "size": 64,
@@ -751,10 +759,12 @@ def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, ou
     reference = Reference(test64, protocol, fd=not no_fd)
     trainers: dict[str, StudyTrainer] = {}
     for arm, model in models.items():
-        cfg = replace(base_config(protocol, 0, "skimage"), decomposition="laplacian" if arm == "DFM" else "identity",
+        cfg = replace(base_config(protocol, 0, "skimage"), decomposition="identity" if arm == "FM" else "laplacian",
                       image_size=64, lr=FINETUNE_LR, steps=max(at))  # fmt: skip
+        if "p0" in ARMS[arm]:
+            cfg = replace(cfg, p0=ARMS[arm]["p0"])
         tr = StudyTrainer(arm, cfg, train64, {}, model=model)
-        sp = out / "study_state" / f"finetune_{arm}{'_quick' if quick else ''}.pt"
+        sp = out / "study_state" / f"finetune_{_slug(arm)}{'_quick' if quick else ''}.pt"
         if sp.exists():
             tr.load(torch.load(sp, weights_only=True))
         trainers[arm] = tr
@@ -767,9 +777,10 @@ def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, ou
             scores = reference.score(fake, seed=0)
             entry = done["runs"].setdefault(arm, {"evals": {}})
             entry["seconds_per_step"] = round(tr.seconds / max(1, tr.steps_done), 4)
-            entry["evals"][str(budget)] = {"step": budget, "swd": scores["swd"], "fd_effnet": scores["fd_effnet"]}
-            save_grid(fake[:64], out / "study_samples" / f"finetune__{arm}__{budget}{'_quick' if quick else ''}.png")
-            sp = out / "study_state" / f"finetune_{arm}{'_quick' if quick else ''}.pt"
+            entry["evals"][str(budget)] = {"step": budget, "swd": scores["swd"], "fd_effnet": scores["fd_effnet"],
+                                           "stage_probabilities": tr.stage_probabilities()}  # fmt: skip
+            save_grid(fake[:64], out / "study_samples" / f"finetune__{_slug(arm)}__{budget}{'_quick' if quick else ''}.png")
+            sp = out / "study_state" / f"finetune_{_slug(arm)}{'_quick' if quick else ''}.pt"
             torch.save(tr.state(), sp.with_suffix(".tmp"))
             sp.with_suffix(".tmp").replace(sp)
             save_results(results, res_path)
@@ -790,12 +801,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tasks", type=int, default=None, help="stop after this many groups")
     parser.add_argument("--arms", type=lambda v: [a.strip() for a in v.split(",")], default=None,
                         help="comma-separated arm names: run only these (e.g. one process per group of arms)")
+    parser.add_argument("--finetune-arms", type=lambda v: [a.strip() for a in v.split(",")], default=["FM", "DFM"],
+                        help="arms of the finetuning experiment (FM and any DFM arm, e.g. 'FM,DFM,DFM p0=0.5,DFM auto')")
     parser.add_argument("--part", default="all", choices=("all", "budgets", "finetune"),
                         help="budgets: the FM/DFM arms over training budgets; finetune: the 32 -> 64 px experiment")
     args = parser.parse_args(argv)
-    unknown = [a for a in args.arms or [] if a not in ARMS]
+    unknown = [a for a in (args.arms or []) + args.finetune_arms if a not in ARMS]
     if unknown:
-        parser.error(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+        parser.error(f"--arms/--finetune-arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    # the finetuning data's signal levels are not measured: no arm that reads them
+    needs_levels = [a for a in args.finetune_arms if ARMS[a].get("current") == "signal" or ARMS[a].get("standardize")]
+    if needs_levels:
+        parser.error(f"--finetune-arms: {needs_levels} need the stage signal levels, which the finetuning "
+                     "experiment does not measure")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     protocol = QUICK if args.quick else FULL
@@ -839,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(results, args.out, stem, note)
             save_results(results, res_path)
     if not args.report and args.part in ("all", "finetune"):
-        run_finetune(protocol, results, res_path, args.out, args.quick, args.no_fd, log)
+        run_finetune(protocol, results, res_path, args.out, args.quick, args.no_fd, log, args.finetune_arms)
     text = report(results, args.out, stem, note)
     save_results(results, res_path)
     print(text)

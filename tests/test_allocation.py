@@ -234,6 +234,22 @@ def test_study_finetune_quick_starts_exactly_from_the_pretrained_model(study, tm
     assert set(ft["runs"]["FM"]["evals"]["4"]["swd"]["per_level"]) == {"64x64", "32x32", "16x16", "8x8"}
 
 
+def test_study_finetune_runs_other_dfm_arms_with_their_own_allocation(study, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--finetune-arms``: a DFM arm with another p0 trains its own copy of the wrapped model."""
+    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, num_eval=8, num_swd_reference=16, chunk=2, batch_size=8,
+                                                sample_steps=(2, 1)))  # fmt: skip
+    args = ["--quick", "--no-fd", "--part", "finetune", "--out", str(tmp_path), "--finetune-arms", "FM,DFM p0=0.5"]
+    assert study.main(args) == 0
+    runs = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]["runs"]
+    assert set(runs) == {"FM", "DFM p0=0.5"}
+    assert runs["DFM p0=0.5"]["evals"]["4"]["stage_probabilities"] == [0.5, 0.5]
+    assert runs["FM"]["evals"]["4"]["stage_probabilities"] == [1.0]
+    assert (tmp_path / "study_samples" / "finetune__DFM_p00.5__4_quick.png").exists()
+    with pytest.raises(SystemExit):
+        study.main(["--quick", "--part", "finetune", "--out", str(tmp_path), "--finetune-arms", "FM,DFM signal"])
+    assert "need the stage signal levels" in capsys.readouterr().err
+
+
 def test_resized_fm_head_and_embedding_are_the_32px_model_on_averaged_images(study) -> None:
     from dfm_ext.recipes.demo_data import load_skimage_crops
 
