@@ -759,6 +759,8 @@ def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, ou
     reference = Reference(test64, protocol, fd=not no_fd)
     trainers: dict[str, StudyTrainer] = {}
     for arm, model in models.items():
+        if all(str(b) in done["runs"].get(arm, {}).get("evals", {}) for b in at):
+            continue  # finished (e.g. FM and DFM when more arms are added later)
         cfg = replace(base_config(protocol, 0, "skimage"), decomposition="identity" if arm == "FM" else "laplacian",
                       image_size=64, lr=FINETUNE_LR, steps=max(at))  # fmt: skip
         if "p0" in ARMS[arm]:
@@ -769,10 +771,13 @@ def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, ou
             tr.load(torch.load(sp, weights_only=True))
         trainers[arm] = tr
     for budget in at:
-        if all(str(budget) in done["runs"].get(a, {}).get("evals", {}) for a in trainers):
+        # only the arms without this evaluation (an arm added later starts from step 0 while the
+        # others are already past this budget: they are neither trained nor evaluated again)
+        todo = {a: tr for a, tr in trainers.items() if str(budget) not in done["runs"].get(a, {}).get("evals", {})}
+        if not todo:
             continue
-        train_interleaved(trainers, list(trainers), budget, protocol.chunk)
-        for arm, tr in trainers.items():
+        train_interleaved(todo, list(todo), budget, protocol.chunk)
+        for arm, tr in todo.items():
             fake = generate(tr, protocol, 0)
             scores = reference.score(fake, seed=0)
             entry = done["runs"].setdefault(arm, {"evals": {}})

@@ -238,10 +238,13 @@ def test_study_finetune_runs_other_dfm_arms_with_their_own_allocation(study, tmp
     """``--finetune-arms``: a DFM arm with another p0 trains its own copy of the wrapped model."""
     monkeypatch.setattr(study, "QUICK", replace(study.QUICK, num_eval=8, num_swd_reference=16, chunk=2, batch_size=8,
                                                 sample_steps=(2, 1)))  # fmt: skip
-    args = ["--quick", "--no-fd", "--part", "finetune", "--out", str(tmp_path), "--finetune-arms", "FM,DFM p0=0.5"]
-    assert study.main(args) == 0
+    base = ["--quick", "--no-fd", "--part", "finetune", "--out", str(tmp_path)]
+    assert study.main(base + ["--finetune-arms", "FM"]) == 0
+    fm_before = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]["runs"]["FM"]
+    assert study.main(base + ["--finetune-arms", "FM,DFM p0=0.5"]) == 0  # an arm added later
     runs = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]["runs"]
     assert set(runs) == {"FM", "DFM p0=0.5"}
+    assert runs["FM"] == fm_before  # the finished arm is neither trained nor evaluated again
     assert runs["DFM p0=0.5"]["evals"]["4"]["stage_probabilities"] == [0.5, 0.5]
     assert runs["FM"]["evals"]["4"]["stage_probabilities"] == [1.0]
     assert (tmp_path / "study_samples" / "finetune__DFM_p00.5__4_quick.png").exists()
