@@ -263,6 +263,12 @@ def _signed_(h: Tensor, terms: tuple[tuple[int, float], ...], ab: tuple[Tensor, 
     return h
 
 
+def _stage_grads(ab: tuple[Tensor, ...] | list[Tensor], dab: list[Tensor | None], need: tuple[bool, ...]) -> list[Tensor | None]:
+    """The LoRA pairs' gradients; a stage with no row in the batch gets exact zeros (its
+    parameters still take part in the step)."""
+    return [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need)]
+
+
 class _StageLoRALinear(torch.autograd.Function):
     """A per-stage LoRA ``nn.Linear`` over a batch whose stage counts are on the host, as one op.
 
@@ -348,9 +354,7 @@ class _StageLoRALinear(torch.autograd.Function):
             for j, left, right in ((2 * merged, b.t(), dw), (2 * merged + 1, dw, a.t())):
                 prev = dab[j]
                 dab[j] = _scaled_(left.mm(right), s) if prev is None else torch.addmm(prev, left, right, alpha=s)
-        # a stage with no row in the batch: exact zeros (its parameters still take part)
-        grads = [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need_ab)]
-        return (dx, dw if need[1] else None, db, None, *grads)
+        return (dx, dw if need[1] else None, db, None, *_stage_grads(ab, dab, need_ab))
 
 
 class _StageLoRABlocks(torch.autograd.Function):
@@ -426,9 +430,7 @@ class _StageLoRABlocks(torch.autograd.Function):
                 dab[2 * i] = dh.t().mm(xs)
                 dab[2 * i + 1] = _scaled_(dys.t().mm(h), s)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
-        # a stage with no row in the batch: exact zeros (its parameters still take part)
-        grads = [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need_ab)]
-        return (dx, dw if need[1] else None, db, None, *grads)
+        return (dx, dw if need[1] else None, db, None, *_stage_grads(ab, dab, need_ab))
 
 
 class StageLinear(StageLayer):

@@ -225,12 +225,10 @@ class StageContext:
         if permute is None or not hasattr(module, "permute_output"):
             return None
         index = cast(Tensor, route.index)
-        perm = torch.argsort(index, stable=True)
+        perm, restore, _ = route.split()  # stage order and its inverse (counts already on the host)
         moved = permute(args, kwargs, perm)
         if moved is None:
             return None
-        restore = torch.empty_like(perm)
-        restore[perm] = torch.arange(perm.shape[0], device=perm.device)
         grouped = Route(batch=route.batch, uniform=None, index=index[perm], num_stages=route.num_stages,
                         counts=route.counts, ordered=True, restore=restore)  # fmt: skip
         return grouped, moved[0], moved[1]
