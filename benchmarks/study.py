@@ -350,11 +350,11 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
             f"{e['fd_effnet']}  ({entry['seconds_per_step']:.3f} s/step, eval {e['eval_seconds']} s, p {e['stage_probabilities']})")
 
 
-def save_grid(images: Tensor, path: Path) -> None:
+def save_grid(images: Tensor, path: Path, scale: int = 2) -> None:
     from dfm_ext.recipes.viz import make_grid, save_array_png
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_array_png(make_grid(images, nrow=8, padding=1, scale=2), path)
+    save_array_png(make_grid(images, nrow=8, padding=1, scale=scale), path)
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -784,7 +784,9 @@ def run_finetune(protocol: Protocol, results: dict[str, Any], res_path: Path, ou
             entry["seconds_per_step"] = round(tr.seconds / max(1, tr.steps_done), 4)
             entry["evals"][str(budget)] = {"step": budget, "swd": scores["swd"], "fd_effnet": scores["fd_effnet"],
                                            "stage_probabilities": tr.stage_probabilities()}  # fmt: skip
-            save_grid(fake[:64], out / "study_samples" / f"finetune__{_slug(arm)}__{budget}{'_quick' if quick else ''}.png")
+            # 16 samples at 64 px, not upscaled: the noisy 64 px samples compress badly (64 of them at
+            # scale 2 made a ~1 MB PNG per arm and step, committed)
+            save_grid(fake[:16], out / "study_samples" / f"finetune__{_slug(arm)}__{budget}{'_quick' if quick else ''}.png", scale=1)
             sp = out / "study_state" / f"finetune_{_slug(arm)}{'_quick' if quick else ''}.pt"
             torch.save(tr.state(), sp.with_suffix(".tmp"))
             sp.with_suffix(".tmp").replace(sp)
