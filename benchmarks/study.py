@@ -418,6 +418,7 @@ def report(results: dict[str, Any], out: Path, stem: str, title_note: str = "") 
     write_text_atomic(out / f"{stem}.md", text)
     results["summary"] = summary
     plot(results, out / f"{stem}.png")
+    plot_p0(results, out / f"{stem}_p0.png")
     grids(results, out)
     return text
 
@@ -584,6 +585,41 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_title(f"{ds}: {label} (lower is better)")
             ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_p0(results: dict[str, Any], path: Path) -> None:
+    """The p0 x budget curve: each metric against p0 (``DFM`` is 0.9), one line per budget, FM dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_ds = {ds: curves(results, ds) for ds in DATASETS}
+    if not any(sum(arm in cv for arm in P0_ARMS.values()) >= 2 for cv in per_ds.values()):
+        return
+    fig, axes = plt.subplots(len(DATASETS), 2, figsize=(10, 4 * len(DATASETS)), dpi=90, squeeze=False)
+    for i, (ds, cv) in enumerate(per_ds.items()):
+        steps = sorted({s for arm in P0_ARMS.values() if arm in cv for s in cv[arm]})
+        for j, (key, label) in enumerate((("swd", "SWD x1e3"), ("fd", "FD-EffNet"))):
+            ax = axes[i][j]
+            for k, step in enumerate(steps):
+                pts = [(p0, cv[arm][step][key]) for p0, arm in sorted(P0_ARMS.items())
+                       if arm in cv and step in cv[arm] and cv[arm][step][key] is not None]  # fmt: skip
+                if len(pts) >= 2:
+                    ax.plot(*zip(*pts), marker="o", color=f"C{k}", label=f"DFM @{step}")
+                fm = cv.get("FM", {}).get(step, {}).get(key)
+                if fm is not None:
+                    ax.axhline(fm, color=f"C{k}", linestyle=":", linewidth=1, label=f"FM @{step}")
+            ax.set_title(f"{ds}: {label} against p0 (lower is better)")
+            ax.set_xlabel("p0 (probability of stage 0)")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)

@@ -25,7 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-IMAGES = ("quality.png", "study.png", "study_grid_*.png")
+IMAGES = ("quality.png", "study.png", "study_p0.png", "study_grid_*.png")
 
 
 # ---- mkdocstrings sees dfm_ext as setuptools installs it ----------------------------------------
