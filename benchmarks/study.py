@@ -642,15 +642,19 @@ def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = MAIN) -> Non
     def side_by_side(pictures: list[tuple[Path, str]], path: Path) -> None:
         tiles = []
         for p, label in pictures:
-            if p.exists():
+            try:
                 img = Image.open(p).convert("RGB")
-                labelled = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
-                labelled.paste(img, (0, 16))
-                ImageDraw.Draw(labelled).text((4, 2), label, fill=(0, 0, 0))
-                tiles.append(np.asarray(labelled))
+            except OSError:  # missing, or being rewritten by another study process: the next report has it
+                continue
+            labelled = Image.new("RGB", (img.width, img.height + 16), (255, 255, 255))
+            labelled.paste(img, (0, 16))
+            ImageDraw.Draw(labelled).text((4, 2), label, fill=(0, 0, 0))
+            tiles.append(np.asarray(labelled))
         if len(tiles) < 2:
             return
-        gap = np.full((tiles[0].shape[0], 12, 3), 255, dtype=np.uint8)
+        height = max(t.shape[0] for t in tiles)  # white below a shorter picture
+        tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
+        gap = np.full((height, 12, 3), 255, dtype=np.uint8)
         save_array_png(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1), path)
 
     folder = out / "study_samples"
