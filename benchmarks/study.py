@@ -554,6 +554,23 @@ def finetune_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _finish_axes(ax: Any) -> None:
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Save through a temporary file: a reader never sees a half-written picture."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -571,9 +588,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=arm, color=f"C{k}")
         ax.set_title(f"32 -> 64 px finetuning: {label} (lower is better)")
         ax.set_xlabel("finetuning step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _finish_axes(ax)
     for i, ds in enumerate(DATASETS):
         cv = curves(results, ds)
         for j, (key, label) in enumerate((("swd", "SWD x1e3"), ("fd", "FD-EffNet"))):
@@ -585,14 +600,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_title(f"{ds}: {label} (lower is better)")
             ax.set_xlabel("training step")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+            _finish_axes(ax)
+    _save_figure(fig, path)
 
 
 def plot_p0(results: dict[str, Any], path: Path) -> None:
@@ -620,14 +629,8 @@ def plot_p0(results: dict[str, Any], path: Path) -> None:
                     ax.axhline(fm, color=f"C{k}", linestyle=":", linewidth=1, label=f"FM @{step}")
             ax.set_title(f"{ds}: {label} against p0 (lower is better)")
             ax.set_xlabel("p0 (probability of stage 0)")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+            _finish_axes(ax)
+    _save_figure(fig, path)
 
 
 def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = MAIN) -> None:
