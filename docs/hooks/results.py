@@ -213,14 +213,21 @@ def sp(config: str, field: str = "cpu_relative_median", name: str = "specialize"
     return record(name)["results"][config][field]
 
 
+def sp_repeats(config: str, name: str = "specialize") -> str:
+    """Each repeat's CPU / none (paired), e.g. ``1.07, 1.10, 1.09`` (``-`` for a single run)."""
+    reps = record(name)["results"][config].get("cpu_paired_ratio_per_repeat", [])
+    return ", ".join(f"{r:.3f}" for r in reps) if len(reps) > 1 else "-"
+
+
 def specialize_table() -> str:
-    lines = ["| configuration | median s | CPU s | wall / none | CPU / none | CPU / none, paired | stage parameters |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| configuration | median s | CPU s | wall / none | CPU / none | CPU / none, paired | paired, each repeat "
+             "| stage parameters |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in record("specialize")["results"].items():
         params = "0" if not r["stage_parameters"] else f"{r['stage_parameters'] / 1e6:.2f} M ({r['stage_parameters_relative']:.2f}x model)"
         paired = r.get("cpu_paired_ratio_median")
         lines.append(f"| {name} | {r['median_s']:.3f} | {r['cpu_median_s']:.3f} | {r['relative_median']:.2f} | "
-                     f"{r['cpu_relative_median']:.2f} | {'-' if paired is None else f'{paired:.2f}'} | {params} |")  # fmt: skip
+                     f"{r['cpu_relative_median']:.2f} | {'-' if paired is None else f'{paired:.3f}'} | "
+                     f"{sp_repeats(name)} | {params} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -228,7 +235,8 @@ def specialize_model() -> str:
     r = record("specialize")
     m = r["model"]
     return (f"hidden {m['hidden_size']}, depth {m['depth']}, {m['num_heads']} heads, {m['input_size']}x{m['input_size']} "
-            f"latents with patch {m['patch_size']}; batch {r['batch']}, {r['steps']} timed steps")  # fmt: skip
+            f"latents with patch {m['patch_size']}; batch {r['batch']}, {r['steps']} timed steps"
+            + (f" in each of {r['repeats']} repeats" if r.get("repeats", 1) > 1 else ""))  # fmt: skip
 
 
 # ---- study.json --------------------------------------------------------------------------------
@@ -238,6 +246,18 @@ def st(ds: str, arm: str, step: int, key: str = "swd", seed: int = 0) -> float:
     """One run's evaluation: ``key`` in ``swd``, ``fd`` or a level such as ``32x32``."""
     e = record("study")["runs"][f"{ds}|{arm}|{seed}"]["evals"][str(step)]
     return e["swd"]["mean"] if key == "swd" else e["fd_effnet"] if key == "fd" else e["swd"]["per_level"][key]
+
+
+def st_mean(ds: str, arm: str, step: int, key: str = "swd") -> float:
+    """:func:`st` averaged over the seeds the arm has."""
+    runs = record("study")["runs"]
+    seeds = [int(k.rsplit("|", 1)[1]) for k, r in runs.items() if k.startswith(f"{ds}|{arm}|") and str(step) in r["evals"]]
+    return statistics.fmean(st(ds, arm, step, key, seed) for seed in seeds)  # no seed at step: StatisticsError
+
+
+def st_mratio(ds: str, arm: str, step: int, key: str = "swd") -> str:
+    """``arm``/FM at ``step``, each the mean over its seeds, two decimals."""
+    return f"{st_mean(ds, arm, step, key) / st_mean(ds, 'FM', step, key):.2f}"
 
 
 def st_ratio(ds: str, arm: str, step: int, key: str = "swd", seed: int = 0) -> str:
