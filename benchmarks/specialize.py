@@ -16,7 +16,8 @@ of them alike; we report median/min/max seconds and the median relative to "none
 (and, for CPU time, the median over steps of the ratio to "none" on the same step's batch):
 wall time, and process CPU time (``time.process_time``), which on a CPU shared with other work
 (and with ``--threads 1``) is far less noisy than wall time: it does not count time the process
-waits for a core.
+waits for a core. ``--repeats N`` measures N times with freshly built models (the spread between
+repeats, a few percent on a shared machine, is larger than within one) and pools the steps.
 
     .venv/bin/python benchmarks/specialize.py --out benchmarks/results/specialize.json
 """
@@ -71,41 +72,18 @@ def build(cfg: DiTConfig, spec: dict | None, device: torch.device, adamw: str = 
     return model, opt, n_stage
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--size", type=int, default=16, help="latent size; tokens = (size / 2) ** 2")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--p0", type=float, default=0.9, help="probability of stage 0 per sample (the DFM default 0.9)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--adamw", choices=("fused", "foreach", "loop"), default="fused",
-                    help="AdamW implementation for every configuration (loop: torch's CPU default)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/specialize.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cfg = DiTConfig(
-        input_size=args.size, patch_size=2, in_channels=4, hidden_size=args.hidden, depth=args.depth,
-        num_heads=args.heads, num_classes=10, class_dropout_prob=0.0,
-    )
-    runs = {name: build(cfg, spec, device, args.adamw) for name, spec in CONFIGS.items()}
-    base_params = sum(p.numel() for p in runs["none"][0].parameters())
+def measure(runs: dict, args: argparse.Namespace, device: torch.device) -> dict[str, tuple[list[float], list[float]]]:
+    """Interleaved train steps of every configuration: ``name -> (wall seconds, CPU seconds)`` per timed step."""
     shapes = runs["none"][0].stage_shapes
-
     g = torch.Generator().manual_seed(0)
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    cpu_times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runs}
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    order = list(CONFIGS)
+    order = list(runs)
     for step in range(args.warmup + args.steps):
         stages = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
         target = [torch.randn(args.batch, *s, generator=g).to(device) for s in shapes]
@@ -126,6 +104,51 @@ def main() -> None:
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
                 cpu_times[name].append(time.process_time() - cpu_start)
+    return {name: (times[name], cpu_times[name]) for name in runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--size", type=int, default=16, help="latent size; tokens = (size / 2) ** 2")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure this many times, each with freshly built models; the pooled steps and each repeat's ratio are reported")
+    ap.add_argument("--p0", type=float, default=0.9, help="probability of stage 0 per sample (the DFM default 0.9)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--adamw", choices=("fused", "foreach", "loop"), default="fused",
+                    help="AdamW implementation for every configuration (loop: torch's CPU default)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/specialize.json"))
+    args = ap.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        ap.error(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = DiTConfig(
+        input_size=args.size, patch_size=2, in_channels=4, hidden_size=args.hidden, depth=args.depth,
+        num_heads=args.heads, num_classes=10, class_dropout_prob=0.0,
+    )
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    cpu_times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    per_repeat: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for repeat in range(args.repeats):
+        # fresh models and optimisers each repeat (same seeds, same batches): what differs between
+        # repeats is the process's memory layout and the machine's load, which move a single
+        # run's ratios by a few percent
+        runs = {name: build(cfg, spec, device, args.adamw) for name, spec in CONFIGS.items()}
+        rep_cpu = measure(runs, args, device)
+        for name, cts in rep_cpu.items():
+            times[name] += cts[0]
+            cpu_times[name] += cts[1]
+            per_repeat[name].append(statistics.median(c / n for c, n in zip(cts[1], rep_cpu["none"][1])))
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {per_repeat[name][-1]:.3f}" for name in CONFIGS if name != "none"), flush=True)  # fmt: skip
+    base_params = sum(p.numel() for p in runs["none"][0].parameters())
 
     base_median = statistics.median(times["none"])
     base_cpu = statistics.median(cpu_times["none"])
@@ -140,6 +163,7 @@ def main() -> None:
             # the same step's batch, run back to back: the median of per-step ratios cancels slow
             # drifts of a shared machine that a ratio of two medians keeps
             "cpu_paired_ratio_median": statistics.median(c / n for c, n in zip(cpu_times[name], cpu_times["none"])),
+            "cpu_paired_ratio_per_repeat": per_repeat[name],
             "stage_parameters": runs[name][2],
             "stage_parameters_relative": runs[name][2] / base_params,
         }
@@ -152,6 +176,7 @@ def main() -> None:
         "model": {**cfg.to_dict(), "tokens": cfg.grid_size[0] * cfg.grid_size[1], "parameters": base_params},
         "batch": args.batch,
         "steps": args.steps,
+        "repeats": args.repeats,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "platform": platform.platform(),
