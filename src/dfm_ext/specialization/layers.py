@@ -369,49 +369,59 @@ class _StageLoRABlocks(torch.autograd.Function):
     a minority stage's rows run their own rank-``r`` update instead of a rank-``2 r`` correction
     of the merged weight. The merged pair's gradient comes from its block's weight gradient,
     ``dA = s B^T dW_blk``, ``dB = s dW_blk A^T``; ``dW`` is the sum over the blocks.
+
+    Without a merged block (few rows per weight entry, e.g. adaLN modulation or the timestep MLP
+    with one row per sample) the base weight runs once over all rows, forward and backward (``y``,
+    ``dx``, ``dW``: one matmul each), and each block adds its own rank-``r`` term: such a layer's
+    cost is reading and writing the ``[out, in]`` matrices, which a matmul per block would repeat.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: tuple, *ab: Tensor) -> Tensor:
         s, blocks = plan
-        y = x.new_empty(x.shape[0], weight.shape[0])
+        whole = not any(merged for *_, merged in blocks)  # every row runs the base weight W
+        y = F.linear(x, weight, bias) if whole else x.new_empty(x.shape[0], weight.shape[0])
         w_m = None
         hidden: list[Tensor | None] = []
         for start, stop, i, merged in blocks:
             xs, ys = x[start:stop], y[start:stop]
-            w = weight
-            if merged:
-                w = w_m = torch.addmm(weight, ab[2 * i + 1], ab[2 * i], alpha=s)
-            if bias is None:
-                torch.mm(xs, w.t(), out=ys)
-            else:
-                torch.addmm(bias, xs, w.t(), out=ys)
+            if not whole:
+                w = weight
+                if merged:
+                    w = w_m = torch.addmm(weight, ab[2 * i + 1], ab[2 * i], alpha=s)
+                if bias is None:
+                    torch.mm(xs, w.t(), out=ys)
+                else:
+                    torch.addmm(bias, xs, w.t(), out=ys)
             h = None
             if i is not None and not merged:
                 h = xs.mm(ab[2 * i].t())
                 ys.addmm_(h, ab[2 * i + 1].t(), alpha=s)
             hidden.append(h)
         ctx.save_for_backward(x, weight, w_m, *ab, *[h for h in hidden if h is not None])
-        ctx.plan, ctx.n_ab, ctx.has_bias = plan, len(ab), bias is not None
+        ctx.plan, ctx.n_ab, ctx.has_bias, ctx.whole = plan, len(ab), bias is not None, whole
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         s, blocks = ctx.plan
+        whole = ctx.whole
         x, weight, w_m, *rest = ctx.saved_tensors
         ab, hidden = rest[: ctx.n_ab], iter(rest[ctx.n_ab :])
         need = ctx.needs_input_grad
         need_ab = need[4:]
         dy = dy.contiguous()
-        dx = torch.empty_like(x) if need[0] else None
+        dx = None
+        if need[0]:
+            dx = dy.mm(weight) if whole else torch.empty_like(x)
         dab: list[Tensor | None] = [None] * len(ab)
-        dw = None
+        dw = dy.t().mm(x) if whole and need[1] else None
         # the merged block first: its weight gradient gives its pair's gradient, then takes the
         # other blocks' weight gradients in place
         for start, stop, i, merged in sorted(blocks, key=lambda blk: not blk[3]):
             xs, dys = x[start:stop], dy[start:stop]
-            if dx is not None:
+            if dx is not None and not whole:
                 torch.mm(dys, w_m if merged else weight, out=dx[start:stop])
             if merged and (need[1] or need_ab[2 * i] or need_ab[2 * i + 1]):
                 dw_blk = dys.t().mm(xs)
@@ -420,7 +430,7 @@ class _StageLoRABlocks(torch.autograd.Function):
                 if need_ab[2 * i + 1]:
                     dab[2 * i + 1] = _scaled_(dw_blk.mm(ab[2 * i].t()), s)
                 dw = dw_blk if dw is None else dw.add_(dw_blk)
-            elif need[1]:
+            elif need[1] and not whole:
                 dw = dys.t().mm(xs) if dw is None else dw.addmm_(dys.t(), xs)
             if i is not None and not merged:
                 h = next(hidden)
