@@ -409,7 +409,9 @@ def convergence_ratio(fm: dict[int, dict[str, Any]], other: dict[int, dict[str, 
             return {"fm_budget": last, "fm_value": target, "steps": round(reached), "ratio": round(reached / last, 3),
                     "upper_bound": not math.isfinite(v0)}  # fmt: skip
         prev = (s, v)
-    return {"fm_budget": last, "fm_value": target, "steps": None, "ratio": None}
+    # an arm that stopped before FM's last budget is only known not to get there by its own last step
+    until = max((s for s, _ in pts), default=0)
+    return {"fm_budget": last, "fm_value": target, "steps": None, "ratio": None, "until": until}
 
 
 def report(results: dict[str, Any], out: Path, stem: str, title_note: str = "") -> str:
@@ -476,7 +478,7 @@ def report_markdown(results: dict[str, Any], stem: str = "study", title_note: st
                     if not x:
                         return "-"
                     if x["ratio"] is None:
-                        return f"not reached by {x['fm_budget']}"
+                        return f"not reached by {x.get('until') or x['fm_budget']}"
                     return f"{'<= ' if x.get('upper_bound') else ''}{x['ratio']:.2f}x ({x['steps']} / {x['fm_budget']})"
 
                 lines.append("| " + " | ".join([a] + ["-" if r is None else f"{r:.2f}" for r in r_swd + r_fd]
