@@ -371,3 +371,16 @@ def test_study_rejects_an_unknown_arm_before_any_work(study, capsys) -> None:
         study.main(["--quick", "--arms", "FM,DFM sigal"])
     assert exc.value.code == 2
     assert "'DFM sigal'" in capsys.readouterr().err
+
+
+def test_convergence_ratio_interpolates_and_says_how_far_a_short_arm_ran(study) -> None:
+    fm = {500: {"swd": 40.0}, 1000: {"swd": 30.0}, 2000: {"swd": 20.0}}
+    # crosses FM's final 20.0 halfway between 1000 (24) and 2000 (16): step 1500
+    got = study.convergence_ratio(fm, {1000: {"swd": 24.0}, 2000: {"swd": 16.0}}, "swd")
+    assert got["steps"] == 1500 and got["ratio"] == 0.75 and not got["upper_bound"]
+    # already below at its first evaluation: only an upper bound
+    first = study.convergence_ratio(fm, {500: {"swd": 19.0}}, "swd")
+    assert first["steps"] == 500 and first["upper_bound"]
+    # an arm that stopped at 1000 above FM's value is not reached by 1000, not by FM's 2000
+    short = study.convergence_ratio(fm, {500: {"swd": 35.0}, 1000: {"swd": 25.0}}, "swd")
+    assert short["ratio"] is None and short["until"] == 1000 and short["fm_budget"] == 2000

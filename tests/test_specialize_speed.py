@@ -58,6 +58,8 @@ LAYERS = {
     "linear_tokens": (lambda: nn.Linear(6, 5), lambda g: torch.randn(5, 7, 6, generator=g)),
     # few rows for a wide layer: the majority stage runs as base + LoRA pair, not a merged weight
     "linear_wide": (lambda: nn.Linear(24, 20), lambda g: torch.randn(5, 24, generator=g)),
+    # the same without a bias: the base weight's one matmul over all rows takes no bias
+    "linear_wide_nobias": (lambda: nn.Linear(24, 20, bias=False), lambda g: torch.randn(5, 24, generator=g)),
     "linear_vector": (lambda: nn.Linear(6, 5), lambda g: torch.randn(5, 6, generator=g)),
     "linear_video": (lambda: nn.Linear(6, 5, bias=False), lambda g: torch.randn(5, 2, 3, 6, generator=g)),
     "conv2d": (lambda: nn.Conv2d(3, 4, 2, stride=2), lambda g: torch.randn(5, 3, 6, 6, generator=g)),
