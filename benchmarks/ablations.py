@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import Protocol, Reference, base_config, benchmark_args, train_and_test  # noqa: E402
 
 from harness import Trainer  # noqa: E402
-from dfm_ext.recipes.demo import MODEL_SIZES, balanced_labels, generate, model_config, write_text_atomic  # noqa: E402
+from dfm_ext.recipes.demo.run import MODEL_SIZES, balanced_labels, generate, model_config, write_text_atomic  # noqa: E402
 
 FULL = Protocol(steps=1500, eval_at=(1500,), seeds=(0,), num_eval=1000, num_swd_reference=1000)
 QUICK = Protocol(steps=20, eval_at=(20,), seeds=(0,), num_eval=64, num_swd_reference=64, num_fd_reference=256,
@@ -81,7 +81,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
 def sample_tied(model: nn.Module, config: dict[str, Any], labels: Tensor, *, steps: int, generator: torch.Generator,
                 batch_size: int = 250) -> Tensor:  # fmt: skip
     """Euler with every stage active and sharing one time ``t: 0 -> 1`` (the tied ablation's sampler)."""
-    from dfm_ext.recipes.demo import make_decomposition
+    from dfm_ext.recipes.demo.run import make_decomposition
 
     decomposition = make_decomposition(config["decomposition"])
     c, h, w = config["image_shape"]

@@ -7,7 +7,7 @@ One command, one JSON file (``benchmarks/results/gpu_check.json`` or ``--out``):
 
 On a CUDA machine it
 
-a. trains the ``tiny`` ImageNet recipe (assets from :mod:`dfm_ext.recipes.tiny_assets`) for a few
+a. trains the ``tiny`` ImageNet recipe (assets from :mod:`dfm_ext.recipes.imagenet.assets`) for a few
    steps with ``train.mixed_precision=bf16 train.compile=true`` (inductor), in a subprocess
    (``python -m dfm_ext.recipes.imagenet``), and records its losses and that they are finite;
 b. times one training step (forward under bf16 autocast, loss, backward, AdamW) of the reference
@@ -98,7 +98,7 @@ def _read_losses(out: Path) -> list[float]:
 
 def run_recipe(workdir: Path, steps: int, *, cpu: bool, backend: str, sample: bool = True, launcher: list[str] | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train the tiny config in a subprocess; its losses, finiteness and wall time."""
-    from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+    from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
 
     assets = workdir / "assets"
     if not (assets / "vae").is_dir():
@@ -106,7 +106,7 @@ def run_recipe(workdir: Path, steps: int, *, cpu: bool, backend: str, sample: bo
         make_tiny_vae(assets)
     out = workdir / ("run-" + ("fsdp2" if launcher else "single"))
     args = _recipe_args(assets, out, steps, cpu=cpu, backend=backend, sample=sample, extra=extra)
-    cmd = [*(launcher or [sys.executable]), "-m", "dfm_ext.recipes.imagenet", *args]
+    cmd = [*(launcher or [sys.executable]), "-m", "dfm_ext.recipes.imagenet.task", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)

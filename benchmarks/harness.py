@@ -1,6 +1,6 @@
 """A stepping view of the demo's training, so benchmarks can interleave several arms in one process.
 
-The demo trains through the one engine (:mod:`dfm_ext.recipes.engine`, via
+The demo trains through the one engine (:mod:`dfm_ext.recipes.engine.trainer`, via
 :func:`dfm_ext.recipes.demo.train`). Benchmarks need something the engine does not offer: several
 runs advanced a chunk of steps at a time, round-robin, so that machine noise hits every arm alike
 and wall time per step is comparable side by side. :class:`Trainer` is that: the same data order,
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from dfm_ext.process.objective import DFMObjective
 from dfm_ext.process.timesteps import StageTimestepSampler
-from dfm_ext.recipes.demo import DemoConfig, build_model, make_decomposition, model_config, null_label
-from dfm_ext.recipes.demo_data import ImageDataset
+from dfm_ext.recipes.demo.run import DemoConfig, build_model, make_decomposition, model_config, null_label
+from dfm_ext.recipes.demo.data import ImageDataset
 
 __all__ = ["EMA", "Trainer", "timestep_sampler"]
 

@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 from harness import Trainer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from dfm_ext.recipes.demo_data import ImageDataset, load_dataset
-from dfm_ext.recipes.demo import (
+from dfm_ext.recipes.demo.data import ImageDataset, load_dataset
+from dfm_ext.recipes.demo.run import (
     FD_RESOLUTION,
     MODEL_SIZES,
     DemoConfig,
@@ -131,7 +131,7 @@ class Reference:
 
 def evaluate(trainer: Trainer, reference: Reference, protocol: Protocol, num_classes: int, seed: int) -> dict[str, Any]:
     """Sample ``protocol.num_eval`` images from the EMA weights and score them."""
-    from dfm_ext.recipes.demo import model_config
+    from dfm_ext.recipes.demo.run import model_config
 
     cfg = trainer.cfg
     mc = model_config(cfg, trainer.data.image_shape, num_classes)

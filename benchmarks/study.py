@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import RESULTS, Protocol, Reference, base_config  # noqa: E402
 
 from dfm_ext.process.allocation import make_allocation, signal_level_locations  # noqa: E402
-from dfm_ext.recipes.demo_data import ImageDataset, load_dataset, load_skimage_crops  # noqa: E402
+from dfm_ext.recipes.demo.data import ImageDataset, load_dataset, load_skimage_crops  # noqa: E402
 from harness import Trainer  # noqa: E402
-from dfm_ext.recipes.demo import (  # noqa: E402
+from dfm_ext.recipes.demo.run import (  # noqa: E402
     balanced_labels,
     make_decomposition,
     model_config,
@@ -217,7 +217,7 @@ class StudyTrainer(Trainer):
 @torch.no_grad()
 def generate(tr: StudyTrainer, protocol: Protocol, seed: int) -> Tensor:
     """``protocol.num_eval`` samples from the EMA weights (the demo's sampler, with the arm's scales)."""
-    from dfm_ext.recipes.demo import make_sampler
+    from dfm_ext.recipes.demo.run import make_sampler
     from dfm_ext.process.sampler import DFMSampler
 
     cfg, data = tr.cfg, tr.data
@@ -351,7 +351,7 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
 
 
 def save_grid(images: Tensor, path: Path, scale: int = 2) -> None:
-    from dfm_ext.recipes.viz import make_grid, save_array_png
+    from dfm_ext.recipes.engine.viz import make_grid, save_array_png
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_array_png(make_grid(images, nrow=8, padding=1, scale=scale), path)
@@ -640,7 +640,7 @@ def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = MAIN) -> Non
     import numpy as np
     from PIL import Image
 
-    from dfm_ext.recipes.viz import save_array_png
+    from dfm_ext.recipes.engine.viz import save_array_png
 
     from PIL import ImageDraw
 
@@ -687,7 +687,7 @@ def _downsample(data: ImageDataset) -> ImageDataset:
 
 
 def _dit(size: int, patch: int, data: ImageDataset, model_size: str):
-    from dfm_ext.recipes.demo import MODEL_SIZES
+    from dfm_ext.recipes.demo.run import MODEL_SIZES
     from dfm_ext.models import DiT, DiTConfig
 
     return DiT(DiTConfig(input_size=size, patch_size=patch, in_channels=data.image_shape[0], num_classes=data.num_classes,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tiny_diffusers as tiny  # noqa: E402
 
 import dfm_ext  # noqa: E402
-from dfm_ext.recipes.sharding import (  # noqa: E402
+from dfm_ext.recipes.engine.parallel import (  # noqa: E402
     ShardedEMA,
     gather_full_state,
     load_sharded_checkpoint,

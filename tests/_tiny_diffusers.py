@@ -102,7 +102,7 @@ def tiny_flux(path: Path, seed: int = 0, guidance_embeds: bool = True) -> nn.Mod
     """``FluxTransformer2DModel``: 1 double + 1 single block, hidden 16, 64 -> 16 packed channels."""
     from diffusers import FluxTransformer2DModel
 
-    from dfm_ext.recipes.tiny_flux_assets import tiny_flux_transformer_config
+    from dfm_ext.recipes.flux.assets import tiny_flux_transformer_config
 
     config = tiny_flux_transformer_config(
         text_dim=TEXT_DIM, pooled_dim=POOLED_DIM, guidance_embeds=guidance_embeds, latent_channels=LATENT_CHANNELS

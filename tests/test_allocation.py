@@ -181,7 +181,7 @@ def study():
 
 
 def test_study_trainer_resume_is_exact(study, tmp_path: Path) -> None:
-    from dfm_ext.recipes.demo_data import load_skimage_crops
+    from dfm_ext.recipes.demo.data import load_skimage_crops
 
     data = load_skimage_crops("train", channels=3, num=64)
     levels = study.signal_levels(data)
@@ -210,7 +210,7 @@ def test_study_quick_runs_and_resumes(study, tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(study, "queue", lambda p: [("skimage-rgb", 0, ("FM", "DFM shift"), 4)])
     monkeypatch.setattr(study, "QUICK", replace(study.QUICK, eval_at=(4,), num_eval=16, num_swd_reference=32,
                                                 chunk=2, batch_size=8, sample_steps=(3, 2)))  # fmt: skip
-    monkeypatch.setattr(study, "load_split", lambda name, split, quick: __import__("dfm_ext.recipes.demo_data", fromlist=["x"]).load_skimage_crops(
+    monkeypatch.setattr(study, "load_split", lambda name, split, quick: __import__("dfm_ext.recipes.demo.data", fromlist=["x"]).load_skimage_crops(
         split, channels=3, num=64 if split == "train" else 32))  # fmt: skip
     assert study.main(["--quick", "--no-fd", "--part", "budgets", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "study_quick.json").read_text())
@@ -254,7 +254,7 @@ def test_study_finetune_runs_other_dfm_arms_with_their_own_allocation(study, tmp
 
 
 def test_resized_fm_head_and_embedding_are_the_32px_model_on_averaged_images(study) -> None:
-    from dfm_ext.recipes.demo_data import load_skimage_crops
+    from dfm_ext.recipes.demo.data import load_skimage_crops
 
     data64 = load_skimage_crops("train", channels=3, size=64, num=8)
     torch.manual_seed(0)
@@ -275,10 +275,10 @@ def test_resized_fm_head_and_embedding_are_the_32px_model_on_averaged_images(stu
 
 
 def test_recipe_config_key_builds_and_feeds_the_allocation(tmp_path: Path) -> None:
-    from dfm_ext.recipes.config import ConfigError, load_config
-    from dfm_ext.recipes.data_images import ImageFolder, collate_items
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
-    from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+    from dfm_ext.recipes.engine.config import ConfigError, load_config
+    from dfm_ext.recipes.engine.data import ImageFolder, collate_items
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
 
     make_image_folder(tmp_path / "images", per_class=1, size=40)
     make_tiny_vae(tmp_path)
@@ -307,7 +307,7 @@ def test_recipe_checkpoints_the_allocation_and_resume_continues_it(tmp_path: Pat
     import os
     import subprocess
 
-    from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+    from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
 
     make_image_folder(tmp_path / "images", per_class=2, size=40)
     make_tiny_vae(tmp_path)

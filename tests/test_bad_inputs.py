@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 import dfm_ext
-from dfm_ext.recipes import cli
+from dfm_ext.recipes.demo import cli
 from _old_demo_checkpoint import write_old_demo_checkpoint
-from dfm_ext.recipes.demo_checkpoint import CheckpointError
-from dfm_ext.recipes.demo_data import ImageDataset, read_image
+from dfm_ext.recipes.demo.legacy import CheckpointError
+from dfm_ext.recipes.demo.data import ImageDataset, read_image
 from dfm_ext.models.dit import DiTConfig
-from dfm_ext.recipes.demo import (
+from dfm_ext.recipes.demo.run import (
     DemoConfig,
     build_model,
     check_schedule,
@@ -37,8 +37,10 @@ from dfm_ext.recipes.demo import (
     read_png_folder,
     save_demo_checkpoint,
 )
-from dfm_ext.recipes import flux_finetune, imagenet, kinetics
-from dfm_ext.recipes.config import ConfigError, apply_overrides, load_config
+from dfm_ext.recipes.flux import task as flux_finetune
+from dfm_ext.recipes.imagenet import task as imagenet
+from dfm_ext.recipes.kinetics import task as kinetics
+from dfm_ext.recipes.engine.config import ConfigError, apply_overrides, load_config
 
 NAN = float("nan")
 CUDA = torch.cuda.is_available()
@@ -328,8 +330,8 @@ def test_recipe_bad_yaml_file(text, needle, tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["-m", "dfm_ext.recipes.imagenet", *IMAGENET, "sampling.steps=[4,2,1]"], "sampling.steps [4, 2, 1]"),
-        (["-m", "dfm_ext.recipes.cli", "demo", "--sample-steps", "4,2,1"], "(4, 2, 1)"),
+        (["-m", "dfm_ext.recipes.imagenet.task", *IMAGENET, "sampling.steps=[4,2,1]"], "sampling.steps [4, 2, 1]"),
+        (["-m", "dfm_ext.recipes.demo.cli", "demo", "--sample-steps", "4,2,1"], "(4, 2, 1)"),
     ],
     ids=["subprocess-recipe", "subprocess-cli"],
 )

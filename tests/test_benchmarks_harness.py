@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dfm_ext.recipes.demo import train
+from dfm_ext.recipes.demo.run import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import Trainer  # noqa: E402

@@ -156,8 +156,8 @@ def test_diffusers_family_checkpointing_same_gradients(pristine, calls: list[int
 
 def test_imagenet_recipe_model_gradient_checkpointing(calls: list[int]) -> None:
     """The recipe key ``model.gradient_checkpointing`` reaches the DiT the engine trains."""
-    from dfm_ext.recipes.config import load_config
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.engine.config import load_config
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     assert ImageNetConfig().model.gradient_checkpointing is False
     cfg = load_config(ImageNetConfig, "tiny", ["model.gradient_checkpointing=true"])

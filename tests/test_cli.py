@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dfm_ext.recipes.cli import main
+from dfm_ext.recipes.demo.cli import main
 
 pytest.importorskip("dfm_ext.models.dit")
 pytest.importorskip("dfm_ext.wrapping.wrapper")

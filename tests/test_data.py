@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from dfm_ext.recipes.demo_checkpoint import CheckpointError, load_checkpoint
-from dfm_ext.recipes.demo_data import (
+from dfm_ext.recipes.demo.legacy import CheckpointError, load_checkpoint
+from dfm_ext.recipes.demo.data import (
     FASHION_MNIST_CLASSES,
     fashion_mnist_available,
     load_dataset,
@@ -23,7 +23,7 @@ from dfm_ext.recipes.demo_data import (
     load_skimage_crops,
     read_idx,
 )
-from dfm_ext.recipes.viz import make_grid, save_image_grid, save_loss_curves, save_progressive, to_uint8
+from dfm_ext.recipes.engine.viz import make_grid, save_image_grid, save_loss_curves, save_progressive, to_uint8
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:

@@ -137,8 +137,8 @@ def assets(tmp_path_factory) -> Path:
 def _check_recipe_run(out: Path, name: str) -> None:
     from safetensors.torch import load_model
 
-    from dfm_ext.recipes.config import from_dict
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.engine.config import from_dict
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     expected = _expected(CONFIGS[name])
     saved = yaml.safe_load((out / "config.yaml").read_text())["decomposition"]
@@ -160,13 +160,13 @@ def _check_recipe_run(out: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", IDS)
 def test_recipe_builds_the_configured_decomposition(name: str, assets: Path, tmp_path: Path) -> None:
-    from dfm_ext.recipes.imagenet import main
+    from dfm_ext.recipes.imagenet.task import main
 
     out = tmp_path / "run"
     argv = ["--config", "tiny", f"data.root={assets / 'images'}", f"vae.path={assets}", f"train.output_dir={out}",
             *RECIPE, *_recipe_overrides(name)]  # fmt: skip
     if name == "db2":  # the real command line once (the entry a user runs)
-        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.imagenet", *argv], env=_env(),
+        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.imagenet.task", *argv], env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
     else:
@@ -175,8 +175,8 @@ def test_recipe_builds_the_configured_decomposition(name: str, assets: Path, tmp
 
 
 def test_recipe_refuses_a_field_of_another_kind_before_compute() -> None:
-    from dfm_ext.recipes.config import ConfigError, load_config
-    from dfm_ext.recipes.imagenet import ImageNetConfig
+    from dfm_ext.recipes.engine.config import ConfigError, load_config
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig
 
     with pytest.raises(ConfigError, match=r"decomposition.wave=db2 applies to kind=wavelet, not kind=laplacian"):
         load_config(ImageNetConfig, "tiny", ["decomposition.wave=db2"])
@@ -190,9 +190,9 @@ def test_recipe_refuses_a_field_of_another_kind_before_compute() -> None:
 
 def test_old_run_configs_still_resume() -> None:
     """A config.yaml from before (only ``kind`` and ``factors``) matches the same run now."""
-    from dfm_ext.recipes.config import config_to_dict, load_config
-    from dfm_ext.recipes.run_folder import config_diff
-    from dfm_ext.recipes.imagenet import ImageNetConfig
+    from dfm_ext.recipes.engine.config import config_to_dict, load_config
+    from dfm_ext.recipes.engine.run_folder import config_diff
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig
 
     defaults = config_to_dict(ImageNetConfig())
     for overrides, old in [
@@ -212,12 +212,12 @@ DEMO = ["--size", "tiny", "--steps", "2", "--num-eval", "0", "--no-fd", "--max-t
 
 @pytest.mark.parametrize("kind", ["laplacian", "wavelet", "dct", "identity"])
 def test_demo_checkpoint_holds_and_reloads_the_decomposition(kind: str, tmp_path: Path) -> None:
-    from dfm_ext.recipes.cli import main
-    from dfm_ext.recipes.demo import generate, load_demo_checkpoint
+    from dfm_ext.recipes.demo.cli import main
+    from dfm_ext.recipes.demo.run import generate, load_demo_checkpoint
 
     out = tmp_path / "demo"
     if kind == "dct":  # the real console script once
-        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.cli", "demo", "--out", str(out), "--decomposition", kind, *DEMO],
+        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.demo.cli", "demo", "--out", str(out), "--decomposition", kind, *DEMO],
                              env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
     else:
@@ -234,7 +234,7 @@ def test_demo_checkpoint_holds_and_reloads_the_decomposition(kind: str, tmp_path
                          cfg_scale=float(config["train"]["cfg_scale"]), generator=torch.Generator().manual_seed(0))  # fmt: skip
     from PIL import Image
 
-    from dfm_ext.recipes.viz import to_uint8
+    from dfm_ext.recipes.engine.viz import to_uint8
 
     expected_pixels = to_uint8(images)
     for i, arr in enumerate(expected_pixels):

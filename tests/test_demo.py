@@ -13,9 +13,9 @@ pytest.importorskip("dfm_ext.wrapping.wrapper")
 
 from _old_demo_checkpoint import write_old_demo_checkpoint, write_raw_old_checkpoint  # noqa: E402
 
-from dfm_ext.recipes.demo_checkpoint import CheckpointError  # noqa: E402
-from dfm_ext.recipes.demo_data import ImageDataset  # noqa: E402
-from dfm_ext.recipes.demo import (  # noqa: E402
+from dfm_ext.recipes.demo.legacy import CheckpointError  # noqa: E402
+from dfm_ext.recipes.demo.data import ImageDataset  # noqa: E402
+from dfm_ext.recipes.demo.run import (  # noqa: E402
     DemoConfig,
     DemoTask,
     build_model,
@@ -172,8 +172,8 @@ def test_demo_checkpoint_round_trip(tmp_path) -> None:
 
 def test_old_demo_checkpoint_still_loads(tmp_path) -> None:
     """A checkpoint in the released layout (config.json + model.safetensors, format
-    ``dfm_ext.recipes.demo_checkpoint``, kind ``dfm_ext.recipes.demo``), written by hand, loads and samples."""
-    from dfm_ext.recipes.cli import main
+    ``dfm_ext.recipes.demo.legacy``, kind ``dfm_ext.recipes.demo.run``), written by hand, loads and samples."""
+    from dfm_ext.recipes.demo.cli import main
 
     data = _data()
     mc = model_config(TINY, data.image_shape, data.num_classes)
@@ -186,7 +186,7 @@ def test_old_demo_checkpoint_still_loads(tmp_path) -> None:
     train_cfg = {"cfg_scale": 2.0, "eval_cfg_scale": 1.0, "sample_steps": [3, 2], "thresholds": [0.9]}
     d = write_old_demo_checkpoint(tmp_path / "old", model, mc, train_cfg, ["c0", "c1", "c2"])
     loaded, config = load_demo_checkpoint(d)
-    assert config["kind"] == "dfm_ext.recipes.demo" and config["train"]["sample_steps"] == [3, 2]
+    assert config["kind"] == "dfm_ext.recipes.demo.run" and config["train"]["sample_steps"] == [3, 2]
     stages = model.decomposition.decompose(torch.randn(2, 1, 32, 32))
     args = (stages, torch.rand(2, 2), torch.ones(2, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(model.eval()(*args, y=torch.tensor([1, 2])), loaded(*args, y=torch.tensor([1, 2]))))

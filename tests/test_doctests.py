@@ -9,19 +9,10 @@ import pkgutil
 import pytest
 
 import dfm_ext
-import dfm_ext.adapters
-import dfm_ext.recipes
 
-# The library, the adapters and the recipes (the test environment installs every extra). The
-# three are walked separately: setuptools maps adapters/ and recipes/ from outside src/dfm_ext.
-_MODULES = sorted(
-    {
-        m.name
-        for pkg in (dfm_ext, dfm_ext.adapters, dfm_ext.recipes)
-        for m in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg.__name__}.")
-    }
-    | {"dfm_ext.adapters", "dfm_ext.recipes"}
-)
+# The library, the adapters and the recipes (the test environment installs every extra); not the
+# recipes' ``__main__`` modules, which run their command when imported.
+_MODULES = sorted(m.name for m in pkgutil.walk_packages(dfm_ext.__path__, prefix="dfm_ext.") if not m.name.endswith(".__main__"))
 
 
 @pytest.mark.parametrize("name", ["dfm_ext", *_MODULES])

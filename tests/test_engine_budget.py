@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfm_ext.recipes.engine import OptimConfig, StepLoss, TrainConfig, Trainer, is_check_step
+from dfm_ext.recipes.engine.trainer import OptimConfig, StepLoss, TrainConfig, Trainer, is_check_step
 
 
 class _Toy:

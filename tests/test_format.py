@@ -190,5 +190,5 @@ def test_demo_checkpoint_gets_a_pointer(tmp_path: Path) -> None:
     from _old_demo_checkpoint import write_raw_old_checkpoint
 
     write_raw_old_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"model": {"kind": "dit"}})
-    with pytest.raises(ValueError, match="demo.load_demo_checkpoint"):
+    with pytest.raises(ValueError, match="demo.run.load_demo_checkpoint"):
         load_wrapped(tmp_path / "ckpt")

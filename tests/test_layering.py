@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"dfm_ext": ROOT / "src" / "dfm_ext", "dfm_ext.adapters": ROOT / "adapters", "dfm_ext.recipes": ROOT / "recipes"}
+SOURCES = {"dfm_ext": ROOT / "src" / "dfm_ext"}
 #: Tiers of the library, lowest first; a unit may import its own tier and the ones before it.
 LAYERS = [("validation", "fileio"), ("decompositions",), ("process",), ("specialization",), ("models",), ("wrapping",)]
 BASE = LAYERS[0]
@@ -40,7 +40,7 @@ LAZY_UPWARD = {("dfm_ext.wrapping.adapter", "dfm_ext.adapters"): "the registry o
 #: Private modules shared by the modules of their own package (and only there).
 SHARED_PRIVATE_MODULES = {
     "dfm_ext.metrics._images": "image-set plumbing (batching, progress, checks) of the metrics",
-    "dfm_ext.recipes._common": "argument parsing, error reporting and task helpers the recipe commands share",
+    "dfm_ext.recipes.engine.cli": "argument parsing, error reporting and task helpers the recipe commands share",
 }
 
 
@@ -184,7 +184,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def modules() -> dict[str, Path]:
     found = all_modules()
-    assert {"dfm_ext.validation", "dfm_ext.wrapping.adapter", "dfm_ext.adapters", "dfm_ext.recipes.cli"} <= set(found)
+    assert {"dfm_ext.validation", "dfm_ext.wrapping.adapter", "dfm_ext.adapters", "dfm_ext.recipes.demo.cli"} <= set(found)
     return found
 
 
@@ -235,7 +235,7 @@ def test_no_import_cycles_between_subpackages(all_imports: list[Import]) -> None
         ("dfm_ext.process.sampler", "from dfm_ext.wrapping import wrap_dit", "process may import only"),
         ("dfm_ext.decompositions.base", "from ..process import timesteps", "decompositions may import only"),
         ("dfm_ext.models.dit", "import accelerate", "never imports accelerate"),
-        ("dfm_ext.wrapping.wrapper", "from dfm_ext.recipes.demo import x", "does not import the add-ons"),
+        ("dfm_ext.wrapping.wrapper", "from dfm_ext.recipes.demo.run import x", "does not import the add-ons"),
         ("dfm_ext.wrapping.adapter", "from dfm_ext.adapters import builtin_adapters", "does not import the add-ons"),
         ("dfm_ext.metrics.swd", "from dfm_ext.decompositions import LaplacianPyramid", "metrics may use only"),
         ("dfm_ext.fileio", "from dfm_ext.process import conventions", "fileio may import only"),
@@ -267,10 +267,10 @@ def test_privacy_rule(modules: dict[str, Path]) -> None:
     def check(module: str, source: str) -> list[str]:
         return [p for imp in imports_of(module, source) for p in privacy_violations(imp, modules)]
 
-    assert "private name _write" in check("dfm_ext.recipes.engine", "from .checkpointing import _write, save")[0]
-    assert "private to dfm_ext.metrics" in check("dfm_ext.recipes.demo", "from dfm_ext.metrics._images import x")[0]
-    assert "private to dfm_ext.recipes" in check("dfm_ext.adapters.sd3", "from dfm_ext.recipes import _common")[0]
-    assert check("dfm_ext.recipes.demo", "from dfm_ext.recipes._common import helper") == []
+    assert "private name _write" in check("dfm_ext.recipes.engine.trainer", "from .checkpointing import _write, save")[0]
+    assert "private to dfm_ext.metrics" in check("dfm_ext.recipes.demo.run", "from dfm_ext.metrics._images import x")[0]
+    assert "private to dfm_ext.metrics" in check("dfm_ext.adapters.sd3", "from dfm_ext.metrics import _images")[0]
+    assert check("dfm_ext.recipes.demo.run", "from dfm_ext.recipes.engine.cli import helper") == []
     assert check("dfm_ext.metrics.swd", "from ._images import iter_batches") == []
     assert check("dfm_ext.wrapping.wrapper", "from dfm_ext.validation import __all__") == []
 

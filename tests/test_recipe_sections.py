@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from dfm_ext.recipes import flux_finetune, imagenet, kinetics
-from dfm_ext.recipes.config import ConfigError, from_dict
-from dfm_ext.recipes.sections import DFMConfig
+from dfm_ext.recipes.flux import task as flux_finetune
+from dfm_ext.recipes.imagenet import task as imagenet
+from dfm_ext.recipes.kinetics import task as kinetics
+from dfm_ext.recipes.engine.config import ConfigError, from_dict
+from dfm_ext.recipes.engine.sections import DFMConfig
 
 
 def test_one_dfm_section_class_for_every_recipe() -> None:

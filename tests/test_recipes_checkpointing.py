@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfm_ext.recipes.checkpointing import (
+from dfm_ext.recipes.engine.checkpoint import (
     find_latest,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     step_dir_name,
 )
-from dfm_ext.recipes.engine import build_optimizer, warmup_lambda, OptimConfig
+from dfm_ext.recipes.engine.trainer import build_optimizer, warmup_lambda, OptimConfig
 
 
 class FakeAccelerator:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from dfm_ext.recipes.imagenet import main as imagenet_main
+from dfm_ext.recipes.imagenet.task import main as imagenet_main
 
 from _recipe_fixtures import logged_losses, tiny_argv, tiny_image_assets
 
@@ -82,7 +82,7 @@ def test_unknown_compile_backend_is_refused_before_compute(assets: Path, tmp_pat
 _FSDP_RUNS = """
 import json, sys
 from pathlib import Path
-from dfm_ext.recipes.imagenet import main
+from dfm_ext.recipes.imagenet.task import main
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 for name, extra in (("eager", []), ("compiled", ["train.compile=true", "train.compile_backend=eager"])):
     argv = ["--config", "tiny", f"data.root={root / 'images'}", f"vae.path={root}", f"train.output_dir={out / name}",

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.recipes import checkpointing as checkpointing_mod
-from dfm_ext.recipes import config as config_mod
-from dfm_ext.recipes import data_images as data_mod
-from dfm_ext.recipes import engine as engine_mod
-from dfm_ext.recipes import optimizer as optimizer_mod
-from dfm_ext.recipes.config import ConfigError, apply_overrides, config_to_dict, from_dict, load_config, resolve_config_path
-from dfm_ext.recipes.imagenet import ImageNetConfig, main, parse_args
+from dfm_ext.recipes.engine import checkpoint as checkpointing_mod
+from dfm_ext.recipes.engine import config as config_mod
+from dfm_ext.recipes.engine import data as data_mod
+from dfm_ext.recipes.engine import trainer as engine_mod
+from dfm_ext.recipes.engine import optimizer as optimizer_mod
+from dfm_ext.recipes.engine.config import config_dir, ConfigError, apply_overrides, config_to_dict, from_dict, load_config, resolve_config_path
+from dfm_ext.recipes.imagenet.task import ImageNetConfig, main, parse_args
 
 
 @dataclass
@@ -105,7 +105,7 @@ def test_paper_settings() -> None:
 
 def test_unknown_config_name() -> None:
     with pytest.raises(ConfigError, match="not found"):
-        resolve_config_path("imagenet_513")
+        resolve_config_path("imagenet_513", config_dir(ImageNetConfig))
 
 
 def test_yaml_unknown_key(tmp_path) -> None:

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.recipes.data_images import BatchPlan, ImageFolder, PlanBatchSampler, collate_items, scan_image_folder
-from dfm_ext.recipes.latents import CacheMismatchError, LatentCache, LatentCodec, load_vae, write_latent_cache
-from dfm_ext.recipes.tiny_assets import make_image_folder, make_tiny_vae
+from dfm_ext.recipes.engine.data import BatchPlan, ImageFolder, PlanBatchSampler, collate_items, scan_image_folder
+from dfm_ext.recipes.engine.latents import CacheMismatchError, LatentCache, LatentCodec, load_vae, write_latent_cache
+from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_sixteen_bit_png_keeps_its_brightness(tmp_path):
     """A 16-bit grey PNG decodes like its 8-bit version (convert("RGB") alone clips it to white)."""
     from PIL import Image
 
-    from dfm_ext.recipes.data_images import load_image
+    from dfm_ext.recipes.engine.data import load_image
 
     ramp8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
     Image.fromarray(ramp8).save(tmp_path / "a8.png")

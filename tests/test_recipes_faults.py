@@ -4,7 +4,7 @@ Each test damages a run the way real runs get damaged (marker deleted, newest ch
 truncated in each of its files, disk full while saving, run folder moved, read-only output
 folder), then runs the same command again and checks that the final weights equal those of an
 uninterrupted run *bitwise*, that no existing step folder was written over, and what was said.
-Runs go through ``dfm_ext.recipes.imagenet.main`` in this process (the real command path, with
+Runs go through ``dfm_ext.recipes.imagenet.task.main`` in this process (the real command path, with
 its config parsing and exit statuses), so faults can be injected with ``monkeypatch``.
 """
 
@@ -20,14 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfm_ext.recipes.checkpointing import (
+from dfm_ext.recipes.engine.checkpoint import (
     MANIFEST,
     CorruptCheckpointError,
     find_resumable,
     verify_manifest,
     write_manifest,
 )
-from dfm_ext.recipes.imagenet import main as imagenet_main
+from dfm_ext.recipes.imagenet.task import main as imagenet_main
 
 from _recipe_fixtures import tiny_argv, tiny_image_assets
 
@@ -226,7 +226,7 @@ def test_explicit_older_resume_would_overwrite_and_is_refused(assets: Path, refe
 def test_read_only_output_folder_is_one_line_before_compute(
     assets: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    from dfm_ext.recipes.engine import Trainer
+    from dfm_ext.recipes.engine.trainer import Trainer
 
     out = tmp_path / "locked"
     out.mkdir()

@@ -20,15 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from dfm_ext.recipes.config import load_config
-from dfm_ext.recipes.data_captions import (
+from dfm_ext.recipes.engine.config import load_config
+from dfm_ext.recipes.flux.data import (
     AspectBuckets,
     BucketBatchPlan,
     CaptionedImages,
     collate_captioned,
     scan_captions,
 )
-from dfm_ext.recipes.flux_finetune import (
+from dfm_ext.recipes.flux.task import (
     FluxFinetuneConfig,
     FluxFlowModel,
     FluxTask,
@@ -38,8 +38,8 @@ from dfm_ext.recipes.flux_finetune import (
     load_finetuned,
     load_transformer,
 )
-from dfm_ext.recipes.flux_finetune import main as flux_main
-from dfm_ext.recipes.tiny_flux_assets import make_captioned_images, make_tiny_flux
+from dfm_ext.recipes.flux.task import main as flux_main
+from dfm_ext.recipes.flux.assets import make_captioned_images, make_tiny_flux
 from dfm_ext.wrapping.wrapper import DFMTransformer
 
 from _launch import launch_two_cpu_processes
@@ -80,7 +80,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def _text(assets: Path, n: int, cfg: FluxFinetuneConfig) -> dict[str, torch.Tensor]:
-    from dfm_ext.recipes.text_encoding import FluxTextEncoder
+    from dfm_ext.recipes.flux.text_encoding import FluxTextEncoder
 
     prompts = ["a ginger cat looking at the camera", "a cup of coffee", "", "a rocket"][:n]
     return FluxTextEncoder(cfg.model.path, max_sequence_length=cfg.data.max_sequence_length).encode(prompts).as_kwargs()
@@ -140,7 +140,7 @@ def test_baseline_model_is_plain_flux(assets: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(assets: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flux_runs") / "reference"
-    cmd = [PY, "-m", "dfm_ext.recipes.flux_finetune", "--config", "flux_tiny", *_overrides(assets, out)]
+    cmd = [PY, "-m", "dfm_ext.recipes.flux", "--config", "flux_tiny", *_overrides(assets, out)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
@@ -163,9 +163,9 @@ def test_two_processes_agree_and_match_one_with_accumulation(assets: Path, tmp_p
     ddp, single = tmp_path / "ddp", tmp_path / "accum"
     extra = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
     args = ["--config", "flux_tiny", *_overrides(assets, ddp, *extra)]
-    res = launch_two_cpu_processes("dfm_ext.recipes.flux_finetune", args, _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.flux.task", args, _env())
     assert res.returncode == 0, res.stderr[-3000:]
-    cmd = [PY, "-m", "dfm_ext.recipes.flux_finetune", "--config", "flux_tiny", *_overrides(assets, single, *extra, "train.grad_accumulation=2")]
+    cmd = [PY, "-m", "dfm_ext.recipes.flux", "--config", "flux_tiny", *_overrides(assets, single, *extra, "train.grad_accumulation=2")]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     s_ddp = json.loads((ddp / "summary.json").read_text())
@@ -183,7 +183,7 @@ def test_two_processes_with_per_stage_lora(assets: Path, tmp_path: Path) -> None
     out = tmp_path / "stage_lora"
     extra = ["train.steps=8", "train.sample_every=0", "train.checkpoint_every=8", "finetune.mode=stage_lora",
              "finetune.lora_rank=2"]  # fmt: skip
-    res = launch_two_cpu_processes("dfm_ext.recipes.flux_finetune", ["--config", "flux_tiny", *_overrides(assets, out, *extra)], _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.flux.task", ["--config", "flux_tiny", *_overrides(assets, out, *extra)], _env())
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["param_sha256_per_rank"]
@@ -323,9 +323,9 @@ def test_bucket_plan_batches_share_a_bucket_and_split_like_batch_plan(bucket_siz
 
 
 def test_cache_pairs_latents_with_captions_and_refuses_a_mismatch(assets: Path, tmp_path: Path, capsys) -> None:
-    from dfm_ext.recipes.data_captions import load_bucket_image
-    from dfm_ext.recipes.flux_cache import FluxCache, cache_metadata
-    from dfm_ext.recipes.latents import CacheMismatchError
+    from dfm_ext.recipes.flux.data import load_bucket_image
+    from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
+    from dfm_ext.recipes.engine.latents import CacheMismatchError
 
     cache = tmp_path / "cache"
     base = ["--config", "flux_tiny", *_overrides(assets)]

@@ -53,14 +53,14 @@ def _args(assets: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(assets: Path, out: Path, *extra: str) -> Path:
-    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, out, *extra), _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet.task", _args(assets, out, *extra), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
 def _task(assets: Path, *overrides: str):
-    from dfm_ext.recipes.config import load_config
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.engine.config import load_config
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     return ImageNetTask(load_config(ImageNetConfig, "tiny", [f"data.root={assets / 'images'}", f"vae.path={assets}", *overrides]))
 
@@ -73,7 +73,7 @@ def _ddp_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 
 
 def _sharded_state(out: Path, template: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-    from dfm_ext.recipes.sharding import load_full_state
+    from dfm_ext.recipes.engine.parallel import load_full_state
 
     return load_full_state(out / "checkpoints" / f"step-{STEPS:06d}", template, key=key)
 
@@ -171,7 +171,7 @@ def test_sigkill_and_resume_from_sharded_checkpoint(assets: Path, lora_runs, tmp
     out = tmp_path / "killed"
     cmd = [
         ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "dfm_ext.recipes.imagenet",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "dfm_ext.recipes.imagenet.task",
         *_args(assets, out, "train.sharding=fsdp2", *LORA),
     ]  # fmt: skip
     env = {**_env(), "ACCELERATE_USE_CPU": "true"}
@@ -202,7 +202,7 @@ def test_sigkill_and_resume_from_sharded_checkpoint(assets: Path, lora_runs, tmp
 
 
 def test_resuming_a_sharded_checkpoint_without_sharding_is_refused(assets: Path, runs, tmp_path: Path, capsys) -> None:
-    from dfm_ext.recipes.imagenet import main
+    from dfm_ext.recipes.imagenet.task import main
 
     ckpt = runs["fsdp"] / "checkpoints" / f"step-{STEPS:06d}"
     out = tmp_path / "plain"
@@ -236,7 +236,7 @@ def test_every_family_shards_with_per_stage_lora(tmp_path: Path) -> None:
 
 
 def test_transformer_blocks_names_the_model_lists_when_none_is_found() -> None:
-    from dfm_ext.recipes.sharding import transformer_blocks
+    from dfm_ext.recipes.engine.parallel import transformer_blocks
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])

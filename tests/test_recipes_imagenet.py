@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dfm_ext.recipes.build_latent_cache import main as build_cache_main
-from dfm_ext.recipes.imagenet import main as imagenet_main
+from dfm_ext.recipes.imagenet.cache import main as build_cache_main
+from dfm_ext.recipes.imagenet.task import main as imagenet_main
 from _launch import launch_two_cpu_processes
 from _recipe_fixtures import logged_losses as _losses
 from _recipe_fixtures import recipe_env as _env
@@ -54,7 +54,7 @@ def _args(assets: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _single(assets: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out, *extra)]
+    cmd = [PY, "-m", "dfm_ext.recipes.imagenet.task", *_args(assets, out, *extra)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_tiny_end_to_end(reference: Path) -> None:
 
 def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out)]
+    cmd = [PY, "-m", "dfm_ext.recipes.imagenet.task", *_args(assets, out)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = out / "checkpoints" / "latest"
     try:
@@ -129,7 +129,7 @@ def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, 
 def test_two_processes_equal_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
     ddp, single = tmp_path / "ddp", tmp_path / "accum"
     steps = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
-    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, ddp, *steps), _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet.task", _args(assets, ddp, *steps), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     _single(assets, single, *steps, "train.grad_accumulation=2")
 
@@ -174,9 +174,9 @@ def test_resume_with_changed_config_is_refused(assets: Path, reference: Path, ca
 
 def test_flow_matching_baseline_task(assets: Path, tmp_path: Path) -> None:
     """decomposition.kind=identity turns the same recipe into plain Flow Matching (in process)."""
-    from dfm_ext.recipes.config import load_config
-    from dfm_ext.recipes.data_images import ImageFolder, collate_items
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.engine.config import load_config
+    from dfm_ext.recipes.engine.data import ImageFolder, collate_items
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     cfg = load_config(
         ImageNetConfig, "tiny",
@@ -205,8 +205,8 @@ def _trained_ema(out: Path, cfg_overrides: list[str], assets: Path) -> torch.nn.
     """The EMA model of the last checkpoint, rebuilt independently of final/."""
     from torch.optim.swa_utils import AveragedModel
 
-    from dfm_ext.recipes.config import load_config
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.engine.config import load_config
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     cfg = load_config(ImageNetConfig, "tiny", [f"data.root={assets / 'images'}", f"vae.path={assets}", *cfg_overrides])
     model = ImageNetTask(cfg).build_model()
@@ -254,7 +254,7 @@ def test_two_processes_with_per_stage_lora_agree(assets: Path, tmp_path: Path) -
     out = tmp_path / "lora_ddp"
     extra = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4", "specialize.kind=lora",
              "specialize.targets=[mlp,attn]", "specialize.rank=2"]  # fmt: skip
-    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, out, *extra), _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet.task", _args(assets, out, *extra), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["param_sha256_per_rank"]

@@ -11,9 +11,9 @@ import torch
 def test_bf16_autocast_training_step_is_finite_and_within_2_percent_of_float32() -> None:
     from accelerate import Accelerator
 
-    from dfm_ext.recipes.config import load_config
-    from dfm_ext.recipes.engine import step_generator
-    from dfm_ext.recipes.imagenet import ImageNetConfig, ImageNetTask
+    from dfm_ext.recipes.engine.config import load_config
+    from dfm_ext.recipes.engine.trainer import step_generator
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     cfg = load_config(ImageNetConfig, "tiny", ["data.root=unused", "vae.path=unused"])
     task = ImageNetTask(cfg)

@@ -113,9 +113,9 @@ def test_wrapped_gradients_and_save_load(tmp_path) -> None:
 
 def test_recipe_cogvideox_transformer_trains(tmp_path) -> None:
     pytest.importorskip("diffusers")
-    from dfm_ext.recipes.config import load_config
-    from dfm_ext.recipes.engine import step_generator
-    from dfm_ext.recipes.kinetics import KineticsConfig, KineticsTask
+    from dfm_ext.recipes.engine.config import load_config
+    from dfm_ext.recipes.engine.trainer import step_generator
+    from dfm_ext.recipes.kinetics.task import KineticsConfig, KineticsTask
 
     cfg = load_config(
         KineticsConfig,

@@ -28,36 +28,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 IMAGES = ("quality.png", "study.png", "study_p0.png", "study_grid_*.png")
 
 
-# ---- mkdocstrings sees dfm_ext as setuptools installs it ----------------------------------------
-
-
-def mirror_package() -> Path:
-    """``build/docs_api_src/dfm_ext``: links to ``src/dfm_ext/*`` plus ``adapters`` and ``recipes``.
-
-    setuptools maps ``adapters/`` and ``recipes/`` into the package (``package-dir``); griffe reads
-    source folders, so it gets a folder that has the installed shape. Built when the hook is
-    imported, i.e. before mkdocstrings looks for its search paths.
-    """
-    mirror = ROOT / "build" / "docs_api_src" / "dfm_ext"
-    mirror.mkdir(parents=True, exist_ok=True)
-    wanted = {p.name: p for p in (ROOT / "src" / "dfm_ext").iterdir() if p.name != "__pycache__"}
-    wanted |= {"adapters": ROOT / "adapters", "recipes": ROOT / "recipes"}
-    for link in mirror.iterdir():
-        if link.name not in wanted or not link.is_symlink() or link.resolve() != wanted[link.name].resolve():
-            link.unlink()
-    for name, target in wanted.items():
-        if not (mirror / name).is_symlink():
-            try:
-                (mirror / name).symlink_to(target)
-            except FileExistsError:  # a parallel build made it meanwhile
-                pass
-    return mirror.parent
-
-
-if "mkdocs" in sys.modules:  # loaded as the hook (not by tests or --headline)
-    mirror_package()
-
-
 # ---- records ------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ Older layouts written by released versions still load through :func:`load_wrappe
   kinds ``lora`` and ``full``) and, for Kinetics ``final/`` folders, ``video_dfm.safetensors``
   holding the ``stage_scales`` (its ``stage_scales.json`` repeats them).
 * the demo's ``config.json`` checkpoints are not wrapped models: the error points to
-  :func:`dfm_ext.recipes.demo.load_demo_checkpoint`.
+  :func:`dfm_ext.recipes.demo.run.load_demo_checkpoint`.
 
 Weights are read with safetensors only (no pickle).
 """
@@ -284,7 +284,7 @@ def _read_record(directory: Path) -> dict[str, Any]:
     if not config_path.is_file() and (directory / "config.json").is_file():
         raise ValueError(
             f"{directory} holds a config.json, not {CONFIG_FILE}: a demo checkpoint from before the one format or a "
-            "diffusers folder, not a wrapped model; load an old demo checkpoint with dfm_ext.recipes.demo.load_demo_checkpoint"
+            "diffusers folder, not a wrapped model; load an old demo checkpoint with dfm_ext.recipes.demo.run.load_demo_checkpoint"
         )
     for p in (config_path, weights_path):
         if not p.is_file():

@@ -1,0 +1,305 @@
+"""Typed run configs: dataclasses, YAML files and ``key.sub=value`` command-line overrides.
+
+A recipe declares its config as nested frozen-free dataclasses (sections such as ``train``,
+``optim``, ``data``). :func:`load_config` builds one from a YAML file (a name in
+``recipes/configs/`` or a path; ``base: other_name`` inherits from another file) and a list of
+overrides, checking every key and value against the dataclass field types *before* any compute
+is spent: an unknown key or a value of the wrong type raises :class:`ConfigError` naming it.
+
+Example:
+    >>> from dataclasses import dataclass, field
+    >>> @dataclass
+    ... class Optim:
+    ...     lr: float = 1e-4
+    ...     betas: tuple[float, float] = (0.9, 0.99)
+    >>> @dataclass
+    ... class Run:
+    ...     optim: Optim = field(default_factory=Optim)
+    ...     steps: int = 10
+    >>> cfg = apply_overrides(Run(), ["optim.lr=3e-4", "steps=20", "optim.betas=[0.9, 0.95]"])
+    >>> cfg.optim.lr, cfg.steps, cfg.optim.betas
+    (0.0003, 20, (0.9, 0.95))
+    >>> apply_overrides(Run(), ["optim.lrr=1"])
+    Traceback (most recent call last):
+    ...
+    dfm_ext.recipes.engine.config.ConfigError: unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys under 'optim': betas, lr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = ["ConfigError", "apply_overrides", "config_to_dict", "from_dict", "config_dir", "load_config", "resolve_config_path", "save_config", "yaml_value"]
+
+T = TypeVar("T")
+
+
+
+def config_dir(cls: type) -> Path:
+    """The ``configs/`` folder beside the module that defines the config class ``cls`` (its recipe's)."""
+    import sys
+
+    return Path(sys.modules[cls.__module__].__file__ or ".").resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """An unknown config key, a value of the wrong type, or a missing config file."""
+
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    # Sections declared in a local scope (tests, notebooks) resolve through their default factories.
+    local = {}
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory
+        if isinstance(factory, type):
+            local[factory.__name__] = factory
+    return typing.get_type_hints(cls, localns=local)
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the type ``tp`` and convert lists to tuples where declared."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not match {_describe(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (tuple, Sequence, list) or tp in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list for {_describe(tp)}, got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values for {_describe(tp)}, got {list(value)!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads '1e-4' (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {_describe(tp)}")
+
+
+def _unknown(key: str, prefix: str, valid: Sequence[str]) -> ConfigError:
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    where = f"under '{prefix}'" if prefix else "at the top level"
+    return ConfigError(f"unknown config key '{full}'{hint}; valid keys {where}: {', '.join(sorted(valid))}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a nested mapping, checking every key and value."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(str(key), prefix, list(fields))
+        factory = fields[key].default_factory
+        if isinstance(value, Mapping) and callable(factory) and not isinstance(factory, type):
+            # A section whose recipe sets other defaults (``functools.partial(DFMConfig, standardize=True)``):
+            # the keys the file leaves out take the recipe's defaults, not the section class's.
+            value = _merge(config_to_dict(factory()), value)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+    return obj
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config dataclass: what ``config.yaml`` holds."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars give typed values for free: 1e-4, true, [1, 2], null; plain words stay strings.
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _wants_text(hint: Any) -> bool:
+    args = typing.get_args(hint)
+    return hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in args and len(args) <= 2)
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied and type-checked.
+
+    Raises:
+        ConfigError: malformed override, unknown key, or a value of the wrong type.
+    """
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("--"):
+            key = key[2:]
+        parts = key.split(".")
+        node: Any = data
+        cls: Any = type(cfg)
+        for depth, part in enumerate(parts):
+            prefix = ".".join(parts[:depth])
+            names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
+            if names is not None and part not in names:
+                raise _unknown(part, prefix, names)
+            if depth == len(parts) - 1:
+                value = _parse_value(text)
+                if names is not None and _wants_text(_hints(cls)[part]) and not isinstance(value, str):
+                    # A string field keeps the text as typed ('tag=001' stays '001'); null still clears it.
+                    value = None if value is None and text.strip() in ("null", "~") else text
+                node[part] = value
+                break
+            if names is None:
+                node = node.setdefault(part, {})
+                continue
+            sub = _hints(cls)[part]
+            if not dataclasses.is_dataclass(sub) and typing.get_origin(sub) not in (dict, Mapping):
+                raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+            node = node[part]
+            cls = sub if dataclasses.is_dataclass(sub) else None
+    return from_dict(type(cfg), data)
+
+
+def resolve_config_path(name: str | Path, folder: Path) -> Path:
+    """A config name (``imagenet_512``) in the recipe's ``folder`` (its ``configs/``) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = folder / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} not found: not a YAML file and not one of {known}")
+
+
+def _read_yaml(path: Path, folder: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"config inheritance loop through {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        # One line: where it broke (PyYAML's marks are 0-based) and what the parser expected.
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = resolve_config_path(base, folder)
+    if not Path(str(base)).is_absolute() and (path.parent / str(base)).is_file():
+        parent = path.parent / str(base)
+    return _merge(_read_yaml(parent, folder, (*seen, path)), data)
+
+
+def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], name: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of ``cls`` <- YAML file ``name`` (with ``base:`` inheritance) <- ``overrides``."""
+    folder = config_dir(cls)
+    data = _read_yaml(resolve_config_path(name, folder), folder) if name is not None else {}
+    return apply_overrides(from_dict(cls, data), overrides)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as a config file spells it, for messages: ``null``, ``[2, 1]``, ``0.1``.
+
+    Example:
+        >>> yaml_value(None), yaml_value((2, 1)), yaml_value(True)
+        ('null', '[2, 1]', 'true')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value)

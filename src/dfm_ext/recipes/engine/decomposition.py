@@ -1,0 +1,149 @@
+"""The ``decomposition`` config section every recipe shares, and the decomposition it builds.
+
+:class:`DecompositionConfig` holds every field of every kind of
+:mod:`dfm_ext.decompositions.factory`; it checks and resolves them when a config loads, so a
+run's ``config.yaml`` says what is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dfm_ext.recipes.engine.config import ConfigError, yaml_value
+
+__all__ = ["DecompositionConfig", "build_decomposition"]
+
+
+@dataclass
+class DecompositionConfig:
+    """The decomposition, every field of every kind (:mod:`dfm_ext.decompositions.factory`).
+
+    ``kind`` picks the class; only that kind's fields are read, and a field of another kind
+    must stay at its default (otherwise a :class:`ConfigError` names it):
+
+    * ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``, ``temporal_factors``
+      (videos);
+    * ``wavelet``: ``wave`` (``haar``, ``db2``, ...), ``factors`` (powers of two, e.g.
+      ``[4, 1]``) or ``levels`` / ``num_stages`` instead, ``mode``;
+    * ``dct``: ``block_size``, ``bands`` (e.g. ``block_size: 8, bands: [1, 4]``);
+    * ``identity``: nothing (plain Flow Matching).
+
+    The values are checked and resolved when the config loads, so ``config.yaml`` says what
+    is built: ``factors`` is ``[1]`` for identity and ``null`` for dct, and a wavelet given
+    by ``levels`` is written with its ``factors`` (``levels: null``).
+    """
+
+    kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
+    factors: tuple[int, ...] | None = (2, 1)
+    down: Literal["area", "bilinear", "bicubic"] = "area"
+    up: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    temporal_factors: tuple[int, ...] | None = None
+    wave: str = "haar"
+    levels: int | None = None
+    num_stages: int | None = None
+    mode: str = "periodization"
+    block_size: int = 4
+    bands: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        import dataclasses
+        import math
+
+        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS, decomposition_config
+
+        kind = self.kind
+        defaults = {f.name: f.default for f in dataclasses.fields(DecompositionConfig)}
+        own = set(DECOMPOSITION_FIELDS.get(kind, ())) | ({"levels", "num_stages"} if kind == "wavelet" else set())
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if name == "kind" or name in own or value == default:
+                continue
+            if name == "factors" and (kind, value) in (("identity", (1,)), ("identity", None), ("dct", None)):
+                continue  # identity: one stage at full resolution, [1] (older configs) or null; dct: null
+            users = [k for k, names in DECOMPOSITION_FIELDS.items() if name in names] or ["wavelet"]
+            raise ConfigError(
+                f"decomposition.{name}={yaml_value(value)} applies to kind={'/'.join(users)}, not kind={kind}; "
+                f"leave it at its default {yaml_value(default)}"
+                + (" (factors: null for dct)" if name == "factors" else "")
+            )
+        if kind == "wavelet" and (self.levels is not None or self.num_stages is not None):
+            if self.factors not in (None, defaults["factors"]):
+                raise ConfigError(
+                    f"decomposition: give either factors ({yaml_value(self.factors)}) or levels/num_stages "
+                    f"({self.levels}/{self.num_stages}) for a wavelet, not both; set the other to null"
+                )
+            self.factors = None
+        try:
+            built = self.build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"kind={kind}: {e}") from e
+        resolved = decomposition_config(built)
+        # Write back what is built (the defaults of the other kinds stay as they are).
+        for name in DECOMPOSITION_FIELDS[kind]:
+            value = resolved[name]
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
+        self.levels = self.num_stages = None
+        self.factors = {"identity": (1,), "dct": None}.get(kind, self.factors)
+        self._num_stages = built.num_stages
+        self._multiple = {
+            "laplacian": math.lcm(*(self.factors or (1,))),
+            "wavelet": (self.factors or (1,))[0],
+            "dct": self.block_size,
+            "identity": 1,
+        }[kind]
+
+    def factory_config(self) -> dict[str, Any]:
+        """The :func:`dfm_ext.decomposition_from_config` dict of this kind's fields."""
+        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS
+
+        names = DECOMPOSITION_FIELDS[self.kind] + (("levels", "num_stages") if self.kind == "wavelet" else ())
+        out: dict[str, Any] = {"kind": self.kind}
+        for name in names:
+            value = getattr(self, name)
+            if name in ("levels", "num_stages", "factors") and self.kind == "wavelet" and value is None:
+                continue
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def build(self) -> Any:
+        """The decomposition, through the library's factory."""
+        from dfm_ext.decompositions.factory import decomposition_from_config
+
+        return decomposition_from_config(self.factory_config())
+
+    def count_stages(self) -> int:
+        """Number of stages of the configured decomposition."""
+        return self._num_stages
+
+    @property
+    def sample_multiple(self) -> int:
+        """Latent sides must be multiples of this (the coarsest stage's downsampling, or the DCT block)."""
+        return self._multiple
+
+    def check_sample_shape(self, shape: Sequence[int], what: str = "latent") -> None:
+        """Raise :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
+        try:
+            self.build().stage_shapes((1, *shape))
+        except ValueError as e:
+            raise ConfigError(f"decomposition (kind={self.kind}) cannot split the {what} shape {tuple(shape)}: {e}") from e
+
+
+def yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value)
+
+
+def build_decomposition(cfg: DecompositionConfig) -> Any:
+    """The configured decomposition (:func:`dfm_ext.decomposition_from_config`); checks it is what ``cfg`` says."""
+    from dfm_ext.decompositions.factory import decomposition_config
+
+    decomposition = cfg.build()
+    built = decomposition_config(decomposition)
+    if built != {k: v for k, v in cfg.factory_config().items() if k in built}:
+        raise RuntimeError(f"built {decomposition!r}, which differs from the config {cfg.factory_config()}")  # pragma: no cover
+    return decomposition

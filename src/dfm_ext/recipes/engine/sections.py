@@ -1,0 +1,402 @@
+"""Config sections the recipes share: ``dfm``, ``sampling``, ``model`` and ``specialize``.
+
+One :class:`DFMConfig` serves ImageNet, Kinetics and FLUX: a recipe passes the recipe-specific
+fields it reads to :meth:`DFMConfig.check` (and its defaults through the section's default
+factory, e.g. ``functools.partial(DFMConfig, standardize=True)``); a field it does not read must
+stay at that default, so a setting can never be silently ignored. :class:`SamplingConfig` holds
+what every sampler needs; a recipe's sampling section extends it with its own outputs (classes
+and image counts, video formats, prompts). The YAML keys are the recipes' ``dfm.*`` and
+``sampling.*`` as before, so old configs and run folders load and resume unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from dataclasses import dataclass, field
+import typing
+from typing import Any, Generic, Literal, TypeVar
+
+from torch import nn
+
+from dfm_ext.recipes.engine.config import ConfigError, yaml_value
+from dfm_ext.recipes.engine.decomposition import DecompositionConfig
+from dfm_ext.recipes.engine.train_config import OptimConfig, TrainConfig
+
+__all__ = [
+    "ClassDataSection",
+    "ClassSamplingConfig",
+    "RECIPE_SECTIONS",
+    "LatentVAEConfig",
+    "RecipeConfig",
+    "VAESection",
+    "DFMConfig",
+    "ModelConfig",
+    "SamplingConfig",
+    "SpecializeConfig",
+    "enable_gradient_checkpointing",
+    "import_factory",
+]
+
+# The DFMConfig fields only some recipes read, and what reads them.
+RECIPE_DFM_FIELDS = {
+    "label_dropout": "class-conditional recipes (FLUX drops captions with data.caption_dropout)",
+    "standardize": "the video recipe",
+    "scales": "the video recipe",
+    "scale_estimation_clips": "the video recipe",
+    "allocation": "the ImageNet and video recipes (their tasks feed it the per-stage losses)",
+}
+
+
+@dataclass
+class DFMConfig:
+    """Training distribution of stage times and the loss (paper section 3.3, A.5).
+
+    ``stage_probabilities`` (``None``: ``p_0 = 0.9`` for two stages), ``current`` / ``earlier``
+    (logit-normal location and scale of the current and earlier stages' times),
+    ``timestep_mode``, ``masking`` and ``stage_weights`` (per-stage loss weights) configure
+    :class:`dfm_ext.StageTimestepSampler` and :class:`dfm_ext.DFMObjective`.
+    ``label_dropout``: class labels replaced by the null class (classifier-free guidance).
+    ``standardize`` / ``scales`` / ``scale_estimation_clips``: per-stage standardisation (paper
+    A.5); ``scales`` null estimates them from that many clips at the start of the run.
+    """
+
+    stage_probabilities: tuple[float, ...] | None = None
+    current: tuple[float, float] = (0.0, 1.0)
+    earlier: tuple[float, float] = (1.5, 1.0)
+    timestep_mode: Literal["dfm", "tied", "uniform"] = "dfm"
+    masking: bool = True
+    stage_weights: tuple[float, ...] | None = None
+    label_dropout: float = 0.1
+    standardize: bool = False
+    scales: tuple[float, ...] | None = None
+    scale_estimation_clips: int = 64
+    # "progress": stage probabilities follow each stage's learning progress
+    # (dfm_ext.process.allocation.ProgressAllocation, prior = stage_probabilities); "fixed": as given.
+    allocation: Literal["fixed", "progress"] = "fixed"
+
+    def timestep_sampler(self, num_stages: int) -> Any:
+        """The :class:`dfm_ext.StageTimestepSampler` of this section.
+
+        With ``allocation: progress`` the task feeds it each step's per-stage losses
+        (``timesteps.update``) and the engine checkpoints its state.
+        """
+        from dfm_ext.process.allocation import make_allocation
+        from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
+
+        prior = self.stage_probabilities or default_stage_probabilities(num_stages)
+        allocation = make_allocation(self.allocation, num_stages, prior=prior) if num_stages > 1 else None
+        return StageTimestepSampler(
+            num_stages, probabilities=self.stage_probabilities, current=self.current, earlier=self.earlier,
+            mode=self.timestep_mode, allocation=allocation,
+        )  # fmt: skip
+
+    def objective(self, num_stages: int) -> Any:
+        """The :class:`dfm_ext.DFMObjective` of this section."""
+        from dfm_ext.process.objective import DFMObjective
+
+        return DFMObjective(num_stages, masking=self.masking, stage_weights=self.stage_weights)
+
+    def check(self, num_stages: int, *, reads: tuple[str, ...], default: DFMConfig, recipe: str) -> None:
+        """Every value against ``num_stages``; the fields of :data:`RECIPE_DFM_FIELDS` not in ``reads`` must equal ``default``'s.
+
+        Builds the library objects the run will build (cheap, no tensors of data) and re-raises
+        their ``ValueError`` as a :class:`ConfigError` naming the config key.
+        """
+        for name, users in RECIPE_DFM_FIELDS.items():
+            value, want = getattr(self, name), getattr(default, name)
+            if name not in reads and value != want:
+                raise ConfigError(
+                    f"dfm.{name}={yaml_value(value)} is not read by the {recipe} recipe (it is for {users}); "
+                    f"leave it at its default {yaml_value(want)}"
+                )
+        try:
+            self.timestep_sampler(num_stages)
+        except ValueError as e:
+            first = str(e).split()[0]
+            key = {"probabilities": "dfm.stage_probabilities", "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")
+            raise ConfigError(f"{key}: {e}") from e
+        if self.stage_weights is not None:
+            if len(self.stage_weights) != num_stages:
+                raise ConfigError(f"dfm.stage_weights {list(self.stage_weights)} needs one entry per stage ({num_stages})")
+            try:
+                self.objective(num_stages)
+            except ValueError as e:
+                raise ConfigError(f"dfm.stage_weights: {e}") from e
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.scales is not None:
+            if len(self.scales) != num_stages:
+                raise ConfigError(f"dfm.scales {list(self.scales)} needs one entry per stage ({num_stages})")
+            if not all(s > 0 for s in self.scales):
+                raise ConfigError(f"dfm.scales {list(self.scales)} must all be > 0")
+        if self.scale_estimation_clips < 1:
+            raise ConfigError(f"dfm.scale_estimation_clips must be >= 1, got {self.scale_estimation_clips}")
+
+
+@dataclass
+class SamplingConfig:
+    """What every recipe's sampler reads: steps per stage, stage thresholds, method, CFG scale, seed.
+
+    A recipe's ``sampling`` section extends this class with its own outputs.
+    """
+
+    steps: tuple[int, ...] = (30, 10)
+    thresholds: tuple[float, ...] = (0.9,)
+    method: Literal["euler", "heun"] = "euler"
+    guidance_scale: float = 1.5
+    seed: int = 0
+
+    def check(self, num_stages: int, *, kind: str = "") -> None:
+        """Steps and thresholds per stage, a finite guidance scale."""
+        from dfm_ext.process.schedule import StageScheduler
+
+        where = f" for decomposition.kind={kind}" if kind else ""
+        steps, thresholds = tuple(self.steps), tuple(self.thresholds)
+        if len(steps) != num_stages:
+            raise ConfigError(f"sampling.steps {list(steps)} needs one entry per stage ({num_stages}{where})")
+        if len(thresholds) != num_stages - 1:
+            raise ConfigError(
+                f"sampling.thresholds {list(thresholds)} needs one entry per stage boundary ({num_stages - 1}{where})"
+            )
+        try:
+            StageScheduler(steps=steps, thresholds=thresholds)
+        except ValueError as e:
+            key = "sampling.thresholds" if "threshold" in str(e) else "sampling.steps"
+            raise ConfigError(f"{key}: {e}") from e
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"sampling.guidance_scale must be a finite number, got {self.guidance_scale}")
+
+    def sampler(self, decomposition: Any, **kwargs: Any) -> Any:
+        """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` passed on, e.g. ``scales``)."""
+        from dfm_ext.process.sampler import DFMSampler
+        from dfm_ext.process.schedule import StageScheduler
+
+        scheduler = StageScheduler(steps=self.steps, thresholds=self.thresholds)
+        return DFMSampler(decomposition, scheduler, method=self.method, guidance_scale=self.guidance_scale, **kwargs)
+
+
+@dataclass
+class ClassSamplingConfig(SamplingConfig):
+    """:class:`SamplingConfig` of the class-conditional recipes: ``classes`` to cycle through (null: the first ones)."""
+
+    classes: tuple[int, ...] | None = None
+
+    def check_classes(self, num_classes: int) -> None:
+        if self.classes is None:
+            return
+        if not self.classes:
+            raise ConfigError("sampling.classes is empty; give class indices or null")
+        bad = [c for c in self.classes if not 0 <= c < num_classes]
+        if bad:
+            raise ConfigError(f"sampling.classes {bad} out of range [0, {num_classes - 1}] (data.num_classes={num_classes})")
+
+
+def check_count(section: Any, name: str) -> None:
+    """``sampling.<name>`` (a number of samples) is at least 1."""
+    n = getattr(section, name)
+    if n < 1:
+        raise ConfigError(f"sampling.{name} must be >= 1, got {n}")
+
+
+@dataclass
+class ModelConfig:
+    """A reference model (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts (``factory``).
+
+    ``factory``: ``"package.module:function"``; called as ``function(config)`` with the whole run
+    config, it returns the unwrapped model (replacing ``preset``). ``time_convention``: how that
+    model reads time (``"discrete"`` for facebookresearch DiT, ``"unit"`` for SiT / LightningDiT,
+    ...; see ``wrap_dit``); ``None`` = the model declares it (``dfm_time_convention``), as the
+    reference models do. A factory model that declares nothing is refused with the list of
+    choices rather than guessed. ``gradient_checkpointing``: activation checkpointing of the
+    blocks (memory for compute).
+    """
+
+    preset: str = "XL/2"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    factory: str | None = None
+    time_convention: str | None = None
+    init: Literal["scratch", "pretrained"] = "scratch"
+    gradient_checkpointing: bool = False
+
+    def check(self, preset_config: Any = None, **base: Any) -> None:
+        """``time_convention``; and ``preset_config.preset(preset, **base, **overrides)`` builds (no factory)."""
+        from dfm_ext.process.conventions import check_time_convention
+
+        try:
+            check_time_convention(self.time_convention, allow_none=True)
+        except ValueError as e:
+            raise ConfigError(f"model.time_convention: {e}") from None
+        if self.factory is not None or preset_config is None:
+            return
+        if base.get("num_classes", 1) < 1:
+            raise ConfigError(f"data.num_classes must be >= 1, got {base['num_classes']}")
+        try:
+            preset_config.preset(self.preset, **{**base, **self.overrides})
+        except TypeError as e:  # an override that is not a field of the model config
+            raise ConfigError(f"model.overrides {dict(self.overrides)}: {e}") from e
+        except ValueError as e:
+            key = "model.preset" if "preset" in str(e) else "model.overrides"
+            raise ConfigError(f"{key}: {e}") from e
+
+
+def import_factory(spec: str) -> Any:
+    """The function ``"package.module:function"`` of ``model.factory``."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"model.factory must look like 'package.module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.factory {spec!r} cannot be imported: {e}") from e
+
+
+def enable_gradient_checkpointing(base: nn.Module) -> None:
+    """``model.gradient_checkpointing: true``: turn it on in the unwrapped model (DiT or diffusers)."""
+    enable = getattr(base, "enable_gradient_checkpointing", None)
+    if not callable(enable):
+        raise ConfigError(
+            f"model.gradient_checkpointing is true but {type(base).__name__} has no enable_gradient_checkpointing(); "
+            "set it to false or build a model that supports it"
+        )
+    enable()
+
+
+@dataclass
+class SpecializeConfig:
+    """Per-stage parameters (paper 4.2, Table 1d) from :func:`dfm_ext.specialize`.
+
+    ``kind``: ``none`` (one shared model), ``full`` (stage weights averaged with the shared
+    ones) or ``lora`` (a per-stage LoRA of ``rank``, scaled by ``alpha / rank``; ``alpha``
+    null: ``= rank``). ``targets``: layer groups (``mod``, ``proj``, ``cond``, ``attn``,
+    ``mlp``, ``all``).
+    """
+
+    kind: Literal["none", "full", "lora"] = "none"
+    targets: tuple[str, ...] = ("mlp",)
+    rank: int = 16
+    alpha: float | None = None
+
+    def validate(self, num_stages: int) -> None:
+        from dfm_ext.specialization import GROUP_PATTERNS
+
+        if self.kind not in ("none", "full", "lora"):
+            raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
+        if self.kind == "none":
+            return
+        if num_stages < 2:
+            raise ConfigError(f"specialize.kind={self.kind} needs a decomposition with >= 2 stages, this one has {num_stages}")
+        known = ("all", *GROUP_PATTERNS)
+        unknown = [g for g in self.targets if g not in known]
+        if not self.targets or unknown:
+            raise ConfigError(f"specialize.targets {list(self.targets)}: unknown group(s) {unknown}; known: {list(known)}")
+        if self.kind == "lora":
+            if self.rank < 1:
+                raise ConfigError(f"specialize.rank must be >= 1, got {self.rank}")
+            if self.alpha is not None and not math.isfinite(self.alpha):
+                raise ConfigError(f"specialize.alpha must be a finite number or null, got {self.alpha}")
+
+    def apply(self, model: nn.Module) -> Any:
+        """:func:`dfm_ext.specialize` of ``model`` as configured (``None`` for ``kind=none``)."""
+        from dfm_ext.specialization import specialize
+
+        if self.kind == "none":
+            return None
+        lora = self.kind == "lora"
+        return specialize(
+            model, kind=self.kind, targets=list(self.targets), rank=self.rank if lora else None, alpha=self.alpha if lora else None
+        )
+
+
+def default_of(config: Any, section: str) -> Any:
+    """The recipe's default ``section`` of the config class of ``config`` (its default factory's value)."""
+    f = next(f for f in dataclasses.fields(config) if f.name == section)
+    return f.default_factory()  # type: ignore[misc]
+
+
+@dataclass
+class VAESection:
+    """What every recipe's ``vae`` section says about the latents: the VAE's ``subfolder`` and the
+    normalisation ``z = (z - shift) * scale`` (``None``: the VAE config's factors, shift 0 if it has none)."""
+
+    subfolder: str | None = "vae"
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    sample_posterior: bool = False
+
+
+@dataclass
+class LatentVAEConfig(VAESection):
+    """:class:`VAESection` of a recipe that trains from scratch: a diffusers VAE folder or hub id
+    (``path``, read offline from the local cache), its latent channels and dtype."""
+
+    path: str | None = None
+    latent_channels: int = 16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class ClassDataSection:
+    """What the class-conditional recipes' ``data`` sections share: items under ``root`` (one class
+    per folder) or a built ``latent_cache``, the side ``resolution``, mirroring, the class count and
+    how many unreadable items a run may skip (``max_skips``)."""
+
+    root: str | None = None
+    latent_cache: str | None = None
+    resolution: int = 512
+    random_flip: bool = True
+    num_classes: int = 1000
+    max_skips: int = 64
+
+
+DataT = TypeVar("DataT")
+VAET = TypeVar("VAET")
+ModelT = TypeVar("ModelT")
+SamplingT = TypeVar("SamplingT")
+
+#: The sections a recipe names as ``RecipeConfig[Data, VAE, Model, Sampling]``, in that order.
+RECIPE_SECTIONS = ("data", "vae", "model", "sampling")
+
+
+def _named_by_the_recipe() -> Any:
+    raise TypeError("RecipeConfig is abstract: a recipe's config subclasses RecipeConfig[Data, VAE, Model, Sampling]")
+
+
+@dataclass
+class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
+    """The sections every recipe's run config has: ``train``, ``optim``, ``decomposition``, ``dfm``,
+    and the four a recipe names by type, ``RecipeConfig[Data, VAE, Model, Sampling]``, which become
+    its ``data``, ``vae``, ``model`` and ``sampling`` sections (each defaulting to its type's
+    defaults). A recipe declares only sections beyond these (or a different default for one).
+
+    Every field can be overridden as ``section.key=value``.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    dfm: DFMConfig = field(default_factory=DFMConfig)
+    data: DataT = field(default_factory=_named_by_the_recipe)
+    vae: VAET = field(default_factory=_named_by_the_recipe)
+    model: ModelT = field(default_factory=_named_by_the_recipe)
+    sampling: SamplingT = field(default_factory=_named_by_the_recipe)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Runs before @dataclass processes the subclass: each section type named in the base
+        # becomes the subclass's own annotation and default factory (a field declared in the
+        # subclass's body wins), so dataclasses and the config loader see plain typed sections.
+        super().__init_subclass__(**kwargs)
+        named = [typing.get_args(b) for b in cls.__dict__.get("__orig_bases__", ()) if typing.get_origin(b) is RecipeConfig]
+        if not named:
+            return
+        if "__annotations__" not in cls.__dict__:
+            cls.__annotations__ = {}
+        for name, section in zip(RECIPE_SECTIONS, named[0]):
+            if name not in cls.__dict__["__annotations__"]:
+                cls.__dict__["__annotations__"][name] = section
+                setattr(cls, name, field(default_factory=section))
+
+    @property
+    def num_stages(self) -> int:
+        return self.decomposition.count_stages()

@@ -1,0 +1,221 @@
+"""Pictures for the demo and the benchmarks: image grids, progressive strips, loss curves.
+
+Images go through Pillow; the loss curve needs matplotlib (the ``demo`` extra). Every writer
+renders to a temporary file next to the target and renames it, so a crash never leaves a
+half-written PNG that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["make_grid", "save_array_png", "save_image_grid", "save_loss_curves", "save_progressive", "smooth", "to_uint8", "umask"]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """``[N, C, H, W]`` in ``[-1, 1]`` (clipped) to ``[N, H, W, C]`` uint8 (C = 1 or 3).
+
+    Example:
+        >>> to_uint8(torch.tensor([[[[-1.0, 1.0]]]])).ravel().tolist()
+        [0, 255]
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', type(images))}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)}")
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: Tensor, nrow: int, *, padding: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile ``[N, C, H, W]`` images (in ``[-1, 1]``) into one ``[rows*(H+pad)+pad, ...]`` uint8 array.
+
+    Args:
+        images: the images; the grid is filled row by row, ``nrow`` images per row.
+        nrow: images per row.
+        padding: grey border in pixels (before scaling).
+        scale: nearest-neighbour upscaling factor so small images stay visible.
+
+    Returns:
+        ``[H_grid, W_grid, C]`` uint8.
+
+    Example:
+        >>> make_grid(torch.zeros(6, 1, 4, 4), nrow=3, padding=1).shape
+        (11, 16, 1)
+    """
+    if nrow < 1 or scale < 1 or padding < 0:
+        raise ValueError(f"need nrow >= 1, scale >= 1, padding >= 0; got {nrow}, {scale}, {padding}")
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    rows = (n + nrow - 1) // nrow
+    pad = padding * scale
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 128, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = arr[i]
+    return grid
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    # mkstemp makes the file private (0600); the result should get the usual permissions.
+    os.chmod(tmp, 0o666 & ~umask())
+    return path, Path(tmp)
+
+
+def save_array_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write a ``[H, W, 1 or 3]`` uint8 array as a PNG, atomically. Returns the path."""
+    from PIL import Image
+
+    if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype != np.uint8:
+        raise ValueError(f"array must be uint8 [H, W, 1 or 3], got {array.dtype} {array.shape}")
+    path, tmp = _atomic_target(path)
+    try:
+        img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_image_grid(
+    images: Tensor, path: str | os.PathLike[str], *, nrow: int = 8, padding: int = 2, scale: int = 2
+) -> Path:
+    """Save ``[N, C, H, W]`` images in ``[-1, 1]`` as one PNG grid (``nrow`` per row).
+
+    Example:
+        >>> import tempfile
+        >>> p = save_image_grid(torch.zeros(4, 1, 8, 8), Path(tempfile.mkdtemp()) / "g.png", nrow=2, scale=1)
+        >>> from PIL import Image; Image.open(p).size
+        (22, 22)
+    """
+    return save_array_png(make_grid(images, nrow, padding=padding, scale=scale), path)
+
+
+def _upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="nearest")
+
+
+def save_progressive(
+    previews: Sequence[Tensor], final: Tensor, path: str | os.PathLike[str], *, scale: int = 3, padding: int = 2
+) -> Path:
+    """One row per example: each stage's preview (upscaled, nearest) then the final sample.
+
+    Args:
+        previews: per stage, ``[N, C, H_s, W_s]`` (the sample rebuilt from stages ``0..s``).
+        final: ``[N, C, H, W]``.
+        path: the PNG to write.
+
+    Example:
+        >>> import tempfile
+        >>> p = save_progressive([torch.zeros(2, 1, 4, 4)], torch.zeros(2, 1, 8, 8),
+        ...                      Path(tempfile.mkdtemp()) / "p.png", scale=1, padding=1)
+        >>> from PIL import Image; Image.open(p).size
+        (19, 19)
+    """
+    if final.ndim != 4:
+        raise ValueError(f"final must be [N, C, H, W], got shape {tuple(final.shape)}")
+    n = final.shape[0]
+    for s, p in enumerate(previews):
+        if p.ndim != 4 or p.shape[0] != n or p.shape[1] != final.shape[1]:
+            raise ValueError(f"previews[{s}] has shape {tuple(p.shape)}, expected [{n}, {final.shape[1]}, h, w]")
+    columns = [_upsample_to(p, final.shape[-2:]) for p in previews] + [final.float()]
+    # Interleave so that row i holds example i's stages left to right.
+    tiles = torch.stack(columns, dim=1).flatten(0, 1)
+    return save_image_grid(tiles, path, nrow=len(columns), padding=padding, scale=scale)
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (what TensorBoard's smoothing does).
+
+    Example:
+        >>> [round(v, 3) for v in smooth([1.0, 0.0], weight=0.5)]
+        [1.0, 0.333]
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"weight must be in [0, 1), got {weight}")
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = weight * avg + (1 - weight) * float(v)
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def save_loss_curves(
+    curves: Mapping[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    *,
+    steps: Mapping[str, Sequence[int]] | None = None,
+    title: str = "training loss",
+    weight: float = 0.95,
+    ylabel: str = "loss (smoothed)",
+    logy: bool = True,
+) -> Path:
+    """Plot named curves (smoothed, raw values faint behind them) into a PNG with matplotlib.
+
+    Args:
+        curves: name -> values. NaN entries (a stage not drawn in that step) are skipped.
+        path: the PNG.
+        steps: name -> x values (default ``0..len-1``).
+        weight: smoothing weight, see :func:`smooth`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    try:
+        for i, (name, values) in enumerate(curves.items()):
+            xs = list(steps[name]) if steps is not None else list(range(len(values)))
+            if len(xs) != len(values):
+                raise ValueError(f"curve {name!r} has {len(values)} values but {len(xs)} steps")
+            pts = [(x, float(v)) for x, v in zip(xs, values) if np.isfinite(v)]
+            if not pts:
+                continue
+            px, py = zip(*pts)
+            color = f"C{i}"
+            ax.plot(px, py, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(px, smooth(py, weight) if len(py) > 1 else py, color=color, label=name, linewidth=1.5)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        fig.tight_layout()
+        path, tmp = _atomic_target(path)
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        plt.close(fig)
+    return path

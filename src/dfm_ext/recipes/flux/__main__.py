@@ -1,0 +1,5 @@
+import sys
+
+from dfm_ext.recipes.flux.task import main
+
+sys.exit(main())

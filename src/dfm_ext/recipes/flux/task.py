@@ -1,0 +1,342 @@
+"""Finetune FLUX (diffusers ``FluxTransformer2DModel``) with DFM, or plainly as the baseline.
+
+Run::
+
+    accelerate launch --config_file src/dfm_ext/recipes/accelerate_configs/fsdp_flux_8gpu.yaml \\
+        -m dfm_ext.recipes.flux --config flux_dfm model.path=/models/FLUX.1-dev data.source=/data/captioned
+    python -m dfm_ext.recipes.flux cache --config flux_dfm --out /data/flux_cache ...  # optional
+    python -m dfm_ext.recipes.flux --config flux_tiny model.path=... data.source=...  # CPU smoke run
+
+The pipeline: captioned images (a folder with ``.txt`` captions or a JSONL) in aspect-ratio
+buckets at 512 and 1024 px, every batch from one bucket -> latents of FLUX's ``AutoencoderKL``
+(``z = (z - shift) * scale``) and CLIP/T5 text embeddings, 10% of captions replaced by the empty
+prompt -> the decomposition's stages -> :class:`dfm_ext.DFMObjective` on FLUX wrapped with
+:func:`dfm_ext.wrap_dit` (paper E: stage 0 reuses FLUX's patch embedding, time embedding and
+head, fed at half the latent resolution with a 1x1 patch, which equals FLUX on the stage
+upsampled by 2; every other stage starts at zero; guidance embedding fixed at 1.0). With
+``decomposition.kind=identity`` (config ``flux_ft``) the unmodified transformer is trained with
+plain Flow Matching through its own ``forward``: the baseline of paper Table 3.
+
+``finetune.mode``: ``full``; ``lora`` (peft ``LoraConfig`` injected into the transformer's
+attention projections); ``stage_lora`` (per-stage LoRA from :func:`dfm_ext.specialize`). With
+LoRA the new DFM layers (patch embedding, timestep embedders, head) stay trainable.
+
+``final/`` is the export: for DFM runs the wrapped model (``model.safetensors`` +
+``dfm_config.json``, rebuilt by :func:`load_finetuned` or ``dfm_ext.load_wrapped``), with
+``stage_parameters.safetensors`` for ``stage_lora``; for the baseline a diffusers folder
+(``FluxTransformer2DModel.from_pretrained(final)``). LoRA is merged into the saved weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dfm_ext.recipes.engine.cli import dropout_mask, looks_local, parse_config_args, save_progressive_samples, train_main
+from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
+from dfm_ext.recipes.engine.decomposition import build_decomposition
+from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult
+from dfm_ext.recipes.flux.config import FinetuneConfig, FluxFinetuneConfig
+from dfm_ext.recipes.flux.encoders import FluxEncoders
+
+__all__ = [
+    "FluxFinetuneConfig",
+    "FluxFlowModel",
+    "FluxTask",
+    "build_dataset",
+    "load_finetuned",
+    "main",
+    "parse_args",
+    "run",
+]
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+def _pack(x: Tensor) -> Tensor:
+    """``[B, C, H, W]`` -> FLUX tokens ``[B, H/2 * W/2, 4 C]`` in ``(c, p, q)`` order (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(y: Tensor, h: int, w: int) -> Tensor:
+    b, _, c4 = y.shape
+    return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+class FluxFlowModel(nn.Module):
+    """The unmodified FLUX transformer behind the DFM model contract, with one stage (the FT baseline).
+
+    ``forward([x [B, C, H, W]], t [B, 1], stage [B], mask=None, encoder_hidden_states=...,
+    pooled_projections=...)`` packs ``x`` into FLUX tokens, calls the transformer's own forward
+    with ``timestep = 1 - t`` (FLUX multiplies by 1000 itself) and the fixed ``guidance``, and
+    returns ``[-output]`` (FLUX predicts ``noise - x``; the contract is ``x - noise``).
+    """
+
+    num_stages = 1
+
+    def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.guidance = float(guidance)
+
+    def forward(
+        self,
+        stages: Sequence[Tensor],
+        t: Tensor,
+        stage: Tensor,
+        mask: Tensor | None = None,
+        *,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+    ) -> list[Tensor]:
+        from dfm_ext.adapters.flux import flux_image_ids
+
+        if len(stages) != 1 or stages[0].ndim != 4:
+            raise ValueError(f"FluxFlowModel takes one stage [B, C, H, W], got {[tuple(s.shape) for s in stages]}")
+        x = stages[0]
+        b, _, h, w = x.shape
+        if t.shape != (b, 1):
+            raise ValueError(f"t must have shape [B, 1] = [{b}, 1], got {tuple(t.shape)}")
+        if h % 2 or w % 2:
+            raise ValueError(f"FLUX latents must have even height and width, got {tuple(x.shape)}")
+        cfg = self.transformer.config
+        guidance = torch.full((b,), self.guidance, device=x.device, dtype=x.dtype) if cfg.guidance_embeds else None
+        out = self.transformer(
+            hidden_states=_pack(x),
+            timestep=1 - t[:, 0],
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=flux_image_ids((h // 2, w // 2), device=x.device, dtype=x.dtype),
+            return_dict=False,
+        )[0]
+        return [-_unpack(out, h, w)]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """A plain diffusers ``FluxTransformer2DModel`` folder (LoRA merged in)."""
+        from dfm_ext.wrapping.io import peft_merged
+
+        with peft_merged(self.transformer):
+            self.transformer.save_pretrained(str(directory))
+
+
+def _unfreeze_dfm_layers(transformer: nn.Module) -> None:
+    for module in (transformer.x_embedder, transformer.proj_out, transformer.time_text_embed.timestep_embedder):
+        module.requires_grad_(True)
+
+
+def _add_peft_lora(transformer: nn.Module, ft: FinetuneConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha or ft.lora_rank, target_modules=list(ft.lora_targets),
+                        init_lora_weights=True)
+    inject_adapter_in_model(config, transformer)
+    for name, p in transformer.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """``FluxTransformer2DModel.from_pretrained(model.path, subfolder="transformer")``."""
+    from diffusers import FluxTransformer2DModel
+
+    from dfm_ext.recipes.flux.text_encoding import check_local_subfolders
+
+    path = cfg.model.path
+    check_local_subfolders(path, ("transformer",))  # type: ignore[arg-type]
+    where = str(Path(path).expanduser()) if looks_local(path) else path  # type: ignore[arg-type]
+    model = FluxTransformer2DModel.from_pretrained(where, subfolder="transformer", torch_dtype=getattr(torch, cfg.model.dtype))
+    return model.to(device)
+
+
+def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
+    """The trained model: ``wrap_dit(transformer, any_sample_shape=True)`` or the plain ``FluxFlowModel``.
+
+    Why the baseline keeps its own small module: paper Table 3's baseline trains the unmodified
+    transformer through its own ``forward`` and exports a plain diffusers folder;
+    ``wrap_dit`` with ``IdentityDecomposition`` would swap in the multi-scale embedders.
+    """
+    from dfm_ext.adapters.flux import FluxAdapter
+    from dfm_ext.wrapping.wrapper import wrap_dit
+
+    ft = cfg.finetune
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.num_stages == 1:
+        if ft.mode == "lora":
+            _add_peft_lora(transformer, ft)
+        return FluxFlowModel(transformer, guidance=cfg.model.guidance)
+    c = transformer.config.in_channels // 4
+    h, w = cfg.buckets().shapes[0]
+    f = cfg.vae.downsample
+    # FLUX has no position table (RoPE ids follow the grid): one wrapper serves every bucket.
+    wrapped = wrap_dit(
+        transformer, build_decomposition(cfg.decomposition), adapter=FluxAdapter(guidance=cfg.model.guidance),
+        sample_shape=(c, h // f, w // f), init="pretrained", any_sample_shape=True,
+    )
+    if ft.mode == "lora":
+        _add_peft_lora(transformer, ft)
+    elif ft.mode == "stage_lora":
+        from dfm_ext.specialization import specialize
+
+        wrapped.specialization = specialize(
+            wrapped, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
+            num_stages=cfg.num_stages, train="stage",
+        )
+    if ft.mode != "full" and ft.train_dfm_layers:
+        _unfreeze_dfm_layers(transformer)
+    return wrapped
+
+
+def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a model exported to ``final/`` (DFM or baseline) for sampling with :class:`dfm_ext.DFMSampler`.
+
+    Returns the :class:`dfm_ext.DFMTransformer` (DFM runs, any bucket's shape; a per-stage LoRA
+    re-applied, in this layout or the older one with ``stage_lora.json``) or a
+    :class:`FluxFlowModel` (baseline); both follow the DFM model contract. Safetensors only.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    directory = Path(directory)
+    if (directory / "dfm_config.json").is_file():
+        from dfm_ext.wrapping.io import load_wrapped
+
+        record = json.loads((directory / "dfm_config.json").read_text())
+        base = FluxTransformer2DModel.from_config(record["base"]["config"])
+        model = load_wrapped(directory, base, device=device)
+        # Exports written before any_sample_shape existed came from the bucketed wrapper, which
+        # accepted every bucket's shape: so does the reloaded model.
+        model.any_sample_shape = True
+        return model.to(device, dtype).eval()
+    if (directory / "config.json").is_file():
+        transformer = FluxTransformer2DModel.from_pretrained(str(directory), torch_dtype=dtype)
+        return FluxFlowModel(transformer).to(device).eval()
+    raise FileNotFoundError(f"{directory} holds neither a DFM export (dfm_config.json) nor a diffusers transformer (config.json)")
+
+
+# -- the task --------------------------------------------------------------------------------
+
+
+class FluxTask(FluxEncoders):
+    """Model, loss and sampling of the FLUX finetuning recipe (a ``TrainTask``)."""
+
+    def __init__(self, cfg: FluxFinetuneConfig) -> None:
+        super().__init__(cfg)
+        self.decomposition = build_decomposition(cfg.decomposition)
+        s = self.decomposition.num_stages
+        self.timesteps = cfg.dfm.timestep_sampler(s)
+        self.objective = cfg.dfm.objective(s)
+        # Per-stage LoRA takes part in every forward (zero gradients when a stage is absent).
+        self.find_unused_parameters = False
+
+    def build_model(self) -> nn.Module:
+        return build_flux_model(self.cfg, load_transformer(self.cfg))
+
+    def conditioning(self, batch: dict[str, Any], device: torch.device) -> Any:
+        from dfm_ext.recipes.flux.text_encoding import TextEmbeddings
+
+        if "encoder_hidden_states" in batch:
+            return TextEmbeddings(batch["encoder_hidden_states"].float(), batch["pooled_projections"].float()).to(device)
+        return self.text_encoder(device).encode(batch["caption"]).to(device)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
+        if "latents" in batch:
+            z = batch["latents"].to(device).float()
+        else:
+            z = self.codec(device).encode(batch["pixels"].to(device), generator=generator)
+        b = z.shape[0]
+        text = self.conditioning(batch, device)
+        drop = dropout_mask(b, self.cfg.data.caption_dropout, generator=generator, device=device)
+        text = text.where(drop, self.empty(device))
+        stages = self.decomposition.decompose(z)
+        ts = self.timesteps.sample(b, generator=generator, device=device)
+        out = self.objective(model, stages, ts, generator=generator, **text.as_kwargs())
+        return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator) -> Any:
+        """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`)."""
+        cfg = self.cfg.sampling
+        sampler = cfg.sampler(self.decomposition)
+        text = self.text_encoder(device).encode(list(prompts)).to(device)
+        empty = self.empty(device)
+        n = len(prompts)
+        uncond = {"encoder_hidden_states": empty.encoder_hidden_states.expand(n, -1, -1),
+                  "pooled_projections": empty.pooled_projections.expand(n, -1)}
+        net = getattr(model, "module", model)
+        c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
+        f = self.cfg.vae.downsample
+        shape = (n, c, cfg.height // f, cfg.width // f)
+        return sampler.sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
+
+    def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
+        g = torch.Generator(device=device).manual_seed(self.cfg.sampling.seed)
+        out = self.sample(model, self.cfg.sampling.prompts, device=device, generator=g)
+        final = save_progressive_samples(self.codec(device), out, out_dir, step)
+        return {"sample_std": float(final.std())}
+
+
+# -- data and entry point ---------------------------------------------------------------------
+
+
+def build_dataset(cfg: FluxFinetuneConfig) -> torch.utils.data.Dataset:
+    """Captioned images in buckets, or the cache (checked against the config)."""
+    if cfg.data.cache is not None:
+        from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
+
+        return FluxCache(cfg.data.cache, expected=cache_metadata(cfg))
+    return CaptionedImages(cfg.data.source, cfg.buckets(), on_missing=cfg.data.on_missing,  # type: ignore[arg-type]
+                           min_area_fraction=cfg.data.min_area_fraction, max_skips=cfg.data.max_skips)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig]:
+    """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
+    return parse_config_args(FluxFinetuneConfig, argv, prog="python -m dfm_ext.recipes.flux", doc=__doc__)
+
+
+def prepare(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig, torch.utils.data.Dataset]:
+    """Parse, validate, check the model folder and open the data: everything that fails before compute."""
+    from dfm_ext.recipes.flux.text_encoding import check_local_subfolders
+
+    name, cfg = parse_args(argv)
+    needed = ["transformer"] if cfg.data.cache is not None else ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    check_local_subfolders(cfg.model.path, needed)  # type: ignore[arg-type]
+    dataset = build_dataset(cfg)
+    stats = getattr(dataset, "stats", None)
+    if stats and os.environ.get("RANK", "0") == "0":
+        print(f"data: {json.dumps(stats)}", file=sys.stderr)
+    return name, cfg, dataset
+
+
+def run(name: str, cfg: FluxFinetuneConfig, dataset: Any) -> TrainResult:
+    task = FluxTask(cfg)
+    if getattr(dataset, "empty_text", None) is not None:
+        task.empty_text = dataset.empty_text
+    plan = functools.partial(BucketBatchPlan, buckets=tuple(dataset.bucket_of))
+    trainer = Trainer(task, dataset, cfg.train, cfg.optim, full_config=cfg, name=name, random_flip=cfg.data.random_flip,
+                      collate=collate_captioned, plan_factory=plan)
+    return trainer.fit()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command (``python -m dfm_ext.recipes.flux``); returns the exit status (2: a usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache"]:
+        from dfm_ext.recipes.flux.cache import main as cache_main
+
+        return cache_main(argv[1:])
+    return train_main(prepare, run, argv, lambda result: {"skipped_images": result.skipped_images})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from dfm_ext.recipes.imagenet.task import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from dfm_ext.recipes.kinetics.task import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""Kinetics-style video datasets: class folders of clips, or a CSV/JSON list of paths and labels.
+
+Layouts :func:`scan_videos` accepts:
+
+* a folder ``root/<class>/<clip>.mp4`` (any of :data:`VIDEO_EXTENSIONS`, searched recursively);
+* a CSV file with columns ``path`` and ``label`` (paths relative to the CSV's folder or to
+  ``root``; labels are class names or integers); the official Kinetics annotation CSVs
+  (``label, youtube_id, time_start, time_end, ...``) work too: the clip is looked up as
+  ``root/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4``, the name the usual download scripts use;
+* a JSON list of ``{"path": ..., "label": ...}`` objects.
+
+:class:`VideoClips` reads one clip per item with PyAV (:func:`~.video_io.read_clip`). Items are
+keyed like :class:`~.data_images.ImageFolder`'s, ``(index, flip)``, so the engine's
+:class:`~.data_images.BatchPlan` drives them. A video that cannot be opened, is corrupt,
+truncated or too short for the clip is skipped: the item falls back to the next index and lists
+the bad index in ``bad``, which the engine counts (``skipped_images`` in the logs; ``unique``
+in ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfm_ext.recipes.engine.data import read_with_fallback, scan_class_folders
+from dfm_ext.recipes.kinetics.video_io import DECODE_ERRORS, read_clip
+
+__all__ = ["VIDEO_EXTENSIONS", "VideoClips", "scan_videos"]
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+
+
+def _label_index(raw: list[tuple[str, Any]], where: str) -> tuple[list[tuple[str, int]], list[str]]:
+    labels = [lab for _, lab in raw]
+    if all(isinstance(lab, int) or (isinstance(lab, str) and lab.strip().isdigit()) for lab in labels):
+        ints = [int(lab) for lab in labels]
+        if min(ints) < 0:
+            raise ValueError(f"{where}: negative label {min(ints)}")
+        classes = [str(i) for i in range(max(ints) + 1)]
+        return [(p, i) for (p, _), i in zip(raw, ints)], classes
+    classes = sorted({str(lab) for lab in labels})
+    index = {c: i for i, c in enumerate(classes)}
+    return [(p, index[str(lab)]) for p, lab in raw], classes
+
+
+def _resolve(path: str, base: Path, root: Path | None) -> str:
+    p = Path(path)
+    if p.is_absolute():
+        return str(p)
+    if root is not None and (root / p).exists():
+        return str(root / p)
+    return str(base / p)
+
+
+def _from_csv(file: Path, root: Path | None) -> tuple[list[tuple[str, int]], list[str]]:
+    with open(file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{file}: no rows")
+    cols = set(rows[0])
+    if {"path", "label"} <= cols:
+        raw = [(_resolve(r["path"], file.parent, root), r["label"]) for r in rows]
+    elif {"label", "youtube_id", "time_start", "time_end"} <= cols:
+        base = root if root is not None else file.parent
+        raw = [
+            (str(base / r["label"] / f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"), r["label"])
+            for r in rows
+        ]
+    else:
+        raise ValueError(f"{file}: expected columns 'path,label' or Kinetics' 'label,youtube_id,time_start,time_end'; got {sorted(cols)}")
+    return _label_index(raw, str(file))
+
+
+def _from_json(file: Path, root: Path | None) -> tuple[list[tuple[str, int]], list[str]]:
+    data = json.loads(file.read_text())
+    if not isinstance(data, list) or not all(isinstance(d, dict) and {"path", "label"} <= set(d) for d in data):
+        raise ValueError(f"{file}: expected a JSON list of {{'path': ..., 'label': ...}} objects")
+    if not data:
+        raise ValueError(f"{file}: empty list")
+    return _label_index([(_resolve(str(d["path"]), file.parent, root), d["label"]) for d in data], str(file))
+
+
+def scan_videos(root: str | Path | None = None, annotations: str | Path | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(path, label)`` for every clip and the class names, from a folder or an annotation list.
+
+    Args:
+        root: a folder of class subfolders; with ``annotations``, the base for relative paths.
+        annotations: a ``.csv`` or ``.json`` list (see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``root`` / ``annotations`` does not exist.
+        ValueError: nothing usable found, or a malformed list.
+
+    Missing files listed in annotations are kept: they are skipped (and counted) when read.
+    """
+    if annotations is not None:
+        file = Path(annotations)
+        if not file.is_file():
+            raise FileNotFoundError(f"annotation list {str(file)!r} does not exist")
+        base = Path(root) if root is not None else None
+        if file.suffix.lower() == ".csv":
+            return _from_csv(file, base)
+        if file.suffix.lower() == ".json":
+            return _from_json(file, base)
+        raise ValueError(f"annotations must be a .csv or .json file, got {str(file)!r}")
+    if root is None:
+        raise ValueError("give a video folder (root) or an annotation list (annotations)")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"video root {str(root)!r} does not exist or is not a folder")
+    return scan_class_folders(root, VIDEO_EXTENSIONS, what="video root", item="clip")
+
+
+class VideoClips(torch.utils.data.Dataset):
+    """One clip per video: ``pixels [3, T, R, R]`` in ``[-1, 1]``; unreadable videos are skipped.
+
+    Each item is a dict ``pixels``, ``label`` (int), ``index`` (the video actually read) and
+    ``bad`` (indices that failed on the way). Keys are ``(index, flip)`` pairs or ints.
+
+    Args:
+        items: ``(path, label)`` pairs (see :func:`scan_videos`).
+        num_frames: frames per clip ``T``.
+        stride: take every ``stride``-th frame.
+        resolution: output side ``R`` (short side resized, centre crop).
+        position: ``"center"`` or ``"start"`` of the video.
+        max_skips: consecutive unreadable videos tolerated before giving up.
+    """
+
+    def __init__(
+        self,
+        items: list[tuple[str, int]],
+        *,
+        num_frames: int,
+        stride: int = 1,
+        resolution: int,
+        position: str = "center",
+        max_skips: int = 64,
+        classes: list[str] | None = None,
+    ) -> None:
+        if not items:
+            raise ValueError("VideoClips needs at least one (path, label) item")
+        if num_frames < 1 or stride < 1 or resolution < 1 or max_skips < 1:
+            raise ValueError(
+                f"num_frames, stride, resolution and max_skips must be >= 1, got {num_frames}, {stride}, {resolution}, {max_skips}"
+            )
+        if position not in ("center", "start"):
+            raise ValueError(f"position must be 'center' or 'start', got {position!r}")
+        self.items = list(items)
+        self.classes = list(classes) if classes is not None else sorted({str(lab) for _, lab in items})
+        self.num_frames, self.stride, self.resolution = int(num_frames), int(stride), int(resolution)
+        self.position, self.max_skips = position, int(max_skips)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, index: int) -> torch.Tensor:
+        """The clip of video ``index`` (raises on an unreadable video; no fall-back)."""
+        return read_clip(self.items[index][0], self.num_frames, self.stride, self.resolution, position=self.position)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
+        return read_with_fallback(self.items, key, self.read, DECODE_ERRORS, max_skips=self.max_skips, what="videos")

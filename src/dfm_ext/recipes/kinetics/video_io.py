@@ -1,0 +1,212 @@
+"""Reading clips with PyAV and writing videos (MP4 through PyAV, GIF and frame strips through Pillow).
+
+Clips are read as ``[3, T, R, R]`` float tensors in ``[-1, 1]``: ``T`` frames ``stride`` apart,
+each frame resized (short side to ``R``, by FFmpeg's swscale, bicubic) and centre cropped. A clip
+that has too few decodable frames raises :class:`ClipError`; a file FFmpeg cannot open or decode
+raises PyAV's own error. :data:`DECODE_ERRORS` lists everything a dataset should treat as "skip
+this file".
+
+Writers take ``[3, T, H, W]`` (or ``[T, H, W, 3]`` uint8) frames and write atomically (a
+temporary file beside the target, then a rename), so a crash never leaves a half-written video
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DECODE_ERRORS",
+    "ClipError",
+    "clip_indices",
+    "read_clip",
+    "save_frame_strip",
+    "to_uint8_frames",
+    "write_gif",
+    "write_mp4",
+]
+
+
+class ClipError(ValueError):
+    """A video decoded, but not into a usable clip (too short, no video stream)."""
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    import av
+
+    return (av.error.FFmpegError, OSError, ClipError, ValueError, EOFError)
+
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = _decode_errors()
+
+
+def clip_indices(num_available: int, num_frames: int, stride: int, position: str = "center") -> list[int]:
+    """Frame indices of a clip of ``num_frames`` frames ``stride`` apart inside ``num_available``.
+
+    ``position``: ``"center"`` (the middle of the video) or ``"start"``.
+
+    Raises:
+        ClipError: the video is shorter than ``(num_frames - 1) * stride + 1`` frames.
+
+    Example:
+        >>> clip_indices(20, 4, 3)
+        [5, 8, 11, 14]
+        >>> clip_indices(20, 4, 3, "start")
+        [0, 3, 6, 9]
+    """
+    if num_frames < 1 or stride < 1:
+        raise ValueError(f"num_frames and stride must be >= 1, got {num_frames}, {stride}")
+    span = (num_frames - 1) * stride + 1
+    if num_available < span:
+        raise ClipError(f"video has {num_available} frames, a clip of {num_frames} frames at stride {stride} needs {span}")
+    if position not in ("center", "start"):
+        raise ValueError(f"position must be 'center' or 'start', got {position!r}")
+    start = (num_available - span) // 2 if position == "center" else 0
+    return list(range(start, start + span, stride))
+
+
+def _resized(frame, resolution: int) -> np.ndarray:
+    """One ``av.VideoFrame`` -> ``[R, R, 3]`` uint8: short side to ``R`` (bicubic), centre crop."""
+    w, h = frame.width, frame.height
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    rgb = frame.reformat(width=nw, height=nh, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    return rgb[top : top + resolution, left : left + resolution]
+
+
+def read_clip(
+    path: str | os.PathLike[str], num_frames: int, stride: int, resolution: int, *, position: str = "center"
+) -> Tensor:
+    """Decode a clip: ``[3, num_frames, R, R]`` float32 in ``[-1, 1]``.
+
+    Frames are counted by decoding (container headers can lie about truncated files); decoding
+    stops at the last frame the clip needs when the stream reports its frame count.
+
+    Raises:
+        ClipError: too few decodable frames, or no video stream.
+        av.error.FFmpegError / OSError: the file cannot be opened or decoded.
+    """
+    import av
+
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ClipError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames: list[np.ndarray] = []
+        wanted: set[int] | None = None
+        if stream.frames > 0:
+            # Trust the header only for where to stop; too few decoded frames still fails below.
+            idx = clip_indices(stream.frames, num_frames, stride, position)
+            wanted, last = set(idx), idx[-1]
+        for i, frame in enumerate(container.decode(stream)):
+            if wanted is None:
+                frames.append(_resized(frame, resolution))
+                continue
+            if i in wanted:
+                frames.append(_resized(frame, resolution))
+            if i >= last:
+                break
+    if wanted is None:
+        frames = [frames[i] for i in clip_indices(len(frames), num_frames, stride, position)]
+    elif len(frames) != num_frames:
+        raise ClipError(f"{path}: decoded {len(frames)} of the {num_frames} frames the clip needs (truncated?)")
+    arr = np.stack(frames)  # [T, R, R, 3]
+    return torch.from_numpy(arr).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8_frames(video: Tensor | np.ndarray) -> np.ndarray:
+    """``[3, T, H, W]`` floats in ``[-1, 1]`` (clipped) or ``[T, H, W, 3]`` uint8 -> ``[T, H, W, 3]`` uint8.
+
+    Example:
+        >>> to_uint8_frames(torch.ones(3, 2, 4, 4)).shape
+        (2, 4, 4, 3)
+    """
+    if isinstance(video, np.ndarray):
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise ValueError(f"array frames must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
+        return video
+    if not isinstance(video, Tensor) or video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be a tensor [3, T, H, W], got {getattr(video, 'shape', type(video))}")
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def _atomic(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return path, Path(tmp)
+
+
+def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0, crf: int = 18) -> Path:
+    """Write frames as an H.264 MP4 (yuv420p; MPEG-4 part 2 when libx264 is missing).
+
+    Odd frame sizes are padded by one pixel (yuv420p needs even sizes). Returns the path.
+    """
+    import av
+
+    frames = to_uint8_frames(video)
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        h, w = h + h % 2, w + w % 2
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    path, tmp = _atomic(path)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as out:
+            stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": str(crf)}
+            for arr in frames:
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")))
+            out.mux(stream.encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_gif(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0, scale: int = 1) -> Path:
+    """Write frames as a looping GIF through Pillow (nearest upscaling by ``scale``)."""
+    from PIL import Image
+
+    frames = to_uint8_frames(video)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    path, tmp = _atomic(path)
+    try:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_frame_strip(videos: Sequence[Tensor] | Tensor, path: str | os.PathLike[str], *, scale: int = 1) -> Path:
+    """One PNG: row ``i`` holds the frames of ``videos[i]`` (each ``[3, T, H, W]`` in ``[-1, 1]``) left to right."""
+    from dfm_ext.recipes.engine.viz import save_image_grid
+
+    videos = list(videos)
+    if not videos:
+        raise ValueError("save_frame_strip needs at least one video")
+    t = videos[0].shape[1]
+    for i, v in enumerate(videos):
+        if v.ndim != 4 or v.shape[0] != 3 or v.shape[1] != t:
+            raise ValueError(f"videos[{i}] has shape {tuple(v.shape)}, expected [3, {t}, H, W]")
+    tiles = torch.cat([v.transpose(0, 1) for v in videos])  # [N * T, 3, H, W]
+    return save_image_grid(tiles, path, nrow=t, padding=1, scale=scale)
