@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import Protocol, Reference, base_config, benchmark_args, train_and_test  # noqa: E402
 
 from harness import Trainer  # noqa: E402
-from dfm_ext.recipes.demo.run import MODEL_SIZES, balanced_labels, generate, model_config, write_text_atomic  # noqa: E402
+from harness import MODEL_SIZES, balanced_labels, generate, model_config  # noqa: E402
+from dfm_ext.fileio import atomic_write_text  # noqa: E402
 
 FULL = Protocol(steps=1500, eval_at=(1500,), seeds=(0,), num_eval=1000, num_swd_reference=1000)
 QUICK = Protocol(steps=20, eval_at=(20,), seeds=(0,), num_eval=64, num_swd_reference=64, num_fd_reference=256,
@@ -81,7 +82,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
 def sample_tied(model: nn.Module, config: dict[str, Any], labels: Tensor, *, steps: int, generator: torch.Generator,
                 batch_size: int = 250) -> Tensor:  # fmt: skip
     """Euler with every stage active and sharing one time ``t: 0 -> 1`` (the tied ablation's sampler)."""
-    from dfm_ext.recipes.demo.run import make_decomposition
+    from harness import make_decomposition
 
     decomposition = make_decomposition(config["decomposition"])
     c, h, w = config["image_shape"]
@@ -186,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python " + " ".join(["benchmarks/ablations.py", *(sys.argv[1:] if argv is None else argv)]),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2))
-    write_text_atomic(args.out / f"{stem}.md", table)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", table + "\n")
     print(table)
     print(f"wrote {args.out / (stem + '.json')} and {stem}.md in {result['total_seconds']} s")
     return 0

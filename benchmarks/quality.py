@@ -50,15 +50,9 @@ import torch
 
 from harness import Trainer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from dfm_ext.recipes.demo.data import ImageDataset, load_dataset
-from dfm_ext.recipes.demo.run import (
-    FD_RESOLUTION,
-    MODEL_SIZES,
-    DemoConfig,
-    balanced_labels,
-    compute_metrics,
-    generate,
-    write_text_atomic,
-)
+from harness import MODEL_SIZES, DemoConfig, balanced_labels, generate  # noqa: E402
+from dfm_ext.fileio import atomic_write_text
+from dfm_ext.recipes.demo.report import FD_RESOLUTION, compute_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,7 +125,7 @@ class Reference:
 
 def evaluate(trainer: Trainer, reference: Reference, protocol: Protocol, num_classes: int, seed: int) -> dict[str, Any]:
     """Sample ``protocol.num_eval`` images from the EMA weights and score them."""
-    from dfm_ext.recipes.demo.run import model_config
+    from harness import model_config
 
     cfg = trainer.cfg
     mc = model_config(cfg, trainer.data.image_shape, num_classes)
@@ -331,9 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python benchmarks/quality.py" + (" --quick" if args.quick else ""),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     table = markdown_table(summary, title)
-    write_text_atomic(args.out / f"{stem}.md", table)
+    atomic_write_text(args.out / f"{stem}.md", table + "\n")
     plot(summary, runs, args.out / f"{stem}.png", title)
     print(table)
     print(f"wrote {args.out / (stem + '.json')}, {stem}.md, {stem}.png in {result['total_seconds']} s")

@@ -1,37 +1,23 @@
-"""Atomic, verified, pruned checkpoints on top of ``accelerator.save_state``.
+"""The run folder and its checkpoints: atomic step folders, a completeness record, resume decisions.
 
-Layout under ``<run>/checkpoints``::
+One run is one folder: ``config.yaml`` (the resolved config), ``checkpoints/``, ``logs/``
+(trackers), ``samples/``, ``metrics.jsonl``, ``final/`` (the EMA weights) and ``summary.json``.
+Under ``checkpoints/``::
 
-    step-000200/            complete checkpoints (accelerate state + ``extra_state.pt`` + ``complete.json``)
-    step-000400/
-    corrupt-step-000600/    a checkpoint that failed verification, moved aside at resume (kept, never read)
-    latest                  text file naming the newest checkpoint written, e.g. "step-000400"
+    step-000200/            a complete checkpoint: the parallelism's files + extra_state.pt + complete.json
+    corrupt-step-000600/    one that failed verification, moved aside at resume (kept, never read)
+    latest                  names the newest checkpoint written (informational)
 
-A checkpoint is written into ``tmp-<step>``; once every process finished writing, the main
-process writes ``complete.json`` (the size and SHA-256 of every file in the folder) *last*,
-then renames the folder (``os.replace``, atomic on POSIX) to ``step-<step>`` and rewrites
-``latest`` through a temporary file. ``complete.json`` is what makes a checkpoint count:
-:func:`verify_manifest` checks sizes and hashes against it, so a file truncated or damaged
-after the fact (a copy cut short, a full disk, bit rot) is detected before anything is loaded.
-SHA-256 from ``hashlib`` was chosen over faster non-cryptographic hashes because it is in the
-standard library and measured 0.9 GB/s here: a few seconds for a multi-GB optimiser state,
-once per checkpoint written and once per checkpoint resumed from.
+A checkpoint is written into ``tmp-step-<step>``; once every process has written its part, the
+main process writes ``complete.json`` (size and SHA-256 of every file) *last*, renames the folder
+to ``step-<step>`` (``os.replace``, atomic on POSIX) and rewrites ``latest``. Only a folder with a
+record that verifies counts, so a crash, a truncated copy or a full disk never leaves a checkpoint
+that looks complete. SHA-256 (``hashlib``, ~0.9 GB/s here) is read once per checkpoint written and
+once per checkpoint resumed from. The folder must be on a filesystem every process (and node) sees.
 
-:func:`find_resumable` picks the newest step folder that verifies, whatever ``latest`` says
-(the marker is informational); newer ones that fail are reported so the caller can warn and
-move them aside with :func:`quarantine`. Checkpoints written before ``complete.json`` existed
-("legacy") are validated by opening every file the way resume will (safetensors header,
-``torch.load(weights_only=True)``). :func:`save_checkpoint` never writes over an existing
-step folder, and leftover ``tmp-*`` folders (a crash or a full disk while writing) are removed
-by :func:`clean_partial` at the next start. The output folder must be on a filesystem that
-every process (and node) sees.
-
-Objects beyond the model and optimiser (LR scheduler, EMA, step counters) are *not* handed to
-``accelerator.register_for_checkpointing``: accelerate reloads those with a full pickle
-(``torch.load(weights_only=False)``), which runs code from the file. They are written here into
-``extra_state.pt`` and read back with ``weights_only=True``, so resuming from a checkpoint
-someone else wrote cannot execute anything; accelerate itself loads the model from safetensors
-and the optimiser and RNG states with ``weights_only=True``.
+Objects beyond the model and optimiser (scheduler, EMA counters, step counters) go into
+``extra_state.pt`` and are read back with ``weights_only=True``: resuming from a checkpoint
+someone else wrote cannot run code.
 """
 
 from __future__ import annotations
@@ -42,44 +28,36 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
 
 from dfm_ext.fileio import atomic_write_text, fsync_directory
+from dfm_ext.recipes.engine.config import RESUMABLE_CHANGES, ConfigError, config_to_dict
 
 __all__ = [
-    "DISK_FULL_ERRNOS",
-    "MANIFEST",
-    "CorruptCheckpointError",
-    "DiskFullError",
-    "Resumable",
-    "Stateful",
-    "check_checkpoint",
-    "clean_partial",
-    "disk_full_error",
-    "find_latest",
-    "find_resumable",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_extra_state",
-    "quarantine",
-    "save_checkpoint",
-    "step_dir_name",
-    "validate_legacy",
-    "verify_manifest",
-    "write_checkpoint_atomically",
-    "write_manifest",
-]
+    "DISK_FULL_ERRNOS", "EXTRA_STATE", "MANIFEST", "CorruptCheckpointError", "DiskFullError", "Stateful",
+    "check_output_writable", "check_resume_config", "choose_resume", "clean_partial", "config_diff", "disk_full_error",
+    "flatten_config", "list_checkpoints", "load_extra_state", "quarantine", "save_extra_state", "save_final_model",
+    "state_digest", "step_dir_name", "tidy_checkpoints", "verify_manifest", "warn", "write_manifest", "write_step_folder",
+]  # fmt: skip
 
+#: The file of a checkpoint holding the states of the objects beyond model and optimiser.
 EXTRA_STATE = "extra_state.pt"
+#: The completeness record, written last into a checkpoint folder.
 MANIFEST = "complete.json"
-MANIFEST_FORMAT = 1
 _CHUNK = 1 << 22  # 4 MiB reads while hashing
+_STEP = re.compile(r"^step-(\d+)$")
+#: The ``errno`` values of a full disk (or an exceeded quota).
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Stateful(Protocol):
-    """Anything with ``state_dict`` / ``load_state_dict`` (schedulers, EMA models, counters)."""
+    """Anything with ``state_dict`` / ``load_state_dict`` (schedulers, EMA counters, step counters)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -91,12 +69,12 @@ class CorruptCheckpointError(RuntimeError):
 
 
 class DiskFullError(OSError):
-    """``ENOSPC``/``EDQUOT`` while writing a checkpoint; ``str()`` says the disk is full and names the path."""
+    """``ENOSPC``/``EDQUOT`` while writing; ``str()`` says the disk is full and names the path."""
 
 
-_STEP = re.compile(r"^step-(\d+)$")
-#: The ``errno`` values of a full disk (or an exceeded quota).
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+def warn(message: str) -> None:
+    """One line on stderr (``warnings.warn`` would add a second line with the source)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def step_dir_name(step: int) -> str:
@@ -106,50 +84,16 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fsync_directory(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Atomic text write (the library's one helper, :func:`dfm_ext.fileio.atomic_write_text`)."""
-    atomic_write_text(path, text)
-
-
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Step folders ``(step, path)`` under ``root``, oldest first (not verified: see :func:`find_resumable`)."""
+    """Step folders ``(step, path)`` under ``root``, oldest first (not verified)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The checkpoint named by ``root/latest``, or ``None`` when there is none.
-
-    The marker is informational; resuming uses :func:`find_resumable`, which does not trust it.
-
-    Raises:
-        FileNotFoundError: ``latest`` names a folder that does not exist (edited by hand?).
-    """
-    root = Path(root)
-    marker = root / "latest"
-    if not marker.is_file():
-        return None
-    name = marker.read_text().strip()
-    if not _STEP.match(name):
-        raise FileNotFoundError(f"{marker} holds {name!r}, not a checkpoint name like 'step-000100'")
-    path = root / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{marker} names {path}, which does not exist")
-    return path
-
-
-# -- completeness record ---------------------------------------------------------------------
+# -- the completeness record ----------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
@@ -161,19 +105,14 @@ def _sha256(path: Path) -> str:
 
 
 def _payload_files(path: Path) -> list[Path]:
-    """Every regular file below ``path`` (sharded states have sub-folders) except the record itself."""
     files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
     return sorted(p for p in files if p.relative_to(path).as_posix() != MANIFEST and not p.name.startswith(f".{MANIFEST}."))
 
 
 def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
-    """Write ``path/complete.json``: size and SHA-256 of every file in the checkpoint folder ``path``.
+    """Write ``path/complete.json``: size and SHA-256 of every file of the checkpoint folder ``path``.
 
-    Call it after every file of the checkpoint is written and synced: the record is what marks
-    the folder complete. Written atomically (temporary file, ``fsync``, ``os.replace``).
-
-    Returns:
-        The record: ``{"format": 1, "step": step, "files": {relative/path: {"size": n, "sha256": hex}}}``.
+    Call it after every file is written: the record is what marks the folder complete.
     """
     path = Path(path)
     files = {}
@@ -181,169 +120,46 @@ def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, An
         with open(f, "rb") as fh:  # the data must be on disk before the record says it is
             os.fsync(fh.fileno())
         files[f.relative_to(path).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    record = {"format": MANIFEST_FORMAT, "step": step, "files": files}
-    _write_atomic(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    record = {"format": 1, "step": step, "files": files}
+    atomic_write_text(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
 
 def verify_manifest(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
-    """Check the checkpoint folder ``path`` against its ``complete.json``.
-
-    Sizes are always checked (cheap: a truncated file fails here); with ``hashes`` every file is
-    read and its SHA-256 compared too (a damaged byte fails).
-
-    Returns:
-        The record.
+    """Check the checkpoint folder ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte).
 
     Raises:
-        FileNotFoundError: ``path`` has no ``complete.json`` (not written by this version: see
-            :func:`validate_legacy`).
-        CorruptCheckpointError: unreadable record, a listed file missing, or a size or hash that differs.
+        CorruptCheckpointError: no or an unreadable record, a listed file missing, a size or hash that differs.
     """
     path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} has no {MANIFEST}")
+    if not path.is_dir():
+        raise CorruptCheckpointError(f"{path} is not a folder")
     try:
-        record = json.loads(file.read_text())
+        record = json.loads((path / MANIFEST).read_text())
         files = record["files"]
         if not isinstance(files, dict) or not files:
             raise ValueError("no files listed")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} has no {MANIFEST} (an unfinished write)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{path}: {MANIFEST} is unreadable ({e})") from None
     for rel, want in sorted(files.items()):
         f = path / rel
         if not f.is_file():
             raise CorruptCheckpointError(f"{path}: {rel} is missing")
-        size = f.stat().st_size
-        if size != want["size"]:
+        if (size := f.stat().st_size) != want["size"]:
             raise CorruptCheckpointError(f"{path}: {rel} has {size} bytes, {MANIFEST} says {want['size']} (truncated?)")
-    if hashes:
-        for rel, want in sorted(files.items()):
-            if _sha256(path / rel) != want["sha256"]:
-                raise CorruptCheckpointError(f"{path}: {rel} does not match its sha256 in {MANIFEST} (damaged)")
+    for rel, want in sorted(files.items()) if hashes else ():
+        if _sha256(path / rel) != want["sha256"]:
+            raise CorruptCheckpointError(f"{path}: {rel} does not match its sha256 in {MANIFEST} (damaged)")
     return record
 
 
-def validate_legacy(path: str | Path) -> None:
-    """Open every file of a checkpoint without ``complete.json`` the way resume will read it.
-
-    ``*.safetensors``: header and coverage of the file (``safe_open`` refuses a truncated one);
-    ``*.bin``, ``*.pt``, ``*.pkl``: a full ``torch.load(weights_only=True)`` (through accelerate's
-    loader, which allows its NumPy RNG states). Other files (sharded ``.distcp``) cannot be
-    checked without the model and are only required to be non-empty.
-
-    Raises:
-        CorruptCheckpointError: naming the folder and the first file that does not load.
-    """
-    path = Path(path)
-    files = _payload_files(path)
-    if not any(f.name.startswith(("model", "pytorch_model")) for f in files):
-        raise CorruptCheckpointError(f"{path}: no model weights in the folder")
-    for f in files:
-        rel = f.relative_to(path).as_posix()
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(f), "pt") as st:
-                    st.keys()
-            elif f.suffix in (".bin", ".pt", ".pkl"):
-                from accelerate.utils import load
-
-                load(str(f), map_location="cpu")
-            elif f.stat().st_size == 0:
-                raise ValueError("empty file")
-        except Exception as e:  # any failure to read means: do not resume from here
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CorruptCheckpointError(f"{path}: {rel} does not load ({reason[:200]})") from None
-
-
-def check_checkpoint(path: str | Path, *, hashes: bool = True) -> bool:
-    """Verify one checkpoint folder; returns ``True`` when it has a ``complete.json``, ``False`` for a
-    legacy folder that loaded (see :func:`validate_legacy`).
-
-    Raises:
-        CorruptCheckpointError: the folder is incomplete or damaged (the message says which file).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CorruptCheckpointError(f"{path} is not a folder")
-    if (path / MANIFEST).is_file():
-        verify_manifest(path, hashes=hashes)
-        return True
-    validate_legacy(path)
-    return False
-
-
-@dataclass(frozen=True)
-class Resumable:
-    """What :func:`find_resumable` found.
-
-    Attributes:
-        path: the newest checkpoint that verifies (``None``: none does).
-        step: its step (``None`` with ``path``).
-        legacy: ``path`` has no ``complete.json`` and was validated by loading its files.
-        rejected: newer step folders that failed, ``(path, reason)``, newest first.
-    """
-
-    path: Path | None
-    step: int | None
-    legacy: bool = False
-    rejected: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def find_resumable(root: str | Path, *, hashes: bool = True) -> Resumable:
-    """The newest step folder under ``root`` (a run's ``checkpoints/``) that verifies.
-
-    Does not read ``latest``: a deleted or stale marker cannot send a run back to step 0.
-    Folders are tried newest first with :func:`check_checkpoint`; the first that passes wins and
-    every newer one is listed in ``rejected`` with the reason.
-    """
-    rejected: list[tuple[Path, str]] = []
-    for step, path in reversed(list_checkpoints(root)):
-        try:
-            legacy = not check_checkpoint(path, hashes=hashes)
-        except CorruptCheckpointError as e:
-            rejected.append((path, str(e)))
-            continue
-        return Resumable(path, step, legacy, rejected)
-    return Resumable(None, None, False, rejected)
-
-
-def quarantine(path: str | Path) -> Path:
-    """Move a failed step folder aside to ``corrupt-<name>`` (``-1``, ``-2`` ... if taken); nothing is deleted.
-
-    The new name no longer looks like a checkpoint, so it is neither resumed from, pruned, nor
-    in the way of the run writing that step again.
-    """
-    path = Path(path)
-    target = path.with_name(f"corrupt-{path.name}")
-    n = 0
-    while target.exists():
-        n += 1
-        target = path.with_name(f"corrupt-{path.name}-{n}")
-    os.replace(path, target)
-    _fsync_dir(path.parent)
-    return target
-
-
-def clean_partial(root: str | Path) -> list[Path]:
-    """Remove the ``tmp-*`` folders under ``root`` that a crash or a full disk left; returns them.
-
-    Call on one process, at start-up, before any process writes a checkpoint.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    stale = sorted(p for p in root.glob("tmp-*") if p.is_dir())
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
+# -- writing ----------------------------------------------------------------------------------------
 
 
 def disk_full_error(e: OSError, path: Path, what: str) -> DiskFullError:
-    """A :class:`DiskFullError` for ``e`` (an errno in :data:`DISK_FULL_ERRNOS`) naming ``what`` and ``path``."""
+    """A :class:`DiskFullError` for ``e`` naming ``what`` and ``path``."""
     return DiskFullError(
         e.errno,
         f"the disk is full (no space left) while writing {what} {path}: {e}; free space on that disk or point "
@@ -351,50 +167,40 @@ def disk_full_error(e: OSError, path: Path, what: str) -> DiskFullError:
     )
 
 
-def save_checkpoint(
-    accelerator: Any,
-    root: str | Path,
-    step: int,
-    *,
-    keep: int | None = None,
-    extra: Mapping[str, Stateful] | None = None,
-) -> Path:
-    """Save the accelerator's state atomically as ``root/step-<step>`` and point ``latest`` at it.
+def clean_partial(root: str | Path) -> list[Path]:
+    """Remove the ``tmp-*`` folders a crash or a full disk left under ``root``; returns them (main process, at start)."""
+    root = Path(root)
+    stale = sorted(p for p in root.glob("tmp-*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
-    Every process must call this (``save_state`` gathers and writes per-rank RNG states).
 
-    Args:
-        accelerator: an ``accelerate.Accelerator`` with the model, optimiser and any
-            ``register_for_checkpointing`` objects prepared.
-        root: the checkpoints folder.
-        step: the optimiser step the state belongs to.
-        keep: keep only the newest ``keep`` checkpoints (``None``: keep all).
-        extra: further objects to save into ``extra_state.pt`` (from the main process; their
-            state must be the same on every rank), restored by :func:`load_checkpoint`.
+def save_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
+    """``extra``'s state dicts into ``folder/extra_state.pt`` (read back with ``weights_only=True``)."""
+    torch.save({k: v.state_dict() for k, v in extra.items()}, folder / EXTRA_STATE)
 
-    Returns:
-        The final checkpoint folder.
+
+def load_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
+    """Restore ``extra``'s objects from ``folder/extra_state.pt``.
 
     Raises:
-        FileExistsError: ``root/step-<step>`` already exists (checked on every process before
-            anything is written): a checkpoint is never written over.
-        DiskFullError: the disk filled up while writing; ``tmp-<step>`` stays until
-            :func:`clean_partial` (the next start) or the next save removes it.
+        CorruptCheckpointError: the file is missing or lacks one of ``extra``'s names.
     """
+    if not extra:
+        return
+    file = folder / EXTRA_STATE
+    if not file.is_file():
+        raise CorruptCheckpointError(f"{file} is missing")
+    states = torch.load(file, map_location="cpu", weights_only=True)
+    missing = sorted(set(extra) - set(states))
+    if missing:
+        raise CorruptCheckpointError(f"{file} has no state for {missing} (it holds {sorted(states)}): written by another recipe?")
+    for name, obj in extra.items():
+        obj.load_state_dict(states[name])
 
-    def write_extra(tmp: Path) -> None:
-        if extra:
-            import torch
 
-            torch.save({k: v.state_dict() for k, v in extra.items()}, tmp / EXTRA_STATE)
-
-    return write_checkpoint_atomically(
-        root, step, keep=keep, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
-        write_all=lambda tmp: accelerator.save_state(str(tmp)), write_main=write_extra,
-    )  # fmt: skip
-
-
-def write_checkpoint_atomically(
+def write_step_folder(
     root: str | Path,
     step: int,
     *,
@@ -404,98 +210,210 @@ def write_checkpoint_atomically(
     write_all: Callable[[Path], None],
     write_main: Callable[[Path], None],
 ) -> Path:
-    """The atomic write of ``root/step-<step>`` that every checkpoint format shares.
+    """Write ``root/step-<step>`` atomically (every process calls this).
 
-    Every process calls this: ``write_all(tmp)`` runs on every process (the collective part),
-    then the main process runs ``write_main(tmp)``, writes the completeness record last, renames
-    ``tmp-step-<step>`` to ``step-<step>`` (``os.replace``), points ``latest`` at it and keeps
-    the newest ``keep``. A crash at any moment leaves no folder that counts as complete.
+    ``write_all(tmp)`` runs on every process (the collective part), then the main process runs
+    ``write_main(tmp)``, writes the completeness record last, renames ``tmp-step-<step>`` to
+    ``step-<step>``, points ``latest`` at it and keeps the newest ``keep``.
 
     Raises:
-        ValueError: ``keep`` < 1.
-        FileExistsError: ``root/step-<step>`` exists (checked on every process first).
-        DiskFullError: the disk filled up while writing.
+        FileExistsError: ``root/step-<step>`` exists (checked on every process first): never written over.
+        DiskFullError: the disk filled up; ``tmp-step-<step>`` is removed at the next start.
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = Path(root)
     name = step_dir_name(step)
-    tmp = root / f"tmp-{name}"
-    final = root / name
+    tmp, final = root / f"tmp-{name}", root / name
     if final.exists():
-        raise FileExistsError(
-            f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)"
-        )
+        raise FileExistsError(f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)")
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         clean_partial(root)
     barrier()
     try:
         write_all(tmp)
+        barrier()
+        if is_main:
+            write_main(tmp)
+            write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
+            fsync_directory(tmp)
+            os.replace(tmp, final)
+            fsync_directory(root)
+            atomic_write_text(root / "latest", name + "\n")
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
             raise disk_full_error(e, tmp, "checkpoint") from e
         raise
-    barrier()
-    if is_main:
-        try:
-            write_main(tmp)
-            write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_atomic(root / "latest", name + "\n")
-        except OSError as e:
-            if e.errno in DISK_FULL_ERRNOS:
-                raise disk_full_error(e, tmp if tmp.exists() else final, "checkpoint") from e
-            raise
-        if keep is not None:
-            for _, old in list_checkpoints(root)[:-keep]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+    if is_main and keep is not None:
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def load_checkpoint(accelerator: Any, path: str | Path, *, extra: Mapping[str, Stateful] | None = None) -> None:
-    """Restore a checkpoint written by :func:`save_checkpoint`; nothing is unpickled.
+# -- resuming -----------------------------------------------------------------------------------------
 
-    Verify it first (:func:`check_checkpoint` / :func:`find_resumable`): a damaged file found
-    half-way through would leave the model restored and the optimiser not.
 
-    Args:
-        accelerator: the ``Accelerator`` whose prepared model and optimiser receive the state.
-        path: a ``step-*`` folder.
-        extra: the same names and objects that were passed to :func:`save_checkpoint`.
-
-    Raises:
-        FileNotFoundError: ``path`` is missing, or lacks ``extra_state.pt`` while ``extra`` asks for it.
-        KeyError: ``extra_state.pt`` lacks one of the names in ``extra``.
-    """
+def quarantine(path: str | Path) -> Path:
+    """Move a failed step folder aside to ``corrupt-<name>`` (``-1``, ``-2`` ... if taken); nothing is deleted."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    accelerator.load_state(str(path))
-    load_extra_state(path, extra, writer="save_checkpoint")
+    target, n = path.with_name(f"corrupt-{path.name}"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"corrupt-{path.name}-{n}")
+    os.replace(path, target)
+    fsync_directory(path.parent)
+    return target
 
 
-def load_extra_state(path: Path, extra: Mapping[str, Stateful] | None, *, writer: str) -> None:
-    """Restore ``extra``'s objects from ``path/extra_state.pt`` (``weights_only``); nothing if ``extra`` is empty.
+def choose_resume(output_dir: Path, mode: str) -> Path | None:
+    """The checkpoint ``train.resume=mode`` resumes from in the run folder ``output_dir`` (``None``: start).
+
+    ``auto``: the newest step folder that verifies, whatever ``latest`` says (damaged newer ones
+    get a one-line warning each); ``never``: none, and a folder with checkpoints is refused; else a
+    checkpoint folder, refused when it is damaged or older than checkpoints already in the run folder.
 
     Raises:
-        FileNotFoundError: the file is missing (``writer``: the function that should have written it).
-        KeyError: the file lacks one of the names in ``extra``.
+        ConfigError: naming the folder and what to do instead.
     """
-    if not extra:
-        return
-    import torch
+    ckpts = output_dir / "checkpoints"
+    existing = list_checkpoints(ckpts)
+    if mode == "never":
+        if existing:
+            raise ConfigError(
+                f"{output_dir} already holds checkpoints ({existing[-1][1].name}) and train.resume=never; "
+                "choose another train.output_dir or set train.resume=auto"
+            )
+        return None
+    if mode == "auto":
+        rejected = 0
+        for _, path in reversed(existing):
+            try:
+                verify_manifest(path)
+                return path
+            except CorruptCheckpointError as e:
+                warn(f"checkpoint {path} is damaged, resuming from an older one: {e}")
+                rejected += 1
+        if rejected:
+            raise ConfigError(f"no usable checkpoint in {ckpts}: every step folder is damaged (see the warnings above); move them away to start again")
+        return None
+    path = Path(mode)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume={mode!r}: not 'auto', 'never' or an existing checkpoint folder")
+    try:
+        verify_manifest(path)
+    except CorruptCheckpointError as e:
+        raise ConfigError(f"train.resume={mode!r} cannot be resumed from: {e}") from None
+    m = path.name.removeprefix("step-")
+    step = int(m) if m.isdigit() else -1
+    newer = [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]
+    if newer:
+        raise ConfigError(
+            f"train.resume={mode!r} is older than checkpoints already in {ckpts} ({', '.join(newer)}), which "
+            "the run would write over; move them away or choose another train.output_dir"
+        )
+    return path
 
-    file = path / EXTRA_STATE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; {path} was not written by {writer} with extra state")
-    states = torch.load(file, map_location="cpu", weights_only=True)
-    missing = sorted(set(extra) - set(states))
-    if missing:
-        raise KeyError(f"{file} has no state for {missing}; it holds {sorted(states)}")
-    for name, obj in extra.items():
-        obj.load_state_dict(states[name])
+
+def tidy_checkpoints(output_dir: Path, mode: str, resume: Path | None) -> None:
+    """Main process, after :func:`choose_resume`: drop ``tmp-*`` leftovers and move damaged newer folders aside."""
+    ckpts = output_dir / "checkpoints"
+    for p in clean_partial(ckpts):
+        print(f"removed the partial checkpoint {p} left by an interrupted save", file=sys.stderr)
+    if mode != "auto":
+        return
+    step = -1 if resume is None or resume.parent != ckpts else int(resume.name.removeprefix("step-"))
+    for s, p in list_checkpoints(ckpts):
+        if s > step:  # only damaged ones are newer than the folder choose_resume chose
+            print(f"moved {p} aside to {quarantine(p).name}", file=sys.stderr)
+    if resume is not None and resume.parent == ckpts:
+        atomic_write_text(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
+
+
+def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; values other than numbers, strings and bools become strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """The flattened keys in which ``new`` differs from ``old``, except :data:`RESUMABLE_CHANGES`.
+
+    A key added to the config class after the run started counts as its default.
+    """
+    a, b = {**flatten_config(defaults or {}), **flatten_config(old)}, flatten_config(new)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None) -> None:
+    """Refuse to resume ``output_dir`` when its ``config.yaml`` differs from ``full_config`` outside :data:`RESUMABLE_CHANGES`."""
+    stored = output_dir / "config.yaml"
+    if resume is None or not stored.is_file():
+        return
+    import yaml
+
+    old = yaml.safe_load(stored.read_text()) or {}
+    try:
+        defaults = config_to_dict(type(full_config)())
+    except TypeError:  # a config class without defaults for every field
+        defaults = {}
+    diff = config_diff(old, config_to_dict(full_config), defaults)
+    if diff:
+        raise ConfigError(f"cannot resume {output_dir}: its config.yaml differs in {diff}; use another train.output_dir to start a new run")
+
+
+def check_output_writable(path: str | Path) -> None:
+    """Fail fast when the run folder ``path`` (and its ``checkpoints/``) cannot be written; creates it if missing.
+
+    Probes by creating and removing a file, which also catches read-only mounts and ACLs that
+    ``os.access`` misses.
+
+    Raises:
+        ConfigError: naming the folder and the reason.
+    """
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for folder in (path, path / "checkpoints"):
+            if folder.is_dir():
+                fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+    except OSError as e:
+        why = "the disk is full" if e.errno in DISK_FULL_ERRNOS else (e.strerror or str(e))
+        raise ConfigError(
+            f"train.output_dir={str(path)!r} is not writable ({why}: {e.filename or path}); make it writable or choose another"
+        ) from None
+
+
+# -- the results --------------------------------------------------------------------------------------
+
+
+def save_final_model(output_dir: Path, model: nn.Module) -> Path:
+    """The trained model as ``output_dir/final``: its ``save_pretrained``, else ``model.safetensors``."""
+    out = output_dir / "final"
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(out))
+    else:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    return out
+
+
+def state_digest(state: Mapping[str, Tensor]) -> str:
+    """SHA-256 of a state dict's names and raw bytes (sorted): equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(state.items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

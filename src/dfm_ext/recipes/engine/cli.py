@@ -16,30 +16,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
 
 from dfm_ext.recipes.engine.checkpoint import CorruptCheckpointError, DiskFullError
 from dfm_ext.recipes.engine.config import ConfigError, load_config
+from dfm_ext.recipes.engine.data import looks_local
 
 __all__ = [
-    "ClassConditionalTask",
-    "USAGE_ERRORS",
-    "assets_main",
-    "cache_builder_main",
-    "cache_builder_parser",
-    "check_batch",
-    "check_latent_cache",
-    "check_vae_path",
-    "cycled_labels",
-    "drop_labels",
-    "dropout_mask",
-    "looks_local",
-    "parse_config_args",
-    "prepare_run",
-    "save_progressive_samples",
-    "train_main",
-    "usage_error",
-]
+    "USAGE_ERRORS", "assets_main", "cache_builder_main", "cache_builder_parser", "check_batch", "check_latent_cache",
+    "check_vae_path", "parse_config_args", "prepare_run", "train_main", "usage_error",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -55,16 +40,6 @@ CONFIG_HELP = "a name in dfm_ext/recipes/configs or a YAML path"
 
 def _summary_line(doc: str | None) -> str:
     return (doc or "").split("\n")[0]
-
-
-def looks_local(path: str) -> bool:
-    """Whether ``path`` names a local folder rather than a hub id.
-
-    Example:
-        >>> looks_local("./models/vae"), looks_local("black-forest-labs/FLUX.1-dev")
-        (True, False)
-    """
-    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
 
 
 def parse_config_args(
@@ -236,90 +211,3 @@ def assets_main(
     make_data(Path(args.out) / data_dir)
     make_vae(args.out)
     print(f"data.root={Path(args.out) / data_dir} vae.path={args.out}")
-
-
-# -- tasks -----------------------------------------------------------------------------------
-
-
-def dropout_mask(n: int, p: float, *, generator: torch.Generator, device: torch.device) -> Tensor:
-    """``[n]`` bools, each true with probability ``p``, drawn from the step's ``generator``.
-
-    Example:
-        >>> dropout_mask(4, 0.0, generator=torch.Generator(), device=torch.device("cpu")).tolist()
-        [False, False, False, False]
-    """
-    # Drawn on the generator's device and moved, so the draw is the same wherever the model runs.
-    return torch.rand(n, generator=generator, device=generator.device).to(device) < p
-
-
-def drop_labels(labels: Tensor, p: float, null_class: int, *, generator: torch.Generator) -> Tensor:
-    """``labels`` with each replaced by ``null_class`` with probability ``p`` (classifier-free guidance)."""
-    drop = dropout_mask(labels.shape[0], p, generator=generator, device=labels.device)
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
-def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, device: torch.device) -> Tensor:
-    """``n`` sample labels cycling through ``classes`` (default: the first ``min(n, num_classes)``).
-
-    Example:
-        >>> cycled_labels((3, 5), 5, 10, torch.device("cpu")).tolist()
-        [3, 5, 3, 5, 3]
-    """
-    classes = classes or tuple(range(min(n, num_classes)))
-    return torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
-
-
-@torch.no_grad()
-def save_progressive_samples(codec: Any, out: Any, out_dir: str | Path, step: int) -> Tensor:
-    """Decode a sampler output and save it with its stage previews as ``samples/step-<step>.png``.
-
-    Returns:
-        The decoded final images ``[N, 3, H, W]`` in ``[-1, 1]``.
-    """
-    from dfm_ext.recipes.engine.viz import save_progressive
-
-    previews = [codec.decode(p) for p in out.previews[:-1]]
-    final = codec.decode(out.x)
-    save_progressive(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}.png", scale=1 if final.shape[-1] >= 128 else 3)
-    return final
-
-
-class ClassConditionalTask:
-    """Shared by the class-conditional recipes: batches of pixels or cached latents, and labels.
-
-    Subclasses set ``cfg`` (with ``dfm.label_dropout``), ``decomposition``, ``timesteps`` and
-    ``null_class``, and implement :meth:`_load_codec`.
-    """
-
-    cfg: Any
-    decomposition: Any
-    timesteps: Any
-    null_class: int
-    _codec: Any = None
-
-    def _load_codec(self, device: torch.device) -> Any:
-        raise NotImplementedError
-
-    def codec(self, device: torch.device) -> Any:
-        if self._codec is None:
-            self._codec = self._load_codec(device)
-        return self._codec
-
-    def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
-        if "latents" in batch:
-            return batch["latents"].to(device, non_blocking=True)
-        return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
-
-    def training_inputs(
-        self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device
-    ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """A step's stages, stage times and labels (label dropout applied), drawn from ``generator``.
-
-        The draws come in a fixed order (posterior sample, times, dropout), which exact resume
-        and the process-count invariance of a run rely on.
-        """
-        z = self.latents(batch, device, generator)
-        stages = self.decomposition.decompose(z)
-        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
-        labels = drop_labels(batch["label"].to(device), self.cfg.dfm.label_dropout, self.null_class, generator=generator)
-        return stages, ts, labels

@@ -1,9 +1,4 @@
-"""Image folders and a resumable, deterministic global-batch plan.
-
-``ImageFolder`` reads an ImageNet-style tree (``root/<class>/<image>``) with Pillow: resize the
-short side, centre crop, optional horizontal flip (decided by the plan, not by a global RNG).
-A file that cannot be decoded is skipped: the item falls back to the next index and reports the
-bad index so that the trainer can count skips across data-loader workers.
+"""What a step reads: the batch plan, image folders, latents (a VAE codec or a latent cache), model inputs.
 
 ``BatchPlan`` decides what every process sees at every step. The data is an endless stream of
 per-epoch permutations (seeded by ``seed`` and the epoch); optimiser step ``k`` consumes stream
@@ -11,10 +6,18 @@ positions ``[k*G, (k+1)*G)`` for a global batch ``G``, split into ``world_size *
 equal micro-batches; process ``r`` takes micro-batches ``r*A .. r*A + A - 1``. So the training
 data depend only on ``(seed, step)``: resuming at step ``k`` needs nothing but ``k``, and one
 process with accumulation ``A*W`` sees the same global batches as ``W`` processes with ``A``.
+
+``ImageFolder`` reads an ImageNet-style tree (``root/<class>/<image>``) with Pillow (short side
+resized, centre crop, a flip decided by the plan); an undecodable file is skipped: the item falls
+back to the next index and reports the bad one. :class:`LatentCodec` turns pixels into normalised
+latents ``z = (vae_latent - shift) * scale``; :class:`LatentCache` reads latents encoded once by a
+recipe's cache builder (:mod:`~dfm_ext.recipes.engine.latents`). :class:`ClassConditionalInputs`
+turns a batch into a class-conditional task's stages, stage times and labels.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["BatchPlan", "ImageFolder", "collate_items", "scan_image_folder"]
+__all__ = [
+    "CACHE_FORMAT", "BatchPlan", "CacheMismatchError", "ClassConditionalInputs", "ImageFolder", "LatentCache", "LatentCodec",
+    "PlanBatchSampler", "check_cache_metadata", "collate_items", "cycled_labels", "drop_labels", "dropout_mask", "load_frozen_vae",
+    "load_vae", "looks_local", "read_with_fallback", "scan_class_folders", "scan_image_folder",
+]  # fmt: skip
+
+#: The format tag of a latent cache's ``index.json``.
+CACHE_FORMAT = "dfm_ext.latent_cache/1"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -260,3 +270,240 @@ class PlanBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.plan.accumulation
+
+
+# -- latents ----------------------------------------------------------------------------------------
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id.
+
+    Example:
+        >>> looks_local("./models/vae"), looks_local("black-forest-labs/FLUX.1-dev")
+        (True, False)
+    """
+    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+
+def load_frozen_vae(
+    cls: Any, path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    what: str = "VAE",
+) -> Any:  # fmt: skip
+    """``cls.from_pretrained(path, subfolder=...)`` (a diffusers autoencoder class), frozen, in eval mode.
+
+    Args:
+        what: how the messages name the model (e.g. ``"video VAE"``).
+
+    Raises:
+        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
+    """
+    local = looks_local(path)
+    root = Path(path).expanduser()
+    if local and not (root / (subfolder or "") / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {str(root / (subfolder or ''))!r} (expected a diffusers folder with config.json)")
+    vae = cls.from_pretrained(str(root) if local else path, subfolder=subfolder or None, torch_dtype=dtype)
+    vae.requires_grad_(False)
+    return vae.eval().to(device)
+
+
+def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """``AutoencoderKL.from_pretrained(path, subfolder=...)``, frozen, in eval mode.
+
+    Raises:
+        FileNotFoundError: ``path`` is a local path that does not exist.
+    """
+    from diffusers import AutoencoderKL
+
+    return load_frozen_vae(AutoencoderKL, path, subfolder, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class LatentCodec:
+    """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` <-> normalised latents ``[B, C, H/f, W/f]``.
+
+    Args:
+        vae: a diffusers ``AutoencoderKL`` (any module with ``encode(x).latent_dist`` and
+            ``decode(z).sample``).
+        scale: multiplies the shifted latent; ``None`` reads ``vae.config.scaling_factor``.
+        shift: subtracted first; ``None`` reads ``vae.config.shift_factor`` (0 when absent).
+        sample: draw from the posterior (``True``) or take its mean (``False``, deterministic).
+    """
+
+    vae: Any
+    scale: float | None = None
+    shift: float | None = None
+    sample: bool = False
+
+    @property
+    def scaling(self) -> float:
+        if self.scale is not None:
+            return float(self.scale)
+        return float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
+
+    @property
+    def shifting(self) -> float:
+        if self.shift is not None:
+            return float(self.shift)
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator=generator) if self.sample else dist.mode()
+        return ((z.float() - self.shifting) * self.scaling)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        z = latents / self.scaling + self.shifting
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+class CacheMismatchError(ValueError):
+    """The latent cache was built for another VAE, resolution or normalisation."""
+
+
+def check_cache_metadata(meta: dict[str, Any], expected: dict[str, Any], *, path: str = "cache") -> None:
+    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ."""
+    if meta.get("format") != CACHE_FORMAT:
+        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    diffs = []
+    for key, want in expected.items():
+        have = meta.get(key)
+        if isinstance(want, float) and isinstance(have, (int, float)):
+            same = abs(have - want) <= 1e-6 * max(1.0, abs(want))
+        else:
+            same = have == want
+        if not same:
+            diffs.append(f"{key}: cache has {have!r}, config wants {want!r}")
+    if diffs:
+        raise CacheMismatchError(
+            f"latent cache {path} does not match the config ({'; '.join(diffs)}); rebuild it with "
+            "python -m dfm_ext.recipes.imagenet.cache or point data.latent_cache elsewhere"
+        )
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """Read a latent cache; items keyed like :class:`~dfm_ext.recipes.engine.data.ImageFolder`.
+
+    Items are dicts ``latents [C, h, w]`` (float32), ``label``, ``index``, ``bad`` (always empty).
+
+    Raises:
+        FileNotFoundError: no ``index.json`` (missing or unfinished cache).
+        CacheMismatchError: ``expected`` metadata disagrees with the cache.
+    """
+
+    def __init__(self, path: str | Path, expected: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        index = self.path / "index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"no latent cache at {str(self.path)!r} (index.json missing: not built or unfinished)")
+        self.meta = json.loads(index.read_text())
+        check_cache_metadata(self.meta, expected or {}, path=str(self.path))
+        self._starts = [s["start"] for s in self.meta["shards"]]
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.meta["num_items"])
+
+    @property
+    def has_flips(self) -> bool:
+        return bool(self.meta.get("flipped", False))
+
+    def _shard(self, i: int) -> Any:
+        # One handle per shard and per worker process: safe_open reads slices lazily (mmap).
+        if i not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[i] = safe_open(str(self.path / self.meta["shards"][i]["file"]), framework="pt")
+        return self._handles[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
+        index, flip = (key, False) if isinstance(key, int) else key
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)}")
+        import bisect
+
+        s = bisect.bisect_right(self._starts, index) - 1
+        local = index - self._starts[s]
+        f = self._shard(s)
+        name = "latents_flipped" if flip and self.has_flips else "latents"
+        latents = f.get_slice(name)[local : local + 1][0].float()
+        label = int(f.get_slice("labels")[local : local + 1][0])
+        return {"latents": latents, "label": label, "index": index, "bad": []}
+
+
+
+# -- model inputs -----------------------------------------------------------------------------------
+
+
+def dropout_mask(n: int, p: float, *, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``[n]`` bools, each true with probability ``p``, drawn from the step's ``generator``.
+
+    Example:
+        >>> dropout_mask(4, 0.0, generator=torch.Generator(), device=torch.device("cpu")).tolist()
+        [False, False, False, False]
+    """
+    # Drawn on the generator's device and moved, so the draw is the same wherever the model runs.
+    return torch.rand(n, generator=generator, device=generator.device).to(device) < p
+
+
+def drop_labels(labels: Tensor, p: float, null_class: int, *, generator: torch.Generator) -> Tensor:
+    """``labels`` with each replaced by ``null_class`` with probability ``p`` (classifier-free guidance)."""
+    drop = dropout_mask(labels.shape[0], p, generator=generator, device=labels.device)
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, device: torch.device) -> Tensor:
+    """``n`` sample labels cycling through ``classes`` (default: the first ``min(n, num_classes)``).
+
+    Example:
+        >>> cycled_labels((3, 5), 5, 10, torch.device("cpu")).tolist()
+        [3, 5, 3, 5, 3]
+    """
+    classes = classes or tuple(range(min(n, num_classes)))
+    return torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
+
+
+class ClassConditionalInputs:
+    """Shared by the class-conditional recipes: batches of pixels or cached latents, and labels.
+
+    Subclasses set ``cfg`` (with ``dfm.label_dropout``), ``decomposition``, ``timesteps`` and
+    ``null_class``, and implement :meth:`_load_codec`.
+    """
+
+    cfg: Any
+    decomposition: Any
+    timesteps: Any
+    null_class: int
+    _codec: Any = None
+
+    def _load_codec(self, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def codec(self, device: torch.device) -> Any:
+        if self._codec is None:
+            self._codec = self._load_codec(device)
+        return self._codec
+
+    def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(device, non_blocking=True)
+        return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
+
+    def training_inputs(
+        self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """A step's stages, stage times and labels (label dropout applied), drawn from ``generator``.
+
+        The draws come in a fixed order (posterior sample, times, dropout), which exact resume
+        and the process-count invariance of a run rely on.
+        """
+        z = self.latents(batch, device, generator)
+        stages = self.decomposition.decompose(z)
+        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
+        labels = drop_labels(batch["label"].to(device), self.cfg.dfm.label_dropout, self.null_class, generator=generator)
+        return stages, ts, labels

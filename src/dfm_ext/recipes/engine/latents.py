@@ -1,18 +1,14 @@
-"""Autoencoder latents: a diffusers ``AutoencoderKL`` wrapper and a sharded safetensors cache.
+"""Latent caches: encode a dataset once with a recipe's VAE codec, train without the VAE.
 
-Latents are normalised as ``z = (vae_latent - shift) * scale`` with ``shift`` and ``scale``
-taken from the VAE config (``shift_factor`` exists for the FLUX autoencoder; ``scaling_factor``
-for all) unless the run config overrides them; decoding inverts that.
-
-The cache (built by ``python -m dfm_ext.recipes.imagenet.cache``) is a folder::
+The cache (built by a recipe's cache command, e.g. ``python -m dfm_ext.recipes.imagenet.cache``;
+read by :class:`~dfm_ext.recipes.engine.data.LatentCache`) is a folder::
 
     index.json                 metadata (VAE, resolution, normalisation, latent shape, classes, shards)
     shard-00000.safetensors    "latents" [n, C, h, w], "labels" [n] (int64),
                                "latents_flipped" [n, C, h, w] when built with flips
     ...
 
-A cache whose metadata disagrees with the run config raises :class:`CacheMismatchError`
-listing every disagreeing field.
+A cache whose metadata disagrees with the run config is refused, naming every disagreeing field.
 """
 
 from __future__ import annotations
@@ -26,120 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_ext.recipes.engine.cli import looks_local
+from dfm_ext.recipes.engine.data import CACHE_FORMAT, LatentCodec
 
-__all__ = [
-    "CACHE_FORMAT",
-    "CacheMismatchError",
-    "LatentCache",
-    "LatentCodec",
-    "check_cache_metadata",
-    "CacheOptions",
-    "encode_class_cache",
-    "encode_to_cache",
-    "load_frozen_vae",
-    "load_vae",
-    "write_latent_cache",
-]
-
-CACHE_FORMAT = "dfm_ext.latent_cache/1"
-
-
-def load_frozen_vae(
-    cls: Any, path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    what: str = "VAE",
-) -> Any:  # fmt: skip
-    """``cls.from_pretrained(path, subfolder=...)`` (a diffusers autoencoder class), frozen, in eval mode.
-
-    Args:
-        what: how the messages name the model (e.g. ``"video VAE"``).
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
-    """
-    local = looks_local(path)
-    root = Path(path).expanduser()
-    if local and not (root / (subfolder or "") / "config.json").is_file():
-        raise FileNotFoundError(f"no {what} at {str(root / (subfolder or ''))!r} (expected a diffusers folder with config.json)")
-    vae = cls.from_pretrained(str(root) if local else path, subfolder=subfolder or None, torch_dtype=dtype)
-    vae.requires_grad_(False)
-    return vae.eval().to(device)
-
-
-def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """``AutoencoderKL.from_pretrained(path, subfolder=...)``, frozen, in eval mode.
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path that does not exist.
-    """
-    from diffusers import AutoencoderKL
-
-    return load_frozen_vae(AutoencoderKL, path, subfolder, device=device, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class LatentCodec:
-    """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` <-> normalised latents ``[B, C, H/f, W/f]``.
-
-    Args:
-        vae: a diffusers ``AutoencoderKL`` (any module with ``encode(x).latent_dist`` and
-            ``decode(z).sample``).
-        scale: multiplies the shifted latent; ``None`` reads ``vae.config.scaling_factor``.
-        shift: subtracted first; ``None`` reads ``vae.config.shift_factor`` (0 when absent).
-        sample: draw from the posterior (``True``) or take its mean (``False``, deterministic).
-    """
-
-    vae: Any
-    scale: float | None = None
-    shift: float | None = None
-    sample: bool = False
-
-    @property
-    def scaling(self) -> float:
-        if self.scale is not None:
-            return float(self.scale)
-        return float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
-
-    @property
-    def shifting(self) -> float:
-        if self.shift is not None:
-            return float(self.shift)
-        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator=generator) if self.sample else dist.mode()
-        return ((z.float() - self.shifting) * self.scaling)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        z = latents / self.scaling + self.shifting
-        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
-
-
-class CacheMismatchError(ValueError):
-    """The latent cache was built for another VAE, resolution or normalisation."""
-
-
-def check_cache_metadata(meta: dict[str, Any], expected: dict[str, Any], *, path: str = "cache") -> None:
-    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ."""
-    if meta.get("format") != CACHE_FORMAT:
-        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
-    diffs = []
-    for key, want in expected.items():
-        have = meta.get(key)
-        if isinstance(want, float) and isinstance(have, (int, float)):
-            same = abs(have - want) <= 1e-6 * max(1.0, abs(want))
-        else:
-            same = have == want
-        if not same:
-            diffs.append(f"{key}: cache has {have!r}, config wants {want!r}")
-    if diffs:
-        raise CacheMismatchError(
-            f"latent cache {path} does not match the config ({'; '.join(diffs)}); rebuild it with "
-            "python -m dfm_ext.recipes.imagenet.cache or point data.latent_cache elsewhere"
-        )
+__all__ = ["CacheOptions", "SkipUnreadable", "encode_class_cache", "encode_to_cache", "write_index", "write_latent_cache"]
 
 
 def write_latent_cache(
@@ -294,60 +179,6 @@ def encode_to_cache(
     index[skipped_key] = [readable.ds.items[i][0] for i in bad]
     (path / "index.json").write_text(json.dumps(index, indent=2))
     return index
-
-
-class LatentCache(torch.utils.data.Dataset):
-    """Read a latent cache; items keyed like :class:`~dfm_ext.recipes.engine.data.ImageFolder`.
-
-    Items are dicts ``latents [C, h, w]`` (float32), ``label``, ``index``, ``bad`` (always empty).
-
-    Raises:
-        FileNotFoundError: no ``index.json`` (missing or unfinished cache).
-        CacheMismatchError: ``expected`` metadata disagrees with the cache.
-    """
-
-    def __init__(self, path: str | Path, expected: dict[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        index = self.path / "index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"no latent cache at {str(self.path)!r} (index.json missing: not built or unfinished)")
-        self.meta = json.loads(index.read_text())
-        check_cache_metadata(self.meta, expected or {}, path=str(self.path))
-        self._starts = [s["start"] for s in self.meta["shards"]]
-        self._handles: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return int(self.meta["num_items"])
-
-    @property
-    def has_flips(self) -> bool:
-        return bool(self.meta.get("flipped", False))
-
-    def _shard(self, i: int) -> Any:
-        # One handle per shard and per worker process: safe_open reads slices lazily (mmap).
-        if i not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[i] = safe_open(str(self.path / self.meta["shards"][i]["file"]), framework="pt")
-        return self._handles[i]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": {}}
-
-    def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        index, flip = (key, False) if isinstance(key, int) else key
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a cache of {len(self)}")
-        import bisect
-
-        s = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[s]
-        f = self._shard(s)
-        name = "latents_flipped" if flip and self.has_flips else "latents"
-        latents = f.get_slice(name)[local : local + 1][0].float()
-        label = int(f.get_slice("labels")[local : local + 1][0])
-        return {"latents": latents, "label": label, "index": index, "bad": []}
 
 
 @dataclass(frozen=True)

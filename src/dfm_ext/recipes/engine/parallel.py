@@ -1,35 +1,28 @@
-"""Sharded training with FSDP2 (``torch.distributed.fsdp.fully_shard``): wrap policy, EMA, checkpoints.
+"""How a run spreads its model over the processes and how it checkpoints it: one class per parallelism.
 
-The engine (:class:`dfm_ext.recipes.engine.trainer.Trainer`, ``train.sharding=fsdp2``) uses this module;
-it works on any device type torch's ``DeviceMesh`` supports (``cuda`` with NCCL, ``cpu`` with
-gloo, which is how the tests run two ranks on one machine). accelerate's own FSDP plugin is not
-used: on CPU it silently becomes DDP, so the sharded path is built on torch's API directly and
-is the same code on every device.
+:class:`Parallelism` is what the trainer's loop talks to; it never asks which one it has.
 
-* :func:`transformer_blocks` / :func:`shard_model`: ``fully_shard`` per transformer block, then
-  the root. A "block" is an element of a ``ModuleList`` named ``blocks`` (reference DiT,
-  VideoDiT), ``transformer_blocks`` (diffusers DiT, PixArt, SD3, CogVideoX, Flux) or
-  ``single_transformer_blocks`` (Flux). Per-stage parameters of :func:`dfm_ext.specialize` live
-  inside the layers they specialise, so they are sharded with their block.
-* :class:`ShardedEMA`: the EMA's shadow tensors are ``DTensor`` s with the parameters'
-  placements; one update is a ``torch._foreach_lerp_`` over the local shards (no gather, no
-  communication), the same arithmetic as ``AveragedModel`` with ``get_ema_multi_avg_fn``.
-  :meth:`ShardedEMA.applied` swaps the EMA into the sharded model (for sampling and ``final/``).
-* :func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint`: model, optimiser and EMA
-  through ``torch.distributed.checkpoint`` (each rank writes its own shards) into ``tmp-<step>``,
-  then ``extra_state.pt`` (scheduler, step counters, EMA counter), :data:`SHARDED_MARKER` and, last,
-  the completeness record ``complete.json`` (sizes and SHA-256 of every file), then an atomic
-  rename to ``step-<step>`` and ``latest``: the same rules as the unsharded checkpoints
-  (:mod:`.checkpointing`), so ``resume=auto`` verifies and picks them the same way.
-* :func:`load_full_state`: read a sharded checkpoint into full tensors in one process (no
-  process group), e.g. to export or inspect it.
+* :class:`DDP`: accelerate's ``prepare`` (DistributedDataParallel over the processes, mixed
+  precision), ``no_sync`` on all but the last micro-batch, checkpoints through
+  ``accelerator.save_state`` (model as safetensors, optimiser and RNG states).
+* :class:`FSDP2`: torch's ``fully_shard`` per transformer block then the root (accelerate's FSDP
+  plugin is not used: on CPU it silently becomes DDP, so this is the same code on every device,
+  ``cuda`` with NCCL or ``cpu`` with gloo), gradients reduce-scattered on the last micro-batch,
+  checkpoints through ``torch.distributed.checkpoint`` (each rank writes its own shards).
+
+Both keep an :class:`EMA` of the weights, update it with one ``torch._foreach_lerp_`` over the
+local tensors per step (no host read, no communication) and write checkpoints through
+:func:`~dfm_ext.recipes.engine.checkpoint.write_step_folder`, so ``resume=auto`` verifies and picks
+them the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
-from collections.abc import Iterator, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +30,21 @@ import torch
 from torch import Tensor, nn
 
 from dfm_ext.fileio import atomic_write_text
-
 from dfm_ext.recipes.engine.checkpoint import (
-    EXTRA_STATE,
+    CorruptCheckpointError,
     Stateful,
     load_extra_state,
-    write_checkpoint_atomically,
+    save_extra_state,
+    state_digest,
+    write_step_folder,
 )
-from dfm_ext.recipes.engine.config import ConfigError
+from dfm_ext.recipes.engine.config import ConfigError, TrainConfig
 
-__all__ = [
-    "BLOCK_LIST_NAMES",
-    "SHARDED_MARKER",
-    "ShardedEMA",
-    "device_mesh",
-    "gather_full_state",
-    "is_sharded_checkpoint",
-    "load_full_state",
-    "load_sharded_checkpoint",
-    "save_sharded_checkpoint",
-    "shard_model",
-    "transformer_blocks",
-    "uses_fsdp2",
-]
+__all__ = ["BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "make_parallelism", "shard_model", "transformer_blocks"]
 
-# ModuleList attribute names that hold the repeated transformer blocks, per model family.
+#: ``ModuleList`` attribute names that hold the repeated transformer blocks, per model family.
 BLOCK_LIST_NAMES = ("blocks", "transformer_blocks", "single_transformer_blocks")
-# Written last into a sharded checkpoint folder (before the atomic rename): format and world size.
-SHARDED_MARKER = "sharded.json"
+_SHARDED = "sharded.json"  # written into a sharded checkpoint: its format and world size
 
 
 def _local(t: Tensor) -> Tensor:
@@ -73,114 +53,66 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model`` (any depth of nesting), in module order.
-
-    Raises:
-        ValueError: no ``ModuleList`` named one of :data:`BLOCK_LIST_NAMES` is found; the
-            message lists the model's ``ModuleList`` s so a new family can be added.
-    """
-    blocks: list[nn.Module] = []
-    seen: set[int] = set()
-    for _, module in model.named_modules():
-        for attr in BLOCK_LIST_NAMES:
-            lst = module._modules.get(attr)
-            if isinstance(lst, nn.ModuleList):
-                for block in lst:
-                    if id(block) not in seen:
-                        blocks.append(block)
-                        seen.add(id(block))
-    # A block list nested inside another block belongs to that block's FSDP unit.
-    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
-    blocks = [b for b in blocks if id(b) not in inner]
-    if not blocks:
-        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-        raise ValueError(
-            f"{type(model).__name__} has no transformer block list named one of {list(BLOCK_LIST_NAMES)}; "
-            f"its ModuleLists are {lists or 'none'}: FSDP2 needs to know which modules are the blocks"
-        )
-    return blocks
-
-
-def _called_outside_block(blocks: list[nn.Module]) -> list[nn.Module]:
-    # diffusers DiTTransformer2DModel (and the DFM adapter, which follows it) calls
-    # transformer_blocks[0].norm1.emb once more after the loop for the final modulation: outside
-    # the block's forward, where FSDP would not have gathered its weights. Its own FSDP unit
-    # gathers them whenever it runs.
-    norm1 = getattr(blocks[0], "norm1", None) if blocks else None
-    emb = getattr(norm1, "emb", None)
-    return [emb] if isinstance(emb, nn.Module) and any(True for _ in emb.parameters()) else []
-
-
-def shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` every transformer block, then the root; returns ``model`` (sharded in place).
-
-    Unused parameters (a stage's LoRA that no local sample drew) are reduce-scattered as zero
-    gradients, so the ranks' collectives stay in step when they used different parameters.
-
-    Args:
-        model: the (wrapped) model, already on the mesh's device.
-        mesh: a 1-D ``DeviceMesh`` over all ranks.
-        reshard_after_forward: free the gathered block weights after each block's forward.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = transformer_blocks(model)
-    for unit in _called_outside_block(blocks):  # inner units first, then the blocks holding them
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):  # DDP, accelerate's wrappers
+        model = model.module
     return model
 
 
-def _ema_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    # Parameters (trainable or not) and buffers, as AveragedModel(use_buffers=True) averages them.
-    return [*model.named_parameters(), *model.named_buffers()]
+class EMA:
+    """Exponential moving average of a model's parameters and buffers, kept like the model is.
 
+    ``shadow`` holds a detached copy of every parameter and buffer (``DTensor`` s with the
+    parameters' placements when the model is sharded). :meth:`update` after optimiser step
+    ``step`` (0-based) does ``ema <- ema + (1 - d) (p - ema)`` with one ``_foreach_lerp_``:
+    ``d = decay`` (the first update copies), or with ``warmup`` ``d = min(decay, (1 + step) /
+    (10 + step))``, the initial weights being the first average. The step comes from the host, so
+    nothing is read from the device.
 
-class ShardedEMA:
-    """Exponential moving average of a sharded model, kept sharded like its parameters.
-
-    ``shadow[name]`` is a detached copy of the parameter or buffer ``name`` (a ``DTensor`` with
-    the same mesh and placements for sharded parameters). :meth:`update` follows
-    ``AveragedModel(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)``: the first
-    update copies, later ones do ``ema <- ema + (1 - decay) (p - ema)`` (``_foreach_lerp_``).
+    Args:
+        model: the (possibly sharded) model.
+        decay: in ``[0, 1)``.
+        warmup: the warming-up decay above.
+        module: keep the shadow as an eager copy of ``model`` (:attr:`module`) to sample from,
+            instead of swapping it into ``model`` (:meth:`applied`).
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False, module: bool = False) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.n_averaged = 0
+        self.decay, self.warmup, self.updates = decay, warmup, 1 if warmup else 0
+        self.module = copy.deepcopy(model).requires_grad_(False) if module else None
         with torch.no_grad():
-            self.shadow: dict[str, Tensor] = {n: t.detach().clone() for n, t in _ema_tensors(model)}
+            source = self.module if self.module is not None else model
+            self.shadow = {n: t.detach() if self.module is not None else t.detach().clone() for n, t in _tensors(source)}
 
     def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        tensors = _ema_tensors(model)
-        names = [n for n, _ in tensors]
-        if names != list(self.shadow):
+        tensors = _tensors(model)
+        if [n for n, _ in tensors] != list(self.shadow):
             raise ValueError("the model's parameters and buffers differ from the ones the EMA was built with")
-        return [_local(self.shadow[n]) for n in names], [_local(t.detach()) for _, t in tensors]
+        return [_local(self.shadow[n]) for n, _ in tensors], [_local(t.detach()) for _, t in tensors]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the model's current (local shards of) weights into the average."""
-        ema, cur = self._pairs(model)
-        if self.n_averaged == 0:
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold the model's current (local) weights into the average after optimiser step ``step``."""
+        ema, cur = self._pairs(_unwrap(model))
+        if self.updates == 0:
             torch._foreach_copy_(ema, cur)
         else:
+            d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
             fl = [i for i, t in enumerate(ema) if t.is_floating_point() or t.is_complex()]
             if fl:
-                torch._foreach_lerp_([ema[i] for i in fl], [cur[i] for i in fl], 1.0 - self.decay)
-            for i in sorted(set(range(len(ema))) - set(fl)):
-                ema[i].copy_(ema[i] * self.decay + cur[i] * (1.0 - self.decay))
-        self.n_averaged += 1
+                torch._foreach_lerp_([ema[i] for i in fl], [cur[i] for i in fl], 1.0 - d)
+            for i in sorted(set(range(len(ema))) - set(fl)):  # integer buffers
+                ema[i].copy_(cur[i] if self.warmup else ema[i] * d + cur[i] * (1.0 - d))
+        self.updates += 1
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Run with the EMA weights in ``model`` (every rank); the trained weights come back exactly."""
+        """The EMA weights to sample from: :attr:`module`, or swapped into ``model`` and back exactly."""
+        if self.module is not None:
+            yield self.module
+            return
         ema, cur = self._pairs(model)
         with torch.no_grad():
             backup = [t.clone() for t in cur]
@@ -192,158 +124,268 @@ class ShardedEMA:
                 torch._foreach_copy_(cur, backup)
 
     def state_dict(self) -> dict[str, Any]:
-        """The counter only: the shadow tensors are saved sharded by :func:`save_sharded_checkpoint`."""
-        return {"n_averaged": self.n_averaged, "decay": self.decay}
+        """The counter, and the shadow when it is an eager module (sharded shadows go through DCP)."""
+        state: dict[str, Any] = {"updates": self.updates}
+        if self.module is not None:
+            state["shadow"] = {n: t.cpu() for n, t in self.shadow.items()}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.n_averaged = int(state["n_averaged"])
+        self.updates = int(state["updates"])
+        if self.module is not None:
+            with torch.no_grad():
+                for n, t in state["shadow"].items():
+                    self.shadow[n].copy_(t)
 
 
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        raise RuntimeError("sharded checkpoints need an initialised torch.distributed process group")
-    return dist
+def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    # Parameters (trainable or not) and buffers, as torch's AveragedModel(use_buffers=True) averages them.
+    return [*model.named_parameters(), *model.named_buffers()]
 
 
-def _states(model: nn.Module, optimizer: torch.optim.Optimizer, ema: ShardedEMA | None) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-    if ema is not None:
-        state["ema"] = ema.shadow
-    return state
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` was written by :func:`save_sharded_checkpoint`."""
-    return (Path(path) / SHARDED_MARKER).is_file()
-
-
-def save_sharded_checkpoint(
-    root: str | Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    ema: ShardedEMA | None = None,
-    extra: Mapping[str, Stateful] | None = None,
-    keep: int | None = None,
-) -> Path:
-    """Write ``root/step-<step>`` with ``torch.distributed.checkpoint`` (every rank calls this).
-
-    Each rank writes its shards into ``tmp-step-<step>``; the main rank then writes
-    ``extra_state.pt`` (``extra``'s state dicts, the same on every rank), :data:`SHARDED_MARKER`
-    and the completeness record (:func:`~.checkpointing.write_manifest`) last, renames the folder
-    (``os.replace``) and points ``latest`` at it. A crash at any moment leaves no folder that
-    counts as complete.
-
-    Raises:
-        FileExistsError: ``root/step-<step>`` exists (checked on every rank first): never written over.
-        DiskFullError: the disk filled up; ``tmp-<step>`` is removed at the next start.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    dist = _dist()
-
-    def write_main(tmp: Path) -> None:
-        torch.save({k: v.state_dict() for k, v in (extra or {}).items()}, tmp / EXTRA_STATE)
-        marker = {"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}
-        atomic_write_text(tmp / SHARDED_MARKER, json.dumps(marker) + "\n")
-
-    return write_checkpoint_atomically(
-        root, step, keep=keep, is_main=dist.get_rank() == 0, barrier=dist.barrier,
-        write_all=lambda tmp: dcp.save(_states(model, optimizer, ema), checkpoint_id=str(tmp)),  # metadata by rank 0
-        write_main=write_main,
-    )  # fmt: skip
-
-
-def load_sharded_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    ema: ShardedEMA | None = None,
-    extra: Mapping[str, Stateful] | None = None,
-) -> None:
-    """Restore :func:`save_sharded_checkpoint`'s state into the sharded ``model``/``optimizer``/``ema``.
-
-    The world size may differ from the one that wrote it (DCP reshards on load). Nothing is
-    unpickled: ``extra_state.pt`` loads with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: ``path`` is not a sharded checkpoint, or lacks ``extra``'s file.
-        KeyError: the checkpoint has no EMA but ``ema`` is given, or ``extra`` names a missing state.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {SHARDED_MARKER}); it was written without train.sharding=fsdp2")
-    state = _states(model, optimizer, ema)
-    if ema is not None and not any(k.startswith("ema.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata):
-        raise KeyError(f"{path} holds no EMA weights but the run has train.ema_decay set")
-    dcp.load(state, checkpoint_id=str(path))  # in place, into the local shards
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    load_extra_state(path, extra, writer="save_sharded_checkpoint")
-
-
-def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: str = "model") -> dict[str, Tensor]:
-    """Full tensors of one part (``"model"`` or ``"ema"``) of a sharded checkpoint, in one process.
+class Parallelism(ABC):
+    """One way of running a model over the processes: set up, step, checkpoint, export.
 
     Args:
-        path: a folder written by :func:`save_sharded_checkpoint`.
-        template: name -> tensor of the full shape and dtype (e.g. a freshly built model's
-            ``state_dict()``); it is not modified.
-        key: ``"model"`` (the trained weights) or ``"ema"``.
-
-    Returns:
-        name -> full CPU tensor, for every name of ``template``.
+        accelerator: the run's ``accelerate.Accelerator`` (devices, processes, mixed precision).
+        train: the ``train`` section (EMA, compile).
     """
-    import torch.distributed.checkpoint as dcp
 
-    if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {SHARDED_MARKER})")
-    out = {k: torch.empty_like(v, device="cpu") for k, v in template.items()}
-    dcp.load({key: out}, checkpoint_id=str(path), no_dist=True)
-    return out
+    #: Whether every process takes part in sampling (collectives inside the forward).
+    samples_on_every_rank = False
+
+    def __init__(self, accelerator: Any, train: TrainConfig) -> None:
+        self.accelerator, self.train = accelerator, train
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer, EMA | None]:
+        """The model to train (wrapped, on its device, compiled if asked), its optimiser and EMA."""
+
+    @abstractmethod
+    def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
+        """Around one micro-batch's backward: gradients are reduced across processes only when ``last``."""
+
+    @abstractmethod
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
+        """Clip the gradients' global norm in place; returns the norm (a device tensor, not read)."""
+
+    @abstractmethod
+    def save(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> Path:
+        """Write checkpoint ``root/step-<step>`` (every process calls this)."""
+
+    @abstractmethod
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> None:
+        """Restore a checkpoint written by :meth:`save` (verified before)."""
+
+    @abstractmethod
+    def final_model(self, model: nn.Module, ema: EMA | None, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The model to export with the full (EMA when there is one) weights on the main process, ``None``
+        elsewhere (``build`` makes a fresh unsharded model); a collective."""
+
+    @abstractmethod
+    def trained_digests(self, model: nn.Module) -> list[str]:
+        """SHA-256 of the trained weights (each process's replica, or the gathered shards); a collective."""
+
+    def _compile(self, model: nn.Module) -> None:
+        # In place, so DDP wraps the compiled module and state-dict keys gain no "_orig_mod." prefix;
+        # after the EMA copied the model, whose copy stays eager for sampling and final/.
+        if self.train.compile:
+            model.compile(backend=self.train.compile_backend)
+
+    def _ema(self, model: nn.Module, *, module: bool) -> EMA | None:
+        t = self.train
+        return None if t.ema_decay is None else EMA(model, t.ema_decay, warmup=t.ema_warmup, module=module)
 
 
-def gather_full_state(model: nn.Module) -> dict[str, Tensor]:
-    """The full ``state_dict`` of a sharded model on rank 0 (CPU tensors; ``{}`` on other ranks).
+class DDP(Parallelism):
+    """Replicated weights: accelerate's DistributedDataParallel (one process: the plain model)."""
 
-    A collective: every rank must call it.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer, EMA | None]:
+        ema = self._ema(model, module=True)
+        optimizer = make_optimizer(model)
+        self._compile(model)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if ema is not None:
+            ema.module.to(self.accelerator.device)  # type: ignore[union-attr]
+            ema.shadow = {n: t.detach() for n, t in _tensors(ema.module)}  # type: ignore[arg-type]
+        self.ema = ema
+        return model, optimizer, ema
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
+        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+    def save(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> Path:
+        acc = self.accelerator
+        return write_step_folder(
+            root, step, keep=self.train.keep_checkpoints, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
+            write_all=lambda tmp: acc.save_state(str(tmp)), write_main=lambda tmp: save_extra_state(tmp, extra),
+        )  # fmt: skip
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> None:
+        if (path / _SHARDED).is_file():
+            raise ConfigError(f"{path} is a sharded (FSDP2) checkpoint; resume it with train.sharding=fsdp2")
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as e:  # another model's checkpoint: a missing or unexpected key, a shape
+            raise ConfigError(f"cannot resume from {path}: it holds another model's weights ({str(e).splitlines()[0][:300]})") from None
+        load_extra_state(path, extra)
+
+    def final_model(self, model: nn.Module, ema: EMA | None, build: Callable[[], nn.Module]) -> nn.Module | None:
+        if not self.accelerator.is_main_process:
+            return None
+        return ema.module if ema is not None else _unwrap(model)
+
+    def trained_digests(self, model: nn.Module) -> list[str]:
+        digest = state_digest(_unwrap(model).state_dict())
+        if self.accelerator.num_processes == 1:
+            return [digest]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([digest]))
 
 
-def uses_fsdp2(mode: str, accelerator: Any) -> bool:
-    """Whether a run shards with FSDP2: ``train.sharding`` (``mode``) ``fsdp2``, or ``auto`` under an
-    accelerate FSDP launch config; refuses the combinations that cannot work.
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model`` (elements of a ``ModuleList`` named in :data:`BLOCK_LIST_NAMES`).
 
     Raises:
-        ConfigError: ``none`` under an FSDP launch config, or FSDP2 with fp16 mixed precision.
+        ValueError: none found; the message lists the model's ``ModuleList`` s.
+    """
+    blocks: list[nn.Module] = []
+    for _, module in model.named_modules():
+        for attr in BLOCK_LIST_NAMES:
+            lst = module._modules.get(attr)
+            if isinstance(lst, nn.ModuleList):
+                blocks += [b for b in lst if all(b is not o for o in blocks)]
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}  # a list inside a block is its block's unit
+    blocks = [b for b in blocks if id(b) not in inner]
+    if not blocks:
+        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        raise ValueError(
+            f"{type(model).__name__} has no transformer block list named one of {list(BLOCK_LIST_NAMES)}; "
+            f"its ModuleLists are {lists or 'none'}: FSDP2 needs to know which modules are the blocks"
+        )
+    return blocks
+
+
+def shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` every transformer block, then the root; returns ``model`` (sharded in place).
+
+    Unused parameters (a stage's LoRA no local sample drew) are reduce-scattered as zero
+    gradients, so the ranks' collectives stay in step.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    # diffusers DiTTransformer2DModel (and its DFM adapter) calls transformer_blocks[0].norm1.emb once
+    # more after the loop, outside the block's forward: its own unit gathers it whenever it runs.
+    emb = getattr(getattr(blocks[0], "norm1", None), "emb", None)
+    units = [emb] if isinstance(emb, nn.Module) and any(True for _ in emb.parameters()) else []
+    for unit in [*units, *blocks, model]:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
+    return model
+
+
+class FSDP2(Parallelism):
+    """Sharded weights, gradients, optimiser state and EMA (``torch.distributed.fsdp.fully_shard``)."""
+
+    samples_on_every_rank = True
+
+    def prepare(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer, EMA | None]:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = self.accelerator.device
+        if not dist.is_initialized():  # one process: a world of one, so the same code path runs
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        model = shard_model(model.to(device), init_device_mesh(device.type, (dist.get_world_size(),)))
+        self.ema = ema = self._ema(model, module=False)
+        optimizer = make_optimizer(model)
+        self._compile(model)  # after fully_shard: FSDP2's hooks run outside the graphs
+        return model, optimizer, ema
+
+    def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
+        model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # reduced over the shards
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _states(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow
+        return state
+
+    def save(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> Path:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        def write_main(tmp: Path) -> None:
+            save_extra_state(tmp, extra)
+            atomic_write_text(tmp / _SHARDED, json.dumps({"format": "torch.distributed.checkpoint", "world_size": dist.get_world_size(), "step": step}) + "\n")
+
+        return write_step_folder(
+            root, step, keep=self.train.keep_checkpoints, is_main=dist.get_rank() == 0, barrier=dist.barrier,
+            write_all=lambda tmp: dcp.save(self._states(model, optimizer), checkpoint_id=str(tmp)), write_main=write_main,
+        )  # fmt: skip
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> None:
+        """The world size may differ from the one that wrote it (DCP reshards on load)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not (path / _SHARDED).is_file():
+            raise ConfigError(f"{path} is not a sharded checkpoint (written without train.sharding=fsdp2); resume it with train.sharding=none")
+        state = self._states(model, optimizer)
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if self.ema is not None and not any(k.startswith("ema.") for k in keys):
+            raise CorruptCheckpointError(f"{path} holds no EMA weights but the run has train.ema_decay set")
+        try:
+            dcp.load(state, checkpoint_id=str(path))  # in place, into the local shards
+        except RuntimeError as e:
+            raise ConfigError(f"cannot resume from {path}: it holds another model's weights ({str(e).splitlines()[0][:300]})") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_extra_state(path, extra)
+
+    @staticmethod
+    def _full_state(model: nn.Module) -> dict[str, Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def final_model(self, model: nn.Module, ema: EMA | None, build: Callable[[], nn.Module]) -> nn.Module | None:
+        with ema.applied(model) if ema is not None else contextlib.nullcontext(model) as averaged:
+            state = self._full_state(averaged)
+        if not self.accelerator.is_main_process:
+            return None
+        final = build()  # the one model format: a freshly built (unsharded) model holding the full weights
+        final.load_state_dict(state)
+        return final
+
+    def trained_digests(self, model: nn.Module) -> list[str]:
+        state = self._full_state(model)
+        return [state_digest(state)] if self.accelerator.is_main_process else []
+
+
+def make_parallelism(accelerator: Any, train: TrainConfig) -> Parallelism:
+    """:class:`FSDP2` for ``train.sharding=fsdp2`` (or ``auto`` under an accelerate FSDP launch config), else :class:`DDP`.
+
+    Raises:
+        ConfigError: ``none`` under an FSDP launch config, or FSDP2 with fp16 (no sharded grad scaler).
     """
     accelerate_fsdp = str(accelerator.distributed_type).endswith("FSDP")
-    if mode == "none" and accelerate_fsdp:
+    if train.sharding == "none" and accelerate_fsdp:
         raise ConfigError("train.sharding=none but accelerate was launched with an FSDP config; use train.sharding=fsdp2 or auto")
-    fsdp = mode == "fsdp2" or (mode == "auto" and accelerate_fsdp)
-    if fsdp and accelerator.mixed_precision == "fp16":
+    if not (train.sharding == "fsdp2" or (train.sharding == "auto" and accelerate_fsdp)):
+        return DDP(accelerator, train)
+    if accelerator.mixed_precision == "fp16":
         raise ConfigError("train.sharding=fsdp2 with mixed_precision=fp16 is not supported (no sharded grad scaler); use bf16")
-    return fsdp
-
-
-def device_mesh(accelerator: Any) -> Any:
-    """A 1-D device mesh over every process (one process: a world of one, so the same code path runs)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if not dist.is_initialized():  # one process: a world of one, so the same code path runs
-        backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return init_device_mesh(accelerator.device.type, (dist.get_world_size(),))
+    return FSDP2(accelerator, train)

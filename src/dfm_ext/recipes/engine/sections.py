@@ -22,7 +22,7 @@ from torch import nn
 
 from dfm_ext.recipes.engine.config import ConfigError, yaml_value
 from dfm_ext.recipes.engine.decomposition import DecompositionConfig
-from dfm_ext.recipes.engine.train_config import OptimConfig, TrainConfig
+from dfm_ext.recipes.engine.config import OptimConfig, TrainConfig
 
 __all__ = [
     "ClassDataSection",
@@ -169,12 +169,12 @@ class SamplingConfig:
             raise ConfigError(f"sampling.guidance_scale must be a finite number, got {self.guidance_scale}")
 
     def sampler(self, decomposition: Any, **kwargs: Any) -> Any:
-        """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` passed on, e.g. ``scales``)."""
+        """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` passed on or replacing a setting, e.g. ``guidance_scale``)."""
         from dfm_ext.process.sampler import DFMSampler
         from dfm_ext.process.schedule import StageScheduler
 
         scheduler = StageScheduler(steps=self.steps, thresholds=self.thresholds)
-        return DFMSampler(decomposition, scheduler, method=self.method, guidance_scale=self.guidance_scale, **kwargs)
+        return DFMSampler(decomposition, scheduler, **{"method": self.method, "guidance_scale": self.guidance_scale, **kwargs})
 
 
 @dataclass
@@ -241,15 +241,15 @@ class ModelConfig:
             raise ConfigError(f"{key}: {e}") from e
 
 
-def import_factory(spec: str) -> Any:
-    """The function ``"package.module:function"`` of ``model.factory``."""
+def import_factory(spec: str, *, key: str = "model.factory") -> Any:
+    """The function ``"package.module:function"`` that the config key ``key`` names."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ConfigError(f"model.factory must look like 'package.module:function', got {spec!r}")
+        raise ConfigError(f"{key} must look like 'package.module:function', got {spec!r}")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"model.factory {spec!r} cannot be imported: {e}") from e
+        raise ConfigError(f"{key} {spec!r} cannot be imported: {e}") from e
 
 
 def enable_gradient_checkpointing(base: nn.Module) -> None:

@@ -1,41 +1,32 @@
-"""The training engine every recipe shares: accelerate, AdamW + warmup, EMA, checkpoints, logs.
+"""The training loop every recipe runs: :class:`Trainer` drives a :class:`TrainTask` over a dataset.
 
-A recipe supplies a :class:`TrainTask` (build the model, compute one micro-batch's loss, and
-optionally sample/evaluate) and a dataset; :class:`Trainer` does the rest:
+A recipe says what one step computes (:class:`TrainTask`: build the model, the loss of a
+micro-batch, optionally an evaluation); the trainer does the rest, the same way for every recipe:
 
-* devices, DDP and mixed precision through ``accelerate`` (bf16 on GPU, fp32 on CPU
-  with ``mixed_precision="auto"``); gradient accumulation with ``no_sync`` on all but the last
-  micro-batch;
-* or, with ``train.sharding=fsdp2`` (or an accelerate FSDP launch config), FSDP2 sharding through
-  torch directly (:mod:`.sharding`): ``fully_shard`` per transformer block then the root, a
-  sharded EMA, ``torch.distributed.checkpoint`` checkpoints, sampling on every rank;
-* AdamW (the paper's Adam(0.9, 0.99), eps 1e-8, weight decay 0.01), linear warmup then a
-  constant learning rate, gradient clipping;
-* an EMA of the weights (``torch.optim.swa_utils.AveragedModel`` with
-  ``get_ema_multi_avg_fn``), saved into each checkpoint's ``extra_state.pt``;
-* atomic, verified, pruned checkpoints (:mod:`.checkpointing`) and exact resume: the data order
-  and every random draw of a step are functions of ``(seed, step, micro-batch)``
-  (:class:`BatchPlan`, :func:`step_generator`), so restarting at step ``k`` replays the same run.
-  ``resume=auto`` takes the newest checkpoint that verifies (not what ``latest`` says), warns
-  about and moves aside newer damaged ones, and never writes over an existing step folder;
-  the output folder is checked for writability before anything is built;
-* trackers through accelerate (``log_with``), a ``metrics.jsonl`` log, a tqdm bar on the main
-  process, periodic ``task.evaluate`` (sample grids, metrics) on the EMA weights.
-
-The pieces live by job: :mod:`.train_config` (the ``train``/``optim`` sections, the task
-protocol, re-exported here), :mod:`.optimizer` (AdamW, warmup, EMA), :mod:`.run_folder`
-(output folder, resume decisions), :mod:`.checkpointing` and :mod:`.sharding`; this module is the loop.
-
-One run is one folder: ``config.yaml`` (resolved config), ``checkpoints/``, ``logs/``
-(trackers), ``samples/``, ``metrics.jsonl``, ``final/`` (EMA weights), ``summary.json``.
+* devices, processes and mixed precision through ``accelerate`` (bf16 on GPU, fp32 on CPU with
+  ``mixed_precision=auto``); DDP or FSDP2 through :mod:`~dfm_ext.recipes.engine.parallel`;
+* AdamW (the paper's Adam(0.9, 0.99), eps 1e-8, weight decay 0.01), linear warmup then a constant
+  learning rate, gradient clipping, an EMA of the weights;
+* exact resume: the data order and every random draw of a step are functions of
+  ``(seed, step, micro-batch)`` (:class:`~dfm_ext.recipes.engine.data.BatchPlan`,
+  :func:`step_generator`), so restarting at step ``k`` replays the same run, and W processes
+  with accumulation A train what one process with accumulation W*A trains;
+* no host read per step: losses, the non-finite flag and skip counts stay on the device and are
+  read once per log / checkpoint step (:func:`is_check_step`);
+* ``metrics.jsonl``, trackers, a tqdm bar with the ETA, checkpoints
+  (:mod:`~dfm_ext.recipes.engine.checkpoint`), periodic ``task.evaluate`` on the EMA weights,
+  ``final/`` (the EMA weights) and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,45 +34,100 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.recipes.engine import parallel as sharding
-from dfm_ext.recipes.engine.checkpoint import load_checkpoint, save_checkpoint
-from dfm_ext.recipes.engine.config import ConfigError, config_to_dict, save_config
-from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
-from dfm_ext.recipes.engine.optimizer import WarmupEMA, build_ema, build_optimizer, warmup_lambda
-from dfm_ext.recipes.engine.run_folder import (
+from dfm_ext.fileio import atomic_write_text
+from dfm_ext.recipes.engine.checkpoint import (
+    Stateful,
     check_output_writable,
     check_resume_config,
     choose_resume,
     flatten_config,
-    resolve_output_dir,
     save_final_model,
-    state_digest,
     tidy_checkpoints,
 )
-# The engine's contract lives in train_config; re-exported here, where recipes and users import it.
-from dfm_ext.recipes.engine.train_config import OptimConfig, StepLoss, TrainConfig, TrainResult, TrainTask
+from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, config_to_dict, save_config
+from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
+from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
 
-__all__ = [
-    "OptimConfig",
-    "StepLoss",
-    "TrainConfig",
-    "TrainResult",
-    "TrainTask",
-    "Trainer",
-    "build_optimizer",
-    "check_output_writable",
-    "is_check_step",
-    "resolve_output_dir",
-    "step_generator",
-    "warmup_lambda",
-]
+__all__ = ["StepLoss", "TrainResult", "TrainTask", "Trainer", "adamw", "is_check_step", "step_generator", "warmup_lambda"]
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """One micro-batch's differentiable ``loss`` and detached scalars to log (averaged per step; NaN: absent)."""
+
+    loss: Tensor
+    logs: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :meth:`Trainer.fit` returns (on every process)."""
+
+    output_dir: Path
+    step: int
+    last_loss: float
+    skipped_images: int
+    unique_bad_images: int
+    train_seconds: float = 0.0  # inside the training steps (no checkpoints, logs or evaluation)
+    stopped_early: bool = False  # train.max_train_seconds was spent before train.steps
+
+
+def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on parameters of rank < 2 (biases, norms)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+class TrainTask(ABC):
+    """What a recipe gives the :class:`Trainer`: the model and what one micro-batch computes.
+
+    The defaults serve most recipes; override what differs.
+
+    Attributes:
+        random_flip: whether the batch plan mirrors half the items (``data.random_flip``).
+        find_unused_parameters: DDP searches for parameters a micro-batch did not use. Per-stage
+            parameters of :func:`dfm_ext.specialize` do not need it: every stage's take part in every
+            forward (zero gradients for an absent stage), so it stays off and DDP skips a graph walk.
+    """
+
+    random_flip: bool = False
+    find_unused_parameters: bool = False
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The trainable model (built identically on every process: the trainer seeds first)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
+        """The loss of one micro-batch; every random draw from ``generator``."""
+
+    def build_optimizer(self, model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+        """The optimiser (default :func:`adamw`); warmup, clipping and EMA stay the trainer's."""
+        return adamw(model, optim)
+
+    def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
+        """Samples / metrics with the EMA weights (main process; every process under FSDP2); scalars to log."""
+        return {}
+
+    def state(self) -> dict[str, Stateful]:
+        """Objects whose state is checkpointed with the run (e.g. an adaptive stage allocation)."""
+        return {}
+
+    def batch_plan(self, num_items: int, global_batch_size: int, **kwargs: Any) -> BatchPlan:
+        """Which items each process reads at each step (``kwargs``: ``world_size``, ``accumulation``, ``seed``, ``rank``)."""
+        return BatchPlan(num_items, global_batch_size, random_flip=self.random_flip, **kwargs)
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The data loader's collate function."""
+        return collate_items(items)
 
 
 def step_generator(seed: int, step: int, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded by ``(seed, step, shard)`` only: the randomness of one micro-batch.
 
-    ``shard`` is the global micro-batch index (``rank * accumulation + micro``), so a run with
-    W processes and accumulation A draws what one process with accumulation W*A draws.
+    ``shard`` is the global micro-batch index (``rank * accumulation + micro``).
 
     Example:
         >>> a = torch.rand(2, generator=step_generator(0, 5, 1))
@@ -94,46 +140,22 @@ def step_generator(seed: int, step: int, shard: int, device: torch.device | str 
     return g
 
 
-def _gather_objects(accelerator: Any, obj: Any) -> list[Any]:
-    if accelerator.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """``min(1, (step + 1) / warmup_steps)``: linear warmup, then constant.
 
-    return list(gather_object([obj]))
-
-
-def _log_scalars(accelerator: Any, log_path: Path, step: int, scalars: Mapping[str, float]) -> None:
-    """Append ``scalars`` (if any) to ``metrics.jsonl`` and the trackers (main process)."""
-    if scalars:
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
-        accelerator.log(scalars, step=step)
-
-
-class _RunState:
-    """Step counter and data-skip counters, checkpointed with ``register_for_checkpointing``."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.skipped = 0
-        self.bad: set[int] = set()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "skipped": self.skipped, "bad": sorted(self.bad)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.skipped = int(state["skipped"])
-        self.bad = set(int(i) for i in state["bad"])
+    Example:
+        >>> [warmup_lambda(4)(s) for s in range(6)]
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    """
+    return (lambda step: 1.0) if warmup_steps <= 0 else (lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
 def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: int) -> bool:
     """Whether the loop reads its per-step flags on the host after ``step`` (steps done): at log and
-    checkpoint steps, at the last step, and, in one process, as soon as the time budget is spent.
+    checkpoint steps, the last step and, in one process, as soon as the time budget is spent.
 
-    Several processes decide on the budget (``train.max_train_seconds``) only at log and
-    checkpoint steps, where they reduce their flags anyway: no collective and no device-to-host
-    read per step. They may run past the budget by up to ``min(log_every, checkpoint_every) - 1`` steps.
+    Several processes decide on the budget only at log and checkpoint steps, where they reduce their
+    flags anyway: no collective and no device-to-host read per step.
 
     Example:
         >>> train = TrainConfig(steps=10, log_every=4, checkpoint_every=6)
@@ -146,76 +168,147 @@ def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: in
     return cadence or (over_budget and world == 1)
 
 
+class _Counters:
+    """Step and data-skip counters, checkpointed in ``extra_state.pt``."""
+
+    def __init__(self) -> None:
+        self.step, self.skipped, self.bad = 0, 0, set[int]()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped": self.skipped, "bad": sorted(self.bad)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step, self.skipped, self.bad = int(state["step"]), int(state["skipped"]), {int(i) for i in state["bad"]}
+
+
+@dataclass
+class _Run:
+    """Everything one :meth:`Trainer.fit` holds between steps."""
+
+    accelerator: Any
+    parallel: Parallelism
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: EMA | None
+    counters: _Counters
+    extra: dict[str, Stateful]
+    plan: BatchPlan
+    batches: Any
+    bar: Any
+    nonfinite: Tensor
+    window: dict[str, Tensor] = field(default_factory=dict)
+    window_steps: int = 0
+    t_window: float = field(default_factory=time.perf_counter)
+    pending_skipped: int = 0
+    checked_step: int = 0
+    seconds: float = 0.0
+    last_loss: float = float("nan")
+    grad_norm: Tensor | None = None
+    stopped_early: bool = False
+
+
 class Trainer:
-    """Drives a :class:`TrainTask` over a dataset with accelerate.
+    """Drives a :class:`TrainTask` over ``dataset`` with the ``train`` and ``optim`` sections of ``config``.
 
     Args:
-        task: the recipe's model/loss/evaluation.
-        dataset: map-style dataset keyed by ``(index, flip)`` (see ``BatchPlan``).
-        train: run settings.
-        optim: optimiser settings.
-        full_config: the recipe's whole config dataclass (saved as ``config.yaml``, logged).
-        name: the config name (fills ``{name}`` in ``train.output_dir``; tracker project name).
-        random_flip: whether the plan mirrors half the items.
-        collate: collate function for the data loader.
-        plan_factory: builds the :class:`BatchPlan` (called with ``BatchPlan``'s arguments); a
-            recipe whose batches must share a shape (aspect-ratio buckets) passes a subclass.
+        task: the recipe's model, loss and evaluation.
+        dataset: map-style, keyed by ``(index, flip)`` (what the batch plan yields).
+        config: the recipe's whole config (``train``, ``optim``; saved as ``config.yaml``, logged).
+        name: the config name (fills ``{name}`` in ``train.output_dir``; the trackers' project).
     """
 
-    def __init__(
-        self,
-        task: TrainTask,
-        dataset: torch.utils.data.Dataset,
-        train: TrainConfig,
-        optim: OptimConfig,
-        *,
-        full_config: Any,
-        name: str,
-        random_flip: bool = False,
-        collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]] = collate_items,
-        plan_factory: Callable[..., BatchPlan] = BatchPlan,
-    ) -> None:
-        self.task, self.dataset, self.train, self.optim = task, dataset, train, optim
-        self.plan_factory = plan_factory
-        self.full_config, self.name, self.random_flip, self.collate = full_config, name, random_flip, collate
-        self.output_dir = resolve_output_dir(train, name)
+    def __init__(self, task: TrainTask, dataset: torch.utils.data.Dataset, config: Any, *, name: str) -> None:
+        self.task, self.dataset, self.config, self.name = task, dataset, config, name
+        self.train: TrainConfig = config.train
+        self.optim: OptimConfig = config.optim
+        self.output_dir = Path(self.train.output_dir.format(name=name)).expanduser()
 
-    # -- setup ---------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to ``train.steps`` (or the time budget), checkpointing, logging and evaluating on the way."""
+        run = self._start()
+        t = self.train
+        while run.counters.step < t.steps:
+            started = time.perf_counter()
+            self._step(run)
+            run.counters.step += 1
+            run.window_steps += 1
+            run.seconds += time.perf_counter() - started
+            run.bar.update(1)
+            step = run.counters.step
+            last = step == t.steps or self._read_flags(run)
+            if step % t.log_every == 0 or last:
+                self._log(run)
+            if step % t.checkpoint_every == 0 or last:
+                run.parallel.save(self.output_dir / "checkpoints", step, run.model, run.optimizer, run.extra)
+            if t.sample_every and (step % t.sample_every == 0 or last):
+                self._evaluate(run)
+            if run.stopped_early:
+                break
+        return self._finish(run)
+
+    # -- set up ------------------------------------------------------------------------------------
+
+    def _start(self) -> _Run:
+        check_output_writable(self.output_dir)
+        accelerator = self._accelerator()
+        resume = self._resume_path(accelerator)
+        check_resume_config(self.output_dir, self.config, resume)
+        parallel = make_parallelism(accelerator, self.train)
+        if accelerator.is_main_process:
+            tidy_checkpoints(self.output_dir, self.train.resume, resume)
+            save_config(self.config, self.output_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        t = self.train
+        plan = self.task.batch_plan(len(self.dataset), t.global_batch_size, world_size=accelerator.num_processes,  # type: ignore[arg-type]
+                                    accumulation=t.grad_accumulation, seed=t.seed, rank=accelerator.process_index)  # fmt: skip
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        schedulers: list[Any] = []
+
+        def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+            # Before accelerate prepares it: a prepared scheduler would step once per process per step.
+            optimizer = self.task.build_optimizer(model, self.optim)
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.optim.warmup_steps)))
+            return optimizer
+
+        model, optimizer, ema = parallel.prepare(self.task.build_model(), make_optimizer)
+        counters = _Counters()
+        extra: dict[str, Stateful] = {"scheduler": schedulers[0], "run": counters, **({"ema": ema} if ema else {}), **self.task.state()}
+        if resume is not None:
+            parallel.load(resume, model, optimizer, extra)
+            accelerator.print(f"resumed from {resume} at step {counters.step}")
+        if accelerator.is_main_process and t.trackers:
+            accelerator.init_trackers(self.name.replace("/", "_"), config=flatten_config(config_to_dict(self.config)))
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=PlanBatchSampler(plan, counters.step, t.steps), num_workers=t.num_workers,
+            collate_fn=self.task.collate, pin_memory=accelerator.device.type == "cuda",
+        )  # fmt: skip
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=counters.step, disable=not (accelerator.is_main_process and t.progress), desc=self.name, dynamic_ncols=True)
+        model.train()
+        nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        return _Run(accelerator, parallel, model, optimizer, schedulers[0], ema, counters, extra, plan, iter(loader), bar, nonfinite,
+                    checked_step=counters.step)  # fmt: skip
 
     def _accelerator(self) -> Any:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         mp = self.train.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and not self.train.cpu else "no"
-        trackers = [t for t in self.train.trackers if t != "none"]
-        handlers = []
-        if getattr(self.task, "find_unused_parameters", False):
-            from accelerate.utils import DistributedDataParallelKwargs
-
-            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-        return Accelerator(
-            mixed_precision=mp,
-            cpu=self.train.cpu,
-            kwargs_handlers=handlers or None,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
-        )
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if self.task.find_unused_parameters else None
+        trackers = [t for t in self.train.trackers if t != "none"] or None
+        folders = ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs"))
+        return Accelerator(mixed_precision=mp, cpu=self.train.cpu, kwargs_handlers=handlers, log_with=trackers, project_config=folders)
 
     def _resume_path(self, accelerator: Any) -> Path | None:
-        """The checkpoint to resume from (decided on the main process, shared with the others).
-
-        ``auto``: the newest step folder that verifies; newer damaged ones are named in a
-        one-line warning each and moved aside (``corrupt-step-*``), so the run can write those
-        steps again without writing over anything. Checkpoints left by a version without
-        ``complete.json`` are validated by loading and resumed with a warning.
-        """
-        mode = self.train.resume
+        """The checkpoint to resume from: decided on the main process, shared with the others."""
         decision: list[Any] = [None]
         if accelerator.is_main_process:
             try:
-                decision[0] = ("ok", choose_resume(self.output_dir, mode))
+                decision[0] = ("ok", choose_resume(self.output_dir, self.train.resume))
             except ConfigError as e:
                 decision[0] = ("error", str(e))
         if accelerator.num_processes > 1:
@@ -227,272 +320,108 @@ class Trainer:
             raise ConfigError(value)
         return value
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------------
 
-    def fit(self) -> TrainResult:
-        from tqdm.auto import tqdm
+    def _step(self, run: _Run) -> None:
+        acc, step, device = self.train.grad_accumulation, run.counters.step, run.accelerator.device
+        for micro in range(acc):
+            batch = next(run.batches)
+            bad = batch.get("bad", [])
+            run.pending_skipped += len(bad)
+            run.counters.bad.update(int(i) for i in bad)
+            generator = step_generator(self.train.seed, step, run.plan.shard_index(micro), device)
+            with run.parallel.gradient_sync(run.model, micro == acc - 1), run.accelerator.autocast():
+                out = self.task.loss(run.model, batch, generator=generator, device=device)
+                run.nonfinite |= ~torch.isfinite(out.loss.detach())
+                run.accelerator.backward(out.loss / acc)
+            for k, v in {"loss": out.loss.detach(), **out.logs}.items():
+                v = v.detach().float().to(device).reshape(())
+                present = torch.isfinite(v)  # NaN marks "not present in this micro-batch" (a stage nobody drew)
+                pair = torch.stack([torch.where(present, v, torch.zeros_like(v)), present.float()])
+                run.window[k] = run.window[k] + pair if k in run.window else pair
+        if self.optim.grad_clip is not None:
+            run.grad_norm = run.parallel.clip(run.model, self.optim.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.model, step)
 
-        check_output_writable(self.output_dir)
-        accelerator = self._accelerator()
-        resume = self._resume_path(accelerator)
-        check_resume_config(self.output_dir, self.full_config, resume)
-        if accelerator.is_main_process:
-            tidy_checkpoints(self.output_dir, self.train.resume, resume)
-        accelerator.wait_for_everyone()
-        world = accelerator.num_processes
-        plan = self.plan_factory(
-            len(self.dataset),
-            self.train.global_batch_size,
-            world_size=world,
-            accumulation=self.train.grad_accumulation,
-            seed=self.train.seed,
-            random_flip=self.random_flip,
-            rank=accelerator.process_index,
-        )
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.full_config, self.output_dir / "config.yaml")
-        accelerator.wait_for_everyone()
+    def _read_flags(self, run: _Run) -> bool:
+        """At check steps: one host read (and one reduction) of the bad-loss flag, the skip count and the
+        time budget; returns whether the budget stops the run here (all processes at the same step)."""
+        step, budget, world = run.counters.step, self.train.max_train_seconds, run.accelerator.num_processes
+        over = budget is not None and run.seconds >= budget
+        if not is_check_step(step, self.train, over_budget=over, world=world):
+            return False
+        flags = torch.cat([run.nonfinite.float().reshape(1), torch.tensor([float(run.pending_skipped), float(over)], device=run.accelerator.device)])
+        bad_loss, skipped, n_over = (run.accelerator.reduce(flags, "sum") if world > 1 else flags).tolist()
+        if bad_loss:
+            raise FloatingPointError(f"non-finite loss at a step in {run.checked_step + 1}..{step}; nothing after step {run.checked_step} was saved")
+        run.counters.skipped += int(skipped)
+        run.nonfinite.zero_()
+        run.pending_skipped, run.checked_step = 0, step
+        run.stopped_early = n_over > 0 and step < self.train.steps
+        if run.stopped_early:
+            run.bar.write(f"stopping after {step} of {self.train.steps} steps: the {budget:g} s training budget is spent")
+        return run.stopped_early
 
-        torch.manual_seed(self.train.seed)  # identical initial weights on every process
-        model = self.task.build_model()
-        ema: Any = None
-        fsdp = sharding.uses_fsdp2(self.train.sharding, accelerator)
-        if fsdp:
-            # Not accelerator.prepare: torch's fully_shard per block (accelerate's plugin is DDP on CPU).
-            model = sharding.shard_model(model.to(accelerator.device), sharding.device_mesh(accelerator))
-            if self.train.ema_decay is not None:
-                ema = sharding.ShardedEMA(model, self.train.ema_decay)
-        elif self.train.ema_decay is not None:
-            ema = build_ema(model, self.train.ema_decay, warmup=self.train.ema_warmup)
-        if fsdp and self.train.ema_warmup:
-            raise ConfigError("train.ema_warmup is not supported with train.sharding=fsdp2")
-        custom = getattr(self.task, "build_optimizer", None)
-        optimizer = custom(model, self.optim) if custom is not None else build_optimizer(model, self.optim)
-        # Not prepared: accelerate would step a prepared scheduler once per process per step.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.optim.warmup_steps))
-        if self.train.compile:
-            # After the EMA copied the model (its copy stays eager, for sampling and final/) and
-            # after fully_shard (FSDP2's hooks run outside the graphs: dynamo skips them). In place,
-            # so DDP wraps the compiled module and state-dict keys gain no "_orig_mod." prefix.
-            model.compile(backend=self.train.compile_backend)
-        if not fsdp:
-            model, optimizer = accelerator.prepare(model, optimizer)
-            if ema is not None:
-                ema.to(accelerator.device)
-        state = _RunState()
-        # Saved by save_checkpoint, not register_for_checkpointing (which reloads with a full pickle).
-        extra: dict[str, Any] = {"scheduler": scheduler, "run": state}
-        if ema is not None:
-            extra["ema"] = ema
-        if getattr(getattr(self.task, "timesteps", None), "allocation", None) is not None:
-            extra["timesteps"] = self.task.timesteps  # the stage allocation's state (dfm.allocation)
-        if resume is not None:
-            if fsdp:
-                sharding.load_sharded_checkpoint(resume, model, optimizer, ema=ema, extra=extra)
-            else:
-                if (resume / "sharded.json").is_file():
-                    raise ConfigError(f"{resume} is a sharded (FSDP2) checkpoint; resume it with train.sharding=fsdp2")
-                load_checkpoint(accelerator, resume, extra=extra)
-            accelerator.print(f"resumed from {resume} at step {state.step}")
+    # -- logs, evaluation, the end -----------------------------------------------------------------
 
-        if accelerator.is_main_process and self.train.trackers:
-            accelerator.init_trackers(self.name.replace("/", "_"), config=flatten_config(config_to_dict(self.full_config)))
+    def _log(self, run: _Run) -> None:
+        acc, logs = run.accelerator, {}
+        for k, pair in sorted(run.window.items()):
+            total, count = (acc.reduce(pair, "sum") if acc.num_processes > 1 else pair).tolist()
+            logs[k] = total / count if count else float("nan")
+        logs["lr"] = run.scheduler.get_last_lr()[0]
+        if run.grad_norm is not None:
+            logs["grad_norm"] = float(run.grad_norm)
+        logs["skipped_images"] = run.counters.skipped
+        logs["steps_per_s"] = run.window_steps / max(1e-9, time.perf_counter() - run.t_window)
+        run.last_loss = logs["loss"]
+        self._write_scalars(run, logs)
+        run.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        run.window, run.window_steps, run.t_window = {}, 0, time.perf_counter()
 
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=PlanBatchSampler(plan, state.step, self.train.steps),
-            num_workers=self.train.num_workers,
-            collate_fn=self.collate,
-            pin_memory=accelerator.device.type == "cuda",
-            persistent_workers=False,
-        )
-        batches = iter(loader)
-        log_path = self.output_dir / "metrics.jsonl"
-        bar = tqdm(
-            total=self.train.steps,
-            initial=state.step,
-            disable=not (accelerator.is_main_process and self.train.progress),
-            desc=self.name,
-            dynamic_ncols=True,
-        )
-        acc = self.train.grad_accumulation
-        window: dict[str, Tensor] = {}
-        window_steps = 0
-        last_loss = float("nan")
-        t_window = time.perf_counter()
-        train_seconds = 0.0
-        budget = self.train.max_train_seconds
-        model.train()
-        # Per-step values the host does not need every step stay on the device (or on the host,
-        # where they come from) and are read once per log/checkpoint step: no device sync per step.
-        nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        pending_skipped, checked_step = 0, state.step
-        while state.step < self.train.steps:
-            step = state.step
-            t_step = time.perf_counter()
-            for micro in range(acc):
-                batch = next(batches)
-                pending_skipped += len(batch.get("bad", []))
-                state.bad.update(int(i) for i in batch.get("bad", []))
-                gen = step_generator(self.train.seed, step, plan.shard_index(micro), accelerator.device)
-                if fsdp:  # reduce-scatter the gradients on the last micro-batch only
-                    model.set_requires_gradient_sync(micro == acc - 1)
-                    sync = contextlib.nullcontext()
-                else:
-                    sync = contextlib.nullcontext() if micro == acc - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    out = self.task.loss(model, batch, generator=gen, device=accelerator.device)
-                    nonfinite = nonfinite | ~torch.isfinite(out.loss.detach())
-                    accelerator.backward(out.loss / acc)
-                for k, v in {"loss": out.loss.detach(), **out.logs}.items():
-                    # NaN marks "not present in this micro-batch" (e.g. a stage nobody drew).
-                    v = v.detach().float().to(accelerator.device).reshape(())
-                    present = torch.isfinite(v)
-                    pair = torch.stack([torch.where(present, v, torch.zeros_like(v)), present.float()])
-                    window[k] = window[k] + pair if k in window else pair
-            grad_norm = None
-            if self.optim.grad_clip is not None:
-                if fsdp:  # DTensor gradients: the norm is reduced over the shards
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
-                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                else:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if fsdp and ema is not None:
-                ema.update(model)
-            elif ema is not None:
-                if isinstance(ema.multi_avg_fn, WarmupEMA):
-                    ema.multi_avg_fn.updates = step
-                ema.update_parameters(accelerator.unwrap_model(model))
-            state.step += 1
-            window_steps += 1
-            bar.update(1)
-            train_seconds += time.perf_counter() - t_step
-            over_budget = budget is not None and train_seconds >= budget
-            out_of_time = False
-            if is_check_step(state.step, self.train, over_budget=over_budget, world=world):
-                # One host read (and one reduction across processes) for the bad-loss flag, the
-                # skipped-image count and the time budget, before anything is logged or saved.
-                # Several processes agree on the budget only here, so all stop at the same step.
-                flags = torch.tensor([float(pending_skipped), float(over_budget)], device=accelerator.device)
-                flags = torch.cat([nonfinite.float().reshape(1), flags])
-                bad_loss, skipped, n_over = (accelerator.reduce(flags, "sum") if world > 1 else flags).tolist()
-                if bad_loss:
-                    raise FloatingPointError(
-                        f"non-finite loss at a step in {checked_step + 1}..{state.step}; nothing after step "
-                        f"{checked_step} was saved"
-                    )
-                state.skipped += int(skipped)
-                nonfinite.zero_()
-                pending_skipped, checked_step = 0, state.step
-                out_of_time = n_over > 0
-            if out_of_time and state.step < self.train.steps:
-                bar.write(f"stopping after {state.step} steps: the {budget:g} s training budget is spent")
-            last = state.step == self.train.steps or out_of_time
+    def _write_scalars(self, run: _Run, scalars: Mapping[str, float]) -> None:
+        if scalars and run.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": run.counters.step, **scalars}) + "\n")
+        if scalars:
+            run.accelerator.log(dict(scalars), step=run.counters.step)
 
-            if state.step % self.train.log_every == 0 or last:
-                logs = {}
-                for k, pair in sorted(window.items()):
-                    total, count = accelerator.reduce(pair, "sum").tolist() if world > 1 else pair.tolist()
-                    logs[k] = total / count if count else float("nan")
-                logs["lr"] = scheduler.get_last_lr()[0]
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                logs["skipped_images"] = state.skipped
-                logs["steps_per_s"] = window_steps / max(1e-9, time.perf_counter() - t_window)
-                last_loss = logs["loss"]
-                if accelerator.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": state.step, **logs}) + "\n")
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                accelerator.log(logs, step=state.step)
-                window, window_steps, t_window = {}, 0, time.perf_counter()
+    def _evaluate(self, run: _Run) -> None:
+        """``task.evaluate`` on the EMA weights: on the main process, or every process when sampling needs
+        collectives (FSDP2: all draw the same images; only the main process writes into the run folder)."""
+        main = run.accelerator.is_main_process
+        if main or run.parallel.samples_on_every_rank:
+            with contextlib.ExitStack() as stack:
+                target = stack.enter_context(run.ema.applied(run.model)) if run.ema is not None else run.accelerator.unwrap_model(run.model)
+                out_dir = self.output_dir if main else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                was_training = target.training
+                target.eval()
+                scalars = self.task.evaluate(target, step=run.counters.step, out_dir=out_dir, device=run.accelerator.device)
+                target.train(was_training)
+            self._write_scalars(run, scalars)
+        run.accelerator.wait_for_everyone()
 
-            if state.step % self.train.checkpoint_every == 0 or last:
-                if fsdp:
-                    sharding.save_sharded_checkpoint(
-                        self.output_dir / "checkpoints", state.step, model, optimizer, ema=ema, extra=extra,
-                        keep=self.train.keep_checkpoints,
-                    )  # fmt: skip
-                else:
-                    save_checkpoint(
-                        accelerator, self.output_dir / "checkpoints", state.step, keep=self.train.keep_checkpoints, extra=extra
-                    )
-
-            if self.train.sample_every and (state.step % self.train.sample_every == 0 or last):
-                if fsdp:
-                    self._evaluate_sharded(model, ema, accelerator, state.step, log_path)
-                elif accelerator.is_main_process:
-                    target = ema.module if ema is not None else accelerator.unwrap_model(model)
-                    was_training = target.training
-                    target.eval()
-                    scalars = self.task.evaluate(target, step=state.step, out_dir=self.output_dir, device=accelerator.device)
-                    target.train(was_training)
-                    _log_scalars(accelerator, log_path, state.step, scalars)
-                accelerator.wait_for_everyone()
-            if out_of_time:
-                break
-        bar.close()
-
-        # Drain the loader so worker processes exit cleanly.
-        del batches, loader
-        # Under FSDP every process holds a shard: gather the full weights (collectives) first.
-        full_state = ema_state = None
-        if fsdp:
-            full_state = sharding.gather_full_state(model)
-            if ema is not None:
-                with ema.applied(model):
-                    ema_state = sharding.gather_full_state(model)
-            digests = [state_digest(full_state)] if accelerator.is_main_process else []
-        else:
-            digests = _gather_objects(accelerator, state_digest(accelerator.unwrap_model(model).state_dict()))
-        if accelerator.is_main_process:
-            if ema is not None and not fsdp:
-                final = ema.module
-            elif full_state is not None:
-                # The one model format: a freshly built (unsharded) model holding the full weights.
-                final = self.task.build_model()
-                final.load_state_dict(ema_state if ema_state is not None else full_state)
-            else:
-                final = accelerator.unwrap_model(model)
-            save_final_model(self.output_dir, final)
+    def _finish(self, run: _Run) -> TrainResult:
+        run.bar.close()
+        run.batches = None  # ends the loader's worker processes
+        acc, c = run.accelerator, run.counters
+        digests = run.parallel.trained_digests(run.model)
+        final = run.parallel.final_model(run.model, run.ema, self.task.build_model)
+        if acc.is_main_process:
+            save_final_model(self.output_dir, final)  # type: ignore[arg-type]
             summary = {
-                "step": state.step,
-                "last_loss": last_loss,
-                "skipped_images": state.skipped,
-                "unique_bad_images": len(state.bad),
-                "num_processes": world,
-                "sharding": "fsdp2" if fsdp else "none",
-                # Bitwise digest of the trained weights on each process: they must all agree.
-                # (FSDP2: one digest, of the gathered full weights.)
-                "param_sha256_per_rank": digests,
-            }
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if state.skipped:
-                accelerator.print(f"skipped {state.skipped} unreadable image reads ({len(state.bad)} distinct files)")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return TrainResult(self.output_dir, state.step, last_loss, state.skipped, len(state.bad), train_seconds)
+                "step": c.step, "steps_requested": self.train.steps, "stopped_early": run.stopped_early, "last_loss": run.last_loss,
+                "skipped_images": c.skipped, "unique_bad_images": len(c.bad), "num_processes": acc.num_processes,
+                "parallelism": type(run.parallel).__name__, "param_sha256_per_rank": digests,
+            }  # fmt: skip
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+            if c.skipped:
+                acc.print(f"skipped {c.skipped} unreadable image reads ({len(c.bad)} distinct files)")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(self.output_dir, c.step, run.last_loss, c.skipped, len(c.bad), run.seconds, run.stopped_early)
 
-    def _evaluate_sharded(self, model: nn.Module, ema: Any, accelerator: Any, step: int, log_path: Path) -> None:
-        """``task.evaluate`` on every rank (FSDP gathers each block's weights with collectives).
-
-        Every rank samples with the same seeds, so all draw the same images; only the main
-        process writes into the run folder, the others into a temporary one that is deleted.
-        """
-        import tempfile
-
-        was_training = model.training
-        model.eval()
-        with contextlib.ExitStack() as stack:
-            if ema is not None:
-                stack.enter_context(ema.applied(model))
-            out_dir = self.output_dir if accelerator.is_main_process else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            scalars = self.task.evaluate(model, step=step, out_dir=out_dir, device=accelerator.device)
-        model.train(was_training)
-        if accelerator.is_main_process:
-            _log_scalars(accelerator, log_path, step, scalars)
-        accelerator.wait_for_everyone()

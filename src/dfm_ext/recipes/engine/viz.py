@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["make_grid", "save_array_png", "save_image_grid", "save_loss_curves", "save_progressive", "smooth", "to_uint8", "umask"]
+__all__ = [
+    "make_grid", "save_array_png", "save_image_grid", "save_loss_curves", "save_progressive", "save_progressive_samples", "smooth",
+    "to_uint8", "umask",
+]  # fmt: skip
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -219,3 +223,16 @@ def save_loss_curves(
     finally:
         plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def save_progressive_samples(codec: Any, out: Any, out_dir: str | os.PathLike[str], step: int) -> Tensor:
+    """Decode a sampler output and save it with its stage previews as ``samples/step-<step>.png``.
+
+    Returns:
+        The decoded final images ``[N, 3, H, W]`` in ``[-1, 1]``.
+    """
+    previews = [codec.decode(p) for p in out.previews[:-1]]
+    final = codec.decode(out.x)
+    save_progressive(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}.png", scale=1 if final.shape[-1] >= 128 else 3)
+    return final

@@ -249,6 +249,9 @@ class CaptionedImages(torch.utils.data.Dataset):
         stats: counts of images, entries, missing captions, unreadable and too-small images.
     """
 
+    #: No precomputed text embeddings (a :class:`~dfm_ext.recipes.flux.cache.FluxCache` has the empty prompt's).
+    empty_text = None
+
     def __init__(
         self,
         source: str | Path,

@@ -40,10 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.recipes.engine.cli import dropout_mask, looks_local, parse_config_args, save_progressive_samples, train_main
+from dfm_ext.recipes.engine.cli import parse_config_args, train_main
+from dfm_ext.recipes.engine.data import dropout_mask, looks_local
+from dfm_ext.recipes.engine.viz import save_progressive_samples
 from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
 from dfm_ext.recipes.engine.decomposition import build_decomposition
-from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult
+from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.flux.config import FinetuneConfig, FluxFinetuneConfig
 from dfm_ext.recipes.flux.encoders import FluxEncoders
 
@@ -227,17 +229,23 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 # -- the task --------------------------------------------------------------------------------
 
 
-class FluxTask(FluxEncoders):
-    """Model, loss and sampling of the FLUX finetuning recipe (a ``TrainTask``)."""
+class FluxTask(FluxEncoders, TrainTask):
+    """What one step of FLUX finetuning computes: the DFM (or plain FM) loss on a captioned, bucketed batch."""
 
-    def __init__(self, cfg: FluxFinetuneConfig) -> None:
+    def __init__(self, cfg: FluxFinetuneConfig, buckets: Sequence[int] = ()) -> None:
         super().__init__(cfg)
+        self.buckets = tuple(buckets)  # every item's aspect-ratio bucket: a batch comes from one bucket
+        self.random_flip = cfg.data.random_flip
         self.decomposition = build_decomposition(cfg.decomposition)
         s = self.decomposition.num_stages
         self.timesteps = cfg.dfm.timestep_sampler(s)
         self.objective = cfg.dfm.objective(s)
-        # Per-stage LoRA takes part in every forward (zero gradients when a stage is absent).
-        self.find_unused_parameters = False
+
+    def batch_plan(self, num_items: int, global_batch_size: int, **kwargs: Any) -> BucketBatchPlan:
+        return BucketBatchPlan(num_items, global_batch_size, random_flip=self.random_flip, buckets=self.buckets, **kwargs)
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return collate_captioned(items)
 
     def build_model(self) -> nn.Module:
         return build_flux_model(self.cfg, load_transformer(self.cfg))
@@ -319,13 +327,9 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig,
 
 
 def run(name: str, cfg: FluxFinetuneConfig, dataset: Any) -> TrainResult:
-    task = FluxTask(cfg)
-    if getattr(dataset, "empty_text", None) is not None:
-        task.empty_text = dataset.empty_text
-    plan = functools.partial(BucketBatchPlan, buckets=tuple(dataset.bucket_of))
-    trainer = Trainer(task, dataset, cfg.train, cfg.optim, full_config=cfg, name=name, random_flip=cfg.data.random_flip,
-                      collate=collate_captioned, plan_factory=plan)
-    return trainer.fit()
+    task = FluxTask(cfg, buckets=dataset.bucket_of)
+    task.empty_text = dataset.empty_text  # a cache holds the empty prompt's embeddings; else None (encoded on first use)
+    return Trainer(task, dataset, cfg, name=name).fit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,6 @@ import torch
 from torch import Tensor
 
 from dfm_ext.recipes.engine.config import config_to_dict
-from dfm_ext.recipes.engine.run_folder import resolve_output_dir
 
 __all__ = ["SCALES_FILE", "StageScalesMixin"]
 
@@ -75,7 +75,7 @@ class StageScalesMixin:
         from accelerate import PartialState
 
         state = PartialState()
-        path = resolve_output_dir(self.cfg.train, self.name) / SCALES_FILE
+        path = Path(self.cfg.train.output_dir.format(name=self.name)).expanduser() / SCALES_FILE
         key = self._scales_key()
         scales, fresh = torch.zeros(s, dtype=torch.float32), False
         if state.is_main_process:

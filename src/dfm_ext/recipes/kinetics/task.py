@@ -30,10 +30,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.recipes.engine.cli import ClassConditionalTask, check_batch, check_latent_cache, check_vae_path, cycled_labels, parse_config_args, prepare_run, train_main
+from dfm_ext.recipes.engine.cli import check_batch, check_latent_cache, check_vae_path, parse_config_args, prepare_run, train_main
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, cycled_labels
 from dfm_ext.recipes.engine.config import ConfigError
 from dfm_ext.recipes.engine.decomposition import build_decomposition
-from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult
+from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.sections import (
     ClassDataSection,
     ClassSamplingConfig,
@@ -169,14 +170,14 @@ def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.dev
     """
     from diffusers import AutoencoderKLCogVideoX
 
-    from dfm_ext.recipes.engine.latents import load_frozen_vae
+    from dfm_ext.recipes.engine.data import load_frozen_vae
 
     return load_frozen_vae(AutoencoderKLCogVideoX, path, subfolder, device=device, dtype=dtype, what="video VAE")
 
 
 def load_codec(cfg: KineticsConfig, device: torch.device | str) -> Any:
     """Pixels ``[B, 3, T, H, W]`` <-> normalised latents ``[B, C, T', H', W']`` (:class:`~.latents.LatentCodec`)."""
-    from dfm_ext.recipes.engine.latents import LatentCodec
+    from dfm_ext.recipes.engine.data import LatentCodec
 
     if cfg.vae.path is None:
         raise ConfigError("vae.path is not set (a diffusers AutoencoderKLCogVideoX folder or hub id, e.g. THUDM/CogVideoX-2b)")
@@ -217,7 +218,7 @@ def cache_metadata(cfg: KineticsConfig) -> dict[str, Any]:
 def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     """The clips or the latent cache (checked against the config)."""
     if cfg.data.latent_cache is not None:
-        from dfm_ext.recipes.engine.latents import LatentCache
+        from dfm_ext.recipes.engine.data import LatentCache
 
         return LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg))
     from dfm_ext.recipes.kinetics.data import VideoClips, scan_videos
@@ -314,7 +315,7 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     return CogVideoXTransformer3DModel(**kwargs)
 
 
-class KineticsTask(StageScalesMixin, ClassConditionalTask):
+class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
     """Model, loss and video sampling of the class-conditional video recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
@@ -324,6 +325,7 @@ class KineticsTask(StageScalesMixin, ClassConditionalTask):
         self.decomposition = build_decomposition(cfg.decomposition)
         self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
         self.null_class = cfg.data.num_classes
+        self.random_flip = cfg.data.random_flip
         self._codec: Any = None
 
     def _load_codec(self, device: torch.device) -> Any:
@@ -355,6 +357,9 @@ class KineticsTask(StageScalesMixin, ClassConditionalTask):
         if label_tokens is None:
             return dfm
         return LabelTokenDFM(dfm, label_tokens, self.cfg.data.num_classes, rotary=rotary)
+
+    def state(self) -> dict[str, Any]:
+        return {"timesteps": self.timesteps} if self.timesteps.allocation is not None else {}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         from dfm_ext.process.objective import dfm_loss
@@ -424,8 +429,7 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig, tor
 
 def run(name: str, cfg: KineticsConfig, dataset: torch.utils.data.Dataset) -> TrainResult:
     task = KineticsTask(cfg, dataset, name=name)
-    trainer = Trainer(task, dataset, cfg.train, cfg.optim, full_config=cfg, name=name, random_flip=cfg.data.random_flip)
-    return trainer.fit()
+    return Trainer(task, dataset, cfg, name=name).fit()
 
 
 def _summary(result: TrainResult) -> dict[str, Any]:
