@@ -106,7 +106,7 @@ def run_recipe(workdir: Path, steps: int, *, cpu: bool, backend: str, sample: bo
         make_tiny_vae(assets)
     out = workdir / ("run-" + ("fsdp2" if launcher else "single"))
     args = _recipe_args(assets, out, steps, cpu=cpu, backend=backend, sample=sample, extra=extra)
-    cmd = [*(launcher or [sys.executable]), "-m", "dfm_ext.recipes.imagenet.task", *args]
+    cmd = [*(launcher or [sys.executable]), "-m", "dfm_ext.recipes.imagenet", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -8,7 +8,7 @@ and with per-stage LoRA on every layer group, on a CPU mesh of 2 ranks:
   only stage 1 (so each rank leaves the other stage's LoRA unused): its outputs equal the
   unsharded model's on those samples and the reduce-scattered gradients equal the unsharded
   full-batch gradients;
-* one SGD-with-momentum step and two :class:`ShardedEMA` updates equal ``AveragedModel`` on the unsharded model;
+* one SGD-with-momentum step and two :class:`EMA` updates equal ``AveragedModel`` on the unsharded model;
 * a :func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` round trip into a freshly
   sharded model gives back the weights, the EMA and the optimiser state (the next step agrees);
 * a two-step guided :class:`DFMSampler` run on the sharded model (every rank) equals the unsharded one.
@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -33,14 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tiny_diffusers as tiny  # noqa: E402
 
 import dfm_ext  # noqa: E402
-from dfm_ext.recipes.engine.parallel import (  # noqa: E402
-    ShardedEMA,
-    gather_full_state,
-    load_sharded_checkpoint,
-    save_sharded_checkpoint,
-    shard_model,
-    transformer_blocks,
-)
+from dfm_ext.recipes.engine.config import TrainConfig  # noqa: E402
+from dfm_ext.recipes.engine.parallel import EMA, FSDP2, full_state, shard_model, transformer_blocks  # noqa: E402
+
+gather_full_state = full_state
 
 C = tiny.LATENT_CHANNELS
 SAMPLES = {"reference": None, "dit": (C, 16, 16), "pixart": (C, 16, 16), "sd3": (C, 16, 16), "flux": (C, 16, 16),
@@ -119,12 +117,12 @@ def main() -> None:
         ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-2, momentum=0.9)
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
         ref_ema = AveragedModel(ref, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-        ema = ShardedEMA(model, 0.9)
+        ema = EMA(model, 0.9)
         ref_opt.step()
         opt.step()
-        for _ in range(2):
+        for step in range(2):
             ref_ema.update_parameters(ref)
-            ema.update(model)
+            ema.update(model, step)
         full = gather_full_state(model)
         with ema.applied(model):
             full_ema = gather_full_state(model)
@@ -136,18 +134,20 @@ def main() -> None:
             r["swap_restores"] = _maxdiff(full, again)
 
         ckpt_root = out / f"ckpt-{family}"
-        save_sharded_checkpoint(ckpt_root, 1, model, opt, ema=ema, extra={"ema_meta": ema})
+        parallel = FSDP2(SimpleNamespace(is_main_process=rank == 0, device=torch.device("cpu")), TrainConfig(keep_checkpoints=1))
+        parallel.ema = ema
+        parallel.save(ckpt_root, 1, model, opt, {"ema": ema})
         fresh = shard_model(copy.deepcopy(pristine), mesh)
         fresh_opt = torch.optim.SGD(fresh.parameters(), lr=1e-2, momentum=0.9)
-        fresh_ema = ShardedEMA(fresh, 0.9)
-        load_sharded_checkpoint(ckpt_root / "step-000001", fresh, fresh_opt, ema=fresh_ema, extra={"ema_meta": fresh_ema})
+        parallel.ema = fresh_ema = EMA(fresh, 0.9)
+        parallel.load(ckpt_root / "step-000001", fresh, fresh_opt, {"ema": fresh_ema})
         loaded = gather_full_state(fresh)
         with fresh_ema.applied(fresh):
             loaded_ema = gather_full_state(fresh)
         if rank == 0:
             r["ckpt_weights"] = _maxdiff(full, loaded)
             r["ckpt_ema"] = _maxdiff(full_ema, loaded_ema)
-        r["ckpt_n_averaged"] = float(fresh_ema.n_averaged)
+        r["ckpt_n_averaged"] = float(fresh_ema.updates)
         # the optimiser state came back too: one more identical step on both agrees
         for m, o in ((model, opt), (fresh, fresh_opt)):
             o.zero_grad()

@@ -22,25 +22,15 @@ import torch
 from PIL import Image
 
 import dfm_ext
-from dfm_ext.recipes.demo import cli
-from _old_demo_checkpoint import write_old_demo_checkpoint
-from dfm_ext.recipes.demo.legacy import CheckpointError
-from dfm_ext.recipes.demo.data import ImageDataset, read_image
 from dfm_ext.models.dit import DiTConfig
-from dfm_ext.recipes.demo.run import (
-    DemoConfig,
-    build_model,
-    check_schedule,
-    load_demo_checkpoint,
-    model_config,
-    parse_device,
-    read_png_folder,
-    save_demo_checkpoint,
-)
+from dfm_ext.recipes.demo import cli
+from dfm_ext.recipes.demo.data import read_image
+from dfm_ext.recipes.demo.report import read_png_folder
 from dfm_ext.recipes.flux import task as flux_finetune
 from dfm_ext.recipes.imagenet import task as imagenet
 from dfm_ext.recipes.kinetics import task as kinetics
-from dfm_ext.recipes.engine.config import ConfigError, apply_overrides, load_config
+from dfm_ext.recipes.engine.config import ConfigError, apply_overrides, load_config, save_config
+from dfm_ext.validation import parse_device
 
 NAN = float("nan")
 CUDA = torch.cuda.is_available()
@@ -73,15 +63,6 @@ API_CASES = [
     ("packer-not-divisible", lambda: dfm_ext.ScalePacker([(4, 8, 8)], [3]), ValueError, "not divisible by its patch size (3, 3)"),
     ("dit-depth-0", lambda: DiTConfig.preset("tiny", depth=0), ValueError, "depth must be a positive int, got 0"),
     ("dit-preset", lambda: DiTConfig.preset("XXL/2"), ValueError, "'XXL/2'"),
-    ("demo-sample-steps", lambda: DemoConfig(sample_steps=(4, 2, 1)), ValueError, "steps=(4, 2, 1)"),
-    ("demo-thresholds", lambda: DemoConfig(thresholds=(0.9, 0.5)), ValueError, "thresholds=(0.9, 0.5)"),
-    ("demo-threshold-range", lambda: DemoConfig(thresholds=(1.5,)), ValueError, "1.5"),
-    ("demo-cfg-nan", lambda: DemoConfig(cfg_scale=NAN), ValueError, "cfg_scale must be a finite number, got nan"),
-    ("demo-eval-cfg-inf", lambda: DemoConfig(eval_cfg_scale=math.inf), ValueError, "eval_cfg_scale"),
-    ("demo-device", lambda: DemoConfig(device="gpu0"), ValueError, "'gpu0'"),
-    ("demo-p0", lambda: DemoConfig(p0=1.5), ValueError, "p0=1.5"),
-    ("demo-max-seconds", lambda: DemoConfig(max_train_seconds=-5.0), ValueError, "-5.0"),
-    ("check-schedule-wavelet", lambda: check_schedule("wavelet", (4, 2, 1), (0.9,)), ValueError, "wavelet decomposition has 2 stages"),
     ("parse-device-unknown", lambda: parse_device("tpu9"), ValueError, "'tpu9'"),
     ("overrides-unknown-key", lambda: apply_overrides(imagenet.ImageNetConfig(), ["sampling.stepz=[1]"]), ConfigError, "sampling.stepz"),
     ("overrides-type", lambda: apply_overrides(imagenet.ImageNetConfig(), ["train.steps=abc"]), ConfigError, "'abc'"),
@@ -101,53 +82,19 @@ def test_api_bad_value(fn, exc, needle) -> None:
 # -- the dfm-ext CLI ---------------------------------------------------------------------------
 
 
-def _toy_data(n: int = 16, classes: int = 3) -> ImageDataset:
-    images = torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return ImageDataset(images, torch.arange(n) % classes, tuple(f"c{i}" for i in range(classes)), "toy", "train")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A demo checkpoint in the released layout (config.json + model.safetensors, written by hand)
-    of an untrained tiny model (no training: the cases fail before sampling)."""
-    import dataclasses
+    """A demo output folder: ``run/config.yaml`` (the demo config, a tiny DiT, 3 classes) and ``run/final`` of
+    its untrained model (no training: the cases fail before sampling)."""
+    from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
-    cfg = DemoConfig(size="tiny", steps=1, batch_size=4, num_eval=0, max_train_seconds=None)
-    data = _toy_data()
-    mc = model_config(cfg, data.image_shape, data.num_classes)
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_config(ImageNetConfig, cli.CONFIG, ["model.overrides={hidden_size: 32, depth: 1, num_heads: 2}", "data.num_classes=3"])
+    (out / "run").mkdir()
+    save_config(cfg, out / "run" / "config.yaml")
     torch.manual_seed(0)
-    train = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    return write_old_demo_checkpoint(tmp_path_factory.mktemp("ck") / "checkpoint", build_model(mc), mc, train,
-                                     list(data.class_names))  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def new_checkpoint(tmp_path_factory) -> Path:
-    """The same model in the current layout (save_pretrained + demo.json)."""
-    cfg = DemoConfig(size="tiny", steps=1, batch_size=4, num_eval=0, max_train_seconds=None)
-    data = _toy_data()
-    mc = model_config(cfg, data.image_shape, data.num_classes)
-    torch.manual_seed(0)
-    return save_demo_checkpoint(tmp_path_factory.mktemp("ck") / "checkpoint", build_model(mc), mc, cfg, data)
-
-
-def _variant(checkpoint: Path, tmp: Path, *, config=None, text: str | None = None, weights: bytes | None = None,
-             drop: str | None = None) -> Path:  # fmt: skip
-    """A copy of ``checkpoint`` with its config edited or replaced by ``text``, its weights replaced, or a file dropped."""
-    out = tmp / "variant"
-    out.mkdir()
-    raw = json.loads((checkpoint / "config.json").read_text())
-    if config is not None:
-        config(raw)
-    (out / "config.json").write_text(text if text is not None else json.dumps(raw))
-    (out / "model.safetensors").write_bytes(weights if weights is not None else (checkpoint / "model.safetensors").read_bytes())
-    if drop:
-        (out / drop).unlink()
+    ImageNetTask(cfg).build_model().save_pretrained(out / "run" / "final")
     return out
-
-
-def _hidden(raw: dict) -> None:
-    raw["config"]["model"]["dit"]["hidden_size"] *= 2
 
 
 def _status(argv: list[str]) -> int:
@@ -159,24 +106,12 @@ def _status(argv: list[str]) -> int:
 
 # (id, argv with {ck} = the checkpoint and {tmp} = a temp folder, substring of stderr)
 CLI_CASES = [
-    ("demo-steps-3-stages", ["demo", "--sample-steps", "4,2,1"], "steps=(4, 2, 1)"),
-    ("demo-steps-1-stage", ["demo", "--sample-steps", "4"], "steps=(4,)"),
-    ("demo-steps-zero", ["demo", "--sample-steps", "0,4"], "'0,4'"),
-    ("demo-steps-text", ["demo", "--sample-steps", "a,b"], "'a,b'"),
-    ("demo-wavelet-steps", ["demo", "--decomposition", "wavelet", "--sample-steps", "4,2,1"], "wavelet decomposition has 2 stages"),
-    ("demo-cfg-nan", ["demo", "--cfg-scale", "nan"], "got nan"),
-    ("demo-cfg-inf", ["demo", "--cfg-scale", "inf"], "got inf"),
-    ("demo-device-unknown", ["demo", "--device", "gpu0"], "'gpu0'"),
-    ("demo-max-seconds", ["demo", "--max-train-seconds", "-5"], "-5"),
-    ("demo-batch-zero", ["demo", "--batch-size", "0"], "got 0"),
-    ("demo-num-eval", ["demo", "--num-eval", "-1"], "got -1"),
-    ("demo-steps-text-int", ["demo", "--steps", "abc"], "'abc'"),
-    ("demo-size", ["demo", "--size", "huge"], "'huge'"),
     ("sample-missing", ["sample", "--checkpoint", "{tmp}/nope", "--out", "{tmp}/g.png"], "nope"),
     ("sample-device-unknown", ["sample", "--checkpoint", "{ck}", "--device", "gpu0", "--out", "{tmp}/g.png"], "'gpu0'"),
-    ("sample-steps-3", ["sample", "--checkpoint", "{ck}", "--steps", "5,5,5", "--out", "{tmp}/g.png"], "steps=(5, 5, 5)"),
+    ("sample-steps-3", ["sample", "--checkpoint", "{ck}", "--steps", "5,5,5", "--out", "{tmp}/g.png"], "sampling.steps [5, 5, 5]"),
     ("sample-threshold-range", ["sample", "--checkpoint", "{ck}", "--threshold", "1.5", "--out", "{tmp}/g.png"], "1.5"),
-    ("sample-threshold-count", ["sample", "--checkpoint", "{ck}", "--threshold", "0.9,0.5", "--out", "{tmp}/g.png"], "thresholds=(0.9, 0.5)"),
+    ("sample-threshold-count", ["sample", "--checkpoint", "{ck}", "--threshold", "0.9,0.5", "--out", "{tmp}/g.png"], "sampling.thresholds [0.9, 0.5]"),
+    ("sample-plain-folder", ["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/g.png"], "holds no trained model: expected dfm_config.json"),
     ("sample-threshold-nan", ["sample", "--checkpoint", "{ck}", "--threshold", "nan", "--out", "{tmp}/g.png"], "nan"),
     ("sample-cfg-nan", ["sample", "--checkpoint", "{ck}", "--cfg-scale", "nan", "--out", "{tmp}/g.png"], "got nan"),
     ("sample-num-zero", ["sample", "--checkpoint", "{ck}", "--num", "0", "--out", "{tmp}/g.png"], "got 0"),
@@ -188,8 +123,6 @@ CLI_CASES = [
 ]
 if not CUDA:
     CLI_CASES += [
-        ("demo-device-cuda", ["demo", "--device", "cuda"], "'cuda' is not available"),
-        ("demo-device-cuda-index", ["demo", "--device", "cuda:7"], "'cuda:7' is not available"),
         ("sample-device-cuda", ["sample", "--checkpoint", "{ck}", "--device", "cuda", "--out", "{tmp}/g.png"], "'cuda' is not available"),
     ]
 
@@ -209,7 +142,7 @@ def test_demo_sample_steps_fail_before_training(tmp_path: Path, capsys) -> None:
     assert _status(["demo", "--sample-steps", "4,2,1", "--out", str(tmp_path / "out")]) == 2
     assert time.perf_counter() - t0 < 1.0
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "(4, 2, 1)" in err
+    assert err.count("\n") == 1 and "sampling.steps [4, 2, 1]" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -330,8 +263,8 @@ def test_recipe_bad_yaml_file(text, needle, tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["-m", "dfm_ext.recipes.imagenet.task", *IMAGENET, "sampling.steps=[4,2,1]"], "sampling.steps [4, 2, 1]"),
-        (["-m", "dfm_ext.recipes.demo.cli", "demo", "--sample-steps", "4,2,1"], "(4, 2, 1)"),
+        (["-m", "dfm_ext.recipes.imagenet", *IMAGENET, "sampling.steps=[4,2,1]"], "sampling.steps [4, 2, 1]"),
+        (["-m", "dfm_ext.recipes.demo", "demo", "--sample-steps", "4,2,1"], "sampling.steps [4, 2, 1]"),
     ],
     ids=["subprocess-recipe", "subprocess-cli"],
 )
@@ -467,30 +400,34 @@ def test_load_specialization_bad_file(change, exc, needle, specialised_v1_dir: P
     assert needle in str(e.value), str(e.value)
 
 
-CHECKPOINT_CASES = [
-    ("bad-json", dict(text="{not json"), "config.json is not valid JSON"),
-    ("truncated", dict(weights="truncate"), "model.safetensors is not a readable safetensors file"),
-    ("no-weights", dict(drop="model.safetensors"), "model.safetensors is missing"),
-    ("no-config", dict(drop="config.json"), "config.json is missing"),
-    ("shape-mismatch", dict(config=_hidden), "model.dit.hidden_size=64; the file fits 32"),
-    ("version", dict(config=lambda r: r.update(version=7)), "format version 7"),
-    ("not-demo", dict(config=lambda r: r["config"].update(kind="other")), "kind 'other'"),
+RUN_CASES = [
+    # (id, change to a copy of the demo output folder, substring)
+    ("no-config-yaml", lambda d: (d / "run" / "config.yaml").unlink(), "config.yaml (its run's config"),
+    ("bad-model-record", lambda d: (d / "run" / "final" / "dfm_config.json").write_text("{not json"), "dfm_config.json is not valid JSON"),
+    ("no-model-record", lambda d: (d / "run" / "final" / "dfm_config.json").unlink(), "holds no trained model: expected dfm_config.json"),
+    ("truncated", lambda d: _truncate(d / "run" / "final" / "model.safetensors"), "model.safetensors is not a readable safetensors file"),
+    ("bad-config-yaml", lambda d: (d / "run" / "config.yaml").write_text("train: [1\n"), "YAML syntax error"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,needle", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
-def test_demo_checkpoint_bad_file(kwargs, needle, checkpoint: Path, tmp_path: Path, capsys) -> None:
-    kwargs = dict(kwargs)
-    if kwargs.get("weights") == "truncate":
-        data = (checkpoint / "model.safetensors").read_bytes()
-        kwargs["weights"] = data[: len(data) // 2]
-    d = _variant(checkpoint, tmp_path, **kwargs)
-    with pytest.raises(CheckpointError) as e:
-        load_demo_checkpoint(d)
-    assert needle in str(e.value) and str(d) in str(e.value), str(e.value)
-    # ... and through `dfm-ext sample`: exit 2, the same message, nothing written.
-    assert _status(["sample", "--checkpoint", str(d), "--out", str(tmp_path / "g.png")]) == 2
-    assert needle in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+@pytest.mark.parametrize(("change", "needle"), [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_sample_bad_run_folder(change, needle, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    d = Path(shutil.copytree(checkpoint, tmp_path / "demo"))
+    change(d)
+    for target in (d, d / "run", d / "run" / "final"):  # the demo folder, the run folder, its final/
+        assert _status(["sample", "--checkpoint", str(target), "--out", str(tmp_path / "g.png")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_does_not_write_into_a_folder_of_other_files(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _status(["sample", "--checkpoint", str(checkpoint), "--num", "1", "--steps", "1,1", "--out", str(tmp_path)]) == 2
+    assert "holds other files (['notes.txt'])" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_sixteen_bit_png_brightness(tmp_path: Path) -> None:
@@ -520,25 +457,3 @@ def test_eval_skips_and_counts_unreadable_images(tmp_path: Path) -> None:
     assert sorted(p.name for p in skipped) == ["00003.png", "00004.png"]
     # with a limit, reading goes on past the unreadable files
     assert read_png_folder(tmp_path, limit=2)[0].shape[0] == 2
-
-
-NEW_CHECKPOINT_CASES = [
-    ("bad-json", lambda d: (d / "demo.json").write_text("{not json"), "demo.json is not valid JSON"),
-    ("not-demo", lambda d: (d / "demo.json").write_text('{"kind": "other"}'), "kind 'other'"),
-    ("no-model-record", lambda d: (d / "dfm_config.json").unlink(), "dfm_config.json is missing"),
-    ("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
-     "model.safetensors is not a readable safetensors file"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("change", "needle"), [c[1:] for c in NEW_CHECKPOINT_CASES], ids=[c[0] for c in NEW_CHECKPOINT_CASES])
-def test_new_demo_checkpoint_bad_file(change, needle, new_checkpoint: Path, tmp_path: Path, capsys) -> None:
-    import shutil
-
-    d = Path(shutil.copytree(new_checkpoint, tmp_path / "ck"))
-    change(d)
-    with pytest.raises(CheckpointError) as e:
-        load_demo_checkpoint(d)
-    assert needle in str(e.value) and str(d) in str(e.value), str(e.value)
-    assert _status(["sample", "--checkpoint", str(d), "--out", str(tmp_path / "g.png")]) == 2
-    assert needle in capsys.readouterr().err and not (tmp_path / "g.png").exists()

@@ -1,4 +1,4 @@
-"""The ``dfm-ext`` command end to end: a tiny ``demo``, then ``sample`` and ``eval`` from its checkpoint."""
+"""The ``dfm-ext`` command end to end: a tiny ``demo`` (the image recipe), then ``sample`` and ``eval`` from its run."""
 
 from __future__ import annotations
 
@@ -26,17 +26,22 @@ def demo_dir(tmp_path_factory) -> Path:
 
 def test_demo_writes_every_file(demo_dir: Path, capsys) -> None:
     names = sorted(p.name for p in demo_dir.iterdir())
-    assert names == ["checkpoint", "loss.png", "metrics.json", "progressive.png", "samples.png"]
+    assert names == ["loss.png", "metrics.json", "progressive.png", "run", "samples.png"]
     for name in ("samples.png", "progressive.png", "loss.png"):
         with Image.open(demo_dir / name) as im:
             im.verify()
     metrics = json.loads((demo_dir / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["dataset"] == "skimage" and metrics["decomposition"] == "laplacian"
-    assert metrics["train_seconds"] > 0 and metrics["eval"]["num_fake"] == 20
+    assert metrics["train_seconds"] > 0 and metrics["eval"]["num_fake"] == 20 and metrics["stopped_early"] is False
     assert set(metrics["eval"]["swd"]["per_level"]) == {"32x32", "16x16", "8x8"}
-    # The engine's final/ (save_pretrained: load_wrapped alone rebuilds it) plus the demo's options.
-    assert sorted(p.name for p in (demo_dir / "checkpoint").iterdir()) == ["demo.json", "dfm_config.json", "model.safetensors"]
-    assert not [p for p in demo_dir.iterdir() if p.name.startswith(".")]  # the staging folder is gone
+    assert set(metrics["estimate_seconds"]) == {"train", "sample"}
+    # The image recipe's run folder: its config (the demo's, with the options applied) and final/ (EMA weights).
+    run = demo_dir / "run"
+    assert {"config.yaml", "final", "metrics.jsonl", "summary.json", "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert sorted(p.name for p in (run / "final").iterdir()) == ["dfm_config.json", "model.safetensors"]
+    config = (run / "config.yaml").read_text()
+    assert "factory: dfm_ext.recipes.demo.report:training_set" in config and "steps: 3" in config and "kind: none" in config
+    assert not [p for p in demo_dir.iterdir() if p.name.startswith(".")]
     with Image.open(demo_dir / "samples.png") as im:
         # 10 classes x 8 samples of 32 px, scaled 3x with a 2 px border: rows = classes.
         assert im.size == (8 * 34 * 3 + 6, 10 * 34 * 3 + 6)
@@ -46,7 +51,7 @@ def test_demo_writes_every_file(demo_dir: Path, capsys) -> None:
 
 def test_sample_from_the_demo_checkpoint(demo_dir: Path, tmp_path: Path) -> None:
     grid = tmp_path / "grid.png"
-    args = ["sample", "--checkpoint", str(demo_dir / "checkpoint"), "--num", "2", "--steps", "3,2"]
+    args = ["sample", "--checkpoint", str(demo_dir), "--num", "2", "--steps", "3,2"]
     assert main([*args, "--out", str(grid), "--cfg-scale", "2"]) == 0
     with Image.open(grid) as im:
         assert im.size == (2 * 34 * 3 + 6, 10 * 34 * 3 + 6)
@@ -67,8 +72,9 @@ def test_sample_from_the_demo_checkpoint(demo_dir: Path, tmp_path: Path) -> None
     [
         (["demo", "--dataset", "cifar10"], "invalid choice: 'cifar10'"),
         (["demo", "--decomposition", "fourier"], "invalid choice: 'fourier'"),
-        (["demo", "--steps", "0"], "expected a positive integer"),
-        (["sample", "--checkpoint", "x", "--steps", "30,a"], "comma-separated integers"),
+        (["demo", "--steps", "0"], "expected an integer >= 1, got 0"),
+        (["demo", "--step", "10"], "unrecognized arguments: --step"),  # no prefix matching
+        (["sample", "--checkpoint", "x", "--steps", "30,a"], "expected positive integers like 30,10, got '30,a'"),
         (["eval"], "--samples"),
     ],
 )
@@ -81,21 +87,42 @@ def test_bad_arguments_are_named(argv, message, capsys) -> None:
 
 def test_missing_or_corrupt_checkpoint(tmp_path: Path, demo_dir: Path, capsys) -> None:
     assert main(["sample", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "g.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "holds no trained model: expected dfm_config.json" in capsys.readouterr().err
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("demo.json", "dfm_config.json"):
-        (broken / name).write_text((demo_dir / "checkpoint" / name).read_text())
-    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    (broken / "final").mkdir(parents=True)
+    (broken / "config.yaml").write_text((demo_dir / "run" / "config.yaml").read_text())
+    (broken / "final" / "dfm_config.json").write_text((demo_dir / "run" / "final" / "dfm_config.json").read_text())
+    (broken / "final" / "model.safetensors").write_bytes(b"\x00" * 64)
     assert main(["sample", "--checkpoint", str(broken), "--out", str(tmp_path / "g.png")]) == 2
     assert "not a readable safetensors" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
 
 
 def test_wrong_step_count_for_the_decomposition(demo_dir: Path, tmp_path: Path, capsys) -> None:
-    argv = ["sample", "--checkpoint", str(demo_dir / "checkpoint"), "--steps", "5,5,5", "--out", str(tmp_path / "g.png")]
+    argv = ["sample", "--checkpoint", str(demo_dir / "run"), "--steps", "5,5,5", "--out", str(tmp_path / "g.png")]
     assert main(argv) == 2
-    assert "has 2 stages" in capsys.readouterr().err
+    assert "sampling.steps [5, 5, 5] needs one entry per stage (2" in capsys.readouterr().err
+
+
+def test_time_cap_says_the_numbers_are_not_representative(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "capped"
+    assert main(["demo", "--out", str(out), *[a for a in TINY if a != "--no-progress"], "--steps", "50", "--max-train-seconds", "0.01"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"] is True and 1 <= metrics["steps"] < 50 and metrics["steps_requested"] == 50
+    assert "not representative" in metrics["note"] and "NOT representative" in capsys.readouterr().out
+
+
+def test_a_demo_run_again_resumes_its_run(demo_dir: Path, tmp_path: Path, capsys) -> None:
+    """The run folder is the engine's: a demo run again with more steps continues from its last checkpoint."""
+    import shutil
+
+    out = Path(shutil.copytree(demo_dir, tmp_path / "again"))
+    assert main(["demo", "--out", str(out), *TINY, "--set", "train.steps=5"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 5 and steps.count(3) == 1
+    assert main(["demo", "--out", str(out), *TINY, "--set", "optim.lr=0.5"]) == 2  # another run: refused, nothing lost
+    assert "cannot resume" in capsys.readouterr().err and (out / "run" / "final").is_dir()
 
 
 def test_demo_compile_matches_eager(demo_dir: Path, tmp_path: Path) -> None:
@@ -105,7 +132,7 @@ def test_demo_compile_matches_eager(demo_dir: Path, tmp_path: Path) -> None:
     eager = json.loads((demo_dir / "metrics.json").read_text())
     compiled = json.loads((out / "metrics.json").read_text())
     assert compiled["compile"] is True and eager["compile"] is False
-    assert compiled["final_loss_ema100"] == pytest.approx(eager["final_loss_ema100"], rel=1e-4)
+    assert compiled["final_logged"]["loss"] == pytest.approx(eager["final_logged"]["loss"], rel=1e-4)
     assert compiled["eval"]["swd"]["mean"] == pytest.approx(eager["eval"]["swd"]["mean"], rel=1e-3)
 
 

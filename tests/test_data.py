@@ -14,7 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from dfm_ext.recipes.demo.legacy import CheckpointError, load_checkpoint
 from dfm_ext.recipes.demo.data import (
     FASHION_MNIST_CLASSES,
     fashion_mnist_available,
@@ -171,35 +170,3 @@ def test_progressive_rejects_mismatched_previews(tmp_path) -> None:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
-
-
-def test_legacy_checkpoint_reader(tmp_path) -> None:
-    """The old layout's reader (demo checkpoints of earlier versions), on a folder written by hand."""
-    from _old_demo_checkpoint import write_raw_old_checkpoint
-
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    d = write_raw_old_checkpoint(tmp_path / "ck", model.state_dict(), {"layers": [3, 4, 2], "name": "mlp"})
-    ck = load_checkpoint(d)
-    assert ck.config == {"layers": [3, 4, 2], "name": "mlp"}
-    for k, v in model.state_dict().items():
-        assert torch.equal(ck.state_dict[k], v)
-
-
-def test_checkpoint_errors(tmp_path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope")
-    from _old_demo_checkpoint import write_raw_old_checkpoint
-
-    d = write_raw_old_checkpoint(tmp_path / "ck", {"w": torch.ones(2)}, {"a": 1})
-    (d / "model.safetensors").write_bytes(b"garbage" * 10)
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        load_checkpoint(d)
-    (d / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_checkpoint(d)
-    (d / "config.json").write_text(json.dumps({"hello": 1}))
-    with pytest.raises(CheckpointError, match="not a dfm_ext checkpoint"):
-        load_checkpoint(d)
-    (d / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json is missing"):
-        load_checkpoint(d)

@@ -166,7 +166,7 @@ def test_recipe_builds_the_configured_decomposition(name: str, assets: Path, tmp
     argv = ["--config", "tiny", f"data.root={assets / 'images'}", f"vae.path={assets}", f"train.output_dir={out}",
             *RECIPE, *_recipe_overrides(name)]  # fmt: skip
     if name == "db2":  # the real command line once (the entry a user runs)
-        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.imagenet.task", *argv], env=_env(),
+        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.imagenet", *argv], env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
     else:
@@ -191,7 +191,7 @@ def test_recipe_refuses_a_field_of_another_kind_before_compute() -> None:
 def test_old_run_configs_still_resume() -> None:
     """A config.yaml from before (only ``kind`` and ``factors``) matches the same run now."""
     from dfm_ext.recipes.engine.config import config_to_dict, load_config
-    from dfm_ext.recipes.engine.run_folder import config_diff
+    from dfm_ext.recipes.engine.checkpoint import config_diff
     from dfm_ext.recipes.imagenet.task import ImageNetConfig
 
     defaults = config_to_dict(ImageNetConfig())
@@ -206,38 +206,34 @@ def test_old_run_configs_still_resume() -> None:
 
 # ------------------------------------------------------------------------------------ the demo
 
-DEMO = ["--size", "tiny", "--steps", "2", "--num-eval", "0", "--no-fd", "--max-train-seconds", "0", "--dataset",
-        "skimage", "--batch-size", "4", "--sample-steps", "1,1", "--no-progress"]  # fmt: skip
+DEMO = ["--size", "tiny", "--steps", "2", "--num-eval", "0", "--no-fd", "--dataset", "skimage", "--batch-size", "4",
+        "--sample-steps", "1,1", "--no-progress"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["laplacian", "wavelet", "dct", "identity"])
-def test_demo_checkpoint_holds_and_reloads_the_decomposition(kind: str, tmp_path: Path) -> None:
+def test_demo_run_holds_and_reloads_the_decomposition(kind: str, tmp_path: Path) -> None:
+    from PIL import Image
+
     from dfm_ext.recipes.demo.cli import main
-    from dfm_ext.recipes.demo.run import generate, load_demo_checkpoint
+    from dfm_ext.recipes.demo.report import generate, load_run
+    from dfm_ext.recipes.engine.viz import to_uint8
 
     out = tmp_path / "demo"
     if kind == "dct":  # the real console script once
-        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.demo.cli", "demo", "--out", str(out), "--decomposition", kind, *DEMO],
+        res = subprocess.run([sys.executable, "-m", "dfm_ext.recipes.demo", "demo", "--out", str(out), "--decomposition", kind, *DEMO],
                              env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
     else:
         assert main(["demo", "--out", str(out), "--decomposition", kind, *DEMO]) == 0
-    ckpt = out / "checkpoint"
     expected = _expected({"kind": kind})
-    assert json.loads((ckpt / "demo.json").read_text())["model"]["decomposition"] == expected
-    model, config = load_demo_checkpoint(ckpt)
-    assert decomposition_config(model.decomposition) == expected
-    # dfm-ext sample from the checkpoint equals sampling the reloaded model directly.
-    assert main(["sample", "--checkpoint", str(ckpt), "--num", "1", "--steps", "1,1", "--out", str(tmp_path / "s")]) == 0
-    labels = torch.arange(int(config["model"]["num_classes"]))
-    images, _ = generate(model, config["model"], labels, steps=(1, 1), thresholds=(0.9,),
-                         cfg_scale=float(config["train"]["cfg_scale"]), generator=torch.Generator().manual_seed(0))  # fmt: skip
-    from PIL import Image
-
-    from dfm_ext.recipes.engine.viz import to_uint8
-
-    expected_pixels = to_uint8(images)
-    for i, arr in enumerate(expected_pixels):
+    run = load_run(out)
+    assert decomposition_config(run.model.decomposition) == expected
+    assert decomposition_config(run.config.decomposition.build()) == expected  # the run's config.yaml says what was built
+    # dfm-ext sample from the run equals sampling the reloaded model directly.
+    assert main(["sample", "--checkpoint", str(out), "--num", "1", "--out", str(tmp_path / "s")]) == 0
+    labels = torch.arange(run.config.data.num_classes)
+    images, _ = generate(run.model, run.config, labels, guidance=run.config.sampling.guidance_scale, generator=torch.Generator().manual_seed(0))
+    for i, arr in enumerate(to_uint8(images)):
         with Image.open(tmp_path / "s" / f"{i:05d}_class{i}.png") as im:
             assert np.array_equal(np.asarray(im).reshape(arr.shape), arr)
 

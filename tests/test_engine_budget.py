@@ -16,18 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from dfm_ext.recipes.engine.trainer import OptimConfig, StepLoss, TrainConfig, Trainer, is_check_step
+from dfm_ext.recipes.engine.config import OptimConfig, TrainConfig
+from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainTask, is_check_step
 
 
-class _Toy:
+class _Toy(TrainTask):
     def build_model(self) -> nn.Module:
         return nn.Linear(2, 1)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         return StepLoss(((model(batch["x"].to(device)) - 1.0) ** 2).mean())
 
-    def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
-        return {}
 
 
 class _Items(torch.utils.data.Dataset):
@@ -76,7 +75,7 @@ def _fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: float | None) 
         sharding="none", max_train_seconds=budget,
     )  # fmt: skip
     optim = OptimConfig(lr=1e-2, warmup_steps=0)
-    result = Trainer(_Toy(), _Items(), train, optim, full_config=_Config(train, optim), name="toy").fit()
+    result = Trainer(_Toy(), _Items(), _Config(train, optim), name="toy").fit()
     return result.step, views[0].reduced
 
 

@@ -184,11 +184,3 @@ def test_kinetics_final_of_the_old_layout_loads_with_its_scales(tmp_path: Path) 
     _same(model, loaded)
     loaded.save_pretrained(tmp_path / "final")  # rewriting an old folder in the new layout
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["dfm_config.json", "model.safetensors"]
-
-
-def test_demo_checkpoint_gets_a_pointer(tmp_path: Path) -> None:
-    from _old_demo_checkpoint import write_raw_old_checkpoint
-
-    write_raw_old_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"model": {"kind": "dit"}})
-    with pytest.raises(ValueError, match="demo.run.load_demo_checkpoint"):
-        load_wrapped(tmp_path / "ckpt")

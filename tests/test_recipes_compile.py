@@ -107,7 +107,7 @@ def test_compiled_fsdp2_training_equals_eager_fsdp2(assets: Path, tmp_path: Path
     for name in ("eager", "compiled"):
         recs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in recs if "loss" in r]
-        assert json.loads((tmp_path / name / "summary.json").read_text())["sharding"] == "fsdp2"
+        assert json.loads((tmp_path / name / "summary.json").read_text())["parallelism"] == "FSDP2"
     assert len(losses["compiled"]) == 2
     assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-5)
     final = load_file(str(tmp_path / "compiled" / "final" / "model.safetensors"))

@@ -11,8 +11,18 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dfm_ext.recipes.engine.data import BatchPlan, ImageFolder, PlanBatchSampler, collate_items, scan_image_folder
-from dfm_ext.recipes.engine.latents import CacheMismatchError, LatentCache, LatentCodec, load_vae, write_latent_cache
+from dfm_ext.recipes.engine.data import (
+    BatchPlan,
+    CacheMismatchError,
+    ImageFolder,
+    LatentCache,
+    LatentCodec,
+    PlanBatchSampler,
+    collate_items,
+    load_vae,
+    scan_image_folder,
+)
+from dfm_ext.recipes.engine.latents import write_latent_cache
 from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
 
 

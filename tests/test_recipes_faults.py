@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from dfm_ext.recipes.engine.checkpoint import (
     MANIFEST,
     CorruptCheckpointError,
-    find_resumable,
     verify_manifest,
     write_manifest,
 )
@@ -151,23 +150,17 @@ def test_damaged_byte_is_caught_by_the_hash(tmp_path: Path) -> None:
         verify_manifest(folder)
 
 
-def test_legacy_checkpoints_without_record_resume_with_a_warning(
-    assets: Path, reference: Path, tmp_path: Path, capsys
-) -> None:
+def test_a_step_folder_without_its_record_is_not_resumed_from(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    """A folder without complete.json was never finished: resume=auto warns, moves it aside, resumes the older one."""
     out = tmp_path / "run"
     assert _run(assets, out, steps=8) == 0
     ckpts = out / "checkpoints"
-    for step in ("step-000004", "step-000008"):
-        (ckpts / step / MANIFEST).unlink()  # as written before the record existed
-    file = ckpts / "step-000008" / "optimizer.bin"
-    file.write_bytes(file.read_bytes()[:1000])
-    found = find_resumable(ckpts)
-    assert found.step == 4 and found.legacy and [p.name for p, _ in found.rejected] == ["step-000008"]
-    assert "optimizer.bin does not load" in found.rejected[0][1]
+    (ckpts / "step-000008" / MANIFEST).unlink()
     capsys.readouterr()
     assert _run(assets, out) == 0
     err = capsys.readouterr().err
-    assert "step-000008 is damaged" in err and f"checkpoint {ckpts / 'step-000004'} has no completeness record" in err
+    assert f"checkpoint {ckpts / 'step-000008'} is damaged" in err and "no complete.json" in err
+    assert (ckpts / "corrupt-step-000008").is_dir()
     _assert_same_weights(out, reference)
 
 

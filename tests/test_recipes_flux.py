@@ -163,7 +163,7 @@ def test_two_processes_agree_and_match_one_with_accumulation(assets: Path, tmp_p
     ddp, single = tmp_path / "ddp", tmp_path / "accum"
     extra = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
     args = ["--config", "flux_tiny", *_overrides(assets, ddp, *extra)]
-    res = launch_two_cpu_processes("dfm_ext.recipes.flux.task", args, _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.flux", args, _env())
     assert res.returncode == 0, res.stderr[-3000:]
     cmd = [PY, "-m", "dfm_ext.recipes.flux", "--config", "flux_tiny", *_overrides(assets, single, *extra, "train.grad_accumulation=2")]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -183,7 +183,7 @@ def test_two_processes_with_per_stage_lora(assets: Path, tmp_path: Path) -> None
     out = tmp_path / "stage_lora"
     extra = ["train.steps=8", "train.sample_every=0", "train.checkpoint_every=8", "finetune.mode=stage_lora",
              "finetune.lora_rank=2"]  # fmt: skip
-    res = launch_two_cpu_processes("dfm_ext.recipes.flux.task", ["--config", "flux_tiny", *_overrides(assets, out, *extra)], _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.flux", ["--config", "flux_tiny", *_overrides(assets, out, *extra)], _env())
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["param_sha256_per_rank"]
@@ -325,7 +325,7 @@ def test_bucket_plan_batches_share_a_bucket_and_split_like_batch_plan(bucket_siz
 def test_cache_pairs_latents_with_captions_and_refuses_a_mismatch(assets: Path, tmp_path: Path, capsys) -> None:
     from dfm_ext.recipes.flux.data import load_bucket_image
     from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
-    from dfm_ext.recipes.engine.latents import CacheMismatchError
+    from dfm_ext.recipes.engine.data import CacheMismatchError
 
     cache = tmp_path / "cache"
     base = ["--config", "flux_tiny", *_overrides(assets)]

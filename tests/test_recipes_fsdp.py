@@ -53,7 +53,7 @@ def _args(assets: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(assets: Path, out: Path, *extra: str) -> Path:
-    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet.task", _args(assets, out, *extra), _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, out, *extra), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -67,9 +67,9 @@ def _task(assets: Path, *overrides: str):
 
 def _ddp_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     ckpt = out / "checkpoints" / f"step-{STEPS:06d}"
-    ema = torch.load(ckpt / "extra_state.pt", weights_only=True)["ema"]
-    ema = {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
-    return load_file(str(ckpt / "model.safetensors")), ema
+    model = load_file(str(ckpt / "model.safetensors"))
+    ema = torch.load(ckpt / "extra_state.pt", weights_only=True)["ema"]["shadow"]
+    return model, {k: v for k, v in ema.items() if k in model}
 
 
 def _sharded_state(out: Path, template: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
@@ -134,7 +134,7 @@ def test_fsdp2_equals_ddp_weights_ema_and_samples(assets: Path, runs, lora_runs,
     pair, extra = (runs, []) if variant == "plain" else (lora_runs, LORA)
     ddp, fsdp = pair["ddp"], pair["fsdp"]
     summary = json.loads((fsdp / "summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["sharding"] == "fsdp2" and summary["step"] == STEPS
+    assert summary["num_processes"] == 2 and summary["parallelism"] == "FSDP2" and summary["step"] == STEPS
     ckpt = fsdp / "checkpoints" / f"step-{STEPS:06d}"
     assert (ckpt / "sharded.json").is_file() and (ckpt / ".metadata").is_file()
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
@@ -171,7 +171,7 @@ def test_sigkill_and_resume_from_sharded_checkpoint(assets: Path, lora_runs, tmp
     out = tmp_path / "killed"
     cmd = [
         ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "dfm_ext.recipes.imagenet.task",
+        "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "dfm_ext.recipes.imagenet",
         *_args(assets, out, "train.sharding=fsdp2", *LORA),
     ]  # fmt: skip
     env = {**_env(), "ACCELERATE_USE_CPU": "true"}

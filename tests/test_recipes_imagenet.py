@@ -54,7 +54,7 @@ def _args(assets: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _single(assets: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [PY, "-m", "dfm_ext.recipes.imagenet.task", *_args(assets, out, *extra)]
+    cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out, *extra)]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_tiny_end_to_end(reference: Path) -> None:
 
 def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [PY, "-m", "dfm_ext.recipes.imagenet.task", *_args(assets, out)]
+    cmd = [PY, "-m", "dfm_ext.recipes.imagenet", *_args(assets, out)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = out / "checkpoints" / "latest"
     try:
@@ -129,7 +129,7 @@ def test_sigkill_and_resume_replays_the_same_run(assets: Path, reference: Path, 
 def test_two_processes_equal_one_with_accumulation(assets: Path, tmp_path: Path) -> None:
     ddp, single = tmp_path / "ddp", tmp_path / "accum"
     steps = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4"]
-    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet.task", _args(assets, ddp, *steps), _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, ddp, *steps), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     _single(assets, single, *steps, "train.grad_accumulation=2")
 
@@ -158,7 +158,7 @@ def test_latent_cache_build_and_train(assets: Path, tmp_path: Path, capsys) -> N
     assert "does not match the config" in capsys.readouterr().err
     out = tmp_path / "from_cache"
     _single(
-        assets, out, f"data.latent_cache={cache}", "train.steps=3", "train.sample_every=3", "train.checkpoint_every=3",
+        assets, out, f"data.latent_cache={cache}", "data.root=null", "train.steps=3", "train.sample_every=3", "train.checkpoint_every=3",
         "sampling.metrics=[swd]", "sampling.metric_images=8",
     )  # fmt: skip
     assert sorted(_losses(out)) == [1, 2, 3] and (out / "samples" / "step-000003.png").is_file()
@@ -203,17 +203,15 @@ def test_flow_matching_baseline_task(assets: Path, tmp_path: Path) -> None:
 
 def _trained_ema(out: Path, cfg_overrides: list[str], assets: Path) -> torch.nn.Module:
     """The EMA model of the last checkpoint, rebuilt independently of final/."""
-    from torch.optim.swa_utils import AveragedModel
-
     from dfm_ext.recipes.engine.config import load_config
     from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
 
     cfg = load_config(ImageNetConfig, "tiny", [f"data.root={assets / 'images'}", f"vae.path={assets}", *cfg_overrides])
     model = ImageNetTask(cfg).build_model()
-    ema = AveragedModel(model, use_buffers=True)
     latest = (out / "checkpoints" / "latest").read_text().strip()
-    ema.load_state_dict(torch.load(out / "checkpoints" / latest / "extra_state.pt", weights_only=True)["ema"])
-    return ema.module.eval()
+    shadow = torch.load(out / "checkpoints" / latest / "extra_state.pt", weights_only=True)["ema"]["shadow"]
+    model.load_state_dict({k: v for k, v in shadow.items() if k in model.state_dict()})  # the EMA of every weight and buffer
+    return model.eval()
 
 
 def test_full_specialisation_trains_exports_and_reloads(assets: Path, tmp_path: Path) -> None:
@@ -254,7 +252,7 @@ def test_two_processes_with_per_stage_lora_agree(assets: Path, tmp_path: Path) -
     out = tmp_path / "lora_ddp"
     extra = ["train.steps=4", "train.sample_every=0", "train.checkpoint_every=4", "specialize.kind=lora",
              "specialize.targets=[mlp,attn]", "specialize.rank=2"]  # fmt: skip
-    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet.task", _args(assets, out, *extra), _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.imagenet", _args(assets, out, *extra), _env())
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["param_sha256_per_rank"]

@@ -120,7 +120,7 @@ def test_config_errors_before_compute(capsys) -> None:
 @pytest.fixture(scope="module")
 def run(assets: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    _run([PY, "-m", "dfm_ext.recipes.kinetics.task", *_args(assets, out)])
+    _run([PY, "-m", "dfm_ext.recipes.kinetics", *_args(assets, out)])
     return out
 
 
@@ -160,7 +160,7 @@ def test_tiny_end_to_end(run: Path, assets: Path) -> None:
 def test_two_processes_agree(assets: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     args = _args(assets, out, "train.steps=4", "train.sample_every=0", "train.checkpoint_every=4")
-    res = launch_two_cpu_processes("dfm_ext.recipes.kinetics.task", args, _env())
+    res = launch_two_cpu_processes("dfm_ext.recipes.kinetics", args, _env())
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2
@@ -180,6 +180,6 @@ def test_latent_cache_build_and_train(assets: Path, tmp_path: Path, capsys) -> N
     assert kinetics_main([*base[:2], f"data.latent_cache={cache}", f"vae.path={assets}", "data.frame_stride=1"]) == 2
     assert "does not match the config" in capsys.readouterr().err
     out = tmp_path / "from_cache"
-    _run([PY, "-m", "dfm_ext.recipes.kinetics.task", *_args(assets, out, f"data.latent_cache={cache}", "train.steps=2",
+    _run([PY, "-m", "dfm_ext.recipes.kinetics", *_args(assets, out, f"data.latent_cache={cache}", "train.steps=2",
                                                        "train.sample_every=2", "train.checkpoint_every=2")])  # fmt: skip
     assert sorted(_losses(out)) == [1, 2] and (out / "samples" / "step-000002.mp4").is_file()

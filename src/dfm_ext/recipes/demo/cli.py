@@ -23,8 +23,9 @@ import torch
 from dfm_ext.recipes.demo.data import DATASETS
 from dfm_ext.recipes.imagenet.task import ImageNetConfig
 
-__all__ = ["build_parser", "main"]
+__all__ = ["CONFIG", "build_parser", "demo_config", "demo_overrides", "estimate_seconds", "main", "run_demo"]
 
+#: The demo's config of the image recipe.
 CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 DECOMPOSITIONS = {"laplacian": ["decomposition.kind=laplacian"], "wavelet": ["decomposition.kind=wavelet"],
                   "dct": ["decomposition.kind=dct", "decomposition.factors=null"], "identity": ["decomposition.kind=identity"]}  # fmt: skip
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,sample,eval}")
     demo = sub.add_parser("demo", help="train a small class-conditional DiT with DFM on offline images, sample it, measure it", allow_abbrev=False)
     demo.add_argument("--steps", type=_at_least(1), default=None, help="training steps (default 2000)")
-    demo.add_argument("--max-train-seconds", type=float, default=None, help="stop training after this many seconds (default: no limit)")
+    demo.add_argument("--max-train-seconds", type=float, default=None, help="stop training after this many seconds (default and 0: no limit)")
     demo.add_argument("--sample-steps", type=_numbers(int, "positive integers like 30,10"), default=None, help="sampling steps per stage (default 30,10)")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
     demo.add_argument("--dataset", choices=DATASETS, default="auto", help="training data (default auto: Fashion-MNIST if installed)")
@@ -108,21 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def demo_overrides(args: argparse.Namespace) -> list[str]:
-    """The overrides of ``configs/demo.yaml`` that ``dfm-ext demo``'s options stand for."""
+def demo_config(args: argparse.Namespace) -> ImageNetConfig:
+    """``configs/demo.yaml`` with the overrides ``dfm-ext demo``'s options stand for, validated.
+
+    Everything but the data is checked first (no file read); then the training set is loaded and
+    its channels and classes go into the config.
+    """
     from dfm_ext.recipes.demo.data import fashion_mnist_available
     from dfm_ext.recipes.demo.report import load_split
+    from dfm_ext.recipes.engine.config import apply_overrides, load_config
+    from dfm_ext.validation import parse_device
 
+    parse_device(args.device)
+    cfg = load_config(ImageNetConfig, CONFIG, demo_overrides(args))
+    cfg.validate()
     name = ("fashion-mnist" if fashion_mnist_available() else "skimage") if args.dataset == "auto" else args.dataset
-    data = load_split(name, "train", 32, args.seed)  # its channels and classes (cached for the training set)
+    data = load_split(name, "train", cfg.data.resolution, args.seed)  # cached for the training set
+    cfg = apply_overrides(cfg, [f"data.factory_kwargs={{dataset: {data.name}}}", f"data.num_classes={data.num_classes}",
+                                f"vae.latent_channels={data.image_shape[0]}"])  # fmt: skip
+    cfg.validate()
+    return cfg
+
+
+def demo_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of ``configs/demo.yaml`` that ``dfm-ext demo``'s options stand for (the data's come later)."""
     out = [f"train.output_dir={args.out / 'run'}", f"train.seed={args.seed}", f"train.progress={str(not args.no_progress).lower()}",
-           f"data.factory_kwargs={{dataset: {data.name}}}", f"data.num_classes={data.num_classes}",
-           f"vae.latent_channels={data.image_shape[0]}", f"model.overrides={SIZES[args.size]}", *DECOMPOSITIONS[args.decomposition]]  # fmt: skip
+           f"model.overrides={SIZES[args.size]}", *DECOMPOSITIONS[args.decomposition]]  # fmt: skip
     if args.steps is not None:
         out += [f"train.steps={args.steps}", f"train.checkpoint_every={max(1, min(500, args.steps))}", f"optim.warmup_steps={max(1, min(100, args.steps // 5))}"]
     for flag, key in (("batch_size", "train.global_batch_size"), ("max_train_seconds", "train.max_train_seconds"),
                       ("cfg_scale", "sampling.guidance_scale"), ("compile_backend", "train.compile_backend")):  # fmt: skip
-        if getattr(args, flag) is not None:
+        if getattr(args, flag) is not None and not (flag == "max_train_seconds" and args.max_train_seconds == 0):  # 0: no limit
             out.append(f"{key}={getattr(args, flag)}")
     if args.compile:
         out.append("train.compile=true")
@@ -139,13 +156,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """``dfm-ext demo``: train, then write the pictures and ``metrics.json`` into ``args.out``; returns the metrics."""
     from dfm_ext.fileio import atomic_write_text
     from dfm_ext.recipes.demo.report import compute_metrics, generate, load_run, load_split
-    from dfm_ext.recipes.engine.config import load_config
     from dfm_ext.recipes.engine.viz import save_image_grid, save_loss_curves, save_progressive
     from dfm_ext.recipes.imagenet.task import ImageNetTask, build_dataset, run
 
     started = time.perf_counter()
-    cfg = load_config(ImageNetConfig, CONFIG, demo_overrides(args))
-    cfg.validate()
+    cfg = demo_config(args)
     dataset = build_dataset(cfg)
     say = print if not args.no_progress else (lambda *a, **k: None)
     estimate = estimate_seconds(ImageNetTask(cfg), dataset, cfg, args)

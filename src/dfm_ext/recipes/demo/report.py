@@ -176,6 +176,9 @@ def sample_run(args: Any) -> Path:
     from dfm_ext.fileio import atomic_directory
     from dfm_ext.recipes.engine.viz import save_array_png, save_image_grid, to_uint8
 
+    from dfm_ext.validation import parse_device
+
+    parse_device(args.device)
     run = load_run(args.checkpoint, device=args.device)
     cfg = _schedule(run.config, args.steps, args.threshold)
     guidance = cfg.sampling.guidance_scale if args.cfg_scale is None else args.cfg_scale
@@ -229,6 +232,9 @@ def evaluate_samples(args: Any) -> dict[str, Any]:
 
     from dfm_ext.wrapping.io import CONFIG_FILE
 
+    from dfm_ext.validation import parse_device
+
+    parse_device(args.device)
     path = Path(args.samples)
     if not path.is_dir():
         raise ValueError(f"--samples {str(path)!r} is not a folder (PNG samples or a trained run)")

@@ -40,7 +40,10 @@ from dfm_ext.recipes.engine.checkpoint import (
 )
 from dfm_ext.recipes.engine.config import ConfigError, TrainConfig
 
-__all__ = ["BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "make_parallelism", "shard_model", "transformer_blocks"]
+__all__ = [
+    "BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "full_state", "load_full_state", "make_parallelism", "shard_model",
+    "transformer_blocks",
+]  # fmt: skip
 
 #: ``ModuleList`` attribute names that hold the repeated transformer blocks, per model family.
 BLOCK_LIST_NAMES = ("blocks", "transformer_blocks", "single_transformer_blocks")
@@ -230,6 +233,8 @@ class DDP(Parallelism):
         try:
             self.accelerator.load_state(str(path))
         except RuntimeError as e:  # another model's checkpoint: a missing or unexpected key, a shape
+            if "state_dict" not in str(e):
+                raise
             raise ConfigError(f"cannot resume from {path}: it holds another model's weights ({str(e).splitlines()[0][:300]})") from None
         load_extra_state(path, extra)
 
@@ -350,20 +355,14 @@ class FSDP2(Parallelism):
             raise CorruptCheckpointError(f"{path} holds no EMA weights but the run has train.ema_decay set")
         try:
             dcp.load(state, checkpoint_id=str(path))  # in place, into the local shards
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # a key or shape of another model
             raise ConfigError(f"cannot resume from {path}: it holds another model's weights ({str(e).splitlines()[0][:300]})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         load_extra_state(path, extra)
 
-    @staticmethod
-    def _full_state(model: nn.Module) -> dict[str, Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
     def final_model(self, model: nn.Module, ema: EMA | None, build: Callable[[], nn.Module]) -> nn.Module | None:
         with ema.applied(model) if ema is not None else contextlib.nullcontext(model) as averaged:
-            state = self._full_state(averaged)
+            state = full_state(averaged)
         if not self.accelerator.is_main_process:
             return None
         final = build()  # the one model format: a freshly built (unsharded) model holding the full weights
@@ -371,8 +370,30 @@ class FSDP2(Parallelism):
         return final
 
     def trained_digests(self, model: nn.Module) -> list[str]:
-        state = self._full_state(model)
+        state = full_state(model)
         return [state_digest(state)] if self.accelerator.is_main_process else []
+
+
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    """The full ``state_dict`` of a sharded model on rank 0 (CPU tensors; ``{}`` on the others); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: str = "model") -> dict[str, Tensor]:
+    """Full tensors of one part (``"model"`` or ``"ema"``) of an FSDP2 checkpoint, in one process (no process group).
+
+    Args:
+        template: name -> tensor of the full shape and dtype (e.g. a fresh model's ``state_dict()``).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if not (Path(path) / _SHARDED).is_file():
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no {_SHARDED})")
+    out = {k: torch.empty_like(v, device="cpu") for k, v in template.items()}
+    dcp.load({key: out}, checkpoint_id=str(path), no_dist=True)
+    return out
 
 
 def make_parallelism(accelerator: Any, train: TrainConfig) -> Parallelism:

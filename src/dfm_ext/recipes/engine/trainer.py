@@ -236,7 +236,7 @@ class Trainer:
             run.seconds += time.perf_counter() - started
             run.bar.update(1)
             step = run.counters.step
-            last = step == t.steps or self._read_flags(run)
+            last = self._read_flags(run) or step == t.steps  # the flags first: always read at a check step
             if step % t.log_every == 0 or last:
                 self._log(run)
             if step % t.checkpoint_every == 0 or last:

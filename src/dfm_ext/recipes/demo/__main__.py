@@ -1,0 +1,5 @@
+import sys
+
+from dfm_ext.recipes.demo.cli import main
+
+sys.exit(main())
