@@ -353,7 +353,7 @@ def extract_features(
     for batch in progress(batches, enabled=progress_bar, desc="features", total=-(-(stop - begin) // batch_size)):
         seen += batch.shape[0]
         if inception is not None and spatial is not None:
-            rgb = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+            rgb = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()  # a writable copy
             out = inception(rgb)
             pools.append(out.pool.float().cpu().numpy())
             logits.append(out.logits.float().cpu().numpy())
