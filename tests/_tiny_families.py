@@ -19,6 +19,9 @@ ltx_video    ``LTXVideoTransformer3DModel``       ``[B, 4, 2, 4, 4]``, p 1 1000 
 hunyuandit   ``HunyuanDiT2DModel``                ``[B, 4, 8, 8]``, p 2    999 sigma (DDPM)  raw (re-param.)
 cogview4     ``CogView4Transformer2DModel``       ``[B, 4, 8, 8]``, p 2    1000 s, shifted   noise - x
 chroma       ``ChromaTransformer2DModel``         ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
+ovis_image   ``OvisImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
+longcat      ``LongCatImageTransformer2DModel``   ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
+bria         ``BriaTransformer2DModel``           ``[B, 4, 8, 8]``, 2x2    1000 sigma        noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -172,6 +175,59 @@ def tiny_chroma(path: Path, seed: int = 0) -> nn.Module:
     )
 
 
+_DUAL_STREAM = dict(
+    patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+
+
+def tiny_ovis_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import OvisImageTransformer2DModel
+
+    return _build(OvisImageTransformer2DModel, path, seed, **_DUAL_STREAM, out_channels=4 * C)
+
+
+def tiny_longcat_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import LongCatImageTransformer2DModel
+
+    return _build(LongCatImageTransformer2DModel, path, seed, **_DUAL_STREAM, pooled_projection_dim=TEXT_DIM)
+
+
+def tiny_bria(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import BriaTransformer2DModel
+
+    return _build(BriaTransformer2DModel, path, seed, **_DUAL_STREAM)
+
+
+def _dual_stream_call(m, x, t, cond, *, timestep, txt_ids, img_ids) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    out = m(_pack(x), timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, **cond).sample
+    return -_unpack(out, h, w)
+
+
+def _flux_ids(x: torch.Tensor, cond: dict) -> dict:
+    from dfm_ext.adapters.flux import flux_image_ids
+
+    return {"txt_ids": torch.zeros(cond["encoder_hidden_states"].shape[1], 3), "img_ids": flux_image_ids((x.shape[-2] // 2, x.shape[-1] // 2))}
+
+
+def _ovis_image_call(m, x, t, cond):  # OvisImagePipeline: timestep / 1000 = sigma; the model multiplies by 1000
+    return _dual_stream_call(m, x, t, cond, timestep=1.0 - t, **_flux_ids(x, cond))
+
+
+def _bria_call(m, x, t, cond):  # BriaPipeline (flow matching): the scheduler's timestep 1000 sigma as is
+    return _dual_stream_call(m, x, t, cond, timestep=1000.0 - 1000.0 * t, **_flux_ids(x, cond))
+
+
+def _longcat_image_call(m, x, t, cond):  # LongCatImagePipeline.prepare_pos_ids: text (0, i, i), image (1, 512 + r, 512 + c)
+    n, gh, gw = cond["encoder_hidden_states"].shape[1], x.shape[-2] // 2, x.shape[-1] // 2
+    i = torch.arange(n).float()
+    txt = torch.stack([torch.zeros(n), i, i], -1)
+    img = torch.zeros(gh, gw, 3)
+    img[..., 0], img[..., 1], img[..., 2] = 1, torch.arange(gh)[:, None] + 512.0, torch.arange(gw)[None, :] + 512.0
+    return _dual_stream_call(m, x, t, cond, timestep=1.0 - t, txt_ids=txt, img_ids=img.reshape(-1, 3))
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -274,6 +330,9 @@ FAMILIES = {
     "hunyuandit": (tiny_hunyuandit, _hunyuandit_call, (C, 8, 8), "hunyuandit"),
     "cogview4": (tiny_cogview4, _cogview4_call, (C, 8, 8), "cogview4"),
     "chroma": (tiny_chroma, _chroma_call, (C, 8, 8), "chroma"),
+    "ovis_image": (tiny_ovis_image, _ovis_image_call, (C, 8, 8), "ovis_image"),
+    "longcat_image": (tiny_longcat_image, _longcat_image_call, (C, 8, 8), "longcat_image"),
+    "bria": (tiny_bria, _bria_call, (C, 8, 8), "bria"),
 }
 
 

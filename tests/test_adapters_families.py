@@ -38,6 +38,9 @@ CHECKPOINTED = {
     "hunyuandit": ("blocks",),  # its own forward never checkpoints; the wrapped one honours the flag
     "cogview4": ("transformer_blocks",),
     "chroma": ("transformer_blocks", "single_transformer_blocks"),
+    "ovis_image": ("transformer_blocks", "single_transformer_blocks"),
+    "longcat_image": ("transformer_blocks", "single_transformer_blocks"),
+    "bria": ("transformer_blocks", "single_transformer_blocks"),
 }
 
 
