@@ -17,9 +17,18 @@ qwenimage    ``QwenImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma
 flux2        ``Flux2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
 ltx_video    ``LTXVideoTransformer3DModel``       ``[B, 4, 2, 4, 4]``, p 1 1000 sigma       noise - x
 hunyuandit   ``HunyuanDiT2DModel``                ``[B, 4, 8, 8]``, p 2    999 sigma (DDPM)  raw (re-param.)
+cogview4     ``CogView4Transformer2DModel``       ``[B, 4, 8, 8]``, p 2    1000 s, shifted   noise - x
+chroma       ``ChromaTransformer2DModel``         ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
+ovis_image   ``OvisImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
+longcat      ``LongCatImageTransformer2DModel``   ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
+bria         ``BriaTransformer2DModel``           ``[B, 4, 8, 8]``, 2x2    1000 sigma        noise - x
 ===========  ===================================  =======================  ===============  ==============
 
-Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use.
+Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
+CogView4's unshifted ``s = sigma / (sigma + mu (1 - sigma))`` is written as the convention computes
+it. Models that multiply ``sigma`` by 1000 themselves (AuraFlow, Qwen-Image, FLUX.2, Chroma) round
+``(1 - t) 1000`` differently from ``1000 - 1000 t``; at dyadic times (``k / 1024``, what
+:func:`exact_times` draws) both are exact, so stage 0 can be compared without that rounding.
 """
 
 from __future__ import annotations
@@ -145,6 +154,106 @@ def tiny_hunyuandit(path: Path, seed: int = 0) -> nn.Module:
     )
 
 
+def tiny_cogview4(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import CogView4Transformer2DModel
+
+    return _build(
+        CogView4Transformer2DModel, path, seed,
+        patch_size=2, in_channels=C, out_channels=C, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=TEXT_DIM, time_embed_dim=16, condition_dim=4, pos_embed_max_size=32, sample_size=8,
+    )
+
+
+def tiny_chroma(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import ChromaTransformer2DModel
+
+    return _build(
+        ChromaTransformer2DModel, path, seed,
+        patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=2,
+    )
+
+
+_DUAL_STREAM = dict(
+    patch_size=1, in_channels=4 * C, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+
+
+def tiny_ovis_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import OvisImageTransformer2DModel
+
+    return _build(OvisImageTransformer2DModel, path, seed, **_DUAL_STREAM, out_channels=4 * C)
+
+
+def tiny_longcat_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import LongCatImageTransformer2DModel
+
+    return _build(LongCatImageTransformer2DModel, path, seed, **_DUAL_STREAM, pooled_projection_dim=TEXT_DIM)
+
+
+def tiny_bria(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import BriaTransformer2DModel
+
+    return _build(BriaTransformer2DModel, path, seed, **_DUAL_STREAM)
+
+
+def _dual_stream_call(m, x, t, cond, *, timestep, txt_ids, img_ids) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    out = m(_pack(x), timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, **cond).sample
+    return -_unpack(out, h, w)
+
+
+def _flux_ids(x: torch.Tensor, cond: dict) -> dict:
+    from dfm_ext.adapters.flux import flux_image_ids
+
+    return {"txt_ids": torch.zeros(cond["encoder_hidden_states"].shape[1], 3), "img_ids": flux_image_ids((x.shape[-2] // 2, x.shape[-1] // 2))}
+
+
+def _ovis_image_call(m, x, t, cond):  # OvisImagePipeline: timestep / 1000 = sigma; the model multiplies by 1000
+    return _dual_stream_call(m, x, t, cond, timestep=1.0 - t, **_flux_ids(x, cond))
+
+
+def _bria_call(m, x, t, cond):  # BriaPipeline (flow matching): the scheduler's timestep 1000 sigma as is
+    return _dual_stream_call(m, x, t, cond, timestep=1000.0 - 1000.0 * t, **_flux_ids(x, cond))
+
+
+def _longcat_image_call(m, x, t, cond):  # LongCatImagePipeline.prepare_pos_ids: text (0, i, i), image (1, 512 + r, 512 + c)
+    n, gh, gw = cond["encoder_hidden_states"].shape[1], x.shape[-2] // 2, x.shape[-1] // 2
+    i = torch.arange(n).float()
+    txt = torch.stack([torch.zeros(n), i, i], -1)
+    img = torch.zeros(gh, gw, 3)
+    img[..., 0], img[..., 1], img[..., 2] = 1, torch.arange(gh)[:, None] + 512.0, torch.arange(gw)[None, :] + 512.0
+    return _dual_stream_call(m, x, t, cond, timestep=1.0 - t, txt_ids=txt, img_ids=img.reshape(-1, 3))
+
+
+def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
+    return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
+
+
+def cogview4_mu(grid: tuple[int, int]) -> float:
+    """CogView4Pipeline's ``calculate_shift`` for ``grid[0] * grid[1]`` image tokens (scheduler defaults)."""
+    return (grid[0] * grid[1] / 256) ** 0.5 * 0.75 + 0.25
+
+
+def _cogview4_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # CogView4Pipeline: the model reads the unshifted 1000 s; its noise level is the shifted sigma.
+    mu = cogview4_mu((x.shape[-2] // 2, x.shape[-1] // 2))
+    return -m(x, timestep=1000.0 * (1 - t) / ((1 - t) + mu * t), **cond).sample
+
+
+def _chroma_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # ChromaPipeline: FluxPipeline's packing and ids; timestep = sigma (the model multiplies by 1000).
+    from dfm_ext.adapters.flux import flux_image_ids
+
+    h, w = x.shape[-2:]
+    txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3)
+    out = m(_pack(x), timestep=1.0 - t, img_ids=flux_image_ids((h // 2, w // 2)), txt_ids=txt_ids, **cond).sample
+    return -_unpack(out, h, w)
+
+
 def _sana_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     a = 1000.0 * SANA_TIMESTEP_SCALE
     return -m(x, timestep=a - a * t, **cond).sample
@@ -219,6 +328,11 @@ FAMILIES = {
     "flux2": (tiny_flux2, _flux2_call, (C, 8, 8), "flux2"),
     "ltx_video": (tiny_ltx_video, _ltx_video_call, (C, 2, 4, 4), "ltx_video"),
     "hunyuandit": (tiny_hunyuandit, _hunyuandit_call, (C, 8, 8), "hunyuandit"),
+    "cogview4": (tiny_cogview4, _cogview4_call, (C, 8, 8), "cogview4"),
+    "chroma": (tiny_chroma, _chroma_call, (C, 8, 8), "chroma"),
+    "ovis_image": (tiny_ovis_image, _ovis_image_call, (C, 8, 8), "ovis_image"),
+    "longcat_image": (tiny_longcat_image, _longcat_image_call, (C, 8, 8), "longcat_image"),
+    "bria": (tiny_bria, _bria_call, (C, 8, 8), "bria"),
 }
 
 
@@ -227,6 +341,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
+    if family == "cogview4":  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
+        size = torch.tensor([[64.0, 64.0]] * batch)
+        out.update(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -310,7 +310,7 @@ def test_contradictions_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match=r"time_convention= 'unit', DiTFamilyAdapter\(time_convention=\) 'discrete'"):
         wrap_dit(SiT(), IdentityDecomposition(), adapter=DiTFamilyAdapter("discrete"), time_convention="unit")
     base = SiT()
-    with pytest.raises(ValueError, match=r"unknown time_convention 'seconds'; choose one of \['discrete', 'sigma', 'timestep', 'unit', 'x1000'\]"):
+    with pytest.raises(ValueError, match=r"unknown time_convention 'seconds'; choose one of \['discrete', 'shifted_timestep', 'sigma', 'timestep', 'unit', 'x1000'\]"):
         wrap_dit(base, IdentityDecomposition(), time_convention="seconds")
     with pytest.raises(ValueError, match="unknown time_convention 1000"):
         DiTFamilyAdapter(time_convention=1000)
@@ -335,7 +335,9 @@ def test_time_convention_survives_save_and_load(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     wrapped.save_pretrained(tmp_path / "sit")
     record = json.loads((tmp_path / "sit" / "dfm_config.json").read_text())
-    assert record["adapter"] == {"name": "dit", "config": {"time_convention": "unit", "output_scale": 1.0}}
+    assert record["adapter"] == {
+        "name": "dit", "config": {"time_convention": "unit", "output_scale": 1.0}, "class": "dfm_ext.adapters.dit:DiTFamilyAdapter"
+    }
     loaded = load_wrapped(tmp_path / "sit", base_model=SiT(seed=2)).eval()
     assert loaded.adapter.time_convention == "unit"
     g = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """The import layering of the package, checked on the source (ast), not by importing it.
 
 Library (src/dfm_ext) layers, each importing only itself and the layers before it:
-validation, fileio -> decompositions -> process -> specialization -> models -> wrapping; ``metrics``
+validation, fileio -> decompositions -> process -> specialization -> models -> wrapping -> pipelines; ``metrics``
 stands apart (it may use the first tier only, and no other layer imports it); the top-level
 ``dfm_ext/__init__`` may use every layer but ``metrics``. The library never imports
 ``accelerate``, ``dfm_ext.recipes`` or ``dfm_ext.adapters``, except the one lazy lookup of the
@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"dfm_ext": ROOT / "src" / "dfm_ext"}
 #: Tiers of the library, lowest first; a unit may import its own tier and the ones before it.
-LAYERS = [("validation", "fileio"), ("decompositions",), ("process",), ("specialization",), ("models",), ("wrapping",)]
+LAYERS = [("validation", "fileio"), ("decompositions",), ("process",), ("specialization",), ("models",), ("wrapping",), ("pipelines",)]
 BASE = LAYERS[0]
 
 

@@ -23,6 +23,11 @@ name               family
 ``flux2``          diffusers ``Flux2Transformer2DModel`` (declarative)
 ``ltx_video``      diffusers ``LTXVideoTransformer3DModel`` (declarative)
 ``hunyuandit``     diffusers ``HunyuanDiT2DModel`` (declarative)
+``cogview4``       diffusers ``CogView4Transformer2DModel`` (declarative; resolution-shifted time)
+``chroma``         diffusers ``ChromaTransformer2DModel`` (declarative; shared modulation approximator)
+``ovis_image``     diffusers ``OvisImageTransformer2DModel`` (FLUX.1-style, :mod:`~dfm_ext.adapters.dual_stream`)
+``longcat_image``  diffusers ``LongCatImageTransformer2DModel`` (FLUX.1-style)
+``bria``           diffusers ``BriaTransformer2DModel`` (FLUX.1-style)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -57,6 +62,11 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.ltx import LTXVideoAdapter
     from dfm_ext.adapters.hunyuandit import HunyuanDiTAdapter
     from dfm_ext.adapters.spec import AdapterSpec, SpecAdapter
+    from dfm_ext.adapters.cogview4 import CogView4Adapter
+    from dfm_ext.adapters.chroma import ChromaAdapter
+    from dfm_ext.adapters.ovis_image import OvisImageAdapter
+    from dfm_ext.adapters.longcat_image import LongCatImageAdapter
+    from dfm_ext.adapters.bria import BriaAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -75,6 +85,11 @@ _CLASSES = {
     "Flux2Adapter": "flux2",
     "LTXVideoAdapter": "ltx",
     "HunyuanDiTAdapter": "hunyuandit",
+    "CogView4Adapter": "cogview4",
+    "ChromaAdapter": "chroma",
+    "OvisImageAdapter": "ovis_image",
+    "LongCatImageAdapter": "longcat_image",
+    "BriaAdapter": "bria",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -87,7 +102,8 @@ _OWN = {"dit": "dit", "video_dit": "video_dit"}
 _DIFFUSERS = {
     "diffusers_dit": "diffusers_dit", "pixart": "pixart", "sd3": "sd3", "flux": "flux", "cogvideox": "cogvideox",
     "sana": "sana", "auraflow": "auraflow", "wan": "wan", "lumina2": "lumina2", "qwenimage": "qwenimage",
-    "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit",
+    "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit", "cogview4": "cogview4", "chroma": "chroma",
+    "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -38,6 +38,7 @@ __all__ = [
     "check_no_extra_conditioning",
     "check_stage0_channels",
     "check_tensor",
+    "checkpointing_enabled",
     "first_linear_dtype",
     "fixed_grid_hint",
     "get_submodule_path",
@@ -83,8 +84,14 @@ def _stage_routing_active() -> bool:
     return routing_active()
 
 
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether the model asks for activation checkpointing: diffusers' and dfm_ext's ``gradient_checkpointing``
+    flag, or LightningDiT's ``use_checkpoint`` (its constructor argument, kept as an attribute)."""
+    return getattr(model, "gradient_checkpointing", False) is True or getattr(model, "use_checkpoint", False) is True
+
+
 def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
-    """``block(*args)``, checkpointed when ``model.gradient_checkpointing is True`` and gradients are needed.
+    """``block(*args)``, checkpointed when the model asks for it (:func:`checkpointing_enabled`) and gradients are needed.
 
     ``args`` are positional, in the block's ``forward`` order; one argument list serves both
     paths, so they cannot disagree. A diffusers model's own checkpoint function
@@ -92,7 +99,7 @@ def call_block(model: nn.Module, block: nn.Module, *args: Any) -> Any:
     a per-stage specialised model; otherwise (and for models without one, e.g. the original DiT
     family) :func:`dfm_ext.specialization.checkpoint`.
     """
-    if torch.is_grad_enabled() and getattr(model, "gradient_checkpointing", False) is True:
+    if torch.is_grad_enabled() and checkpointing_enabled(model):
         func = getattr(model, "_gradient_checkpointing_func", None)
         if _stage_routing_active() or func is None:
             # A per-stage specialised model (dfm_ext.specialization) must get its stage routing

@@ -123,7 +123,7 @@ class DiffusersAdapterBase:
     #: the family's ``dfm_ext.specialization`` layer groups (a subclass adds its own names)
     layer_groups: ClassVar[Mapping[str, tuple[str, ...]]] = DIFFUSERS_LAYER_GROUPS
 
-    def __init__(self, time_convention: str, output_scale: float) -> None:
+    def __init__(self, time_convention: Any, output_scale: float) -> None:
         self.time_convention = check_time_convention(time_convention)
         self.output_scale = float(output_scale)
 
@@ -138,6 +138,10 @@ class DiffusersAdapterBase:
         import diffusers  # noqa: PLC0415
 
         return isinstance(model, getattr(diffusers, self.model_class))
+
+    def missing(self, model: nn.Module) -> list[str] | None:
+        """Nothing beyond the class: ``None`` for another class (not a near miss), else ``[]``."""
+        return [] if self.matches(model) else None
 
     def _check_grid(self, model: nn.Module, grid: tuple[int, ...]) -> None:
         """Install-time check of the packer's token grid (rank ``grid_ndim``); families add limits."""

@@ -41,6 +41,8 @@ still epsilon for the original DiT, which DFM finetuning then turns into a veloc
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -49,13 +51,60 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.process.conventions import TIME_CONVENTIONS, check_time_convention
+from dfm_ext.process.conventions import check_time_convention, time_convention_names
+from dfm_ext.validation import check_value
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import MultiScaleHead
 
 from .common import call_block, check_installed, check_stage0_channels, fixed_grid_hint, parse_conditioning, scaled_output
 
-__all__ = ["DiTFamilyAdapter", "LabelConditioning", "ADAPTER"]
+__all__ = ["DiTFamilyAdapter", "LabelConditioning", "check_labels", "embed_labels", "ADAPTER"]
+
+
+def check_labels(model: nn.Module, y: Any, batch: int) -> Tensor:
+    """``y``: a torch integer tensor ``[B]`` with values in ``[0, num_classes]`` (``num_classes`` is the null class).
+
+    Raises:
+        TypeError: ``y`` is missing, a numpy array or list, or not an integer tensor.
+        ValueError: wrong shape, or a label out of range (read on the host for CPU tensors in eager
+            mode, a device-side assert otherwise; :mod:`dfm_ext.validation`).
+    """
+    if y is None:
+        raise TypeError(f"{type(model).__name__} needs class labels: pass y=torch.LongTensor [B]")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch integer tensor [B], got {type(y).__module__}.{type(y).__name__} (use torch.as_tensor(y))")
+    if y.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"y must be a torch integer tensor [B] of class labels, got dtype {y.dtype}")
+    if y.shape != (batch,):
+        raise ValueError(f"y must have shape [{batch}], got {tuple(y.shape)}")
+    n = int(model.y_embedder.num_classes)
+    if batch:
+        check_value(((y >= 0) & (y <= n)).all(), f"y: class labels must lie in [0, {n - 1}] (or {n}, the null class)", y.tolist)
+    return y
+
+
+def _takes_drop_ids(embedder: nn.Module) -> bool:
+    """Whether ``embedder.forward`` takes a third argument (``force_drop_ids``) after ``labels, train``."""
+    try:
+        params = list(inspect.signature(embedder.forward).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
+
+
+def embed_labels(embedder: nn.Module, y: Tensor, train: bool, force_drop_ids: Tensor | None) -> Tensor:
+    """``embedder(y, train, force_drop_ids)``, DiT's label-embedder call.
+
+    An embedder whose ``forward`` takes only ``(labels, train)`` gets the dropped labels replaced
+    by the null class ``num_classes`` here (what DiT's ``token_drop`` does) and ``(labels, train)``.
+    """
+    if _takes_drop_ids(embedder):
+        return embedder(y, train, force_drop_ids)
+    if force_drop_ids is not None:
+        y = torch.where(force_drop_ids.to(y.device) == 1, torch.full_like(y, int(embedder.num_classes)), y)
+    return embedder(y, train)
 
 
 _CHOICES = (
@@ -76,7 +125,7 @@ def _refusal(model: nn.Module) -> str:
         "names (x_embedder, t_embedder, y_embedder, blocks, final_layer), which facebookresearch DiT, "
         "SiT and LightningDiT all share while reading time differently, and it declares no "
         f"dfm_time_convention. Say which it is:\n{lines}\n"
-        f"Other choices: {sorted(TIME_CONVENTIONS)} ('sigma' = 1 - t, 'timestep' = 1000 (1 - t)). Or declare it once "
+        f"Other choices: {time_convention_names()} ('sigma' = 1 - t, 'timestep' = 1000 (1 - t)). Or declare it once "
         f'on the model class: {cls.__qualname__}.dfm_time_convention = "<name>". A model trained to predict '
         "noise - x also needs adapter=DiTFamilyAdapter(time_convention=..., output_scale=-1) "
         "(from dfm_ext.adapters)."
@@ -128,7 +177,7 @@ class DiTFamilyAdapter:
         }
     )
 
-    def __init__(self, time_convention: str | None = None, output_scale: float = 1.0):
+    def __init__(self, time_convention: Any = None, output_scale: float = 1.0):
         self.time_convention = check_time_convention(time_convention, allow_none=True)
         self.output_scale = float(output_scale)
 
@@ -158,7 +207,7 @@ class DiTFamilyAdapter:
             f"{type(model).__qualname__}.dfm_time_convention": declared,
         }
         named = {k: v for k, v in given.items() if v is not None}
-        if len(set(named.values())) > 1:
+        if len({json.dumps(v, sort_keys=True) for v in named.values()}) > 1:
             raise ValueError(
                 f"conflicting time conventions for {type(model).__qualname__}: "
                 + ", ".join(f"{k} {v!r}" for k, v in named.items())
@@ -187,6 +236,28 @@ class DiTFamilyAdapter:
             and isinstance(final, nn.Linear)
             and not isinstance(final, MultiScaleHead)
         )
+
+    #: what the family's forward reads, each with the check that it is there
+    _REQUIRED: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("x_embedder.proj", "a patch embedding x_embedder.proj (nn.Conv2d, kernel = stride)"),
+        ("t_embedder", "a timestep embedder t_embedder (nn.Module, [B] -> [B, D])"),
+        ("y_embedder", "a label embedder y_embedder with num_classes (and dropout_prob)"),
+        ("blocks", "blocks (nn.ModuleList, each called as block(x, c))"),
+        ("final_layer.linear", "final_layer with an output nn.Linear final_layer.linear"),
+    )
+
+    def missing(self, model: nn.Module) -> list[str] | None:
+        """What ``model`` lacks of the DiT layout (``None`` when it has none of DiT's names: not a near miss)."""
+        checks = {
+            "x_embedder.proj": self._matches_proj(getattr(getattr(model, "x_embedder", None), "proj", None)),
+            "t_embedder": isinstance(getattr(model, "t_embedder", None), nn.Module),
+            "y_embedder": hasattr(getattr(model, "y_embedder", None), "num_classes"),
+            "blocks": isinstance(getattr(model, "blocks", None), nn.ModuleList),
+            "final_layer.linear": isinstance(getattr(getattr(model, "final_layer", None), "linear", None), nn.Linear),
+        }
+        if not any(checks.values()):
+            return None
+        return [what for key, what in self._REQUIRED if not checks[key]]
 
     @staticmethod
     def _proj(model: nn.Module) -> nn.Conv2d:
@@ -266,12 +337,9 @@ class DiTFamilyAdapter:
     def forward(self, model: nn.Module, packed: Tensor, t: Tensor, stage: Tensor, **cond: Any) -> Tensor:
         """Conditioning: the keywords of :class:`LabelConditioning`."""
         y, force_drop_ids, generator = parse_conditioning(model, LabelConditioning, cond)
-        if y is None:
-            raise TypeError(f"{type(model).__name__} needs class labels: pass y=LongTensor[B]")
         check_installed(model.x_embedder)
         b, grid = packed.shape[0], tuple(packed.shape[2:])
-        if y.shape != (b,):
-            raise ValueError(f"y must have shape [{b}], got {tuple(y.shape)}")
+        check_labels(model, y, b)
         x = model.x_embedder(packed)
         pos = getattr(model, "pos_embed", None)
         if isinstance(pos, Tensor):
@@ -280,7 +348,7 @@ class DiTFamilyAdapter:
         if force_drop_ids is None and generator is not None and model.training and emb.dropout_prob > 0:
             draw = torch.rand(b, generator=generator, device=generator.device)
             force_drop_ids = (draw < emb.dropout_prob).long().to(y.device)
-        c = model.t_embedder(t, stage) + emb(y, model.training, force_drop_ids)
+        c = model.t_embedder(t, stage) + embed_labels(emb, y, model.training, force_drop_ids)
         rope_fn = getattr(model, "rope_for_grid", None)
         # LightningDiT keeps its RoPE (built for the model's own grid, which the stages map onto)
         # as `feat_rope` and passes it to every block; dropping it would silently change the model.

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 from torch import Tensor, nn
 
 from dfm_ext.process.conventions import check_time_convention, time_transform
-from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
+from dfm_ext.wrapping.adapter import multiscale_time_embed, stage_input_time_embed, widen_head, widen_patch_embed
 from dfm_ext.wrapping.embeddings import Init, MultiScalePatchEmbed
 
 from .common import TimeMLP, check_installed, check_stage0_channels, get_submodule_path, scaled_output
@@ -68,7 +68,9 @@ class AdapterSpec:
         patch_order: the head's flattened order: ``"pqc"`` (channels fastest: DiT, PixArt,
             Sana, AuraFlow, Wan) or ``"cpq"`` (channel-major: Flux, CogVideoX).
         patch_in_order: flattened input order of a ``Linear`` patch embedding.
-        time_convention: a name of :func:`dfm_ext.process.conventions.time_transform`.
+        time_convention: a time convention: a name of :func:`dfm_ext.process.conventions.time_transform`,
+            or a ``{"name": ..., **params}`` mapping / :class:`~dfm_ext.process.conventions.TimeConvention`
+            for a parameterised one (CogView4's ``"shifted_timestep"`` reads the token grid).
         time_scale: multiplies the convention's time: a number, or the name of the model config
             field holding it (Sana's ``"timestep_scale"``).
         output_scale: multiplies the head output (``-1`` for a model trained on ``noise - x``).
@@ -80,6 +82,12 @@ class AdapterSpec:
         layer_groups: ``dfm_ext.specialization`` layer groups (default: diffusers' shared names).
         default_sample: ``(T, H, W)`` or ``(H, W)`` used when the model config has no
             ``sample_size`` (video models); channels come from ``in_channels``.
+        time_input_layer: for a time network too large to copy per stage (a modulation
+            approximator such as Chroma's, ``[B, M, F] -> [B, M, D]``): the dotted name of its first
+            ``nn.Linear`` inside ``time_embedder``. The stages then share the one network, whose
+            first layer is widened to read every stage's ``time_proj`` features
+            (:class:`~dfm_ext.wrapping.timestep_embed.StageInputTimeEmbed`); ``None`` (default):
+            one copy of ``time_embedder`` per stage, summed.
     """
 
     name: str
@@ -90,7 +98,7 @@ class AdapterSpec:
     time_proj: str | None = None
     patch_order: str = "pqc"
     patch_in_order: str = "cpq"
-    time_convention: str = "timestep"
+    time_convention: Any = "timestep"
     time_scale: float | str = 1.0
     output_scale: float = 1.0
     positions: str = "rope"
@@ -99,15 +107,24 @@ class AdapterSpec:
     null_keys: tuple[str, ...] = ()
     layer_groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DIFFUSERS_LAYER_GROUPS)
     default_sample: tuple[int, ...] | None = None
+    time_input_layer: str | None = None
 
     def __post_init__(self) -> None:
-        check_time_convention(self.time_convention)
+        object.__setattr__(self, "time_convention", check_time_convention(self.time_convention))
         if self.patch_order not in ("pqc", "cpq") or self.patch_in_order not in ("pqc", "cpq"):
             raise ValueError(f"patch orders must be 'pqc' or 'cpq', got {self.patch_order!r}, {self.patch_in_order!r}")
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
         if self.grid_ndim not in (2, 3):
             raise ValueError(f"grid_ndim must be 2 (images) or 3 (videos), got {self.grid_ndim!r}")
+
+
+def _has_path(model: nn.Module, path: str) -> bool:
+    try:
+        get_submodule_path(model, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:
@@ -144,12 +161,10 @@ class SpecAdapter:
             cls.layer_groups = spec.layer_groups
 
     def __init__(
-        self, time_convention: str | None = None, output_scale: float | None = None, time_scale: float | None = None
+        self, time_convention: Any = None, output_scale: float | None = None, time_scale: float | None = None
     ) -> None:
         spec = self.spec
-        name = time_convention or spec.time_convention
-        check_time_convention(name)
-        self.time_convention: str = name
+        self.time_convention: Any = check_time_convention(spec.time_convention if time_convention is None else time_convention)
         self.output_scale = float(spec.output_scale if output_scale is None else output_scale)
         if time_scale is not None and (isinstance(time_scale, bool) or not isinstance(time_scale, (int, float))):
             raise TypeError(f"time_scale must be a number, got {time_scale!r}")
@@ -176,6 +191,13 @@ class SpecAdapter:
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self._model_class())
+
+    def missing(self, model: nn.Module) -> list[str] | None:
+        """The spec's modules ``model`` lacks (``None`` when it is not of the spec's class at all)."""
+        if not self.matches(model):
+            return None
+        paths = [self.spec.patch_embed, self.spec.time_embedder, self.spec.head, *([self.spec.time_proj] if self.spec.time_proj else [])]
+        return [f"a submodule {path!r}" for path in paths if not _has_path(model, path)]
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse model variants the adapter cannot handle (nothing by default); runs before ``install``."""
@@ -253,16 +275,24 @@ class SpecAdapter:
         if not isinstance(head, nn.Linear):
             raise TypeError(f"{type(model).__name__}.{spec.head} is a {type(head).__name__}, not a Linear (already wrapped?)")
         mlp = get_submodule_path(model, spec.time_embedder)
-        embedder = mlp if spec.time_proj is None else TimeMLP(get_submodule_path(model, spec.time_proj), mlp)
+        proj_in = None if spec.time_proj is None else get_submodule_path(model, spec.time_proj)
         set_submodule_path(model, spec.patch_embed, widen_patch_embed(proj, packer, init=init, in_order=spec.patch_in_order))
-        time_embed = multiscale_time_embed(
-            embedder,
-            _last_linear(mlp).out_features,
-            packer.num_stages,
-            init=init,
-            stage_embedding=stage_embedding,
-            time_transform=self.time_function(model),
-        )
+        if spec.time_input_layer is not None:
+            if proj_in is None:
+                raise TypeError(f"{spec.name}: time_input_layer needs time_proj, the featuriser of the shared time network")
+            time_embed: nn.Module = stage_input_time_embed(
+                proj_in, mlp, spec.time_input_layer, packer.num_stages, init=init,
+                stage_embedding=stage_embedding, time_transform=self.time_function(model),
+            )  # fmt: skip
+        else:
+            time_embed = multiscale_time_embed(
+                mlp if proj_in is None else TimeMLP(proj_in, mlp),
+                _last_linear(mlp).out_features,
+                packer.num_stages,
+                init=init,
+                stage_embedding=stage_embedding,
+                time_transform=self.time_function(model),
+            )
         set_submodule_path(model, spec.time_embedder, time_embed)
         widened = widen_head(
             head,
@@ -281,9 +311,12 @@ class SpecAdapter:
         check_installed(embed)
         return embed(packed)
 
-    def embed_time(self, model: nn.Module, t: Tensor, stage: Tensor) -> Tensor:
-        """The multi-scale time embedding ``[B, D]`` of ``t [B, S]`` (sum of per-stage embedders + stage embedding)."""
-        return get_submodule_path(model, self.spec.time_embedder)(t, stage)
+    def embed_time(self, model: nn.Module, t: Tensor, stage: Tensor, grid: tuple[int, ...] | None = None) -> Tensor:
+        """The multi-scale time embedding ``[B, *E]`` of ``t [B, S]`` (per-stage embedders + stage embedding).
+
+        ``grid`` (the packed token grid) is needed by a time convention that reads it (CogView4's).
+        """
+        return get_submodule_path(model, self.spec.time_embedder)(t, stage, grid)
 
     def velocity(self, head_out: Tensor, grid: tuple[int, ...]) -> Tensor:
         """Head tokens ``[B, N, C']`` -> packed velocity ``[B, C', *grid]`` (times ``output_scale``)."""

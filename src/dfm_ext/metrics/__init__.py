@@ -1,8 +1,15 @@
-"""Sample-quality metrics: multi-scale SWD and Frechet distances (FD-EffNet offline, FID/FDD with your weights).
+"""Sample-quality metrics: the paper's (FID, sFID, IS, precision/recall, FDD, FVD) and offline ones (SWD, FD-EffNet).
 
-Everything streams over batches of float images ``[B, C, H, W]`` (grey or RGB) and refuses real
-and fake sets of different sizes or channels. Heavy dependencies (the EfficientNet packages,
-transformers) are imported only by the extractor that needs them.
+- :mod:`~dfm_ext.metrics.adm`: the ADM evaluation suite's FID / sFID / IS / precision / recall and
+  FDD-DINOv2 of a PNG folder or an ADM ``.npz`` against a reference batch (``evaluate``);
+  :mod:`~dfm_ext.metrics.samples` reads and writes those sample files.
+- :mod:`~dfm_ext.metrics.video`: FVD (16-frame I3D) and frame-FID.
+- :mod:`~dfm_ext.metrics.swd`, :mod:`~dfm_ext.metrics.effnet`: the multi-scale SWD and FD-EffNet
+  that need no downloaded weights, on float image batches ``[B, C, H, W]``.
+
+Feature networks come from the libraries that define them (torch-fidelity's InceptionV3,
+transformers' DINOv2, cd-fvd's I3D) with weight files you provide; nothing is downloaded. Heavy
+dependencies are imported only by the extractor that needs them.
 
 Example:
     >>> import torch
@@ -14,6 +21,19 @@ Example:
 
 from __future__ import annotations
 
+from .adm import (
+    INCEPTION_WEIGHTS_FILE,
+    ADMInceptionFeatures,
+    EvaluationResult,
+    InceptionOutput,
+    ReferenceBatch,
+    SampleFeatures,
+    evaluate,
+    extract_features,
+    inception_score,
+    precision_recall,
+    scores_from_features,
+)
 from .dinov2 import DINOv2Features, fdd
 from .effnet import EfficientNetLite0Features, effnet_weights_path, fd_effnet
 from .frechet import (
@@ -25,10 +45,37 @@ from .frechet import (
     frechet_distance_from_images,
 )
 from .inception import InceptionV3Features, fid
+from .samples import SampleSource, count_images, iter_uint8_batches, read_npz_labels, save_samples, to_uint8, write_npz
 from .swd import SlicedWassersteinDistance, SWDResult, laplacian_pyramid, pyramid_sizes, sliced_wasserstein, swd
+from .video import I3D_WEIGHTS_FILE, I3DFeatures, VideoSource, frame_fid, fvd, fvd_features, preprocess_i3d
 
 __all__ = [
+    "ADMInceptionFeatures",
     "DINOv2Features",
+    "EvaluationResult",
+    "I3DFeatures",
+    "I3D_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_FILE",
+    "InceptionOutput",
+    "ReferenceBatch",
+    "SampleFeatures",
+    "SampleSource",
+    "VideoSource",
+    "count_images",
+    "evaluate",
+    "extract_features",
+    "frame_fid",
+    "fvd",
+    "fvd_features",
+    "inception_score",
+    "iter_uint8_batches",
+    "precision_recall",
+    "preprocess_i3d",
+    "read_npz_labels",
+    "save_samples",
+    "scores_from_features",
+    "to_uint8",
+    "write_npz",
     "EfficientNetLite0Features",
     "FeatureExtractor",
     "FeatureStatistics",

@@ -139,7 +139,7 @@ class FeatureStatistics:
         self.count = 0
         self._mean: Tensor | None = None
         self._m2: Tensor | None = None
-        self._root: tuple[int, Tensor] | None = None
+        self._root: tuple[tuple[int, int], Tensor] | None = None
 
     def _combine(self, count: int, mean: Tensor, m2: Tensor) -> None:
         if self.count == 0:
@@ -195,21 +195,49 @@ class FeatureStatistics:
     @property
     def covariance(self) -> Tensor:
         """Unbiased covariance ``[D, D]`` (float64, divides by ``count - 1`` like ``numpy.cov``)."""
+        return self.covariance_with(ddof=1)
+
+    def covariance_with(self, ddof: int) -> Tensor:
+        """Covariance ``M2 / (count - ddof)``: ``ddof=1`` unbiased (FID), ``ddof=0`` biased (StyleGAN-V's FVD)."""
+        if ddof not in (0, 1):
+            raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
         if self._m2 is None or self.count < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
-        return self._m2 / (self.count - 1)
+        return self._m2 / (self.count - ddof)
 
-    def frechet_distance(self, other: FeatureStatistics) -> float:
-        """Frechet distance between the Gaussians fitted to ``self`` and ``other``."""
+    @classmethod
+    def from_moments(cls, mean: Tensor | np.ndarray, covariance: Tensor | np.ndarray, count: int) -> FeatureStatistics:
+        """Statistics from a stored mean ``[D]`` and unbiased covariance ``[D, D]`` (e.g. an ADM reference batch).
+
+        ``count`` is the number of feature vectors they came from; it matters only when these
+        statistics are merged with others or read with ``ddof=0``.
+        """
+        mu, sigma = _as_float64(mean, "mean"), _as_float64(covariance, "covariance")
+        d = mu.shape[0] if mu.ndim == 1 else -1
+        if mu.ndim != 1 or sigma.shape != (d, d):
+            raise ValueError(f"mean must be [D] and covariance [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+            raise ValueError(f"count must be an int >= 2, got {count!r}")
+        stats = cls(d)
+        stats._combine(count, mu, sigma * (count - 1))
+        return stats
+
+    def frechet_distance(self, other: FeatureStatistics, *, ddof: int = 1) -> float:
+        """Frechet distance between the Gaussians fitted to ``self`` and ``other``.
+
+        ``ddof=1`` (unbiased covariances) is FID's convention (``numpy.cov``); ``ddof=0`` is the
+        one of the StyleGAN-V / cd-fvd FVD code.
+        """
         if not isinstance(other, FeatureStatistics):
             raise TypeError(f"other must be FeatureStatistics, got {type(other).__name__}")
         if self.num_features != other.num_features:
             raise ValueError(f"feature sizes differ: {self.num_features} vs {other.num_features}")
+        own = self.covariance_with(ddof)
         # The square root of our covariance is cached: comparing one reference with many models
         # then costs one eigendecomposition per model instead of two.
-        if self._root is None or self._root[0] != self.count:
-            self._root = (self.count, _sqrt_factor(self.covariance))
-        return _frechet_distance(self.mean, self.covariance, other.mean, other.covariance, self._root[1])
+        if self._root is None or self._root[0] != (self.count, ddof):
+            self._root = ((self.count, ddof), _sqrt_factor(own))
+        return _frechet_distance(self.mean, own, other.mean, other.covariance_with(ddof), self._root[1])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to a ``.safetensors`` file (e.g. reference statistics of a data set)."""

@@ -36,7 +36,9 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -44,8 +46,11 @@ from torch import Tensor
 
 __all__ = [
     "TIME_CONVENTIONS",
+    "TimeConvention",
     "affine_time",
     "check_time_convention",
+    "register_time_convention",
+    "time_convention_names",
     "time_transform",
     "t_to_sigma",
     "sigma_to_t",
@@ -167,11 +172,11 @@ def discrete_to_t(k: int | float | Tensor, num_train_timesteps: int = 1000) -> f
 
 
 def affine_time(t: Tensor, a: float, b: float) -> Tensor:
-    """``a + b t``: the model-input time of a named convention (picklable through ``functools.partial``)."""
+    """``a + b t``: the model-input time of an affine named convention."""
     return a + b * t
 
 
-#: Named maps from flow time ``t`` to a model's time input, as ``(a, b)`` in ``a + b t``.
+#: The affine conventions, as ``(a, b)`` in ``a + b t`` (each takes a ``scale`` parameter too).
 #: ``"discrete"`` stays continuous here (differentiable, equal to :func:`t_to_discrete` at the grid
 #: points before rounding); :func:`t_to_discrete` rounds for code that indexes a table.
 TIME_CONVENTIONS: dict[str, tuple[float, float]] = {
@@ -183,33 +188,233 @@ TIME_CONVENTIONS: dict[str, tuple[float, float]] = {
 }
 
 
-def check_time_convention(name: Any, *, allow_none: bool = False) -> str | None:
-    """``name`` if it is a known time convention (or ``None`` where allowed); else ``ValueError`` listing them."""
-    if name is None and allow_none:
+@dataclass(frozen=True)
+class _Kind:
+    fn: Callable[..., Tensor]  # fn(t, grid, **params)
+    defaults: Mapping[str, Any]
+    grid_unless: str | None  # the map needs the token grid while this parameter is None
+    doc: str
+
+
+_KINDS: dict[str, _Kind] = {}
+
+
+def register_time_convention(
+    name: str,
+    fn: Callable[..., Tensor],
+    *,
+    defaults: Mapping[str, Any],
+    needs_grid_unless: str | None = None,
+    doc: str = "",
+) -> None:
+    """Add a named time convention: ``fn(t, grid, **params)`` maps paper time ``t [B]`` to a model's time input.
+
+    ``defaults`` names every parameter with its default (JSON scalars: numbers, strings, ``None``).
+    ``needs_grid_unless``: the parameter that, while ``None``, makes the map read the token grid
+    (``grid``, a tuple of ints; e.g. a resolution-dependent shift), or ``None`` for maps that never
+    do. ``fn`` must be importable from the module that registers it: a model holding a
+    :class:`TimeConvention` pickles its name and parameters, and the registering module must be
+    imported before such a model (or a saved ``dfm_config.json``) is loaded.
+
+    Raises:
+        ValueError: ``name`` is taken or not an identifier-like string.
+    """
+    if not isinstance(name, str) or not name.replace("_", "").isalnum() or name in _KINDS:
+        raise ValueError(f"time convention name {name!r} is taken or not a plain identifier")
+    if needs_grid_unless is not None and needs_grid_unless not in defaults:
+        raise ValueError(f"needs_grid_unless={needs_grid_unless!r} is not one of the parameters {sorted(defaults)}")
+    _KINDS[name] = _Kind(fn, dict(defaults), needs_grid_unless, doc)
+
+
+def time_convention_names() -> list[str]:
+    """Every registered time convention name, sorted."""
+    return sorted(_KINDS)
+
+
+def _affine_kind(t: Tensor, grid: Any, *, a: float, b: float, scale: float) -> Tensor:
+    del grid  # affine conventions do not depend on the resolution
+    if scale == 1.0:
+        return affine_time(t, a, b)
+    return affine_time(t, a * scale, b * scale)
+
+
+def _unshifted_timestep(
+    t: Tensor, grid: Sequence[int] | None, *, shift: str, base_seq_len: float, base_shift: float, max_shift: float,
+    mu: float | None, scale: float,
+) -> Tensor:  # fmt: skip
+    # The model reads the *unshifted* s while its noise level is sigma = m / (m + 1/s - 1), with
+    # m = mu ("linear" shift) or exp(mu) ("exponential"); inverted: s = sigma / (sigma + m (1 - sigma)).
+    if mu is None:
+        mu = math.sqrt(math.prod(int(g) for g in grid or ()) / base_seq_len) * max_shift + base_shift
+    m = mu if shift == "linear" else math.exp(mu)
+    sigma = 1 - t
+    return scale * sigma / (sigma + m * t)
+
+
+for _name, (_a, _b) in TIME_CONVENTIONS.items():
+    register_time_convention(
+        _name, functools.partial(_affine_kind, a=_a, b=_b), defaults={"scale": 1.0},
+        doc=f"{_a:g} + {_b:g} t, times scale",
+    )  # fmt: skip
+register_time_convention(
+    "shifted_timestep", _unshifted_timestep,
+    defaults={"shift": "linear", "base_seq_len": 256.0, "base_shift": 0.25, "max_shift": 0.75, "mu": None, "scale": 1000.0},
+    needs_grid_unless="mu",
+    doc="scale * s where the noise level sigma = 1 - t is the resolution-shifted s (CogView4: "
+    "mu = max_shift sqrt(tokens / base_seq_len) + base_shift, sigma = mu / (mu + 1/s - 1))",
+)  # fmt: skip
+
+
+def _choices() -> str:
+    return (
+        f"choose one of {time_convention_names()} "
+        '("discrete": facebookresearch DiT, "unit": SiT / LightningDiT, "x1000": dfm_ext.DiT, '
+        '"timestep": SD3 / Flux, "sigma": 1 - t, "shifted_timestep": CogView4), or a '
+        'TimeConvention(name, **params) such as TimeConvention("timestep", scale=0.5)'
+    )
+
+
+def _check_param(kind_name: str, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"time convention {kind_name!r}: {key} must be a string, got {value!r}")
+        return value
+    if value is None:
+        if default is not None:
+            raise ValueError(f"time convention {kind_name!r}: {key} must be a number, got None")
         return None
-    if not isinstance(name, str) or name not in TIME_CONVENTIONS:
-        raise ValueError(
-            f"unknown time_convention {name!r}; choose one of {sorted(TIME_CONVENTIONS)} "
-            '("discrete": facebookresearch DiT, "unit": SiT / LightningDiT, "x1000": dfm_ext.DiT, '
-            '"timestep": SD3 / Flux, "sigma": 1 - t)'
-        )
-    return name
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"time convention {kind_name!r}: {key} must be a finite number, got {value!r}")
+    if key == "scale" and not float(value) > 0:
+        raise ValueError(f"time scale must be a finite positive number, got {value!r}")
+    return float(value)
 
 
-def time_transform(name: str, scale: float = 1.0) -> Callable[[Tensor], Tensor]:
-    """A named map from paper time ``t`` (0 = noise, 1 = data) to a model's time input, times ``scale``.
+class TimeConvention:
+    """A named, parameterised map from paper time ``t`` (0 = noise, 1 = data) to a model's time input.
+
+    ``TimeConvention("timestep")`` is ``1000 (1 - t)``; ``TimeConvention("timestep", scale=0.5)``
+    is ``500 (1 - t)`` (Sana's ``timestep_scale``); ``TimeConvention("shifted_timestep")`` is
+    CogView4's resolution-dependent map, which reads the token grid: ``convention(t, grid)``.
+    The named kinds are :func:`time_convention_names` (add one with
+    :func:`register_time_convention`). An instance holds only its name and parameters, so a
+    model holding one pickles (``torch.save(model)``), and :meth:`to_config` is JSON
+    (``save_pretrained`` records it, ``load_wrapped`` rebuilds it).
+
+    Args:
+        name: a registered kind.
+        **params: its parameters (those equal to the default are dropped).
+
+    Raises:
+        ValueError: unknown name (the message lists them), unknown parameter, or a bad value.
+
+    Example:
+        >>> import torch
+        >>> TimeConvention("timestep", scale=0.5)(torch.tensor([0.0, 1.0]))
+        tensor([500.,   0.])
+        >>> tc = TimeConvention("shifted_timestep")
+        >>> tc.needs_grid, round(float(tc(torch.tensor([0.5]), grid=(64, 64))[0]), 1)  # 1024 px: mu = 3.25
+        (True, 235.3)
+        >>> TimeConvention.from_config(tc.to_config()) == tc
+        True
+    """
+
+    __slots__ = ("name", "params")
+
+    def __init__(self, name: str, **params: Any) -> None:
+        kind = _KINDS.get(name) if isinstance(name, str) else None
+        if kind is None:
+            raise ValueError(f"unknown time_convention {name!r}; {_choices()}")
+        unknown = sorted(set(params) - set(kind.defaults))
+        if unknown:
+            raise ValueError(f"time convention {name!r} takes the parameters {sorted(kind.defaults)}, not {unknown}")
+        checked = {k: _check_param(name, k, v, kind.defaults[k]) for k, v in params.items()}
+        self.name: str = name
+        self.params: dict[str, Any] = {k: v for k, v in sorted(checked.items()) if v != kind.defaults[k]}
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the map reads the token grid (``__call__`` then needs ``grid``)."""
+        key = _KINDS[self.name].grid_unless
+        return key is not None and self.param(key) is None
+
+    def param(self, key: str) -> Any:
+        """A parameter's value (its default when not given)."""
+        return self.params.get(key, _KINDS[self.name].defaults[key])
+
+    def scaled(self, scale: float) -> TimeConvention:
+        """The same map times ``scale`` (for kinds with a ``scale`` parameter)."""
+        if "scale" not in _KINDS[self.name].defaults:
+            raise ValueError(f"time convention {self.name!r} has no scale parameter")
+        return TimeConvention(self.name, **{**self.params, "scale": self.param("scale") * float(scale)})
+
+    def __call__(self, t: Tensor, grid: Sequence[int] | None = None) -> Tensor:
+        """``t [B]`` (paper time) -> the model's time input ``[B]``; ``grid`` (the token grid) where :attr:`needs_grid`."""
+        if grid is None and self.needs_grid:
+            raise ValueError(f"time convention {self!r} depends on the token grid; call it with grid=(Gh, Gw)")
+        kind = _KINDS[self.name]
+        return kind.fn(t, grid, **{**kind.defaults, **self.params})
+
+    def to_config(self) -> str | dict[str, Any]:
+        """The name alone when every parameter is at its default, else ``{"name": ..., **params}`` (JSON)."""
+        return self.name if not self.params else {"name": self.name, **self.params}
+
+    @classmethod
+    def from_config(cls, value: str | Mapping[str, Any] | TimeConvention) -> TimeConvention:
+        """Rebuild from :meth:`to_config` (a name or a mapping with ``"name"``), or pass an instance through."""
+        if isinstance(value, TimeConvention):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+            return cls(value["name"], **{k: v for k, v in value.items() if k != "name"})
+        raise ValueError(f"unknown time_convention {value!r}; {_choices()}")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str) and not self.params:
+            return other == self.name
+        return isinstance(other, TimeConvention) and (self.name, self.params) == (other.name, other.params)
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.params.items())))
+
+    def __repr__(self) -> str:
+        return f"TimeConvention({', '.join([repr(self.name), *(f'{k}={v!r}' for k, v in self.params.items())])})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.name, self.params))
+
+
+def _rebuild(name: str, params: dict[str, Any]) -> TimeConvention:
+    return TimeConvention(name, **params)
+
+
+def check_time_convention(value: Any, *, allow_none: bool = False) -> str | dict[str, Any] | None:
+    """``value`` (a name, a ``{"name": ..., **params}`` mapping or a :class:`TimeConvention`) in its JSON
+    form (the name alone when no parameter differs from the default), or ``None`` where allowed.
+
+    Raises:
+        ValueError: unknown convention (the message lists them) or bad parameters.
+    """
+    if value is None and allow_none:
+        return None
+    return TimeConvention.from_config(value).to_config()
+
+
+def time_transform(name: str | Mapping[str, Any] | TimeConvention, scale: float = 1.0) -> TimeConvention:
+    """The map from paper time ``t`` (0 = noise, 1 = data) to a model's time input, times ``scale``.
 
     ``"unit"``: ``t``; ``"x1000"``: ``1000 t``; ``"sigma"``: ``1 - t``; ``"timestep"``:
     ``1000 (1 - t)``; ``"discrete"``: ``999 (1 - t)`` (DiT's integer time, left continuous so
-    it stays differentiable and exact at the grid points). ``scale`` multiplies the result (e.g.
+    it stays differentiable and exact at the grid points); ``"shifted_timestep"``: CogView4's
+    resolution-dependent map (see :class:`TimeConvention`). ``scale`` multiplies the result (e.g.
     Sana's ``timestep_scale``: ``"timestep"`` with ``scale=0.5`` is ``500 (1 - t)``).
 
-    The result is a :func:`functools.partial` of the module-level :func:`affine_time`, so a
-    model holding it pickles (``torch.save(model)``), unlike a lambda.
+    The result is a :class:`TimeConvention`: a model holding it pickles (``torch.save(model)``).
 
     Raises:
-        ValueError: ``name`` is unknown (the message lists the conventions), or ``scale`` is not
-            a finite positive number.
+        ValueError: unknown convention (the message lists them), or ``scale`` is not a finite
+            positive number.
 
     Example:
         >>> import torch
@@ -218,10 +423,7 @@ def time_transform(name: str, scale: float = 1.0) -> Callable[[Tensor], Tensor]:
         >>> time_transform("sigma", scale=1000.0)(torch.tensor([0.25]))
         tensor([750.])
     """
-    check_time_convention(name)
+    convention = TimeConvention.from_config(name)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < float("inf"):
         raise ValueError(f"time scale must be a finite positive number, got {scale!r}")
-    a, b = TIME_CONVENTIONS[name]
-    if scale == 1:
-        return functools.partial(affine_time, a=a, b=b)
-    return functools.partial(affine_time, a=a * float(scale), b=b * float(scale))
+    return convention if scale == 1 else convention.scaled(scale)

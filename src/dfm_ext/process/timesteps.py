@@ -291,7 +291,11 @@ class StageTimestepSampler:
             cur_loc, cur_scale = loc_scale[:, 0], loc_scale[:, 1]
         else:
             cur_loc, cur_scale = self.current
-        t_current = uniform if self.mode == "uniform" else torch.sigmoid(cur_loc + cur_scale * normal[:, 0])
+        weights = self._time_weights(draw)
+        if weights is None:
+            t_current = uniform if self.mode == "uniform" else torch.sigmoid(cur_loc + cur_scale * normal[:, 0])
+        else:  # the allocation places the current time: the same draws, warped bin by bin
+            t_current = self._placed_times(weights[stage], normal[:, 0], uniform, cur_loc, cur_scale)
         earlier_loc, earlier_scale = self.earlier
         t_earlier = torch.sigmoid(earlier_loc + earlier_scale * normal)
 
@@ -305,13 +309,99 @@ class StageTimestepSampler:
         t = torch.where(mask, t, torch.zeros((), device=draw))
         return StageTimesteps(t.contiguous().to(out), stage.to(out), mask.to(out))
 
-    def update(self, per_stage_loss: Tensor) -> None:
-        """Feed one step's ``[S]`` per-stage losses (``DFMLossOutput.per_stage``) to the allocation, if any.
+    def _time_weights(self, device: torch.device) -> Tensor | None:
+        """``[S, J]`` bin probabilities of the current time from the allocation, or None (the base distribution)."""
+        a = self.allocation
+        if a is None or getattr(a, "num_time_bins", 1) <= 1 or not callable(getattr(a, "time_weights", None)):
+            return None
+        return a.time_weights(device).to(torch.float64)
 
-        Tensor operations only (no host sync); a no-op for fixed probabilities.
+    def _placed_times(self, weights: Tensor, normal: Tensor, uniform: Tensor, loc: Tensor | float,
+                      scale: Tensor | float) -> Tensor:  # fmt: skip
+        r"""Current-stage times drawn with bin probabilities ``weights`` (``[B, J]``) over the
+        equal-probability bins of the base distribution.
+
+        ``u`` is the base quantile of the draw the sampler makes anyway (``Phi(n)`` for the
+        logit-normal, the uniform itself in ``"uniform"`` mode); the inverse CDF of the
+        piecewise-uniform density with bin masses ``w`` maps it to
+        ``u' = (j + (u - c_j) / w_j) / J`` (``c_j`` the mass below bin ``j``), and
+        ``t = sigmoid(loc + scale * Phi^{-1}(u'))`` (``t = u'`` in ``"uniform"`` mode). With
+        ``w = 1/J`` everywhere this is the base distribution. Float64 throughout, no host read.
         """
-        if self.allocation is not None:
-            self.allocation.update(per_stage_loss)
+        j = weights.shape[1]
+        u = uniform.double() if self.mode == "uniform" else torch.special.ndtr(normal.double())
+        upper = weights.cumsum(1)
+        upper[:, -1] = 1.0  # the last bin ends at 1 exactly, whatever the float sum
+        b = torch.searchsorted(upper, u[:, None], right=True).clamp_max(j - 1)
+        mass = weights.gather(1, b)[:, 0]
+        below = upper.gather(1, b)[:, 0] - mass
+        tiny = torch.finfo(torch.float64).eps
+        placed = ((b[:, 0].double() + ((u - below) / mass).clamp(0.0, 1.0)) / j).clamp(tiny, 1.0 - tiny)
+        if self.mode == "uniform":
+            return placed.float()
+        return torch.sigmoid(loc + scale * torch.special.ndtri(placed)).float()
+
+    def time_bins(self, timesteps: StageTimesteps, num_bins: int) -> Tensor:
+        """``[B]`` long: the equal-probability bin (of ``num_bins``) of each sample's current-stage
+        time under the base distribution, ``floor(J * u)`` with ``u = Phi((logit t_k - loc_k) / scale_k)``
+        (``u = t_k`` in ``"uniform"`` mode). Tensor operations only.
+
+        Example:
+            >>> import torch
+            >>> s = StageTimestepSampler(2, probabilities=(0.5, 0.5))
+            >>> ts = StageTimesteps(torch.tensor([[0.5, 0.0], [0.9, 0.2]]), torch.tensor([0, 1]),
+            ...                     torch.tensor([[True, False], [True, True]]))
+            >>> s.time_bins(ts, 4).tolist()  # t = 0.5 is the median of logit-normal (0, 1); 0.2 lies below its first quartile
+            [2, 0]
+        """
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
+        stage = timesteps.stage
+        t = timesteps.t.gather(1, stage[:, None])[:, 0].double()
+        if self.mode == "uniform":
+            u = t
+        else:
+            if isinstance(self.current[0], tuple):
+                loc_scale = torch.tensor(self.current, dtype=torch.float64, device=t.device)[stage]
+                loc, scale = loc_scale[:, 0], loc_scale[:, 1]
+            else:
+                loc, scale = self.current  # type: ignore[assignment]
+            u = torch.special.ndtr((torch.logit(t) - loc) / scale)
+        return (u * num_bins).floor().long().clamp(0, num_bins - 1)
+
+    def update(self, per_stage_loss: Tensor, *, timesteps: StageTimesteps | None = None,
+               errors: Tensor | None = None) -> None:  # fmt: skip
+        """Feed one step to the allocation, if any (a no-op for fixed probabilities).
+
+        Args:
+            per_stage_loss: ``[S]``, ``DFMLossOutput.per_stage`` (what ``ProgressAllocation`` reads).
+            timesteps: this step's :class:`StageTimesteps`; needed by an allocation that reads
+                per-sample losses (``needs_samples``, e.g.
+                :class:`~dfm_ext.process.allocation.ReducibleAllocation`).
+            errors: ``[B, S]`` per-sample per-stage losses
+                (:func:`~dfm_ext.process.allocation.stage_errors` of the loss output); same condition.
+
+        Tensor operations only (no host sync).
+
+        Raises:
+            TypeError: the allocation needs ``timesteps`` and ``errors`` and one is missing.
+        """
+        a = self.allocation
+        if a is None:
+            return
+        if not getattr(a, "needs_samples", False):
+            a.update(per_stage_loss)
+            return
+        if timesteps is None or errors is None:
+            raise TypeError(f"{type(a).__name__} reads per-sample losses: call update(per_stage, timesteps=ts, "
+                            "errors=stage_errors(out))")  # fmt: skip
+        b = timesteps.stage.shape[0]
+        if errors.ndim != 2 or tuple(errors.shape) != (b, self.num_stages):
+            raise ValueError(f"errors must be [B, S] = [{b}, {self.num_stages}], got {tuple(errors.shape)}")
+        stage = timesteps.stage.to(errors.device)
+        current = errors.gather(1, stage[:, None])[:, 0]
+        a.update(per_stage_loss, stage=stage, bins=self.time_bins(timesteps, a.num_time_bins).to(errors.device),
+                 errors=current)  # fmt: skip
 
     def state_dict(self) -> dict:
         """The allocation's state (empty for fixed probabilities), for checkpoints."""

@@ -3,9 +3,8 @@
 from dfm_ext.wrapping.adapter import DiTAdapter, LazyAdapter, register_adapter, registered_adapters, resolve_adapter, unregister_adapter
 from dfm_ext.wrapping.embeddings import MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
 from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
-from dfm_ext.wrapping.io import describe_mismatch, save_pretrained
-from dfm_ext.wrapping.io import load_wrapped
-from dfm_ext.wrapping.wrapper import DFMTransformer, wrap_dit
+from dfm_ext.wrapping.record import describe_mismatch, save_pretrained
+from dfm_ext.wrapping.wrapper import DFMTransformer, load_wrapped, wrap_dit
 
 __all__ = [
     "DFMTransformer",

@@ -59,13 +59,17 @@ Example (a complete adapter for a toy model; see also the guide docs/guides/wrap
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from dfm_ext.process.conventions import check_time_convention, time_transform
-from dfm_ext.wrapping.embeddings import Init, MultiScaleHead, MultiScalePatchEmbed, MultiScaleTimestepEmbed
+from dfm_ext.process.conventions import check_time_convention
+from dfm_ext.wrapping.embeddings import Init
+
+# The helpers adapters are written with live in dfm_ext.wrapping.install; importable from here too.
+from dfm_ext.wrapping.install import multiscale_time_embed, stage_input_time_embed, widen_head, widen_patch_embed
 
 __all__ = [
     "DiTAdapter",
@@ -74,9 +78,11 @@ __all__ = [
     "unregister_adapter",
     "registered_adapters",
     "resolve_adapter",
+    "adapter_for_record",
     "widen_patch_embed",
     "widen_head",
     "multiscale_time_embed",
+    "stage_input_time_embed",
 ]
 
 
@@ -94,6 +100,11 @@ class DiTAdapter(Protocol):
     ``wrap_dit(..., time_convention=)``), and ``bind(model, time_convention) -> adapter`` (the
     adapter to use for this model, with its time convention settled; it raises ``ValueError``
     when the convention cannot be proven, see :class:`dfm_ext.adapters.DiTFamilyAdapter`).
+
+    Optional for error messages: ``missing(model) -> list[str] | None``, what ``model`` lacks to be
+    of this family (``None``: not recognisably of it). ``wrap_dit`` with an explicit adapter runs
+    :meth:`matches` and reports it; ``adapter="auto"`` reports the nearest family's for a model no
+    adapter recognises.
 
     Optional for :func:`dfm_ext.specialize`: ``layer_groups``, a mapping from group name
     (``cond``, ``mod``, ``attn``, ``mlp``, ``proj``, or the family's own) to regular expressions
@@ -164,10 +175,12 @@ class LazyAdapter:
             self._loaded = getattr(mod, self._attr)
         return self._loaded
 
+    def matches_prefix(self, model: nn.Module) -> bool:
+        """Whether ``model`` may be of this adapter's package (no prefix: any model); imports nothing."""
+        return self._prefix is None or any(c.__module__.split(".")[0] == self._prefix for c in type(model).__mro__)
+
     def matches(self, model: nn.Module) -> bool:
-        if self._prefix is not None and not any(
-            c.__module__.split(".")[0] == self._prefix for c in type(model).__mro__
-        ):
+        if not self.matches_prefix(model):
             return False
         adapter = self.load()
         return adapter is not None and bool(adapter.matches(model))
@@ -228,25 +241,39 @@ def registered_adapters() -> list[DiTAdapter]:
     return [*_REGISTERED, *builtin_adapters()]
 
 
+_GUIDE = "docs/guides/adapters.md"
+
+
+def _config_key(value: Any) -> str:
+    """A time convention's JSON form as one comparable string (dicts are not hashable)."""
+    return json.dumps(value, sort_keys=True)
+
+
 def resolve_adapter(
-    adapter: str | DiTAdapter | type, model: nn.Module, *, time_convention: str | None = None
+    adapter: str | DiTAdapter | type, model: nn.Module, *, time_convention: Any = None
 ) -> DiTAdapter:
     """An adapter instance for ``model``: ``"auto"``, a registered name, or an adapter (class or instance).
 
-    ``time_convention`` (a name of :func:`time_transform`) overrides the adapter's: the adapter is
+    An explicitly named or given adapter must :meth:`~DiTAdapter.matches` the model (the error says
+    what the model lacks, from the adapter's optional ``missing``). ``time_convention`` (a time
+    convention: a name, a ``{"name": ..., **params}`` mapping or a
+    :class:`~dfm_ext.process.conventions.TimeConvention`) overrides the adapter's: the adapter is
     rebuilt from its ``config()`` with it. An adapter with a ``bind(model, time_convention)``
     method settles the convention itself (the DiT family: from ``time_convention``, else from the
     model's ``dfm_time_convention`` declaration, else a ``ValueError`` listing the choices).
 
     Raises:
-        TypeError: no adapter recognises ``model`` (the message explains how to write one), or
-            ``time_convention`` is given for an adapter that takes none.
+        TypeError: no adapter recognises ``model`` (the message points to ``AdapterSpec`` and the
+            adapters guide, and names what a near miss lacks), the given adapter does not match it,
+            or ``time_convention`` is given for an adapter that takes none.
         ValueError: no adapter has the given name; ``time_convention`` is unknown, contradicts the
             adapter instance passed or the model's declaration, or cannot be proven.
     """
-    check_time_convention(time_convention, allow_none=True)
+    time_convention = check_time_convention(time_convention, allow_none=True)
     explicit = not isinstance(adapter, (str, type))
     inst = _find_adapter(adapter, model)
+    if not (isinstance(adapter, str) and adapter == "auto"):
+        _check_matches(inst, model)
     bind = getattr(inst, "bind", None)
     if callable(bind):
         return bind(model, time_convention)
@@ -256,12 +283,61 @@ def resolve_adapter(
     config = config_fn() if callable(config_fn) else None
     if not isinstance(config, dict) or "time_convention" not in config:
         raise TypeError(f"adapter {inst.name!r} takes no time_convention; pass its own options instead")
-    if explicit and config["time_convention"] != time_convention:
+    if explicit and _config_key(check_time_convention(config["time_convention"])) != _config_key(time_convention):
         raise ValueError(
             f"adapter {inst.name!r} was built with time_convention={config['time_convention']!r} but "
             f"wrap_dit got time_convention={time_convention!r}; give it once"
         )
     return type(inst)(**{**config, "time_convention": time_convention})
+
+
+def _missing(adapter: Any, model: nn.Module) -> list[str] | None:
+    fn = getattr(adapter, "missing", None)
+    if not callable(fn):
+        return None
+    try:
+        found = fn(model)
+    except Exception:  # a diagnostic must not mask the real error
+        return None
+    return list(found) if found is not None else None
+
+
+def _check_matches(adapter: DiTAdapter, model: nn.Module) -> None:
+    """Refuse an explicitly chosen adapter that does not recognise ``model``, saying what is missing."""
+    if adapter.matches(model):
+        return
+    cls = type(model)
+    missing = _missing(adapter, model)
+    why = f"it lacks {'; '.join(missing)}" if missing else "its matches(model) is False"
+    raise TypeError(
+        f"adapter {adapter.name!r} does not fit {cls.__module__}.{cls.__qualname__}: {why}. "
+        f"Pass the adapter of the model's family, adapter='auto', or write one for this model "
+        f"(dfm_ext.adapters.AdapterSpec; see {_GUIDE})"
+    )
+
+
+def _unknown_model(model: nn.Module, candidates: list[Any]) -> TypeError:
+    cls = type(model)
+    near = []
+    for a in candidates:
+        if isinstance(a, LazyAdapter):
+            if not a.matches_prefix(model):
+                continue  # e.g. the diffusers families, for a model that is not from diffusers
+            a = a.load()
+        missing = _missing(a, model) if a is not None else None
+        if missing:
+            near.append(f"adapter {a.name!r} would fit but the model lacks {'; '.join(missing)}")
+    hint = (" Near misses: " + " | ".join(near) + ".") if near else ""
+    return TypeError(
+        f"no DiT adapter recognises {cls.__module__}.{cls.__qualname__}.{hint} Describe your model with "
+        "dfm_ext.adapters.AdapterSpec (the dotted paths of its patch embedding, timestep embedder and output "
+        "head, its time convention and sign) and a short forward, or write an adapter class with name, "
+        "matches(model), default_sample_shape(model), token_grid(model, sample_shape), "
+        "install(model, packer, *, init, stage_embedding), forward(model, packed, t, stage, **cond) and "
+        f"null_condition(model, **cond) (dfm_ext.wrapping.adapter.DiTAdapter); {_GUIDE} walks through both "
+        "and lists every call dfm_ext makes into your model. Then pass wrap_dit(model, decomposition, "
+        "adapter=MyAdapter()) or register it with dfm_ext.register_adapter(MyAdapter)."
+    )
 
 
 def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdapter:
@@ -278,82 +354,73 @@ def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdap
                 found = a.load() if isinstance(a, LazyAdapter) else a
                 if found is not None:
                     return found
-        raise TypeError(
-            f"no DiT adapter recognises {type(model).__module__}.{type(model).__qualname__}. "
-            "Write a small adapter class with name, matches(model), default_sample_shape(model), "
-            "token_grid(model, sample_shape), install(model, packer, *, init, stage_embedding), "
-            "forward(model, packed, t, stage, **cond) and null_condition(model, **cond) "
-            "(see dfm_ext.wrapping.adapter.DiTAdapter and the helpers widen_patch_embed, widen_head, "
-            "multiscale_time_embed), then register it with dfm_ext.register_adapter(MyAdapter) "
-            "or pass wrap_dit(model, decomposition, adapter=MyAdapter())."
-        )
-    for a in candidates:
-        if a.name == adapter:
-            found = a.load() if isinstance(a, LazyAdapter) else a
-            if found is None:
-                break
-            return found
-    names = [a.name for a in candidates]
-    raise ValueError(f"no adapter named {adapter!r}; registered adapters: {names}")
+        raise _unknown_model(model, candidates)
+    found = _registered(adapter)
+    if found is None:
+        names = [a.name for a in candidates]
+        raise ValueError(f"no adapter named {adapter!r}; registered adapters: {names}")
+    return found
 
 
-# ----------------------------------------------------------------------------- helpers
+def _registered(name: str) -> DiTAdapter | None:
+    for a in registered_adapters():
+        if a.name == name:
+            return a.load() if isinstance(a, LazyAdapter) else a
+    return None
 
 
-def widen_patch_embed(
-    layer: nn.Module, packer: Any, *, init: Init = "pretrained", in_order: str = "cpq"
-) -> MultiScalePatchEmbed:
-    """A :class:`MultiScalePatchEmbed` for ``packer``'s stages from a pretrained conv/linear patch embedding.
+def _import_class(path: str) -> type | None:
+    """The class at ``"module:Qualname"``, or ``None`` when it cannot be imported (``__main__``, renamed)."""
+    module, _, qualname = str(path).partition(":")
+    if not module or not qualname or module == "__main__":
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) else None
 
-    ``init="pretrained"``: stage 0 reuses ``layer``'s kernel (summed over sub-blocks when stage 0's
-    patch is smaller), other stages zero. ``in_order`` is the flattened patch order of a ``Linear``
-    patch embedding (``"cpq"`` or ``"pqc"``).
+
+def adapter_for_record(
+    record: Mapping[str, Any], model: nn.Module, adapter: str | DiTAdapter | type | None = None
+) -> DiTAdapter:
+    """The adapter a saved model was wrapped with (``record``: ``{"name", "config", "class"}``), for ``model``.
+
+    ``adapter`` (a name, class or instance) is used when given; it must carry the saved name.
+    Otherwise the saved name is looked up among the registered adapters, then the saved class is
+    imported (not possible for a class defined in ``__main__``). The saved ``config`` (its time
+    convention included) rebuilds the adapter, which must match ``model``.
+
+    Raises:
+        ValueError: the adapter cannot be found (the message says how to pass it), its name differs
+            from the saved one, or the saved config does not rebuild it.
+        TypeError: it does not match ``model`` (what is missing).
     """
-    channels = [s[0] for s in packer.stage_shapes]
-    return MultiScalePatchEmbed.from_conv(layer, channels, packer.patch_sizes, init=init, in_order=in_order)
-
-
-def widen_head(
-    linear: nn.Linear,
-    packer: Any,
-    *,
-    base_patch: int | Sequence[int],
-    base_channels: int | None = None,
-    order: str = "pqc",
-    init: Init = "pretrained",
-) -> MultiScaleHead:
-    """A :class:`MultiScaleHead` for ``packer``'s stages from a pretrained output linear.
-
-    Args:
-        linear: the model's output projection ``D -> prod(base_patch) * base_channels``.
-        packer: the stages' :class:`~dfm_ext.wrapping.packing.ScalePacker`.
-        base_patch: the model's own patch size.
-        base_channels: output channels of ``linear`` (``2 C`` for ``learn_sigma``); only the first
-            ``C_s`` are kept. Default: ``out_features / prod(base_patch)``.
-        order: ``"pqc"`` (channels fastest: DiT, SiT, PixArt, SD3) or ``"cpq"`` (Flux, CogVideoX).
-        init: ``"pretrained"`` or ``"scratch"`` (all zero).
-    """
-    channels = [s[0] for s in packer.stage_shapes]
-    return MultiScaleHead.from_linear(
-        linear, channels, packer.patch_sizes, base_patch=base_patch, base_channels=base_channels, order=order, init=init
-    )
-
-
-def multiscale_time_embed(
-    embedder: nn.Module,
-    hidden_size: int,
-    num_stages: int,
-    *,
-    init: Init = "pretrained",
-    stage_embedding: bool = True,
-    time_transform: Callable[[Tensor], Tensor] | str | None = None,
-) -> MultiScaleTimestepEmbed:
-    """A :class:`MultiScaleTimestepEmbed` from a pretrained embedder (stage 0 = it; later stages zero-output copies).
-
-    ``time_transform`` maps paper time to the embedder's input: a callable or a name accepted by
-    :func:`time_transform`.
-    """
-    tf = globals()["time_transform"](time_transform) if isinstance(time_transform, str) else time_transform
-    return MultiScaleTimestepEmbed.from_embedder(
-        embedder, hidden_size, num_stages, init=init, stage_embedding=stage_embedding, time_transform=tf
-    )
+    name, config, path = record.get("name"), record.get("config") or {}, record.get("class")
+    if adapter is not None:
+        inst = _find_adapter(adapter, model)
+        if inst.name != name:
+            raise ValueError(f"the model was saved with adapter {name!r}, but load_wrapped got adapter {inst.name!r}")
+    else:
+        found = _registered(str(name))
+        if found is None and path:
+            cls = _import_class(path)
+            found = _check_adapter(cls) if cls is not None else None
+        if found is None:
+            where = f" (class {path})" if path else ""
+            raise ValueError(
+                f"the model was saved with adapter {name!r}{where}, which is not registered here and cannot be "
+                f"imported; pass it: load_wrapped(path, adapter=MyAdapter) (the class, an instance or its "
+                "registered name), or dfm_ext.register_adapter(MyAdapter) before loading"
+            )
+        inst = found
+    if config:
+        try:
+            inst = type(inst)(**config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"adapter {name!r}: the saved config {config} does not rebuild {type(inst).__name__}: {e}") from None
+    _check_matches(inst, model)
+    bind = getattr(inst, "bind", None)
+    return bind(model, config.get("time_convention")) if callable(bind) else inst

@@ -28,20 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.validation import check_value
-from dfm_ext.wrapping.adapter import DiTAdapter, resolve_adapter
+from dfm_ext.decompositions.base import Decomposition, check_stages
+from dfm_ext.process.conventions import TimeConvention
+from dfm_ext.wrapping import record as files
+from dfm_ext.wrapping.adapter import DiTAdapter, adapter_for_record, resolve_adapter
+from dfm_ext.wrapping.checks import check_decomposition, check_stage_dtypes, check_times, native_grid_hint
 from dfm_ext.wrapping.embeddings import Init
-from dfm_ext.decompositions.base import check_stages
 from dfm_ext.wrapping.packing import ScalePacker, patch_sizes_for_grid
 
-__all__ = ["DFMTransformer", "wrap_dit"]
-
-
-
-def _check_decomposition(decomposition: Any) -> None:
-    for attr in ("num_stages", "decompose", "recompose", "stage_shapes"):
-        if not hasattr(decomposition, attr):
-            raise TypeError(f"decomposition must follow dfm_ext.Decomposition; {type(decomposition).__name__} lacks {attr}")
+__all__ = ["DFMTransformer", "load_wrapped", "wrap_dit"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class DFMTransformer(nn.Module):
     def __init__(
         self,
         base: nn.Module,
-        decomposition: Any,
+        decomposition: Decomposition,
         packer: ScalePacker,
         adapter: DiTAdapter,
         spec: _WrapSpec,
@@ -153,38 +148,14 @@ class DFMTransformer(nn.Module):
         """Per-stage shapes without the batch dimension."""
         return list(self.packer.stage_shapes)
 
-    def _check_times(self, t: Any, stage: Any, mask: Any, batch: int, device: torch.device) -> Tensor:
-        s = self.num_stages
-        if not isinstance(t, Tensor) or not torch.is_floating_point(t):
-            raise TypeError(f"t must be a floating-point tensor [B, S], got {type(t).__name__}")
-        if t.shape != (batch, s):
-            raise ValueError(f"t must have shape [B, S] = [{batch}, {s}], got {tuple(t.shape)}")
-        if not isinstance(stage, Tensor) or stage.dtype not in (torch.long, torch.int32, torch.int64):
-            raise TypeError(f"stage must be an integer tensor [B], got {getattr(stage, 'dtype', type(stage).__name__)}")
-        if stage.shape != (batch,):
-            raise ValueError(f"stage must have shape [B] = [{batch}], got {tuple(stage.shape)}")
-        if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor [B, S], got {getattr(mask, 'dtype', type(mask).__name__)}")
-            if mask.shape != (batch, s):
-                raise ValueError(f"mask must have shape [B, S] = [{batch}, {s}], got {tuple(mask.shape)}")
-        # Values: read on the host only for CPU tensors in eager mode; otherwise device-side
-        # asserts, so the step neither syncs nor breaks a torch.compile graph (dfm_ext.validation).
-        if batch:
-            check_value(((stage >= 0) & (stage < s)).all(), f"stage values must be in [0, {s - 1}]", stage.tolist)
-            check_value(torch.isfinite(t).all(), "t must be finite", t.tolist)
-            check_value(((t >= 0) & (t <= 1)).all(), "t must lie in [0, 1] (0 = noise, 1 = data)", t.tolist)
-        if mask is None:
-            return torch.arange(s, device=device)[None, :] <= stage.to(device)[:, None]
-        return mask
-
     def forward(
         self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, **cond: Any
     ) -> list[Tensor]:
         packer = self._packer_for(stages)
         stages = check_stages(stages, packer.stage_shapes, self.num_stages)
         x0 = stages[0]
-        mask = self._check_times(t, stage, mask, x0.shape[0], x0.device)
+        check_stage_dtypes(stages, self.base)
+        mask = check_times(t, stage, mask, x0.shape[0], self.num_stages, x0.device)
         # Selection, not multiplication by the mask: inf/NaN in a masked stage must not leak
         # (0 * NaN is NaN) into the packed input, which every token of the trunk sees.
         stages = [torch.where(mask[:, s].view(-1, *([1] * (x.ndim - 1))), x, 0.0) for s, x in enumerate(stages)]
@@ -237,7 +208,7 @@ class DFMTransformer(nn.Module):
     # ----------------------------------------------------------------- save / load
 
     def save_pretrained(self, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
-        """Write the model into ``directory`` atomically (:func:`dfm_ext.wrapping.io.save_pretrained`).
+        """Write the model into ``directory`` atomically (:func:`dfm_ext.wrapping.record.save_pretrained`).
 
         One folder: ``dfm_config.json`` (format, decomposition, adapter with its time convention,
         base model class and config, stage scales, specialisation record), ``model.safetensors``
@@ -245,19 +216,15 @@ class DFMTransformer(nn.Module):
         :meth:`from_pretrained` (alias :func:`dfm_ext.load_wrapped`), which re-applies the
         specialisation and the scales.
         """
-        from dfm_ext.wrapping.io import save_pretrained  # noqa: PLC0415
-
-        return save_pretrained(self, directory, extra_files=extra_files)
+        return files.save_pretrained(self, directory, extra_files=extra_files)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, base_model: nn.Module | None = None, *, decomposition: Any = None,
-        device: str | torch.device = "cpu",
+        cls, directory: str | Path, base_model: nn.Module | None = None, *, adapter: str | DiTAdapter | type | None = None,
+        decomposition: Decomposition | None = None, device: str | torch.device = "cpu",
     ) -> DFMTransformer:
-        """Rebuild a saved model (this layout or an older one): :func:`dfm_ext.wrapping.io.load_wrapped`."""
-        from dfm_ext.wrapping.io import load_wrapped  # noqa: PLC0415
-
-        return load_wrapped(directory, base_model, decomposition=decomposition, device=device)
+        """Rebuild a saved model (this layout or an older one): :func:`load_wrapped`."""
+        return load_wrapped(directory, base_model, adapter=adapter, decomposition=decomposition, device=device)
 
 
 def _check_not_wrapped(model: nn.Module) -> None:
@@ -277,43 +244,12 @@ def _check_not_wrapped(model: nn.Module) -> None:
             )
 
 
-def _native_grid_hint(ad: DiTAdapter, model: nn.Module, decomposition: Any, shape: tuple[int, ...]) -> str:
-    """Where stage 0 cannot cover the token grid: the sample shapes (with patch sizes) that put it on the native grid.
-
-    Stage 0 must cover the token grid every stage shares (a model with fixed positions keeps its
-    native grid); so the full sample is the native grid times stage 0's downsampling factor, times
-    stage 0's patch (1: stage 0 nearest-upsampled onto the grid, paper section E; or the model's own).
-    """
-    try:
-        native = tuple(ad.default_sample_shape(model))
-        grid = tuple(int(g) for g in ad.token_grid(model, native))
-        factors = [d // s for d, s in zip(shape[1:], decomposition.stage_shapes((1, *shape))[0][2:])]
-    except (ValueError, TypeError, AttributeError):
-        return ""
-    hints = []
-    for patch in sorted({1, *(n // g for n, g in zip(native[1:], grid))}):
-        cand = (shape[0], *(g * patch * f for g, f in zip(grid, factors)))
-        try:
-            stages = [tuple(s[1:]) for s in decomposition.stage_shapes((1, *cand))]
-            sizes = patch_sizes_for_grid(stages, grid)
-        except ValueError:
-            continue
-        hints.append(f"sample_shape={cand} with patch_sizes={[p[0] if len(set(p)) == 1 else list(p) for p in sizes]}")
-    if not hints:
-        return ""
-    return (
-        f" Stage 0 must cover the token grid: on {type(model).__name__}'s native grid {grid} (which a model "
-        f"with fixed positions must keep) use {' or '.join(hints)}; this generates above the native size, "
-        "see docs/guides/adapters.md ('Fixed positions')."
-    )
-
-
 def wrap_dit(
     model: nn.Module,
-    decomposition: Any,
+    decomposition: Decomposition,
     *,
     adapter: str | DiTAdapter | type = "auto",
-    time_convention: str | None = None,
+    time_convention: str | Mapping[str, Any] | TimeConvention | None = None,
     sample_shape: Sequence[int] | None = None,
     patch_sizes: Sequence[int | Sequence[int]] | None = None,
     init: Init = "pretrained",
@@ -329,10 +265,12 @@ def wrap_dit(
         decomposition: a :class:`dfm_ext.Decomposition`.
         adapter: ``"auto"`` (first registered adapter whose ``matches`` is true), an adapter name,
             or an adapter class/instance (:class:`dfm_ext.wrapping.adapter.DiTAdapter`).
-        time_convention: how the base model reads time, a name of
-            :func:`dfm_ext.process.conventions.time_transform`: ``"discrete"`` (facebookresearch DiT,
-            ``999 (1 - t)``), ``"unit"`` (SiT, LightningDiT: ``t``), ``"x1000"`` (``1000 t``),
-            ``"timestep"`` (``1000 (1 - t)``), ``"sigma"`` (``1 - t``). Required for models with
+        time_convention: how the base model reads time, a time convention (a name, a
+            ``{"name": ..., **params}`` mapping or a :class:`~dfm_ext.process.conventions.TimeConvention`):
+            ``"discrete"`` (facebookresearch DiT, ``999 (1 - t)``), ``"unit"`` (SiT, LightningDiT:
+            ``t``), ``"x1000"`` (``1000 t``), ``"timestep"`` (``1000 (1 - t)``), ``"sigma"``
+            (``1 - t``), ``"shifted_timestep"`` (CogView4's resolution-dependent map, which reads
+            the token grid), each with a ``scale``. Required for models with
             DiT's module names that do not declare ``dfm_time_convention`` (:class:`dfm_ext.DiT`
             does); default for the diffusers families: their own. Saved by ``save_pretrained``.
             Only time is converted: the output is the base model's own (epsilon stays epsilon).
@@ -365,7 +303,7 @@ def wrap_dit(
         >>> wrapped.packer.patch_sizes, wrapped.packer.grid, wrapped.adapter.name
         ([(2, 2)], (8, 8), 'dit')
     """
-    _check_decomposition(decomposition)
+    check_decomposition(decomposition)
     if init not in ("pretrained", "scratch"):
         raise ValueError(f"init must be 'pretrained' or 'scratch', got {init!r}")
     if not isinstance(model, nn.Module):
@@ -391,10 +329,91 @@ def wrap_dit(
                 f"{decomposition!r} on samples of shape {shape} gives stages {stage_shapes}, which cannot "
                 f"all map onto {type(model).__name__}'s token grid {grid}: {err}. Choose stage "
                 "resolutions that are multiples of the grid, or pass sample_shape / patch_sizes."
-                + _native_grid_hint(ad, model, decomposition, shape)
+                + native_grid_hint(ad, model, decomposition, shape)
             ) from None
     packer = ScalePacker(stage_shapes, patch_sizes)
     ad.install(model, packer, init=init, stage_embedding=stage_embedding)
     wrapped = DFMTransformer(model, decomposition, packer, ad, _WrapSpec(shape, init, stage_embedding, bool(any_sample_shape)))
     wrapped.set_stage_scales(stage_scales)
+    return wrapped
+
+
+def _check_base(base_model: nn.Module, saved_class: str) -> None:
+    """The saved base class is matched by name and module; a different module (``__main__``, a renamed
+    package) is accepted when the class names agree, the structure is checked by the weights."""
+    here = files.class_path(base_model)
+    if here != saved_class and here.partition(":")[2] != saved_class.partition(":")[2]:
+        raise ValueError(
+            f"base_model is a {here}, the saved base is {saved_class}; pass an unwrapped instance of the saved "
+            "architecture (its weights are checked tensor by tensor against the file)"
+        )
+
+
+def load_wrapped(
+    directory: str | Path,
+    base_model: nn.Module | None = None,
+    *,
+    adapter: str | DiTAdapter | type | None = None,
+    decomposition: Decomposition | None = None,
+    device: str | torch.device = "cpu",
+) -> DFMTransformer:
+    """Rebuild a ``DFMTransformer`` written by ``save_pretrained`` (this or an older layout).
+
+    Args:
+        directory: the saved folder.
+        base_model: an unwrapped base model of the same architecture (its weights are replaced).
+            Not needed for :class:`dfm_ext.DiT`, which is rebuilt from the recorded config. Its
+            class is identified by structure: the same class name from another module (a class
+            defined in ``__main__``, a moved module) is accepted when every tensor of the file
+            fits it by name and shape.
+        adapter: the adapter the model was wrapped with (a name, class or instance), for an
+            adapter that is not registered and cannot be imported from its recorded class (one
+            defined in ``__main__``); default: the registered one of the saved name, else the
+            recorded class. The saved config (time convention included) rebuilds it.
+        decomposition: overrides the recorded decomposition (needed when it cannot be rebuilt
+            from its recorded constructor parameters).
+        device: where to load the weights.
+
+    A saved specialisation is re-applied (``model.specialization`` holds its handle) and the
+    stage scales are restored (``model.stage_scales``). Weights are read with safetensors only.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or unreadable folder, record or weights file; a
+            base model or adapter that does not fit (the message says what to pass).
+    """
+    directory = Path(directory)
+    record = files.read_record(directory)
+    # The weights file's header is read before any model is built: a damaged file fails here, naming it.
+    found = files.weight_shapes(directory / files.WEIGHTS_FILE)
+    scales = record.get("stage_scales") if record["format"] == files.FORMAT else files.legacy_scales(directory)
+    if decomposition is None:
+        decomposition = files.rebuild_decomposition(record["decomposition"])
+    base_class = files.current_class_path(record["base"]["class"])
+    if base_model is None:
+        if base_class != "dfm_ext.models.dit:DiT":
+            raise ValueError(f"the saved base model is a {base_class}; pass base_model= (an unwrapped instance)")
+        from dfm_ext.models.dit import DiT, DiTConfig  # noqa: PLC0415  (only for this case)
+
+        try:
+            base_model = DiT(DiTConfig.from_dict(record["base"]["config"]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{directory / files.CONFIG_FILE}: base.config cannot build a DiT: {e}") from None
+    else:
+        _check_base(base_model, base_class)
+    ad = adapter_for_record(record["adapter"], base_model, adapter)
+    wrapped = wrap_dit(
+        base_model,
+        decomposition,
+        adapter=ad,
+        sample_shape=record["sample_shape"],
+        patch_sizes=[tuple(p) for p in record["patch_sizes"]],
+        init="scratch",
+        stage_embedding=record["stage_embedding"],
+        any_sample_shape=bool(record.get("any_sample_shape", False)),
+        stage_scales=scales,
+    )
+    if [list(s) for s in wrapped.packer.stage_shapes] != record["stage_shapes"]:
+        raise ValueError(f"the decomposition gives stages {wrapped.packer.stage_shapes}, the saved model has {record['stage_shapes']}")
+    files.load_weights(wrapped, record, directory, found, device)
+    files.restore_specialization(wrapped, record, directory)
     return wrapped

@@ -1,0 +1,150 @@
+"""Every transformer class of ``diffusers.models.transformers``: the adapter that wraps it, or why none does.
+
+:data:`SHIPPED` maps a diffusers class name to the built-in adapter's registry name;
+:data:`REFUSED` maps the others to the reason. ``tests/test_adapters_catalog.py`` enumerates the
+installed diffusers' transformer classes and checks that each is in exactly one of the two, so a
+diffusers upgrade that adds a family fails that test until the family is shipped or refused here.
+
+The reasons fall in a few kinds: not an image or video denoiser (audio, music, proteins, a CLIP
+prior, temporal layers of a UNet); audio and video denoised together; a time input DFM cannot
+give (two times per sample, per-frame or per-token times); a sample that is more than the
+generated latents (reference or history latents concatenated to or prepended before it, a cache
+of earlier chunks); and families not written yet, each saying what its adapter needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+__all__ = ["REFUSED", "SHIPPED", "diffusers_support"]
+
+#: diffusers class -> the built-in adapter's registry name
+SHIPPED: Mapping[str, str] = MappingProxyType(
+    {
+        "DiTTransformer2DModel": "diffusers_dit",
+        "PixArtTransformer2DModel": "pixart",
+        "SD3Transformer2DModel": "sd3",
+        "FluxTransformer2DModel": "flux",
+        "CogVideoXTransformer3DModel": "cogvideox",
+        "SanaTransformer2DModel": "sana",
+        "AuraFlowTransformer2DModel": "auraflow",
+        "WanTransformer3DModel": "wan",
+        "Lumina2Transformer2DModel": "lumina2",
+        "QwenImageTransformer2DModel": "qwenimage",
+        "Flux2Transformer2DModel": "flux2",
+        "LTXVideoTransformer3DModel": "ltx_video",
+        "HunyuanDiT2DModel": "hunyuandit",
+        "CogView4Transformer2DModel": "cogview4",
+        "ChromaTransformer2DModel": "chroma",
+        "OvisImageTransformer2DModel": "ovis_image",
+        "LongCatImageTransformer2DModel": "longcat_image",
+        "BriaTransformer2DModel": "bria",
+    }
+)
+
+_NOT_VISUAL = "not an image or video denoiser"
+_AUDIO_VIDEO = (
+    "denoises audio and video jointly (two token streams with their own times); DFM's stages would decompose "
+    "the video only, and the audio stream has no stage to belong to"
+)
+_CONTEXT = "the sample is not only the generated latents"
+
+#: diffusers class -> why dfm_ext ships no adapter for it
+REFUSED: Mapping[str, str] = MappingProxyType(
+    {
+        # Not image or video denoisers.
+        "AceStepTransformer1DModel": f"{_NOT_VISUAL}: music (1-D audio latents), with a second time input timestep_r",
+        "LongCatAudioDiTTransformer": f"{_NOT_VISUAL}: audio (1-D latents)",
+        "MiniMaxMusic3Transformer1DModel": f"{_NOT_VISUAL}: music (1-D latents)",
+        "MiniMaxMusic3RVQDepthDecoder": f"{_NOT_VISUAL}: a residual-VQ token decoder for music, not a diffusion model",
+        "StableAudioDiTModel": f"{_NOT_VISUAL}: audio (1-D latents)",
+        "StableAudio3DiTModel": f"{_NOT_VISUAL}: audio (1-D latents)",
+        "T5FilmDecoder": f"{_NOT_VISUAL}: spectrogram diffusion for music (FiLM-conditioned T5 decoder)",
+        "PriorTransformer": f"{_NOT_VISUAL}: the unCLIP prior, which denoises a CLIP image embedding, not pixels or latents",
+        "RFD4ProteinaTransformer": f"{_NOT_VISUAL}: protein structure generation",
+        "TransformerTemporalModel": (
+            f"{_NOT_VISUAL} on its own: the temporal attention layers inside a video UNet, with no patch embedding "
+            "or output head to widen"
+        ),
+        # Audio and video together.
+        "LTX2VideoTransformer3DModel": _AUDIO_VIDEO,
+        "MiniMaxH3Transformer3DModel": _AUDIO_VIDEO,
+        "Kandinsky6Transformer3DModel": _AUDIO_VIDEO,
+        # Time inputs DFM cannot give.
+        "AnyFlowTransformer3DModel": (
+            "a flow-map model: it reads two times (timestep and r_timestep) and predicts the jump between them, "
+            "not a velocity at one time per stage"
+        ),
+        "AnyFlowFARTransformer3DModel": (
+            "a flow-map model (two times per sample) generating video chunk by chunk with a key-value cache"
+        ),
+        "HeliosTransformer3DModel": (
+            f"{_CONTEXT}: autoregressive video that prepends short, mid and long histories of earlier latents"
+        ),
+        "HunyuanVideoFramepackTransformer3DModel": (
+            f"{_CONTEXT}: FramePack next-section video, conditioned on clean history latents and an image embedding"
+        ),
+        "SanaWMTransformer3DModel": f"{_CONTEXT}: a camera-controlled world model generating chunk by chunk",
+        "SanaWMLTX2RefinerTransformer3DModel": f"{_CONTEXT}: a chunked refiner of the Sana world model with a key-value cache",
+        "WanAnimate2Transformer3DModel": f"{_CONTEXT}: lists of variable-size clips with condition latents and a key-value cache",
+        "WanAnimateTransformer3DModel": f"{_CONTEXT}: character animation driven by pose latents and face pixels",
+        "ChronoEditTransformer3DModel": (
+            f"{_CONTEXT}: image editing, the reference image's latents are concatenated to the input channels "
+            "(in_channels > out_channels)"
+        ),
+        "JoyImageEditTransformer3DModel": f"{_CONTEXT}: image editing, the reference image's tokens are part of the sequence",
+        "JoyImageEditPlusTransformer3DModel": f"{_CONTEXT}: multi-image editing, reference tokens in the sequence",
+        "OmniGenTransformer2DModel": (
+            f"{_CONTEXT}: an interleaved sequence of text tokens and input-image latents processed by one LLM"
+        ),
+        "GlmImageTransformer2DModel": (
+            f"{_CONTEXT}: conditioned on image tokens an autoregressive prior generated (prior_token_id) and a cache"
+        ),
+        "QwenImage21Transformer2DModel": f"{_CONTEXT}: image masks and a key-value cache of reference images",
+        "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
+        # Families not written yet: what each adapter needs beyond the shipped patterns.
+        "SkyReelsV2Transformer3DModel": "not written yet: Wan's layout plus an fps embedding and a causal block mask",
+        "WanVACETransformer3DModel": "not written yet: Wan plus VACE control blocks reading control latents (vace_patch_embedding)",
+        "CogView3PlusTransformer2DModel": "not written yet: CogView3's v-prediction DDIM convention and size conditioning",
+        "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
+        "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
+        "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
+        "HunyuanImageTransformer2DModel": "not written yet: HunyuanImage 2.1's dual text encoders and refiner time",
+        "HunyuanVideoTransformer3DModel": "not written yet: token-replace time embedding and a text refiner that reads the time",
+        "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
+        "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
+        "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
+        "Krea2Transformer2DModel": "not written yet: position ids passed by the caller",
+        "Ideogram4Transformer2DModel": "not written yet: packed sequences with segment ids and indicator tokens",
+        "ErnieImageTransformer2DModel": "not written yet: variable-length text (text_lens) packed with the image",
+        "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
+        "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
+        "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
+        "Transformer2DModel": "not written yet: the generic 2-D transformer (PixArt-alpha / DiT layouts chosen by its config)",
+        "LuminaNextDiT2DModel": "not written yet: Lumina-Next's own patch embedding and RoPE scaling",
+        "MochiTransformer3DModel": "not written yet: Mochi's asymmetric joint attention and attention-pooled text in the time path",
+        "AllegroTransformer3DModel": "not written yet: Allegro's adaLN-single video blocks",
+        "LatteTransformer3DModel": "not written yet: alternating spatial and temporal blocks over frame-major tokens",
+        "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
+        "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
+        "CosmosTransformer3DModel": "not written yet: EDM-style (sigma-scaled) inputs and padding masks",
+        "SanaVideoTransformer3DModel": "not written yet: Sana's linear-attention blocks over video",
+        "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
+        "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
+        "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
+    }
+)
+
+
+def diffusers_support(names: list[str]) -> dict[str, str]:
+    """``"adapter <name>"`` or ``"refused: <reason>"`` for each diffusers class name (``"unknown"`` for a new one)."""
+    out = {}
+    for name in names:
+        if name in SHIPPED:
+            out[name] = f"adapter {SHIPPED[name]}"
+        elif name in REFUSED:
+            out[name] = f"refused: {REFUSED[name]}"
+        else:
+            out[name] = "unknown"
+    return out

@@ -1,0 +1,12 @@
+"""Diffusers-style pipelines over wrapped models: ``Pipeline.from_pretrained(folder)`` then ``pipe(...).images``.
+
+A layer above :mod:`~dfm_ext.wrapping` (it loads ``save_pretrained`` folders with
+:func:`~dfm_ext.wrapping.io.load_wrapped`) and :mod:`~dfm_ext.process` (it samples with
+:class:`~dfm_ext.process.sampler.DFMSampler`); it needs neither accelerate nor the recipes.
+"""
+
+from __future__ import annotations
+
+from dfm_ext.pipelines.dit import DFMDiTPipeline, DFMPipelineOutput
+
+__all__ = ["DFMDiTPipeline", "DFMPipelineOutput"]
