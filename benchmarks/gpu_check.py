@@ -98,7 +98,8 @@ def _read_losses(out: Path) -> list[float]:
 
 def run_recipe(workdir: Path, steps: int, *, cpu: bool, backend: str, sample: bool = True, launcher: list[str] | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train the tiny config in a subprocess; its losses, finiteness and wall time."""
-    from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
+    from dfm_ext.recipes.engine.cli import make_tiny_vae
+    from dfm_ext.recipes.imagenet.assets import make_image_folder
 
     assets = workdir / "assets"
     if not (assets / "vae").is_dir():

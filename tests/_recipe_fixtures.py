@@ -9,7 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
+from dfm_ext.recipes.engine.cli import make_tiny_vae
+from dfm_ext.recipes.imagenet.assets import make_image_folder
 
 
 def tiny_image_assets(root: Path, per_class: int = 4) -> Path:

@@ -278,7 +278,8 @@ def test_recipe_config_key_builds_and_feeds_the_allocation(tmp_path: Path) -> No
     from dfm_ext.recipes.engine.config import ConfigError, load_config
     from dfm_ext.recipes.engine.data import ImageFolder, collate_items
     from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask
-    from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
+    from dfm_ext.recipes.engine.cli import make_tiny_vae
+    from dfm_ext.recipes.imagenet.assets import make_image_folder
 
     make_image_folder(tmp_path / "images", per_class=1, size=40)
     make_tiny_vae(tmp_path)
@@ -307,7 +308,8 @@ def test_recipe_checkpoints_the_allocation_and_resume_continues_it(tmp_path: Pat
     import os
     import subprocess
 
-    from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
+    from dfm_ext.recipes.engine.cli import make_tiny_vae
+    from dfm_ext.recipes.imagenet.assets import make_image_folder
 
     make_image_folder(tmp_path / "images", per_class=2, size=40)
     make_tiny_vae(tmp_path)

@@ -7,9 +7,14 @@ stands apart (it may use the first tier only, and no other layer imports it); th
 ``accelerate``, ``dfm_ext.recipes`` or ``dfm_ext.adapters``, except the one lazy lookup of the
 built-in adapters in ``wrapping/adapter.py`` (inside a function).
 
+The recipes wing: ``recipes.engine`` never imports a recipe; a recipe (``recipes.imagenet``,
+``recipes.kinetics``, ``recipes.flux``) imports the engine and the library, never another recipe;
+the demo (``recipes.demo``, a config of the image recipe) imports the image recipe and no other.
+
 Everywhere (library, adapters, recipes): no ``from X import _name`` of another module's private
 name, and a private module (``_name.py``) is imported only by its own package, where it is listed
-in ``SHARED_PRIVATE_MODULES`` below. Subpackages import one another without cycles.
+in ``SHARED_PRIVATE_MODULES`` below. Subpackages import one another without cycles. No module is
+longer than :data:`MAX_LINES`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ SHARED_PRIVATE_MODULES = {
     "dfm_ext.metrics._images": "image-set plumbing (batching, progress, checks) of the metrics",
     "dfm_ext.recipes.engine.cli": "argument parsing, error reporting and task helpers the recipe commands share",
 }
+
+
+#: What each part of the recipes wing may import of the wing (besides itself).
+RECIPE_IMPORTS = {"engine": set(), "imagenet": {"engine"}, "kinetics": {"engine"}, "flux": {"engine"}, "demo": {"engine", "imagenet"}}
+#: The longest module allowed anywhere in the package: a longer one holds more than one job.
+MAX_LINES = 450
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,20 @@ def layer_violations(imp: Import) -> list[str]:
     return []
 
 
+def recipe_violations(imp: Import) -> list[str]:
+    """Why ``imp`` breaks the recipes wing's rule (:data:`RECIPE_IMPORTS`); empty if it does not."""
+    parts, target = imp.importer.split("."), imp.target.split(".")
+    if parts[:2] != ["dfm_ext", "recipes"] or target[:2] != ["dfm_ext", "recipes"] or len(parts) < 3 or len(target) < 3:
+        return []
+    own, other = parts[2], target[2]
+    if own not in RECIPE_IMPORTS:
+        return [f"{imp.importer} is in no part of the recipes wing: add its folder to RECIPE_IMPORTS"]
+    if other == own or other in RECIPE_IMPORTS[own]:
+        return []
+    what = "the engine never imports a recipe" if own == "engine" else f"recipes.{own} may import only {sorted(RECIPE_IMPORTS[own])}"
+    return [f"{imp.importer}:{imp.line} imports {imp.target}: {what}"]
+
+
 def privacy_violations(imp: Import, modules: dict[str, Path]) -> list[str]:
     """Private names taken from another module, or a private module used outside its package."""
     out = []
@@ -205,6 +230,35 @@ def test_library_imports_only_lower_layers(all_imports: list[Import], modules: d
         tier(unit)  # every library module belongs to a layer
     problems = [p for imp in library for p in layer_violations(imp)]
     assert not problems, "\n".join(problems)
+
+
+def test_recipes_import_only_the_engine(all_imports: list[Import]) -> None:
+    recipes = [i for i in all_imports if i.importer.startswith("dfm_ext.recipes.")]
+    assert len(recipes) > 50
+    problems = [p for imp in recipes for p in recipe_violations(imp)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "message"),
+    [
+        ("dfm_ext.recipes.engine.trainer", "from dfm_ext.recipes.imagenet.task import ImageNetTask", "the engine never imports a recipe"),
+        ("dfm_ext.recipes.kinetics.task", "from dfm_ext.recipes.imagenet.task import load_codec", "recipes.kinetics may import only ['engine']"),
+        ("dfm_ext.recipes.flux.task", "from ..demo import report", "recipes.flux may import only ['engine']"),
+        ("dfm_ext.recipes.demo.cli", "from dfm_ext.recipes.flux import task", "recipes.demo may import only ['engine', 'imagenet']"),
+    ],
+)
+def test_recipe_rule_rejects(module: str, source: str, message: str) -> None:
+    (imp,) = imports_of(module, source)
+    problems = recipe_violations(imp)
+    assert len(problems) == 1 and message in problems[0], problems
+    (ok,) = imports_of(module, "from dfm_ext.recipes.engine.config import ConfigError")
+    assert recipe_violations(ok) == []
+
+
+def test_no_module_is_longer_than_max_lines(modules: dict[str, Path]) -> None:
+    long = {name: n for name, path in modules.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
 
 
 def test_no_private_names_across_modules(all_imports: list[Import], modules: dict[str, Path]) -> None:

@@ -13,17 +13,16 @@ from hypothesis import strategies as st
 
 from dfm_ext.recipes.engine.data import (
     BatchPlan,
-    CacheMismatchError,
     ImageFolder,
     LatentCache,
     LatentCodec,
     PlanBatchSampler,
     collate_items,
-    load_vae,
     scan_image_folder,
 )
-from dfm_ext.recipes.engine.latents import write_latent_cache
-from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
+from dfm_ext.recipes.engine.latents import CacheMismatchError, load_vae, write_latent_cache
+from dfm_ext.recipes.engine.cli import make_tiny_vae
+from dfm_ext.recipes.imagenet.assets import make_image_folder
 
 
 @pytest.fixture(scope="module")

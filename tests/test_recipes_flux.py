@@ -325,7 +325,7 @@ def test_bucket_plan_batches_share_a_bucket_and_split_like_batch_plan(bucket_siz
 def test_cache_pairs_latents_with_captions_and_refuses_a_mismatch(assets: Path, tmp_path: Path, capsys) -> None:
     from dfm_ext.recipes.flux.data import load_bucket_image
     from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
-    from dfm_ext.recipes.engine.data import CacheMismatchError
+    from dfm_ext.recipes.engine.latents import CacheMismatchError
 
     cache = tmp_path / "cache"
     base = ["--config", "flux_tiny", *_overrides(assets)]

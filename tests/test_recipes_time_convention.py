@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dfm_ext.recipes.imagenet.task import main as imagenet_main
-from dfm_ext.recipes.imagenet.assets import make_image_folder, make_tiny_vae
+from dfm_ext.recipes.engine.cli import make_tiny_vae
+from dfm_ext.recipes.imagenet.assets import make_image_folder
 
 # A factory returning a model with the reference DiT's layout but no declared convention, as a
 # user's SiT-style models.py would (DiT's attribute names, nothing that says how it reads t).

@@ -19,11 +19,11 @@ import torch
 
 from dfm_ext.recipes.engine.checkpoint import CorruptCheckpointError, DiskFullError
 from dfm_ext.recipes.engine.config import ConfigError, load_config
-from dfm_ext.recipes.engine.data import looks_local
+from dfm_ext.recipes.engine.latents import looks_local
 
 __all__ = [
-    "USAGE_ERRORS", "assets_main", "cache_builder_main", "cache_builder_parser", "check_batch", "check_latent_cache",
-    "check_vae_path", "parse_config_args", "prepare_run", "train_main", "usage_error",
+    "TINY_VAE_BLOCKS", "USAGE_ERRORS", "assets_main", "cache_builder_main", "cache_builder_parser", "check_batch", "check_latent_cache",
+    "check_vae_path", "make_tiny_vae", "parse_config_args", "prepare_run", "save_tiny_vae", "train_main", "usage_error",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -211,3 +211,30 @@ def assets_main(
     make_data(Path(args.out) / data_dir)
     make_vae(args.out)
     print(f"data.root={Path(args.out) / data_dir} vae.path={args.out}")
+
+
+# -- tiny offline assets (the recipes' smoke-test configs) ---------------------------------------------
+
+#: The widths of the tiny VAEs (the image one here, the video one in the Kinetics recipe).
+TINY_VAE_BLOCKS: dict[str, Any] = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def save_tiny_vae(cls: type, path: str | Path, seed: int, **config: Any) -> Path:
+    """``cls(**TINY_VAE_BLOCKS, **config)`` initialised under ``seed`` and saved with ``save_pretrained``
+    under ``path/vae`` (so it loads through ``from_pretrained``, as a real checkpoint does). Returns ``path``."""
+    import torch
+
+    torch.manual_seed(seed)
+    cls(**TINY_VAE_BLOCKS, **config).save_pretrained(str(Path(path) / "vae"))
+    return Path(path)
+
+
+def make_tiny_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
+    """A 4x-downsampling ``AutoencoderKL`` (channels 8-16) saved under ``path/vae``."""
+    from diffusers import AutoencoderKL
+
+    return save_tiny_vae(
+        AutoencoderKL, path, seed, in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=0.5, shift_factor=0.1,
+    )  # fmt: skip

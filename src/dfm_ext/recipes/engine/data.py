@@ -28,14 +28,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = [
-    "CACHE_FORMAT", "BatchPlan", "CacheMismatchError", "ClassConditionalInputs", "ImageFolder", "LatentCache", "LatentCodec",
-    "PlanBatchSampler", "check_cache_metadata", "collate_items", "cycled_labels", "drop_labels", "dropout_mask", "load_frozen_vae",
-    "load_vae", "looks_local", "read_with_fallback", "scan_class_folders", "scan_image_folder",
-]  # fmt: skip
+from dfm_ext.recipes.engine.latents import check_cache_metadata
 
-#: The format tag of a latent cache's ``index.json``.
-CACHE_FORMAT = "dfm_ext.latent_cache/1"
+__all__ = [
+    "BatchPlan", "ClassConditionalInputs", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "collate_items",
+    "cycled_labels", "drop_labels", "dropout_mask", "read_with_fallback", "scan_class_folders", "scan_image_folder",
+]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -275,48 +273,6 @@ class PlanBatchSampler(torch.utils.data.Sampler):
 # -- latents ----------------------------------------------------------------------------------------
 
 
-def looks_local(path: str) -> bool:
-    """Whether ``path`` names a local folder rather than a hub id.
-
-    Example:
-        >>> looks_local("./models/vae"), looks_local("black-forest-labs/FLUX.1-dev")
-        (True, False)
-    """
-    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-
-
-def load_frozen_vae(
-    cls: Any, path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    what: str = "VAE",
-) -> Any:  # fmt: skip
-    """``cls.from_pretrained(path, subfolder=...)`` (a diffusers autoencoder class), frozen, in eval mode.
-
-    Args:
-        what: how the messages name the model (e.g. ``"video VAE"``).
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
-    """
-    local = looks_local(path)
-    root = Path(path).expanduser()
-    if local and not (root / (subfolder or "") / "config.json").is_file():
-        raise FileNotFoundError(f"no {what} at {str(root / (subfolder or ''))!r} (expected a diffusers folder with config.json)")
-    vae = cls.from_pretrained(str(root) if local else path, subfolder=subfolder or None, torch_dtype=dtype)
-    vae.requires_grad_(False)
-    return vae.eval().to(device)
-
-
-def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """``AutoencoderKL.from_pretrained(path, subfolder=...)``, frozen, in eval mode.
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path that does not exist.
-    """
-    from diffusers import AutoencoderKL
-
-    return load_frozen_vae(AutoencoderKL, path, subfolder, device=device, dtype=dtype)
-
-
 @dataclass(frozen=True)
 class LatentCodec:
     """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` <-> normalised latents ``[B, C, H/f, W/f]``.
@@ -356,30 +312,6 @@ class LatentCodec:
     def decode(self, latents: Tensor) -> Tensor:
         z = latents / self.scaling + self.shifting
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
-
-
-class CacheMismatchError(ValueError):
-    """The latent cache was built for another VAE, resolution or normalisation."""
-
-
-def check_cache_metadata(meta: dict[str, Any], expected: dict[str, Any], *, path: str = "cache") -> None:
-    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ."""
-    if meta.get("format") != CACHE_FORMAT:
-        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
-    diffs = []
-    for key, want in expected.items():
-        have = meta.get(key)
-        if isinstance(want, float) and isinstance(have, (int, float)):
-            same = abs(have - want) <= 1e-6 * max(1.0, abs(want))
-        else:
-            same = have == want
-        if not same:
-            diffs.append(f"{key}: cache has {have!r}, config wants {want!r}")
-    if diffs:
-        raise CacheMismatchError(
-            f"latent cache {path} does not match the config ({'; '.join(diffs)}); rebuild it with "
-            "python -m dfm_ext.recipes.imagenet.cache or point data.latent_cache elsewhere"
-        )
 
 
 class LatentCache(torch.utils.data.Dataset):

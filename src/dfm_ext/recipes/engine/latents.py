@@ -1,4 +1,4 @@
-"""Latent caches: encode a dataset once with a recipe's VAE codec, train without the VAE.
+"""VAEs and latent caches: load a frozen diffusers autoencoder; encode a dataset once, train without the VAE.
 
 The cache (built by a recipe's cache command, e.g. ``python -m dfm_ext.recipes.imagenet.cache``;
 read by :class:`~dfm_ext.recipes.engine.data.LatentCache`) is a folder::
@@ -22,9 +22,82 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_ext.recipes.engine.data import CACHE_FORMAT, LatentCodec
 
-__all__ = ["CacheOptions", "SkipUnreadable", "encode_class_cache", "encode_to_cache", "write_index", "write_latent_cache"]
+__all__ = [
+    "CACHE_FORMAT", "CacheMismatchError", "CacheOptions", "SkipUnreadable", "check_cache_metadata", "encode_class_cache",
+    "encode_to_cache", "load_frozen_vae", "load_vae", "looks_local", "write_index", "write_latent_cache",
+]  # fmt: skip
+
+#: The format tag of a latent cache's ``index.json``.
+CACHE_FORMAT = "dfm_ext.latent_cache/1"
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id.
+
+    Example:
+        >>> looks_local("./models/vae"), looks_local("black-forest-labs/FLUX.1-dev")
+        (True, False)
+    """
+    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+
+def load_frozen_vae(
+    cls: Any, path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    what: str = "VAE",
+) -> Any:  # fmt: skip
+    """``cls.from_pretrained(path, subfolder=...)`` (a diffusers autoencoder class), frozen, in eval mode.
+
+    Args:
+        what: how the messages name the model (e.g. ``"video VAE"``).
+
+    Raises:
+        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
+    """
+    local = looks_local(path)
+    root = Path(path).expanduser()
+    if local and not (root / (subfolder or "") / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {str(root / (subfolder or ''))!r} (expected a diffusers folder with config.json)")
+    vae = cls.from_pretrained(str(root) if local else path, subfolder=subfolder or None, torch_dtype=dtype)
+    vae.requires_grad_(False)
+    return vae.eval().to(device)
+
+
+def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """``AutoencoderKL.from_pretrained(path, subfolder=...)``, frozen, in eval mode.
+
+    Raises:
+        FileNotFoundError: ``path`` is a local path that does not exist.
+    """
+    from diffusers import AutoencoderKL
+
+    return load_frozen_vae(AutoencoderKL, path, subfolder, device=device, dtype=dtype)
+
+
+class CacheMismatchError(ValueError):
+    """The latent cache was built for another VAE, resolution or normalisation."""
+
+
+def check_cache_metadata(meta: dict[str, Any], expected: dict[str, Any], *, path: str = "cache") -> None:
+    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ."""
+    if meta.get("format") != CACHE_FORMAT:
+        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    diffs = []
+    for key, want in expected.items():
+        have = meta.get(key)
+        if isinstance(want, float) and isinstance(have, (int, float)):
+            same = abs(have - want) <= 1e-6 * max(1.0, abs(want))
+        else:
+            same = have == want
+        if not same:
+            diffs.append(f"{key}: cache has {have!r}, config wants {want!r}")
+    if diffs:
+        raise CacheMismatchError(
+            f"latent cache {path} does not match the config ({'; '.join(diffs)}); rebuild it with "
+            "python -m dfm_ext.recipes.imagenet.cache or point data.latent_cache elsewhere"
+        )
+
+
 
 
 def write_latent_cache(
@@ -131,7 +204,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
 
 def encode_to_cache(
     readable: SkipUnreadable,
-    codec: LatentCodec,
+    codec: Any,
     out: str | Path,
     *,
     metadata: dict[str, Any],

@@ -148,7 +148,7 @@ def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = T
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from dfm_ext.recipes.imagenet.assets import make_tiny_vae
+    from dfm_ext.recipes.engine.cli import make_tiny_vae
 
     path = Path(path)
     make_tiny_vae(path, seed=seed, latent_channels=LATENT_CHANNELS)

@@ -36,7 +36,7 @@ from dfm_ext.recipes.engine.cli import USAGE_ERRORS, cache_builder_parser, usage
 from dfm_ext.recipes.engine.config import load_config
 from dfm_ext.recipes.flux.config import FluxFinetuneConfig
 from dfm_ext.recipes.flux.encoders import FluxEncoders
-from dfm_ext.recipes.engine.data import CacheMismatchError
+from dfm_ext.recipes.engine.latents import CacheMismatchError
 from dfm_ext.recipes.engine.latents import write_index
 
 __all__ = ["FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata", "main"]

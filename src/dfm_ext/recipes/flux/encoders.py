@@ -33,7 +33,8 @@ class FluxEncoders:
     def codec(self, device: torch.device) -> Any:
         """:class:`~dfm_ext.recipes.engine.latents.LatentCodec` of the VAE in ``vae.subfolder``."""
         if self._codec is None:
-            from dfm_ext.recipes.engine.data import LatentCodec, load_vae
+            from dfm_ext.recipes.engine.data import LatentCodec
+            from dfm_ext.recipes.engine.latents import load_vae
 
             vae = self.cfg.vae
             model = load_vae(self.cfg.model.path, vae.subfolder, device=device, dtype=self.frozen_dtype(device))

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from dfm_ext.recipes.engine.cli import parse_config_args, train_main
-from dfm_ext.recipes.engine.data import dropout_mask, looks_local
+from dfm_ext.recipes.engine.data import dropout_mask
+from dfm_ext.recipes.engine.latents import looks_local
 from dfm_ext.recipes.engine.viz import save_progressive_samples
 from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
 from dfm_ext.recipes.engine.decomposition import build_decomposition

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_ext.recipes.engine.data import looks_local
+from dfm_ext.recipes.engine.latents import looks_local
 
 __all__ = ["FluxTextEncoder", "TextEmbeddings", "check_local_subfolders"]
 

@@ -20,13 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from dfm_ext.recipes.engine.cli import assets_main
+from dfm_ext.recipes.engine.cli import assets_main, make_tiny_vae
 
-__all__ = ["PHOTOS", "TINY_VAE_BLOCKS", "make_image_folder", "make_tiny_vae", "save_tiny_vae"]
+__all__ = ["PHOTOS", "make_image_folder", "main"]
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-#: The widths of the tiny VAEs (this image one and :mod:`.tiny_video_assets`' video one).
-TINY_VAE_BLOCKS: dict[str, Any] = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
 
 
 def make_image_folder(root: str | Path, *, per_class: int = 6, size: int = 48, photos: Sequence[str] = PHOTOS, seed: int = 0) -> Path:
@@ -51,28 +49,8 @@ def make_image_folder(root: str | Path, *, per_class: int = 6, size: int = 48, p
     return root
 
 
-def save_tiny_vae(cls: type, path: str | Path, seed: int, **config: Any) -> Path:
-    """``cls(**TINY_VAE_BLOCKS, **config)`` initialised under ``seed`` and saved with ``save_pretrained``
-    under ``path/vae`` (so it loads through ``from_pretrained``, as a real checkpoint does). Returns ``path``."""
-    import torch
-
-    torch.manual_seed(seed)
-    cls(**TINY_VAE_BLOCKS, **config).save_pretrained(str(Path(path) / "vae"))
-    return Path(path)
-
-
-def make_tiny_vae(path: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
-    """A 4x-downsampling ``AutoencoderKL`` (channels 8-16) saved under ``path/vae``."""
-    from diffusers import AutoencoderKL
-
-    return save_tiny_vae(
-        AutoencoderKL, path, seed, in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        scaling_factor=0.5, shift_factor=0.1,
-    )  # fmt: skip
-
-
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dfm_ext.recipes.imagenet.assets OUT``: photo crops and a tiny VAE."""
     assets_main(
         argv, prog="python -m dfm_ext.recipes.imagenet.assets", doc=__doc__, data_dir="images",
         make_data=make_image_folder, make_vae=make_tiny_vae,

@@ -31,7 +31,8 @@ from torch import nn
 
 from dfm_ext.recipes.engine.cli import check_batch, check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
-from dfm_ext.recipes.engine.data import ClassConditionalInputs, ImageFolder, LatentCache, LatentCodec, cycled_labels, load_vae
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, ImageFolder, LatentCache, LatentCodec, cycled_labels
+from dfm_ext.recipes.engine.latents import load_vae
 from dfm_ext.recipes.engine.decomposition import build_decomposition
 from dfm_ext.recipes.engine.sections import (
     ClassDataSection,

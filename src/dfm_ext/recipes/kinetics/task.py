@@ -170,7 +170,7 @@ def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.dev
     """
     from diffusers import AutoencoderKLCogVideoX
 
-    from dfm_ext.recipes.engine.data import load_frozen_vae
+    from dfm_ext.recipes.engine.latents import load_frozen_vae
 
     return load_frozen_vae(AutoencoderKLCogVideoX, path, subfolder, device=device, dtype=dtype, what="video VAE")
 
