@@ -191,7 +191,7 @@ def test_recipe_refuses_a_field_of_another_kind_before_compute() -> None:
 def test_old_run_configs_still_resume() -> None:
     """A config.yaml from before (only ``kind`` and ``factors``) matches the same run now."""
     from dfm_ext.recipes.engine.config import config_to_dict, load_config
-    from dfm_ext.recipes.engine.checkpoint import config_diff
+    from dfm_ext.recipes.engine.config import config_diff
     from dfm_ext.recipes.imagenet.task import ImageNetConfig
 
     defaults = config_to_dict(ImageNetConfig())

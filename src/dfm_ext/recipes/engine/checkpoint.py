@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from dfm_ext.fileio import atomic_write_text, fsync_directory
-from dfm_ext.recipes.engine.config import RESUMABLE_CHANGES, ConfigError, config_to_dict
+from dfm_ext.recipes.engine.config import ConfigError
 
 __all__ = [
     "DISK_FULL_ERRNOS", "EXTRA_STATE", "MANIFEST", "CorruptCheckpointError", "DiskFullError", "Stateful",
-    "check_output_writable", "check_resume_config", "choose_resume", "clean_partial", "config_diff", "disk_full_error",
-    "flatten_config", "list_checkpoints", "load_extra_state", "quarantine", "save_extra_state", "save_final_model",
+    "check_output_writable", "choose_resume", "clean_partial", "disk_full_error",
+    "list_checkpoints", "load_extra_state", "quarantine", "save_extra_state", "save_final_model",
     "state_digest", "step_dir_name", "tidy_checkpoints", "verify_manifest", "warn", "write_manifest", "write_step_folder",
 ]  # fmt: skip
 
@@ -329,43 +329,6 @@ def tidy_checkpoints(output_dir: Path, mode: str, resume: Path | None) -> None:
             print(f"moved {p} aside to {quarantine(p).name}", file=sys.stderr)
     if resume is not None and resume.parent == ckpts:
         atomic_write_text(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
-
-
-def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; values other than numbers, strings and bools become strings."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
-    """The flattened keys in which ``new`` differs from ``old``, except :data:`RESUMABLE_CHANGES`.
-
-    A key added to the config class after the run started counts as its default.
-    """
-    a, b = {**flatten_config(defaults or {}), **flatten_config(old)}, flatten_config(new)
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-
-
-def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None) -> None:
-    """Refuse to resume ``output_dir`` when its ``config.yaml`` differs from ``full_config`` outside :data:`RESUMABLE_CHANGES`."""
-    stored = output_dir / "config.yaml"
-    if resume is None or not stored.is_file():
-        return
-    import yaml
-
-    old = yaml.safe_load(stored.read_text()) or {}
-    try:
-        defaults = config_to_dict(type(full_config)())
-    except TypeError:  # a config class without defaults for every field
-        defaults = {}
-    diff = config_diff(old, config_to_dict(full_config), defaults)
-    if diff:
-        raise ConfigError(f"cannot resume {output_dir}: its config.yaml differs in {diff}; use another train.output_dir to start a new run")
 
 
 def check_output_writable(path: str | Path) -> None:

@@ -39,8 +39,8 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 __all__ = [
-    "RESUMABLE_CHANGES", "ConfigError", "OptimConfig", "TrainConfig", "apply_overrides", "config_dir", "config_to_dict",
-    "from_dict", "load_config", "resolve_config_path", "save_config", "yaml_value",
+    "RESUMABLE_CHANGES", "ConfigError", "OptimConfig", "TrainConfig", "apply_overrides", "check_resume_config", "config_diff",
+    "config_dir", "config_to_dict", "flatten_config", "from_dict", "load_config", "resolve_config_path", "save_config", "yaml_value",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -414,3 +414,45 @@ RESUMABLE_CHANGES = (
     "eval.",
     "sampling.",
 )
+
+
+# -- whether a run may resume with this config ---------------------------------------------------------
+
+
+def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; values other than numbers, strings and bools become strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """The flattened keys in which ``new`` differs from ``old``, except :data:`RESUMABLE_CHANGES`.
+
+    A key missing from ``old`` (added to the config class after the run started) counts as its ``defaults`` value.
+    """
+    a, b = {**flatten_config(defaults or {}), **flatten_config(old)}, flatten_config(new)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None) -> None:
+    """Refuse to resume ``output_dir`` when its ``config.yaml`` differs from ``full_config`` outside :data:`RESUMABLE_CHANGES`."""
+    stored = output_dir / "config.yaml"
+    if resume is None or not stored.is_file():
+        return
+    import yaml
+
+    old, new = yaml.safe_load(stored.read_text()) or {}, config_to_dict(full_config)
+    defaults: dict[str, Any] = {}
+    if set(flatten_config(new)) - set(flatten_config(old)):  # keys added since the run started: their defaults
+        try:
+            defaults = config_to_dict(type(full_config)())
+        except TypeError:  # a config class without defaults for every field
+            pass
+    diff = config_diff(old, new, defaults)
+    if diff:
+        raise ConfigError(f"cannot resume {output_dir}: its config.yaml differs in {diff}; use another train.output_dir to start a new run")

@@ -38,13 +38,11 @@ from dfm_ext.fileio import atomic_write_text
 from dfm_ext.recipes.engine.checkpoint import (
     Stateful,
     check_output_writable,
-    check_resume_config,
     choose_resume,
-    flatten_config,
     save_final_model,
     tidy_checkpoints,
 )
-from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, config_to_dict, save_config
+from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, flatten_config, save_config
 from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
 from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
 
