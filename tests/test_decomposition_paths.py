@@ -71,15 +71,10 @@ def test_factory_refuses_fields_of_other_kinds_and_bad_values() -> None:
         decomposition_config(type("Custom", (), {"num_stages": 1})())
 
 
-def test_old_wrapped_records_still_rebuild() -> None:
-    """``dfm_config.json`` written before the factory held ``params`` (a wavelet: factors *and* levels)."""
-    old = {
-        "class": "dfm_ext.decompositions.wavelet:WaveletDecomposition",
-        "repr": "WaveletDecomposition(wave='db2', levels=2, num_stages=2, mode='periodization', factors=(4, 1))",
-        "params": {"wave": "db2", "levels": 2, "num_stages": 2, "mode": "periodization", "factors": [4, 1]},
-    }
-    assert repr(decomposition_from_config(config_from_record(old))) == old["repr"]
-    lap = {"class": "dfm_ext.decompositions.laplacian:LaplacianPyramid", "repr": "", "params": {"factors": [2, 1], "down": "area", "up": "bilinear", "temporal_factors": None}}
+def test_records_without_a_config_are_custom_decompositions() -> None:
+    """Only ``save_pretrained``'s ``config`` rebuilds a decomposition (no reader for layouts no release wrote)."""
+    assert config_from_record({"class": "my.pkg:Mine", "repr": "Mine()", "config": None}) is None
+    lap = {"class": "dfm_ext.decompositions.laplacian:LaplacianPyramid", "config": {"kind": "laplacian", "factors": [2, 1]}}
     assert decomposition_config(decomposition_from_config(config_from_record(lap)))["factors"] == [2, 1]
 
 

@@ -7,8 +7,6 @@ background study keeps rewriting ``study.json``). An expression that fails stops
 naming the page and the expression. The benchmark plots are copied into the site under
 ``results/img/``.
 
-The hook also mirrors the installed package layout for mkdocstrings (see :func:`mirror_package`).
-
 ``python docs/hooks/results.py --headline`` prints the README's "Measured so far" lines from the
 same functions; ``tests/test_docs.py`` checks that README.md holds them.
 """

@@ -131,35 +131,8 @@ def decomposition_config(decomposition: Any) -> dict[str, Any]:
     return out
 
 
-def _kind_of_class(qualified: str) -> str | None:
-    """``"dfm_ext.decompositions.laplacian:LaplacianPyramid"`` -> ``"laplacian"`` (records written by ``save_pretrained``).
-
-    Only the class name is compared: records from before the subpackages name the flat modules
-    (``dfm_ext.laplacian:LaplacianPyramid``), and the built-in class names are unique.
-    """
-    module, _, name = qualified.partition(":")
-    for kind, cls in _classes().items():
-        if name == cls.__qualname__ and module.startswith("dfm_ext."):
-            return kind
-    return None
-
-
 def config_from_record(record: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The config in a saved decomposition record, new (``config``) or old (``class`` + ``params``).
-
-    Records written before the factory existed hold the constructor parameters read back from
-    attributes; for a wavelet these were ``factors`` *and* ``levels``/``num_stages`` (which the
-    constructor refuses together): ``factors`` alone describes the stages, so it is kept.
-    ``None``: the record holds no rebuildable config (a custom decomposition).
-    """
-    if record.get("config") is not None:
-        return dict(record["config"])
-    kind = _kind_of_class(str(record.get("class", "")))
-    params = record.get("params")
-    if kind is None or params is None:
-        return None
-    config = {"kind": kind, **{k: v for k, v in params.items() if k in DECOMPOSITION_FIELDS[kind]}}
-    if kind == "wavelet" and params.get("factors") is None:
-        config.update({k: params[k] for k in ("levels", "num_stages") if params.get(k) is not None})
-        config.pop("factors", None)
-    return config
+    """The config in a saved decomposition record (``save_pretrained``'s ``decomposition.config``);
+    ``None``: the record holds no rebuildable config (a custom decomposition)."""
+    config = record.get("config")
+    return None if config is None else dict(config)

@@ -205,7 +205,7 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
     """Rebuild a model exported to ``final/`` (DFM or baseline) for sampling with :class:`dfm_ext.DFMSampler`.
 
     Returns the :class:`dfm_ext.DFMTransformer` (DFM runs, any bucket's shape; a per-stage LoRA
-    re-applied, in this layout or the older one with ``stage_lora.json``) or a
+    re-applied) or a
     :class:`FluxFlowModel` (baseline); both follow the DFM model contract. Safetensors only.
     """
     from diffusers import FluxTransformer2DModel
@@ -216,11 +216,7 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
-        model = load_wrapped(directory, base, device=device)
-        # Exports written before any_sample_shape existed came from the bucketed wrapper, which
-        # accepted every bucket's shape: so does the reloaded model.
-        model.any_sample_shape = True
-        return model.to(device, dtype).eval()
+        return load_wrapped(directory, base, device=device).to(device, dtype).eval()
     if (directory / "config.json").is_file():
         transformer = FluxTransformer2DModel.from_pretrained(str(directory), torch_dtype=dtype)
         return FluxFlowModel(transformer).to(device).eval()
