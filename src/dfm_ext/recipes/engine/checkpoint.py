@@ -61,7 +61,7 @@ class Stateful(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+    def load_state_dict(self, state: Any) -> Any: ...
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -363,8 +363,9 @@ def check_output_writable(path: str | Path) -> None:
 def save_final_model(output_dir: Path, model: nn.Module) -> Path:
     """The trained model as ``output_dir/final``: its ``save_pretrained``, else ``model.safetensors``."""
     out = output_dir / "final"
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(out))
+    save = getattr(model, "save_pretrained", None)
+    if callable(save):
+        save(str(out))
     else:
         from safetensors.torch import save_file
 

@@ -61,7 +61,7 @@ class ConfigError(ValueError):
 
 def _hints(cls: type) -> dict[str, Any]:
     # Sections declared in a local scope (tests, notebooks) resolve through their default factories.
-    local = {}
+    local: dict[str, type] = {}
     for f in dataclasses.fields(cls):
         factory = f.default_factory
         if isinstance(factory, type):
@@ -95,7 +95,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=key)
@@ -150,7 +150,7 @@ def _unknown(key: str, prefix: str, valid: Sequence[str]) -> ConfigError:
 def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     """Build the dataclass ``cls`` from a nested mapping, checking every key and value."""
     hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
         if key not in fields:

@@ -21,17 +21,19 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler
 from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
-    "BatchPlan", "ClassConditionalInputs", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "collate_items",
+    "BatchPlan", "ClassConditionalInputs", "Codec", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "collate_items",
     "cycled_labels", "drop_labels", "dropout_mask", "read_with_fallback", "scan_class_folders", "scan_image_folder",
 ]  # fmt: skip
 
@@ -273,6 +275,14 @@ class PlanBatchSampler(torch.utils.data.Sampler):
 # -- latents ----------------------------------------------------------------------------------------
 
 
+class Codec(Protocol):
+    """Pixels ``[B, C, ...]`` in ``[-1, 1]`` <-> the latents a model trains on (a VAE's, or the pixels themselves)."""
+
+    def encode(self, pixels: Tensor, *, generator: torch.Generator | None = None) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class LatentCodec:
     """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` <-> normalised latents ``[B, C, H/f, W/f]``.
@@ -403,20 +413,21 @@ def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, devic
 class ClassConditionalInputs:
     """Shared by the class-conditional recipes: batches of pixels or cached latents, and labels.
 
-    Subclasses set ``cfg`` (with ``dfm.label_dropout``), ``decomposition``, ``timesteps`` and
-    ``null_class``, and implement :meth:`_load_codec`.
+    Subclasses set ``label_dropout``, ``decomposition``, ``timesteps`` and ``null_class``, and
+    implement :meth:`_load_codec`.
     """
 
-    cfg: Any
-    decomposition: Any
-    timesteps: Any
+    label_dropout: float
+    decomposition: Decomposition
+    timesteps: StageTimestepSampler
     null_class: int
-    _codec: Any = None
+    _codec: Codec | None = None
 
-    def _load_codec(self, device: torch.device) -> Any:
+    def _load_codec(self, device: torch.device) -> Codec:
         raise NotImplementedError
 
-    def codec(self, device: torch.device) -> Any:
+    def codec(self, device: torch.device) -> Codec:
+        """The pixels <-> latents codec, loaded on first use."""
         if self._codec is None:
             self._codec = self._load_codec(device)
         return self._codec
@@ -428,7 +439,7 @@ class ClassConditionalInputs:
 
     def training_inputs(
         self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device
-    ) -> tuple[list[Tensor], Tensor, Tensor]:
+    ) -> tuple[list[Tensor], StageTimesteps, Tensor]:
         """A step's stages, stage times and labels (label dropout applied), drawn from ``generator``.
 
         The draws come in a fixed order (posterior sample, times, dropout), which exact resume
@@ -437,5 +448,5 @@ class ClassConditionalInputs:
         z = self.latents(batch, device, generator)
         stages = self.decomposition.decompose(z)
         ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
-        labels = drop_labels(batch["label"].to(device), self.cfg.dfm.label_dropout, self.null_class, generator=generator)
+        labels = drop_labels(batch["label"].to(device), self.label_dropout, self.null_class, generator=generator)
         return stages, ts, labels

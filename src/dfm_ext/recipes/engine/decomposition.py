@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dfm_ext.decompositions.base import Decomposition
 from dfm_ext.recipes.engine.config import ConfigError, yaml_value
 
 __all__ = ["DecompositionConfig", "build_decomposition"]
@@ -107,7 +108,7 @@ class DecompositionConfig:
             out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
-    def build(self) -> Any:
+    def build(self) -> Decomposition:
         """The decomposition, through the library's factory."""
         from dfm_ext.decompositions.factory import decomposition_from_config
 
@@ -130,15 +131,7 @@ class DecompositionConfig:
             raise ConfigError(f"decomposition (kind={self.kind}) cannot split the {what} shape {tuple(shape)}: {e}") from e
 
 
-def yaml_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, tuple):
-        return str(list(value))
-    return str(value)
-
-
-def build_decomposition(cfg: DecompositionConfig) -> Any:
+def build_decomposition(cfg: DecompositionConfig) -> Decomposition:
     """The configured decomposition (:func:`dfm_ext.decomposition_from_config`); checks it is what ``cfg`` says."""
     from dfm_ext.decompositions.factory import decomposition_config
 

@@ -24,7 +24,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,10 @@ from dfm_ext.recipes.engine.checkpoint import (
     write_step_folder,
 )
 from dfm_ext.recipes.engine.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "full_state", "load_full_state", "make_parallelism", "shard_model",
@@ -57,8 +61,8 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):  # DDP, accelerate's wrappers
-        model = model.module
+    while isinstance(inner := getattr(model, "module", None), nn.Module):  # DDP, accelerate's wrappers
+        model = inner
     return model
 
 
@@ -157,7 +161,7 @@ class Parallelism(ABC):
     #: Whether every process takes part in sampling (collectives inside the forward).
     samples_on_every_rank = False
 
-    def __init__(self, accelerator: Any, train: TrainConfig) -> None:
+    def __init__(self, accelerator: Accelerator, train: TrainConfig) -> None:
         self.accelerator, self.train = accelerator, train
 
     @abstractmethod
@@ -275,7 +279,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every transformer block, then the root; returns ``model`` (sharded in place).
 
     Unused parameters (a stage's LoRA no local sample drew) are reduce-scattered as zero
@@ -378,7 +382,7 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
     """The full ``state_dict`` of a sharded model on rank 0 (CPU tensors; ``{}`` on the others); a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # type: ignore[return-value]
 
 
 def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: str = "model") -> dict[str, Tensor]:
@@ -396,7 +400,7 @@ def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: st
     return out
 
 
-def make_parallelism(accelerator: Any, train: TrainConfig) -> Parallelism:
+def make_parallelism(accelerator: Accelerator, train: TrainConfig) -> Parallelism:
     """:class:`FSDP2` for ``train.sharding=fsdp2`` (or ``auto`` under an accelerate FSDP launch config), else :class:`DDP`.
 
     Raises:

@@ -16,9 +16,16 @@ import importlib
 import math
 from dataclasses import dataclass, field
 import typing
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from torch import nn
+
+if TYPE_CHECKING:  # the library's classes, imported where they are built (keeps loading a config light)
+    from dfm_ext.decompositions.base import Decomposition
+    from dfm_ext.process.objective import DFMObjective
+    from dfm_ext.process.sampler import DFMSampler
+    from dfm_ext.process.timesteps import StageTimestepSampler
+    from dfm_ext.specialization import StageSpecialization
 
 from dfm_ext.recipes.engine.config import ConfigError, yaml_value
 from dfm_ext.recipes.engine.decomposition import DecompositionConfig
@@ -76,7 +83,7 @@ class DFMConfig:
     # (dfm_ext.process.allocation.ProgressAllocation, prior = stage_probabilities); "fixed": as given.
     allocation: Literal["fixed", "progress"] = "fixed"
 
-    def timestep_sampler(self, num_stages: int) -> Any:
+    def timestep_sampler(self, num_stages: int) -> StageTimestepSampler:
         """The :class:`dfm_ext.StageTimestepSampler` of this section.
 
         With ``allocation: progress`` the task feeds it each step's per-stage losses
@@ -89,10 +96,10 @@ class DFMConfig:
         allocation = make_allocation(self.allocation, num_stages, prior=prior) if num_stages > 1 else None
         return StageTimestepSampler(
             num_stages, probabilities=self.stage_probabilities, current=self.current, earlier=self.earlier,
-            mode=self.timestep_mode, allocation=allocation,
+            mode=self.timestep_mode, allocation=allocation,  # type: ignore[arg-type]
         )  # fmt: skip
 
-    def objective(self, num_stages: int) -> Any:
+    def objective(self, num_stages: int) -> DFMObjective:
         """The :class:`dfm_ext.DFMObjective` of this section."""
         from dfm_ext.process.objective import DFMObjective
 
@@ -168,7 +175,7 @@ class SamplingConfig:
         if not math.isfinite(self.guidance_scale):
             raise ConfigError(f"sampling.guidance_scale must be a finite number, got {self.guidance_scale}")
 
-    def sampler(self, decomposition: Any, **kwargs: Any) -> Any:
+    def sampler(self, decomposition: Decomposition, **kwargs: Any) -> DFMSampler:
         """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` passed on or replacing a setting, e.g. ``guidance_scale``)."""
         from dfm_ext.process.sampler import DFMSampler
         from dfm_ext.process.schedule import StageScheduler
@@ -297,7 +304,7 @@ class SpecializeConfig:
             if self.alpha is not None and not math.isfinite(self.alpha):
                 raise ConfigError(f"specialize.alpha must be a finite number or null, got {self.alpha}")
 
-    def apply(self, model: nn.Module) -> Any:
+    def apply(self, model: nn.Module) -> StageSpecialization | None:
         """:func:`dfm_ext.specialize` of ``model`` as configured (``None`` for ``kind=none``)."""
         from dfm_ext.specialization import specialize
 
@@ -311,8 +318,9 @@ class SpecializeConfig:
 
 def default_of(config: Any, section: str) -> Any:
     """The recipe's default ``section`` of the config class of ``config`` (its default factory's value)."""
-    f = next(f for f in dataclasses.fields(config) if f.name == section)
-    return f.default_factory()  # type: ignore[misc]
+    factory = next(f for f in dataclasses.fields(config) if f.name == section).default_factory
+    assert callable(factory), f"section {section} has no default factory"
+    return factory()
 
 
 @dataclass

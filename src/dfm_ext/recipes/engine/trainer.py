@@ -25,14 +25,15 @@ import json
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from dfm_ext.fileio import atomic_write_text
 from dfm_ext.recipes.engine.checkpoint import (
@@ -45,6 +46,10 @@ from dfm_ext.recipes.engine.checkpoint import (
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, flatten_config, save_config
 from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
 from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
+from dfm_ext.recipes.engine.sections import RecipeConfig
+
+if TYPE_CHECKING:  # accelerate is imported when a run starts, not when a recipe is imported
+    from accelerate import Accelerator
 
 __all__ = ["StepLoss", "TrainResult", "TrainTask", "Trainer", "adamw", "is_check_step", "step_generator", "warmup_lambda"]
 
@@ -183,17 +188,17 @@ class _Counters:
 class _Run:
     """Everything one :meth:`Trainer.fit` holds between steps."""
 
-    accelerator: Any
+    accelerator: Accelerator
     parallel: Parallelism
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: EMA | None
     counters: _Counters
     extra: dict[str, Stateful]
     plan: BatchPlan
-    batches: Any
-    bar: Any
+    batches: Iterator[dict[str, Any]] | None
+    bar: tqdm
     nonfinite: Tensor
     window: dict[str, Tensor] = field(default_factory=dict)
     window_steps: int = 0
@@ -216,7 +221,7 @@ class Trainer:
         name: the config name (fills ``{name}`` in ``train.output_dir``; the trackers' project).
     """
 
-    def __init__(self, task: TrainTask, dataset: torch.utils.data.Dataset, config: Any, *, name: str) -> None:
+    def __init__(self, task: TrainTask, dataset: torch.utils.data.Dataset, config: RecipeConfig, *, name: str) -> None:
         self.task, self.dataset, self.config, self.name = task, dataset, config, name
         self.train: TrainConfig = config.train
         self.optim: OptimConfig = config.optim
@@ -261,7 +266,7 @@ class Trainer:
         plan = self.task.batch_plan(len(self.dataset), t.global_batch_size, world_size=accelerator.num_processes,  # type: ignore[arg-type]
                                     accumulation=t.grad_accumulation, seed=t.seed, rank=accelerator.process_index)  # fmt: skip
         torch.manual_seed(t.seed)  # identical initial weights on every process
-        schedulers: list[Any] = []
+        schedulers: list[torch.optim.lr_scheduler.LambdaLR] = []
 
         def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
             # Before accelerate prepares it: a prepared scheduler would step once per process per step.
@@ -281,15 +286,13 @@ class Trainer:
             self.dataset, batch_sampler=PlanBatchSampler(plan, counters.step, t.steps), num_workers=t.num_workers,
             collate_fn=self.task.collate, pin_memory=accelerator.device.type == "cuda",
         )  # fmt: skip
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=t.steps, initial=counters.step, disable=not (accelerator.is_main_process and t.progress), desc=self.name, dynamic_ncols=True)
         model.train()
         nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         return _Run(accelerator, parallel, model, optimizer, schedulers[0], ema, counters, extra, plan, iter(loader), bar, nonfinite,
                     checked_step=counters.step)  # fmt: skip
 
-    def _accelerator(self) -> Any:
+    def _accelerator(self) -> Accelerator:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -301,7 +304,7 @@ class Trainer:
         folders = ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs"))
         return Accelerator(mixed_precision=mp, cpu=self.train.cpu, kwargs_handlers=handlers, log_with=trackers, project_config=folders)
 
-    def _resume_path(self, accelerator: Any) -> Path | None:
+    def _resume_path(self, accelerator: Accelerator) -> Path | None:
         """The checkpoint to resume from: decided on the main process, shared with the others."""
         decision: list[Any] = [None]
         if accelerator.is_main_process:
@@ -323,6 +326,7 @@ class Trainer:
     def _step(self, run: _Run) -> None:
         acc, step, device = self.train.grad_accumulation, run.counters.step, run.accelerator.device
         for micro in range(acc):
+            assert run.batches is not None, "the run has finished"
             batch = next(run.batches)
             bad = batch.get("bad", [])
             run.pending_skipped += len(bad)

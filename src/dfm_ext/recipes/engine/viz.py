@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from dfm_ext.process.sampler import SampleOutput
+from dfm_ext.recipes.engine.data import Codec
 
 __all__ = [
     "make_grid", "save_array_png", "save_image_grid", "save_loss_curves", "save_progressive", "save_progressive_samples", "smooth",
@@ -226,7 +228,7 @@ def save_loss_curves(
 
 
 @torch.no_grad()
-def save_progressive_samples(codec: Any, out: Any, out_dir: str | os.PathLike[str], step: int) -> Tensor:
+def save_progressive_samples(codec: Codec, out: SampleOutput, out_dir: str | os.PathLike[str], step: int) -> Tensor:
     """Decode a sampler output and save it with its stage previews as ``samples/step-<step>.png``.
 
     Returns:

@@ -31,7 +31,7 @@ from torch import nn
 
 from dfm_ext.recipes.engine.cli import check_batch, check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
-from dfm_ext.recipes.engine.data import ClassConditionalInputs, ImageFolder, LatentCache, LatentCodec, cycled_labels
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, Codec, ImageFolder, LatentCache, LatentCodec, cycled_labels
 from dfm_ext.recipes.engine.latents import load_vae
 from dfm_ext.recipes.engine.decomposition import build_decomposition
 from dfm_ext.recipes.engine.sections import (
@@ -119,11 +119,8 @@ class ImageNetConfig(RecipeConfig[DataConfig, VAEConfig, ModelConfig, ImageSampl
         self.decomposition.check_sample_shape((v.latent_channels, self.latent_size, self.latent_size))
 
 
-class PixelCodec(LatentCodec):
+class PixelCodec:
     """``vae.kind=none``: the pixels are the latents (no VAE)."""
-
-    def __init__(self) -> None:
-        super().__init__(vae=None, scale=1.0, shift=0.0)
 
     def encode(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         return pixels.float()
@@ -132,7 +129,7 @@ class PixelCodec(LatentCodec):
         return latents.float().clamp(-1, 1)
 
 
-def load_codec(cfg: ImageNetConfig, device: torch.device | str) -> LatentCodec:
+def load_codec(cfg: ImageNetConfig, device: torch.device | str) -> Codec:
     """The pixels <-> latents codec of the ``vae`` section."""
     if cfg.vae.kind == "none":
         return PixelCodec()
@@ -175,9 +172,9 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
         s = self.decomposition.num_stages
         self.timesteps = cfg.dfm.timestep_sampler(s)
         self.objective = cfg.dfm.objective(s)
-        self.null_class = cfg.data.num_classes
+        self.null_class, self.label_dropout = cfg.data.num_classes, cfg.dfm.label_dropout
 
-    def _load_codec(self, device: torch.device) -> LatentCodec:
+    def _load_codec(self, device: torch.device) -> Codec:
         return load_codec(self.cfg, device)
 
     def build_model(self) -> nn.Module:

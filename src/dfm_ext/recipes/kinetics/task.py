@@ -324,7 +324,7 @@ class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
         self.name = name
         self.decomposition = build_decomposition(cfg.decomposition)
         self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
-        self.null_class = cfg.data.num_classes
+        self.null_class, self.label_dropout = cfg.data.num_classes, cfg.dfm.label_dropout
         self.random_flip = cfg.data.random_flip
         self._codec: Any = None
 
