@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from dfm_ext import DiT, DiTConfig, decomposition_config, decomposition_from_config, load_wrapped, wrap_dit
+import dfm_ext
+from dfm_ext import DiT, DiTConfig, LaplacianPyramid, decomposition_config, decomposition_from_config, load_wrapped, wrap_dit
 from dfm_ext.decompositions.factory import config_from_record
 
 # (id, factory config): Laplacian 2 and 3 stages, wavelets with factors, DCT, identity.
@@ -251,3 +252,41 @@ def test_half_precision_computes_in_float32(name: str, dtype: torch.dtype) -> No
     for upto in range(d.num_stages):
         p = d.preview(stages, upto)
         assert p.dtype == dtype and torch.equal(p, d.preview(wide, upto).to(dtype))
+
+
+# ------------------------------------------------------------------------- inside mixed precision
+
+AUTOCAST_CONFIGS = {
+    **CONFIGS,
+    "db2": {"kind": "wavelet", "wave": "db2", "factors": [2, 1]},
+    "dct-bands": {"kind": "dct", "block_size": 4, "bands": [1, 2]},
+    "laplacian-3": {"kind": "laplacian", "factors": [4, 2, 1]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUTOCAST_CONFIGS))
+def test_decompositions_are_exact_inside_bf16_autocast(name: str) -> None:
+    """A mixed-precision training step decomposes inside autocast: stages stay float32 and exact."""
+    d = decomposition_from_config(AUTOCAST_CONFIGS[name])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stages = d.decompose(x)
+        back, preview = d.recompose(stages), d.preview(stages, 0)
+    assert all(s.dtype == torch.float32 for s in stages) and back.dtype == preview.dtype == torch.float32
+    assert float((back - x).abs().max() / x.abs().max()) <= 1e-6
+    for s, ref in zip(stages, d.decompose(x)):
+        assert torch.equal(s, ref)  # the same numbers as outside autocast
+
+
+def test_the_per_stage_error_is_float32_inside_bf16_autocast() -> None:
+    """The model runs in bf16 under autocast; the DFM error and loss are still computed in float32."""
+    torch.manual_seed(0)
+    base = DiT(DiTConfig.preset("tiny", input_size=16, in_channels=4, num_classes=4, class_dropout_prob=0.0))
+    model = wrap_dit(base, LaplacianPyramid(factors=(2, 1)), sample_shape=(4, 16, 16))
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    times = dfm_ext.StageTimestepSampler(2).sample(4, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stages = model.decomposition.decompose(x)
+        out = dfm_ext.DFMObjective(2)(model, stages, times, generator=torch.Generator().manual_seed(3), y=torch.arange(4))
+        assert model(stages, times.t, times.stage, times.mask, y=torch.arange(4))[0].dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in out.per_stage)

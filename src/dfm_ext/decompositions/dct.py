@@ -34,7 +34,7 @@ from dfm_ext.decompositions.resample import (
     fold_frames,
     unfold_frames,
 )
-from dfm_ext.decompositions.base import check_sample
+from dfm_ext.decompositions.base import check_sample, outside_autocast
 from dfm_ext.decompositions.pyramid import ResidualPyramid
 
 __all__ = ["DCTDecomposition", "dct_matrix"]
@@ -174,6 +174,7 @@ class DCTDecomposition(ResidualPyramid):
         b = self.block_size
         return [shape[:-2] + (shape[-2] // b * k, shape[-1] // b * k) for k in self._sizes]
 
+    @outside_autocast
     def decompose(self, x: Tensor) -> list[Tensor]:
         """Split ``x`` into ``S`` frequency bands, each an image at its stage's resolution."""
         x = check_sample(x)

@@ -28,7 +28,7 @@ from dfm_ext.decompositions.resample import (
     resize_temporal,
     unfold_frames,
 )
-from dfm_ext.decompositions.base import check_sample
+from dfm_ext.decompositions.base import check_sample, outside_autocast
 from dfm_ext.decompositions.pyramid import ResidualPyramid
 
 __all__ = ["LaplacianPyramid"]
@@ -165,6 +165,7 @@ class LaplacianPyramid(ResidualPyramid):
         y = resize_spatial(fold_frames(x), size, mode, down=down)
         return unfold_frames(y, x.shape)
 
+    @outside_autocast
     def decompose(self, x: Tensor) -> list[Tensor]:
         """Split ``x`` into ``S`` stages, coarse to fine (see the module docstring)."""
         x = check_sample(x)

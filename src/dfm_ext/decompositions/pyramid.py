@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from dfm_ext.decompositions.base import outside_autocast
 from dfm_ext.decompositions.resample import check_recompose_input, fold_frames, unfold_frames, upcast
 
 __all__ = ["ResidualPyramid"]
@@ -59,11 +60,13 @@ class ResidualPyramid:
         out = self._unfold(xbar, full)
         return out if back is None else out.to(back)
 
+    @outside_autocast
     def recompose(self, stages: Sequence[Tensor]) -> Tensor:
         """Exact inverse of ``decompose``: ``xbar_s = up(xbar_{s-1}) + x_s``; returns ``xbar_{S-1}``."""
         stages, full = check_recompose_input(stages, self.num_stages, self.stage_shapes, self._ratio)
         return self._accumulate(stages, full)
 
+    @outside_autocast
     def preview(self, stages: Sequence[Tensor], upto: int) -> Tensor:
         """``xbar_upto``: the sample from stages ``0..upto``, at stage ``upto``'s resolution.
 

@@ -43,7 +43,7 @@ from dfm_ext.decompositions.resample import (
     fold_frames,
     unfold_frames,
 )
-from dfm_ext.decompositions.base import check_sample
+from dfm_ext.decompositions.base import check_sample, outside_autocast
 from dfm_ext.decompositions.pyramid import ResidualPyramid
 
 __all__ = ["WaveletDecomposition"]
@@ -271,6 +271,7 @@ class WaveletDecomposition(ResidualPyramid):
         """``A_r`` -> its part of ``A_{r - levels}``: inverse DWT with zero details, rescaled."""
         return self._synthesize(synth, a, [None] * levels) * 2.0**levels
 
+    @outside_autocast
     def decompose(self, x: Tensor) -> list[Tensor]:
         """Split ``x`` into ``S`` stages in the spatial domain, coarse to fine (see the module docstring)."""
         x = check_sample(x)

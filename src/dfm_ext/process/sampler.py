@@ -168,7 +168,7 @@ class DFMSampler:
         exact = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
         times = table.to(device=dev, dtype=exact)
         remaining = (1 - table).to(device=dev, dtype=exact)
-        active = self.scheduler.active_stage().tolist()
+        active = [k for k, n in enumerate(self.scheduler.steps) for _ in range(n)]  # host ints, as the schedule
         ends = {e - 1: k for k, e in enumerate(self.scheduler.boundaries)}  # step index -> finished stage
         own = None if self.scales_given else model_stage_scales(model)
         scales = (self.scales if own is None else own).to(device=dev, dtype=dtype)
