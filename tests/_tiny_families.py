@@ -228,6 +228,21 @@ def _longcat_image_call(m, x, t, cond):  # LongCatImagePipeline.prepare_pos_ids:
     return _dual_stream_call(m, x, t, cond, timestep=1.0 - t, txt_ids=txt, img_ids=img.reshape(-1, 3))
 
 
+def tiny_skyreels_v2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return _build(
+        SkyReelsV2Transformer3DModel, path, seed,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+        inject_sample_info=True, num_frame_per_block=2,  # the fps embedding and a block-causal mask over 4 frames
+    )
+
+
+def _skyreels_v2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -333,6 +348,7 @@ FAMILIES = {
     "ovis_image": (tiny_ovis_image, _ovis_image_call, (C, 8, 8), "ovis_image"),
     "longcat_image": (tiny_longcat_image, _longcat_image_call, (C, 8, 8), "longcat_image"),
     "bria": (tiny_bria, _bria_call, (C, 8, 8), "bria"),
+    "skyreels_v2": (tiny_skyreels_v2, _skyreels_v2_call, (C, 4, 8, 8), "skyreels_v2"),
 }
 
 
@@ -341,6 +357,8 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
+    if family == "skyreels_v2":
+        out["fps"] = torch.ones(batch, dtype=torch.long)  # the pipeline's class for 24 fps (0 is 16 fps)
     if family == "cogview4":  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
         size = torch.tensor([[64.0, 64.0]] * batch)
         out.update(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))

@@ -41,6 +41,7 @@ CHECKPOINTED = {
     "ovis_image": ("transformer_blocks", "single_transformer_blocks"),
     "longcat_image": ("transformer_blocks", "single_transformer_blocks"),
     "bria": ("transformer_blocks", "single_transformer_blocks"),
+    "skyreels_v2": ("blocks",),
 }
 
 

@@ -40,6 +40,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "OvisImageTransformer2DModel": "ovis_image",
         "LongCatImageTransformer2DModel": "longcat_image",
         "BriaTransformer2DModel": "bria",
+        "SkyReelsV2Transformer3DModel": "skyreels_v2",
     }
 )
 
@@ -104,7 +105,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "QwenImage21Transformer2DModel": f"{_CONTEXT}: image masks and a key-value cache of reference images",
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
-        "SkyReelsV2Transformer3DModel": "not written yet: Wan's layout plus an fps embedding and a causal block mask",
         "WanVACETransformer3DModel": "not written yet: Wan plus VACE control blocks reading control latents (vace_patch_embedding)",
         "CogView3PlusTransformer2DModel": "not written yet: CogView3's v-prediction DDIM convention and size conditioning",
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
