@@ -414,7 +414,7 @@ class ReducibleAllocation:
                 protocol's argument); the cells need the per-sample losses below.
             stage: ``[B]`` long, each sample's current stage.
             bins: ``[B]`` long in ``[0, J)``, the base-quantile bin of its current time
-                (:meth:`StageTimestepSampler.time_bins <dfm_ext.process.timesteps.StageTimestepSampler.time_bins>`).
+                (:meth:`~dfm_ext.process.timesteps.StageTimestepSampler.time_bins`).
             errors: ``[B]`` the current stage's per-sample loss (non-finite entries are skipped).
 
         Raises:
