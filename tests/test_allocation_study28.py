@@ -72,12 +72,15 @@ def test_reducible_arm_resumes_exactly_and_traces_its_choices(study, data) -> No
 
 def test_queue_runs_issue_28_first_and_keeps_the_old_groups_on_the_old_datasets(study) -> None:
     q = study.queue(study.FULL)
-    assert q[0] == ("opencv-digits", 0, study.CORE, 500) and q[1] == ("video-frames", 0, study.CORE, 500)
+    assert q[0] == ("opencv-digits", 0, study.CORE + study.CANDIDATES, 500)
+    assert q[3] == ("fashion-mnist", 0, ("DFM reducible", "DFM eq4 p0=0.7"), 500)
+    held_out = [i for i, g in enumerate(q) if g[0] in study.HELD_OUT]
+    assert held_out[0] > q.index(("opencv-digits", 1, study.CORE, 2000))  # checked after the second seed of the core
     old_arms = {"DFM signal", "DFM auto", "DFM std", "DFM p0=0.7", "DFM eq4"}
     assert all(ds in study.OLD_DATASETS for ds, _, arms, _ in q if set(arms) & old_arms)
     issue28 = set(study.CORE) | set(study.CANDIDATES)
-    assert all(set(arms) <= issue28 for _, _, arms, _ in q[:48])  # 8 phases x 3 budgets x 2 datasets
-    assert q[48] == ("fashion-mnist", 0, study.MAIN, 500)  # then issue 16's groups (done to 2000: skipped)
+    assert all(set(arms) <= issue28 for _, _, arms, _ in q[:36])  # 12 (dataset, seed, arms) groups x 3 budgets
+    assert q[36] == ("fashion-mnist", 0, study.MAIN, 500)  # then issue 16's groups (done to 2000: skipped)
     seen = {(ds, seed, arm, b) for ds, seed, arms, b in q for arm in arms}
     for ds in study.DATASETS:  # every issue-28 arm, both seeds, every budget up to 2000
         for arm in ("FM", "DFM", "DFM reducible", *study.CANDIDATES):
