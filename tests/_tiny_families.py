@@ -243,6 +243,21 @@ def _skyreels_v2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict
     return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
 
 
+def tiny_cogview3plus(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import CogView3PlusTransformer2DModel
+
+    return _build(
+        CogView3PlusTransformer2DModel, path, seed,
+        patch_size=2, in_channels=C, out_channels=C, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=TEXT_DIM, time_embed_dim=16, condition_dim=4, pos_embed_max_size=16, sample_size=8,
+    )
+
+
+def _cogview3plus_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # CogVideoX's DDIM scheduler: integer DDPM steps (999 = noise), v-prediction taken raw.
+    return m(x, timestep=999.0 - 999.0 * t, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -349,6 +364,7 @@ FAMILIES = {
     "longcat_image": (tiny_longcat_image, _longcat_image_call, (C, 8, 8), "longcat_image"),
     "bria": (tiny_bria, _bria_call, (C, 8, 8), "bria"),
     "skyreels_v2": (tiny_skyreels_v2, _skyreels_v2_call, (C, 4, 8, 8), "skyreels_v2"),
+    "cogview3plus": (tiny_cogview3plus, _cogview3plus_call, (C, 8, 8), "cogview3plus"),
 }
 
 
@@ -359,7 +375,7 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
     if family == "skyreels_v2":
         out["fps"] = torch.ones(batch, dtype=torch.long)  # the pipeline's class for 24 fps (0 is 16 fps)
-    if family == "cogview4":  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
+    if family in ("cogview4", "cogview3plus"):  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
         size = torch.tensor([[64.0, 64.0]] * batch)
         out.update(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
     if family == "hunyuandit":

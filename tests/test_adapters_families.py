@@ -42,6 +42,7 @@ CHECKPOINTED = {
     "longcat_image": ("transformer_blocks", "single_transformer_blocks"),
     "bria": ("transformer_blocks", "single_transformer_blocks"),
     "skyreels_v2": ("blocks",),
+    "cogview3plus": ("transformer_blocks",),
 }
 
 

@@ -41,6 +41,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "LongCatImageTransformer2DModel": "longcat_image",
         "BriaTransformer2DModel": "bria",
         "SkyReelsV2Transformer3DModel": "skyreels_v2",
+        "CogView3PlusTransformer2DModel": "cogview3plus",
     }
 )
 
@@ -106,7 +107,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
         "WanVACETransformer3DModel": "not written yet: Wan plus VACE control blocks reading control latents (vace_patch_embedding)",
-        "CogView3PlusTransformer2DModel": "not written yet: CogView3's v-prediction DDIM convention and size conditioning",
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
         "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
