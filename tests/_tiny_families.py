@@ -258,6 +258,21 @@ def _cogview3plus_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dic
     return m(x, timestep=999.0 - 999.0 * t, **cond).sample
 
 
+def tiny_sana_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import SanaVideoTransformer3DModel
+
+    return _build(
+        SanaVideoTransformer3DModel, path, seed,
+        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=TEXT_DIM,
+        mlp_ratio=2.0, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32,
+    )
+
+
+def _sana_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample  # flow DPM-Solver: 1000 sigma, noise - x
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -365,6 +380,7 @@ FAMILIES = {
     "bria": (tiny_bria, _bria_call, (C, 8, 8), "bria"),
     "skyreels_v2": (tiny_skyreels_v2, _skyreels_v2_call, (C, 4, 8, 8), "skyreels_v2"),
     "cogview3plus": (tiny_cogview3plus, _cogview3plus_call, (C, 8, 8), "cogview3plus"),
+    "sana_video": (tiny_sana_video, _sana_video_call, (C, 2, 8, 8), "sana_video"),
 }
 
 

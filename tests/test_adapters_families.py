@@ -43,6 +43,7 @@ CHECKPOINTED = {
     "bria": ("transformer_blocks", "single_transformer_blocks"),
     "skyreels_v2": ("blocks",),
     "cogview3plus": ("transformer_blocks",),
+    "sana_video": ("transformer_blocks",),
 }
 
 

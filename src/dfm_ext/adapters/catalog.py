@@ -42,6 +42,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "BriaTransformer2DModel": "bria",
         "SkyReelsV2Transformer3DModel": "skyreels_v2",
         "CogView3PlusTransformer2DModel": "cogview3plus",
+        "SanaVideoTransformer3DModel": "sana_video",
     }
 )
 
@@ -129,7 +130,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
         "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
         "CosmosTransformer3DModel": "not written yet: EDM-style (sigma-scaled) inputs and padding masks",
-        "SanaVideoTransformer3DModel": "not written yet: Sana's linear-attention blocks over video",
         "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
         "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
