@@ -240,6 +240,7 @@ def tiny_skyreels_v2(path: Path, seed: int = 0) -> nn.Module:
 
 
 def _skyreels_v2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    cond = {**cond, "fps": cond["fps"].tolist()}  # the pipeline's list of frame-rate classes
     return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
 
 
