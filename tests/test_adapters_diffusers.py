@@ -47,12 +47,12 @@ def _flux_unpack(y: torch.Tensor, h: int, w: int) -> torch.Tensor:  # FluxPipeli
     return y.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
-def _base_dit(m, x, t, cond):  # DDPM timesteps 0..999, epsilon + learned sigma: keep the first C channels
-    return m(x, timestep=999.0 - 999.0 * t, **cond).sample[:, :C]
+def _base_dit(m, x, t, cond):  # DDPM timesteps 0..999, epsilon + learned sigma: -epsilon (the first C channels)
+    return -m(x, timestep=999.0 - 999.0 * t, **cond).sample[:, :C]
 
 
 def _base_pixart(m, x, t, cond):
-    return m(x, timestep=999.0 - 999.0 * t, **cond).sample[:, :C]
+    return -m(x, timestep=999.0 - 999.0 * t, **cond).sample[:, :C]
 
 
 def _base_sd3(m, x, t, cond):  # timestep = 1000 sigma, sigma = 1 - t; predicts noise - x

@@ -41,6 +41,9 @@ CHECKPOINTED = {
     "ovis_image": ("transformer_blocks", "single_transformer_blocks"),
     "longcat_image": ("transformer_blocks", "single_transformer_blocks"),
     "bria": ("transformer_blocks", "single_transformer_blocks"),
+    "skyreels_v2": ("blocks",),
+    "cogview3plus": ("transformer_blocks",),
+    "sana_video": ("transformer_blocks",),
 }
 
 

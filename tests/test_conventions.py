@@ -183,9 +183,10 @@ DiT.__module__ = SiT.__module__ = "models"
 LightningDiT.__module__ = "models.lightningdit"
 
 # paper time t -> each model's own prediction, in the library's convention where the model has
-# one: DiT's epsilon stays epsilon (only time is converted), SiT/LightningDiT give x - noise.
+# one: DiT's epsilon is taken as -epsilon (the default for "discrete", benchmarks/epsilon_init.py),
+# SiT/LightningDiT give x - noise.
 OWN = {
-    DiT: ("discrete", lambda m, x, t, y: m(x, 999.0 * (1.0 - t), y)[:, :C]),
+    DiT: ("discrete", lambda m, x, t, y: -m(x, 999.0 * (1.0 - t), y)[:, :C]),
     SiT: ("unit", lambda m, x, t, y: m(x, t, y)),
     LightningDiT: ("unit", lambda m, x, t, y: m(x, t, y)),
 }

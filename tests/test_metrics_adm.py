@@ -324,7 +324,7 @@ def test_i3d_features_equal_cd_fvd(tmp_path: Path) -> None:
 
 
 def test_adm_inception_features_from_torch_fidelity(tmp_path: Path) -> None:
-    from dfm_ext.metrics.adm import _torch_fidelity_inception
+    from dfm_ext.metrics.adm_features import _torch_fidelity_inception
 
     if importlib.util.find_spec("torch_fidelity") is None:
         pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity)")

@@ -172,18 +172,18 @@ def test_wrapped_dit_host_route_equals_masked_route(stage: list[int], monkeypatc
     the largest magnitude) between the host-counted route with the batch grouped by stage (the
     default for a DFMTransformer: inputs reordered, output put back), the host-counted route in
     the caller's order, and the masked route."""
-    from dfm_ext.specialization import layers as L
+    from dfm_ext.specialization import lora_ops as L
     from dfm_ext.specialization import routing as S
     from dfm_ext.specialization.state import stage_context
 
     calls = {"blocks": 0}
-    blocks_apply = L._StageLoRABlocks.apply
+    blocks_apply = L.StageLoRABlocks.apply
 
     def counting_apply(*args):
         calls["blocks"] += 1
         return blocks_apply(*args)
 
-    monkeypatch.setattr(L._StageLoRABlocks, "apply", counting_apply)
+    monkeypatch.setattr(L.StageLoRABlocks, "apply", counting_apply)
     model = _wrapped_tiny()
     spec = specialize(model, kind="lora", targets="all", rank=4, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)

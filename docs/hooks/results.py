@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-IMAGES = ("quality.png", "study.png", "study_p0.png", "study_grid_*.png")
+IMAGES = ("quality.png", "study.png", "study_p0.png", "study_allocation.png", "study_grid_*.png")
 
 
 # ---- records ------------------------------------------------------------------------------------
@@ -262,6 +262,53 @@ def study_grids() -> str:
 
 def study_budgets() -> list[int]:
     return sorted({int(s) for r in record("study")["runs"].values() for s in r["evals"]})
+
+
+# Issue 28's macros degrade to a plain "not run yet" where a cell is missing: its pages are written
+# before the long runs and must build (and say so) while the queue is still on its way.
+NOT_RUN = "(not run yet)"
+
+
+def _seeds(ds: str, arm: str, step: int) -> list[int]:
+    runs = record("study")["runs"]
+    return sorted(int(k.rsplit("|", 1)[1]) for k, r in runs.items() if k.startswith(f"{ds}|{arm}|") and str(step) in r["evals"])
+
+
+def st_or(ds: str, arm: str, step: int, key: str = "swd", digits: int = 1) -> str:
+    """:func:`st_mean` with ``digits`` decimals and the number of seeds, or ``(not run yet)``."""
+    seeds = _seeds(ds, arm, step)
+    if not seeds:
+        return NOT_RUN
+    return f"{st_mean(ds, arm, step, key):.{digits}f} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+
+
+def st_mratio_or(ds: str, arm: str, step: int, key: str = "swd") -> str:
+    """:func:`st_mratio` with the seeds behind it, or ``(not run yet)`` when either arm lacks ``step``."""
+    n = min(len(_seeds(ds, arm, step)), len(_seeds(ds, "FM", step)))
+    return f"{st_mratio(ds, arm, step, key)} ({n} seed{'s' if n > 1 else ''})" if n else NOT_RUN
+
+
+def study_runs_of(arms: tuple[str, ...] = ("DFM reducible", "DFM eq4 p0=0.7")) -> str:
+    """Which runs of ``arms`` and of the issue-28 datasets exist: ``dataset arm seed @last`` items."""
+    runs = record("study")["runs"]
+    items = [f"{r['dataset']} {r['arm']} seed {r['seed']} to {max(map(int, r['evals']))}" for r in runs.values()
+             if r["evals"] and (r["arm"] in arms or r["dataset"] in ("opencv-digits", "video-frames"))]  # fmt: skip
+    return "; ".join(sorted(items)) if items else "none yet"
+
+
+def alloc_choice(ds: str, step: int, seed: int = 0, arm: str = "DFM reducible") -> str:
+    """What the new allocation had chosen at ``step``: stage probabilities and the fine stage's
+    time-bin probabilities, or ``(not run yet)``."""
+    run = record("study")["runs"].get(f"{ds}|{arm}|{seed}", {})
+    at = {e["step"]: e for e in run.get("allocation_trace", [])}
+    if step not in at:
+        return NOT_RUN
+    return f"p = {at[step]['p']}, fine-stage time bins {at[step]['time_weights'][-1]}"
+
+
+def study_image(name: str, alt: str) -> str:
+    """``![alt](img/name)`` when the study has written that picture, else a note that it has not."""
+    return f"![{alt}](img/{name})" if (RESULTS / name).is_file() else f"*({name}: {NOT_RUN[1:-1]})*"
 
 
 # ---- the API index ------------------------------------------------------------------------------

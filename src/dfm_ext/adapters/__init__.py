@@ -28,6 +28,9 @@ name               family
 ``ovis_image``     diffusers ``OvisImageTransformer2DModel`` (FLUX.1-style, :mod:`~dfm_ext.adapters.dual_stream`)
 ``longcat_image``  diffusers ``LongCatImageTransformer2DModel`` (FLUX.1-style)
 ``bria``           diffusers ``BriaTransformer2DModel`` (FLUX.1-style)
+``skyreels_v2``    diffusers ``SkyReelsV2Transformer3DModel`` (Wan's layout, fps and block-causal mask)
+``cogview3plus``   diffusers ``CogView3PlusTransformer2DModel`` (declarative)
+``sana_video``     diffusers ``SanaVideoTransformer3DModel`` (declarative)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -67,6 +70,9 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.ovis_image import OvisImageAdapter
     from dfm_ext.adapters.longcat_image import LongCatImageAdapter
     from dfm_ext.adapters.bria import BriaAdapter
+    from dfm_ext.adapters.skyreels_v2 import SkyReelsV2Adapter
+    from dfm_ext.adapters.cogview3plus import CogView3PlusAdapter
+    from dfm_ext.adapters.sana_video import SanaVideoAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -90,6 +96,9 @@ _CLASSES = {
     "OvisImageAdapter": "ovis_image",
     "LongCatImageAdapter": "longcat_image",
     "BriaAdapter": "bria",
+    "SkyReelsV2Adapter": "skyreels_v2",
+    "CogView3PlusAdapter": "cogview3plus",
+    "SanaVideoAdapter": "sana_video",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -104,6 +113,7 @@ _DIFFUSERS = {
     "sana": "sana", "auraflow": "auraflow", "wan": "wan", "lumina2": "lumina2", "qwenimage": "qwenimage",
     "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit", "cogview4": "cogview4", "chroma": "chroma",
     "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
+    "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

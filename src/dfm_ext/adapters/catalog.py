@@ -40,6 +40,9 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "OvisImageTransformer2DModel": "ovis_image",
         "LongCatImageTransformer2DModel": "longcat_image",
         "BriaTransformer2DModel": "bria",
+        "SkyReelsV2Transformer3DModel": "skyreels_v2",
+        "CogView3PlusTransformer2DModel": "cogview3plus",
+        "SanaVideoTransformer3DModel": "sana_video",
     }
 )
 
@@ -104,9 +107,7 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "QwenImage21Transformer2DModel": f"{_CONTEXT}: image masks and a key-value cache of reference images",
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
-        "SkyReelsV2Transformer3DModel": "not written yet: Wan's layout plus an fps embedding and a causal block mask",
         "WanVACETransformer3DModel": "not written yet: Wan plus VACE control blocks reading control latents (vace_patch_embedding)",
-        "CogView3PlusTransformer2DModel": "not written yet: CogView3's v-prediction DDIM convention and size conditioning",
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
         "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
@@ -129,7 +130,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
         "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
         "CosmosTransformer3DModel": "not written yet: EDM-style (sigma-scaled) inputs and padding masks",
-        "SanaVideoTransformer3DModel": "not written yet: Sana's linear-attention blocks over video",
         "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
         "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",

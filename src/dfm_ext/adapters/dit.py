@@ -32,11 +32,16 @@ The convention comes from ``wrap_dit(..., time_convention=)`` (or
 == "x1000"``); with neither, :meth:`DiTFamilyAdapter.bind` raises a ``ValueError`` listing the
 choices, before the model is touched.
 
-What "converted" means: the adapter converts *time* only. The wrapped stage-0 output with
-``init="pretrained"`` is the base model's own output (first ``C`` channels) times
-``output_scale``: a velocity ``x - noise`` for SiT, LightningDiT and ``dfm_ext.DiT``, but
-still epsilon for the original DiT, which DFM finetuning then turns into a velocity.
-``output_scale=-1`` flips the sign for models trained to predict ``noise - x``.
+What "converted" means: the adapter converts *time*, and the output's sign. The wrapped stage-0
+output with ``init="pretrained"`` is the base model's own output (first ``C`` channels) times
+``output_scale``: a velocity ``x - noise`` for SiT, LightningDiT and ``dfm_ext.DiT``; for the
+original DiT (``"discrete"``, an epsilon model) ``-epsilon``, which DFM finetuning then turns into
+a velocity. ``-epsilon`` is the default for ``"discrete"`` because it starts closest among the
+treatments that keep a velocity output (``benchmarks/epsilon_init.py``: DFM loss 1.31 at the
+pretrained init against 3.00 for the raw epsilon, 0.318 against 0.564 after 500 steps; the exact
+epsilon-to-velocity conversion starts lower, 0.35, but ends level by 500 steps and divides by
+``t`` near noise). ``output_scale`` overrides it (``1``: the raw output; ``-1`` also for models
+trained to predict ``noise - x``).
 """
 
 from __future__ import annotations
@@ -58,7 +63,16 @@ from dfm_ext.wrapping.embeddings import MultiScaleHead
 
 from .common import call_block, check_installed, check_stage0_channels, fixed_grid_hint, parse_conditioning, scaled_output
 
-__all__ = ["DiTFamilyAdapter", "LabelConditioning", "check_labels", "embed_labels", "ADAPTER"]
+__all__ = ["DiTFamilyAdapter", "LabelConditioning", "check_labels", "default_output_scale", "embed_labels", "ADAPTER"]
+
+
+def default_output_scale(time_convention: Any) -> float:
+    """``-1`` for ``"discrete"`` (DDPM's integer time: an epsilon model, taken as ``-epsilon``), else ``1``.
+
+    ``-epsilon`` is what an epsilon model's output is closest to as a velocity ``x - noise`` near
+    noise, and it keeps the output a velocity for DFM finetuning (``benchmarks/epsilon_init.py``).
+    """
+    return -1.0 if time_convention == "discrete" else 1.0
 
 
 def check_labels(model: nn.Module, y: Any, batch: int) -> Tensor:
@@ -108,7 +122,7 @@ def embed_labels(embedder: nn.Module, y: Tensor, train: bool, force_drop_ids: Te
 
 
 _CHOICES = (
-    ("facebookresearch DiT", "discrete", "integer step 999 (1 - t); output stays epsilon"),
+    ("facebookresearch DiT", "discrete", "integer step 999 (1 - t); epsilon output, taken as -epsilon"),
     ("SiT, LightningDiT", "unit", "t itself, t = 1 data; output velocity x - noise"),
     ("1000 t (dfm_ext.DiT)", "x1000", "1000 t, 1000 = data"),
 )
@@ -150,7 +164,9 @@ class DiTFamilyAdapter:
     Args:
         time_convention: how the model's timestep embedder reads time (see the module
             docstring); ``None`` (default): the model must declare it as ``dfm_time_convention``.
-        output_scale: multiplies the model output (``-1`` for models predicting ``noise - x``).
+        output_scale: multiplies the model output (``-1`` for models predicting ``noise - x``);
+            default (``None``): ``-1`` for ``"discrete"`` (an epsilon model, taken as ``-epsilon``),
+            ``1`` for the other conventions.
 
     Conditioning: ``y`` (long ``[B]`` class labels, required); optional ``force_drop_ids``
     (``[B]``, 1 = drop the label) or ``generator`` for reproducible label dropout in training.
@@ -177,9 +193,12 @@ class DiTFamilyAdapter:
         }
     )
 
-    def __init__(self, time_convention: Any = None, output_scale: float = 1.0):
+    def __init__(self, time_convention: Any = None, output_scale: float | None = None):
         self.time_convention = check_time_convention(time_convention, allow_none=True)
-        self.output_scale = float(output_scale)
+        if output_scale is None and self.time_convention is not None:
+            output_scale = default_output_scale(self.time_convention)
+        #: ``None`` until the convention is settled (``bind``)
+        self.output_scale: float | None = None if output_scale is None else float(output_scale)
 
     def config(self) -> dict[str, Any]:
         return {"time_convention": self.time_convention, "output_scale": self.output_scale}
@@ -216,7 +235,7 @@ class DiTFamilyAdapter:
         if not named:
             raise ValueError(_refusal(model))
         convention = next(iter(named.values()))
-        if convention == self.time_convention:
+        if convention == self.time_convention and self.output_scale is not None:
             return self
         return type(self)(**{**self.config(), "time_convention": convention})
 

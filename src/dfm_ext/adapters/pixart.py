@@ -12,8 +12,9 @@ What ``install`` changes (trunk, cross-attention, caption projection and positio
   learned-sigma half of the output is dropped).
 
 Time and output: PixArt checkpoints are DDPM models (999 = noise, epsilon prediction with
-learned sigma). The embedder reads ``999 (1 - t)`` and the raw head output is the velocity:
-DFM finetuning re-parameterises the model to velocity, as for DiT.
+learned sigma). The embedder reads ``999 (1 - t)`` and the head output negated is the velocity
+(``output_scale=-1``, ``-epsilon``; measured as for DiT in ``benchmarks/epsilon_init.py``): DFM
+finetuning re-parameterises the model to velocity.
 
 Conditioning (diffusers names): ``encoder_hidden_states`` ``[B, L, caption_channels]`` (T5
 embeddings), optional ``encoder_attention_mask`` ``[B, L]`` (1 = keep) and
@@ -56,7 +57,7 @@ class PixArtAdapter(PatchEmbedAdapterBase):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``PixArtTransformer2DModel``.
 
     Conditioning: :class:`PixArtConditioning`. Defaults for PixArt's DDPM epsilon checkpoints:
-    ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=1`` (see
+    ``time_convention="discrete"`` (``999 (1 - t)``), ``output_scale=-1`` (``-epsilon``; see
     :class:`~dfm_ext.adapters.diffusers_common.DiffusersAdapterBase`).
     """
 
@@ -71,7 +72,7 @@ class PixArtAdapter(PatchEmbedAdapterBase):
         }
     )
 
-    def __init__(self, time_convention: str = "discrete", output_scale: float = 1.0):
+    def __init__(self, time_convention: Any = "discrete", output_scale: float = -1.0):
         super().__init__(time_convention, output_scale)
 
     def install(self, model: nn.Module, packer: Any, *, init: str, stage_embedding: bool) -> None:

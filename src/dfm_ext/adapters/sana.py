@@ -31,7 +31,7 @@ from .common import call_block, check_tensor, parse_conditioning, sincos_positio
 from .diffusers_common import DIFFUSERS_LAYER_GROUPS
 from .spec import AdapterSpec, SpecAdapter
 
-__all__ = ["SanaAdapter", "SanaConditioning", "ADAPTER"]
+__all__ = ["SanaAdapter", "SanaConditioning", "bias_mask", "ADAPTER"]
 
 
 class SanaConditioning(NamedTuple):
@@ -41,7 +41,7 @@ class SanaConditioning(NamedTuple):
     encoder_attention_mask: Tensor | None = None
 
 
-def _bias_mask(mask: Tensor | None, dtype: Any) -> Tensor | None:
+def bias_mask(mask: Tensor | None, dtype: Any) -> Tensor | None:
     """diffusers' mask convention: ``[B, L]`` with 1 = keep -> additive bias ``[B, 1, L]`` (0 / -10000)."""
     if mask is None or mask.ndim != 2:
         return mask
@@ -87,7 +87,7 @@ class SanaAdapter(SpecAdapter):
         embedded = self.embed_time(model, t, stage).to(x.dtype)
         temb = model.time_embed.linear(model.time_embed.silu(embedded))
         text = model.caption_norm(model.caption_projection(text).view(b, -1, x.shape[-1]))
-        text_mask = _bias_mask(c.encoder_attention_mask, x.dtype)
+        text_mask = bias_mask(c.encoder_attention_mask, x.dtype)
         for block in model.transformer_blocks:
             # SanaTransformerBlock(hidden, attention_mask, text, text_mask, timestep, height, width)
             x = call_block(model, block, x, None, text, text_mask, temb, grid[0], grid[1])

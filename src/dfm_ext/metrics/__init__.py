@@ -1,7 +1,8 @@
 """Sample-quality metrics: the paper's (FID, sFID, IS, precision/recall, FDD, FVD) and offline ones (SWD, FD-EffNet).
 
 - :mod:`~dfm_ext.metrics.adm`: the ADM evaluation suite's FID / sFID / IS / precision / recall and
-  FDD-DINOv2 of a PNG folder or an ADM ``.npz`` against a reference batch (``evaluate``);
+  FDD-DINOv2 of a PNG folder or an ADM ``.npz`` against a reference batch (``evaluate``), from the
+  features :mod:`~dfm_ext.metrics.adm_features` extracts (its InceptionV3, ``extract_features``);
   :mod:`~dfm_ext.metrics.samples` reads and writes those sample files.
 - :mod:`~dfm_ext.metrics.video`: FVD (16-frame I3D) and frame-FID.
 - :mod:`~dfm_ext.metrics.swd`, :mod:`~dfm_ext.metrics.effnet`: the multi-scale SWD and FD-EffNet
@@ -21,19 +22,8 @@ Example:
 
 from __future__ import annotations
 
-from .adm import (
-    INCEPTION_WEIGHTS_FILE,
-    ADMInceptionFeatures,
-    EvaluationResult,
-    InceptionOutput,
-    ReferenceBatch,
-    SampleFeatures,
-    evaluate,
-    extract_features,
-    inception_score,
-    precision_recall,
-    scores_from_features,
-)
+from .adm import EvaluationResult, ReferenceBatch, evaluate, inception_score, precision_recall, scores_from_features
+from .adm_features import INCEPTION_WEIGHTS_FILE, ADMInceptionFeatures, InceptionOutput, SampleFeatures, extract_features
 from .dinov2 import DINOv2Features, fdd
 from .effnet import EfficientNetLite0Features, effnet_weights_path, fd_effnet
 from .frechet import (

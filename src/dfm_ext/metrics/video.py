@@ -10,7 +10,7 @@ declares torchvision, so install it with ``pip install --no-deps cd-fvd`` (its I
 only torch). Any module mapping ``[B, 3, T, 224, 224]`` clips in ``[-1, 1]`` to ``[B, D]`` may stand in.
 
 **Frame-FID**: FID (unbiased covariances) of all frames as images, with the ADM Inception pool
-features (:class:`~dfm_ext.metrics.adm.ADMInceptionFeatures`).
+features (:class:`~dfm_ext.metrics.adm_features.ADMInceptionFeatures`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from dfm_ext.validation import parse_device
 from ._images import load_state_dict_file
-from .adm import InceptionOutput
+from .adm_features import InceptionOutput
 from .frechet import FeatureStatistics
 
 __all__ = ["I3D_WEIGHTS_FILE", "I3DFeatures", "VideoSource", "frame_fid", "fvd", "fvd_features", "preprocess_i3d"]

@@ -271,13 +271,13 @@ class ReducibleAllocation:
 
     ``delta`` the loss decrease per window, ``n-bar`` the samples the cell received per window,
     so ``g`` / ``G`` are the decrease of the stage's base-weighted loss **per sample given to
-    that bin / stage**: what one more training sample there buys now. The targets are
-    proportional to the gains (probability matching), and ``p`` / ``w`` move a share ``lambda``
-    (``rate``) of the way to them at each window:
+    that bin / stage**: what one more training sample there buys now. The targets are the prior
+    ``pi`` reweighted by the gains (for the bins the prior is the base distribution, ``1/J``
+    each), and ``p`` / ``w`` move a share ``lambda`` (``rate``) of the way to them at each window:
 
     .. math::
 
-        p \leftarrow (1 - \lambda) p + \lambda \, \Pi_\phi\Big(\frac{G^+}{\sum_i G_i^+}\Big), \qquad
+        p \leftarrow (1 - \lambda) p + \lambda \, \Pi_\phi\Big(\frac{\pi G^+}{\sum_i \pi_i G_i^+}\Big), \qquad
         w_k \leftarrow (1 - \lambda) w_k + \lambda \Big(\frac{\beta}{J} + (1 - \beta)
         \frac{g_k^+}{\sum_j g_{k,j}^+}\Big),
 
@@ -294,11 +294,18 @@ class ReducibleAllocation:
 
     * **A fixed recent span, started after warm-up**: ``ProgressAllocation``'s slow average still
       held the first losses at 500 steps, so every stage looked equally "in progress".
-    * **Gain per sample, no prior in the target**: a stage that gets more batches does not look
-      better just for that (its decrease is divided by its samples), and nothing pulls ``p``
-      towards a point the data did not choose (``ProgressAllocation``'s ``pi / p`` target drifts to
-      ``sqrt(prior)``): the prior is only where ``p`` starts. With equal gains per sample the target
-      is uniform: no stage is then worth a sample more than another.
+    * **Gain per sample**: a stage that gets more batches does not look better just for that (its
+      decrease is divided by its samples), and with equal gains per sample the target is the
+      prior itself: nothing moves ``p`` that the data did not say (``ProgressAllocation``'s
+      ``pi / p`` target drifts to ``sqrt(prior)`` whatever the data).
+    * **The prior as importance**: the loss of the coarse stage and of the fine stage are not
+      worth the same to a sample (the fine stage is generated on top of the coarse one; the
+      paper's 0.9 / 0.1 says so), so the gains reweight the prior rather than replace it. On the
+      colour crops the fine stage's gain per sample was 6-12x the coarse stage's between steps
+      300 and 450 (seed 0): gains alone (target ``G / sum G``) drove ``p0`` from 0.9 towards 0.15,
+      far below anything the study measured as good; ``pi G`` puts it near 0.5-0.6 with such gains
+      (the study's best fixed ``p0`` at short budgets) and back towards the prior as the fine
+      stage's gain falls with training.
     * **Proportional, not multiplicative**: a multiplicative step ``p * (G / mean G)^eta``
       integrates the gain difference; the gains react to ``p`` only through the samples
       accumulated since, so it overshot and swung between the floors in the toy learners.
@@ -414,7 +421,7 @@ class ReducibleAllocation:
                 protocol's argument); the cells need the per-sample losses below.
             stage: ``[B]`` long, each sample's current stage.
             bins: ``[B]`` long in ``[0, J)``, the base-quantile bin of its current time
-                (:meth:`StageTimestepSampler.time_bins <dfm_ext.process.timesteps.StageTimestepSampler.time_bins>`).
+                (:meth:`~dfm_ext.process.timesteps.StageTimestepSampler.time_bins`).
             errors: ``[B]`` the current stage's per-sample loss (non-finite entries are skipped).
 
         Raises:
@@ -462,7 +469,8 @@ class ReducibleAllocation:
         per_window = n / k
         self._bin_gain = torch.where(known, delta / (j * per_window.clamp_min(1e-12)), 0.0)
         self._gain = delta.sum(1) / (j * per_window.sum(1).clamp_min(1e-12))
-        self._p = self._move(self._p, _project_floor(self._target(self._p, self._gain), self.floor))
+        prior = torch.tensor(self.prior_values, dtype=torch.float64, device=self._p.device)
+        self._p = self._move(self._p, _project_floor(self._target(self._p, prior * self._gain), self.floor))
         if j > 1:
             target = self._target(self._w, self._bin_gain)
             self._w = self._move(self._w, self.time_floor / j + (1 - self.time_floor) * target)

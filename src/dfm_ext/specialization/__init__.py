@@ -27,11 +27,14 @@ way every stage's parameters take part in every forward (zero gradients for a st
 the batch), so data-parallel ranks always use the same parameters.
 
 Modules, by job: :mod:`~dfm_ext.specialization.routing` (stage routing, :func:`checkpoint`),
-:mod:`~dfm_ext.specialization.layers` (per-stage Linear/Conv/Embedding), :mod:`~dfm_ext.specialization.groups`
-(layer-group tables and selection), :mod:`~dfm_ext.specialization.state` (accessors),
-:mod:`~dfm_ext.specialization.attach` (:func:`specialize`, :func:`merge`), :mod:`~dfm_ext.specialization.params_io`
-(the stage-parameter file), :mod:`~dfm_ext.specialization.peft` (peft export), :mod:`~dfm_ext.specialization.io`
-(a specialisation saved next to a model).
+:mod:`~dfm_ext.specialization.layers` (the per-stage layer mixin),
+:mod:`~dfm_ext.specialization.layer_types` (per-stage Linear/Conv/Embedding),
+:mod:`~dfm_ext.specialization.lora_ops` (the fused LoRA ops of a per-stage Linear),
+:mod:`~dfm_ext.specialization.groups` (layer-group tables and selection),
+:mod:`~dfm_ext.specialization.state` (accessors), :mod:`~dfm_ext.specialization.attach`
+(:func:`specialize`, :func:`merge`), :mod:`~dfm_ext.specialization.params_io` (the stage-parameter
+file), :mod:`~dfm_ext.specialization.peft` (peft export), :mod:`~dfm_ext.specialization.io` (a
+specialisation saved next to a model).
 
 Example:
     >>> import torch

@@ -1,7 +1,7 @@
 """Attach and remove per-stage parameters: :func:`specialize`, :func:`merge`, :class:`StageSpecialization`.
 
 ``specialize`` swaps each targeted layer's class for its per-stage subclass
-(:mod:`dfm_ext.specialization.layers`), gives it ``stage_params``, and hooks the model so that every
+(:mod:`dfm_ext.specialization.layer_types`), gives it ``stage_params``, and hooks the model so that every
 forward routes its samples by ``stage`` (:mod:`dfm_ext.specialization.routing`). ``merge`` folds one
 stage back into plain layers. Layers are chosen by group (:mod:`dfm_ext.specialization.groups`).
 """
@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from dfm_ext.specialization.groups import GROUPS, LayerGroups, Predicate, select_layers
-from dfm_ext.specialization.layers import StageParams, layer_base, stage_class
+from dfm_ext.specialization.layer_types import layer_base, stage_class
+from dfm_ext.specialization.layers import StageParams
 from dfm_ext.specialization.params_io import load_stage_parameters, save_stage_parameters
 from dfm_ext.specialization.peft import export_peft_lora
 from dfm_ext.specialization.routing import StageContext

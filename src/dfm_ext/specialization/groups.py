@@ -27,7 +27,8 @@ from types import MappingProxyType
 
 from torch import nn
 
-from dfm_ext.specialization.layers import StageLayer, layer_base
+from dfm_ext.specialization.layer_types import layer_base
+from dfm_ext.specialization.layers import StageLayer
 
 __all__ = [
     "GROUPS",

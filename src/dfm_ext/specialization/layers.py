@@ -1,17 +1,19 @@
-"""Per-stage layers: ``nn.Linear``/``nn.ConvNd``/``nn.Embedding`` subclasses that route by stage.
+"""Per-stage layers: the :class:`StageLayer` mixin that routes a Linear/ConvNd/Embedding by stage.
 
 :func:`dfm_ext.specialization.specialize` swaps a targeted layer's class for ``Stage<Class>``
-(:func:`stage_class`: the :class:`StageLayer` mixin over the original class, so subclasses keep
-their helpers) and gives it ``stage_params``, one :class:`StageParams` per stage that owns
-parameters. The forward reads the stage route of the forward in progress
+(:func:`~dfm_ext.specialization.layer_types.stage_class`: the :class:`StageLayer` mixin, through
+its per-type subclass in :mod:`~dfm_ext.specialization.layer_types`, over the original class, so
+subclasses keep their helpers) and gives it ``stage_params``, one :class:`StageParams` per stage
+that owns parameters. The forward reads the stage route of the forward in progress
 (:class:`~dfm_ext.specialization.routing.Route`):
 
 * an int ``stage`` ``s``: one call with stage ``s``'s parameters (:meth:`StageLayer._stage_forward`);
 * a ``[B]`` ``stage`` whose counts were read on the host, the batch in stage order (a CPU
   tensor outside ``torch.compile``; ``DFMTransformer`` inputs are reordered by the routing):
   ``kind="lora"`` Linear layers run each stage's block of rows on its own
-  (:class:`_StageLoRABlocks`): the stage with the most samples, ``k``, as the merged weight, every
-  other stage as ``W x + (alpha / r) B_j A_j x`` (rank ``r``, on its rows only);
+  (:class:`~dfm_ext.specialization.lora_ops.StageLoRABlocks`): the stage with the most samples,
+  ``k``, as the merged weight, every other stage as ``W x + (alpha / r) B_j A_j x`` (rank ``r``,
+  on its rows only);
 * a ``[B]`` ``stage`` whose counts were read on the host, the batch in the caller's order (and
   every other layer type): every sample first runs the majority stage ``k``, then the samples of each other
   stage ``j`` are corrected on those rows only: ``kind="lora"`` adds
@@ -29,29 +31,22 @@ weight ``W + (alpha / r) B_s A_s`` in one matmul instead of the base matmul plus
 rank-``r`` ones: equal to float32 rounding, and exactly the base layer while ``B_s = 0``.
 With a ``[B]`` ``stage`` every stage's parameters take part in every forward (zero gradients for
 a stage absent from the batch), so the parameters a step uses do not depend on the stage values.
+
+This module holds what every layer type shares (the routes, the merge, :class:`StageParams`);
+:mod:`~dfm_ext.specialization.layer_types` each type's maths, :mod:`~dfm_ext.specialization.lora_ops`
+the fused LoRA ops of a Linear.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dfm_ext.specialization.routing import Route, StageContext
 
-__all__ = [
-    "StageParams",
-    "StageLayer",
-    "StageLinear",
-    "StageConv",
-    "StageEmbedding",
-    "layer_base",
-    "stage_class",
-]
+__all__ = ["StageLayer", "StageParams"]
 
 
 class StageParams(nn.Module):
@@ -245,372 +240,3 @@ class StageLayer:
     def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
         """``(rows, fan_in, fan_out)`` of the matmul this layer runs on ``x`` (rows approximate for convs)."""
         raise NotImplementedError
-
-
-def _scaled_(t: Tensor, s: float) -> Tensor:
-    """``t * s`` in place; no op for the default LoRA scale ``s = alpha / r = 1`` (exact either way)."""
-    return t if s == 1.0 else t.mul_(s)
-
-
-def _signed_(h: Tensor, terms: tuple[tuple[int, float], ...], ab: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-    """``h`` ``[n, sum r]`` with the columns of each negative term negated, in place."""
-    off = 0
-    for i, sign in terms:
-        r = ab[2 * i].shape[0]
-        if sign < 0:
-            h[:, off : off + r].neg_()
-        off += r
-    return h
-
-
-def _stage_grads(ab: tuple[Tensor, ...] | list[Tensor], dab: list[Tensor | None], need: tuple[bool, ...]) -> list[Tensor | None]:
-    """The LoRA pairs' gradients; a stage with no row in the batch gets exact zeros (its
-    parameters still take part in the step)."""
-    return [(torch.zeros_like(t) if d is None else d) if n else None for t, d, n in zip(ab, dab, need)]
-
-
-class _StageLoRALinear(torch.autograd.Function):
-    """A per-stage LoRA ``nn.Linear`` over a batch whose stage counts are on the host, as one op.
-
-    ``x`` ``[M, in]`` (rows grouped by sample), ``W`` ``[out, in]``, stage ``i``'s ``A_i`` ``[r, in]``
-    and ``B_i`` ``[out, r]`` (``ab = (A_0, B_0, A_1, B_1, ...)`` over the stages that own LoRA),
-    ``s = alpha / r``. ``plan = (s, merged, groups)``:
-
-    * ``merged``: the index ``i`` whose update is merged into the weight, ``W_m = W + s B_i A_i``
-      (one full matmul for every row), or ``None`` (``W_m = W``);
-    * ``groups``: ``(rows, terms)`` pairs; ``rows`` ``[n]`` (``None``: every row) get
-      ``s * sum_(i, sign) sign * (x[rows] A_i^T) B_i^T`` added, the terms stacked into one rank
-      ``sum r`` pair.
-
-    The maths of the plain autograd ops ``addmm``, ``linear``, ``index_select``, ``index_add``;
-    one graph node instead of ~15 per layer, and backward adds the row terms' input gradient
-    into ``dx`` in place instead of building a full-size zero gradient per row gather.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: tuple, *ab: Tensor) -> Tensor:
-        s, merged, groups = plan
-        w = weight if merged is None else torch.addmm(weight, ab[2 * merged + 1], ab[2 * merged], alpha=s)
-        y = F.linear(x, w, bias)  # x is 2-D: a fresh tensor (not a view), updated in place below
-        saved: list[Tensor] = []
-        for rows, terms in groups:
-            if len(terms) == 1:
-                a, b = ab[2 * terms[0][0]], ab[2 * terms[0][0] + 1]
-            else:
-                a = torch.cat([ab[2 * i] for i, _ in terms])
-                b = torch.cat([ab[2 * i + 1] for i, _ in terms], dim=1)
-            xs = x if rows is None else x.index_select(0, rows)
-            h = xs.mm(a.t())
-            # a term's sign goes on its hidden units ([n, r], few rows) rather than on B ([out, r]):
-            # negation is exact, so the output is the same bit for bit, and backward reads the
-            # signed B gradient straight off dys^T h
-            _signed_(h, terms, ab)
-            if rows is None:
-                y.addmm_(h, b.t(), alpha=s)
-            else:
-                y.index_add_(0, rows, h.mm(b.t()), alpha=s)
-            saved += [xs, h, a, b]
-        ctx.save_for_backward(x, w, *ab, *saved)
-        ctx.plan, ctx.n_ab, ctx.has_bias = plan, len(ab), bias is not None
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        s, merged, groups = ctx.plan
-        x, w, *rest = ctx.saved_tensors
-        ab, saved = rest[: ctx.n_ab], rest[ctx.n_ab :]
-        need = ctx.needs_input_grad
-        need_ab = need[4:]
-        dy = dy.contiguous()
-        dx = dy.mm(w) if need[0] else None
-        dab: list[Tensor | None] = [None] * len(ab)
-        dw = None
-        if need[1] or (merged is not None and (need_ab[2 * merged] or need_ab[2 * merged + 1])):
-            dw = dy.t().mm(x)
-        db = dy.sum(0) if ctx.has_bias and need[2] else None
-        for g, (rows, terms) in enumerate(groups):
-            xs, h, a, b = saved[4 * g : 4 * g + 4]
-            dys = dy if rows is None else dy.index_select(0, rows)
-            dh = _signed_(_scaled_(dys.mm(b), s), terms, ab)  # [n, sum r]: the unsigned hidden units' gradient
-            if dx is not None:
-                if rows is None:
-                    dx.addmm_(dh, a)
-                else:
-                    dx.index_add_(0, rows, dh.mm(a))
-            da = dh.t().mm(xs)  # [sum r, in]: the stacked A's gradient
-            dbs = _scaled_(dys.t().mm(h), s)  # [out, sum r]: the stacked B's gradient (h is signed)
-            off = 0
-            for i, _ in terms:
-                r = ab[2 * i].shape[0]
-                parts = (da[off : off + r], dbs[:, off : off + r])
-                for j, part in zip((2 * i, 2 * i + 1), parts):
-                    dab[j] = part if dab[j] is None else dab[j] + part
-                off += r
-        if merged is not None and dw is not None:
-            # W_m = W + s B A: dA = s B^T dW_m, dB = s dW_m A^T, added (one addmm) to the merged
-            # stage's correction gradient when its rows also ran a correction (contiguous results)
-            a, b = ab[2 * merged], ab[2 * merged + 1]
-            for j, left, right in ((2 * merged, b.t(), dw), (2 * merged + 1, dw, a.t())):
-                prev = dab[j]
-                dab[j] = _scaled_(left.mm(right), s) if prev is None else torch.addmm(prev, left, right, alpha=s)
-        return (dx, dw if need[1] else None, db, None, *_stage_grads(ab, dab, need_ab))
-
-
-class _StageLoRABlocks(torch.autograd.Function):
-    """A per-stage LoRA ``nn.Linear`` over rows grouped by stage in contiguous blocks, as one op.
-
-    ``x`` ``[M, in]``, ``W`` ``[out, in]``, ``ab = (A_0, B_0, A_1, B_1, ...)`` over the stages that
-    own LoRA, ``s = alpha / r``. ``plan = (s, blocks)``, ``blocks`` ``(start, stop, i, merged)``
-    covering the rows in order: rows ``start:stop`` run LoRA pair ``i`` (``None``: the base
-    weights only), either as the merged weight ``W + s B_i A_i`` (``merged``, one matmul; at most
-    one block) or as ``W x + s B_i (A_i x)`` (rank ``r`` on these rows only). Against
-    :class:`_StageLoRALinear` (rows scattered over the batch) nothing is gathered or scattered, and
-    a minority stage's rows run their own rank-``r`` update instead of a rank-``2 r`` correction
-    of the merged weight. The merged pair's gradient comes from its block's weight gradient,
-    ``dA = s B^T dW_blk``, ``dB = s dW_blk A^T``; ``dW`` is the sum over the blocks.
-
-    Without a merged block (few rows per weight entry, e.g. adaLN modulation or the timestep MLP
-    with one row per sample) the base weight runs once over all rows, forward and backward (``y``,
-    ``dx``, ``dW``: one matmul each), and each block adds its own rank-``r`` term: such a layer's
-    cost is reading and writing the ``[out, in]`` matrices, which a matmul per block would repeat.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, plan: tuple, *ab: Tensor) -> Tensor:
-        s, blocks = plan
-        whole = not any(merged for *_, merged in blocks)  # every row runs the base weight W
-        y = F.linear(x, weight, bias) if whole else x.new_empty(x.shape[0], weight.shape[0])
-        w_m = None
-        hidden: list[Tensor | None] = []
-        for start, stop, i, merged in blocks:
-            xs, ys = x[start:stop], y[start:stop]
-            if not whole:
-                w = weight
-                if merged:
-                    w = w_m = torch.addmm(weight, ab[2 * i + 1], ab[2 * i], alpha=s)
-                if bias is None:
-                    torch.mm(xs, w.t(), out=ys)
-                else:
-                    torch.addmm(bias, xs, w.t(), out=ys)
-            h = None
-            if i is not None and not merged:
-                h = xs.mm(ab[2 * i].t())
-                ys.addmm_(h, ab[2 * i + 1].t(), alpha=s)
-            hidden.append(h)
-        ctx.save_for_backward(x, weight, w_m, *ab, *[h for h in hidden if h is not None])
-        ctx.plan, ctx.n_ab, ctx.has_bias, ctx.whole = plan, len(ab), bias is not None, whole
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        s, blocks = ctx.plan
-        whole = ctx.whole
-        x, weight, w_m, *rest = ctx.saved_tensors
-        ab, hidden = rest[: ctx.n_ab], iter(rest[ctx.n_ab :])
-        need = ctx.needs_input_grad
-        need_ab = need[4:]
-        dy = dy.contiguous()
-        dx = None
-        if need[0]:
-            dx = dy.mm(weight) if whole else torch.empty_like(x)
-        dab: list[Tensor | None] = [None] * len(ab)
-        dw = dy.t().mm(x) if whole and need[1] else None
-        # the merged block first: its weight gradient gives its pair's gradient, then takes the
-        # other blocks' weight gradients in place
-        for start, stop, i, merged in sorted(blocks, key=lambda blk: not blk[3]):
-            xs, dys = x[start:stop], dy[start:stop]
-            if dx is not None and not whole:
-                torch.mm(dys, w_m if merged else weight, out=dx[start:stop])
-            if merged and (need[1] or need_ab[2 * i] or need_ab[2 * i + 1]):
-                dw_blk = dys.t().mm(xs)
-                if need_ab[2 * i]:
-                    dab[2 * i] = _scaled_(ab[2 * i + 1].t().mm(dw_blk), s)
-                if need_ab[2 * i + 1]:
-                    dab[2 * i + 1] = _scaled_(dw_blk.mm(ab[2 * i].t()), s)
-                dw = dw_blk if dw is None else dw.add_(dw_blk)
-            elif need[1] and not whole:
-                dw = dys.t().mm(xs) if dw is None else dw.addmm_(dys.t(), xs)
-            if i is not None and not merged:
-                h = next(hidden)
-                dh = _scaled_(dys.mm(ab[2 * i + 1]), s)  # [n, r]
-                if dx is not None:
-                    dx[start:stop].addmm_(dh, ab[2 * i])
-                dab[2 * i] = dh.t().mm(xs)
-                dab[2 * i + 1] = _scaled_(dys.t().mm(h), s)
-        db = dy.sum(0) if ctx.has_bias and need[2] else None
-        return (dx, dw if need[1] else None, db, None, *_stage_grads(ab, dab, need_ab))
-
-
-class StageLinear(StageLayer):
-    def _blocks(self, x2: Tensor, route: Route, index: dict[int, int], ab: list[Tensor]) -> tuple:
-        """``_StageLoRABlocks``' plan for a batch grouped by stage (``route.ordered``)."""
-        per = x2.shape[0] // route.batch
-        k = route.major
-        merge = k in index and self._merge_pays(x2, ab[2 * index[k]])
-        blocks = []
-        for j in range(route.num_stages):
-            start, stop = route.block(j, per)
-            if stop > start:
-                blocks.append((start, stop, index.get(j), merge and j == k))
-        return (self._stage_scaling, tuple(blocks))
-
-    def _grouped(self, x: Tensor, route: Route) -> Tensor:
-        # LoRA: one fused op (_StageLoRALinear); full, autocast or mixed dtypes: the generic path
-        # (the same maths in plain autograd ops).
-        if self._stage_kind != "lora" or torch.is_autocast_enabled(x.device.type):
-            return super()._grouped(x, route)
-        # one pass over the stage modules (this runs for every layer of every step)
-        stage_mods = self.stage_params._modules
-        index: dict[int, int] = {}
-        ab: list[Tensor] = []
-        for j in range(route.num_stages):
-            p = stage_mods.get(str(j))
-            if p is not None:
-                index[j] = len(index)
-                ab += [p.lora_A, p.lora_B]  # type: ignore[list-item]
-        weight = self.weight  # type: ignore[attr-defined]
-        dtype = x.dtype
-        if weight.dtype != dtype or any(t.dtype != dtype for t in ab):
-            return super()._grouped(x, route)
-        x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-        if route.ordered:
-            y = _StageLoRABlocks.apply(x2, weight, self.bias, self._blocks(x2, route, index, ab), *ab)  # type: ignore[attr-defined]
-            return y.view(*x.shape[:-1], y.shape[-1])
-        per = x2.shape[0] // route.batch
-        k, counts = route.major, cast("tuple[int, ...]", route.counts)
-        # Every stage's A, B are inputs of the op, also a stage with no sample in the batch (no
-        # group: nothing computed, zero gradients), so every step uses the same parameters.
-        groups: list[tuple[Tensor | None, tuple[tuple[int, float], ...]]] = []
-        merged = index[k] if k in index and self._merge_pays(x2, ab[2 * index[k]]) else None
-        for j in range(route.num_stages):
-            if merged is not None:
-                # the majority stage is merged into every row: stage j's rows get + its own LoRA
-                # - the majority stage's
-                terms = tuple((index[i], sign) for i, sign in ((j, 1.0), (k, -1.0)) if i in index)
-                if j != k and terms and counts[j]:
-                    groups.append((route.token_rows(j, per, x.device), terms))
-            elif j in index and counts[j]:  # each stage's LoRA on its own rows (all rows: no gather)
-                rows = None if counts[j] == route.batch else route.token_rows(j, per, x.device)
-                groups.append((rows, ((index[j], 1.0),)))
-        plan = (self._stage_scaling, merged, tuple(groups))
-        y = _StageLoRALinear.apply(x2, weight, self.bias, plan, *ab)  # type: ignore[attr-defined]
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
-
-    def _lora_hidden(self, x: Tensor, a: Tensor) -> Tensor:
-        return F.linear(x, a)
-
-    def _lora_out(self, h: Tensor, b: Tensor) -> Tensor:
-        return F.linear(h, b)
-
-    def _lora_weight(self, a: Tensor, b: Tensor) -> Tensor:
-        return b @ a
-
-    def _grouped_rows(self, x: Tensor) -> Tensor:
-        # 2-D, so that the matmul's output is not a view (an in-place update of a view costs a
-        # full copy of the gradient in backward)
-        return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-
-    def _grouped_out(self, y: Tensor, shape: torch.Size) -> Tensor:
-        return y.view(*shape[:-1], y.shape[-1])
-
-    def _merged_weight(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.addmm(self.weight, b, a, alpha=self._stage_scaling)  # type: ignore[attr-defined]
-
-    def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (rank, self.in_features), (self.out_features, rank)  # type: ignore[attr-defined]
-
-    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
-        n_in, n_out = self.in_features, self.out_features  # type: ignore[attr-defined]
-        return x.numel() // max(n_in, 1), n_in, n_out
-
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-class StageConv(StageLayer):
-    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
-
-    # A is a conv with the layer's kernel/stride/padding into r channels, B a 1x1 conv (peft's layout)
-    def _lora_hidden(self, x: Tensor, a: Tensor) -> Tensor:
-        return self._conv_forward(x, a, None)  # type: ignore[attr-defined]
-
-    def _lora_out(self, h: Tensor, b: Tensor) -> Tensor:
-        return _CONV_FN[b.ndim - 2](h, b)
-
-    def _mask_view(self, mask: Tensor, h: Tensor) -> Tensor:
-        return mask.view(*mask.shape, *([1] * (h.ndim - 2)))  # channels first
-
-    def _lora_weight(self, a: Tensor, b: Tensor) -> Tensor:
-        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
-
-    def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        k = tuple(self.kernel_size)  # type: ignore[attr-defined]
-        return (rank, self.in_channels, *k), (self.out_channels, rank, *(1,) * len(k))  # type: ignore[attr-defined]
-
-    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
-        taps = math.prod(self.kernel_size)  # type: ignore[attr-defined]
-        # output positions ~ input positions / stride (padding and dilation aside)
-        rows = x.numel() // max(self.in_channels * math.prod(self.stride), 1)  # type: ignore[attr-defined]
-        return rows, self.in_channels * taps, self.out_channels  # type: ignore[attr-defined]
-
-
-class StageEmbedding(StageLayer):
-    def _apply_weights(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)  # type: ignore[attr-defined]
-
-    def _lora_hidden(self, x: Tensor, a: Tensor) -> Tensor:
-        return F.embedding(x, a.t())
-
-    def _lora_out(self, h: Tensor, b: Tensor) -> Tensor:
-        return h @ b.t()
-
-    def _lora_weight(self, a: Tensor, b: Tensor) -> Tensor:
-        return (b @ a).t()
-
-    def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (rank, self.num_embeddings), (self.embedding_dim, rank)  # type: ignore[attr-defined]
-
-    def _lora_fans(self, x: Tensor) -> tuple[int, int, int]:
-        # a lookup: the LoRA pair costs ~r per output feature and row, the merge r per table entry
-        return x.numel(), self.num_embeddings, self.embedding_dim  # type: ignore[attr-defined]
-
-
-def _plain_conv(m: nn.Module, cls: type[nn.Module]) -> bool:
-    return type(m).forward is cls.forward and getattr(m, "groups", None) == 1
-
-
-_MIXINS: tuple[tuple[type[nn.Module], type[StageLayer], Callable[[nn.Module], bool]], ...] = (
-    (nn.Linear, StageLinear, lambda m: type(m).forward is nn.Linear.forward),
-    (nn.Conv1d, StageConv, lambda m: _plain_conv(m, nn.Conv1d)),
-    (nn.Conv2d, StageConv, lambda m: _plain_conv(m, nn.Conv2d)),
-    (nn.Conv3d, StageConv, lambda m: _plain_conv(m, nn.Conv3d)),
-    (nn.Embedding, StageEmbedding, lambda m: type(m).forward is nn.Embedding.forward and getattr(m, "max_norm", None) is None),
-)
-_SWAPPED: dict[type, type] = {}
-
-
-def layer_base(module: nn.Module) -> tuple[type[StageLayer], bool] | None:
-    """``(mixin, supported)`` for a Linear/ConvNd/Embedding ``module`` (``None`` for any other module).
-
-    ``supported`` is false for a subclass that overrides ``forward``, a grouped convolution or an
-    Embedding with ``max_norm``: their forward is not the plain ``F.linear``/``conv``/``embedding``.
-    """
-    for base, mixin, ok in _MIXINS:
-        if isinstance(module, base):
-            return mixin, ok(module)
-    return None
-
-
-def stage_class(cls: type, mixin: type[StageLayer]) -> type:
-    """The class ``Stage<cls>`` (``mixin`` over ``cls``), made once per ``cls``."""
-    # Subclasses keep the original class (MultiScaleHead stays a MultiScaleHead with its helpers).
-    if cls not in _SWAPPED:
-        _SWAPPED[cls] = type(f"Stage{cls.__name__}", (mixin, cls), {"__module__": __name__})
-    return _SWAPPED[cls]
-

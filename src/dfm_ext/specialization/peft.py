@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from dfm_ext.specialization.layers import StageEmbedding
+from dfm_ext.specialization.layer_types import StageEmbedding
 from dfm_ext.specialization.state import check_stage, stage_context, stage_layers
 
 __all__ = ["export_peft_lora"]

@@ -26,8 +26,8 @@ TimeTransformLike = Callable[..., Tensor] | str | Mapping[str, Any] | TimeConven
 def as_time_transform(value: TimeTransformLike) -> Callable[..., Tensor] | None:
     """A time convention (name, ``{"name": ..., **params}`` or :class:`TimeConvention`) as its callable; callables pass through."""
     if value is None or (callable(value) and not isinstance(value, Mapping)):
-        return value  # type: ignore[return-value]
-    return _convention(value)  # type: ignore[arg-type]
+        return value
+    return _convention(value)
 
 
 def widen_patch_embed(

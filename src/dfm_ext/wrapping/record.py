@@ -98,7 +98,11 @@ def rebuild_decomposition(record: dict[str, Any]) -> Any:
     return decomposition
 
 
-def model_record(model: nn.Module) -> dict[str, Any]:
+#: A :class:`~dfm_ext.wrapping.wrapper.DFMTransformer` (this module never imports the wrapper, so the type stays open).
+WrappedModel = Any
+
+
+def model_record(model: WrappedModel) -> dict[str, Any]:
     """The ``dfm_config.json`` record of a wrapped model (without specialisation and extra files)."""
     base_cfg: Any = getattr(model.base, "config", None)
     if hasattr(base_cfg, "to_dict"):
@@ -119,7 +123,7 @@ def model_record(model: nn.Module) -> dict[str, Any]:
         "any_sample_shape": bool(model.any_sample_shape),
         "stage_shapes": [list(s) for s in model.packer.stage_shapes],
         "patch_sizes": [list(p) for p in model.packer.patch_sizes],
-        "stage_embedding": model._spec.stage_embedding,
+        "stage_embedding": model.stage_embedding,
         "stage_scales": None if scales is None else [float(v) for v in scales.detach().cpu().tolist()],
         "decomposition": _describe(model.decomposition),
         "base": {"class": class_path(model.base), "config": base_cfg},
@@ -176,7 +180,7 @@ def _check_replaceable(directory: Path) -> None:
         )
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
+def save_pretrained(model: WrappedModel, directory: str | Path, *, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write ``model`` (a ``nn.Module``) into ``directory`` atomically; returns the folder.
 
     Args:
@@ -343,7 +347,7 @@ def weight_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
 
 
-def load_weights(model: nn.Module, record: Mapping[str, Any], directory: Path, found: Mapping[str, tuple[int, ...]], device: Any) -> None:
+def load_weights(model: WrappedModel, record: Mapping[str, Any], directory: Path, found: Mapping[str, tuple[int, ...]], device: Any) -> None:
     """Load ``model.safetensors`` into the rebuilt ``model`` strictly, with errors that say which config field differs.
 
     ``found`` is :func:`weight_shapes` of the file. The v1 layout kept the stage scales apart
@@ -379,7 +383,7 @@ def load_weights(model: nn.Module, record: Mapping[str, Any], directory: Path, f
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
 
 
-def restore_specialization(wrapped: nn.Module, record: dict[str, Any], directory: Path) -> None:
+def restore_specialization(wrapped: WrappedModel, record: dict[str, Any], directory: Path) -> None:
     """Re-apply a saved specialisation to the rebuilt ``wrapped`` (``wrapped.specialization`` = its handle)."""
     from dfm_ext.specialization import load_specialization, restore_specialization  # noqa: PLC0415
 

@@ -144,6 +144,11 @@ class DFMTransformer(nn.Module):
         return self.packer.num_stages
 
     @property
+    def stage_embedding(self) -> bool:
+        """Whether the timestep embedder adds a stage-index embedding (recorded by ``save_pretrained``)."""
+        return self._spec.stage_embedding
+
+    @property
     def stage_shapes(self) -> list[tuple[int, ...]]:
         """Per-stage shapes without the batch dimension."""
         return list(self.packer.stage_shapes)
