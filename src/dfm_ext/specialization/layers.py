@@ -91,11 +91,21 @@ class StageLayer:
             return self._grouped(x, route)
         if self._stage_kind == "lora":
             return super().forward(x) + self._stage_scaling * self._lora_mixed(x, route)  # type: ignore[misc]
-        perm, inverse, counts = route.split()
-        chunks = x.index_select(0, perm).split(list(counts))
-        # empty chunks too: every stage's parameters take part (zero gradients when absent)
-        outs = [self._stage_forward(c, s) for s, c in enumerate(chunks)]
-        return torch.cat(outs).index_select(0, inverse)
+        return self._full_masked(x, route)
+
+    def _full_masked(self, x: Tensor, route: Route) -> Tensor:
+        """Full copies with the stages on the device (or under ``torch.compile``): every stage's layer
+        on every sample, each output kept where ``stage[b] == s``. ``S`` times the layer's compute, but no
+        host read (splitting by stage would need the counts: a sync per forward, a graph break) and one
+        graph whatever the batch's stage mix; an absent stage gets exact zero gradients."""
+        onehot = route.onehot  # [B, S]
+        y: Tensor | None = None
+        for s in range(route.num_stages):
+            ys = self._stage_forward(x, s)
+            keep = onehot[:, s].to(ys.dtype).reshape(-1, *([1] * (ys.ndim - 1)))
+            y = ys * keep if y is None else y + ys * keep
+        assert y is not None
+        return y
 
     def _grouped(self, x: Tensor, route: Route) -> Tensor:
         """Stage counts known on the host: the majority stage on all rows, the others on their rows.

@@ -16,6 +16,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from dfm_ext.validation import on_host
+
 __all__ = ["Route", "StageContext", "routing_active", "checkpoint"]
 
 
@@ -182,7 +184,7 @@ class StageContext:
         # (asynchronously; it fails at the next sync) and the layers route by masking.
         batch = stage.shape[0]
         index = stage.long()
-        if self.read_counts and stage.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self.read_counts and on_host(stage):
             lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
             if lo < 0 or hi >= s:
                 raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
