@@ -9,7 +9,8 @@ The reasons fall in a few kinds: not an image or video denoiser (audio, music, p
 prior, temporal layers of a UNet); audio and video denoised together; a time input DFM cannot
 give (two times per sample, per-frame or per-token times); a sample that is more than the
 generated latents (reference or history latents concatenated to or prepended before it, a cache
-of earlier chunks); and families not written yet, each saying what its adapter needs.
+of earlier chunks); and image or video families not written yet (``"not written yet: ..."``),
+each saying what its adapter needs beyond the shipped patterns.
 """
 
 from __future__ import annotations
