@@ -274,6 +274,24 @@ def _sana_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict)
     return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample  # flow DPM-Solver: 1000 sigma, noise - x
 
 
+VACE_CHANNELS = 8
+
+
+def tiny_wan_vace(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import WanVACETransformer3DModel
+
+    return _build(
+        WanVACETransformer3DModel, path, seed,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
+        vace_in_channels=VACE_CHANNELS,
+    )
+
+
+def _wan_vace_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -382,6 +400,7 @@ FAMILIES = {
     "skyreels_v2": (tiny_skyreels_v2, _skyreels_v2_call, (C, 4, 8, 8), "skyreels_v2"),
     "cogview3plus": (tiny_cogview3plus, _cogview3plus_call, (C, 8, 8), "cogview3plus"),
     "sana_video": (tiny_sana_video, _sana_video_call, (C, 2, 8, 8), "sana_video"),
+    "wan_vace": (tiny_wan_vace, _wan_vace_call, (C, 2, 8, 8), "wan_vace"),
 }
 
 
@@ -390,6 +409,8 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
+    if family == "wan_vace":  # control latents at the native sample's (stage 0's) resolution
+        out["control_hidden_states"] = torch.randn(batch, VACE_CHANNELS, 2, 8, 8, generator=generator)
     if family == "skyreels_v2":
         out["fps"] = torch.ones(batch, dtype=torch.long)  # the pipeline's class for 24 fps (0 is 16 fps)
     if family in ("cogview4", "cogview3plus"):  # pixel sizes, as CogView4Pipeline passes them (8x VAE)

@@ -44,6 +44,7 @@ CHECKPOINTED = {
     "skyreels_v2": ("blocks",),
     "cogview3plus": ("transformer_blocks",),
     "sana_video": ("transformer_blocks",),
+    "wan_vace": ("vace_blocks", "blocks"),
 }
 
 

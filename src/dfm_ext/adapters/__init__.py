@@ -31,6 +31,7 @@ name               family
 ``skyreels_v2``    diffusers ``SkyReelsV2Transformer3DModel`` (Wan's layout, fps and block-causal mask)
 ``cogview3plus``   diffusers ``CogView3PlusTransformer2DModel`` (declarative)
 ``sana_video``     diffusers ``SanaVideoTransformer3DModel`` (declarative)
+``wan_vace``       diffusers ``WanVACETransformer3DModel`` (Wan's layout and VACE's control branch)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.skyreels_v2 import SkyReelsV2Adapter
     from dfm_ext.adapters.cogview3plus import CogView3PlusAdapter
     from dfm_ext.adapters.sana_video import SanaVideoAdapter
+    from dfm_ext.adapters.wan_vace import WanVACEAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -99,6 +101,7 @@ _CLASSES = {
     "SkyReelsV2Adapter": "skyreels_v2",
     "CogView3PlusAdapter": "cogview3plus",
     "SanaVideoAdapter": "sana_video",
+    "WanVACEAdapter": "wan_vace",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -113,7 +116,7 @@ _DIFFUSERS = {
     "sana": "sana", "auraflow": "auraflow", "wan": "wan", "lumina2": "lumina2", "qwenimage": "qwenimage",
     "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit", "cogview4": "cogview4", "chroma": "chroma",
     "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
-    "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video",
+    "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video", "wan_vace": "wan_vace",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

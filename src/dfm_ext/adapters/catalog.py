@@ -9,7 +9,8 @@ The reasons fall in a few kinds: not an image or video denoiser (audio, music, p
 prior, temporal layers of a UNet); audio and video denoised together; a time input DFM cannot
 give (two times per sample, per-frame or per-token times); a sample that is more than the
 generated latents (reference or history latents concatenated to or prepended before it, a cache
-of earlier chunks); and families not written yet, each saying what its adapter needs.
+of earlier chunks); and image or video families not written yet (``"not written yet: ..."``),
+each saying what its adapter needs beyond the shipped patterns.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "SkyReelsV2Transformer3DModel": "skyreels_v2",
         "CogView3PlusTransformer2DModel": "cogview3plus",
         "SanaVideoTransformer3DModel": "sana_video",
+        "WanVACETransformer3DModel": "wan_vace",
     }
 )
 
@@ -107,7 +109,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "QwenImage21Transformer2DModel": f"{_CONTEXT}: image masks and a key-value cache of reference images",
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
-        "WanVACETransformer3DModel": "not written yet: Wan plus VACE control blocks reading control latents (vace_patch_embedding)",
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
         "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
