@@ -355,12 +355,15 @@ def specialised_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def specialised_v1_dir(specialised_dir: Path, tmp_path_factory) -> Path:
-    """The same model in the v1 layout (stage_lora.json beside the weights)."""
-    from _legacy_formats import to_v1
+def specialised_v1_dir(wrapped_dir: Path, tmp_path_factory) -> Path:
+    """A specialisation saved beside an unspecialised model (save_specialization: stage_lora.json + weights)."""
+    from dfm_ext.models.dit import DiT, DiTConfig
 
-    d = _copy(specialised_dir, tmp_path_factory.mktemp("spec1") / "s")
-    to_v1(d)
+    d = _copy(wrapped_dir, tmp_path_factory.mktemp("spec1") / "s")
+    torch.manual_seed(0)
+    base = DiT(DiTConfig.preset("tiny", input_size=8, in_channels=3, num_classes=4))
+    model = dfm_ext.wrap_dit(base, dfm_ext.LaplacianPyramid(factors=(2, 1)), sample_shape=(3, 8, 8))
+    dfm_ext.save_specialization(dfm_ext.specialize(model, kind="lora", targets=["mlp"], rank=2), d)
     return d
 
 

@@ -1,8 +1,4 @@
-"""The saved-model format: one atomic folder, one config, every older layout still loads.
-
-Old layouts are written by hand (tests/_legacy_formats.py, after the code of release 3c0d0fd),
-never through the new writer.
-"""
+"""The saved-model format: one atomic folder, one config (the one format: no release wrote another)."""
 
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ from dfm_ext import DiT, DiTConfig, DFMObjective, DFMSampler, LaplacianPyramid, 
 from dfm_ext.fileio import atomic_directory, atomic_write_text
 from dfm_ext.wrapping.wrapper import DFMTransformer
 
-from _legacy_formats import to_v1
 
 
 def _model(seed: int = 0, **kw) -> DFMTransformer:
@@ -153,34 +148,3 @@ def test_objective_and_sampler_default_to_the_models_scales() -> None:
 
 
 # --------------------------------------------------------------------------- older layouts
-
-
-@pytest.mark.parametrize("kind", [None, "lora", "full"])
-def test_v1_layout_loads(kind: str | None, tmp_path: Path) -> None:
-    """dfm_config.json v1 (main before issue 14), with stage_parameters + stage_lora.json beside it."""
-    model = _model()
-    if kind:
-        _specialise(model, kind)
-    model.save_pretrained(tmp_path / "m")
-    old = to_v1(tmp_path / "m")
-    assert set(old) == {"format", "adapter", "sample_shape", "stage_shapes", "patch_sizes", "stage_embedding", "decomposition", "base"}
-    assert (tmp_path / "m" / "stage_lora.json").is_file() == bool(kind)
-    loaded = load_wrapped(tmp_path / "m").eval()
-    assert loaded.stage_scales is None and (loaded.specialization is None) == (kind is None)
-    if kind:
-        assert loaded.specialization.kind == kind
-        assert dfm_ext.load_specialization(loaded, tmp_path / "m") is loaded.specialization
-    _same(model, loaded)
-
-
-def test_kinetics_final_of_the_old_layout_loads_with_its_scales(tmp_path: Path) -> None:
-    """A Kinetics final/: v1 + video_dfm.safetensors (stage_scales, label tokens) + stage_scales.json."""
-    model = _model(stage_scales=[0.25, 4.0])
-    model.save_pretrained(tmp_path / "final")
-    to_v1(tmp_path / "final", label_tokens={"table.weight": torch.randn(5, 8)})
-    assert "stage_scales" not in load_file(str(tmp_path / "final" / "model.safetensors"))
-    loaded = load_wrapped(tmp_path / "final").eval()
-    assert torch.equal(loaded.stage_scales, torch.tensor([0.25, 4.0]))
-    _same(model, loaded)
-    loaded.save_pretrained(tmp_path / "final")  # rewriting an old folder in the new layout
-    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["dfm_config.json", "model.safetensors"]

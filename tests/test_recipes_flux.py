@@ -349,30 +349,3 @@ def test_cache_pairs_latents_with_captions_and_refuses_a_mismatch(assets: Path, 
     assert "resolutions: cache has [32, 48]" in capsys.readouterr().err
     (cache / "index.json").unlink()
     assert flux_main(args) == 2 and "index.json missing" in capsys.readouterr().err
-
-
-def test_export_of_the_old_layout_loads(assets: Path, tmp_path: Path) -> None:
-    """A FLUX ``final/`` written before issue 14 (BucketedDFM: dfm_config.json v1, stage_parameters.safetensors
-    + stage_lora.json): load_finetuned re-applies the per-stage LoRA and accepts every bucket's shape."""
-    from _legacy_formats import to_v1
-
-    cfg = _cfg(assets, "finetune.mode=stage_lora", "finetune.lora_rank=2")
-    torch.manual_seed(0)
-    model = build_flux_model(cfg, load_transformer(cfg)).eval()
-    with torch.no_grad():
-        for p in model.specialization.stage_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "final")
-    to_v1(tmp_path / "final")
-    assert (tmp_path / "final" / "stage_lora.json").is_file()
-    loaded = load_finetuned(tmp_path / "final")
-    assert loaded.any_sample_shape and loaded.specialization is not None
-    g = torch.Generator().manual_seed(2)
-    z = torch.randn(2, 4, 12, 8, generator=g)  # not the wrapped sample shape
-    stages = model.decomposition.decompose(z)
-    t, k, cond = torch.rand(2, 2, generator=g), torch.tensor([0, 1]), _text(assets, 2, cfg)
-    with torch.no_grad():
-        for a, b in zip(model(stages, t, k, **cond), loaded(stages, t, k, **cond)):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="not what"):
-        loaded([stages[0], stages[1][..., :4]], t, k, **cond)

@@ -17,16 +17,7 @@ a crash never leaves a half-written folder)::
     <dir>/<extra files>                 named in the config (``extra_files=``, e.g. a recipe's
                                         label-token weights)
 
-Older layouts written by released versions still load through :func:`load_wrapped`:
-
-* ``dfm_ext.wrapped/1``: the same two files without scales and specialisation record, with an
-  optional specialisation beside them (``stage_parameters.safetensors`` + ``stage_lora.json``,
-  kinds ``lora`` and ``full``) and, for Kinetics ``final/`` folders, ``video_dfm.safetensors``
-  holding the ``stage_scales`` (its ``stage_scales.json`` repeats them).
-* the demo's ``config.json`` checkpoints are not wrapped models: the error points to
-  :func:`dfm_ext.recipes.demo.run.load_demo_checkpoint`.
-
-Weights are read with safetensors only (no pickle).
+It is the one format (no release wrote another). Weights are read with safetensors only (no pickle).
 """
 
 from __future__ import annotations
@@ -43,31 +34,21 @@ from torch import nn
 from dfm_ext.fileio import atomic_directory, atomic_write_bytes
 
 __all__ = [
-    "FORMAT", "FORMAT_V1", "CONFIG_FILE", "WEIGHTS_FILE", "STAGE_FILE", "class_path", "current_class_path", "describe_mismatch",
-    "legacy_scales", "load_weights", "model_record", "peft_merged", "read_json_file", "read_record",
+    "FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "STAGE_FILE", "class_path", "describe_mismatch",
+    "load_weights", "model_record", "peft_merged", "read_json_file", "read_record",
     "rebuild_decomposition", "restore_specialization", "save_pretrained", "weight_shapes",
 ]  # fmt: skip
 
 FORMAT = "dfm_ext.wrapped/2"
-FORMAT_V1 = "dfm_ext.wrapped/1"
 CONFIG_FILE = "dfm_config.json"
 WEIGHTS_FILE = "model.safetensors"
 STAGE_FILE = "stage_parameters.safetensors"
-#: Files of the older layouts: a folder holding only these (and the current ones) may be replaced.
-_LEGACY_FILES = ("stage_lora.json", "video_dfm.safetensors", "stage_scales.json")
-
-#: Where classes named in records written before the library's subpackages lived then.
-_MOVED_MODULES = {"dfm_ext.models": "dfm_ext.models.dit", "dfm_ext.video_models": "dfm_ext.models.video_dit"}
 
 
 def class_path(obj: Any) -> str:
     return f"{type(obj).__module__}:{type(obj).__qualname__}"
 
 
-def current_class_path(path: str) -> str:
-    """``"module:Class"`` from a saved record, with modules renamed since then mapped to today's."""
-    module, _, name = str(path).partition(":")
-    return f"{_MOVED_MODULES.get(module, module)}:{name}"
 
 
 def _describe(decomposition: Any) -> dict[str, Any]:
@@ -165,7 +146,7 @@ def _check_replaceable(directory: Path) -> None:
     """Refuse to replace a folder holding files ``save_pretrained`` did not write (it is replaced whole)."""
     if not directory.is_dir():
         return
-    ours = {CONFIG_FILE, WEIGHTS_FILE, STAGE_FILE, *_LEGACY_FILES}
+    ours = {CONFIG_FILE, WEIGHTS_FILE, STAGE_FILE}
     record_path = directory / CONFIG_FILE
     if record_path.is_file():
         try:
@@ -297,39 +278,21 @@ def read_record(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"wrapped model folder {str(directory)!r} does not exist or is not a folder")
     if not config_path.is_file() and (directory / "config.json").is_file():
         raise ValueError(
-            f"{directory} holds a config.json, not {CONFIG_FILE}: a demo checkpoint from before the one format or a "
-            "diffusers folder, not a wrapped model; load an old demo checkpoint with dfm_ext.recipes.demo.run.load_demo_checkpoint"
+            f"{directory} holds a config.json, not {CONFIG_FILE}: a diffusers (or other) model folder, not a wrapped "
+            "model; save_pretrained of a wrap_dit model writes dfm_config.json"
         )
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing (save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})")
     record = read_json_file(config_path)
     fmt = record.get("format") if isinstance(record, dict) else type(record).__name__
-    if fmt not in (FORMAT, FORMAT_V1):
+    if fmt != FORMAT:
         raise ValueError(f"{config_path}: {directory} is not a dfm_ext wrapped model (format {fmt!r}, expected {FORMAT!r})")
     needed = ("decomposition", "base", "adapter", "sample_shape", "patch_sizes", "stage_embedding", "stage_shapes")
     absent = [k for k in needed if k not in record] + [f"base.{k}" for k in ("class", "config") if k not in record.get("base", {})]
     if absent:
         raise ValueError(f"{config_path} is missing the key(s) {absent}")
     return record
-
-
-def legacy_scales(directory: Path) -> list[float] | None:
-    """The ``stage_scales`` of a Kinetics ``final/`` folder of the old layout (``video_dfm.safetensors``)."""
-    path = directory / "video_dfm.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors import safe_open  # noqa: PLC0415
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if "stage_scales" not in f.keys():
-                raise ValueError(f"{path} holds no 'stage_scales' tensor")
-            return [float(v) for v in f.get_tensor("stage_scales").tolist()]
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for a damaged header
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def weight_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
@@ -350,8 +313,7 @@ def weight_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
 def load_weights(model: WrappedModel, record: Mapping[str, Any], directory: Path, found: Mapping[str, tuple[int, ...]], device: Any) -> None:
     """Load ``model.safetensors`` into the rebuilt ``model`` strictly, with errors that say which config field differs.
 
-    ``found`` is :func:`weight_shapes` of the file. The v1 layout kept the stage scales apart
-    (restored by the caller), so they may be absent from its file.
+    ``found`` is :func:`weight_shapes` of the file.
 
     Raises:
         ValueError: a tensor's shape, a missing or an unexpected name (:func:`describe_mismatch`),
@@ -361,21 +323,13 @@ def load_weights(model: WrappedModel, record: Mapping[str, Any], directory: Path
 
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    v1_scales = record["format"] == FORMAT_V1 and getattr(model, "stage_scales", None) is not None
-    if record["format"] == FORMAT_V1:
-        expected.pop("stage_scales", None)  # v1 kept the scales apart
     # Names absent from the file may be tied weights save_model stored once; load_model knows.
     if any(k in found and found[k] != shape for k, shape in expected.items()):
         detail = describe_mismatch(expected, {k: v for k, v in found.items() if k in expected}, record)
         raise ValueError(f"{weights_path} does not fit the model {config_path} describes: {detail}")
     model.to(device)
     try:
-        if v1_scales:
-            missing, unexpected = load_model(model, str(weights_path), strict=False, device=str(device))
-            if unexpected or set(missing) - {"stage_scales"}:
-                raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
-        else:
-            load_model(model, str(weights_path), strict=True, device=str(device))
+        load_model(model, str(weights_path), strict=True, device=str(device))
     except RuntimeError as e:  # names missing from / unexpected in the file
         detail = describe_mismatch(expected, found, record)
         raise ValueError(f"{weights_path} does not fit the model {config_path} describes: {detail}") from e
@@ -385,10 +339,10 @@ def load_weights(model: WrappedModel, record: Mapping[str, Any], directory: Path
 
 def restore_specialization(wrapped: WrappedModel, record: dict[str, Any], directory: Path) -> None:
     """Re-apply a saved specialisation to the rebuilt ``wrapped`` (``wrapped.specialization`` = its handle)."""
-    from dfm_ext.specialization import load_specialization, restore_specialization  # noqa: PLC0415
+    from dfm_ext.specialization import restore_specialization  # noqa: PLC0415
 
     spec_record = record.get("specialization")
-    if record["format"] == FORMAT and spec_record is not None:
+    if spec_record is not None:
         config_path = directory / CONFIG_FILE
         if not isinstance(spec_record, dict) or not isinstance(spec_record.get("weights"), str):
             raise ValueError(f"{config_path}: 'specialization' must be a record naming its weights file, got {spec_record!r:.200}")
@@ -400,6 +354,3 @@ def restore_specialization(wrapped: WrappedModel, record: dict[str, Any], direct
         if missing:
             raise ValueError(f"{config_path}: specialization is missing the key(s) {missing}")
         wrapped.specialization = restore_specialization(wrapped, body, weights, record_path=config_path)
-    elif record["format"] == FORMAT_V1:
-        # v1 kept the specialisation beside the model (stage_lora.json); None when there is none.
-        wrapped.specialization = load_specialization(wrapped, directory)

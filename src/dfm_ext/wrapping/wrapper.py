@@ -390,10 +390,10 @@ def load_wrapped(
     record = files.read_record(directory)
     # The weights file's header is read before any model is built: a damaged file fails here, naming it.
     found = files.weight_shapes(directory / files.WEIGHTS_FILE)
-    scales = record.get("stage_scales") if record["format"] == files.FORMAT else files.legacy_scales(directory)
+    scales = record.get("stage_scales")
     if decomposition is None:
         decomposition = files.rebuild_decomposition(record["decomposition"])
-    base_class = files.current_class_path(record["base"]["class"])
+    base_class = str(record["base"]["class"])
     if base_model is None:
         if base_class != "dfm_ext.models.dit:DiT":
             raise ValueError(f"the saved base model is a {base_class}; pass base_model= (an unwrapped instance)")
