@@ -1,11 +1,9 @@
 """The ``dfm-ext`` command: ``demo`` (train the image recipe on offline data, sample, measure), ``sample``, ``eval``.
 
-``dfm-ext demo`` runs ``python -m dfm_ext.recipes.imagenet`` with ``configs/demo.yaml`` (its options
-become overrides of that file; ``--set key=value`` adds any other), then draws ``samples.png``,
-``progressive.png`` and ``loss.png`` from the EMA weights and scores ``--num-eval`` samples against
-the held-out split (``metrics.json``). The run folder is ``OUT/run``: a demo stopped half-way
-resumes from its last checkpoint when run again. Errors in the inputs end with a one-line message
-and exit status 2.
+``dfm-ext demo`` trains ``configs/demo.yaml`` of the image recipe (its options become overrides;
+``--set key=value`` adds any other) in ``OUT/run`` (a stopped demo resumes), then draws
+``samples.png``, ``progressive.png`` and ``loss.png`` and scores ``--num-eval`` samples against the
+held-out split (``metrics.json``). Bad inputs end with a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -69,13 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
     demo.add_argument("--dataset", choices=DATASETS, default="auto", help="training data (default auto: Fashion-MNIST if installed)")
     demo.add_argument("--decomposition", choices=tuple(DECOMPOSITIONS), default="laplacian", help="stage decomposition (default laplacian: 16x16 + 32x32)")
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--batch-size", type=_at_least(1), default=None, help="default 64")
-    demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    demo.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads for torch (1 is faster on a busy shared machine)")
     demo.add_argument("--num-eval", type=_at_least(0), default=1000, help="samples for the metrics (default 1000; 0 skips them)")
-    demo.add_argument("--num-reference", type=_at_least(1), default=2000, help="held-out test images for the metrics (default 2000)")
-    demo.add_argument("--no-fd", action="store_true", help="skip FD-EffNet (SWD only)")
     demo.add_argument("--cfg-scale", type=float, default=None, help="guidance for samples.png (default 3)")
     demo.add_argument("--size", choices=tuple(SIZES), default="demo", help="model size: demo (default) or tiny (smoke tests)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,11 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: the run's)")
     sample.add_argument("--steps", type=_numbers(int, "positive integers like 30,10"), default=None, help="steps per stage, e.g. 30,10")
     sample.add_argument("--threshold", type=_numbers(float, "numbers like 0.9"), default=None, help="stage thresholds tau, e.g. 0.9")
-    sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num", type=_at_least(1), default=8, help="samples per class (default 8)")
     sample.add_argument("--out", type=Path, default=Path("grid.png"), help="a .png grid, or a folder of one PNG per sample")
-    sample.add_argument("--device", default="cpu")
-    sample.add_argument("--threads", type=_at_least(1), default=None)
 
     ev = sub.add_parser("eval", help="SWD and FD-EffNet of samples against a dataset split; JSON out", allow_abbrev=False)
     ev.add_argument("--samples", type=Path, required=True, help="a folder of PNG samples, or a trained run (samples drawn now)")
@@ -100,21 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("train", "test"), default="test")
     ev.add_argument("--num", type=_at_least(1), default=1000, help="samples to use (default 1000)")
     ev.add_argument("--cfg-scale", type=float, default=1.0, help="guidance when sampling a run (default 1)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--num-reference", type=_at_least(1), default=2000, help="dataset images (default 2000)")
-    ev.add_argument("--no-fd", action="store_true", help="skip FD-EffNet (SWD only)")
     ev.add_argument("--out", type=Path, default=None, help="write the JSON here as well as to stdout")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--threads", type=_at_least(1), default=None)
+    for p in (demo, ev):
+        p.add_argument("--num-reference", type=_at_least(1), default=2000, help="held-out images for the metrics (default 2000)")
+        p.add_argument("--no-fd", action="store_true", help="skip FD-EffNet (SWD only)")
+    for p in (demo, sample, ev):
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        p.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads for torch (1 is faster on a busy shared machine)")
     return parser
 
 
 def demo_config(args: argparse.Namespace) -> ImageNetConfig:
-    """``configs/demo.yaml`` with the overrides ``dfm-ext demo``'s options stand for, validated.
-
-    Everything but the data is checked first (no file read); then the training set is loaded and
-    its channels and classes go into the config.
-    """
+    """``configs/demo.yaml`` with the overrides ``dfm-ext demo``'s options stand for, validated before any file is read;
+    then the training set's name, channels and classes go into it."""
     from dfm_ext.recipes.demo.data import fashion_mnist_available
     from dfm_ext.recipes.demo.report import load_split
     from dfm_ext.recipes.engine.config import apply_overrides, load_config
@@ -205,11 +194,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def estimate_seconds(task: Any, dataset: Any, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The demo's duration here, from 3 timed training steps on real batches (after one warm-up step).
-
-    Sampling costs one forward per sample and step (two with guidance), about a third of a training
-    step's forward + backward per image; scoring adds a few seconds.
-    """
+    """The demo's duration here, from 3 timed training steps after a warm-up one (sampling: a forward per sample
+    and step, two with guidance, about a third of a training step per image; scoring adds a few seconds)."""
     torch.manual_seed(cfg.train.seed)
     model, b = task.build_model().to(args.device), cfg.train.global_batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)

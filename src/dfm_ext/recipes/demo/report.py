@@ -1,11 +1,5 @@
-"""What the demo adds to the image recipe: its offline training set, and sampling and scoring a trained run.
-
-* :func:`training_set`: the ``data.factory`` of ``configs/demo.yaml`` (Fashion-MNIST or photo
-  crops from :mod:`~dfm_ext.recipes.demo.data`, in memory).
-* :func:`generate`: samples of a wrapped model with the run's sampling settings and previews.
-* :func:`compute_metrics`: multi-scale SWD per level and FD-EffNet against real images.
-* :func:`load_run`: a run's EMA model and config from any folder the user points at.
-"""
+"""What the demo adds to the image recipe: its offline training set (:func:`training_set`, the ``data.factory``
+of ``configs/demo.yaml``), and sampling and scoring a trained run (``dfm-ext sample`` and ``eval``)."""
 
 from __future__ import annotations
 
@@ -30,8 +24,7 @@ FD_RESOLUTION = 64
 
 
 class InMemoryImages(torch.utils.data.Dataset):
-    """The image recipe's view of an :class:`~dfm_ext.recipes.demo.data.ImageDataset`: key ``(index, flip)``
-    -> ``{"pixels": [C, H, W], "label": int}``."""
+    """An :class:`~dfm_ext.recipes.demo.data.ImageDataset` keyed by ``(index, flip)``: ``{"pixels": [C, H, W], "label": int}``."""
 
     def __init__(self, data: ImageDataset) -> None:
         self.data = data
@@ -52,12 +45,8 @@ def load_split(name: str, split: str, size: int, seed: int, num: int | None = No
 
 
 def training_set(cfg: ImageNetConfig, *, dataset: str = "auto", subset: int | None = None) -> InMemoryImages:
-    """``data.factory`` of the demo: the train split of ``dataset`` at ``data.resolution``, checked against the config.
-
-    Raises:
-        ValueError: the images' channels differ from ``vae.latent_channels`` (the demo trains on
-            pixels) or their classes outnumber ``data.num_classes``.
-    """
+    """``data.factory`` of the demo: the train split of ``dataset`` at ``data.resolution``; its channels must be
+    ``vae.latent_channels`` (the demo trains on pixels) and its classes at most ``data.num_classes``."""
     data = load_split(dataset, "train", cfg.data.resolution, cfg.train.seed, subset)
     c = data.image_shape[0]
     if c != cfg.vae.latent_channels or data.num_classes > cfg.data.num_classes:
@@ -73,14 +62,9 @@ def generate(
     model: nn.Module, cfg: ImageNetConfig, labels: Tensor, *, guidance: float, generator: torch.Generator,
     device: torch.device | str = "cpu", batch_size: int = 250,
 ) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
-    """One sample per label with ``cfg``'s sampler at ``guidance`` (1: no unconditional pass).
-
-    Returns:
-        ``(images [N, C, H, W], previews)`` in ``[-1, 1]``; ``previews[s]`` is rebuilt from stages ``0..s``.
-    """
-    from dfm_ext.recipes.engine.decomposition import build_decomposition
-
-    sampler = cfg.sampling.sampler(build_decomposition(cfg.decomposition), guidance_scale=guidance)
+    """One sample per label with ``cfg``'s sampler at ``guidance`` (1: no unconditional pass): ``(images [N, C, H, W],
+    previews)`` in ``[-1, 1]``, ``previews[s]`` rebuilt from stages ``0..s``."""
+    sampler = cfg.sampling.sampler(cfg.decomposition.build(), guidance_scale=guidance)
     shape = (cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
     model = model.eval().to(device)
     images, previews = [], []
@@ -96,11 +80,10 @@ def generate(
 def compute_metrics(
     fake: Tensor, real: Tensor, *, seed: int = 0, fd: bool = True, extractor: Any = None, real_features: Any = None
 ) -> dict[str, Any]:
-    """SWD per pyramid level (x1e3) and FD-EffNet of ``fake`` against ``real`` (both ``[N, C, H, W]`` in ``[-1, 1]``).
+    """SWD per pyramid level (x1e3) and FD-EffNet of ``fake`` (clipped, as saved) against ``real``, ``[N, C, H, W]``.
 
-    Samples are scored as they would be saved (clipped to ``[-1, 1]``). FD-EffNet is ``None`` with
-    the reason when its weights are not installed; ``real_features`` (a ``FeatureStatistics`` of
-    the real set) and ``extractor`` spare recomputing them between calls.
+    FD-EffNet is ``None`` with the reason when its weights are not installed; ``real_features`` (a
+    ``FeatureStatistics`` of the real set) and ``extractor`` spare recomputing them between calls.
     """
     from dfm_ext.metrics.swd import swd
 
@@ -130,12 +113,8 @@ class Run:
 
 
 def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
-    """The run at ``path``: a demo output folder (``run/`` inside), a run folder (``final/`` inside) or
-    its ``final/`` (a ``save_pretrained`` folder of a wrapped model, with ``config.yaml`` in the folder above).
-
-    Raises:
-        FileNotFoundError: no ``dfm_config.json`` where a wrapped model should be, or no ``config.yaml`` of its run.
-    """
+    """The run at ``path``: a demo output folder (``run/`` inside), a run folder (``final/`` inside) or its ``final/``
+    (a wrapped model, with ``config.yaml`` in the folder above)."""
     from dfm_ext.recipes.engine.config import load_config
     from dfm_ext.wrapping.io import CONFIG_FILE, load_wrapped
 
@@ -166,16 +145,12 @@ def _schedule(cfg: ImageNetConfig, steps: Any, thresholds: Any) -> ImageNetConfi
 
 
 def sample_run(args: Any) -> Path:
-    """``dfm-ext sample``: ``args.num`` samples per class of the run at ``args.checkpoint``.
-
-    ``args.out`` ending in ``.png`` gets a grid (rows = classes); any other path is a folder that
-    gets one PNG per sample (``<index>_class<k>.png``, what ``dfm-ext eval`` reads) plus ``grid.png``.
-    """
+    """``dfm-ext sample``: ``args.num`` samples per class of the run at ``args.checkpoint``, as a grid (``args.out``
+    a ``.png``; rows = classes) or a folder of ``<index>_class<k>.png`` (what ``dfm-ext eval`` reads) plus ``grid.png``."""
     import math
 
     from dfm_ext.fileio import atomic_directory
     from dfm_ext.recipes.engine.viz import save_array_png, save_image_grid, to_uint8
-
     from dfm_ext.validation import parse_device
 
     parse_device(args.device)
@@ -200,11 +175,7 @@ def sample_run(args: Any) -> Path:
 
 
 def read_png_folder(folder: str | Path, *, limit: int | None = None) -> tuple[Tensor, list[Path]]:
-    """The PNGs of ``folder`` (sorted; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``, and the unreadable ones.
-
-    Raises:
-        ValueError: no readable PNGs, or images of different sizes/modes.
-    """
+    """The PNGs of ``folder`` (sorted; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``, and the unreadable ones."""
     import numpy as np
     from PIL import UnidentifiedImageError
 
@@ -230,9 +201,8 @@ def evaluate_samples(args: Any) -> dict[str, Any]:
     import math
     import sys
 
-    from dfm_ext.wrapping.io import CONFIG_FILE
-
     from dfm_ext.validation import parse_device
+    from dfm_ext.wrapping.io import CONFIG_FILE
 
     parse_device(args.device)
     path = Path(args.samples)

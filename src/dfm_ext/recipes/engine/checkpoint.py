@@ -1,23 +1,17 @@
 """The run folder and its checkpoints: atomic step folders, a completeness record, resume decisions.
 
-One run is one folder: ``config.yaml`` (the resolved config), ``checkpoints/``, ``logs/``
-(trackers), ``samples/``, ``metrics.jsonl``, ``final/`` (the EMA weights) and ``summary.json``.
-Under ``checkpoints/``::
+A run folder holds ``config.yaml``, ``checkpoints/``, ``logs/``, ``samples/``, ``metrics.jsonl``,
+``final/`` (the EMA weights) and ``summary.json``. Under ``checkpoints/``::
 
-    step-000200/            a complete checkpoint: the parallelism's files + extra_state.pt + complete.json
-    corrupt-step-000600/    one that failed verification, moved aside at resume (kept, never read)
+    step-000200/            the parallelism's files + extra_state.pt + complete.json
+    corrupt-step-000600/    failed verification at resume: moved aside, never read
     latest                  names the newest checkpoint written (informational)
 
-A checkpoint is written into ``tmp-step-<step>``; once every process has written its part, the
-main process writes ``complete.json`` (size and SHA-256 of every file) *last*, renames the folder
-to ``step-<step>`` (``os.replace``, atomic on POSIX) and rewrites ``latest``. Only a folder with a
-record that verifies counts, so a crash, a truncated copy or a full disk never leaves a checkpoint
-that looks complete. SHA-256 (``hashlib``, ~0.9 GB/s here) is read once per checkpoint written and
-once per checkpoint resumed from. The folder must be on a filesystem every process (and node) sees.
-
-Objects beyond the model and optimiser (scheduler, EMA counters, step counters) go into
-``extra_state.pt`` and are read back with ``weights_only=True``: resuming from a checkpoint
-someone else wrote cannot run code.
+A checkpoint is written into ``tmp-step-<step>``; the main process writes ``complete.json`` (size
+and SHA-256 of every file) last, then renames the folder. Only a folder whose record verifies
+counts, so a crash or a full disk never leaves a checkpoint that looks complete. The folder must be
+on a filesystem every process sees. ``extra_state.pt`` is read with ``weights_only=True``: resuming
+from someone else's checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -40,10 +34,9 @@ from dfm_ext.fileio import atomic_write_text, fsync_directory
 from dfm_ext.recipes.engine.config import ConfigError
 
 __all__ = [
-    "DISK_FULL_ERRNOS", "EXTRA_STATE", "MANIFEST", "CorruptCheckpointError", "DiskFullError", "Stateful",
-    "check_output_writable", "choose_resume", "clean_partial", "disk_full_error",
-    "list_checkpoints", "load_extra_state", "quarantine", "save_extra_state", "save_final_model",
-    "state_digest", "step_dir_name", "tidy_checkpoints", "verify_manifest", "warn", "write_manifest", "write_step_folder",
+    "DISK_FULL_ERRNOS", "EXTRA_STATE", "MANIFEST", "CorruptCheckpointError", "DiskFullError", "Stateful", "check_output_writable",
+    "choose_resume", "clean_partial", "list_checkpoints", "load_extra_state", "save_extra_state", "save_final_model",
+    "state_digest", "step_dir_name", "tidy_checkpoints", "verify_manifest", "write_manifest", "write_step_folder",
 ]  # fmt: skip
 
 #: The file of a checkpoint holding the states of the objects beyond model and optimiser.
@@ -72,11 +65,6 @@ class DiskFullError(OSError):
     """``ENOSPC``/``EDQUOT`` while writing; ``str()`` says the disk is full and names the path."""
 
 
-def warn(message: str) -> None:
-    """One line on stderr (``warnings.warn`` would add a second line with the source)."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def step_dir_name(step: int) -> str:
     """``step-000123``: zero padded so that names sort by step."""
     if step < 0:
@@ -93,9 +81,6 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-# -- the completeness record ----------------------------------------------------------------------
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -110,10 +95,7 @@ def _payload_files(path: Path) -> list[Path]:
 
 
 def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
-    """Write ``path/complete.json``: size and SHA-256 of every file of the checkpoint folder ``path``.
-
-    Call it after every file is written: the record is what marks the folder complete.
-    """
+    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``: call it after every file is written."""
     path = Path(path)
     files = {}
     for f in _payload_files(path):
@@ -126,11 +108,7 @@ def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, An
 
 
 def verify_manifest(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
-    """Check the checkpoint folder ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte).
-
-    Raises:
-        CorruptCheckpointError: no or an unreadable record, a listed file missing, a size or hash that differs.
-    """
+    """Check ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte); else :class:`CorruptCheckpointError`."""
     path = Path(path)
     if not path.is_dir():
         raise CorruptCheckpointError(f"{path} is not a folder")
@@ -155,18 +133,6 @@ def verify_manifest(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
     return record
 
 
-# -- writing ----------------------------------------------------------------------------------------
-
-
-def disk_full_error(e: OSError, path: Path, what: str) -> DiskFullError:
-    """A :class:`DiskFullError` for ``e`` naming ``what`` and ``path``."""
-    return DiskFullError(
-        e.errno,
-        f"the disk is full (no space left) while writing {what} {path}: {e}; free space on that disk or point "
-        "train.output_dir elsewhere, then run again (the partial folder is removed at the next start)",
-    )
-
-
 def clean_partial(root: str | Path) -> list[Path]:
     """Remove the ``tmp-*`` folders a crash or a full disk left under ``root``; returns them (main process, at start)."""
     root = Path(root)
@@ -182,11 +148,7 @@ def save_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
 
 
 def load_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
-    """Restore ``extra``'s objects from ``folder/extra_state.pt``.
-
-    Raises:
-        CorruptCheckpointError: the file is missing or lacks one of ``extra``'s names.
-    """
+    """Restore ``extra``'s objects from ``folder/extra_state.pt`` (:class:`CorruptCheckpointError` if missing or incomplete)."""
     if not extra:
         return
     file = folder / EXTRA_STATE
@@ -210,15 +172,10 @@ def write_step_folder(
     write_all: Callable[[Path], None],
     write_main: Callable[[Path], None],
 ) -> Path:
-    """Write ``root/step-<step>`` atomically (every process calls this).
+    """Write ``root/step-<step>`` atomically (every process calls this; an existing one is never written over).
 
-    ``write_all(tmp)`` runs on every process (the collective part), then the main process runs
-    ``write_main(tmp)``, writes the completeness record last, renames ``tmp-step-<step>`` to
-    ``step-<step>``, points ``latest`` at it and keeps the newest ``keep``.
-
-    Raises:
-        FileExistsError: ``root/step-<step>`` exists (checked on every process first): never written over.
-        DiskFullError: the disk filled up; ``tmp-step-<step>`` is removed at the next start.
+    ``write_all(tmp)`` runs on every process, then the main process runs ``write_main(tmp)``, writes
+    the completeness record last, renames ``tmp-step-<step>``, points ``latest`` at it and keeps the newest ``keep``.
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
@@ -243,7 +200,10 @@ def write_step_folder(
             atomic_write_text(root / "latest", name + "\n")
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
-            raise disk_full_error(e, tmp, "checkpoint") from e
+            raise DiskFullError(
+                e.errno, f"the disk is full (no space left) while writing checkpoint {tmp}: {e}; free space on that disk or point "
+                "train.output_dir elsewhere, then run again (the partial folder is removed at the next start)",
+            ) from e
         raise
     if is_main and keep is not None:
         for _, old in list_checkpoints(root)[:-keep]:
@@ -252,30 +212,12 @@ def write_step_folder(
     return final
 
 
-# -- resuming -----------------------------------------------------------------------------------------
-
-
-def quarantine(path: str | Path) -> Path:
-    """Move a failed step folder aside to ``corrupt-<name>`` (``-1``, ``-2`` ... if taken); nothing is deleted."""
-    path = Path(path)
-    target, n = path.with_name(f"corrupt-{path.name}"), 0
-    while target.exists():
-        n += 1
-        target = path.with_name(f"corrupt-{path.name}-{n}")
-    os.replace(path, target)
-    fsync_directory(path.parent)
-    return target
-
-
 def choose_resume(output_dir: Path, mode: str) -> Path | None:
-    """The checkpoint ``train.resume=mode`` resumes from in the run folder ``output_dir`` (``None``: start).
+    """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a :class:`ConfigError`.
 
-    ``auto``: the newest step folder that verifies, whatever ``latest`` says (damaged newer ones
-    get a one-line warning each); ``never``: none, and a folder with checkpoints is refused; else a
-    checkpoint folder, refused when it is damaged or older than checkpoints already in the run folder.
-
-    Raises:
-        ConfigError: naming the folder and what to do instead.
+    ``auto``: the newest step folder that verifies, whatever ``latest`` says; ``never``: none, and a
+    folder with checkpoints is refused; else a checkpoint folder, refused when damaged or older than
+    checkpoints already in the run folder.
     """
     ckpts = output_dir / "checkpoints"
     existing = list_checkpoints(ckpts)
@@ -293,7 +235,7 @@ def choose_resume(output_dir: Path, mode: str) -> Path | None:
                 verify_manifest(path)
                 return path
             except CorruptCheckpointError as e:
-                warn(f"checkpoint {path} is damaged, resuming from an older one: {e}")
+                print(f"warning: checkpoint {path} is damaged, resuming from an older one: {e}", file=sys.stderr)
                 rejected += 1
         if rejected:
             raise ConfigError(f"no usable checkpoint in {ckpts}: every step folder is damaged (see the warnings above); move them away to start again")
@@ -325,20 +267,22 @@ def tidy_checkpoints(output_dir: Path, mode: str, resume: Path | None) -> None:
         return
     step = -1 if resume is None or resume.parent != ckpts else int(resume.name.removeprefix("step-"))
     for s, p in list_checkpoints(ckpts):
-        if s > step:  # only damaged ones are newer than the folder choose_resume chose
-            print(f"moved {p} aside to {quarantine(p).name}", file=sys.stderr)
+        if s > step:  # only damaged ones are newer than the folder choose_resume chose: moved aside, never deleted
+            target, n = p.with_name(f"corrupt-{p.name}"), 0
+            while target.exists():
+                n += 1
+                target = p.with_name(f"corrupt-{p.name}-{n}")
+            os.replace(p, target)
+            fsync_directory(p.parent)
+            print(f"moved {p} aside to {target.name}", file=sys.stderr)
     if resume is not None and resume.parent == ckpts:
         atomic_write_text(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
 
 
 def check_output_writable(path: str | Path) -> None:
-    """Fail fast when the run folder ``path`` (and its ``checkpoints/``) cannot be written; creates it if missing.
+    """Fail fast (:class:`ConfigError`) when the run folder ``path`` or its ``checkpoints/`` cannot be written.
 
-    Probes by creating and removing a file, which also catches read-only mounts and ACLs that
-    ``os.access`` misses.
-
-    Raises:
-        ConfigError: naming the folder and the reason.
+    Creates ``path``; probes with a file, which also catches read-only mounts and ACLs ``os.access`` misses.
     """
     import tempfile
 
@@ -355,9 +299,6 @@ def check_output_writable(path: str | Path) -> None:
         raise ConfigError(
             f"train.output_dir={str(path)!r} is not writable ({why}: {e.filename or path}); make it writable or choose another"
         ) from None
-
-
-# -- the results --------------------------------------------------------------------------------------
 
 
 def save_final_model(output_dir: Path, model: nn.Module) -> Path:

@@ -1,10 +1,7 @@
-"""Typed run configs: dataclasses, YAML files and ``key.sub=value`` command-line overrides.
+"""Typed run configs: nested dataclasses, YAML files (``base: other`` inherits) and ``key.sub=value`` overrides.
 
-A recipe declares its config as nested frozen-free dataclasses (sections such as ``train``,
-``optim``, ``data``). :func:`load_config` builds one from a YAML file (a name in
-``recipes/configs/`` or a path; ``base: other_name`` inherits from another file) and a list of
-overrides, checking every key and value against the dataclass field types *before* any compute
-is spent: an unknown key or a value of the wrong type raises :class:`ConfigError` naming it.
+Every key and value is checked against the field types before any compute: an unknown key or a
+value of the wrong type raises :class:`ConfigError` naming it.
 
 Example:
     >>> from dataclasses import dataclass, field
@@ -46,7 +43,6 @@ __all__ = [
 T = TypeVar("T")
 
 
-
 def config_dir(cls: type) -> Path:
     """The ``configs/`` folder beside the module that defines the config class ``cls`` (its recipe's)."""
     import sys
@@ -56,7 +52,6 @@ def config_dir(cls: type) -> Path:
 
 class ConfigError(ValueError):
     """An unknown config key, a value of the wrong type, or a missing config file."""
-
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -82,14 +77,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} does not match {_describe(tp)}")
     if origin is Literal:
         if value not in args:
@@ -162,10 +156,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
             value = _merge(config_to_dict(factory()), value)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
-    return obj
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -197,20 +190,13 @@ def _wants_text(hint: Any) -> bool:
 
 
 def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied and type-checked.
-
-    Raises:
-        ConfigError: malformed override, unknown key, or a value of the wrong type.
-    """
+    """A copy of ``cfg`` with ``key.sub=value`` overrides applied and type-checked."""
     data = config_to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)
-        key = key.strip()
-        if key.startswith("--"):
-            key = key[2:]
-        parts = key.split(".")
+        parts = key.strip().removeprefix("--").split(".")
         node: Any = data
         cls: Any = type(cfg)
         for depth, part in enumerate(parts):
@@ -309,9 +295,6 @@ def yaml_value(value: Any) -> str:
     return str(value)
 
 
-# -- the sections of the engine itself ------------------------------------------------------------
-
-
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup (paper A.2 defaults)."""
@@ -336,16 +319,14 @@ class OptimConfig:
 class TrainConfig:
     """Run length, batch, precision, cadence of checkpoints/logs/samples, output folder.
 
-    ``global_batch_size`` counts samples per optimiser step over all processes; every process
-    reads ``global_batch_size / (num_processes * grad_accumulation)`` per micro-batch.
-    ``output_dir`` may use ``{name}`` (the config name); it is not part of the run's identity,
-    so a run folder that was moved or copied resumes from its new place. ``resume``: ``"auto"``
-    (continue from the newest checkpoint in ``output_dir/checkpoints`` that verifies, whatever
-    ``latest`` says), ``"never"`` (refuse a folder that has checkpoints) or a checkpoint path. ``sharding``: ``"none"`` (DDP),
-    ``"fsdp2"`` (FSDP2, :mod:`.sharding`) or ``"auto"`` (fsdp2 under an accelerate FSDP launch config).
-    ``compile``: ``torch.compile`` the model's forward with ``compile_backend`` (``"inductor"``;
-    ``"aot_eager"`` traces without code generation); checkpoints stay interchangeable with
-    uncompiled runs, so a run may be resumed with or without it.
+    ``global_batch_size``: samples per optimiser step over all processes. ``output_dir`` may use
+    ``{name}``; a moved run folder resumes from its new place. ``resume``: ``auto`` (the newest
+    checkpoint that verifies), ``never`` or a checkpoint path. ``sharding``: ``none`` (DDP), ``fsdp2``
+    or ``auto`` (fsdp2 under an accelerate FSDP launch config). ``compile``: ``torch.compile`` the
+    forward in place (state-dict keys unchanged: checkpoints load with or without it). ``ema_warmup``:
+    decay ``min(ema_decay, (1 + n) / (10 + n))`` after n updates. ``max_train_seconds``: stop after the
+    step during which the training steps' own time reaches it (several processes agree at the next
+    log/checkpoint step).
     """
 
     steps: int = 1000
@@ -364,19 +345,10 @@ class TrainConfig:
     num_workers: int = 8
     cpu: bool = False
     progress: bool = True
-    # "fsdp2": shard with torch's fully_shard (recipes/sharding.py); "auto": fsdp2 when accelerate
-    # was launched with an FSDP config, else none (DDP over the processes).
     sharding: Literal["auto", "none", "fsdp2"] = "auto"
-    # torch.compile the model's forward in place (nn.Module.compile: state-dict keys unchanged, so
-    # checkpoints load into uncompiled runs); the loss's backward runs AOTAutograd's compiled backward.
     compile: bool = False
     compile_backend: str = "inductor"
-    # EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates, the initial weights being the
-    # first average (so a short run's EMA is not stuck near the random init); off: constant decay.
     ema_warmup: bool = False
-    # Stop after the step during which the training steps' own time (no checkpoint/eval) reaches
-    # this many seconds; the stopped step is the final one (logged, checkpointed, sampled). Several
-    # processes agree on it at the next log/checkpoint step (no per-step sync: engine.is_check_step).
     max_train_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -397,26 +369,12 @@ class TrainConfig:
                 raise ValueError(f"train.compile_backend={self.compile_backend!r} is not a torch.compile backend; choose one of {backends}")
 
 
-# Keys that may change between a run and its resumption (cadence, length, I/O), by prefix.
+#: Key prefixes that may change between a run and its resumption (cadence, length, I/O; compiling changes speed, not maths).
 RESUMABLE_CHANGES = (
-    "train.output_dir",  # a moved or copied run folder is the same run
-    "train.steps",
-    "train.resume",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.log_every",
-    "train.sample_every",
-    "train.trackers",
-    "train.num_workers",
-    "train.progress",
-    "train.compile",  # and train.compile_backend: compiling changes speed, not the maths
-    "train.max_train_seconds",
-    "eval.",
-    "sampling.",
-)
-
-
-# -- whether a run may resume with this config ---------------------------------------------------------
+    "train.output_dir", "train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.sample_every", "train.trackers", "train.num_workers", "train.progress", "train.compile", "train.max_train_seconds",
+    "eval.", "sampling.",
+)  # fmt: skip
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -431,10 +389,8 @@ def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
-    """The flattened keys in which ``new`` differs from ``old``, except :data:`RESUMABLE_CHANGES`.
-
-    A key missing from ``old`` (added to the config class after the run started) counts as its ``defaults`` value.
-    """
+    """The flattened keys in which ``new`` differs from ``old``, except :data:`RESUMABLE_CHANGES`; a key missing from
+    ``old`` (added to the config class after the run started) counts as its ``defaults`` value."""
     a, b = {**flatten_config(defaults or {}), **flatten_config(old)}, flatten_config(new)
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
@@ -444,8 +400,6 @@ def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None)
     stored = output_dir / "config.yaml"
     if resume is None or not stored.is_file():
         return
-    import yaml
-
     old, new = yaml.safe_load(stored.read_text()) or {}, config_to_dict(full_config)
     defaults: dict[str, Any] = {}
     if set(flatten_config(new)) - set(flatten_config(old)):  # keys added since the run started: their defaults

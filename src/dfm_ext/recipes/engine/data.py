@@ -1,18 +1,7 @@
 """What a step reads: the batch plan, image folders, latents (a VAE codec or a latent cache), model inputs.
 
-``BatchPlan`` decides what every process sees at every step. The data is an endless stream of
-per-epoch permutations (seeded by ``seed`` and the epoch); optimiser step ``k`` consumes stream
-positions ``[k*G, (k+1)*G)`` for a global batch ``G``, split into ``world_size * accumulation``
-equal micro-batches; process ``r`` takes micro-batches ``r*A .. r*A + A - 1``. So the training
-data depend only on ``(seed, step)``: resuming at step ``k`` needs nothing but ``k``, and one
-process with accumulation ``A*W`` sees the same global batches as ``W`` processes with ``A``.
-
-``ImageFolder`` reads an ImageNet-style tree (``root/<class>/<image>``) with Pillow (short side
-resized, centre crop, a flip decided by the plan); an undecodable file is skipped: the item falls
-back to the next index and reports the bad one. :class:`LatentCodec` turns pixels into normalised
-latents ``z = (vae_latent - shift) * scale``; :class:`LatentCache` reads latents encoded once by a
-recipe's cache builder (:mod:`~dfm_ext.recipes.engine.latents`). :class:`ClassConditionalInputs`
-turns a batch into a class-conditional task's stages, stage times and labels.
+Items are keyed by ``(index, flip)`` (what :class:`BatchPlan` yields); an undecodable file is
+skipped: the item falls back to the next index and lists the bad one in ``bad``, which the trainer counts.
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
     "BatchPlan", "ClassConditionalInputs", "Codec", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "collate_items",
-    "cycled_labels", "drop_labels", "dropout_mask", "read_with_fallback", "scan_class_folders", "scan_image_folder",
+    "cycled_labels", "drop_labels", "dropout_mask", "load_image", "read_with_fallback", "scan_class_folders", "scan_image_folder",
 ]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -42,12 +31,7 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(path, label)`` for every image file under ``root/<class>/``, and the sorted class names.
-
-    Raises:
-        FileNotFoundError: ``root`` does not exist or is not a folder.
-        ValueError: no class folders or no image files.
-    """
+    """``(path, label)`` for every image file under ``root/<class>/``, and the sorted class names."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {str(root)!r} does not exist or is not a folder")
@@ -57,14 +41,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
 def scan_class_folders(
     root: Path, extensions: Sequence[str], *, what: str = "data root", item: str = "image"
 ) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(path, label)`` for every file under ``root/<class>/`` (recursively) with one of ``extensions``.
-
-    Classes are the sorted names of the non-hidden subfolders; ``what`` and ``item`` name the
-    folder and its files in the messages.
-
-    Raises:
-        ValueError: no class folders or no matching files.
-    """
+    """``(path, label)`` for every file under ``root/<class>/`` (recursively) with one of ``extensions``, and the
+    sorted class names (non-hidden subfolders); ``what`` and ``item`` name the folder and its files in messages."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{what} {str(root)!r} has no class subfolders (expected root/<class>/<{item}>)")
@@ -99,17 +77,8 @@ def load_image(path: str, resolution: int) -> Tensor:
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """An ImageNet-style folder of class subfolders; corrupt files are skipped, not fatal.
-
-    Items are keyed by ``(index, flip)`` pairs (what :class:`BatchPlan` yields) or plain ints.
-    Each item is a dict ``pixels [3, R, R]`` in ``[-1, 1]``, ``label`` (int), ``index`` (the
-    index actually read) and ``bad`` (list of indices that failed to decode on the way).
-
-    Args:
-        root: folder with one subfolder per class.
-        resolution: output side ``R`` in pixels.
-        max_skips: how many consecutive unreadable files to skip before giving up.
-    """
+    """``root/<class>/<image>`` read with Pillow (:func:`load_image`): items ``pixels [3, R, R]`` in ``[-1, 1]``,
+    ``label``, ``index`` (the one read) and ``bad``; ``max_skips`` consecutive unreadable files end the run."""
 
     def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64) -> None:
         if resolution < 1:
@@ -122,11 +91,12 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _read(self, index: int) -> Tensor:
+    def read(self, index: int) -> Tensor:
+        """The image ``index`` (raises on an unreadable file; no fall-back)."""
         return load_image(self.items[index][0], self.resolution)
 
     def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        return read_with_fallback(self.items, key, self._read, DECODE_ERRORS, max_skips=self.max_skips, what="images")
+        return read_with_fallback(self.items, key, self.read, DECODE_ERRORS, max_skips=self.max_skips, what="images")
 
 
 def read_with_fallback(
@@ -140,12 +110,8 @@ def read_with_fallback(
 ) -> dict[str, Any]:
     """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads.
 
-    An index whose read raises one of ``errors`` falls back to the next index (wrapping), up to
-    ``max_skips`` tries; the item lists the failed indices in ``bad`` so that the trainer can
-    count skips across data-loader workers.
-
-    Raises:
-        RuntimeError: ``max_skips`` consecutive unreadable ``what`` (e.g. ``"images"``).
+    An index whose read raises one of ``errors`` falls back to the next one (wrapping), at most
+    ``max_skips`` times; the failed indices go into ``bad`` (counted by the trainer across workers).
     """
     index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
     index = int(index)
@@ -181,15 +147,12 @@ def collate_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Which ``(index, flip)`` pairs each process reads at each step; depends only on the step.
+    """Which ``(index, flip)`` pairs each process reads at each step; depends only on ``(seed, step)``.
 
-    Args:
-        num_items: dataset length ``N``.
-        global_batch_size: samples per optimiser step over all processes ``G``.
-        world_size: number of processes ``W``.
-        accumulation: micro-batches per process per step ``A``; ``G`` must divide by ``W*A``.
-        seed: seeds the per-epoch permutations and flips.
-        random_flip: whether half the items are mirrored.
+    The data are an endless stream of per-epoch permutations (and flips) seeded by ``(seed, epoch)``;
+    step ``k`` takes positions ``[k G, (k + 1) G)``, split into ``W A`` equal micro-batches (``W``
+    processes, ``A`` accumulation), process ``r`` taking ``r A .. r A + A - 1``. So one process with
+    accumulation ``W A`` sees the global batches of ``W`` processes with ``A``.
 
     Example:
         >>> one = BatchPlan(10, 4, world_size=1, accumulation=2, seed=0)
@@ -272,9 +235,6 @@ class PlanBatchSampler(torch.utils.data.Sampler):
         return max(0, self.end_step - self.start_step) * self.plan.accumulation
 
 
-# -- latents ----------------------------------------------------------------------------------------
-
-
 class Codec(Protocol):
     """Pixels ``[B, C, ...]`` in ``[-1, 1]`` <-> the latents a model trains on (a VAE's, or the pixels themselves)."""
 
@@ -285,14 +245,11 @@ class Codec(Protocol):
 
 @dataclass(frozen=True)
 class LatentCodec:
-    """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` <-> normalised latents ``[B, C, H/f, W/f]``.
+    """Pixels ``[B, 3, ...]`` in ``[-1, 1]`` <-> normalised latents ``z = (vae_latent - shift) * scale``.
 
-    Args:
-        vae: a diffusers ``AutoencoderKL`` (any module with ``encode(x).latent_dist`` and
-            ``decode(z).sample``).
-        scale: multiplies the shifted latent; ``None`` reads ``vae.config.scaling_factor``.
-        shift: subtracted first; ``None`` reads ``vae.config.shift_factor`` (0 when absent).
-        sample: draw from the posterior (``True``) or take its mean (``False``, deterministic).
+    ``vae``: a diffusers autoencoder (``encode(x).latent_dist``, ``decode(z).sample``); ``scale`` /
+    ``shift`` ``None``: its config's ``scaling_factor`` / ``shift_factor`` (1 / 0 when absent);
+    ``sample``: draw from the posterior instead of taking its mode.
     """
 
     vae: Any
@@ -302,21 +259,17 @@ class LatentCodec:
 
     @property
     def scaling(self) -> float:
-        if self.scale is not None:
-            return float(self.scale)
-        return float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
+        return float(self.scale if self.scale is not None else getattr(self.vae.config, "scaling_factor", None) or 1.0)
 
     @property
     def shifting(self) -> float:
-        if self.shift is not None:
-            return float(self.shift)
-        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        return float(self.shift if self.shift is not None else getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     @torch.no_grad()
     def encode(self, pixels: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator=generator) if self.sample else dist.mode()
-        return ((z.float() - self.shifting) * self.scaling)
+        return (z.float() - self.shifting) * self.scaling
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -325,14 +278,8 @@ class LatentCodec:
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """Read a latent cache; items keyed like :class:`~dfm_ext.recipes.engine.data.ImageFolder`.
-
-    Items are dicts ``latents [C, h, w]`` (float32), ``label``, ``index``, ``bad`` (always empty).
-
-    Raises:
-        FileNotFoundError: no ``index.json`` (missing or unfinished cache).
-        CacheMismatchError: ``expected`` metadata disagrees with the cache.
-    """
+    """A latent cache (:mod:`~dfm_ext.recipes.engine.latents`): items ``latents [C, ...]`` (float32), ``label``,
+    ``index``, ``bad`` (empty); refused when its metadata disagree with ``expected``."""
 
     def __init__(self, path: str | Path, expected: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
@@ -378,10 +325,6 @@ class LatentCache(torch.utils.data.Dataset):
         return {"latents": latents, "label": label, "index": index, "bad": []}
 
 
-
-# -- model inputs -----------------------------------------------------------------------------------
-
-
 def dropout_mask(n: int, p: float, *, generator: torch.Generator, device: torch.device) -> Tensor:
     """``[n]`` bools, each true with probability ``p``, drawn from the step's ``generator``.
 
@@ -411,11 +354,8 @@ def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, devic
 
 
 class ClassConditionalInputs:
-    """Shared by the class-conditional recipes: batches of pixels or cached latents, and labels.
-
-    Subclasses set ``label_dropout``, ``decomposition``, ``timesteps`` and ``null_class``, and
-    implement :meth:`_load_codec`.
-    """
+    """The class-conditional recipes' inputs: pixels or cached latents, and labels (subclasses set the
+    attributes below and implement :meth:`_load_codec`)."""
 
     label_dropout: float
     decomposition: Decomposition
@@ -440,11 +380,8 @@ class ClassConditionalInputs:
     def training_inputs(
         self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device
     ) -> tuple[list[Tensor], StageTimesteps, Tensor]:
-        """A step's stages, stage times and labels (label dropout applied), drawn from ``generator``.
-
-        The draws come in a fixed order (posterior sample, times, dropout), which exact resume
-        and the process-count invariance of a run rely on.
-        """
+        """A step's stages, stage times and labels (label dropout applied), drawn from ``generator`` in a fixed
+        order (posterior sample, times, dropout) that exact resume relies on."""
         z = self.latents(batch, device, generator)
         stages = self.decomposition.decompose(z)
         ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)

@@ -1,9 +1,4 @@
-"""The ``decomposition`` config section every recipe shares, and the decomposition it builds.
-
-:class:`DecompositionConfig` holds every field of every kind of
-:mod:`dfm_ext.decompositions.factory`; it checks and resolves them when a config loads, so a
-run's ``config.yaml`` says what is built.
-"""
+"""The ``decomposition`` config section every recipe shares."""
 
 from __future__ import annotations
 
@@ -14,26 +9,18 @@ from typing import Any, Literal
 from dfm_ext.decompositions.base import Decomposition
 from dfm_ext.recipes.engine.config import ConfigError, yaml_value
 
-__all__ = ["DecompositionConfig", "build_decomposition"]
+__all__ = ["DecompositionConfig"]
 
 
 @dataclass
 class DecompositionConfig:
-    """The decomposition, every field of every kind (:mod:`dfm_ext.decompositions.factory`).
+    """Every field of every kind of :mod:`dfm_ext.decompositions.factory`; a field of another kind than ``kind``
+    must stay at its default. ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``,
+    ``temporal_factors``; ``wavelet``: ``wave``, ``factors`` (powers of two) or ``levels`` / ``num_stages``,
+    ``mode``; ``dct``: ``block_size``, ``bands``; ``identity``: nothing (plain Flow Matching).
 
-    ``kind`` picks the class; only that kind's fields are read, and a field of another kind
-    must stay at its default (otherwise a :class:`ConfigError` names it):
-
-    * ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``, ``temporal_factors``
-      (videos);
-    * ``wavelet``: ``wave`` (``haar``, ``db2``, ...), ``factors`` (powers of two, e.g.
-      ``[4, 1]``) or ``levels`` / ``num_stages`` instead, ``mode``;
-    * ``dct``: ``block_size``, ``bands`` (e.g. ``block_size: 8, bands: [1, 4]``);
-    * ``identity``: nothing (plain Flow Matching).
-
-    The values are checked and resolved when the config loads, so ``config.yaml`` says what
-    is built: ``factors`` is ``[1]`` for identity and ``null`` for dct, and a wavelet given
-    by ``levels`` is written with its ``factors`` (``levels: null``).
+    Checked and resolved when the config loads, so ``config.yaml`` says what is built (``factors``
+    ``[1]`` for identity, ``null`` for dct; a wavelet given by ``levels`` is written with its ``factors``).
     """
 
     kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
@@ -115,7 +102,6 @@ class DecompositionConfig:
         return decomposition_from_config(self.factory_config())
 
     def count_stages(self) -> int:
-        """Number of stages of the configured decomposition."""
         return self._num_stages
 
     @property
@@ -124,19 +110,8 @@ class DecompositionConfig:
         return self._multiple
 
     def check_sample_shape(self, shape: Sequence[int], what: str = "latent") -> None:
-        """Raise :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
+        """A :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
         try:
             self.build().stage_shapes((1, *shape))
         except ValueError as e:
             raise ConfigError(f"decomposition (kind={self.kind}) cannot split the {what} shape {tuple(shape)}: {e}") from e
-
-
-def build_decomposition(cfg: DecompositionConfig) -> Decomposition:
-    """The configured decomposition (:func:`dfm_ext.decomposition_from_config`); checks it is what ``cfg`` says."""
-    from dfm_ext.decompositions.factory import decomposition_config
-
-    decomposition = cfg.build()
-    built = decomposition_config(decomposition)
-    if built != {k: v for k, v in cfg.factory_config().items() if k in built}:
-        raise RuntimeError(f"built {decomposition!r}, which differs from the config {cfg.factory_config()}")  # pragma: no cover
-    return decomposition

@@ -1,14 +1,9 @@
 """VAEs and latent caches: load a frozen diffusers autoencoder; encode a dataset once, train without the VAE.
 
-The cache (built by a recipe's cache command, e.g. ``python -m dfm_ext.recipes.imagenet.cache``;
-read by :class:`~dfm_ext.recipes.engine.data.LatentCache`) is a folder::
+A cache (built by a recipe's cache command, read by :class:`~dfm_ext.recipes.engine.data.LatentCache`)::
 
-    index.json                 metadata (VAE, resolution, normalisation, latent shape, classes, shards)
-    shard-00000.safetensors    "latents" [n, C, h, w], "labels" [n] (int64),
-                               "latents_flipped" [n, C, h, w] when built with flips
-    ...
-
-A cache whose metadata disagrees with the run config is refused, naming every disagreeing field.
+    index.json                 metadata (VAE, resolution, normalisation, latent shape, classes, shards); written last
+    shard-00000.safetensors    "latents" [n, C, ...], "labels" [n] (int64), "latents_flipped" when built with flips
 """
 
 from __future__ import annotations
@@ -22,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dfm_ext.fileio import atomic_write_text
 
 __all__ = [
     "CACHE_FORMAT", "CacheMismatchError", "CacheOptions", "SkipUnreadable", "check_cache_metadata", "encode_class_cache",
-    "encode_to_cache", "load_frozen_vae", "load_vae", "looks_local", "write_index", "write_latent_cache",
+    "load_vae", "looks_local", "write_latent_cache",
 ]  # fmt: skip
 
 #: The format tag of a latent cache's ``index.json``.
@@ -42,18 +38,18 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
 
 
-def load_frozen_vae(
-    cls: Any, path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    what: str = "VAE",
+def load_vae(
+    path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    cls: Any = None, what: str = "VAE",
 ) -> Any:  # fmt: skip
-    """``cls.from_pretrained(path, subfolder=...)`` (a diffusers autoencoder class), frozen, in eval mode.
+    """``cls.from_pretrained(path, subfolder=...)`` (default ``AutoencoderKL``), frozen, in eval mode.
 
-    Args:
-        what: how the messages name the model (e.g. ``"video VAE"``).
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
+    A local ``path`` without a diffusers ``config.json`` raises ``FileNotFoundError`` naming ``what``.
     """
+    if cls is None:
+        from diffusers import AutoencoderKL
+
+        cls = AutoencoderKL
     local = looks_local(path)
     root = Path(path).expanduser()
     if local and not (root / (subfolder or "") / "config.json").is_file():
@@ -63,84 +59,59 @@ def load_frozen_vae(
     return vae.eval().to(device)
 
 
-def load_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """``AutoencoderKL.from_pretrained(path, subfolder=...)``, frozen, in eval mode.
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path that does not exist.
-    """
-    from diffusers import AutoencoderKL
-
-    return load_frozen_vae(AutoencoderKL, path, subfolder, device=device, dtype=dtype)
-
-
 class CacheMismatchError(ValueError):
     """The latent cache was built for another VAE, resolution or normalisation."""
 
 
-def check_cache_metadata(meta: dict[str, Any], expected: dict[str, Any], *, path: str = "cache") -> None:
-    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ."""
-    if meta.get("format") != CACHE_FORMAT:
-        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
-    diffs = []
-    for key, want in expected.items():
-        have = meta.get(key)
-        if isinstance(want, float) and isinstance(have, (int, float)):
-            same = abs(have - want) <= 1e-6 * max(1.0, abs(want))
-        else:
-            same = have == want
-        if not same:
-            diffs.append(f"{key}: cache has {have!r}, config wants {want!r}")
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(want, float) and isinstance(have, (int, float)):
+        return abs(have - want) <= 1e-6 * max(1.0, abs(want))
+    if isinstance(want, list) and isinstance(have, list):
+        return len(want) == len(have) and all(_same(h, w) for h, w in zip(have, want))
+    return have == want
+
+
+def check_cache_metadata(
+    meta: dict[str, Any], expected: dict[str, Any], *, path: str = "cache", fmt: str = CACHE_FORMAT, what: str = "latent cache",
+    rebuild: str = "python -m dfm_ext.recipes.imagenet.cache", key: str = "data.latent_cache",
+) -> None:  # fmt: skip
+    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ (``rebuild``: the command)."""
+    if meta.get("format") != fmt:
+        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {fmt!r}")
+    diffs = [f"{k}: cache has {meta.get(k)!r}, config wants {v!r}" for k, v in expected.items() if not _same(meta.get(k), v)]
     if diffs:
         raise CacheMismatchError(
-            f"latent cache {path} does not match the config ({'; '.join(diffs)}); rebuild it with "
-            "python -m dfm_ext.recipes.imagenet.cache or point data.latent_cache elsewhere"
+            f"{what} {path} does not match the config ({'; '.join(diffs)}); rebuild it with {rebuild} or point {key} elsewhere"
         )
 
 
-
-
 def write_latent_cache(
-    out_dir: str | Path,
-    batches: Iterable[tuple[Tensor, Tensor, Tensor | None]],
-    metadata: dict[str, Any],
-    *,
-    shard_size: int = 4096,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write ``(latents, labels, latents_flipped | None)`` batches as shards + ``index.json``.
-
-    ``index.json`` is written last (through a temporary file), so a folder without it is an
-    unfinished cache and is refused by :class:`LatentCache`.
-    """
+    out_dir: str | Path, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]], metadata: dict[str, Any], *,
+    shard_size: int = 4096, dtype: torch.dtype = torch.float32,
+) -> Path:  # fmt: skip
+    """Write ``(latents, labels, latents_flipped | None)`` batches as shards, then ``index.json`` (atomically, last)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "index.json").exists():
-        (out / "index.json").unlink()
+    (out / "index.json").unlink(missing_ok=True)
     shards: list[dict[str, Any]] = []
     buf: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flipped": []}
-    count = 0
+    count = pending = 0
     shape: list[int] | None = None
 
     def flush() -> None:
-        nonlocal buf
         if not buf["labels"]:
             return
-        tensors = {
-            "latents": torch.cat(buf["latents"]).to(dtype).contiguous(),
-            "labels": torch.cat(buf["labels"]).long().contiguous(),
-        }
+        tensors = {"latents": torch.cat(buf["latents"]).to(dtype).contiguous(), "labels": torch.cat(buf["labels"]).long().contiguous()}
         if buf["latents_flipped"]:
             tensors["latents_flipped"] = torch.cat(buf["latents_flipped"]).to(dtype).contiguous()
         name = f"shard-{len(shards):05d}.safetensors"
         save_file(tensors, str(out / name))
-        n = tensors["labels"].shape[0]
-        shards.append({"file": name, "start": sum(s["count"] for s in shards), "count": n})
-        buf = {"latents": [], "labels": [], "latents_flipped": []}
+        shards.append({"file": name, "start": sum(s["count"] for s in shards), "count": tensors["labels"].shape[0]})
+        for v in buf.values():
+            v.clear()
 
-    pending = 0
     for latents, labels, flipped in batches:
         if shape is None:
             shape = list(latents.shape[1:])
@@ -158,100 +129,27 @@ def write_latent_cache(
     flush()
     if count == 0:
         raise ValueError("no latents to write")
-    index = {
-        **metadata,
-        "format": CACHE_FORMAT,
-        "num_items": count,
-        "latent_shape": shape,
-        "dtype": str(dtype).removeprefix("torch."),
-        "shards": shards,
-    }
-    write_index(out, index, indent=2)
+    index = {**metadata, "format": CACHE_FORMAT, "num_items": count, "latent_shape": shape, "dtype": str(dtype).removeprefix("torch."),
+             "shards": shards}  # fmt: skip
+    atomic_write_text(out / "index.json", json.dumps(index, indent=2))
     return out
 
 
-def write_index(out: Path, index: dict[str, Any], *, indent: int) -> None:
-    """Write ``out/index.json`` through a temporary file, so that it appears complete or not at all."""
-    from dfm_ext.fileio import atomic_write_text
-
-    atomic_write_text(out / "index.json", json.dumps(index, indent=indent))
-
-
 class SkipUnreadable(torch.utils.data.Dataset):
-    """Items ``{"pixels", "label", "index"}`` of a dataset of ``(path, label)`` items, without its fall-back.
+    """Items ``{"pixels", "label", "index"}`` of a dataset with ``items`` and ``read(i)``, without its fall-back:
+    an index whose read raises one of ``errors`` yields the int, so a cache holds each readable item once."""
 
-    An index whose file fails with one of :attr:`errors` yields the int instead of a neighbour,
-    so that a cache holds each readable item exactly once. Subclasses implement :meth:`pixels`.
-    """
-
-    errors: tuple[type[BaseException], ...] = ()
-
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
+    def __init__(self, ds: Any, errors: tuple[type[BaseException], ...]) -> None:
+        self.ds, self.errors = ds, errors
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def pixels(self, i: int) -> Tensor:
-        raise NotImplementedError
-
     def __getitem__(self, i: int) -> dict | int:
         try:
-            return {"pixels": self.pixels(i), "label": self.ds.items[i][1], "index": i}
+            return {"pixels": self.ds.read(i), "label": self.ds.items[i][1], "index": i}
         except self.errors:
             return i
-
-
-def encode_to_cache(
-    readable: SkipUnreadable,
-    codec: Any,
-    out: str | Path,
-    *,
-    metadata: dict[str, Any],
-    extra: dict[str, Any],
-    flip: bool,
-    skipped_key: str,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    shard_size: int,
-    dtype: torch.dtype,
-    progress: bool,
-) -> dict[str, Any]:
-    """Encode every readable item (and its mirror image with ``flip``) into a cache at ``out``.
-
-    Args:
-        metadata: what the cache must agree on with the config (``cache_metadata``).
-        extra: recorded after the normalisation (e.g. ``classes``, ``source``).
-        skipped_key: the ``index.json`` key listing the paths of unreadable items.
-
-    Returns:
-        The written ``index.json`` contents.
-    """
-    from tqdm.auto import tqdm
-
-    bad: list[int] = []
-    loader = torch.utils.data.DataLoader(readable, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-
-    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        for got in tqdm(loader, disable=not progress, desc="encoding"):
-            ok = [it for it in got if not isinstance(it, int)]
-            bad.extend(it for it in got if isinstance(it, int))
-            if not ok:
-                continue
-            pixels = torch.stack([it["pixels"] for it in ok]).to(device)
-            labels = torch.tensor([it["label"] for it in ok])
-            z = codec.encode(pixels)
-            # Flipping a latent is not encoding the flipped image, so mirrors are encoded too.
-            zf = codec.encode(pixels.flip(-1)) if flip else None
-            yield z, labels, zf
-
-    meta = {**metadata, "flipped": flip, "scaling_factor": codec.scaling, "shift_factor": codec.shifting, **extra}
-    path = write_latent_cache(out, batches(), meta, shard_size=shard_size, dtype=dtype)
-    index = json.loads((path / "index.json").read_text())
-    index[skipped_key] = [readable.ds.items[i][0] for i in bad]
-    (path / "index.json").write_text(json.dumps(index, indent=2))
-    return index
 
 
 @dataclass(frozen=True)
@@ -267,21 +165,33 @@ class CacheOptions:
 
 
 def encode_class_cache(
-    cfg: Any,
-    readable: SkipUnreadable,
-    out: str | Path,
-    options: CacheOptions,
-    *,
-    load_codec: Any,
-    metadata: dict[str, Any],
-    extra: dict[str, Any],
-    skipped_key: str,
-) -> dict[str, Any]:
-    """:func:`encode_to_cache` for a class-conditional recipe's config ``cfg`` (its ``data.random_flip``,
-    ``train.num_workers`` and ``load_codec(cfg, device)``); returns the written ``index.json`` contents."""
+    cfg: Any, readable: SkipUnreadable, out: str | Path, options: CacheOptions, *, load_codec: Any, metadata: dict[str, Any],
+    extra: dict[str, Any], skipped_key: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Encode every readable item (and, with ``cfg.data.random_flip``, its mirror image) with ``load_codec(cfg, device)``.
+
+    ``metadata``: what the cache must agree on with the config; ``extra`` is recorded after the
+    normalisation; ``skipped_key`` lists the unreadable items' paths. Returns the ``index.json`` contents.
+    """
+    from tqdm.auto import tqdm
+
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return encode_to_cache(
-        readable, load_codec(cfg, device), out, metadata=metadata, extra=extra, flip=cfg.data.random_flip,
-        skipped_key=skipped_key, device=device, batch_size=options.batch_size, num_workers=min(8, cfg.train.num_workers),
-        shard_size=options.shard_size, dtype=options.dtype, progress=options.progress,
-    )  # fmt: skip
+    codec, flip, bad = load_codec(cfg, device), cfg.data.random_flip, list[int]()
+    loader = torch.utils.data.DataLoader(readable, batch_size=options.batch_size, num_workers=min(8, cfg.train.num_workers), collate_fn=list)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        for got in tqdm(loader, disable=not options.progress, desc="encoding"):
+            ok = [it for it in got if not isinstance(it, int)]
+            bad.extend(it for it in got if isinstance(it, int))
+            if not ok:
+                continue
+            pixels = torch.stack([it["pixels"] for it in ok]).to(device)
+            # Flipping a latent is not encoding the flipped image, so mirrors are encoded too.
+            yield codec.encode(pixels), torch.tensor([it["label"] for it in ok]), codec.encode(pixels.flip(-1)) if flip else None
+
+    meta = {**metadata, "flipped": flip, "scaling_factor": codec.scaling, "shift_factor": codec.shifting, **extra}
+    path = write_latent_cache(out, batches(), meta, shard_size=options.shard_size, dtype=options.dtype)
+    index = json.loads((path / "index.json").read_text())
+    index[skipped_key] = [readable.ds.items[i][0] for i in bad]
+    atomic_write_text(path / "index.json", json.dumps(index, indent=2))
+    return index

@@ -1,19 +1,9 @@
-"""How a run spreads its model over the processes and how it checkpoints it: one class per parallelism.
+"""How a run spreads its model over the processes and checkpoints it: one :class:`Parallelism` per strategy.
 
-:class:`Parallelism` is what the trainer's loop talks to; it never asks which one it has.
-
-* :class:`DDP`: accelerate's ``prepare`` (DistributedDataParallel over the processes, mixed
-  precision), ``no_sync`` on all but the last micro-batch, checkpoints through
-  ``accelerator.save_state`` (model as safetensors, optimiser and RNG states).
-* :class:`FSDP2`: torch's ``fully_shard`` per transformer block then the root (accelerate's FSDP
-  plugin is not used: on CPU it silently becomes DDP, so this is the same code on every device,
-  ``cuda`` with NCCL or ``cpu`` with gloo), gradients reduce-scattered on the last micro-batch,
-  checkpoints through ``torch.distributed.checkpoint`` (each rank writes its own shards).
-
-Both keep an :class:`EMA` of the weights, update it with one ``torch._foreach_lerp_`` over the
-local tensors per step (no host read, no communication) and write checkpoints through
-:func:`~dfm_ext.recipes.engine.checkpoint.write_step_folder`, so ``resume=auto`` verifies and picks
-them the same way.
+:class:`DDP` is accelerate's ``prepare`` and ``save_state``. :class:`FSDP2` is torch's
+``fully_shard`` per transformer block then the root, checkpointed with ``torch.distributed.checkpoint``
+(accelerate's FSDP plugin silently becomes DDP on CPU; this is the same code on ``cuda`` and ``cpu``).
+Both write through :func:`~dfm_ext.recipes.engine.checkpoint.write_step_folder`.
 """
 
 from __future__ import annotations
@@ -44,10 +34,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = [
-    "BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "full_state", "load_full_state", "make_parallelism", "shard_model",
-    "transformer_blocks",
-]  # fmt: skip
+__all__ = ["BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "full_state", "load_full_state", "make_parallelism",
+           "shard_model", "transformer_blocks", "unwrap"]  # fmt: skip
 
 #: ``ModuleList`` attribute names that hold the repeated transformer blocks, per model family.
 BLOCK_LIST_NAMES = ("blocks", "transformer_blocks", "single_transformer_blocks")
@@ -60,28 +48,21 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """``model`` without its DDP / accelerate wrappers."""
     while isinstance(inner := getattr(model, "module", None), nn.Module):  # DDP, accelerate's wrappers
         model = inner
     return model
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and buffers, kept like the model is.
+    """Exponential moving average of a model's parameters and buffers (``DTensor`` s when it is sharded).
 
-    ``shadow`` holds a detached copy of every parameter and buffer (``DTensor`` s with the
-    parameters' placements when the model is sharded). :meth:`update` after optimiser step
-    ``step`` (0-based) does ``ema <- ema + (1 - d) (p - ema)`` with one ``_foreach_lerp_``:
-    ``d = decay`` (the first update copies), or with ``warmup`` ``d = min(decay, (1 + step) /
-    (10 + step))``, the initial weights being the first average. The step comes from the host, so
-    nothing is read from the device.
-
-    Args:
-        model: the (possibly sharded) model.
-        decay: in ``[0, 1)``.
-        warmup: the warming-up decay above.
-        module: keep the shadow as an eager copy of ``model`` (:attr:`module`) to sample from,
-            instead of swapping it into ``model`` (:meth:`applied`).
+    :meth:`update` after optimiser step ``step`` does ``ema <- ema + (1 - d) (p - ema)`` with one
+    ``_foreach_lerp_`` (no host read): ``d = decay`` (the first update copies), or with ``warmup``
+    ``d = min(decay, (1 + step) / (10 + step))``, the initial weights being the first average.
+    ``module``: keep the shadow as an eager copy of ``model`` (:attr:`module`) to sample from,
+    instead of swapping it into ``model`` (:meth:`applied`).
     """
 
     def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False, module: bool = False) -> None:
@@ -102,7 +83,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold the model's current (local) weights into the average after optimiser step ``step``."""
-        ema, cur = self._pairs(_unwrap(model))
+        ema, cur = self._pairs(unwrap(model))
         if self.updates == 0:
             torch._foreach_copy_(ema, cur)
         else:
@@ -151,12 +132,7 @@ def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 class Parallelism(ABC):
-    """One way of running a model over the processes: set up, step, checkpoint, export.
-
-    Args:
-        accelerator: the run's ``accelerate.Accelerator`` (devices, processes, mixed precision).
-        train: the ``train`` section (EMA, compile).
-    """
+    """One way of running a model over the processes: set up, step, checkpoint, export (the loop never asks which)."""
 
     #: Whether every process takes part in sampling (collectives inside the forward).
     samples_on_every_rank = False
@@ -245,10 +221,10 @@ class DDP(Parallelism):
     def final_model(self, model: nn.Module, ema: EMA | None, build: Callable[[], nn.Module]) -> nn.Module | None:
         if not self.accelerator.is_main_process:
             return None
-        return ema.module if ema is not None else _unwrap(model)
+        return ema.module if ema is not None else unwrap(model)
 
     def trained_digests(self, model: nn.Module) -> list[str]:
-        digest = state_digest(_unwrap(model).state_dict())
+        digest = state_digest(unwrap(model).state_dict())
         if self.accelerator.num_processes == 1:
             return [digest]
         from accelerate.utils import gather_object
@@ -257,11 +233,7 @@ class DDP(Parallelism):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model`` (elements of a ``ModuleList`` named in :data:`BLOCK_LIST_NAMES`).
-
-    Raises:
-        ValueError: none found; the message lists the model's ``ModuleList`` s.
-    """
+    """The transformer blocks of ``model`` (elements of a ``ModuleList`` named in :data:`BLOCK_LIST_NAMES`)."""
     blocks: list[nn.Module] = []
     for _, module in model.named_modules():
         for attr in BLOCK_LIST_NAMES:
@@ -386,11 +358,8 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: str = "model") -> dict[str, Tensor]:
-    """Full tensors of one part (``"model"`` or ``"ema"``) of an FSDP2 checkpoint, in one process (no process group).
-
-    Args:
-        template: name -> tensor of the full shape and dtype (e.g. a fresh model's ``state_dict()``).
-    """
+    """Full tensors of one part (``"model"`` or ``"ema"``) of an FSDP2 checkpoint, in one process (no process group);
+    ``template``: name -> tensor of the full shape and dtype (e.g. a fresh model's ``state_dict()``)."""
     import torch.distributed.checkpoint as dcp
 
     if not (Path(path) / _SHARDED).is_file():
@@ -401,11 +370,7 @@ def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: st
 
 
 def make_parallelism(accelerator: Accelerator, train: TrainConfig) -> Parallelism:
-    """:class:`FSDP2` for ``train.sharding=fsdp2`` (or ``auto`` under an accelerate FSDP launch config), else :class:`DDP`.
-
-    Raises:
-        ConfigError: ``none`` under an FSDP launch config, or FSDP2 with fp16 (no sharded grad scaler).
-    """
+    """:class:`FSDP2` for ``train.sharding=fsdp2`` (or ``auto`` under an accelerate FSDP launch config), else :class:`DDP`."""
     accelerate_fsdp = str(accelerator.distributed_type).endswith("FSDP")
     if train.sharding == "none" and accelerate_fsdp:
         raise ConfigError("train.sharding=none but accelerate was launched with an FSDP config; use train.sharding=fsdp2 or auto")

@@ -1,12 +1,8 @@
-"""Config sections the recipes share: ``dfm``, ``sampling``, ``model`` and ``specialize``.
+"""Config sections the recipes share: ``dfm``, ``sampling``, ``model``, ``specialize``, ``vae``, ``data``, and :class:`RecipeConfig`.
 
-One :class:`DFMConfig` serves ImageNet, Kinetics and FLUX: a recipe passes the recipe-specific
-fields it reads to :meth:`DFMConfig.check` (and its defaults through the section's default
-factory, e.g. ``functools.partial(DFMConfig, standardize=True)``); a field it does not read must
-stay at that default, so a setting can never be silently ignored. :class:`SamplingConfig` holds
-what every sampler needs; a recipe's sampling section extends it with its own outputs (classes
-and image counts, video formats, prompts). The YAML keys are the recipes' ``dfm.*`` and
-``sampling.*`` as before, so old configs and run folders load and resume unchanged.
+A recipe passes the :class:`DFMConfig` fields it reads to :meth:`DFMConfig.check` (its defaults
+through the section's default factory, e.g. ``functools.partial(DFMConfig, standardize=True)``);
+a field it does not read must stay at that default, so a setting is never silently ignored.
 """
 
 from __future__ import annotations
@@ -14,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from dataclasses import dataclass, field
+import os
 import typing
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from torch import nn
+
+from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, yaml_value
+from dfm_ext.recipes.engine.decomposition import DecompositionConfig
 
 if TYPE_CHECKING:  # the library's classes, imported where they are built (keeps loading a config light)
     from dfm_ext.decompositions.base import Decomposition
@@ -27,24 +27,10 @@ if TYPE_CHECKING:  # the library's classes, imported where they are built (keeps
     from dfm_ext.process.timesteps import StageTimestepSampler
     from dfm_ext.specialization import StageSpecialization
 
-from dfm_ext.recipes.engine.config import ConfigError, yaml_value
-from dfm_ext.recipes.engine.decomposition import DecompositionConfig
-from dfm_ext.recipes.engine.config import OptimConfig, TrainConfig
-
 __all__ = [
-    "ClassDataSection",
-    "ClassSamplingConfig",
-    "RECIPE_SECTIONS",
-    "LatentVAEConfig",
-    "RecipeConfig",
-    "VAESection",
-    "DFMConfig",
-    "ModelConfig",
-    "SamplingConfig",
-    "SpecializeConfig",
-    "enable_gradient_checkpointing",
-    "import_factory",
-]
+    "RECIPE_SECTIONS", "ClassDataSection", "ClassSamplingConfig", "DFMConfig", "LatentVAEConfig", "ModelConfig", "RecipeConfig",
+    "SamplingConfig", "SpecializeConfig", "VAESection", "enable_gradient_checkpointing", "import_factory",
+]  # fmt: skip
 
 # The DFMConfig fields only some recipes read, and what reads them.
 RECIPE_DFM_FIELDS = {
@@ -58,15 +44,10 @@ RECIPE_DFM_FIELDS = {
 
 @dataclass
 class DFMConfig:
-    """Training distribution of stage times and the loss (paper section 3.3, A.5).
-
-    ``stage_probabilities`` (``None``: ``p_0 = 0.9`` for two stages), ``current`` / ``earlier``
-    (logit-normal location and scale of the current and earlier stages' times),
-    ``timestep_mode``, ``masking`` and ``stage_weights`` (per-stage loss weights) configure
-    :class:`dfm_ext.StageTimestepSampler` and :class:`dfm_ext.DFMObjective`.
-    ``label_dropout``: class labels replaced by the null class (classifier-free guidance).
-    ``standardize`` / ``scales`` / ``scale_estimation_clips``: per-stage standardisation (paper
-    A.5); ``scales`` null estimates them from that many clips at the start of the run.
+    """Training distribution of stage times and the loss (paper 3.3, A.5): :class:`dfm_ext.StageTimestepSampler`
+    and :class:`dfm_ext.DFMObjective` settings; ``label_dropout`` (classifier-free guidance); per-stage
+    standardisation (``scales`` null: estimated from ``scale_estimation_clips`` clips at the start);
+    ``allocation: progress``: stage probabilities follow each stage's learning progress (prior ``stage_probabilities``).
     """
 
     stage_probabilities: tuple[float, ...] | None = None
@@ -79,16 +60,10 @@ class DFMConfig:
     standardize: bool = False
     scales: tuple[float, ...] | None = None
     scale_estimation_clips: int = 64
-    # "progress": stage probabilities follow each stage's learning progress
-    # (dfm_ext.process.allocation.ProgressAllocation, prior = stage_probabilities); "fixed": as given.
     allocation: Literal["fixed", "progress"] = "fixed"
 
     def timestep_sampler(self, num_stages: int) -> StageTimestepSampler:
-        """The :class:`dfm_ext.StageTimestepSampler` of this section.
-
-        With ``allocation: progress`` the task feeds it each step's per-stage losses
-        (``timesteps.update``) and the engine checkpoints its state.
-        """
+        """The :class:`dfm_ext.StageTimestepSampler` (with ``allocation: progress`` the task feeds it each step's losses)."""
         from dfm_ext.process.allocation import make_allocation
         from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
 
@@ -106,11 +81,8 @@ class DFMConfig:
         return DFMObjective(num_stages, masking=self.masking, stage_weights=self.stage_weights)
 
     def check(self, num_stages: int, *, reads: tuple[str, ...], default: DFMConfig, recipe: str) -> None:
-        """Every value against ``num_stages``; the fields of :data:`RECIPE_DFM_FIELDS` not in ``reads`` must equal ``default``'s.
-
-        Builds the library objects the run will build (cheap, no tensors of data) and re-raises
-        their ``ValueError`` as a :class:`ConfigError` naming the config key.
-        """
+        """Every value against ``num_stages`` (by building the library objects); the fields of
+        :data:`RECIPE_DFM_FIELDS` not in ``reads`` must equal ``default``'s."""
         for name, users in RECIPE_DFM_FIELDS.items():
             value, want = getattr(self, name), getattr(default, name)
             if name not in reads and value != want:
@@ -144,10 +116,7 @@ class DFMConfig:
 
 @dataclass
 class SamplingConfig:
-    """What every recipe's sampler reads: steps per stage, stage thresholds, method, CFG scale, seed.
-
-    A recipe's ``sampling`` section extends this class with its own outputs.
-    """
+    """What every recipe's sampler reads (a recipe's ``sampling`` section extends it with its outputs)."""
 
     steps: tuple[int, ...] = (30, 10)
     thresholds: tuple[float, ...] = (0.9,)
@@ -176,7 +145,7 @@ class SamplingConfig:
             raise ConfigError(f"sampling.guidance_scale must be a finite number, got {self.guidance_scale}")
 
     def sampler(self, decomposition: Decomposition, **kwargs: Any) -> DFMSampler:
-        """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` passed on or replacing a setting, e.g. ``guidance_scale``)."""
+        """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` replace settings, e.g. ``guidance_scale``)."""
         from dfm_ext.process.sampler import DFMSampler
         from dfm_ext.process.schedule import StageScheduler
 
@@ -211,13 +180,9 @@ def check_count(section: Any, name: str) -> None:
 class ModelConfig:
     """A reference model (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts (``factory``).
 
-    ``factory``: ``"package.module:function"``; called as ``function(config)`` with the whole run
-    config, it returns the unwrapped model (replacing ``preset``). ``time_convention``: how that
-    model reads time (``"discrete"`` for facebookresearch DiT, ``"unit"`` for SiT / LightningDiT,
-    ...; see ``wrap_dit``); ``None`` = the model declares it (``dfm_time_convention``), as the
-    reference models do. A factory model that declares nothing is refused with the list of
-    choices rather than guessed. ``gradient_checkpointing``: activation checkpointing of the
-    blocks (memory for compute).
+    ``factory``: ``"package.module:function"``, called with the whole run config, returns the
+    unwrapped model. ``time_convention``: how it reads time (see ``wrap_dit``); ``None``: the model
+    declares it (``dfm_time_convention``), else it is refused with the choices rather than guessed.
     """
 
     preset: str = "XL/2"
@@ -272,13 +237,8 @@ def enable_gradient_checkpointing(base: nn.Module) -> None:
 
 @dataclass
 class SpecializeConfig:
-    """Per-stage parameters (paper 4.2, Table 1d) from :func:`dfm_ext.specialize`.
-
-    ``kind``: ``none`` (one shared model), ``full`` (stage weights averaged with the shared
-    ones) or ``lora`` (a per-stage LoRA of ``rank``, scaled by ``alpha / rank``; ``alpha``
-    null: ``= rank``). ``targets``: layer groups (``mod``, ``proj``, ``cond``, ``attn``,
-    ``mlp``, ``all``).
-    """
+    """Per-stage parameters (paper 4.2, Table 1d) of :func:`dfm_ext.specialize`: ``kind`` none, full or lora
+    (``rank``, scaled by ``alpha / rank``; ``alpha`` null: ``= rank``) on the layer groups ``targets``."""
 
     kind: Literal["none", "full", "lora"] = "none"
     targets: tuple[str, ...] = ("mlp",)
@@ -373,13 +333,9 @@ def _named_by_the_recipe() -> Any:
 
 @dataclass
 class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
-    """The sections every recipe's run config has: ``train``, ``optim``, ``decomposition``, ``dfm``,
-    and the four a recipe names by type, ``RecipeConfig[Data, VAE, Model, Sampling]``, which become
-    its ``data``, ``vae``, ``model`` and ``sampling`` sections (each defaulting to its type's
-    defaults). A recipe declares only sections beyond these (or a different default for one).
-
-    Every field can be overridden as ``section.key=value``.
-    """
+    """Every recipe's sections: ``train``, ``optim``, ``decomposition``, ``dfm``, and the four a recipe names
+    by type, ``RecipeConfig[Data, VAE, Model, Sampling]``. A recipe declares only sections beyond these
+    (or a different default for one)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -391,9 +347,8 @@ class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
     sampling: SamplingT = field(default_factory=_named_by_the_recipe)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Runs before @dataclass processes the subclass: each section type named in the base
-        # becomes the subclass's own annotation and default factory (a field declared in the
-        # subclass's body wins), so dataclasses and the config loader see plain typed sections.
+        # Before @dataclass runs: each section type named in the base becomes the subclass's own
+        # annotation and default factory (a field in the subclass's body wins).
         super().__init_subclass__(**kwargs)
         named = [typing.get_args(b) for b in cls.__dict__.get("__orig_bases__", ()) if typing.get_origin(b) is RecipeConfig]
         if not named:
@@ -408,3 +363,14 @@ class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
     @property
     def num_stages(self) -> int:
         return self.decomposition.count_stages()
+
+    def check_shared(self, recipe: str, *, reads: tuple[str, ...]) -> None:
+        """The ``dfm`` section (the fields this recipe ``reads``) and the batch split over ``$WORLD_SIZE`` processes
+        (set by ``accelerate launch`` / ``torchrun``): a launch with the wrong process count fails at start-up."""
+        self.dfm.check(self.num_stages, reads=reads, default=default_of(self, "dfm"), recipe=recipe)
+        t, world = self.train, int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if t.global_batch_size % (world * t.grad_accumulation):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by {world} process(es) x "
+                f"train.grad_accumulation={t.grad_accumulation} (= {world * t.grad_accumulation})"
+            )

@@ -1,21 +1,10 @@
-"""The training loop every recipe runs: :class:`Trainer` drives a :class:`TrainTask` over a dataset.
+"""The training loop every recipe runs: :class:`Trainer` drives a :class:`TrainTask` (what one step computes).
 
-A recipe says what one step computes (:class:`TrainTask`: build the model, the loss of a
-micro-batch, optionally an evaluation); the trainer does the rest, the same way for every recipe:
-
-* devices, processes and mixed precision through ``accelerate`` (bf16 on GPU, fp32 on CPU with
-  ``mixed_precision=auto``); DDP or FSDP2 through :mod:`~dfm_ext.recipes.engine.parallel`;
-* AdamW (the paper's Adam(0.9, 0.99), eps 1e-8, weight decay 0.01), linear warmup then a constant
-  learning rate, gradient clipping, an EMA of the weights;
-* exact resume: the data order and every random draw of a step are functions of
-  ``(seed, step, micro-batch)`` (:class:`~dfm_ext.recipes.engine.data.BatchPlan`,
-  :func:`step_generator`), so restarting at step ``k`` replays the same run, and W processes
-  with accumulation A train what one process with accumulation W*A trains;
-* no host read per step: losses, the non-finite flag and skip counts stay on the device and are
-  read once per log / checkpoint step (:func:`is_check_step`);
-* ``metrics.jsonl``, trackers, a tqdm bar with the ETA, checkpoints
-  (:mod:`~dfm_ext.recipes.engine.checkpoint`), periodic ``task.evaluate`` on the EMA weights,
-  ``final/`` (the EMA weights) and ``summary.json``.
+Exact resume: the data order and every random draw of a step are functions of ``(seed, step,
+micro-batch)`` (:class:`~dfm_ext.recipes.engine.data.BatchPlan`, :func:`step_generator`), so a run
+restarted at step ``k`` replays itself, and W processes with accumulation A train what one process
+with accumulation W*A trains. Losses, the non-finite flag and skip counts stay on the device and are
+read once per log / checkpoint step (:func:`is_check_step`): no host read per step.
 """
 
 from __future__ import annotations
@@ -84,15 +73,11 @@ def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 class TrainTask(ABC):
-    """What a recipe gives the :class:`Trainer`: the model and what one micro-batch computes.
+    """What a recipe gives the :class:`Trainer`: the model and what one micro-batch computes (override what differs).
 
-    The defaults serve most recipes; override what differs.
-
-    Attributes:
-        random_flip: whether the batch plan mirrors half the items (``data.random_flip``).
-        find_unused_parameters: DDP searches for parameters a micro-batch did not use. Per-stage
-            parameters of :func:`dfm_ext.specialize` do not need it: every stage's take part in every
-            forward (zero gradients for an absent stage), so it stays off and DDP skips a graph walk.
+    ``random_flip``: the batch plan mirrors half the items. ``find_unused_parameters`` (DDP) stays
+    off for :func:`dfm_ext.specialize`'s per-stage parameters: every stage's take part in every
+    forward (zero gradients for an absent stage).
     """
 
     random_flip: bool = False
@@ -128,9 +113,7 @@ class TrainTask(ABC):
 
 
 def step_generator(seed: int, step: int, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded by ``(seed, step, shard)`` only: the randomness of one micro-batch.
-
-    ``shard`` is the global micro-batch index (``rank * accumulation + micro``).
+    """A generator seeded by ``(seed, step, shard)`` only (``shard = rank * accumulation + micro``).
 
     Example:
         >>> a = torch.rand(2, generator=step_generator(0, 5, 1))
@@ -154,11 +137,8 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
 
 
 def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: int) -> bool:
-    """Whether the loop reads its per-step flags on the host after ``step`` (steps done): at log and
-    checkpoint steps, the last step and, in one process, as soon as the time budget is spent.
-
-    Several processes decide on the budget only at log and checkpoint steps, where they reduce their
-    flags anyway: no collective and no device-to-host read per step.
+    """Whether the loop reads its device flags after ``step``: at log, checkpoint and last steps, and, in
+    one process, once the time budget is spent (several processes decide at the steps where they reduce anyway).
 
     Example:
         >>> train = TrainConfig(steps=10, log_every=4, checkpoint_every=6)
@@ -212,14 +192,8 @@ class _Run:
 
 
 class Trainer:
-    """Drives a :class:`TrainTask` over ``dataset`` with the ``train`` and ``optim`` sections of ``config``.
-
-    Args:
-        task: the recipe's model, loss and evaluation.
-        dataset: map-style, keyed by ``(index, flip)`` (what the batch plan yields).
-        config: the recipe's whole config (``train``, ``optim``; saved as ``config.yaml``, logged).
-        name: the config name (fills ``{name}`` in ``train.output_dir``; the trackers' project).
-    """
+    """Drives ``task`` over ``dataset`` (keyed by ``(index, flip)``) with ``config.train`` and ``config.optim``;
+    ``name`` fills ``{name}`` in ``train.output_dir`` and names the trackers' project."""
 
     def __init__(self, task: TrainTask, dataset: torch.utils.data.Dataset, config: RecipeConfig, *, name: str) -> None:
         self.task, self.dataset, self.config, self.name = task, dataset, config, name
@@ -249,8 +223,6 @@ class Trainer:
             if run.stopped_early:
                 break
         return self._finish(run)
-
-    # -- set up ------------------------------------------------------------------------------------
 
     def _start(self) -> _Run:
         check_output_writable(self.output_dir)
@@ -321,8 +293,6 @@ class Trainer:
             raise ConfigError(value)
         return value
 
-    # -- one step ----------------------------------------------------------------------------------
-
     def _step(self, run: _Run) -> None:
         acc, step, device = self.train.grad_accumulation, run.counters.step, run.accelerator.device
         for micro in range(acc):
@@ -350,8 +320,7 @@ class Trainer:
             run.ema.update(run.model, step)
 
     def _read_flags(self, run: _Run) -> bool:
-        """At check steps: one host read (and one reduction) of the bad-loss flag, the skip count and the
-        time budget; returns whether the budget stops the run here (all processes at the same step)."""
+        """At check steps, one host read (and reduction) of the flags; whether the budget stops the run here."""
         step, budget, world = run.counters.step, self.train.max_train_seconds, run.accelerator.num_processes
         over = budget is not None and run.seconds >= budget
         if not is_check_step(step, self.train, over_budget=over, world=world):
@@ -367,8 +336,6 @@ class Trainer:
         if run.stopped_early:
             run.bar.write(f"stopping after {step} of {self.train.steps} steps: the {budget:g} s training budget is spent")
         return run.stopped_early
-
-    # -- logs, evaluation, the end -----------------------------------------------------------------
 
     def _log(self, run: _Run) -> None:
         acc, logs = run.accelerator, {}
@@ -393,8 +360,7 @@ class Trainer:
             run.accelerator.log(dict(scalars), step=run.counters.step)
 
     def _evaluate(self, run: _Run) -> None:
-        """``task.evaluate`` on the EMA weights: on the main process, or every process when sampling needs
-        collectives (FSDP2: all draw the same images; only the main process writes into the run folder)."""
+        """``task.evaluate`` on the EMA weights: on the main process, or on all when sampling needs collectives (FSDP2)."""
         main = run.accelerator.is_main_process
         if main or run.parallel.samples_on_every_rank:
             with contextlib.ExitStack() as stack:

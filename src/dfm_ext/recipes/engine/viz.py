@@ -1,15 +1,15 @@
-"""Pictures for the demo and the benchmarks: image grids, progressive strips, loss curves.
+"""Pictures for the demo and the benchmarks: image grids, progressive strips, loss curves (matplotlib).
 
-Images go through Pillow; the loss curve needs matplotlib (the ``demo`` extra). Every writer
-renders to a temporary file next to the target and renames it, so a crash never leaves a
-half-written PNG that looks complete.
+Every writer renders into a temporary sibling and renames it (:func:`atomic_file`), so a crash never
+leaves a half-written picture that looks complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ from dfm_ext.process.sampler import SampleOutput
 from dfm_ext.recipes.engine.data import Codec
 
 __all__ = [
-    "make_grid", "save_array_png", "save_image_grid", "save_loss_curves", "save_progressive", "save_progressive_samples", "smooth",
-    "to_uint8", "umask",
+    "atomic_file", "make_grid", "save_array_png", "save_image_grid", "save_loss_curves", "save_progressive", "save_progressive_samples",
+    "smooth", "to_uint8",
 ]  # fmt: skip
 
 
@@ -41,16 +41,8 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def make_grid(images: Tensor, nrow: int, *, padding: int = 2, scale: int = 1) -> np.ndarray:
-    """Tile ``[N, C, H, W]`` images (in ``[-1, 1]``) into one ``[rows*(H+pad)+pad, ...]`` uint8 array.
-
-    Args:
-        images: the images; the grid is filled row by row, ``nrow`` images per row.
-        nrow: images per row.
-        padding: grey border in pixels (before scaling).
-        scale: nearest-neighbour upscaling factor so small images stay visible.
-
-    Returns:
-        ``[H_grid, W_grid, C]`` uint8.
+    """Tile ``[N, C, H, W]`` images in ``[-1, 1]`` row by row, ``nrow`` per row, into one ``[H_grid, W_grid, C]``
+    uint8 array (grey ``padding``; nearest upscaling by ``scale`` so that small images stay visible).
 
     Example:
         >>> make_grid(torch.zeros(6, 1, 4, 4), nrow=3, padding=1).shape
@@ -73,20 +65,22 @@ def make_grid(images: Tensor, nrow: int, *, padding: int = 2, scale: int = 1) ->
     return grid
 
 
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (same suffix) to write; renamed to ``path`` on success, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    # mkstemp makes the file private (0600); the result should get the usual permissions.
-    os.chmod(tmp, 0o666 & ~umask())
-    return path, Path(tmp)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(name, 0o666 & ~mask)  # mkstemp makes the file private (0600): the result gets the usual permissions
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_array_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
@@ -95,14 +89,9 @@ def save_array_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
 
     if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype != np.uint8:
         raise ValueError(f"array must be uint8 [H, W, 1 or 3], got {array.dtype} {array.shape}")
-    path, tmp = _atomic_target(path)
-    try:
-        img = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_file(path) as tmp:
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_image_grid(
@@ -128,12 +117,7 @@ def _upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
 def save_progressive(
     previews: Sequence[Tensor], final: Tensor, path: str | os.PathLike[str], *, scale: int = 3, padding: int = 2
 ) -> Path:
-    """One row per example: each stage's preview (upscaled, nearest) then the final sample.
-
-    Args:
-        previews: per stage, ``[N, C, H_s, W_s]`` (the sample rebuilt from stages ``0..s``).
-        final: ``[N, C, H, W]``.
-        path: the PNG to write.
+    """One row per example: each stage's preview ``[N, C, H_s, W_s]`` (upscaled, nearest), then ``final [N, C, H, W]``.
 
     Example:
         >>> import tempfile
@@ -181,14 +165,8 @@ def save_loss_curves(
     ylabel: str = "loss (smoothed)",
     logy: bool = True,
 ) -> Path:
-    """Plot named curves (smoothed, raw values faint behind them) into a PNG with matplotlib.
-
-    Args:
-        curves: name -> values. NaN entries (a stage not drawn in that step) are skipped.
-        path: the PNG.
-        steps: name -> x values (default ``0..len-1``).
-        weight: smoothing weight, see :func:`smooth`.
-    """
+    """Plot named curves (name -> values; NaN skipped) against ``steps`` (default ``0..len-1``), smoothed with
+    ``weight`` (:func:`smooth`) and the raw values faint behind them, into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -216,24 +194,17 @@ def save_loss_curves(
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         fig.tight_layout()
-        path, tmp = _atomic_target(path)
-        try:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 @torch.no_grad()
 def save_progressive_samples(codec: Codec, out: SampleOutput, out_dir: str | os.PathLike[str], step: int) -> Tensor:
-    """Decode a sampler output and save it with its stage previews as ``samples/step-<step>.png``.
-
-    Returns:
-        The decoded final images ``[N, 3, H, W]`` in ``[-1, 1]``.
-    """
+    """Decode a sampler output and save it with its stage previews as ``samples/step-<step>.png``; returns the decoded
+    final images ``[N, 3, H, W]`` in ``[-1, 1]``."""
     previews = [codec.decode(p) for p in out.previews[:-1]]
     final = codec.decode(out.x)
     save_progressive(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}.png", scale=1 if final.shape[-1] >= 128 else 3)

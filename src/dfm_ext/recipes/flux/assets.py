@@ -3,25 +3,21 @@
 ::
 
     python -m dfm_ext.recipes.flux.assets runs/tiny_flux
-    python -m dfm_ext.recipes.flux --config flux_tiny \\
-        model.path=runs/tiny_flux/flux data.source=runs/tiny_flux/images
+    python -m dfm_ext.recipes.flux --config flux_tiny model.path=runs/tiny_flux/flux data.source=runs/tiny_flux/images
 
-``flux/`` holds ``transformer/`` (``FluxTransformer2DModel``), ``vae/`` (``AutoencoderKL``,
-4x, 4 channels, FLUX-style ``shift_factor``), ``text_encoder/`` + ``tokenizer/`` (CLIP) and
-``text_encoder_2/`` + ``tokenizer_2/`` (T5), all randomly initialised, tiny, and written with
-``save_pretrained`` so the recipe loads them through ``from_pretrained`` exactly as it loads the
-real FLUX.1-dev folder. The tokenizers are word-level ``tokenizers`` models over the captions'
-words, saved as ``PreTrainedTokenizerFast``. ``images/`` holds crops of scikit-image's bundled
-photos at several aspect ratios, each with a same-name ``.txt`` caption.
+``flux/`` holds every model of the FLUX.1-dev layout, tiny and randomly initialised, saved with
+``save_pretrained`` so that they load as the real ones do (the tokenizers: word-level over the
+captions' words). ``images/``: crops of scikit-image's photos at several aspect ratios with ``.txt`` captions.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from dfm_ext.recipes.engine.cli import assets_main, make_tiny_vae, photo
 
 __all__ = ["CAPTIONS", "make_captioned_images", "make_tiny_flux", "make_tiny_text_encoders", "tiny_flux_transformer_config"]
 
@@ -40,15 +36,13 @@ POOLED_DIM = 12
 def make_captioned_images(root: str | Path, *, per_photo: int = 4, seed: int = 0, side: int = 64) -> Path:
     """Crops of each photo (square, landscape, portrait) as ``root/<photo>_<i>.{png,jpg}`` + ``.txt``."""
     from PIL import Image
-    from skimage import data as skdata
 
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     aspects = (1.0, 1.5, 1 / 1.5)
     for name, caption in CAPTIONS.items():
-        img = getattr(skdata, name)()
-        img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+        img = photo(name)
         h, w = img.shape[:2]
         for i in range(per_photo):
             a = aspects[i % len(aspects)]
@@ -79,11 +73,7 @@ def _word_tokenizer(words: Sequence[str], *, specials: dict[str, str], template:
     tok.post_processor = processors.TemplateProcessing(
         single=template, special_tokens=[(p, vocab[p]) for p in dict.fromkeys(pieces) if p != "$A"]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=max_length,
-        **{f"{k}_token": v for k, v in specials.items()},
-    ), vocab
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **{f"{k}_token": v for k, v in specials.items()}), vocab
 
 
 def make_tiny_text_encoders(path: str | Path, *, seed: int = 0) -> Path:
@@ -94,14 +84,10 @@ def make_tiny_text_encoders(path: str | Path, *, seed: int = 0) -> Path:
     path = Path(path)
     words = " ".join(CAPTIONS.values()).lower().split()
     clip_tok, clip_vocab = _word_tokenizer(
-        words,
-        specials={"unk": "<|unk|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>"},
-        template="<|startoftext|> $A <|endoftext|>",
-        max_length=16,
-    )
-    t5_tok, t5_vocab = _word_tokenizer(
-        words, specials={"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}, template="$A </s>", max_length=32
-    )
+        words, specials={"unk": "<|unk|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>"},
+        template="<|startoftext|> $A <|endoftext|>", max_length=16,
+    )  # fmt: skip
+    t5_tok, t5_vocab = _word_tokenizer(words, specials={"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}, template="$A </s>", max_length=32)
     clip_tok.save_pretrained(str(path / "tokenizer"))
     t5_tok.save_pretrained(str(path / "tokenizer_2"))
     torch.manual_seed(seed)
@@ -130,17 +116,9 @@ def tiny_flux_transformer_config(
 ) -> dict:
     """``FluxTransformer2DModel`` kwargs: 1 double + 1 single block, hidden 16, ``4 C`` packed channels."""
     return dict(
-        patch_size=1,
-        in_channels=4 * latent_channels,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=text_dim,
-        pooled_projection_dim=pooled_dim,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
-    )
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
 
 
 def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
@@ -148,14 +126,11 @@ def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = T
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from dfm_ext.recipes.engine.cli import make_tiny_vae
-
     path = Path(path)
     make_tiny_vae(path, seed=seed, latent_channels=LATENT_CHANNELS)
     make_tiny_text_encoders(path, seed=seed)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(guidance_embeds=guidance_embeds))
-    # diffusers zero-initialises nothing in Flux, but make the random init far from trivial anyway.
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in transformer.parameters():
@@ -165,12 +140,8 @@ def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = T
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dfm_ext.recipes.flux.assets", description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="folder to create (flux/ and images/ inside)")
-    args = parser.parse_args(argv)
-    make_tiny_flux(Path(args.out) / "flux")
-    make_captioned_images(Path(args.out) / "images")
-    print(f"model.path={Path(args.out) / 'flux'} data.source={Path(args.out) / 'images'}")
+    assets_main(argv, prog="python -m dfm_ext.recipes.flux.assets", doc=__doc__,
+                makers={"model.path": ("flux", make_tiny_flux), "data.source": ("images", make_captioned_images)})  # fmt: skip
 
 
 if __name__ == "__main__":

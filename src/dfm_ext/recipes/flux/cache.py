@@ -2,24 +2,17 @@
 
 ::
 
-    python -m dfm_ext.recipes.flux cache --config flux_dfm --out /data/flux_cache \\
-        model.path=/models/FLUX.1-dev data.source=/data/captioned
-    accelerate launch -m dfm_ext.recipes.flux --config flux_dfm \\
-        model.path=/models/FLUX.1-dev data.cache=/data/flux_cache
+    python -m dfm_ext.recipes.flux cache --config flux_dfm --out /data/flux_cache model.path=/models/FLUX.1-dev data.source=/data/captioned
+    accelerate launch -m dfm_ext.recipes.flux --config flux_dfm model.path=/models/FLUX.1-dev data.cache=/data/flux_cache
 
-Layout::
+Layout (``index.json`` written last; a cache whose metadata disagree with the config is refused)::
 
-    index.json                 metadata (model, VAE normalisation, text encoder, T5 length,
-                               buckets) and one entry per (image, bucket): shard, bucket, source, caption
+    index.json                 metadata, and one entry per (image, bucket): shard, key, bucket, source, caption
     empty.safetensors          "encoder_hidden_states" [1, L, D], "pooled_projections" [1, P]: the empty prompt
-    shard-00000.safetensors    "<j>.latents" [C, h, w], "<j>.encoder_hidden_states" [L, D], "<j>.pooled_projections" [P]
+    shard-00000.safetensors    "<key>.latents" [C, h, w], "<key>.encoder_hidden_states" [L, D], "<key>.pooled_projections" [P]
 
-An entry's latents and embeddings live under one key prefix, written from the same
-``(image, caption)`` pair, so they cannot drift apart. ``index.json`` is written last: a folder
-without it is an unfinished cache and is refused. A cache whose metadata disagrees with the run
-config raises :class:`~dfm_ext.recipes.engine.latents.CacheMismatchError` naming every disagreeing field.
-Size: with FLUX.1-dev's 512 T5 tokens x 4096 in bfloat16, an entry's text embedding is 4 MiB
-(the latent of a 1024 px image, 16 x 128 x 128, is 0.5 MiB).
+An entry's latents and embeddings share one key prefix, so they cannot drift apart. With FLUX.1-dev's
+512 T5 tokens x 4096 in bfloat16 an entry's text embedding is 4 MiB (a 1024 px latent 0.5 MiB).
 """
 
 from __future__ import annotations
@@ -32,76 +25,44 @@ from typing import Any
 
 import torch
 
-from dfm_ext.recipes.engine.cli import USAGE_ERRORS, cache_builder_parser, usage_error
+from dfm_ext.fileio import atomic_write_text
+from dfm_ext.recipes.engine.cli import cache_builder_main
 from dfm_ext.recipes.engine.config import load_config
+from dfm_ext.recipes.engine.latents import CacheOptions, check_cache_metadata
 from dfm_ext.recipes.flux.config import FluxFinetuneConfig
-from dfm_ext.recipes.flux.encoders import FluxEncoders
-from dfm_ext.recipes.engine.latents import CacheMismatchError
-from dfm_ext.recipes.engine.latents import write_index
+from dfm_ext.recipes.flux.text_encoding import FluxEncoders, TextEmbeddings
 
-__all__ = ["FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata", "main"]
+__all__ = ["FLUX_CACHE", "FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata", "main"]
 
+#: The format tag of a FLUX cache's ``index.json``.
 FLUX_CACHE_FORMAT = "dfm_ext.flux_cache/1"
+#: The FLUX cache's defaults (``--batch-size`` overrides the batch).
+FLUX_CACHE = CacheOptions(batch_size=16, shard_size=1024, progress=False)
 
 
 def cache_metadata(cfg: FluxFinetuneConfig) -> dict[str, Any]:
     """What a cache must agree on with a :class:`~dfm_ext.recipes.flux.config.FluxFinetuneConfig`."""
+    v, d = cfg.vae, cfg.data
     return {
-        "model_path": cfg.model.path,
-        "vae_subfolder": cfg.vae.subfolder,
-        "scaling_factor_override": cfg.vae.scaling_factor,
-        "shift_factor_override": cfg.vae.shift_factor,
-        "sample_posterior": cfg.vae.sample_posterior,
-        "downsample": cfg.vae.downsample,
-        "max_sequence_length": cfg.data.max_sequence_length,
-        "resolutions": list(cfg.data.resolutions),
-        "ratios": [float(r) for r in cfg.data.ratios],
-        "bucket_multiple": cfg.data.bucket_multiple,
-        "min_area_fraction": float(cfg.data.min_area_fraction),
-    }
-
-
-def _same(have: Any, want: Any) -> bool:
-    if isinstance(want, float) and isinstance(have, (int, float)):
-        return abs(have - want) <= 1e-6 * max(1.0, abs(want))
-    if isinstance(want, list) and isinstance(have, list):
-        return len(want) == len(have) and all(_same(h, w) for h, w in zip(have, want))
-    return have == want
-
-
-def check_flux_cache(meta: dict[str, Any], expected: dict[str, Any], *, path: str) -> None:
-    """Raise :class:`CacheMismatchError` naming every key where ``meta`` and ``expected`` differ."""
-    if meta.get("format") != FLUX_CACHE_FORMAT:
-        raise CacheMismatchError(f"{path}: format {meta.get('format')!r}, expected {FLUX_CACHE_FORMAT!r}")
-    diffs = [f"{k}: cache has {meta.get(k)!r}, config wants {v!r}" for k, v in expected.items() if not _same(meta.get(k), v)]
-    if diffs:
-        raise CacheMismatchError(
-            f"FLUX cache {path} does not match the config ({'; '.join(diffs)}); rebuild it with "
-            "python -m dfm_ext.recipes.flux cache or point data.cache elsewhere"
-        )
+        "model_path": cfg.model.path, "vae_subfolder": v.subfolder, "scaling_factor_override": v.scaling_factor,
+        "shift_factor_override": v.shift_factor, "sample_posterior": v.sample_posterior, "downsample": v.downsample,
+        "max_sequence_length": d.max_sequence_length, "resolutions": list(d.resolutions), "ratios": [float(r) for r in d.ratios],
+        "bucket_multiple": d.bucket_multiple, "min_area_fraction": float(d.min_area_fraction),
+    }  # fmt: skip
 
 
 @torch.no_grad()
-def build_flux_cache(
-    cfg: Any,
-    out: str | Path,
-    *,
-    batch_size: int = 16,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    shard_size: int = 1024,
-) -> dict[str, Any]:
-    """Encode ``cfg.data.source`` into ``out``; returns the written ``index.json`` contents.
-
-    Entries whose image fails to decode are left out and listed under ``skipped_images``.
-    """
+def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CACHE) -> dict[str, Any]:
+    """Encode ``cfg.data.source`` into ``out`` (images that fail to decode are listed under ``skipped_images``);
+    returns the written ``index.json`` contents."""
     from safetensors.torch import save_file
 
     from dfm_ext.recipes.flux.data import CaptionedImages, load_bucket_image
 
     if cfg.data.source is None:
         raise ValueError("data.source must name the captioned images to encode")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size, shard_size, dtype = options.batch_size, options.shard_size, options.dtype
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = CaptionedImages(cfg.data.source, cfg.buckets(), on_missing=cfg.data.on_missing,
                               min_area_fraction=cfg.data.min_area_fraction, max_skips=1)
     encoders = FluxEncoders(cfg)
@@ -152,50 +113,30 @@ def build_flux_cache(
     if not entries:
         raise ValueError(f"no readable images in {cfg.data.source}")
     empty = text.empty()
-    save_file({"encoder_hidden_states": empty.encoder_hidden_states.to("cpu", dtype).contiguous(),
-               "pooled_projections": empty.pooled_projections.to("cpu", dtype).contiguous()}, str(out / "empty.safetensors"))
+    save_file({k: v.to("cpu", dtype).contiguous() for k, v in empty.as_kwargs().items()}, str(out / "empty.safetensors"))
     index = {
-        **cache_metadata(cfg),
-        "format": FLUX_CACHE_FORMAT,
-        "scaling_factor": codec.scaling,
-        "shift_factor": codec.shifting,
-        "buckets": [list(s) for s in dataset.buckets.shapes],
-        "dtype": str(dtype).removeprefix("torch."),
-        "shards": shard_names,
-        "source": str(cfg.data.source),
-        "stats": dataset.stats,
-        "skipped_images": skipped,
-        "entries": entries,
-    }
-    write_index(out, index, indent=1)
+        **cache_metadata(cfg), "format": FLUX_CACHE_FORMAT, "scaling_factor": codec.scaling, "shift_factor": codec.shifting,
+        "buckets": [list(s) for s in dataset.buckets.shapes], "dtype": str(dtype).removeprefix("torch."), "shards": shard_names,
+        "source": str(cfg.data.source), "stats": dataset.stats, "skipped_images": skipped, "entries": entries,
+    }  # fmt: skip
+    atomic_write_text(out / "index.json", json.dumps(index, indent=1))
     return index
 
 
 class FluxCache(torch.utils.data.Dataset):
-    """Read a FLUX cache; items keyed like :class:`~dfm_ext.recipes.flux.data.CaptionedImages`.
-
-    Items are dicts ``latents [C, h, w]``, ``encoder_hidden_states [L, D]``,
-    ``pooled_projections [P]`` (float32), ``bucket``, ``index``, ``bad`` (always empty).
-
-    Attributes:
-        bucket_of: bucket id per index (for :class:`~dfm_ext.recipes.flux.data.BucketBatchPlan`).
-        empty_text: the cached empty-prompt embeddings (caption dropout, CFG).
-
-    Raises:
-        FileNotFoundError: no ``index.json`` (missing or unfinished cache).
-        CacheMismatchError: ``expected`` metadata disagrees with the cache.
-    """
+    """A FLUX cache, items keyed like :class:`~dfm_ext.recipes.flux.data.CaptionedImages`'s: ``latents [C, h, w]``,
+    ``encoder_hidden_states [L, D]``, ``pooled_projections [P]`` (float32), ``bucket``, ``index``, ``bad`` (empty);
+    ``bucket_of`` (bucket id per index) and ``empty_text`` (the empty prompt's embeddings) as the dataset has them."""
 
     def __init__(self, path: str | Path, expected: dict[str, Any] | None = None) -> None:
         from safetensors.torch import load_file
-
-        from dfm_ext.recipes.flux.text_encoding import TextEmbeddings
 
         self.path = Path(path)
         if not (self.path / "index.json").is_file():
             raise FileNotFoundError(f"no FLUX cache at {str(self.path)!r} (index.json missing: not built or unfinished)")
         self.meta = json.loads((self.path / "index.json").read_text())
-        check_flux_cache(self.meta, expected or {}, path=str(self.path))
+        check_cache_metadata(self.meta, expected or {}, path=str(self.path), fmt=FLUX_CACHE_FORMAT, what="FLUX cache",
+                             rebuild="python -m dfm_ext.recipes.flux cache", key="data.cache")  # fmt: skip
         self.entries = self.meta["entries"]
         self.bucket_of: tuple[int, ...] = tuple(int(e["bucket"]) for e in self.entries)
         empty = load_file(str(self.path / "empty.safetensors"))
@@ -224,18 +165,16 @@ class FluxCache(torch.utils.data.Dataset):
         return {**out, "bucket": int(e["bucket"]), "index": index, "bad": []}
 
 
+def _load(args: Any) -> FluxFinetuneConfig:
+    cfg = load_config(FluxFinetuneConfig, args.config, args.overrides)
+    if cfg.data.source is None or cfg.model.path is None:
+        raise FileNotFoundError("set data.source (captioned images) and model.path (the FLUX folder or hub id)")
+    return cfg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cache_builder_parser("python -m dfm_ext.recipes.flux cache", __doc__, batch_size=16)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(FluxFinetuneConfig, args.config, args.overrides)
-        if cfg.data.source is None or cfg.model.path is None:
-            raise FileNotFoundError("set data.source (captioned images) and model.path (the FLUX folder or hub id)")
-        index = build_flux_cache(cfg, args.out, batch_size=args.batch_size, device=args.device, dtype=getattr(torch, args.dtype))
-    except USAGE_ERRORS as e:
-        return usage_error(e)
-    print(json.dumps({"out": args.out, "entries": len(index["entries"]), "skipped_images": len(index["skipped_images"])}))
-    return 0
+    return cache_builder_main(argv, prog="python -m dfm_ext.recipes.flux cache", doc=__doc__, defaults=FLUX_CACHE, load=_load,
+                              build=build_flux_cache, skipped_key="skipped_images", count="entries")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,9 +1,4 @@
-"""The config of the FLUX finetuning recipe (:mod:`dfm_ext.recipes.flux.task`).
-
-Apart from the recipe so that the cache builder (:mod:`~dfm_ext.recipes.flux.cache`) reads the
-same config without importing the training module. ``dfm`` and ``decomposition`` are the
-sections every recipe shares; captions are dropped with ``data.caption_dropout``.
-"""
+"""The config of the FLUX finetuning recipe, apart so that the cache builder reads it without the training module."""
 
 from __future__ import annotations
 
@@ -11,10 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dfm_ext.recipes.engine.cli import check_batch
 from dfm_ext.recipes.engine.config import ConfigError
+from dfm_ext.recipes.engine.sections import RecipeConfig, SamplingConfig, VAESection
 from dfm_ext.recipes.flux.data import DEFAULT_RATIOS, AspectBuckets
-from dfm_ext.recipes.engine.sections import RecipeConfig, SamplingConfig, VAESection, default_of
 
 __all__ = ["FinetuneConfig", "FluxDataConfig", "FluxFinetuneConfig", "FluxModelConfig", "FluxVAEConfig", "PromptSamplingConfig"]
 
@@ -32,7 +26,7 @@ class FluxModelConfig:
 
 @dataclass
 class FluxDataConfig:
-    """Captioned images (``source``: folder or JSONL) or a cache from ``flux_finetune cache``."""
+    """Captioned images (``source``: folder or JSONL) or a ``cache``; captions dropped with ``caption_dropout``."""
 
     source: str | None = None
     cache: str | None = None
@@ -49,7 +43,7 @@ class FluxDataConfig:
 
 @dataclass
 class FluxVAEConfig(VAESection):
-    """The VAE in the FLUX folder (:class:`~.sections.VAESection`), downsampling by ``downsample``."""
+    """The VAE in the FLUX folder, downsampling by ``downsample``."""
 
     downsample: int = 8
 
@@ -68,7 +62,7 @@ class FinetuneConfig:
 
 @dataclass
 class PromptSamplingConfig(SamplingConfig):
-    """:class:`~.sections.SamplingConfig` of a text-to-image run: ``prompts`` at ``height`` x ``width`` px."""
+    """Plus the ``prompts`` to sample at ``height`` x ``width`` px."""
 
     thresholds: tuple[float, ...] = (0.95,)  # the paper's tau at 1024 px
     guidance_scale: float = 3.0  # true CFG against the empty prompt (paper E.1)
@@ -79,9 +73,8 @@ class PromptSamplingConfig(SamplingConfig):
 
 @dataclass
 class FluxFinetuneConfig(RecipeConfig[FluxDataConfig, FluxVAEConfig, FluxModelConfig, PromptSamplingConfig]):
-    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned aspect-ratio
-    buckets (``data``), the VAE's latent normalisation (``vae``), what is trained (``finetune``: all
-    weights, LoRA or per-stage LoRA) and the prompts sampled (``sampling``)."""
+    """A FLUX finetuning run: the shared sections, the FLUX folder (``model``), captioned aspect-ratio buckets
+    (``data``), the latent normalisation (``vae``), what is trained (``finetune``), the prompts sampled."""
 
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -117,8 +110,7 @@ class FluxFinetuneConfig(RecipeConfig[FluxDataConfig, FluxVAEConfig, FluxModelCo
             raise ConfigError("sampling.prompts is empty; give at least one prompt")
         if not math.isfinite(self.model.guidance):
             raise ConfigError(f"model.guidance must be a finite number, got {self.model.guidance}")
-        self.dfm.check(self.num_stages, reads=(), default=default_of(self, "dfm"), recipe="flux_finetune")
-        check_batch(self.train)
+        self.check_shared("flux_finetune", reads=())
         for side in (self.sampling.height, self.sampling.width):
             if side % self.pixel_multiple:
                 raise ConfigError(f"sampling.height/width {side} must be a multiple of {self.pixel_multiple}")

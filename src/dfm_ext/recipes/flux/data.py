@@ -1,24 +1,10 @@
-"""Captioned images for text-to-image finetuning: sources, aspect-ratio buckets, a bucketed plan.
+"""Captioned images for text-to-image finetuning: sources, aspect-ratio buckets (paper E), a bucketed plan.
 
-Two sources, both giving ``(image path, caption)`` pairs that are never separated:
-
-* a folder of images with same-name ``.txt`` captions (``cat.jpg`` + ``cat.txt``, any depth);
-* a JSONL file, one ``{"image": ..., "caption": ...}`` object per line (``path`` / ``file_name``
-  and ``text`` are accepted too), relative paths resolved against the JSONL's folder.
-
-An image without its caption (or a JSONL line naming a missing file) is an error by default,
-listing the first offenders; with ``on_missing="skip"`` it is left out and counted. Files whose
-header cannot be read are left out and counted; a file that fails later, while decoding during
-training, is replaced by the next image *of the same bucket* and reported in ``bad`` (the
-trainer counts these), so a caption always travels with its own image.
-
-Aspect-ratio buckets (paper E: 512 and 1024 px at variable aspect ratios): for every base
-resolution ``R`` and aspect ratio ``a = w / h`` a bucket ``(h, w)`` with ``h w ~ R^2`` and both
-sides multiples of ``multiple``. Each image joins, at every resolution it is large enough for,
-the bucket with the nearest aspect ratio (in log space); it is resized to cover the bucket and
-centre-cropped. :class:`BucketBatchPlan` draws every global batch from a single bucket, so a
-batch has one shape; like :class:`~dfm_ext.recipes.engine.data.BatchPlan`, what a step reads
-depends only on ``(seed, step)``.
+A source is a folder of images with same-name ``.txt`` captions (any depth), or a JSONL file of
+``{"image": ..., "caption": ...}`` (``path`` / ``file_name`` and ``text`` accepted too; relative
+paths against its folder). An image without its caption is an error (``on_missing="skip"``: left
+out and counted), as is a file whose header cannot be read; one that fails to decode in training
+is replaced by the next image of its bucket, so a caption always travels with its own image.
 """
 
 from __future__ import annotations
@@ -35,19 +21,12 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from dfm_ext.recipes.engine.data import DECODE_ERRORS, IMAGE_EXTENSIONS, BatchPlan
+from dfm_ext.recipes.engine.data import DECODE_ERRORS, IMAGE_EXTENSIONS, BatchPlan, collate_items
 
 __all__ = [
-    "DEFAULT_RATIOS",
-    "AspectBuckets",
-    "BucketBatchPlan",
-    "CaptionScan",
-    "CaptionedImages",
-    "CaptionedItem",
-    "collate_captioned",
-    "load_bucket_image",
-    "scan_captions",
-]
+    "DEFAULT_RATIOS", "AspectBuckets", "BucketBatchPlan", "CaptionScan", "CaptionedImages", "CaptionedItem", "collate_captioned",
+    "load_bucket_image", "scan_captions",
+]  # fmt: skip
 
 #: Aspect ratios ``w / h`` of the default buckets: square, 4:3, 3:2, 16:9 and their portraits.
 DEFAULT_RATIOS: tuple[float, ...] = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
@@ -66,14 +45,8 @@ class CaptionedItem:
 
 @dataclass(frozen=True)
 class CaptionScan:
-    """What :func:`scan_captions` found.
-
-    Attributes:
-        items: the usable pairs, in a deterministic order.
-        missing: images without a caption file (folder) or lines naming a missing file (JSONL).
-        unreadable: image files whose header could not be read.
-        sizes: ``(height, width)`` of every item (after EXIF rotation).
-    """
+    """What :func:`scan_captions` found: the usable pairs (in a deterministic order) and their ``(height, width)``,
+    the images without a caption (or JSONL lines naming a missing file), the files whose header is unreadable."""
 
     items: list[CaptionedItem]
     missing: list[str]
@@ -123,13 +96,7 @@ def _read_pairs(source: Path) -> tuple[list[tuple[Path, str | None]], str]:
 
 
 def scan_captions(source: str | Path, *, on_missing: Literal["error", "skip"] = "error") -> CaptionScan:
-    """Pair every image with its caption and read its size.
-
-    Raises:
-        FileNotFoundError: ``source`` is neither a folder nor a ``.jsonl`` file.
-        ValueError: a malformed JSONL line; a missing caption/image with ``on_missing="error"``;
-            no usable pair at all.
-    """
+    """Pair every image with its caption and read its size (``ValueError`` for a malformed source or no usable pair)."""
     if on_missing not in ("error", "skip"):
         raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
     source = Path(source).expanduser()
@@ -160,13 +127,8 @@ def scan_captions(source: str | Path, *, on_missing: Literal["error", "skip"] = 
 
 @dataclass(frozen=True)
 class AspectBuckets:
-    """Equal-area buckets per base resolution.
-
-    Args:
-        resolutions: base sides ``R`` in pixels (bucket area ``~ R^2``), e.g. ``(512, 1024)``.
-        ratios: aspect ratios ``w / h``.
-        multiple: both bucket sides are multiples of this (the autoencoder's downsampling times
-            the transformer's patching, and the decomposition's factors).
+    """For every base side ``R`` in ``resolutions`` and aspect ratio ``a = w / h`` in ``ratios``, a bucket ``(h, w)``
+    with ``h w ~ R^2``, both sides multiples of ``multiple`` (VAE x patching x the decomposition's factors).
 
     Example:
         >>> b = AspectBuckets(resolutions=(512,), ratios=(1.0, 16 / 9), multiple=64)
@@ -201,11 +163,8 @@ class AspectBuckets:
         object.__setattr__(self, "resolution_of", tuple(owner))
 
     def assign(self, height: int, width: int, *, min_area_fraction: float = 1.0) -> list[int]:
-        """Bucket ids for an image: per resolution, the nearest aspect ratio whose area the image covers.
-
-        An image joins resolution ``R`` only if ``height * width >= min_area_fraction * R^2``
-        (``1.0``: never upsample; ``0``: every resolution).
-        """
+        """Bucket ids of an image: per resolution ``R`` with ``height * width >= min_area_fraction * R^2`` (``1``: never
+        upsample), the nearest aspect ratio in log space."""
         out = []
         ratio = math.log(width / height)
         for res in dict.fromkeys(self.resolution_of):
@@ -230,37 +189,20 @@ def load_bucket_image(path: str, shape: tuple[int, int]) -> Tensor:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """``(image, bucket)`` entries of a captioned source; items keyed like ``BatchPlan`` yields them.
+    """``(image, bucket)`` entries of a captioned source (an image joins every bucket :meth:`AspectBuckets.assign` gives).
 
-    Each item is a dict ``pixels [3, h, w]`` in ``[-1, 1]`` (the bucket's shape), ``caption``
-    (str), ``bucket`` (int), ``index`` (the entry actually read) and ``bad`` (entries that failed
-    to decode on the way; the next entry of the same bucket is read instead).
-
-    Args:
-        source: a folder of images with ``.txt`` captions, or a JSONL file.
-        buckets: the aspect-ratio buckets.
-        on_missing: ``"error"`` or ``"skip"`` for images without captions (see :func:`scan_captions`).
-        min_area_fraction: see :meth:`AspectBuckets.assign`.
-        max_skips: consecutive unreadable files to skip before giving up.
-
-    Attributes:
-        entries: ``(item index, bucket id)`` per dataset index.
-        bucket_of: the bucket id per dataset index (what :class:`BucketBatchPlan` groups by).
-        stats: counts of images, entries, missing captions, unreadable and too-small images.
+    Items, keyed by ``(index, flip)``: ``pixels [3, h, w]`` in ``[-1, 1]`` (resized to cover the bucket, centre
+    cropped), ``caption``, ``bucket``, ``index`` (the entry read) and ``bad``. ``entries``: ``(item index, bucket
+    id)`` per index; ``bucket_of``: what :class:`BucketBatchPlan` groups by; ``stats``: counts for the logs.
     """
 
     #: No precomputed text embeddings (a :class:`~dfm_ext.recipes.flux.cache.FluxCache` has the empty prompt's).
     empty_text = None
 
     def __init__(
-        self,
-        source: str | Path,
-        buckets: AspectBuckets,
-        *,
-        on_missing: Literal["error", "skip"] = "error",
-        min_area_fraction: float = 1.0,
+        self, source: str | Path, buckets: AspectBuckets, *, on_missing: Literal["error", "skip"] = "error", min_area_fraction: float = 1.0,
         max_skips: int = 64,
-    ) -> None:
+    ) -> None:  # fmt: skip
         scan = scan_captions(source, on_missing=on_missing)
         self.source, self.buckets, self.max_skips = str(source), buckets, int(max_skips)
         self.items = scan.items
@@ -284,13 +226,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         for js in members.values():
             for a, j in enumerate(js):
                 self._next[j] = js[(a + 1) % len(js)]
-        self.stats = {
-            "images": len(self.items),
-            "entries": len(self.entries),
-            "missing_captions": len(scan.missing),
-            "unreadable": len(scan.unreadable),
-            "too_small": too_small,
-        }
+        self.stats = {"images": len(self.items), "entries": len(self.entries), "missing_captions": len(scan.missing),
+                      "unreadable": len(scan.unreadable), "too_small": too_small}  # fmt: skip
         self.missing, self.unreadable = scan.missing, scan.unreadable
 
     def __len__(self) -> int:
@@ -324,16 +261,11 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class BucketBatchPlan(BatchPlan):
-    """A :class:`BatchPlan` whose every global batch comes from one bucket.
+    """A :class:`BatchPlan` whose every global batch comes from one bucket (``buckets``: the id of every index).
 
-    Per epoch (seeded by ``seed`` and the epoch) each bucket's members are shuffled and cut into
-    ``ceil(n_b / G)`` global batches (the last one wraps around to the bucket's start, so a
-    bucket smaller than ``G`` repeats items), and the batches of all buckets are shuffled
-    together. An epoch therefore has a fixed number of steps and a step's data depend only on
-    ``(seed, step)``; the split into micro-batches and ranks is ``BatchPlan``'s.
-
-    Args:
-        buckets: bucket id of every dataset index (``len == num_items``).
+    Per epoch (seeded by ``(seed, epoch)``) each bucket's members are shuffled and cut into
+    ``ceil(n_b / G)`` global batches (the last wrapping around to the bucket's start), and all
+    buckets' batches are shuffled together: a step's data still depend only on ``(seed, step)``.
 
     Example:
         >>> plan = BucketBatchPlan(6, 2, seed=0, buckets=(0, 0, 0, 1, 1, 1))
@@ -381,13 +313,7 @@ class BucketBatchPlan(BatchPlan):
 
 
 def collate_captioned(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack one bucket's items: ``pixels`` or ``latents`` tensors, captions as a list, ``bad`` joined.
-
-    Raises:
-        ValueError: the items have different shapes (they do not come from one bucket).
-    """
-    from dfm_ext.recipes.engine.data import collate_items
-
+    """Stack one bucket's items (``pixels`` or ``latents`` of one shape, else ``ValueError``), captions as a list."""
     for key in ("pixels", "latents"):
         if key in items[0]:
             shapes = {tuple(it[key].shape) for it in items}

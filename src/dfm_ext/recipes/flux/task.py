@@ -1,4 +1,4 @@
-"""Finetune FLUX (diffusers ``FluxTransformer2DModel``) with DFM, or plainly as the baseline.
+"""Finetune FLUX (diffusers ``FluxTransformer2DModel``) with DFM, or plainly as the baseline: the training script.
 
 Run::
 
@@ -7,24 +7,16 @@ Run::
     python -m dfm_ext.recipes.flux cache --config flux_dfm --out /data/flux_cache ...  # optional
     python -m dfm_ext.recipes.flux --config flux_tiny model.path=... data.source=...  # CPU smoke run
 
-The pipeline: captioned images (a folder with ``.txt`` captions or a JSONL) in aspect-ratio
-buckets at 512 and 1024 px, every batch from one bucket -> latents of FLUX's ``AutoencoderKL``
-(``z = (z - shift) * scale``) and CLIP/T5 text embeddings, 10% of captions replaced by the empty
-prompt -> the decomposition's stages -> :class:`dfm_ext.DFMObjective` on FLUX wrapped with
-:func:`dfm_ext.wrap_dit` (paper E: stage 0 reuses FLUX's patch embedding, time embedding and
-head, fed at half the latent resolution with a 1x1 patch, which equals FLUX on the stage
-upsampled by 2; every other stage starts at zero; guidance embedding fixed at 1.0). With
-``decomposition.kind=identity`` (config ``flux_ft``) the unmodified transformer is trained with
-plain Flow Matching through its own ``forward``: the baseline of paper Table 3.
+One step: captioned images in aspect-ratio buckets (one bucket per batch) -> VAE latents and CLIP/T5
+embeddings, captions dropped to the empty prompt -> the decomposition's stages -> :class:`dfm_ext.DFMObjective`
+on FLUX wrapped with :func:`dfm_ext.wrap_dit` (paper E: stage 0 reuses FLUX's patch embedding, time
+embedding and head at half the latent resolution; the other stages start at zero). With
+``decomposition.kind=identity`` (config ``flux_ft``) the unmodified transformer trains through its own
+``forward``: the baseline of paper Table 3. ``finetune.mode``: ``full``, ``lora`` (peft, attention
+projections) or ``stage_lora`` (:func:`dfm_ext.specialize`); with LoRA the new DFM layers stay trainable.
 
-``finetune.mode``: ``full``; ``lora`` (peft ``LoraConfig`` injected into the transformer's
-attention projections); ``stage_lora`` (per-stage LoRA from :func:`dfm_ext.specialize`). With
-LoRA the new DFM layers (patch embedding, timestep embedders, head) stay trainable.
-
-``final/`` is the export: for DFM runs the wrapped model (``model.safetensors`` +
-``dfm_config.json``, rebuilt by :func:`load_finetuned` or ``dfm_ext.load_wrapped``), with
-``stage_parameters.safetensors`` for ``stage_lora``; for the baseline a diffusers folder
-(``FluxTransformer2DModel.from_pretrained(final)``). LoRA is merged into the saved weights.
+``final/``: the wrapped model for DFM runs (:func:`load_finetuned` or ``dfm_ext.load_wrapped``), a
+diffusers folder for the baseline; LoRA merged into the saved weights.
 """
 
 from __future__ import annotations
@@ -43,26 +35,14 @@ from torch import Tensor, nn
 from dfm_ext.recipes.engine.cli import parse_config_args, train_main
 from dfm_ext.recipes.engine.data import dropout_mask
 from dfm_ext.recipes.engine.latents import looks_local
-from dfm_ext.recipes.engine.viz import save_progressive_samples
-from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
-from dfm_ext.recipes.engine.decomposition import build_decomposition
+from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
+from dfm_ext.recipes.engine.viz import save_progressive_samples
 from dfm_ext.recipes.flux.config import FinetuneConfig, FluxFinetuneConfig
-from dfm_ext.recipes.flux.encoders import FluxEncoders
+from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
+from dfm_ext.recipes.flux.text_encoding import FluxEncoders, TextEmbeddings, check_local_subfolders
 
-__all__ = [
-    "FluxFinetuneConfig",
-    "FluxFlowModel",
-    "FluxTask",
-    "build_dataset",
-    "load_finetuned",
-    "main",
-    "parse_args",
-    "run",
-]
-
-
-# -- models ----------------------------------------------------------------------------------
+__all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run"]
 
 
 def _pack(x: Tensor) -> Tensor:
@@ -77,12 +57,11 @@ def _unpack(y: Tensor, h: int, w: int) -> Tensor:
 
 
 class FluxFlowModel(nn.Module):
-    """The unmodified FLUX transformer behind the DFM model contract, with one stage (the FT baseline).
+    """The unmodified FLUX transformer behind the DFM model contract, with one stage ``[B, C, H, W]`` (the FT baseline).
 
-    ``forward([x [B, C, H, W]], t [B, 1], stage [B], mask=None, encoder_hidden_states=...,
-    pooled_projections=...)`` packs ``x`` into FLUX tokens, calls the transformer's own forward
-    with ``timestep = 1 - t`` (FLUX multiplies by 1000 itself) and the fixed ``guidance``, and
-    returns ``[-output]`` (FLUX predicts ``noise - x``; the contract is ``x - noise``).
+    Packs ``x`` into FLUX tokens, calls the transformer's own forward with ``timestep = 1 - t`` (FLUX
+    multiplies by 1000 itself) and the fixed ``guidance``, and returns ``[-output]`` (FLUX predicts
+    ``noise - x``; the contract is ``x - noise``).
     """
 
     num_stages = 1
@@ -93,15 +72,9 @@ class FluxFlowModel(nn.Module):
         self.guidance = float(guidance)
 
     def forward(
-        self,
-        stages: Sequence[Tensor],
-        t: Tensor,
-        stage: Tensor,
-        mask: Tensor | None = None,
-        *,
-        encoder_hidden_states: Tensor,
+        self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, *, encoder_hidden_states: Tensor,
         pooled_projections: Tensor,
-    ) -> list[Tensor]:
+    ) -> list[Tensor]:  # fmt: skip
         from dfm_ext.adapters.flux import flux_image_ids
 
         if len(stages) != 1 or stages[0].ndim != 4:
@@ -115,15 +88,10 @@ class FluxFlowModel(nn.Module):
         cfg = self.transformer.config
         guidance = torch.full((b,), self.guidance, device=x.device, dtype=x.dtype) if cfg.guidance_embeds else None
         out = self.transformer(
-            hidden_states=_pack(x),
-            timestep=1 - t[:, 0],
-            guidance=guidance,
-            pooled_projections=pooled_projections,
-            encoder_hidden_states=encoder_hidden_states,
-            txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device, dtype=x.dtype),
-            img_ids=flux_image_ids((h // 2, w // 2), device=x.device, dtype=x.dtype),
-            return_dict=False,
-        )[0]
+            hidden_states=_pack(x), timestep=1 - t[:, 0], guidance=guidance, pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states, txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=flux_image_ids((h // 2, w // 2), device=x.device, dtype=x.dtype), return_dict=False,
+        )[0]  # fmt: skip
         return [-_unpack(out, h, w)]
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -153,8 +121,6 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
     """``FluxTransformer2DModel.from_pretrained(model.path, subfolder="transformer")``."""
     from diffusers import FluxTransformer2DModel
 
-    from dfm_ext.recipes.flux.text_encoding import check_local_subfolders
-
     path = cfg.model.path
     check_local_subfolders(path, ("transformer",))  # type: ignore[arg-type]
     where = str(Path(path).expanduser()) if looks_local(path) else path  # type: ignore[arg-type]
@@ -163,12 +129,8 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
 
 
 def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
-    """The trained model: ``wrap_dit(transformer, any_sample_shape=True)`` or the plain ``FluxFlowModel``.
-
-    Why the baseline keeps its own small module: paper Table 3's baseline trains the unmodified
-    transformer through its own ``forward`` and exports a plain diffusers folder;
-    ``wrap_dit`` with ``IdentityDecomposition`` would swap in the multi-scale embedders.
-    """
+    """The trained model: ``wrap_dit(transformer, any_sample_shape=True)``, or for one stage the plain
+    :class:`FluxFlowModel` (``wrap_dit`` with one stage would swap in the multi-scale embedders)."""
     from dfm_ext.adapters.flux import FluxAdapter
     from dfm_ext.wrapping.wrapper import wrap_dit
 
@@ -184,7 +146,7 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     f = cfg.vae.downsample
     # FLUX has no position table (RoPE ids follow the grid): one wrapper serves every bucket.
     wrapped = wrap_dit(
-        transformer, build_decomposition(cfg.decomposition), adapter=FluxAdapter(guidance=cfg.model.guidance),
+        transformer, cfg.decomposition.build(), adapter=FluxAdapter(guidance=cfg.model.guidance),
         sample_shape=(c, h // f, w // f), init="pretrained", any_sample_shape=True,
     )
     if ft.mode == "lora":
@@ -202,12 +164,8 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
 
 
 def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a model exported to ``final/`` (DFM or baseline) for sampling with :class:`dfm_ext.DFMSampler`.
-
-    Returns the :class:`dfm_ext.DFMTransformer` (DFM runs, any bucket's shape; a per-stage LoRA
-    re-applied) or a
-    :class:`FluxFlowModel` (baseline); both follow the DFM model contract. Safetensors only.
-    """
+    """Rebuild a model exported to ``final/`` for :class:`dfm_ext.DFMSampler`: the :class:`dfm_ext.DFMTransformer`
+    (DFM runs, any bucket's shape, a per-stage LoRA re-applied) or a :class:`FluxFlowModel` (baseline)."""
     from diffusers import FluxTransformer2DModel
 
     directory = Path(directory)
@@ -223,9 +181,6 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
     raise FileNotFoundError(f"{directory} holds neither a DFM export (dfm_config.json) nor a diffusers transformer (config.json)")
 
 
-# -- the task --------------------------------------------------------------------------------
-
-
 class FluxTask(FluxEncoders, TrainTask):
     """What one step of FLUX finetuning computes: the DFM (or plain FM) loss on a captioned, bucketed batch."""
 
@@ -233,7 +188,7 @@ class FluxTask(FluxEncoders, TrainTask):
         super().__init__(cfg)
         self.buckets = tuple(buckets)  # every item's aspect-ratio bucket: a batch comes from one bucket
         self.random_flip = cfg.data.random_flip
-        self.decomposition = build_decomposition(cfg.decomposition)
+        self.decomposition = cfg.decomposition.build()
         s = self.decomposition.num_stages
         self.timesteps = cfg.dfm.timestep_sampler(s)
         self.objective = cfg.dfm.objective(s)
@@ -247,9 +202,7 @@ class FluxTask(FluxEncoders, TrainTask):
     def build_model(self) -> nn.Module:
         return build_flux_model(self.cfg, load_transformer(self.cfg))
 
-    def conditioning(self, batch: dict[str, Any], device: torch.device) -> Any:
-        from dfm_ext.recipes.flux.text_encoding import TextEmbeddings
-
+    def conditioning(self, batch: dict[str, Any], device: torch.device) -> TextEmbeddings:
         if "encoder_hidden_states" in batch:
             return TextEmbeddings(batch["encoder_hidden_states"].float(), batch["pooled_projections"].float()).to(device)
         return self.text_encoder(device).encode(batch["caption"]).to(device)
@@ -278,7 +231,7 @@ class FluxTask(FluxEncoders, TrainTask):
         n = len(prompts)
         uncond = {"encoder_hidden_states": empty.encoder_hidden_states.expand(n, -1, -1),
                   "pooled_projections": empty.pooled_projections.expand(n, -1)}
-        net = getattr(model, "module", model)
+        net = unwrap(model)
         c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
         f = self.cfg.vae.downsample
         shape = (n, c, cfg.height // f, cfg.width // f)
@@ -289,9 +242,6 @@ class FluxTask(FluxEncoders, TrainTask):
         out = self.sample(model, self.cfg.sampling.prompts, device=device, generator=g)
         final = save_progressive_samples(self.codec(device), out, out_dir, step)
         return {"sample_std": float(final.std())}
-
-
-# -- data and entry point ---------------------------------------------------------------------
 
 
 def build_dataset(cfg: FluxFinetuneConfig) -> torch.utils.data.Dataset:
@@ -305,14 +255,12 @@ def build_dataset(cfg: FluxFinetuneConfig) -> torch.utils.data.Dataset:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig]:
-    """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
+    """``--config NAME [key.sub=value ...]`` -> (name, validated config)."""
     return parse_config_args(FluxFinetuneConfig, argv, prog="python -m dfm_ext.recipes.flux", doc=__doc__)
 
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig, torch.utils.data.Dataset]:
     """Parse, validate, check the model folder and open the data: everything that fails before compute."""
-    from dfm_ext.recipes.flux.text_encoding import check_local_subfolders
-
     name, cfg = parse_args(argv)
     needed = ["transformer"] if cfg.data.cache is not None else ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     check_local_subfolders(cfg.model.path, needed)  # type: ignore[arg-type]

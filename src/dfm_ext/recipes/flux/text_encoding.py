@@ -1,15 +1,9 @@
-"""FLUX's two text encoders: T5 token embeddings and pooled CLIP embeddings, as ``FluxPipeline`` makes them.
+"""The frozen parts of a FLUX folder (FLUX.1-dev layout, or a hub id): its VAE and its two text encoders.
 
-* CLIP (``text_encoder/`` + ``tokenizer/``): prompts padded/truncated to the tokenizer's
-  ``model_max_length`` (77), ``pooler_output`` -> ``pooled_projections [B, P]`` (768 for FLUX).
-* T5 (``text_encoder_2/`` + ``tokenizer_2/``): padded/truncated to ``max_sequence_length``
-  (512 for FLUX.1-dev, 256 for schnell), last hidden state -> ``encoder_hidden_states [B, L, D]``
-  (4096). No attention mask, as in the pipeline: FLUX was trained on the padded sequence.
-
-Everything is loaded with ``from_pretrained`` from a local folder laid out like the FLUX.1-dev
-repository or from a hub id (read from the local Hugging Face cache; nothing is downloaded when
-``HF_HUB_OFFLINE=1``). Tokenizers go through ``AutoTokenizer``, so a CLIP/T5 tokenizer and any
-``PreTrainedTokenizerFast`` saved in those folders load the same way.
+As ``FluxPipeline`` does: CLIP (``text_encoder/``, ``tokenizer/``) padded to the tokenizer's
+``model_max_length`` gives ``pooled_projections [B, P]`` (its ``pooler_output``); T5
+(``text_encoder_2/``, ``tokenizer_2/``) padded to ``max_sequence_length`` gives
+``encoder_hidden_states [B, L, D]``, without an attention mask (FLUX was trained on the padded sequence).
 """
 
 from __future__ import annotations
@@ -24,24 +18,14 @@ from torch import Tensor
 
 from dfm_ext.recipes.engine.latents import looks_local
 
-__all__ = ["FluxTextEncoder", "TextEmbeddings", "check_local_subfolders"]
+__all__ = ["SUBFOLDERS", "FluxEncoders", "FluxTextEncoder", "TextEmbeddings", "check_local_subfolders"]
 
-SUBFOLDERS = {
-    "transformer": "transformer",
-    "vae": "vae",
-    "text_encoder": "text_encoder",
-    "tokenizer": "tokenizer",
-    "text_encoder_2": "text_encoder_2",
-    "tokenizer_2": "tokenizer_2",
-}
+#: The subfolders of a FLUX.1-dev folder.
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 def check_local_subfolders(path: str, names: Sequence[str]) -> None:
-    """For a local FLUX-style folder, check that each subfolder in ``names`` exists (hub ids pass).
-
-    Raises:
-        FileNotFoundError: naming the missing subfolders and what they should hold.
-    """
+    """For a local FLUX-style folder, a ``FileNotFoundError`` naming the subfolders of ``names`` it lacks (hub ids pass)."""
     if not looks_local(path):
         return
     root = Path(path).expanduser()
@@ -49,18 +33,13 @@ def check_local_subfolders(path: str, names: Sequence[str]) -> None:
     if missing:
         raise FileNotFoundError(
             f"{str(root)!r} lacks the subfolder(s) {missing}; expected the FLUX.1-dev layout "
-            f"({', '.join(SUBFOLDERS.values())})"
+            f"({', '.join(SUBFOLDERS)})"
         )
 
 
 @dataclass(frozen=True)
 class TextEmbeddings:
-    """Conditioning of a batch of prompts, named as ``FluxTransformer2DModel.forward`` takes it.
-
-    Attributes:
-        encoder_hidden_states: T5 token embeddings ``[B, L, D]``.
-        pooled_projections: pooled CLIP embeddings ``[B, P]``.
-    """
+    """Conditioning of a batch of prompts as ``FluxTransformer2DModel.forward`` takes it: T5 ``[B, L, D]``, CLIP ``[B, P]``."""
 
     encoder_hidden_states: Tensor
     pooled_projections: Tensor
@@ -86,25 +65,10 @@ class TextEmbeddings:
 
 
 class FluxTextEncoder:
-    """CLIP + T5 encoders and tokenizers of a FLUX checkpoint, frozen, in eval mode.
-
-    Args:
-        path: a local folder (FLUX.1-dev layout) or a hub id.
-        max_sequence_length: T5 tokens per prompt.
-        device: where the encoders run.
-        dtype: their weights' dtype (bfloat16 on GPU; float32 on CPU).
-
-    Raises:
-        FileNotFoundError: a local ``path`` lacks one of the four subfolders.
-    """
+    """CLIP + T5 encoders and tokenizers (``AutoTokenizer``) of a FLUX folder or hub id, frozen, in eval mode."""
 
     def __init__(
-        self,
-        path: str,
-        *,
-        max_sequence_length: int = 512,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        self, path: str, *, max_sequence_length: int = 512, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -120,19 +84,6 @@ class FluxTextEncoder:
         self.clip.requires_grad_(False)
         self.t5.requires_grad_(False)
         self._empty: TextEmbeddings | None = None
-
-    @property
-    def t5_dim(self) -> int:
-        return int(self.t5.config.d_model)
-
-    @property
-    def pooled_dim(self) -> int:
-        return int(self.clip.config.hidden_size)  # CLIPTextModel's pooler_output width
-
-    def metadata(self) -> dict[str, Any]:
-        """What embeddings made by this encoder depend on (recorded in caches)."""
-        return {"text_encoder_path": self.path, "max_sequence_length": self.max_sequence_length,
-                "t5_dim": self.t5_dim, "pooled_dim": self.pooled_dim}
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
@@ -155,3 +106,41 @@ class FluxTextEncoder:
         if self._empty is None:
             self._empty = self.encode([""])
         return self._empty
+
+
+class FluxEncoders:
+    """Lazily loaded VAE codec and text encoders of ``cfg.model.path`` (a ``FluxFinetuneConfig``), shared by the task
+    and the cache builder. They run in ``model.frozen_dtype`` on CUDA, float32 elsewhere (CPU bf16 matmuls are slow)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._codec: Any = None
+        self._text: FluxTextEncoder | None = None
+        self.empty_text: TextEmbeddings | None = None  # set from a cache; else encoded on first use
+
+    def frozen_dtype(self, device: torch.device) -> torch.dtype:
+        return getattr(torch, self.cfg.model.frozen_dtype) if torch.device(device).type == "cuda" else torch.float32
+
+    def codec(self, device: torch.device) -> Any:
+        """The :class:`~dfm_ext.recipes.engine.data.LatentCodec` of the VAE in ``vae.subfolder``."""
+        if self._codec is None:
+            from dfm_ext.recipes.engine.data import LatentCodec
+            from dfm_ext.recipes.engine.latents import load_vae
+
+            vae = self.cfg.vae
+            model = load_vae(self.cfg.model.path, vae.subfolder, device=device, dtype=self.frozen_dtype(device))
+            self._codec = LatentCodec(model, vae.scaling_factor, vae.shift_factor, sample=vae.sample_posterior)
+        return self._codec
+
+    def text_encoder(self, device: torch.device) -> FluxTextEncoder:
+        if self._text is None:
+            self._text = FluxTextEncoder(
+                self.cfg.model.path, max_sequence_length=self.cfg.data.max_sequence_length, device=device, dtype=self.frozen_dtype(device)
+            )
+        return self._text
+
+    def empty(self, device: torch.device) -> TextEmbeddings:
+        """The empty prompt's embeddings (caption dropout, classifier-free guidance)."""
+        if self.empty_text is None:
+            self.empty_text = self.text_encoder(device).empty()
+        return self.empty_text.to(device)

@@ -2,16 +2,12 @@
 
 ::
 
-    python -m dfm_ext.recipes.imagenet.cache --config imagenet_512 \\
-        data.root=/data/imagenet/train --out /data/latents/imagenet_512
-    accelerate launch -m dfm_ext.recipes.imagenet --config imagenet_512 \\
-        data.latent_cache=/data/latents/imagenet_512
+    python -m dfm_ext.recipes.imagenet.cache --config imagenet_512 data.root=/data/imagenet/train --out /data/latents/imagenet_512
+    accelerate launch -m dfm_ext.recipes.imagenet --config imagenet_512 data.latent_cache=/data/latents/imagenet_512
 
-Every image is encoded (and, with ``data.random_flip``, its mirror image too, since flipping a
-latent is not the same as encoding a flipped image) with the config's VAE and normalisation.
-The cache's ``index.json`` records the VAE, resolution, normalisation and latent shape; training
-refuses a cache that disagrees with its config. Unreadable images are left out and listed in
-``index.json`` (``skipped_images``). Runs as one process (on a GPU when there is one).
+Every image (and its mirror image with ``data.random_flip``) is encoded with the config's VAE and
+normalisation; training refuses a cache whose ``index.json`` disagrees with its config. Unreadable
+images are left out and listed (``skipped_images``). One process (on a GPU when there is one).
 """
 
 from __future__ import annotations
@@ -21,16 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dfm_ext.recipes.engine.cli import cache_builder_main
 from dfm_ext.recipes.engine.config import load_config
-from dfm_ext.recipes.engine.data import DECODE_ERRORS, ImageFolder, load_image
-from dfm_ext.recipes.imagenet.task import ImageNetConfig, cache_metadata, load_codec
+from dfm_ext.recipes.engine.data import DECODE_ERRORS, ImageFolder
 from dfm_ext.recipes.engine.latents import CacheOptions, SkipUnreadable, encode_class_cache
+from dfm_ext.recipes.imagenet.task import ImageNetConfig, cache_metadata, load_codec
 
 __all__ = ["IMAGE_CACHE", "build_cache", "main"]
-
 
 #: The image cache's defaults (``--batch-size`` overrides the batch).
 IMAGE_CACHE = CacheOptions(batch_size=32, shard_size=4096)
@@ -42,18 +35,9 @@ def build_cache(cfg: ImageNetConfig, out: str | Path, options: CacheOptions = IM
         raise ValueError("data.root must name the image folder to encode")
     dataset = ImageFolder(cfg.data.root, cfg.data.resolution, max_skips=cfg.data.max_skips)
     return encode_class_cache(
-        cfg, _Readable(dataset), out, options, load_codec=load_codec, metadata=cache_metadata(cfg),
+        cfg, SkipUnreadable(dataset, DECODE_ERRORS), out, options, load_codec=load_codec, metadata=cache_metadata(cfg),
         extra={"classes": dataset.classes, "source": str(cfg.data.root)}, skipped_key="skipped_images",
     )  # fmt: skip
-
-
-class _Readable(SkipUnreadable):
-    """Items of an ``ImageFolder`` without the fall-back: an unreadable index yields the int."""
-
-    errors = DECODE_ERRORS
-
-    def pixels(self, i: int) -> torch.Tensor:
-        return load_image(self.ds.items[i][0], self.ds.resolution)
 
 
 def _load(args: Any) -> ImageNetConfig:
@@ -65,8 +49,8 @@ def _load(args: Any) -> ImageNetConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return cache_builder_main(
-        argv, prog="python -m dfm_ext.recipes.imagenet.cache", doc=__doc__, defaults=IMAGE_CACHE, load=_load,
-        build=build_cache, skipped_key="skipped_images",
+        argv, prog="python -m dfm_ext.recipes.imagenet.cache", doc=__doc__, defaults=IMAGE_CACHE, load=_load, build=build_cache,
+        skipped_key="skipped_images",
     )  # fmt: skip
 
 

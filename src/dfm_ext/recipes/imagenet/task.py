@@ -5,18 +5,12 @@ Run::
     accelerate launch -m dfm_ext.recipes.imagenet --config imagenet_512 data.root=/data/imagenet/train vae.path=...
     python -m dfm_ext.recipes.imagenet --config tiny data.root=... vae.path=...   # one process, CPU
 
-One step: images (an ImageNet-style folder), cached latents (``python -m dfm_ext.recipes.imagenet.cache``)
-or any dataset of your own (``data.factory``) -> latents of a diffusers ``AutoencoderKL``
-(``z = (z - shift) * scale``; ``vae.kind=none`` trains on pixels) -> the decomposition's stages ->
-:class:`dfm_ext.DFMObjective` on the wrapped DiT with 10% label dropout (classifier-free
-guidance). Samples with per-stage previews (:class:`dfm_ext.DFMSampler`, EMA weights) every
-``train.sample_every`` steps. ``decomposition.kind=identity`` with ``sampling.steps=[40]`` and
-``sampling.thresholds=[]`` is the plain Flow Matching baseline; ``specialize.kind=full|lora`` gives
-the layers of ``specialize.targets`` per-stage parameters. ``final/`` reloads with
-``dfm_ext.load_wrapped("runs/NAME/final")``.
-
-The recipe's defaults are the sections below (the paper's, section 4 and A.2); the YAML files in
-``configs/`` change only what differs from them.
+One step: images (a class-folder tree), cached latents (:mod:`~dfm_ext.recipes.imagenet.cache`) or
+a ``data.factory`` dataset -> latents (``vae.kind=none``: pixels) -> the decomposition's stages ->
+:class:`dfm_ext.DFMObjective` on the wrapped DiT with label dropout. ``decomposition.kind=identity``
+with ``sampling.steps=[40]`` and ``sampling.thresholds=[]`` is the Flow Matching baseline.
+``final/`` reloads with ``dfm_ext.load_wrapped``. The defaults (the paper's) are the sections below;
+``configs/*.yaml`` change only what differs.
 """
 
 from __future__ import annotations
@@ -29,23 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dfm_ext.recipes.engine.cli import check_batch, check_latent_cache, check_vae_path, parse_config_args, train_main
+from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
 from dfm_ext.recipes.engine.data import ClassConditionalInputs, Codec, ImageFolder, LatentCache, LatentCodec, cycled_labels
 from dfm_ext.recipes.engine.latents import load_vae
-from dfm_ext.recipes.engine.decomposition import build_decomposition
 from dfm_ext.recipes.engine.sections import (
-    ClassDataSection,
-    ClassSamplingConfig,
-    LatentVAEConfig,
-    ModelConfig,
-    RecipeConfig,
-    SpecializeConfig,
-    check_count,
-    default_of,
-    enable_gradient_checkpointing,
-    import_factory,
-)
+    ClassDataSection, ClassSamplingConfig, LatentVAEConfig, ModelConfig, RecipeConfig, SpecializeConfig, check_count,
+    enable_gradient_checkpointing, import_factory,
+)  # fmt: skip
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
 
@@ -54,9 +39,8 @@ __all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "cache_metadata", 
 
 @dataclass
 class DataConfig(ClassDataSection):
-    """Exactly one source: ``root`` (one class per folder), ``latent_cache``, or ``factory``
-    (``"package.module:function"``, called as ``function(cfg, **factory_kwargs)``, returning a dataset
-    whose items, keyed by ``(index, flip)``, are ``{"pixels": [C, R, R] in [-1, 1], "label": int}``)."""
+    """Exactly one source: ``root``, ``latent_cache``, or ``factory`` (``"package.module:function"``, called as
+    ``function(cfg, **factory_kwargs)``: a dataset keyed by ``(index, flip)`` of ``{"pixels": [C, R, R], "label": int}``)."""
 
     factory: str | None = None
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -64,8 +48,7 @@ class DataConfig(ClassDataSection):
 
 @dataclass
 class VAEConfig(LatentVAEConfig):
-    """A diffusers ``AutoencoderKL`` that downsamples by ``downsample`` (``kind=diffusers``), or none:
-    ``kind=none`` trains on the pixels themselves (``downsample: 1``, ``latent_channels`` = image channels)."""
+    """A diffusers ``AutoencoderKL`` downsampling by ``downsample``, or ``kind=none``: train on pixels (``downsample: 1``)."""
 
     kind: Literal["diffusers", "none"] = "diffusers"
     downsample: int = 8
@@ -73,8 +56,7 @@ class VAEConfig(LatentVAEConfig):
 
 @dataclass
 class ImageSamplingConfig(ClassSamplingConfig):
-    """:class:`~dfm_ext.recipes.engine.sections.ClassSamplingConfig` plus ``num_images`` per evaluation and
-    periodic ``metrics`` (:mod:`dfm_ext.metrics`) between ``metric_images`` samples and as many training images."""
+    """Plus ``num_images`` per evaluation and ``metrics`` between ``metric_images`` samples and as many training images."""
 
     num_images: int = 16
     metrics: tuple[Literal["swd", "fd_effnet"], ...] = ()
@@ -106,16 +88,14 @@ class ImageNetConfig(RecipeConfig[DataConfig, VAEConfig, ModelConfig, ImageSampl
             raise ConfigError(f"vae.kind=none trains on pixels: set vae.path=null and vae.downsample=1 (got {v.path!r}, {v.downsample})")
         if self.sampling.metrics and self.sampling.metric_images < 2:
             raise ConfigError(f"sampling.metric_images must be >= 2 when sampling.metrics is set, got {self.sampling.metric_images}")
-        stages = self.num_stages
-        self.sampling.check(stages, kind=self.decomposition.kind)
+        self.sampling.check(self.num_stages, kind=self.decomposition.kind)
         self.sampling.check_classes(d.num_classes)
         check_count(self.sampling, "num_images")
-        self.dfm.check(stages, reads=("label_dropout", "allocation"), default=default_of(self, "dfm"), recipe="imagenet")
-        check_batch(self.train)
+        self.check_shared("imagenet", reads=("label_dropout", "allocation"))
         from dfm_ext.models.dit import DiTConfig
 
         self.model.check(DiTConfig, input_size=self.latent_size, in_channels=v.latent_channels, num_classes=d.num_classes)
-        self.specialize.validate(stages)
+        self.specialize.validate(self.num_stages)
         self.decomposition.check_sample_shape((v.latent_channels, self.latent_size, self.latent_size))
 
 
@@ -168,7 +148,7 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
     def __init__(self, cfg: ImageNetConfig, reference: torch.utils.data.Dataset | None = None) -> None:
         self.cfg, self.reference = cfg, reference  # reference: real images for sampling.metrics
         self.random_flip = cfg.data.random_flip
-        self.decomposition = build_decomposition(cfg.decomposition)
+        self.decomposition = cfg.decomposition.build()
         s = self.decomposition.num_stages
         self.timesteps = cfg.dfm.timestep_sampler(s)
         self.objective = cfg.dfm.objective(s)
@@ -250,7 +230,7 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, ImageNetConfig]:
-    """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
+    """``--config NAME [key.sub=value ...]`` -> (name, validated config)."""
     return parse_config_args(ImageNetConfig, argv, prog="python -m dfm_ext.recipes.imagenet", doc=__doc__)
 
 

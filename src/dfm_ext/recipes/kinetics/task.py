@@ -1,21 +1,17 @@
-"""Class-conditional video generation on Kinetics with DFM (paper sections 4, A.1, A.5).
+"""Class-conditional video generation on Kinetics with DFM (paper sections 4, A.1, A.5): the training script.
 
 Run::
 
     accelerate launch -m dfm_ext.recipes.kinetics --config kinetics_512 data.root=/data/kinetics700/train
     python -m dfm_ext.recipes.kinetics --config tiny data.root=... vae.path=...   # CPU, one process
 
-The pipeline: Kinetics-style clips (class folders or a CSV/JSON list, decoded with PyAV; or a
-latent cache in the engine's format, ``data.latent_cache``; no video cache builder command exists yet) -> latents of diffusers'
-``AutoencoderKLCogVideoX`` (``[B, C, T', H', W']``, ``T' = (T - 1) / 4 + 1``) -> the spatial
-Laplacian stages of every latent frame (spatio-temporal with ``decomposition.temporal_factors``)
--> per-stage standardisation (on by default, as the paper does for CogVideoX latents; the scales
-are estimated from the data at the start of the run, stored in the checkpoints and in
-``final/``) -> :class:`dfm_ext.DFMObjective` on the wrapped video DiT: the reference
-:class:`dfm_ext.models.video_dit.VideoDiT` (per-frame patches, 3-D RoPE) or diffusers'
-``CogVideoXTransformer3DModel`` (``model.kind=cogvideox``; class labels become learned text
-tokens). Samples are written as MP4 and GIF with the stage previews side by side, and as a PNG
-strip of frames.
+One step: clips (class folders or a CSV/JSON list) or a latent cache -> latents of
+``AutoencoderKLCogVideoX`` (``[B, C, T', H', W']``, ``T' = (T - 1) / 4 + 1``) -> the decomposition's
+stages of every latent frame (spatio-temporal with ``decomposition.temporal_factors``) -> per-stage
+standardisation (on by default, as the paper does for CogVideoX latents; scales estimated at the
+start, kept in the model) -> :class:`dfm_ext.DFMObjective` on the wrapped reference ``VideoDiT`` or
+``CogVideoXTransformer3DModel`` (``model.kind=cogvideox``: labels become learned text tokens).
+Samples: MP4 / GIF with the stage previews side by side, and a PNG strip of frames.
 """
 
 from __future__ import annotations
@@ -30,41 +26,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dfm_ext.recipes.engine.cli import check_batch, check_latent_cache, check_vae_path, parse_config_args, prepare_run, train_main
-from dfm_ext.recipes.engine.data import ClassConditionalInputs, cycled_labels
+from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
-from dfm_ext.recipes.engine.decomposition import build_decomposition
-from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, cycled_labels
+from dfm_ext.recipes.engine.latents import load_vae
+from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sections import (
-    ClassDataSection,
-    ClassSamplingConfig,
-    DFMConfig,
-    LatentVAEConfig,
-    ModelConfig,
-    RecipeConfig,
-    check_count,
-    default_of,
-    enable_gradient_checkpointing,
-    import_factory,
-)
-from dfm_ext.recipes.kinetics.stage_scales import SCALES_FILE, StageScalesMixin
+    ClassDataSection, ClassSamplingConfig, DFMConfig, LatentVAEConfig, ModelConfig, RecipeConfig, check_count,
+    enable_gradient_checkpointing, import_factory,
+)  # fmt: skip
+from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.kinetics.conditioning import CogVideoXRotary, LabelTokens, save_video_samples
+from dfm_ext.recipes.kinetics.stage_scales import StageScalesMixin
 
 __all__ = [
-    "KineticsConfig",
-    "KineticsTask",
-    "LabelTokenDFM",
-    "LabelTokens",
-    "build_dataset",
-    "build_decomposition",
-    "cache_metadata",
-    "load_codec",
-    "load_video_vae",
-    "main",
-    "parse_args",
-    "prepare",
-    "run",
-]
+    "KineticsConfig", "KineticsTask", "LabelTokenDFM", "LabelTokens", "build_dataset", "cache_metadata", "load_codec", "main",
+    "parse_args", "prepare", "run",
+]  # fmt: skip
 
 CONFIG_ALIASES = {"tiny": "kinetics_tiny"}
 LABEL_TOKENS_FILE = "label_tokens.safetensors"
@@ -84,7 +62,7 @@ class VideoDataConfig(ClassDataSection):
 
 @dataclass
 class VideoVAEConfig(LatentVAEConfig):
-    """A diffusers ``AutoencoderKLCogVideoX`` (:class:`~.sections.LatentVAEConfig`) and its space and time downsampling."""
+    """A diffusers ``AutoencoderKLCogVideoX`` and its space and time downsampling."""
 
     spatial_downsample: int = 8
     temporal_downsample: int = 4
@@ -92,12 +70,8 @@ class VideoVAEConfig(LatentVAEConfig):
 
 @dataclass
 class VideoModelConfig(ModelConfig):
-    """:class:`~.sections.ModelConfig` plus ``kind``: ``video_dit``, the reference
-    :class:`~dfm_ext.models.video_dit.VideoDiT` from ``preset`` + ``overrides``; ``cogvideox``,
-    ``CogVideoXTransformer3DModel`` from ``pretrained`` (a diffusers folder or hub id,
-    ``subfolder``) or built from ``overrides`` (its config keys). A ``factory`` model must take
-    class labels ``y`` (it replaces ``kind``).
-    """
+    """Plus ``kind``: ``video_dit`` (the reference ``VideoDiT``) or ``cogvideox`` (``CogVideoXTransformer3DModel``
+    from ``pretrained`` + ``subfolder``, or built from ``overrides``). A ``factory`` model must take labels ``y``."""
 
     kind: Literal["video_dit", "cogvideox"] = "video_dit"
     pretrained: str | None = None
@@ -106,7 +80,7 @@ class VideoModelConfig(ModelConfig):
 
 @dataclass
 class VideoSamplingConfig(ClassSamplingConfig):
-    """:class:`~.sections.ClassSamplingConfig` plus ``num_videos`` per evaluation, written at ``fps`` as ``formats``."""
+    """Plus ``num_videos`` per evaluation, written at ``fps`` as ``formats``."""
 
     num_videos: int = 8
     fps: float = 8.0
@@ -148,9 +122,7 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        reads = ("label_dropout", "standardize", "scales", "scale_estimation_clips", "allocation")
-        self.dfm.check(self.num_stages, reads=reads, default=default_of(self, "dfm"), recipe="kinetics")
-        check_batch(self.train)
+        self.check_shared("kinetics", reads=("label_dropout", "standardize", "scales", "scale_estimation_clips", "allocation"))
         from dfm_ext.models.video_dit import VideoDiTConfig
 
         c, frames, h, w = self.latent_shape
@@ -159,29 +131,14 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
         self.decomposition.check_sample_shape(self.latent_shape)
 
 
-# -- building blocks -------------------------------------------------------------------------
-
-
-def load_video_vae(path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """``AutoencoderKLCogVideoX.from_pretrained(path, subfolder=...)``, frozen, in eval mode.
-
-    Raises:
-        FileNotFoundError: ``path`` is a local path without a diffusers ``config.json``.
-    """
-    from diffusers import AutoencoderKLCogVideoX
-
-    from dfm_ext.recipes.engine.latents import load_frozen_vae
-
-    return load_frozen_vae(AutoencoderKLCogVideoX, path, subfolder, device=device, dtype=dtype, what="video VAE")
-
-
 def load_codec(cfg: KineticsConfig, device: torch.device | str) -> Any:
-    """Pixels ``[B, 3, T, H, W]`` <-> normalised latents ``[B, C, T', H', W']`` (:class:`~.latents.LatentCodec`)."""
-    from dfm_ext.recipes.engine.data import LatentCodec
+    """Pixels ``[B, 3, T, H, W]`` <-> normalised latents ``[B, C, T', H', W']``, the VAE checked against the config."""
+    from diffusers import AutoencoderKLCogVideoX
 
     if cfg.vae.path is None:
         raise ConfigError("vae.path is not set (a diffusers AutoencoderKLCogVideoX folder or hub id, e.g. THUDM/CogVideoX-2b)")
-    vae = load_video_vae(cfg.vae.path, cfg.vae.subfolder, device=device, dtype=getattr(torch, cfg.vae.dtype))
+    vae = load_vae(cfg.vae.path, cfg.vae.subfolder, device=device, dtype=getattr(torch, cfg.vae.dtype), cls=AutoencoderKLCogVideoX,
+                   what="video VAE")  # fmt: skip
     if vae.config.latent_channels != cfg.vae.latent_channels:
         raise ConfigError(
             f"the VAE at {cfg.vae.path} has {vae.config.latent_channels} latent channels, vae.latent_channels={cfg.vae.latent_channels}"
@@ -199,27 +156,17 @@ def load_codec(cfg: KineticsConfig, device: torch.device | str) -> Any:
 
 def cache_metadata(cfg: KineticsConfig) -> dict[str, Any]:
     """What a latent cache must agree on with the config."""
-    d = cfg.data
+    d, v = cfg.data, cfg.vae
     return {
-        "kind": "video",
-        "vae_path": cfg.vae.path,
-        "vae_subfolder": cfg.vae.subfolder,
-        "resolution": d.resolution,
-        "num_frames": d.num_frames,
-        "frame_stride": d.frame_stride,
-        "position": d.position,
-        "latent_shape": list(cfg.latent_shape),
-        "scaling_factor_override": cfg.vae.scaling_factor,
-        "shift_factor_override": cfg.vae.shift_factor,
-        "sample_posterior": cfg.vae.sample_posterior,
-    }
+        "kind": "video", "vae_path": v.path, "vae_subfolder": v.subfolder, "resolution": d.resolution, "num_frames": d.num_frames,
+        "frame_stride": d.frame_stride, "position": d.position, "latent_shape": list(cfg.latent_shape),
+        "scaling_factor_override": v.scaling_factor, "shift_factor_override": v.shift_factor, "sample_posterior": v.sample_posterior,
+    }  # fmt: skip
 
 
 def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     """The clips or the latent cache (checked against the config)."""
     if cfg.data.latent_cache is not None:
-        from dfm_ext.recipes.engine.data import LatentCache
-
         return LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg))
     from dfm_ext.recipes.kinetics.data import VideoClips, scan_videos
 
@@ -234,27 +181,14 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
 
 
 class LabelTokenDFM(nn.Module):
-    """A wrapped text-conditioned video DiT (CogVideoX) fed class labels as learned text tokens.
-
-    ``forward(stages, t [B, S], stage [B], mask [B, S] | None, *, y [B]) -> list[Tensor]`` (the
-    DFM model contract; ``num_classes`` is the null class). Only the label tokens and the
-    rotary positions are the recipe's: the stage scales are the wrapper's own ``stage_scales``
-    (:func:`dfm_ext.wrap_dit`), so ``DFMObjective``/``DFMSampler`` find them, and
-    :meth:`save_pretrained` is the wrapper's, with ``label_tokens.safetensors`` as an extra
-    file of the same atomic folder. The reference ``VideoDiT`` needs no such module: its
-    wrapper is the model.
-
-    Attributes:
-        dfm: the :class:`dfm_ext.DFMTransformer`. label_tokens: :class:`LabelTokens`.
-        rotary: CogVideoX rotary positions ``(cos, sin)`` builder, else ``None``.
-    """
+    """A wrapped text-conditioned video DiT (CogVideoX, the :class:`dfm_ext.DFMTransformer` ``dfm``) fed class labels
+    as learned text tokens: ``forward(stages, t [B, S], stage [B], mask [B, S] | None, *, y [B]) -> list[Tensor]``
+    (``num_classes`` is the null class). ``rotary``: CogVideoX's rotary positions, or ``None``. The stage scales
+    and ``save_pretrained`` are the wrapper's (``label_tokens.safetensors`` an extra file of its folder)."""
 
     def __init__(self, dfm: nn.Module, label_tokens: LabelTokens, num_classes: int, *, rotary: Any = None) -> None:
         super().__init__()
-        self.dfm = dfm
-        self.label_tokens = label_tokens
-        self.num_classes = num_classes
-        self.rotary = rotary
+        self.dfm, self.label_tokens, self.num_classes, self.rotary = dfm, label_tokens, num_classes, rotary
 
     @property
     def stage_scales(self) -> Tensor | None:
@@ -277,12 +211,6 @@ class LabelTokenDFM(nn.Module):
         self.dfm.save_pretrained(directory, extra_files={LABEL_TOKENS_FILE: save(tokens)})
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def build_base_model(cfg: KineticsConfig) -> nn.Module:
     """The unwrapped video DiT (reference VideoDiT, CogVideoX transformer, or the user's factory)."""
     c, frames, h, w = cfg.latent_shape
@@ -291,38 +219,25 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     if cfg.model.kind == "video_dit":
         from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
 
-        overrides = {
-            "input_size": (frames, h, w),
-            "in_channels": c,
-            "num_classes": cfg.data.num_classes,
-            "class_dropout_prob": 0.0,  # dropped once per sample by the recipe, reproducibly
-            **cfg.model.overrides,
-        }
-        return VideoDiT(VideoDiTConfig.preset(cfg.model.preset, **overrides))
+        # label dropout is the recipe's (once per sample, from the step's generator), not the DiT's
+        sizes = {"input_size": (frames, h, w), "in_channels": c, "num_classes": cfg.data.num_classes, "class_dropout_prob": 0.0}
+        return VideoDiT(VideoDiTConfig.preset(cfg.model.preset, **{**sizes, **cfg.model.overrides}))
     from diffusers import CogVideoXTransformer3DModel
 
     if cfg.model.pretrained is not None:
         return CogVideoXTransformer3DModel.from_pretrained(cfg.model.pretrained, subfolder=cfg.model.subfolder or None)
-    kwargs = {
-        "in_channels": c,
-        "out_channels": c,
-        "sample_frames": cfg.data.num_frames,
-        "sample_height": h,
-        "sample_width": w,
-        "temporal_compression_ratio": cfg.vae.temporal_downsample,
-        **cfg.model.overrides,
-    }
-    return CogVideoXTransformer3DModel(**kwargs)
+    return CogVideoXTransformer3DModel(**{
+        "in_channels": c, "out_channels": c, "sample_frames": cfg.data.num_frames, "sample_height": h, "sample_width": w,
+        "temporal_compression_ratio": cfg.vae.temporal_downsample, **cfg.model.overrides,
+    })  # fmt: skip
 
 
 class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
     """Model, loss and video sampling of the class-conditional video recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
-        self.cfg = cfg
-        self.dataset = dataset
-        self.name = name
-        self.decomposition = build_decomposition(cfg.decomposition)
+        self.cfg, self.dataset, self.name = cfg, dataset, name
+        self.decomposition = cfg.decomposition.build()
         self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
         self.null_class, self.label_dropout = cfg.data.num_classes, cfg.dfm.label_dropout
         self.random_flip = cfg.data.random_flip
@@ -330,8 +245,6 @@ class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
 
     def _load_codec(self, device: torch.device) -> Any:
         return load_codec(self.cfg, device)
-
-    # -- TrainTask -----------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:
         from dfm_ext.wrapping.wrapper import wrap_dit
@@ -376,7 +289,7 @@ class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
     def sample(self, model: nn.Module, *, device: torch.device) -> tuple[list[Tensor], Tensor]:
         """Decoded previews (one per stage before the last) and final videos, ``[N, 3, T, H, W]`` in ``[-1, 1]``."""
         cfg = self.cfg.sampling
-        net = _unwrap(model)
+        net = unwrap(model)
         n = cfg.num_videos
         labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
         sampler = cfg.sampler(self.decomposition)  # scales: the model's stage_scales
@@ -398,19 +311,17 @@ class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
         return {"sample_std": float(final.std())}
 
 
-# -- entry point -----------------------------------------------------------------------------
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig]:
-    """``--config NAME [key.sub=value ...]`` -> (name, validated config); no compute spent."""
+    """``--config NAME [key.sub=value ...]`` -> (name, validated config)."""
     return parse_config_args(
         KineticsConfig, argv, prog="python -m dfm_ext.recipes.kinetics", doc=__doc__, aliases=CONFIG_ALIASES,
         config_help="kinetics_512, tiny (= kinetics_tiny), another name in dfm_ext/recipes/configs or a YAML path",
     )  # fmt: skip
 
 
-def check_inputs(cfg: KineticsConfig) -> None:
-    """Fail fast on missing data/VAE paths before any model is built."""
+def prepare(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig, torch.utils.data.Dataset]:
+    """Parse, validate, check the paths and open the data: everything that can fail before compute is spent."""
+    name, cfg = parse_args(argv)
     d = cfg.data
     if d.latent_cache is not None:
         check_latent_cache(d.latent_cache)
@@ -420,26 +331,17 @@ def check_inputs(cfg: KineticsConfig) -> None:
     elif not Path(d.root).is_dir():  # type: ignore[arg-type]
         raise FileNotFoundError(f"data.root={d.root!r} does not exist or is not a folder")
     check_vae_path(cfg.vae.path, cfg.vae.subfolder, "AutoencoderKLCogVideoX")
-
-
-def prepare(argv: Sequence[str] | None = None) -> tuple[str, KineticsConfig, torch.utils.data.Dataset]:
-    """Parse, validate and open the data; everything that can fail before compute is spent."""
-    return prepare_run(argv, parse_args, check_inputs, build_dataset)
+    return name, cfg, build_dataset(cfg)
 
 
 def run(name: str, cfg: KineticsConfig, dataset: torch.utils.data.Dataset) -> TrainResult:
-    task = KineticsTask(cfg, dataset, name=name)
-    return Trainer(task, dataset, cfg, name=name).fit()
-
-
-def _summary(result: TrainResult) -> dict[str, Any]:
-    # The engine counts "images"; for this recipe they are videos.
-    return {"skipped_videos": result.skipped_images, "unique_bad_videos": result.unique_bad_images}
+    return Trainer(KineticsTask(cfg, dataset, name=name), dataset, cfg, name=name).fit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command (``python -m dfm_ext.recipes.kinetics``); returns the exit status (2: a usage error)."""
-    return train_main(prepare, run, argv, _summary)
+    # The engine counts "images"; for this recipe they are videos.
+    return train_main(prepare, run, argv, lambda r: {"skipped_videos": r.skipped_images, "unique_bad_videos": r.unique_bad_images})
 
 
 if __name__ == "__main__":

@@ -1,20 +1,11 @@
-"""Reading clips with PyAV and writing videos (MP4 through PyAV, GIF and frame strips through Pillow).
+"""Reading clips with PyAV; writing videos (MP4 through PyAV, GIF and frame strips through Pillow), atomically.
 
-Clips are read as ``[3, T, R, R]`` float tensors in ``[-1, 1]``: ``T`` frames ``stride`` apart,
-each frame resized (short side to ``R``, by FFmpeg's swscale, bicubic) and centre cropped. A clip
-that has too few decodable frames raises :class:`ClipError`; a file FFmpeg cannot open or decode
-raises PyAV's own error. :data:`DECODE_ERRORS` lists everything a dataset should treat as "skip
-this file".
-
-Writers take ``[3, T, H, W]`` (or ``[T, H, W, 3]`` uint8) frames and write atomically (a
-temporary file beside the target, then a rename), so a crash never leaves a half-written video
-that looks complete.
+Writers take ``[3, T, H, W]`` floats in ``[-1, 1]`` or ``[T, H, W, 3]`` uint8 frames.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -23,16 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = [
-    "DECODE_ERRORS",
-    "ClipError",
-    "clip_indices",
-    "read_clip",
-    "save_frame_strip",
-    "to_uint8_frames",
-    "write_gif",
-    "write_mp4",
-]
+from dfm_ext.recipes.engine.viz import atomic_file, save_image_grid
+
+__all__ = ["DECODE_ERRORS", "ClipError", "clip_indices", "read_clip", "save_frame_strip", "to_uint8_frames", "write_gif", "write_mp4"]
 
 
 class ClipError(ValueError):
@@ -45,16 +29,13 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (av.error.FFmpegError, OSError, ClipError, ValueError, EOFError)
 
 
+#: What a dataset treats as "skip this file": PyAV's errors, unreadable files, :class:`ClipError`.
 DECODE_ERRORS: tuple[type[BaseException], ...] = _decode_errors()
 
 
 def clip_indices(num_available: int, num_frames: int, stride: int, position: str = "center") -> list[int]:
-    """Frame indices of a clip of ``num_frames`` frames ``stride`` apart inside ``num_available``.
-
-    ``position``: ``"center"`` (the middle of the video) or ``"start"``.
-
-    Raises:
-        ClipError: the video is shorter than ``(num_frames - 1) * stride + 1`` frames.
+    """Frame indices of a clip of ``num_frames`` frames ``stride`` apart at the ``"center"`` or ``"start"`` of
+    ``num_available`` (:class:`ClipError` when the video is too short).
 
     Example:
         >>> clip_indices(20, 4, 3)
@@ -86,15 +67,9 @@ def _resized(frame, resolution: int) -> np.ndarray:
 def read_clip(
     path: str | os.PathLike[str], num_frames: int, stride: int, resolution: int, *, position: str = "center"
 ) -> Tensor:
-    """Decode a clip: ``[3, num_frames, R, R]`` float32 in ``[-1, 1]``.
-
-    Frames are counted by decoding (container headers can lie about truncated files); decoding
-    stops at the last frame the clip needs when the stream reports its frame count.
-
-    Raises:
-        ClipError: too few decodable frames, or no video stream.
-        av.error.FFmpegError / OSError: the file cannot be opened or decoded.
-    """
+    """Decode a clip: ``[3, num_frames, R, R]`` float32 in ``[-1, 1]``, each frame's short side resized to ``R``
+    (swscale, bicubic) and centre cropped. Frames are counted by decoding (headers can lie about truncated
+    files); :class:`ClipError` when too few decode."""
     import av
 
     if resolution < 1:
@@ -143,14 +118,6 @@ def to_uint8_frames(video: Tensor | np.ndarray) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()
 
 
-def _atomic(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return path, Path(tmp)
-
-
 def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0, crf: int = 18) -> Path:
     """Write frames as an H.264 MP4 (yuv420p; MPEG-4 part 2 when libx264 is missing).
 
@@ -164,20 +131,15 @@ def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: 
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         h, w = h + h % 2, w + w % 2
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    path, tmp = _atomic(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as out:
-            stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            if codec == "libx264":
-                stream.options = {"crf": str(crf)}
-            for arr in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")))
-            out.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_file(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf)}
+        for arr in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")))
+        out.mux(stream.encode())
+    return Path(path)
 
 
 def write_gif(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0, scale: int = 1) -> Path:
@@ -188,19 +150,13 @@ def write_gif(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: 
     if scale > 1:
         frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     images = [Image.fromarray(f) for f in frames]
-    path, tmp = _atomic(path)
-    try:
+    with atomic_file(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def save_frame_strip(videos: Sequence[Tensor] | Tensor, path: str | os.PathLike[str], *, scale: int = 1) -> Path:
     """One PNG: row ``i`` holds the frames of ``videos[i]`` (each ``[3, T, H, W]`` in ``[-1, 1]``) left to right."""
-    from dfm_ext.recipes.engine.viz import save_image_grid
-
     videos = list(videos)
     if not videos:
         raise ValueError("save_frame_strip needs at least one video")
