@@ -7,7 +7,7 @@ EXTRAS ?= all
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: setup test demo data bench clean docs docs-serve docs-figures
+.PHONY: setup test demo data study-data bench clean docs docs-serve docs-figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 		|| echo "note: dataset-fashion-mnist not installed; the demo will use scikit-image photos"; \
+	fi
+
+# The study's third dataset (benchmarks/study.py): OpenCV's 5000 handwritten digits, from Debian's opencv-doc (95 MB).
+study-data: data
+	@if [ ! -f /usr/share/doc/opencv-doc/examples/data/digits.png ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc) >/dev/null 2>&1 \
+		|| echo "note: opencv-doc not installed; the study stops at the digits dataset, naming the package"; \
 	fi
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
