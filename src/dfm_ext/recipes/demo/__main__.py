@@ -1,5 +1,3 @@
-import sys
-
 from dfm_ext.recipes.demo.cli import main
 
-sys.exit(main())
+raise SystemExit(main())

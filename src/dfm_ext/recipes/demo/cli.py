@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
+from dfm_ext.fileio import atomic_write_text
 from dfm_ext.recipes.demo.data import DATASETS
+from dfm_ext.recipes.engine.config import apply_overrides, load_config
+from dfm_ext.recipes.engine.viz import save_image_grid, save_loss_curves, save_progressive
 from dfm_ext.recipes.imagenet.task import ImageNetConfig
+from dfm_ext.validation import parse_device
 
 __all__ = ["CONFIG", "build_parser", "demo_config", "demo_overrides", "estimate_seconds", "main", "run_demo"]
 
@@ -106,8 +110,6 @@ def demo_config(args: argparse.Namespace) -> ImageNetConfig:
     then the training set's name, channels and classes go into it."""
     from dfm_ext.recipes.demo.data import fashion_mnist_available
     from dfm_ext.recipes.demo.report import load_split
-    from dfm_ext.recipes.engine.config import apply_overrides, load_config
-    from dfm_ext.validation import parse_device
 
     parse_device(args.device)
     cfg = load_config(ImageNetConfig, CONFIG, demo_overrides(args))
@@ -143,9 +145,7 @@ def demo_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """``dfm-ext demo``: train, then write the pictures and ``metrics.json`` into ``args.out``; returns the metrics."""
-    from dfm_ext.fileio import atomic_write_text
     from dfm_ext.recipes.demo.report import compute_metrics, generate, load_run, load_split
-    from dfm_ext.recipes.engine.viz import save_image_grid, save_loss_curves, save_progressive
     from dfm_ext.recipes.imagenet.task import ImageNetTask, build_dataset, run
 
     started = time.perf_counter()
@@ -233,8 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             text = json.dumps(evaluate_samples(args), indent=2)
             if args.out is not None:
-                from dfm_ext.fileio import atomic_write_text
-
                 atomic_write_text(args.out, text + "\n")
             print(text)
     except (ValueError, FileNotFoundError, TypeError) as e:

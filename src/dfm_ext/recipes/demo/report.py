@@ -4,15 +4,25 @@ of ``configs/demo.yaml``), and sampling and scoring a trained run (``dfm-ext sam
 from __future__ import annotations
 
 import functools
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torch import Tensor, nn
 
-from dfm_ext.recipes.demo.data import ImageDataset, load_dataset
+from dfm_ext.fileio import atomic_directory
+from dfm_ext.metrics.swd import swd
+from dfm_ext.recipes.demo.data import ImageDataset, load_dataset, read_image
+from dfm_ext.recipes.engine.config import apply_overrides, load_config
+from dfm_ext.recipes.engine.viz import save_array_png, save_image_grid, to_uint8
 from dfm_ext.recipes.imagenet.task import ImageNetConfig
+from dfm_ext.validation import parse_device
+from dfm_ext.wrapping.io import CONFIG_FILE, load_wrapped
 
 __all__ = [
     "FD_RESOLUTION", "InMemoryImages", "Run", "compute_metrics", "evaluate_samples", "generate", "load_run", "load_split",
@@ -85,8 +95,6 @@ def compute_metrics(
     FD-EffNet is ``None`` with the reason when its weights are not installed; ``real_features`` (a
     ``FeatureStatistics`` of the real set) and ``extractor`` spare recomputing them between calls.
     """
-    from dfm_ext.metrics.swd import swd
-
     fake = fake.clamp(-1.0, 1.0)
     res = swd(real, fake, progress_bar=False, generator=torch.Generator().manual_seed(seed), min_resolution=8)
     out: dict[str, Any] = {"num_fake": len(fake), "num_real": len(real), "fd_effnet": None, "swd": {
@@ -115,9 +123,6 @@ class Run:
 def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
     """The run at ``path``: a demo output folder (``run/`` inside), a run folder (``final/`` inside) or its ``final/``
     (a wrapped model, with ``config.yaml`` in the folder above)."""
-    from dfm_ext.recipes.engine.config import load_config
-    from dfm_ext.wrapping.io import CONFIG_FILE, load_wrapped
-
     path = Path(path)
     candidates = [path, path / "final", path / "run" / "final"]
     final = next((p for p in candidates if (p / CONFIG_FILE).is_file()), None)
@@ -135,8 +140,6 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
 
 def _schedule(cfg: ImageNetConfig, steps: Any, thresholds: Any) -> ImageNetConfig:
     """``cfg`` with the sampling schedule replaced (checked like a config override)."""
-    from dfm_ext.recipes.engine.config import apply_overrides
-
     overrides = [f"sampling.steps={list(steps)}"] if steps is not None else []
     overrides += [f"sampling.thresholds={list(thresholds)}"] if thresholds is not None else []
     new = apply_overrides(cfg, overrides)
@@ -147,12 +150,6 @@ def _schedule(cfg: ImageNetConfig, steps: Any, thresholds: Any) -> ImageNetConfi
 def sample_run(args: Any) -> Path:
     """``dfm-ext sample``: ``args.num`` samples per class of the run at ``args.checkpoint``, as a grid (``args.out``
     a ``.png``; rows = classes) or a folder of ``<index>_class<k>.png`` (what ``dfm-ext eval`` reads) plus ``grid.png``."""
-    import math
-
-    from dfm_ext.fileio import atomic_directory
-    from dfm_ext.recipes.engine.viz import save_array_png, save_image_grid, to_uint8
-    from dfm_ext.validation import parse_device
-
     parse_device(args.device)
     run = load_run(args.checkpoint, device=args.device)
     cfg = _schedule(run.config, args.steps, args.threshold)
@@ -176,11 +173,6 @@ def sample_run(args: Any) -> Path:
 
 def read_png_folder(folder: str | Path, *, limit: int | None = None) -> tuple[Tensor, list[Path]]:
     """The PNGs of ``folder`` (sorted; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``, and the unreadable ones."""
-    import numpy as np
-    from PIL import UnidentifiedImageError
-
-    from dfm_ext.recipes.demo.data import read_image
-
     arrays, skipped = [], []
     for p in sorted(p for p in Path(folder).glob("*.png") if p.name != "grid.png"):
         if limit is not None and len(arrays) >= limit:
@@ -198,12 +190,6 @@ def read_png_folder(folder: str | Path, *, limit: int | None = None) -> tuple[Te
 
 def evaluate_samples(args: Any) -> dict[str, Any]:
     """``dfm-ext eval``: metrics of a folder of PNG samples, or of ``args.num`` fresh samples of a run, against a split."""
-    import math
-    import sys
-
-    from dfm_ext.validation import parse_device
-    from dfm_ext.wrapping.io import CONFIG_FILE
-
     parse_device(args.device)
     path = Path(args.samples)
     if not path.is_dir():

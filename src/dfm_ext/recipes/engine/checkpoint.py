@@ -23,11 +23,13 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from dfm_ext.fileio import atomic_write_text, fsync_directory
@@ -284,8 +286,6 @@ def check_output_writable(path: str | Path) -> None:
 
     Creates ``path``; probes with a file, which also catches read-only mounts and ACLs ``os.access`` misses.
     """
-    import tempfile
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -308,8 +308,6 @@ def save_final_model(output_dir: Path, model: nn.Module) -> Path:
     if callable(save):
         save(str(out))
     else:
-        from safetensors.torch import save_file
-
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -45,8 +46,6 @@ T = TypeVar("T")
 
 def config_dir(cls: type) -> Path:
     """The ``configs/`` folder beside the module that defines the config class ``cls`` (its recipe's)."""
-    import sys
-
     return Path(sys.modules[cls.__module__].__file__ or ".").resolve().parent / "configs"
 
 
@@ -86,6 +85,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: {value!r} does not match {_describe(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads an unquoted no/off (yes/on) as false (true): take the word the field knows.
+            words = ("no", "off", "false") if not value else ("yes", "on", "true")
+            value = next((a for a in args if a in words), value)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
@@ -108,28 +111,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         vt = args[1] if args else Any
         return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads '1e-4' (no dot) as a string.
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp)
+    if expected is not None:
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
             try:
                 return float(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+                pass
+        elif isinstance(value, (int, float) if tp is float else tp) and (tp is bool or not isinstance(value, bool)):
+            return float(value) if tp is float else value
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
     raise ConfigError(f"{key}: unsupported field type {_describe(tp)}")
 
 

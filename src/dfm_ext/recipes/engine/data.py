@@ -6,6 +6,7 @@ skipped: the item falls back to the next index and lists the bad one in ``bad``,
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
 from torch import Tensor
 
 from dfm_ext.decompositions.base import Decomposition
@@ -32,17 +34,17 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image
 
 def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, label)`` for every image file under ``root/<class>/``, and the sorted class names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data root {str(root)!r} does not exist or is not a folder")
     return scan_class_folders(root, IMAGE_EXTENSIONS)
 
 
 def scan_class_folders(
-    root: Path, extensions: Sequence[str], *, what: str = "data root", item: str = "image"
+    root: str | Path, extensions: Sequence[str], *, what: str = "data root", item: str = "image"
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """``(path, label)`` for every file under ``root/<class>/`` (recursively) with one of ``extensions``, and the
     sorted class names (non-hidden subfolders); ``what`` and ``item`` name the folder and its files in messages."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} {str(root)!r} does not exist or is not a folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{what} {str(root)!r} has no class subfolders (expected root/<class>/<{item}>)")
@@ -83,9 +85,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
-        self.root = str(root)
-        self.resolution = int(resolution)
-        self.max_skips = int(max_skips)
+        self.root, self.resolution, self.max_skips = str(root), int(resolution), int(max_skips)
         self.items, self.classes = scan_image_folder(root)
 
     def __len__(self) -> int:
@@ -100,14 +100,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def read_with_fallback(
-    items: Sequence[tuple[str, int]],
-    key: int | tuple[int, bool],
-    read: Callable[[int], Tensor],
-    errors: tuple[type[BaseException], ...],
-    *,
-    max_skips: int,
-    what: str,
-) -> dict[str, Any]:
+    items: Sequence[tuple[str, int]], key: int | tuple[int, bool], read: Callable[[int], Tensor],
+    errors: tuple[type[BaseException], ...], *, max_skips: int, what: str,
+) -> dict[str, Any]:  # fmt: skip
     """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads.
 
     An index whose read raises one of ``errors`` falls back to the next one (wrapping), at most
@@ -175,32 +170,22 @@ class BatchPlan:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size - 1}], got {self.rank}")
-        shards = self.world_size * self.accumulation
-        if self.global_batch_size % shards:
+        if self.global_batch_size % (self.world_size * self.accumulation):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} must be divisible by "
                 f"world_size * accumulation = {self.world_size} * {self.accumulation}"
             )
 
-    @property
-    def micro_batch_size(self) -> int:
-        return self.global_batch_size // (self.world_size * self.accumulation)
-
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.num_items)
-        flips = rng.integers(0, 2, self.num_items).astype(bool) if self.random_flip else np.zeros(self.num_items, bool)
-        return order, flips
-
     def global_batch(self, step: int) -> list[tuple[int, bool]]:
         """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes)."""
-        start = step * self.global_batch_size
+        start, n = step * self.global_batch_size, self.num_items
         out: list[tuple[int, bool]] = []
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for pos in range(start, start + self.global_batch_size):
-            epoch, offset = divmod(pos, self.num_items)
+            epoch, offset = divmod(pos, n)
             if epoch not in cache:
-                cache[epoch] = self._epoch(epoch)
+                rng = np.random.default_rng([self.seed, epoch])
+                cache[epoch] = rng.permutation(n), rng.integers(0, 2, n).astype(bool) if self.random_flip else np.zeros(n, bool)
             order, flips = cache[epoch]
             idx = int(order[offset])
             out.append((idx, bool(flips[idx])))
@@ -212,24 +197,19 @@ class BatchPlan:
 
     def micro_batches(self, step: int) -> list[list[tuple[int, bool]]]:
         """This process's ``A`` micro-batches for step ``step``."""
-        batch = self.global_batch(step)
-        b = self.micro_batch_size
+        batch, b = self.global_batch(step), self.global_batch_size // (self.world_size * self.accumulation)
         return [batch[self.shard_index(m) * b : (self.shard_index(m) + 1) * b] for m in range(self.accumulation)]
-
-    def sampler(self, start_step: int, end_step: int) -> Iterator[list[tuple[int, bool]]]:
-        """Micro-batches for steps ``start_step .. end_step - 1``, in order (a batch sampler)."""
-        for step in range(start_step, end_step):
-            yield from self.micro_batches(step)
 
 
 class PlanBatchSampler(torch.utils.data.Sampler):
-    """A ``DataLoader`` batch sampler over :meth:`BatchPlan.sampler` (sized for tqdm)."""
+    """A ``DataLoader`` batch sampler: this process's micro-batches of steps ``start_step .. end_step - 1``, in order."""
 
     def __init__(self, plan: BatchPlan, start_step: int, end_step: int) -> None:
         self.plan, self.start_step, self.end_step = plan, start_step, end_step
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        return self.plan.sampler(self.start_step, self.end_step)
+        for step in range(self.start_step, self.end_step):
+            yield from self.plan.micro_batches(step)
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.plan.accumulation
@@ -294,18 +274,6 @@ class LatentCache(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.meta["num_items"])
 
-    @property
-    def has_flips(self) -> bool:
-        return bool(self.meta.get("flipped", False))
-
-    def _shard(self, i: int) -> Any:
-        # One handle per shard and per worker process: safe_open reads slices lazily (mmap).
-        if i not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[i] = safe_open(str(self.path / self.meta["shards"][i]["file"]), framework="pt")
-        return self._handles[i]
-
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}
 
@@ -314,12 +282,12 @@ class LatentCache(torch.utils.data.Dataset):
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)}")
-        import bisect
-
         s = bisect.bisect_right(self._starts, index) - 1
         local = index - self._starts[s]
-        f = self._shard(s)
-        name = "latents_flipped" if flip and self.has_flips else "latents"
+        if s not in self._handles:  # one handle per shard and worker process: safe_open reads slices lazily (mmap)
+            self._handles[s] = safe_open(str(self.path / self.meta["shards"][s]["file"]), framework="pt")
+        f = self._handles[s]
+        name = "latents_flipped" if flip and self.meta.get("flipped", False) else "latents"
         latents = f.get_slice(name)[local : local + 1][0].float()
         label = int(f.get_slice("labels")[local : local + 1][0])
         return {"latents": latents, "label": label, "index": index, "bad": []}
@@ -354,23 +322,26 @@ def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, devic
 
 
 class ClassConditionalInputs:
-    """The class-conditional recipes' inputs: pixels or cached latents, and labels (subclasses set the
-    attributes below and implement :meth:`_load_codec`)."""
+    """The class-conditional recipes' inputs from their config ``cfg``: pixels (encoded by ``load_codec(cfg, device)``)
+    or cached latents, the decomposition's stages, stage times and labels."""
 
-    label_dropout: float
-    decomposition: Decomposition
-    timesteps: StageTimestepSampler
-    null_class: int
-    _codec: Codec | None = None
-
-    def _load_codec(self, device: torch.device) -> Codec:
-        raise NotImplementedError
+    def __init__(self, cfg: Any, load_codec: Callable[[Any, torch.device], Codec]) -> None:
+        self.cfg, self._load_codec = cfg, load_codec
+        self._codec: Codec | None = None
+        self.random_flip = cfg.data.random_flip
+        self.decomposition: Decomposition = cfg.decomposition.build()
+        self.timesteps: StageTimestepSampler = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
+        self.null_class, self.label_dropout = cfg.data.num_classes, cfg.dfm.label_dropout
 
     def codec(self, device: torch.device) -> Codec:
         """The pixels <-> latents codec, loaded on first use."""
         if self._codec is None:
-            self._codec = self._load_codec(device)
+            self._codec = self._load_codec(self.cfg, device)
         return self._codec
+
+    def state(self) -> dict[str, Any]:
+        """The stage allocation, when it adapts (checkpointed with the run)."""
+        return {"timesteps": self.timesteps} if self.timesteps.allocation is not None else {}
 
     def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
         if "latents" in batch:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS, decomposition_config, decomposition_from_config
 from dfm_ext.recipes.engine.config import ConfigError, yaml_value
 
 __all__ = ["DecompositionConfig"]
@@ -36,11 +39,6 @@ class DecompositionConfig:
     bands: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
-        import dataclasses
-        import math
-
-        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS, decomposition_config
-
         kind = self.kind
         defaults = {f.name: f.default for f in dataclasses.fields(DecompositionConfig)}
         own = set(DECOMPOSITION_FIELDS.get(kind, ())) | ({"levels", "num_stages"} if kind == "wavelet" else set())
@@ -75,31 +73,17 @@ class DecompositionConfig:
         self.levels = self.num_stages = None
         self.factors = {"identity": (1,), "dct": None}.get(kind, self.factors)
         self._num_stages = built.num_stages
-        self._multiple = {
-            "laplacian": math.lcm(*(self.factors or (1,))),
-            "wavelet": (self.factors or (1,))[0],
-            "dct": self.block_size,
-            "identity": 1,
-        }[kind]
-
-    def factory_config(self) -> dict[str, Any]:
-        """The :func:`dfm_ext.decomposition_from_config` dict of this kind's fields."""
-        from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS
-
-        names = DECOMPOSITION_FIELDS[self.kind] + (("levels", "num_stages") if self.kind == "wavelet" else ())
-        out: dict[str, Any] = {"kind": self.kind}
-        for name in names:
-            value = getattr(self, name)
-            if name in ("levels", "num_stages", "factors") and self.kind == "wavelet" and value is None:
-                continue
-            out[name] = list(value) if isinstance(value, tuple) else value
-        return out
+        factors = self.factors or (1,)
+        self._multiple = {"laplacian": math.lcm(*factors), "wavelet": factors[0], "dct": self.block_size, "identity": 1}[kind]
 
     def build(self) -> Decomposition:
-        """The decomposition, through the library's factory."""
-        from dfm_ext.decompositions.factory import decomposition_from_config
-
-        return decomposition_from_config(self.factory_config())
+        """The decomposition, through :func:`dfm_ext.decomposition_from_config` of this kind's fields."""
+        kind, config = self.kind, dict[str, Any](kind=self.kind)
+        for name in DECOMPOSITION_FIELDS[kind] + (("levels", "num_stages") if kind == "wavelet" else ()):
+            value = getattr(self, name)
+            if not (kind == "wavelet" and value is None and name in ("levels", "num_stages", "factors")):
+                config[name] = list(value) if isinstance(value, tuple) else value
+        return decomposition_from_config(config)
 
     def count_stages(self) -> int:
         return self._num_stages

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from dfm_ext.fileio import atomic_write_text
 
@@ -90,8 +92,6 @@ def write_latent_cache(
     shard_size: int = 4096, dtype: torch.dtype = torch.float32,
 ) -> Path:  # fmt: skip
     """Write ``(latents, labels, latents_flipped | None)`` batches as shards, then ``index.json`` (atomically, last)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
@@ -173,8 +173,6 @@ def encode_class_cache(
     ``metadata``: what the cache must agree on with the config; ``extra`` is recorded after the
     normalisation; ``skipped_key`` lists the unreadable items' paths. Returns the ``index.json`` contents.
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codec, flip, bad = load_codec(cfg, device), cfg.data.random_flip, list[int]()
     loader = torch.utils.data.DataLoader(readable, batch_size=options.batch_size, num_workers=min(8, cfg.train.num_workers), collate_fn=list)

@@ -13,19 +13,20 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from torch import nn
 
+from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.process.allocation import make_allocation
+from dfm_ext.process.conventions import check_time_convention
+from dfm_ext.process.objective import DFMObjective
+from dfm_ext.process.sampler import DFMSampler
+from dfm_ext.process.schedule import StageScheduler
+from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, yaml_value
 from dfm_ext.recipes.engine.decomposition import DecompositionConfig
-
-if TYPE_CHECKING:  # the library's classes, imported where they are built (keeps loading a config light)
-    from dfm_ext.decompositions.base import Decomposition
-    from dfm_ext.process.objective import DFMObjective
-    from dfm_ext.process.sampler import DFMSampler
-    from dfm_ext.process.timesteps import StageTimestepSampler
-    from dfm_ext.specialization import StageSpecialization
+from dfm_ext.specialization import GROUP_PATTERNS, StageSpecialization, specialize
 
 __all__ = [
     "RECIPE_SECTIONS", "ClassDataSection", "ClassSamplingConfig", "DFMConfig", "LatentVAEConfig", "ModelConfig", "RecipeConfig",
@@ -64,9 +65,6 @@ class DFMConfig:
 
     def timestep_sampler(self, num_stages: int) -> StageTimestepSampler:
         """The :class:`dfm_ext.StageTimestepSampler` (with ``allocation: progress`` the task feeds it each step's losses)."""
-        from dfm_ext.process.allocation import make_allocation
-        from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
-
         prior = self.stage_probabilities or default_stage_probabilities(num_stages)
         allocation = make_allocation(self.allocation, num_stages, prior=prior) if num_stages > 1 else None
         return StageTimestepSampler(
@@ -76,8 +74,6 @@ class DFMConfig:
 
     def objective(self, num_stages: int) -> DFMObjective:
         """The :class:`dfm_ext.DFMObjective` of this section."""
-        from dfm_ext.process.objective import DFMObjective
-
         return DFMObjective(num_stages, masking=self.masking, stage_weights=self.stage_weights)
 
     def check(self, num_stages: int, *, reads: tuple[str, ...], default: DFMConfig, recipe: str) -> None:
@@ -126,8 +122,6 @@ class SamplingConfig:
 
     def check(self, num_stages: int, *, kind: str = "") -> None:
         """Steps and thresholds per stage, a finite guidance scale."""
-        from dfm_ext.process.schedule import StageScheduler
-
         where = f" for decomposition.kind={kind}" if kind else ""
         steps, thresholds = tuple(self.steps), tuple(self.thresholds)
         if len(steps) != num_stages:
@@ -146,9 +140,6 @@ class SamplingConfig:
 
     def sampler(self, decomposition: Decomposition, **kwargs: Any) -> DFMSampler:
         """The :class:`dfm_ext.DFMSampler` of this section (``kwargs`` replace settings, e.g. ``guidance_scale``)."""
-        from dfm_ext.process.sampler import DFMSampler
-        from dfm_ext.process.schedule import StageScheduler
-
         scheduler = StageScheduler(steps=self.steps, thresholds=self.thresholds)
         return DFMSampler(decomposition, scheduler, **{"method": self.method, "guidance_scale": self.guidance_scale, **kwargs})
 
@@ -194,8 +185,6 @@ class ModelConfig:
 
     def check(self, preset_config: Any = None, **base: Any) -> None:
         """``time_convention``; and ``preset_config.preset(preset, **base, **overrides)`` builds (no factory)."""
-        from dfm_ext.process.conventions import check_time_convention
-
         try:
             check_time_convention(self.time_convention, allow_none=True)
         except ValueError as e:
@@ -246,8 +235,6 @@ class SpecializeConfig:
     alpha: float | None = None
 
     def validate(self, num_stages: int) -> None:
-        from dfm_ext.specialization import GROUP_PATTERNS
-
         if self.kind not in ("none", "full", "lora"):
             raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
         if self.kind == "none":
@@ -266,21 +253,12 @@ class SpecializeConfig:
 
     def apply(self, model: nn.Module) -> StageSpecialization | None:
         """:func:`dfm_ext.specialize` of ``model`` as configured (``None`` for ``kind=none``)."""
-        from dfm_ext.specialization import specialize
-
         if self.kind == "none":
             return None
         lora = self.kind == "lora"
         return specialize(
             model, kind=self.kind, targets=list(self.targets), rank=self.rank if lora else None, alpha=self.alpha if lora else None
         )
-
-
-def default_of(config: Any, section: str) -> Any:
-    """The recipe's default ``section`` of the config class of ``config`` (its default factory's value)."""
-    factory = next(f for f in dataclasses.fields(config) if f.name == section).default_factory
-    assert callable(factory), f"section {section} has no default factory"
-    return factory()
 
 
 @dataclass
@@ -365,9 +343,11 @@ class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
         return self.decomposition.count_stages()
 
     def check_shared(self, recipe: str, *, reads: tuple[str, ...]) -> None:
-        """The ``dfm`` section (the fields this recipe ``reads``) and the batch split over ``$WORLD_SIZE`` processes
-        (set by ``accelerate launch`` / ``torchrun``): a launch with the wrong process count fails at start-up."""
-        self.dfm.check(self.num_stages, reads=reads, default=default_of(self, "dfm"), recipe=recipe)
+        """``sampling``, ``dfm`` (the fields this recipe ``reads``; the others at the recipe's defaults) and the batch
+        split over ``$WORLD_SIZE`` processes (set by ``accelerate launch``): a wrong process count fails at start-up."""
+        self.sampling.check(self.num_stages, kind=self.decomposition.kind)  # type: ignore[attr-defined]
+        default = next(f for f in dataclasses.fields(self) if f.name == "dfm").default_factory()  # type: ignore[operator]
+        self.dfm.check(self.num_stages, reads=reads, default=default, recipe=recipe)
         t, world = self.train, int(os.environ.get("WORLD_SIZE", "1") or 1)
         if t.global_batch_size % (world * t.grad_accumulation):
             raise ConfigError(

@@ -25,13 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfm_ext.fileio import atomic_write_text
-from dfm_ext.recipes.engine.checkpoint import (
-    Stateful,
-    check_output_writable,
-    choose_resume,
-    save_final_model,
-    tidy_checkpoints,
-)
+from dfm_ext.recipes.engine.checkpoint import Stateful, check_output_writable, choose_resume, save_final_model, tidy_checkpoints
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, flatten_config, save_config
 from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
 from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
@@ -92,7 +86,7 @@ class TrainTask(ABC):
         """The loss of one micro-batch; every random draw from ``generator``."""
 
     def build_optimizer(self, model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-        """The optimiser (default :func:`adamw`); warmup, clipping and EMA stay the trainer's."""
+        """The optimiser (warmup, clipping and EMA stay the trainer's)."""
         return adamw(model, optim)
 
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
@@ -108,7 +102,6 @@ class TrainTask(ABC):
         return BatchPlan(num_items, global_batch_size, random_flip=self.random_flip, **kwargs)
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The data loader's collate function."""
         return collate_items(items)
 
 
@@ -121,9 +114,7 @@ def step_generator(seed: int, step: int, shard: int, device: torch.device | str 
         True
     """
     state = np.random.SeedSequence([int(seed), int(step), int(shard)]).generate_state(2, np.uint32)
-    g = torch.Generator(device=device)
-    g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
-    return g
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:

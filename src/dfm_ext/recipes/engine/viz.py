@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from dfm_ext.process.sampler import SampleOutput
@@ -85,8 +86,6 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def save_array_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a ``[H, W, 1 or 3]`` uint8 array as a PNG, atomically. Returns the path."""
-    from PIL import Image
-
     if array.ndim != 3 or array.shape[2] not in (1, 3) or array.dtype != np.uint8:
         raise ValueError(f"array must be uint8 [H, W, 1 or 3], got {array.dtype} {array.shape}")
     with atomic_file(path) as tmp:
@@ -108,12 +107,6 @@ def save_image_grid(
     return save_array_png(make_grid(images, nrow, padding=padding, scale=scale), path)
 
 
-def _upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return torch.nn.functional.interpolate(x.float(), size=tuple(size), mode="nearest")
-
-
 def save_progressive(
     previews: Sequence[Tensor], final: Tensor, path: str | os.PathLike[str], *, scale: int = 3, padding: int = 2
 ) -> Path:
@@ -132,7 +125,9 @@ def save_progressive(
     for s, p in enumerate(previews):
         if p.ndim != 4 or p.shape[0] != n or p.shape[1] != final.shape[1]:
             raise ValueError(f"previews[{s}] has shape {tuple(p.shape)}, expected [{n}, {final.shape[1]}, h, w]")
-    columns = [_upsample_to(p, final.shape[-2:]) for p in previews] + [final.float()]
+    size = tuple(final.shape[-2:])
+    columns = [p if p.shape[-2:] == size else torch.nn.functional.interpolate(p.float(), size=size, mode="nearest") for p in previews]
+    columns.append(final.float())
     # Interleave so that row i holds example i's stages left to right.
     tiles = torch.stack(columns, dim=1).flatten(0, 1)
     return save_image_grid(tiles, path, nrow=len(columns), padding=padding, scale=scale)
@@ -155,18 +150,9 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def save_loss_curves(
-    curves: Mapping[str, Sequence[float]],
-    path: str | os.PathLike[str],
-    *,
-    steps: Mapping[str, Sequence[int]] | None = None,
-    title: str = "training loss",
-    weight: float = 0.95,
-    ylabel: str = "loss (smoothed)",
-    logy: bool = True,
-) -> Path:
-    """Plot named curves (name -> values; NaN skipped) against ``steps`` (default ``0..len-1``), smoothed with
-    ``weight`` (:func:`smooth`) and the raw values faint behind them, into a PNG."""
+def save_loss_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike[str], *, title: str = "training loss") -> Path:
+    """Plot named curves (name -> values; NaN skipped), smoothed (:func:`smooth`) with the raw values faint behind
+    them, on a log scale, into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -175,20 +161,16 @@ def save_loss_curves(
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     try:
         for i, (name, values) in enumerate(curves.items()):
-            xs = list(steps[name]) if steps is not None else list(range(len(values)))
-            if len(xs) != len(values):
-                raise ValueError(f"curve {name!r} has {len(values)} values but {len(xs)} steps")
-            pts = [(x, float(v)) for x, v in zip(xs, values) if np.isfinite(v)]
+            pts = [(x, float(v)) for x, v in enumerate(values) if np.isfinite(v)]
             if not pts:
                 continue
             px, py = zip(*pts)
             color = f"C{i}"
             ax.plot(px, py, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(px, smooth(py, weight) if len(py) > 1 else py, color=color, label=name, linewidth=1.5)
-        if logy:
-            ax.set_yscale("log")
+            ax.plot(px, smooth(py, 0.95) if len(py) > 1 else py, color=color, label=name, linewidth=1.5)
+        ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel("loss (smoothed)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

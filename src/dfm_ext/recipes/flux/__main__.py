@@ -1,5 +1,3 @@
-import sys
-
 from dfm_ext.recipes.flux.task import main
 
-sys.exit(main())
+raise SystemExit(main())

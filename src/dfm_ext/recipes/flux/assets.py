@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from dfm_ext.recipes.engine.cli import assets_main, make_tiny_vae, photo
 
@@ -35,8 +37,6 @@ POOLED_DIM = 12
 
 def make_captioned_images(root: str | Path, *, per_photo: int = 4, seed: int = 0, side: int = 64) -> Path:
     """Crops of each photo (square, landscape, portrait) as ``root/<photo>_<i>.{png,jpg}`` + ``.txt``."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,6 @@ def _word_tokenizer(words: Sequence[str], *, specials: dict[str, str], template:
 
 def make_tiny_text_encoders(path: str | Path, *, seed: int = 0) -> Path:
     """Tiny CLIP (hidden 12) and T5 (d_model 16) encoders with word-level tokenizers under ``path``."""
-    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     path = Path(path)
@@ -123,7 +122,6 @@ def tiny_flux_transformer_config(
 
 def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A complete FLUX-layout folder: tiny transformer, VAE and both text encoders with tokenizers."""
-    import torch
     from diffusers import FluxTransformer2DModel
 
     path = Path(path)

@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from dfm_ext.fileio import atomic_write_text
 from dfm_ext.recipes.engine.cli import cache_builder_main
 from dfm_ext.recipes.engine.config import load_config
 from dfm_ext.recipes.engine.latents import CacheOptions, check_cache_metadata
 from dfm_ext.recipes.flux.config import FluxFinetuneConfig
+from dfm_ext.recipes.flux.data import CaptionedImages, load_bucket_image
 from dfm_ext.recipes.flux.text_encoding import FluxEncoders, TextEmbeddings
 
 __all__ = ["FLUX_CACHE", "FLUX_CACHE_FORMAT", "FluxCache", "build_flux_cache", "cache_metadata", "main"]
@@ -55,10 +58,6 @@ def cache_metadata(cfg: FluxFinetuneConfig) -> dict[str, Any]:
 def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CACHE) -> dict[str, Any]:
     """Encode ``cfg.data.source`` into ``out`` (images that fail to decode are listed under ``skipped_images``);
     returns the written ``index.json`` contents."""
-    from safetensors.torch import save_file
-
-    from dfm_ext.recipes.flux.data import CaptionedImages, load_bucket_image
-
     if cfg.data.source is None:
         raise ValueError("data.source must name the captioned images to encode")
     batch_size, shard_size, dtype = options.batch_size, options.shard_size, options.dtype
@@ -129,8 +128,6 @@ class FluxCache(torch.utils.data.Dataset):
     ``bucket_of`` (bucket id per index) and ``empty_text`` (the empty prompt's embeddings) as the dataset has them."""
 
     def __init__(self, path: str | Path, expected: dict[str, Any] | None = None) -> None:
-        from safetensors.torch import load_file
-
         self.path = Path(path)
         if not (self.path / "index.json").is_file():
             raise FileNotFoundError(f"no FLUX cache at {str(self.path)!r} (index.json missing: not built or unfinished)")
@@ -151,8 +148,6 @@ class FluxCache(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
     def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
-        from safetensors import safe_open
-
         index = int(key if isinstance(key, int) else key[0])
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)}")

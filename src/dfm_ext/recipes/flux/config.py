@@ -105,12 +105,11 @@ class FluxFinetuneConfig(RecipeConfig[FluxDataConfig, FluxVAEConfig, FluxModelCo
             self.buckets()
         except ValueError as e:
             raise ConfigError(f"data buckets: {e}") from e
-        self.sampling.check(self.num_stages, kind=self.decomposition.kind)
+        self.check_shared("flux_finetune", reads=())
         if not self.sampling.prompts:
             raise ConfigError("sampling.prompts is empty; give at least one prompt")
         if not math.isfinite(self.model.guidance):
             raise ConfigError(f"model.guidance must be a finite number, got {self.model.guidance}")
-        self.check_shared("flux_finetune", reads=())
         for side in (self.sampling.height, self.sampling.width):
             if side % self.pixel_multiple:
                 raise ConfigError(f"sampling.height/width {side} must be a multiple of {self.pixel_multiple}")

@@ -228,7 +228,6 @@ class CaptionedImages(torch.utils.data.Dataset):
                 self._next[j] = js[(a + 1) % len(js)]
         self.stats = {"images": len(self.items), "entries": len(self.entries), "missing_captions": len(scan.missing),
                       "unreadable": len(scan.unreadable), "too_small": too_small}  # fmt: skip
-        self.missing, self.unreadable = scan.missing, scan.unreadable
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.adapters.flux import FluxAdapter, flux_image_ids
 from dfm_ext.recipes.engine.cli import parse_config_args, train_main
 from dfm_ext.recipes.engine.data import dropout_mask
 from dfm_ext.recipes.engine.latents import looks_local
@@ -41,6 +42,9 @@ from dfm_ext.recipes.engine.viz import save_progressive_samples
 from dfm_ext.recipes.flux.config import FinetuneConfig, FluxFinetuneConfig
 from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
 from dfm_ext.recipes.flux.text_encoding import FluxEncoders, TextEmbeddings, check_local_subfolders
+from dfm_ext.specialization import specialize
+from dfm_ext.wrapping.io import load_wrapped, peft_merged
+from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run"]
 
@@ -75,8 +79,6 @@ class FluxFlowModel(nn.Module):
         self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, *, encoder_hidden_states: Tensor,
         pooled_projections: Tensor,
     ) -> list[Tensor]:  # fmt: skip
-        from dfm_ext.adapters.flux import flux_image_ids
-
         if len(stages) != 1 or stages[0].ndim != 4:
             raise ValueError(f"FluxFlowModel takes one stage [B, C, H, W], got {[tuple(s.shape) for s in stages]}")
         x = stages[0]
@@ -96,15 +98,8 @@ class FluxFlowModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A plain diffusers ``FluxTransformer2DModel`` folder (LoRA merged in)."""
-        from dfm_ext.wrapping.io import peft_merged
-
         with peft_merged(self.transformer):
             self.transformer.save_pretrained(str(directory))
-
-
-def _unfreeze_dfm_layers(transformer: nn.Module) -> None:
-    for module in (transformer.x_embedder, transformer.proj_out, transformer.time_text_embed.timestep_embedder):
-        module.requires_grad_(True)
 
 
 def _add_peft_lora(transformer: nn.Module, ft: FinetuneConfig) -> None:
@@ -131,9 +126,6 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
 def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
     """The trained model: ``wrap_dit(transformer, any_sample_shape=True)``, or for one stage the plain
     :class:`FluxFlowModel` (``wrap_dit`` with one stage would swap in the multi-scale embedders)."""
-    from dfm_ext.adapters.flux import FluxAdapter
-    from dfm_ext.wrapping.wrapper import wrap_dit
-
     ft = cfg.finetune
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -152,14 +144,13 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     if ft.mode == "lora":
         _add_peft_lora(transformer, ft)
     elif ft.mode == "stage_lora":
-        from dfm_ext.specialization import specialize
-
         wrapped.specialization = specialize(
             wrapped, kind="lora", targets=list(ft.stage_targets), rank=ft.lora_rank, alpha=ft.lora_alpha,
             num_stages=cfg.num_stages, train="stage",
         )
-    if ft.mode != "full" and ft.train_dfm_layers:
-        _unfreeze_dfm_layers(transformer)
+    if ft.mode != "full" and ft.train_dfm_layers:  # the new DFM layers
+        for module in (transformer.x_embedder, transformer.proj_out, transformer.time_text_embed.timestep_embedder):
+            module.requires_grad_(True)
     return wrapped
 
 
@@ -170,8 +161,6 @@ def load_finetuned(directory: str | Path, *, device: torch.device | str = "cpu",
 
     directory = Path(directory)
     if (directory / "dfm_config.json").is_file():
-        from dfm_ext.wrapping.io import load_wrapped
-
         record = json.loads((directory / "dfm_config.json").read_text())
         base = FluxTransformer2DModel.from_config(record["base"]["config"])
         return load_wrapped(directory, base, device=device).to(device, dtype).eval()

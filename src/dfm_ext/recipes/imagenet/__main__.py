@@ -1,5 +1,3 @@
-import sys
-
 from dfm_ext.recipes.imagenet.task import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dfm_ext.recipes.engine.cli import assets_main, make_tiny_vae, photo
 
@@ -22,8 +23,6 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 def make_image_folder(root: str | Path, *, per_class: int = 6, size: int = 48, photos: Sequence[str] = PHOTOS, seed: int = 0) -> Path:
     """Write ``per_class`` random square crops of each photo as ``root/<photo>/<i>.{png,jpg}``."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     root = Path(root)
     for name in photos:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from dfm_ext.models.dit import DiT, DiTConfig
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
 from dfm_ext.recipes.engine.data import ClassConditionalInputs, Codec, ImageFolder, LatentCache, LatentCodec, cycled_labels
@@ -33,6 +34,7 @@ from dfm_ext.recipes.engine.sections import (
 )  # fmt: skip
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
+from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "cache_metadata", "load_codec", "main", "parse_args", "run"]
 
@@ -88,12 +90,9 @@ class ImageNetConfig(RecipeConfig[DataConfig, VAEConfig, ModelConfig, ImageSampl
             raise ConfigError(f"vae.kind=none trains on pixels: set vae.path=null and vae.downsample=1 (got {v.path!r}, {v.downsample})")
         if self.sampling.metrics and self.sampling.metric_images < 2:
             raise ConfigError(f"sampling.metric_images must be >= 2 when sampling.metrics is set, got {self.sampling.metric_images}")
-        self.sampling.check(self.num_stages, kind=self.decomposition.kind)
+        self.check_shared("imagenet", reads=("label_dropout", "allocation"))
         self.sampling.check_classes(d.num_classes)
         check_count(self.sampling, "num_images")
-        self.check_shared("imagenet", reads=("label_dropout", "allocation"))
-        from dfm_ext.models.dit import DiTConfig
-
         self.model.check(DiTConfig, input_size=self.latent_size, in_channels=v.latent_channels, num_classes=d.num_classes)
         self.specialize.validate(self.num_stages)
         self.decomposition.check_sample_shape((v.latent_channels, self.latent_size, self.latent_size))
@@ -146,22 +145,12 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
     """What one step of the image recipe computes: the DFM loss of the wrapped DiT on a class-labelled batch."""
 
     def __init__(self, cfg: ImageNetConfig, reference: torch.utils.data.Dataset | None = None) -> None:
-        self.cfg, self.reference = cfg, reference  # reference: real images for sampling.metrics
-        self.random_flip = cfg.data.random_flip
-        self.decomposition = cfg.decomposition.build()
-        s = self.decomposition.num_stages
-        self.timesteps = cfg.dfm.timestep_sampler(s)
-        self.objective = cfg.dfm.objective(s)
-        self.null_class, self.label_dropout = cfg.data.num_classes, cfg.dfm.label_dropout
-
-    def _load_codec(self, device: torch.device) -> Codec:
-        return load_codec(self.cfg, device)
+        super().__init__(cfg, load_codec)
+        self.reference = reference  # real images for sampling.metrics
+        self.objective = cfg.dfm.objective(self.decomposition.num_stages)
 
     def build_model(self) -> nn.Module:
         """The wrapped DiT (``model.factory`` or the reference DiT preset); per-stage parameters with ``specialize``."""
-        from dfm_ext.models.dit import DiT, DiTConfig
-        from dfm_ext.wrapping.wrapper import wrap_dit
-
         cfg = self.cfg
         if cfg.model.factory:
             base = import_factory(cfg.model.factory)(cfg)
@@ -183,9 +172,6 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
         out = self.objective(model, stages, ts, generator=generator, y=labels)
         self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
-
-    def state(self) -> dict[str, Any]:
-        return {"timesteps": self.timesteps} if self.timesteps.allocation is not None else {}
 
     def sample(self, model: nn.Module, labels: torch.Tensor, *, generator: torch.Generator, device: torch.device) -> Any:
         """``SampleOutput`` (latents) of the configured sampler for ``labels``, with guidance against the null class."""

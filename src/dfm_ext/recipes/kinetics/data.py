@@ -88,9 +88,6 @@ def scan_videos(root: str | Path | None = None, annotations: str | Path | None =
         raise ValueError(f"annotations must be a .csv or .json file, got {str(file)!r}")
     if root is None:
         raise ValueError("give a video folder (root) or an annotation list (annotations)")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"video root {str(root)!r} does not exist or is not a folder")
     return scan_class_folders(root, VIDEO_EXTENSIONS, what="video root", item="clip")
 
 

@@ -17,17 +17,24 @@ Samples: MP4 / GIF with the stage previews side by side, and a PNG strip of fram
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from safetensors.torch import save
 from torch import Tensor, nn
 
+from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
+from dfm_ext.fileio import atomic_write_text
+from dfm_ext.process.objective import dfm_loss, estimate_stage_scales
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
-from dfm_ext.recipes.engine.config import ConfigError
+from dfm_ext.recipes.engine.config import ConfigError, config_to_dict
 from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, cycled_labels
 from dfm_ext.recipes.engine.latents import load_vae
 from dfm_ext.recipes.engine.parallel import unwrap
@@ -37,7 +44,7 @@ from dfm_ext.recipes.engine.sections import (
 )  # fmt: skip
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.kinetics.conditioning import CogVideoXRotary, LabelTokens, save_video_samples
-from dfm_ext.recipes.kinetics.stage_scales import StageScalesMixin
+from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = [
     "KineticsConfig", "KineticsTask", "LabelTokenDFM", "LabelTokens", "build_dataset", "cache_metadata", "load_codec", "main",
@@ -46,6 +53,7 @@ __all__ = [
 
 CONFIG_ALIASES = {"tiny": "kinetics_tiny"}
 LABEL_TOKENS_FILE = "label_tokens.safetensors"
+SCALES_FILE = "stage_scales.json"
 
 
 @dataclass
@@ -115,16 +123,13 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
         if d.root is None and d.annotations is None and d.latent_cache is None:
             raise ConfigError("set data.root (class folders of clips), data.annotations (CSV/JSON) or data.latent_cache")
         check_count(self.sampling, "num_videos")
-        self.sampling.check(self.num_stages, kind=self.decomposition.kind)
+        self.check_shared("kinetics", reads=("label_dropout", "standardize", "scales", "scale_estimation_clips", "allocation"))
         self.sampling.check_classes(d.num_classes)
         if not self.sampling.fps > 0:
             raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
         bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
         if bad:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        self.check_shared("kinetics", reads=("label_dropout", "standardize", "scales", "scale_estimation_clips", "allocation"))
-        from dfm_ext.models.video_dit import VideoDiTConfig
-
         c, frames, h, w = self.latent_shape
         base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": d.num_classes}
         self.model.check(VideoDiTConfig if self.model.kind == "video_dit" else None, **base)
@@ -170,10 +175,10 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
         return LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg))
     from dfm_ext.recipes.kinetics.data import VideoClips, scan_videos
 
-    items, classes = scan_videos(cfg.data.root, cfg.data.annotations)
-    if len(classes) > cfg.data.num_classes:
-        raise ConfigError(f"the data has {len(classes)} classes but data.num_classes={cfg.data.num_classes}")
     d = cfg.data
+    items, classes = scan_videos(d.root, d.annotations)
+    if len(classes) > d.num_classes:
+        raise ConfigError(f"the data has {len(classes)} classes but data.num_classes={d.num_classes}")
     return VideoClips(
         items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution, position=d.position,
         max_skips=d.max_skips, classes=classes,
@@ -205,8 +210,6 @@ class LabelTokenDFM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """The wrapper's ``save_pretrained`` plus ``label_tokens.safetensors`` in the same folder."""
-        from safetensors.torch import save
-
         tokens = {k: v.detach().cpu().contiguous() for k, v in self.label_tokens.state_dict().items()}
         self.dfm.save_pretrained(directory, extra_files={LABEL_TOKENS_FILE: save(tokens)})
 
@@ -217,8 +220,6 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     if cfg.model.factory:
         return import_factory(cfg.model.factory)(cfg)
     if cfg.model.kind == "video_dit":
-        from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
-
         # label dropout is the recipe's (once per sample, from the step's generator), not the DiT's
         sizes = {"input_size": (frames, h, w), "in_channels": c, "num_classes": cfg.data.num_classes, "class_dropout_prob": 0.0}
         return VideoDiT(VideoDiTConfig.preset(cfg.model.preset, **{**sizes, **cfg.model.overrides}))
@@ -232,34 +233,72 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     })  # fmt: skip
 
 
-class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
+class KineticsTask(ClassConditionalInputs, TrainTask):
     """Model, loss and video sampling of the class-conditional video recipe (a ``TrainTask``)."""
 
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
-        self.cfg, self.dataset, self.name = cfg, dataset, name
-        self.decomposition = cfg.decomposition.build()
-        self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
-        self.null_class, self.label_dropout = cfg.data.num_classes, cfg.dfm.label_dropout
-        self.random_flip = cfg.data.random_flip
-        self._codec: Any = None
+        super().__init__(cfg, load_codec)
+        self.dataset, self.name = dataset, name
 
-    def _load_codec(self, device: torch.device) -> Any:
-        return load_codec(self.cfg, device)
+    def estimate_scales(self, device: torch.device | str = "cpu", *, batch_size: int = 8) -> Tensor:
+        """Per-stage std of the latents of ``dfm.scale_estimation_clips`` clips spread evenly over the data (paper A.5)."""
+        if self.dataset is None:
+            raise ValueError("estimating stage scales needs the dataset; pass dataset= or set dfm.scales")
+        n = len(self.dataset)  # type: ignore[arg-type]
+        k = min(n, self.cfg.dfm.scale_estimation_clips)
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
+        device = torch.device(device)
+        g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
+
+        def batches() -> Iterator[Tensor]:
+            for start in range(0, len(picks), batch_size):
+                items = [self.dataset[(i, False)] for i in picks[start : start + batch_size]]  # type: ignore[index]
+                if "latents" in items[0]:
+                    yield torch.stack([it["latents"] for it in items]).to(device)
+                else:
+                    yield self.codec(device).encode(torch.stack([it["pixels"] for it in items]).to(device), generator=g)
+
+        return estimate_stage_scales(self.decomposition, batches())
+
+    def stage_scales(self) -> Tensor:
+        """Ones, ``dfm.scales``, the run folder's ``stage_scales.json`` (keyed by the config parts it depends on, so a
+        changed config estimates again), or a new estimate: the main process's, broadcast, so that every rank
+        trains with bitwise the same scales."""
+        s = self.decomposition.num_stages
+        if not self.cfg.dfm.standardize:
+            return torch.ones(s)
+        if self.cfg.dfm.scales is not None:
+            return torch.tensor(self.cfg.dfm.scales, dtype=torch.float32)
+        from accelerate import PartialState
+
+        state = PartialState()
+        path = Path(self.cfg.train.output_dir.format(name=self.name)).expanduser() / SCALES_FILE
+        relevant = {k: config_to_dict(self.cfg)[k] for k in ("data", "vae", "decomposition")}
+        key = hashlib.sha256(json.dumps({**relevant, "clips": self.cfg.dfm.scale_estimation_clips}, sort_keys=True).encode()).hexdigest()[:16]
+        scales, fresh = torch.zeros(s, dtype=torch.float32), False
+        if state.is_main_process:
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            if saved.get("key") == key and len(saved.get("scales", [])) == s:
+                scales = torch.tensor(saved["scales"], dtype=torch.float32)
+            else:
+                scales, fresh = self.estimate_scales(state.device), True
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            scales = broadcast(scales.to(state.device), from_process=0).cpu()
+        if fresh:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"key": key, "scales": scales.tolist()}, indent=2))
+        return scales
 
     def build_model(self) -> nn.Module:
-        from dfm_ext.wrapping.wrapper import wrap_dit
-
         base = build_base_model(self.cfg)
         if self.cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(base)
-        label_tokens = rotary = None
-        adapter = "auto"
+        label_tokens, rotary, adapter = None, None, "auto"
         if not self.cfg.model.factory and self.cfg.model.kind == "cogvideox":
             c = base.config
-            if c.use_learned_positional_embeddings or not c.use_rotary_positional_embeddings:
-                tokens = int(c.max_text_seq_length)
-            else:
-                tokens = 16
+            tokens = int(c.max_text_seq_length) if c.use_learned_positional_embeddings or not c.use_rotary_positional_embeddings else 16
             label_tokens = LabelTokens(self.cfg.data.num_classes, tokens, int(c.text_embed_dim))
             rotary = CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
             adapter = "cogvideox"
@@ -271,12 +310,7 @@ class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
             return dfm
         return LabelTokenDFM(dfm, label_tokens, self.cfg.data.num_classes, rotary=rotary)
 
-    def state(self) -> dict[str, Any]:
-        return {"timesteps": self.timesteps} if self.timesteps.allocation is not None else {}
-
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
-        from dfm_ext.process.objective import dfm_loss
-
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = dfm_loss(
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
@@ -288,20 +322,13 @@ class KineticsTask(StageScalesMixin, ClassConditionalInputs, TrainTask):
     @torch.no_grad()
     def sample(self, model: nn.Module, *, device: torch.device) -> tuple[list[Tensor], Tensor]:
         """Decoded previews (one per stage before the last) and final videos, ``[N, 3, T, H, W]`` in ``[-1, 1]``."""
-        cfg = self.cfg.sampling
-        net = unwrap(model)
-        n = cfg.num_videos
+        cfg, n = self.cfg.sampling, self.cfg.sampling.num_videos
         labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
-        sampler = cfg.sampler(self.decomposition)  # scales: the model's stage_scales
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        out = sampler.sample(net, (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
-        codec = self.codec(device)
+        out = cfg.sampler(self.decomposition).sample(unwrap(model), (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
+        codec = self.codec(device)  # (scales: the model's stage_scales)
         final = codec.decode(out.x)
-        previews = [
-            torch.nn.functional.interpolate(codec.decode(p), size=tuple(final.shape[2:]), mode="nearest")
-            for p in out.previews[:-1]
-        ]
-        return previews, final
+        return [torch.nn.functional.interpolate(codec.decode(p), size=tuple(final.shape[2:]), mode="nearest") for p in out.previews[:-1]], final
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:

@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from dfm_ext.recipes.engine.viz import atomic_file, save_image_grid
+from dfm_ext.recipes.engine.viz import atomic_file, save_image_grid, to_uint8
 
 __all__ = ["DECODE_ERRORS", "ClipError", "clip_indices", "read_clip", "save_frame_strip", "to_uint8_frames", "write_gif", "write_mp4"]
 
@@ -23,14 +25,8 @@ class ClipError(ValueError):
     """A video decoded, but not into a usable clip (too short, no video stream)."""
 
 
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    import av
-
-    return (av.error.FFmpegError, OSError, ClipError, ValueError, EOFError)
-
-
 #: What a dataset treats as "skip this file": PyAV's errors, unreadable files, :class:`ClipError`.
-DECODE_ERRORS: tuple[type[BaseException], ...] = _decode_errors()
+DECODE_ERRORS: tuple[type[BaseException], ...] = (av.error.FFmpegError, OSError, ClipError, ValueError, EOFError)
 
 
 def clip_indices(num_available: int, num_frames: int, stride: int, position: str = "center") -> list[int]:
@@ -70,8 +66,6 @@ def read_clip(
     """Decode a clip: ``[3, num_frames, R, R]`` float32 in ``[-1, 1]``, each frame's short side resized to ``R``
     (swscale, bicubic) and centre cropped. Frames are counted by decoding (headers can lie about truncated
     files); :class:`ClipError` when too few decode."""
-    import av
-
     if resolution < 1:
         raise ValueError(f"resolution must be >= 1, got {resolution}")
     with av.open(str(path)) as container:
@@ -114,17 +108,14 @@ def to_uint8_frames(video: Tensor | np.ndarray) -> np.ndarray:
         return video
     if not isinstance(video, Tensor) or video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"video must be a tensor [3, T, H, W], got {getattr(video, 'shape', type(video))}")
-    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().numpy()
+    return np.ascontiguousarray(to_uint8(video.transpose(0, 1)))
 
 
-def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0, crf: int = 18) -> Path:
+def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0) -> Path:
     """Write frames as an H.264 MP4 (yuv420p; MPEG-4 part 2 when libx264 is missing).
 
     Odd frame sizes are padded by one pixel (yuv420p needs even sizes). Returns the path.
     """
-    import av
-
     frames = to_uint8_frames(video)
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
@@ -135,21 +126,16 @@ def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: 
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": str(crf)}
+            stream.options = {"crf": "18"}
         for arr in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")))
         out.mux(stream.encode())
     return Path(path)
 
 
-def write_gif(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0, scale: int = 1) -> Path:
-    """Write frames as a looping GIF through Pillow (nearest upscaling by ``scale``)."""
-    from PIL import Image
-
-    frames = to_uint8_frames(video)
-    if scale > 1:
-        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    images = [Image.fromarray(f) for f in frames]
+def write_gif(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0) -> Path:
+    """Write frames as a looping GIF through Pillow."""
+    images = [Image.fromarray(f) for f in to_uint8_frames(video)]
     with atomic_file(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return Path(path)
