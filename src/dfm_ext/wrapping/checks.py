@@ -97,10 +97,16 @@ def native_grid_hint(ad: Any, model: nn.Module, decomposition: Any, shape: tuple
         except ValueError:
             continue
         hints.append(f"sample_shape={cand} with patch_sizes={[p[0] if len(set(p)) == 1 else list(p) for p in sizes]}")
+    coarsest = decomposition.stage_shapes((1, *shape))[0][2:]
+    patch = [d // c for d, c in zip(shape[1:], coarsest)]
+    rebuild = (
+        f" Or build the model on the token grid stage 0 allows, {tuple(coarsest)}: patch size {patch[0] if len(set(patch)) == 1 else patch}"
+        f" for samples {tuple(shape[1:])} (what the recipes do; the paper's 1024 px setting)."
+    )
     if not hints:
-        return ""
+        return rebuild
     return (
-        f" Stage 0 must cover the token grid: on {type(model).__name__}'s native grid {grid} (which a model "
-        f"with fixed positions must keep) use {' or '.join(hints)}; this generates above the native size, "
-        "see docs/guides/adapters.md ('Fixed positions')."
+        f" Stage 0 must cover the token grid: to keep {type(model).__name__}'s native grid {grid} (as a model "
+        f"with fixed positions must) use {' or '.join(hints)}; this generates above the native size, "
+        "see docs/guides/adapters.md ('Fixed positions')." + rebuild
     )

@@ -156,16 +156,31 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
             base = import_factory(cfg.model.factory)(cfg)
         else:  # label dropout is the recipe's (once per sample, from the step's generator), not the DiT's
             sizes = {"input_size": cfg.latent_size, "in_channels": cfg.vae.latent_channels, "num_classes": cfg.data.num_classes}
-            base = DiT(DiTConfig.preset(cfg.model.preset, **sizes, class_dropout_prob=0.0, **cfg.model.overrides))
+            overrides = {**cfg.model.overrides, "patch_size": self.trunk_patch_size()}
+            base = DiT(DiTConfig.preset(cfg.model.preset, **sizes, class_dropout_prob=0.0, **overrides))
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(base)
         try:
             model = wrap_dit(base, self.decomposition, init=cfg.model.init, time_convention=cfg.model.time_convention)
-        except ValueError as e:  # before any step: a usage error (exit 2)
-            raise ConfigError(f"model (set model.time_convention or fix model.factory): {e}") from e
+        except ValueError as e:  # before any step: a usage error (exit 2), naming what to change
+            what = "set model.time_convention" if "time_convention" in str(e) else "the model and the decomposition do not fit"
+            raise ConfigError(f"{'model.factory' if cfg.model.factory else 'model'} ({what}): {e}") from e
         if cfg.specialize.kind != "none":
             model.stage_specialization = cfg.specialize.apply(model)  # rides along into the EMA copy and final/
         return model
+
+    def trunk_patch_size(self) -> int:
+        """The DiT's patch size: the preset's, or larger when the coarsest stage needs a coarser token grid.
+
+        Every stage must land on the trunk's token grid with a patch of at least 1: with
+        ``factors: [4, 1]`` on 128 x 128 latents, stage 0 is 32 x 32, so the trunk works on a 32 x 32
+        grid (patch 4 on the full stage, 1 on stage 0; the paper's 1024 px setting) even for XL/2.
+        """
+
+        cfg = self.cfg
+        patch = int(cfg.model.overrides.get("patch_size", DiTConfig.preset(cfg.model.preset).patch_size))
+        coarsest = self.decomposition.stage_shapes((1, cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size))[0][-1]
+        return max(patch, cfg.latent_size // coarsest)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
