@@ -292,6 +292,26 @@ def _wan_vace_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -
     return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
 
 
+POOLED_DIM = 8
+
+
+def tiny_hunyuan_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return _build(
+        HunyuanVideoTransformer3DModel, path, seed,
+        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, rope_axes_dim=(2, 2, 4),
+    )
+
+
+def _hunyuan_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HunyuanVideoPipeline: FlowMatchEuler timestep 1000 sigma, guidance = scale * 1000; predicts noise - x.
+    guidance = torch.full((x.shape[0],), 1000.0)  # the adapter's default guidance scale 1.0
+    return -m(x, timestep=1000.0 - 1000.0 * t, guidance=guidance, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -401,6 +421,7 @@ FAMILIES = {
     "cogview3plus": (tiny_cogview3plus, _cogview3plus_call, (C, 8, 8), "cogview3plus"),
     "sana_video": (tiny_sana_video, _sana_video_call, (C, 2, 8, 8), "sana_video"),
     "wan_vace": (tiny_wan_vace, _wan_vace_call, (C, 2, 8, 8), "wan_vace"),
+    "hunyuan_video": (tiny_hunyuan_video, _hunyuan_video_call, (C, 2, 8, 8), "hunyuan_video"),
 }
 
 
@@ -416,6 +437,10 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family in ("cogview4", "cogview3plus"):  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
         size = torch.tensor([[64.0, 64.0]] * batch)
         out.update(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
+    if family == "hunyuan_video":  # Llama tokens with the last one padded in the second sample
+        out["pooled_projections"] = torch.randn(batch, POOLED_DIM, generator=generator)
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

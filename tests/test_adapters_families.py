@@ -45,6 +45,7 @@ CHECKPOINTED = {
     "cogview3plus": ("transformer_blocks",),
     "sana_video": ("transformer_blocks",),
     "wan_vace": ("vace_blocks", "blocks"),
+    "hunyuan_video": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
 }
 
 

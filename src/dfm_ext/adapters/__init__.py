@@ -32,6 +32,7 @@ name               family
 ``cogview3plus``   diffusers ``CogView3PlusTransformer2DModel`` (declarative)
 ``sana_video``     diffusers ``SanaVideoTransformer3DModel`` (declarative)
 ``wan_vace``       diffusers ``WanVACETransformer3DModel`` (Wan's layout and VACE's control branch)
+``hunyuan_video``  diffusers ``HunyuanVideoTransformer3DModel`` (declarative; the text refiner reads time too)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.cogview3plus import CogView3PlusAdapter
     from dfm_ext.adapters.sana_video import SanaVideoAdapter
     from dfm_ext.adapters.wan_vace import WanVACEAdapter
+    from dfm_ext.adapters.hunyuan_video import HunyuanVideoAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -102,6 +104,7 @@ _CLASSES = {
     "CogView3PlusAdapter": "cogview3plus",
     "SanaVideoAdapter": "sana_video",
     "WanVACEAdapter": "wan_vace",
+    "HunyuanVideoAdapter": "hunyuan_video",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -117,6 +120,7 @@ _DIFFUSERS = {
     "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit", "cogview4": "cogview4", "chroma": "chroma",
     "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
     "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video", "wan_vace": "wan_vace",
+    "hunyuan_video": "hunyuan_video",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -45,6 +45,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "CogView3PlusTransformer2DModel": "cogview3plus",
         "SanaVideoTransformer3DModel": "sana_video",
         "WanVACETransformer3DModel": "wan_vace",
+        "HunyuanVideoTransformer3DModel": "hunyuan_video",
     }
 )
 
@@ -113,7 +114,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
         "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
         "HunyuanImageTransformer2DModel": "not written yet: HunyuanImage 2.1's dual text encoders and refiner time",
-        "HunyuanVideoTransformer3DModel": "not written yet: token-replace time embedding and a text refiner that reads the time",
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
