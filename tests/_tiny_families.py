@@ -312,6 +312,24 @@ def _hunyuan_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: di
     return -m(x, timestep=1000.0 - 1000.0 * t, guidance=guidance, **cond).sample
 
 
+MOCHI_TEXT_DIM = 16  # Mochi's attention pool splits the text width into 8 heads
+
+
+def tiny_mochi(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import MochiTransformer3DModel
+
+    return _build(
+        MochiTransformer3DModel, path, seed,
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1, pooled_projection_dim=16, in_channels=C,
+        text_embed_dim=MOCHI_TEXT_DIM, time_embed_dim=32,
+    )
+
+
+def _mochi_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # MochiPipeline: FlowMatchEuler with invert_sigmas, timestep 1000 (1 - sigma) = 1000 t; predicts x - noise.
+    return m(x, timestep=1000.0 * t, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -422,12 +440,23 @@ FAMILIES = {
     "sana_video": (tiny_sana_video, _sana_video_call, (C, 2, 8, 8), "sana_video"),
     "wan_vace": (tiny_wan_vace, _wan_vace_call, (C, 2, 8, 8), "wan_vace"),
     "hunyuan_video": (tiny_hunyuan_video, _hunyuan_video_call, (C, 2, 8, 8), "hunyuan_video"),
+    "mochi": (tiny_mochi, _mochi_call, (C, 2, 8, 8), "mochi"),
 }
+
+
+#: family -> (the text keyword, its width) where it is not ("encoder_hidden_states", TEXT_DIM)
+TEXT_KEYS: dict[str, tuple[str, int]] = {"mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM)}
+
+
+def text_key(family: str) -> tuple[str, int]:
+    """The family's main text keyword and its width (what a wrong width is tested on)."""
+    return TEXT_KEYS.get(family, ("encoder_hidden_states", TEXT_DIM))
 
 
 def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]`` (and LTX's RoPE scale)."""
-    out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
+    key, width = text_key(family)
+    out: dict = {key: torch.randn(batch, TEXT_LEN, width, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
     if family == "wan_vace":  # control latents at the native sample's (stage 0's) resolution
@@ -441,6 +470,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["pooled_projections"] = torch.randn(batch, POOLED_DIM, generator=generator)
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_attention_mask"][1:, -1] = 0
+    if family == "mochi":
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["encoder_attention_mask"][1:, -1] = False
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

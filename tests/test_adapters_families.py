@@ -46,6 +46,7 @@ CHECKPOINTED = {
     "sana_video": ("transformer_blocks",),
     "wan_vace": ("vace_blocks", "blocks"),
     "hunyuan_video": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
+    "mochi": ("transformer_blocks",),
 }
 
 
@@ -316,8 +317,9 @@ def test_bad_conditioning_is_refused(pristine, fam: str) -> None:
     k = torch.zeros(2, dtype=torch.long)
     with pytest.raises(TypeError, match="unexpected conditioning"):
         model(stages, t, k, prompt="a cat", **tiny.text_inputs(fam, 2))
-    with pytest.raises(ValueError, match=r"encoder_hidden_states must have shape \[2, (\*|3), 12\], got \(2, 3, 5\)"):
-        model(stages, t, k, encoder_hidden_states=torch.randn(2, 3, 5))
+    key, width = tiny.text_key(fam)
+    with pytest.raises(ValueError, match=rf"{key} must have shape \[2, (\*|3), {width}\], got \(2, 3, 5\)"):
+        model(stages, t, k, **{key: torch.randn(2, 3, 5)})
 
 
 # ----------------------------------------------------------------------------- the declarative spec

@@ -46,6 +46,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "SanaVideoTransformer3DModel": "sana_video",
         "WanVACETransformer3DModel": "wan_vace",
         "HunyuanVideoTransformer3DModel": "hunyuan_video",
+        "MochiTransformer3DModel": "mochi",
     }
 )
 
@@ -125,7 +126,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
         "Transformer2DModel": "not written yet: the generic 2-D transformer (PixArt-alpha / DiT layouts chosen by its config)",
         "LuminaNextDiT2DModel": "not written yet: Lumina-Next's own patch embedding and RoPE scaling",
-        "MochiTransformer3DModel": "not written yet: Mochi's asymmetric joint attention and attention-pooled text in the time path",
         "AllegroTransformer3DModel": "not written yet: Allegro's adaLN-single video blocks",
         "LatteTransformer3DModel": "not written yet: alternating spatial and temporal blocks over frame-major tokens",
         "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
