@@ -330,6 +330,26 @@ def _mochi_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> t
     return m(x, timestep=1000.0 * t, **cond).sample
 
 
+HIDREAM_LLAMA_LAYERS = 2
+
+
+def tiny_hidream_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return _build(
+        HiDreamImageTransformer2DModel, path, seed,
+        patch_size=2, in_channels=C, out_channels=C, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, caption_channels=[TEXT_DIM, TEXT_DIM], text_emb_dim=POOLED_DIM, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 6, 6), max_resolution=(16, 16), llama_layers=[0, 1],
+    )
+
+
+def _hidream_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HiDreamImagePipeline: timesteps 1000 sigma, Llama layers [N, B, L, D]; it negates the output: x - noise.
+    cond = {**cond, "encoder_hidden_states_llama3": cond["encoder_hidden_states_llama3"].transpose(0, 1)}
+    return m(x, timesteps=1000.0 - 1000.0 * t, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -441,11 +461,15 @@ FAMILIES = {
     "wan_vace": (tiny_wan_vace, _wan_vace_call, (C, 2, 8, 8), "wan_vace"),
     "hunyuan_video": (tiny_hunyuan_video, _hunyuan_video_call, (C, 2, 8, 8), "hunyuan_video"),
     "mochi": (tiny_mochi, _mochi_call, (C, 2, 8, 8), "mochi"),
+    "hidream_image": (tiny_hidream_image, _hidream_image_call, (C, 8, 8), "hidream_image"),
 }
 
 
 #: family -> (the text keyword, its width) where it is not ("encoder_hidden_states", TEXT_DIM)
-TEXT_KEYS: dict[str, tuple[str, int]] = {"mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM)}
+TEXT_KEYS: dict[str, tuple[str, int]] = {
+    "mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM),
+    "hidream_image": ("encoder_hidden_states_t5", TEXT_DIM),
+}
 
 
 def text_key(family: str) -> tuple[str, int]:
@@ -473,6 +497,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "mochi":
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
         out["encoder_attention_mask"][1:, -1] = False
+    if family == "hidream_image":  # Llama layers batch first
+        out["encoder_hidden_states_llama3"] = torch.randn(batch, HIDREAM_LLAMA_LAYERS, TEXT_LEN, TEXT_DIM, generator=generator)
+        out["pooled_embeds"] = torch.randn(batch, POOLED_DIM, generator=generator)
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -47,6 +47,7 @@ CHECKPOINTED = {
     "wan_vace": ("vace_blocks", "blocks"),
     "hunyuan_video": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
     "mochi": ("transformer_blocks",),
+    "hidream_image": ("double_stream_blocks", "single_stream_blocks"),
 }
 
 
@@ -353,3 +354,18 @@ def test_spec_model_class_by_module_path_and_adapter_overrides(pristine) -> None
     assert torch.equal(adapter.time_function(pristine["sana"])(torch.tensor([0.5])), torch.tensor([1000.0]))
     with pytest.raises(TypeError, match="time_scale must be a number, got 'big'"):
         SanaAdapter(time_scale="big")
+
+
+def test_hidream_non_square_grid_is_padded_as_the_model_pads_it(pristine) -> None:
+    """HiDream pads a non-square grid to max_resolution's tokens (kept in the softmax): stage 0 still equals its forward."""
+    model = wrap_dit(_fresh(pristine, "hidream_image"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 8), patch_sizes=[2, 4])
+    assert model.packer.grid == (4, 2)
+    stages, t, g = _inputs(model, 2, seed=11)
+    cond = tiny.text_inputs("hidream_image", 2, g)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)
+        expected = tiny.FAMILIES["hidream_image"][1](pristine["hidream_image"], stages[0], t[:, 0], cond)
+    assert (v[0] - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"has 72 tokens, more than .* max_resolution allows \(64\)"):
+        big = wrap_dit(_fresh(pristine, "hidream_image"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 24, 12), patch_sizes=[1, 2])
+        big(*_inputs(big, 2, seed=11)[:2], torch.ones(2, dtype=torch.long), **cond)

@@ -34,6 +34,7 @@ name               family
 ``wan_vace``       diffusers ``WanVACETransformer3DModel`` (Wan's layout and VACE's control branch)
 ``hunyuan_video``  diffusers ``HunyuanVideoTransformer3DModel`` (declarative; the text refiner reads time too)
 ``mochi``          diffusers ``MochiTransformer3DModel`` (declarative; per-frame patch conv as a ``Conv3d``)
+``hidream_image``  diffusers ``HiDreamImageTransformer2DModel`` (declarative; mixture-of-experts blocks)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.wan_vace import WanVACEAdapter
     from dfm_ext.adapters.hunyuan_video import HunyuanVideoAdapter
     from dfm_ext.adapters.mochi import MochiAdapter
+    from dfm_ext.adapters.hidream_image import HiDreamImageAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -108,6 +110,7 @@ _CLASSES = {
     "WanVACEAdapter": "wan_vace",
     "HunyuanVideoAdapter": "hunyuan_video",
     "MochiAdapter": "mochi",
+    "HiDreamImageAdapter": "hidream_image",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -123,7 +126,7 @@ _DIFFUSERS = {
     "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit", "cogview4": "cogview4", "chroma": "chroma",
     "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
     "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video", "wan_vace": "wan_vace",
-    "hunyuan_video": "hunyuan_video", "mochi": "mochi",
+    "hunyuan_video": "hunyuan_video", "mochi": "mochi", "hidream_image": "hidream_image",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

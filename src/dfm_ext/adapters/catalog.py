@@ -47,6 +47,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "WanVACETransformer3DModel": "wan_vace",
         "HunyuanVideoTransformer3DModel": "hunyuan_video",
         "MochiTransformer3DModel": "mochi",
+        "HiDreamImageTransformer2DModel": "hidream_image",
     }
 )
 
@@ -113,7 +114,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         # Families not written yet: what each adapter needs beyond the shipped patterns.
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
-        "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
         "HunyuanImageTransformer2DModel": "not written yet: HunyuanImage 2.1's dual text encoders and refiner time",
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
