@@ -350,6 +350,31 @@ def _hidream_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: di
     return m(x, timesteps=1000.0 - 1000.0 * t, **cond).sample
 
 
+def tiny_lumina_next(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import LuminaNextDiT2DModel
+
+    return _build(
+        LuminaNextDiT2DModel, path, seed,
+        sample_size=16,  # twice the native 8x8 sample: the pipeline's resolution scaling is 0.5, not 1
+        patch_size=2, in_channels=C, hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+        learn_sigma=True, cross_attention_dim=TEXT_DIM,
+    )
+
+
+def _lumina_next_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # LuminaPipeline: timestep 1 - sigma = t; RoPE for 384 x 384 tokens, scaled by sqrt(width * height) /
+    # default_image_size (linear below scaling_watershed = 1.0, NTK above); first C channels, negated
+    # before the scheduler: x - noise.
+    import math
+
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    scale = math.sqrt(x.shape[-2] * x.shape[-1]) / m.config.sample_size
+    factors = {"linear_factor": scale, "ntk_factor": 1.0} if t[0] < 1.0 else {"linear_factor": 1.0, "ntk_factor": scale}
+    rope = get_2d_rotary_pos_embed_lumina(m.head_dim, 384, 384, **factors)
+    return m(x, timestep=t, image_rotary_emb=rope, cross_attention_kwargs={}, **cond).sample[:, :C]
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -462,6 +487,7 @@ FAMILIES = {
     "hunyuan_video": (tiny_hunyuan_video, _hunyuan_video_call, (C, 2, 8, 8), "hunyuan_video"),
     "mochi": (tiny_mochi, _mochi_call, (C, 2, 8, 8), "mochi"),
     "hidream_image": (tiny_hidream_image, _hidream_image_call, (C, 8, 8), "hidream_image"),
+    "lumina_next": (tiny_lumina_next, _lumina_next_call, (C, 8, 8), "lumina_next"),
 }
 
 
@@ -500,6 +526,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "hidream_image":  # Llama layers batch first
         out["encoder_hidden_states_llama3"] = torch.randn(batch, HIDREAM_LLAMA_LAYERS, TEXT_LEN, TEXT_DIM, generator=generator)
         out["pooled_embeds"] = torch.randn(batch, POOLED_DIM, generator=generator)
+    if family == "lumina_next":  # the last caption token padded in the second sample
+        out["encoder_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
