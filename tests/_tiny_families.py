@@ -375,6 +375,36 @@ def _lumina_next_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict
     return m(x, timestep=t, image_rotary_emb=rope, cross_attention_kwargs={}, **cond).sample[:, :C]
 
 
+def tiny_allegro(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import AllegroTransformer3DModel
+
+    return _build(
+        AllegroTransformer3DModel, path, seed,
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        num_layers=1, cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=2, caption_channels=TEXT_DIM,
+    )
+
+
+def _allegro_adapter(**kw):
+    from dfm_ext.adapters.allegro import AllegroAdapter
+
+    return AllegroAdapter(prediction="v_prediction", **kw)
+
+
+def _allegro_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # AllegroPipeline: a DDPM-family scheduler (integer steps, 999 = noise); v-prediction taken raw.
+    # RoPE as _prepare_rotary_positional_embeddings builds it for the latent's token grid.
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    cfg, (f, h, w) = m.config, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2)
+    freqs_t, freqs_h, freqs_w, gt, gh, gw = get_3d_rotary_pos_embed_allegro(
+        cfg.attention_head_dim, ((0, 0), (h, w)), (h, w), f,
+        (cfg.interpolation_scale_t, cfg.interpolation_scale_h, cfg.interpolation_scale_w),
+    )  # fmt: skip
+    pos = torch.cartesian_prod(gt.long(), gh.long(), gw.long()).reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    return m(x, timestep=999.0 - 999.0 * t, image_rotary_emb=((freqs_t, freqs_h, freqs_w), tuple(pos)), **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -488,7 +518,11 @@ FAMILIES = {
     "mochi": (tiny_mochi, _mochi_call, (C, 2, 8, 8), "mochi"),
     "hidream_image": (tiny_hidream_image, _hidream_image_call, (C, 8, 8), "hidream_image"),
     "lumina_next": (tiny_lumina_next, _lumina_next_call, (C, 8, 8), "lumina_next"),
+    "allegro": (tiny_allegro, _allegro_call, (C, 2, 8, 8), "allegro"),
 }
+
+#: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
+ADAPTERS = {"allegro": _allegro_adapter}
 
 
 #: family -> (the text keyword, its width) where it is not ("encoder_hidden_states", TEXT_DIM)
@@ -529,6 +563,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "lumina_next":  # the last caption token padded in the second sample
         out["encoder_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_mask"][1:, -1] = 0
+    if family == "allegro":
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -49,6 +49,7 @@ CHECKPOINTED = {
     "mochi": ("transformer_blocks",),
     "hidream_image": ("double_stream_blocks", "single_stream_blocks"),
     "lumina_next": ("layers",),  # its own forward never checkpoints; the wrapped one honours the flag
+    "allegro": ("transformer_blocks",),
 }
 
 
@@ -92,6 +93,9 @@ def _setup(fam: str, num_stages: int) -> tuple[tuple[int, ...], LaplacianPyramid
 
 def _wrap(pristine, fam: str, num_stages: int = 2, **kw):
     sample, decomposition, patches = _setup(fam, num_stages)
+    make = tiny.ADAPTERS.get(fam)  # a family whose adapter asks for a choice the model cannot show
+    if make is not None:
+        kw = {**kw, "adapter": make(time_convention=kw.pop("time_convention", None))}
     return wrap_dit(_fresh(pristine, fam), decomposition, sample_shape=sample, patch_sizes=patches, **kw)
 
 
@@ -370,3 +374,26 @@ def test_hidream_non_square_grid_is_padded_as_the_model_pads_it(pristine) -> Non
     with pytest.raises(ValueError, match=r"has 72 tokens, more than .* max_resolution allows \(64\)"):
         big = wrap_dit(_fresh(pristine, "hidream_image"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 24, 12), patch_sizes=[1, 2])
         big(*_inputs(big, 2, seed=11)[:2], torch.ones(2, dtype=torch.long), **cond)
+
+
+def test_allegro_asks_for_its_prediction_type(pristine) -> None:
+    """The transformer cannot show epsilon vs v (its scheduler config can): adapter="auto" asks, listing the calls."""
+    with pytest.raises(ValueError, match=r"prediction_type.*AllegroAdapter\(prediction='epsilon'\).*'v_prediction'"):
+        wrap_dit(_fresh(pristine, "allegro"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+    from dfm_ext.adapters import AllegroAdapter
+
+    assert AllegroAdapter(prediction="epsilon").output_scale == -1.0
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        AllegroAdapter(prediction="sample")
+
+
+def test_hunyuan_video_image_to_video_variants_are_refused() -> None:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    i2v = HunyuanVideoTransformer3DModel(
+        in_channels=tiny.C, out_channels=tiny.C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=12, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+        image_condition_type="token_replace",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="token_replace.*per-token time"):
+        wrap_dit(i2v, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))

@@ -49,6 +49,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "MochiTransformer3DModel": "mochi",
         "HiDreamImageTransformer2DModel": "hidream_image",
         "LuminaNextDiT2DModel": "lumina_next",
+        "AllegroTransformer3DModel": "allegro",
     }
 )
 
@@ -126,7 +127,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
         "Transformer2DModel": "not written yet: the generic 2-D transformer (PixArt-alpha / DiT layouts chosen by its config)",
-        "AllegroTransformer3DModel": "not written yet: Allegro's adaLN-single video blocks",
         "LatteTransformer3DModel": "not written yet: alternating spatial and temporal blocks over frame-major tokens",
         "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
         "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
