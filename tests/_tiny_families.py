@@ -405,6 +405,32 @@ def _allegro_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) ->
     return m(x, timestep=999.0 - 999.0 * t, image_rotary_emb=((freqs_t, freqs_h, freqs_w), tuple(pos)), **cond).sample
 
 
+_COSMOS = dict(
+    in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=12, num_layers=1, mlp_ratio=2.0,
+    text_embed_dim=TEXT_DIM, adaln_lora_dim=8, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+)  # fmt: skip
+
+
+def tiny_cosmos(path: Path, seed: int = 0, **config) -> nn.Module:
+    # concat_padding_mask=False: the model's own forward resizes the mask with torchvision, which is not
+    # installed here (the mask-dropping path is checked against this model in test_adapters_families.py)
+    from diffusers import CosmosTransformer3DModel
+
+    return _build(CosmosTransformer3DModel, path, seed, **{**_COSMOS, "concat_padding_mask": False, **config})
+
+
+def _cosmos_adapter(**kw):
+    from dfm_ext.adapters.cosmos import CosmosAdapter
+
+    return CosmosAdapter(parameterization="flow", **kw)
+
+
+def _cosmos_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Cosmos2 pipelines: input c_in x_sigma = the flow interpolant, timestep = s = sigma / (sigma + 1) = 1 - t,
+    # x = x_s - s F: F = noise - x.
+    return -m(x, timestep=1.0 - t, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -519,10 +545,11 @@ FAMILIES = {
     "hidream_image": (tiny_hidream_image, _hidream_image_call, (C, 8, 8), "hidream_image"),
     "lumina_next": (tiny_lumina_next, _lumina_next_call, (C, 8, 8), "lumina_next"),
     "allegro": (tiny_allegro, _allegro_call, (C, 2, 8, 8), "allegro"),
+    "cosmos": (tiny_cosmos, _cosmos_call, (C, 2, 8, 8), "cosmos"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
-ADAPTERS = {"allegro": _allegro_adapter}
+ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter}
 
 
 #: family -> (the text keyword, its width) where it is not ("encoder_hidden_states", TEXT_DIM)
@@ -566,6 +593,10 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "allegro":
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_attention_mask"][1:, -1] = 0
+    if family == "cosmos":  # the video pipelines' frame rate (RoPE's temporal scale)
+        out["attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["attention_mask"][1:, -1] = False
+        out["fps"] = 16
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -50,6 +50,7 @@ CHECKPOINTED = {
     "hidream_image": ("double_stream_blocks", "single_stream_blocks"),
     "lumina_next": ("layers",),  # its own forward never checkpoints; the wrapped one honours the flag
     "allegro": ("transformer_blocks",),
+    "cosmos": ("transformer_blocks",),
 }
 
 
@@ -397,3 +398,27 @@ def test_hunyuan_video_image_to_video_variants_are_refused() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="token_replace.*per-token time"):
         wrap_dit(i2v, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+
+
+def test_cosmos_padding_mask_weights_are_dropped_exactly(pristine, tmp_path) -> None:
+    """With concat_padding_mask the pipelines pass a zero mask channel: the wrapped model equals the model without it."""
+    from dfm_ext.adapters.cosmos import CosmosAdapter
+
+    masked = tiny.tiny_cosmos(tmp_path / "masked", concat_padding_mask=True)
+    plain = pristine["cosmos"]
+    with torch.no_grad():  # the same weights, the mask channel's (the last of each (c, pt, p, q) block) aside
+        masked.load_state_dict({**plain.state_dict(), "patch_embed.proj.weight": masked.patch_embed.proj.weight}, strict=True)
+        masked.patch_embed.proj.weight[:, : plain.patch_embed.proj.in_features].copy_(plain.patch_embed.proj.weight)
+    model = wrap_dit(masked, LaplacianPyramid(factors=(2, 1)), adapter=CosmosAdapter(parameterization="flow"),
+                     sample_shape=(tiny.C, 2, 16, 16), patch_sizes=[(1, 2, 2), (1, 4, 4)])  # fmt: skip
+    stages, t, g = _inputs(model, 2, seed=12)
+    cond = tiny.text_inputs("cosmos", 2, g)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)
+        expected = tiny.FAMILIES["cosmos"][1](plain, stages[0], t[:, 0], cond)
+    assert (v[0] - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"parameterization='flow'.*Cosmos-Predict2"):
+        wrap_dit(_fresh(pristine, "cosmos"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+    with pytest.raises(ValueError, match="Cosmos 1.0.*not supported"):
+        wrap_dit(_fresh(pristine, "cosmos"), LaplacianPyramid(factors=(2, 1)), adapter=CosmosAdapter(parameterization="edm"),
+                 sample_shape=(tiny.C, 2, 16, 16))  # fmt: skip

@@ -37,6 +37,7 @@ name               family
 ``hidream_image``  diffusers ``HiDreamImageTransformer2DModel`` (declarative; mixture-of-experts blocks)
 ``lumina_next``    diffusers ``LuminaNextDiT2DModel`` (declarative; the pipeline's resolution-scaled RoPE)
 ``allegro``        diffusers ``AllegroTransformer3DModel`` (declarative; asks for the prediction type)
+``cosmos``         diffusers ``CosmosTransformer3DModel`` (Cosmos-Predict2; asks for the parameterisation)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -85,6 +86,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.hidream_image import HiDreamImageAdapter
     from dfm_ext.adapters.lumina_next import LuminaNextAdapter
     from dfm_ext.adapters.allegro import AllegroAdapter
+    from dfm_ext.adapters.cosmos import CosmosAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -117,6 +119,7 @@ _CLASSES = {
     "HiDreamImageAdapter": "hidream_image",
     "LuminaNextAdapter": "lumina_next",
     "AllegroAdapter": "allegro",
+    "CosmosAdapter": "cosmos",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -133,7 +136,7 @@ _DIFFUSERS = {
     "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
     "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video", "wan_vace": "wan_vace",
     "hunyuan_video": "hunyuan_video", "mochi": "mochi", "hidream_image": "hidream_image",
-    "lumina_next": "lumina_next", "allegro": "allegro",
+    "lumina_next": "lumina_next", "allegro": "allegro", "cosmos": "cosmos",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -50,6 +50,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "HiDreamImageTransformer2DModel": "hidream_image",
         "LuminaNextDiT2DModel": "lumina_next",
         "AllegroTransformer3DModel": "allegro",
+        "CosmosTransformer3DModel": "cosmos",
     }
 )
 
@@ -130,7 +131,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "LatteTransformer3DModel": "not written yet: alternating spatial and temporal blocks over frame-major tokens",
         "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
         "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
-        "CosmosTransformer3DModel": "not written yet: EDM-style (sigma-scaled) inputs and padding masks",
         "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
         "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
