@@ -431,6 +431,21 @@ def _cosmos_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> 
     return -m(x, timestep=1.0 - t, **cond).sample
 
 
+def tiny_easyanimate(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import EasyAnimateTransformer3DModel
+
+    return _build(
+        EasyAnimateTransformer3DModel, path, seed,
+        num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=C, patch_size=2, num_layers=1,
+        mmdit_layers=1, time_embed_dim=16, text_embed_dim=TEXT_DIM, text_embed_dim_t5=POOLED_DIM, sample_width=8,
+        sample_height=8,
+    )
+
+
+def _easyanimate_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, 1000.0 - 1000.0 * t, **cond).sample  # FlowMatchEuler: 1000 sigma, noise - x
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -546,6 +561,7 @@ FAMILIES = {
     "lumina_next": (tiny_lumina_next, _lumina_next_call, (C, 8, 8), "lumina_next"),
     "allegro": (tiny_allegro, _allegro_call, (C, 2, 8, 8), "allegro"),
     "cosmos": (tiny_cosmos, _cosmos_call, (C, 2, 8, 8), "cosmos"),
+    "easyanimate": (tiny_easyanimate, _easyanimate_call, (C, 2, 8, 8), "easyanimate"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
@@ -597,6 +613,8 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
         out["attention_mask"][1:, -1] = False
         out["fps"] = 16
+    if family == "easyanimate":  # the T5 stream of models built with text_embed_dim_t5
+        out["encoder_hidden_states_t5"] = torch.randn(batch, 2, POOLED_DIM, generator=generator)
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -51,6 +51,7 @@ CHECKPOINTED = {
     "lumina_next": ("layers",),  # its own forward never checkpoints; the wrapped one honours the flag
     "allegro": ("transformer_blocks",),
     "cosmos": ("transformer_blocks",),
+    "easyanimate": ("transformer_blocks",),
 }
 
 

@@ -38,6 +38,7 @@ name               family
 ``lumina_next``    diffusers ``LuminaNextDiT2DModel`` (declarative; the pipeline's resolution-scaled RoPE)
 ``allegro``        diffusers ``AllegroTransformer3DModel`` (declarative; asks for the prediction type)
 ``cosmos``         diffusers ``CosmosTransformer3DModel`` (Cosmos-Predict2; asks for the parameterisation)
+``easyanimate``    diffusers ``EasyAnimateTransformer3DModel`` (declarative; text-to-video)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.lumina_next import LuminaNextAdapter
     from dfm_ext.adapters.allegro import AllegroAdapter
     from dfm_ext.adapters.cosmos import CosmosAdapter
+    from dfm_ext.adapters.easyanimate import EasyAnimateAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -120,6 +122,7 @@ _CLASSES = {
     "LuminaNextAdapter": "lumina_next",
     "AllegroAdapter": "allegro",
     "CosmosAdapter": "cosmos",
+    "EasyAnimateAdapter": "easyanimate",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -137,6 +140,7 @@ _DIFFUSERS = {
     "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video", "wan_vace": "wan_vace",
     "hunyuan_video": "hunyuan_video", "mochi": "mochi", "hidream_image": "hidream_image",
     "lumina_next": "lumina_next", "allegro": "allegro", "cosmos": "cosmos",
+    "easyanimate": "easyanimate",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

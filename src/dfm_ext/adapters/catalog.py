@@ -51,6 +51,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "LuminaNextDiT2DModel": "lumina_next",
         "AllegroTransformer3DModel": "allegro",
         "CosmosTransformer3DModel": "cosmos",
+        "EasyAnimateTransformer3DModel": "easyanimate",
     }
 )
 
@@ -113,6 +114,11 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             f"{_CONTEXT}: conditioned on image tokens an autoregressive prior generated (prior_token_id) and a cache"
         ),
         "QwenImage21Transformer2DModel": f"{_CONTEXT}: image masks and a key-value cache of reference images",
+        "ConsisIDTransformer3DModel": (
+            f"{_CONTEXT}: identity-preserving image-to-video, the reference image's latents are concatenated to the "
+            "input channels (ConsisIDPipeline takes in_channels // 2 as the latent channels) and face features "
+            "condition the blocks"
+        ),
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
@@ -128,9 +134,12 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
         "Transformer2DModel": "not written yet: the generic 2-D transformer (PixArt-alpha / DiT layouts chosen by its config)",
-        "LatteTransformer3DModel": "not written yet: alternating spatial and temporal blocks over frame-major tokens",
-        "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
-        "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
+        "LatteTransformer3DModel": (
+            "not written yet: its spatial blocks run on frame-major batches [B T, N, D] and its temporal blocks on "
+            "[B N, T, D], so per-stage specialisation of their layers needs stage routing that repeats each "
+            "sample's stage over its frames or tokens (dfm_ext.specialization routes rows of [B, ...] only); "
+            "the rest fits (per-frame PatchEmbed as a Conv3d, adaLN-single, fixed temporal sin-cos table)"
+        ),
         "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
         "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
