@@ -75,6 +75,12 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "T5FilmDecoder": f"{_NOT_VISUAL}: spectrogram diffusion for music (FiLM-conditioned T5 decoder)",
         "PriorTransformer": f"{_NOT_VISUAL}: the unCLIP prior, which denoises a CLIP image embedding, not pixels or latents",
         "RFD4ProteinaTransformer": f"{_NOT_VISUAL}: protein structure generation",
+        "Transformer2DModel": (
+            "the generic 2-D transformer: checkpoints of its patched DiT layouts load as the shipped classes "
+            "(from_pretrained remaps norm_type 'ada_norm_zero' to DiTTransformer2DModel, adapter diffusers_dit, and "
+            "'ada_norm_single' to PixArtTransformer2DModel, adapter pixart); its other layouts are a UNet's spatial "
+            "transformer (continuous inputs) or VQ-Diffusion (discrete latent classes), not patched DiTs"
+        ),
         "TransformerTemporalModel": (
             f"{_NOT_VISUAL} on its own: the temporal attention layers inside a video UNet, with no patch embedding "
             "or output head to widen"
@@ -133,7 +139,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
         "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
-        "Transformer2DModel": "not written yet: the generic 2-D transformer (PixArt-alpha / DiT layouts chosen by its config)",
         "LatteTransformer3DModel": (
             "not written yet: its spatial blocks run on frame-major batches [B T, N, D] and its temporal blocks on "
             "[B N, T, D], so per-stage specialisation of their layers needs stage routing that repeats each "
