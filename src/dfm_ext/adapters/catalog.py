@@ -145,7 +145,11 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "sample's stage over its frames or tokens (dfm_ext.specialization routes rows of [B, ...] only); "
             "the rest fits (per-frame PatchEmbed as a Conv3d, adaLN-single, fixed temporal sin-cos table)"
         ),
-        "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
+        "Kandinsky5Transformer3DModel": (
+            "not written yet: channels-last input [B, T, H, W, C] with visual-condition latents and a mask "
+            "concatenated (zeros in text-to-video), RoPE positions and a resolution scale_factor computed by the "
+            "pipeline, separate text transformer blocks, optional fractal (block-sparse) token order"
+        ),
         "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
     }
