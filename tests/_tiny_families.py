@@ -22,13 +22,13 @@ chroma       ``ChromaTransformer2DModel``         ``[B, 4, 8, 8]``, 2x2    sigma
 ovis_image   ``OvisImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
 longcat      ``LongCatImageTransformer2DModel``   ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
 bria         ``BriaTransformer2DModel``           ``[B, 4, 8, 8]``, 2x2    1000 sigma        noise - x
-hunyuan_vid. ``HunyuanVideoTransformer3DModel``   ``[B, 4, 2, 8, 8]`` 1000 sigma (x2)  noise - x
-mochi        ``MochiTransformer3DModel``          ``[B, 4, 2, 8, 8]`` 1000 t           x - noise
-hidream      ``HiDreamImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2 1000 sigma       x - noise
-lumina_next  ``LuminaNextDiT2DModel``             ``[B, 4, 8, 8]``, p 2 t (1 = data)     x - noise
-allegro      ``AllegroTransformer3DModel``        ``[B, 4, 2, 8, 8]`` 999 sigma (DDPM) v (asked)
-cosmos       ``CosmosTransformer3DModel``         ``[B, 4, 2, 8, 8]`` sigma            noise - x
-easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]`` 1000 sigma       noise - x
+hunyuan_vid. ``HunyuanVideoTransformer3DModel``   ``[B, 4, 2, 8, 8]``      1000 sigma (x2)  noise - x
+mochi        ``MochiTransformer3DModel``          ``[B, 4, 2, 8, 8]``      1000 t           x - noise
+hidream      ``HiDreamImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2    1000 sigma       x - noise
+lumina_next  ``LuminaNextDiT2DModel``             ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
+allegro      ``AllegroTransformer3DModel``        ``[B, 4, 2, 8, 8]``      999 sigma (DDPM) v (asked)
+cosmos       ``CosmosTransformer3DModel``         ``[B, 4, 2, 8, 8]``      sigma            noise - x
+easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
