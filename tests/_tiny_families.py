@@ -22,6 +22,13 @@ chroma       ``ChromaTransformer2DModel``         ``[B, 4, 8, 8]``, 2x2    sigma
 ovis_image   ``OvisImageTransformer2DModel``      ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
 longcat      ``LongCatImageTransformer2DModel``   ``[B, 4, 8, 8]``, 2x2    sigma             noise - x
 bria         ``BriaTransformer2DModel``           ``[B, 4, 8, 8]``, 2x2    1000 sigma        noise - x
+hunyuan_vid. ``HunyuanVideoTransformer3DModel``   ``[B, 4, 2, 8, 8]``      1000 sigma (x2)  noise - x
+mochi        ``MochiTransformer3DModel``          ``[B, 4, 2, 8, 8]``      1000 t           x - noise
+hidream      ``HiDreamImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2    1000 sigma       x - noise
+lumina_next  ``LuminaNextDiT2DModel``             ``[B, 4, 8, 8]``, p 2    t (1 = data)     x - noise
+allegro      ``AllegroTransformer3DModel``        ``[B, 4, 2, 8, 8]``      999 sigma (DDPM) v (asked)
+cosmos       ``CosmosTransformer3DModel``         ``[B, 4, 2, 8, 8]``      sigma            noise - x
+easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -292,6 +299,160 @@ def _wan_vace_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -
     return -m(x, timestep=1000.0 - 1000.0 * t, **cond).sample
 
 
+POOLED_DIM = 8
+
+
+def tiny_hunyuan_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return _build(
+        HunyuanVideoTransformer3DModel, path, seed,
+        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, rope_axes_dim=(2, 2, 4),
+    )
+
+
+def _hunyuan_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HunyuanVideoPipeline: FlowMatchEuler timestep 1000 sigma, guidance = scale * 1000; predicts noise - x.
+    guidance = torch.full((x.shape[0],), 1000.0)  # the adapter's default guidance scale 1.0
+    return -m(x, timestep=1000.0 - 1000.0 * t, guidance=guidance, **cond).sample
+
+
+MOCHI_TEXT_DIM = 16  # Mochi's attention pool splits the text width into 8 heads
+
+
+def tiny_mochi(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import MochiTransformer3DModel
+
+    return _build(
+        MochiTransformer3DModel, path, seed,
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1, pooled_projection_dim=16, in_channels=C,
+        text_embed_dim=MOCHI_TEXT_DIM, time_embed_dim=32,
+    )
+
+
+def _mochi_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # MochiPipeline: FlowMatchEuler with invert_sigmas, timestep 1000 (1 - sigma) = 1000 t; predicts x - noise.
+    return m(x, timestep=1000.0 * t, **cond).sample
+
+
+HIDREAM_LLAMA_LAYERS = 2
+
+
+def tiny_hidream_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return _build(
+        HiDreamImageTransformer2DModel, path, seed,
+        patch_size=2, in_channels=C, out_channels=C, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, caption_channels=[TEXT_DIM, TEXT_DIM], text_emb_dim=POOLED_DIM, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 6, 6), max_resolution=(16, 16), llama_layers=[0, 1],
+    )
+
+
+def _hidream_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HiDreamImagePipeline: timesteps 1000 sigma, Llama layers [N, B, L, D]; it negates the output: x - noise.
+    cond = {**cond, "encoder_hidden_states_llama3": cond["encoder_hidden_states_llama3"].transpose(0, 1)}
+    return m(x, timesteps=1000.0 - 1000.0 * t, **cond).sample
+
+
+def tiny_lumina_next(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import LuminaNextDiT2DModel
+
+    return _build(
+        LuminaNextDiT2DModel, path, seed,
+        sample_size=16,  # twice the native 8x8 sample: the pipeline's resolution scaling is 0.5, not 1
+        patch_size=2, in_channels=C, hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+        learn_sigma=True, cross_attention_dim=TEXT_DIM,
+    )
+
+
+def _lumina_next_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # LuminaPipeline: timestep 1 - sigma = t; RoPE for 384 x 384 tokens, scaled by sqrt(width * height) /
+    # default_image_size (linear below scaling_watershed = 1.0, NTK above); first C channels, negated
+    # before the scheduler: x - noise.
+    import math
+
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    scale = math.sqrt(x.shape[-2] * x.shape[-1]) / m.config.sample_size
+    factors = {"linear_factor": scale, "ntk_factor": 1.0} if t[0] < 1.0 else {"linear_factor": 1.0, "ntk_factor": scale}
+    rope = get_2d_rotary_pos_embed_lumina(m.head_dim, 384, 384, **factors)
+    return m(x, timestep=t, image_rotary_emb=rope, cross_attention_kwargs={}, **cond).sample[:, :C]
+
+
+def tiny_allegro(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import AllegroTransformer3DModel
+
+    return _build(
+        AllegroTransformer3DModel, path, seed,
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=12, in_channels=C, out_channels=C,
+        num_layers=1, cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=2, caption_channels=TEXT_DIM,
+    )
+
+
+def _allegro_adapter(**kw):
+    from dfm_ext.adapters.allegro import AllegroAdapter
+
+    return AllegroAdapter(prediction="v_prediction", **kw)
+
+
+def _allegro_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # AllegroPipeline: a DDPM-family scheduler (integer steps, 999 = noise); v-prediction taken raw.
+    # RoPE as _prepare_rotary_positional_embeddings builds it for the latent's token grid.
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    cfg, (f, h, w) = m.config, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2)
+    freqs_t, freqs_h, freqs_w, gt, gh, gw = get_3d_rotary_pos_embed_allegro(
+        cfg.attention_head_dim, ((0, 0), (h, w)), (h, w), f,
+        (cfg.interpolation_scale_t, cfg.interpolation_scale_h, cfg.interpolation_scale_w),
+    )  # fmt: skip
+    pos = torch.cartesian_prod(gt.long(), gh.long(), gw.long()).reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    return m(x, timestep=999.0 - 999.0 * t, image_rotary_emb=((freqs_t, freqs_h, freqs_w), tuple(pos)), **cond).sample
+
+
+_COSMOS = dict(
+    in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=12, num_layers=1, mlp_ratio=2.0,
+    text_embed_dim=TEXT_DIM, adaln_lora_dim=8, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+)  # fmt: skip
+
+
+def tiny_cosmos(path: Path, seed: int = 0, **config) -> nn.Module:
+    # concat_padding_mask=False: the model's own forward resizes the mask with torchvision, which is not
+    # installed here (the mask-dropping path is checked against this model in test_adapters_families.py)
+    from diffusers import CosmosTransformer3DModel
+
+    return _build(CosmosTransformer3DModel, path, seed, **{**_COSMOS, "concat_padding_mask": False, **config})
+
+
+def _cosmos_adapter(**kw):
+    from dfm_ext.adapters.cosmos import CosmosAdapter
+
+    return CosmosAdapter(parameterization="flow", **kw)
+
+
+def _cosmos_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Cosmos2 pipelines: input c_in x_sigma = the flow interpolant, timestep = s = sigma / (sigma + 1) = 1 - t,
+    # x = x_s - s F: F = noise - x.
+    return -m(x, timestep=1.0 - t, **cond).sample
+
+
+def tiny_easyanimate(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import EasyAnimateTransformer3DModel
+
+    return _build(
+        EasyAnimateTransformer3DModel, path, seed,
+        num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=C, patch_size=2, num_layers=1,
+        mmdit_layers=1, time_embed_dim=16, text_embed_dim=TEXT_DIM, text_embed_dim_t5=POOLED_DIM, sample_width=8,
+        sample_height=8,
+    )
+
+
+def _easyanimate_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    return -m(x, 1000.0 - 1000.0 * t, **cond).sample  # FlowMatchEuler: 1000 sigma, noise - x
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -401,12 +562,35 @@ FAMILIES = {
     "cogview3plus": (tiny_cogview3plus, _cogview3plus_call, (C, 8, 8), "cogview3plus"),
     "sana_video": (tiny_sana_video, _sana_video_call, (C, 2, 8, 8), "sana_video"),
     "wan_vace": (tiny_wan_vace, _wan_vace_call, (C, 2, 8, 8), "wan_vace"),
+    "hunyuan_video": (tiny_hunyuan_video, _hunyuan_video_call, (C, 2, 8, 8), "hunyuan_video"),
+    "mochi": (tiny_mochi, _mochi_call, (C, 2, 8, 8), "mochi"),
+    "hidream_image": (tiny_hidream_image, _hidream_image_call, (C, 8, 8), "hidream_image"),
+    "lumina_next": (tiny_lumina_next, _lumina_next_call, (C, 8, 8), "lumina_next"),
+    "allegro": (tiny_allegro, _allegro_call, (C, 2, 8, 8), "allegro"),
+    "cosmos": (tiny_cosmos, _cosmos_call, (C, 2, 8, 8), "cosmos"),
+    "easyanimate": (tiny_easyanimate, _easyanimate_call, (C, 2, 8, 8), "easyanimate"),
 }
+
+#: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
+ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter}
+
+
+#: family -> (the text keyword, its width) where it is not ("encoder_hidden_states", TEXT_DIM)
+TEXT_KEYS: dict[str, tuple[str, int]] = {
+    "mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM),
+    "hidream_image": ("encoder_hidden_states_t5", TEXT_DIM),
+}
+
+
+def text_key(family: str) -> tuple[str, int]:
+    """The family's main text keyword and its width (what a wrong width is tested on)."""
+    return TEXT_KEYS.get(family, ("encoder_hidden_states", TEXT_DIM))
 
 
 def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]`` (and LTX's RoPE scale)."""
-    out: dict = {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=generator)}
+    key, width = text_key(family)
+    out: dict = {key: torch.randn(batch, TEXT_LEN, width, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
     if family == "wan_vace":  # control latents at the native sample's (stage 0's) resolution
@@ -416,6 +600,28 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family in ("cogview4", "cogview3plus"):  # pixel sizes, as CogView4Pipeline passes them (8x VAE)
         size = torch.tensor([[64.0, 64.0]] * batch)
         out.update(original_size=size, target_size=size.clone(), crop_coords=torch.zeros(batch, 2))
+    if family == "hunyuan_video":  # Llama tokens with the last one padded in the second sample
+        out["pooled_projections"] = torch.randn(batch, POOLED_DIM, generator=generator)
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
+    if family == "mochi":
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["encoder_attention_mask"][1:, -1] = False
+    if family == "hidream_image":  # Llama layers batch first
+        out["encoder_hidden_states_llama3"] = torch.randn(batch, HIDREAM_LLAMA_LAYERS, TEXT_LEN, TEXT_DIM, generator=generator)
+        out["pooled_embeds"] = torch.randn(batch, POOLED_DIM, generator=generator)
+    if family == "lumina_next":  # the last caption token padded in the second sample
+        out["encoder_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_mask"][1:, -1] = 0
+    if family == "allegro":
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
+    if family == "cosmos":  # the video pipelines' frame rate (RoPE's temporal scale)
+        out["attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["attention_mask"][1:, -1] = False
+        out["fps"] = 16
+    if family == "easyanimate":  # the T5 stream of models built with text_embed_dim_t5
+        out["encoder_hidden_states_t5"] = torch.randn(batch, 2, POOLED_DIM, generator=generator)
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

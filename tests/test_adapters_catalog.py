@@ -46,3 +46,15 @@ def test_each_shipped_class_has_its_built_in_adapter(cls_name: str, adapter_name
     adapter = found[adapter_name].load()
     model_class = getattr(adapter, "model_class", None) or adapter.spec.model_class
     assert model_class == cls_name
+
+
+@pytest.mark.parametrize("norm_type,loads_as", [("ada_norm_zero", "DiTTransformer2DModel"), ("ada_norm_single", "PixArtTransformer2DModel")])
+def test_transformer_2d_checkpoints_of_dit_layouts_load_as_shipped_classes(tmp_path, norm_type: str, loads_as: str) -> None:
+    """Why Transformer2DModel is refused: from_pretrained turns its patched DiT layouts into classes with adapters."""
+    from diffusers import Transformer2DModel
+
+    extra = {"num_embeds_ada_norm": 10} if norm_type == "ada_norm_zero" else {"num_embeds_ada_norm": 1000, "caption_channels": 12, "cross_attention_dim": 16}
+    Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+                       patch_size=2, norm_type=norm_type, **extra).save_pretrained(tmp_path)  # fmt: skip
+    loaded = Transformer2DModel.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == loads_as and loads_as in SHIPPED

@@ -45,6 +45,13 @@ CHECKPOINTED = {
     "cogview3plus": ("transformer_blocks",),
     "sana_video": ("transformer_blocks",),
     "wan_vace": ("vace_blocks", "blocks"),
+    "hunyuan_video": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
+    "mochi": ("transformer_blocks",),
+    "hidream_image": ("double_stream_blocks", "single_stream_blocks"),
+    "lumina_next": ("layers",),  # its own forward never checkpoints; the wrapped one honours the flag
+    "allegro": ("transformer_blocks",),
+    "cosmos": ("transformer_blocks",),
+    "easyanimate": ("transformer_blocks",),
 }
 
 
@@ -88,6 +95,9 @@ def _setup(fam: str, num_stages: int) -> tuple[tuple[int, ...], LaplacianPyramid
 
 def _wrap(pristine, fam: str, num_stages: int = 2, **kw):
     sample, decomposition, patches = _setup(fam, num_stages)
+    make = tiny.ADAPTERS.get(fam)  # a family whose adapter asks for a choice the model cannot show
+    if make is not None:
+        kw = {**kw, "adapter": make(time_convention=kw.pop("time_convention", None))}
     return wrap_dit(_fresh(pristine, fam), decomposition, sample_shape=sample, patch_sizes=patches, **kw)
 
 
@@ -122,7 +132,7 @@ def test_stage0_reproduces_the_pretrained_model(pristine, fam: str, num_stages: 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_wrong_time_convention_is_visible(pristine, fam: str) -> None:
     """The equality above can fail: the same model read with another convention is far off."""
-    wrong = "sigma" if fam == "lumina2" else "unit"  # Lumina 2 reads t itself ("unit")
+    wrong = "sigma" if fam in ("lumina2", "lumina_next") else "unit"  # the Luminas read t itself ("unit")
     model = _wrap(pristine, fam, time_convention=wrong)
     stages, t, g = _inputs(model, 2, seed=1)
     cond = tiny.text_inputs(fam, 2, g)
@@ -315,8 +325,9 @@ def test_bad_conditioning_is_refused(pristine, fam: str) -> None:
     k = torch.zeros(2, dtype=torch.long)
     with pytest.raises(TypeError, match="unexpected conditioning"):
         model(stages, t, k, prompt="a cat", **tiny.text_inputs(fam, 2))
-    with pytest.raises(ValueError, match=r"encoder_hidden_states must have shape \[2, (\*|3), 12\], got \(2, 3, 5\)"):
-        model(stages, t, k, encoder_hidden_states=torch.randn(2, 3, 5))
+    key, width = tiny.text_key(fam)
+    with pytest.raises(ValueError, match=rf"{key} must have shape \[2, (\*|3), {width}\], got \(2, 3, 5\)"):
+        model(stages, t, k, **{key: torch.randn(2, 3, 5)})
 
 
 # ----------------------------------------------------------------------------- the declarative spec
@@ -350,3 +361,65 @@ def test_spec_model_class_by_module_path_and_adapter_overrides(pristine) -> None
     assert torch.equal(adapter.time_function(pristine["sana"])(torch.tensor([0.5])), torch.tensor([1000.0]))
     with pytest.raises(TypeError, match="time_scale must be a number, got 'big'"):
         SanaAdapter(time_scale="big")
+
+
+def test_hidream_non_square_grid_is_padded_as_the_model_pads_it(pristine) -> None:
+    """HiDream pads a non-square grid to max_resolution's tokens (kept in the softmax): stage 0 still equals its forward."""
+    model = wrap_dit(_fresh(pristine, "hidream_image"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 8), patch_sizes=[2, 4])
+    assert model.packer.grid == (4, 2)
+    stages, t, g = _inputs(model, 2, seed=11)
+    cond = tiny.text_inputs("hidream_image", 2, g)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)
+        expected = tiny.FAMILIES["hidream_image"][1](pristine["hidream_image"], stages[0], t[:, 0], cond)
+    assert (v[0] - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"has 72 tokens, more than .* max_resolution allows \(64\)"):
+        big = wrap_dit(_fresh(pristine, "hidream_image"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 24, 12), patch_sizes=[1, 2])
+        big(*_inputs(big, 2, seed=11)[:2], torch.ones(2, dtype=torch.long), **cond)
+
+
+def test_allegro_asks_for_its_prediction_type(pristine) -> None:
+    """The transformer cannot show epsilon vs v (its scheduler config can): adapter="auto" asks, listing the calls."""
+    with pytest.raises(ValueError, match=r"prediction_type.*AllegroAdapter\(prediction='epsilon'\).*'v_prediction'"):
+        wrap_dit(_fresh(pristine, "allegro"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+    from dfm_ext.adapters import AllegroAdapter
+
+    assert AllegroAdapter(prediction="epsilon").output_scale == -1.0
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        AllegroAdapter(prediction="sample")
+
+
+def test_hunyuan_video_image_to_video_variants_are_refused() -> None:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    i2v = HunyuanVideoTransformer3DModel(
+        in_channels=tiny.C, out_channels=tiny.C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=12, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+        image_condition_type="token_replace",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="token_replace.*per-token time"):
+        wrap_dit(i2v, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+
+
+def test_cosmos_padding_mask_weights_are_dropped_exactly(pristine, tmp_path) -> None:
+    """With concat_padding_mask the pipelines pass a zero mask channel: the wrapped model equals the model without it."""
+    from dfm_ext.adapters.cosmos import CosmosAdapter
+
+    masked = tiny.tiny_cosmos(tmp_path / "masked", concat_padding_mask=True)
+    plain = pristine["cosmos"]
+    with torch.no_grad():  # the same weights, the mask channel's (the last of each (c, pt, p, q) block) aside
+        masked.load_state_dict({**plain.state_dict(), "patch_embed.proj.weight": masked.patch_embed.proj.weight}, strict=True)
+        masked.patch_embed.proj.weight[:, : plain.patch_embed.proj.in_features].copy_(plain.patch_embed.proj.weight)
+    model = wrap_dit(masked, LaplacianPyramid(factors=(2, 1)), adapter=CosmosAdapter(parameterization="flow"),
+                     sample_shape=(tiny.C, 2, 16, 16), patch_sizes=[(1, 2, 2), (1, 4, 4)])  # fmt: skip
+    stages, t, g = _inputs(model, 2, seed=12)
+    cond = tiny.text_inputs("cosmos", 2, g)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)
+        expected = tiny.FAMILIES["cosmos"][1](plain, stages[0], t[:, 0], cond)
+    assert (v[0] - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"parameterization='flow'.*Cosmos-Predict2"):
+        wrap_dit(_fresh(pristine, "cosmos"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+    with pytest.raises(ValueError, match="Cosmos 1.0.*not supported"):
+        wrap_dit(_fresh(pristine, "cosmos"), LaplacianPyramid(factors=(2, 1)), adapter=CosmosAdapter(parameterization="edm"),
+                 sample_shape=(tiny.C, 2, 16, 16))  # fmt: skip

@@ -32,6 +32,13 @@ name               family
 ``cogview3plus``   diffusers ``CogView3PlusTransformer2DModel`` (declarative)
 ``sana_video``     diffusers ``SanaVideoTransformer3DModel`` (declarative)
 ``wan_vace``       diffusers ``WanVACETransformer3DModel`` (Wan's layout and VACE's control branch)
+``hunyuan_video``  diffusers ``HunyuanVideoTransformer3DModel`` (declarative; the text refiner reads time too)
+``mochi``          diffusers ``MochiTransformer3DModel`` (declarative; per-frame patch conv as a ``Conv3d``)
+``hidream_image``  diffusers ``HiDreamImageTransformer2DModel`` (declarative; mixture-of-experts blocks)
+``lumina_next``    diffusers ``LuminaNextDiT2DModel`` (declarative; the pipeline's resolution-scaled RoPE)
+``allegro``        diffusers ``AllegroTransformer3DModel`` (declarative; asks for the prediction type)
+``cosmos``         diffusers ``CosmosTransformer3DModel`` (Cosmos-Predict2; asks for the parameterisation)
+``easyanimate``    diffusers ``EasyAnimateTransformer3DModel`` (declarative; text-to-video)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -75,6 +82,13 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.cogview3plus import CogView3PlusAdapter
     from dfm_ext.adapters.sana_video import SanaVideoAdapter
     from dfm_ext.adapters.wan_vace import WanVACEAdapter
+    from dfm_ext.adapters.hunyuan_video import HunyuanVideoAdapter
+    from dfm_ext.adapters.mochi import MochiAdapter
+    from dfm_ext.adapters.hidream_image import HiDreamImageAdapter
+    from dfm_ext.adapters.lumina_next import LuminaNextAdapter
+    from dfm_ext.adapters.allegro import AllegroAdapter
+    from dfm_ext.adapters.cosmos import CosmosAdapter
+    from dfm_ext.adapters.easyanimate import EasyAnimateAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -102,6 +116,13 @@ _CLASSES = {
     "CogView3PlusAdapter": "cogview3plus",
     "SanaVideoAdapter": "sana_video",
     "WanVACEAdapter": "wan_vace",
+    "HunyuanVideoAdapter": "hunyuan_video",
+    "MochiAdapter": "mochi",
+    "HiDreamImageAdapter": "hidream_image",
+    "LuminaNextAdapter": "lumina_next",
+    "AllegroAdapter": "allegro",
+    "CosmosAdapter": "cosmos",
+    "EasyAnimateAdapter": "easyanimate",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -117,6 +138,9 @@ _DIFFUSERS = {
     "flux2": "flux2", "ltx_video": "ltx", "hunyuandit": "hunyuandit", "cogview4": "cogview4", "chroma": "chroma",
     "ovis_image": "ovis_image", "longcat_image": "longcat_image", "bria": "bria",
     "skyreels_v2": "skyreels_v2", "cogview3plus": "cogview3plus", "sana_video": "sana_video", "wan_vace": "wan_vace",
+    "hunyuan_video": "hunyuan_video", "mochi": "mochi", "hidream_image": "hidream_image",
+    "lumina_next": "lumina_next", "allegro": "allegro", "cosmos": "cosmos",
+    "easyanimate": "easyanimate",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -45,6 +45,13 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "CogView3PlusTransformer2DModel": "cogview3plus",
         "SanaVideoTransformer3DModel": "sana_video",
         "WanVACETransformer3DModel": "wan_vace",
+        "HunyuanVideoTransformer3DModel": "hunyuan_video",
+        "MochiTransformer3DModel": "mochi",
+        "HiDreamImageTransformer2DModel": "hidream_image",
+        "LuminaNextDiT2DModel": "lumina_next",
+        "AllegroTransformer3DModel": "allegro",
+        "CosmosTransformer3DModel": "cosmos",
+        "EasyAnimateTransformer3DModel": "easyanimate",
     }
 )
 
@@ -68,6 +75,12 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "T5FilmDecoder": f"{_NOT_VISUAL}: spectrogram diffusion for music (FiLM-conditioned T5 decoder)",
         "PriorTransformer": f"{_NOT_VISUAL}: the unCLIP prior, which denoises a CLIP image embedding, not pixels or latents",
         "RFD4ProteinaTransformer": f"{_NOT_VISUAL}: protein structure generation",
+        "Transformer2DModel": (
+            "the generic 2-D transformer: checkpoints of its patched DiT layouts load as the shipped classes "
+            "(from_pretrained remaps norm_type 'ada_norm_zero' to DiTTransformer2DModel, adapter diffusers_dit, and "
+            "'ada_norm_single' to PixArtTransformer2DModel, adapter pixart); its other layouts are a UNet's spatial "
+            "transformer (continuous inputs) or VQ-Diffusion (discrete latent classes), not patched DiTs"
+        ),
         "TransformerTemporalModel": (
             f"{_NOT_VISUAL} on its own: the temporal attention layers inside a video UNet, with no patch embedding "
             "or output head to widen"
@@ -107,13 +120,16 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             f"{_CONTEXT}: conditioned on image tokens an autoregressive prior generated (prior_token_id) and a cache"
         ),
         "QwenImage21Transformer2DModel": f"{_CONTEXT}: image masks and a key-value cache of reference images",
+        "ConsisIDTransformer3DModel": (
+            f"{_CONTEXT}: identity-preserving image-to-video, the reference image's latents are concatenated to the "
+            "input channels (ConsisIDPipeline takes in_channels // 2 as the latent channels) and face features "
+            "condition the blocks"
+        ),
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
-        "HiDreamImageTransformer2DModel": "not written yet: mixture-of-experts blocks with Llama-layer text streams",
         "HunyuanImageTransformer2DModel": "not written yet: HunyuanImage 2.1's dual text encoders and refiner time",
-        "HunyuanVideoTransformer3DModel": "not written yet: token-replace time embedding and a text refiner that reads the time",
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
@@ -123,15 +139,17 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
         "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
-        "Transformer2DModel": "not written yet: the generic 2-D transformer (PixArt-alpha / DiT layouts chosen by its config)",
-        "LuminaNextDiT2DModel": "not written yet: Lumina-Next's own patch embedding and RoPE scaling",
-        "MochiTransformer3DModel": "not written yet: Mochi's asymmetric joint attention and attention-pooled text in the time path",
-        "AllegroTransformer3DModel": "not written yet: Allegro's adaLN-single video blocks",
-        "LatteTransformer3DModel": "not written yet: alternating spatial and temporal blocks over frame-major tokens",
-        "EasyAnimateTransformer3DModel": "not written yet: dual text encoders and inpaint/control latents",
-        "ConsisIDTransformer3DModel": "not written yet: CogVideoX with identity (face) conditioning",
-        "CosmosTransformer3DModel": "not written yet: EDM-style (sigma-scaled) inputs and padding masks",
-        "Kandinsky5Transformer3DModel": "not written yet: separate text transformer blocks and visual RoPE positions",
+        "LatteTransformer3DModel": (
+            "not written yet: its spatial blocks run on frame-major batches [B T, N, D] and its temporal blocks on "
+            "[B N, T, D], so per-stage specialisation of their layers needs stage routing that repeats each "
+            "sample's stage over its frames or tokens (dfm_ext.specialization routes rows of [B, ...] only); "
+            "the rest fits (per-frame PatchEmbed as a Conv3d, adaLN-single, fixed temporal sin-cos table)"
+        ),
+        "Kandinsky5Transformer3DModel": (
+            "not written yet: channels-last input [B, T, H, W, C] with visual-condition latents and a mask "
+            "concatenated (zeros in text-to-video), RoPE positions and a resolution scale_factor computed by the "
+            "pipeline, separate text transformer blocks, optional fractal (block-sparse) token order"
+        ),
         "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
     }
