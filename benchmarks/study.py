@@ -64,13 +64,8 @@ from dfm_ext.recipes.demo.data import (  # noqa: E402
     load_skimage_crops,
     load_video_frame_crops,
 )
-from harness import Trainer  # noqa: E402
-from dfm_ext.recipes.demo.run import (  # noqa: E402
-    balanced_labels,
-    make_decomposition,
-    model_config,
-    write_text_atomic,
-)
+from harness import Trainer, balanced_labels, make_decomposition, model_config  # noqa: E402
+from dfm_ext.fileio import atomic_write_text  # noqa: E402
 from dfm_ext.process.objective import DFMObjective, estimate_stage_scales  # noqa: E402
 from dfm_ext.process.timesteps import StageTimestepSampler  # noqa: E402
 
@@ -313,7 +308,7 @@ class StudyTrainer(Trainer):
 @torch.no_grad()
 def generate(tr: StudyTrainer, protocol: Protocol, seed: int) -> Tensor:
     """``protocol.num_eval`` samples from the EMA weights (the demo's sampler, with the arm's scales)."""
-    from dfm_ext.recipes.demo.run import make_sampler
+    from harness import make_sampler
     from dfm_ext.process.sampler import DFMSampler
 
     cfg, data = tr.cfg, tr.data
@@ -377,7 +372,7 @@ def save_results(results: dict[str, Any], path: Path) -> None:
                     entry = mine_ft["runs"].setdefault(arm, run)
                     if entry is not run:
                         entry["evals"] = run.get("evals", {}) | entry.get("evals", {})
-        write_text_atomic(path, json.dumps(results, indent=1))
+        atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
 
 def train_interleaved(trainers: dict[str, StudyTrainer], order: list[str], budget: int, chunk: int, *,
@@ -526,7 +521,7 @@ def convergence_ratio(fm: dict[int, dict[str, Any]], other: dict[int, dict[str, 
 def report(results: dict[str, Any], out: Path, stem: str, title_note: str = "") -> str:
     """Write ``<stem>.md``, the plot and the grids from ``results``; return the Markdown."""
     text, summary = report_markdown(results, stem, title_note)
-    write_text_atomic(out / f"{stem}.md", text)
+    atomic_write_text(out / f"{stem}.md", text if text.endswith("\n") else text + "\n")
     results["summary"] = summary
     plot(results, out / f"{stem}.png")
     plot_p0(results, out / f"{stem}_p0.png")
@@ -901,7 +896,7 @@ def _downsample(data: ImageDataset) -> ImageDataset:
 
 
 def _dit(size: int, patch: int, data: ImageDataset, model_size: str):
-    from dfm_ext.recipes.demo.run import MODEL_SIZES
+    from harness import MODEL_SIZES
     from dfm_ext.models import DiT, DiTConfig
 
     return DiT(DiTConfig(input_size=size, patch_size=patch, in_channels=data.image_shape[0], num_classes=data.num_classes,
@@ -1100,7 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = "study_quick" if args.quick else "study"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study_state").mkdir(exist_ok=True)
-    write_text_atomic(args.out / "study_state" / ".gitignore", "*\n")  # checkpoints stay local
+    atomic_write_text(args.out / "study_state" / ".gitignore", "*\n")  # checkpoints stay local
     res_path = args.out / f"{stem}.json"
     results = load_results(res_path)
     results["protocol"] = json.loads(json.dumps(asdict(protocol)))
