@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+import dfm_ext
+
 from dfm_ext import (
     DFMObjective,
     DFMSampler,
@@ -228,3 +230,34 @@ def test_sampler_step_rejects_a_bad_stage() -> None:
     sampler = DFMSampler(LaplacianPyramid((2, 1)), StageScheduler((2, 2), (0.9,)))
     with pytest.raises(ValueError, match=r"stage must be an int in \[0, 1\], got 2"):
         sampler.step(lambda *a, **k: None, [torch.zeros(1, 1, 4, 4)] * 2, torch.zeros(2), torch.ones(2), 2)
+
+
+def test_sampling_values_are_named_before_any_step() -> None:
+    """Issue 25: an integer dtype, the meta device and noise on it were raw torch errors."""
+    torch.manual_seed(0)
+    base = dfm_ext.DiT(dfm_ext.DiTConfig.preset("tiny", input_size=16, in_channels=4, num_classes=10))
+    model = dfm_ext.wrap_dit(base, dfm_ext.LaplacianPyramid((2, 1)), sample_shape=(4, 16, 16)).eval()
+    sampler = dfm_ext.DFMSampler(model.decomposition, dfm_ext.StageScheduler(steps=(2, 1), thresholds=(0.9,)))
+    y = torch.tensor([1])
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype.*torch.int64"):
+        sampler.sample(model, (1, 4, 16, 16), dtype=torch.long, y=y)
+    with pytest.raises(ValueError, match="device='meta' holds no values"):
+        sampler.sample(model, (1, 4, 16, 16), device="meta", y=y)
+    with pytest.raises(ValueError, match=r"noise\[0\] is on the meta device"):
+        sampler.sample(model, [torch.empty(1, 4, 8, 8, device="meta"), torch.empty(1, 4, 16, 16, device="meta")], y=y)
+
+
+def test_any_sample_shape_on_fixed_positions_is_refused_at_wrap_time() -> None:
+    fixed = dfm_ext.DiT(dfm_ext.DiTConfig.preset("tiny", input_size=16, in_channels=4))
+    with pytest.raises(ValueError, match="any_sample_shape=True needs positions that follow the token grid.*fixed position table"):
+        dfm_ext.wrap_dit(fixed, dfm_ext.LaplacianPyramid((2, 1)), any_sample_shape=True)
+    rope = dfm_ext.DiT(dfm_ext.DiTConfig.preset("tiny", input_size=16, in_channels=4, rope=True))
+    assert dfm_ext.wrap_dit(rope, dfm_ext.LaplacianPyramid((2, 1)), any_sample_shape=True).any_sample_shape
+
+
+@pytest.mark.parametrize("scale", [0.0, float("nan"), float("inf"), True])
+def test_adapter_output_scale_must_be_finite_and_non_zero(scale) -> None:
+    from dfm_ext.adapters import DiTFamilyAdapter
+
+    with pytest.raises(ValueError, match="output_scale must be a finite non-zero number"):
+        DiTFamilyAdapter(time_convention="unit", output_scale=scale)

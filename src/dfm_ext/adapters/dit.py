@@ -56,6 +56,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from dfm_ext.adapters.spec import check_output_scale
 from dfm_ext.process.conventions import check_time_convention, time_convention_names
 from dfm_ext.validation import check_value
 from dfm_ext.wrapping.adapter import multiscale_time_embed, widen_head, widen_patch_embed
@@ -198,7 +199,7 @@ class DiTFamilyAdapter:
         if output_scale is None and self.time_convention is not None:
             output_scale = default_output_scale(self.time_convention)
         #: ``None`` until the convention is settled (``bind``)
-        self.output_scale: float | None = None if output_scale is None else float(output_scale)
+        self.output_scale: float | None = None if output_scale is None else check_output_scale(output_scale)
 
     def config(self) -> dict[str, Any]:
         return {"time_convention": self.time_convention, "output_scale": self.output_scale}

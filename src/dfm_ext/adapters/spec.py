@@ -41,7 +41,7 @@ from .common import TimeMLP, check_installed, check_stage0_channels, get_submodu
 from .common import set_submodule_path, zeroed_condition
 from .diffusers_common import DIFFUSERS_LAYER_GROUPS
 
-__all__ = ["AdapterSpec", "NoConditioning", "SpecAdapter"]
+__all__ = ["AdapterSpec", "NoConditioning", "SpecAdapter", "check_output_scale"]
 
 #: how a family places its tokens: learned or sin-cos positions at a fixed grid ("fixed"), sin-cos
 #: recomputed for any grid ("sincos"), rotary ("rope") or none
@@ -117,6 +117,16 @@ class AdapterSpec:
             raise ValueError(f"positions must be one of {POSITION_KINDS}, got {self.positions!r}")
         if self.grid_ndim not in (2, 3):
             raise ValueError(f"grid_ndim must be 2 (images) or 3 (videos), got {self.grid_ndim!r}")
+        check_output_scale(self.output_scale)
+
+
+def check_output_scale(value: object) -> float:
+    """A finite, non-zero ``output_scale`` (0 would make every prediction zero and the model untrainable)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise ValueError(f"output_scale must be a finite non-zero number (1, or -1 for a model trained on noise - x), got {value!r}")
+    return float(value)
 
 
 def _has_path(model: nn.Module, path: str) -> bool:
@@ -165,7 +175,7 @@ class SpecAdapter:
     ) -> None:
         spec = self.spec
         self.time_convention: Any = check_time_convention(spec.time_convention if time_convention is None else time_convention)
-        self.output_scale = float(spec.output_scale if output_scale is None else output_scale)
+        self.output_scale = check_output_scale(spec.output_scale if output_scale is None else output_scale)
         if time_scale is not None and (isinstance(time_scale, bool) or not isinstance(time_scale, (int, float))):
             raise TypeError(f"time_scale must be a number, got {time_scale!r}")
         self.time_scale = None if time_scale is None else float(time_scale)

@@ -274,6 +274,10 @@ class DFMSampler:
         dtype: torch.dtype,
     ) -> list[Tensor]:
         s = self.num_stages
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (the state is noise), got {dtype!r}")
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError("device='meta' holds no values to sample; pass a real device (cpu, cuda)")
         if isinstance(shape_or_noise, Tensor):
             raise TypeError(
                 "shape_or_noise must be a shape tuple or a list of per-stage noise tensors, got one tensor"
@@ -285,6 +289,8 @@ class DFMSampler:
                 raise ValueError(f"got {len(noise)} noise tensors for {s} stages")
             batch = noise[0].shape[0]
             for j, n in enumerate(noise):
+                if n.device.type == "meta":
+                    raise ValueError(f"noise[{j}] is on the meta device (no values); pass noise on a real device")
                 if n.ndim < 2 or n.shape[0] != batch:
                     raise ValueError(f"noise[{j}] has shape {tuple(n.shape)}; all stages need batch {batch}")
             dev = torch.device(device) if device is not None else noise[0].device

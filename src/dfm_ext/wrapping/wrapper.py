@@ -336,6 +336,11 @@ def wrap_dit(
                 "resolutions that are multiples of the grid, or pass sample_shape / patch_sizes."
                 + native_grid_hint(ad, model, decomposition, shape)
             ) from None
+    if any_sample_shape and (isinstance(getattr(model, "pos_embed", None), Tensor) or getattr(getattr(ad, "spec", None), "positions", "") == "fixed"):
+        raise ValueError(
+            f"any_sample_shape=True needs positions that follow the token grid (RoPE, or computed per grid); "
+            f"{type(model).__name__} has a fixed position table, so it runs only on the grid it was built for"
+        )
     packer = ScalePacker(stage_shapes, patch_sizes)
     ad.install(model, packer, init=init, stage_embedding=stage_embedding)
     wrapped = DFMTransformer(model, decomposition, packer, ad, _WrapSpec(shape, init, stage_embedding, bool(any_sample_shape)))
