@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import RESULTS, Protocol, Reference, base_config  # noqa: E402
 
-from dfm_ext.process.allocation import make_allocation, signal_level_locations, stage_errors  # noqa: E402
+from dfm_ext.process.allocation import make_allocation, signal_level_locations  # noqa: E402
+from dfm_ext.process.reducible import stage_errors  # noqa: E402
 from dfm_ext.recipes.demo.data import (  # noqa: E402
     ImageDataset,
     load_dataset,

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dfm_ext.process.allocation import ReducibleAllocation, make_allocation, stage_errors
+from dfm_ext.process.allocation import make_allocation
+from dfm_ext.process.reducible import ReducibleAllocation, stage_errors
 from dfm_ext.process.objective import DFMObjective
 from dfm_ext.process.timesteps import StageTimestepSampler
 

@@ -41,7 +41,7 @@ def test_the_detector_sees_reads(monkeypatch) -> None:
 @pytest.mark.parametrize("specialize", [None, "lora", "full"])
 def test_a_training_step_reads_nothing_back(monkeypatch, allocation: str, specialize: str | None) -> None:
     from dfm_ext.process.allocation import make_allocation
-    from dfm_ext.process.allocation import stage_errors
+    from dfm_ext.process.reducible import stage_errors
 
     model = _model(specialize)
     alloc = None if allocation == "fixed" else make_allocation(allocation, 2, prior=(0.9, 0.1))

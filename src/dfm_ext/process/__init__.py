@@ -7,7 +7,8 @@ depends on how the model is built. :mod:`~dfm_ext.process.conventions` converts 
 """
 
 from dfm_ext.process import conventions
-from dfm_ext.process.allocation import ProgressAllocation, ReducibleAllocation, make_allocation, signal_level_locations, stage_errors
+from dfm_ext.process.allocation import ProgressAllocation, make_allocation, signal_level_locations
+from dfm_ext.process.reducible import ReducibleAllocation, stage_errors
 from dfm_ext.process.objective import DFMLossOutput, DFMObjective, dfm_loss, estimate_stage_scales
 from dfm_ext.process.sampler import DFMSampler, SampleOutput
 from dfm_ext.process.schedule import StageScheduler

@@ -377,9 +377,9 @@ class StageTimestepSampler:
             per_stage_loss: ``[S]``, ``DFMLossOutput.per_stage`` (what ``ProgressAllocation`` reads).
             timesteps: this step's :class:`StageTimesteps`; needed by an allocation that reads
                 per-sample losses (``needs_samples``, e.g.
-                :class:`~dfm_ext.process.allocation.ReducibleAllocation`).
+                :class:`~dfm_ext.process.reducible.ReducibleAllocation`).
             errors: ``[B, S]`` per-sample per-stage losses
-                (:func:`~dfm_ext.process.allocation.stage_errors` of the loss output); same condition.
+                (:func:`~dfm_ext.process.reducible.stage_errors` of the loss output); same condition.
 
         Tensor operations only (no host sync).
 
