@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from dfm_ext.fileio import atomic_write_text
-from dfm_ext.recipes.demo.data import DATASETS
+from dfm_ext.recipes.demo.data import DATASETS, fashion_mnist_available
+from dfm_ext.recipes.demo.report import compute_metrics, evaluate_samples, generate, load_run, load_split, sample_run
 from dfm_ext.recipes.engine.config import apply_overrides, load_config
 from dfm_ext.recipes.engine.viz import save_image_grid, save_loss_curves, save_progressive
-from dfm_ext.recipes.imagenet.task import ImageNetConfig
+from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask, build_dataset, run
 from dfm_ext.validation import parse_device
 
 __all__ = ["CONFIG", "build_parser", "demo_config", "demo_overrides", "estimate_seconds", "main", "run_demo"]
@@ -37,10 +38,10 @@ SIZES = {"demo": "{hidden_size: 128, depth: 4, num_heads: 4}", "tiny": "{hidden_
 def _numbers(kind: Callable[[str], Any], what: str) -> Callable[[str], tuple[Any, ...]]:
     def parse(text: str) -> tuple[Any, ...]:
         try:
-            values = tuple(kind(v) for v in text.split(",") if v.strip())
+            values: tuple[Any, ...] | None = tuple(kind(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if kind is int and (not values or min(values) < 1):
+            values = None
+        if values is None or kind is int and (not values or min(values) < 1):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return values
 
@@ -50,11 +51,11 @@ def _numbers(kind: Callable[[str], Any], what: str) -> Callable[[str], tuple[Any
 def _at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value: int | None = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {repr(text) if value is None else value}")
         return value
 
     return parse
@@ -108,9 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 def demo_config(args: argparse.Namespace) -> ImageNetConfig:
     """``configs/demo.yaml`` with the overrides ``dfm-ext demo``'s options stand for, validated before any file is read;
     then the training set's name, channels and classes go into it."""
-    from dfm_ext.recipes.demo.data import fashion_mnist_available
-    from dfm_ext.recipes.demo.report import load_split
-
     parse_device(args.device)
     cfg = load_config(ImageNetConfig, CONFIG, demo_overrides(args))
     cfg.validate()
@@ -145,9 +143,6 @@ def demo_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """``dfm-ext demo``: train, then write the pictures and ``metrics.json`` into ``args.out``; returns the metrics."""
-    from dfm_ext.recipes.demo.report import compute_metrics, generate, load_run, load_split
-    from dfm_ext.recipes.imagenet.task import ImageNetTask, build_dataset, run
-
     started = time.perf_counter()
     cfg = demo_config(args)
     dataset = build_dataset(cfg)
@@ -225,12 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(args)
             print(f"wrote {args.out}: samples.png progressive.png loss.png metrics.json run/")
         elif args.command == "sample":
-            from dfm_ext.recipes.demo.report import sample_run
-
             print(f"wrote {sample_run(args)}")
         else:
-            from dfm_ext.recipes.demo.report import evaluate_samples
-
             text = json.dumps(evaluate_samples(args), indent=2)
             if args.out is not None:
                 atomic_write_text(args.out, text + "\n")

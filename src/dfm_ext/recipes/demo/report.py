@@ -43,9 +43,8 @@ class InMemoryImages(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, key: tuple[int, bool]) -> dict[str, Any]:
-        index, flip = int(key[0]), bool(key[1])
-        pixels = self.data.images[index]
-        return {"pixels": pixels.flip(-1) if flip else pixels, "label": int(self.data.labels[index])}
+        pixels = self.data.images[int(key[0])]
+        return {"pixels": pixels.flip(-1) if key[1] else pixels, "label": int(self.data.labels[int(key[0])])}
 
 
 @functools.lru_cache(maxsize=4)
@@ -138,21 +137,14 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
     return Run(load_wrapped(final, device=device), cfg, run_dir)
 
 
-def _schedule(cfg: ImageNetConfig, steps: Any, thresholds: Any) -> ImageNetConfig:
-    """``cfg`` with the sampling schedule replaced (checked like a config override)."""
-    overrides = [f"sampling.steps={list(steps)}"] if steps is not None else []
-    overrides += [f"sampling.thresholds={list(thresholds)}"] if thresholds is not None else []
-    new = apply_overrides(cfg, overrides)
-    new.sampling.check(new.num_stages, kind=new.decomposition.kind)
-    return new
-
-
 def sample_run(args: Any) -> Path:
     """``dfm-ext sample``: ``args.num`` samples per class of the run at ``args.checkpoint``, as a grid (``args.out``
     a ``.png``; rows = classes) or a folder of ``<index>_class<k>.png`` (what ``dfm-ext eval`` reads) plus ``grid.png``."""
     parse_device(args.device)
     run = load_run(args.checkpoint, device=args.device)
-    cfg = _schedule(run.config, args.steps, args.threshold)
+    schedule = [f"sampling.{key}={list(v)}" for key, v in (("steps", args.steps), ("thresholds", args.threshold)) if v is not None]
+    cfg = apply_overrides(run.config, schedule)
+    cfg.sampling.check(cfg.num_stages, kind=cfg.decomposition.kind)
     guidance = cfg.sampling.guidance_scale if args.cfg_scale is None else args.cfg_scale
     if not math.isfinite(guidance):
         raise ValueError(f"--cfg-scale must be a finite number, got {guidance}")

@@ -1,12 +1,5 @@
-"""The engine every recipe shares, by job.
-
-* :mod:`~dfm_ext.recipes.engine.trainer`: :class:`Trainer` (the loop) and :class:`TrainTask` (what a recipe provides);
-* :mod:`~dfm_ext.recipes.engine.parallel`: :class:`Parallelism` per strategy (:class:`DDP`, :class:`FSDP2`) and the :class:`EMA`;
-* :mod:`~dfm_ext.recipes.engine.checkpoint`: the run folder, atomic verified checkpoints, resume decisions;
-* :mod:`~dfm_ext.recipes.engine.config`, :mod:`~dfm_ext.recipes.engine.sections`: typed YAML configs and the sections recipes share;
-* :mod:`~dfm_ext.recipes.engine.data`, :mod:`~dfm_ext.recipes.engine.latents`: what a step reads; VAEs and latent caches;
-* :mod:`~dfm_ext.recipes.engine.cli`, :mod:`~dfm_ext.recipes.engine.viz`: command plumbing; sample pictures.
-"""
+"""The engine every recipe shares, by job: ``trainer`` (the loop), ``parallel`` (DDP, FSDP2, EMA), ``checkpoint``,
+``config`` and ``sections`` (typed configs), ``data`` and ``latents`` (what a step reads), ``cli``, ``viz``."""
 
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, load_config
 from dfm_ext.recipes.engine.data import BatchPlan

@@ -77,10 +77,7 @@ def step_dir_name(step: int) -> str:
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Step folders ``(step, path)`` under ``root``, oldest first (not verified)."""
     root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()) if root.is_dir() else []
 
 
 def _sha256(path: Path) -> str:
@@ -91,16 +88,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _payload_files(path: Path) -> list[Path]:
-    files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
-    return sorted(p for p in files if p.relative_to(path).as_posix() != MANIFEST and not p.name.startswith(f".{MANIFEST}."))
-
-
 def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
     """Write ``path/complete.json``, size and SHA-256 of every file of ``path``: call it after every file is written."""
-    path = Path(path)
-    files = {}
-    for f in _payload_files(path):
+    path, files = Path(path), {}
+    payload = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in sorted(p for p in payload if p.relative_to(path).as_posix() != MANIFEST and not p.name.startswith(f".{MANIFEST}.")):
         with open(f, "rb") as fh:  # the data must be on disk before the record says it is
             os.fsync(fh.fileno())
         files[f.relative_to(path).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
@@ -165,15 +157,9 @@ def load_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
 
 
 def write_step_folder(
-    root: str | Path,
-    step: int,
-    *,
-    keep: int | None,
-    is_main: bool,
-    barrier: Callable[[], None],
-    write_all: Callable[[Path], None],
+    root: str | Path, step: int, *, keep: int | None, is_main: bool, barrier: Callable[[], None], write_all: Callable[[Path], None],
     write_main: Callable[[Path], None],
-) -> Path:
+) -> Path:  # fmt: skip
     """Write ``root/step-<step>`` atomically (every process calls this; an existing one is never written over).
 
     ``write_all(tmp)`` runs on every process, then the main process runs ``write_main(tmp)``, writes

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from dfm_ext.recipes.engine.checkpoint import CorruptCheckpointError, DiskFullError
@@ -19,7 +20,7 @@ from dfm_ext.recipes.engine.config import ConfigError, load_config
 from dfm_ext.recipes.engine.latents import looks_local
 
 __all__ = [
-    "TINY_VAE_BLOCKS", "USAGE_ERRORS", "assets_main", "cache_builder_main", "check_latent_cache", "check_vae_path", "make_tiny_vae",
+    "USAGE_ERRORS", "assets_main", "cache_builder_main", "check_latent_cache", "check_vae_path", "make_tiny_vae",
     "parse_config_args", "photo", "save_tiny_vae", "train_main", "usage_error",
 ]  # fmt: skip
 
@@ -33,10 +34,8 @@ def parse_config_args(
     cls: type[T], argv: Sequence[str] | None, *, prog: str, doc: str | None,
     config_help: str = "a name in dfm_ext/recipes/configs or a YAML path", aliases: Mapping[str, str] | None = None,
 ) -> tuple[str, T]:  # fmt: skip
-    """``--config NAME [key.sub=value ...]`` -> (run name, ``cls`` config after its ``validate()``).
-
-    ``doc``: the recipe's docstring (its first line describes the command); ``aliases``: short config names.
-    """
+    """``--config NAME [key.sub=value ...]`` -> (run name, ``cls`` config after its ``validate()``); ``doc``'s first
+    line describes the command, ``aliases`` maps short config names."""
     parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
@@ -99,11 +98,8 @@ def train_main(
     prepare: Callable[[Sequence[str] | None], tuple[str, Any, Any]], run: Callable[[str, Any, Any], Any], argv: Sequence[str] | None,
     summary: Callable[[Any], dict[str, Any]],
 ) -> int:  # fmt: skip
-    """A training command: ``prepare(argv) -> (name, config, dataset)`` (all that can fail before compute), then
-    ``run(...) -> TrainResult``, printed as one JSON line on rank 0 with the recipe's ``summary(result)`` fields.
-
-    Returns 0; 2 after ``error: ...`` for a usage error; 1 after one ``error: ...`` line for a full disk or a damaged checkpoint.
-    """
+    """A training command: ``prepare(argv) -> (name, config, dataset)`` (all that can fail before compute), ``run(...)``,
+    one JSON line on rank 0 with ``summary(result)``. Exit status 2 for a usage error, 1 for a full disk or a damaged checkpoint."""
     try:
         name, cfg, dataset = prepare(argv)
     except USAGE_ERRORS as e:
@@ -132,21 +128,16 @@ def assets_main(argv: Sequence[str] | None, *, prog: str, doc: str | None, maker
 
 def photo(name: str) -> Any:
     """scikit-image's bundled photo ``name`` as ``[H, W, 3]`` uint8 (grey ones repeated, alpha dropped)."""
-    import numpy as np
     from skimage import data as skdata
 
     img = getattr(skdata, name)()
     return np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
 
 
-#: The widths of the tiny VAEs (the image one here, the video one in the Kinetics recipe).
-TINY_VAE_BLOCKS: dict[str, Any] = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4)
-
-
 def save_tiny_vae(cls: type, path: str | Path, seed: int, **config: Any) -> Path:
-    """``cls(**TINY_VAE_BLOCKS, **config)`` initialised under ``seed``, saved under ``path/vae`` (loaded as a real one is)."""
+    """``cls(**config)`` with the tiny VAEs' widths (8-16), initialised under ``seed``, saved under ``path/vae`` as a real one is."""
     torch.manual_seed(seed)
-    cls(**TINY_VAE_BLOCKS, **config).save_pretrained(str(Path(path) / "vae"))
+    cls(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, **config).save_pretrained(str(Path(path) / "vae"))
     return Path(path)
 
 

@@ -4,14 +4,9 @@ Every key and value is checked against the field types before any compute: an un
 value of the wrong type raises :class:`ConfigError` naming it.
 
 Example:
-    >>> from dataclasses import dataclass, field
-    >>> @dataclass
-    ... class Optim:
-    ...     lr: float = 1e-4
-    ...     betas: tuple[float, float] = (0.9, 0.99)
     >>> @dataclass
     ... class Run:
-    ...     optim: Optim = field(default_factory=Optim)
+    ...     optim: OptimConfig = field(default_factory=OptimConfig)
     ...     steps: int = 10
     >>> cfg = apply_overrides(Run(), ["optim.lr=3e-4", "steps=20", "optim.betas=[0.9, 0.95]"])
     >>> cfg.optim.lr, cfg.steps, cfg.optim.betas
@@ -19,7 +14,7 @@ Example:
     >>> apply_overrides(Run(), ["optim.lrr=1"])
     Traceback (most recent call last):
     ...
-    dfm_ext.recipes.engine.config.ConfigError: unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys under 'optim': betas, lr
+    dfm_ext.recipes.engine.config.ConfigError: unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys under 'optim': betas, eps, grad_clip, lr, warmup_steps, weight_decay
 """
 
 from __future__ import annotations
@@ -167,19 +162,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def _parse_value(text: str) -> Any:
-    # YAML scalars give typed values for free: 1e-4, true, [1, 2], null; plain words stay strings.
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-
-
-def _wants_text(hint: Any) -> bool:
-    args = typing.get_args(hint)
-    return hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in args and len(args) <= 2)
-
-
 def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     """A copy of ``cfg`` with ``key.sub=value`` overrides applied and type-checked."""
     data = config_to_dict(cfg)
@@ -196,8 +178,13 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
             if names is not None and part not in names:
                 raise _unknown(part, prefix, names)
             if depth == len(parts) - 1:
-                value = _parse_value(text)
-                if names is not None and _wants_text(_hints(cls)[part]) and not isinstance(value, str):
+                try:  # YAML scalars give typed values for free: 1e-4, true, [1, 2], null; plain words stay strings
+                    value = yaml.safe_load(text) if text.strip() else ""
+                except yaml.YAMLError:
+                    value = text
+                args = typing.get_args(hint := _hints(cls)[part] if names is not None else None)
+                text_field = hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in args and len(args) <= 2)
+                if text_field and not isinstance(value, str):
                     # A string field keeps the text as typed ('tag=001' stays '001'); null still clears it.
                     value = None if value is None and text.strip() in ("null", "~") else text
                 node[part] = value

@@ -1,8 +1,5 @@
 """What a step reads: the batch plan, image folders, latents (a VAE codec or a latent cache), model inputs.
-
-Items are keyed by ``(index, flip)`` (what :class:`BatchPlan` yields); an undecodable file is
-skipped: the item falls back to the next index and lists the bad one in ``bad``, which the trainer counts.
-"""
+Items are keyed by ``(index, flip)``; an undecodable file is skipped, listed in the item's ``bad`` (counted)."""
 
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
     "BatchPlan", "ClassConditionalInputs", "Codec", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "collate_items",
-    "cycled_labels", "drop_labels", "dropout_mask", "load_image", "read_with_fallback", "scan_class_folders", "scan_image_folder",
+    "cycled_labels", "dropout_mask", "load_image", "read_with_fallback", "scan_class_folders", "scan_image_folder",
 ]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -304,12 +301,6 @@ def dropout_mask(n: int, p: float, *, generator: torch.Generator, device: torch.
     return torch.rand(n, generator=generator, device=generator.device).to(device) < p
 
 
-def drop_labels(labels: Tensor, p: float, null_class: int, *, generator: torch.Generator) -> Tensor:
-    """``labels`` with each replaced by ``null_class`` with probability ``p`` (classifier-free guidance)."""
-    drop = dropout_mask(labels.shape[0], p, generator=generator, device=labels.device)
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
 def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, device: torch.device) -> Tensor:
     """``n`` sample labels cycling through ``classes`` (default: the first ``min(n, num_classes)``).
 
@@ -348,13 +339,12 @@ class ClassConditionalInputs:
             return batch["latents"].to(device, non_blocking=True)
         return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
 
-    def training_inputs(
-        self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device
-    ) -> tuple[list[Tensor], StageTimesteps, Tensor]:
-        """A step's stages, stage times and labels (label dropout applied), drawn from ``generator`` in a fixed
-        order (posterior sample, times, dropout) that exact resume relies on."""
+    def training_inputs(self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> tuple[list[Tensor], StageTimesteps, Tensor]:
+        """A step's stages, stage times and labels (each dropped to the null class with probability ``label_dropout``),
+        drawn from ``generator`` in a fixed order (posterior sample, times, dropout) that exact resume relies on."""
         z = self.latents(batch, device, generator)
         stages = self.decomposition.decompose(z)
         ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
-        labels = drop_labels(batch["label"].to(device), self.label_dropout, self.null_class, generator=generator)
-        return stages, ts, labels
+        labels = batch["label"].to(device)
+        drop = dropout_mask(labels.shape[0], self.label_dropout, generator=generator, device=labels.device)
+        return stages, ts, torch.where(drop, torch.full_like(labels, self.null_class), labels)

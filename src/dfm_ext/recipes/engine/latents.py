@@ -44,10 +44,7 @@ def load_vae(
     path: str, subfolder: str | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     cls: Any = None, what: str = "VAE",
 ) -> Any:  # fmt: skip
-    """``cls.from_pretrained(path, subfolder=...)`` (default ``AutoencoderKL``), frozen, in eval mode.
-
-    A local ``path`` without a diffusers ``config.json`` raises ``FileNotFoundError`` naming ``what``.
-    """
+    """``cls.from_pretrained(path, subfolder=...)`` (default ``AutoencoderKL``, called ``what`` in errors), frozen, in eval mode."""
     if cls is None:
         from diffusers import AutoencoderKL
 
@@ -97,7 +94,6 @@ def write_latent_cache(
     (out / "index.json").unlink(missing_ok=True)
     shards: list[dict[str, Any]] = []
     buf: dict[str, list[Tensor]] = {"latents": [], "labels": [], "latents_flipped": []}
-    count = pending = 0
     shape: list[int] | None = None
 
     def flush() -> None:
@@ -117,17 +113,13 @@ def write_latent_cache(
             shape = list(latents.shape[1:])
         elif list(latents.shape[1:]) != shape:
             raise ValueError(f"latent shape changed from {shape} to {list(latents.shape[1:])}")
-        buf["latents"].append(latents.detach().cpu())
-        buf["labels"].append(labels.detach().cpu())
-        if flipped is not None:
-            buf["latents_flipped"].append(flipped.detach().cpu())
-        count += latents.shape[0]
-        pending += latents.shape[0]
-        if pending >= shard_size:
+        for key, t in (("latents", latents), ("labels", labels), ("latents_flipped", flipped)):
+            if t is not None:
+                buf[key].append(t.detach().cpu())
+        if sum(len(t) for t in buf["labels"]) >= shard_size:
             flush()
-            pending = 0
     flush()
-    if count == 0:
+    if (count := sum(s["count"] for s in shards)) == 0:
         raise ValueError("no latents to write")
     index = {**metadata, "format": CACHE_FORMAT, "num_items": count, "latent_shape": shape, "dtype": str(dtype).removeprefix("torch."),
              "shards": shards}  # fmt: skip
@@ -154,8 +146,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class CacheOptions:
-    """How a cache builder encodes: ``batch_size`` items per VAE call on ``device`` (``None``: CUDA
-    when available), ``shard_size`` items per file, latents stored as ``dtype``, a progress bar."""
+    """How a cache builder encodes: items per VAE call on ``device`` (``None``: CUDA if any), items per file, stored dtype."""
 
     batch_size: int = 32
     shard_size: int = 4096
@@ -168,11 +159,8 @@ def encode_class_cache(
     cfg: Any, readable: SkipUnreadable, out: str | Path, options: CacheOptions, *, load_codec: Any, metadata: dict[str, Any],
     extra: dict[str, Any], skipped_key: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """Encode every readable item (and, with ``cfg.data.random_flip``, its mirror image) with ``load_codec(cfg, device)``.
-
-    ``metadata``: what the cache must agree on with the config; ``extra`` is recorded after the
-    normalisation; ``skipped_key`` lists the unreadable items' paths. Returns the ``index.json`` contents.
-    """
+    """Encode every readable item (and, with ``cfg.data.random_flip``, its mirror image) with ``load_codec(cfg, device)``;
+    ``metadata`` is what the cache must agree on with the config. Returns the ``index.json`` contents."""
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codec, flip, bad = load_codec(cfg, device), cfg.data.random_flip, list[int]()
     loader = torch.utils.data.DataLoader(readable, batch_size=options.batch_size, num_workers=min(8, cfg.train.num_workers), collate_fn=list)

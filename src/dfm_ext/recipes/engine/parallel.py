@@ -176,8 +176,7 @@ class Parallelism(ABC):
             model.compile(backend=self.train.compile_backend)
 
     def _ema(self, model: nn.Module, *, module: bool) -> EMA | None:
-        t = self.train
-        return None if t.ema_decay is None else EMA(model, t.ema_decay, warmup=t.ema_warmup, module=module)
+        return None if self.train.ema_decay is None else EMA(model, self.train.ema_decay, warmup=self.train.ema_warmup, module=module)
 
 
 class DDP(Parallelism):

@@ -1,8 +1,8 @@
-"""Config sections the recipes share: ``dfm``, ``sampling``, ``model``, ``specialize``, ``vae``, ``data``, and :class:`RecipeConfig`.
+"""Config sections the recipes share: ``decomposition``, ``dfm``, ``sampling``, ``model``, ``specialize``, ``vae``, ``data``,
+and :class:`RecipeConfig`.
 
-A recipe passes the :class:`DFMConfig` fields it reads to :meth:`DFMConfig.check` (its defaults
-through the section's default factory, e.g. ``functools.partial(DFMConfig, standardize=True)``);
-a field it does not read must stay at that default, so a setting is never silently ignored.
+A ``dfm`` field a recipe does not read must stay at the recipe's default (its section's default
+factory, e.g. ``functools.partial(DFMConfig, standardize=True)``), so a setting is never silently ignored.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import importlib
 import math
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from torch import nn
 
 from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.decompositions.factory import DECOMPOSITION_FIELDS, decomposition_config, decomposition_from_config
 from dfm_ext.process.allocation import make_allocation
 from dfm_ext.process.conventions import check_time_convention
 from dfm_ext.process.objective import DFMObjective
@@ -25,31 +27,112 @@ from dfm_ext.process.sampler import DFMSampler
 from dfm_ext.process.schedule import StageScheduler
 from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, yaml_value
-from dfm_ext.recipes.engine.decomposition import DecompositionConfig
 from dfm_ext.specialization import GROUP_PATTERNS, StageSpecialization, specialize
 
 __all__ = [
-    "RECIPE_SECTIONS", "ClassDataSection", "ClassSamplingConfig", "DFMConfig", "LatentVAEConfig", "ModelConfig", "RecipeConfig",
-    "SamplingConfig", "SpecializeConfig", "VAESection", "enable_gradient_checkpointing", "import_factory",
+    "RECIPE_SECTIONS", "ClassDataSection", "ClassSamplingConfig", "DFMConfig", "DecompositionConfig", "LatentVAEConfig", "ModelConfig",
+    "RecipeConfig", "SamplingConfig", "SpecializeConfig", "VAESection", "enable_gradient_checkpointing", "import_factory",
 ]  # fmt: skip
+
+@dataclass
+class DecompositionConfig:
+    """Every field of every kind of :mod:`dfm_ext.decompositions.factory`; a field of another kind than ``kind``
+    must stay at its default. ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``,
+    ``temporal_factors``; ``wavelet``: ``wave``, ``factors`` (powers of two) or ``levels`` / ``num_stages``,
+    ``mode``; ``dct``: ``block_size``, ``bands``; ``identity``: nothing (plain Flow Matching).
+
+    Checked and resolved when the config loads, so ``config.yaml`` says what is built (``factors``
+    ``[1]`` for identity, ``null`` for dct; a wavelet given by ``levels`` is written with its ``factors``).
+    """
+
+    kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
+    factors: tuple[int, ...] | None = (2, 1)
+    down: Literal["area", "bilinear", "bicubic"] = "area"
+    up: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    temporal_factors: tuple[int, ...] | None = None
+    wave: str = "haar"
+    levels: int | None = None
+    num_stages: int | None = None
+    mode: str = "periodization"
+    block_size: int = 4
+    bands: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        defaults = {f.name: f.default for f in dataclasses.fields(DecompositionConfig)}
+        own = set(DECOMPOSITION_FIELDS.get(kind, ())) | ({"levels", "num_stages"} if kind == "wavelet" else set())
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if name == "kind" or name in own or value == default:
+                continue
+            if name == "factors" and (kind, value) in (("identity", (1,)), ("identity", None), ("dct", None)):
+                continue  # identity: one stage at full resolution, [1] (older configs) or null; dct: null
+            users = [k for k, names in DECOMPOSITION_FIELDS.items() if name in names] or ["wavelet"]
+            raise ConfigError(
+                f"decomposition.{name}={yaml_value(value)} applies to kind={'/'.join(users)}, not kind={kind}; "
+                f"leave it at its default {yaml_value(default)}"
+                + (" (factors: null for dct)" if name == "factors" else "")
+            )
+        if kind == "wavelet" and (self.levels is not None or self.num_stages is not None):
+            if self.factors not in (None, defaults["factors"]):
+                raise ConfigError(
+                    f"decomposition: give either factors ({yaml_value(self.factors)}) or levels/num_stages "
+                    f"({self.levels}/{self.num_stages}) for a wavelet, not both; set the other to null"
+                )
+            self.factors = None
+        try:
+            built = self.build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"kind={kind}: {e}") from e
+        resolved = decomposition_config(built)
+        # Write back what is built (the defaults of the other kinds stay as they are).
+        for name in DECOMPOSITION_FIELDS[kind]:
+            value = resolved[name]
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
+        self.levels = self.num_stages = None
+        self.factors = {"identity": (1,), "dct": None}.get(kind, self.factors)
+        self._num_stages = built.num_stages
+        factors = self.factors or (1,)
+        self._multiple = {"laplacian": math.lcm(*factors), "wavelet": factors[0], "dct": self.block_size, "identity": 1}[kind]
+
+    def build(self) -> Decomposition:
+        """The decomposition, through :func:`dfm_ext.decomposition_from_config` of this kind's fields."""
+        kind, config = self.kind, dict[str, Any](kind=self.kind)
+        for name in DECOMPOSITION_FIELDS[kind] + (("levels", "num_stages") if kind == "wavelet" else ()):
+            value = getattr(self, name)
+            if not (kind == "wavelet" and value is None and name in ("levels", "num_stages", "factors")):
+                config[name] = list(value) if isinstance(value, tuple) else value
+        return decomposition_from_config(config)
+
+    def count_stages(self) -> int:
+        return self._num_stages
+
+    @property
+    def sample_multiple(self) -> int:
+        """Latent sides must be multiples of this (the coarsest stage's downsampling, or the DCT block)."""
+        return self._multiple
+
+    def check_sample_shape(self, shape: Sequence[int], what: str = "latent") -> None:
+        """A :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
+        try:
+            self.build().stage_shapes((1, *shape))
+        except ValueError as e:
+            raise ConfigError(f"decomposition (kind={self.kind}) cannot split the {what} shape {tuple(shape)}: {e}") from e
+
 
 # The DFMConfig fields only some recipes read, and what reads them.
 RECIPE_DFM_FIELDS = {
     "label_dropout": "class-conditional recipes (FLUX drops captions with data.caption_dropout)",
-    "standardize": "the video recipe",
-    "scales": "the video recipe",
-    "scale_estimation_clips": "the video recipe",
+    **dict.fromkeys(("standardize", "scales", "scale_estimation_clips"), "the video recipe"),
     "allocation": "the ImageNet and video recipes (their tasks feed it the per-stage losses)",
 }
 
 
 @dataclass
 class DFMConfig:
-    """Training distribution of stage times and the loss (paper 3.3, A.5): :class:`dfm_ext.StageTimestepSampler`
-    and :class:`dfm_ext.DFMObjective` settings; ``label_dropout`` (classifier-free guidance); per-stage
-    standardisation (``scales`` null: estimated from ``scale_estimation_clips`` clips at the start);
-    ``allocation: progress``: stage probabilities follow each stage's learning progress (prior ``stage_probabilities``).
-    """
+    """Stage times and loss (paper 3.3, A.5: :class:`dfm_ext.StageTimestepSampler`, :class:`dfm_ext.DFMObjective`),
+    label dropout, per-stage standardisation (``scales`` null: estimated from ``scale_estimation_clips`` clips);
+    ``allocation: progress``: stage probabilities follow each stage's learning progress (prior ``stage_probabilities``)."""
 
     stage_probabilities: tuple[float, ...] | None = None
     current: tuple[float, float] = (0.0, 1.0)
@@ -162,8 +245,7 @@ class ClassSamplingConfig(SamplingConfig):
 
 def check_count(section: Any, name: str) -> None:
     """``sampling.<name>`` (a number of samples) is at least 1."""
-    n = getattr(section, name)
-    if n < 1:
+    if (n := getattr(section, name)) < 1:
         raise ConfigError(f"sampling.{name} must be >= 1, got {n}")
 
 
@@ -256,9 +338,7 @@ class SpecializeConfig:
         if self.kind == "none":
             return None
         lora = self.kind == "lora"
-        return specialize(
-            model, kind=self.kind, targets=list(self.targets), rank=self.rank if lora else None, alpha=self.alpha if lora else None
-        )
+        return specialize(model, kind=self.kind, targets=list(self.targets), rank=self.rank if lora else None, alpha=self.alpha if lora else None)
 
 
 @dataclass
@@ -284,9 +364,8 @@ class LatentVAEConfig(VAESection):
 
 @dataclass
 class ClassDataSection:
-    """What the class-conditional recipes' ``data`` sections share: items under ``root`` (one class
-    per folder) or a built ``latent_cache``, the side ``resolution``, mirroring, the class count and
-    how many unreadable items a run may skip (``max_skips``)."""
+    """The class-conditional recipes' ``data``: ``root/<class>/<item>`` or a ``latent_cache``, the side ``resolution``,
+    mirroring, the class count and how many consecutive unreadable items a run may skip."""
 
     root: str | None = None
     latent_cache: str | None = None
@@ -311,9 +390,8 @@ def _named_by_the_recipe() -> Any:
 
 @dataclass
 class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
-    """Every recipe's sections: ``train``, ``optim``, ``decomposition``, ``dfm``, and the four a recipe names
-    by type, ``RecipeConfig[Data, VAE, Model, Sampling]``. A recipe declares only sections beyond these
-    (or a different default for one)."""
+    """Every recipe's sections: ``train``, ``optim``, ``decomposition``, ``dfm``, and the four it names by type,
+    ``RecipeConfig[Data, VAE, Model, Sampling]``; a recipe declares only sections beyond these (or other defaults)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,10 +1,8 @@
 """The training loop every recipe runs: :class:`Trainer` drives a :class:`TrainTask` (what one step computes).
 
-Exact resume: the data order and every random draw of a step are functions of ``(seed, step,
-micro-batch)`` (:class:`~dfm_ext.recipes.engine.data.BatchPlan`, :func:`step_generator`), so a run
-restarted at step ``k`` replays itself, and W processes with accumulation A train what one process
-with accumulation W*A trains. Losses, the non-finite flag and skip counts stay on the device and are
-read once per log / checkpoint step (:func:`is_check_step`): no host read per step.
+The data order and every random draw of a step are functions of ``(seed, step, micro-batch)``
+(:class:`~dfm_ext.recipes.engine.data.BatchPlan`, :func:`step_generator`): a resumed run replays
+itself. Losses and flags stay on the device until a log / checkpoint step (:func:`is_check_step`).
 """
 
 from __future__ import annotations
@@ -68,11 +66,7 @@ def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 class TrainTask(ABC):
     """What a recipe gives the :class:`Trainer`: the model and what one micro-batch computes (override what differs).
-
-    ``random_flip``: the batch plan mirrors half the items. ``find_unused_parameters`` (DDP) stays
-    off for :func:`dfm_ext.specialize`'s per-stage parameters: every stage's take part in every
-    forward (zero gradients for an absent stage).
-    """
+    ``find_unused_parameters`` (DDP) stays off for per-stage parameters: every stage's take part in every forward."""
 
     random_flip: bool = False
     find_unused_parameters: bool = False
@@ -251,9 +245,8 @@ class Trainer:
         )  # fmt: skip
         bar = tqdm(total=t.steps, initial=counters.step, disable=not (accelerator.is_main_process and t.progress), desc=self.name, dynamic_ncols=True)
         model.train()
-        nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        return _Run(accelerator, parallel, model, optimizer, schedulers[0], ema, counters, extra, plan, iter(loader), bar, nonfinite,
-                    checked_step=counters.step)  # fmt: skip
+        return _Run(accelerator, parallel, model, optimizer, schedulers[0], ema, counters, extra, plan, iter(loader), bar,
+                    torch.zeros((), dtype=torch.bool, device=accelerator.device), checked_step=counters.step)  # fmt: skip
 
     def _accelerator(self) -> Accelerator:
         from accelerate import Accelerator

@@ -1,8 +1,5 @@
-"""Pictures for the demo and the benchmarks: image grids, progressive strips, loss curves (matplotlib).
-
-Every writer renders into a temporary sibling and renames it (:func:`atomic_file`), so a crash never
-leaves a half-written picture that looks complete.
-"""
+"""Pictures for the demo and the benchmarks: image grids, progressive strips, loss curves (matplotlib), each written
+through :func:`atomic_file`, so that a crash never leaves a half-written picture that looks complete."""
 
 from __future__ import annotations
 
@@ -93,30 +90,22 @@ def save_array_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def save_image_grid(
-    images: Tensor, path: str | os.PathLike[str], *, nrow: int = 8, padding: int = 2, scale: int = 2
-) -> Path:
+def save_image_grid(images: Tensor, path: str | os.PathLike[str], *, nrow: int = 8, padding: int = 2, scale: int = 2) -> Path:
     """Save ``[N, C, H, W]`` images in ``[-1, 1]`` as one PNG grid (``nrow`` per row).
 
     Example:
-        >>> import tempfile
-        >>> p = save_image_grid(torch.zeros(4, 1, 8, 8), Path(tempfile.mkdtemp()) / "g.png", nrow=2, scale=1)
-        >>> from PIL import Image; Image.open(p).size
+        >>> Image.open(save_image_grid(torch.zeros(4, 1, 8, 8), Path(tempfile.mkdtemp()) / "g.png", nrow=2, scale=1)).size
         (22, 22)
     """
     return save_array_png(make_grid(images, nrow, padding=padding, scale=scale), path)
 
 
-def save_progressive(
-    previews: Sequence[Tensor], final: Tensor, path: str | os.PathLike[str], *, scale: int = 3, padding: int = 2
-) -> Path:
+def save_progressive(previews: Sequence[Tensor], final: Tensor, path: str | os.PathLike[str], *, scale: int = 3, padding: int = 2) -> Path:
     """One row per example: each stage's preview ``[N, C, H_s, W_s]`` (upscaled, nearest), then ``final [N, C, H, W]``.
 
     Example:
-        >>> import tempfile
-        >>> p = save_progressive([torch.zeros(2, 1, 4, 4)], torch.zeros(2, 1, 8, 8),
-        ...                      Path(tempfile.mkdtemp()) / "p.png", scale=1, padding=1)
-        >>> from PIL import Image; Image.open(p).size
+        >>> path = Path(tempfile.mkdtemp()) / "p.png"
+        >>> Image.open(save_progressive([torch.zeros(2, 1, 4, 4)], torch.zeros(2, 1, 8, 8), path, scale=1, padding=1)).size
         (19, 19)
     """
     if final.ndim != 4:

@@ -1,13 +1,7 @@
 """Offline assets for the ``flux_tiny`` config: a FLUX-layout folder of tiny random models and captioned photos.
 
-::
-
-    python -m dfm_ext.recipes.flux.assets runs/tiny_flux
-    python -m dfm_ext.recipes.flux --config flux_tiny model.path=runs/tiny_flux/flux data.source=runs/tiny_flux/images
-
-``flux/`` holds every model of the FLUX.1-dev layout, tiny and randomly initialised, saved with
-``save_pretrained`` so that they load as the real ones do (the tokenizers: word-level over the
-captions' words). ``images/``: crops of scikit-image's photos at several aspect ratios with ``.txt`` captions.
+Every model is saved with ``save_pretrained`` so that it loads as the real ones do (the tokenizers:
+word-level over the captions' words); the photos are cropped at several aspect ratios.
 """
 
 from __future__ import annotations
@@ -24,15 +18,9 @@ from dfm_ext.recipes.engine.cli import assets_main, make_tiny_vae, photo
 __all__ = ["CAPTIONS", "make_captioned_images", "make_tiny_flux", "make_tiny_text_encoders", "tiny_flux_transformer_config"]
 
 #: Photo -> caption words (the tiny tokenizers' vocabulary comes from these).
-CAPTIONS = {
-    "astronaut": "a portrait of an astronaut in a white suit",
-    "coffee": "a cup of coffee on a red table",
-    "chelsea": "a ginger cat looking at the camera",
-    "rocket": "a rocket on the launch pad under a blue sky",
-}
-LATENT_CHANNELS = 4
-T5_DIM = 16
-POOLED_DIM = 12
+CAPTIONS = {"astronaut": "a portrait of an astronaut in a white suit", "coffee": "a cup of coffee on a red table",
+            "chelsea": "a ginger cat looking at the camera", "rocket": "a rocket on the launch pad under a blue sky"}  # fmt: skip
+LATENT_CHANNELS, T5_DIM, POOLED_DIM = 4, 16, 12
 
 
 def make_captioned_images(root: str | Path, *, per_photo: int = 4, seed: int = 0, side: int = 64) -> Path:
@@ -69,10 +57,8 @@ def _word_tokenizer(words: Sequence[str], *, specials: dict[str, str], template:
     tok = Tokenizer(WordLevel(vocab, unk_token=specials["unk"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    pieces = template.split()
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(p, vocab[p]) for p in dict.fromkeys(pieces) if p != "$A"]
-    )
+    specials_used = [(p, vocab[p]) for p in dict.fromkeys(template.split()) if p != "$A"]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials_used)
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **{f"{k}_token": v for k, v in specials.items()}), vocab
 
 
@@ -90,21 +76,15 @@ def make_tiny_text_encoders(path: str | Path, *, seed: int = 0) -> Path:
     clip_tok.save_pretrained(str(path / "tokenizer"))
     t5_tok.save_pretrained(str(path / "tokenizer_2"))
     torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_vocab), hidden_size=POOLED_DIM, intermediate_size=24, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, projection_dim=POOLED_DIM,
-            bos_token_id=clip_vocab["<|startoftext|>"], eos_token_id=clip_vocab["<|endoftext|>"],
-            pad_token_id=clip_vocab["<|endoftext|>"],
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_vocab), d_model=T5_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-            relative_attention_num_buckets=8, pad_token_id=t5_vocab["<pad>"], eos_token_id=t5_vocab["</s>"],
-            decoder_start_token_id=t5_vocab["<pad>"],
-        )
-    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_vocab), hidden_size=POOLED_DIM, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=POOLED_DIM, bos_token_id=clip_vocab["<|startoftext|>"],
+        eos_token_id=clip_vocab["<|endoftext|>"], pad_token_id=clip_vocab["<|endoftext|>"],
+    ))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_vocab), d_model=T5_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        pad_token_id=t5_vocab["<pad>"], eos_token_id=t5_vocab["</s>"], decoder_start_token_id=t5_vocab["<pad>"],
+    ))  # fmt: skip
     clip.save_pretrained(str(path / "text_encoder"))
     t5.save_pretrained(str(path / "text_encoder_2"))
     return path

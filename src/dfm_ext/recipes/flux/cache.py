@@ -1,10 +1,5 @@
 """Precomputed FLUX latents and text embeddings: build once, train without the VAE and text encoders.
 
-::
-
-    python -m dfm_ext.recipes.flux cache --config flux_dfm --out /data/flux_cache model.path=/models/FLUX.1-dev data.source=/data/captioned
-    accelerate launch -m dfm_ext.recipes.flux --config flux_dfm model.path=/models/FLUX.1-dev data.cache=/data/flux_cache
-
 Layout (``index.json`` written last; a cache whose metadata disagree with the config is refused)::
 
     index.json                 metadata, and one entry per (image, bucket): shard, key, bucket, source, caption
@@ -64,9 +59,8 @@ def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CAC
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = CaptionedImages(cfg.data.source, cfg.buckets(), on_missing=cfg.data.on_missing,
                               min_area_fraction=cfg.data.min_area_fraction, max_skips=1)
-    encoders = FluxEncoders(cfg)
+    encoders, out = FluxEncoders(cfg), Path(out)
     codec, text = encoders.codec(device), encoders.text_encoder(device)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
     entries: list[dict[str, Any]] = []
@@ -100,19 +94,16 @@ def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CAC
             z = codec.encode(torch.stack([p for _, p in items]).to(device))
             emb = text.encode([dataset.items[i].caption for i, _ in items])
             for k, (item_index, _) in enumerate(items):
-                key = str(len(entries))
-                shard[f"{key}.latents"] = z[k].to("cpu", dtype)
-                shard[f"{key}.encoder_hidden_states"] = emb.encoder_hidden_states[k].to("cpu", dtype)
-                shard[f"{key}.pooled_projections"] = emb.pooled_projections[k].to("cpu", dtype)
-                item = dataset.items[item_index]
+                key, item = str(len(entries)), dataset.items[item_index]
+                for name, t in (("latents", z), *emb.as_kwargs().items()):
+                    shard[f"{key}.{name}"] = t[k].to("cpu", dtype)
                 entries.append({"shard": len(shard_names), "key": key, "bucket": bucket, "source": item.path, "caption": item.caption})
                 if len(shard) >= 3 * shard_size:
                     flush()
     flush()
     if not entries:
         raise ValueError(f"no readable images in {cfg.data.source}")
-    empty = text.empty()
-    save_file({k: v.to("cpu", dtype).contiguous() for k, v in empty.as_kwargs().items()}, str(out / "empty.safetensors"))
+    save_file({k: v.to("cpu", dtype).contiguous() for k, v in text.empty().as_kwargs().items()}, str(out / "empty.safetensors"))
     index = {
         **cache_metadata(cfg), "format": FLUX_CACHE_FORMAT, "scaling_factor": codec.scaling, "shift_factor": codec.shifting,
         "buckets": [list(s) for s in dataset.buckets.shapes], "dtype": str(dtype).removeprefix("torch."), "shards": shard_names,

@@ -54,14 +54,6 @@ class CaptionScan:
     sizes: list[tuple[int, int]]
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` from the file header, as displayed (EXIF rotations 5-8 swap the sides)."""
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
 def _read_pairs(source: Path) -> tuple[list[tuple[Path, str | None]], str]:
     """``(image path, caption or None)`` for a folder or a JSONL file, and a description for errors."""
     if source.is_dir():
@@ -109,12 +101,13 @@ def scan_captions(source: str | Path, *, on_missing: Literal["error", "skip"] = 
             missing.append(str(path))
             continue
         try:
-            size = image_size(path)
+            with Image.open(path) as im:  # the size from the header, as displayed: EXIF rotations 5-8 swap the sides
+                (w, h), rotated = im.size, im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         except DECODE_ERRORS:
             unreadable.append(str(path))
             continue
         items.append(CaptionedItem(str(path), caption))
-        sizes.append(size)
+        sizes.append((w, h) if rotated else (h, w))
     if missing and on_missing == "error":
         raise ValueError(
             f"{source}: {len(missing)} {what}(s), e.g. {missing[:3]}; fix the data or set "
@@ -150,7 +143,7 @@ class AspectBuckets:
         if self.multiple < 1 or not self.ratios or any(not r > 0 for r in self.ratios):
             raise ValueError(f"multiple must be >= 1 and ratios positive, got {self.multiple}, {self.ratios}")
         shapes: list[tuple[int, int]] = []
-        owner: list[int] = []
+        owner: list[int] = []  # the resolution of every bucket
         m = self.multiple
         for res in self.resolutions:
             for a in self.ratios:
@@ -189,12 +182,9 @@ def load_bucket_image(path: str, shape: tuple[int, int]) -> Tensor:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """``(image, bucket)`` entries of a captioned source (an image joins every bucket :meth:`AspectBuckets.assign` gives).
-
-    Items, keyed by ``(index, flip)``: ``pixels [3, h, w]`` in ``[-1, 1]`` (resized to cover the bucket, centre
-    cropped), ``caption``, ``bucket``, ``index`` (the entry read) and ``bad``. ``entries``: ``(item index, bucket
-    id)`` per index; ``bucket_of``: what :class:`BucketBatchPlan` groups by; ``stats``: counts for the logs.
-    """
+    """``entries``: ``(item index, bucket id)`` for every bucket :meth:`AspectBuckets.assign` gives an image; items
+    keyed by ``(index, flip)``: ``pixels [3, h, w]`` in ``[-1, 1]`` (covering the bucket, centre cropped), ``caption``,
+    ``bucket``, ``index`` (the entry read), ``bad``; ``bucket_of``: what :class:`BucketBatchPlan` groups by."""
 
     #: No precomputed text embeddings (a :class:`~dfm_ext.recipes.flux.cache.FluxCache` has the empty prompt's).
     empty_text = None
@@ -204,8 +194,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         max_skips: int = 64,
     ) -> None:  # fmt: skip
         scan = scan_captions(source, on_missing=on_missing)
-        self.source, self.buckets, self.max_skips = str(source), buckets, int(max_skips)
-        self.items = scan.items
+        self.source, self.buckets, self.max_skips, self.items = str(source), buckets, int(max_skips), scan.items
         self.entries: list[tuple[int, int]] = []
         too_small = 0
         for i, (h, w) in enumerate(scan.sizes):
@@ -231,10 +220,6 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def shape(self, index: int) -> tuple[int, int]:
-        """Pixel shape ``(h, w)`` of entry ``index``."""
-        return self.buckets.shapes[self.bucket_of[index]]
 
     def __getitem__(self, key: int | tuple[int, bool]) -> dict[str, Any]:
         index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
@@ -278,9 +263,7 @@ class BucketBatchPlan(BatchPlan):
         super().__post_init__()
         if len(self.buckets) != self.num_items:
             raise ValueError(f"buckets has {len(self.buckets)} entries for num_items={self.num_items}")
-        members: dict[int, np.ndarray] = {}
-        for b in sorted(set(self.buckets)):
-            members[b] = np.flatnonzero(np.asarray(self.buckets) == b)
+        members = {b: np.flatnonzero(np.asarray(self.buckets) == b) for b in sorted(set(self.buckets))}
         object.__setattr__(self, "_members", members)
         object.__setattr__(self, "_cache", {})
 

@@ -1,22 +1,11 @@
 """Finetune FLUX (diffusers ``FluxTransformer2DModel``) with DFM, or plainly as the baseline: the training script.
 
-Run::
-
-    accelerate launch --config_file src/dfm_ext/recipes/accelerate_configs/fsdp_flux_8gpu.yaml \\
-        -m dfm_ext.recipes.flux --config flux_dfm model.path=/models/FLUX.1-dev data.source=/data/captioned
-    python -m dfm_ext.recipes.flux cache --config flux_dfm --out /data/flux_cache ...  # optional
-    python -m dfm_ext.recipes.flux --config flux_tiny model.path=... data.source=...  # CPU smoke run
-
-One step: captioned images in aspect-ratio buckets (one bucket per batch) -> VAE latents and CLIP/T5
-embeddings, captions dropped to the empty prompt -> the decomposition's stages -> :class:`dfm_ext.DFMObjective`
-on FLUX wrapped with :func:`dfm_ext.wrap_dit` (paper E: stage 0 reuses FLUX's patch embedding, time
-embedding and head at half the latent resolution; the other stages start at zero). With
-``decomposition.kind=identity`` (config ``flux_ft``) the unmodified transformer trains through its own
-``forward``: the baseline of paper Table 3. ``finetune.mode``: ``full``, ``lora`` (peft, attention
-projections) or ``stage_lora`` (:func:`dfm_ext.specialize`); with LoRA the new DFM layers stay trainable.
-
-``final/``: the wrapped model for DFM runs (:func:`load_finetuned` or ``dfm_ext.load_wrapped``), a
-diffusers folder for the baseline; LoRA merged into the saved weights.
+Commands and configs: docs/recipes/flux.md. One step: captioned images in aspect-ratio buckets (one
+bucket per batch) -> VAE latents and CLIP/T5 embeddings, captions dropped to the empty prompt -> the
+decomposition's stages -> :class:`dfm_ext.DFMObjective` on FLUX wrapped with :func:`dfm_ext.wrap_dit`
+(paper E: stage 0 reuses FLUX's patch embedding, time embedding and head at half the latent
+resolution; the other stages start at zero). One stage (config ``flux_ft``) trains the unmodified
+transformer through its own ``forward``: the baseline of paper Table 3.
 """
 
 from __future__ import annotations
@@ -39,9 +28,11 @@ from dfm_ext.recipes.engine.latents import looks_local
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
+from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
+from dfm_ext.recipes.flux.cache import main as cache_main
 from dfm_ext.recipes.flux.config import FinetuneConfig, FluxFinetuneConfig
 from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
-from dfm_ext.recipes.flux.text_encoding import FluxEncoders, TextEmbeddings, check_local_subfolders
+from dfm_ext.recipes.flux.text_encoding import SUBFOLDERS, FluxEncoders, TextEmbeddings, check_local_subfolders
 from dfm_ext.specialization import specialize
 from dfm_ext.wrapping.io import load_wrapped, peft_merged
 from dfm_ext.wrapping.wrapper import wrap_dit
@@ -61,12 +52,8 @@ def _unpack(y: Tensor, h: int, w: int) -> Tensor:
 
 
 class FluxFlowModel(nn.Module):
-    """The unmodified FLUX transformer behind the DFM model contract, with one stage ``[B, C, H, W]`` (the FT baseline).
-
-    Packs ``x`` into FLUX tokens, calls the transformer's own forward with ``timestep = 1 - t`` (FLUX
-    multiplies by 1000 itself) and the fixed ``guidance``, and returns ``[-output]`` (FLUX predicts
-    ``noise - x``; the contract is ``x - noise``).
-    """
+    """The unmodified FLUX transformer behind the DFM model contract, one stage ``[B, C, H, W]`` (the FT baseline):
+    ``timestep = 1 - t`` (FLUX multiplies by 1000 itself), and ``-output`` (FLUX predicts ``noise - x``)."""
 
     num_stages = 1
 
@@ -119,8 +106,7 @@ def load_transformer(cfg: FluxFinetuneConfig, device: torch.device | str = "cpu"
     path = cfg.model.path
     check_local_subfolders(path, ("transformer",))  # type: ignore[arg-type]
     where = str(Path(path).expanduser()) if looks_local(path) else path  # type: ignore[arg-type]
-    model = FluxTransformer2DModel.from_pretrained(where, subfolder="transformer", torch_dtype=getattr(torch, cfg.model.dtype))
-    return model.to(device)
+    return FluxTransformer2DModel.from_pretrained(where, subfolder="transformer", torch_dtype=getattr(torch, cfg.model.dtype)).to(device)
 
 
 def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Module:
@@ -175,12 +161,10 @@ class FluxTask(FluxEncoders, TrainTask):
 
     def __init__(self, cfg: FluxFinetuneConfig, buckets: Sequence[int] = ()) -> None:
         super().__init__(cfg)
-        self.buckets = tuple(buckets)  # every item's aspect-ratio bucket: a batch comes from one bucket
-        self.random_flip = cfg.data.random_flip
+        self.buckets, self.random_flip = tuple(buckets), cfg.data.random_flip  # every item's bucket: a batch comes from one
         self.decomposition = cfg.decomposition.build()
-        s = self.decomposition.num_stages
-        self.timesteps = cfg.dfm.timestep_sampler(s)
-        self.objective = cfg.dfm.objective(s)
+        self.timesteps = cfg.dfm.timestep_sampler(self.decomposition.num_stages)
+        self.objective = cfg.dfm.objective(self.decomposition.num_stages)
 
     def batch_plan(self, num_items: int, global_batch_size: int, **kwargs: Any) -> BucketBatchPlan:
         return BucketBatchPlan(num_items, global_batch_size, random_flip=self.random_flip, buckets=self.buckets, **kwargs)
@@ -201,30 +185,21 @@ class FluxTask(FluxEncoders, TrainTask):
             z = batch["latents"].to(device).float()
         else:
             z = self.codec(device).encode(batch["pixels"].to(device), generator=generator)
-        b = z.shape[0]
-        text = self.conditioning(batch, device)
-        drop = dropout_mask(b, self.cfg.data.caption_dropout, generator=generator, device=device)
-        text = text.where(drop, self.empty(device))
-        stages = self.decomposition.decompose(z)
-        ts = self.timesteps.sample(b, generator=generator, device=device)
-        out = self.objective(model, stages, ts, generator=generator, **text.as_kwargs())
+        drop = dropout_mask(z.shape[0], self.cfg.data.caption_dropout, generator=generator, device=device)
+        text = self.conditioning(batch, device).where(drop, self.empty(device))
+        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
+        out = self.objective(model, self.decomposition.decompose(z), ts, generator=generator, **text.as_kwargs())
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()
     def sample(self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator) -> Any:
         """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`)."""
-        cfg = self.cfg.sampling
-        sampler = cfg.sampler(self.decomposition)
+        cfg, n, f, net = self.cfg.sampling, len(prompts), self.cfg.vae.downsample, unwrap(model)
         text = self.text_encoder(device).encode(list(prompts)).to(device)
-        empty = self.empty(device)
-        n = len(prompts)
-        uncond = {"encoder_hidden_states": empty.encoder_hidden_states.expand(n, -1, -1),
-                  "pooled_projections": empty.pooled_projections.expand(n, -1)}
-        net = unwrap(model)
+        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in self.empty(device).as_kwargs().items()}
         c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
-        f = self.cfg.vae.downsample
         shape = (n, c, cfg.height // f, cfg.width // f)
-        return sampler.sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
+        return cfg.sampler(self.decomposition).sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
 
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
         g = torch.Generator(device=device).manual_seed(self.cfg.sampling.seed)
@@ -236,8 +211,6 @@ class FluxTask(FluxEncoders, TrainTask):
 def build_dataset(cfg: FluxFinetuneConfig) -> torch.utils.data.Dataset:
     """Captioned images in buckets, or the cache (checked against the config)."""
     if cfg.data.cache is not None:
-        from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
-
         return FluxCache(cfg.data.cache, expected=cache_metadata(cfg))
     return CaptionedImages(cfg.data.source, cfg.buckets(), on_missing=cfg.data.on_missing,  # type: ignore[arg-type]
                            min_area_fraction=cfg.data.min_area_fraction, max_skips=cfg.data.max_skips)
@@ -251,8 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConf
 def prepare(argv: Sequence[str] | None = None) -> tuple[str, FluxFinetuneConfig, torch.utils.data.Dataset]:
     """Parse, validate, check the model folder and open the data: everything that fails before compute."""
     name, cfg = parse_args(argv)
-    needed = ["transformer"] if cfg.data.cache is not None else ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
-    check_local_subfolders(cfg.model.path, needed)  # type: ignore[arg-type]
+    check_local_subfolders(cfg.model.path, ["transformer"] if cfg.data.cache is not None else SUBFOLDERS)  # type: ignore[arg-type]
     dataset = build_dataset(cfg)
     stats = getattr(dataset, "stats", None)
     if stats and os.environ.get("RANK", "0") == "0":
@@ -270,8 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command (``python -m dfm_ext.recipes.flux``); returns the exit status (2: a usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cache"]:
-        from dfm_ext.recipes.flux.cache import main as cache_main
-
         return cache_main(argv[1:])
     return train_main(prepare, run, argv, lambda result: {"skipped_images": result.skipped_images})
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_ext.recipes.engine.latents import looks_local
+from dfm_ext.recipes.engine.data import LatentCodec
+from dfm_ext.recipes.engine.latents import load_vae, looks_local
 
 __all__ = ["SUBFOLDERS", "FluxEncoders", "FluxTextEncoder", "TextEmbeddings", "check_local_subfolders"]
 
@@ -31,10 +32,7 @@ def check_local_subfolders(path: str, names: Sequence[str]) -> None:
     root = Path(path).expanduser()
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
-        raise FileNotFoundError(
-            f"{str(root)!r} lacks the subfolder(s) {missing}; expected the FLUX.1-dev layout "
-            f"({', '.join(SUBFOLDERS)})"
-        )
+        raise FileNotFoundError(f"{str(root)!r} lacks the subfolder(s) {missing}; expected the FLUX.1-dev layout ({', '.join(SUBFOLDERS)})")
 
 
 @dataclass(frozen=True)
@@ -79,10 +77,8 @@ class FluxTextEncoder:
         self.path, self.max_sequence_length, self.device = path, int(max_sequence_length), torch.device(device)
         self.clip_tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer")
         self.t5_tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2")
-        self.clip = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype).to(self.device).eval()
-        self.t5 = T5EncoderModel.from_pretrained(where, subfolder="text_encoder_2", torch_dtype=dtype).to(self.device).eval()
-        self.clip.requires_grad_(False)
-        self.t5.requires_grad_(False)
+        self.clip = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype).to(self.device).eval().requires_grad_(False)
+        self.t5 = T5EncoderModel.from_pretrained(where, subfolder="text_encoder_2", torch_dtype=dtype).to(self.device).eval().requires_grad_(False)
         self._empty: TextEmbeddings | None = None
 
     @torch.no_grad()
@@ -90,13 +86,9 @@ class FluxTextEncoder:
         """``prompts`` -> T5 ``[B, L, D]`` and pooled CLIP ``[B, P]`` (float32 on ``device``)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-        prompts = list(prompts)
-        clip_ids = self.clip_tokenizer(
-            prompts, padding="max_length", max_length=self.clip_tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        t5_ids = self.t5_tokenizer(
-            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        prompts, pad = list(prompts), {"padding": "max_length", "truncation": True, "return_tensors": "pt"}
+        clip_ids = self.clip_tokenizer(prompts, max_length=self.clip_tokenizer.model_max_length, **pad).input_ids
+        t5_ids = self.t5_tokenizer(prompts, max_length=self.max_sequence_length, **pad).input_ids
         pooled = self.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
         t5 = self.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
         return TextEmbeddings(t5.float(), pooled.float())
@@ -124,9 +116,6 @@ class FluxEncoders:
     def codec(self, device: torch.device) -> Any:
         """The :class:`~dfm_ext.recipes.engine.data.LatentCodec` of the VAE in ``vae.subfolder``."""
         if self._codec is None:
-            from dfm_ext.recipes.engine.data import LatentCodec
-            from dfm_ext.recipes.engine.latents import load_vae
-
             vae = self.cfg.vae
             model = load_vae(self.cfg.model.path, vae.subfolder, device=device, dtype=self.frozen_dtype(device))
             self._codec = LatentCodec(model, vae.scaling_factor, vae.shift_factor, sample=vae.sample_posterior)

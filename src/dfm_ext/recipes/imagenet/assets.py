@@ -1,10 +1,4 @@
-"""Offline assets for the ``tiny`` config: crops of scikit-image's bundled photos (one class per photo) and a tiny VAE.
-
-::
-
-    python -m dfm_ext.recipes.imagenet.assets runs/tiny_assets
-    python -m dfm_ext.recipes.imagenet --config tiny data.root=runs/tiny_assets/images vae.path=runs/tiny_assets
-"""
+"""Offline assets for the ``tiny`` config: crops of scikit-image's bundled photos (one class per photo) and a tiny VAE."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""Pre-encode an image folder into a latent cache for a recipe config.
+"""Pre-encode an image folder into a latent cache for a recipe config (docs/recipes/imagenet.md).
 
-::
-
-    python -m dfm_ext.recipes.imagenet.cache --config imagenet_512 data.root=/data/imagenet/train --out /data/latents/imagenet_512
-    accelerate launch -m dfm_ext.recipes.imagenet --config imagenet_512 data.latent_cache=/data/latents/imagenet_512
-
-Every image (and its mirror image with ``data.random_flip``) is encoded with the config's VAE and
-normalisation; training refuses a cache whose ``index.json`` disagrees with its config. Unreadable
-images are left out and listed (``skipped_images``). One process (on a GPU when there is one).
+Every image (and its mirror image with ``data.random_flip``: flipping a latent is not encoding the
+flipped image) is encoded with the config's VAE and normalisation; unreadable images are left out
+and listed (``skipped_images``). One process, on a GPU when there is one.
 """
 
 from __future__ import annotations

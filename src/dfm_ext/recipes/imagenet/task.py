@@ -1,16 +1,9 @@
 """Class-conditional image generation with DFM (or the Flow Matching baseline) on DiT: the training script.
 
-Run::
-
-    accelerate launch -m dfm_ext.recipes.imagenet --config imagenet_512 data.root=/data/imagenet/train vae.path=...
-    python -m dfm_ext.recipes.imagenet --config tiny data.root=... vae.path=...   # one process, CPU
-
-One step: images (a class-folder tree), cached latents (:mod:`~dfm_ext.recipes.imagenet.cache`) or
-a ``data.factory`` dataset -> latents (``vae.kind=none``: pixels) -> the decomposition's stages ->
-:class:`dfm_ext.DFMObjective` on the wrapped DiT with label dropout. ``decomposition.kind=identity``
-with ``sampling.steps=[40]`` and ``sampling.thresholds=[]`` is the Flow Matching baseline.
-``final/`` reloads with ``dfm_ext.load_wrapped``. The defaults (the paper's) are the sections below;
-``configs/*.yaml`` change only what differs.
+Commands and configs: docs/recipes/imagenet.md. One step: images (a class-folder tree), cached latents
+or a ``data.factory`` dataset -> latents (``vae.kind=none``: pixels) -> the decomposition's stages ->
+:class:`dfm_ext.DFMObjective` on the wrapped DiT with label dropout. The defaults (the paper's) are the
+sections below; ``configs/*.yaml`` change only what differs.
 """
 
 from __future__ import annotations

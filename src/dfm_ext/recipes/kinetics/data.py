@@ -39,11 +39,7 @@ def _label_index(raw: list[tuple[str, Any]], where: str) -> tuple[list[tuple[str
 
 def _resolve(path: str, base: Path, root: Path | None) -> str:
     p = Path(path)
-    if p.is_absolute():
-        return str(p)
-    if root is not None and (root / p).exists():
-        return str(root / p)
-    return str(base / p)
+    return str(p if p.is_absolute() else root / p if root is not None and (root / p).exists() else base / p)
 
 
 def _from_csv(file: Path, root: Path | None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -56,10 +52,8 @@ def _from_csv(file: Path, root: Path | None) -> tuple[list[tuple[str, int]], lis
         raw = [(_resolve(r["path"], file.parent, root), r["label"]) for r in rows]
     elif {"label", "youtube_id", "time_start", "time_end"} <= cols:
         base = root if root is not None else file.parent
-        raw = [
-            (str(base / r["label"] / f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"), r["label"])
-            for r in rows
-        ]
+        name = "{}_{:06d}_{:06d}.mp4"  # the download scripts' clip names
+        raw = [(str(base / r["label"] / name.format(r["youtube_id"], int(float(r["time_start"])), int(float(r["time_end"])))), r["label"]) for r in rows]
     else:
         raise ValueError(f"{file}: expected columns 'path,label' or Kinetics' 'label,youtube_id,time_start,time_end'; got {sorted(cols)}")
     return _label_index(raw, str(file))

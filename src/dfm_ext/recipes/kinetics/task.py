@@ -1,17 +1,10 @@
 """Class-conditional video generation on Kinetics with DFM (paper sections 4, A.1, A.5): the training script.
 
-Run::
-
-    accelerate launch -m dfm_ext.recipes.kinetics --config kinetics_512 data.root=/data/kinetics700/train
-    python -m dfm_ext.recipes.kinetics --config tiny data.root=... vae.path=...   # CPU, one process
-
-One step: clips (class folders or a CSV/JSON list) or a latent cache -> latents of
+Commands and configs: docs/recipes/kinetics.md. One step: clips or a latent cache -> latents of
 ``AutoencoderKLCogVideoX`` (``[B, C, T', H', W']``, ``T' = (T - 1) / 4 + 1``) -> the decomposition's
-stages of every latent frame (spatio-temporal with ``decomposition.temporal_factors``) -> per-stage
-standardisation (on by default, as the paper does for CogVideoX latents; scales estimated at the
-start, kept in the model) -> :class:`dfm_ext.DFMObjective` on the wrapped reference ``VideoDiT`` or
-``CogVideoXTransformer3DModel`` (``model.kind=cogvideox``: labels become learned text tokens).
-Samples: MP4 / GIF with the stage previews side by side, and a PNG strip of frames.
+stages -> per-stage standardisation (on by default, as the paper does for CogVideoX latents) ->
+:class:`dfm_ext.DFMObjective` on the wrapped ``VideoDiT`` or ``CogVideoXTransformer3DModel`` (whose
+labels become learned text tokens). Samples: MP4 / GIF with the stage previews side by side, PNG frames.
 """
 
 from __future__ import annotations
@@ -43,7 +36,6 @@ from dfm_ext.recipes.engine.sections import (
     enable_gradient_checkpointing, import_factory,
 )  # fmt: skip
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
-from dfm_ext.recipes.kinetics.conditioning import CogVideoXRotary, LabelTokens, save_video_samples
 from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = [
@@ -144,19 +136,13 @@ def load_codec(cfg: KineticsConfig, device: torch.device | str) -> Any:
         raise ConfigError("vae.path is not set (a diffusers AutoencoderKLCogVideoX folder or hub id, e.g. THUDM/CogVideoX-2b)")
     vae = load_vae(cfg.vae.path, cfg.vae.subfolder, device=device, dtype=getattr(torch, cfg.vae.dtype), cls=AutoencoderKLCogVideoX,
                    what="video VAE")  # fmt: skip
-    if vae.config.latent_channels != cfg.vae.latent_channels:
-        raise ConfigError(
-            f"the VAE at {cfg.vae.path} has {vae.config.latent_channels} latent channels, vae.latent_channels={cfg.vae.latent_channels}"
-        )
-    if int(vae.config.temporal_compression_ratio) != cfg.vae.temporal_downsample:
-        raise ConfigError(
-            f"the VAE at {cfg.vae.path} compresses time by {vae.config.temporal_compression_ratio}, "
-            f"vae.temporal_downsample={cfg.vae.temporal_downsample}"
-        )
-    spatial = 2 ** (len(vae.config.block_out_channels) - 1)
-    if spatial != cfg.vae.spatial_downsample:
-        raise ConfigError(f"the VAE at {cfg.vae.path} downsamples space by {spatial}, vae.spatial_downsample={cfg.vae.spatial_downsample}")
-    return LatentCodec(vae, cfg.vae.scaling_factor, cfg.vae.shift_factor, sample=cfg.vae.sample_posterior)
+    v, c = cfg.vae, vae.config
+    found = {"latent_channels": (c.latent_channels, "has {} latent channels"), "temporal_downsample": (int(c.temporal_compression_ratio),
+             "compresses time by {}"), "spatial_downsample": (2 ** (len(c.block_out_channels) - 1), "downsamples space by {}")}  # fmt: skip
+    for key, (have, how) in found.items():
+        if have != getattr(v, key):
+            raise ConfigError(f"the VAE at {v.path} {how.format(have)}, vae.{key}={getattr(v, key)}")
+    return LatentCodec(vae, v.scaling_factor, v.shift_factor, sample=v.sample_posterior)
 
 
 def cache_metadata(cfg: KineticsConfig) -> dict[str, Any]:
@@ -183,6 +169,48 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
         items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution, position=d.position,
         max_skips=d.max_skips, classes=classes,
     )  # fmt: skip
+
+
+class LabelTokens(nn.Module):
+    """Class labels as ``L`` text tokens ``[B, L, D]``: ``positions + table[y_b]``, one learned vector per class
+    (null class included) broadcast over ``L`` learned positions (not ``L * D`` parameters per class).
+
+    Example:
+        >>> LabelTokens(10, 4, 8)(torch.tensor([0, 10])).shape
+        torch.Size([2, 4, 8])
+    """
+
+    def __init__(self, num_classes: int, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes, self.table = num_classes, nn.Embedding(num_classes + 1, dim)
+        self.positions = nn.Parameter(torch.zeros(num_tokens, dim))
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.positions[None] + self.table(y)[:, None]
+
+
+class CogVideoXRotary:
+    """``(cos, sin)`` for a CogVideoX token grid, as ``CogVideoXPipeline`` computes them."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, grid: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (tuple(grid), str(device))
+        if key not in self._cache:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+            c, (frames, gh, gw) = self.config, grid
+            base_w, base_h = c.sample_width // c.patch_size, c.sample_height // c.patch_size
+            if c.patch_size_t is None:
+                crops, kwargs = get_resize_crop_region_for_grid((gh, gw), base_w, base_h), {}
+            else:
+                crops, kwargs = None, {"grid_type": "slice", "max_size": (base_h, base_w)}
+            self._cache[key] = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), frames, device=device, **kwargs)
+        return self._cache[key]
 
 
 class LabelTokenDFM(nn.Module):
@@ -245,8 +273,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
         if self.dataset is None:
             raise ValueError("estimating stage scales needs the dataset; pass dataset= or set dfm.scales")
         n = len(self.dataset)  # type: ignore[arg-type]
-        k = min(n, self.cfg.dfm.scale_estimation_clips)
-        picks = sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.cfg.dfm.scale_estimation_clips)).round()})
         device = torch.device(device)
         g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
 
@@ -261,9 +288,8 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
         return estimate_stage_scales(self.decomposition, batches())
 
     def stage_scales(self) -> Tensor:
-        """Ones, ``dfm.scales``, the run folder's ``stage_scales.json`` (keyed by the config parts it depends on, so a
-        changed config estimates again), or a new estimate: the main process's, broadcast, so that every rank
-        trains with bitwise the same scales."""
+        """Ones, ``dfm.scales``, the run's ``stage_scales.json`` (keyed by the config parts it depends on), or a new
+        estimate (the main process's, broadcast: every rank trains with bitwise the same scales)."""
         s = self.decomposition.num_stages
         if not self.cfg.dfm.standardize:
             return torch.ones(s)
@@ -332,6 +358,8 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
+        from dfm_ext.recipes.kinetics.video_io import save_video_samples  # PyAV: only when writing
+
         previews, final = self.sample(model, device=device)
         save_video_samples(previews, final, Path(out_dir) / "samples" / f"step-{step:06d}", fps=self.cfg.sampling.fps,
                            formats=self.cfg.sampling.formats)

@@ -1,7 +1,6 @@
-"""Reading clips with PyAV; writing videos (MP4 through PyAV, GIF and frame strips through Pillow), atomically.
-
-Writers take ``[3, T, H, W]`` floats in ``[-1, 1]`` or ``[T, H, W, 3]`` uint8 frames.
-"""
+"""Reading clips with PyAV; writing videos (MP4 through PyAV, GIF and frame strips through Pillow), atomically,
+and the sample videos with their stage previews side by side. Writers take ``[3, T, H, W]`` floats in ``[-1, 1]``
+or ``[T, H, W, 3]`` uint8 frames."""
 
 from __future__ import annotations
 
@@ -16,9 +15,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dfm_ext.recipes.engine.viz import atomic_file, save_image_grid, to_uint8
+from dfm_ext.recipes.engine.viz import atomic_file, make_grid, save_image_grid, to_uint8
 
-__all__ = ["DECODE_ERRORS", "ClipError", "clip_indices", "read_clip", "save_frame_strip", "to_uint8_frames", "write_gif", "write_mp4"]
+__all__ = [
+    "DECODE_ERRORS", "ClipError", "clip_indices", "read_clip", "save_frame_strip", "save_video_samples", "side_by_side", "to_uint8_frames",
+    "write_gif", "write_mp4",
+]  # fmt: skip
 
 
 class ClipError(ValueError):
@@ -60,9 +62,7 @@ def _resized(frame, resolution: int) -> np.ndarray:
     return rgb[top : top + resolution, left : left + resolution]
 
 
-def read_clip(
-    path: str | os.PathLike[str], num_frames: int, stride: int, resolution: int, *, position: str = "center"
-) -> Tensor:
+def read_clip(path: str | os.PathLike[str], num_frames: int, stride: int, resolution: int, *, position: str = "center") -> Tensor:
     """Decode a clip: ``[3, num_frames, R, R]`` float32 in ``[-1, 1]``, each frame's short side resized to ``R``
     (swscale, bicubic) and centre cropped. Frames are counted by decoding (headers can lie about truncated
     files); :class:`ClipError` when too few decode."""
@@ -80,19 +80,15 @@ def read_clip(
             idx = clip_indices(stream.frames, num_frames, stride, position)
             wanted, last = set(idx), idx[-1]
         for i, frame in enumerate(container.decode(stream)):
-            if wanted is None:
+            if wanted is None or i in wanted:
                 frames.append(_resized(frame, resolution))
-                continue
-            if i in wanted:
-                frames.append(_resized(frame, resolution))
-            if i >= last:
+            if wanted is not None and i >= last:
                 break
     if wanted is None:
         frames = [frames[i] for i in clip_indices(len(frames), num_frames, stride, position)]
     elif len(frames) != num_frames:
         raise ClipError(f"{path}: decoded {len(frames)} of the {num_frames} frames the clip needs (truncated?)")
-    arr = np.stack(frames)  # [T, R, R, 3]
-    return torch.from_numpy(arr).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)  # from [T, R, R, 3]
 
 
 def to_uint8_frames(video: Tensor | np.ndarray) -> np.ndarray:
@@ -112,10 +108,7 @@ def to_uint8_frames(video: Tensor | np.ndarray) -> np.ndarray:
 
 
 def write_mp4(video: Tensor | np.ndarray, path: str | os.PathLike[str], *, fps: float = 8.0) -> Path:
-    """Write frames as an H.264 MP4 (yuv420p; MPEG-4 part 2 when libx264 is missing).
-
-    Odd frame sizes are padded by one pixel (yuv420p needs even sizes). Returns the path.
-    """
+    """Write frames as an H.264 MP4 (MPEG-4 part 2 without libx264), yuv420p: odd sides padded by a pixel."""
     frames = to_uint8_frames(video)
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
@@ -152,3 +145,31 @@ def save_frame_strip(videos: Sequence[Tensor] | Tensor, path: str | os.PathLike[
             raise ValueError(f"videos[{i}] has shape {tuple(v.shape)}, expected [3, {t}, H, W]")
     tiles = torch.cat([v.transpose(0, 1) for v in videos])  # [N * T, 3, H, W]
     return save_image_grid(tiles, path, nrow=t, padding=1, scale=scale)
+
+
+def side_by_side(columns: Sequence[Tensor], *, scale: int = 1, padding: int = 2) -> np.ndarray:
+    """Tile ``K`` videos ``[N, 3, T, H, W]`` in ``[-1, 1]`` into ``[T, H_grid, W_grid, 3]`` uint8 frames: row ``i`` holds
+    ``columns[c][i]`` for every column ``c`` (e.g. stage previews, then the final).
+
+    Example:
+        >>> side_by_side([torch.zeros(2, 3, 4, 8, 8), torch.zeros(2, 3, 4, 8, 8)], padding=1).shape
+        (4, 19, 19, 3)
+    """
+    shape = columns[0].shape
+    for i, c in enumerate(columns):
+        if c.shape != shape or c.ndim != 5:
+            raise ValueError(f"columns[{i}] has shape {tuple(c.shape)}, expected {tuple(shape)} [N, 3, T, H, W]")
+    tiles = torch.stack(list(columns), dim=1).flatten(0, 1)  # [N * K, 3, T, H, W], row-major by example
+    return np.stack([make_grid(tiles[:, :, t], len(columns), padding=padding, scale=scale) for t in range(shape[2])])
+
+
+def save_video_samples(previews: Sequence[Tensor], final: Tensor, stem: Path, *, fps: float, formats: Sequence[str]) -> None:
+    """``stem.mp4`` / ``stem.gif`` (previews and final ``[N, 3, T, H, W]`` side by side), ``stem-frames.png`` (final frames)."""
+    scale = 2 if final.shape[-1] < 128 else 1
+    video = side_by_side([*previews, final], scale=scale)
+    if "mp4" in formats:
+        write_mp4(video, stem.with_suffix(".mp4"), fps=fps)
+    if "gif" in formats:
+        write_gif(video, stem.with_suffix(".gif"), fps=fps)
+    if "png" in formats:
+        save_frame_strip(list(final), stem.with_name(stem.name + "-frames.png"), scale=scale)
