@@ -256,15 +256,15 @@ class LatentCodec:
 
 class LatentCache(torch.utils.data.Dataset):
     """A latent cache (:mod:`~dfm_ext.recipes.engine.latents`): items ``latents [C, ...]`` (float32), ``label``,
-    ``index``, ``bad`` (empty); refused when its metadata disagree with ``expected``."""
+    ``index``, ``bad`` (empty); refused when its metadata disagree with ``expected`` (``rebuild``: the command that builds it)."""
 
-    def __init__(self, path: str | Path, expected: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, expected: dict[str, Any] | None = None, *, rebuild: str = "python -m dfm_ext.recipes.imagenet.cache") -> None:
         self.path = Path(path)
         index = self.path / "index.json"
         if not index.is_file():
             raise FileNotFoundError(f"no latent cache at {str(self.path)!r} (index.json missing: not built or unfinished)")
         self.meta = json.loads(index.read_text())
-        check_cache_metadata(self.meta, expected or {}, path=str(self.path))
+        check_cache_metadata(self.meta, expected or {}, path=str(self.path), rebuild=rebuild)
         self._starts = [s["start"] for s in self.meta["shards"]]
         self._handles: dict[int, Any] = {}
 

@@ -158,7 +158,7 @@ def cache_metadata(cfg: KineticsConfig) -> dict[str, Any]:
 def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     """The clips or the latent cache (checked against the config)."""
     if cfg.data.latent_cache is not None:
-        return LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg))
+        return LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg), rebuild="python -m dfm_ext.recipes.kinetics.cache")
     from dfm_ext.recipes.kinetics.data import VideoClips, scan_videos
 
     d = cfg.data
