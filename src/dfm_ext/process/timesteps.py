@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -177,6 +177,22 @@ class StageAllocation(Protocol):
         ...
 
 
+class PerSampleAllocation(StageAllocation, Protocol):
+    """An allocation that also reads each sample's loss and places the current stage's time by bins
+    (:class:`~dfm_ext.process.reducible.ReducibleAllocation`): ``needs_samples`` is true."""
+
+    needs_samples: bool
+    num_time_bins: int
+
+    def time_weights(self, device: torch.device | str | None = None) -> Tensor:
+        """``[S, J]`` probabilities of the current time's bins, per stage."""
+        ...
+
+    def update(self, per_stage_loss: Tensor, *, stage: Tensor, bins: Tensor, errors: Tensor) -> None:  # type: ignore[override]
+        """Take one step's per-stage losses and its samples' stages, time bins and losses ``[B]``."""
+        ...
+
+
 class StageTimestepSampler:
     """Draws :class:`StageTimesteps` for DFM training.
 
@@ -312,9 +328,10 @@ class StageTimestepSampler:
     def _time_weights(self, device: torch.device) -> Tensor | None:
         """``[S, J]`` bin probabilities of the current time from the allocation, or None (the base distribution)."""
         a = self.allocation
-        if a is None or getattr(a, "num_time_bins", 1) <= 1 or not callable(getattr(a, "time_weights", None)):
+        if a is None or not getattr(a, "needs_samples", False):
             return None
-        return a.time_weights(device).to(torch.float64)
+        placed = cast(PerSampleAllocation, a)
+        return None if placed.num_time_bins <= 1 else placed.time_weights(device).to(torch.float64)
 
     def _placed_times(self, weights: Tensor, normal: Tensor, uniform: Tensor, loc: Tensor | float,
                       scale: Tensor | float) -> Tensor:  # fmt: skip
@@ -400,8 +417,9 @@ class StageTimestepSampler:
             raise ValueError(f"errors must be [B, S] = [{b}, {self.num_stages}], got {tuple(errors.shape)}")
         stage = timesteps.stage.to(errors.device)
         current = errors.gather(1, stage[:, None])[:, 0]
-        a.update(per_stage_loss, stage=stage, bins=self.time_bins(timesteps, a.num_time_bins).to(errors.device),
-                 errors=current)  # fmt: skip
+        placed = cast(PerSampleAllocation, a)
+        placed.update(per_stage_loss, stage=stage, bins=self.time_bins(timesteps, placed.num_time_bins).to(errors.device),
+                      errors=current)  # fmt: skip
 
     def state_dict(self) -> dict:
         """The allocation's state (empty for fixed probabilities), for checkpoints."""
