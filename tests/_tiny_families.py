@@ -29,6 +29,7 @@ lumina_next  ``LuminaNextDiT2DModel``             ``[B, 4, 8, 8]``, p 2    t (1 
 allegro      ``AllegroTransformer3DModel``        ``[B, 4, 2, 8, 8]``      999 sigma (DDPM) v (asked)
 cosmos       ``CosmosTransformer3DModel``         ``[B, 4, 2, 8, 8]``      sigma            noise - x
 easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
+krea2        ``Krea2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -453,6 +454,29 @@ def _easyanimate_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict
     return -m(x, 1000.0 - 1000.0 * t, **cond).sample  # FlowMatchEuler: 1000 sigma, noise - x
 
 
+KREA2_TEXT_LAYERS = 2
+
+
+def tiny_krea2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import Krea2Transformer2DModel
+
+    return _build(
+        Krea2Transformer2DModel, path, seed,
+        in_channels=4 * C, num_layers=1, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, timestep_embed_dim=16, text_hidden_dim=TEXT_DIM, num_text_layers=KREA2_TEXT_LAYERS,
+        text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _krea2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Krea2Pipeline: _pack_latents (p = 2, channel-major), prepare_position_ids (text zeros, image (0, h, w)),
+    # timestep = sigma (the embedder multiplies by 1000); FlowMatchEuler: noise - x.
+    h, w = x.shape[-2:]
+    ids = torch.cat([torch.zeros(cond["encoder_hidden_states"].shape[1], 3), _flux_ids(x, cond)["img_ids"]])
+    return -_unpack(m(_pack(x), timestep=1.0 - t, position_ids=ids, **cond).sample, h, w)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -569,28 +593,31 @@ FAMILIES = {
     "allegro": (tiny_allegro, _allegro_call, (C, 2, 8, 8), "allegro"),
     "cosmos": (tiny_cosmos, _cosmos_call, (C, 2, 8, 8), "cosmos"),
     "easyanimate": (tiny_easyanimate, _easyanimate_call, (C, 2, 8, 8), "easyanimate"),
+    "krea2": (tiny_krea2, _krea2_call, (C, 8, 8), "krea2"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
 ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter}
 
 
-#: family -> (the text keyword, its width) where it is not ("encoder_hidden_states", TEXT_DIM)
-TEXT_KEYS: dict[str, tuple[str, int]] = {
+#: family -> (the text keyword, its trailing shape) where it is not ("encoder_hidden_states", TEXT_DIM)
+TEXT_KEYS: dict[str, tuple[str, int | tuple[int, ...]]] = {
+    "krea2": ("encoder_hidden_states", (KREA2_TEXT_LAYERS, TEXT_DIM)),  # tapped text-encoder layers per token
     "mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM),
     "hidream_image": ("encoder_hidden_states_t5", TEXT_DIM),
 }
 
 
-def text_key(family: str) -> tuple[str, int]:
-    """The family's main text keyword and its width (what a wrong width is tested on)."""
+def text_key(family: str) -> tuple[str, int | tuple[int, ...]]:
+    """The family's main text keyword and its width, or trailing shape (what a wrong width is tested on)."""
     return TEXT_KEYS.get(family, ("encoder_hidden_states", TEXT_DIM))
 
 
 def text_inputs(family: str, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The conditioning the family's forward takes, random: text embeddings ``[B, 3, 12]`` (and LTX's RoPE scale)."""
     key, width = text_key(family)
-    out: dict = {key: torch.randn(batch, TEXT_LEN, width, generator=generator)}
+    trailing = width if isinstance(width, tuple) else (width,)
+    out: dict = {key: torch.randn(batch, TEXT_LEN, *trailing, generator=generator)}
     if family == "ltx_video":
         out["rope_interpolation_scale"] = LTX_ROPE_SCALE
     if family == "wan_vace":  # control latents at the native sample's (stage 0's) resolution
@@ -622,6 +649,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["fps"] = 16
     if family == "easyanimate":  # the T5 stream of models built with text_embed_dim_t5
         out["encoder_hidden_states_t5"] = torch.randn(batch, 2, POOLED_DIM, generator=generator)
+    if family == "krea2":  # the last token padded in the second sample
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["encoder_attention_mask"][1:, -1] = False
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

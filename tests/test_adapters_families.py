@@ -52,6 +52,7 @@ CHECKPOINTED = {
     "allegro": ("transformer_blocks",),
     "cosmos": ("transformer_blocks",),
     "easyanimate": ("transformer_blocks",),
+    "krea2": ("transformer_blocks",),  # its text fusion runs plainly, in Krea2's forward too
 }
 
 
@@ -326,6 +327,7 @@ def test_bad_conditioning_is_refused(pristine, fam: str) -> None:
     with pytest.raises(TypeError, match="unexpected conditioning"):
         model(stages, t, k, prompt="a cat", **tiny.text_inputs(fam, 2))
     key, width = tiny.text_key(fam)
+    width = ", ".join(map(str, width)) if isinstance(width, tuple) else width
     with pytest.raises(ValueError, match=rf"{key} must have shape \[2, (\*|3), {width}\], got \(2, 3, 5\)"):
         model(stages, t, k, **{key: torch.randn(2, 3, 5)})
 
@@ -423,3 +425,14 @@ def test_cosmos_padding_mask_weights_are_dropped_exactly(pristine, tmp_path) -> 
     with pytest.raises(ValueError, match="Cosmos 1.0.*not supported"):
         wrap_dit(_fresh(pristine, "cosmos"), LaplacianPyramid(factors=(2, 1)), adapter=CosmosAdapter(parameterization="edm"),
                  sample_shape=(tiny.C, 2, 16, 16))  # fmt: skip
+
+
+def test_krea2_layerwise_text_blocks_stay_shared_and_the_fold_is_checked(pristine) -> None:
+    """Krea 2's layer-wise text fusion runs on [B L, layers, D] (rows are tokens): no group selects it."""
+    from dfm_ext.adapters.krea2 import Krea2Adapter
+
+    model = _wrap(pristine, "krea2")
+    handle = specialize(model, kind="lora", targets="all", rank=2)
+    assert any("refiner_blocks" in n for n in handle.layers) and not any("layerwise_blocks" in n for n in handle.layers)
+    with pytest.raises(ValueError, match=r"in_channels=16 cannot take latents folded 3x3.*Krea2Adapter\(patch_size=\)"):
+        Krea2Adapter(patch_size=3).check_model(pristine["krea2"])

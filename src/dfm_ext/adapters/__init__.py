@@ -39,6 +39,7 @@ name               family
 ``allegro``        diffusers ``AllegroTransformer3DModel`` (declarative; asks for the prediction type)
 ``cosmos``         diffusers ``CosmosTransformer3DModel`` (Cosmos-Predict2; asks for the parameterisation)
 ``easyanimate``    diffusers ``EasyAnimateTransformer3DModel`` (declarative; text-to-video)
+``krea2``          diffusers ``Krea2Transformer2DModel`` (single-stream MMDiT; fused text-encoder layers)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -89,6 +90,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.allegro import AllegroAdapter
     from dfm_ext.adapters.cosmos import CosmosAdapter
     from dfm_ext.adapters.easyanimate import EasyAnimateAdapter
+    from dfm_ext.adapters.krea2 import Krea2Adapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -123,6 +125,7 @@ _CLASSES = {
     "AllegroAdapter": "allegro",
     "CosmosAdapter": "cosmos",
     "EasyAnimateAdapter": "easyanimate",
+    "Krea2Adapter": "krea2",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -141,6 +144,7 @@ _DIFFUSERS = {
     "hunyuan_video": "hunyuan_video", "mochi": "mochi", "hidream_image": "hidream_image",
     "lumina_next": "lumina_next", "allegro": "allegro", "cosmos": "cosmos",
     "easyanimate": "easyanimate",
+    "krea2": "krea2",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -52,6 +52,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "AllegroTransformer3DModel": "allegro",
         "CosmosTransformer3DModel": "cosmos",
         "EasyAnimateTransformer3DModel": "easyanimate",
+        "Krea2Transformer2DModel": "krea2",
     }
 )
 
@@ -133,7 +134,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
-        "Krea2Transformer2DModel": "not written yet: position ids passed by the caller",
         "Ideogram4Transformer2DModel": "not written yet: packed sequences with segment ids and indicator tokens",
         "ErnieImageTransformer2DModel": "not written yet: variable-length text (text_lens) packed with the image",
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
