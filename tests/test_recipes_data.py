@@ -169,3 +169,36 @@ def test_sixteen_bit_png_keeps_its_brightness(tmp_path):
     assert Image.open(tmp_path / "a16.png").mode.startswith("I")
     a8, a16 = load_image(str(tmp_path / "a8.png"), 64), load_image(str(tmp_path / "a16.png"), 64)
     assert torch.allclose(a8, a16, atol=2 / 255), (a16.mean(), a8.mean())
+
+
+def _plan_before_the_epoch_cache(plan: BatchPlan, step: int) -> list[tuple[int, bool]]:
+    """BatchPlan.global_batch as it was before the per-epoch cache (runs started then resume on it)."""
+    start, n, out = step * plan.global_batch_size, plan.num_items, []
+    for pos in range(start, start + plan.global_batch_size):
+        epoch, offset = divmod(pos, n)
+        rng = np.random.default_rng([plan.seed, epoch])
+        order, flips = rng.permutation(n), rng.integers(0, 2, n).astype(bool) if plan.random_flip else np.zeros(n, bool)
+        out.append((int(order[offset]), bool(flips[int(order[offset])])))
+    return out
+
+
+@given(n=st.integers(1, 25), g=st.integers(1, 40), seed=st.integers(0, 3), flip=st.booleans(),
+       steps=st.lists(st.integers(0, 30), min_size=1, max_size=6))  # fmt: skip
+def test_plan_order_is_the_same_as_before_the_epoch_cache(n: int, g: int, seed: int, flip: bool, steps: list[int]) -> None:
+    plan = BatchPlan(n, g, seed=seed, random_flip=flip)
+    for step in steps:  # any order of steps, batches spanning several epochs (g > n)
+        assert plan.global_batch(step) == _plan_before_the_epoch_cache(plan, step)
+
+
+def test_one_folder_scan_is_shared(assets: Path, monkeypatch) -> None:
+    main = ImageFolder(assets / "images", 32)
+    monkeypatch.setenv("RANK", "1")
+    scans = []
+    monkeypatch.setattr("dfm_ext.recipes.engine.data.scan_class_folders", lambda *a, **k: scans.append(a) or ([], []))
+    other = ImageFolder(assets / "images", 32)  # a non-zero rank lists the class folders only
+    assert other.classes == main.classes and other._items is None
+    sent: list = []
+    main.share_scan(True, lambda payload: sent.append(payload) or payload)
+    other.share_scan(False, lambda payload: sent[0])
+    assert other.items == main.items and len(other) == 6 and scans == []
+    assert all("/" not in name for group in sent[0][0] for name in group)  # names relative to their class folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler
 from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
-    "BatchPlan", "ClassConditionalInputs", "Codec", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "collate_items",
+    "BatchPlan", "ClassConditionalInputs", "Codec", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "class_folders", "collate_items",
     "cycled_labels", "dropout_mask", "load_image", "read_with_fallback", "scan_class_folders", "scan_image_folder",
 ]  # fmt: skip
 
@@ -40,11 +41,7 @@ def scan_class_folders(
     """``(path, label)`` for every file under ``root/<class>/`` (recursively) with one of ``extensions``, and the
     sorted class names (non-hidden subfolders); ``what`` and ``item`` name the folder and its files in messages."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what} {str(root)!r} does not exist or is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{what} {str(root)!r} has no class subfolders (expected root/<class>/<{item}>)")
+    classes = class_folders(root, what=what, item=item)
     items = []
     for label, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
@@ -53,6 +50,17 @@ def scan_class_folders(
     if not items:
         raise ValueError(f"{what} {str(root)!r} has class folders but no {item}s with extensions {extensions}")
     return items, classes
+
+
+def class_folders(root: str | Path, *, what: str = "data root", item: str = "image") -> list[str]:
+    """The sorted class names under ``root`` (non-hidden subfolders); one listing of ``root`` only."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} {str(root)!r} does not exist or is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{what} {str(root)!r} has no class subfolders (expected root/<class>/<{item}>)")
+    return classes
 
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -77,13 +85,40 @@ def load_image(path: str, resolution: int) -> Tensor:
 
 class ImageFolder(torch.utils.data.Dataset):
     """``root/<class>/<image>`` read with Pillow (:func:`load_image`): items ``pixels [3, R, R]`` in ``[-1, 1]``,
-    ``label``, ``index`` (the one read) and ``bad``; ``max_skips`` consecutive unreadable files end the run."""
+    ``label``, ``index`` (the one read) and ``bad``; ``max_skips`` consecutive unreadable files end the run.
 
-    def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64) -> None:
+    ``scan``: list the files now (default: unless this is a non-zero ``RANK`` of a launched job). One
+    process scans: the others list the class folders only and receive the file list from it when the
+    trainer starts (:meth:`share_scan`), or scan on first use without a trainer.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64, scan: bool | None = None) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         self.root, self.resolution, self.max_skips = str(root), int(resolution), int(max_skips)
-        self.items, self.classes = scan_image_folder(root)
+        self._items: list[tuple[str, int]] | None = None
+        if scan if scan is not None else os.environ.get("RANK", "0") == "0":
+            self._items, self.classes = scan_image_folder(root)
+        else:
+            self.classes = class_folders(root)
+
+    @property
+    def items(self) -> list[tuple[str, int]]:
+        """``(path, label)`` of every image, sorted by class then path."""
+        if self._items is None:
+            self._items, self.classes = scan_image_folder(self.root)
+        return self._items
+
+    def share_scan(self, is_main: bool, broadcast: Callable[[list[Any]], list[Any]]) -> None:
+        """The main process's file list to every process (``broadcast``: ``accelerate.utils.broadcast_object_list``);
+        sent as file names relative to their class folder."""
+        prefixes = [str(Path(self.root) / c) + os.sep for c in self.classes]
+        payload: list[Any] = [None]
+        if is_main:
+            payload[0] = [[p[len(prefixes[label]) :] for p, label in self.items if label == k] for k in range(len(self.classes))]
+        names = broadcast(payload)[0]
+        if not is_main:
+            self._items = [(prefixes[k] + name, k) for k, group in enumerate(names) for name in group]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -174,19 +209,34 @@ class BatchPlan:
             )
 
     def global_batch(self, step: int) -> list[tuple[int, bool]]:
-        """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes)."""
-        start, n = step * self.global_batch_size, self.num_items
+        """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes).
+
+        Each epoch's permutation and flips are drawn once and kept (the last two epochs): a step
+        costs ``O(G)`` host work whatever the dataset size (``benchmarks/host_overhead.py``).
+        """
+        start, n, g = step * self.global_batch_size, self.num_items, self.global_batch_size
         out: list[tuple[int, bool]] = []
-        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for pos in range(start, start + self.global_batch_size):
+        pos = start
+        while pos < start + g:
             epoch, offset = divmod(pos, n)
-            if epoch not in cache:
-                rng = np.random.default_rng([self.seed, epoch])
-                cache[epoch] = rng.permutation(n), rng.integers(0, 2, n).astype(bool) if self.random_flip else np.zeros(n, bool)
-            order, flips = cache[epoch]
-            idx = int(order[offset])
-            out.append((idx, bool(flips[idx])))
+            take = min(n - offset, start + g - pos)
+            order, flips = self._epoch(epoch)
+            idx = order[offset : offset + take]
+            out += zip(idx.tolist(), flips[idx].tolist())
+            pos += take
         return out
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s permutation ``[N]`` and flips ``[N]`` (drawn from ``(seed, epoch)``; cached)."""
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = self.__dict__.setdefault("_epochs", {})
+        if epoch not in cache:
+            n = self.num_items
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(n)
+            cache[epoch] = order, rng.integers(0, 2, n).astype(bool) if self.random_flip else np.zeros(n, bool)
+            while len(cache) > 2:  # steps are read in order: the previous epoch at most
+                del cache[next(iter(cache))]
+        return cache[epoch]
 
     def shard_index(self, micro: int) -> int:
         """Global index of this process's micro-batch ``micro``: ``rank * A + micro``."""

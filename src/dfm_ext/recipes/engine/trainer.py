@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -23,10 +24,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfm_ext.fileio import atomic_write_text
-from dfm_ext.recipes.engine.checkpoint import Stateful, check_output_writable, choose_resume, save_final_model, tidy_checkpoints
+from dfm_ext.recipes.engine.checkpoint import Stateful, check_output_writable, save_final_model
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, flatten_config, save_config
 from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
 from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
+from dfm_ext.recipes.engine.resume import ConfigRecord, choose_resume, shared_verify, stored_config, tidy_checkpoints
+from dfm_ext.recipes.engine.runlock import RunFolderBusy, RunLock
 from dfm_ext.recipes.engine.sections import RecipeConfig
 
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not when a recipe is imported
@@ -185,9 +188,16 @@ class Trainer:
         self.train: TrainConfig = config.train
         self.optim: OptimConfig = config.optim
         self.output_dir = Path(self.train.output_dir.format(name=name)).expanduser()
+        self.lock = RunLock(self.output_dir)  # held by the main process from start to finish
 
     def fit(self) -> TrainResult:
         """Train to ``train.steps`` (or the time budget), checkpointing, logging and evaluating on the way."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> TrainResult:
         run = self._start()
         t = self.train
         while run.counters.step < t.steps:
@@ -213,12 +223,17 @@ class Trainer:
         check_output_writable(self.output_dir)
         accelerator = self._accelerator()
         resume = self._resume_path(accelerator)
-        check_resume_config(self.output_dir, self.config, resume)
+        check_resume_config(stored_config(self.output_dir, resume), self.config)
         parallel = make_parallelism(accelerator, self.train)
         if accelerator.is_main_process:
             tidy_checkpoints(self.output_dir, self.train.resume, resume)
             save_config(self.config, self.output_dir / "config.yaml")
         accelerator.wait_for_everyone()
+        share_scan = getattr(self.dataset, "share_scan", None)  # one folder scan (the main process's) for every process
+        if callable(share_scan) and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            share_scan(accelerator.is_main_process, broadcast_object_list)
         t = self.train
         plan = self.task.batch_plan(len(self.dataset), t.global_batch_size, world_size=accelerator.num_processes,  # type: ignore[arg-type]
                                     accumulation=t.grad_accumulation, seed=t.seed, rank=accelerator.process_index)  # fmt: skip
@@ -233,7 +248,8 @@ class Trainer:
 
         model, optimizer, ema = parallel.prepare(self.task.build_model(), make_optimizer)
         counters = _Counters()
-        extra: dict[str, Stateful] = {"scheduler": schedulers[0], "run": counters, **({"ema": ema} if ema else {}), **self.task.state()}
+        extra: dict[str, Stateful] = {"scheduler": schedulers[0], "run": counters, **({"ema": ema} if ema else {}), **self.task.state(),
+                                      "config": ConfigRecord(config_to_dict(self.config))}  # fmt: skip
         if resume is not None:
             parallel.load(resume, model, optimizer, extra)
             accelerator.print(f"resumed from {resume} at step {counters.step}")
@@ -261,21 +277,25 @@ class Trainer:
         return Accelerator(mixed_precision=mp, cpu=self.train.cpu, kwargs_handlers=handlers, log_with=trackers, project_config=folders)
 
     def _resume_path(self, accelerator: Accelerator) -> Path | None:
-        """The checkpoint to resume from: decided on the main process, shared with the others."""
-        decision: list[Any] = [None]
-        if accelerator.is_main_process:
+        """Own the run folder (main process), then choose the checkpoint to resume from: every process reads the
+        same folder and hashes its share of each candidate's files."""
+        world, main = accelerator.num_processes, accelerator.is_main_process
+        busy: list[str | None] = [None]
+        if main:
             try:
-                decision[0] = ("ok", choose_resume(self.output_dir, self.train.resume))
-            except ConfigError as e:
-                decision[0] = ("error", str(e))
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+                notice = self.lock.acquire()
+                if notice:
+                    print(notice, file=sys.stderr)
+            except RunFolderBusy as e:
+                busy[0] = str(e)
+        if world > 1:
+            from accelerate.utils import broadcast_object_list, gather_object
 
-            decision = broadcast_object_list(decision)
-        kind, value = decision[0]
-        if kind == "error":
-            raise ConfigError(value)
-        return value
+            busy = broadcast_object_list(busy)
+        if busy[0]:
+            raise RunFolderBusy(busy[0])
+        verify = shared_verify(accelerator.process_index, world, gather_object if world > 1 else list)
+        return choose_resume(self.output_dir, self.train.resume, verify=verify, warn=None if main else (lambda line: None))
 
     def _step(self, run: _Run) -> None:
         acc, step, device = self.train.grad_accumulation, run.counters.step, run.accelerator.device
