@@ -30,6 +30,7 @@ allegro      ``AllegroTransformer3DModel``        ``[B, 4, 2, 8, 8]``      999 s
 cosmos       ``CosmosTransformer3DModel``         ``[B, 4, 2, 8, 8]``      sigma            noise - x
 easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 krea2        ``Krea2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
+ernie_image  ``ErnieImageTransformer2DModel``     ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -477,6 +478,25 @@ def _krea2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> t
     return -_unpack(m(_pack(x), timestep=1.0 - t, position_ids=ids, **cond).sample, h, w)
 
 
+def tiny_ernie_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import ErnieImageTransformer2DModel
+
+    return _build(
+        ErnieImageTransformer2DModel, path, seed,
+        hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=4 * C, out_channels=4 * C,
+        patch_size=1, text_in_dim=TEXT_DIM, rope_axes_dim=(4, 6, 6),
+    )
+
+
+def _ernie_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # ErnieImagePipeline: latents diffused 2x2-folded (_patchify_latents, channel-major), FlowMatchEuler
+    # timestep 1000 sigma; noise - x.
+    b, c, h, w = x.shape
+    folded = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+    out = m(folded, timestep=1000.0 - 1000.0 * t, **cond).sample
+    return -out.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -594,6 +614,7 @@ FAMILIES = {
     "cosmos": (tiny_cosmos, _cosmos_call, (C, 2, 8, 8), "cosmos"),
     "easyanimate": (tiny_easyanimate, _easyanimate_call, (C, 2, 8, 8), "easyanimate"),
     "krea2": (tiny_krea2, _krea2_call, (C, 8, 8), "krea2"),
+    "ernie_image": (tiny_ernie_image, _ernie_image_call, (C, 8, 8), "ernie_image"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
@@ -603,6 +624,7 @@ ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter}
 #: family -> (the text keyword, its trailing shape) where it is not ("encoder_hidden_states", TEXT_DIM)
 TEXT_KEYS: dict[str, tuple[str, int | tuple[int, ...]]] = {
     "krea2": ("encoder_hidden_states", (KREA2_TEXT_LAYERS, TEXT_DIM)),  # tapped text-encoder layers per token
+    "ernie_image": ("text_bth", TEXT_DIM),
     "mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM),
     "hidream_image": ("encoder_hidden_states_t5", TEXT_DIM),
 }
@@ -652,6 +674,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "krea2":  # the last token padded in the second sample
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
         out["encoder_attention_mask"][1:, -1] = False
+    if family == "ernie_image":  # the pipeline's _pad_text: the second sample's last token is padding
+        out["text_bth"][1:, -1] = 0.0
+        out["text_lens"] = torch.tensor([TEXT_LEN] + [TEXT_LEN - 1] * (batch - 1))
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -53,6 +53,7 @@ CHECKPOINTED = {
     "cosmos": ("transformer_blocks",),
     "easyanimate": ("transformer_blocks",),
     "krea2": ("transformer_blocks",),  # its text fusion runs plainly, in Krea2's forward too
+    "ernie_image": ("layers",),
 }
 
 
@@ -436,3 +437,22 @@ def test_krea2_layerwise_text_blocks_stay_shared_and_the_fold_is_checked(pristin
     assert any("refiner_blocks" in n for n in handle.layers) and not any("layerwise_blocks" in n for n in handle.layers)
     with pytest.raises(ValueError, match=r"in_channels=16 cannot take latents folded 3x3.*Krea2Adapter\(patch_size=\)"):
         Krea2Adapter(patch_size=3).check_model(pristine["krea2"])
+
+
+@pytest.mark.parametrize("fam", ["ernie_image", "krea2"])
+def test_stage_lora_of_a_reshaping_family_routes_by_sample(pristine, fam: str) -> None:
+    """Families whose blocks reshape the batch (ERNIE-Image's sequence-first MLP, Krea 2's layer-wise text
+    fusion): with stage 1's LoRA away from zero, a stage-0 sample's output does not see it."""
+    model = _wrap(pristine, fam)
+    specialize(model, kind="lora", targets="all", rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".stage_params.1." in name:
+                p.normal_(0.0, 0.3)
+    stages, t, g = _inputs(model, 2, seed=13)
+    cond = tiny.text_inputs(fam, 2, g)
+    with torch.no_grad():
+        mixed = model(stages, t, torch.tensor([0, 1]), **cond)
+        plain = model(stages, t, torch.tensor([0, 0]), **cond)
+    assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(mixed, plain))
+    assert not torch.allclose(mixed[0][1], plain[0][1], atol=1e-3)  # stage 1's LoRA reaches its sample

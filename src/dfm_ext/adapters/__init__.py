@@ -40,6 +40,7 @@ name               family
 ``cosmos``         diffusers ``CosmosTransformer3DModel`` (Cosmos-Predict2; asks for the parameterisation)
 ``easyanimate``    diffusers ``EasyAnimateTransformer3DModel`` (declarative; text-to-video)
 ``krea2``          diffusers ``Krea2Transformer2DModel`` (single-stream MMDiT; fused text-encoder layers)
+``ernie_image``    diffusers ``ErnieImageTransformer2DModel`` (declarative; the pipeline's 2x2 fold, sequence-first blocks)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -91,6 +92,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.cosmos import CosmosAdapter
     from dfm_ext.adapters.easyanimate import EasyAnimateAdapter
     from dfm_ext.adapters.krea2 import Krea2Adapter
+    from dfm_ext.adapters.ernie_image import ErnieImageAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -126,6 +128,7 @@ _CLASSES = {
     "CosmosAdapter": "cosmos",
     "EasyAnimateAdapter": "easyanimate",
     "Krea2Adapter": "krea2",
+    "ErnieImageAdapter": "ernie_image",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -145,6 +148,7 @@ _DIFFUSERS = {
     "lumina_next": "lumina_next", "allegro": "allegro", "cosmos": "cosmos",
     "easyanimate": "easyanimate",
     "krea2": "krea2",
+    "ernie_image": "ernie_image",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

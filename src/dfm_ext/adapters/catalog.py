@@ -53,6 +53,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "CosmosTransformer3DModel": "cosmos",
         "EasyAnimateTransformer3DModel": "easyanimate",
         "Krea2Transformer2DModel": "krea2",
+        "ErnieImageTransformer2DModel": "ernie_image",
     }
 )
 
@@ -135,7 +136,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
         "Ideogram4Transformer2DModel": "not written yet: packed sequences with segment ids and indicator tokens",
-        "ErnieImageTransformer2DModel": "not written yet: variable-length text (text_lens) packed with the image",
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
         "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
