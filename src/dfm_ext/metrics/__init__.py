@@ -3,7 +3,8 @@
 - :mod:`~dfm_ext.metrics.adm`: the ADM evaluation suite's FID / sFID / IS / precision / recall and
   FDD-DINOv2 of a PNG folder or an ADM ``.npz`` against a reference batch (``evaluate``), from the
   features :mod:`~dfm_ext.metrics.adm_features` extracts (its InceptionV3, ``extract_features``);
-  :mod:`~dfm_ext.metrics.samples` reads and writes those sample files.
+  :mod:`~dfm_ext.metrics.samples` reads and writes those sample files, :mod:`~dfm_ext.metrics.shards` draws
+  them in resumable shards over several processes, :mod:`~dfm_ext.metrics.commands` is the recipes' ``evaluate``.
 - :mod:`~dfm_ext.metrics.video`: FVD (16-frame I3D) and frame-FID.
 - :mod:`~dfm_ext.metrics.swd`, :mod:`~dfm_ext.metrics.effnet`: the multi-scale SWD and FD-EffNet
   that need no downloaded weights, on float image batches ``[B, C, H, W]``.
@@ -35,9 +36,11 @@ from .frechet import (
     frechet_distance_from_images,
 )
 from .inception import InceptionV3Features, fid
-from .samples import SampleSource, count_images, iter_uint8_batches, read_npz_labels, save_samples, to_uint8, write_npz
+from .commands import evaluate_images_command, evaluate_videos_command
+from .samples import SampleSource, count_images, iter_npz_rows, iter_uint8_batches, read_npz_labels, save_samples, to_uint8, write_npz
+from .shards import SampleShards
 from .swd import SlicedWassersteinDistance, SWDResult, laplacian_pyramid, pyramid_sizes, sliced_wasserstein, swd
-from .video import I3D_WEIGHTS_FILE, I3DFeatures, VideoSource, frame_fid, fvd, fvd_features, preprocess_i3d
+from .video import I3D_WEIGHTS_FILE, I3DFeatures, VideoSource, frame_fid, fvd, fvd_features, iter_video_batches, preprocess_i3d
 
 __all__ = [
     "ADMInceptionFeatures",
@@ -49,16 +52,21 @@ __all__ = [
     "InceptionOutput",
     "ReferenceBatch",
     "SampleFeatures",
+    "SampleShards",
     "SampleSource",
     "VideoSource",
     "count_images",
     "evaluate",
+    "evaluate_images_command",
+    "evaluate_videos_command",
     "extract_features",
     "frame_fid",
     "fvd",
     "fvd_features",
     "inception_score",
+    "iter_npz_rows",
     "iter_uint8_batches",
+    "iter_video_batches",
     "precision_recall",
     "preprocess_i3d",
     "read_npz_labels",

@@ -27,7 +27,9 @@ from torch import Tensor
 
 from dfm_ext.fileio import fsync_directory
 
-__all__ = ["SampleSource", "count_images", "iter_uint8_batches", "read_npz_labels", "save_samples", "to_uint8", "write_npz"]
+__all__ = [
+    "SampleSource", "count_images", "iter_npz_rows", "iter_uint8_batches", "read_npz_labels", "save_samples", "to_uint8", "write_npz",
+]  # fmt: skip
 
 #: What the evaluation functions accept for a sample set: a PNG folder, an ADM ``.npz`` (``arr_0``),
 #: or a uint8 array ``[N, H, W, C]``.
@@ -232,6 +234,15 @@ def iter_uint8_batches(
                 shape = array.shape
                 batch.append(array)
             yield np.stack(batch)
+
+
+def iter_npz_rows(path: str | os.PathLike, batch_size: int = 100, *, name: str = "arr_0") -> Iterator[np.ndarray]:
+    """Batches of the rows of array ``name`` (any number of dimensions, e.g. videos ``[N, T, H, W, C]``) of an
+    uncompressed ``.npz`` (``np.savez``), streamed: one batch in memory at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    array = _NpzArray(Path(path), name)
+    yield from array.batches(batch_size, 0, array.shape[0])
 
 
 def read_npz_labels(path: str | os.PathLike) -> np.ndarray | None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -28,9 +29,10 @@ from torch import Tensor, nn
 from dfm_ext.validation import parse_device
 from ._images import load_state_dict_file
 from .adm_features import InceptionOutput
+from .samples import iter_npz_rows
 from .frechet import FeatureStatistics
 
-__all__ = ["I3D_WEIGHTS_FILE", "I3DFeatures", "VideoSource", "frame_fid", "fvd", "fvd_features", "preprocess_i3d"]
+__all__ = ["I3D_WEIGHTS_FILE", "I3DFeatures", "VideoSource", "frame_fid", "fvd", "fvd_features", "iter_video_batches", "preprocess_i3d"]
 
 #: cd-fvd's / TATS's Kinetics-400 I3D weights (a state dict for ``InceptionI3d(400)``).
 I3D_WEIGHTS_FILE = "i3d_pretrained_400.pt"
@@ -90,6 +92,29 @@ class I3DFeatures(nn.Module):
         if not isinstance(features, Tensor) or features.ndim != 2:
             raise ValueError(f"the I3D network must return [B, D], returned {getattr(features, 'shape', type(features).__name__)}")
         return features
+
+
+def iter_video_batches(source: str | os.PathLike, batch_size: int = 8) -> Iterator[np.ndarray]:
+    """uint8 video batches ``[B, T, H, W, C]`` of an ``.npz`` (``arr_0`` ``[N, T, H, W, C]``, streamed) or of a folder
+    of ``.mp4`` files (sorted names, decoded with PyAV: ``pip install av``). MP4 is lossy: the ``.npz`` the
+    ``sample`` commands write holds the exact frames."""
+    path = Path(source)
+    if path.is_file():
+        yield from iter_npz_rows(path, batch_size)
+        return
+    files = sorted(path.glob("*.mp4")) if path.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no .npz of videos or folder of .mp4 files at {str(path)!r}")
+    import av
+
+    for begin in range(0, len(files), batch_size):
+        batch = []
+        for file in files[begin : begin + batch_size]:
+            with av.open(str(file)) as container:
+                batch.append(np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]))
+        if len({v.shape for v in batch}) > 1:
+            raise ValueError(f"the videos of {str(path)!r} differ in shape: {sorted({v.shape for v in batch})}")
+        yield np.stack(batch)
 
 
 def _video_batches(videos: VideoSource, batch_size: int, name: str) -> Iterable[np.ndarray]:

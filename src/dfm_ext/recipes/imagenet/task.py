@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
+from dfm_ext.metrics.commands import evaluate_images_command
 from dfm_ext.models.dit import DiT, DiTConfig
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
@@ -25,11 +27,13 @@ from dfm_ext.recipes.engine.sections import (
     ClassDataSection, ClassSamplingConfig, LatentVAEConfig, ModelConfig, RecipeConfig, SpecializeConfig, check_count,
     enable_gradient_checkpointing, import_factory,
 )  # fmt: skip
+from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
+from dfm_ext.wrapping.io import load_wrapped
 from dfm_ext.wrapping.wrapper import wrap_dit
 
-__all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "cache_metadata", "load_codec", "main", "parse_args", "run"]
+__all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "cache_metadata", "load_codec", "main", "parse_args", "run", "sample_job"]
 
 
 @dataclass
@@ -181,11 +185,14 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
         self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
-    def sample(self, model: nn.Module, labels: torch.Tensor, *, generator: torch.Generator, device: torch.device) -> Any:
-        """``SampleOutput`` (latents) of the configured sampler for ``labels``, with guidance against the null class."""
+    def sample(
+        self, model: nn.Module, labels: torch.Tensor, *, generator: torch.Generator | None, device: torch.device, noise: list[torch.Tensor] | None = None
+    ) -> Any:  # fmt: skip
+        """``SampleOutput`` (latents) of the configured sampler for ``labels`` (from ``noise`` per stage, or drawn from
+        ``generator``), with guidance against the null class."""
         shape = (len(labels), self.cfg.vae.latent_channels, self.cfg.latent_size, self.cfg.latent_size)
         sampler = self.cfg.sampling.sampler(self.decomposition)
-        return sampler.sample(model, shape, generator=generator, device=device, uncond={"y": torch.full_like(labels, self.null_class)}, y=labels)
+        return sampler.sample(model, noise or shape, generator=generator, device=device, uncond={"y": torch.full_like(labels, self.null_class)}, y=labels)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
@@ -245,6 +252,24 @@ def run(name: str, cfg: ImageNetConfig, dataset: torch.utils.data.Dataset) -> Tr
     return Trainer(ImageNetTask(cfg, reference=dataset), dataset, cfg, name=name).fit()
 
 
+def sample_job(cfg: ImageNetConfig) -> SampleJob:
+    """What ``sample`` draws: class-balanced labels (sample ``i`` has class ``i mod data.num_classes``), decoded images."""
+    task = ImageNetTask(cfg)
+
+    def draw(model: nn.Module, noise: list[torch.Tensor], labels: np.ndarray, device: torch.device) -> torch.Tensor:
+        return task.codec(device).decode(task.sample(model, torch.as_tensor(labels, device=device), generator=None, device=device, noise=noise).x)
+
+    def load_final(folder: Path) -> nn.Module:
+        return load_wrapped(folder, import_factory(cfg.model.factory)(cfg) if cfg.model.factory else None)
+
+    shape = (cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
+    return SampleJob(task.decomposition, shape, lambda i: i % cfg.data.num_classes, draw, task.build_model, load_final)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command (``python -m dfm_ext.recipes.imagenet``); returns the exit status (2: a usage error)."""
-    return train_main(prepare, run, argv, lambda result: {"skipped_images": result.skipped_images})
+    """The command (``python -m dfm_ext.recipes.imagenet [sample | evaluate]``); returns the exit status (2: a usage error)."""
+    prog = "python -m dfm_ext.recipes.imagenet"
+    return dispatch(argv, {
+        "sample": lambda a: sample_command(a, prog=prog, config_cls=ImageNetConfig, make_job=sample_job),
+        "evaluate": lambda a: evaluate_images_command(a, prog=f"{prog} evaluate"),
+    }, lambda a: train_main(prepare, run, a, lambda result: {"skipped_images": result.skipped_images}))  # fmt: skip
