@@ -31,6 +31,7 @@ cosmos       ``CosmosTransformer3DModel``         ``[B, 4, 2, 8, 8]``      sigma
 easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 krea2        ``Krea2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
 ernie_image  ``ErnieImageTransformer2DModel``     ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
+nucleusmoe   ``NucleusMoEImageTransformer2DModel````[B, 4, 8, 8]``, 2x2    sigma            x - noise
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -497,6 +498,34 @@ def _ernie_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict
     return -out.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)
 
 
+def tiny_nucleusmoe_image(path: Path, seed: int = 0) -> nn.Module:
+    # The routed experts are torch.empty parameters the model never initialises: drawn here, then _build's steps.
+    from diffusers import NucleusMoEImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=4 * C, out_channels=C, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        num_key_value_heads=1, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), dense_moe_strategy="all_moe",
+        num_experts=4, moe_intermediate_dim=16, capacity_factors=1.0,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model.save_pretrained(Path(path))
+    return NucleusMoEImageTransformer2DModel.from_pretrained(Path(path), torch_dtype=torch.float32).eval()
+
+
+def _nucleusmoe_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # NucleusMoEImagePipeline: _pack_latents (p = 2, channel-major), timestep / 1000 = sigma (the sinusoid scales
+    # it by 1000), img_shapes (1, h / p, w / p); the pipeline negates the output: x - noise.
+    h, w = x.shape[-2:]
+    out = m(_pack(x), timestep=1.0 - t, img_shapes=[(1, h // 2, w // 2)] * x.shape[0], **cond).sample
+    return _unpack(out, h, w)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -615,6 +644,7 @@ FAMILIES = {
     "easyanimate": (tiny_easyanimate, _easyanimate_call, (C, 2, 8, 8), "easyanimate"),
     "krea2": (tiny_krea2, _krea2_call, (C, 8, 8), "krea2"),
     "ernie_image": (tiny_ernie_image, _ernie_image_call, (C, 8, 8), "ernie_image"),
+    "nucleusmoe_image": (tiny_nucleusmoe_image, _nucleusmoe_image_call, (C, 8, 8), "nucleusmoe_image"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
@@ -677,6 +707,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "ernie_image":  # the pipeline's _pad_text: the second sample's last token is padding
         out["text_bth"][1:, -1] = 0.0
         out["text_lens"] = torch.tensor([TEXT_LEN] + [TEXT_LEN - 1] * (batch - 1))
+    if family == "nucleusmoe_image":  # the last token padded in the second sample
+        out["encoder_hidden_states_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_hidden_states_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

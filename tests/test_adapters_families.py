@@ -54,6 +54,7 @@ CHECKPOINTED = {
     "easyanimate": ("transformer_blocks",),
     "krea2": ("transformer_blocks",),  # its text fusion runs plainly, in Krea2's forward too
     "ernie_image": ("layers",),
+    "nucleusmoe_image": ("transformer_blocks",),
 }
 
 

@@ -41,6 +41,7 @@ name               family
 ``easyanimate``    diffusers ``EasyAnimateTransformer3DModel`` (declarative; text-to-video)
 ``krea2``          diffusers ``Krea2Transformer2DModel`` (single-stream MMDiT; fused text-encoder layers)
 ``ernie_image``    diffusers ``ErnieImageTransformer2DModel`` (declarative; the pipeline's 2x2 fold, sequence-first blocks)
+``nucleusmoe_image``  diffusers ``NucleusMoEImageTransformer2DModel`` (declarative; expert-choice mixture of experts)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -93,6 +94,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.easyanimate import EasyAnimateAdapter
     from dfm_ext.adapters.krea2 import Krea2Adapter
     from dfm_ext.adapters.ernie_image import ErnieImageAdapter
+    from dfm_ext.adapters.nucleusmoe_image import NucleusMoEImageAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -129,6 +131,7 @@ _CLASSES = {
     "EasyAnimateAdapter": "easyanimate",
     "Krea2Adapter": "krea2",
     "ErnieImageAdapter": "ernie_image",
+    "NucleusMoEImageAdapter": "nucleusmoe_image",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -149,6 +152,7 @@ _DIFFUSERS = {
     "easyanimate": "easyanimate",
     "krea2": "krea2",
     "ernie_image": "ernie_image",
+    "nucleusmoe_image": "nucleusmoe_image",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

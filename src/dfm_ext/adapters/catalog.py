@@ -54,6 +54,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "EasyAnimateTransformer3DModel": "easyanimate",
         "Krea2Transformer2DModel": "krea2",
         "ErnieImageTransformer2DModel": "ernie_image",
+        "NucleusMoEImageTransformer2DModel": "nucleusmoe_image",
     }
 )
 
@@ -137,7 +138,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
         "Ideogram4Transformer2DModel": "not written yet: packed sequences with segment ids and indicator tokens",
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
-        "NucleusMoEImageTransformer2DModel": "not written yet: Qwen-Image-style mixture-of-experts blocks",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
         "LatteTransformer3DModel": (
             "not written yet: its spatial blocks run on frame-major batches [B T, N, D] and its temporal blocks on "
