@@ -32,6 +32,7 @@ easyanimate  ``EasyAnimateTransformer3DModel``    ``[B, 4, 2, 8, 8]``      1000 
 krea2        ``Krea2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    sigma            noise - x
 ernie_image  ``ErnieImageTransformer2DModel``     ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
 nucleusmoe   ``NucleusMoEImageTransformer2DModel````[B, 4, 8, 8]``, 2x2    sigma            x - noise
+ideogram4    ``Ideogram4Transformer2DModel``      ``[B, 4, 8, 8]``, 2x2    t (1 = data)     x - noise
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -526,6 +527,36 @@ def _nucleusmoe_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond:
     return _unpack(out, h, w)
 
 
+def tiny_ideogram4(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import Ideogram4Transformer2DModel
+
+    return _build(
+        Ideogram4Transformer2DModel, path, seed,
+        in_channels=4 * C, num_layers=1, attention_head_dim=16, num_attention_heads=2, intermediate_size=32,
+        adaln_dim=16, llm_features_dim=TEXT_DIM, mrope_section=(4, 2, 2),
+    )  # fmt: skip
+
+
+def _ideogram4_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Ideogram4Pipeline: [left-padding][text][image] from _prepare_ids, the latent folded 2x2 in (p, q, c) order
+    # (as its decoder unpatches), zero latents over the text and zero features over the image; model time
+    # t = 1 - sigma; it steps Euler on -v: v = x - noise.
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    b, c, h, w = x.shape
+    gh, gw = h // 2, w // 2
+    text, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"]
+    n_text, n_img = text.shape[1], gh * gw
+    position_ids, segment_ids, indicator = Ideogram4Pipeline._prepare_ids(mask.sum(1).tolist(), gh, gw, n_text, x.device)
+    tokens = x.view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, 4 * c)
+    out = m(
+        hidden_states=torch.cat([torch.zeros(b, n_text, 4 * c), tokens], dim=1), timestep=t,
+        encoder_hidden_states=torch.cat([text, torch.zeros(b, n_img, text.shape[-1])], dim=1),
+        position_ids=position_ids, segment_ids=segment_ids, indicator=indicator,
+    ).sample[:, n_text:]  # fmt: skip
+    return out.view(b, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -645,6 +676,7 @@ FAMILIES = {
     "krea2": (tiny_krea2, _krea2_call, (C, 8, 8), "krea2"),
     "ernie_image": (tiny_ernie_image, _ernie_image_call, (C, 8, 8), "ernie_image"),
     "nucleusmoe_image": (tiny_nucleusmoe_image, _nucleusmoe_image_call, (C, 8, 8), "nucleusmoe_image"),
+    "ideogram4": (tiny_ideogram4, _ideogram4_call, (C, 8, 8), "ideogram4"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
@@ -710,6 +742,10 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "nucleusmoe_image":  # the last token padded in the second sample
         out["encoder_hidden_states_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_hidden_states_mask"][1:, -1] = 0
+    if family == "ideogram4":  # the pipeline left-pads: the second sample's first token is padding (zero features)
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["encoder_attention_mask"][1:, 0] = False
+        out["encoder_hidden_states"][1:, 0] = 0.0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

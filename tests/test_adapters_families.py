@@ -55,6 +55,7 @@ CHECKPOINTED = {
     "krea2": ("transformer_blocks",),  # its text fusion runs plainly, in Krea2's forward too
     "ernie_image": ("layers",),
     "nucleusmoe_image": ("transformer_blocks",),
+    "ideogram4": ("layers",),
 }
 
 
@@ -135,7 +136,7 @@ def test_stage0_reproduces_the_pretrained_model(pristine, fam: str, num_stages: 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_wrong_time_convention_is_visible(pristine, fam: str) -> None:
     """The equality above can fail: the same model read with another convention is far off."""
-    wrong = "sigma" if fam in ("lumina2", "lumina_next") else "unit"  # the Luminas read t itself ("unit")
+    wrong = "sigma" if fam in ("lumina2", "lumina_next", "ideogram4") else "unit"  # these read t itself ("unit")
     model = _wrap(pristine, fam, time_convention=wrong)
     stages, t, g = _inputs(model, 2, seed=1)
     cond = tiny.text_inputs(fam, 2, g)
@@ -457,3 +458,19 @@ def test_stage_lora_of_a_reshaping_family_routes_by_sample(pristine, fam: str) -
         plain = model(stages, t, torch.tensor([0, 0]), **cond)
     assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(mixed, plain))
     assert not torch.allclose(mixed[0][1], plain[0][1], atol=1e-3)  # stage 1's LoRA reaches its sample
+
+
+def test_ideogram4_null_condition_is_the_pipelines_image_only_branch(pristine) -> None:
+    """Ideogram4Pipeline's negative branch runs the image tokens alone: the masked-out text gives the same output."""
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    model, base = _wrap(pristine, "ideogram4"), pristine["ideogram4"]
+    stages, t, g = _inputs(model, 2, seed=14)
+    null = model.null_condition(**tiny.text_inputs("ideogram4", 2, g))
+    x, (b, c, h, w) = stages[0], stages[0].shape
+    ids, segments, indicator = Ideogram4Pipeline._prepare_ids([0, 0], h // 2, w // 2, 0, x.device)
+    tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, 4 * c)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **null)[0]
+        out = base(tokens, t[:, 0], torch.zeros(b, tokens.shape[1], tiny.TEXT_DIM), ids, segments, indicator).sample
+    assert (v - out.view(b, h // 2, w // 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)).abs().max() <= 1e-5

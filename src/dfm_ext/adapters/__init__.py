@@ -42,6 +42,7 @@ name               family
 ``krea2``          diffusers ``Krea2Transformer2DModel`` (single-stream MMDiT; fused text-encoder layers)
 ``ernie_image``    diffusers ``ErnieImageTransformer2DModel`` (declarative; the pipeline's 2x2 fold, sequence-first blocks)
 ``nucleusmoe_image``  diffusers ``NucleusMoEImageTransformer2DModel`` (declarative; expert-choice mixture of experts)
+``ideogram4``      diffusers ``Ideogram4Transformer2DModel`` (declarative; the packed text-and-image sequence built as its pipeline does)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -95,6 +96,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.krea2 import Krea2Adapter
     from dfm_ext.adapters.ernie_image import ErnieImageAdapter
     from dfm_ext.adapters.nucleusmoe_image import NucleusMoEImageAdapter
+    from dfm_ext.adapters.ideogram4 import Ideogram4Adapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -132,6 +134,7 @@ _CLASSES = {
     "Krea2Adapter": "krea2",
     "ErnieImageAdapter": "ernie_image",
     "NucleusMoEImageAdapter": "nucleusmoe_image",
+    "Ideogram4Adapter": "ideogram4",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -153,6 +156,7 @@ _DIFFUSERS = {
     "krea2": "krea2",
     "ernie_image": "ernie_image",
     "nucleusmoe_image": "nucleusmoe_image",
+    "ideogram4": "ideogram4",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -55,6 +55,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "Krea2Transformer2DModel": "krea2",
         "ErnieImageTransformer2DModel": "ernie_image",
         "NucleusMoEImageTransformer2DModel": "nucleusmoe_image",
+        "Ideogram4Transformer2DModel": "ideogram4",
     }
 )
 
@@ -136,7 +137,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
-        "Ideogram4Transformer2DModel": "not written yet: packed sequences with segment ids and indicator tokens",
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
         "LatteTransformer3DModel": (
