@@ -4,8 +4,9 @@ file you give; a missing one is a one-line ``error:`` naming the file and where 
 
 - :func:`evaluate_images_command`: a PNG folder or an ADM ``.npz`` against an ADM reference batch: FID, sFID, IS,
   precision/recall (the ADM suite's definitions) with ``--inception``, FDD with ``--dinov2``.
-- :func:`evaluate_videos_command`: an MP4 folder or an ``.npz`` of videos against real videos: FVD (first 16
-  frames, Kinetics-400 I3D) with ``--i3d``, frame-FID with ``--inception``.
+- :func:`evaluate_videos_command`: an MP4 folder or an ``.npz`` of videos against real videos (a folder tree of
+  MP4 clips, or an ``.npz``): FVD (first 16 frames, Kinetics-400 I3D) with ``--i3d``, frame-FID (over the same
+  frames) with ``--inception``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def evaluate_videos_command(argv: Sequence[str] | None, *, prog: str) -> int:
     parser = _parser(prog, "Score video samples against real videos: FVD (16-frame I3D protocol) and frame-FID")
     parser.add_argument("--reference", required=True, help="real videos: a folder of .mp4 files or an .npz (arr_0 uint8 [N, T, H, W, C])")
     parser.add_argument("--i3d", help=f"{I3D_WEIGHTS_FILE} (the Kinetics-400 I3D of TATS / cd-fvd): FVD")
-    parser.add_argument("--num-frames", type=int, default=16, help="frames per video for FVD (16: the standard protocol)")
+    parser.add_argument("--num-frames", type=int, default=16, help="the first frames of every video that FVD and frame-FID see (16: the standard FVD protocol)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     if args.i3d is None and args.inception is None:
@@ -85,7 +86,7 @@ def evaluate_videos_command(argv: Sequence[str] | None, *, prog: str) -> int:
 
     def fake() -> Iterator[np.ndarray]:
         seen.append(0)
-        for batch in iter_video_batches(args.samples, args.batch_size):
+        for batch in iter_video_batches(args.samples, args.batch_size, num_frames=args.num_frames):
             seen[-1] += len(batch)
             yield batch
 
@@ -94,7 +95,7 @@ def evaluate_videos_command(argv: Sequence[str] | None, *, prog: str) -> int:
         inception = ADMInceptionFeatures(args.inception, device=args.device) if args.inception else None
 
         def real() -> Iterator[np.ndarray]:
-            return iter_video_batches(args.reference, args.batch_size)
+            return iter_video_batches(args.reference, args.batch_size, num_frames=args.num_frames)
 
         if i3d is not None:
             record["fvd"] = fvd(real(), fake(), extractor=i3d, num_frames=args.num_frames, batch_size=args.batch_size)

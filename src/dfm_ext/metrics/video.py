@@ -94,27 +94,41 @@ class I3DFeatures(nn.Module):
         return features
 
 
-def iter_video_batches(source: str | os.PathLike, batch_size: int = 8) -> Iterator[np.ndarray]:
-    """uint8 video batches ``[B, T, H, W, C]`` of an ``.npz`` (``arr_0`` ``[N, T, H, W, C]``, streamed) or of a folder
-    of ``.mp4`` files (sorted names, decoded with PyAV: ``pip install av``). MP4 is lossy: the ``.npz`` the
-    ``sample`` commands write holds the exact frames."""
+def iter_video_batches(source: str | os.PathLike, batch_size: int = 8, *, num_frames: int | None = None) -> Iterator[np.ndarray]:
+    """uint8 video batches ``[B, T, H, W, C]`` of an ``.npz`` (``arr_0`` ``[N, T, H, W, C]``, streamed) or of the
+    ``.mp4`` files under a folder (sorted paths, class subfolders included; decoded with PyAV, ``pip install av``).
+
+    ``num_frames``: keep each video's first frames (a shorter video is an error). Videos of another size than
+    the one before start a new batch. MP4 is lossy: the ``.npz`` the ``sample`` commands write holds the exact frames.
+    """
     path = Path(source)
     if path.is_file():
-        yield from iter_npz_rows(path, batch_size)
-        return
-    files = sorted(path.glob("*.mp4")) if path.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no .npz of videos or folder of .mp4 files at {str(path)!r}")
+        batches: Iterable[np.ndarray] = iter_npz_rows(path, batch_size)
+    else:
+        files = sorted(path.rglob("*.mp4")) if path.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"no .npz of videos or folder of .mp4 files at {str(path)!r}")
+        batches = ([v] for v in map(_decode_mp4, files))
+    pending: list[np.ndarray] = []
+    for batch in batches:
+        for video in batch:
+            if num_frames is not None:
+                if len(video) < num_frames:
+                    raise ValueError(f"a video of {str(path)!r} has {len(video)} frames, fewer than the {num_frames} evaluated")
+                video = video[:num_frames]
+            if pending and (video.shape != pending[0].shape or len(pending) == batch_size):
+                yield np.stack(pending)
+                pending = []
+            pending.append(video)
+    if pending:
+        yield np.stack(pending)
+
+
+def _decode_mp4(file: Path) -> np.ndarray:
     import av
 
-    for begin in range(0, len(files), batch_size):
-        batch = []
-        for file in files[begin : begin + batch_size]:
-            with av.open(str(file)) as container:
-                batch.append(np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]))
-        if len({v.shape for v in batch}) > 1:
-            raise ValueError(f"the videos of {str(path)!r} differ in shape: {sorted({v.shape for v in batch})}")
-        yield np.stack(batch)
+    with av.open(str(file)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 def _video_batches(videos: VideoSource, batch_size: int, name: str) -> Iterable[np.ndarray]:

@@ -196,11 +196,25 @@ class DFMDiTPipeline:
                 being generated) and ``"preview"``: when this step finished a stage, that stage's
                 preview in ``output_type`` (else ``None``).
         """
-        model = self.transformer
-        device = self.device
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(device)
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).to(self.device)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty")
+        return self._generate(
+            (labels.shape[0], *self.transformer.sample_shape), {"y": labels}, None, num_inference_steps=num_inference_steps,
+            thresholds=thresholds, guidance_scale=guidance_scale, generator=generator, output_type=output_type, method=method,
+            callback_on_step_end=callback_on_step_end,
+        )  # fmt: skip
+
+    def _generate(
+        self, shape: tuple[int, ...], cond: dict[str, Any], uncond: dict[str, Any] | None, *, num_inference_steps: int | Sequence[int] | None,
+        thresholds: Sequence[float] | None, guidance_scale: float | Sequence[float], generator: torch.Generator | None, output_type: str,
+        method: str, callback_on_step_end: Callable[[Any, int, Tensor, dict[str, Any]], Any] | None,
+    ) -> DFMPipelineOutput:  # fmt: skip
+        """Sample ``shape`` (full resolution) under ``cond`` (guided against ``uncond``, default the model's null
+        condition), with previews and the callback; the arguments are :meth:`__call__`'s."""
+        model = self.transformer
+        device = self.device
+        dtype = next(model.parameters()).dtype
         if output_type not in _OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
         s = model.num_stages
@@ -210,9 +224,9 @@ class DFMDiTPipeline:
             thresholds=tuple(thresholds) if thresholds is not None else default.thresholds,
         )
         sampler = DFMSampler(model.decomposition, scheduler, method=method, guidance_scale=guidance_scale)
-        shape = (labels.shape[0], *model.sample_shape)
 
         callback = None
+        noise: Any = shape
         if callback_on_step_end is not None:
             table = scheduler.timesteps(dtype=torch.float64)
             active = scheduler.active_stage().tolist()
@@ -239,12 +253,10 @@ class DFMDiTPipeline:
                 callback_on_step_end(self, step, t, {"stages": data, "stage": k, "preview": preview})
 
             # The first step needs the initial noise to difference against: draw it here, as the sampler would.
-            noise = [torch.randn(sh, generator=generator, device=generator.device if generator is not None else device)
+            noise = [torch.randn(sh, generator=generator, device=generator.device if generator is not None else device).to(device, dtype)
                      for sh in model.decomposition.stage_shapes(shape)]  # fmt: skip
-            previous.append([n.to(device) for n in noise])
-            out = sampler.sample(model, [n.to(device) for n in noise], device=device, callback=callback, y=labels)
-        else:
-            out = sampler.sample(model, shape, generator=generator, device=device, y=labels)
+            previous.append(list(noise))
+        out = sampler.sample(model, noise, generator=generator, device=device, dtype=dtype, uncond=uncond, callback=callback, **cond)
         return DFMPipelineOutput(
             images=self._decode(out.x, output_type), previews=[self._decode(p, output_type) for p in out.previews]
         )

@@ -98,16 +98,22 @@ def checkpoint_weights(model: nn.Module, path: Path, *, ema: bool) -> nn.Module:
     return model
 
 
-def sample_command(argv: Sequence[str], *, prog: str, config_cls: type, make_job: Callable[[Any], SampleJob]) -> int:
-    """The ``sample`` command of a recipe whose config class is ``config_cls``; returns the exit status."""
+def sample_command(
+    argv: Sequence[str], *, prog: str, config_cls: type, make_job: Callable[..., SampleJob], options: Mapping[str, str] | None = None
+) -> int:  # fmt: skip
+    """The ``sample`` command of a recipe whose config class is ``config_cls``; returns the exit status.
+    ``options``: the recipe's own required flags (``--prompts``: help), passed to ``make_job(cfg, prompts=...)``."""
     parser = argparse.ArgumentParser(prog=f"{prog} sample", description="Draw N samples from a run's EMA weights (resumable).")
     parser.add_argument("--run", required=True, help="the run folder (config.yaml, final/)")
     parser.add_argument("--num", type=int, required=True, help="number of samples, e.g. 50000")
     parser.add_argument("--out", required=True, help="the sample folder (PNG / MP4 files, shards/, samples.npz)")
     parser.add_argument("--checkpoint", help="a checkpoint folder of the run (its EMA weights) instead of RUN/final")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per shard (fixed for a folder)")
+    for flag, text in (options or {}).items():
+        parser.add_argument(flag, required=True, help=text)
     parser.add_argument("overrides", nargs="*", help="key=value changes of the run's config, e.g. sampling.guidance_scale=1.5")
     args = parser.parse_args(argv)
+    extra = {k: getattr(args, k) for k in (f.lstrip("-").replace("-", "_") for f in options or {})}
     from accelerate import PartialState
 
     run = Path(args.run)
@@ -116,11 +122,11 @@ def sample_command(argv: Sequence[str], *, prog: str, config_cls: type, make_job
         cfg.train.output_dir = str(run)  # files the run keeps beside its weights (e.g. the stage scales)
         cfg.sampling.check(cfg.num_stages, kind=cfg.decomposition.kind)
         state = PartialState(cpu=cfg.train.cpu)
-        job = make_job(cfg)
+        job = make_job(cfg, **extra)
         source = Path(args.checkpoint) if args.checkpoint else run / "final"
         if not source.is_dir():
             raise FileNotFoundError(f"no weights at {source}: the run has not finished; pass --checkpoint RUN/checkpoints/step-...")
-        settings = {"weights": str(source.resolve()), "sampling": config_to_dict(cfg)["sampling"]}
+        settings = {"weights": str(source.resolve()), "sampling": config_to_dict(cfg)["sampling"], **extra}
         shards = SampleShards(args.out, args.num, args.batch_size, settings=settings)
         if args.checkpoint:
             model = checkpoint_weights(job.build_model(), source, ema=cfg.train.ema_decay is not None)

@@ -18,14 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dfm_ext.adapters.flux import FluxAdapter, flux_image_ids
+from dfm_ext.metrics.commands import evaluate_images_command
 from dfm_ext.recipes.engine.cli import parse_config_args, train_main
 from dfm_ext.recipes.engine.data import dropout_mask
 from dfm_ext.recipes.engine.latents import looks_local
 from dfm_ext.recipes.engine.parallel import unwrap
+from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
 from dfm_ext.recipes.flux.cache import FluxCache, cache_metadata
@@ -37,7 +40,7 @@ from dfm_ext.specialization import specialize
 from dfm_ext.wrapping.io import load_wrapped, peft_merged
 from dfm_ext.wrapping.wrapper import wrap_dit
 
-__all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run"]
+__all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run", "sample_job"]
 
 
 def _pack(x: Tensor) -> Tensor:
@@ -192,14 +195,17 @@ class FluxTask(FluxEncoders, TrainTask):
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator) -> Any:
-        """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`)."""
+    def sample(
+        self, model: nn.Module, prompts: Sequence[str], *, device: torch.device, generator: torch.Generator | None, noise: list[Tensor] | None = None
+    ) -> Any:  # fmt: skip
+        """``SampleOutput`` of the DFM sampler for ``prompts`` (latents; decode with :meth:`codec`), from ``noise`` per
+        stage or drawn from ``generator``."""
         cfg, n, f, net = self.cfg.sampling, len(prompts), self.cfg.vae.downsample, unwrap(model)
         text = self.text_encoder(device).encode(list(prompts)).to(device)
         uncond = {k: v.expand(n, *v.shape[1:]) for k, v in self.empty(device).as_kwargs().items()}
         c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
         shape = (n, c, cfg.height // f, cfg.width // f)
-        return cfg.sampler(self.decomposition).sample(model, shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
+        return cfg.sampler(self.decomposition).sample(model, noise or shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
 
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
         g = torch.Generator(device=device).manual_seed(self.cfg.sampling.seed)
@@ -238,12 +244,31 @@ def run(name: str, cfg: FluxFinetuneConfig, dataset: Any) -> TrainResult:
     return Trainer(task, dataset, cfg, name=name).fit()
 
 
+def sample_job(cfg: FluxFinetuneConfig, *, prompts: str) -> SampleJob:
+    """What ``sample`` draws: sample ``i`` from line ``i mod P`` of the prompt file ``prompts`` (its number kept as the
+    label), at ``sampling.height`` x ``sampling.width``, true CFG against the empty prompt; ``final/`` of DFM or FT runs."""
+    lines = [line for line in Path(prompts).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"the prompt file {prompts} holds no prompt (one per line)")
+    from diffusers import FluxTransformer2DModel
+
+    task, f = FluxTask(cfg), cfg.vae.downsample
+    channels = FluxTransformer2DModel.load_config(cfg.model.path, subfolder="transformer")["in_channels"] // 4
+
+    def draw(model: nn.Module, noise: list[Tensor], numbers: np.ndarray, device: torch.device) -> Tensor:
+        return task.codec(device).decode(task.sample(model, [lines[n] for n in numbers], device=device, generator=None, noise=noise).x)
+
+    shape = (channels, cfg.sampling.height // f, cfg.sampling.width // f)
+    return SampleJob(task.decomposition, shape, lambda i: i % len(lines), draw, task.build_model, load_finetuned)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command (``python -m dfm_ext.recipes.flux``); returns the exit status (2: a usage error)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["cache"]:
-        return cache_main(argv[1:])
-    return train_main(prepare, run, argv, lambda result: {"skipped_images": result.skipped_images})
+    """The command (``python -m dfm_ext.recipes.flux [cache | sample | evaluate]``); returns the exit status (2: a usage error)."""
+    prog, options = "python -m dfm_ext.recipes.flux", {"--prompts": "a text file, one prompt per line (sample i: line i mod lines)"}
+    return dispatch(argv, {
+        "cache": cache_main, "evaluate": lambda a: evaluate_images_command(a, prog=f"{prog} evaluate"),
+        "sample": lambda a: sample_command(a, prog=prog, config_cls=FluxFinetuneConfig, make_job=sample_job, options=options),
+    }, lambda a: train_main(prepare, run, a, lambda result: {"skipped_images": result.skipped_images}))  # fmt: skip
 
 
 if __name__ == "__main__":

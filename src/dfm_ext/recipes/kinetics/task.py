@@ -20,27 +20,30 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from dfm_ext.metrics.commands import evaluate_videos_command
 from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
 from dfm_ext.fileio import atomic_write_text
 from dfm_ext.process.objective import dfm_loss, estimate_stage_scales
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError, config_to_dict
 from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, cycled_labels
-from dfm_ext.recipes.engine.latents import load_vae
+from dfm_ext.recipes.engine.latents import check_cache_labels, load_vae
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sections import (
     ClassDataSection, ClassSamplingConfig, DFMConfig, LatentVAEConfig, ModelConfig, RecipeConfig, check_count,
-    enable_gradient_checkpointing, import_factory,
+    enable_gradient_checkpointing, feed_allocation, import_factory,
 )  # fmt: skip
+from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
+from dfm_ext.wrapping.io import load_wrapped
 from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = [
     "KineticsConfig", "KineticsTask", "LabelTokenDFM", "LabelTokens", "build_dataset", "cache_metadata", "load_codec", "main",
-    "parse_args", "prepare", "run",
+    "parse_args", "prepare", "run", "sample_job",
 ]  # fmt: skip
 
 CONFIG_ALIASES = {"tiny": "kinetics_tiny"}
@@ -66,6 +69,12 @@ class VideoVAEConfig(LatentVAEConfig):
 
     spatial_downsample: int = 8
     temporal_downsample: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("spatial_downsample", "temporal_downsample", "latent_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"vae.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -158,7 +167,9 @@ def cache_metadata(cfg: KineticsConfig) -> dict[str, Any]:
 def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     """The clips or the latent cache (checked against the config)."""
     if cfg.data.latent_cache is not None:
-        return LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg), rebuild="python -m dfm_ext.recipes.kinetics.cache")
+        cache = LatentCache(cfg.data.latent_cache, expected=cache_metadata(cfg), rebuild="python -m dfm_ext.recipes.kinetics.cache")
+        check_cache_labels(cache.path, cache.meta, cfg.data.num_classes)
+        return cache
     from dfm_ext.recipes.kinetics.data import VideoClips, scan_videos
 
     d = cfg.data
@@ -342,19 +353,25 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
             generator=generator, y=labels,  # scales: the model's stage_scales
         )  # fmt: skip
-        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
+        feed_allocation(self.timesteps, out, ts)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, *, device: torch.device) -> tuple[list[Tensor], Tensor]:
-        """Decoded previews (one per stage before the last) and final videos, ``[N, 3, T, H, W]`` in ``[-1, 1]``."""
-        cfg, n = self.cfg.sampling, self.cfg.sampling.num_videos
-        labels = cycled_labels(cfg.classes, n, self.cfg.data.num_classes, device)
+    def sample(
+        self, model: nn.Module, *, device: torch.device, labels: Tensor | None = None, noise: list[Tensor] | None = None, previews: bool = True
+    ) -> tuple[list[Tensor], Tensor]:  # fmt: skip
+        """Decoded previews (one per stage before the last) and final videos, ``[N, 3, T, H, W]`` in ``[-1, 1]``, for
+        ``labels`` (default: ``sampling.num_videos`` cycling through ``sampling.classes``) from ``noise`` per stage
+        (default: drawn from ``sampling.seed``)."""
+        cfg = self.cfg.sampling
+        labels = cycled_labels(cfg.classes, cfg.num_videos, self.cfg.data.num_classes, device) if labels is None else labels
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        out = cfg.sampler(self.decomposition).sample(unwrap(model), (n, *self.cfg.latent_shape), generator=g, device=device, y=labels)
+        shape = (len(labels), *self.cfg.latent_shape)
+        out = cfg.sampler(self.decomposition).sample(unwrap(model), noise or shape, generator=g, device=device, y=labels)
         codec = self.codec(device)  # (scales: the model's stage_scales)
         final = codec.decode(out.x)
-        return [torch.nn.functional.interpolate(codec.decode(p), size=tuple(final.shape[2:]), mode="nearest") for p in out.previews[:-1]], final
+        shown = out.previews[:-1] if previews else []
+        return [torch.nn.functional.interpolate(codec.decode(p), size=tuple(final.shape[2:]), mode="nearest") for p in shown], final
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, step: int, out_dir: Path, device: torch.device) -> dict[str, float]:
@@ -393,10 +410,37 @@ def run(name: str, cfg: KineticsConfig, dataset: torch.utils.data.Dataset) -> Tr
     return Trainer(KineticsTask(cfg, dataset, name=name), dataset, cfg, name=name).fit()
 
 
+def sample_job(cfg: KineticsConfig) -> SampleJob:
+    """What ``sample`` draws: class-balanced clips (sample ``i`` has class ``i mod data.num_classes``), as MP4 files."""
+    from dfm_ext.recipes.kinetics.video_io import write_mp4  # PyAV: only when writing
+
+    task = KineticsTask(cfg)
+
+    def draw(model: nn.Module, noise: list[Tensor], labels: np.ndarray, device: torch.device) -> Tensor:
+        return task.sample(model, device=device, labels=torch.as_tensor(labels, device=device), noise=noise, previews=False)[1]
+
+    def load_final(folder: Path) -> nn.Module:
+        dfm = load_wrapped(folder, build_base_model(cfg))
+        if not (folder / LABEL_TOKENS_FILE).is_file():
+            return dfm
+        model = task.build_model()  # LabelTokenDFM: the label tokens beside the wrapped CogVideoX
+        model.dfm = dfm
+        model.label_tokens.load_state_dict(load_file(str(folder / LABEL_TOKENS_FILE)))
+        return model
+
+    def write_item(video: np.ndarray, stem: Path) -> None:
+        write_mp4(video, stem.with_suffix(".mp4"), fps=cfg.sampling.fps)
+
+    return SampleJob(task.decomposition, cfg.latent_shape, lambda i: i % cfg.data.num_classes, draw, task.build_model, load_final, write_item)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command (``python -m dfm_ext.recipes.kinetics``); returns the exit status (2: a usage error)."""
-    # The engine counts "images"; for this recipe they are videos.
-    return train_main(prepare, run, argv, lambda r: {"skipped_videos": r.skipped_images, "unique_bad_videos": r.unique_bad_images})
+    """The command (``python -m dfm_ext.recipes.kinetics [sample | evaluate]``); returns the exit status (2: a usage error)."""
+    prog = "python -m dfm_ext.recipes.kinetics"
+    return dispatch(argv, {
+        "sample": lambda a: sample_command(a, prog=prog, config_cls=KineticsConfig, make_job=sample_job),
+        "evaluate": lambda a: evaluate_videos_command(a, prog=f"{prog} evaluate"),
+    }, lambda a: train_main(prepare, run, a, lambda r: {"skipped_videos": r.skipped_images, "unique_bad_videos": r.unique_bad_images}))  # fmt: skip
 
 
 if __name__ == "__main__":
