@@ -33,6 +33,7 @@ krea2        ``Krea2Transformer2DModel``          ``[B, 4, 8, 8]``, 2x2    sigma
 ernie_image  ``ErnieImageTransformer2DModel``     ``[B, 4, 8, 8]``, 2x2    1000 sigma       noise - x
 nucleusmoe   ``NucleusMoEImageTransformer2DModel````[B, 4, 8, 8]``, 2x2    sigma            x - noise
 ideogram4    ``Ideogram4Transformer2DModel``      ``[B, 4, 8, 8]``, 2x2    t (1 = data)     x - noise
+hunyuan_img. ``HunyuanImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2    1000 sigma (x2)  noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -557,6 +558,25 @@ def _ideogram4_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) 
     return out.view(b, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
+def tiny_hunyuan_image(path: Path, seed: int = 0, **config) -> nn.Module:
+    # Without the ByT5 stream (its projection's hidden width is fixed at 2048: 4M parameters), which
+    # test_adapters_families.py checks once with text_embed_2_dim.
+    from diffusers import HunyuanImageTransformer2DModel
+
+    return _build(
+        HunyuanImageTransformer2DModel, path, seed,
+        **{"in_channels": C, "out_channels": C, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
+           "num_single_layers": 1, "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": (2, 2),
+           "text_embed_dim": TEXT_DIM, "rope_axes_dim": (4, 4), "guidance_embeds": True, **config},
+    )  # fmt: skip
+
+
+def _hunyuan_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HunyuanImagePipeline: FlowMatchEuler timestep 1000 sigma, guidance = scale * 1000; predicts noise - x.
+    guidance = torch.full((x.shape[0],), 1000.0)  # the adapter's default guidance scale 1.0
+    return -m(x, timestep=1000.0 - 1000.0 * t, guidance=guidance, **cond).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -677,6 +697,7 @@ FAMILIES = {
     "ernie_image": (tiny_ernie_image, _ernie_image_call, (C, 8, 8), "ernie_image"),
     "nucleusmoe_image": (tiny_nucleusmoe_image, _nucleusmoe_image_call, (C, 8, 8), "nucleusmoe_image"),
     "ideogram4": (tiny_ideogram4, _ideogram4_call, (C, 8, 8), "ideogram4"),
+    "hunyuan_image": (tiny_hunyuan_image, _hunyuan_image_call, (C, 8, 8), "hunyuan_image"),
 }
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
@@ -746,6 +767,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
         out["encoder_attention_mask"][1:, 0] = False
         out["encoder_hidden_states"][1:, 0] = 0.0
+    if family == "hunyuan_image":  # the last token padded in the second sample
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

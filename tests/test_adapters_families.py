@@ -56,6 +56,7 @@ CHECKPOINTED = {
     "ernie_image": ("layers",),
     "nucleusmoe_image": ("transformer_blocks",),
     "ideogram4": ("layers",),
+    "hunyuan_image": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
 }
 
 
@@ -474,3 +475,22 @@ def test_ideogram4_null_condition_is_the_pipelines_image_only_branch(pristine) -
         v = model(stages, t, torch.ones(2, dtype=torch.long), **null)[0]
         out = base(tokens, t[:, 0], torch.zeros(b, tokens.shape[1], tiny.TEXT_DIM), ids, segments, indicator).sample
     assert (v - out.view(b, h // 2, w // 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)).abs().max() <= 1e-5
+
+
+def test_hunyuan_image_glyph_text_and_meanflow(tmp_path) -> None:
+    """The ByT5 stream is joined as the model joins it (valid tokens first); the distilled meanflow variant is refused."""
+    glyph = tiny.tiny_hunyuan_image(tmp_path / "glyph", text_embed_2_dim=tiny.POOLED_DIM)
+    model = wrap_dit(copy.deepcopy(glyph), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 16), patch_sizes=[2, 4])
+    stages, t, g = _inputs(model, 2, seed=15)
+    cond = tiny.text_inputs("hunyuan_image", 2, g)
+    cond["encoder_hidden_states_2"] = torch.randn(2, 2, tiny.POOLED_DIM, generator=g)
+    cond["encoder_attention_mask_2"] = torch.tensor([[1, 1], [0, 1]])
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)[0]
+        expected = tiny.FAMILIES["hunyuan_image"][1](glyph, stages[0], t[:, 0], cond)
+    assert (v - expected).abs().max() <= 1e-5
+    from diffusers import HunyuanImageTransformer2DModel
+
+    meanflow = HunyuanImageTransformer2DModel.from_config({**dict(glyph.config), "text_embed_2_dim": None, "use_meanflow": True})
+    with pytest.raises(ValueError, match="use_meanflow=True.*timestep_r.*flow map"):
+        wrap_dit(meanflow, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 16))

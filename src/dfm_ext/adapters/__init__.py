@@ -43,6 +43,7 @@ name               family
 ``ernie_image``    diffusers ``ErnieImageTransformer2DModel`` (declarative; the pipeline's 2x2 fold, sequence-first blocks)
 ``nucleusmoe_image``  diffusers ``NucleusMoEImageTransformer2DModel`` (declarative; expert-choice mixture of experts)
 ``ideogram4``      diffusers ``Ideogram4Transformer2DModel`` (declarative; the packed text-and-image sequence built as its pipeline does)
+``hunyuan_image``  diffusers ``HunyuanImageTransformer2DModel`` (declarative; HunyuanImage 2.1, the text refiner reads time too)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -97,6 +98,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.ernie_image import ErnieImageAdapter
     from dfm_ext.adapters.nucleusmoe_image import NucleusMoEImageAdapter
     from dfm_ext.adapters.ideogram4 import Ideogram4Adapter
+    from dfm_ext.adapters.hunyuan_image import HunyuanImageAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -135,6 +137,7 @@ _CLASSES = {
     "ErnieImageAdapter": "ernie_image",
     "NucleusMoEImageAdapter": "nucleusmoe_image",
     "Ideogram4Adapter": "ideogram4",
+    "HunyuanImageAdapter": "hunyuan_image",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -157,6 +160,7 @@ _DIFFUSERS = {
     "ernie_image": "ernie_image",
     "nucleusmoe_image": "nucleusmoe_image",
     "ideogram4": "ideogram4",
+    "hunyuan_image": "hunyuan_image",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -56,6 +56,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "ErnieImageTransformer2DModel": "ernie_image",
         "NucleusMoEImageTransformer2DModel": "nucleusmoe_image",
         "Ideogram4Transformer2DModel": "ideogram4",
+        "HunyuanImageTransformer2DModel": "hunyuan_image",
     }
 )
 
@@ -133,7 +134,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         # Families not written yet: what each adapter needs beyond the shipped patterns.
         "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
-        "HunyuanImageTransformer2DModel": "not written yet: HunyuanImage 2.1's dual text encoders and refiner time",
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
