@@ -148,7 +148,7 @@ def fvd_features(
     for batch in _video_batches(videos, batch_size, "videos"):
         if batch.shape[1] < num_frames:
             raise ValueError(f"FVD uses {num_frames} frames per video; these videos have {batch.shape[1]}")
-        clip = np.ascontiguousarray(np.broadcast_to(batch[:, :num_frames], (*batch.shape[:1], num_frames, *batch.shape[2:4], 3)))
+        clip = np.array(np.broadcast_to(batch[:, :num_frames], (*batch.shape[:1], num_frames, *batch.shape[2:4], 3)))  # a writable copy (torch warns on read-only arrays)
         stats.update(extractor(clip))
     return stats
 

@@ -118,6 +118,8 @@ def sample_command(
 
     run = Path(args.run)
     try:
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml (the folder a training command wrote)")
         cfg = load_config(config_cls, run / "config.yaml", args.overrides)
         cfg.train.output_dir = str(run)  # files the run keeps beside its weights (e.g. the stage scales)
         cfg.sampling.check(cfg.num_stages, kind=cfg.decomposition.kind)

@@ -139,6 +139,16 @@ def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: in
     return cadence or (over_budget and world == 1)
 
 
+def _sync_host(extra: Mapping[str, Any]) -> None:
+    """Refresh the host copies some checkpointed objects keep of device state (``sync_host()``: an adaptive
+    allocation's stage probabilities, for host stage draws): at start and at check steps only, so they lag by
+    at most ``log_every`` / ``checkpoint_every`` steps."""
+    for obj in extra.values():
+        sync = getattr(obj, "sync_host", None)
+        if callable(sync):
+            sync()
+
+
 class _Counters:
     """Step and data-skip counters, checkpointed in ``extra_state.pt``."""
 
@@ -261,6 +271,7 @@ class Trainer:
         )  # fmt: skip
         bar = tqdm(total=t.steps, initial=counters.step, disable=not (accelerator.is_main_process and t.progress), desc=self.name, dynamic_ncols=True)
         model.train()
+        _sync_host(extra)
         return _Run(accelerator, parallel, model, optimizer, schedulers[0], ema, counters, extra, plan, iter(loader), bar,
                     torch.zeros((), dtype=torch.bool, device=accelerator.device), checked_step=counters.step)  # fmt: skip
 
@@ -334,6 +345,7 @@ class Trainer:
         if bad_loss:
             raise FloatingPointError(f"non-finite loss at a step in {run.checked_step + 1}..{step}; nothing after step {run.checked_step} was saved")
         run.counters.skipped += int(skipped)
+        _sync_host(run.extra)
         run.nonfinite.zero_()
         run.pending_skipped, run.checked_step = 0, step
         run.stopped_early = n_over > 0 and step < self.train.steps
