@@ -57,6 +57,7 @@ CHECKPOINTED = {
     "nucleusmoe_image": ("transformer_blocks",),
     "ideogram4": ("layers",),
     "hunyuan_image": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
+    "latte": ("transformer_blocks", "temporal_transformer_blocks"),  # interleaved, one of each here
 }
 
 
@@ -205,7 +206,8 @@ def test_per_stage_lora_is_exact_at_attach_and_covers_every_group(pristine, fam:
         after = model(stages, t, k, **cond)
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(before, after))
     # The family's layer groups reach its layers: every group selects something.
-    assert {"attn", "mlp", "mod", "cond", "proj"} <= set(handle.layers.values()), sorted(set(handle.layers.values()))
+    expected = {"attn", "mlp", "mod", "cond", "proj"} - tiny.GROUPS_LEFT_OUT.get(fam, set())
+    assert expected <= set(handle.layers.values()), sorted(set(handle.layers.values()))
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -494,3 +496,19 @@ def test_hunyuan_image_glyph_text_and_meanflow(tmp_path) -> None:
     meanflow = HunyuanImageTransformer2DModel.from_config({**dict(glyph.config), "text_embed_2_dim": None, "use_meanflow": True})
     with pytest.raises(ValueError, match="use_meanflow=True.*timestep_r.*flow map"):
         wrap_dit(meanflow, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 16))
+
+
+def test_latte_refuses_per_stage_layers_in_its_reshaped_blocks_and_asks_for_its_prediction(pristine) -> None:
+    """Latte's blocks see [B T, N, D] / [B N, T, D]: no attn/mlp group, and blocks forced per-stage are refused."""
+    with pytest.raises(ValueError, match=r"prediction_type.*LatteAdapter\(prediction='epsilon'\)"):
+        wrap_dit(_fresh(pristine, "latte"), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+    model = _wrap(pristine, "latte")
+    with pytest.raises(ValueError, match=r"unknown target group\(s\) \['attn'\]"):
+        specialize(model, kind="lora", targets="attn", rank=2)
+    specialize(model, kind="lora", targets="attn", rank=2, patterns={"attn": [r"transformer_blocks\.\d+\.attn1\.to_q$"]})
+    stages, t, g = _inputs(model, 2, seed=16)
+    with pytest.raises(ValueError, match=r"\[B T, N, D\] and \[B N, T, D\].*specialise the groups the adapter declares"):
+        model(stages, t, torch.tensor([0, 1]), **tiny.text_inputs("latte", 2, g))
+    with pytest.raises(ValueError, match="video_length=2 frames: the sample must have 2 frames"):
+        wrap_dit(_fresh(pristine, "latte"), LaplacianPyramid(factors=(2, 1)), adapter=tiny.ADAPTERS["latte"](),
+                 sample_shape=(tiny.C, 3, 16, 16), patch_sizes=[(1, 2, 2), (1, 4, 4)])  # fmt: skip

@@ -44,6 +44,7 @@ name               family
 ``nucleusmoe_image``  diffusers ``NucleusMoEImageTransformer2DModel`` (declarative; expert-choice mixture of experts)
 ``ideogram4``      diffusers ``Ideogram4Transformer2DModel`` (declarative; the packed text-and-image sequence built as its pipeline does)
 ``hunyuan_image``  diffusers ``HunyuanImageTransformer2DModel`` (declarative; HunyuanImage 2.1, the text refiner reads time too)
+``latte``          diffusers ``LatteTransformer3DModel`` (declarative; asks for the prediction type; no per-stage attn/mlp)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -99,6 +100,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.nucleusmoe_image import NucleusMoEImageAdapter
     from dfm_ext.adapters.ideogram4 import Ideogram4Adapter
     from dfm_ext.adapters.hunyuan_image import HunyuanImageAdapter
+    from dfm_ext.adapters.latte import LatteAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -138,6 +140,7 @@ _CLASSES = {
     "NucleusMoEImageAdapter": "nucleusmoe_image",
     "Ideogram4Adapter": "ideogram4",
     "HunyuanImageAdapter": "hunyuan_image",
+    "LatteAdapter": "latte",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -161,6 +164,7 @@ _DIFFUSERS = {
     "nucleusmoe_image": "nucleusmoe_image",
     "ideogram4": "ideogram4",
     "hunyuan_image": "hunyuan_image",
+    "latte": "latte",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

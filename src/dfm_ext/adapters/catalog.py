@@ -57,6 +57,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "NucleusMoEImageTransformer2DModel": "nucleusmoe_image",
         "Ideogram4Transformer2DModel": "ideogram4",
         "HunyuanImageTransformer2DModel": "hunyuan_image",
+        "LatteTransformer3DModel": "latte",
     }
 )
 
@@ -139,12 +140,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
         "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
         "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
-        "LatteTransformer3DModel": (
-            "not written yet: its spatial blocks run on frame-major batches [B T, N, D] and its temporal blocks on "
-            "[B N, T, D], so per-stage specialisation of their layers needs stage routing that repeats each "
-            "sample's stage over its frames or tokens (dfm_ext.specialization routes rows of [B, ...] only); "
-            "the rest fits (per-frame PatchEmbed as a Conv3d, adaLN-single, fixed temporal sin-cos table)"
-        ),
         "Kandinsky5Transformer3DModel": (
             "not written yet: channels-last input [B, T, H, W, C] with visual-condition latents and a mask "
             "concatenated (zeros in text-to-video), RoPE positions and a resolution scale_factor computed by the "
