@@ -87,6 +87,11 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "'ada_norm_single' to PixArtTransformer2DModel, adapter pixart); its other layouts are a UNet's spatial "
             "transformer (continuous inputs) or VQ-Diffusion (discrete latent classes), not patched DiTs"
         ),
+        "DreamLiteTransformer2DModel": (
+            f"{_NOT_VISUAL} on its own: the spatial transformer inside DreamLite's UNet (models/unets/unet_dreamlite.py): "
+            "GroupNorm and a 1x1 proj_in over the UNet's feature maps, the input added back as a residual; no patch "
+            "embedding, time embedder or output head of a denoiser to widen (and no DreamLite pipeline in diffusers)"
+        ),
         "TransformerTemporalModel": (
             f"{_NOT_VISUAL} on its own: the temporal attention layers inside a video UNet, with no patch embedding "
             "or output head to widen"
@@ -138,8 +143,12 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
-        "Flux3Transformer2DModel": "not written yet: FLUX.3's optional image-conditioning tokens and target timestep",
-        "DreamLiteTransformer2DModel": "not written yet: a UNet-like DiT with down/up token stages",
+        "Flux3Transformer2DModel": (
+            "not written yet: diffusers ships no FLUX.3 pipeline, so the library cannot show the order of a token's "
+            "in_channels (the packed latent_channels x 4), the image and text position ids, or the sign of the "
+            "velocity (the model reads a flow time whose 0 is clean: text and reference tokens sit at 0); an adapter "
+            "would ask for them, and refuse flow_map checkpoints (a second time, target_timestep) and image_cond tokens"
+        ),
         "Kandinsky5Transformer3DModel": (
             "not written yet: channels-last input [B, T, H, W, C] with visual-condition latents and a mask "
             "concatenated (zeros in text-to-video), RoPE positions and a resolution scale_factor computed by the "
