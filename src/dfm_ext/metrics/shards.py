@@ -106,8 +106,8 @@ class SampleShards:
         """Whether shard ``k`` is on disk with its full count (a damaged file counts as missing)."""
         try:
             with zipfile.ZipFile(self.path(k)) as z, z.open("arr_0.npy") as f, z.open("arr_1.npy") as g:
-                shapes = [np.lib.format.read_array_header_2_0(h)[0] if np.lib.format.read_magic(h) == (2, 0)  # type: ignore[no-untyped-call]
-                          else np.lib.format.read_array_header_1_0(h)[0] for h in (f, g)]  # type: ignore[no-untyped-call]
+                shapes = [np.lib.format.read_array_header_2_0(h)[0] if np.lib.format.read_magic(h) == (2, 0)
+                          else np.lib.format.read_array_header_1_0(h)[0] for h in (f, g)]
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             return False
         return shapes[0][0] == shapes[1][0] == len(self.indices(k))
@@ -154,7 +154,7 @@ class SampleShards:
             for name, shape, kind in (("arr_0", (self.num, *row), dtype), ("arr_1", (self.num,), np.dtype(np.int64))):
                 with z.open(f"{name}.npy", "w", force_zip64=True) as f:
                     header = {"descr": np.lib.format.dtype_to_descr(kind), "fortran_order": False, "shape": shape}
-                    np.lib.format.write_array_header_2_0(f, header)  # type: ignore[no-untyped-call]
+                    np.lib.format.write_array_header_2_0(f, header)
                     for k in range(self.num_shards):
                         with np.load(self.path(k)) as shard:
                             part = shard[name]

@@ -103,7 +103,7 @@ def iter_video_batches(source: str | os.PathLike, batch_size: int = 8, *, num_fr
     """
     path = Path(source)
     if path.is_file():
-        batches: Iterable[np.ndarray] = iter_npz_rows(path, batch_size)
+        batches: Iterable[Iterable[np.ndarray]] = iter_npz_rows(path, batch_size)
     else:
         files = sorted(path.rglob("*.mp4")) if path.is_dir() else []
         if not files:

@@ -87,8 +87,8 @@ class FluxTextEncoder:
         self.path, self.max_sequence_length, self.device = os.fspath(path), int(max_sequence_length), torch.device(device)
         self.clip_tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer")
         self.t5_tokenizer = AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2")
-        self.clip = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype).to(self.device).eval().requires_grad_(False)
-        self.t5 = T5EncoderModel.from_pretrained(where, subfolder="text_encoder_2", torch_dtype=dtype).to(self.device).eval().requires_grad_(False)
+        self.clip = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype).to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
+        self.t5 = T5EncoderModel.from_pretrained(where, subfolder="text_encoder_2", torch_dtype=dtype).to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         self._empty: TextEmbeddings | None = None
 
     @torch.no_grad()
@@ -137,7 +137,7 @@ class DFMFluxPipeline(DFMDiTPipeline):
         self.vae_scale_factor = 2 ** (len(block_out) - 1) if block_out else 8
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls, folder: str | os.PathLike, *, flux: str | os.PathLike | None = None, device: str | torch.device = "cpu",
         torch_dtype: torch.dtype = torch.float32, max_sequence_length: int = 512, **kwargs: Any,
     ) -> DFMFluxPipeline:  # fmt: skip

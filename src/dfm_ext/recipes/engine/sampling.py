@@ -120,7 +120,7 @@ def sample_command(
     try:
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml (the folder a training command wrote)")
-        cfg = load_config(config_cls, run / "config.yaml", args.overrides)
+        cfg: Any = load_config(config_cls, run / "config.yaml", args.overrides)
         cfg.train.output_dir = str(run)  # files the run keeps beside its weights (e.g. the stage scales)
         cfg.sampling.check(cfg.num_stages, kind=cfg.decomposition.kind)
         state = PartialState(cpu=cfg.train.cpu)
@@ -139,8 +139,8 @@ def sample_command(
     model = model.to(state.device).eval()
     todo = shards.pending(state.process_index, state.num_processes)
     for k in tqdm(todo, desc=f"shards (rank {state.process_index})", disable=not state.is_main_process):
-        indices = np.asarray(shards.indices(k))
-        labels = job.condition(indices)
+        indices = list(shards.indices(k))
+        labels = job.condition(np.asarray(indices))
         noise = [n.to(state.device) for n in sample_noise(job.decomposition, job.sample_shape, indices, cfg.sampling.seed)]
         with torch.no_grad():
             pixels = job.draw(model, noise, labels, state.device).float().cpu()
