@@ -35,6 +35,7 @@ nucleusmoe   ``NucleusMoEImageTransformer2DModel````[B, 4, 8, 8]``, 2x2    sigma
 ideogram4    ``Ideogram4Transformer2DModel``      ``[B, 4, 8, 8]``, 2x2    t (1 = data)     x - noise
 hunyuan_img. ``HunyuanImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2    1000 sigma (x2)  noise - x
 latte        ``LatteTransformer3DModel``          ``[B, 4, 2, 8, 8]``      999 sigma (DDPM) epsilon (asked)
+bria_fibo    ``BriaFiboTransformer2DModel``       ``[B, 4, 8, 8]``, p 1    1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -601,6 +602,36 @@ def _latte_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> t
     return -m(x, timestep=999.0 - 999.0 * t, **cond).sample[:, :C]
 
 
+FIBO_TEXT_LAYER_DIM = 8
+
+
+def tiny_bria_fibo(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import BriaFiboTransformer2DModel
+
+    return _build(
+        BriaFiboTransformer2DModel, path, seed,
+        patch_size=1, in_channels=C, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), text_encoder_dim=FIBO_TEXT_LAYER_DIM,
+    )  # fmt: skip
+
+
+def _bria_fibo_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # BriaFiboPipeline (do_patching=False): one token per latent pixel, ids as Flux's, FlowMatchEuler timestep
+    # 1000 sigma, the joint mask [text, image] passed only when a token is dropped; noise - x.
+    from dfm_ext.adapters.flux import flux_image_ids
+
+    b, c, h, w = x.shape
+    text, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"].bool()
+    joint = torch.cat([mask, torch.ones(b, h * w, dtype=torch.bool)], dim=1)
+    out = m(
+        x.permute(0, 2, 3, 1).reshape(b, h * w, c), encoder_hidden_states=text,
+        text_encoder_layers=list(cond["text_encoder_layers"].unbind(1)), timestep=1000.0 - 1000.0 * t,
+        img_ids=flux_image_ids((h, w)), txt_ids=torch.zeros(text.shape[1], 3),
+        joint_attention_kwargs={"attention_mask": joint[:, None, None, :]},
+    ).sample  # fmt: skip
+    return -out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -723,7 +754,11 @@ FAMILIES = {
     "ideogram4": (tiny_ideogram4, _ideogram4_call, (C, 8, 8), "ideogram4"),
     "hunyuan_image": (tiny_hunyuan_image, _hunyuan_image_call, (C, 8, 8), "hunyuan_image"),
     "latte": (tiny_latte, _latte_call, (C, 2, 8, 8), "latte"),
+    "bria_fibo": (tiny_bria_fibo, _bria_fibo_call, (C, 8, 8), "bria_fibo"),
 }
+
+#: families whose own patch is 1 (stage 0 at the native size with patch 1)
+PATCH_ONE = {"ltx_video", "bria_fibo"}
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
 ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter, "latte": _latte_adapter}
@@ -796,6 +831,10 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["encoder_attention_mask"][1:, 0] = False
         out["encoder_hidden_states"][1:, 0] = 0.0
     if family == "hunyuan_image":  # the last token padded in the second sample
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
+    if family == "bria_fibo":  # one text-encoder layer per block (2), batch first; the last token padded in the second sample
+        out["text_encoder_layers"] = torch.randn(batch, 2, TEXT_LEN, FIBO_TEXT_LAYER_DIM, generator=generator)
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_attention_mask"][1:, -1] = 0
     if family == "hunyuandit":

@@ -58,6 +58,7 @@ CHECKPOINTED = {
     "ideogram4": ("layers",),
     "hunyuan_image": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
     "latte": ("transformer_blocks", "temporal_transformer_blocks"),  # interleaved, one of each here
+    "bria_fibo": ("transformer_blocks", "single_transformer_blocks"),
 }
 
 
@@ -93,7 +94,7 @@ def _setup(fam: str, num_stages: int) -> tuple[tuple[int, ...], LaplacianPyramid
     f0 = factors[0]
     video = len(native) == 4
     sample = (native[0], native[1], native[2] * f0, native[3] * f0) if video else (native[0], native[1] * f0, native[2] * f0)
-    p = 1 if fam == "ltx_video" else 2  # the model's own spatial patch (Flux-style 2x2 folding counts as 2)
+    p = 1 if fam in tiny.PATCH_ONE else 2  # the model's own spatial patch (Flux-style 2x2 folding counts as 2)
     patches = [(1, p * f0 // f, p * f0 // f) if video else p * f0 // f for f in factors]
     decomposition = LaplacianPyramid(factors=factors)  # spatial only, also for videos
     return sample, decomposition, patches
@@ -512,3 +513,25 @@ def test_latte_refuses_per_stage_layers_in_its_reshaped_blocks_and_asks_for_its_
     with pytest.raises(ValueError, match="video_length=2 frames: the sample must have 2 frames"):
         wrap_dit(_fresh(pristine, "latte"), LaplacianPyramid(factors=(2, 1)), adapter=tiny.ADAPTERS["latte"](),
                  sample_shape=(tiny.C, 3, 16, 16), patch_sizes=[(1, 2, 2), (1, 4, 4)])  # fmt: skip
+
+
+def test_bria_fibo_do_patching_fold(pristine) -> None:
+    """BriaFiboAdapter(patch_size=2) is the pipeline's do_patching=True: Flux's 2x2 pack of C / 4 latent channels."""
+    from dfm_ext.adapters.bria_fibo import BriaFiboAdapter
+    from dfm_ext.adapters.flux import flux_image_ids
+
+    base = pristine["bria_fibo"]  # in_channels 4: latents of 1 channel folded 2x2
+    model = wrap_dit(_fresh(pristine, "bria_fibo"), LaplacianPyramid(factors=(2, 1)), adapter=BriaFiboAdapter(patch_size=2),
+                     sample_shape=(1, 32, 32), patch_sizes=[2, 4])  # fmt: skip
+    stages, t, g = _inputs(model, 2, seed=17)
+    cond = tiny.text_inputs("bria_fibo", 2, g)
+    x = stages[0]
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)[0]
+        out = base(tiny._pack(x), encoder_hidden_states=cond["encoder_hidden_states"], timestep=1000.0 - 1000.0 * t[:, 0],
+                   text_encoder_layers=list(cond["text_encoder_layers"].unbind(1)), img_ids=flux_image_ids((8, 8)),
+                   txt_ids=torch.zeros(tiny.TEXT_LEN, 3), joint_attention_kwargs={"attention_mask": torch.cat(
+                       [cond["encoder_attention_mask"].bool(), torch.ones(2, 64, dtype=torch.bool)], 1)[:, None, None, :]}).sample  # fmt: skip
+    assert (v + tiny._unpack(out, 16, 16)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"patch_size must be 1 \(do_patching=False\) or 2"):
+        BriaFiboAdapter(patch_size=4)

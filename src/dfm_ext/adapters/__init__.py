@@ -45,6 +45,7 @@ name               family
 ``ideogram4``      diffusers ``Ideogram4Transformer2DModel`` (declarative; the packed text-and-image sequence built as its pipeline does)
 ``hunyuan_image``  diffusers ``HunyuanImageTransformer2DModel`` (declarative; HunyuanImage 2.1, the text refiner reads time too)
 ``latte``          diffusers ``LatteTransformer3DModel`` (declarative; asks for the prediction type; no per-stage attn/mlp)
+``bria_fibo``      diffusers ``BriaFiboTransformer2DModel`` (declarative; per-block text-encoder layers)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -101,6 +102,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.ideogram4 import Ideogram4Adapter
     from dfm_ext.adapters.hunyuan_image import HunyuanImageAdapter
     from dfm_ext.adapters.latte import LatteAdapter
+    from dfm_ext.adapters.bria_fibo import BriaFiboAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -141,6 +143,7 @@ _CLASSES = {
     "Ideogram4Adapter": "ideogram4",
     "HunyuanImageAdapter": "hunyuan_image",
     "LatteAdapter": "latte",
+    "BriaFiboAdapter": "bria_fibo",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -165,6 +168,7 @@ _DIFFUSERS = {
     "ideogram4": "ideogram4",
     "hunyuan_image": "hunyuan_image",
     "latte": "latte",
+    "bria_fibo": "bria_fibo",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

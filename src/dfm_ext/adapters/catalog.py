@@ -58,6 +58,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "Ideogram4Transformer2DModel": "ideogram4",
         "HunyuanImageTransformer2DModel": "hunyuan_image",
         "LatteTransformer3DModel": "latte",
+        "BriaFiboTransformer2DModel": "bria_fibo",
     }
 )
 
@@ -138,7 +139,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         ),
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
-        "BriaFiboTransformer2DModel": "not written yet: Bria's layout with per-block text encoder layers (text_encoder_layers)",
         "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
