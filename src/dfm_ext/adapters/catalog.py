@@ -137,9 +137,18 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "input channels (ConsisIDPipeline takes in_channels // 2 as the latent channels) and face features "
             "condition the blocks"
         ),
+        "Kandinsky6SRTransformer3DModel": (
+            f"{_CONTEXT}: video super-resolution, the input channels are the noisy latent, the anchor latent (the "
+            "low-resolution video) and its mask concatenated (2 C + 1, channels-last), with no text; DFM's coarse "
+            "stages would regenerate what the anchor already gives"
+        ),
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
         # Families not written yet: what each adapter needs beyond the shipped patterns.
-        "BriaFibo2Transformer2DModel": "not written yet: clean-context latents and a t_scale on the time input",
+        "BriaFibo2Transformer2DModel": (
+            "not written yet: the adapter needs the Perceiver gist tokens and the per-token modulation (the noisy image "
+            "tokens read t_scale x sigma, the clean gist and context tokens read time 0, which per-stage would be every "
+            "stage at data time, as for FLUX.3's text), and would refuse context_latents (the images to edit)"
+        ),
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
@@ -154,7 +163,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "concatenated (zeros in text-to-video), RoPE positions and a resolution scale_factor computed by the "
             "pipeline, separate text transformer blocks, optional fractal (block-sparse) token order"
         ),
-        "Kandinsky6SRTransformer3DModel": "not written yet: a super-resolution model conditioned on the low-resolution video",
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
     }
 )
