@@ -75,3 +75,66 @@ def test_a_sampling_run_reads_nothing_back(monkeypatch, specialize: str | None, 
     with count_host_reads(monkeypatch) as reads:
         out = sampler.sample(model, (3, 4, 16, 16), generator=torch.Generator().manual_seed(0), uncond={"y": torch.full((3,), 10)}, y=y)
     assert out.x.shape == (3, 4, 16, 16) and len(reads) == 0, reads.report()
+
+
+def _routes(monkeypatch) -> list:
+    """Every route the specialised models make (spied on StageContext.make_route)."""
+    from dfm_ext.specialization.routing import StageContext
+
+    seen: list = []
+    real = StageContext.make_route
+    monkeypatch.setattr(StageContext, "make_route", lambda self, stage: seen.append(real(self, stage)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("specialize", ["lora", "full"])
+def test_host_drawn_stages_take_the_grouped_route_without_reads(monkeypatch, specialize: str) -> None:
+    """The stage drawn on the host (stage_generator) reaches the routing as host counts on the accelerator
+    route too (value checks forced onto their device route), and gives the masked route's loss and gradients."""
+    import numpy as np
+
+    from dfm_ext.specialization.state import stage_context
+
+    model = _model(specialize)
+    times = dfm_ext.StageTimestepSampler(2, probabilities=(0.5, 0.5))
+    objective = dfm_ext.DFMObjective(2)
+    x, y = torch.randn(8, 4, 16, 16), torch.randint(0, 10, (8,))
+    results = []
+    for grouped in (True, False):
+        stage_context(model).read_counts = grouped
+        routes = _routes(monkeypatch)
+        g = torch.Generator().manual_seed(0)
+        with count_host_reads(monkeypatch) as reads:
+            ts = times.sample(8, generator=g, stage_generator=np.random.default_rng(1))
+            out = objective(model, model.decomposition.decompose(x), ts, generator=g, y=y)
+            out.loss.backward()
+        assert len(reads) == 0, reads.report()
+        assert {r.counts is not None for r in routes} == {grouped}, [r.counts for r in routes]
+        assert 0 < int(ts.stage.sum()) < 8  # a mixed batch: both stages' rows
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad(set_to_none=True)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_host_drawn_stages_do_not_depend_on_the_device_generator() -> None:
+    import numpy as np
+
+    times = dfm_ext.StageTimestepSampler(3, probabilities=(0.6, 0.3, 0.1))
+    a = times.sample(4096, generator=torch.Generator().manual_seed(0), stage_generator=np.random.default_rng(5))
+    b = times.sample(4096, generator=torch.Generator().manual_seed(9), stage_generator=np.random.default_rng(5))
+    assert torch.equal(a.stage, b.stage) and not torch.equal(a.t, b.t)
+    freq = torch.bincount(a.stage, minlength=3).double() / 4096
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), atol=0.03, rtol=0)
+
+
+def test_sampling_routes_by_host_stage(monkeypatch) -> None:
+    model = _model("lora").eval()
+    routes = _routes(monkeypatch)
+    sampler = dfm_ext.DFMSampler(model.decomposition, dfm_ext.StageScheduler(steps=(2, 1), thresholds=(0.9,)), guidance_scale=2.0)
+    with count_host_reads(monkeypatch) as reads:
+        sampler.sample(model, (2, 4, 16, 16), generator=torch.Generator().manual_seed(0), uncond={"y": torch.full((2,), 10)}, y=torch.tensor([1, 2]))
+    assert len(reads) == 0, reads.report()
+    assert routes and all(r.counts is not None and max(r.counts) == r.batch for r in routes)  # the grouped route, one stage

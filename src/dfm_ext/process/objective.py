@@ -274,6 +274,8 @@ class DFMObjective(nn.Module):
 
     @staticmethod
     def _noise(stages: list[Tensor], noise: Sequence[Tensor] | None, generator: torch.Generator | None) -> list[Tensor]:
+        if noise is None and generator is None:  # no generator argument: traceable with symbolic shapes (buckets)
+            return [torch.randn_like(x) for x in stages]
         if noise is None:
             draw = generator.device if generator is not None else stages[0].device
             return [

@@ -25,11 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from dfm_ext.validation import float_sequence
 from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.process.host_values import with_host_twin
 from dfm_ext.process.objective import check_model_output, model_stage_scales, per_stage_vector
 from dfm_ext.process.schedule import StageScheduler
 
@@ -254,15 +256,15 @@ class DFMSampler:
         b, dev, dtype = state[0].shape[0], state[0].device, state[0].dtype
         inputs = [z if i <= k else torch.zeros_like(z) for i, z in enumerate(state)]
         t = t_row.to(device=dev, dtype=dtype).expand(b, s)
-        stage = torch.full((b,), k, dtype=torch.long, device=dev)
-        mask = (torch.arange(s, device=dev) <= k).expand(b, s)
+        # k is a host value: the stage tensor carries it as its host twin, so a specialised model
+        # routes every sample to stage k's parameters without reading the tensor back.
+        n = b if guided_cond is None else 2 * b
+        stage = with_host_twin(torch.full((n,), k, dtype=torch.long, device=dev), np.full(n, k, dtype=np.int64))
+        mask = (torch.arange(s, device=dev) <= k).expand(n, s)
         if guided_cond is None:
             return check_model_output(model(inputs, t, stage, mask, **cond), inputs)
         doubled = [torch.cat([z, z]) for z in inputs]
-        out = check_model_output(
-            model(doubled, torch.cat([t, t]), torch.cat([stage, stage]), torch.cat([mask, mask]), **guided_cond),
-            doubled,
-        )
+        out = check_model_output(model(doubled, torch.cat([t, t]), stage, mask, **guided_cond), doubled)
         # Python floats: the guidance scales are host values, so they cost nothing per step.
         return [v[b:] + self.guidance_scale[i] * (v[:b] - v[b:]) for i, v in enumerate(out)]
 

@@ -21,13 +21,16 @@ asserts, which neither sync nor break graphs (the rule of :mod:`dfm_ext.validati
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from dfm_ext.process.allocation_protocol import PerSampleAllocation, StageAllocation
+from dfm_ext.process.host_values import host_to_device, host_twin, with_host_twin
 from dfm_ext.validation import check_value, float_sequence
 
 __all__ = ["StageAllocation", "StageTimesteps", "StageTimestepSampler", "default_stage_probabilities"]
@@ -91,8 +94,13 @@ class StageTimesteps:
         return self.t.shape[1]
 
     def to(self, device: torch.device | str) -> StageTimesteps:
-        """The same times on ``device``."""
-        return StageTimesteps(self.t.to(device), self.stage.to(device), self.mask.to(device))
+        """The same times on ``device`` (a host-drawn ``stage`` keeps its host values)."""
+        return StageTimesteps(self.t.to(device), _moved(self.stage, device), self.mask.to(device))
+
+
+def _moved(stage: Tensor, device: torch.device | str) -> Tensor:
+    host, moved = host_twin(stage), stage.to(device)
+    return moved if host is None or moved is stage else with_host_twin(moved, host)
 
 
 def _check_timestep_values(t: Tensor, stage: Tensor, mask: Tensor) -> None:
@@ -153,44 +161,6 @@ def _check_logit_normal(value: object, name: str) -> tuple[float, float]:
     if not (math.isfinite(loc) and math.isfinite(scale)) or scale <= 0:
         raise ValueError(f"{name} must be a finite loc and a positive scale, got {value!r}")
     return loc, scale
-
-
-class StageAllocation(Protocol):
-    """What :class:`StageTimestepSampler` needs of a stage allocation (e.g.
-    :class:`~dfm_ext.process.allocation.ProgressAllocation`); a ``num_stages`` attribute, when
-    present, is checked against the sampler's."""
-
-    def probabilities(self, device: torch.device | str | None = None) -> Tensor:
-        """The stage probabilities ``[S]`` to draw the current stage from."""
-        ...
-
-    def update(self, per_stage_loss: Tensor) -> None:
-        """Take one step's ``[S]`` per-stage losses."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state to checkpoint."""
-        ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        ...
-
-
-class PerSampleAllocation(StageAllocation, Protocol):
-    """An allocation that also reads each sample's loss and places the current stage's time by bins
-    (:class:`~dfm_ext.process.reducible.ReducibleAllocation`): ``needs_samples`` is true."""
-
-    needs_samples: bool
-    num_time_bins: int
-
-    def time_weights(self, device: torch.device | str | None = None) -> Tensor:
-        """``[S, J]`` probabilities of the current time's bins, per stage."""
-        ...
-
-    def update(self, per_stage_loss: Tensor, *, stage: Tensor, bins: Tensor, errors: Tensor) -> None:  # type: ignore[override]
-        """Take one step's per-stage losses and its samples' stages, time bins and losses ``[B]``."""
-        ...
 
 
 class StageTimestepSampler:
@@ -262,6 +232,7 @@ class StageTimestepSampler:
         self.allocation = allocation
         self.earlier = _check_logit_normal(earlier, "earlier")
         self.mode = mode
+        self._host_p: np.ndarray | None = None  # the allocation's probabilities, read at sync_host()
 
     def sample(
         self,
@@ -269,6 +240,7 @@ class StageTimestepSampler:
         *,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        stage_generator: np.random.Generator | None = None,
     ) -> StageTimesteps:
         """Draw times for a batch.
 
@@ -280,6 +252,12 @@ class StageTimestepSampler:
             batch_size: ``B``.
             generator: source of randomness; the result is a function of its state.
             device: where the returned tensors live.
+            stage_generator: draw the current stages on the host from this NumPy generator instead
+                (``generator`` then draws the times only): ``stage`` is copied to the device
+                without a sync and keeps its host values (:mod:`~dfm_ext.process.host_values`), so a
+                specialised model routes by stage without reading them back. An allocation's
+                probabilities are then those read at the last :meth:`sync_host` (stale by up to that
+                many steps; the current time's placement stays live, on the device).
 
         Returns:
             ``StageTimesteps`` with ``t`` float32 ``[B, S]``, ``stage`` long ``[B]``, ``mask`` bool ``[B, S]``.
@@ -290,11 +268,14 @@ class StageTimestepSampler:
         out = torch.device(device) if device is not None else draw
         b, s = batch_size, self.num_stages
 
-        if self.allocation is not None:
-            probs = self.allocation.probabilities(draw).to(torch.float64)
+        if stage_generator is not None:
+            host = stage_generator.choice(s, size=b, p=self._host_probabilities()).astype(np.int64)
+            stage = host_to_device(host, draw)
+        elif self.allocation is not None:
+            stage = torch.multinomial(self.allocation.probabilities(draw).to(torch.float64), b, replacement=True, generator=generator)
         else:
             probs = torch.tensor(self.probabilities, dtype=torch.float64, device=draw)
-        stage = torch.multinomial(probs, b, replacement=True, generator=generator)
+            stage = torch.multinomial(probs, b, replacement=True, generator=generator)
         # Both draws are made for every sample whatever its stage, so the random stream (and so
         # the batch for a given seed) does not depend on which stages were drawn.
         normal = torch.randn(b, s, generator=generator, device=draw, dtype=torch.float32)
@@ -323,7 +304,22 @@ class StageTimestepSampler:
         else:
             t = torch.where(is_current, t_current[:, None], t_earlier)
         t = torch.where(mask, t, torch.zeros((), device=draw))
-        return StageTimesteps(t.contiguous().to(out), stage.to(out), mask.to(out))
+        return StageTimesteps(t.contiguous().to(out), _moved(stage, out), mask.to(out))
+
+    def _host_probabilities(self) -> np.ndarray:
+        if self.allocation is None:
+            return np.asarray(self.probabilities, dtype=np.float64)
+        if self._host_p is None:
+            self.sync_host()
+        return cast(np.ndarray, self._host_p)
+
+    def sync_host(self) -> None:
+        """Read the allocation's stage probabilities to the host for draws with ``stage_generator``
+        (one device read: call it where the loop reads back anyway; the engine does at log and
+        checkpoint steps)."""
+        if self.allocation is not None:
+            p = self.allocation.probabilities().detach().to("cpu", torch.float64).numpy()
+            self._host_p = p / p.sum()
 
     def _time_weights(self, device: torch.device) -> Tensor | None:
         """``[S, J]`` bin probabilities of the current time from the allocation, or None (the base distribution)."""
@@ -434,6 +430,7 @@ class StageTimestepSampler:
         if "allocation" not in state:
             raise ValueError("this sampler has an allocation but the state holds none")
         self.allocation.load_state_dict(state["allocation"])
+        self._host_p = None  # read again at the next host draw
 
     def __repr__(self) -> str:
         return (

@@ -16,6 +16,9 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+import numpy as np
+
+from dfm_ext.process.host_values import host_to_device, host_twin
 from dfm_ext.validation import on_host
 
 __all__ = ["Route", "StageContext", "routing_active", "checkpoint"]
@@ -27,8 +30,9 @@ class Route:
     Three kinds, chosen by :meth:`StageContext.make_route`:
 
     * ``uniform``: an int ``stage``, every sample runs that stage (only its parameters are used);
-    * ``counts`` known: a ``[B]`` tensor whose values were already on the host (a CPU tensor, outside
-      ``torch.compile``): the per-stage sample counts and row indices are host values, so layers
+    * ``counts`` known: a ``[B]`` tensor whose values were already on the host (a CPU tensor, or a
+      device tensor with a host twin, :mod:`~dfm_ext.process.host_values`, as the samplers draw it;
+      outside ``torch.compile``): the per-stage sample counts and row indices are host values, so layers
       compute each stage's update on that stage's samples only. When the batch is in stage order
       (``ordered``; a model with ``permute_batch``/``permute_output``, as ``DFMTransformer``, has
       its inputs reordered by the pre-hook and its output put back by the post-hook) each stage's
@@ -51,6 +55,7 @@ class Route:
         counts: tuple[int, ...] | None = None,
         ordered: bool = False,
         restore: Tensor | None = None,
+        host_index: np.ndarray | None = None,
     ) -> None:
         self.batch = batch
         self.uniform = uniform  # the stage of every sample, for an int stage
@@ -63,6 +68,9 @@ class Route:
         # [B] long: where each sample of the caller's batch went when the routing sorted the batch
         # itself (:meth:`StageContext.pre_hook`); the output is put back in the caller's order.
         self.restore = restore
+        # [B] int64 on the host, equal to index (a device index's host twin): row indices and the
+        # stage order come from it and are copied to the device without a sync.
+        self.host_index = host_index
         self._onehot: Tensor | None = None
         self._major: int | None = None
         self._split: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
@@ -103,7 +111,10 @@ class Route:
         if key not in self._rows:
             idx = self.index
             assert idx is not None and self.counts is not None, "rows are read only when counts are on the host"
-            self._rows[key] = (idx == s).nonzero().squeeze(1).to(device, non_blocking=True)
+            if self.host_index is not None:
+                self._rows[key] = host_to_device(np.flatnonzero(self.host_index == s), device)
+            else:
+                self._rows[key] = (idx == s).nonzero().squeeze(1).to(device, non_blocking=True)
         return self._rows[key]
 
     def block(self, s: int, per_sample: int) -> tuple[int, int]:
@@ -133,6 +144,12 @@ class Route:
             idx = self.index
             assert idx is not None, "split is read only for a [B] stage tensor"
             counts = self.counts
+            if self.host_index is not None:
+                order = np.argsort(self.host_index, kind="stable")
+                inverse_host = np.empty_like(order)
+                inverse_host[order] = np.arange(self.batch)
+                self._split = (host_to_device(order, idx.device), host_to_device(inverse_host, idx.device), cast(tuple, counts))
+                return self._split
             if counts is None:
                 counts = tuple(int(c) for c in torch.bincount(idx, minlength=self.num_stages).tolist())
             perm = torch.argsort(idx, stable=True)
@@ -184,6 +201,15 @@ class StageContext:
         # (asynchronously; it fails at the next sync) and the layers route by masking.
         batch = stage.shape[0]
         index = stage.long()
+        host = host_twin(stage) if self.read_counts else None
+        if host is not None:  # values known on the host (drawn there): no read of the device tensor
+            host = host.astype(np.int64, copy=False)
+            lo, hi = int(host.min()), int(host.max())
+            if lo < 0 or hi >= s:
+                raise ValueError(f"stage values must be in [0, {s - 1}], got min {lo} max {hi}")
+            counts = tuple(int(c) for c in np.bincount(host, minlength=s))
+            ordered = bool((host[1:] >= host[:-1]).all())
+            return Route(batch=batch, uniform=None, index=index, num_stages=s, counts=counts, ordered=ordered, host_index=host)
         if self.read_counts and on_host(stage):
             lo, hi = (int(v) for v in torch.stack([stage.min(), stage.max()]).tolist())
             if lo < 0 or hi >= s:
@@ -231,8 +257,9 @@ class StageContext:
         moved = permute(args, kwargs, perm)
         if moved is None:
             return None
+        host = None if route.host_index is None else route.host_index[np.argsort(route.host_index, kind="stable")]
         grouped = Route(batch=route.batch, uniform=None, index=index[perm], num_stages=route.num_stages,
-                        counts=route.counts, ordered=True, restore=restore)  # fmt: skip
+                        counts=route.counts, ordered=True, restore=restore, host_index=host)  # fmt: skip
         return grouped, moved[0], moved[1]
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -311,7 +338,10 @@ def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     the stage routing of the forward is re-installed for the recompute, which plain
     ``torch.utils.checkpoint`` cannot know of; outside one this is the plain call.
     """
-    if _ACTIVE:
+    # Under torch.compile the segment is traced with the route in place (its index tensors are graph
+    # inputs) and the recompute replays the traced graph: nothing to re-install, and a context_fn
+    # that is not a pair of dispatch modes is refused there.
+    if _ACTIVE and not torch.compiler.is_compiling():
         kwargs = {"context_fn": _stage_context_fn, **kwargs}
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
 

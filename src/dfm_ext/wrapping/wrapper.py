@@ -136,6 +136,8 @@ class DFMTransformer(nn.Module):
                 raise ValueError(
                     f"samples of shape {list(sample)} do not tile with the patch sizes {self.packer.patch_sizes}: {err}"
                 ) from None
+            if torch.compiler.is_compiling():  # a graph per shape, not a cache write: a guard on the
+                return packer  # cache's size would send every earlier shape's graph to recompile
             self._packers[shapes] = packer
         return self._packers[shapes]
 

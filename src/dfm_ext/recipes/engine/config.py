@@ -299,8 +299,13 @@ class TrainConfig:
 
     ``global_batch_size``: samples per optimiser step over all processes. ``output_dir`` may use
     ``{name}``; a moved run folder resumes from its new place. ``resume``: ``auto`` (the newest
-    checkpoint that verifies), ``never`` or a checkpoint path. ``sharding``: ``none`` (DDP), ``fsdp2``
-    or ``auto`` (fsdp2 under an accelerate FSDP launch config). ``compile``: ``torch.compile`` the
+    checkpoint that verifies), ``never`` or a checkpoint path. ``sharding``: ``none`` (DDP), ``fsdp2``,
+    ``hsdp`` (replicated across groups of ``hsdp_shard_size`` processes, default the processes per node,
+    sharded within) or ``auto`` (fsdp2 under an accelerate FSDP launch config). ``fsdp_reduce_dtype``: the
+    dtype FSDP2 reduce-scatters gradients in under bf16 (parameters are bf16 for compute, float32 when
+    stored). ``fsdp_accumulation``: with ``grad_accumulation`` > 1, ``reduce_scatter`` every micro-batch
+    (only sharded gradients are held) or keep ``unsharded`` gradients until the last (one reduce-scatter,
+    full-size gradients in memory). ``timeout_minutes``: the collectives' timeout. ``compile``: ``torch.compile`` the
     forward in place (state-dict keys unchanged: checkpoints load with or without it). ``ema_warmup``:
     decay ``min(ema_decay, (1 + n) / (10 + n))`` after n updates. ``max_train_seconds``: stop after the
     step during which the training steps' own time reaches it (several processes agree at the next
@@ -323,7 +328,11 @@ class TrainConfig:
     num_workers: int = 8
     cpu: bool = False
     progress: bool = True
-    sharding: Literal["auto", "none", "fsdp2"] = "auto"
+    sharding: Literal["auto", "none", "fsdp2", "hsdp"] = "auto"
+    hsdp_shard_size: int | None = None
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    fsdp_accumulation: Literal["reduce_scatter", "unsharded"] = "reduce_scatter"
+    timeout_minutes: float = 30.0
     compile: bool = False
     compile_backend: str = "inductor"
     ema_warmup: bool = False
@@ -335,6 +344,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_every < 0 or self.num_workers < 0:
             raise ValueError("train.sample_every and train.num_workers must be >= 0")
+        if not 0 < self.timeout_minutes < float("inf"):
+            raise ValueError(f"train.timeout_minutes must be > 0, got {self.timeout_minutes}")
+        if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
+            raise ValueError(f"train.hsdp_shard_size must be >= 1 or null, got {self.hsdp_shard_size}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         if self.max_train_seconds is not None and not self.max_train_seconds > 0:
@@ -351,6 +364,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.sample_every", "train.trackers", "train.num_workers", "train.progress", "train.compile", "train.max_train_seconds",
+    "train.timeout_minutes",
     "eval.", "sampling.",
 )  # fmt: skip
 

@@ -23,7 +23,7 @@ from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
     "BatchPlan", "ClassConditionalInputs", "Codec", "ImageFolder", "LatentCache", "LatentCodec", "PlanBatchSampler", "class_folders", "collate_items",
-    "cycled_labels", "dropout_mask", "load_image", "read_with_fallback", "scan_class_folders", "scan_image_folder",
+    "cycled_labels", "dropout_mask", "load_image", "read_with_fallback", "scan_class_folders", "scan_image_folder", "stage_generator",
 ]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
@@ -351,6 +351,18 @@ def dropout_mask(n: int, p: float, *, generator: torch.Generator, device: torch.
     return torch.rand(n, generator=generator, device=generator.device).to(device) < p
 
 
+def stage_generator(generator: torch.Generator) -> np.random.Generator:
+    """The host generator a step draws its current stages from, seeded by the step generator's seed (a host value:
+    nothing is read from the device), so the draw is the same on any device and any number of processes.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(7)
+        >>> bool(stage_generator(g).integers(0, 2**30) == stage_generator(g).integers(0, 2**30))
+        True
+    """
+    return np.random.default_rng([generator.initial_seed(), 0x57A6E])
+
+
 def cycled_labels(classes: Sequence[int] | None, n: int, num_classes: int, device: torch.device) -> Tensor:
     """``n`` sample labels cycling through ``classes`` (default: the first ``min(n, num_classes)``).
 
@@ -394,7 +406,7 @@ class ClassConditionalInputs:
         drawn from ``generator`` in a fixed order (posterior sample, times, dropout) that exact resume relies on."""
         z = self.latents(batch, device, generator)
         stages = self.decomposition.decompose(z)
-        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
-        labels = batch["label"].to(device)
+        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device, stage_generator=stage_generator(generator))
+        labels = batch["label"].to(device, non_blocking=True)
         drop = dropout_mask(labels.shape[0], self.label_dropout, generator=generator, device=labels.device)
         return stages, ts, torch.where(drop, torch.full_like(labels, self.null_class), labels)

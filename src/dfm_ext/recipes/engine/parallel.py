@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dfm_ext.fileio import atomic_write_text
+from dfm_ext.recipes.engine.batch_split import BatchSplit
 from dfm_ext.recipes.engine.checkpoint import (
     CorruptCheckpointError,
     Stateful,
@@ -49,8 +50,8 @@ def _local(t: Tensor) -> Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """``model`` without its DDP / accelerate wrappers."""
-    while isinstance(inner := getattr(model, "module", None), nn.Module):  # DDP, accelerate's wrappers
+    """``model`` without its DDP / accelerate wrappers (and the evaluation's :class:`BatchSplit`)."""
+    while isinstance(inner := model.inner if isinstance(model, BatchSplit) else getattr(model, "module", None), nn.Module):
         model = inner
     return model
 
@@ -134,8 +135,9 @@ def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 class Parallelism(ABC):
     """One way of running a model over the processes: set up, step, checkpoint, export (the loop never asks which)."""
 
-    #: Whether every process takes part in sampling (collectives inside the forward).
-    samples_on_every_rank = False
+    #: Whether every process takes part in sampling: FSDP2 (collectives inside the forward), and DDP, whose
+    #: processes each compute a share of every model call's batch (:meth:`sampling_model`).
+    samples_on_every_rank = True
 
     def __init__(self, accelerator: Accelerator, train: TrainConfig) -> None:
         self.accelerator, self.train = accelerator, train
@@ -169,6 +171,10 @@ class Parallelism(ABC):
     def trained_digests(self, model: nn.Module) -> list[str]:
         """SHA-256 of the trained weights (each process's replica, or the gathered shards); a collective."""
 
+    def sampling_model(self, model: nn.Module) -> nn.Module:
+        """The model ``task.evaluate`` samples with (every process calls it with the same inputs)."""
+        return model
+
     def _compile(self, model: nn.Module) -> None:
         # In place, so DDP wraps the compiled module and state-dict keys gain no "_orig_mod." prefix;
         # after the EMA copied the model, whose copy stays eager for sampling and final/.
@@ -195,6 +201,11 @@ class DDP(Parallelism):
 
     def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def sampling_model(self, model: nn.Module) -> nn.Module:
+        """Several processes: each model call's batch split over them and the outputs gathered (:class:`BatchSplit`)."""
+        acc = self.accelerator
+        return model if acc.num_processes == 1 else BatchSplit(model, acc.process_index, acc.num_processes)
 
     def clip(self, model: nn.Module, max_norm: float) -> Tensor:
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
@@ -250,12 +261,19 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, mp_policy: Any = None) -> nn.Module:
     """``fully_shard`` every transformer block, then the root; returns ``model`` (sharded in place).
 
+    ``mesh``: 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP). ``mp_policy``: a ``MixedPrecisionPolicy``
+    for the transformer blocks (bf16 parameters and compute, their outputs cast back to float32); the
+    root (embedders, time embedding, heads: a small share of the weights and FLOPs) keeps float32
+    parameters and its inputs as given, so the times ``t`` stay float32 as the wrapper's time
+    embedding needs and the model runs with or without autocast; both reduce in ``mp_policy``'s dtype.
     Unused parameters (a stage's LoRA no local sample drew) are reduce-scattered as zero
     gradients, so the ranks' collectives stay in step.
     """
+    import dataclasses
+
     from torch.distributed.fsdp import fully_shard
 
     blocks = transformer_blocks(model)
@@ -263,32 +281,67 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bo
     # more after the loop, outside the block's forward: its own unit gathers it whenever it runs.
     emb = getattr(getattr(blocks[0], "norm1", None), "emb", None)
     units = [emb] if isinstance(emb, nn.Module) and any(True for _ in emb.parameters()) else []
-    for unit in [*units, *blocks, model]:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    block: dict[str, Any] = {}
+    root: dict[str, Any] = {}
+    if mp_policy is not None:
+        block = {"mp_policy": dataclasses.replace(mp_policy, output_dtype=mp_policy.output_dtype or torch.float32)}
+        root = {"mp_policy": dataclasses.replace(mp_policy, param_dtype=None, cast_forward_inputs=False)}
+    for unit in blocks:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, **block)
+    for unit in [*units, model]:  # the time embedder unit takes t: as the root
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, **root)
     model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return model
 
 
 class FSDP2(Parallelism):
-    """Sharded weights, gradients, optimiser state and EMA (``torch.distributed.fsdp.fully_shard``)."""
+    """Sharded weights, gradients, optimiser state and EMA (``torch.distributed.fsdp.fully_shard``).
 
-    samples_on_every_rank = True
+    ``train.sharding=hsdp``: a 2-D mesh, replicated across groups of ``train.hsdp_shard_size``
+    processes (default: the processes per node, ``LOCAL_WORLD_SIZE``) and sharded within a group.
+    Under bf16 a ``MixedPrecisionPolicy``: bf16 parameters for compute, gradients reduce-scattered
+    in ``train.fsdp_reduce_dtype``, float32 parameters, gradients and optimiser state kept.
+    """
+
+    def mesh(self, device: torch.device) -> DeviceMesh:
+        """The device mesh: ``(world,)``, or ``(world / shard, shard)`` named ``("replicate", "shard")`` for HSDP."""
+        import os
+
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        if self.train.sharding != "hsdp":
+            return init_device_mesh(device.type, (world,))
+        shard = self.train.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if shard > world or world % shard:
+            raise ConfigError(f"train.hsdp_shard_size={shard} must divide the {world} processes (the processes per node by default)")
+        return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+    def mp_policy(self) -> Any:
+        """bf16 compute with ``train.fsdp_reduce_dtype`` reductions under ``mixed_precision=bf16``; else ``None`` (float32)."""
+        if self.accelerator.mixed_precision != "bf16":
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, self.train.fsdp_reduce_dtype))
 
     def prepare(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer, EMA | None]:
         import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
 
         device = self.accelerator.device
         if not dist.is_initialized():  # one process: a world of one, so the same code path runs
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-        model = shard_model(model.to(device), init_device_mesh(device.type, (dist.get_world_size(),)))
+        model = shard_model(model.to(device), self.mesh(device), mp_policy=self.mp_policy())
         self.ema = ema = self._ema(model, module=False)
         optimizer = make_optimizer(model)
         self._compile(model)  # after fully_shard: FSDP2's hooks run outside the graphs
         return model, optimizer, ema
 
     def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
-        model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        # reduce_scatter (the default): every micro-batch's gradients are reduce-scattered and summed into the
+        # sharded ones, so no full-size gradient outlives its backward; unsharded: held until the last.
+        model.set_requires_gradient_sync(last or self.train.fsdp_accumulation == "reduce_scatter")  # type: ignore[operator]
         return contextlib.nullcontext()
 
     def clip(self, model: nn.Module, max_norm: float) -> Tensor:
@@ -369,12 +422,12 @@ def load_full_state(path: str | Path, template: Mapping[str, Tensor], *, key: st
 
 
 def make_parallelism(accelerator: Accelerator, train: TrainConfig) -> Parallelism:
-    """:class:`FSDP2` for ``train.sharding=fsdp2`` (or ``auto`` under an accelerate FSDP launch config), else :class:`DDP`."""
+    """:class:`FSDP2` for ``train.sharding=fsdp2`` or ``hsdp`` (or ``auto`` under an accelerate FSDP launch config), else :class:`DDP`."""
     accelerate_fsdp = str(accelerator.distributed_type).endswith("FSDP")
     if train.sharding == "none" and accelerate_fsdp:
         raise ConfigError("train.sharding=none but accelerate was launched with an FSDP config; use train.sharding=fsdp2 or auto")
-    if not (train.sharding == "fsdp2" or (train.sharding == "auto" and accelerate_fsdp)):
+    if not (train.sharding in ("fsdp2", "hsdp") or (train.sharding == "auto" and accelerate_fsdp)):
         return DDP(accelerator, train)
     if accelerator.mixed_precision == "fp16":
-        raise ConfigError("train.sharding=fsdp2 with mixed_precision=fp16 is not supported (no sharded grad scaler); use bf16")
+        raise ConfigError(f"train.sharding={train.sharding} with mixed_precision=fp16 is not supported (no sharded grad scaler); use bf16")
     return FSDP2(accelerator, train)

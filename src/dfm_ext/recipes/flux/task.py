@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from dfm_ext.adapters.flux import FluxAdapter, flux_image_ids
 from dfm_ext.metrics.commands import evaluate_images_command
 from dfm_ext.recipes.engine.cli import parse_config_args, train_main
-from dfm_ext.recipes.engine.data import dropout_mask
+from dfm_ext.recipes.engine.data import dropout_mask, stage_generator
 from dfm_ext.recipes.engine.latents import looks_local
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
@@ -180,17 +180,18 @@ class FluxTask(FluxEncoders, TrainTask):
 
     def conditioning(self, batch: dict[str, Any], device: torch.device) -> TextEmbeddings:
         if "encoder_hidden_states" in batch:
-            return TextEmbeddings(batch["encoder_hidden_states"].float(), batch["pooled_projections"].float()).to(device)
+            # to the device first (non-blocking from the loader's pinned memory), then widened there
+            return TextEmbeddings(*(batch[k].to(device, non_blocking=True).float() for k in ("encoder_hidden_states", "pooled_projections")))
         return self.text_encoder(device).encode(batch["caption"]).to(device)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         if "latents" in batch:
-            z = batch["latents"].to(device).float()
+            z = batch["latents"].to(device, non_blocking=True).float()
         else:
-            z = self.codec(device).encode(batch["pixels"].to(device), generator=generator)
+            z = self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
         drop = dropout_mask(z.shape[0], self.cfg.data.caption_dropout, generator=generator, device=device)
         text = self.conditioning(batch, device).where(drop, self.empty(device))
-        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device)
+        ts = self.timesteps.sample(z.shape[0], generator=generator, device=device, stage_generator=stage_generator(generator))
         out = self.objective(model, self.decomposition.decompose(z), ts, generator=generator, **text.as_kwargs())
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
