@@ -120,6 +120,14 @@ CLI_CASES = [
     ("eval-device", ["eval", "--samples", "{tmp}", "--device", "gpu0"], "'gpu0'"),
     ("eval-cfg-nan", ["eval", "--samples", "{ck}", "--cfg-scale", "nan"], "got nan"),
     ("eval-split", ["eval", "--samples", "{tmp}", "--split", "val"], "'val'"),
+    ("sample-num-huge", ["sample", "--checkpoint", "{ck}", "--num", "1000000000", "--out", "{tmp}/g.png"],
+     "--num 1000000000 x 3 classes = 3000000000 samples, more than the 100000"),
+    ("sample-out-under-file", ["sample", "--checkpoint", "{ck}", "--out", "{ck}/run/config.yaml/g.png"], "config.yaml' is a file, not a folder"),
+    ("typo-option", ["sample", "--chekpoint", "{ck}"], "(--chekpoint is not an option: did you mean --checkpoint?)"),
+    ("typo-option-value", ["sample", "--checkpoint", "{ck}", "--nmu=3"], "(--nmu is not an option: did you mean --num?)"),
+    ("typo-command", ["sampel", "--checkpoint", "{ck}"], "(sampel is not a command: did you mean sample?)"),
+    ("typo-demo-option", ["demo", "--step", "10"], "(--step is not an option: did you mean --steps?)"),
+    ("no-prefix-matching", ["demo", "--sample-step", "4,2"], "unrecognized arguments: --sample-step"),
 ]
 if not CUDA:
     CLI_CASES += [
@@ -198,6 +206,25 @@ RECIPE_CASES = [
     ("in-type", imagenet, ["train.steps=abc"], "'abc'"),
     ("in-malformed", imagenet, ["sampling.steps"], "'sampling.steps'"),
     ("in-lora-rank", imagenet, ["specialize.kind=lora", "specialize.rank=0"], "specialize.rank must be >= 1, got 0"),
+    # values that used to train silently wrong or fail late (issue 25)
+    ("in-betas-high", imagenet, ["optim.betas=[0.9,1.5]"], "optim.betas [0.9, 1.5] must both be in [0, 1)"),
+    ("in-betas-neg", imagenet, ["optim.betas=[-0.1,0.99]"], "optim.betas [-0.1, 0.99]"),
+    ("in-eps-zero", imagenet, ["optim.eps=0"], "optim.eps must be > 0, got 0"),
+    ("in-weight-decay-neg", imagenet, ["optim.weight_decay=-1"], "optim.weight_decay must be >= 0, got -1"),
+    ("in-lr-inf", imagenet, ["optim.lr=.inf"], "optim.lr must be > 0, got inf"),
+    ("in-seed-neg", imagenet, ["train.seed=-1"], "train.seed must be >= 0, got -1"),
+    ("in-fp16-cpu", imagenet, ["train.mixed_precision=fp16", "train.cpu=true"], "train.mixed_precision=fp16 with train.cpu=true"),
+    ("in-vae-scale-zero", imagenet, ["vae.scaling_factor=0"], "vae.scaling_factor must be a finite non-zero number or null, got 0.0"),
+    ("in-vae-scale-nan", imagenet, ["vae.scaling_factor=.nan"], "vae.scaling_factor must be a finite non-zero number or null, got nan"),
+    ("in-vae-shift-inf", imagenet, ["vae.shift_factor=.inf"], "vae.shift_factor must be a finite number or null, got inf"),
+    ("in-max-skips-neg", imagenet, ["data.max_skips=-1"], "data.max_skips must be >= 0, got -1"),
+    ("in-resolution-zero", imagenet, ["data.resolution=0"], "data.resolution must be >= 1, got 0"),
+    ("in-downsample-zero", imagenet, ["vae.downsample=0"], "vae.downsample 0"),
+    ("in-progress-prior", imagenet, ["dfm.allocation=progress", "dfm.stage_probabilities=[1,0]"],
+     "dfm.stage_probabilities (the prior of dfm.allocation=progress)"),
+    ("in-reducible-prior", imagenet, ["dfm.allocation=reducible", "dfm.stage_probabilities=[1,0]"],
+     "dfm.stage_probabilities (the prior of dfm.allocation=reducible)"),
+    ("in-allocation-name", imagenet, ["dfm.allocation=greedy"], "'greedy' is not one of ['fixed', 'progress', 'reducible']"),
     ("in-targets", imagenet, ["specialize.kind=full", "specialize.targets=[bogus]"], "bogus"),
     # kinetics
     ("k-steps-3", kinetics, ["sampling.steps=[4,2,1]"], "sampling.steps [4, 2, 1]"),
@@ -214,6 +241,11 @@ RECIPE_CASES = [
     ("k-depth-0", kinetics, ["model.overrides={depth: 0}"], "got 0"),
     ("k-frames", kinetics, ["data.num_frames=10"], "data.num_frames 10"),
     ("k-batch", kinetics, ["train.global_batch_size=3", "train.grad_accumulation=2"], "train.global_batch_size=3"),
+    ("k-resolution-zero", kinetics, ["data.resolution=0"], "data.resolution must be >= 1, got 0"),
+    ("k-spatial-zero", kinetics, ["vae.spatial_downsample=0"], "vae.spatial_downsample must be >= 1, got 0"),
+    ("k-temporal-zero", kinetics, ["vae.temporal_downsample=0"], "vae.temporal_downsample must be >= 1, got 0"),
+    ("k-max-skips-neg", kinetics, ["data.max_skips=-1"], "data.max_skips must be >= 0, got -1"),
+    ("k-vae-scale-zero", kinetics, ["vae.scaling_factor=0"], "vae.scaling_factor must be a finite non-zero number"),
     # flux
     ("f-steps-1", flux_finetune, ["sampling.steps=[4]"], "sampling.steps [4]"),
     ("f-thresholds", flux_finetune, ["sampling.thresholds=[0.9,0.9]"], "sampling.thresholds [0.9, 0.9]"),
@@ -223,7 +255,11 @@ RECIPE_CASES = [
     ("f-prob-sum", flux_finetune, ["dfm.stage_probabilities=[0.6,0.6]"], "(0.6, 0.6)"),
     ("f-batch", flux_finetune, ["train.global_batch_size=3", "train.grad_accumulation=2"], "train.global_batch_size=3"),
     ("f-lora-rank", flux_finetune, ["finetune.lora_rank=0"], "finetune.lora_rank must be >= 1, got 0"),
+    ("f-betas", flux_finetune, ["optim.betas=[1.0,0.99]"], "optim.betas [1.0, 0.99]"),
+    ("f-vae-scale-nan", flux_finetune, ["vae.scaling_factor=.nan"], "vae.scaling_factor must be a finite non-zero number"),
 ]
+if not CUDA:
+    RECIPE_CASES.append(("in-fp16-no-cuda", imagenet, ["train.mixed_precision=fp16", "train.cpu=false"], "fp16 needs a CUDA device"))
 _BASE = {imagenet: IMAGENET, kinetics: KINETICS, flux_finetune: FLUX}
 
 
@@ -410,7 +446,17 @@ RUN_CASES = [
     ("no-model-record", lambda d: (d / "run" / "final" / "dfm_config.json").unlink(), "holds no trained model: expected dfm_config.json"),
     ("truncated", lambda d: _truncate(d / "run" / "final" / "model.safetensors"), "model.safetensors is not a readable safetensors file"),
     ("bad-config-yaml", lambda d: (d / "run" / "config.yaml").write_text("train: [1\n"), "YAML syntax error"),
+    ("classes-disagree", lambda d: _edit_yaml(d / "run" / "config.yaml", "data", num_classes=5), "says data.num_classes=5 but the model"),
+    ("latent-run", lambda d: _edit_yaml(d / "run" / "config.yaml", "vae", kind="diffusers"), "trains on VAE latents (vae.kind=diffusers)"),
 ]
+
+
+def _edit_yaml(path: Path, section: str, **values) -> None:
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw))
 
 
 @pytest.mark.parametrize(("change", "needle"), [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
@@ -431,6 +477,19 @@ def test_sample_does_not_write_into_a_folder_of_other_files(checkpoint: Path, tm
     assert _status(["sample", "--checkpoint", str(checkpoint), "--num", "1", "--steps", "1,1", "--out", str(tmp_path)]) == 2
     assert "holds other files (['notes.txt'])" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_sample_refuses_an_unwritable_out_before_drawing(checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A read-only --out (os.access as a read-only mount answers it, also for root) is refused before any sampling."""
+    from dfm_ext.recipes.demo import report
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(report.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    monkeypatch.setattr(report, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    assert _status(["sample", "--checkpoint", str(checkpoint), "--out", str(locked / "g.png")]) == 2
+    assert f"{str(locked)!r} is not writable" in capsys.readouterr().err
 
 
 def test_sixteen_bit_png_brightness(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ class FakeAccelerator:
 
     is_main_process = True
     num_processes = 1
+    process_index = 0
 
     def __init__(self) -> None:
         self.crash_after: int | None = None

@@ -14,6 +14,9 @@ import errno
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ from dfm_ext.recipes.engine.checkpoint import (
 )
 from dfm_ext.recipes.imagenet.task import main as imagenet_main
 
-from _recipe_fixtures import tiny_argv, tiny_image_assets
+from _recipe_fixtures import recipe_env, tiny_argv, tiny_image_assets, wait_for_checkpoint
 
 STEPS = 12  # checkpoints at 4, 8, 12
 
@@ -191,7 +194,7 @@ def test_disk_full_names_the_path_and_the_partial_folder_goes_at_next_start(
     capsys.readouterr()
     assert _run(assets, out, steps=4) == 0  # a start that trains nothing and saves nothing
     assert not (ckpts / "tmp-step-000008").exists()
-    assert "removed the partial checkpoint" in capsys.readouterr().err
+    assert "removed the partial folder" in capsys.readouterr().err
     assert _run(assets, out) == 0
     _assert_same_weights(out, reference)
 
@@ -256,3 +259,196 @@ def test_non_finite_loss_stops_before_anything_non_finite_is_saved(assets: Path,
     for ckpt in sorted((out / "checkpoints").glob("step-*")):
         weights = load_file(str(ckpt / "model.safetensors"))
         assert all(torch.isfinite(v).all() for v in weights.values()), ckpt.name
+
+
+# -- one owner per run folder, a real full disk, the config a checkpoint was written with ----------------
+
+_SLOW_RUN = """
+import sys, time
+from dfm_ext.recipes.engine import trainer
+step = trainer.Trainer._step
+trainer.Trainer._step = lambda self, run: (time.sleep(0.25), step(self, run))[1]  # slower, same maths
+from dfm_ext.recipes.imagenet.task import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _launch(assets: Path, out: Path) -> subprocess.Popen:
+    """The same run as :func:`_run` in its own process, 0.25 s slower per step (the window the faults need)."""
+    argv = tiny_argv(assets / "images", assets, out, STEPS, "train.checkpoint_every=4", "train.keep_checkpoints=10", "train.log_every=1",
+                     "train.sample_every=0", "train.trackers=[]", "train.progress=false", "optim.lr=3e-3", "optim.warmup_steps=2")  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", _SLOW_RUN, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=recipe_env())
+
+
+def _assert_logged_once(out: Path, steps: int = STEPS) -> None:
+    assert _logged_steps(out) == list(range(1, steps + 1))
+
+
+def test_two_launches_at_once_one_trains_the_other_names_it(assets: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    procs = [_launch(assets, out), _launch(assets, out)]
+    results = [(p.wait(timeout=600), p.stderr.read(), p.pid) for p in procs]
+    assert sorted(rc for rc, _, _ in results) == [0, 2], results
+    (_, _, winner), (_, err, _) = sorted(results, key=lambda r: r[0])
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"train.output_dir={str(out)!r} is in use by process {winner} on host {socket.gethostname()}" in err, err
+    _assert_same_weights(out, reference)
+    _assert_logged_once(out)
+    assert (out / "run.lock").read_text() == ""  # released at the end
+
+
+def test_second_launch_mid_run_is_refused_before_touching_anything(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    from dfm_ext.recipes.engine import trainer
+
+    out = tmp_path / "run"
+    first = _launch(assets, out)
+    try:
+        wait_for_checkpoint(first, out)
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        built = []
+        with pytest.MonkeyPatch.context() as m:  # the refusal comes before any model is built
+            m.setattr(trainer.Trainer, "_step", lambda *a: built.append(1))
+            capsys.readouterr()
+            assert _run(assets, out) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by process {first.pid}" in err and "wait for that run to end" in err, err
+        assert not built and set(before) <= {p.name for p in (out / "checkpoints").iterdir()}
+    finally:
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    _assert_same_weights(out, reference)
+    _assert_logged_once(out)
+
+
+def test_a_dead_owners_lock_is_taken_over_with_one_notice(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00", "command": "x"}))
+    capsys.readouterr()
+    assert _run(assets, out) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "taking over" in line]
+    assert len(notices) == 1 and f"process {pid} on host" in notices[0] and "no longer running" in notices[0], notices
+    _assert_same_weights(out, reference)
+
+
+def test_lock_without_flock_checks_the_owners_process(tmp_path: Path, monkeypatch) -> None:
+    """Where the filesystem has no flock: a live owner on this host refuses, one on another host cannot be checked."""
+    import fcntl
+
+    from dfm_ext.recipes.engine.runlock import RunFolderBusy, RunLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for host, needle in [(socket.gethostname(), f"process {live.pid}"), ("elsewhere", "delete")]:
+            (tmp_path / "run.lock").write_text(json.dumps({"pid": live.pid, "host": host}))
+            with pytest.raises(RunFolderBusy, match=needle):
+                RunLock(tmp_path).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+    assert "no longer running" in RunLock(tmp_path).acquire()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 9 MiB tmpfs (room for two of the tiny run's 3.2 MB checkpoints, not three); skipped where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_is_named_and_the_run_resumes(assets: Path, reference: Path, small_tmpfs: Path, capsys) -> None:
+    out = small_tmpfs / "run"
+    capsys.readouterr()
+    assert _run(assets, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and str(out / "checkpoints" / "tmp-step-000012") in err[0], err
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))] == ["step-000004", "step-000008"]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)  # the user frees space
+    assert _run(assets, out) == 0
+    assert "removed the partial folder" in capsys.readouterr().err
+    _assert_same_weights(out, reference)
+    _assert_logged_once(out)
+
+
+def test_disk_full_while_writing_final_is_named(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    import safetensors.torch
+
+    real = safetensors.torch.save_model
+
+    def full(model, filename, *a, **k):
+        Path(filename).write_bytes(b"\0" * 100)  # what got written before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(safetensors.torch, "save_model", full)
+        capsys.readouterr()
+        assert _run(assets, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and f"the final model {out / 'final'}" in err[0], err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "final"))) == []  # nothing partial left
+    assert (out / "checkpoints" / "step-000012").is_dir()
+    assert safetensors.torch.save_model is real
+    assert _run(assets, out) == 0  # resumes at the last step: only final/ is written
+    _assert_same_weights(out, reference)
+
+
+def test_lost_config_yaml_resume_is_checked_against_the_checkpoints_config(assets: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _run(assets, out, 8) == 0
+    (out / "config.yaml").unlink()
+    capsys.readouterr()
+    assert _run(assets, out, STEPS, "optim.lr=1e-3") == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume from {out / 'checkpoints' / 'step-000008'}: its config differs in ['optim.lr']" in err, err
+
+
+def test_resumed_steps_are_logged_once(assets: Path, reference: Path, tmp_path: Path, capsys) -> None:
+    """A crash after logging step 10 but before checkpoint 12: the replayed steps 9-12 are not logged twice."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step-000012")
+    shutil.rmtree(out / "final")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:10]) + lines[10][:7])  # the log of step 11 cut short
+    assert _run(assets, out) == 0
+    assert "dropped 3 line(s) after step 8" in capsys.readouterr().err
+    _assert_logged_once(out)
+    _assert_same_weights(out, reference)
+
+
+def test_shared_hashing_merges_to_the_single_process_record(tmp_path: Path) -> None:
+    from dfm_ext.recipes.engine.checkpoint import hash_share
+    from dfm_ext.recipes.engine.resume import shared_verify
+
+    for name in ("a", "b", "c", "sub/d"):
+        (tmp_path / "one" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "one" / name).write_text(name * 100)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    single = write_manifest(tmp_path / "one", step=1)
+    for rank in range(3):  # three processes' shares, then the main process's merge
+        hash_share(tmp_path / "two", rank, 3)
+    assert write_manifest(tmp_path / "two", step=1) == single
+    assert not list((tmp_path / "two").glob(".complete-part-*"))
+    (tmp_path / "two" / "c").write_text("C" * 100)  # same size, another byte: only the share holding c sees it
+    verdicts = []
+    for rank in range(2):
+        try:
+            verify_manifest(tmp_path / "two", share=(rank, 2))
+            verdicts.append(None)
+        except CorruptCheckpointError as e:
+            verdicts.append(str(e))
+    assert sum(v is not None for v in verdicts) == 1
+    for rank in range(2):  # every process raises the same error, whichever share held the damage
+        with pytest.raises(CorruptCheckpointError, match="c does not match"):
+            shared_verify(rank, 2, lambda mine: verdicts)(tmp_path / "two")

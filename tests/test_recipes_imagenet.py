@@ -156,6 +156,14 @@ def test_latent_cache_build_and_train(assets: Path, tmp_path: Path, capsys) -> N
     # A cache built for another resolution is refused before any compute.
     assert imagenet_main(["--config", "tiny", f"data.latent_cache={cache}", f"vae.path={assets}", "data.resolution=64"]) == 2
     assert "does not match the config" in capsys.readouterr().err
+    # Labels beyond data.num_classes (the null class and above) are refused, not trained as unconditional.
+    assert imagenet_main(["--config", "tiny", f"data.latent_cache={cache}", f"vae.path={assets}", "data.num_classes=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.latent_cache={str(cache)!r} holds labels up to" in err and "but data.num_classes=2" in err, err
+    # A global batch larger than the data is refused before the model is built.
+    assert imagenet_main(["--config", "tiny", f"data.latent_cache={cache}", f"vae.path={assets}", "train.global_batch_size=16",
+                          f"train.output_dir={tmp_path / 'big_batch'}"]) == 2  # fmt: skip
+    assert "train.global_batch_size=16 is larger than the dataset (15 items)" in capsys.readouterr().err
     out = tmp_path / "from_cache"
     _single(
         assets, out, f"data.latent_cache={cache}", "data.root=null", "train.steps=3", "train.sample_every=3", "train.checkpoint_every=3",

@@ -9,12 +9,13 @@ held-out split (``metrics.json``). Bad inputs end with a one-line message and ex
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -61,9 +62,36 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for a mistyped option or command (``typed``: the arguments being parsed)."""
+
+    typed: Sequence[str] = ()
+
+    def _known(self) -> tuple[list[str], list[str]]:
+        """(options, commands) of this parser and its subcommands."""
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        commands: list[str] = []
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands += list(action.choices)
+                for sub in action.choices.values():
+                    options += sub._known()[0] if isinstance(sub, _Parser) else []
+        return options, commands
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        options, commands = self._known()
+        for word in (w.split("=")[0] for w in self.typed):
+            choices = options if word.startswith("--") else commands
+            close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75) if word not in options + commands else []
+            if close:
+                message += f" ({word} is not {'an option' if choices is options else 'a command'}: did you mean {close[0]}?)"
+                break
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and for ``--help`` docs)."""
-    parser = argparse.ArgumentParser(prog="dfm-ext", description="Decomposable Flow Matching: demo, sampling and evaluation.", allow_abbrev=False)
+    parser = _Parser(prog="dfm-ext", description="Decomposable Flow Matching: demo, sampling and evaluation.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,sample,eval}")
     demo = sub.add_parser("demo", help="train a small class-conditional DiT with DFM on offline images, sample it, measure it", allow_abbrev=False)
     demo.add_argument("--steps", type=_at_least(1), default=None, help="training steps (default 2000)")
@@ -212,6 +240,7 @@ def estimate_seconds(task: Any, dataset: Any, cfg: Any, args: argparse.Namespace
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dfm-ext`` console script; returns the exit status (2: a usage error)."""
+    _Parser.typed = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

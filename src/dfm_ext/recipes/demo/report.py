@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,28 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> Run:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{final} is a wrapped model, but {run_dir / 'config.yaml'} (its run's config: classes, sampling) is missing")
     cfg = load_config(ImageNetConfig, run_dir / "config.yaml")
-    return Run(load_wrapped(final, device=device), cfg, run_dir)
+    if cfg.vae.kind != "none":
+        raise ValueError(f"{run_dir} trains on VAE latents (vae.kind={cfg.vae.kind}); sample it with python -m dfm_ext.recipes.imagenet sample --run {run_dir}")
+    model = load_wrapped(final, device=device)
+    classes = getattr(getattr(getattr(model, "base", None), "config", None), "num_classes", cfg.data.num_classes)
+    if classes != cfg.data.num_classes:
+        raise ValueError(f"{run_dir / 'config.yaml'} says data.num_classes={cfg.data.num_classes} but the model in {final} has {classes} classes")
+    return Run(model, cfg, run_dir)
+
+
+#: The most samples ``dfm-ext sample`` draws in one call (it holds them in memory); more: the recipe's sharded ``sample``.
+MAX_SAMPLES = 100_000
+
+
+def check_output_path(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any compute, an output path under a file or in a folder that cannot be written."""
+    parent = out.parent if out.suffix else out
+    blocker = next((a for a in (parent, *parent.parents) if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{flag} {str(out)!r}: {str(blocker)!r} is a file, not a folder")
+    existing = next(a for a in (parent, *parent.parents) if a.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(out)!r}: {str(existing)!r} is not writable")
 
 
 def sample_run(args: Any) -> Path:
@@ -148,14 +170,19 @@ def sample_run(args: Any) -> Path:
     guidance = cfg.sampling.guidance_scale if args.cfg_scale is None else args.cfg_scale
     if not math.isfinite(guidance):
         raise ValueError(f"--cfg-scale must be a finite number, got {guidance}")
+    total = args.num * cfg.data.num_classes
+    if total > MAX_SAMPLES:
+        raise ValueError(f"--num {args.num} x {cfg.data.num_classes} classes = {total} samples, more than the {MAX_SAMPLES} one call holds in "
+                         f"memory; draw fewer, or use python -m dfm_ext.recipes.imagenet sample --run {run.folder} (sharded, resumable)")  # fmt: skip
+    out = Path(args.out)
+    check_output_path(out)
+    foreign = [p.name for p in out.iterdir() if not (p.name == "grid.png" or "_class" in p.name)] if out.is_dir() else []
+    if out.suffix.lower() != ".png" and (foreign or (out.exists() and not out.is_dir())):
+        raise ValueError(f"--out {str(out)!r} exists and holds other files ({foreign[:3] or 'not a folder'}); choose a new folder or a .png")
     labels = torch.arange(cfg.data.num_classes).repeat_interleave(args.num)
     images, _ = generate(run.model, cfg, labels, guidance=guidance, generator=torch.Generator().manual_seed(args.seed), device=args.device)
-    out = Path(args.out)
     if out.suffix.lower() == ".png":
         return save_image_grid(images, out, nrow=args.num, scale=3)
-    foreign = [p.name for p in out.iterdir() if not (p.name == "grid.png" or "_class" in p.name)] if out.is_dir() else []
-    if foreign or (out.exists() and not out.is_dir()):
-        raise ValueError(f"--out {str(out)!r} exists and holds other files ({foreign[:3] or 'not a folder'}); choose a new folder or a .png")
     with atomic_directory(out) as tmp:
         for i, (arr, y) in enumerate(zip(to_uint8(images), labels.tolist())):
             save_array_png(arr, Path(tmp) / f"{i:05d}_class{y}.png")

@@ -7,10 +7,10 @@ A run folder holds ``config.yaml``, ``checkpoints/``, ``logs/``, ``samples/``, `
     corrupt-step-000600/    failed verification at resume: moved aside, never read
     latest                  names the newest checkpoint written (informational)
 
-A checkpoint is written into ``tmp-step-<step>``; the main process writes ``complete.json`` (size
-and SHA-256 of every file) last, then renames the folder. Only a folder whose record verifies
-counts, so a crash or a full disk never leaves a checkpoint that looks complete. The folder must be
-on a filesystem every process sees. ``extra_state.pt`` is read with ``weights_only=True``: resuming
+A checkpoint is written into ``tmp-step-<step>``; every process hashes its share of the files, and the
+main process writes ``complete.json`` (size and SHA-256 of every file) last, then renames the folder.
+Only a folder whose record verifies counts, so a crash or a full disk never leaves a checkpoint that
+looks complete. The folder must be on a filesystem every process sees. ``extra_state.pt`` is read with ``weights_only=True``: resuming
 from someone else's checkpoint cannot run code.
 """
 
@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,13 +31,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from dfm_ext.fileio import atomic_write_text, fsync_directory
+from dfm_ext.fileio import atomic_directory, atomic_write_text, fsync_directory
 from dfm_ext.recipes.engine.config import ConfigError
 
 __all__ = [
-    "DISK_FULL_ERRNOS", "EXTRA_STATE", "MANIFEST", "CorruptCheckpointError", "DiskFullError", "Stateful", "check_output_writable",
-    "choose_resume", "clean_partial", "list_checkpoints", "load_extra_state", "save_extra_state", "save_final_model",
-    "state_digest", "step_dir_name", "tidy_checkpoints", "verify_manifest", "write_manifest", "write_step_folder",
+    "DISK_FULL_ERRNOS", "EXTRA_STATE", "MANIFEST", "CorruptCheckpointError", "DiskFullError", "Stateful",
+    "check_output_writable", "clean_partial", "disk_full", "hash_share", "list_checkpoints", "load_extra_state",
+    "save_extra_state", "save_final_model", "state_digest", "step_dir_name", "verify_manifest", "write_manifest", "write_step_folder",
 ]  # fmt: skip
 
 #: The file of a checkpoint holding the states of the objects beyond model and optimiser.
@@ -49,6 +48,9 @@ _CHUNK = 1 << 22  # 4 MiB reads while hashing
 _STEP = re.compile(r"^step-(\d+)$")
 #: The ``errno`` values of a full disk (or an exceeded quota).
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: Below this many free bytes after a failed write, the disk counts as full whatever the error said.
+FULL_BELOW = 1 << 20
+_PART = ".complete-part-"  # one process's hashes, merged into complete.json by the main process
 
 
 class Stateful(Protocol):
@@ -65,6 +67,33 @@ class CorruptCheckpointError(RuntimeError):
 
 class DiskFullError(OSError):
     """``ENOSPC``/``EDQUOT`` while writing; ``str()`` says the disk is full and names the path."""
+
+
+def disk_full(error: BaseException, path: str | Path, what: str) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` when ``error`` (raised writing ``what`` there) came from a full disk, else ``None``.
+
+    ``torch.save`` reports a full disk as ``RuntimeError: ... unexpected pos``, not ``ENOSPC``: after any failed
+    write, the free space of ``path``'s filesystem decides (under :data:`FULL_BELOW` bytes: full).
+    """
+    code = getattr(error, "errno", None)
+    full = code in DISK_FULL_ERRNOS
+    if not full and isinstance(error, (OSError, RuntimeError)):
+        probe = Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            full = shutil.disk_usage(probe).free < FULL_BELOW
+        except OSError:
+            full = False
+    if not full:
+        return None
+    cause = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return DiskFullError(
+        code if code in DISK_FULL_ERRNOS else errno.ENOSPC,
+        f"the disk is full (no space left) while writing {what}{' ' if what else ''}{path} ({cause}); free space on that disk "
+        "or point train.output_dir elsewhere, then run the same command again (it removes the partial files and resumes "
+        "from the last complete checkpoint)",
+    )
 
 
 def step_dir_name(step: int) -> str:
@@ -88,21 +117,52 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_one(f: Path) -> dict[str, Any]:
+    with open(f, "rb") as fh:  # the data must be on disk before the record says it is
+        os.fsync(fh.fileno())
+    return {"size": f.stat().st_size, "sha256": _sha256(f)}
+
+
+def _payload(path: Path) -> list[str]:
+    """The files a record lists: every file under ``path`` but the record itself and its partial shares."""
+    files = (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    names = (p.relative_to(path).as_posix() for p in files)
+    return sorted(n for n in names if n != MANIFEST and not n.startswith((f".{MANIFEST}.", _PART)))
+
+
+def hash_share(path: str | Path, rank: int, world: int, *, write: bool = True) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of this process's share of ``path``'s files (every ``world``-th, from ``rank``), fsynced first;
+    with ``write`` also into ``path/.complete-part-<rank>.json`` for the main process to merge."""
+    path = Path(path)
+    share = {rel: _hash_one(path / rel) for rel in _payload(path)[rank::world]}
+    if write:
+        atomic_write_text(path / f"{_PART}{rank}.json", json.dumps(share))
+    return share
+
+
 def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
-    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``: call it after every file is written."""
+    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``: call it after every file is written.
+
+    Shares hashed by other processes (:func:`hash_share`) are merged and removed; the rest is hashed here.
+    """
     path, files = Path(path), {}
-    payload = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
-    for f in sorted(p for p in payload if p.relative_to(path).as_posix() != MANIFEST and not p.name.startswith(f".{MANIFEST}.")):
-        with open(f, "rb") as fh:  # the data must be on disk before the record says it is
-            os.fsync(fh.fileno())
-        files[f.relative_to(path).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    record = {"format": 1, "step": step, "files": files}
+    for part in sorted(path.glob(f"{_PART}*.json")):
+        files.update(json.loads(part.read_text()))
+        part.unlink()
+    payload = _payload(path)
+    for rel in payload:
+        if rel not in files or files[rel]["size"] != (path / rel).stat().st_size:  # written after the shares were hashed
+            files[rel] = _hash_one(path / rel)
+    record = {"format": 1, "step": step, "files": {rel: files[rel] for rel in payload}}
     atomic_write_text(path / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
 
-def verify_manifest(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
-    """Check ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte); else :class:`CorruptCheckpointError`."""
+def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Check ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte); else :class:`CorruptCheckpointError`.
+
+    ``share=(rank, world)``: hash only every ``world``-th listed file from ``rank`` (the processes split the reading).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CorruptCheckpointError(f"{path} is not a folder")
@@ -121,7 +181,7 @@ def verify_manifest(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
             raise CorruptCheckpointError(f"{path}: {rel} is missing")
         if (size := f.stat().st_size) != want["size"]:
             raise CorruptCheckpointError(f"{path}: {rel} has {size} bytes, {MANIFEST} says {want['size']} (truncated?)")
-    for rel, want in sorted(files.items()) if hashes else ():
+    for rel, want in sorted(files.items())[share[0] :: share[1]] if hashes else ():
         if _sha256(path / rel) != want["sha256"]:
             raise CorruptCheckpointError(f"{path}: {rel} does not match its sha256 in {MANIFEST} (damaged)")
     return record
@@ -158,12 +218,13 @@ def load_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
 
 def write_step_folder(
     root: str | Path, step: int, *, keep: int | None, is_main: bool, barrier: Callable[[], None], write_all: Callable[[Path], None],
-    write_main: Callable[[Path], None],
+    write_main: Callable[[Path], None], rank: int = 0, world: int = 1,
 ) -> Path:  # fmt: skip
     """Write ``root/step-<step>`` atomically (every process calls this; an existing one is never written over).
 
-    ``write_all(tmp)`` runs on every process, then the main process runs ``write_main(tmp)``, writes
-    the completeness record last, renames ``tmp-step-<step>``, points ``latest`` at it and keeps the newest ``keep``.
+    ``write_all(tmp)`` runs on every process, which then hash their share of the files (``rank`` of ``world``);
+    the main process runs ``write_main(tmp)``, writes the completeness record last, renames
+    ``tmp-step-<step>``, points ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`.
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
@@ -179,6 +240,9 @@ def write_step_folder(
     try:
         write_all(tmp)
         barrier()
+        if world > 1:  # the reading is split; the main process hashes what write_main adds
+            hash_share(tmp, rank, world)
+            barrier()
         if is_main:
             write_main(tmp)
             write_manifest(tmp, step=step)  # last: the record is what marks the folder complete
@@ -186,85 +250,16 @@ def write_step_folder(
             os.replace(tmp, final)
             fsync_directory(root)
             atomic_write_text(root / "latest", name + "\n")
-    except OSError as e:
-        if e.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(
-                e.errno, f"the disk is full (no space left) while writing checkpoint {tmp}: {e}; free space on that disk or point "
-                "train.output_dir elsewhere, then run again (the partial folder is removed at the next start)",
-            ) from e
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, tmp, "checkpoint")
+        if full is not None:
+            raise full from e
         raise
     if is_main and keep is not None:
         for _, old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-def choose_resume(output_dir: Path, mode: str) -> Path | None:
-    """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a :class:`ConfigError`.
-
-    ``auto``: the newest step folder that verifies, whatever ``latest`` says; ``never``: none, and a
-    folder with checkpoints is refused; else a checkpoint folder, refused when damaged or older than
-    checkpoints already in the run folder.
-    """
-    ckpts = output_dir / "checkpoints"
-    existing = list_checkpoints(ckpts)
-    if mode == "never":
-        if existing:
-            raise ConfigError(
-                f"{output_dir} already holds checkpoints ({existing[-1][1].name}) and train.resume=never; "
-                "choose another train.output_dir or set train.resume=auto"
-            )
-        return None
-    if mode == "auto":
-        rejected = 0
-        for _, path in reversed(existing):
-            try:
-                verify_manifest(path)
-                return path
-            except CorruptCheckpointError as e:
-                print(f"warning: checkpoint {path} is damaged, resuming from an older one: {e}", file=sys.stderr)
-                rejected += 1
-        if rejected:
-            raise ConfigError(f"no usable checkpoint in {ckpts}: every step folder is damaged (see the warnings above); move them away to start again")
-        return None
-    path = Path(mode)
-    if not path.is_dir():
-        raise ConfigError(f"train.resume={mode!r}: not 'auto', 'never' or an existing checkpoint folder")
-    try:
-        verify_manifest(path)
-    except CorruptCheckpointError as e:
-        raise ConfigError(f"train.resume={mode!r} cannot be resumed from: {e}") from None
-    m = path.name.removeprefix("step-")
-    step = int(m) if m.isdigit() else -1
-    newer = [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]
-    if newer:
-        raise ConfigError(
-            f"train.resume={mode!r} is older than checkpoints already in {ckpts} ({', '.join(newer)}), which "
-            "the run would write over; move them away or choose another train.output_dir"
-        )
-    return path
-
-
-def tidy_checkpoints(output_dir: Path, mode: str, resume: Path | None) -> None:
-    """Main process, after :func:`choose_resume`: drop ``tmp-*`` leftovers and move damaged newer folders aside."""
-    ckpts = output_dir / "checkpoints"
-    for p in clean_partial(ckpts):
-        print(f"removed the partial checkpoint {p} left by an interrupted save", file=sys.stderr)
-    if mode != "auto":
-        return
-    step = -1 if resume is None or resume.parent != ckpts else int(resume.name.removeprefix("step-"))
-    for s, p in list_checkpoints(ckpts):
-        if s > step:  # only damaged ones are newer than the folder choose_resume chose: moved aside, never deleted
-            target, n = p.with_name(f"corrupt-{p.name}"), 0
-            while target.exists():
-                n += 1
-                target = p.with_name(f"corrupt-{p.name}-{n}")
-            os.replace(p, target)
-            fsync_directory(p.parent)
-            print(f"moved {p} aside to {target.name}", file=sys.stderr)
-    if resume is not None and resume.parent == ckpts:
-        atomic_write_text(ckpts / "latest", resume.name + "\n")  # the marker follows what was chosen
 
 
 def check_output_writable(path: str | Path) -> None:
@@ -288,14 +283,21 @@ def check_output_writable(path: str | Path) -> None:
 
 
 def save_final_model(output_dir: Path, model: nn.Module) -> Path:
-    """The trained model as ``output_dir/final``: its ``save_pretrained``, else ``model.safetensors``."""
+    """The trained model as ``output_dir/final`` (its ``save_pretrained``, else ``model.safetensors``), written whole
+    or not at all: a crash or a full disk (:class:`DiskFullError`) leaves the previous ``final/`` or none."""
     out = output_dir / "final"
-    save = getattr(model, "save_pretrained", None)
-    if callable(save):
-        save(str(out))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    try:
+        save = getattr(model, "save_pretrained", None)
+        if callable(save):
+            save(str(out))  # the library's and diffusers' write through a temporary folder
+        else:
+            with atomic_directory(out) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, out, "the final model")
+        if full is not None:
+            raise full from e
+        raise
     return out
 
 

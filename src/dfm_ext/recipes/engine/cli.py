@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from dfm_ext.recipes.engine.checkpoint import CorruptCheckpointError, DiskFullError
+from dfm_ext.recipes.engine.checkpoint import CorruptCheckpointError, DiskFullError, disk_full
 from dfm_ext.recipes.engine.config import ConfigError, load_config
 from dfm_ext.recipes.engine.latents import looks_local
 
@@ -110,6 +110,12 @@ def train_main(
         return usage_error(e)
     except (DiskFullError, CorruptCheckpointError) as e:  # not a usage error, but one line says it all
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk met outside a checkpoint (the log, samples): the same one line
+        full = disk_full(e, e.filename or cfg.train.output_dir, "")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"output_dir": str(result.output_dir), "step": result.step, "last_loss": result.last_loss, **summary(result)}))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -285,8 +286,14 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
+        if not 0 < self.lr < math.inf:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas {list(self.betas)} must both be in [0, 1)")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -342,8 +349,11 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample_every < 0 or self.num_workers < 0:
-            raise ValueError("train.sample_every and train.num_workers must be >= 0")
+        for name in ("sample_every", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mixed_precision == "fp16" and self.cpu:
+            raise ValueError("train.mixed_precision=fp16 with train.cpu=true: fp16 autocast needs a CUDA device; use bf16 or no")
         if not 0 < self.timeout_minutes < float("inf"):
             raise ValueError(f"train.timeout_minutes must be > 0, got {self.timeout_minutes}")
         if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
@@ -360,11 +370,12 @@ class TrainConfig:
                 raise ValueError(f"train.compile_backend={self.compile_backend!r} is not a torch.compile backend; choose one of {backends}")
 
 
-#: Key prefixes that may change between a run and its resumption (cadence, length, I/O; compiling changes speed, not maths).
+#: Key prefixes that may change between a run and its resumption (cadence, length, I/O; compiling changes speed, not
+#: maths; the sharding layout: a checkpoint of another layout is refused by the parallelism with its own reason).
 RESUMABLE_CHANGES = (
     "train.output_dir", "train.steps", "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.sample_every", "train.trackers", "train.num_workers", "train.progress", "train.compile", "train.max_train_seconds",
-    "train.timeout_minutes",
+    "train.timeout_minutes", "train.sharding", "train.hsdp_shard_size",
     "eval.", "sampling.",
 )  # fmt: skip
 
@@ -387,12 +398,13 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mappin
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
-def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None) -> None:
-    """Refuse to resume ``output_dir`` when its ``config.yaml`` differs from ``full_config`` outside :data:`RESUMABLE_CHANGES`."""
-    stored = output_dir / "config.yaml"
-    if resume is None or not stored.is_file():
+def check_resume_config(stored: tuple[Mapping[str, Any], Path] | None, full_config: Any) -> None:
+    """Refuse to resume when the ``stored`` config (and where it was read) differs from ``full_config`` outside
+    :data:`RESUMABLE_CHANGES`; ``None``: nothing to compare (a new run)."""
+    if stored is None:
         return
-    old, new = yaml.safe_load(stored.read_text()) or {}, config_to_dict(full_config)
+    old, source = stored
+    new = config_to_dict(full_config)
     defaults: dict[str, Any] = {}
     if set(flatten_config(new)) - set(flatten_config(old)):  # keys added since the run started: their defaults
         try:
@@ -401,4 +413,4 @@ def check_resume_config(output_dir: Path, full_config: Any, resume: Path | None)
             pass
     diff = config_diff(old, new, defaults)
     if diff:
-        raise ConfigError(f"cannot resume {output_dir}: its config.yaml differs in {diff}; use another train.output_dir to start a new run")
+        raise ConfigError(f"cannot resume from {source}: its config differs in {diff}; use another train.output_dir to start a new run")

@@ -18,6 +18,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from dfm_ext.decompositions.base import Decomposition
+from dfm_ext.process.objective import DFMLossOutput
+from dfm_ext.process.reducible import stage_errors
 from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler
 from dfm_ext.recipes.engine.latents import check_cache_metadata
 
@@ -395,6 +397,12 @@ class ClassConditionalInputs:
     def state(self) -> dict[str, Any]:
         """The stage allocation, when it adapts (checkpointed with the run)."""
         return {"timesteps": self.timesteps} if self.timesteps.allocation is not None else {}
+
+    def feed_allocation(self, out: DFMLossOutput, timesteps: StageTimesteps) -> None:
+        """One micro-batch's losses to ``dfm.allocation`` (per-sample errors only where it reads them); a no-op for
+        fixed probabilities. Tensor operations only: no host read in the step."""
+        errors = stage_errors(out) if getattr(self.timesteps.allocation, "needs_samples", False) else None
+        self.timesteps.update(out.per_stage, timesteps=timesteps, errors=errors)
 
     def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
         if "latents" in batch:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from dfm_ext.fileio import atomic_write_text
 
 __all__ = [
-    "CACHE_FORMAT", "CacheMismatchError", "CacheOptions", "SkipUnreadable", "check_cache_metadata", "encode_class_cache",
+    "CACHE_FORMAT", "CacheMismatchError", "CacheOptions", "SkipUnreadable", "check_cache_labels", "check_cache_metadata", "encode_class_cache",
     "load_vae", "looks_local", "write_latent_cache",
 ]  # fmt: skip
 
@@ -81,6 +82,25 @@ def check_cache_metadata(
     if diffs:
         raise CacheMismatchError(
             f"{what} {path} does not match the config ({'; '.join(diffs)}); rebuild it with {rebuild} or point {key} elsewhere"
+        )
+
+
+def check_cache_labels(path: str | Path, meta: dict[str, Any], num_classes: int, *, key: str = "data.latent_cache") -> None:
+    """Refuse a cache whose labels fall outside ``[0, num_classes)`` (``num_classes`` is the null class of guidance:
+    a label equal to it would silently train unconditional, a larger one fail at the first step). Reads only the labels."""
+    low, high = None, None
+    for shard in meta.get("shards", []):
+        with safe_open(str(Path(path) / shard["file"]), framework="pt") as f:
+            labels = f.get_tensor("labels")
+        if labels.numel():
+            low = int(labels.min()) if low is None else min(low, int(labels.min()))
+            high = int(labels.max()) if high is None else max(high, int(labels.max()))
+    if low is not None and low < 0:
+        raise CacheMismatchError(f"{key}={str(path)!r} holds label {low}; labels must be >= 0")
+    if high is not None and high >= num_classes:
+        raise CacheMismatchError(
+            f"{key}={str(path)!r} holds labels up to {high} but data.num_classes={num_classes} (label {num_classes} is the "
+            f"null class of guidance); set data.num_classes={high + 1} or more, or rebuild the cache"
         )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+import torch
 from torch import nn
 
 from dfm_ext.decompositions.base import Decomposition
@@ -33,6 +34,7 @@ __all__ = [
     "RECIPE_SECTIONS", "ClassDataSection", "ClassSamplingConfig", "DFMConfig", "DecompositionConfig", "LatentVAEConfig", "ModelConfig",
     "RecipeConfig", "SamplingConfig", "SpecializeConfig", "VAESection", "enable_gradient_checkpointing", "import_factory",
 ]  # fmt: skip
+
 
 @dataclass
 class DecompositionConfig:
@@ -124,7 +126,7 @@ class DecompositionConfig:
 RECIPE_DFM_FIELDS = {
     "label_dropout": "class-conditional recipes (FLUX drops captions with data.caption_dropout)",
     **dict.fromkeys(("standardize", "scales", "scale_estimation_clips"), "the video recipe"),
-    "allocation": "the ImageNet and video recipes (their tasks feed it the per-stage losses)",
+    "allocation": "the ImageNet and video recipes (their tasks feed it the losses)",
 }
 
 
@@ -132,7 +134,9 @@ RECIPE_DFM_FIELDS = {
 class DFMConfig:
     """Stage times and loss (paper 3.3, A.5: :class:`dfm_ext.StageTimestepSampler`, :class:`dfm_ext.DFMObjective`),
     label dropout, per-stage standardisation (``scales`` null: estimated from ``scale_estimation_clips`` clips);
-    ``allocation: progress``: stage probabilities follow each stage's learning progress (prior ``stage_probabilities``)."""
+    ``allocation``: ``progress`` (stage probabilities follow each stage's learning progress) or ``reducible`` (they
+    follow the reducible part of each stage's error, :class:`dfm_ext.process.ReducibleAllocation`), from the prior
+    ``stage_probabilities``; ``fixed``: the prior throughout."""
 
     stage_probabilities: tuple[float, ...] | None = None
     current: tuple[float, float] = (0.0, 1.0)
@@ -144,10 +148,10 @@ class DFMConfig:
     standardize: bool = False
     scales: tuple[float, ...] | None = None
     scale_estimation_clips: int = 64
-    allocation: Literal["fixed", "progress"] = "fixed"
+    allocation: Literal["fixed", "progress", "reducible"] = "fixed"
 
     def timestep_sampler(self, num_stages: int) -> StageTimestepSampler:
-        """The :class:`dfm_ext.StageTimestepSampler` (with ``allocation: progress`` the task feeds it each step's losses)."""
+        """The :class:`dfm_ext.StageTimestepSampler` (with an ``allocation`` the task feeds it each step, :func:`feed_allocation`)."""
         prior = self.stage_probabilities or default_stage_probabilities(num_stages)
         allocation = make_allocation(self.allocation, num_stages, prior=prior) if num_stages > 1 else None
         return StageTimestepSampler(
@@ -173,7 +177,8 @@ class DFMConfig:
             self.timestep_sampler(num_stages)
         except ValueError as e:
             first = str(e).split()[0]
-            key = {"probabilities": "dfm.stage_probabilities", "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")
+            key = {"probabilities": "dfm.stage_probabilities", "prior": f"dfm.stage_probabilities (the prior of dfm.allocation={self.allocation})",
+                   "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")  # fmt: skip
             raise ConfigError(f"{key}: {e}") from e
         if self.stage_weights is not None:
             if len(self.stage_weights) != num_stages:
@@ -273,8 +278,6 @@ class ModelConfig:
             raise ConfigError(f"model.time_convention: {e}") from None
         if self.factory is not None or preset_config is None:
             return
-        if base.get("num_classes", 1) < 1:
-            raise ConfigError(f"data.num_classes must be >= 1, got {base['num_classes']}")
         try:
             preset_config.preset(self.preset, **{**base, **self.overrides})
         except TypeError as e:  # an override that is not a field of the model config
@@ -351,6 +354,12 @@ class VAESection:
     shift_factor: float | None = None
     sample_posterior: bool = False
 
+    def __post_init__(self) -> None:
+        if self.scaling_factor is not None and not (math.isfinite(self.scaling_factor) and self.scaling_factor != 0):
+            raise ValueError(f"vae.scaling_factor must be a finite non-zero number or null, got {self.scaling_factor}")
+        if self.shift_factor is not None and not math.isfinite(self.shift_factor):
+            raise ValueError(f"vae.shift_factor must be a finite number or null, got {self.shift_factor}")
+
 
 @dataclass
 class LatentVAEConfig(VAESection):
@@ -373,6 +382,11 @@ class ClassDataSection:
     random_flip: bool = True
     num_classes: int = 1000
     max_skips: int = 64
+
+    def __post_init__(self) -> None:
+        for key, low in (("resolution", 1), ("num_classes", 1), ("max_skips", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"data.{key} must be >= {low}, got {getattr(self, key)}")
 
 
 DataT = TypeVar("DataT")
@@ -427,6 +441,8 @@ class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
         default = next(f for f in dataclasses.fields(self) if f.name == "dfm").default_factory()  # type: ignore[operator]
         self.dfm.check(self.num_stages, reads=reads, default=default, recipe=recipe)
         t, world = self.train, int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.mixed_precision=fp16 needs a CUDA device and this machine has none (fp16 autocast would not run); use bf16 or no")
         if t.global_batch_size % (world * t.grad_accumulation):
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by {world} process(es) x "

@@ -74,7 +74,7 @@ def adamw(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = None) -> t
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         devices = set(_get_fused_kernels_supported_devices())
-        fused = all(p.is_floating_point() and p.device.type in devices for g in groups for p in g["params"])
+        fused = all(p.is_floating_point() and p.device.type in devices for p in decay + no_decay)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
@@ -256,6 +256,9 @@ class Trainer:
 
             share_scan(accelerator.is_main_process, broadcast_object_list)
         t = self.train
+        if len(self.dataset) < t.global_batch_size:  # type: ignore[arg-type]
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is larger than the dataset ({len(self.dataset)} items); "  # type: ignore[arg-type]
+                              "lower it or add data")  # fmt: skip
         plan = self.task.batch_plan(len(self.dataset), t.global_batch_size, world_size=accelerator.num_processes,  # type: ignore[arg-type]
                                     accumulation=t.grad_accumulation, seed=t.seed, rank=accelerator.process_index)  # fmt: skip
         torch.manual_seed(t.seed)  # identical initial weights on every process

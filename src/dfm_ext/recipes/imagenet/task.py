@@ -22,7 +22,7 @@ from dfm_ext.models.dit import DiT, DiTConfig
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError
 from dfm_ext.recipes.engine.data import ClassConditionalInputs, Codec, ImageFolder, LatentCache, LatentCodec, cycled_labels
-from dfm_ext.recipes.engine.latents import load_vae
+from dfm_ext.recipes.engine.latents import check_cache_labels, load_vae
 from dfm_ext.recipes.engine.sections import (
     ClassDataSection, ClassSamplingConfig, LatentVAEConfig, ModelConfig, RecipeConfig, SpecializeConfig, check_count,
     enable_gradient_checkpointing, import_factory,
@@ -78,9 +78,6 @@ class ImageNetConfig(RecipeConfig[DataConfig, VAEConfig, ModelConfig, ImageSampl
         sources = [k for k in ("root", "latent_cache", "factory") if getattr(d, k) is not None]
         if len(sources) != 1:
             raise ConfigError(f"set exactly one of data.root, data.latent_cache and data.factory, got {sources or 'none'}")
-        for key in ("resolution", "num_classes"):
-            if getattr(d, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
         if v.downsample < 1 or d.resolution % v.downsample:
             raise ConfigError(f"data.resolution {d.resolution} is not divisible by vae.downsample {v.downsample} (>= 1)")
         if v.kind == "none" and (v.path is not None or v.downsample != 1):
@@ -129,7 +126,9 @@ def build_dataset(cfg: ImageNetConfig) -> torch.utils.data.Dataset:
     """The image folder, the latent cache or the factory's dataset, checked against the config."""
     d = cfg.data
     if d.latent_cache is not None:
-        return LatentCache(d.latent_cache, expected=cache_metadata(cfg))
+        cache = LatentCache(d.latent_cache, expected=cache_metadata(cfg))
+        check_cache_labels(cache.path, cache.meta, d.num_classes)
+        return cache
     if d.factory is not None:
         return import_factory(d.factory, key="data.factory")(cfg, **d.factory_kwargs)
     ds = ImageFolder(d.root, d.resolution, max_skips=d.max_skips)  # type: ignore[arg-type]
@@ -182,7 +181,7 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
         out = self.objective(model, stages, ts, generator=generator, y=labels)
-        self.timesteps.update(out.per_stage)  # the allocation's input (a no-op for fixed probabilities)
+        self.feed_allocation(out, ts)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     def sample(

@@ -34,7 +34,7 @@ from dfm_ext.recipes.engine.latents import check_cache_labels, load_vae
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sections import (
     ClassDataSection, ClassSamplingConfig, DFMConfig, LatentVAEConfig, ModelConfig, RecipeConfig, check_count,
-    enable_gradient_checkpointing, feed_allocation, import_factory,
+    enable_gradient_checkpointing, import_factory,
 )  # fmt: skip
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
@@ -353,7 +353,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
             model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
             generator=generator, y=labels,  # scales: the model's stage_scales
         )  # fmt: skip
-        feed_allocation(self.timesteps, out, ts)
+        self.feed_allocation(out, ts)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
     @torch.no_grad()
