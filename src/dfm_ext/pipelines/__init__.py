@@ -2,7 +2,7 @@
 :class:`DFMDiTPipeline` (class-conditional DiTs) and :class:`DFMFluxPipeline` (text-to-image FLUX).
 
 A layer above :mod:`~dfm_ext.wrapping` (it loads ``save_pretrained`` folders with
-:func:`~dfm_ext.wrapping.io.load_wrapped`) and :mod:`~dfm_ext.process` (it samples with
+:func:`~dfm_ext.wrapping.wrapper.load_wrapped`) and :mod:`~dfm_ext.process` (it samples with
 :class:`~dfm_ext.process.sampler.DFMSampler`); it needs neither accelerate nor the recipes.
 """
 

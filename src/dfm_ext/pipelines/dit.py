@@ -1,7 +1,7 @@
 """A diffusers-style pipeline for a wrapped class-conditional DiT: ``from_pretrained(folder)`` then ``pipe(...).images``.
 
 It loads any folder written by ``DFMTransformer.save_pretrained`` (a recipe's ``final/``) with
-:func:`~dfm_ext.wrapping.io.load_wrapped`, samples with :class:`~dfm_ext.process.sampler.DFMSampler`
+:func:`~dfm_ext.wrapping.wrapper.load_wrapped`, samples with :class:`~dfm_ext.process.sampler.DFMSampler`
 over a :class:`~dfm_ext.process.schedule.StageScheduler` (``num_inference_steps`` per stage), and
 decodes with an optional VAE (a diffusers ``AutoencoderKL`` or anything with ``decode(z).sample``).
 Latents are taken as ``(vae_latent - shift) * scale``, the recipes' convention.
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dfm_ext.process.sampler import DFMSampler
 from dfm_ext.process.schedule import StageScheduler
 from dfm_ext.validation import parse_device
-from dfm_ext.wrapping.io import load_wrapped
+from dfm_ext.wrapping.wrapper import load_wrapped
 from dfm_ext.wrapping.wrapper import DFMTransformer
 
 __all__ = ["DFMDiTPipeline", "DFMPipelineOutput"]

@@ -23,7 +23,8 @@ from dfm_ext.recipes.engine.config import apply_overrides, load_config
 from dfm_ext.recipes.engine.viz import save_array_png, save_image_grid, to_uint8
 from dfm_ext.recipes.imagenet.task import ImageNetConfig
 from dfm_ext.validation import parse_device
-from dfm_ext.wrapping.io import CONFIG_FILE, load_wrapped
+from dfm_ext.wrapping.record import CONFIG_FILE
+from dfm_ext.wrapping.wrapper import load_wrapped
 
 __all__ = [
     "FD_RESOLUTION", "InMemoryImages", "Run", "compute_metrics", "evaluate_samples", "generate", "load_run", "load_split",

@@ -37,7 +37,8 @@ from dfm_ext.recipes.flux.config import FinetuneConfig, FluxFinetuneConfig
 from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_captioned
 from dfm_ext.recipes.flux.text_encoding import SUBFOLDERS, FluxEncoders, TextEmbeddings, check_local_subfolders
 from dfm_ext.specialization import specialize
-from dfm_ext.wrapping.io import load_wrapped, peft_merged
+from dfm_ext.wrapping.record import peft_merged
+from dfm_ext.wrapping.wrapper import load_wrapped
 from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run", "sample_job"]

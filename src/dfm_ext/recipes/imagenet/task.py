@@ -30,7 +30,7 @@ from dfm_ext.recipes.engine.sections import (
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
-from dfm_ext.wrapping.io import load_wrapped
+from dfm_ext.wrapping.wrapper import load_wrapped
 from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "cache_metadata", "load_codec", "main", "parse_args", "run", "sample_job"]

@@ -38,7 +38,7 @@ from dfm_ext.recipes.engine.sections import (
 )  # fmt: skip
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
-from dfm_ext.wrapping.io import load_wrapped
+from dfm_ext.wrapping.wrapper import load_wrapped
 from dfm_ext.wrapping.wrapper import wrap_dit
 
 __all__ = [
