@@ -107,6 +107,22 @@ def test_fileio_atomic_helpers(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
+def test_atomic_writes_get_the_modes_of_a_plain_write(tmp_path: Path) -> None:
+    """Not mkstemp's 0600 / mkdtemp's 0700: what open() and mkdir() make under the umask (a team can read a run)."""
+    import os
+    import stat
+
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    atomic_write_text(tmp_path / "atomic", "x")
+    with atomic_directory(tmp_path / "atomic_dir") as tmp:
+        atomic_write_text(tmp / "f", "x")
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "atomic") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "atomic_dir") == mode(tmp_path / "plain_dir")
+    assert mode(tmp_path / "atomic_dir" / "f") == mode(tmp_path / "plain")
+
+
 def test_extra_files_travel_with_the_model(tmp_path: Path) -> None:
     model = _model()
     out = tmp_path / "m"

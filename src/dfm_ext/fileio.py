@@ -31,6 +31,18 @@ from pathlib import Path
 __all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_text", "fsync_directory"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# The temporary file or folder would keep mkstemp's 0600 / mkdtemp's 0700: what a plain open()
+# or mkdir() makes instead (the umask's), so that a team on a shared cluster can read a run's files.
+_UMASK = _read_umask()
+_FILE_MODE, _DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 def fsync_directory(path: str | os.PathLike[str]) -> None:
     """Flush a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
     try:
@@ -50,6 +62,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -81,6 +94,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise NotADirectoryError(f"{path} exists and is not a folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(_DIR_MODE)
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
