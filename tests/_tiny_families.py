@@ -36,6 +36,7 @@ ideogram4    ``Ideogram4Transformer2DModel``      ``[B, 4, 8, 8]``, 2x2    t (1 
 hunyuan_img. ``HunyuanImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2    1000 sigma (x2)  noise - x
 latte        ``LatteTransformer3DModel``          ``[B, 4, 2, 8, 8]``      999 sigma (DDPM) epsilon (asked)
 bria_fibo    ``BriaFiboTransformer2DModel``       ``[B, 4, 8, 8]``, p 1    1000 sigma       noise - x
+z_image      ``ZImageTransformer2DModel``         ``[B, 4, 8, 8]``, p 2    1000 t           x - noise
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -632,6 +633,24 @@ def _bria_fibo_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) 
     return -out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
+def tiny_z_image(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import ZImageTransformer2DModel
+
+    return _build(
+        ZImageTransformer2DModel, path, seed,
+        in_channels=C, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_DIM,
+        axes_dims=(4, 6, 6), axes_lens=(96, 16, 16),
+    )  # fmt: skip
+
+
+def _z_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # ZImagePipeline: per-sample lists (latents [C, 1, H, W], the kept caption tokens), model time
+    # (1000 - timestep) / 1000 = t (the model multiplies by t_scale); it steps Euler on -out: out = x - noise.
+    text, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"].bool()
+    out = m(list(x.unsqueeze(2).unbind(0)), t, [row[keep] for row, keep in zip(text, mask)]).sample
+    return torch.stack(out).squeeze(2)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -755,6 +774,7 @@ FAMILIES = {
     "hunyuan_image": (tiny_hunyuan_image, _hunyuan_image_call, (C, 8, 8), "hunyuan_image"),
     "latte": (tiny_latte, _latte_call, (C, 2, 8, 8), "latte"),
     "bria_fibo": (tiny_bria_fibo, _bria_fibo_call, (C, 8, 8), "bria_fibo"),
+    "z_image": (tiny_z_image, _z_image_call, (C, 8, 8), "z_image"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
@@ -837,6 +857,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
         out["text_encoder_layers"] = torch.randn(batch, 2, TEXT_LEN, FIBO_TEXT_LAYER_DIM, generator=generator)
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_attention_mask"][1:, -1] = 0
+    if family == "z_image":  # the pipeline's kept tokens: the second sample's last token dropped
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["encoder_attention_mask"][1:, -1] = False
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

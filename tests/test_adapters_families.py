@@ -59,6 +59,7 @@ CHECKPOINTED = {
     "hunyuan_image": ("transformer_blocks", "single_transformer_blocks"),  # the text refiner runs plainly
     "latte": ("transformer_blocks", "temporal_transformer_blocks"),  # interleaved, one of each here
     "bria_fibo": ("transformer_blocks", "single_transformer_blocks"),
+    "z_image": ("noise_refiner", "context_refiner", "layers"),
 }
 
 
@@ -139,7 +140,7 @@ def test_stage0_reproduces_the_pretrained_model(pristine, fam: str, num_stages: 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_wrong_time_convention_is_visible(pristine, fam: str) -> None:
     """The equality above can fail: the same model read with another convention is far off."""
-    wrong = "sigma" if fam in ("lumina2", "lumina_next", "ideogram4") else "unit"  # these read t itself ("unit")
+    wrong = "sigma" if fam in ("lumina2", "lumina_next", "ideogram4", "z_image") else "unit"  # these read t itself ("unit")
     model = _wrap(pristine, fam, time_convention=wrong)
     stages, t, g = _inputs(model, 2, seed=1)
     cond = tiny.text_inputs(fam, 2, g)
@@ -535,3 +536,23 @@ def test_bria_fibo_do_patching_fold(pristine) -> None:
     assert (v + tiny._unpack(out, 16, 16)).abs().max() <= 1e-5
     with pytest.raises(ValueError, match=r"patch_size must be 1 \(do_patching=False\) or 2"):
         BriaFiboAdapter(patch_size=4)
+
+
+def test_z_image_captions_of_different_padded_lengths_and_omni(pristine) -> None:
+    """Z-Image pads each caption to a multiple of 32: a 33-token caption beside a 2-token one takes the batch mask
+    (and shifts that sample's image positions); Z-Image Omni (SigLIP features, the omni sequence) is refused."""
+    from diffusers import ZImageTransformer2DModel
+
+    model, base = _wrap(pristine, "z_image"), pristine["z_image"]
+    stages, t, g = _inputs(model, 2, seed=18)
+    cond = {"encoder_hidden_states": torch.randn(2, 33, tiny.TEXT_DIM, generator=g), "encoder_attention_mask": torch.ones(2, 33, dtype=torch.bool)}
+    cond["encoder_attention_mask"][1, 2:] = False
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)[0]
+        expected = tiny.FAMILIES["z_image"][1](base, stages[0], t[:, 0], cond)
+    assert (v - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="keeps no caption token"):
+        model(stages, t, torch.ones(2, dtype=torch.long), **{**cond, "encoder_attention_mask": torch.zeros(2, 33, dtype=torch.bool)})
+    omni = ZImageTransformer2DModel.from_config({**dict(base.config), "siglip_feat_dim": 8})
+    with pytest.raises(ValueError, match=r"siglip_feat_dim=8 is Z-Image Omni"):
+        wrap_dit(omni, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 16), patch_sizes=[2, 4])

@@ -46,6 +46,7 @@ name               family
 ``hunyuan_image``  diffusers ``HunyuanImageTransformer2DModel`` (declarative; HunyuanImage 2.1, the text refiner reads time too)
 ``latte``          diffusers ``LatteTransformer3DModel`` (declarative; asks for the prediction type; no per-stage attn/mlp)
 ``bria_fibo``      diffusers ``BriaFiboTransformer2DModel`` (declarative; per-block text-encoder layers)
+``z_image``        diffusers ``ZImageTransformer2DModel`` (declarative; per-sample padded image and caption sequences)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -103,6 +104,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.hunyuan_image import HunyuanImageAdapter
     from dfm_ext.adapters.latte import LatteAdapter
     from dfm_ext.adapters.bria_fibo import BriaFiboAdapter
+    from dfm_ext.adapters.z_image import ZImageAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -144,6 +146,7 @@ _CLASSES = {
     "HunyuanImageAdapter": "hunyuan_image",
     "LatteAdapter": "latte",
     "BriaFiboAdapter": "bria_fibo",
+    "ZImageAdapter": "z_image",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -169,6 +172,7 @@ _DIFFUSERS = {
     "hunyuan_image": "hunyuan_image",
     "latte": "latte",
     "bria_fibo": "bria_fibo",
+    "z_image": "z_image",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -59,6 +59,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "HunyuanImageTransformer2DModel": "hunyuan_image",
         "LatteTransformer3DModel": "latte",
         "BriaFiboTransformer2DModel": "bria_fibo",
+        "ZImageTransformer2DModel": "z_image",
     }
 )
 
@@ -151,7 +152,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
         ),
         "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
-        "ZImageTransformer2DModel": "not written yet: per-sample lists of variable-size images and captions",
         "Flux3Transformer2DModel": (
             "not written yet: diffusers ships no FLUX.3 pipeline, so the library cannot show the order of a token's "
             "in_channels (the packed latent_channels x 4), the image and text position ids, or the sign of the "
