@@ -128,20 +128,40 @@ CLI_CASES = [
     ("typo-command", ["sampel", "--checkpoint", "{ck}"], "(sampel is not a command: did you mean sample?)"),
     ("typo-demo-option", ["demo", "--step", "10"], "(--step is not an option: did you mean --steps?)"),
     ("no-prefix-matching", ["demo", "--sample-step", "4,2"], "unrecognized arguments: --sample-step"),
+    # dfm-ext demo: each option is refused before any data is read or any step is timed
+    ("demo-steps-3-stages", ["demo", "--sample-steps", "4,2,1"], "sampling.steps [4, 2, 1] needs one entry per stage (2 for decomposition.kind=laplacian)"),
+    ("demo-steps-1-stage", ["demo", "--sample-steps", "4"], "sampling.steps [4]"),
+    ("demo-steps-zero", ["demo", "--sample-steps", "0,4"], "'0,4'"),
+    ("demo-steps-text", ["demo", "--sample-steps", "a,b"], "'a,b'"),
+    ("demo-wavelet-steps", ["demo", "--decomposition", "wavelet", "--sample-steps", "4,2,1"], "(2 for decomposition.kind=wavelet)"),
+    ("demo-cfg-nan", ["demo", "--cfg-scale", "nan"], "sampling.guidance_scale must be a finite number, got nan"),
+    ("demo-cfg-inf", ["demo", "--cfg-scale", "inf"], "got inf"),
+    ("demo-device-unknown", ["demo", "--device", "gpu0"], "'gpu0'"),
+    ("demo-max-seconds", ["demo", "--max-train-seconds", "-5"], "train.max_train_seconds must be > 0 or null, got -5.0"),
+    ("demo-batch-zero", ["demo", "--batch-size", "0"], "expected an integer >= 1, got 0"),
+    ("demo-batch-huge", ["demo", "--batch-size", "100000"], "train.global_batch_size=100000 is larger than the dataset"),
+    ("demo-num-eval", ["demo", "--num-eval", "-1"], "got -1"),
+    ("demo-steps-text-int", ["demo", "--steps", "abc"], "'abc'"),
+    ("demo-size", ["demo", "--size", "huge"], "'huge'"),
+    ("demo-set-malformed", ["demo", "--set", "bogus"], "override 'bogus' must look like key.sub=value"),
+    ("demo-set-value", ["demo", "--set", "optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
 ]
 if not CUDA:
     CLI_CASES += [
         ("sample-device-cuda", ["sample", "--checkpoint", "{ck}", "--device", "cuda", "--out", "{tmp}/g.png"], "'cuda' is not available"),
+        ("demo-device-cuda", ["demo", "--device", "cuda"], "'cuda' is not available"),
     ]
 
 
 @pytest.mark.parametrize(("argv", "needle"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_value(argv, needle, checkpoint: Path, tmp_path: Path, capsys) -> None:
     argv = [a.format(ck=checkpoint, tmp=tmp_path) for a in argv]
+    if argv[0] == "demo":  # never the default outputs/demo of the working folder
+        argv += ["--out", str(tmp_path / "demo"), "--no-progress"]
     assert _status(argv) == 2
     err = capsys.readouterr().err
     assert needle in err, err
-    assert not (tmp_path / "g.png").exists()
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "demo").exists()
 
 
 def test_demo_sample_steps_fail_before_training(tmp_path: Path, capsys) -> None:

@@ -24,6 +24,7 @@ from dfm_ext.recipes.demo.data import DATASETS, fashion_mnist_available
 from dfm_ext.recipes.demo.report import compute_metrics, evaluate_samples, generate, load_run, load_split, sample_run
 from dfm_ext.recipes.engine.config import apply_overrides, load_config
 from dfm_ext.recipes.engine.viz import save_image_grid, save_loss_curves, save_progressive
+from dfm_ext.recipes.engine.trainer import check_batch_fits
 from dfm_ext.recipes.imagenet.task import ImageNetConfig, ImageNetTask, build_dataset, run
 from dfm_ext.validation import parse_device
 
@@ -174,6 +175,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = demo_config(args)
     dataset = build_dataset(cfg)
+    check_batch_fits(len(dataset), cfg.train)  # before the estimate's timed steps
     say = print if not args.no_progress else (lambda *a, **k: None)
     estimate = estimate_seconds(ImageNetTask(cfg), dataset, cfg, args)
     name = cfg.data.factory_kwargs["dataset"]

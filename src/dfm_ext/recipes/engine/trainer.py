@@ -35,7 +35,7 @@ from dfm_ext.recipes.engine.sections import RecipeConfig
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not when a recipe is imported
     from accelerate import Accelerator
 
-__all__ = ["StepLoss", "TrainResult", "TrainTask", "Trainer", "adamw", "is_check_step", "step_generator", "warmup_lambda"]
+__all__ = ["StepLoss", "TrainResult", "TrainTask", "Trainer", "adamw", "check_batch_fits", "is_check_step", "step_generator", "warmup_lambda"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,12 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
         [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     """
     return (lambda step: 1.0) if warmup_steps <= 0 else (lambda step: min(1.0, (step + 1) / warmup_steps))
+
+
+def check_batch_fits(num_items: int, train: TrainConfig) -> None:
+    """A :class:`ConfigError` when one step's ``train.global_batch_size`` is more than the ``num_items`` of the data."""
+    if num_items < train.global_batch_size:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is larger than the dataset ({num_items} items); lower it or add data")
 
 
 def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: int) -> bool:
@@ -256,9 +262,7 @@ class Trainer:
 
             share_scan(accelerator.is_main_process, broadcast_object_list)
         t = self.train
-        if len(self.dataset) < t.global_batch_size:  # type: ignore[arg-type]
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is larger than the dataset ({len(self.dataset)} items); "  # type: ignore[arg-type]
-                              "lower it or add data")  # fmt: skip
+        check_batch_fits(len(self.dataset), t)  # type: ignore[arg-type]
         plan = self.task.batch_plan(len(self.dataset), t.global_batch_size, world_size=accelerator.num_processes,  # type: ignore[arg-type]
                                     accumulation=t.grad_accumulation, seed=t.seed, rank=accelerator.process_index)  # fmt: skip
         torch.manual_seed(t.seed)  # identical initial weights on every process
