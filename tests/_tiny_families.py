@@ -37,6 +37,7 @@ hunyuan_img. ``HunyuanImageTransformer2DModel``   ``[B, 4, 8, 8]``, p 2    1000 
 latte        ``LatteTransformer3DModel``          ``[B, 4, 2, 8, 8]``      999 sigma (DDPM) epsilon (asked)
 bria_fibo    ``BriaFiboTransformer2DModel``       ``[B, 4, 8, 8]``, p 1    1000 sigma       noise - x
 z_image      ``ZImageTransformer2DModel``         ``[B, 4, 8, 8]``, p 2    1000 t           x - noise
+kandinsky5   ``Kandinsky5Transformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -651,6 +652,34 @@ def _z_image_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) ->
     return torch.stack(out).squeeze(2)
 
 
+#: the RoPE scale Kandinsky5T2VPipeline uses between 480 and 854 px (not 1, so the test sees it is passed on)
+KANDINSKY5_SCALE = (1.0, 2.0, 2.0)
+
+
+def tiny_kandinsky5(path: Path, seed: int = 0, **config) -> nn.Module:
+    from diffusers import Kandinsky5Transformer3DModel
+
+    return _build(
+        Kandinsky5Transformer3DModel, path, seed,
+        **{"in_visual_dim": C, "out_visual_dim": C, "in_text_dim": TEXT_DIM, "in_text_dim2": POOLED_DIM, "time_dim": 16,
+           "patch_size": (1, 2, 2), "model_dim": 32, "ff_dim": 64, "num_text_blocks": 1, "num_visual_blocks": 1,
+           "axes_dims": (4, 6, 6), **config},
+    )  # fmt: skip
+
+
+def _kandinsky5_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # Kandinsky5T2VPipeline: channels-last latents (with zero condition latents and mask when visual_cond),
+    # the FlowMatchEuler timestep 1000 sigma, RoPE positions arange per axis; it steps on noise - x.
+    b, c, f, h, w = x.shape
+    latents = x.permute(0, 2, 3, 4, 1)
+    if m.visual_cond:
+        latents = torch.cat([latents, torch.zeros_like(latents), torch.zeros(b, f, h, w, 1)], dim=-1)
+    text = cond["encoder_hidden_states"]
+    out = m(latents, text, 1000.0 - 1000.0 * t, cond["pooled_projections"], [torch.arange(n) for n in (f, h // 2, w // 2)],
+            torch.arange(text.shape[1]), scale_factor=cond["scale_factor"]).sample  # fmt: skip
+    return -out.permute(0, 4, 1, 2, 3)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -775,6 +804,7 @@ FAMILIES = {
     "latte": (tiny_latte, _latte_call, (C, 2, 8, 8), "latte"),
     "bria_fibo": (tiny_bria_fibo, _bria_fibo_call, (C, 8, 8), "bria_fibo"),
     "z_image": (tiny_z_image, _z_image_call, (C, 8, 8), "z_image"),
+    "kandinsky5": (tiny_kandinsky5, _kandinsky5_call, (C, 2, 8, 8), "kandinsky5"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
@@ -860,6 +890,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "z_image":  # the pipeline's kept tokens: the second sample's last token dropped
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
         out["encoder_attention_mask"][1:, -1] = False
+    if family == "kandinsky5":  # CLIP pooled, and the pipeline's RoPE scale (required)
+        out["pooled_projections"] = torch.randn(batch, POOLED_DIM, generator=generator)
+        out["scale_factor"] = KANDINSKY5_SCALE
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -60,6 +60,7 @@ CHECKPOINTED = {
     "latte": ("transformer_blocks", "temporal_transformer_blocks"),  # interleaved, one of each here
     "bria_fibo": ("transformer_blocks", "single_transformer_blocks"),
     "z_image": ("noise_refiner", "context_refiner", "layers"),
+    "kandinsky5": ("text_transformer_blocks", "visual_transformer_blocks"),
 }
 
 
@@ -556,3 +557,30 @@ def test_z_image_captions_of_different_padded_lengths_and_omni(pristine) -> None
     omni = ZImageTransformer2DModel.from_config({**dict(base.config), "siglip_feat_dim": 8})
     with pytest.raises(ValueError, match=r"siglip_feat_dim=8 is Z-Image Omni"):
         wrap_dit(omni, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 16), patch_sizes=[2, 4])
+
+
+def test_kandinsky5_visual_cond_scale_and_nabla(pristine, tmp_path) -> None:
+    """Kandinsky 5's text-to-video input with visual_cond carries zero condition latents and mask: their weights are
+    dropped exactly; the RoPE scale is asked for (the pipeline's choice), Nabla attention refused."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    cond_model = tiny.tiny_kandinsky5(tmp_path / "cond", visual_cond=True)
+    model = wrap_dit(copy.deepcopy(cond_model), LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16),
+                     patch_sizes=[(1, 2, 2), (1, 4, 4)])  # fmt: skip
+    stages, t, g = _inputs(model, 2, seed=19)
+    cond = tiny.text_inputs("kandinsky5", 2, g)
+    x = stages[0].permute(0, 2, 3, 4, 1)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)[0]
+        expected = tiny.FAMILIES["kandinsky5"][1](cond_model, stages[0], t[:, 0], cond)
+        tokens = model.base.visual_embeddings.in_layer(model.packer.pack([stages[0], torch.zeros_like(stages[1])]))
+        base_tokens = cond_model.visual_embeddings(torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[..., :1])], -1))
+    assert (tokens - base_tokens.flatten(1, 3)).abs().max() <= 1e-6  # the dropped columns multiplied zeros
+    # Kandinsky 5's attention rounds RoPE'd queries and keys to bfloat16 (also in float32), so the ulp-level difference
+    # of the two sums above can flip a rounding: the outputs agree to that precision.
+    assert (v - expected).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match=r"RoPE scale.*scale_factor=\(1, 2, 2\).*\(1, 3.16, 3.16\).*\(1, 1, 1\)"):
+        model(stages, t, torch.ones(2, dtype=torch.long), **{**cond, "scale_factor": None})
+    nabla = Kandinsky5Transformer3DModel.from_config({**dict(pristine["kandinsky5"].config), "attention_type": "nabla"})
+    with pytest.raises(ValueError, match="attention_type='nabla'.*attention_type='regular'"):
+        wrap_dit(nabla, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))

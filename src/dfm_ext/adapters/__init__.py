@@ -47,6 +47,7 @@ name               family
 ``latte``          diffusers ``LatteTransformer3DModel`` (declarative; asks for the prediction type; no per-stage attn/mlp)
 ``bria_fibo``      diffusers ``BriaFiboTransformer2DModel`` (declarative; per-block text-encoder layers)
 ``z_image``        diffusers ``ZImageTransformer2DModel`` (declarative; per-sample padded image and caption sequences)
+``kandinsky5``     diffusers ``Kandinsky5Transformer3DModel`` (declarative; channels-last, the pipeline's RoPE scale asked for)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -105,6 +106,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.latte import LatteAdapter
     from dfm_ext.adapters.bria_fibo import BriaFiboAdapter
     from dfm_ext.adapters.z_image import ZImageAdapter
+    from dfm_ext.adapters.kandinsky5 import Kandinsky5Adapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -147,6 +149,7 @@ _CLASSES = {
     "LatteAdapter": "latte",
     "BriaFiboAdapter": "bria_fibo",
     "ZImageAdapter": "z_image",
+    "Kandinsky5Adapter": "kandinsky5",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -173,6 +176,7 @@ _DIFFUSERS = {
     "latte": "latte",
     "bria_fibo": "bria_fibo",
     "z_image": "z_image",
+    "kandinsky5": "kandinsky5",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -60,6 +60,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "LatteTransformer3DModel": "latte",
         "BriaFiboTransformer2DModel": "bria_fibo",
         "ZImageTransformer2DModel": "z_image",
+        "Kandinsky5Transformer3DModel": "kandinsky5",
     }
 )
 
@@ -157,11 +158,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "in_channels (the packed latent_channels x 4), the image and text position ids, or the sign of the "
             "velocity (the model reads a flow time whose 0 is clean: text and reference tokens sit at 0); an adapter "
             "would ask for them, and refuse flow_map checkpoints (a second time, target_timestep) and image_cond tokens"
-        ),
-        "Kandinsky5Transformer3DModel": (
-            "not written yet: channels-last input [B, T, H, W, C] with visual-condition latents and a mask "
-            "concatenated (zeros in text-to-video), RoPE positions and a resolution scale_factor computed by the "
-            "pipeline, separate text transformer blocks, optional fractal (block-sparse) token order"
         ),
         "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
     }
