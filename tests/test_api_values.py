@@ -261,3 +261,33 @@ def test_adapter_output_scale_must_be_finite_and_non_zero(scale) -> None:
 
     with pytest.raises(ValueError, match="output_scale must be a finite non-zero number"):
         DiTFamilyAdapter(time_convention="unit", output_scale=scale)
+
+
+def test_allocation_update_with_the_wrong_number_of_stages_names_it() -> None:
+    from dfm_ext.process.allocation import make_allocation
+
+    sampler = dfm_ext.StageTimestepSampler(2, allocation=make_allocation("progress", 2, prior=(0.9, 0.1)))
+    with pytest.raises(ValueError, match=r"per_stage_loss must be \[S\] = \[2\] \(one loss per stage\), got \(3,\)"):
+        sampler.update(torch.zeros(3))
+
+
+def test_a_registered_adapter_for_a_missing_package_does_not_break_auto() -> None:
+    """Its matches() imports a package that is not installed: skipped with a warning naming it, the model still wraps."""
+    from dfm_ext.wrapping.adapter import register_adapter, unregister_adapter
+
+    class NeedsAMissingPackage:
+        name = "needs_missing"
+
+        def matches(self, model):
+            import dfm_ext_not_a_real_package  # noqa: F401
+
+        default_sample_shape = token_grid = install = forward = null_condition = None
+
+    register_adapter(NeedsAMissingPackage())
+    try:
+        base = dfm_ext.DiT(dfm_ext.DiTConfig.preset("tiny", input_size=8, in_channels=3, num_classes=4))
+        with pytest.warns(UserWarning, match=r"adapter 'needs_missing' was skipped: its matches\(\) raised ModuleNotFoundError"):
+            model = dfm_ext.wrap_dit(base, dfm_ext.LaplacianPyramid(factors=(2, 1)), sample_shape=(3, 8, 8))
+        assert model.adapter.name == "dit"
+    finally:
+        unregister_adapter("needs_missing")

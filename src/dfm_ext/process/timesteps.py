@@ -402,6 +402,8 @@ class StageTimestepSampler:
         a = self.allocation
         if a is None:
             return
+        if tuple(per_stage_loss.shape) != (self.num_stages,):  # shapes are host metadata: no sync
+            raise ValueError(f"per_stage_loss must be [S] = [{self.num_stages}] (one loss per stage), got {tuple(per_stage_loss.shape)}")
         if not getattr(a, "needs_samples", False):
             a.update(per_stage_loss)
             return

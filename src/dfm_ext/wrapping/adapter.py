@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -350,7 +351,13 @@ def _find_adapter(adapter: str | DiTAdapter | type, model: nn.Module) -> DiTAdap
     candidates = registered_adapters()
     if adapter == "auto":
         for a in candidates:
-            if a.matches(model):  # before load(): a LazyAdapter imports its module only when it may match
+            try:
+                fits = a.matches(model)  # before load(): a LazyAdapter imports its module only when it may match
+            except ImportError as e:  # a registered adapter for a package not installed must not break every model
+                warnings.warn(f"adapter {a.name!r} was skipped: its matches() raised {type(e).__name__}: {e} (install what it "
+                              f"needs, or dfm_ext.wrapping.adapter.unregister_adapter({a.name!r}))", stacklevel=4)  # fmt: skip
+                continue
+            if fits:
                 found = a.load() if isinstance(a, LazyAdapter) else a
                 if found is not None:
                     return found
