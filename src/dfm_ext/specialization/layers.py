@@ -79,6 +79,8 @@ class StageLayer:
         route = self._stage_ctx.route(self._stage_name)
         if route.uniform is not None:
             return self._stage_forward(x, route.uniform)
+        if torch.compiler.is_compiling():  # a compiled layer (e.g. a block compiled on its own under FSDP2)
+            return self._device_routed(x, route)  # routes on the device: one graph whatever the stage mix
         single = route.counts is not None and max(route.counts) == route.batch  # any layout: no row to pick
         if not single and (x.ndim == 0 or x.shape[0] != route.batch):
             raise ValueError(
@@ -89,6 +91,10 @@ class StageLayer:
             )
         if route.counts is not None:
             return self._grouped(x, route)
+        return self._device_routed(x, route)
+
+    def _device_routed(self, x: Tensor, route: Route) -> Tensor:
+        """Every sample routed by the ``[B]`` stage on the device (no host value read, no data-dependent branch)."""
         if self._stage_kind == "lora":
             return super().forward(x) + self._stage_scaling * self._lora_mixed(x, route)  # type: ignore[misc]
         return self._full_masked(x, route)
@@ -127,8 +133,8 @@ class StageLayer:
             # A stage without samples runs on zero rows cut from x detached: its parameters join
             # the graph (zero gradients) at no cost to x's gradient (no full-size zeros to add).
             xs = x.index_select(0, rows) if rows.numel() else x.detach()[:0]
-            if self._stage_kind == "full":
-                y = y.index_copy_(0, rows, self._stage_forward(xs, j))
+            if self._stage_kind == "full":  # (under autocast the stages' outputs may differ in dtype from y's)
+                y = y.index_copy_(0, rows, self._stage_forward(xs, j).to(y.dtype))
                 continue
             pair = self._correction(j, k)
             if pair is None:  # both stages run the base weights
@@ -136,7 +142,7 @@ class StageLayer:
             a, b = pair
             # in place: y is this layer's own fresh output (not a view: no copy in backward), and
             # no backward formula reads it
-            y = y.index_add_(0, rows, self._lora(xs, a, b), alpha=self._stage_scaling)
+            y = y.index_add_(0, rows, self._lora(xs, a, b).to(y.dtype), alpha=self._stage_scaling)
         return self._grouped_out(y, shape)
 
     def _correction(self, j: int, k: int) -> tuple[Tensor, Tensor] | None:

@@ -80,9 +80,11 @@ class Route:
     @property
     def onehot(self) -> Tensor:
         """``[B, S]`` bool, ``stage[b] == s``."""
+        idx = self.index
+        assert idx is not None, "onehot is read only for a batch of mixed stages (uniform is None)"
+        if torch.compiler.is_compiling():  # not cached on the route: a traced write would guard later calls
+            return idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]
         if self._onehot is None:
-            idx = self.index
-            assert idx is not None, "onehot is read only for a batch of mixed stages (uniform is None)"
             self._onehot = idx[:, None] == torch.arange(self.num_stages, device=idx.device)[None, :]
         return self._onehot
 
@@ -92,6 +94,8 @@ class Route:
         Shared by all LoRA layers of the forward (same rank and dtype): built once, not per layer.
         """
         key = (rank, dtype)
+        if torch.compiler.is_compiling():
+            return self.onehot.repeat_interleave(rank, dim=1).to(dtype)
         if key not in self._masks:
             self._masks[key] = self.onehot.repeat_interleave(rank, dim=1).to(dtype)
         return self._masks[key]
@@ -182,6 +186,9 @@ class StageContext:
         self._calls: list[Route | None] = []
         self._manual: list[Route] = []
         self._replay: list[Route] = []  # routes re-installed by an activation-checkpoint recompute
+        # The innermost of the three, kept up to date on every change (refresh()): a layer compiled on its
+        # own reads this one attribute, so its guards do not depend on how deep the lists are.
+        self._active: Route | None = None
 
     def make_route(self, stage: object) -> Route:
         s = self.num_stages
@@ -238,6 +245,7 @@ class StageContext:
                 route, args, kwargs = grouped
                 changed = True
         self._calls.append(route)
+        self.refresh()
         _ACTIVE.append((self, route))
         return (args, kwargs) if changed else None
 
@@ -265,6 +273,7 @@ class StageContext:
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._calls:
             route = self._calls.pop()
+            self.refresh()
             _ACTIVE.pop()
             if route is not None and route.restore is not None and output is not None:
                 return module.permute_output(output, route.restore)  # type: ignore[operator]
@@ -274,20 +283,27 @@ class StageContext:
     def manual(self, stage: int | Tensor) -> Iterator[None]:
         route = self.make_route(stage)
         self._manual.append(route)
+        self.refresh()
         _ACTIVE.append((self, route))
         try:
             yield
         finally:
             self._manual.pop()
+            self.refresh()
             _ACTIVE.pop()
 
     def current(self) -> Route | None:
         """The route of the forward in progress (None when the model runs no routed forward)."""
+        return self._active
+
+    def refresh(self) -> None:
+        """Recompute the innermost route (a checkpoint recompute's, a forward's, a ``route()`` block's)."""
         if self._replay:
-            return self._replay[-1]
-        if self._calls and self._calls[-1] is not None:
-            return self._calls[-1]
-        return self._manual[-1] if self._manual else None
+            self._active = self._replay[-1]
+        elif self._calls and self._calls[-1] is not None:
+            self._active = self._calls[-1]
+        else:
+            self._active = self._manual[-1] if self._manual else None
 
     def route(self, layer: str) -> Route:
         route = self.current()
@@ -312,11 +328,13 @@ def routing_active() -> bool:
 def _replaying(routes: dict[StageContext, Route]) -> Iterator[None]:
     for ctx, route in routes.items():
         ctx._replay.append(route)
+        ctx.refresh()
     try:
         yield
     finally:
         for ctx in routes:
             ctx._replay.pop()
+            ctx.refresh()
 
 
 def _stage_context_fn() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:

@@ -9,10 +9,9 @@ Both write through :func:`~dfm_ext.recipes.engine.checkpoint.write_step_folder`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,23 +29,18 @@ from dfm_ext.recipes.engine.checkpoint import (
     write_step_folder,
 )
 from dfm_ext.recipes.engine.config import ConfigError, TrainConfig
+from dfm_ext.recipes.engine.ema import EMA, tensors_of
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "Parallelism", "full_state", "load_full_state", "make_parallelism",
-           "shard_model", "transformer_blocks", "unwrap"]  # fmt: skip
+__all__ = ["BLOCK_LIST_NAMES", "DDP", "EMA", "FSDP2", "RECOMPILE_LIMIT", "Parallelism", "compile_model", "full_state", "load_full_state",
+           "make_parallelism", "shard_model", "transformer_blocks", "unwrap"]  # fmt: skip
 
 #: ``ModuleList`` attribute names that hold the repeated transformer blocks, per model family.
 BLOCK_LIST_NAMES = ("blocks", "transformer_blocks", "single_transformer_blocks")
 _SHARDED = "sharded.json"  # written into a sharded checkpoint: its format and world size
-
-
-def _local(t: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -54,82 +48,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(inner := model.inner if isinstance(model, BatchSplit) else getattr(model, "module", None), nn.Module):
         model = inner
     return model
-
-
-class EMA:
-    """Exponential moving average of a model's parameters and buffers (``DTensor`` s when it is sharded).
-
-    :meth:`update` after optimiser step ``step`` does ``ema <- ema + (1 - d) (p - ema)`` with one
-    ``_foreach_lerp_`` (no host read): ``d = decay`` (the first update copies), or with ``warmup``
-    ``d = min(decay, (1 + step) / (10 + step))``, the initial weights being the first average.
-    ``module``: keep the shadow as an eager copy of ``model`` (:attr:`module`) to sample from,
-    instead of swapping it into ``model`` (:meth:`applied`).
-    """
-
-    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False, module: bool = False) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup, self.updates = decay, warmup, 1 if warmup else 0
-        self.module = copy.deepcopy(model).requires_grad_(False) if module else None
-        with torch.no_grad():
-            source = self.module if self.module is not None else model
-            self.shadow = {n: t.detach() if self.module is not None else t.detach().clone() for n, t in _tensors(source)}
-
-    def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-        tensors = _tensors(model)
-        if [n for n, _ in tensors] != list(self.shadow):
-            raise ValueError("the model's parameters and buffers differ from the ones the EMA was built with")
-        return [_local(self.shadow[n]) for n, _ in tensors], [_local(t.detach()) for _, t in tensors]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Fold the model's current (local) weights into the average after optimiser step ``step``."""
-        ema, cur = self._pairs(unwrap(model))
-        if self.updates == 0:
-            torch._foreach_copy_(ema, cur)
-        else:
-            d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-            fl = [i for i, t in enumerate(ema) if t.is_floating_point() or t.is_complex()]
-            if fl:
-                torch._foreach_lerp_([ema[i] for i in fl], [cur[i] for i in fl], 1.0 - d)
-            for i in sorted(set(range(len(ema))) - set(fl)):  # integer buffers
-                ema[i].copy_(cur[i] if self.warmup else ema[i] * d + cur[i] * (1.0 - d))
-        self.updates += 1
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The EMA weights to sample from: :attr:`module`, or swapped into ``model`` and back exactly."""
-        if self.module is not None:
-            yield self.module
-            return
-        ema, cur = self._pairs(model)
-        with torch.no_grad():
-            backup = [t.clone() for t in cur]
-            torch._foreach_copy_(cur, ema)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(cur, backup)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The counter, and the shadow when it is an eager module (sharded shadows go through DCP)."""
-        state: dict[str, Any] = {"updates": self.updates}
-        if self.module is not None:
-            state["shadow"] = {n: t.cpu() for n, t in self.shadow.items()}
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.updates = int(state["updates"])
-        if self.module is not None:
-            with torch.no_grad():
-                for n, t in state["shadow"].items():
-                    self.shadow[n].copy_(t)
-
-
-def _tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
-    # Parameters (trainable or not) and buffers, as torch's AveragedModel(use_buffers=True) averages them.
-    return [*model.named_parameters(), *model.named_buffers()]
 
 
 class Parallelism(ABC):
@@ -175,11 +93,11 @@ class Parallelism(ABC):
         """The model ``task.evaluate`` samples with (every process calls it with the same inputs)."""
         return model
 
-    def _compile(self, model: nn.Module) -> None:
+    def _compile(self, model: nn.Module, *, per_block: bool = False) -> None:
         # In place, so DDP wraps the compiled module and state-dict keys gain no "_orig_mod." prefix;
         # after the EMA copied the model, whose copy stays eager for sampling and final/.
         if self.train.compile:
-            model.compile(backend=self.train.compile_backend)
+            compile_model(model, self.train.compile_backend, per_block=per_block)
 
     def _ema(self, model: nn.Module, *, module: bool) -> EMA | None:
         return None if self.train.ema_decay is None else EMA(model, self.train.ema_decay, warmup=self.train.ema_warmup, module=module)
@@ -195,7 +113,7 @@ class DDP(Parallelism):
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if ema is not None:
             ema.module.to(self.accelerator.device)  # type: ignore[union-attr]
-            ema.shadow = {n: t.detach() for n, t in _tensors(ema.module)}  # type: ignore[arg-type]
+            ema.shadow = {n: t.detach() for n, t in tensors_of(ema.module)}  # type: ignore[arg-type]
         self.ema = ema
         return model, optimizer, ema
 
@@ -215,6 +133,7 @@ class DDP(Parallelism):
         return write_step_folder(
             root, step, keep=self.train.keep_checkpoints, is_main=acc.is_main_process, barrier=acc.wait_for_everyone,
             write_all=lambda tmp: acc.save_state(str(tmp)), write_main=lambda tmp: save_extra_state(tmp, extra),
+            rank=acc.process_index, world=acc.num_processes,
         )  # fmt: skip
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> None:
@@ -240,6 +159,33 @@ class DDP(Parallelism):
         from accelerate.utils import gather_object
 
         return list(gather_object([digest]))
+
+
+#: torch's recompile limits while a run compiles (``torch._dynamo.config.recompile_limit``, default 8): a model
+#: compiles one graph per input shape, and FLUX's aspect-ratio buckets (14 by default) would send the 9th
+#: bucket's steps silently to eager. Static shapes per bucket keep the best kernels; the count is bounded.
+RECOMPILE_LIMIT = 64
+
+
+def compile_model(model: nn.Module, backend: str, *, per_block: bool = False) -> nn.Module:
+    """``torch.compile`` ``model`` in place (its state-dict keys unchanged) and raise the recompile limits.
+
+    ``per_block``: compile each transformer block's ``forward`` alone (the rest stays eager), so module
+    hooks around the blocks (FSDP2's all-gather and reduce-scatter) run outside the graphs, with no
+    graph break, as torchtitan does; a specialised layer inside a compiled block routes by stage on
+    the device (one graph whatever the stage mix).
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    if not per_block:
+        model.compile(backend=backend)
+        return model
+    for block in transformer_blocks(model):
+        block.forward = torch.compile(block.forward, backend=backend)
+    return model
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -286,10 +232,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bo
     if mp_policy is not None:
         block = {"mp_policy": dataclasses.replace(mp_policy, output_dtype=mp_policy.output_dtype or torch.float32)}
         root = {"mp_policy": dataclasses.replace(mp_policy, param_dtype=None, cast_forward_inputs=False)}
+    for unit in units:  # the time embedder inside block 0 (its own unit, first): it takes t, as the root
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, **root)
     for unit in blocks:
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, **block)
-    for unit in [*units, model]:  # the time embedder unit takes t: as the root
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, **root)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **root)
     model.set_reduce_scatter_unused_params(True)  # type: ignore[operator]
     return model
 
@@ -335,7 +282,7 @@ class FSDP2(Parallelism):
         model = shard_model(model.to(device), self.mesh(device), mp_policy=self.mp_policy())
         self.ema = ema = self._ema(model, module=False)
         optimizer = make_optimizer(model)
-        self._compile(model)  # after fully_shard: FSDP2's hooks run outside the graphs
+        self._compile(model, per_block=True)  # after fully_shard, each block's forward: FSDP2's hooks run outside the graphs
         return model, optimizer, ema
 
     def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
@@ -368,6 +315,7 @@ class FSDP2(Parallelism):
         return write_step_folder(
             root, step, keep=self.train.keep_checkpoints, is_main=dist.get_rank() == 0, barrier=dist.barrier,
             write_all=lambda tmp: dcp.save(self._states(model, optimizer), checkpoint_id=str(tmp)), write_main=write_main,
+            rank=dist.get_rank(), world=dist.get_world_size(),
         )  # fmt: skip
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> None:
