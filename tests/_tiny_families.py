@@ -38,6 +38,7 @@ latte        ``LatteTransformer3DModel``          ``[B, 4, 2, 8, 8]``      999 s
 bria_fibo    ``BriaFiboTransformer2DModel``       ``[B, 4, 8, 8]``, p 1    1000 sigma       noise - x
 z_image      ``ZImageTransformer2DModel``         ``[B, 4, 8, 8]``, p 2    1000 t           x - noise
 kandinsky5   ``Kandinsky5Transformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
+hunyuan_v15  ``HunyuanVideo15Transformer3DModel`` ``[B, 4, 2, 8, 8]``      1000 sigma (x2)  noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -680,6 +681,37 @@ def _kandinsky5_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict)
     return -out.permute(0, 4, 1, 2, 3)
 
 
+HV15_GLYPH_DIM = 8  # ByT5 width
+HV15_IMAGE_DIM = 8  # SigLIP width
+
+
+def tiny_hunyuan_video15(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return _build(
+        HunyuanVideo15Transformer3DModel, path, seed,
+        in_channels=2 * C + 1, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, text_embed_dim=TEXT_DIM, text_embed_2_dim=HV15_GLYPH_DIM,
+        image_embed_dim=HV15_IMAGE_DIM, rope_axes_dim=(2, 2, 4),
+    )  # fmt: skip
+
+
+def _hunyuan_video15_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # HunyuanVideo15Pipeline (text-to-video): [latents, zero condition latents, zero mask], zero SigLIP embeddings
+    # (two tokens here, 729 in the pipeline), FlowMatchEuler's 1000 sigma, the ByT5 block all masked without glyph
+    # text; it steps on noise - x.
+    b, c, f, h, w = x.shape
+    text = cond["encoder_hidden_states"]
+    glyph = cond.get("encoder_hidden_states_2", torch.zeros(b, 2, HV15_GLYPH_DIM))
+    glyph_mask = cond.get("encoder_attention_mask_2", torch.zeros(b, glyph.shape[1], dtype=torch.long))
+    out = m(
+        torch.cat([x, torch.zeros_like(x), torch.zeros(b, 1, f, h, w)], dim=1), timestep=1000.0 - 1000.0 * t,
+        encoder_hidden_states=text, encoder_attention_mask=cond["encoder_attention_mask"], encoder_hidden_states_2=glyph,
+        encoder_attention_mask_2=glyph_mask, image_embeds=torch.zeros(b, 2, HV15_IMAGE_DIM),
+    ).sample  # fmt: skip
+    return -out
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -805,6 +837,7 @@ FAMILIES = {
     "bria_fibo": (tiny_bria_fibo, _bria_fibo_call, (C, 8, 8), "bria_fibo"),
     "z_image": (tiny_z_image, _z_image_call, (C, 8, 8), "z_image"),
     "kandinsky5": (tiny_kandinsky5, _kandinsky5_call, (C, 2, 8, 8), "kandinsky5"),
+    "hunyuan_video15": (tiny_hunyuan_video15, _hunyuan_video15_call, (C, 2, 8, 8), "hunyuan_video15"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
@@ -893,6 +926,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "kandinsky5":  # CLIP pooled, and the pipeline's RoPE scale (required)
         out["pooled_projections"] = torch.randn(batch, POOLED_DIM, generator=generator)
         out["scale_factor"] = KANDINSKY5_SCALE
+    if family == "hunyuan_video15":  # the last Qwen token padded in the second sample
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -61,6 +61,7 @@ CHECKPOINTED = {
     "bria_fibo": ("transformer_blocks", "single_transformer_blocks"),
     "z_image": ("noise_refiner", "context_refiner", "layers"),
     "kandinsky5": ("text_transformer_blocks", "visual_transformer_blocks"),
+    "hunyuan_video15": ("transformer_blocks",),  # the text refiner runs plainly
 }
 
 
@@ -584,3 +585,26 @@ def test_kandinsky5_visual_cond_scale_and_nabla(pristine, tmp_path) -> None:
     nabla = Kandinsky5Transformer3DModel.from_config({**dict(pristine["kandinsky5"].config), "attention_type": "nabla"})
     with pytest.raises(ValueError, match="attention_type='nabla'.*attention_type='regular'"):
         wrap_dit(nabla, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+
+
+def test_hunyuan_video15_glyph_text_and_meanflow(pristine) -> None:
+    """HunyuanVideo 1.5's ByT5 glyph tokens join the Qwen tokens as the model joins them (valid first, padding zeroed);
+    the null condition drops the glyph text as the pipeline's no-glyph prompt does; meanflow models are refused."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    model, base = _wrap(pristine, "hunyuan_video15"), pristine["hunyuan_video15"]
+    stages, t, g = _inputs(model, 2, seed=20)
+    cond = tiny.text_inputs("hunyuan_video15", 2, g)
+    cond["encoder_hidden_states_2"] = torch.randn(2, 2, tiny.HV15_GLYPH_DIM, generator=g)
+    cond["encoder_attention_mask_2"] = torch.tensor([[1, 1], [0, 1]])
+    null = model.null_condition(**cond)
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)[0]
+        expected = tiny.FAMILIES["hunyuan_video15"][1](base, stages[0], t[:, 0], cond)
+        v_null = model(stages, t, torch.ones(2, dtype=torch.long), **null)[0]
+        no_glyph = {k: v for k, v in null.items() if not k.endswith("_2")}
+        expected_null = tiny.FAMILIES["hunyuan_video15"][1](base, stages[0], t[:, 0], no_glyph)
+    assert (v - expected).abs().max() <= 1e-5 and (v_null - expected_null).abs().max() <= 1e-5
+    meanflow = HunyuanVideo15Transformer3DModel.from_config({**dict(base.config), "use_meanflow": True})
+    with pytest.raises(ValueError, match="use_meanflow=True.*timestep_r.*flow map"):
+        wrap_dit(meanflow, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))

@@ -48,6 +48,7 @@ name               family
 ``bria_fibo``      diffusers ``BriaFiboTransformer2DModel`` (declarative; per-block text-encoder layers)
 ``z_image``        diffusers ``ZImageTransformer2DModel`` (declarative; per-sample padded image and caption sequences)
 ``kandinsky5``     diffusers ``Kandinsky5Transformer3DModel`` (declarative; channels-last, the pipeline's RoPE scale asked for)
+``hunyuan_video15``  diffusers ``HunyuanVideo15Transformer3DModel`` (declarative; text-to-video, Qwen and ByT5 text joined as the model joins them)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -107,6 +108,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.bria_fibo import BriaFiboAdapter
     from dfm_ext.adapters.z_image import ZImageAdapter
     from dfm_ext.adapters.kandinsky5 import Kandinsky5Adapter
+    from dfm_ext.adapters.hunyuan_video15 import HunyuanVideo15Adapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -150,6 +152,7 @@ _CLASSES = {
     "BriaFiboAdapter": "bria_fibo",
     "ZImageAdapter": "z_image",
     "Kandinsky5Adapter": "kandinsky5",
+    "HunyuanVideo15Adapter": "hunyuan_video15",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -177,6 +180,7 @@ _DIFFUSERS = {
     "bria_fibo": "bria_fibo",
     "z_image": "z_image",
     "kandinsky5": "kandinsky5",
+    "hunyuan_video15": "hunyuan_video15",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

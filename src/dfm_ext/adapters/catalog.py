@@ -61,6 +61,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "BriaFiboTransformer2DModel": "bria_fibo",
         "ZImageTransformer2DModel": "z_image",
         "Kandinsky5Transformer3DModel": "kandinsky5",
+        "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
     }
 )
 
@@ -151,7 +152,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "tokens read t_scale x sigma, the clean gist and context tokens read time 0, which per-stage would be every "
             "stage at data time, as for FLUX.3's text), and would refuse context_latents (the images to edit)"
         ),
-        "HunyuanVideo15Transformer3DModel": "not written yet: HunyuanVideo 1.5's dual text encoders and image embeddings",
         "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "Flux3Transformer2DModel": (
             "not written yet: diffusers ships no FLUX.3 pipeline, so the library cannot show the order of a token's "
