@@ -39,6 +39,7 @@ bria_fibo    ``BriaFiboTransformer2DModel``       ``[B, 4, 8, 8]``, p 1    1000 
 z_image      ``ZImageTransformer2DModel``         ``[B, 4, 8, 8]``, p 2    1000 t           x - noise
 kandinsky5   ``Kandinsky5Transformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 hunyuan_v15  ``HunyuanVideo15Transformer3DModel`` ``[B, 4, 2, 8, 8]``      1000 sigma (x2)  noise - x
+prx          ``PRXTransformer2DModel``            ``[B, 4, 8, 8]``, p 2    sigma            noise - x (asked)
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -712,6 +713,28 @@ def _hunyuan_video15_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     return -out
 
 
+def tiny_prx(path: Path, seed: int = 0, **config) -> nn.Module:
+    from diffusers import PRXTransformer2DModel
+
+    return _build(
+        PRXTransformer2DModel, path, seed,
+        **{"in_channels": C, "patch_size": 2, "context_in_dim": TEXT_DIM, "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2,
+           "depth": 1, "axes_dim": [8, 8], **config},
+    )  # fmt: skip
+
+
+def _prx_adapter(**kw):
+    from dfm_ext.adapters.prx import PRXAdapter
+
+    return PRXAdapter(prediction="velocity", **kw)
+
+
+def _prx_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # PRXPipeline: t_cont = timestep / 1000 = sigma (the model multiplies by time_factor); FlowMatchEuler steps
+    # on the output as is: noise - x.
+    return -m(x, timestep=1.0 - t, encoder_hidden_states=cond["encoder_hidden_states"], attention_mask=cond["attention_mask"]).sample
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -838,13 +861,14 @@ FAMILIES = {
     "z_image": (tiny_z_image, _z_image_call, (C, 8, 8), "z_image"),
     "kandinsky5": (tiny_kandinsky5, _kandinsky5_call, (C, 2, 8, 8), "kandinsky5"),
     "hunyuan_video15": (tiny_hunyuan_video15, _hunyuan_video15_call, (C, 2, 8, 8), "hunyuan_video15"),
+    "prx": (tiny_prx, _prx_call, (C, 8, 8), "prx"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
 PATCH_ONE = {"ltx_video", "bria_fibo"}
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
-ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter, "latte": _latte_adapter}
+ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter, "latte": _latte_adapter, "prx": _prx_adapter}
 
 #: family -> the layer groups its adapter leaves out, and why
 GROUPS_LEFT_OUT = {"latte": {"attn", "mlp"}}  # its blocks run on frame- and token-major batches
@@ -929,6 +953,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "hunyuan_video15":  # the last Qwen token padded in the second sample
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_attention_mask"][1:, -1] = 0
+    if family == "prx":  # the pipeline's cross_attn_mask: the last token padded in the second sample
+        out["attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["attention_mask"][1:, -1] = False
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

@@ -62,6 +62,7 @@ CHECKPOINTED = {
     "z_image": ("noise_refiner", "context_refiner", "layers"),
     "kandinsky5": ("text_transformer_blocks", "visual_transformer_blocks"),
     "hunyuan_video15": ("transformer_blocks",),  # the text refiner runs plainly
+    "prx": ("blocks",),
 }
 
 
@@ -608,3 +609,22 @@ def test_hunyuan_video15_glyph_text_and_meanflow(pristine) -> None:
     meanflow = HunyuanVideo15Transformer3DModel.from_config({**dict(base.config), "use_meanflow": True})
     with pytest.raises(ValueError, match="use_meanflow=True.*timestep_r.*flow map"):
         wrap_dit(meanflow, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 2, 16, 16))
+
+
+def test_prx_asks_for_its_prediction_and_refuses_the_pixel_variant(pristine) -> None:
+    """One PRX class serves PRXPipeline (velocity) and PRXPixelPipeline (x0): adapter="auto" asks; x0 and the pixel
+    PRX-7B layout are refused with their reasons."""
+    from diffusers import PRXTransformer2DModel
+
+    from dfm_ext.adapters import PRXAdapter
+
+    wrap = lambda model, adapter="auto": wrap_dit(model, LaplacianPyramid(factors=(2, 1)), adapter=adapter, sample_shape=(tiny.C, 16, 16))  # noqa: E731
+    with pytest.raises(ValueError, match=r"PRXAdapter\(prediction='velocity'\).*PRXPipeline.*'sample'.*PRXPixelPipeline"):
+        wrap(_fresh(pristine, "prx"))
+    with pytest.raises(ValueError, match=r"predicts the clean image.*max\(sigma, 0.05\)"):
+        wrap(_fresh(pristine, "prx"), PRXAdapter(prediction="sample"))
+    pixel = PRXTransformer2DModel.from_config({**dict(pristine["prx"].config), "bottleneck_size": 8, "resolution_embeds": True})
+    with pytest.raises(ValueError, match="pixel-space PRX-7B layout"):
+        wrap(pixel, PRXAdapter(prediction="velocity"))
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        PRXAdapter(prediction="epsilon")

@@ -49,6 +49,7 @@ name               family
 ``z_image``        diffusers ``ZImageTransformer2DModel`` (declarative; per-sample padded image and caption sequences)
 ``kandinsky5``     diffusers ``Kandinsky5Transformer3DModel`` (declarative; channels-last, the pipeline's RoPE scale asked for)
 ``hunyuan_video15``  diffusers ``HunyuanVideo15Transformer3DModel`` (declarative; text-to-video, Qwen and ByT5 text joined as the model joins them)
+``prx``            diffusers ``PRXTransformer2DModel`` (declarative; asks for the prediction, the pixel-space x0 variant refused)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -109,6 +110,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.z_image import ZImageAdapter
     from dfm_ext.adapters.kandinsky5 import Kandinsky5Adapter
     from dfm_ext.adapters.hunyuan_video15 import HunyuanVideo15Adapter
+    from dfm_ext.adapters.prx import PRXAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -153,6 +155,7 @@ _CLASSES = {
     "ZImageAdapter": "z_image",
     "Kandinsky5Adapter": "kandinsky5",
     "HunyuanVideo15Adapter": "hunyuan_video15",
+    "PRXAdapter": "prx",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -181,6 +184,7 @@ _DIFFUSERS = {
     "z_image": "z_image",
     "kandinsky5": "kandinsky5",
     "hunyuan_video15": "hunyuan_video15",
+    "prx": "prx",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

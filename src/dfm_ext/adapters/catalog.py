@@ -62,6 +62,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "ZImageTransformer2DModel": "z_image",
         "Kandinsky5Transformer3DModel": "kandinsky5",
         "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
+        "PRXTransformer2DModel": "prx",
     }
 )
 
@@ -152,7 +153,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "tokens read t_scale x sigma, the clean gist and context tokens read time 0, which per-stage would be every "
             "stage at data time, as for FLUX.3's text), and would refuse context_latents (the images to edit)"
         ),
-        "PRXTransformer2DModel": "not written yet: PRX's own patchifier and timestep embedding",
         "Flux3Transformer2DModel": (
             "not written yet: diffusers ships no FLUX.3 pipeline, so the library cannot show the order of a token's "
             "in_channels (the packed latent_channels x 4), the image and text position ids, or the sign of the "
