@@ -40,6 +40,7 @@ z_image      ``ZImageTransformer2DModel``         ``[B, 4, 8, 8]``, p 2    1000 
 kandinsky5   ``Kandinsky5Transformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x
 hunyuan_v15  ``HunyuanVideo15Transformer3DModel`` ``[B, 4, 2, 8, 8]``      1000 sigma (x2)  noise - x
 prx          ``PRXTransformer2DModel``            ``[B, 4, 8, 8]``, p 2    sigma            noise - x (asked)
+motif_video  ``MotifVideoTransformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x (asked)
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -735,6 +736,32 @@ def _prx_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> tor
     return -m(x, timestep=1.0 - t, encoder_hidden_states=cond["encoder_hidden_states"], attention_mask=cond["attention_mask"]).sample
 
 
+def tiny_motif_video(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import MotifVideoTransformer3DModel
+
+    return _build(
+        MotifVideoTransformer3DModel, path, seed,
+        in_channels=2 * C + 1, out_channels=C, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=2, num_decoder_layers=1, mlp_ratio=2.0, patch_size=2, text_embed_dim=TEXT_DIM,
+        rope_axes_dim=(2, 2, 4), enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True,
+    )  # fmt: skip
+
+
+def _motif_video_adapter(**kw):
+    from dfm_ext.adapters.motif_video import MotifVideoAdapter
+
+    return MotifVideoAdapter(prediction="flow_prediction", **kw)
+
+
+def _motif_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # MotifVideoPipeline (text-to-video): [latents, zero condition latents, zero mask], a flow-matching scheduler's
+    # 1000 sigma, its output stepped on as is: noise - x (the prediction the adapter asks for).
+    b, c, f, h, w = x.shape
+    out = m(torch.cat([x, torch.zeros_like(x), torch.zeros(b, 1, f, h, w)], dim=1), timestep=1000.0 - 1000.0 * t,
+            encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"]).sample  # fmt: skip
+    return -out
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -862,13 +889,15 @@ FAMILIES = {
     "kandinsky5": (tiny_kandinsky5, _kandinsky5_call, (C, 2, 8, 8), "kandinsky5"),
     "hunyuan_video15": (tiny_hunyuan_video15, _hunyuan_video15_call, (C, 2, 8, 8), "hunyuan_video15"),
     "prx": (tiny_prx, _prx_call, (C, 8, 8), "prx"),
+    "motif_video": (tiny_motif_video, _motif_video_call, (C, 2, 8, 8), "motif_video"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
 PATCH_ONE = {"ltx_video", "bria_fibo"}
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
-ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter, "latte": _latte_adapter, "prx": _prx_adapter}
+ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter, "latte": _latte_adapter, "prx": _prx_adapter,
+            "motif_video": _motif_video_adapter}  # fmt: skip
 
 #: family -> the layer groups its adapter leaves out, and why
 GROUPS_LEFT_OUT = {"latte": {"attn", "mlp"}}  # its blocks run on frame- and token-major batches
@@ -956,6 +985,9 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "prx":  # the pipeline's cross_attn_mask: the last token padded in the second sample
         out["attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
         out["attention_mask"][1:, -1] = False
+    if family == "motif_video":  # the last token padded in the second sample
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        out["encoder_attention_mask"][1:, -1] = 0
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

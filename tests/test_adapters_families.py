@@ -63,6 +63,7 @@ CHECKPOINTED = {
     "kandinsky5": ("text_transformer_blocks", "visual_transformer_blocks"),
     "hunyuan_video15": ("transformer_blocks",),  # the text refiner runs plainly
     "prx": ("blocks",),
+    "motif_video": ("transformer_blocks", "single_transformer_blocks"),  # the decoder block last, as in Motif's forward
 }
 
 
@@ -628,3 +629,14 @@ def test_prx_asks_for_its_prediction_and_refuses_the_pixel_variant(pristine) -> 
         wrap(pixel, PRXAdapter(prediction="velocity"))
     with pytest.raises(ValueError, match="prediction must be one of"):
         PRXAdapter(prediction="epsilon")
+
+
+def test_motif_video_asks_for_its_schedulers_prediction(pristine) -> None:
+    """MotifVideoPipeline takes any scheduler and diffusers holds none of Motif-Video's configs: adapter="auto" asks."""
+    from dfm_ext.adapters import MotifVideoAdapter
+
+    shape = dict(sample_shape=(tiny.C, 2, 16, 16), patch_sizes=[(1, 2, 2), (1, 4, 4)])
+    with pytest.raises(ValueError, match=r"MotifVideoAdapter\(prediction='flow_prediction'\).*1000 sigma, noise - x"):
+        wrap_dit(_fresh(pristine, "motif_video"), LaplacianPyramid(factors=(2, 1)), **shape)
+    with pytest.raises(ValueError, match="prediction='epsilon': only 'flow_prediction'"):
+        wrap_dit(_fresh(pristine, "motif_video"), LaplacianPyramid(factors=(2, 1)), adapter=MotifVideoAdapter(prediction="epsilon"), **shape)

@@ -50,6 +50,7 @@ name               family
 ``kandinsky5``     diffusers ``Kandinsky5Transformer3DModel`` (declarative; channels-last, the pipeline's RoPE scale asked for)
 ``hunyuan_video15``  diffusers ``HunyuanVideo15Transformer3DModel`` (declarative; text-to-video, Qwen and ByT5 text joined as the model joins them)
 ``prx``            diffusers ``PRXTransformer2DModel`` (declarative; asks for the prediction, the pixel-space x0 variant refused)
+``motif_video``    diffusers ``MotifVideoTransformer3DModel`` (declarative; text-to-video, asks for the scheduler's prediction)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -111,6 +112,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.kandinsky5 import Kandinsky5Adapter
     from dfm_ext.adapters.hunyuan_video15 import HunyuanVideo15Adapter
     from dfm_ext.adapters.prx import PRXAdapter
+    from dfm_ext.adapters.motif_video import MotifVideoAdapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -156,6 +158,7 @@ _CLASSES = {
     "Kandinsky5Adapter": "kandinsky5",
     "HunyuanVideo15Adapter": "hunyuan_video15",
     "PRXAdapter": "prx",
+    "MotifVideoAdapter": "motif_video",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -185,6 +188,7 @@ _DIFFUSERS = {
     "kandinsky5": "kandinsky5",
     "hunyuan_video15": "hunyuan_video15",
     "prx": "prx",
+    "motif_video": "motif_video",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

@@ -63,6 +63,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "Kandinsky5Transformer3DModel": "kandinsky5",
         "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
         "PRXTransformer2DModel": "prx",
+        "MotifVideoTransformer3DModel": "motif_video",
     }
 )
 
@@ -159,7 +160,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "velocity (the model reads a flow time whose 0 is clean: text and reference tokens sit at 0); an adapter "
             "would ask for them, and refuse flow_map checkpoints (a second time, target_timestep) and image_cond tokens"
         ),
-        "MotifVideoTransformer3DModel": "not written yet: Motif-Video's dual-stream video blocks and image embeddings",
     }
 )
 

@@ -47,7 +47,7 @@ from .diffusers_common import diffusers_layer_groups
 from .hunyuan_video import HunyuanVideoAdapter
 from .spec import AdapterSpec, SpecAdapter
 
-__all__ = ["HunyuanVideo15Adapter", "HunyuanVideo15Conditioning", "ADAPTER"]
+__all__ = ["HunyuanVideo15Adapter", "HunyuanVideo15Conditioning", "latent_channels_only", "ADAPTER"]
 
 
 class HunyuanVideo15Conditioning(NamedTuple):
@@ -58,6 +58,23 @@ class HunyuanVideo15Conditioning(NamedTuple):
     encoder_hidden_states_2: Tensor | None = None
     encoder_attention_mask_2: Tensor | None = None
     attention_kwargs: dict[str, Any] | None = None
+
+
+def latent_channels_only(proj: nn.Conv3d, c: int) -> nn.Conv3d:
+    """``proj`` reading only the first ``c`` input channels, when it reads ``[latents, condition, mask]`` (``2 c + 1``).
+
+    The text-to-video pipelines of HunyuanVideo 1.5 and Motif-Video pass the condition latents and the mask as zeros,
+    so the kernel's other slices multiply zeros; ``proj`` is returned as is when it reads ``c`` channels.
+    """
+    if proj.in_channels == c:
+        return proj
+    latent = nn.Conv3d(c, proj.out_channels, proj.kernel_size, stride=proj.stride, bias=proj.bias is not None,
+                       device=proj.weight.device, dtype=proj.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        latent.weight.copy_(proj.weight[:, :c])
+        if proj.bias is not None:
+            latent.bias.copy_(proj.bias)
+    return latent
 
 
 class HunyuanVideo15Adapter(SpecAdapter):
@@ -101,16 +118,7 @@ class HunyuanVideo15Adapter(SpecAdapter):
 
     def install(self, model: nn.Module, packer: Any, *, init: Any, stage_embedding: bool) -> None:
         self.check_model(model)
-        proj, c = model.x_embedder.proj, int(model.config.out_channels or model.config.in_channels)
-        if proj.in_channels == 2 * c + 1:
-            # [latents, condition, mask] channels: the last C + 1 are zeros in text-to-video.
-            latent = nn.Conv3d(c, proj.out_channels, proj.kernel_size, stride=proj.stride, bias=proj.bias is not None,
-                               device=proj.weight.device, dtype=proj.weight.dtype)  # fmt: skip
-            with torch.no_grad():
-                latent.weight.copy_(proj.weight[:, :c])
-                if proj.bias is not None:
-                    latent.bias.copy_(proj.bias)
-            model.x_embedder.proj = latent
+        model.x_embedder.proj = latent_channels_only(model.x_embedder.proj, int(model.config.out_channels or model.config.in_channels))
         super().install(model, packer, init=init, stage_embedding=stage_embedding)
         refiner = model.context_embedder.time_text_embed
         mlp = refiner.timestep_embedder
