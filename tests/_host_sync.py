@@ -34,8 +34,10 @@ import dfm_ext.validation
 aten = torch.ops.aten
 READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default, aten.equal.default, aten.allclose.default}
 SRC = Path(dfm_ext.__file__).resolve().parent
-#: Where a read is a host scalar on an accelerator too (not a sync).
+#: Where a read is a host scalar on an accelerator too (not a sync): the optimisers' step counters. Not
+#: ``torch/optim/swa_utils.py``: AveragedModel's ``n_averaged`` is a buffer on the model's device.
 HOST_SCALARS = ("torch/optim/",)
+NOT_HOST_SCALARS = ("torch/optim/swa_utils.py",)
 
 
 @dataclass
@@ -56,7 +58,8 @@ class Reads:
             return
         stack = traceback.extract_stack()
         frames = [f for f in stack if Path(f.filename).name != "_host_sync.py"]
-        if any(marker in f.filename.replace("\\", "/") for f in frames[-6:] for marker in HOST_SCALARS):
+        recent = [f.filename.replace("\\", "/") for f in frames[-6:]]
+        if any(m in name for name in recent for m in HOST_SCALARS) and not any(m in name for name in recent for m in NOT_HOST_SCALARS):
             return
         mine = [f for f in frames if Path(f.filename).resolve().is_relative_to(SRC)]
         callers = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")]

@@ -138,3 +138,71 @@ def test_sampling_routes_by_host_stage(monkeypatch) -> None:
         sampler.sample(model, (2, 4, 16, 16), generator=torch.Generator().manual_seed(0), uncond={"y": torch.full((2,), 10)}, y=torch.tensor([1, 2]))
     assert len(reads) == 0, reads.report()
     assert routes and all(r.counts is not None and max(r.counts) == r.batch for r in routes)  # the grouped route, one stage
+
+
+# ---- the engine's step (Trainer._step) under the detector ----------------------------------------------------
+
+_ENGINE = ["train.global_batch_size=4", "train.log_every=3", "train.checkpoint_every=4", "train.sample_every=4",
+           "train.trackers=[]", "train.progress=false", "train.ema_decay=0.9", "specialize.kind=lora", "specialize.rank=2",
+           "specialize.targets=[all]", "dfm.allocation=progress", "model.gradient_checkpointing=true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine_assets(tmp_path_factory):
+    from _recipe_fixtures import tiny_image_assets
+
+    return tiny_image_assets(tmp_path_factory.mktemp("sync_assets"), per_class=2)
+
+
+def test_the_engine_step_reads_nothing_back_ddp(engine_assets, tmp_path) -> None:
+    """One process (DDP's world of one, accelerate's plain model): EMA, per-stage LoRA with the host-drawn stage,
+    an adaptive allocation, activation checkpointing; log, checkpoint and sample steps in between."""
+    from _engine_sync import counting_steps
+    from _recipe_fixtures import tiny_argv
+    from dfm_ext.recipes.imagenet.task import main
+
+    with counting_steps() as steps:
+        assert main(tiny_argv(engine_assets / "images", engine_assets, tmp_path / "run", 6, *_ENGINE)) == 0
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5, 6]
+    _no_reads_but_the_vae_load(steps)
+
+
+def _no_reads_but_the_vae_load(steps: list) -> None:
+    """No read in any step; the first step loads the VAE (on first use: its weight initialisation reads values, once)."""
+    (first, found), *rest = steps
+    assert first == 1 and all(where.endswith(" load_vae") for _, where in found), found
+    assert all(not found for _, found in rest), rest
+
+
+def test_the_engine_step_reads_nothing_back_fsdp2_on_two_ranks(engine_assets, tmp_path) -> None:
+    """FSDP2 sharded over both ranks, through train.sharding=hsdp (a (1, 2) mesh: one replica of two shards, the
+    processes per node), with gradient accumulation (a reduce-scatter per micro-batch) and a sharded checkpoint."""
+    import json
+    import os
+
+    from _launch import launch_two_cpu_processes
+    from _recipe_fixtures import recipe_env, tiny_argv
+
+    tests = os.path.dirname(__file__)
+    env = {**recipe_env(), "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = tiny_argv(engine_assets / "images", engine_assets, tmp_path / "run", 5, *_ENGINE, "train.sharding=hsdp", "train.grad_accumulation=2")
+    res = launch_two_cpu_processes("_engine_sync", [str(tmp_path / "steps"), "--", *args], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"steps.{rank}.json").read_text())
+        assert record["status"] == 0 and [s for s, _ in record["steps"]] == [1, 2, 3, 4, 5]
+        _no_reads_but_the_vae_load(record["steps"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["parallelism"] == "FSDP2"
+    assert (tmp_path / "run" / "checkpoints" / "step-000004" / "sharded.json").is_file()
+
+
+def test_the_detector_fails_the_old_averaged_model_ema(monkeypatch) -> None:
+    """torch's AveragedModel (the DDP path's EMA before issue 26) reads its device step counter back every update."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = torch.nn.Linear(4, 4)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+    with count_host_reads(monkeypatch) as reads:
+        for _ in range(3):
+            ema.update_parameters(model)
+    assert len(reads) >= 3 and all("swa_utils" in where or "test_host_sync" in where for _, where in reads.found), reads.report()
