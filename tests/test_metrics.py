@@ -17,11 +17,9 @@ from dfm_ext.metrics import (
     EfficientNetLite0Features,
     FeatureStatistics,
     FrechetDistance,
-    InceptionV3Features,
     SlicedWassersteinDistance,
     fd_effnet,
     fdd,
-    fid,
     frechet_distance,
     laplacian_pyramid,
     pyramid_sizes,
@@ -364,53 +362,14 @@ def test_fdd_accepts_a_hub_style_module() -> None:
         bad(torch.rand(3, 3, 32, 32))
 
 
-class _ToyDetector(nn.Module):
-    """Stands in for the pt_inception TorchScript: [0, 255] images, return_features switch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(3, 4)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        features = self.proj(img.mean(dim=(2, 3)) / 255)
-        return features if return_features else features.sum(dim=1, keepdim=True)
-
-
-def test_fid_loads_torchscript_and_state_dicts(tmp_path) -> None:
-    script_path = tmp_path / "detector.pt"
-    torch.jit.script(_ToyDetector()).save(str(script_path))
-    extractor = InceptionV3Features(script_path)
-    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert extractor(images).shape == (6, 4)
-    assert fid(images, images * 0.5, weights_path=script_path, value_range=(0, 1), progress_bar=False) > 0
-
-    toy = nn.Sequential(nn.Conv2d(3, 5, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    weights = tmp_path / "toy.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(toy.state_dict(), str(weights))
-    fresh = nn.Sequential(nn.Conv2d(3, 5, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    loaded = InceptionV3Features(weights, architecture=fresh, resolution=32)
-    torch.testing.assert_close(loaded.network[0].weight, toy[0].weight)
-    assert loaded(images).shape == (6, 5)
-
-    with pytest.raises(FileNotFoundError, match="no InceptionV3 weights"):
-        InceptionV3Features(tmp_path / "pt_inception-2015-12-05.pth")
-    with pytest.raises(ValueError, match="not a TorchScript file"):
-        InceptionV3Features(weights)
-    with pytest.raises(ValueError, match="needs weights_path"):
-        fid(images, images, progress_bar=False)
-
-
 @pytest.mark.parametrize("device", ["cuda:7", "tpu9"])
 def test_metric_devices_are_checked_before_any_weights(device: str, tmp_path) -> None:
     """An unknown or absent device is one ValueError naming it, before a weights file is opened."""
-    from dfm_ext.metrics import DINOv2Features, EfficientNetLite0Features, InceptionV3Features
+    from dfm_ext.metrics import DINOv2Features, EfficientNetLite0Features
 
     missing = str(tmp_path / "no-such-weights.pt")
     for build in (
         lambda: EfficientNetLite0Features(weights_path=missing, device=device),
-        lambda: InceptionV3Features(missing, device=device),
         lambda: DINOv2Features(torch.nn.Identity(), device=device),
     ):
         with pytest.raises(ValueError, match=repr(device).replace("'", "")):

@@ -35,7 +35,6 @@ from .frechet import (
     frechet_distance,
     frechet_distance_from_images,
 )
-from .inception import InceptionV3Features, fid
 from .commands import evaluate_images_command, evaluate_videos_command
 from .samples import SampleSource, count_images, iter_npz_rows, iter_uint8_batches, read_npz_labels, save_samples, to_uint8, write_npz
 from .shards import SampleShards
@@ -78,14 +77,12 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStatistics",
     "FrechetDistance",
-    "InceptionV3Features",
     "SWDResult",
     "SlicedWassersteinDistance",
     "effnet_weights_path",
     "fd_effnet",
     "fdd",
     "feature_statistics",
-    "fid",
     "frechet_distance",
     "frechet_distance_from_images",
     "laplacian_pyramid",
