@@ -41,6 +41,7 @@ kandinsky5   ``Kandinsky5Transformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 
 hunyuan_v15  ``HunyuanVideo15Transformer3DModel`` ``[B, 4, 2, 8, 8]``      1000 sigma (x2)  noise - x
 prx          ``PRXTransformer2DModel``            ``[B, 4, 8, 8]``, p 2    sigma            noise - x (asked)
 motif_video  ``MotifVideoTransformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x (asked)
+flux3        ``Flux3Transformer2DModel``          ``[B, 4, 8, 8]``, p 1    1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -762,6 +763,30 @@ def _motif_video_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict
     return -out
 
 
+def tiny_flux3(path: Path, seed: int = 0, **config) -> nn.Module:
+    from diffusers import Flux3Transformer2DModel
+
+    return _build(
+        Flux3Transformer2DModel, path, seed,
+        **{"in_channels": C, "cond_in_channels": C, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+           "num_attention_heads": 2, "joint_attention_dim": TEXT_DIM, "timestep_channels": 32, "mlp_ratio": 2.0,
+           "axes_dims_rope": (4, 4, 4, 4), **config},
+    )  # fmt: skip
+
+
+def _flux3_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # The FLUX.3 modular pipeline: the packed latent's pixels as tokens, image ids from _prepare_image_ids at its
+    # image_rope_scale 0.5, text ids from _prepare_text_ids; timestep = sigma (the model multiplies by 1000);
+    # FlowMatchEuler steps on noise - x.
+    from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
+
+    b, c, h, w = x.shape
+    text = cond["encoder_hidden_states"]
+    out = m(x.flatten(2).transpose(1, 2), encoder_hidden_states=text, timestep=1.0 - t, img_ids=_prepare_image_ids(h, w, 0.5),
+            txt_ids=Flux3TextRoPEInputsStep._prepare_text_ids(text)).sample  # fmt: skip
+    return -out.transpose(1, 2).reshape(b, c, h, w)
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -890,10 +915,11 @@ FAMILIES = {
     "hunyuan_video15": (tiny_hunyuan_video15, _hunyuan_video15_call, (C, 2, 8, 8), "hunyuan_video15"),
     "prx": (tiny_prx, _prx_call, (C, 8, 8), "prx"),
     "motif_video": (tiny_motif_video, _motif_video_call, (C, 2, 8, 8), "motif_video"),
+    "flux3": (tiny_flux3, _flux3_call, (C, 8, 8), "flux3"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
-PATCH_ONE = {"ltx_video", "bria_fibo"}
+PATCH_ONE = {"ltx_video", "bria_fibo", "flux3"}
 
 #: family -> the adapter to wrap it with (keywords: time_convention), for adapters that ask for a choice
 ADAPTERS = {"allegro": _allegro_adapter, "cosmos": _cosmos_adapter, "latte": _latte_adapter, "prx": _prx_adapter,

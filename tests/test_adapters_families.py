@@ -64,6 +64,7 @@ CHECKPOINTED = {
     "hunyuan_video15": ("transformer_blocks",),  # the text refiner runs plainly
     "prx": ("blocks",),
     "motif_video": ("transformer_blocks", "single_transformer_blocks"),  # the decoder block last, as in Motif's forward
+    "flux3": ("txt_mode_blocks", "mode_blocks.image", "single_transformer_blocks"),
 }
 
 
@@ -284,7 +285,7 @@ def test_gradient_checkpointing_is_honoured(pristine, fam: str, monkeypatch) -> 
         model.base.gradient_checkpointing = True
         monkeypatch.setattr(common, "checkpoint", lambda block, *a: calls.append(block) or checkpoint(block, *a))
     checkpointed = grads()
-    blocks = [b for name in CHECKPOINTED[fam] for b in getattr(model.base, name)]
+    blocks = [b for name in CHECKPOINTED[fam] for b in model.base.get_submodule(name)]
     assert calls == blocks and blocks
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
 
@@ -640,3 +641,22 @@ def test_motif_video_asks_for_its_schedulers_prediction(pristine) -> None:
         wrap_dit(_fresh(pristine, "motif_video"), LaplacianPyramid(factors=(2, 1)), **shape)
     with pytest.raises(ValueError, match="prediction='epsilon': only 'flow_prediction'"):
         wrap_dit(_fresh(pristine, "motif_video"), LaplacianPyramid(factors=(2, 1)), adapter=MotifVideoAdapter(prediction="epsilon"), **shape)
+
+
+def test_flux3_flow_map_is_refused_and_the_text_reads_data_time(pristine) -> None:
+    """A flow-map FLUX.3 (target_timestep) is refused; the text's modulation reads every stage at data time, so it does
+    not move with the image's times."""
+    from diffusers import Flux3Transformer2DModel
+
+    flow_map = Flux3Transformer2DModel.from_config({**dict(pristine["flux3"].config), "flow_map": True})
+    with pytest.raises(ValueError, match="flow_map=True.*target_timestep.*flow map"):
+        wrap_dit(flow_map, LaplacianPyramid(factors=(2, 1)), sample_shape=(tiny.C, 16, 16), patch_sizes=[1, 2])
+    model = _wrap(pristine, "flux3")
+    seen = []
+    model.base.single_stream_modulations["txt"].register_forward_hook(lambda m, a, out: seen.append(out))
+    stages, t, g = _inputs(model, 2, seed=21)
+    cond = tiny.text_inputs("flux3", 2, g)
+    with torch.no_grad():
+        model(stages, t, torch.ones(2, dtype=torch.long), **cond)
+        model(stages, 1.0 - t, torch.ones(2, dtype=torch.long), **cond)
+    assert torch.equal(seen[0], seen[1])

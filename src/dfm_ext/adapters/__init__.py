@@ -51,6 +51,7 @@ name               family
 ``hunyuan_video15``  diffusers ``HunyuanVideo15Transformer3DModel`` (declarative; text-to-video, Qwen and ByT5 text joined as the model joins them)
 ``prx``            diffusers ``PRXTransformer2DModel`` (declarative; asks for the prediction, the pixel-space x0 variant refused)
 ``motif_video``    diffusers ``MotifVideoTransformer3DModel`` (declarative; text-to-video, asks for the scheduler's prediction)
+``flux3``          diffusers ``Flux3Transformer2DModel`` (declarative; its modular pipeline's packed latents, the text clean in every stage)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -113,6 +114,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.hunyuan_video15 import HunyuanVideo15Adapter
     from dfm_ext.adapters.prx import PRXAdapter
     from dfm_ext.adapters.motif_video import MotifVideoAdapter
+    from dfm_ext.adapters.flux3 import Flux3Adapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -159,6 +161,7 @@ _CLASSES = {
     "HunyuanVideo15Adapter": "hunyuan_video15",
     "PRXAdapter": "prx",
     "MotifVideoAdapter": "motif_video",
+    "Flux3Adapter": "flux3",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -189,6 +192,7 @@ _DIFFUSERS = {
     "hunyuan_video15": "hunyuan_video15",
     "prx": "prx",
     "motif_video": "motif_video",
+    "flux3": "flux3",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

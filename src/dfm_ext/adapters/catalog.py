@@ -64,6 +64,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "HunyuanVideo15Transformer3DModel": "hunyuan_video15",
         "PRXTransformer2DModel": "prx",
         "MotifVideoTransformer3DModel": "motif_video",
+        "Flux3Transformer2DModel": "flux3",
     }
 )
 
@@ -153,12 +154,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "not written yet: the adapter needs the Perceiver gist tokens and the per-token modulation (the noisy image "
             "tokens read t_scale x sigma, the clean gist and context tokens read time 0, which per-stage would be every "
             "stage at data time, as for FLUX.3's text), and would refuse context_latents (the images to edit)"
-        ),
-        "Flux3Transformer2DModel": (
-            "not written yet: diffusers ships no FLUX.3 pipeline, so the library cannot show the order of a token's "
-            "in_channels (the packed latent_channels x 4), the image and text position ids, or the sign of the "
-            "velocity (the model reads a flow time whose 0 is clean: text and reference tokens sit at 0); an adapter "
-            "would ask for them, and refuse flow_map checkpoints (a second time, target_timestep) and image_cond tokens"
         ),
     }
 )
