@@ -58,7 +58,8 @@ def load(out: Path) -> dict:
 
 def save(out: Path, record: dict, args: argparse.Namespace) -> None:
     record["meta"] = {"torch": torch.__version__, "machine": platform.machine(), "threads": 1, "backend": args.backend,
-                      "time_steps": args.time_steps, "command": "python benchmarks/compile_matrix.py " + " ".join(sys.argv[1:])}  # fmt: skip
+                      "time_steps": args.time_steps,
+                      "command": f"python benchmarks/compile_matrix.py --backend {args.backend}" + (f" --only {args.only}" if args.only else "")}  # fmt: skip
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")
 
 

@@ -352,6 +352,50 @@ def headline() -> str:
     )
 
 
+# ---- training.md: host work per step, the compile matrix, FSDP2 accumulation (issue 26) ----------
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def fsdp_acc(mode: str) -> str:
+    """Gradient bytes one rank holds between micro-batches under ``train.fsdp_accumulation=mode``."""
+    r = record("fsdp_accumulation")["results"][mode]
+    return _mb(r["sharded_grad_bytes"] + r["unsharded_grad_bytes"])
+
+
+def host_overhead_table() -> str:
+    r = record("host_overhead")
+    lines = ["| dataset items | before: median ms / step | after: median ms / step | after: mean incl. the epoch draw | one epoch draw (ms) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for n, v in r["results"].items():
+        b, a = v["before"], v["after"]
+        lines.append(f"| {int(n):,} | {b['median_ms']:.2f} | {a['median_ms']:.3f} | {a['mean_ms']:.3f} | {a['epoch_draw_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def host_overhead_meta() -> str:
+    m = record("host_overhead")["meta"]
+    return f"global batch {m['global_batch']} over {m['world_size']} processes ({m['per_rank_batch']} per process), torch {m['torch']}, numpy {m['numpy']}, {m['threads']} thread"
+
+
+def compile_matrix_table(name: str = "compile_matrix") -> str:
+    lines = ["| parallelism | model | specialize | checkpointing | precision | graphs | graph breaks | losses = eager | buckets reuse | eager s/step | compiled / eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in record(name)["results"]:
+        lines.append(f"| {r['parallel'].upper()} | {'FLUX (3 buckets)' if r['family'] == 'flux' else 'DiT'} | {r['specialize']} | "
+                     f"{'yes' if r['checkpointing'] else 'no'} | {r['dtype']} | {r['graphs']} | {r['graph_breaks']} | "
+                     f"{'yes' if r['losses_match'] else 'NO'} | {'yes' if r['reused_after_buckets'] else 'NO'} | "
+                     f"{r['eager_step_s']:.4f} | {r['ratio']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def compile_matrix_meta(name: str = "compile_matrix") -> str:
+    m = record(name)["meta"]
+    return f"backend `{m['backend']}`, torch {m['torch']}, {m['threads']} thread per process, median of {m['time_steps']} steps after compiling"
+
+
 # ---- mkdocs events ------------------------------------------------------------------------------
 
 _EXPR = re.compile(r"\{\{\s*(.+?)\s*\}\}")
