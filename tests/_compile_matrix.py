@@ -166,6 +166,46 @@ def run(combo: Combo, backend: str | None, steps: int, *, buckets: bool = True, 
             "graph_breaks": int(sum(counters["graph_break"].values())), "median_step_s": float(np.median(seconds)) if seconds else None}  # fmt: skip
 
 
+def _accumulation_modes_agree() -> float:
+    """Max |difference| of the sharded gradients after two micro-batches: reduce-scatter per micro-batch vs once."""
+    from types import SimpleNamespace
+
+    from dfm_ext.recipes.engine.parallel import FSDP2
+
+    grads = []
+    for mode in ("reduce_scatter", "unsharded"):
+        model = prepare(Combo("dit", "lora", False, "fp32", "fsdp2"), None)
+        parallel = FSDP2.__new__(FSDP2)
+        parallel.train = SimpleNamespace(fsdp_accumulation=mode)  # the one key gradient_sync reads
+        objective, times = dfm_ext.DFMObjective(2), dfm_ext.StageTimestepSampler(2, probabilities=(0.5, 0.5))
+        for micro in range(2):
+            z, cond = batch(Combo("dit", "lora", False, "fp32"), 10 * torch.distributed.get_rank() + micro, DIT_SHAPE)
+            g = torch.Generator().manual_seed(micro)
+            with parallel.gradient_sync(model, micro == 1):
+                ts = times.sample(BATCH, generator=g, stage_generator=np.random.default_rng(micro))
+                (objective(model, model.decomposition.decompose(z), ts, generator=g, **cond).loss / 2).backward()
+        grads.append([_local(p.grad).clone() for p in model.parameters()])
+    return max(float((a - b).abs().max()) for a, b in zip(*grads))
+
+
+def _batch_split_agrees() -> float:
+    """Max |difference| between the model and :class:`BatchSplit` of it (batches of 3 and 1 over two ranks)."""
+    from dfm_ext.process.host_values import host_to_device
+    from dfm_ext.recipes.engine.batch_split import BatchSplit
+
+    model = build(Combo("dit", "lora", False, "fp32")).eval()
+    split = BatchSplit(model, torch.distributed.get_rank(), torch.distributed.get_world_size())
+    worst = 0.0
+    for n in (3, 1):
+        z, cond = batch(Combo("dit", "lora", False, "fp32"), 99, DIT_SHAPE)
+        stages = model.decomposition.decompose(z[:n])
+        t, stage = torch.rand(n, 2, generator=torch.Generator().manual_seed(n)), host_to_device(np.arange(n) % 2, "cpu")
+        with torch.no_grad():
+            whole, parts = model(stages, t, stage, y=cond["y"][:n]), split(stages, t, stage, y=cond["y"][:n])
+        worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(whole, parts)))
+    return worst
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -183,9 +223,10 @@ def main(argv: list[str]) -> int:
         results.append({"eager": run(combo, None, steps, buckets=buckets), "compiled": run(combo, backend, steps, buckets=buckets)})
     # HSDP's other 2-rank mesh: two replicas of one shard (train.sharding=hsdp, hsdp_shard_size=1), compiled
     hsdp = run(Combo("dit", "lora", False, "fp32", "fsdp2"), backend, 2, mesh_shape=(2, 1))
+    extras = {"accumulation_max_diff": _accumulation_modes_agree(), "batch_split_max_diff": _batch_split_agrees()}
     if dist.get_rank() == 0:
         with open(argv[0], "w") as f:
-            json.dump({"matrix": results, "hsdp_2x1": hsdp}, f)
+            json.dump({"matrix": results, "hsdp_2x1": hsdp, **extras}, f)
     dist.destroy_process_group()
     return 0
 

@@ -84,3 +84,7 @@ def test_fsdp2_combinations_compile_on_two_ranks(tmp_path: Path) -> None:
     # HSDP with two replicas of one shard ((2, 1) mesh) trains as the (2,)-mesh FSDP2 does
     lora = results[[c.name for c, _ in FSDP2_MATRIX].index("fsdp2/dit/lora/fp32")]["compiled"]
     _check(Combo("dit", "lora", False, "fp32", "fsdp2"), lora, record["hsdp_2x1"], False)
+    # and, in the same launch: gradient accumulation reduce-scattering every micro-batch (the default) gives the
+    # gradients of one reduce-scatter at the end; DDP evaluation's BatchSplit (uneven, and fewer samples than
+    # ranks) gives the whole batch's outputs
+    assert record["accumulation_max_diff"] < 1e-6 and record["batch_split_max_diff"] < 1e-6, record

@@ -206,3 +206,24 @@ def test_the_detector_fails_the_old_averaged_model_ema(monkeypatch) -> None:
         for _ in range(3):
             ema.update_parameters(model)
     assert len(reads) >= 3 and all("swa_utils" in where or "test_host_sync" in where for _, where in reads.found), reads.report()
+
+
+def test_the_collective_timeout_and_the_fused_optimiser(monkeypatch) -> None:
+    """train.timeout_minutes reaches the process group (accelerate's InitProcessGroupKwargs); the recipes' AdamW is fused."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    import accelerate
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from dfm_ext.recipes.engine.config import OptimConfig, TrainConfig
+    from dfm_ext.recipes.engine.trainer import Trainer, adamw
+
+    seen: dict = {}
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: seen.update(kwargs))
+    trainer = Trainer.__new__(Trainer)
+    trainer.train, trainer.output_dir = TrainConfig(timeout_minutes=7, cpu=True), Path("unused")
+    trainer.task = type("T", (), {"find_unused_parameters": False})()
+    trainer._accelerator()
+    assert [h.timeout for h in seen["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)] == [timedelta(minutes=7)]
+    assert adamw(torch.nn.Linear(3, 3), OptimConfig()).defaults["fused"] is True
