@@ -42,6 +42,7 @@ hunyuan_v15  ``HunyuanVideo15Transformer3DModel`` ``[B, 4, 2, 8, 8]``      1000 
 prx          ``PRXTransformer2DModel``            ``[B, 4, 8, 8]``, p 2    sigma            noise - x (asked)
 motif_video  ``MotifVideoTransformer3DModel``     ``[B, 4, 2, 8, 8]``      1000 sigma       noise - x (asked)
 flux3        ``Flux3Transformer2DModel``          ``[B, 4, 8, 8]``, p 1    1000 sigma       noise - x
+bria_fibo2   ``BriaFibo2Transformer2DModel``      ``[B, 4, 8, 8]``, p 2    1000 sigma       noise - x
 ===========  ===================================  =======================  ===============  ==============
 
 Timesteps are written ``a - a * t`` (``a = 1000 * scale``), the float expression the adapters use;
@@ -787,6 +788,27 @@ def _flux3_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> t
     return -out.transpose(1, 2).reshape(b, c, h, w)
 
 
+FIBO2_BUNDLES = 2  # the Perceiver's text bundle and one injection block's
+
+
+def tiny_bria_fibo2(path: Path, seed: int = 0) -> nn.Module:
+    from diffusers import BriaFibo2Transformer2DModel
+
+    return _build(
+        BriaFibo2Transformer2DModel, path, seed,
+        in_channels=C, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=TEXT_DIM,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=2, max_num_gist_tokens=4, gist_step=1,
+        gist_min_text_len=2, gist_max_text_len=4, axes_dims=(4, 6, 6), axes_lens=(16, 16, 16),
+    )  # fmt: skip
+
+
+def _bria_fibo2_call(m: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    # BriaFibo2Pipeline: timestep = scheduler timestep / 1000 = sigma (the model multiplies by t_scale);
+    # FlowMatchEuler steps on noise - x.
+    return -m(x, timestep=1.0 - t, encoder_hidden_states=cond["encoder_hidden_states"],
+              encoder_attention_mask=cond.get("encoder_attention_mask")).sample  # fmt: skip
+
+
 def exact_times(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform times rounded to ``k / 1024``: ``1 - t`` and ``1000 t`` are exact in float32 there."""
     return torch.round(torch.rand(shape, generator=generator) * 1024) / 1024
@@ -916,6 +938,7 @@ FAMILIES = {
     "prx": (tiny_prx, _prx_call, (C, 8, 8), "prx"),
     "motif_video": (tiny_motif_video, _motif_video_call, (C, 2, 8, 8), "motif_video"),
     "flux3": (tiny_flux3, _flux3_call, (C, 8, 8), "flux3"),
+    "bria_fibo2": (tiny_bria_fibo2, _bria_fibo2_call, (C, 8, 8), "bria_fibo2"),
 }
 
 #: families whose own patch is 1 (stage 0 at the native size with patch 1)
@@ -935,7 +958,12 @@ TEXT_KEYS: dict[str, tuple[str, int | tuple[int, ...]]] = {
     "ernie_image": ("text_bth", TEXT_DIM),
     "mochi": ("encoder_hidden_states", MOCHI_TEXT_DIM),
     "hidream_image": ("encoder_hidden_states_t5", TEXT_DIM),
+    "bria_fibo2": ("encoder_hidden_states", (FIBO2_BUNDLES, TEXT_LEN, TEXT_DIM)),  # bundles before tokens
 }
+
+
+#: family -> the expected shape in its text keyword's error, where the text is not [B, L, ...] (regex)
+TEXT_SHAPE_IN_ERROR = {"bria_fibo2": rf"\[2, {FIBO2_BUNDLES}, \*, {TEXT_DIM}\]"}
 
 
 def text_key(family: str) -> tuple[str, int | tuple[int, ...]]:
@@ -1014,6 +1042,10 @@ def text_inputs(family: str, batch: int, generator: torch.Generator | None = Non
     if family == "motif_video":  # the last token padded in the second sample
         out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)
         out["encoder_attention_mask"][1:, -1] = 0
+    if family == "bria_fibo2":  # [B, bundles, L, D]; the last token padded in the second sample (2 vs 3 gist tokens)
+        out["encoder_hidden_states"] = torch.randn(batch, FIBO2_BUNDLES, TEXT_LEN, TEXT_DIM, generator=generator)
+        out["encoder_attention_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+        out["encoder_attention_mask"][1:, -1] = False
     if family == "hunyuandit":
         out["encoder_hidden_states_t5"] = torch.randn(batch, HUNYUAN_T5_LEN, 8, generator=generator)
         out["text_embedding_mask"] = torch.ones(batch, TEXT_LEN, dtype=torch.long)

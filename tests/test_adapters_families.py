@@ -65,6 +65,7 @@ CHECKPOINTED = {
     "prx": ("blocks",),
     "motif_video": ("transformer_blocks", "single_transformer_blocks"),  # the decoder block last, as in Motif's forward
     "flux3": ("txt_mode_blocks", "mode_blocks.image", "single_transformer_blocks"),
+    "bria_fibo2": ("noise_refiner", "layers"),  # the Perceiver runs plainly, in FIBO 2's forward too
 }
 
 
@@ -341,7 +342,8 @@ def test_bad_conditioning_is_refused(pristine, fam: str) -> None:
         model(stages, t, k, prompt="a cat", **tiny.text_inputs(fam, 2))
     key, width = tiny.text_key(fam)
     width = ", ".join(map(str, width)) if isinstance(width, tuple) else width
-    with pytest.raises(ValueError, match=rf"{key} must have shape \[2, (\*|3), {width}\], got \(2, 3, 5\)"):
+    shape = tiny.TEXT_SHAPE_IN_ERROR.get(fam, rf"\[2, (\*|3), {width}\]")
+    with pytest.raises(ValueError, match=rf"{key} must have shape {shape}, got \(2, 3, 5\)"):
         model(stages, t, k, **{key: torch.randn(2, 3, 5)})
 
 
@@ -660,3 +662,14 @@ def test_flux3_flow_map_is_refused_and_the_text_reads_data_time(pristine) -> Non
         model(stages, t, torch.ones(2, dtype=torch.long), **cond)
         model(stages, 1.0 - t, torch.ones(2, dtype=torch.long), **cond)
     assert torch.equal(seen[0], seen[1])
+
+
+def test_bria_fibo2_unpadded_prompts_put_the_gist_first(pristine) -> None:
+    """Without padding FIBO 2 runs [gist, image] (the suite's padded prompts run [image, gist]): stage 0 equals it too."""
+    model, base = _wrap(pristine, "bria_fibo2"), pristine["bria_fibo2"]
+    stages, t, g = _inputs(model, 2, seed=22)
+    cond = {"encoder_hidden_states": torch.randn(2, tiny.FIBO2_BUNDLES, tiny.TEXT_LEN, tiny.TEXT_DIM, generator=g)}
+    with torch.no_grad():
+        v = model(stages, t, torch.ones(2, dtype=torch.long), **cond)[0]
+        expected = tiny.FAMILIES["bria_fibo2"][1](base, stages[0], t[:, 0], cond)
+    assert (v - expected).abs().max() <= 1e-5

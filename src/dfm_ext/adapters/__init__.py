@@ -52,6 +52,7 @@ name               family
 ``prx``            diffusers ``PRXTransformer2DModel`` (declarative; asks for the prediction, the pixel-space x0 variant refused)
 ``motif_video``    diffusers ``MotifVideoTransformer3DModel`` (declarative; text-to-video, asks for the scheduler's prediction)
 ``flux3``          diffusers ``Flux3Transformer2DModel`` (declarative; its modular pipeline's packed latents, the text clean in every stage)
+``bria_fibo2``     diffusers ``BriaFibo2Transformer2DModel`` (declarative; Perceiver gist tokens, clean in every stage)
 =================  ==========================================================================
 
 Writing an adapter for another family: the public helpers of :mod:`dfm_ext.adapters.common`
@@ -115,6 +116,7 @@ if TYPE_CHECKING:  # the same names, visible to IDEs and type checkers; at run t
     from dfm_ext.adapters.prx import PRXAdapter
     from dfm_ext.adapters.motif_video import MotifVideoAdapter
     from dfm_ext.adapters.flux3 import Flux3Adapter
+    from dfm_ext.adapters.bria_fibo2 import BriaFibo2Adapter
 
 # class name -> module; resolved on first access (PEP 562) so this package stays light.
 _CLASSES = {
@@ -162,6 +164,7 @@ _CLASSES = {
     "PRXAdapter": "prx",
     "MotifVideoAdapter": "motif_video",
     "Flux3Adapter": "flux3",
+    "BriaFibo2Adapter": "bria_fibo2",
     "AdapterSpec": "spec",
     "SpecAdapter": "spec",
 }
@@ -193,6 +196,7 @@ _DIFFUSERS = {
     "prx": "prx",
     "motif_video": "motif_video",
     "flux3": "flux3",
+    "bria_fibo2": "bria_fibo2",
 }  # fmt: skip
 _BUILTIN: tuple[LazyAdapter, ...] = (
     *(LazyAdapter(name, f"dfm_ext.adapters.{module}") for name, module in _OWN.items()),

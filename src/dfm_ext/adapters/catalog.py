@@ -9,8 +9,8 @@ The reasons fall in a few kinds: not an image or video denoiser (audio, music, p
 prior, temporal layers of a UNet); audio and video denoised together; a time input DFM cannot
 give (two times per sample, per-frame or per-token times); a sample that is more than the
 generated latents (reference or history latents concatenated to or prepended before it, a cache
-of earlier chunks); and image or video families not written yet (``"not written yet: ..."``),
-each saying what its adapter needs beyond the shipped patterns.
+of earlier chunks). A family whose adapter is not written yet is refused as ``"not written yet: ..."``,
+saying what its adapter needs beyond the shipped patterns (none in diffusers 0.42.1).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ SHIPPED: Mapping[str, str] = MappingProxyType(
         "PRXTransformer2DModel": "prx",
         "MotifVideoTransformer3DModel": "motif_video",
         "Flux3Transformer2DModel": "flux3",
+        "BriaFibo2Transformer2DModel": "bria_fibo2",
     }
 )
 
@@ -149,12 +150,6 @@ REFUSED: Mapping[str, str] = MappingProxyType(
             "stages would regenerate what the anchor already gives"
         ),
         "Cosmos3OmniTransformer": f"{_CONTEXT}: an omni-modal model (text, image, video and action tokens in one sequence)",
-        # Families not written yet: what each adapter needs beyond the shipped patterns.
-        "BriaFibo2Transformer2DModel": (
-            "not written yet: the adapter needs the Perceiver gist tokens and the per-token modulation (the noisy image "
-            "tokens read t_scale x sigma, the clean gist and context tokens read time 0, which per-stage would be every "
-            "stage at data time, as for FLUX.3's text), and would refuse context_latents (the images to edit)"
-        ),
     }
 )
 
