@@ -796,8 +796,8 @@ def tiny_bria_fibo2(path: Path, seed: int = 0) -> nn.Module:
 
     return _build(
         BriaFibo2Transformer2DModel, path, seed,
-        in_channels=C, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=TEXT_DIM,
-        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=2, max_num_gist_tokens=4, gist_step=1,
+        in_channels=C, patch_size=2, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, cap_feat_dim=TEXT_DIM,
+        injection_layer_ids=(0,), perceiver_num_layers=1, min_num_gist_tokens=2, max_num_gist_tokens=4, gist_step=1,
         gist_min_text_len=2, gist_max_text_len=4, axes_dims=(4, 6, 6), axes_lens=(16, 16, 16),
     )  # fmt: skip
 
