@@ -440,6 +440,11 @@ def test_shared_hashing_merges_to_the_single_process_record(tmp_path: Path) -> N
         hash_share(tmp_path / "two", rank, 3)
     assert write_manifest(tmp_path / "two", step=1) == single
     assert not list((tmp_path / "two").glob(".complete-part-*"))
+    # Another process's share being written atomically (its temporary file, seen by a slower process's listing, was
+    # hashed and vanished mid-read: FileNotFoundError on 2 FSDP2 ranks) is not part of the payload.
+    (tmp_path / "one" / "complete.json").unlink()
+    (tmp_path / "one" / "..complete-part-1.json.ab12cd.tmp").write_text("{}")
+    assert "..complete-part-1.json.ab12cd.tmp" not in hash_share(tmp_path / "one", 0, 1, write=False)
     (tmp_path / "two" / "c").write_text("C" * 100)  # same size, another byte: only the share holding c sees it
     verdicts = []
     for rank in range(2):

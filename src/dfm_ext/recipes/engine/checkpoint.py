@@ -124,10 +124,11 @@ def _hash_one(f: Path) -> dict[str, Any]:
 
 
 def _payload(path: Path) -> list[str]:
-    """The files a record lists: every file under ``path`` but the record itself and its partial shares."""
+    """The files a record lists: every file under ``path`` but the record itself and its partial shares, and
+    their atomic writes' temporary files (``.<name>.<random>.tmp``: another process may be writing its share)."""
     files = (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     names = (p.relative_to(path).as_posix() for p in files)
-    return sorted(n for n in names if n != MANIFEST and not n.startswith((f".{MANIFEST}.", _PART)))
+    return sorted(n for n in names if n != MANIFEST and not n.startswith((f".{MANIFEST}.", _PART, f".{_PART}")))
 
 
 def hash_share(path: str | Path, rank: int, world: int, *, write: bool = True) -> dict[str, dict[str, Any]]:
