@@ -11,10 +11,6 @@ Example:
     >>> cfg = apply_overrides(Run(), ["optim.lr=3e-4", "steps=20", "optim.betas=[0.9, 0.95]"])
     >>> cfg.optim.lr, cfg.steps, cfg.optim.betas
     (0.0003, 20, (0.9, 0.95))
-    >>> apply_overrides(Run(), ["optim.lrr=1"])
-    Traceback (most recent call last):
-    ...
-    dfm_ext.recipes.engine.config.ConfigError: unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys under 'optim': betas, eps, grad_clip, lr, warmup_steps, weight_decay
 """
 
 from __future__ import annotations
@@ -52,12 +48,8 @@ class ConfigError(ValueError):
 
 def _hints(cls: type) -> dict[str, Any]:
     # Sections declared in a local scope (tests, notebooks) resolve through their default factories.
-    local: dict[str, type] = {}
-    for f in dataclasses.fields(cls):
-        factory = f.default_factory
-        if isinstance(factory, type):
-            local[factory.__name__] = factory
-    return typing.get_type_hints(cls, localns=local)
+    factories: list[Any] = [f.default_factory for f in dataclasses.fields(cls)]
+    return typing.get_type_hints(cls, localns={t.__name__: t for t in factories if isinstance(t, type)})
 
 
 def _describe(tp: Any) -> str:
@@ -66,16 +58,13 @@ def _describe(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the type ``tp`` and convert lists to tuples where declared."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
             except ConfigError:

@@ -21,6 +21,7 @@ from dfm_ext.decompositions.base import Decomposition
 from dfm_ext.process.objective import DFMLossOutput
 from dfm_ext.process.reducible import stage_errors
 from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler
+from dfm_ext.recipes.engine.config import check_fields
 from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
@@ -88,11 +89,8 @@ def load_image(path: str, resolution: int) -> Tensor:
 class ImageFolder(torch.utils.data.Dataset):
     """``root/<class>/<image>`` read with Pillow (:func:`load_image`): items ``pixels [3, R, R]`` in ``[-1, 1]``,
     ``label``, ``index`` (the one read) and ``bad``; ``max_skips`` consecutive unreadable files end the run.
-
-    ``scan``: list the files now (default: unless this is a non-zero ``RANK`` of a launched job). One
-    process scans: the others list the class folders only and receive the file list from it when the
-    trainer starts (:meth:`share_scan`), or scan on first use without a trainer.
-    """
+    ``scan``: list the files now (default: on ``RANK`` 0 only; the others get the list by :meth:`share_scan`
+    when the trainer starts, or scan on first use)."""
 
     def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64, scan: bool | None = None) -> None:
         if resolution < 1:
@@ -137,11 +135,8 @@ def read_with_fallback(
     items: Sequence[tuple[str, int]], key: int | tuple[int, bool], read: Callable[[int], Tensor],
     errors: tuple[type[BaseException], ...], *, max_skips: int, what: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads.
-
-    An index whose read raises one of ``errors`` falls back to the next one (wrapping), at most
-    ``max_skips`` times; the failed indices go into ``bad`` (counted by the trainer across workers).
-    """
+    """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads;
+    a read raising one of ``errors`` falls back to the next index (at most ``max_skips`` times), listed in ``bad``."""
     index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
     index = int(index)
     bad: list[int] = []
@@ -199,11 +194,9 @@ class BatchPlan:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_items", "global_batch_size", "world_size", "accumulation"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size - 1}], got {self.rank}")
+        counts = ("num_items", "global_batch_size", "world_size", "accumulation")
+        check_fields(self, "", [(name, getattr(self, name) >= 1, ">= 1") for name in counts])
+        check_fields(self, "", [("rank", 0 <= self.rank < self.world_size, f"in [0, {self.world_size - 1}]")])
         if self.global_batch_size % (self.world_size * self.accumulation):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} must be divisible by "
@@ -211,11 +204,8 @@ class BatchPlan:
             )
 
     def global_batch(self, step: int) -> list[tuple[int, bool]]:
-        """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes).
-
-        Each epoch's permutation and flips are drawn once and kept (the last two epochs): a step
-        costs ``O(G)`` host work whatever the dataset size (``benchmarks/host_overhead.py``).
-        """
+        """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes); ``O(G)`` host work whatever
+        the dataset size, as each epoch's permutation and flips are drawn once and kept."""
         start, n, g = step * self.global_batch_size, self.num_items, self.global_batch_size
         out: list[tuple[int, bool]] = []
         pos = start
@@ -404,15 +394,13 @@ class ClassConditionalInputs:
         errors = stage_errors(out) if getattr(self.timesteps.allocation, "needs_samples", False) else None
         self.timesteps.update(out.per_stage, timesteps=timesteps, errors=errors)
 
-    def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
-        if "latents" in batch:
-            return batch["latents"].to(device, non_blocking=True)
-        return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
-
     def training_inputs(self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> tuple[list[Tensor], StageTimesteps, Tensor]:
         """A step's stages, stage times and labels (each dropped to the null class with probability ``label_dropout``),
         drawn from ``generator`` in a fixed order (posterior sample, times, dropout) that exact resume relies on."""
-        z = self.latents(batch, device, generator)
+        if "latents" in batch:
+            z = batch["latents"].to(device, non_blocking=True)
+        else:
+            z = self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
         stages = self.decomposition.decompose(z)
         ts = self.timesteps.sample(z.shape[0], generator=generator, device=device, stage_generator=stage_generator(generator))
         labels = batch["label"].to(device, non_blocking=True)

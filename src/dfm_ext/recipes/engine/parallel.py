@@ -270,10 +270,7 @@ class FSDP2(Parallelism):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        if self.ema is not None:
-            state["ema"] = self.ema.shadow
-        return state
+        return {"model": model_sd, "optim": optim_sd, **({"ema": self.ema.shadow} if self.ema is not None else {})}
 
     def save(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> Path:
         import torch.distributed.checkpoint as dcp
