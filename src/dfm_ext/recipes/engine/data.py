@@ -45,11 +45,8 @@ def scan_class_folders(
     sorted class names (non-hidden subfolders); ``what`` and ``item`` name the folder and its files in messages."""
     root = Path(root)
     classes = class_folders(root, what=what, item=item)
-    items = []
-    for label, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in extensions:
-                items.append((str(p), label))
+    items = [(str(p), label) for label, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
+             if p.is_file() and p.suffix.lower() in extensions]  # fmt: skip
     if not items:
         raise ValueError(f"{what} {str(root)!r} has class folders but no {item}s with extensions {extensions}")
     return items, classes
@@ -264,12 +261,8 @@ class Codec(Protocol):
 
 @dataclass(frozen=True)
 class LatentCodec:
-    """Pixels ``[B, 3, ...]`` in ``[-1, 1]`` <-> normalised latents ``z = (vae_latent - shift) * scale``.
-
-    ``vae``: a diffusers autoencoder (``encode(x).latent_dist``, ``decode(z).sample``); ``scale`` /
-    ``shift`` ``None``: its config's ``scaling_factor`` / ``shift_factor`` (1 / 0 when absent);
-    ``sample``: draw from the posterior instead of taking its mode.
-    """
+    """Pixels ``[B, 3, ...]`` in ``[-1, 1]`` <-> normalised latents ``z = (vae_latent - shift) * scale`` of a diffusers
+    autoencoder; ``scale`` / ``shift`` ``None``: its config's (1 / 0 when absent); ``sample``: from the posterior."""
 
     vae: Any
     scale: float | None = None

@@ -108,7 +108,6 @@ class DDP(Parallelism):
         if ema is not None:
             ema.module.to(self.accelerator.device)  # type: ignore[union-attr]
             ema.shadow = {n: t.detach() for n, t in tensors_of(ema.module)}  # type: ignore[arg-type]
-        self.ema = ema
         return model, optimizer, ema
 
     def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
@@ -168,11 +167,11 @@ def compile_model(model: nn.Module, backend: str, *, per_block: bool = False) ->
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    if not per_block:
+    if per_block:
+        for block in transformer_blocks(model):
+            block.forward = torch.compile(block.forward, backend=backend)
+    else:
         model.compile(backend=backend)
-        return model
-    for block in transformer_blocks(model):
-        block.forward = torch.compile(block.forward, backend=backend)
     return model
 
 
@@ -209,8 +208,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bo
     # more after the loop, outside the block's forward: its own unit gathers it whenever it runs.
     emb = getattr(getattr(blocks[0], "norm1", None), "emb", None)
     units = [emb] if isinstance(emb, nn.Module) and any(True for _ in emb.parameters()) else []
-    block: dict[str, Any] = {}
-    root: dict[str, Any] = {}
+    block, root = dict[str, Any](), dict[str, Any]()
     if mp_policy is not None:
         block = {"mp_policy": dataclasses.replace(mp_policy, output_dtype=mp_policy.output_dtype or torch.float32)}
         root = {"mp_policy": dataclasses.replace(mp_policy, param_dtype=None, cast_forward_inputs=False)}

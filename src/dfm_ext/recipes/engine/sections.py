@@ -34,14 +34,9 @@ __all__ = [
 
 @dataclass
 class DecompositionConfig:
-    """Every field of every kind of :mod:`dfm_ext.decompositions.factory`; a field of another kind than ``kind``
-    must stay at its default. ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``,
-    ``temporal_factors``; ``wavelet``: ``wave``, ``factors`` (powers of two) or ``levels`` / ``num_stages``,
-    ``mode``; ``dct``: ``block_size``, ``bands``; ``identity``: nothing (plain Flow Matching).
-
-    Checked and resolved when the config loads, so ``config.yaml`` says what is built (``factors``
-    ``[1]`` for identity, ``null`` for dct; a wavelet given by ``levels`` is written with its ``factors``).
-    """
+    """Every field of every kind of :mod:`dfm_ext.decompositions.factory` (a field of another kind than ``kind`` must
+    stay at its default; ``identity`` is plain Flow Matching). Checked and resolved when the config loads, so
+    ``config.yaml`` says what is built (a wavelet given by ``levels`` is written with its ``factors``)."""
 
     kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
     factors: tuple[int, ...] | None = (2, 1)
@@ -170,13 +165,10 @@ class DFMConfig:
             key = {"probabilities": "dfm.stage_probabilities", "prior": f"dfm.stage_probabilities (the prior of dfm.allocation={self.allocation})",
                    "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")  # fmt: skip
             raise ConfigError(f"{key}: {e}") from e
-        if self.stage_weights is not None:
-            if len(self.stage_weights) != num_stages:
-                raise ConfigError(f"dfm.stage_weights {list(self.stage_weights)} needs one entry per stage ({num_stages})")
-            try:
-                self.objective(num_stages)
-            except ValueError as e:
-                raise ConfigError(f"dfm.stage_weights: {e}") from e
+        try:  # the objective checks the weights: one per stage, finite, non-negative
+            self.objective(num_stages)
+        except ValueError as e:
+            raise ConfigError(f"dfm.stage_weights {yaml_value(self.stage_weights)}: {e}") from e
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.scales is not None:
@@ -246,12 +238,9 @@ def check_count(section: Any, name: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A reference model (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts (``factory``).
-
-    ``factory``: ``"package.module:function"``, called with the whole run config, returns the
-    unwrapped model. ``time_convention``: how it reads time (see ``wrap_dit``); ``None``: the model
-    declares it (``dfm_time_convention``), else it is refused with the choices rather than guessed.
-    """
+    """A reference model (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts (``factory``:
+    ``"package.module:function"``, called with the whole run config). ``time_convention``: how it reads time
+    (``None``: the model declares it, else it is refused with the choices rather than guessed)."""
 
     preset: str = "XL/2"
     overrides: dict[str, Any] = field(default_factory=dict)
