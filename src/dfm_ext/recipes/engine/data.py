@@ -90,8 +90,6 @@ class ImageFolder(torch.utils.data.Dataset):
     when the trainer starts, or scan on first use)."""
 
     def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64, scan: bool | None = None) -> None:
-        if resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {resolution}")
         self.root, self.resolution, self.max_skips = str(root), int(resolution), int(max_skips)
         self._items: list[tuple[str, int]] | None = None
         if scan if scan is not None else os.environ.get("RANK", "0") == "0":
