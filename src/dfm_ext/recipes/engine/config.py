@@ -196,8 +196,7 @@ def resolve_config_path(name: str | Path, folder: Path) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    candidate = folder / f"{name}.yaml"
-    if candidate.is_file():
+    if (candidate := folder / f"{name}.yaml").is_file():
         return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml"))
     raise ConfigError(f"config {str(name)!r} not found: not a YAML file and not one of {known}")
@@ -392,6 +391,5 @@ def check_resume_config(stored: tuple[Mapping[str, Any], Path] | None, full_conf
             defaults = config_to_dict(type(full_config)())
         except TypeError:  # a config class without defaults for every field
             pass
-    diff = config_diff(old, new, defaults)
-    if diff:
+    if diff := config_diff(old, new, defaults):
         raise ConfigError(f"cannot resume from {source}: its config differs in {diff}; use another train.output_dir to start a new run")

@@ -201,16 +201,12 @@ class BatchPlan:
     def global_batch(self, step: int) -> list[tuple[int, bool]]:
         """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes); ``O(G)`` host work whatever
         the dataset size, as each epoch's permutation and flips are drawn once and kept."""
-        start, n, g = step * self.global_batch_size, self.num_items, self.global_batch_size
+        start, end, n = step * self.global_batch_size, (step + 1) * self.global_batch_size, self.num_items
         out: list[tuple[int, bool]] = []
-        pos = start
-        while pos < start + g:
-            epoch, offset = divmod(pos, n)
-            take = min(n - offset, start + g - pos)
+        for epoch in range(start // n, (end - 1) // n + 1):  # the epochs positions [start, end) fall in
             order, flips = self._epoch(epoch)
-            idx = order[offset : offset + take]
+            idx = order[max(start - epoch * n, 0) : min(end - epoch * n, n)]
             out += zip(idx.tolist(), flips[idx].tolist())
-            pos += take
         return out
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
