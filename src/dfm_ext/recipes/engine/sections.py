@@ -225,8 +225,7 @@ class ClassSamplingConfig(SamplingConfig):
             return
         if not self.classes:
             raise ConfigError("sampling.classes is empty; give class indices or null")
-        bad = [c for c in self.classes if not 0 <= c < num_classes]
-        if bad:
+        if bad := [c for c in self.classes if not 0 <= c < num_classes]:
             raise ConfigError(f"sampling.classes {bad} out of range [0, {num_classes - 1}] (data.num_classes={num_classes})")
 
 
