@@ -11,10 +11,6 @@ Example:
     >>> cfg = apply_overrides(Run(), ["optim.lr=3e-4", "steps=20", "optim.betas=[0.9, 0.95]"])
     >>> cfg.optim.lr, cfg.steps, cfg.optim.betas
     (0.0003, 20, (0.9, 0.95))
-    >>> apply_overrides(Run(), ["optim.lrr=1"])
-    Traceback (most recent call last):
-    ...
-    dfm_ext.recipes.engine.config.ConfigError: unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys under 'optim': betas, eps, grad_clip, lr, warmup_steps, weight_decay
 """
 
 from __future__ import annotations
@@ -33,8 +29,9 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 __all__ = [
-    "RESUMABLE_CHANGES", "ConfigError", "OptimConfig", "TrainConfig", "apply_overrides", "check_resume_config", "config_diff",
-    "config_dir", "config_to_dict", "flatten_config", "from_dict", "load_config", "resolve_config_path", "save_config", "yaml_value",
+    "RESUMABLE_CHANGES", "ConfigError", "OptimConfig", "TrainConfig", "apply_overrides", "check_fields",
+    "check_resume_config", "config_diff", "config_dir", "config_to_dict", "flatten_config", "from_dict", "load_config",
+    "resolve_config_path", "save_config", "yaml_value",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -51,12 +48,8 @@ class ConfigError(ValueError):
 
 def _hints(cls: type) -> dict[str, Any]:
     # Sections declared in a local scope (tests, notebooks) resolve through their default factories.
-    local: dict[str, type] = {}
-    for f in dataclasses.fields(cls):
-        factory = f.default_factory
-        if isinstance(factory, type):
-            local[factory.__name__] = factory
-    return typing.get_type_hints(cls, localns=local)
+    factories: list[Any] = [f.default_factory for f in dataclasses.fields(cls)]
+    return typing.get_type_hints(cls, localns={t.__name__: t for t in factories if isinstance(t, type)})
 
 
 def _describe(tp: Any) -> str:
@@ -65,16 +58,13 @@ def _describe(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the type ``tp`` and convert lists to tuples where declared."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -206,8 +196,7 @@ def resolve_config_path(name: str | Path, folder: Path) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    candidate = folder / f"{name}.yaml"
-    if candidate.is_file():
+    if (candidate := folder / f"{name}.yaml").is_file():
         return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml"))
     raise ConfigError(f"config {str(name)!r} not found: not a YAML file and not one of {known}")
@@ -258,6 +247,13 @@ def save_config(cfg: Any, path: str | Path) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
+def check_fields(obj: Any, prefix: str, rules: Sequence[tuple[str, bool, str]]) -> None:
+    """``ValueError("<prefix><name> must be <want>, got <value>")`` for the first ``(name, ok, want)`` not ``ok``."""
+    for name, ok, want in rules:
+        if not ok:
+            raise ValueError(f"{prefix}{name} must be {want}, got {getattr(obj, name)}")
+
+
 def yaml_value(value: Any) -> str:
     """``value`` as a config file spells it, for messages: ``null``, ``[2, 1]``, ``0.1``.
 
@@ -286,37 +282,24 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        check_fields(self, "optim.", [("lr", 0 < self.lr < math.inf, "> 0")])
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas {list(self.betas)} must both be in [0, 1)")
-        if not 0 < self.eps < math.inf:
-            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+        check_fields(self, "optim.", [
+            ("eps", 0 < self.eps < math.inf, "> 0"), ("weight_decay", 0 <= self.weight_decay < math.inf, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or null"),
+        ])  # fmt: skip
 
 
 @dataclass
 class TrainConfig:
-    """Run length, batch, precision, cadence of checkpoints/logs/samples, output folder.
+    """Run length, batch, precision, cadence of checkpoints/logs/samples, output folder (the recipes guide describes
+    ``sharding``, ``fsdp_*``, ``compile``, ``resume`` and ``timeout_minutes``).
 
-    ``global_batch_size``: samples per optimiser step over all processes. ``output_dir`` may use
-    ``{name}``; a moved run folder resumes from its new place. ``resume``: ``auto`` (the newest
-    checkpoint that verifies), ``never`` or a checkpoint path. ``sharding``: ``none`` (DDP), ``fsdp2``,
-    ``hsdp`` (replicated across groups of ``hsdp_shard_size`` processes, default the processes per node,
-    sharded within) or ``auto`` (fsdp2 under an accelerate FSDP launch config). ``fsdp_reduce_dtype``: the
-    dtype FSDP2 reduce-scatters gradients in under bf16 (parameters are bf16 for compute, float32 when
-    stored). ``fsdp_accumulation``: with ``grad_accumulation`` > 1, ``reduce_scatter`` every micro-batch
-    (only sharded gradients are held) or keep ``unsharded`` gradients until the last (one reduce-scatter,
-    full-size gradients in memory). ``timeout_minutes``: the collectives' timeout. ``compile``: ``torch.compile`` the
-    forward in place (state-dict keys unchanged: checkpoints load with or without it). ``ema_warmup``:
-    decay ``min(ema_decay, (1 + n) / (10 + n))`` after n updates. ``max_train_seconds``: stop after the
-    step during which the training steps' own time reaches it (several processes agree at the next
-    log/checkpoint step).
+    ``global_batch_size``: samples per optimiser step over all processes. ``output_dir`` may use ``{name}``.
+    ``ema_warmup``: decay ``min(ema_decay, (1 + n) / (10 + n))`` after n updates. ``max_train_seconds``: stop after
+    the step during which the training steps' own time reaches it (processes agree at the next log/checkpoint step).
     """
 
     steps: int = 1000
@@ -346,22 +329,19 @@ class TrainConfig:
     max_train_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "num_workers", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        positive = ("steps", "global_batch_size", "grad_accumulation", "checkpoint_every", "keep_checkpoints", "log_every")
+        check_fields(self, "train.", [
+            *((name, getattr(self, name) >= 1, ">= 1") for name in positive),
+            *((name, getattr(self, name) >= 0, ">= 0") for name in ("sample_every", "num_workers", "seed")),
+        ])  # fmt: skip
         if self.mixed_precision == "fp16" and self.cpu:
             raise ValueError("train.mixed_precision=fp16 with train.cpu=true: fp16 autocast needs a CUDA device; use bf16 or no")
-        if not 0 < self.timeout_minutes < float("inf"):
-            raise ValueError(f"train.timeout_minutes must be > 0, got {self.timeout_minutes}")
-        if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
-            raise ValueError(f"train.hsdp_shard_size must be >= 1 or null, got {self.hsdp_shard_size}")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
-        if self.max_train_seconds is not None and not self.max_train_seconds > 0:
-            raise ValueError(f"train.max_train_seconds must be > 0 or null, got {self.max_train_seconds}")
+        check_fields(self, "train.", [
+            ("timeout_minutes", 0 < self.timeout_minutes < math.inf, "> 0"),
+            ("hsdp_shard_size", self.hsdp_shard_size is None or self.hsdp_shard_size >= 1, ">= 1 or null"),
+            ("ema_decay", self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, "in [0, 1) or null"),
+            ("max_train_seconds", self.max_train_seconds is None or self.max_train_seconds > 0, "> 0 or null"),
+        ])  # fmt: skip
         if self.compile:
             import torch._dynamo
 
@@ -411,6 +391,5 @@ def check_resume_config(stored: tuple[Mapping[str, Any], Path] | None, full_conf
             defaults = config_to_dict(type(full_config)())
         except TypeError:  # a config class without defaults for every field
             pass
-    diff = config_diff(old, new, defaults)
-    if diff:
+    if diff := config_diff(old, new, defaults):
         raise ConfigError(f"cannot resume from {source}: its config differs in {diff}; use another train.output_dir to start a new run")

@@ -21,6 +21,7 @@ from dfm_ext.decompositions.base import Decomposition
 from dfm_ext.process.objective import DFMLossOutput
 from dfm_ext.process.reducible import stage_errors
 from dfm_ext.process.timesteps import StageTimesteps, StageTimestepSampler
+from dfm_ext.recipes.engine.config import check_fields
 from dfm_ext.recipes.engine.latents import check_cache_metadata
 
 __all__ = [
@@ -44,11 +45,8 @@ def scan_class_folders(
     sorted class names (non-hidden subfolders); ``what`` and ``item`` name the folder and its files in messages."""
     root = Path(root)
     classes = class_folders(root, what=what, item=item)
-    items = []
-    for label, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in extensions:
-                items.append((str(p), label))
+    items = [(str(p), label) for label, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
+             if p.is_file() and p.suffix.lower() in extensions]  # fmt: skip
     if not items:
         raise ValueError(f"{what} {str(root)!r} has class folders but no {item}s with extensions {extensions}")
     return items, classes
@@ -88,15 +86,10 @@ def load_image(path: str, resolution: int) -> Tensor:
 class ImageFolder(torch.utils.data.Dataset):
     """``root/<class>/<image>`` read with Pillow (:func:`load_image`): items ``pixels [3, R, R]`` in ``[-1, 1]``,
     ``label``, ``index`` (the one read) and ``bad``; ``max_skips`` consecutive unreadable files end the run.
-
-    ``scan``: list the files now (default: unless this is a non-zero ``RANK`` of a launched job). One
-    process scans: the others list the class folders only and receive the file list from it when the
-    trainer starts (:meth:`share_scan`), or scan on first use without a trainer.
-    """
+    ``scan``: list the files now (default: on ``RANK`` 0 only; the others get the list by :meth:`share_scan`
+    when the trainer starts, or scan on first use)."""
 
     def __init__(self, root: str | Path, resolution: int, *, max_skips: int = 64, scan: bool | None = None) -> None:
-        if resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {resolution}")
         self.root, self.resolution, self.max_skips = str(root), int(resolution), int(max_skips)
         self._items: list[tuple[str, int]] | None = None
         if scan if scan is not None else os.environ.get("RANK", "0") == "0":
@@ -137,11 +130,8 @@ def read_with_fallback(
     items: Sequence[tuple[str, int]], key: int | tuple[int, bool], read: Callable[[int], Tensor],
     errors: tuple[type[BaseException], ...], *, max_skips: int, what: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads.
-
-    An index whose read raises one of ``errors`` falls back to the next one (wrapping), at most
-    ``max_skips`` times; the failed indices go into ``bad`` (counted by the trainer across workers).
-    """
+    """Item ``key`` (``index`` or ``(index, flip)``) of ``(path, label)`` items whose pixels ``read(index)`` loads;
+    a read raising one of ``errors`` falls back to the next index (at most ``max_skips`` times), listed in ``bad``."""
     index, flip = (key, False) if isinstance(key, (int, np.integer)) else key
     index = int(index)
     bad: list[int] = []
@@ -199,11 +189,9 @@ class BatchPlan:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_items", "global_batch_size", "world_size", "accumulation"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size - 1}], got {self.rank}")
+        counts = ("num_items", "global_batch_size", "world_size", "accumulation")
+        check_fields(self, "", [(name, getattr(self, name) >= 1, ">= 1") for name in counts])
+        check_fields(self, "", [("rank", 0 <= self.rank < self.world_size, f"in [0, {self.world_size - 1}]")])
         if self.global_batch_size % (self.world_size * self.accumulation):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} must be divisible by "
@@ -211,21 +199,14 @@ class BatchPlan:
             )
 
     def global_batch(self, step: int) -> list[tuple[int, bool]]:
-        """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes).
-
-        Each epoch's permutation and flips are drawn once and kept (the last two epochs): a step
-        costs ``O(G)`` host work whatever the dataset size (``benchmarks/host_overhead.py``).
-        """
-        start, n, g = step * self.global_batch_size, self.num_items, self.global_batch_size
+        """The ``G`` ``(index, flip)`` pairs of optimiser step ``step`` (all processes); ``O(G)`` host work whatever
+        the dataset size, as each epoch's permutation and flips are drawn once and kept."""
+        start, end, n = step * self.global_batch_size, (step + 1) * self.global_batch_size, self.num_items
         out: list[tuple[int, bool]] = []
-        pos = start
-        while pos < start + g:
-            epoch, offset = divmod(pos, n)
-            take = min(n - offset, start + g - pos)
+        for epoch in range(start // n, (end - 1) // n + 1):  # the epochs positions [start, end) fall in
             order, flips = self._epoch(epoch)
-            idx = order[offset : offset + take]
+            idx = order[max(start - epoch * n, 0) : min(end - epoch * n, n)]
             out += zip(idx.tolist(), flips[idx].tolist())
-            pos += take
         return out
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -274,12 +255,8 @@ class Codec(Protocol):
 
 @dataclass(frozen=True)
 class LatentCodec:
-    """Pixels ``[B, 3, ...]`` in ``[-1, 1]`` <-> normalised latents ``z = (vae_latent - shift) * scale``.
-
-    ``vae``: a diffusers autoencoder (``encode(x).latent_dist``, ``decode(z).sample``); ``scale`` /
-    ``shift`` ``None``: its config's ``scaling_factor`` / ``shift_factor`` (1 / 0 when absent);
-    ``sample``: draw from the posterior instead of taking its mode.
-    """
+    """Pixels ``[B, 3, ...]`` in ``[-1, 1]`` <-> normalised latents ``z = (vae_latent - shift) * scale`` of a diffusers
+    autoencoder; ``scale`` / ``shift`` ``None``: its config's (1 / 0 when absent); ``sample``: from the posterior."""
 
     vae: Any
     scale: float | None = None
@@ -404,15 +381,13 @@ class ClassConditionalInputs:
         errors = stage_errors(out) if getattr(self.timesteps.allocation, "needs_samples", False) else None
         self.timesteps.update(out.per_stage, timesteps=timesteps, errors=errors)
 
-    def latents(self, batch: dict[str, Any], device: torch.device, generator: torch.Generator) -> Tensor:
-        if "latents" in batch:
-            return batch["latents"].to(device, non_blocking=True)
-        return self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
-
     def training_inputs(self, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> tuple[list[Tensor], StageTimesteps, Tensor]:
         """A step's stages, stage times and labels (each dropped to the null class with probability ``label_dropout``),
         drawn from ``generator`` in a fixed order (posterior sample, times, dropout) that exact resume relies on."""
-        z = self.latents(batch, device, generator)
+        if "latents" in batch:
+            z = batch["latents"].to(device, non_blocking=True)
+        else:
+            z = self.codec(device).encode(batch["pixels"].to(device, non_blocking=True), generator=generator)
         stages = self.decomposition.decompose(z)
         ts = self.timesteps.sample(z.shape[0], generator=generator, device=device, stage_generator=stage_generator(generator))
         labels = batch["label"].to(device, non_blocking=True)

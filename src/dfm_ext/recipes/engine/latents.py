@@ -88,16 +88,15 @@ def check_cache_metadata(
 def check_cache_labels(path: str | Path, meta: dict[str, Any], num_classes: int, *, key: str = "data.latent_cache") -> None:
     """Refuse a cache whose labels fall outside ``[0, num_classes)`` (``num_classes`` is the null class of guidance:
     a label equal to it would silently train unconditional, a larger one fail at the first step). Reads only the labels."""
-    low, high = None, None
+    bounds: list[int] = []  # each shard's lowest and highest label
     for shard in meta.get("shards", []):
         with safe_open(str(Path(path) / shard["file"]), framework="pt") as f:
             labels = f.get_tensor("labels")
         if labels.numel():
-            low = int(labels.min()) if low is None else min(low, int(labels.min()))
-            high = int(labels.max()) if high is None else max(high, int(labels.max()))
-    if low is not None and low < 0:
+            bounds += [int(labels.min()), int(labels.max())]
+    if bounds and (low := min(bounds)) < 0:
         raise CacheMismatchError(f"{key}={str(path)!r} holds label {low}; labels must be >= 0")
-    if high is not None and high >= num_classes:
+    if bounds and (high := max(bounds)) >= num_classes:
         raise CacheMismatchError(
             f"{key}={str(path)!r} holds labels up to {high} but data.num_classes={num_classes} (label {num_classes} is the "
             f"null class of guidance); set data.num_classes={high + 1} or more, or rebuild the cache"

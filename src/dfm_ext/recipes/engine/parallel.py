@@ -1,33 +1,27 @@
-"""How a run spreads its model over the processes and checkpoints it: one :class:`Parallelism` per strategy.
-
-:class:`DDP` is accelerate's ``prepare`` and ``save_state``. :class:`FSDP2` is torch's
-``fully_shard`` per transformer block then the root, checkpointed with ``torch.distributed.checkpoint``
-(accelerate's FSDP plugin silently becomes DDP on CPU; this is the same code on ``cuda`` and ``cpu``).
-Both write through :func:`~dfm_ext.recipes.engine.checkpoint.write_step_folder`.
-"""
+"""How a run spreads its model over the processes and checkpoints it: one :class:`Parallelism` per strategy,
+:class:`DDP` (accelerate's) or :class:`FSDP2` (torch's ``fully_shard``; accelerate's FSDP plugin silently becomes
+DDP on CPU). Both write through :func:`~dfm_ext.recipes.engine.checkpoint.write_step_folder`."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dfm_ext.fileio import atomic_write_text
 from dfm_ext.recipes.engine.batch_split import BatchSplit
 from dfm_ext.recipes.engine.checkpoint import (
-    CorruptCheckpointError,
-    Stateful,
-    load_extra_state,
-    save_extra_state,
-    state_digest,
-    write_step_folder,
-)
+    CorruptCheckpointError, Stateful, load_extra_state, save_extra_state, state_digest, write_step_folder,
+)  # fmt: skip
 from dfm_ext.recipes.engine.config import ConfigError, TrainConfig
 from dfm_ext.recipes.engine.ema import EMA, tensors_of
 
@@ -114,7 +108,6 @@ class DDP(Parallelism):
         if ema is not None:
             ema.module.to(self.accelerator.device)  # type: ignore[union-attr]
             ema.shadow = {n: t.detach() for n, t in tensors_of(ema.module)}  # type: ignore[arg-type]
-        self.ema = ema
         return model, optimizer, ema
 
     def gradient_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager[None]:
@@ -161,30 +154,24 @@ class DDP(Parallelism):
         return list(gather_object([digest]))
 
 
-#: torch's recompile limits while a run compiles (``torch._dynamo.config.recompile_limit``, default 8): a model
-#: compiles one graph per input shape, and FLUX's aspect-ratio buckets (14 by default) would send the 9th
-#: bucket's steps silently to eager. Static shapes per bucket keep the best kernels; the count is bounded.
+#: torch's recompile limit while a run compiles (default 8): one graph per input shape, and FLUX's 14 aspect-ratio
+#: buckets would otherwise send the 9th bucket's steps silently to eager.
 RECOMPILE_LIMIT = 64
 
 
 def compile_model(model: nn.Module, backend: str, *, per_block: bool = False) -> nn.Module:
     """``torch.compile`` ``model`` in place (its state-dict keys unchanged) and raise the recompile limits.
-
-    ``per_block``: compile each transformer block's ``forward`` alone (the rest stays eager), so module
-    hooks around the blocks (FSDP2's all-gather and reduce-scatter) run outside the graphs, with no
-    graph break, as torchtitan does; a specialised layer inside a compiled block routes by stage on
-    the device (one graph whatever the stage mix).
-    """
+    ``per_block``: each transformer block's ``forward`` alone, so FSDP2's hooks run between the graphs (no break)."""
     import torch._dynamo
 
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    if not per_block:
+    if per_block:
+        for block in transformer_blocks(model):
+            block.forward = torch.compile(block.forward, backend=backend)
+    else:
         model.compile(backend=backend)
-        return model
-    for block in transformer_blocks(model):
-        block.forward = torch.compile(block.forward, backend=backend)
     return model
 
 
@@ -210,16 +197,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, mp_policy: Any = None) -> nn.Module:
     """``fully_shard`` every transformer block, then the root; returns ``model`` (sharded in place).
 
-    ``mesh``: 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP). ``mp_policy``: a ``MixedPrecisionPolicy``
-    for the transformer blocks (bf16 parameters and compute, their outputs cast back to float32); the
-    root (embedders, time embedding, heads: a small share of the weights and FLOPs) keeps float32
-    parameters and its inputs as given, so the times ``t`` stay float32 as the wrapper's time
-    embedding needs and the model runs with or without autocast; both reduce in ``mp_policy``'s dtype.
-    Unused parameters (a stage's LoRA no local sample drew) are reduce-scattered as zero
-    gradients, so the ranks' collectives stay in step.
+    ``mesh``: 1-D (FSDP) or 2-D ``(replicate, shard)`` (HSDP). ``mp_policy`` (bf16 compute) applies to the blocks;
+    the root keeps float32 parameters and its inputs as given, so the times ``t`` stay float32. Unused parameters
+    (a stage's LoRA no local sample drew) get zero gradients, so the ranks' collectives stay in step.
     """
-    import dataclasses
-
     from torch.distributed.fsdp import fully_shard
 
     blocks = transformer_blocks(model)
@@ -227,8 +208,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bo
     # more after the loop, outside the block's forward: its own unit gathers it whenever it runs.
     emb = getattr(getattr(blocks[0], "norm1", None), "emb", None)
     units = [emb] if isinstance(emb, nn.Module) and any(True for _ in emb.parameters()) else []
-    block: dict[str, Any] = {}
-    root: dict[str, Any] = {}
+    block, root = dict[str, Any](), dict[str, Any]()
     if mp_policy is not None:
         block = {"mp_policy": dataclasses.replace(mp_policy, output_dtype=mp_policy.output_dtype or torch.float32)}
         root = {"mp_policy": dataclasses.replace(mp_policy, param_dtype=None, cast_forward_inputs=False)}
@@ -242,19 +222,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bo
 
 
 class FSDP2(Parallelism):
-    """Sharded weights, gradients, optimiser state and EMA (``torch.distributed.fsdp.fully_shard``).
-
-    ``train.sharding=hsdp``: a 2-D mesh, replicated across groups of ``train.hsdp_shard_size``
-    processes (default: the processes per node, ``LOCAL_WORLD_SIZE``) and sharded within a group.
-    Under bf16 a ``MixedPrecisionPolicy``: bf16 parameters for compute, gradients reduce-scattered
-    in ``train.fsdp_reduce_dtype``, float32 parameters, gradients and optimiser state kept.
-    """
+    """Sharded weights, gradients, optimiser state and EMA (``torch.distributed.fsdp.fully_shard``); HSDP: a 2-D mesh."""
 
     def mesh(self, device: torch.device) -> DeviceMesh:
         """The device mesh: ``(world,)``, or ``(world / shard, shard)`` named ``("replicate", "shard")`` for HSDP."""
-        import os
-
-        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         world = dist.get_world_size()
@@ -274,8 +245,6 @@ class FSDP2(Parallelism):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, self.train.fsdp_reduce_dtype))
 
     def prepare(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer, EMA | None]:
-        import torch.distributed as dist
-
         device = self.accelerator.device
         if not dist.is_initialized():  # one process: a world of one, so the same code path runs
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -299,13 +268,9 @@ class FSDP2(Parallelism):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        if self.ema is not None:
-            state["ema"] = self.ema.shadow
-        return state
+        return {"model": model_sd, "optim": optim_sd, **({"ema": self.ema.shadow} if self.ema is not None else {})}
 
     def save(self, root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Mapping[str, Stateful]) -> Path:
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         def write_main(tmp: Path) -> None:

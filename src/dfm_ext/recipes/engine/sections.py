@@ -1,9 +1,5 @@
 """Config sections the recipes share: ``decomposition``, ``dfm``, ``sampling``, ``model``, ``specialize``, ``vae``, ``data``,
-and :class:`RecipeConfig`.
-
-A ``dfm`` field a recipe does not read must stay at the recipe's default (its section's default
-factory, e.g. ``functools.partial(DFMConfig, standardize=True)``), so a setting is never silently ignored.
-"""
+and :class:`RecipeConfig` (a ``dfm`` field a recipe does not read must stay at its default: never silently ignored)."""
 
 from __future__ import annotations
 
@@ -27,7 +23,7 @@ from dfm_ext.process.objective import DFMObjective
 from dfm_ext.process.sampler import DFMSampler
 from dfm_ext.process.schedule import StageScheduler
 from dfm_ext.process.timesteps import StageTimestepSampler, default_stage_probabilities
-from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, yaml_value
+from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_fields, yaml_value
 from dfm_ext.specialization import GROUP_PATTERNS, StageSpecialization, specialize
 
 __all__ = [
@@ -38,14 +34,9 @@ __all__ = [
 
 @dataclass
 class DecompositionConfig:
-    """Every field of every kind of :mod:`dfm_ext.decompositions.factory`; a field of another kind than ``kind``
-    must stay at its default. ``laplacian``: ``factors`` (e.g. ``[4, 2, 1]``), ``down``, ``up``,
-    ``temporal_factors``; ``wavelet``: ``wave``, ``factors`` (powers of two) or ``levels`` / ``num_stages``,
-    ``mode``; ``dct``: ``block_size``, ``bands``; ``identity``: nothing (plain Flow Matching).
-
-    Checked and resolved when the config loads, so ``config.yaml`` says what is built (``factors``
-    ``[1]`` for identity, ``null`` for dct; a wavelet given by ``levels`` is written with its ``factors``).
-    """
+    """Every field of every kind of :mod:`dfm_ext.decompositions.factory` (a field of another kind than ``kind`` must
+    stay at its default; ``identity`` is plain Flow Matching). Checked and resolved when the config loads, so
+    ``config.yaml`` says what is built (a wavelet given by ``levels`` is written with its ``factors``)."""
 
     kind: Literal["laplacian", "identity", "wavelet", "dct"] = "laplacian"
     factors: tuple[int, ...] | None = (2, 1)
@@ -95,7 +86,9 @@ class DecompositionConfig:
         self.factors = {"identity": (1,), "dct": None}.get(kind, self.factors)
         self._num_stages = built.num_stages
         factors = self.factors or (1,)
-        self._multiple = {"laplacian": math.lcm(*factors), "wavelet": factors[0], "dct": self.block_size, "identity": 1}[kind]
+        # Latent sides must be multiples of this (the coarsest stage's downsampling, or the DCT block).
+        multiples = {"laplacian": math.lcm(*factors), "wavelet": factors[0], "dct": self.block_size, "identity": 1}
+        self.sample_multiple = multiples[kind]
 
     def build(self) -> Decomposition:
         """The decomposition, through :func:`dfm_ext.decomposition_from_config` of this kind's fields."""
@@ -105,14 +98,6 @@ class DecompositionConfig:
             if not (kind == "wavelet" and value is None and name in ("levels", "num_stages", "factors")):
                 config[name] = list(value) if isinstance(value, tuple) else value
         return decomposition_from_config(config)
-
-    def count_stages(self) -> int:
-        return self._num_stages
-
-    @property
-    def sample_multiple(self) -> int:
-        """Latent sides must be multiples of this (the coarsest stage's downsampling, or the DCT block)."""
-        return self._multiple
 
     def check_sample_shape(self, shape: Sequence[int], what: str = "latent") -> None:
         """A :class:`ConfigError` unless the decomposition accepts samples of ``shape`` ``(C, H, W)`` / ``(C, T, H, W)``."""
@@ -180,13 +165,10 @@ class DFMConfig:
             key = {"probabilities": "dfm.stage_probabilities", "prior": f"dfm.stage_probabilities (the prior of dfm.allocation={self.allocation})",
                    "current": "dfm.current", "earlier": "dfm.earlier"}.get(first, "dfm.timestep_mode")  # fmt: skip
             raise ConfigError(f"{key}: {e}") from e
-        if self.stage_weights is not None:
-            if len(self.stage_weights) != num_stages:
-                raise ConfigError(f"dfm.stage_weights {list(self.stage_weights)} needs one entry per stage ({num_stages})")
-            try:
-                self.objective(num_stages)
-            except ValueError as e:
-                raise ConfigError(f"dfm.stage_weights: {e}") from e
+        try:  # the objective checks the weights: one per stage, finite, non-negative
+            self.objective(num_stages)
+        except ValueError as e:
+            raise ConfigError(f"dfm.stage_weights {yaml_value(self.stage_weights)}: {e}") from e
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"dfm.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.scales is not None:
@@ -243,8 +225,7 @@ class ClassSamplingConfig(SamplingConfig):
             return
         if not self.classes:
             raise ConfigError("sampling.classes is empty; give class indices or null")
-        bad = [c for c in self.classes if not 0 <= c < num_classes]
-        if bad:
+        if bad := [c for c in self.classes if not 0 <= c < num_classes]:
             raise ConfigError(f"sampling.classes {bad} out of range [0, {num_classes - 1}] (data.num_classes={num_classes})")
 
 
@@ -256,12 +237,9 @@ def check_count(section: Any, name: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """A reference model (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts (``factory``).
-
-    ``factory``: ``"package.module:function"``, called with the whole run config, returns the
-    unwrapped model. ``time_convention``: how it reads time (see ``wrap_dit``); ``None``: the model
-    declares it (``dfm_time_convention``), else it is refused with the choices rather than guessed.
-    """
+    """A reference model (``preset`` + ``overrides``) or any model ``wrap_dit`` accepts (``factory``:
+    ``"package.module:function"``, called with the whole run config). ``time_convention``: how it reads time
+    (``None``: the model declares it, else it is refused with the choices rather than guessed)."""
 
     preset: str = "XL/2"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -320,8 +298,6 @@ class SpecializeConfig:
     alpha: float | None = None
 
     def validate(self, num_stages: int) -> None:
-        if self.kind not in ("none", "full", "lora"):
-            raise ConfigError(f"specialize.kind must be none, full or lora, got {self.kind!r}")
         if self.kind == "none":
             return
         if num_stages < 2:
@@ -355,10 +331,11 @@ class VAESection:
     sample_posterior: bool = False
 
     def __post_init__(self) -> None:
-        if self.scaling_factor is not None and not (math.isfinite(self.scaling_factor) and self.scaling_factor != 0):
-            raise ValueError(f"vae.scaling_factor must be a finite non-zero number or null, got {self.scaling_factor}")
-        if self.shift_factor is not None and not math.isfinite(self.shift_factor):
-            raise ValueError(f"vae.shift_factor must be a finite number or null, got {self.shift_factor}")
+        scale, shift = self.scaling_factor, self.shift_factor
+        check_fields(self, "vae.", [
+            ("scaling_factor", scale is None or (math.isfinite(scale) and scale != 0), "a finite non-zero number or null"),
+            ("shift_factor", shift is None or math.isfinite(shift), "a finite number or null"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -384,9 +361,8 @@ class ClassDataSection:
     max_skips: int = 64
 
     def __post_init__(self) -> None:
-        for key, low in (("resolution", 1), ("num_classes", 1), ("max_skips", 0)):
-            if getattr(self, key) < low:
-                raise ValueError(f"data.{key} must be >= {low}, got {getattr(self, key)}")
+        lows = (("resolution", 1), ("num_classes", 1), ("max_skips", 0))
+        check_fields(self, "data.", [(key, getattr(self, key) >= low, f">= {low}") for key, low in lows])
 
 
 DataT = TypeVar("DataT")
@@ -432,7 +408,7 @@ class RecipeConfig(Generic[DataT, VAET, ModelT, SamplingT]):
 
     @property
     def num_stages(self) -> int:
-        return self.decomposition.count_stages()
+        return self.decomposition._num_stages
 
     def check_shared(self, recipe: str, *, reads: tuple[str, ...]) -> None:
         """``sampling``, ``dfm`` (the fields this recipe ``reads``; the others at the recipe's defaults) and the batch

@@ -48,13 +48,9 @@ def make_grid(images: Tensor, nrow: int, *, padding: int = 2, scale: int = 1) ->
     """
     if nrow < 1 or scale < 1 or padding < 0:
         raise ValueError(f"need nrow >= 1, scale >= 1, padding >= 0; got {nrow}, {scale}, {padding}")
-    arr = to_uint8(images)
+    arr = to_uint8(images).repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = arr.shape
-    if scale > 1:
-        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-        h, w = h * scale, w * scale
-    rows = (n + nrow - 1) // nrow
-    pad = padding * scale
+    rows, pad = -(-n // nrow), padding * scale
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 128, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
@@ -154,13 +150,9 @@ def save_loss_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathL
             if not pts:
                 continue
             px, py = zip(*pts)
-            color = f"C{i}"
-            ax.plot(px, py, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(px, smooth(py, 0.95) if len(py) > 1 else py, color=color, label=name, linewidth=1.5)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (smoothed)")
-        ax.set_title(title)
+            ax.plot(px, py, color=f"C{i}", alpha=0.2, linewidth=0.8)
+            ax.plot(px, smooth(py, 0.95) if len(py) > 1 else py, color=f"C{i}", label=name, linewidth=1.5)
+        ax.set(yscale="log", xlabel="step", ylabel="loss (smoothed)", title=title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
