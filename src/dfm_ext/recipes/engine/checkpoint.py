@@ -1,21 +1,14 @@
-"""The run folder and its checkpoints: atomic step folders, a completeness record, resume decisions.
+"""The run folder and its checkpoints: atomic step folders with a completeness record, ``final/``, digests.
 
-A run folder holds ``config.yaml``, ``checkpoints/``, ``logs/``, ``samples/``, ``metrics.jsonl``,
-``final/`` (the EMA weights) and ``summary.json``. Under ``checkpoints/``::
-
-    step-000200/            the parallelism's files + extra_state.pt + complete.json
-    corrupt-step-000600/    failed verification at resume: moved aside, never read
-    latest                  names the newest checkpoint written (informational)
-
-A checkpoint is written into ``tmp-step-<step>``; every process hashes its share of the files, and the
-main process writes ``complete.json`` (size and SHA-256 of every file) last, then renames the folder.
-Only a folder whose record verifies counts, so a crash or a full disk never leaves a checkpoint that
-looks complete. The folder must be on a filesystem every process sees. ``extra_state.pt`` is read with ``weights_only=True``: resuming
-from someone else's checkpoint cannot run code.
+The layout and its promises: docs/recipes/index.md, "Outputs and resume". Only a folder whose ``complete.json``
+(written last, before the rename of ``tmp-step-<step>``) verifies counts, so a crash or a full disk never leaves
+a checkpoint that looks complete. ``extra_state.pt`` is read with ``weights_only=True``: resuming from someone
+else's checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -40,16 +33,12 @@ __all__ = [
     "save_extra_state", "save_final_model", "state_digest", "step_dir_name", "verify_manifest", "write_manifest", "write_step_folder",
 ]  # fmt: skip
 
-#: The file of a checkpoint holding the states of the objects beyond model and optimiser.
-EXTRA_STATE = "extra_state.pt"
-#: The completeness record, written last into a checkpoint folder.
-MANIFEST = "complete.json"
+EXTRA_STATE = "extra_state.pt"  # the states of the objects beyond model and optimiser
+MANIFEST = "complete.json"  # the completeness record, written last into a checkpoint folder
 _CHUNK = 1 << 22  # 4 MiB reads while hashing
 _STEP = re.compile(r"^step-(\d+)$")
-#: The ``errno`` values of a full disk (or an exceeded quota).
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-#: Below this many free bytes after a failed write, the disk counts as full whatever the error said.
-FULL_BELOW = 1 << 20
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a full disk or an exceeded quota
+FULL_BELOW = 1 << 20  # below this many free bytes after a failed write, the disk counts as full whatever the error said
 _PART = ".complete-part-"  # one process's hashes, merged into complete.json by the main process
 
 
@@ -81,10 +70,8 @@ def disk_full(error: BaseException, path: str | Path, what: str) -> DiskFullErro
         probe = Path(path)
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        try:
+        with contextlib.suppress(OSError):
             full = shutil.disk_usage(probe).free < FULL_BELOW
-        except OSError:
-            full = False
     if not full:
         return None
     cause = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
@@ -98,15 +85,12 @@ def disk_full(error: BaseException, path: str | Path, what: str) -> DiskFullErro
 
 def step_dir_name(step: int) -> str:
     """``step-000123``: zero padded so that names sort by step."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
     return f"step-{step:06d}"
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Step folders ``(step, path)`` under ``root``, oldest first (not verified)."""
-    root = Path(root)
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()) if root.is_dir() else []
+    return sorted((int(m.group(1)), p) for p in Path(root).glob("step-*") if (m := _STEP.match(p.name)) and p.is_dir())
 
 
 def _sha256(path: Path) -> str:
@@ -189,8 +173,7 @@ def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, 
 
 def clean_partial(root: str | Path) -> list[Path]:
     """Remove the ``tmp-*`` folders a crash or a full disk left under ``root``; returns them (main process, at start)."""
-    root = Path(root)
-    stale = sorted(p for p in root.glob("tmp-*") if p.is_dir()) if root.is_dir() else []
+    stale = sorted(p for p in Path(root).glob("tmp-*") if p.is_dir())
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
@@ -209,8 +192,7 @@ def load_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
     if not file.is_file():
         raise CorruptCheckpointError(f"{file} is missing")
     states = torch.load(file, map_location="cpu", weights_only=True)
-    missing = sorted(set(extra) - set(states))
-    if missing:
+    if missing := sorted(set(extra) - set(states)):
         raise CorruptCheckpointError(f"{file} has no state for {missing} (it holds {sorted(states)}): written by another recipe?")
     for name, obj in extra.items():
         obj.load_state_dict(states[name])
@@ -226,8 +208,6 @@ def write_step_folder(
     the main process runs ``write_main(tmp)``, writes the completeness record last, renames
     ``tmp-step-<step>``, points ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`.
     """
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = Path(root)
     name = step_dir_name(step)
     tmp, final = root / f"tmp-{name}", root / name
@@ -251,8 +231,7 @@ def write_step_folder(
             fsync_directory(root)
             atomic_write_text(root / "latest", name + "\n")
     except (OSError, RuntimeError) as e:
-        full = disk_full(e, tmp, "checkpoint")
-        if full is not None:
+        if (full := disk_full(e, tmp, "checkpoint")) is not None:
             raise full from e
         raise
     if is_main and keep is not None:
@@ -294,8 +273,7 @@ def save_final_model(output_dir: Path, model: nn.Module) -> Path:
             with atomic_directory(out) as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     except (OSError, RuntimeError) as e:
-        full = disk_full(e, out, "the final model")
-        if full is not None:
+        if (full := disk_full(e, out, "the final model")) is not None:
             raise full from e
         raise
     return out
