@@ -27,13 +27,9 @@ __all__ = ["ConfigRecord", "choose_resume", "shared_verify", "stored_config", "t
 def choose_resume(
     output_dir: Path, mode: str, *, verify: Callable[[Path], Any] = verify_manifest, warn: Callable[[str], None] | None = None,
 ) -> Path | None:  # fmt: skip
-    """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a :class:`ConfigError`.
-
-    ``auto``: the newest step folder that ``verify`` passes, whatever ``latest`` says; ``never``: none, and a
-    folder with checkpoints is refused; else a checkpoint folder, refused when damaged or older than
-    checkpoints already in the run folder. Several processes call it together with a collective ``verify``
-    (:func:`shared_verify`); ``warn`` (default: stderr) reports the damaged folders passed over.
-    """
+    """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a ConfigError
+    (the rules: docs/recipes/index.md, "Outputs and resume"); ``warn`` (default: stderr) reports the damaged
+    folders passed over."""
     warn = warn or (lambda line: print(line, file=sys.stderr))
     ckpts = output_dir / "checkpoints"
     existing = list_checkpoints(ckpts)
@@ -65,8 +61,7 @@ def choose_resume(
         raise ConfigError(f"train.resume={mode!r} cannot be resumed from: {e}") from None
     m = path.name.removeprefix("step-")
     step = int(m) if m.isdigit() else -1
-    newer = [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]
-    if newer:
+    if newer := [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]:
         raise ConfigError(
             f"train.resume={mode!r} is older than checkpoints already in {ckpts} ({', '.join(newer)}), which "
             "the run would write over; move them away or choose another train.output_dir"
@@ -79,13 +74,12 @@ def shared_verify(rank: int, world: int, gather: Callable[[list[Any]], list[Any]
     Python lists, e.g. ``accelerate.utils.gather_object``) pools the verdicts; every process raises the same error."""
 
     def verify(path: Path) -> None:
+        verdict = None
         try:
             verify_manifest(path, share=(rank, world))
-            verdict = None
         except CorruptCheckpointError as e:
             verdict = str(e)
-        errors = [v for v in (gather([verdict]) if world > 1 else [verdict]) if v]
-        if errors:
+        if errors := [v for v in (gather([verdict]) if world > 1 else [verdict]) if v]:
             raise CorruptCheckpointError(errors[0])
 
     return verify
