@@ -1,15 +1,9 @@
 """One owner per run folder: ``run.lock``, held by the main process for as long as it trains.
 
-Two launches on one ``train.output_dir`` would both train, delete each other's unfinished
-checkpoints and log every step twice. The lock is an exclusive ``flock`` on ``run.lock``, which the
-operating system drops when its process dies however it dies, so a crashed run never blocks the
-next one. The file also says who holds it (process id, host, start time, command): a second launch
-refuses with that owner named; a launch that finds the record of an owner no longer running takes
-over with a one-line notice. The file stays (emptied) when a run ends.
-
-Where the filesystem has no ``flock`` (some network mounts), the record alone decides: an owner on
-this host is checked by its process id; one on another host cannot be, so the run refuses and says
-which file to delete once that run is known to be gone.
+Two launches on one ``train.output_dir`` would both train, delete each other's unfinished checkpoints and log every
+step twice. The lock is an exclusive ``flock``, which the operating system drops when its process dies however it
+dies, so a crashed run never blocks the next one; where the filesystem has no ``flock`` (some network mounts), the
+owner's record (process id, host, start time, command) alone decides. What a user sees: docs/recipes/index.md.
 """
 
 from __future__ import annotations
