@@ -1,10 +1,8 @@
 """Evaluation under DDP on every process: each model call's batch is split over the processes and gathered.
 
-Every process runs the task's ``evaluate`` with the same inputs (the same seeds, the same replicated
-weights), so the sampler's state is the same everywhere; :class:`BatchSplit` makes each model call
-compute only this process's share of the batch and all-gathers the outputs, so sampling takes
-``1 / world`` of the model compute per process instead of one process sampling alone while the
-others wait at a barrier (against the collective timeout). The main process writes the files.
+Every process runs the task's ``evaluate`` with the same inputs and weights, so the sampler's state is the same
+everywhere; each takes ``1 / world`` of the model compute instead of one process sampling alone while the others wait
+at a barrier (against the collective timeout). The main process writes the files.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from dfm_ext.process.host_values import host_twin, with_host_twin
 
@@ -43,7 +41,7 @@ class BatchSplit(nn.Module):
             return getattr(super().__getattr__("inner"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = [t for t in _leaves((args, kwargs)) if t.ndim >= 1]
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.ndim >= 1]
         if not tensors:
             return self.inner(*args, **kwargs)
         batch = tensors[0].shape[0]
@@ -61,12 +59,6 @@ class BatchSplit(nn.Module):
         a, k = tree_map(take, (args, kwargs))
         out = self.inner(*a, **k)
         return tree_map(lambda o: _gather(o[: hi - lo], batch, per, self.world) if isinstance(o, Tensor) else o, out)
-
-
-def _leaves(tree: Any) -> list[Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    return [x for x in tree_leaves(tree) if isinstance(x, Tensor)]
 
 
 def _gather(local: Tensor, batch: int, per: int, world: int) -> Tensor:
