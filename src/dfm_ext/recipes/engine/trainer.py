@@ -62,10 +62,8 @@ class TrainResult:
 def adamw(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on parameters of rank < 2 (biases, norms).
 
-    ``fused`` (default: wherever torch has the fused kernel for the parameters' dtype, every device
-    type torch lists, CUDA and CPU included): one kernel per step over all parameters instead of a
-    per-tensor loop (the CPU default) or foreach ops. The same AdamW maths; results differ from the
-    unfused step by float32 rounding only (the update is computed in another operation order).
+    ``fused`` (default: wherever torch has the fused kernel for the parameters, CUDA and CPU included): one kernel
+    per step instead of a per-tensor loop; the same maths up to float32 rounding (another operation order).
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -157,9 +155,8 @@ def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: in
 
 
 def _sync_host(extra: Mapping[str, Any]) -> None:
-    """Refresh the host copies some checkpointed objects keep of device state (``sync_host()``: an adaptive
-    allocation's stage probabilities, for host stage draws): at start and at check steps only, so they lag by
-    at most ``log_every`` / ``checkpoint_every`` steps."""
+    """``sync_host()`` of the checkpointed objects keeping host copies of device state (an adaptive allocation's
+    stage probabilities): at start and at check steps only, so they lag by at most ``log_every`` steps."""
     for obj in extra.values():
         sync = getattr(obj, "sync_host", None)
         if callable(sync):
@@ -316,8 +313,7 @@ class Trainer:
         busy: list[str | None] = [None]
         if main:
             try:
-                notice = self.lock.acquire()
-                if notice:
+                if notice := self.lock.acquire():
                     print(notice, file=sys.stderr)
             except RunFolderBusy as e:
                 busy[0] = str(e)
