@@ -60,10 +60,8 @@ class DiskFullError(OSError):
 
 def disk_full(error: BaseException, path: str | Path, what: str) -> DiskFullError | None:
     """A :class:`DiskFullError` naming ``path`` when ``error`` (raised writing ``what`` there) came from a full disk, else ``None``.
-
-    ``torch.save`` reports a full disk as ``RuntimeError: ... unexpected pos``, not ``ENOSPC``: after any failed
-    write, the free space of ``path``'s filesystem decides (under :data:`FULL_BELOW` bytes: full).
-    """
+    ``torch.save`` reports a full disk as ``RuntimeError: ... unexpected pos``, not ``ENOSPC``: after any failed write,
+    the free space of ``path``'s filesystem decides (under ``FULL_BELOW`` bytes: full)."""
     code = getattr(error, "errno", None)
     full = code in DISK_FULL_ERRNOS
     if not full and isinstance(error, (OSError, RuntimeError)):
@@ -125,10 +123,8 @@ def hash_share(path: str | Path, rank: int, world: int, *, write: bool = True) -
 
 
 def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
-    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``: call it after every file is written.
-
-    Shares hashed by other processes (:func:`hash_share`) are merged and removed; the rest is hashed here.
-    """
+    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``, after every file is written: the
+    shares other processes hashed (:func:`hash_share`) are merged and removed, the rest is hashed here."""
     path, files = Path(path), {}
     for part in sorted(path.glob(f"{_PART}*.json")):
         files.update(json.loads(part.read_text()))
@@ -144,9 +140,7 @@ def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, An
 
 def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Check ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte); else :class:`CorruptCheckpointError`.
-
-    ``share=(rank, world)``: hash only every ``world``-th listed file from ``rank`` (the processes split the reading).
-    """
+    ``share=(rank, world)``: hash only every ``world``-th listed file from ``rank`` (the processes split the work)."""
     path = Path(path)
     if not path.is_dir():
         raise CorruptCheckpointError(f"{path} is not a folder")
@@ -203,11 +197,9 @@ def write_step_folder(
     write_main: Callable[[Path], None], rank: int = 0, world: int = 1,
 ) -> Path:  # fmt: skip
     """Write ``root/step-<step>`` atomically (every process calls this; an existing one is never written over).
-
-    ``write_all(tmp)`` runs on every process, which then hash their share of the files (``rank`` of ``world``);
-    the main process runs ``write_main(tmp)``, writes the completeness record last, renames
-    ``tmp-step-<step>``, points ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`.
-    """
+    ``write_all(tmp)`` runs on every process, which then hash their share of the files (``rank`` of ``world``); the
+    main process runs ``write_main(tmp)``, writes the completeness record last, renames ``tmp-step-<step>``, points
+    ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`."""
     root = Path(root)
     name = step_dir_name(step)
     tmp, final = root / f"tmp-{name}", root / name
@@ -242,18 +234,14 @@ def write_step_folder(
 
 
 def check_output_writable(path: str | Path) -> None:
-    """Fail fast (:class:`ConfigError`) when the run folder ``path`` or its ``checkpoints/`` cannot be written.
-
-    Creates ``path``; probes with a file, which also catches read-only mounts and ACLs ``os.access`` misses.
-    """
+    """Fail fast (:class:`ConfigError`) when the run folder ``path`` or its ``checkpoints/`` cannot be written: creates
+    ``path``, probes with a file, which also catches read-only mounts and ACLs ``os.access`` misses."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         for folder in (path, path / "checkpoints"):
             if folder.is_dir():
-                fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-                os.close(fd)
-                os.unlink(probe)
+                tempfile.TemporaryFile(prefix=".write-test-", dir=folder).close()
     except OSError as e:
         why = "the disk is full" if e.errno in DISK_FULL_ERRNOS else (e.strerror or str(e))
         raise ConfigError(
