@@ -47,22 +47,7 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """The lock of the run folder ``folder`` (``acquire`` on the main process only; ``release`` is idempotent).
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> first, second = RunLock(folder), RunLock(folder)
-        >>> first.acquire() is None
-        True
-        >>> try:
-        ...     second.acquire()
-        ... except RunFolderBusy as e:
-        ...     print(str(e).split(" is in use")[0] == f"train.output_dir={str(folder)!r}")
-        True
-        >>> first.release(); second.acquire() is None
-        True
-    """
+    """The lock of the run folder ``folder`` (``acquire`` on the main process only; ``release`` is idempotent)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -70,10 +55,8 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock; returns a notice when a dead owner's record was taken over, else ``None``.
-
-        Raises :class:`RunFolderBusy` naming the owner when a live run holds it.
-        """
+        """Take the lock; returns a notice when a dead owner's record was taken over, else ``None``; raises
+        :class:`RunFolderBusy` naming the owner when a live run holds it."""
         if self._fd is not None:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -100,9 +83,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
-        if previous:
-            return f"taking over {self.path} from {_describe(previous)}, which is no longer running"
-        return None
+        return f"taking over {self.path} from {_describe(previous)}, which is no longer running" if previous else None
 
     def release(self) -> None:
         """Empty the record and drop the lock (the file stays: deleting it could split two waiting launches)."""
