@@ -112,24 +112,13 @@ class TrainTask(ABC):
 
 
 def step_generator(seed: int, step: int, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded by ``(seed, step, shard)`` only (``shard = rank * accumulation + micro``).
-
-    Example:
-        >>> a = torch.rand(2, generator=step_generator(0, 5, 1))
-        >>> torch.equal(a, torch.rand(2, generator=step_generator(0, 5, 1)))
-        True
-    """
+    """A generator seeded by ``(seed, step, shard)`` only (``shard = rank * accumulation + micro``)."""
     state = np.random.SeedSequence([int(seed), int(step), int(shard)]).generate_state(2, np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """``min(1, (step + 1) / warmup_steps)``: linear warmup, then constant.
-
-    Example:
-        >>> [warmup_lambda(4)(s) for s in range(6)]
-        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    """
+    """``min(1, (step + 1) / warmup_steps)``: linear warmup, then constant."""
     return (lambda step: 1.0) if warmup_steps <= 0 else (lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
@@ -141,15 +130,7 @@ def check_batch_fits(num_items: int, train: TrainConfig) -> None:
 
 def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: int) -> bool:
     """Whether the loop reads its device flags after ``step``: at log, checkpoint and last steps, and, in
-    one process, once the time budget is spent (several processes decide at the steps where they reduce anyway).
-
-    Example:
-        >>> train = TrainConfig(steps=10, log_every=4, checkpoint_every=6)
-        >>> [s for s in range(1, 11) if is_check_step(s, train, over_budget=s >= 5, world=2)]
-        [4, 6, 8, 10]
-        >>> [s for s in range(1, 11) if is_check_step(s, train, over_budget=s >= 5, world=1)][:3]
-        [4, 5, 6]
-    """
+    one process, once the time budget is spent (several processes decide at the steps where they reduce anyway)."""
     cadence = step % train.log_every == 0 or step % train.checkpoint_every == 0 or step == train.steps
     return cadence or (over_budget and world == 1)
 
