@@ -59,19 +59,10 @@ class SampleJob:
 
 def sample_noise(decomposition: Decomposition, sample_shape: Sequence[int], indices: Sequence[int], seed: int) -> list[Tensor]:
     """Per-stage noise ``[n, ...]`` (CPU) whose row ``j`` is drawn, stage by stage as ``DFMSampler`` draws, from a
-    generator seeded by ``(seed, indices[j])`` alone: a sample's noise does not depend on its batch or process.
-
-    Example:
-        >>> from dfm_ext import LaplacianPyramid
-        >>> a = sample_noise(LaplacianPyramid((2, 1)), (4, 8, 8), [3, 4], seed=0)
-        >>> [tuple(x.shape) for x in a], torch.equal(a[1][1], sample_noise(LaplacianPyramid((2, 1)), (4, 8, 8), [4], 0)[1][0])
-        ([(2, 4, 4, 4), (2, 4, 8, 8)], True)
-    """
+    generator seeded by ``(seed, indices[j])`` alone: a sample's noise does not depend on its batch or process."""
     shapes = decomposition.stage_shapes((1, *sample_shape))
-    rows = []
-    for i in indices:
-        g = step_generator(seed, int(i), 0)  # (seed, index): the per-step generator's seeding, keyed by the sample
-        rows.append([torch.randn(tuple(s), generator=g) for s in shapes])
+    generators = [step_generator(seed, int(i), 0) for i in indices]  # the per-step seeding, keyed by the sample
+    rows = [[torch.randn(tuple(s), generator=g) for s in shapes] for g in generators]
     return [torch.cat([r[k] for r in rows]) for k in range(len(shapes))]
 
 
