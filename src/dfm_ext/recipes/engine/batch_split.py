@@ -21,14 +21,10 @@ __all__ = ["BatchSplit"]
 
 class BatchSplit(nn.Module):
     """``module`` called on rows ``[rank * n, (rank + 1) * n)`` of every per-sample input (``n = ceil(B / world)``),
-    its outputs gathered over the process group: the same values as ``module`` on the whole batch (every
-    per-sample computation is the same; only which process computes a row changes).
-
-    Per-sample inputs are the tensors (also inside lists and tuples, as the stages) whose first dimension
-    is the batch of the first tensor argument; everything else is passed whole. A stage tensor's host
-    values (:mod:`dfm_ext.process.host_values`) are split with it. Attributes not found here are the
-    module's (``stage_scales``, ``null_condition``, ...).
-    """
+    its outputs gathered over the process group: the same values as ``module`` on the whole batch. Per-sample inputs
+    are the tensors (also inside lists and tuples, as the stages) whose first dimension is the batch of the first
+    tensor argument, split with their host values (:mod:`dfm_ext.process.host_values`); everything else is passed
+    whole. Attributes not found here are the module's (``stage_scales``, ``null_condition``, ...)."""
 
     def __init__(self, module: nn.Module, rank: int, world: int) -> None:
         super().__init__()
