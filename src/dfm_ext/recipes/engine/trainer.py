@@ -15,6 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,8 +191,7 @@ class Trainer:
 
     def __init__(self, task: TrainTask, dataset: torch.utils.data.Dataset, config: RecipeConfig, *, name: str) -> None:
         self.task, self.dataset, self.config, self.name = task, dataset, config, name
-        self.train: TrainConfig = config.train
-        self.optim: OptimConfig = config.optim
+        self.train, self.optim = config.train, config.optim
         self.output_dir = Path(self.train.output_dir.format(name=name)).expanduser()
         self.lock = RunLock(self.output_dir)  # held by the main process from start to finish
 
@@ -272,8 +272,6 @@ class Trainer:
                     torch.zeros((), dtype=torch.bool, device=accelerator.device), checked_step=counters.step)  # fmt: skip
 
     def _accelerator(self) -> Accelerator:
-        from datetime import timedelta
-
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
