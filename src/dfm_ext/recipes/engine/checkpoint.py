@@ -154,8 +154,7 @@ def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, 
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{path}: {MANIFEST} is unreadable ({e})") from None
     for rel, want in sorted(files.items()):
-        f = path / rel
-        if not f.is_file():
+        if not (f := path / rel).is_file():
             raise CorruptCheckpointError(f"{path}: {rel} is missing")
         if (size := f.stat().st_size) != want["size"]:
             raise CorruptCheckpointError(f"{path}: {rel} has {size} bytes, {MANIFEST} says {want['size']} (truncated?)")
@@ -200,8 +199,7 @@ def write_step_folder(
     ``write_all(tmp)`` runs on every process, which then hash their share of the files (``rank`` of ``world``); the
     main process runs ``write_main(tmp)``, writes the completeness record last, renames ``tmp-step-<step>``, points
     ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`."""
-    root = Path(root)
-    name = step_dir_name(step)
+    root, name = Path(root), step_dir_name(step)
     tmp, final = root / f"tmp-{name}", root / name
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)")
