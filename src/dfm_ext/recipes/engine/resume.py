@@ -24,9 +24,8 @@ from dfm_ext.recipes.engine.config import ConfigError
 __all__ = ["ConfigRecord", "choose_resume", "shared_verify", "stored_config", "tidy_checkpoints", "trim_metrics"]
 
 
-def choose_resume(
-    output_dir: Path, mode: str, *, verify: Callable[[Path], Any] = verify_manifest, warn: Callable[[str], None] | None = None,
-) -> Path | None:  # fmt: skip
+def choose_resume(output_dir: Path, mode: str, *, verify: Callable[[Path], Any] = verify_manifest,
+                  warn: Callable[[str], None] | None = None) -> Path | None:  # fmt: skip
     """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a ConfigError
     (the rules: docs/recipes/index.md, "Outputs and resume"); ``warn`` (default: stderr) reports the damaged
     folders passed over."""
@@ -41,15 +40,13 @@ def choose_resume(
             )
         return None
     if mode == "auto":
-        rejected = 0
         for _, path in reversed(existing):
             try:
                 verify(path)
                 return path
             except CorruptCheckpointError as e:
                 warn(f"warning: checkpoint {path} is damaged, resuming from an older one: {e}")
-                rejected += 1
-        if rejected:
+        if existing:  # every one was damaged
             raise ConfigError(f"no usable checkpoint in {ckpts}: every step folder is damaged (see the warnings above); move them away to start again")
         return None
     path = Path(mode)
