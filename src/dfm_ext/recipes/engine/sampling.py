@@ -84,9 +84,8 @@ def checkpoint_weights(model: nn.Module, path: Path, *, ema: bool) -> nn.Module:
     return model
 
 
-def sample_command(
-    argv: Sequence[str], *, prog: str, config_cls: type, make_job: Callable[..., SampleJob], options: Mapping[str, str] | None = None
-) -> int:  # fmt: skip
+def sample_command(argv: Sequence[str], *, prog: str, config_cls: type, make_job: Callable[..., SampleJob],
+                   options: Mapping[str, str] | None = None) -> int:  # fmt: skip
     """The ``sample`` command of a recipe whose config class is ``config_cls``; returns the exit status.
     ``options``: the recipe's own required flags (``--prompts``: help), passed to ``make_job(cfg, prompts=...)``."""
     parser = argparse.ArgumentParser(prog=f"{prog} sample", description="Draw N samples from a run's EMA weights (resumable).")
