@@ -116,7 +116,6 @@ class RunLock:
             "pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:500],
         }  # fmt: skip
-        data = (json.dumps(record) + "\n").encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
