@@ -7,6 +7,7 @@ the reading of a large checkpoint is split between them instead of keeping the o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -136,12 +137,9 @@ def tidy_checkpoints(output_dir: Path, mode: str, resume: Path | None) -> None:
 
 def _step_of(checkpoint: Path) -> int:
     """The step a checkpoint folder holds: its completeness record's, else its name's."""
-    try:
-        step = json.loads((checkpoint / MANIFEST).read_text()).get("step")
-        if isinstance(step, int):
+    with contextlib.suppress(OSError, ValueError):
+        if isinstance(step := json.loads((checkpoint / MANIFEST).read_text()).get("step"), int):
             return step
-    except (OSError, ValueError):
-        pass
     digits = checkpoint.name.removeprefix("step-")
     return int(digits) if digits.isdigit() else 0
 
