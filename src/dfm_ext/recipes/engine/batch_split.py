@@ -1,10 +1,8 @@
 """Evaluation under DDP on every process: each model call's batch is split over the processes and gathered.
 
-Every process runs the task's ``evaluate`` with the same inputs (the same seeds, the same replicated
-weights), so the sampler's state is the same everywhere; :class:`BatchSplit` makes each model call
-compute only this process's share of the batch and all-gathers the outputs, so sampling takes
-``1 / world`` of the model compute per process instead of one process sampling alone while the
-others wait at a barrier (against the collective timeout). The main process writes the files.
+Every process runs the task's ``evaluate`` with the same inputs and weights, so the sampler's state is the same
+everywhere; each takes ``1 / world`` of the model compute instead of one process sampling alone while the others wait
+at a barrier (against the collective timeout). The main process writes the files.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from dfm_ext.process.host_values import host_twin, with_host_twin
 
@@ -23,14 +21,10 @@ __all__ = ["BatchSplit"]
 
 class BatchSplit(nn.Module):
     """``module`` called on rows ``[rank * n, (rank + 1) * n)`` of every per-sample input (``n = ceil(B / world)``),
-    its outputs gathered over the process group: the same values as ``module`` on the whole batch (every
-    per-sample computation is the same; only which process computes a row changes).
-
-    Per-sample inputs are the tensors (also inside lists and tuples, as the stages) whose first dimension
-    is the batch of the first tensor argument; everything else is passed whole. A stage tensor's host
-    values (:mod:`dfm_ext.process.host_values`) are split with it. Attributes not found here are the
-    module's (``stage_scales``, ``null_condition``, ...).
-    """
+    its outputs gathered over the process group: the same values as ``module`` on the whole batch. Per-sample inputs
+    are the tensors (also inside lists and tuples, as the stages) whose first dimension is the batch of the first
+    tensor argument, split with their host values (:mod:`dfm_ext.process.host_values`); everything else is passed
+    whole. Attributes not found here are the module's (``stage_scales``, ``null_condition``, ...)."""
 
     def __init__(self, module: nn.Module, rank: int, world: int) -> None:
         super().__init__()
@@ -43,7 +37,7 @@ class BatchSplit(nn.Module):
             return getattr(super().__getattr__("inner"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = [t for t in _leaves((args, kwargs)) if t.ndim >= 1]
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.ndim >= 1]
         if not tensors:
             return self.inner(*args, **kwargs)
         batch = tensors[0].shape[0]
@@ -61,12 +55,6 @@ class BatchSplit(nn.Module):
         a, k = tree_map(take, (args, kwargs))
         out = self.inner(*a, **k)
         return tree_map(lambda o: _gather(o[: hi - lo], batch, per, self.world) if isinstance(o, Tensor) else o, out)
-
-
-def _leaves(tree: Any) -> list[Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    return [x for x in tree_leaves(tree) if isinstance(x, Tensor)]
 
 
 def _gather(local: Tensor, batch: int, per: int, world: int) -> Tensor:

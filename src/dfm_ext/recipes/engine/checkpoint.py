@@ -1,21 +1,14 @@
-"""The run folder and its checkpoints: atomic step folders, a completeness record, resume decisions.
+"""The run folder and its checkpoints: atomic step folders with a completeness record, ``final/``, digests.
 
-A run folder holds ``config.yaml``, ``checkpoints/``, ``logs/``, ``samples/``, ``metrics.jsonl``,
-``final/`` (the EMA weights) and ``summary.json``. Under ``checkpoints/``::
-
-    step-000200/            the parallelism's files + extra_state.pt + complete.json
-    corrupt-step-000600/    failed verification at resume: moved aside, never read
-    latest                  names the newest checkpoint written (informational)
-
-A checkpoint is written into ``tmp-step-<step>``; every process hashes its share of the files, and the
-main process writes ``complete.json`` (size and SHA-256 of every file) last, then renames the folder.
-Only a folder whose record verifies counts, so a crash or a full disk never leaves a checkpoint that
-looks complete. The folder must be on a filesystem every process sees. ``extra_state.pt`` is read with ``weights_only=True``: resuming
-from someone else's checkpoint cannot run code.
+The layout and its promises: docs/recipes/index.md, "Outputs and resume". Only a folder whose ``complete.json``
+(written last, before the rename of ``tmp-step-<step>``) verifies counts, so a crash or a full disk never leaves
+a checkpoint that looks complete. ``extra_state.pt`` is read with ``weights_only=True``: resuming from someone
+else's checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -40,16 +33,12 @@ __all__ = [
     "save_extra_state", "save_final_model", "state_digest", "step_dir_name", "verify_manifest", "write_manifest", "write_step_folder",
 ]  # fmt: skip
 
-#: The file of a checkpoint holding the states of the objects beyond model and optimiser.
-EXTRA_STATE = "extra_state.pt"
-#: The completeness record, written last into a checkpoint folder.
-MANIFEST = "complete.json"
+EXTRA_STATE = "extra_state.pt"  # the states of the objects beyond model and optimiser
+MANIFEST = "complete.json"  # the completeness record, written last into a checkpoint folder
 _CHUNK = 1 << 22  # 4 MiB reads while hashing
 _STEP = re.compile(r"^step-(\d+)$")
-#: The ``errno`` values of a full disk (or an exceeded quota).
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-#: Below this many free bytes after a failed write, the disk counts as full whatever the error said.
-FULL_BELOW = 1 << 20
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a full disk or an exceeded quota
+FULL_BELOW = 1 << 20  # below this many free bytes after a failed write, the disk counts as full whatever the error said
 _PART = ".complete-part-"  # one process's hashes, merged into complete.json by the main process
 
 
@@ -71,20 +60,16 @@ class DiskFullError(OSError):
 
 def disk_full(error: BaseException, path: str | Path, what: str) -> DiskFullError | None:
     """A :class:`DiskFullError` naming ``path`` when ``error`` (raised writing ``what`` there) came from a full disk, else ``None``.
-
-    ``torch.save`` reports a full disk as ``RuntimeError: ... unexpected pos``, not ``ENOSPC``: after any failed
-    write, the free space of ``path``'s filesystem decides (under :data:`FULL_BELOW` bytes: full).
-    """
+    ``torch.save`` reports a full disk as ``RuntimeError: ... unexpected pos``, not ``ENOSPC``: after any failed write,
+    the free space of ``path``'s filesystem decides (under ``FULL_BELOW`` bytes: full)."""
     code = getattr(error, "errno", None)
     full = code in DISK_FULL_ERRNOS
     if not full and isinstance(error, (OSError, RuntimeError)):
         probe = Path(path)
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        try:
+        with contextlib.suppress(OSError):
             full = shutil.disk_usage(probe).free < FULL_BELOW
-        except OSError:
-            full = False
     if not full:
         return None
     cause = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
@@ -98,15 +83,12 @@ def disk_full(error: BaseException, path: str | Path, what: str) -> DiskFullErro
 
 def step_dir_name(step: int) -> str:
     """``step-000123``: zero padded so that names sort by step."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
     return f"step-{step:06d}"
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Step folders ``(step, path)`` under ``root``, oldest first (not verified)."""
-    root = Path(root)
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()) if root.is_dir() else []
+    return sorted((int(m.group(1)), p) for p in Path(root).glob("step-*") if (m := _STEP.match(p.name)) and p.is_dir())
 
 
 def _sha256(path: Path) -> str:
@@ -142,10 +124,8 @@ def hash_share(path: str | Path, rank: int, world: int, *, write: bool = True) -
 
 
 def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
-    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``: call it after every file is written.
-
-    Shares hashed by other processes (:func:`hash_share`) are merged and removed; the rest is hashed here.
-    """
+    """Write ``path/complete.json``, size and SHA-256 of every file of ``path``, after every file is written: the
+    shares other processes hashed (:func:`hash_share`) are merged and removed, the rest is hashed here."""
     path, files = Path(path), {}
     for part in sorted(path.glob(f"{_PART}*.json")):
         files.update(json.loads(part.read_text()))
@@ -161,9 +141,7 @@ def write_manifest(path: str | Path, *, step: int | None = None) -> dict[str, An
 
 def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Check ``path`` against its ``complete.json`` (sizes; with ``hashes`` every byte); else :class:`CorruptCheckpointError`.
-
-    ``share=(rank, world)``: hash only every ``world``-th listed file from ``rank`` (the processes split the reading).
-    """
+    ``share=(rank, world)``: hash only every ``world``-th listed file from ``rank`` (the processes split the work)."""
     path = Path(path)
     if not path.is_dir():
         raise CorruptCheckpointError(f"{path} is not a folder")
@@ -177,8 +155,7 @@ def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, 
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{path}: {MANIFEST} is unreadable ({e})") from None
     for rel, want in sorted(files.items()):
-        f = path / rel
-        if not f.is_file():
+        if not (f := path / rel).is_file():
             raise CorruptCheckpointError(f"{path}: {rel} is missing")
         if (size := f.stat().st_size) != want["size"]:
             raise CorruptCheckpointError(f"{path}: {rel} has {size} bytes, {MANIFEST} says {want['size']} (truncated?)")
@@ -190,8 +167,7 @@ def verify_manifest(path: str | Path, *, hashes: bool = True, share: tuple[int, 
 
 def clean_partial(root: str | Path) -> list[Path]:
     """Remove the ``tmp-*`` folders a crash or a full disk left under ``root``; returns them (main process, at start)."""
-    root = Path(root)
-    stale = sorted(p for p in root.glob("tmp-*") if p.is_dir()) if root.is_dir() else []
+    stale = sorted(p for p in Path(root).glob("tmp-*") if p.is_dir())
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
@@ -210,8 +186,7 @@ def load_extra_state(folder: Path, extra: Mapping[str, Stateful]) -> None:
     if not file.is_file():
         raise CorruptCheckpointError(f"{file} is missing")
     states = torch.load(file, map_location="cpu", weights_only=True)
-    missing = sorted(set(extra) - set(states))
-    if missing:
+    if missing := sorted(set(extra) - set(states)):
         raise CorruptCheckpointError(f"{file} has no state for {missing} (it holds {sorted(states)}): written by another recipe?")
     for name, obj in extra.items():
         obj.load_state_dict(states[name])
@@ -222,15 +197,10 @@ def write_step_folder(
     write_main: Callable[[Path], None], rank: int = 0, world: int = 1,
 ) -> Path:  # fmt: skip
     """Write ``root/step-<step>`` atomically (every process calls this; an existing one is never written over).
-
-    ``write_all(tmp)`` runs on every process, which then hash their share of the files (``rank`` of ``world``);
-    the main process runs ``write_main(tmp)``, writes the completeness record last, renames
-    ``tmp-step-<step>``, points ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`.
-    """
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1 or None, got {keep}")
-    root = Path(root)
-    name = step_dir_name(step)
+    ``write_all(tmp)`` runs on every process, which then hash their share of the files (``rank`` of ``world``); the
+    main process runs ``write_main(tmp)``, writes the completeness record last, renames ``tmp-step-<step>``, points
+    ``latest`` at it and keeps the newest ``keep``. A full disk raises :class:`DiskFullError`."""
+    root, name = Path(root), step_dir_name(step)
     tmp, final = root / f"tmp-{name}", root / name
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists; refusing to write over it (move it away, or resume from it)")
@@ -252,8 +222,7 @@ def write_step_folder(
             fsync_directory(root)
             atomic_write_text(root / "latest", name + "\n")
     except (OSError, RuntimeError) as e:
-        full = disk_full(e, tmp, "checkpoint")
-        if full is not None:
+        if (full := disk_full(e, tmp, "checkpoint")) is not None:
             raise full from e
         raise
     if is_main and keep is not None:
@@ -264,18 +233,14 @@ def write_step_folder(
 
 
 def check_output_writable(path: str | Path) -> None:
-    """Fail fast (:class:`ConfigError`) when the run folder ``path`` or its ``checkpoints/`` cannot be written.
-
-    Creates ``path``; probes with a file, which also catches read-only mounts and ACLs ``os.access`` misses.
-    """
+    """Fail fast (:class:`ConfigError`) when the run folder ``path`` or its ``checkpoints/`` cannot be written: creates
+    ``path``, probes with a file, which also catches read-only mounts and ACLs ``os.access`` misses."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         for folder in (path, path / "checkpoints"):
             if folder.is_dir():
-                fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-                os.close(fd)
-                os.unlink(probe)
+                tempfile.TemporaryFile(prefix=".write-test-", dir=folder).close()
     except OSError as e:
         why = "the disk is full" if e.errno in DISK_FULL_ERRNOS else (e.strerror or str(e))
         raise ConfigError(
@@ -295,8 +260,7 @@ def save_final_model(output_dir: Path, model: nn.Module) -> Path:
             with atomic_directory(out) as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     except (OSError, RuntimeError) as e:
-        full = disk_full(e, out, "the final model")
-        if full is not None:
+        if (full := disk_full(e, out, "the final model")) is not None:
             raise full from e
         raise
     return out

@@ -10,14 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMA", "tensors_of", "unwrap_module"]
-
-
-def unwrap_module(model: nn.Module) -> nn.Module:
-    """``model`` without DDP / accelerate wrappers (``.module``)."""
-    while isinstance(inner := getattr(model, "module", None), nn.Module):
-        model = inner
-    return model
+__all__ = ["EMA", "tensors_of"]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -54,7 +47,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold the model's current (local) weights into the average after optimiser step ``step``."""
-        ema, cur = self._pairs(unwrap_module(model))
+        while isinstance(inner := getattr(model, "module", None), nn.Module):  # without DDP / accelerate wrappers
+            model = inner
+        ema, cur = self._pairs(model)
         if self.updates == 0:
             torch._foreach_copy_(ema, cur)
         else:

@@ -7,6 +7,7 @@ the reading of a large checkpoint is split between them instead of keeping the o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,16 +25,11 @@ from dfm_ext.recipes.engine.config import ConfigError
 __all__ = ["ConfigRecord", "choose_resume", "shared_verify", "stored_config", "tidy_checkpoints", "trim_metrics"]
 
 
-def choose_resume(
-    output_dir: Path, mode: str, *, verify: Callable[[Path], Any] = verify_manifest, warn: Callable[[str], None] | None = None,
-) -> Path | None:  # fmt: skip
-    """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a :class:`ConfigError`.
-
-    ``auto``: the newest step folder that ``verify`` passes, whatever ``latest`` says; ``never``: none, and a
-    folder with checkpoints is refused; else a checkpoint folder, refused when damaged or older than
-    checkpoints already in the run folder. Several processes call it together with a collective ``verify``
-    (:func:`shared_verify`); ``warn`` (default: stderr) reports the damaged folders passed over.
-    """
+def choose_resume(output_dir: Path, mode: str, *, verify: Callable[[Path], Any] = verify_manifest,
+                  warn: Callable[[str], None] | None = None) -> Path | None:  # fmt: skip
+    """The checkpoint ``train.resume=mode`` resumes from in ``output_dir`` (``None``: start), else a ConfigError
+    (the rules: docs/recipes/index.md, "Outputs and resume"); ``warn`` (default: stderr) reports the damaged
+    folders passed over."""
     warn = warn or (lambda line: print(line, file=sys.stderr))
     ckpts = output_dir / "checkpoints"
     existing = list_checkpoints(ckpts)
@@ -45,15 +41,13 @@ def choose_resume(
             )
         return None
     if mode == "auto":
-        rejected = 0
         for _, path in reversed(existing):
             try:
                 verify(path)
                 return path
             except CorruptCheckpointError as e:
                 warn(f"warning: checkpoint {path} is damaged, resuming from an older one: {e}")
-                rejected += 1
-        if rejected:
+        if existing:  # every one was damaged
             raise ConfigError(f"no usable checkpoint in {ckpts}: every step folder is damaged (see the warnings above); move them away to start again")
         return None
     path = Path(mode)
@@ -65,8 +59,7 @@ def choose_resume(
         raise ConfigError(f"train.resume={mode!r} cannot be resumed from: {e}") from None
     m = path.name.removeprefix("step-")
     step = int(m) if m.isdigit() else -1
-    newer = [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]
-    if newer:
+    if newer := [p.name for s, p in existing if s > step and p.resolve() != path.resolve()]:
         raise ConfigError(
             f"train.resume={mode!r} is older than checkpoints already in {ckpts} ({', '.join(newer)}), which "
             "the run would write over; move them away or choose another train.output_dir"
@@ -79,13 +72,12 @@ def shared_verify(rank: int, world: int, gather: Callable[[list[Any]], list[Any]
     Python lists, e.g. ``accelerate.utils.gather_object``) pools the verdicts; every process raises the same error."""
 
     def verify(path: Path) -> None:
+        verdict = None
         try:
             verify_manifest(path, share=(rank, world))
-            verdict = None
         except CorruptCheckpointError as e:
             verdict = str(e)
-        errors = [v for v in (gather([verdict]) if world > 1 else [verdict]) if v]
-        if errors:
+        if errors := [v for v in (gather([verdict]) if world > 1 else [verdict]) if v]:
             raise CorruptCheckpointError(errors[0])
 
     return verify
@@ -145,12 +137,9 @@ def tidy_checkpoints(output_dir: Path, mode: str, resume: Path | None) -> None:
 
 def _step_of(checkpoint: Path) -> int:
     """The step a checkpoint folder holds: its completeness record's, else its name's."""
-    try:
-        step = json.loads((checkpoint / MANIFEST).read_text()).get("step")
-        if isinstance(step, int):
+    with contextlib.suppress(OSError, ValueError):
+        if isinstance(step := json.loads((checkpoint / MANIFEST).read_text()).get("step"), int):
             return step
-    except (OSError, ValueError):
-        pass
     digits = checkpoint.name.removeprefix("step-")
     return int(digits) if digits.isdigit() else 0
 

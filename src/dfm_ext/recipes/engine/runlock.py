@@ -1,15 +1,9 @@
 """One owner per run folder: ``run.lock``, held by the main process for as long as it trains.
 
-Two launches on one ``train.output_dir`` would both train, delete each other's unfinished
-checkpoints and log every step twice. The lock is an exclusive ``flock`` on ``run.lock``, which the
-operating system drops when its process dies however it dies, so a crashed run never blocks the
-next one. The file also says who holds it (process id, host, start time, command): a second launch
-refuses with that owner named; a launch that finds the record of an owner no longer running takes
-over with a one-line notice. The file stays (emptied) when a run ends.
-
-Where the filesystem has no ``flock`` (some network mounts), the record alone decides: an owner on
-this host is checked by its process id; one on another host cannot be, so the run refuses and says
-which file to delete once that run is known to be gone.
+Two launches on one ``train.output_dir`` would both train, delete each other's unfinished checkpoints and log every
+step twice. The lock is an exclusive ``flock``, which the operating system drops when its process dies however it
+dies, so a crashed run never blocks the next one; where the filesystem has no ``flock`` (some network mounts), the
+owner's record (process id, host, start time, command) alone decides. What a user sees: docs/recipes/index.md.
 """
 
 from __future__ import annotations
@@ -53,22 +47,7 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """The lock of the run folder ``folder`` (``acquire`` on the main process only; ``release`` is idempotent).
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> first, second = RunLock(folder), RunLock(folder)
-        >>> first.acquire() is None
-        True
-        >>> try:
-        ...     second.acquire()
-        ... except RunFolderBusy as e:
-        ...     print(str(e).split(" is in use")[0] == f"train.output_dir={str(folder)!r}")
-        True
-        >>> first.release(); second.acquire() is None
-        True
-    """
+    """The lock of the run folder ``folder`` (``acquire`` on the main process only; ``release`` is idempotent)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -76,10 +55,8 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock; returns a notice when a dead owner's record was taken over, else ``None``.
-
-        Raises :class:`RunFolderBusy` naming the owner when a live run holds it.
-        """
+        """Take the lock; returns a notice when a dead owner's record was taken over, else ``None``; raises
+        :class:`RunFolderBusy` naming the owner when a live run holds it."""
         if self._fd is not None:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -106,9 +83,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
-        if previous:
-            return f"taking over {self.path} from {_describe(previous)}, which is no longer running"
-        return None
+        return f"taking over {self.path} from {_describe(previous)}, which is no longer running" if previous else None
 
     def release(self) -> None:
         """Empty the record and drop the lock (the file stays: deleting it could split two waiting launches)."""
@@ -141,7 +116,6 @@ class RunLock:
             "pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:500],
         }  # fmt: skip
-        data = (json.dumps(record) + "\n").encode()
         os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)

@@ -1,13 +1,9 @@
 """The ``sample`` command every recipe shares: N samples from a run's EMA weights, over any number of processes, resumable.
 
 ``python -m dfm_ext.recipes.<recipe> sample --run RUN --num N --out DIR [--checkpoint CKPT] [key=value ...]``
-(the commands per table: docs/recipes/reproduce.md). The run's ``config.yaml`` with the overrides (e.g.
-``sampling.guidance_scale=1.5``) sets the sampler; the weights are ``RUN/final`` (the EMA weights) or the EMA
-of a checkpoint folder. Sample ``i`` takes its condition from ``i`` (the recipe's :attr:`SampleJob.condition`)
-and its noise from a generator seeded by ``(sampling.seed, i)``; shards of ``--batch-size`` samples are drawn
-by process ``k % W`` of ``W`` and written atomically (:class:`dfm_ext.metrics.SampleShards`), so any number of
-processes writes the same samples and a rerun draws only the missing shards. Images end as PNGs plus the
-ADM ``samples.npz``; videos as the recipe's files (MP4) plus ``samples.npz`` of the exact frames.
+(docs/recipes/reproduce.md). Sample ``i`` takes its condition from ``i`` and its noise from ``(sampling.seed, i)``
+alone, and shards are written atomically (:class:`dfm_ext.metrics.SampleShards`): any number of processes writes
+the same samples and a rerun draws only the missing shards.
 """
 
 from __future__ import annotations
@@ -63,19 +59,10 @@ class SampleJob:
 
 def sample_noise(decomposition: Decomposition, sample_shape: Sequence[int], indices: Sequence[int], seed: int) -> list[Tensor]:
     """Per-stage noise ``[n, ...]`` (CPU) whose row ``j`` is drawn, stage by stage as ``DFMSampler`` draws, from a
-    generator seeded by ``(seed, indices[j])`` alone: a sample's noise does not depend on its batch or process.
-
-    Example:
-        >>> from dfm_ext import LaplacianPyramid
-        >>> a = sample_noise(LaplacianPyramid((2, 1)), (4, 8, 8), [3, 4], seed=0)
-        >>> [tuple(x.shape) for x in a], torch.equal(a[1][1], sample_noise(LaplacianPyramid((2, 1)), (4, 8, 8), [4], 0)[1][0])
-        ([(2, 4, 4, 4), (2, 4, 8, 8)], True)
-    """
+    generator seeded by ``(seed, indices[j])`` alone: a sample's noise does not depend on its batch or process."""
     shapes = decomposition.stage_shapes((1, *sample_shape))
-    rows = []
-    for i in indices:
-        g = step_generator(seed, int(i), 0)  # (seed, index): the per-step generator's seeding, keyed by the sample
-        rows.append([torch.randn(tuple(s), generator=g) for s in shapes])
+    generators = [step_generator(seed, int(i), 0) for i in indices]  # the per-step seeding, keyed by the sample
+    rows = [[torch.randn(tuple(s), generator=g) for s in shapes] for g in generators]
     return [torch.cat([r[k] for r in rows]) for k in range(len(shapes))]
 
 
@@ -89,8 +76,7 @@ def checkpoint_weights(model: nn.Module, path: Path, *, ema: bool) -> nn.Module:
         state = torch.load(path / EXTRA_STATE, map_location="cpu", weights_only=True)["ema"]["shadow"]
     else:
         state = load_file(str(path / "model.safetensors"))
-    missing = [n for n, _ in tensors if n not in state]
-    if missing:
+    if missing := [n for n, _ in tensors if n not in state]:
         raise ValueError(f"{path} holds another model's weights ({len(missing)} tensors missing, e.g. {missing[0]})")
     with torch.no_grad():
         for name, t in tensors:
@@ -98,9 +84,8 @@ def checkpoint_weights(model: nn.Module, path: Path, *, ema: bool) -> nn.Module:
     return model
 
 
-def sample_command(
-    argv: Sequence[str], *, prog: str, config_cls: type, make_job: Callable[..., SampleJob], options: Mapping[str, str] | None = None
-) -> int:  # fmt: skip
+def sample_command(argv: Sequence[str], *, prog: str, config_cls: type, make_job: Callable[..., SampleJob],
+                   options: Mapping[str, str] | None = None) -> int:  # fmt: skip
     """The ``sample`` command of a recipe whose config class is ``config_cls``; returns the exit status.
     ``options``: the recipe's own required flags (``--prompts``: help), passed to ``make_job(cfg, prompts=...)``."""
     parser = argparse.ArgumentParser(prog=f"{prog} sample", description="Draw N samples from a run's EMA weights (resumable).")
@@ -130,10 +115,8 @@ def sample_command(
             raise FileNotFoundError(f"no weights at {source}: the run has not finished; pass --checkpoint RUN/checkpoints/step-...")
         settings = {"weights": str(source.resolve()), "sampling": config_to_dict(cfg)["sampling"], **extra}
         shards = SampleShards(args.out, args.num, args.batch_size, settings=settings)
-        if args.checkpoint:
-            model = checkpoint_weights(job.build_model(), source, ema=cfg.train.ema_decay is not None)
-        else:
-            model = job.load_final(source)
+        ema = cfg.train.ema_decay is not None
+        model = checkpoint_weights(job.build_model(), source, ema=ema) if args.checkpoint else job.load_final(source)
     except USAGE_ERRORS as e:
         return usage_error(e)
     model = model.to(state.device).eval()

@@ -15,6 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,10 +63,8 @@ class TrainResult:
 def adamw(model: nn.Module, cfg: OptimConfig, *, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on parameters of rank < 2 (biases, norms).
 
-    ``fused`` (default: wherever torch has the fused kernel for the parameters' dtype, every device
-    type torch lists, CUDA and CPU included): one kernel per step over all parameters instead of a
-    per-tensor loop (the CPU default) or foreach ops. The same AdamW maths; results differ from the
-    unfused step by float32 rounding only (the update is computed in another operation order).
+    ``fused`` (default: wherever torch has the fused kernel for the parameters, CUDA and CPU included): one kernel
+    per step instead of a per-tensor loop; the same maths up to float32 rounding (another operation order).
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -114,24 +113,13 @@ class TrainTask(ABC):
 
 
 def step_generator(seed: int, step: int, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded by ``(seed, step, shard)`` only (``shard = rank * accumulation + micro``).
-
-    Example:
-        >>> a = torch.rand(2, generator=step_generator(0, 5, 1))
-        >>> torch.equal(a, torch.rand(2, generator=step_generator(0, 5, 1)))
-        True
-    """
+    """A generator seeded by ``(seed, step, shard)`` only (``shard = rank * accumulation + micro``)."""
     state = np.random.SeedSequence([int(seed), int(step), int(shard)]).generate_state(2, np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """``min(1, (step + 1) / warmup_steps)``: linear warmup, then constant.
-
-    Example:
-        >>> [warmup_lambda(4)(s) for s in range(6)]
-        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    """
+    """``min(1, (step + 1) / warmup_steps)``: linear warmup, then constant."""
     return (lambda step: 1.0) if warmup_steps <= 0 else (lambda step: min(1.0, (step + 1) / warmup_steps))
 
 
@@ -143,23 +131,14 @@ def check_batch_fits(num_items: int, train: TrainConfig) -> None:
 
 def is_check_step(step: int, train: TrainConfig, *, over_budget: bool, world: int) -> bool:
     """Whether the loop reads its device flags after ``step``: at log, checkpoint and last steps, and, in
-    one process, once the time budget is spent (several processes decide at the steps where they reduce anyway).
-
-    Example:
-        >>> train = TrainConfig(steps=10, log_every=4, checkpoint_every=6)
-        >>> [s for s in range(1, 11) if is_check_step(s, train, over_budget=s >= 5, world=2)]
-        [4, 6, 8, 10]
-        >>> [s for s in range(1, 11) if is_check_step(s, train, over_budget=s >= 5, world=1)][:3]
-        [4, 5, 6]
-    """
+    one process, once the time budget is spent (several processes decide at the steps where they reduce anyway)."""
     cadence = step % train.log_every == 0 or step % train.checkpoint_every == 0 or step == train.steps
     return cadence or (over_budget and world == 1)
 
 
 def _sync_host(extra: Mapping[str, Any]) -> None:
-    """Refresh the host copies some checkpointed objects keep of device state (``sync_host()``: an adaptive
-    allocation's stage probabilities, for host stage draws): at start and at check steps only, so they lag by
-    at most ``log_every`` / ``checkpoint_every`` steps."""
+    """``sync_host()`` of the checkpointed objects keeping host copies of device state (an adaptive allocation's
+    stage probabilities): at start and at check steps only, so they lag by at most ``log_every`` steps."""
     for obj in extra.values():
         sync = getattr(obj, "sync_host", None)
         if callable(sync):
@@ -212,8 +191,7 @@ class Trainer:
 
     def __init__(self, task: TrainTask, dataset: torch.utils.data.Dataset, config: RecipeConfig, *, name: str) -> None:
         self.task, self.dataset, self.config, self.name = task, dataset, config, name
-        self.train: TrainConfig = config.train
-        self.optim: OptimConfig = config.optim
+        self.train, self.optim = config.train, config.optim
         self.output_dir = Path(self.train.output_dir.format(name=name)).expanduser()
         self.lock = RunLock(self.output_dir)  # held by the main process from start to finish
 
@@ -294,8 +272,6 @@ class Trainer:
                     torch.zeros((), dtype=torch.bool, device=accelerator.device), checked_step=counters.step)  # fmt: skip
 
     def _accelerator(self) -> Accelerator:
-        from datetime import timedelta
-
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
@@ -316,8 +292,7 @@ class Trainer:
         busy: list[str | None] = [None]
         if main:
             try:
-                notice = self.lock.acquire()
-                if notice:
+                if notice := self.lock.acquire():
                     print(notice, file=sys.stderr)
             except RunFolderBusy as e:
                 busy[0] = str(e)
