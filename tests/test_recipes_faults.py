@@ -429,7 +429,7 @@ def test_resumed_steps_are_logged_once(assets: Path, reference: Path, tmp_path: 
 
 def test_shared_hashing_merges_to_the_single_process_record(tmp_path: Path) -> None:
     from dfm_ext.recipes.engine.checkpoint import hash_share
-    from dfm_ext.recipes.engine.resume import shared_verify
+    from dfm_ext.recipes.engine.checkpoint import shared_verify
 
     for name in ("a", "b", "c", "sub/d"):
         (tmp_path / "one" / name).parent.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfm_ext.fileio import atomic_write_text
-from dfm_ext.recipes.engine.checkpoint import Stateful, check_output_writable, save_final_model
+from dfm_ext.recipes.engine.checkpoint import (
+    ConfigRecord, Stateful, check_output_writable, choose_resume, save_final_model, shared_verify, stored_config, tidy_checkpoints,
+)  # fmt: skip
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, flatten_config, save_config
 from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
 from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
-from dfm_ext.recipes.engine.resume import ConfigRecord, choose_resume, shared_verify, stored_config, tidy_checkpoints
 from dfm_ext.recipes.engine.runlock import RunFolderBusy, RunLock
 from dfm_ext.recipes.engine.sections import RecipeConfig
 
@@ -227,6 +228,7 @@ class Trainer:
     def _start(self) -> _Run:
         check_output_writable(self.output_dir)
         accelerator = self._accelerator()
+        self._own_folder(accelerator)
         resume = self._resume_path(accelerator)
         check_resume_config(stored_config(self.output_dir, resume), self.config)
         parallel = make_parallelism(accelerator, self.train)
@@ -285,25 +287,30 @@ class Trainer:
         folders = ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs"))
         return Accelerator(mixed_precision=mp, cpu=self.train.cpu, kwargs_handlers=handlers, log_with=trackers, project_config=folders)
 
-    def _resume_path(self, accelerator: Accelerator) -> Path | None:
-        """Own the run folder (main process), then choose the checkpoint to resume from: every process reads the
-        same folder and hashes its share of each candidate's files."""
-        world, main = accelerator.num_processes, accelerator.is_main_process
+    def _own_folder(self, accelerator: Accelerator) -> None:
+        """The main process takes the run folder's lock; every process raises :class:`RunFolderBusy` if it is held."""
         busy: list[str | None] = [None]
-        if main:
+        if accelerator.is_main_process:
             try:
                 if notice := self.lock.acquire():
                     print(notice, file=sys.stderr)
             except RunFolderBusy as e:
                 busy[0] = str(e)
-        if world > 1:
-            from accelerate.utils import broadcast_object_list, gather_object
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
             busy = broadcast_object_list(busy)
         if busy[0]:
             raise RunFolderBusy(busy[0])
+
+    def _resume_path(self, accelerator: Accelerator) -> Path | None:
+        """The checkpoint to resume from: every process reads the same folder and hashes its share of each candidate's files."""
+        from accelerate.utils import gather_object
+
+        world = accelerator.num_processes
         verify = shared_verify(accelerator.process_index, world, gather_object if world > 1 else list)
-        return choose_resume(self.output_dir, self.train.resume, verify=verify, warn=None if main else (lambda line: None))
+        warn = None if accelerator.is_main_process else (lambda line: None)
+        return choose_resume(self.output_dir, self.train.resume, verify=verify, warn=warn)
 
     def _step(self, run: _Run) -> None:
         acc, step, device = self.train.grad_accumulation, run.counters.step, run.accelerator.device
