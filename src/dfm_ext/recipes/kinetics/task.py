@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from dfm_ext.metrics.commands import evaluate_videos_command
 from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
 from dfm_ext.fileio import atomic_write_text
-from dfm_ext.process.objective import dfm_loss, estimate_stage_scales
+from dfm_ext.process.objective import estimate_stage_scales
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError, config_to_dict
-from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, cycled_labels
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, collate_items, cycled_labels
 from dfm_ext.recipes.engine.latents import check_cache_labels, load_vae
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sections import (
@@ -38,8 +38,7 @@ from dfm_ext.recipes.engine.sections import (
 )  # fmt: skip
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
-from dfm_ext.wrapping.wrapper import load_wrapped
-from dfm_ext.wrapping.wrapper import wrap_dit
+from dfm_ext.wrapping.wrapper import load_wrapped, wrap_dit
 
 __all__ = [
     "KineticsConfig", "KineticsTask", "LabelTokenDFM", "LabelTokens", "build_dataset", "cache_metadata", "load_codec", "main",
@@ -278,6 +277,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
         super().__init__(cfg, load_codec)
         self.dataset, self.name = dataset, name
+        self.objective = cfg.dfm.objective(self.decomposition.num_stages)  # scales: the model's stage_scales
 
     def estimate_scales(self, device: torch.device | str = "cpu", *, batch_size: int = 8) -> Tensor:
         """Per-stage std of the latents of ``dfm.scale_estimation_clips`` clips spread evenly over the data (paper A.5)."""
@@ -287,16 +287,9 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
         picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.cfg.dfm.scale_estimation_clips)).round()})
         device = torch.device(device)
         g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
-
-        def batches() -> Iterator[Tensor]:
-            for start in range(0, len(picks), batch_size):
-                items = [self.dataset[(i, False)] for i in picks[start : start + batch_size]]  # type: ignore[index]
-                if "latents" in items[0]:
-                    yield torch.stack([it["latents"] for it in items]).to(device)
-                else:
-                    yield self.codec(device).encode(torch.stack([it["pixels"] for it in items]).to(device), generator=g)
-
-        return estimate_stage_scales(self.decomposition, batches())
+        chunks = (picks[start : start + batch_size] for start in range(0, len(picks), batch_size))
+        items = ([self.dataset[(i, False)] for i in chunk] for chunk in chunks)  # type: ignore[index]
+        return estimate_stage_scales(self.decomposition, (self.latents(collate_items(it), device, g) for it in items))
 
     def stage_scales(self) -> Tensor:
         """Ones, ``dfm.scales``, the run's ``stage_scales.json`` (keyed by the config parts it depends on), or a new
@@ -349,10 +342,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
-        out = dfm_loss(
-            model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
-            generator=generator, y=labels,  # scales: the model's stage_scales
-        )  # fmt: skip
+        out = self.objective(model, stages, ts, generator=generator, y=labels)
         self.feed_allocation(out, ts)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
