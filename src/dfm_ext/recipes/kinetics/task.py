@@ -1,10 +1,7 @@
 """Class-conditional video generation on Kinetics with DFM (paper sections 4, A.1, A.5): the training script.
 
-Commands and configs: docs/recipes/kinetics.md. One step: clips or a latent cache -> latents of
-``AutoencoderKLCogVideoX`` (``[B, C, T', H', W']``, ``T' = (T - 1) / 4 + 1``) -> the decomposition's
-stages -> per-stage standardisation (on by default, as the paper does for CogVideoX latents) ->
-:class:`dfm_ext.DFMObjective` on the wrapped ``VideoDiT`` or ``CogVideoXTransformer3DModel`` (whose
-labels become learned text tokens). Samples: MP4 / GIF with the stage previews side by side, PNG frames.
+Commands, configs and the pipeline (clips or a latent cache -> ``AutoencoderKLCogVideoX`` latents -> stages,
+standardised per stage -> the wrapped ``VideoDiT`` or CogVideoX, labels as text tokens): docs/recipes/kinetics.md.
 """
 
 from __future__ import annotations
@@ -105,10 +102,8 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """``(C, T', H', W')`` of one clip's latent."""
-        d, v = self.data, self.vae
-        frames = (d.num_frames - 1) // v.temporal_downsample + 1
-        side = d.resolution // v.spatial_downsample
-        return (v.latent_channels, frames, side, side)
+        d, v, side = self.data, self.vae, self.data.resolution // self.vae.spatial_downsample
+        return (v.latent_channels, (d.num_frames - 1) // v.temporal_downsample + 1, side, side)
 
     def validate(self) -> None:
         """Cross-field checks that need no files and no compute."""
@@ -127,12 +122,11 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
         self.sampling.check_classes(d.num_classes)
         if not self.sampling.fps > 0:
             raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
-        bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
-        if bad:
+        if bad := set(self.sampling.formats) - {"mp4", "gif", "png"}:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        c, frames, h, w = self.latent_shape
-        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": d.num_classes}
-        self.model.check(VideoDiTConfig if self.model.kind == "video_dit" else None, **base)
+        c, *grid = self.latent_shape
+        preset = VideoDiTConfig if self.model.kind == "video_dit" else None
+        self.model.check(preset, input_size=tuple(grid), in_channels=c, num_classes=d.num_classes)
         self.decomposition.check_sample_shape(self.latent_shape)
 
 
@@ -175,10 +169,8 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     items, classes = scan_videos(d.root, d.annotations)
     if len(classes) > d.num_classes:
         raise ConfigError(f"the data has {len(classes)} classes but data.num_classes={d.num_classes}")
-    return VideoClips(
-        items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution, position=d.position,
-        max_skips=d.max_skips, classes=classes,
-    )  # fmt: skip
+    return VideoClips(items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution,
+                      position=d.position, max_skips=d.max_skips, classes=classes)  # fmt: skip
 
 
 class LabelTokens(nn.Module):
@@ -336,9 +328,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
             base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init,
             time_convention=self.cfg.model.time_convention, stage_scales=self.stage_scales(),
         )
-        if label_tokens is None:
-            return dfm
-        return LabelTokenDFM(dfm, label_tokens, self.cfg.data.num_classes, rotary=rotary)
+        return dfm if label_tokens is None else LabelTokenDFM(dfm, label_tokens, self.null_class, rotary=rotary)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
