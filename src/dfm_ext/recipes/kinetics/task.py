@@ -280,7 +280,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
         device = torch.device(device)
         g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
         chunks = (picks[start : start + batch_size] for start in range(0, len(picks), batch_size))
-        items = ([self.dataset[(i, False)] for i in chunk] for chunk in chunks)  # type: ignore[index]
+        items = ([self.dataset[(i, False)] for i in chunk] for chunk in chunks)
         return estimate_stage_scales(self.decomposition, (self.latents(collate_items(it), device, g) for it in items))
 
     def stage_scales(self) -> Tensor:
