@@ -75,21 +75,21 @@ def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CAC
 
     for bucket, members in sorted(dataset.members.items()):
         for start in range(0, len(members), options.batch_size):
-            items = []
+            items, pixels = [], []
             for j in members[start : start + options.batch_size]:
-                item_index, _ = dataset.entries[j]
+                item = dataset.items[dataset.entries[j][0]]
                 try:
-                    pixels = load_bucket_image(dataset.items[item_index].path, dataset.buckets.shapes[bucket])
+                    pixels.append(load_bucket_image(item.path, dataset.buckets.shapes[bucket]))
                 except Exception:  # noqa: BLE001 - any decode failure: leave the image out, list it
-                    skipped.append(dataset.items[item_index].path)
+                    skipped.append(item.path)
                     continue
-                items.append((item_index, pixels))
+                items.append(item)
             if not items:
                 continue
-            z = codec.encode(torch.stack([p for _, p in items]).to(device))
-            emb = text.encode([dataset.items[i].caption for i, _ in items])
-            for k, (item_index, _) in enumerate(items):
-                key, item = str(len(entries)), dataset.items[item_index]
+            z = codec.encode(torch.stack(pixels).to(device))
+            emb = text.encode([item.caption for item in items])
+            for k, item in enumerate(items):
+                key = str(len(entries))
                 for name, t in (("latents", z), *emb.as_kwargs().items()):
                     shard[f"{key}.{name}"] = t[k].to("cpu", dtype)
                 entries.append({"shard": len(shard_names), "key": key, "bucket": bucket, "source": item.path, "caption": item.caption})
