@@ -1,18 +1,8 @@
-"""Offline image datasets for the demo and the benchmarks (nothing is downloaded).
-
-Two sources, both real images that lie on disk:
-
-* ``"fashion-mnist"``: Fashion-MNIST (60k train + 10k test, 28x28 grey, 10 classes) from the
-  Debian package ``dataset-fashion-mnist`` (IDX files, optionally gzipped, under
-  ``/usr/share/datasets/fashion-mnist``), zero-padded to 32x32.
-* ``"skimage"``: random crops of the photos bundled with scikit-image (astronaut, coffee,
-  chelsea, ...); the class is the source photo. Train crops come from the top 3/4 of each
-  photo, test crops from the bottom 1/4, so the splits never share pixels.
-
-``"auto"`` picks Fashion-MNIST when its files exist and scikit-image otherwise. Every image is
-returned as float32 ``[N, C, H, W]`` in ``[-1, 1]`` with int64 labels ``[N]``.
-
-The study's two more sources live with it (``benchmarks/study_data.py``).
+"""Offline image datasets for the demo and the benchmarks (nothing is downloaded), both real images on disk:
+``"fashion-mnist"`` (60k train + 10k test, 28x28 grey, 10 classes: the IDX files of the Debian package
+``dataset-fashion-mnist``), ``"skimage"`` (crops of the photos bundled with scikit-image; the class is the photo;
+train and test crops never share pixels) and ``"auto"`` (Fashion-MNIST when its files exist). Images are float32
+``[N, C, H, W]`` in ``[-1, 1]``, labels int64 ``[N]``. The study's two more sources: ``benchmarks/study_data.py``.
 """
 
 from __future__ import annotations
@@ -34,20 +24,13 @@ __all__ = ["DATASETS", "ImageDataset", "fashion_mnist_available", "load_dataset"
 DATASETS = ("fashion-mnist", "skimage", "auto")
 SPLITS = ("train", "test")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-_FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")  # fmt: skip
+_FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
 # skimage photos that are bundled with the wheel (others need a download and are skipped).
-SKIMAGE_SOURCES = (
-    "astronaut", "coffee", "chelsea", "rocket", "brick",
-    "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "camera",
-)  # fmt: skip
-
+SKIMAGE_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field",
+                   "immunohistochemistry", "camera")  # fmt: skip
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/ format description) -> numpy dtypes.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -55,15 +38,8 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Images and labels held in memory.
-
-    Attributes:
-        images: ``[N, C, H, W]`` float32 in ``[-1, 1]``.
-        labels: ``[N]`` int64 class indices in ``[0, num_classes)``.
-        class_names: one name per class.
-        name: the source (``"fashion-mnist"`` or ``"skimage"``).
-        split: ``"train"`` or ``"test"``.
-    """
+    """Images ``[N, C, H, W]`` (float32 in ``[-1, 1]``) and labels ``[N]`` (int64 in ``[0, num_classes)``) held in
+    memory, one name per class, the source (``"fashion-mnist"`` or ``"skimage"``) and the split."""
 
     images: Tensor
     labels: Tensor
@@ -75,9 +51,7 @@ class ImageDataset:
         if self.images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"labels must be [N] with N = {self.images.shape[0]}, got shape {tuple(self.labels.shape)}"
-            )
+            raise ValueError(f"labels must be [N] with N = {len(self.images)}, got shape {tuple(self.labels.shape)}")
 
     @property
     def num_classes(self) -> int:
@@ -115,15 +89,9 @@ _GREY = ("L", "1", "LA", *_SIXTEEN_BIT)
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """One image file as ``[H, W, C]`` float32 in ``[0, 1]`` (``C`` = 1 for grey, 3 otherwise).
-
-    16-bit PNGs (Pillow modes ``I;16`` / ``I``) are scaled by ``1/65535``, so they decode to the
-    same brightness as their 8-bit versions (converting them to ``L`` would clip at 255: white).
-    Alpha is dropped; palette images become RGB.
-
-    Raises:
-        OSError / ValueError / SyntaxError (from Pillow): an unreadable or truncated file.
-    """
+    """One image file as ``[H, W, C]`` float32 in ``[0, 1]`` (``C`` = 1 for grey, 3 otherwise; alpha dropped), or
+    Pillow's ``OSError`` / ``ValueError`` / ``SyntaxError``. 16-bit PNGs are scaled by ``1/65535``: converting them
+    to ``L`` would clip at 255 (white)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -137,16 +105,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (the MNIST container format), gzipped or not.
-
-    Args:
-        path: the file; a ``.gz`` suffix or gzip magic bytes select decompression.
-
-    Returns:
-        The array with the shape and dtype written in the header.
-
-    Raises:
-        ValueError: the header is malformed or the payload size does not match it.
+    """An IDX file (the MNIST container format; gzipped or not) as the array its header describes (``ValueError``
+    for a malformed header or a payload of another size).
 
     Example:
         >>> import tempfile
@@ -176,10 +136,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _find(root: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        if (root / name).is_file():
-            return root / name
-    return None
+    return next((root / name for name in (stem, stem + ".gz") if (root / name).is_file()), None)
 
 
 def fashion_mnist_available(root: str | os.PathLike[str] | None = None) -> bool:
@@ -188,24 +145,10 @@ def fashion_mnist_available(root: str | os.PathLike[str] | None = None) -> bool:
     return all(_find(root, stem) is not None for files in _FASHION_MNIST_FILES.values() for stem in files)
 
 
-def _to_unit_range(images_u8: np.ndarray) -> Tensor:
-    return torch.from_numpy(images_u8.astype(np.float32) / 127.5 - 1.0)
-
-
-def load_fashion_mnist(
-    split: str = "train", *, root: str | os.PathLike[str] | None = None, size: int = 32
-) -> ImageDataset:
-    """Fashion-MNIST, zero-padded (background is black) from 28x28 to ``size`` x ``size``.
-
-    Args:
-        split: ``"train"`` (60k) or ``"test"`` (10k).
-        root: folder with the IDX files (default ``/usr/share/datasets/fashion-mnist``).
-        size: output side, >= 28; the padding is split evenly.
-
-    Raises:
-        FileNotFoundError: the files are missing (install the Debian package ``dataset-fashion-mnist``).
-        ValueError: bad split or size, or inconsistent files.
-    """
+def load_fashion_mnist(split: str = "train", *, root: str | os.PathLike[str] | None = None, size: int = 32
+                       ) -> ImageDataset:  # fmt: skip
+    """Fashion-MNIST ``split`` (train: 60k, test: 10k) from the IDX files under ``root``, zero-padded (black
+    background) evenly from 28x28 to ``size`` x ``size``; ``FileNotFoundError`` when the files are missing."""
     _check_split(split)
     root = Path(root) if root is not None else FASHION_MNIST_ROOT
     img_stem, lbl_stem = _FASHION_MNIST_FILES[split]
@@ -221,7 +164,7 @@ def load_fashion_mnist(
     h, w = images.shape[1:]
     if size < max(h, w):
         raise ValueError(f"size must be >= {max(h, w)} (the images are {h}x{w}), got {size}")
-    x = _to_unit_range(images)[:, None]
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
     top, left = (size - h) // 2, (size - w) // 2
     x = torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)
     return ImageDataset(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), FASHION_MNIST_CLASSES,
@@ -246,31 +189,15 @@ def _skimage_photo(name: str, channels: int) -> np.ndarray:
 
 
 def load_skimage_crops(
-    split: str = "train",
-    *,
-    num: int | None = None,
-    size: int = 32,
-    channels: int = 1,
-    seed: int = 0,
+    split: str = "train", *, num: int | None = None, size: int = 32, channels: int = 1, seed: int = 0,
     sources: Sequence[str] = SKIMAGE_SOURCES,
-) -> ImageDataset:
-    """Random ``size`` x ``size`` crops of scikit-image's bundled photos; the class is the photo.
+) -> ImageDataset:  # fmt: skip
+    """``num`` (default 20000 train, 4000 test) random ``size`` x ``size`` crops, spread evenly over the classes, of
+    scikit-image's bundled photos ``sources`` (those that cannot be loaded offline skipped); the class is the photo.
 
     Crops are taken at half resolution (the photo downscaled 2x by averaging) so a 32 px crop
     holds some structure rather than a flat patch. Train crops lie in the top 3/4 of each photo,
-    test crops in the bottom 1/4. The same ``seed`` gives the same crops.
-
-    Args:
-        split: ``"train"`` or ``"test"``.
-        num: number of crops (default 20000 train, 4000 test), spread evenly over the classes.
-        size: crop side in pixels.
-        channels: 1 (grey) or 3 (RGB).
-        seed: crop positions and flips.
-        sources: ``skimage.data`` photo names; those that cannot be loaded offline are skipped.
-
-    Raises:
-        ValueError: bad arguments, or no photo could be loaded.
-        ModuleNotFoundError: scikit-image is not installed (``pip install scikit-image``).
+    test crops in the bottom 1/4. ``seed`` fixes the crop positions and flips.
     """
     _check_split(split)
     if channels not in (1, 3):
@@ -290,8 +217,7 @@ def load_skimage_crops(
             continue
         t = torch.from_numpy(img).permute(2, 0, 1).float()[None]
         t = torch.nn.functional.avg_pool2d(t, 2)[0]
-        rows = t.shape[1]
-        cut = (rows * 3) // 4
+        cut = (t.shape[1] * 3) // 4
         region = t[:, :cut] if split == "train" else t[:, cut:]
         if region.shape[1] < size or region.shape[2] < size:
             continue
@@ -314,27 +240,11 @@ def load_skimage_crops(
 
 
 def load_dataset(
-    name: str = "auto",
-    split: str = "train",
-    *,
-    size: int = 32,
-    seed: int = 0,
-    num: int | None = None,
+    name: str = "auto", split: str = "train", *, size: int = 32, seed: int = 0, num: int | None = None,
     root: str | os.PathLike[str] | None = None,
-) -> ImageDataset:
-    """Load a dataset by name: ``"fashion-mnist"``, ``"skimage"`` or ``"auto"``.
-
-    Args:
-        name: the source; ``"auto"`` is Fashion-MNIST when its files exist, else scikit-image.
-        split: ``"train"`` or ``"test"``.
-        size: image side.
-        seed: crop seed (scikit-image only).
-        num: keep this many images (a seeded random subset for Fashion-MNIST; the crop count for
-            scikit-image); ``None`` keeps all.
-        root: Fashion-MNIST folder.
-
-    Raises:
-        ValueError: unknown name or split.
+) -> ImageDataset:  # fmt: skip
+    """The dataset ``name`` (``"auto"``: Fashion-MNIST when its files exist under ``root``, else scikit-image) at side
+    ``size``; ``num`` images (``None``: all) are a subset seeded by ``seed`` or, for scikit-image, the crop count.
 
     Example:
         >>> load_dataset("imagenet")

@@ -55,7 +55,7 @@ def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CAC
     returns the written ``index.json`` contents."""
     if cfg.data.source is None:
         raise ValueError("data.source must name the captioned images to encode")
-    batch_size, shard_size, dtype = options.batch_size, options.shard_size, options.dtype
+    dtype = options.dtype
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = CaptionedImages(cfg.data.source, cfg.buckets(), on_missing=cfg.data.on_missing,
                               min_area_fraction=cfg.data.min_area_fraction, max_skips=1)
@@ -63,10 +63,8 @@ def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CAC
     codec, text = encoders.codec(device), encoders.text_encoder(device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
-    entries: list[dict[str, Any]] = []
-    skipped: list[str] = []
+    entries, skipped, shard_names = list[dict[str, Any]](), list[str](), list[str]()
     shard: dict[str, torch.Tensor] = {}
-    shard_names: list[str] = []
 
     def flush() -> None:
         if shard:
@@ -75,30 +73,27 @@ def build_flux_cache(cfg: Any, out: str | Path, options: CacheOptions = FLUX_CAC
             shard_names.append(name)
             shard.clear()
 
-    by_bucket: dict[int, list[int]] = {}
-    for j, b in enumerate(dataset.bucket_of):
-        by_bucket.setdefault(b, []).append(j)
-    for bucket, members in sorted(by_bucket.items()):
-        for start in range(0, len(members), batch_size):
-            items = []
-            for j in members[start : start + batch_size]:
-                item_index, _ = dataset.entries[j]
+    for bucket, members in sorted(dataset.members.items()):
+        for start in range(0, len(members), options.batch_size):
+            items, pixels = [], []
+            for j in members[start : start + options.batch_size]:
+                item = dataset.items[dataset.entries[j][0]]
                 try:
-                    pixels = load_bucket_image(dataset.items[item_index].path, dataset.buckets.shapes[bucket])
+                    pixels.append(load_bucket_image(item.path, dataset.buckets.shapes[bucket]))
                 except Exception:  # noqa: BLE001 - any decode failure: leave the image out, list it
-                    skipped.append(dataset.items[item_index].path)
+                    skipped.append(item.path)
                     continue
-                items.append((item_index, pixels))
+                items.append(item)
             if not items:
                 continue
-            z = codec.encode(torch.stack([p for _, p in items]).to(device))
-            emb = text.encode([dataset.items[i].caption for i, _ in items])
-            for k, (item_index, _) in enumerate(items):
-                key, item = str(len(entries)), dataset.items[item_index]
+            z = codec.encode(torch.stack(pixels).to(device))
+            emb = text.encode([item.caption for item in items])
+            for k, item in enumerate(items):
+                key = str(len(entries))
                 for name, t in (("latents", z), *emb.as_kwargs().items()):
                     shard[f"{key}.{name}"] = t[k].to("cpu", dtype)
                 entries.append({"shard": len(shard_names), "key": key, "bucket": bucket, "source": item.path, "caption": item.caption})
-                if len(shard) >= 3 * shard_size:
+                if len(shard) >= 3 * options.shard_size:
                     flush()
     flush()
     if not entries:

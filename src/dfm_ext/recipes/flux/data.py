@@ -1,10 +1,8 @@
 """Captioned images for text-to-image finetuning: sources, aspect-ratio buckets (paper E), a bucketed plan.
 
-A source is a folder of images with same-name ``.txt`` captions (any depth), or a JSONL file of
-``{"image": ..., "caption": ...}`` (``path`` / ``file_name`` and ``text`` accepted too; relative
-paths against its folder). An image without its caption is an error (``on_missing="skip"``: left
-out and counted), as is a file whose header cannot be read; one that fails to decode in training
-is replaced by the next image of its bucket, so a caption always travels with its own image.
+A source (docs/recipes/flux.md) is a folder of images with same-name ``.txt`` captions or a JSONL file. An image
+whose caption or header is missing is an error (``on_missing="skip"``: left out and counted); one that fails to
+decode in training is replaced by the next image of its bucket, so a caption always travels with its own image.
 """
 
 from __future__ import annotations
@@ -56,15 +54,14 @@ class CaptionScan:
 
 def _read_pairs(source: Path) -> tuple[list[tuple[Path, str | None]], str]:
     """``(image path, caption or None)`` for a folder or a JSONL file, and a description for errors."""
+    pairs: list[tuple[Path, str | None]] = []
     if source.is_dir():
-        pairs = []
         for p in sorted(source.rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
                 txt = p.with_suffix(".txt")
                 pairs.append((p, txt.read_text(encoding="utf-8").strip() if txt.is_file() else None))
         return pairs, "image without a same-name .txt caption"
     if source.is_file() and source.suffix.lower() in (".jsonl", ".json"):
-        pairs = []
         for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -142,18 +139,14 @@ class AspectBuckets:
             raise ValueError(f"resolutions must be non-empty and each >= multiple={self.multiple}, got {self.resolutions}")
         if self.multiple < 1 or not self.ratios or any(not r > 0 for r in self.ratios):
             raise ValueError(f"multiple must be >= 1 and ratios positive, got {self.multiple}, {self.ratios}")
-        shapes: list[tuple[int, int]] = []
-        owner: list[int] = []  # the resolution of every bucket
+        owner: dict[tuple[int, int], int] = {}  # every bucket's shape -> the resolution that made it first
         m = self.multiple
         for res in self.resolutions:
             for a in self.ratios:
-                h = max(m, round(res / math.sqrt(a) / m) * m)
-                w = max(m, round(res * math.sqrt(a) / m) * m)
-                if (h, w) not in shapes:
-                    shapes.append((h, w))
-                    owner.append(int(res))
-        object.__setattr__(self, "shapes", tuple(shapes))
-        object.__setattr__(self, "resolution_of", tuple(owner))
+                h, w = max(m, round(res / math.sqrt(a) / m) * m), max(m, round(res * math.sqrt(a) / m) * m)
+                owner.setdefault((h, w), int(res))
+        object.__setattr__(self, "shapes", tuple(owner))
+        object.__setattr__(self, "resolution_of", tuple(owner.values()))
 
     def assign(self, height: int, width: int, *, min_area_fraction: float = 1.0) -> list[int]:
         """Bucket ids of an image: per resolution ``R`` with ``height * width >= min_area_fraction * R^2`` (``1``: never
@@ -207,14 +200,14 @@ class CaptionedImages(torch.utils.data.Dataset):
                 f"(min_area_fraction={min_area_fraction})"
             )
         self.bucket_of: tuple[int, ...] = tuple(b for _, b in self.entries)
-        members: dict[int, list[int]] = {}
+        self.members: dict[int, list[int]] = {}  # bucket -> its entries, in order
         for j, b in enumerate(self.bucket_of):
-            members.setdefault(b, []).append(j)
+            self.members.setdefault(b, []).append(j)
         # The entry read instead of j when j fails to decode: the next one in j's bucket.
         self._next = [0] * len(self.entries)
-        for js in members.values():
-            for a, j in enumerate(js):
-                self._next[j] = js[(a + 1) % len(js)]
+        for js in self.members.values():
+            for j, after in zip(js, js[1:] + js[:1]):
+                self._next[j] = after
         self.stats = {"images": len(self.items), "entries": len(self.entries), "missing_captions": len(scan.missing),
                       "unreadable": len(scan.unreadable), "too_small": too_small}  # fmt: skip
 
@@ -226,8 +219,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         index = int(index)
         bad: list[int] = []
         for _ in range(min(self.max_skips, len(self.entries))):
-            item_index, bucket = self.entries[index]
-            item = self.items[item_index]
+            item, bucket = self.items[self.entries[index][0]], self.entries[index][1]
             try:
                 pixels = load_bucket_image(item.path, self.buckets.shapes[bucket])
             except DECODE_ERRORS:

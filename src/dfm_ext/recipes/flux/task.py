@@ -1,11 +1,8 @@
 """Finetune FLUX (diffusers ``FluxTransformer2DModel``) with DFM, or plainly as the baseline: the training script.
 
-Commands and configs: docs/recipes/flux.md. One step: captioned images in aspect-ratio buckets (one
-bucket per batch) -> VAE latents and CLIP/T5 embeddings, captions dropped to the empty prompt -> the
-decomposition's stages -> :class:`dfm_ext.DFMObjective` on FLUX wrapped with :func:`dfm_ext.wrap_dit`
-(paper E: stage 0 reuses FLUX's patch embedding, time embedding and head at half the latent
-resolution; the other stages start at zero). One stage (config ``flux_ft``) trains the unmodified
-transformer through its own ``forward``: the baseline of paper Table 3.
+Commands, configs and the pipeline (captioned images in aspect-ratio buckets -> VAE latents and CLIP/T5 embeddings ->
+stages -> FLUX wrapped with :func:`dfm_ext.wrap_dit`, paper E; one stage: the unmodified transformer, the baseline of
+paper Table 3): docs/recipes/flux.md.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_
 from dfm_ext.recipes.flux.text_encoding import SUBFOLDERS, FluxEncoders, TextEmbeddings, check_local_subfolders
 from dfm_ext.specialization import specialize
 from dfm_ext.wrapping.record import peft_merged
-from dfm_ext.wrapping.wrapper import load_wrapped
-from dfm_ext.wrapping.wrapper import wrap_dit
+from dfm_ext.wrapping.wrapper import load_wrapped, wrap_dit
 
 __all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run", "sample_job"]
 
@@ -63,8 +59,7 @@ class FluxFlowModel(nn.Module):
 
     def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
         super().__init__()
-        self.transformer = transformer
-        self.guidance = float(guidance)
+        self.transformer, self.guidance = transformer, float(guidance)
 
     def forward(
         self, stages: Sequence[Tensor], t: Tensor, stage: Tensor, mask: Tensor | None = None, *, encoder_hidden_states: Tensor,
@@ -123,9 +118,7 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
         if ft.mode == "lora":
             _add_peft_lora(transformer, ft)
         return FluxFlowModel(transformer, guidance=cfg.model.guidance)
-    c = transformer.config.in_channels // 4
-    h, w = cfg.buckets().shapes[0]
-    f = cfg.vae.downsample
+    c, (h, w), f = transformer.config.in_channels // 4, cfg.buckets().shapes[0], cfg.vae.downsample
     # FLUX has no position table (RoPE ids follow the grid): one wrapper serves every bucket.
     wrapped = wrap_dit(
         transformer, cfg.decomposition.build(), adapter=FluxAdapter(guidance=cfg.model.guidance),

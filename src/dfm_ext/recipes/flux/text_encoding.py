@@ -1,11 +1,7 @@
 """The frozen parts of a FLUX folder (FLUX.1-dev layout, or a hub id): its VAE and its two text encoders.
 
-As ``FluxPipeline`` does: CLIP (``text_encoder/``, ``tokenizer/``) padded to the tokenizer's
-``model_max_length`` gives ``pooled_projections [B, P]`` (its ``pooler_output``); T5
-(``text_encoder_2/``, ``tokenizer_2/``) padded to ``max_sequence_length`` gives
-``encoder_hidden_states [B, L, D]``, without an attention mask (FLUX was trained on the padded sequence).
-:class:`FluxTextEncoder` and :class:`TextEmbeddings` are the library's (:mod:`dfm_ext.pipelines.flux`), so that
-the recipe and ``DFMFluxPipeline`` encode prompts with the same code.
+The encoders are the library's :class:`FluxTextEncoder` (:mod:`dfm_ext.pipelines.flux`: CLIP pooled, T5 padded without
+a mask, as ``FluxPipeline`` does), so that the recipe and ``DFMFluxPipeline`` encode prompts with the same code.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Pre-encode an image folder into a latent cache for a recipe config (docs/recipes/imagenet.md).
 
-Every image (and its mirror image with ``data.random_flip``: flipping a latent is not encoding the
-flipped image) is encoded with the config's VAE and normalisation; unreadable images are left out
-and listed (``skipped_images``). One process, on a GPU when there is one.
+Every image and, with ``data.random_flip``, its mirror are encoded with the config's VAE; unreadable images are
+left out and listed (``skipped_images``). One process, on a GPU when there is one.
 """
 
 from __future__ import annotations

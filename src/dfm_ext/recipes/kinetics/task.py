@@ -1,10 +1,7 @@
 """Class-conditional video generation on Kinetics with DFM (paper sections 4, A.1, A.5): the training script.
 
-Commands and configs: docs/recipes/kinetics.md. One step: clips or a latent cache -> latents of
-``AutoencoderKLCogVideoX`` (``[B, C, T', H', W']``, ``T' = (T - 1) / 4 + 1``) -> the decomposition's
-stages -> per-stage standardisation (on by default, as the paper does for CogVideoX latents) ->
-:class:`dfm_ext.DFMObjective` on the wrapped ``VideoDiT`` or ``CogVideoXTransformer3DModel`` (whose
-labels become learned text tokens). Samples: MP4 / GIF with the stage previews side by side, PNG frames.
+Commands, configs and the pipeline (clips or a latent cache -> ``AutoencoderKLCogVideoX`` latents -> stages,
+standardised per stage -> the wrapped ``VideoDiT`` or CogVideoX, labels as text tokens): docs/recipes/kinetics.md.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ import functools
 import hashlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +23,10 @@ from torch import Tensor, nn
 from dfm_ext.metrics.commands import evaluate_videos_command
 from dfm_ext.models.video_dit import VideoDiT, VideoDiTConfig
 from dfm_ext.fileio import atomic_write_text
-from dfm_ext.process.objective import dfm_loss, estimate_stage_scales
+from dfm_ext.process.objective import estimate_stage_scales
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError, config_to_dict
-from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, cycled_labels
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, collate_items, cycled_labels
 from dfm_ext.recipes.engine.latents import check_cache_labels, load_vae
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sections import (
@@ -38,8 +35,7 @@ from dfm_ext.recipes.engine.sections import (
 )  # fmt: skip
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
-from dfm_ext.wrapping.wrapper import load_wrapped
-from dfm_ext.wrapping.wrapper import wrap_dit
+from dfm_ext.wrapping.wrapper import load_wrapped, wrap_dit
 
 __all__ = [
     "KineticsConfig", "KineticsTask", "LabelTokenDFM", "LabelTokens", "build_dataset", "cache_metadata", "load_codec", "main",
@@ -106,10 +102,8 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """``(C, T', H', W')`` of one clip's latent."""
-        d, v = self.data, self.vae
-        frames = (d.num_frames - 1) // v.temporal_downsample + 1
-        side = d.resolution // v.spatial_downsample
-        return (v.latent_channels, frames, side, side)
+        d, v, side = self.data, self.vae, self.data.resolution // self.vae.spatial_downsample
+        return (v.latent_channels, (d.num_frames - 1) // v.temporal_downsample + 1, side, side)
 
     def validate(self) -> None:
         """Cross-field checks that need no files and no compute."""
@@ -128,12 +122,11 @@ class KineticsConfig(RecipeConfig[VideoDataConfig, VideoVAEConfig, VideoModelCon
         self.sampling.check_classes(d.num_classes)
         if not self.sampling.fps > 0:
             raise ConfigError(f"sampling.fps must be > 0, got {self.sampling.fps}")
-        bad = set(self.sampling.formats) - {"mp4", "gif", "png"}
-        if bad:
+        if bad := set(self.sampling.formats) - {"mp4", "gif", "png"}:
             raise ConfigError(f"sampling.formats has unknown entries {sorted(bad)}; choose from mp4, gif, png")
-        c, frames, h, w = self.latent_shape
-        base = {"input_size": (frames, h, w), "in_channels": c, "num_classes": d.num_classes}
-        self.model.check(VideoDiTConfig if self.model.kind == "video_dit" else None, **base)
+        c, *grid = self.latent_shape
+        preset = VideoDiTConfig if self.model.kind == "video_dit" else None
+        self.model.check(preset, input_size=tuple(grid), in_channels=c, num_classes=d.num_classes)
         self.decomposition.check_sample_shape(self.latent_shape)
 
 
@@ -176,10 +169,8 @@ def build_dataset(cfg: KineticsConfig) -> torch.utils.data.Dataset:
     items, classes = scan_videos(d.root, d.annotations)
     if len(classes) > d.num_classes:
         raise ConfigError(f"the data has {len(classes)} classes but data.num_classes={d.num_classes}")
-    return VideoClips(
-        items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution, position=d.position,
-        max_skips=d.max_skips, classes=classes,
-    )  # fmt: skip
+    return VideoClips(items, num_frames=d.num_frames, stride=d.frame_stride, resolution=d.resolution,
+                      position=d.position, max_skips=d.max_skips, classes=classes)  # fmt: skip
 
 
 class LabelTokens(nn.Module):
@@ -278,6 +269,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
     def __init__(self, cfg: KineticsConfig, dataset: torch.utils.data.Dataset | None = None, *, name: str = "kinetics") -> None:
         super().__init__(cfg, load_codec)
         self.dataset, self.name = dataset, name
+        self.objective = cfg.dfm.objective(self.decomposition.num_stages)  # scales: the model's stage_scales
 
     def estimate_scales(self, device: torch.device | str = "cpu", *, batch_size: int = 8) -> Tensor:
         """Per-stage std of the latents of ``dfm.scale_estimation_clips`` clips spread evenly over the data (paper A.5)."""
@@ -287,16 +279,9 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
         picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.cfg.dfm.scale_estimation_clips)).round()})
         device = torch.device(device)
         g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
-
-        def batches() -> Iterator[Tensor]:
-            for start in range(0, len(picks), batch_size):
-                items = [self.dataset[(i, False)] for i in picks[start : start + batch_size]]  # type: ignore[index]
-                if "latents" in items[0]:
-                    yield torch.stack([it["latents"] for it in items]).to(device)
-                else:
-                    yield self.codec(device).encode(torch.stack([it["pixels"] for it in items]).to(device), generator=g)
-
-        return estimate_stage_scales(self.decomposition, batches())
+        chunks = (picks[start : start + batch_size] for start in range(0, len(picks), batch_size))
+        items = ([self.dataset[(i, False)] for i in chunk] for chunk in chunks)
+        return estimate_stage_scales(self.decomposition, (self.latents(collate_items(it), device, g) for it in items))
 
     def stage_scales(self) -> Tensor:
         """Ones, ``dfm.scales``, the run's ``stage_scales.json`` (keyed by the config parts it depends on), or a new
@@ -343,16 +328,11 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
             base, self.decomposition, adapter=adapter, sample_shape=self.cfg.latent_shape, init=self.cfg.model.init,
             time_convention=self.cfg.model.time_convention, stage_scales=self.stage_scales(),
         )
-        if label_tokens is None:
-            return dfm
-        return LabelTokenDFM(dfm, label_tokens, self.cfg.data.num_classes, rotary=rotary)
+        return dfm if label_tokens is None else LabelTokenDFM(dfm, label_tokens, self.null_class, rotary=rotary)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, generator: torch.Generator, device: torch.device) -> StepLoss:
         stages, ts, labels = self.training_inputs(batch, generator=generator, device=device)
-        out = dfm_loss(
-            model, stages, ts, masking=self.cfg.dfm.masking, stage_weights=self.cfg.dfm.stage_weights,
-            generator=generator, y=labels,  # scales: the model's stage_scales
-        )  # fmt: skip
+        out = self.objective(model, stages, ts, generator=generator, y=labels)
         self.feed_allocation(out, ts)
         return StepLoss(out.loss, {f"loss_stage{i}": v for i, v in enumerate(out.per_stage)})
 
