@@ -10,7 +10,7 @@ import functools
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from dfm_ext.fileio import atomic_write_text
 from dfm_ext.process.objective import estimate_stage_scales
 from dfm_ext.recipes.engine.cli import check_latent_cache, check_vae_path, parse_config_args, train_main
 from dfm_ext.recipes.engine.config import ConfigError, config_to_dict
-from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, collate_items, cycled_labels
+from dfm_ext.recipes.engine.data import ClassConditionalInputs, LatentCache, LatentCodec, cycled_labels
 from dfm_ext.recipes.engine.latents import check_cache_labels, load_vae
 from dfm_ext.recipes.engine.parallel import unwrap
 from dfm_ext.recipes.engine.sections import (
@@ -279,9 +279,16 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
         picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.cfg.dfm.scale_estimation_clips)).round()})
         device = torch.device(device)
         g = torch.Generator(device=device).manual_seed(self.cfg.train.seed)
-        chunks = (picks[start : start + batch_size] for start in range(0, len(picks), batch_size))
-        items = ([self.dataset[(i, False)] for i in chunk] for chunk in chunks)
-        return estimate_stage_scales(self.decomposition, (self.latents(collate_items(it), device, g) for it in items))
+
+        def batches() -> Iterator[Tensor]:
+            for start in range(0, len(picks), batch_size):
+                items = [self.dataset[(i, False)] for i in picks[start : start + batch_size]]  # type: ignore[index]
+                if "latents" in items[0]:
+                    yield torch.stack([it["latents"] for it in items]).to(device)
+                else:
+                    yield self.codec(device).encode(torch.stack([it["pixels"] for it in items]).to(device), generator=g)
+
+        return estimate_stage_scales(self.decomposition, batches())
 
     def stage_scales(self) -> Tensor:
         """Ones, ``dfm.scales``, the run's ``stage_scales.json`` (keyed by the config parts it depends on), or a new
