@@ -29,6 +29,7 @@ from dfm_ext.recipes.engine.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from dfm_ext.recipes.engine.config import ConfigError
 from dfm_ext.recipes.imagenet.task import main as imagenet_main
 
 from _recipe_fixtures import recipe_env, tiny_argv, tiny_image_assets, wait_for_checkpoint
@@ -457,3 +458,20 @@ def test_shared_hashing_merges_to_the_single_process_record(tmp_path: Path) -> N
     for rank in range(2):  # every process raises the same error, whichever share held the damage
         with pytest.raises(CorruptCheckpointError, match="c does not match"):
             shared_verify(rank, 2, lambda mine: verdicts)(tmp_path / "two")
+
+
+def test_a_run_folder_some_process_cannot_see_is_refused(tmp_path: Path) -> None:
+    """Every process checks that it reads the main process's run.lock (tests/test_recipes_fsdp.py's two-process runs
+    are the shared case); a node-local train.output_dir is named with the processes and hosts that miss it."""
+    from dfm_ext.recipes.engine.runlock import RunLock, check_shared_folder, lock_record
+
+    lock = RunLock(tmp_path / "run")
+    assert lock_record(tmp_path / "run") == "" and lock_record(tmp_path / "absent") == ""
+    lock.acquire()
+    record = lock_record(tmp_path / "run")
+    assert '"pid"' in record
+    check_shared_folder(tmp_path / "run", [(0, "a", True), (1, "a", lock_record(tmp_path / "run") == record)])
+    with pytest.raises(ConfigError, match=r"not one folder for every process: process 2 on node-b, process 3 on node-b .*run\.lock"):
+        check_shared_folder(tmp_path / "run", [(0, "a", True), (1, "a", True), (2, "node-b", False), (3, "node-b", False)])
+    lock.release()
+

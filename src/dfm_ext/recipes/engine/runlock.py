@@ -20,7 +20,7 @@ from typing import Any
 
 from dfm_ext.recipes.engine.config import ConfigError
 
-__all__ = ["LOCK_FILE", "RunFolderBusy", "RunLock"]
+__all__ = ["LOCK_FILE", "RunFolderBusy", "RunLock", "check_shared_folder", "lock_record"]
 
 #: The lock file inside a run folder.
 LOCK_FILE = "run.lock"
@@ -119,3 +119,25 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
+
+
+def lock_record(folder: str | Path) -> str:
+    """The text of ``folder``'s lock record as this process sees it ("" when there is none)."""
+    try:
+        return (Path(folder) / LOCK_FILE).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+
+
+def check_shared_folder(folder: str | Path, seen: list[tuple[int, str, bool]]) -> None:
+    """Refuse a run folder that is not one folder for every process: ``seen`` holds, per process, its index, host and
+    whether it reads the main process's lock record there. Every process writes its share of a checkpoint into the
+    same step folder and reads all of them on resume, so a node-local ``train.output_dir`` would split every checkpoint
+    between the nodes without an error until the resume."""
+    blind = [(index, host) for index, host, ok in seen if not ok]
+    if blind:
+        who = ", ".join(f"process {index} on {host}" for index, host in blind)
+        raise ConfigError(
+            f"train.output_dir={str(folder)!r} is not one folder for every process: {who} do(es) not see the main process's "
+            f"{LOCK_FILE} in it; put the run on a filesystem every node sees (docs/recipes/multinode.md)"
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from dfm_ext.recipes.engine.checkpoint import (
 from dfm_ext.recipes.engine.config import ConfigError, OptimConfig, TrainConfig, check_resume_config, config_to_dict, flatten_config, save_config
 from dfm_ext.recipes.engine.data import BatchPlan, PlanBatchSampler, collate_items
 from dfm_ext.recipes.engine.parallel import EMA, Parallelism, make_parallelism
-from dfm_ext.recipes.engine.runlock import RunFolderBusy, RunLock
+from dfm_ext.recipes.engine.runlock import RunFolderBusy, RunLock, check_shared_folder, lock_record
 from dfm_ext.recipes.engine.sections import RecipeConfig
 
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not when a recipe is imported
@@ -288,20 +289,25 @@ class Trainer:
         return Accelerator(mixed_precision=mp, cpu=self.train.cpu, kwargs_handlers=handlers, log_with=trackers, project_config=folders)
 
     def _own_folder(self, accelerator: Accelerator) -> None:
-        """The main process takes the run folder's lock; every process raises :class:`RunFolderBusy` if it is held."""
-        busy: list[str | None] = [None]
+        """The main process takes the run folder's lock; every process raises :class:`RunFolderBusy` if it is held,
+        and a ``ConfigError`` if some process does not see the lock's record (not one folder for every node)."""
+        busy, record = None, ""
         if accelerator.is_main_process:
             try:
                 if notice := self.lock.acquire():
                     print(notice, file=sys.stderr)
+                record = lock_record(self.output_dir)
             except RunFolderBusy as e:
-                busy[0] = str(e)
+                busy = str(e)
         if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+            from accelerate.utils import broadcast_object_list, gather_object
 
-            busy = broadcast_object_list(busy)
-        if busy[0]:
-            raise RunFolderBusy(busy[0])
+            busy, record = broadcast_object_list([busy, record])
+            if not busy:
+                mine = (accelerator.process_index, socket.gethostname(), lock_record(self.output_dir) == record)
+                check_shared_folder(self.output_dir, gather_object([mine]))
+        if busy:
+            raise RunFolderBusy(busy)
 
     def _resume_path(self, accelerator: Accelerator) -> Path | None:
         """The checkpoint to resume from: every process reads the same folder and hashes its share of each candidate's files."""
