@@ -13,9 +13,9 @@ import difflib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 
@@ -79,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
                     options += sub._known()[0] if isinstance(sub, _Parser) else []
         return options, commands
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         options, commands = self._known()
         for word in (w.split("=")[0] for w in self.typed):
             choices = options if word.startswith("--") else commands
@@ -175,11 +175,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = demo_config(args)
     dataset = build_dataset(cfg)
-    check_batch_fits(len(dataset), cfg.train)  # before the estimate's timed steps
+    check_batch_fits(len(cast(Sized, dataset)), cfg.train)  # before the estimate's timed steps
     say = print if not args.no_progress else (lambda *a, **k: None)
     estimate = estimate_seconds(ImageNetTask(cfg), dataset, cfg, args)
     name = cfg.data.factory_kwargs["dataset"]
-    say(f"dfm-ext demo: {name} ({len(dataset)} images), {args.decomposition} decomposition, DiT {args.size} "
+    say(f"dfm-ext demo: {name} ({len(cast(Sized, dataset))} images), {args.decomposition} decomposition, "
+        f"DiT {args.size} "
         f"({estimate['parameters'] / 1e6:.2f} M parameters), {cfg.train.steps} steps of batch {cfg.train.global_batch_size} "
         f"on {args.device}: about {sum(estimate['seconds'].values()) / 60:.1f} minutes here (training "
         f"{estimate['seconds']['train'] / 60:.1f}, sampling and scoring {estimate['seconds']['sample'] / 60:.1f})", flush=True)  # fmt: skip

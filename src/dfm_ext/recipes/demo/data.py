@@ -97,7 +97,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     with Image.open(path) as im:
         im.load()  # decode now: a truncated file fails here, inside the caller's try
         if im.mode in _SIXTEEN_BIT:
-            arr = np.asarray(im, dtype=np.float64) / 65535.0
+            arr: np.ndarray = np.asarray(im, dtype=np.float64) / 65535.0
             return np.clip(arr, 0.0, 1.0).astype(np.float32)[..., None]
         rgb = im.convert("L" if im.mode in _GREY else "RGB")
         arr = np.asarray(rgb, dtype=np.float32) / 255.0

@@ -193,7 +193,8 @@ def sample_run(args: Any) -> Path:
 
 def read_png_folder(folder: str | Path, *, limit: int | None = None) -> tuple[Tensor, list[Path]]:
     """The PNGs of ``folder`` (sorted; ``grid.png`` skipped) as ``[N, C, H, W]`` in ``[-1, 1]``, and the unreadable ones."""
-    arrays, skipped = [], []
+    arrays: list[np.ndarray] = []
+    skipped: list[Path] = []
     for p in sorted(p for p in Path(folder).glob("*.png") if p.name != "grid.png"):
         if limit is not None and len(arrays) >= limit:
             break

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dfm_ext.recipes.engine.cli import assets_main, make_tiny_vae, photo
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["CAPTIONS", "make_captioned_images", "make_tiny_flux", "make_tiny_text_encoders", "tiny_flux_transformer_config"]
 
@@ -46,14 +50,16 @@ def make_captioned_images(root: str | Path, *, per_photo: int = 4, seed: int = 0
     return root
 
 
-def _word_tokenizer(words: Sequence[str], *, specials: dict[str, str], template: str, max_length: int):
+def _word_tokenizer(
+    words: Sequence[str], *, specials: dict[str, str], template: str, max_length: int
+) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for tok in [*dict.fromkeys(specials.values()), *sorted(set(words))]:
-        vocab.setdefault(tok, len(vocab))
+    for word in [*dict.fromkeys(specials.values()), *sorted(set(words))]:
+        vocab.setdefault(word, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token=specials["unk"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -83,7 +89,9 @@ def make_tiny_text_encoders(path: str | Path, *, seed: int = 0) -> Path:
     ))  # fmt: skip
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(t5_vocab), d_model=T5_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-        pad_token_id=t5_vocab["<pad>"], eos_token_id=t5_vocab["</s>"], decoder_start_token_id=t5_vocab["<pad>"],
+        pad_token_id=t5_vocab["<pad>"], eos_token_id=t5_vocab["</s>"],
+        # transformers types T5Config as a dataclass of its own fields; its __init__ also takes the common kwargs
+        decoder_start_token_id=t5_vocab["<pad>"],  # type: ignore[call-arg]
     ))  # fmt: skip
     clip.save_pretrained(str(path / "text_encoder"))
     t5.save_pretrained(str(path / "text_encoder_2"))
@@ -108,7 +116,8 @@ def make_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = T
     make_tiny_vae(path, seed=seed, latent_channels=LATENT_CHANNELS)
     make_tiny_text_encoders(path, seed=seed)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**tiny_flux_transformer_config(guidance_embeds=guidance_embeds))
+    # Any: under mypy diffusers' top-level exports resolve to its dummy objects (no nn.Module methods)
+    transformer: Any = FluxTransformer2DModel(**tiny_flux_transformer_config(guidance_embeds=guidance_embeds))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in transformer.parameters():

@@ -262,7 +262,8 @@ class BucketBatchPlan(BatchPlan):
     @property
     def steps_per_epoch(self) -> int:
         g = self.global_batch_size
-        return sum(math.ceil(len(m) / g) for m in self._members.values())  # type: ignore[attr-defined]
+        members: dict[int, np.ndarray] = self._members  # type: ignore[attr-defined]
+        return sum(math.ceil(len(m) / g) for m in members.values())
 
     def _epoch_batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
         cache: dict[int, Any] = self._cache  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from dfm_ext.recipes.flux.data import BucketBatchPlan, CaptionedImages, collate_
 from dfm_ext.recipes.flux.text_encoding import SUBFOLDERS, FluxEncoders, TextEmbeddings, check_local_subfolders
 from dfm_ext.specialization import specialize
 from dfm_ext.wrapping.record import peft_merged
-from dfm_ext.wrapping.wrapper import load_wrapped, wrap_dit
+from dfm_ext.wrapping.adapter import DiTAdapter
+from dfm_ext.wrapping.wrapper import DFMTransformer, load_wrapped, wrap_dit
 
 __all__ = ["FluxFinetuneConfig", "FluxFlowModel", "FluxTask", "build_dataset", "load_finetuned", "main", "parse_args", "run", "sample_job"]
 
@@ -56,6 +57,8 @@ class FluxFlowModel(nn.Module):
     ``timestep = 1 - t`` (FLUX multiplies by 1000 itself), and ``-output`` (FLUX predicts ``noise - x``)."""
 
     num_stages = 1
+    #: a diffusers ``FluxTransformer2DModel``; Any: its ``config`` and submodules are not typed for mypy
+    transformer: Any
 
     def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
         super().__init__()
@@ -91,8 +94,11 @@ class FluxFlowModel(nn.Module):
 def _add_peft_lora(transformer: nn.Module, ft: FinetuneConfig) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha or ft.lora_rank, target_modules=list(ft.lora_targets),
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=ft.lora_rank,
+        lora_alpha=ft.lora_alpha or ft.lora_rank,  # type: ignore[arg-type]  # peft says int; it scales by alpha / r
+        target_modules=list(ft.lora_targets), init_lora_weights=True,
+    )
     inject_adapter_in_model(config, transformer)
     for name, p in transformer.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -112,16 +118,17 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
     """The trained model: ``wrap_dit(transformer, any_sample_shape=True)``, or for one stage the plain
     :class:`FluxFlowModel` (``wrap_dit`` with one stage would swap in the multi-scale embedders)."""
     ft = cfg.finetune
+    dit: Any = transformer  # a diffusers FluxTransformer2DModel: its config and submodules are not typed for mypy
     if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        dit.enable_gradient_checkpointing()
     if cfg.num_stages == 1:
         if ft.mode == "lora":
             _add_peft_lora(transformer, ft)
         return FluxFlowModel(transformer, guidance=cfg.model.guidance)
-    c, (h, w), f = transformer.config.in_channels // 4, cfg.buckets().shapes[0], cfg.vae.downsample
+    c, (h, w), f = dit.config.in_channels // 4, cfg.buckets().shapes[0], cfg.vae.downsample
     # FLUX has no position table (RoPE ids follow the grid): one wrapper serves every bucket.
     wrapped = wrap_dit(
-        transformer, cfg.decomposition.build(), adapter=FluxAdapter(guidance=cfg.model.guidance),
+        transformer, cfg.decomposition.build(), adapter=cast(DiTAdapter, FluxAdapter(guidance=cfg.model.guidance)),
         sample_shape=(c, h // f, w // f), init="pretrained", any_sample_shape=True,
     )
     if ft.mode == "lora":
@@ -132,7 +139,7 @@ def build_flux_model(cfg: FluxFinetuneConfig, transformer: nn.Module) -> nn.Modu
             num_stages=cfg.num_stages, train="stage",
         )
     if ft.mode != "full" and ft.train_dfm_layers:  # the new DFM layers
-        for module in (transformer.x_embedder, transformer.proj_out, transformer.time_text_embed.timestep_embedder):
+        for module in (dit.x_embedder, dit.proj_out, dit.time_text_embed.timestep_embedder):
             module.requires_grad_(True)
     return wrapped
 
@@ -198,7 +205,10 @@ class FluxTask(FluxEncoders, TrainTask):
         cfg, n, f, net = self.cfg.sampling, len(prompts), self.cfg.vae.downsample, unwrap(model)
         text = self.text_encoder(device).encode(list(prompts)).to(device)
         uncond = {k: v.expand(n, *v.shape[1:]) for k, v in self.empty(device).as_kwargs().items()}
-        c = net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel) else net.stage_shapes[-1][0]
+        c = (
+            net.transformer.config.in_channels // 4 if isinstance(net, FluxFlowModel)
+            else cast(DFMTransformer, net).stage_shapes[-1][0]
+        )
         shape = (n, c, cfg.height // f, cfg.width // f)
         return cfg.sampler(self.decomposition).sample(model, noise or shape, generator=generator, device=device, uncond=uncond, **text.as_kwargs())
 

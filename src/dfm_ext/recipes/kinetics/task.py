@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from dfm_ext.recipes.engine.sections import (
 )  # fmt: skip
 from dfm_ext.recipes.engine.sampling import SampleJob, dispatch, sample_command
 from dfm_ext.recipes.engine.trainer import StepLoss, Trainer, TrainResult, TrainTask
-from dfm_ext.wrapping.wrapper import load_wrapped, wrap_dit
+from dfm_ext.wrapping.wrapper import DFMTransformer, load_wrapped, wrap_dit
 
 __all__ = [
     "KineticsConfig", "KineticsTask", "LabelTokenDFM", "LabelTokens", "build_dataset", "cache_metadata", "load_codec", "main",
@@ -206,12 +206,17 @@ class CogVideoXRotary:
             from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
             c, (frames, gh, gw) = self.config, grid
+            kwargs: dict[str, Any]
             base_w, base_h = c.sample_width // c.patch_size, c.sample_height // c.patch_size
             if c.patch_size_t is None:
                 crops, kwargs = get_resize_crop_region_for_grid((gh, gw), base_w, base_h), {}
             else:
                 crops, kwargs = None, {"grid_type": "slice", "max_size": (base_h, base_w)}
-            self._cache[key] = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), frames, device=device, **kwargs)
+            # use_real (the default): the (cos, sin) pair
+            self._cache[key] = cast(
+                "tuple[Tensor, Tensor]",
+                get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), frames, device=device, **kwargs),
+            )
         return self._cache[key]
 
 
@@ -221,7 +226,7 @@ class LabelTokenDFM(nn.Module):
     (``num_classes`` is the null class). ``rotary``: CogVideoX's rotary positions, or ``None``. The stage scales
     and ``save_pretrained`` are the wrapper's (``label_tokens.safetensors`` an extra file of its folder)."""
 
-    def __init__(self, dfm: nn.Module, label_tokens: LabelTokens, num_classes: int, *, rotary: Any = None) -> None:
+    def __init__(self, dfm: DFMTransformer, label_tokens: LabelTokens, num_classes: int, *, rotary: Any = None) -> None:
         super().__init__()
         self.dfm, self.label_tokens, self.num_classes, self.rotary = dfm, label_tokens, num_classes, rotary
 
@@ -252,12 +257,14 @@ def build_base_model(cfg: KineticsConfig) -> nn.Module:
     if cfg.model.kind == "video_dit":
         # label dropout is the recipe's (once per sample, from the step's generator), not the DiT's
         sizes = {"input_size": (frames, h, w), "in_channels": c, "num_classes": cfg.data.num_classes, "class_dropout_prob": 0.0}
-        return VideoDiT(VideoDiTConfig.preset(cfg.model.preset, **{**sizes, **cfg.model.overrides}))
+        # VideoDiT takes its config_class, VideoDiTConfig (DiT.__init__ is annotated with DiTConfig)
+        return VideoDiT(cast(Any, VideoDiTConfig.preset(cfg.model.preset, **{**sizes, **cfg.model.overrides})))
     from diffusers import CogVideoXTransformer3DModel
 
     if cfg.model.pretrained is not None:
         return CogVideoXTransformer3DModel.from_pretrained(cfg.model.pretrained, subfolder=cfg.model.subfolder or None)
-    return CogVideoXTransformer3DModel(**{
+    # diffusers' top-level exports resolve to its dummy objects under mypy
+    return CogVideoXTransformer3DModel(**{  # type: ignore[return-value]
         "in_channels": c, "out_channels": c, "sample_frames": cfg.data.num_frames, "sample_height": h, "sample_width": w,
         "temporal_compression_ratio": cfg.vae.temporal_downsample, **cfg.model.overrides,
     })  # fmt: skip
@@ -326,7 +333,7 @@ class KineticsTask(ClassConditionalInputs, TrainTask):
             enable_gradient_checkpointing(base)
         label_tokens, rotary, adapter = None, None, "auto"
         if not self.cfg.model.factory and self.cfg.model.kind == "cogvideox":
-            c = base.config
+            c: Any = base.config  # diffusers' FrozenDict config (attribute access)
             tokens = int(c.max_text_seq_length) if c.use_learned_positional_embeddings or not c.use_rotary_positional_embeddings else 16
             label_tokens = LabelTokens(self.cfg.data.num_classes, tokens, int(c.text_embed_dim))
             rotary = CogVideoXRotary(c) if c.use_rotary_positional_embeddings else None
@@ -410,7 +417,7 @@ def sample_job(cfg: KineticsConfig) -> SampleJob:
         dfm = load_wrapped(folder, build_base_model(cfg))
         if not (folder / LABEL_TOKENS_FILE).is_file():
             return dfm
-        model = task.build_model()  # LabelTokenDFM: the label tokens beside the wrapped CogVideoX
+        model = cast(LabelTokenDFM, task.build_model())  # LabelTokenDFM: the label tokens beside the wrapped CogVideoX
         model.dfm = dfm
         model.label_tokens.load_state_dict(load_file(str(folder / LABEL_TOKENS_FILE)))
         return model

@@ -52,7 +52,7 @@ def clip_indices(num_available: int, num_frames: int, stride: int, position: str
     return list(range(start, start + span, stride))
 
 
-def _resized(frame, resolution: int) -> np.ndarray:
+def _resized(frame: av.VideoFrame, resolution: int) -> np.ndarray:
     """One ``av.VideoFrame`` -> ``[R, R, 3]`` uint8: short side to ``R`` (bicubic), centre crop."""
     w, h = frame.width, frame.height
     scale = resolution / min(w, h)
