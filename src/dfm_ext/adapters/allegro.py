@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .common import call_block, check_tensor, get_submodule_path, parse_conditioning, set_submodule_path
 from .diffusers_common import diffusers_layer_groups
 from .mochi import frame_conv3d
-from .spec import AdapterSpec, SpecAdapter
+from .spec import AdapterSpec, PredictionSpecAdapter
 
 __all__ = ["AllegroAdapter", "AllegroConditioning", "allegro_rope", "ADAPTER"]
 
@@ -65,7 +65,7 @@ def allegro_rope(model: nn.Module, grid: tuple[int, int, int], device: Any = Non
     return (freqs_t, freqs_h, freqs_w), tuple(pos)
 
 
-class AllegroAdapter(SpecAdapter):
+class AllegroAdapter(PredictionSpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``AllegroTransformer3DModel`` (conditioning: :class:`AllegroConditioning`).
 
     Args:
@@ -74,6 +74,7 @@ class AllegroAdapter(SpecAdapter):
         time_convention, output_scale, time_scale: as :class:`~dfm_ext.adapters.spec.SpecAdapter`.
     """
 
+    predictions = PREDICTIONS
     spec = AdapterSpec(
         name="allegro", model_class="AllegroTransformer3DModel", patch_embed="pos_embed.proj",
         time_proj="adaln_single.emb.time_proj", time_embedder="adaln_single.emb.timestep_embedder", head="proj_out",
@@ -88,22 +89,6 @@ class AllegroAdapter(SpecAdapter):
         ),
     )  # fmt: skip
 
-    def __init__(
-        self,
-        prediction: str | None = None,
-        time_convention: Any = None,
-        output_scale: float | None = None,
-        time_scale: float | None = None,
-    ) -> None:
-        if prediction is not None and prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {prediction!r}")
-        self.prediction = prediction
-        if output_scale is None and prediction is not None:
-            output_scale = PREDICTIONS[prediction]
-        super().__init__(time_convention, output_scale, time_scale)
-
-    def config(self) -> dict[str, Any]:
-        return {"prediction": self.prediction, **super().config()}
 
     def check_model(self, model: nn.Module) -> None:
         if self.prediction is None:

@@ -40,7 +40,7 @@ from dfm_ext.specialization.layers import StageLayer
 from .allegro import PREDICTIONS
 from .common import call_block, check_tensor, get_submodule_path, parse_conditioning, set_submodule_path, sincos_positions
 from .mochi import frame_conv3d
-from .spec import AdapterSpec, SpecAdapter
+from .spec import AdapterSpec, PredictionSpecAdapter
 
 __all__ = ["LatteAdapter", "LatteConditioning", "ADAPTER"]
 
@@ -52,7 +52,7 @@ class LatteConditioning(NamedTuple):
     enable_temporal_attentions: bool = True
 
 
-class LatteAdapter(SpecAdapter):
+class LatteAdapter(PredictionSpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``LatteTransformer3DModel`` (conditioning: :class:`LatteConditioning`).
 
     Args:
@@ -61,6 +61,7 @@ class LatteAdapter(SpecAdapter):
         time_convention, output_scale, time_scale: as :class:`~dfm_ext.adapters.spec.SpecAdapter`.
     """
 
+    predictions = PREDICTIONS
     spec = AdapterSpec(
         name="latte", model_class="LatteTransformer3DModel", patch_embed="pos_embed.proj",
         time_proj="adaln_single.emb.time_proj", time_embedder="adaln_single.emb.timestep_embedder", head="proj_out",
@@ -73,18 +74,6 @@ class LatteAdapter(SpecAdapter):
         },
     )  # fmt: skip
 
-    def __init__(
-        self, prediction: str | None = None, time_convention: Any = None, output_scale: float | None = None, time_scale: float | None = None
-    ) -> None:
-        if prediction is not None and prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {prediction!r}")
-        self.prediction = prediction
-        if output_scale is None and prediction is not None:
-            output_scale = PREDICTIONS[prediction]
-        super().__init__(time_convention, output_scale, time_scale)
-
-    def config(self) -> dict[str, Any]:
-        return {"prediction": self.prediction, **super().config()}
 
     def check_model(self, model: nn.Module) -> None:
         name, cfg = type(model).__name__, model.config

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .common import call_block, check_tensor, parse_conditioning, shape_probe
 from .diffusers_common import diffusers_layer_groups
 from .hunyuan_video15 import latent_channels_only
-from .spec import AdapterSpec, SpecAdapter
+from .spec import AdapterSpec, PredictionSpecAdapter
 
 __all__ = ["MotifVideoAdapter", "MotifVideoConditioning", "ADAPTER"]
 
@@ -49,7 +49,7 @@ class MotifVideoConditioning(NamedTuple):
     attention_kwargs: dict[str, Any] | None = None
 
 
-class MotifVideoAdapter(SpecAdapter):
+class MotifVideoAdapter(PredictionSpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``MotifVideoTransformer3DModel`` (conditioning: :class:`MotifVideoConditioning`).
 
     Args:
@@ -58,6 +58,7 @@ class MotifVideoAdapter(SpecAdapter):
         time_convention, output_scale, time_scale: as :class:`~dfm_ext.adapters.spec.SpecAdapter`.
     """
 
+    predictions = dict.fromkeys(PREDICTIONS)
     spec = AdapterSpec(
         name="motif_video", model_class="MotifVideoTransformer3DModel", patch_embed="x_embedder.proj",
         time_proj="time_text_embed.time_proj", time_embedder="time_text_embed.timestep_embedder", head="proj_out",
@@ -73,21 +74,6 @@ class MotifVideoAdapter(SpecAdapter):
             }
         ),
     )  # fmt: skip
-
-    def __init__(
-        self,
-        prediction: str | None = None,
-        time_convention: Any = None,
-        output_scale: float | None = None,
-        time_scale: float | None = None,
-    ) -> None:
-        if prediction is not None and prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        self.prediction = prediction
-        super().__init__(time_convention, output_scale, time_scale)
-
-    def config(self) -> dict[str, Any]:
-        return {"prediction": self.prediction, **super().config()}
 
     def check_model(self, model: nn.Module) -> None:
         name, cfg = type(model).__name__, model.config

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from .common import TimeMLP, call_block, check_tensor, parse_conditioning
-from .spec import AdapterSpec, SpecAdapter
+from .spec import AdapterSpec, PredictionSpecAdapter
 
 __all__ = ["PRXAdapter", "PRXConditioning", "PRXTimeFeatures", "ADAPTER"]
 
@@ -56,7 +56,7 @@ class PRXTimeFeatures(nn.Module):
                                       max_period=self.max_period)  # fmt: skip
 
 
-class PRXAdapter(SpecAdapter):
+class PRXAdapter(PredictionSpecAdapter):
     """:class:`dfm_ext.wrapping.adapter.DiTAdapter` for diffusers ``PRXTransformer2DModel`` (conditioning: :class:`PRXConditioning`).
 
     Args:
@@ -64,6 +64,7 @@ class PRXAdapter(SpecAdapter):
         time_convention, output_scale, time_scale: as :class:`~dfm_ext.adapters.spec.SpecAdapter`.
     """
 
+    predictions = dict.fromkeys(PREDICTIONS)
     spec = AdapterSpec(
         name="prx", model_class="PRXTransformer2DModel", patch_embed="img_in", time_embedder="time_in",
         head="final_layer.linear", patch_order="cpq", patch_in_order="cpq", time_convention="sigma", output_scale=-1.0,
@@ -78,21 +79,6 @@ class PRXAdapter(SpecAdapter):
             "proj": (r"(^|\.)img_in(\.proj)?$", r"(^|\.)final_layer\.linear$"),
         },
     )  # fmt: skip
-
-    def __init__(
-        self,
-        prediction: str | None = None,
-        time_convention: Any = None,
-        output_scale: float | None = None,
-        time_scale: float | None = None,
-    ) -> None:
-        if prediction is not None and prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        self.prediction = prediction
-        super().__init__(time_convention, output_scale, time_scale)
-
-    def config(self) -> dict[str, Any]:
-        return {"prediction": self.prediction, **super().config()}
 
     def check_model(self, model: nn.Module) -> None:
         name, cfg = type(model).__name__, model.config

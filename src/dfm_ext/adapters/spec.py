@@ -41,7 +41,7 @@ from .common import TimeMLP, check_installed, check_stage0_channels, get_submodu
 from .common import set_submodule_path, zeroed_condition
 from .diffusers_common import DIFFUSERS_LAYER_GROUPS
 
-__all__ = ["AdapterSpec", "NoConditioning", "SpecAdapter", "check_output_scale"]
+__all__ = ["AdapterSpec", "NoConditioning", "PredictionSpecAdapter", "SpecAdapter", "check_output_scale"]
 
 #: how a family places its tokens: learned or sin-cos positions at a fixed grid ("fixed"), sin-cos
 #: recomputed for any grid ("sincos"), rotary ("rope") or none
@@ -338,3 +338,25 @@ class SpecAdapter:
     def null_condition(self, model: nn.Module, **cond: Any) -> dict[str, Any]:
         """The spec's ``null_keys`` zeroed (a stand-in; pass empty-prompt embeddings as ``uncond=`` for real models)."""
         return zeroed_condition(cond, self.spec.null_keys)
+
+
+class PredictionSpecAdapter(SpecAdapter):
+    """A :class:`SpecAdapter` for a model whose prediction type the installed code cannot prove, so the user names it:
+    ``prediction`` is one of :attr:`predictions` (``None``: not chosen; ``check_model`` then asks with the choices).
+    A choice mapped to a number sets the output scale it implies, unless ``output_scale`` is given."""
+
+    predictions: ClassVar[Mapping[str, float | None]]
+
+    def __init__(
+        self, prediction: str | None = None, time_convention: Any = None, output_scale: float | None = None, time_scale: float | None = None
+    ) -> None:
+        if prediction is not None and prediction not in self.predictions:
+            raise ValueError(f"prediction must be one of {list(self.predictions)}, got {prediction!r}")
+        self.prediction = prediction
+        if output_scale is None and prediction is not None:
+            output_scale = self.predictions[prediction]
+        super().__init__(time_convention, output_scale, time_scale)
+
+    def config(self) -> dict[str, Any]:
+        return {"prediction": self.prediction, **super().config()}
+
