@@ -1,13 +1,10 @@
-"""Automatic stage allocation (dfm_ext.process.allocation), the sampler's per-stage current logit-normal,
-and the study benchmark's --quick smoke run with its resume."""
+"""Automatic stage allocation (dfm_ext.process.allocation), the sampler's per-stage current logit-normal
+and the recipes' ``dfm.allocation`` key (the study benchmark's arms: tests/test_study.py)."""
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,8 +12,6 @@ import torch
 
 from dfm_ext.process.allocation import ProgressAllocation, make_allocation, signal_level_locations
 from dfm_ext.process.timesteps import StageTimestepSampler
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _feed(a: ProgressAllocation, n: int, fine_decreasing: bool = True) -> None:
@@ -169,108 +164,6 @@ def test_signal_level_locations() -> None:
         signal_level_locations([0.5, 0.0])
 
 
-# ---- the study benchmark ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import study as module
-
-    return module
-
-
-def test_study_trainer_resume_is_exact(study, tmp_path: Path) -> None:
-    from dfm_ext.recipes.demo.data import load_skimage_crops
-
-    data = load_skimage_crops("train", channels=3, num=64)
-    levels = study.signal_levels(data)
-    cfg = replace(study.base_config(study.QUICK, 0, data.name), decomposition="laplacian")
-    straight = study.StudyTrainer("DFM auto", cfg, data, levels)
-    for _ in range(6):
-        straight.step()
-    half = study.StudyTrainer("DFM auto", cfg, data, levels)
-    for _ in range(3):
-        half.step()
-    buf = io.BytesIO()
-    torch.save(half.state(), buf)
-    buf.seek(0)
-    resumed = study.StudyTrainer("DFM auto", cfg, data, levels)
-    resumed.load(torch.load(buf, weights_only=True))
-    for _ in range(3):
-        resumed.step()
-    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert straight.history["loss"] == resumed.history["loss"]
-    assert torch.equal(straight.sampler.allocation.probabilities(), resumed.sampler.allocation.probabilities())
-
-
-def test_study_quick_runs_and_resumes(study, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(study, "DATASETS", ("skimage-rgb",))
-    monkeypatch.setattr(study, "queue", lambda p: [("skimage-rgb", 0, ("FM", "DFM shift"), 4)])
-    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, eval_at=(4,), num_eval=16, num_swd_reference=32,
-                                                chunk=2, batch_size=8, sample_steps=(3, 2)))  # fmt: skip
-    monkeypatch.setattr(study, "load_split", lambda name, split, quick: __import__("dfm_ext.recipes.demo.data", fromlist=["x"]).load_skimage_crops(
-        split, channels=3, num=64 if split == "train" else 32))  # fmt: skip
-    assert study.main(["--quick", "--no-fd", "--part", "budgets", "--out", str(tmp_path)]) == 0
-    res = json.loads((tmp_path / "study_quick.json").read_text())
-    assert set(res["runs"]) == {"skimage-rgb|FM|0", "skimage-rgb|DFM shift|0"}
-    assert res["runs"]["skimage-rgb|FM|0"]["evals"]["4"]["swd"]["mean"] > 0
-    assert (tmp_path / "study_quick.md").read_text().count("DFM shift") >= 2
-    assert (tmp_path / "study_grid_skimage-rgb_4.png").exists()
-    before = (tmp_path / "study_quick.json").read_text()
-    assert study.main(["--quick", "--no-fd", "--part", "budgets", "--out", str(tmp_path)]) == 0  # everything is done: nothing reruns
-    after = json.loads((tmp_path / "study_quick.json").read_text())
-    assert after["runs"] == json.loads(before)["runs"]
-
-
-def test_study_finetune_quick_starts_exactly_from_the_pretrained_model(study, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, num_eval=8, num_swd_reference=16, chunk=2, batch_size=8,
-                                                sample_steps=(2, 1)))  # fmt: skip
-    assert study.main(["--quick", "--no-fd", "--part", "finetune", "--out", str(tmp_path)]) == 0
-    ft = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]
-    assert ft["dfm_step0_max_abs_deviation"] < 1e-5  # wrap_dit(init="pretrained"): stage 0 is the 32 px model
-    assert set(ft["runs"]) == {"FM", "DFM"} and set(ft["runs"]["DFM"]["evals"]) == {"0", "2", "4"}
-    assert set(ft["runs"]["FM"]["evals"]["4"]["swd"]["per_level"]) == {"64x64", "32x32", "16x16", "8x8"}
-
-
-def test_study_finetune_runs_other_dfm_arms_with_their_own_allocation(study, tmp_path: Path, monkeypatch, capsys) -> None:
-    """``--finetune-arms``: a DFM arm with another p0 trains its own copy of the wrapped model."""
-    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, num_eval=8, num_swd_reference=16, chunk=2, batch_size=8,
-                                                sample_steps=(2, 1)))  # fmt: skip
-    base = ["--quick", "--no-fd", "--part", "finetune", "--out", str(tmp_path)]
-    assert study.main(base + ["--finetune-arms", "FM"]) == 0
-    fm_before = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]["runs"]["FM"]
-    assert study.main(base + ["--finetune-arms", "FM,DFM p0=0.5"]) == 0  # an arm added later
-    runs = json.loads((tmp_path / "study_quick.json").read_text())["finetune"]["runs"]
-    assert set(runs) == {"FM", "DFM p0=0.5"}
-    assert runs["FM"] == fm_before  # the finished arm is neither trained nor evaluated again
-    assert runs["DFM p0=0.5"]["evals"]["4"]["stage_probabilities"] == [0.5, 0.5]
-    assert runs["FM"]["evals"]["4"]["stage_probabilities"] == [1.0]
-    assert (tmp_path / "study_samples" / "finetune__DFM_p00.5__4_quick.png").exists()
-    with pytest.raises(SystemExit):
-        study.main(["--quick", "--part", "finetune", "--out", str(tmp_path), "--finetune-arms", "FM,DFM signal"])
-    assert "need the stage signal levels" in capsys.readouterr().err
-
-
-def test_resized_fm_head_and_embedding_are_the_32px_model_on_averaged_images(study) -> None:
-    from dfm_ext.recipes.demo.data import load_skimage_crops
-
-    data64 = load_skimage_crops("train", channels=3, size=64, num=8)
-    torch.manual_seed(0)
-    pre = study._dit(32, 4, study._downsample(data64), "tiny")
-    fm = study.resized_fm(pre, data64, "tiny")
-    x = data64.images[:2]
-    emb64 = fm.x_embedder(x)
-    emb32 = pre.x_embedder(torch.nn.functional.avg_pool2d(x, 2))
-    assert torch.allclose(emb64, emb32, atol=1e-5)
-    h = torch.randn(2, 64, fm.config.hidden_size)
-    c = torch.randn(2, fm.config.hidden_size)
-    out64 = fm.unpatchify(fm.final_layer(h, c), (8, 8))
-    out32 = pre.unpatchify(pre.final_layer(h, c), (8, 8))
-    assert torch.allclose(out64, out32.repeat_interleave(2, 2).repeat_interleave(2, 3), atol=1e-6)
-
-
 # ---- the recipes' config key ---------------------------------------------------------------------
 
 
@@ -331,58 +224,3 @@ def test_recipe_checkpoints_the_allocation_and_resume_continues_it(tmp_path: Pat
     assert at4["count"][0] > 0
     assert at8["count"][0] == 2 * at4["count"][0]
 
-
-def test_study_processes_sharing_one_json_keep_each_others_evaluations(study, tmp_path: Path) -> None:
-    """Two study processes (``--arms``) save into one JSON: neither may drop the other's runs or evals."""
-    path = tmp_path / "study.json"
-    a = study.load_results(path)
-    b = study.load_results(path)
-    a["runs"]["d|FM|0"] = {"evals": {"500": {"swd": 1}}}
-    study.save_results(a, path)
-    b["runs"]["d|DFM signal|0"] = {"evals": {"500": {"swd": 2}}}
-    b["runs"]["d|FM|0"] = {"evals": {"1000": {"swd": 3}}}  # b knew an older copy of FM's run
-    study.save_results(b, path)
-    disk = study.load_results(path)
-    assert disk["runs"]["d|DFM signal|0"]["evals"] == {"500": {"swd": 2}}
-    assert disk["runs"]["d|FM|0"]["evals"] == {"500": {"swd": 1}, "1000": {"swd": 3}}
-
-
-def test_study_finetune_and_budget_processes_keep_each_others_results(study, tmp_path: Path) -> None:
-    """The ``--part finetune`` process and a ``--part budgets`` process share one JSON: the budgets
-    process, which never had a ``finetune`` section, must not drop it when it saves."""
-    path = tmp_path / "study.json"
-    budgets = study.load_results(path)
-    finetune = study.load_results(path)
-    finetune["finetune"] = {"runs": {"FM": {"evals": {"0": {"swd": 1}}}}, "fm_resize": "nearest"}
-    study.save_results(finetune, path)
-    budgets["runs"]["d|FM|1"] = {"evals": {"500": {"swd": 2}}}
-    study.save_results(budgets, path)
-    finetune["finetune"]["runs"]["DFM"] = {"evals": {"0": {"swd": 3}}}
-    study.save_results(finetune, path)
-    budgets["finetune"] = {"runs": {"FM": {"evals": {"250": {"swd": 4}}}}}  # an older, partial copy
-    study.save_results(budgets, path)
-    disk = study.load_results(path)
-    assert disk["runs"]["d|FM|1"]["evals"] == {"500": {"swd": 2}}
-    assert disk["finetune"]["fm_resize"] == "nearest"
-    assert disk["finetune"]["runs"]["FM"]["evals"] == {"0": {"swd": 1}, "250": {"swd": 4}}
-    assert disk["finetune"]["runs"]["DFM"]["evals"] == {"0": {"swd": 3}}
-
-
-def test_study_rejects_an_unknown_arm_before_any_work(study, capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        study.main(["--quick", "--arms", "FM,DFM sigal"])
-    assert exc.value.code == 2
-    assert "'DFM sigal'" in capsys.readouterr().err
-
-
-def test_convergence_ratio_interpolates_and_says_how_far_a_short_arm_ran(study) -> None:
-    fm = {500: {"swd": 40.0}, 1000: {"swd": 30.0}, 2000: {"swd": 20.0}}
-    # crosses FM's final 20.0 halfway between 1000 (24) and 2000 (16): step 1500
-    got = study.convergence_ratio(fm, {1000: {"swd": 24.0}, 2000: {"swd": 16.0}}, "swd")
-    assert got["steps"] == 1500 and got["ratio"] == 0.75 and not got["upper_bound"]
-    # already below at its first evaluation: only an upper bound
-    first = study.convergence_ratio(fm, {500: {"swd": 19.0}}, "swd")
-    assert first["steps"] == 500 and first["upper_bound"]
-    # an arm that stopped at 1000 above FM's value is not reached by 1000, not by FM's 2000
-    short = study.convergence_ratio(fm, {500: {"swd": 35.0}, 1000: {"swd": 25.0}}, "swd")
-    assert short["ratio"] is None and short["until"] == 1000 and short["fm_budget"] == 2000

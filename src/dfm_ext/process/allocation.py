@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfm_ext.process.reducible import ReducibleAllocation
+from dfm_ext.process.reducible import ReducibleAllocation, check_prior
 
 __all__ = ["ALLOCATIONS", "ProgressAllocation", "make_allocation", "signal_level_locations"]
 
@@ -113,17 +113,7 @@ class ProgressAllocation:
         eps: float = 1e-3,
         rate: float = 0.01,
     ) -> None:
-        if prior is None:
-            from .timesteps import default_stage_probabilities
-
-            if num_stages is None:
-                raise ValueError("give prior or num_stages")
-            prior = default_stage_probabilities(num_stages)
-        prior = tuple(float(p) for p in prior)
-        if num_stages is not None and len(prior) != num_stages:
-            raise ValueError(f"prior has {len(prior)} entries for {num_stages} stages: {prior}")
-        if any(not math.isfinite(p) or p <= 0 for p in prior) or abs(sum(prior) - 1) > 1e-6:
-            raise ValueError(f"prior must be positive probabilities summing to 1, got {prior}")
+        prior = check_prior(prior, num_stages)
         if not 0.0 <= fast < slow < 1.0:
             raise ValueError(f"need 0 <= fast < slow < 1, got fast={fast}, slow={slow}")
         s = len(prior)

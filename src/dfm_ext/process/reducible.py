@@ -44,6 +44,23 @@ def stage_errors(output: Any) -> Tensor:
         )
 
 
+def check_prior(prior: Sequence[float] | None, num_stages: int | None) -> tuple[float, ...]:
+    """An allocation's ``[S]`` start probabilities: ``prior`` checked (positive, finite, summing to
+    1, ``num_stages`` entries when both are given), or the sampler's defaults for ``num_stages``."""
+    if prior is None:
+        from .timesteps import default_stage_probabilities  # timesteps imports the allocations
+
+        if num_stages is None:
+            raise ValueError("give prior or num_stages")
+        prior = default_stage_probabilities(num_stages)
+    prior = tuple(float(p) for p in prior)
+    if num_stages is not None and len(prior) != num_stages:
+        raise ValueError(f"prior has {len(prior)} entries for {num_stages} stages: {prior}")
+    if any(not math.isfinite(p) or p <= 0 for p in prior) or abs(sum(prior) - 1) > 1e-6:
+        raise ValueError(f"prior must be positive probabilities summing to 1, got {prior}")
+    return prior
+
+
 def _project_floor(p: Tensor, floor: float) -> Tensor:
     """``p`` (``[..., N]``, positive, summing to 1 along the last axis) with every entry raised to
     at least ``floor`` and the others scaled down to keep the sum; entries already above the floor
@@ -185,17 +202,7 @@ class ReducibleAllocation:
         floor: float = 0.05,
         time_floor: float = 0.5,
     ) -> None:
-        if prior is None:
-            from .timesteps import default_stage_probabilities
-
-            if num_stages is None:
-                raise ValueError("give prior or num_stages")
-            prior = default_stage_probabilities(num_stages)
-        prior = tuple(float(p) for p in prior)
-        if num_stages is not None and len(prior) != num_stages:
-            raise ValueError(f"prior has {len(prior)} entries for {num_stages} stages: {prior}")
-        if any(not math.isfinite(p) or p <= 0 for p in prior) or abs(sum(prior) - 1) > 1e-6:
-            raise ValueError(f"prior must be positive probabilities summing to 1, got {prior}")
+        prior = check_prior(prior, num_stages)
         s = len(prior)
         for name, value, low in (("time_bins", time_bins, 1), ("warmup", warmup, 0), ("window", window, 1),
                                  ("windows", windows, 2)):  # fmt: skip
