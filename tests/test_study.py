@@ -243,3 +243,34 @@ def test_convergence_ratio_interpolates_and_says_how_far_a_short_arm_ran(study) 
     # an arm that stopped at 1000 above FM's value is not reached by 1000, not by FM's 2000
     short = study.convergence_ratio(fm, {500: {"swd": 35.0}, 1000: {"swd": 25.0}}, "swd")
     assert short["ratio"] is None and short["until"] == 1000 and short["fm_budget"] == 2000
+
+
+def test_sampler_probe_first_reproduces_the_study_then_resamples(study, tmp_path: Path, monkeypatch) -> None:
+    """benchmarks/study_sampler_probe.py: its first setting is the study's own sampler, so on the
+    study's saved state it must give exactly the score the study recorded; then each other setting
+    is what the sampler is given."""
+    import study_sampler_probe as probe
+
+    from dfm_ext.recipes.demo.data import load_skimage_crops
+
+    monkeypatch.setattr(study, "queue", lambda p: [("skimage-rgb", 0, ("FM", "DFM"), 4)])
+    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, eval_at=(4,), num_eval=16, num_swd_reference=32,
+                                                chunk=2, batch_size=8, sample_steps=(3, 2)))  # fmt: skip
+    monkeypatch.setattr(study, "load_split", lambda name, split, quick: load_skimage_crops(
+        split, channels=3, num=64 if split == "train" else 32))  # fmt: skip
+    monkeypatch.setattr(probe, "OTHER_SETTINGS", ((2, 3, 0.9), (3, 2, 0.5)))
+    assert study.main(["--quick", "--no-fd", "--part", "budgets", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "probe.json"
+    args = ["--quick", "--no-fd", "--dataset", "skimage-rgb", "--arms", "DFM", "--state", str(tmp_path), "--out", str(out)]
+    seen, generate = [], study.generate
+    monkeypatch.setattr(study, "generate", lambda tr, p, seed: seen.append((p.sample_steps, p.thresholds)) or generate(tr, p, seed))
+    assert probe.main(args) == 0
+    assert seen == [((3, 2), (0.9,)), ((2, 3), (0.9,)), ((3, 2), (0.5,))]
+    cells = list(json.loads(out.read_text())["cells"].values())
+    assert [(c["steps"], c["threshold"]) for c in cells] == [([3, 2], 0.9), ([2, 3], 0.9), ([3, 2], 0.5)]
+    assert cells[0]["swd"] == cells[0]["study"]["swd"]  # the study's own sampler: the study's score, exactly
+    assert cells[0]["fm"]["swd"] > 0 and cells[0]["step"] == 4
+    before = out.read_text()
+    assert probe.main(args) == 0 and out.read_text() == before  # done cells are not sampled again
+    with pytest.raises(SystemExit):
+        probe.main(["--quick", "--dataset", "skimage-rgb", "--arms", "FM", "--state", str(tmp_path)])

@@ -306,6 +306,36 @@ def alloc_choice(ds: str, step: int, seed: int = 0, arm: str = "DFM reducible") 
     return f"p = {at[step]['p']}, fine-stage time bins {at[step]['time_weights'][-1]}"
 
 
+def probe(ds: str, arm: str, steps: str, threshold: float, key: str = "fd_effnet", seed: int = 0) -> float:
+    """One cell of ``study_sampler_probe.json``: ``steps`` like ``"20+20"``; ``key`` ``swd``, ``fd_effnet``
+    or a level (``"32x32"``)."""
+    cell = next(c for k, c in record("study_sampler_probe")["cells"].items()
+                if k.startswith(f"{ds}|{arm}|{seed}|") and k.endswith(f"|{steps}|{threshold}"))  # fmt: skip
+    return cell["per_level"][key] if key in cell["per_level"] else cell[key]
+
+
+def probe_range(ds: str, arm: str, key: str = "fd_effnet", seed: int = 0, digits: int = 0) -> str:
+    """``low to high`` of ``key`` over the probe's settings for one run."""
+    v = [c["per_level"][key] if key in c["per_level"] else c[key] for k, c in record("study_sampler_probe")["cells"].items()
+         if k.startswith(f"{ds}|{arm}|{seed}|")]  # fmt: skip
+    return f"{min(v):.{digits}f} to {max(v):.{digits}f} over {len(v)} settings"
+
+
+def sampler_probe_table() -> str:
+    """``study_sampler_probe.json``: each re-sampled run per step split and threshold, against the
+    study's own evaluation of it and FM at the same step (SWD mean, 32x32 level, FD-EffNet)."""
+    rows = ["| dataset | arm (step) | steps | threshold | SWD | SWD 32x32 | FD-EffNet | the study's SWD / FD | FM's SWD / 32x32 / FD |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in record("study_sampler_probe")["cells"].values():
+        study, fm = c["study"] or {}, c["fm"] or {}
+        rows.append(f"| {c['dataset']} | {c['arm']} ({c['step']}) | {c['steps'][0]} + {c['steps'][1]} | {c['threshold']} "
+                    f"| {c['swd']:.1f} | {c['per_level']['32x32']:.1f} | {c['fd_effnet']:.0f} "
+                    f"| {study.get('swd', float('nan')):.1f} / {study.get('fd_effnet', float('nan')):.0f} "
+                    f"| {fm.get('swd', float('nan')):.1f} / {fm.get('per_level', {}).get('32x32', float('nan')):.1f} "
+                    f"/ {fm.get('fd_effnet', float('nan')):.0f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def study_image(name: str, alt: str) -> str:
     """``![alt](img/name)`` when the study has written that picture, else a note that it has not."""
     return f"![{alt}](img/{name})" if (RESULTS / name).is_file() else f"*({name}: {NOT_RUN[1:-1]})*"
