@@ -385,6 +385,12 @@ def train_interleaved(trainers: dict[str, StudyTrainer], order: list[str], budge
             after_round()
 
 
+def arm_trainer(arm: str, protocol: Protocol, seed: int, data: ImageDataset, levels: dict[str, Any]) -> StudyTrainer:
+    """A fresh trainer of ``arm`` (a 2-stage Laplacian unless the arm names its decomposition)."""
+    over = {"decomposition": "laplacian"} | {k: v for k, v in ARMS[arm].items() if k in ("decomposition", "p0")}
+    return StudyTrainer(arm, replace(base_config(protocol, seed, data.name), **over), data, levels)
+
+
 def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol: Protocol, results: dict[str, Any],
               res_path: Path, out: Path, data: ImageDataset, reference: Reference, levels: dict[str, Any],
               log: Any) -> None:  # fmt: skip
@@ -394,9 +400,7 @@ def run_group(ds: str, seed: int, arms: Sequence[str], budget: int, *, protocol:
     log(f"[{time.strftime('%H:%M:%S')}] {ds} seed {seed} -> step {budget}: {', '.join(todo)}")
     trainers: dict[str, StudyTrainer] = {}
     for arm in todo:
-        over = {"decomposition": "laplacian"} | {k: v for k, v in ARMS[arm].items() if k in ("decomposition", "p0")}
-        cfg = replace(base_config(protocol, seed, data.name), **over)
-        tr = StudyTrainer(arm, cfg, data, levels)
+        tr = arm_trainer(arm, protocol, seed, data, levels)
         sp = state_path(out, ds, arm, seed)
         if sp.exists():
             tr.load(torch.load(sp, weights_only=True))

@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = S.signal_levels(train)
     reference = Reference(test, protocol, fd=not args.no_fd)
     for arm in args.arms:
-        over = {"decomposition": "laplacian"} | {k: v for k, v in S.ARMS[arm].items() if k in ("decomposition", "p0")}
-        tr = S.StudyTrainer(arm, replace(S.base_config(protocol, args.seed, train.name), **over), train, levels)
+        tr = S.arm_trainer(arm, protocol, args.seed, train, levels)
         tr.load(torch.load(S.state_path(args.state, args.dataset, arm, args.seed), weights_only=True))
         recorded = study["runs"].get(S.run_key(args.dataset, arm, args.seed), {}).get("evals", {}).get(str(tr.steps_done))
         fm = study["runs"].get(S.run_key(args.dataset, "FM", args.seed), {}).get("evals", {}).get(str(tr.steps_done))
